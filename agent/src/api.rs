@@ -1,0 +1,199 @@
+//! The control socket: a root-only Unix stream socket at `<state_dir>/<instance>.sock` carrying
+//! one JSON request line and one JSON response line per connection.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::loader::{AttachedProgram, Counter};
+
+/// How long the CLI waits for the agent to answer (teardown included).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest request line the agent reads.
+pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+/// A request to the agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Report quadrants, programs and counters.
+    Status,
+    /// Tear everything down and exit.
+    Down,
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Status`].
+    Status(Box<StatusReport>),
+    /// The agent tore everything down.
+    Down {
+        /// What was removed.
+        removed: Vec<String>,
+    },
+    /// The request failed.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// What `quadrant status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatusReport {
+    /// Instance name.
+    pub instance: String,
+    /// Agent process id.
+    pub pid: u32,
+    /// bpffs directory holding the pins.
+    pub pin_dir: PathBuf,
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// One entry per quadrant.
+    pub quadrants: Vec<QuadrantStatus>,
+    /// Non-zero verdict counters.
+    pub counters: Vec<Counter>,
+}
+
+/// One quadrant in the status report.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuadrantStatus {
+    /// `dx`, `dg`, `px`, `pg`.
+    pub name: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// Prefix.
+    pub prefix: String,
+    /// Host side address (gateway).
+    pub gateway: String,
+    /// Address inside the namespace.
+    pub address: String,
+    /// Host-side interface.
+    pub host_interface: String,
+    /// Its ifindex.
+    pub host_ifindex: u32,
+    /// Cgroup directory.
+    pub cgroup: PathBuf,
+    /// Cgroup id.
+    pub cgroup_id: u64,
+    /// Attached programs.
+    pub programs: Vec<AttachedProgram>,
+}
+
+/// Errors of the CLI side of the socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("no agent answers on {path} ({source}); start one with `quadrant up`")]
+    NotRunning {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The exchange failed half-way.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The answer was not valid.
+    #[error("control socket {path}: invalid response: {source}")]
+    Decode {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: serde_json::Error,
+    },
+}
+
+/// Sends one request and waits for the answer.
+pub fn call(path: &Path, request: &Request) -> Result<Response, ClientError> {
+    let stream = UnixStream::connect(path).map_err(|source| ClientError::NotRunning {
+        path: path.to_owned(),
+        source,
+    })?;
+    let io = |source| ClientError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).unwrap_or_default();
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    serde_json::from_str(&answer).map_err(|source| ClientError::Decode {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Whether an agent answers on `path`.
+#[must_use]
+pub fn agent_running(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// Renders a status report for people.
+#[must_use]
+pub fn render_status(s: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "instance {} (agent pid {}), pins in {}",
+        s.instance,
+        s.pid,
+        s.pin_dir.display()
+    );
+    let _ = writeln!(
+        out,
+        "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} {}",
+        "QUAD", "NETNS", "PREFIX", "ADDRESS", "HOST-IF", "IFINDEX", "PROGRAM IDS (hook=id)"
+    );
+    for q in &s.quadrants {
+        let ids: Vec<String> = q
+            .programs
+            .iter()
+            .map(|p| format!("{}={}", p.hook, p.program_id))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} {}",
+            q.name,
+            q.netns,
+            q.prefix,
+            q.address,
+            q.host_interface,
+            q.host_ifindex,
+            ids.join(" ")
+        );
+    }
+    let _ = writeln!(out, "\nverdicts (summed over CPUs):");
+    if s.counters.is_empty() {
+        let _ = writeln!(out, "  none yet");
+    }
+    let _ = writeln!(
+        out,
+        "{:<4} {:<12} {:<24} {:<6} {:>12}",
+        "QUAD", "HOOK", "REASON", "VERDICT", "COUNT"
+    );
+    for c in &s.counters {
+        let _ = writeln!(
+            out,
+            "{:<4} {:<12} {:<24} {:<6} {:>12}",
+            c.quadrant, c.hook, c.reason, c.verdict, c.count
+        );
+    }
+    out
+}

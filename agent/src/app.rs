@@ -1,0 +1,480 @@
+//! The agent's lifecycle: `up` (create, load, attach, serve, tear down), `down`, and the state
+//! file that lets `down` and `exec` find what `up` created, even after a crash.
+
+use std::{
+    fs,
+    io::{self, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use dataplane_common::Quadrant;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, mpsc, oneshot},
+};
+use tracing::{info, warn};
+
+use crate::{
+    api::{self, QuadrantStatus, Request, Response, StatusReport},
+    config::Config,
+    loader::{AttachedProgram, Dataplane, LoaderError},
+    quadrants::{self, QuadrantHandle},
+    sys::{self, SysError},
+};
+
+/// Depth of `<cgroup2>/<instance>/<quadrant>` below the cgroup2 root.
+pub const QUADRANT_CGROUP_LEVEL: u32 = 2;
+
+/// Errors of the lifecycle commands.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Another agent of the same instance answers on the control socket.
+    #[error(
+        "an agent for instance {instance} is already running (control socket {socket}); stop it with `quadrant down`"
+    )]
+    AlreadyRunning {
+        /// Instance name.
+        instance: String,
+        /// Socket path.
+        socket: PathBuf,
+    },
+    /// Not root.
+    #[error("quadrant {command} needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); run it with sudo")]
+    NotRoot {
+        /// The subcommand.
+        command: &'static str,
+    },
+    /// No state file: nothing was brought up with this configuration.
+    #[error("instance {instance} is not up (no state file {path}); start it with `quadrant up`")]
+    NotUp {
+        /// Instance name.
+        instance: String,
+        /// State file path.
+        path: PathBuf,
+    },
+    /// Host plumbing failed.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// eBPF loading or attaching failed.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Control socket failure.
+    #[error(transparent)]
+    Client(#[from] api::ClientError),
+    /// The state file could not be written or read.
+    #[error("state file {path}: {reason}")]
+    State {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// The agent answered with an error.
+    #[error("agent: {0}")]
+    Agent(String),
+    /// Bring-up failed and was rolled back.
+    #[error("{cause}\n(rolled back: everything created so far was removed)")]
+    RolledBack {
+        /// The original error.
+        cause: Box<AppError>,
+    },
+    /// Bring-up failed and the rollback failed too.
+    #[error("{cause}\nrollback also failed: {rollback}; run `quadrant down` to finish cleaning up")]
+    RollbackFailed {
+        /// The original error.
+        cause: Box<AppError>,
+        /// The rollback error.
+        rollback: Box<AppError>,
+    },
+}
+
+/// What `up` records before it creates anything.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    /// The configuration the instance runs with.
+    pub config: Config,
+    /// Whether the agent mounted the cgroup2 hierarchy (then `down` unmounts it).
+    pub mounted_cgroup2: bool,
+    /// Process id of the agent.
+    pub pid: u32,
+}
+
+impl State {
+    /// Reads the state file of `config`'s instance, if there is one.
+    pub fn read(config: &Config) -> Result<Option<Self>, AppError> {
+        let path = config.state_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_yaml::from_str(&text)
+                .map(Some)
+                .map_err(|e| AppError::State {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AppError::State {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn write(&self) -> Result<(), AppError> {
+        let path = self.config.state_path();
+        let err = |e: &dyn std::fmt::Display| AppError::State {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let text = serde_yaml::to_string(self).map_err(|e| err(&e))?;
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text).map_err(|e| err(&e))?;
+        fs::rename(&tmp, &path).map_err(|e| err(&e))
+    }
+}
+
+/// Fails unless the process runs as root.
+pub fn require_root(command: &'static str) -> Result<(), AppError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(AppError::NotRoot { command })
+    }
+}
+
+/// What `up` holds while it runs.
+struct Running {
+    config: Config,
+    state: State,
+    dataplane: Dataplane,
+    handles: Vec<QuadrantHandle>,
+    attached: Vec<Vec<AttachedProgram>>,
+}
+
+/// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
+/// then removes everything. `ready` is called once the quadrants are up.
+pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<(), AppError> {
+    require_root("up")?;
+    let socket = config.socket_path();
+    if api::agent_running(&socket) {
+        return Err(AppError::AlreadyRunning {
+            instance: config.instance.clone(),
+            socket,
+        });
+    }
+    // Leftovers of a crashed agent of this instance (with the configuration it ran with), then
+    // anything this configuration's names still point at.
+    if let Some(stale) = State::read(&config)? {
+        warn!(instance = %config.instance, "removing leftovers of an agent that did not shut down");
+        teardown(&stale.config, stale.mounted_cgroup2)?;
+    }
+    teardown(&config, false)?;
+
+    let running = match bring_up(&config) {
+        Ok(r) => r,
+        Err(cause) => {
+            let mounted = State::read(&config)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.mounted_cgroup2);
+            return Err(match teardown(&config, mounted) {
+                Ok(_) => AppError::RolledBack {
+                    cause: Box::new(cause),
+                },
+                Err(rollback) => AppError::RollbackFailed {
+                    cause: Box::new(cause),
+                    rollback: Box::new(rollback),
+                },
+            });
+        }
+    };
+    let running = Arc::new(Mutex::new(running));
+    let result = serve(Arc::clone(&running), ready).await;
+    let guard = running.lock().await;
+    let down = teardown(&guard.config, guard.state.mounted_cgroup2);
+    result.and(down.map(|_| ()))
+}
+
+fn bring_up(config: &Config) -> Result<Running, AppError> {
+    fs::create_dir_all(&config.state_dir)
+        .map_err(sys::io_err("cannot create", &config.state_dir))?;
+    fs::set_permissions(&config.state_dir, fs::Permissions::from_mode(0o700))
+        .map_err(sys::io_err("cannot restrict", &config.state_dir))?;
+    sys::ensure_bpffs(&config.bpffs)?;
+    let mounted_cgroup2 = sys::ensure_cgroup2(&config.cgroup2)?;
+    let state = State {
+        config: config.clone(),
+        mounted_cgroup2,
+        pid: std::process::id(),
+    };
+    state.write()?;
+    let parent = config.cgroup_parent();
+    fs::create_dir_all(&parent).map_err(sys::io_err("cannot create cgroup", &parent))?;
+
+    let mut dataplane = Dataplane::load(Some(&config.bpffs_dir()))?;
+    dataplane.write_config(config, QUADRANT_CGROUP_LEVEL)?;
+    let mut handles = Vec::new();
+    let mut attached = Vec::new();
+    for q in Quadrant::ALL {
+        let handle = quadrants::create(config, q)?;
+        attached.push(dataplane.attach(config, &handle)?);
+        info!(
+            quadrant = q.name(),
+            ifindex = handle.host_ifindex,
+            cgroup_id = handle.cgroup_id,
+            "quadrant up"
+        );
+        handles.push(handle);
+    }
+    Ok(Running {
+        config: config.clone(),
+        state,
+        dataplane,
+        handles,
+        attached,
+    })
+}
+
+/// Removes everything `config` names. Returns what it removed. Safe to call when nothing exists.
+pub fn teardown(config: &Config, unmount_cgroup2: bool) -> Result<Vec<String>, AppError> {
+    let mut removed = Vec::new();
+    for q in Quadrant::ALL {
+        let existed = sys::netns_exists(&config.netns(q))
+            || sys::link_exists(&config.host_iface(q))
+            || config.cgroup_dir(q).exists();
+        quadrants::remove(config, q)?;
+        if existed {
+            removed.push(format!(
+                "quadrant {} ({}, {})",
+                q.name(),
+                config.netns(q),
+                config.host_iface(q)
+            ));
+        }
+    }
+    let pins = config.bpffs_dir();
+    if pins.exists() {
+        // Unpinning the links detaches the programs; unpinning programs and maps frees them.
+        fs::remove_dir_all(&pins).map_err(sys::io_err("cannot remove pins", &pins))?;
+        removed.push(format!("pins {}", pins.display()));
+    }
+    let parent = config.cgroup_parent();
+    if parent.exists() {
+        quadrants::remove_cgroup(&parent)?;
+        removed.push(format!("cgroup {}", parent.display()));
+    }
+    if unmount_cgroup2 && config.cgroup2.exists() {
+        sys::unmount(&config.cgroup2)?;
+        let _ = fs::remove_dir(&config.cgroup2);
+    }
+    for path in [config.socket_path(), config.state_path()] {
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(SysError::Io {
+                    what: "cannot remove",
+                    path,
+                    source: e,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn status_of(r: &Running) -> Result<StatusReport, AppError> {
+    let quadrants = r
+        .handles
+        .iter()
+        .zip(&r.attached)
+        .map(|(h, progs)| {
+            let q = h.quadrant;
+            let a = r.config.addrs(q);
+            QuadrantStatus {
+                name: q.name().to_owned(),
+                netns: r.config.netns(q),
+                prefix: a.prefix.to_string(),
+                gateway: a.gateway.to_string(),
+                address: a.workload.to_string(),
+                host_interface: r.config.host_iface(q),
+                host_ifindex: h.host_ifindex,
+                cgroup: r.config.cgroup_dir(q),
+                cgroup_id: h.cgroup_id,
+                programs: progs.clone(),
+            }
+        })
+        .collect();
+    Ok(StatusReport {
+        instance: r.config.instance.clone(),
+        pid: r.state.pid,
+        pin_dir: r.config.bpffs_dir(),
+        socket: r.config.socket_path(),
+        quadrants,
+        counters: r.dataplane.counters()?,
+    })
+}
+
+async fn serve(
+    running: Arc<Mutex<Running>>,
+    ready: impl FnOnce(&StatusReport),
+) -> Result<(), AppError> {
+    let socket = running.lock().await.config.socket_path();
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(sys::io_err("cannot listen on", &socket))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .map_err(sys::io_err("cannot restrict", &socket))?;
+    ready(&status_of(&*running.lock().await)?);
+
+    let (down_tx, mut down_rx) = mpsc::channel::<oneshot::Sender<Vec<String>>>(1);
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(sys::io_err("cannot handle SIGINT on", &socket))?;
+    let mut sigterm = signal(SignalKind::terminate())
+        .map_err(sys::io_err("cannot handle SIGTERM on", &socket))?;
+    let mut pending_down = None;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            Some(done) = down_rx.recv() => { info!("down requested"); pending_down = Some(done); break; }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let running = Arc::clone(&running);
+                    let down_tx = down_tx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle(stream, running, down_tx).await {
+                            warn!(error = %e, "control connection failed");
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "accept failed"),
+            },
+        }
+    }
+    drop(listener);
+    if let Some(done) = pending_down {
+        // The requester gets its answer once everything is removed.
+        let guard = running.lock().await;
+        let removed = teardown(&guard.config, guard.state.mounted_cgroup2)?;
+        drop(guard);
+        let _ = done.send(removed);
+        Ok(())
+    } else {
+        Ok(())
+    }
+}
+
+async fn handle(
+    mut stream: UnixStream,
+    running: Arc<Mutex<Running>>,
+    down_tx: mpsc::Sender<oneshot::Sender<Vec<String>>>,
+) -> io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.split();
+    let mut line = String::new();
+    BufReader::new(read.take(api::MAX_REQUEST_BYTES))
+        .read_line(&mut line)
+        .await?;
+    if line.is_empty() {
+        // A liveness probe (`agent_running`) connects and closes without a request.
+        return Ok(());
+    }
+    let response = if cred.uid() != 0 {
+        Response::Error {
+            message: format!(
+                "uid {} may not use the control socket (root only)",
+                cred.uid()
+            ),
+        }
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::Error {
+                message: format!("invalid request: {e}"),
+            },
+            Ok(Request::Status) => match status_of(&*running.lock().await) {
+                Ok(s) => Response::Status(Box::new(s)),
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+            Ok(Request::Down) => {
+                let (tx, rx) = oneshot::channel();
+                if down_tx.send(tx).await.is_err() {
+                    Response::Error {
+                        message: "the agent is already shutting down".into(),
+                    }
+                } else {
+                    match rx.await {
+                        Ok(removed) => Response::Down { removed },
+                        Err(_) => Response::Error {
+                            message: "teardown failed; see the agent's log".into(),
+                        },
+                    }
+                }
+            }
+        }
+    };
+    let mut bytes = serde_json::to_vec(&response).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    write.write_all(&bytes).await
+}
+
+/// `quadrant down`: asks a running agent to tear down, or removes the leftovers of one that is
+/// gone. Returns what was removed.
+pub fn down(config: &Config) -> Result<Vec<String>, AppError> {
+    require_root("down")?;
+    let socket = config.socket_path();
+    if api::agent_running(&socket) {
+        return match api::call(&socket, &Request::Down)? {
+            Response::Down { removed } => Ok(removed),
+            Response::Error { message } => Err(AppError::Agent(message)),
+            Response::Status(_) => Err(AppError::Agent("unexpected status answer to down".into())),
+        };
+    }
+    match State::read(config)? {
+        Some(stale) => teardown(&stale.config, stale.mounted_cgroup2),
+        None => teardown(config, false),
+    }
+}
+
+/// `quadrant status`: asks the running agent.
+pub fn status(config: &Config) -> Result<StatusReport, AppError> {
+    match api::call(&config.socket_path(), &Request::Status)? {
+        Response::Status(s) => Ok(*s),
+        Response::Error { message } => Err(AppError::Agent(message)),
+        Response::Down { .. } => Err(AppError::Agent("unexpected answer to status".into())),
+    }
+}
+
+/// `quadrant exec`: enters quadrant `q` (cgroup, then network namespace) and replaces the process
+/// with `argv`. Returns only on failure.
+pub fn exec(config: &Config, q: Quadrant, argv: &[String]) -> AppError {
+    if let Err(e) = require_root("exec") {
+        return e;
+    }
+    let state = match State::read(config) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return AppError::NotUp {
+                instance: config.instance.clone(),
+                path: config.state_path(),
+            };
+        }
+        Err(e) => return e,
+    };
+    let c = &state.config;
+    let _ = io::stdout().flush();
+    sys::enter_and_exec(&c.cgroup_dir(q), &c.netns(q), argv).into()
+}
+
+/// Where the configuration of a CLI call comes from: `--config FILE` or the embedded default.
+pub fn load_config(path: Option<&Path>) -> Result<Config, crate::config::ConfigError> {
+    match path {
+        Some(p) => Config::from_file(p),
+        None => Ok(Config::embedded()),
+    }
+}

@@ -1,0 +1,655 @@
+//! Agent configuration: serde types, the embedded default, and validation.
+//!
+//! Validation happens before anything is created, so a bad file changes nothing on the host.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use dataplane_common::{
+    Identity, Quadrant,
+    maps::MAX_PORT_RANGES,
+    policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRange},
+};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// The configuration compiled into the binary (`agent/config/default.yaml`).
+pub const DEFAULT_CONFIG_YAML: &str = include_str!("../config/default.yaml");
+
+/// Default instance name.
+pub const DEFAULT_INSTANCE: &str = "quadrant";
+/// Default host-side interface prefix.
+pub const DEFAULT_INTERFACE_PREFIX: &str = "qh";
+/// Default bpffs mount point.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+/// Default cgroup2 mount point used by the agent.
+pub const DEFAULT_CGROUP2: &str = "/run/quadrant/cgroup2";
+/// Default state directory (control socket, state file).
+pub const DEFAULT_STATE_DIR: &str = "/run/quadrant";
+/// Default idle timeout of tracked flows.
+pub const DEFAULT_CONNTRACK_TIMEOUT_SECS: u32 = 120;
+/// Longest interface name Linux accepts.
+const IFNAMSIZ_MAX: usize = 15;
+
+/// Errors in a configuration. Each names the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// YAML syntax or type error.
+    #[error("invalid config {origin}: {source}")]
+    Parse {
+        /// File name or "embedded default".
+        origin: String,
+        /// Cause, with line and column.
+        source: serde_yaml::Error,
+    },
+    /// A semantic error.
+    #[error("invalid config: {field}: {reason}")]
+    Invalid {
+        /// The offending field, as a path (`policy[3].ports[0]`).
+        field: String,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The agent configuration (see `agent/config/default.yaml` for the documented defaults).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the namespaces, cgroups, bpffs directory and control socket of this agent.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    /// Prefix of the host-side veth names.
+    #[serde(default = "default_interface_prefix")]
+    pub interface_prefix: String,
+    /// bpffs mount point.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    /// cgroup2 mount point the agent uses.
+    #[serde(default = "default_cgroup2")]
+    pub cgroup2: PathBuf,
+    /// Directory of the control socket and state file.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Idle seconds after which a tracked flow's replies no longer pass.
+    #[serde(default = "default_ct_timeout")]
+    pub conntrack_timeout_secs: u32,
+    /// Per-quadrant settings, keyed by `dx`, `dg`, `px`, `pg`; all four are required.
+    pub quadrants: BTreeMap<String, QuadrantConfig>,
+    /// Host settings.
+    #[serde(default)]
+    pub host: HostConfig,
+    /// Flow rules; anything not allowed is denied.
+    #[serde(default)]
+    pub policy: Vec<PolicyRule>,
+}
+
+fn default_instance() -> String {
+    DEFAULT_INSTANCE.to_owned()
+}
+fn default_interface_prefix() -> String {
+    DEFAULT_INTERFACE_PREFIX.to_owned()
+}
+fn default_bpffs() -> PathBuf {
+    DEFAULT_BPFFS.into()
+}
+fn default_cgroup2() -> PathBuf {
+    DEFAULT_CGROUP2.into()
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_ct_timeout() -> u32 {
+    DEFAULT_CONNTRACK_TIMEOUT_SECS
+}
+
+/// One quadrant's settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuadrantConfig {
+    /// The quadrant's IPv4 prefix (at most /30, so it has a gateway and a workload address).
+    pub prefix: Ipv4Net,
+}
+
+/// Host settings.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Extra addresses or prefixes classified as identity `host`.
+    #[serde(default)]
+    pub addresses: Vec<Ipv4Net>,
+}
+
+/// One name or a list of names.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single name.
+    One(String),
+    /// Several names.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn names(&self) -> &[String] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// A port or an inclusive range, written `443` or `"8000-8080"`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PortSpec {
+    /// One port.
+    Port(u16),
+    /// `"lo-hi"` or `"port"`.
+    Range(String),
+}
+
+/// A rule allowing flows from some identities to others.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Source identities.
+    pub from: OneOrMany,
+    /// Destination identities.
+    pub to: OneOrMany,
+    /// `tcp`, `udp`, `icmp`; all three if absent.
+    #[serde(default)]
+    pub protocols: Option<Vec<String>>,
+    /// Destination ports; all if absent. Not allowed with only `icmp`.
+    #[serde(default)]
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+/// A quadrant's addresses, derived from its prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuadrantAddrs {
+    /// The prefix.
+    pub prefix: Ipv4Net,
+    /// Host side of the veth (first usable address).
+    pub gateway: Ipv4Addr,
+    /// Inside the namespace (second usable address).
+    pub workload: Ipv4Addr,
+}
+
+/// The policy compiled to map entries: (src, dst, proto) → port ranges.
+pub type CompiledPolicy = BTreeMap<(Identity, Identity, u8), Vec<PortRange>>;
+
+impl Config {
+    /// The embedded default configuration.
+    ///
+    /// # Panics
+    /// Never: the embedded file is checked by a unit test.
+    #[must_use]
+    pub fn embedded() -> Self {
+        Self::from_yaml(DEFAULT_CONFIG_YAML, "embedded default")
+            .expect("the embedded default configuration is valid")
+    }
+
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_owned(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.instance.is_empty()
+            || self.instance.len() > 32
+            || !self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(invalid(
+                "instance",
+                format!(
+                    "{:?} must be 1-32 characters of a-z, 0-9 and '-'",
+                    self.instance
+                ),
+            ));
+        }
+        let longest = self.interface_prefix.len() + 3;
+        if self.interface_prefix.is_empty()
+            || longest > IFNAMSIZ_MAX
+            || !self
+                .interface_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(invalid(
+                "interface_prefix",
+                format!(
+                    "{:?} must be 1-{} characters of a-z, 0-9 and '-' (interface names are at most {IFNAMSIZ_MAX})",
+                    self.interface_prefix,
+                    IFNAMSIZ_MAX - 3
+                ),
+            ));
+        }
+        for (field, path) in [
+            ("bpffs", &self.bpffs),
+            ("cgroup2", &self.cgroup2),
+            ("state_dir", &self.state_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    field,
+                    format!("{} must be an absolute path", path.display()),
+                ));
+            }
+        }
+        if self.conntrack_timeout_secs == 0 {
+            return Err(invalid("conntrack_timeout_secs", "must be at least 1"));
+        }
+        for name in self.quadrants.keys() {
+            if Quadrant::from_name(name).is_none() {
+                return Err(invalid(
+                    format!("quadrants.{name}"),
+                    "unknown quadrant; expected dx, dg, px or pg",
+                ));
+            }
+        }
+        let mut seen: Vec<(Quadrant, Ipv4Net)> = Vec::new();
+        for q in Quadrant::ALL {
+            let Some(qc) = self.quadrants.get(q.name()) else {
+                return Err(invalid(
+                    format!("quadrants.{}", q.name()),
+                    "missing; all four quadrants need a prefix",
+                ));
+            };
+            let field = format!("quadrants.{}.prefix", q.name());
+            if qc.prefix != qc.prefix.trunc() {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{} has host bits set; did you mean {}?",
+                        qc.prefix,
+                        qc.prefix.trunc()
+                    ),
+                ));
+            }
+            if qc.prefix.prefix_len() > 30 {
+                return Err(invalid(
+                    field,
+                    format!("{} is too small; use /30 or larger", qc.prefix),
+                ));
+            }
+            for (other, net) in &seen {
+                if net.contains(&qc.prefix) || qc.prefix.contains(net) {
+                    return Err(invalid(
+                        field,
+                        format!("{} overlaps {}'s prefix {net}", qc.prefix, other.name()),
+                    ));
+                }
+            }
+            seen.push((q, qc.prefix));
+        }
+        self.compile_policy()?;
+        Ok(())
+    }
+
+    /// The addresses of quadrant `q`.
+    ///
+    /// # Panics
+    /// If called on an unvalidated config without that quadrant.
+    #[must_use]
+    pub fn addrs(&self, q: Quadrant) -> QuadrantAddrs {
+        let prefix = self.quadrants[q.name()].prefix;
+        let base = u32::from(prefix.network());
+        QuadrantAddrs {
+            prefix,
+            gateway: Ipv4Addr::from(base + 1),
+            workload: Ipv4Addr::from(base + 2),
+        }
+    }
+
+    /// Host-side veth name of quadrant `q`.
+    #[must_use]
+    pub fn host_iface(&self, q: Quadrant) -> String {
+        format!("{}-{}", self.interface_prefix, q.name())
+    }
+
+    /// Network namespace name of quadrant `q`.
+    #[must_use]
+    pub fn netns(&self, q: Quadrant) -> String {
+        format!("{}-{}", self.instance, q.name())
+    }
+
+    /// The instance's cgroup directory (parent of the quadrant cgroups).
+    #[must_use]
+    pub fn cgroup_parent(&self) -> PathBuf {
+        self.cgroup2.join(&self.instance)
+    }
+
+    /// Cgroup directory of quadrant `q`.
+    #[must_use]
+    pub fn cgroup_dir(&self, q: Quadrant) -> PathBuf {
+        self.cgroup_parent().join(q.name())
+    }
+
+    /// The instance's bpffs directory.
+    #[must_use]
+    pub fn bpffs_dir(&self) -> PathBuf {
+        self.bpffs.join(&self.instance)
+    }
+
+    /// The control socket path.
+    #[must_use]
+    pub fn socket_path(&self) -> PathBuf {
+        self.state_dir.join(format!("{}.sock", self.instance))
+    }
+
+    /// The state file path (what `up` created, read by `down` and `exec`).
+    #[must_use]
+    pub fn state_path(&self) -> PathBuf {
+        self.state_dir.join(format!("{}.state.yaml", self.instance))
+    }
+
+    /// Compiles the rules into map entries, merging rules with the same key.
+    pub fn compile_policy(&self) -> Result<CompiledPolicy, ConfigError> {
+        let mut out = CompiledPolicy::new();
+        for (i, rule) in self.policy.iter().enumerate() {
+            let from = identities(&rule.from, &format!("policy[{i}].from"))?;
+            let to = identities(&rule.to, &format!("policy[{i}].to"))?;
+            let protos = protocols(rule.protocols.as_deref(), i)?;
+            let ports = match &rule.ports {
+                None => vec![PortRange::ANY],
+                Some(specs) => {
+                    if protos.iter().all(|p| *p == PROTO_ICMP) {
+                        return Err(invalid(
+                            format!("policy[{i}].ports"),
+                            "icmp has no ports; remove ports or add tcp/udp",
+                        ));
+                    }
+                    if specs.is_empty() {
+                        return Err(invalid(
+                            format!("policy[{i}].ports"),
+                            "empty list; omit the field to allow every port",
+                        ));
+                    }
+                    specs
+                        .iter()
+                        .enumerate()
+                        .map(|(j, s)| parse_port(s, &format!("policy[{i}].ports[{j}]")))
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+            };
+            for &src in &from {
+                for &dst in &to {
+                    for &proto in &protos {
+                        let entry = out.entry((src, dst, proto)).or_default();
+                        let ranges = if proto == PROTO_ICMP {
+                            &[PortRange::ANY][..]
+                        } else {
+                            &ports
+                        };
+                        for r in ranges {
+                            if !entry.contains(r) {
+                                entry.push(*r);
+                            }
+                        }
+                        if entry.len() > MAX_PORT_RANGES {
+                            return Err(invalid(
+                                format!("policy[{i}]"),
+                                format!(
+                                    "{} → {} {} has more than {MAX_PORT_RANGES} port ranges across all rules",
+                                    src.name(),
+                                    dst.name(),
+                                    proto_name(proto)
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn identities(names: &OneOrMany, field: &str) -> Result<Vec<Identity>, ConfigError> {
+    if names.names().is_empty() {
+        return Err(invalid(field, "empty list"));
+    }
+    names
+        .names()
+        .iter()
+        .map(|n| {
+            Identity::from_name(n).ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("unknown identity {n:?}; expected dx, dg, px, pg, host or world"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn protocols(names: Option<&[String]>, rule: usize) -> Result<Vec<u8>, ConfigError> {
+    let Some(names) = names else {
+        return Ok(vec![PROTO_TCP, PROTO_UDP, PROTO_ICMP]);
+    };
+    if names.is_empty() {
+        return Err(invalid(
+            format!("policy[{rule}].protocols"),
+            "empty list; omit the field to allow all",
+        ));
+    }
+    names
+        .iter()
+        .enumerate()
+        .map(|(j, n)| match n.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(PROTO_TCP),
+            "udp" => Ok(PROTO_UDP),
+            "icmp" => Ok(PROTO_ICMP),
+            _ => Err(invalid(
+                format!("policy[{rule}].protocols[{j}]"),
+                format!("unknown protocol {n:?}; expected tcp, udp or icmp"),
+            )),
+        })
+        .collect()
+}
+
+/// Name of an IP protocol number the policy knows.
+#[must_use]
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+fn parse_port(spec: &PortSpec, field: &str) -> Result<PortRange, ConfigError> {
+    let text = match spec {
+        PortSpec::Port(p) => return Ok(PortRange { lo: *p, hi: *p }),
+        PortSpec::Range(s) => s.trim(),
+    };
+    let num = |s: &str| {
+        s.trim().parse::<u16>().map_err(|_| {
+            invalid(
+                field,
+                format!("{text:?} is not a port (0-65535) or a range like \"8000-8080\""),
+            )
+        })
+    };
+    let (lo, hi) = match text.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => {
+            let p = num(text)?;
+            (p, p)
+        }
+    };
+    if lo > hi {
+        return Err(invalid(
+            field,
+            format!("range {text:?} ends before it starts"),
+        ));
+    }
+    Ok(PortRange { lo, hi })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(extra: &str) -> Result<Config, ConfigError> {
+        let base = "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.1.2.0/24 }\n  pg: { prefix: 10.1.3.0/24 }\n";
+        Config::from_yaml(&format!("{base}{extra}"), "test")
+    }
+
+    fn err(extra: &str) -> String {
+        with(extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_has_the_default_matrix() {
+        let c = Config::embedded();
+        let p = c.compile_policy().unwrap();
+        for q in Quadrant::ALL {
+            let i = Identity::from(q);
+            assert!(p.contains_key(&(i, i, PROTO_TCP)), "{q:?} intra");
+            assert!(p.contains_key(&(Identity::Host, i, PROTO_TCP)));
+            assert!(p.contains_key(&(i, Identity::Host, PROTO_ICMP)));
+            assert!(!p.contains_key(&(i, Identity::Host, PROTO_TCP)));
+            assert!(!p.contains_key(&(i, Identity::World, PROTO_TCP)));
+        }
+        assert!(p.contains_key(&(Identity::Dx, Identity::Dg, PROTO_UDP)));
+        assert!(p.contains_key(&(Identity::Pg, Identity::Px, PROTO_ICMP)));
+        for dev in [Identity::Dx, Identity::Dg] {
+            for prod in [Identity::Px, Identity::Pg] {
+                for proto in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
+                    assert!(!p.contains_key(&(dev, prod, proto)));
+                    assert!(!p.contains_key(&(prod, dev, proto)));
+                }
+            }
+        }
+        let dx = c.addrs(Quadrant::Dx);
+        assert_eq!(dx.gateway, Ipv4Addr::new(10, 240, 0, 1));
+        assert_eq!(dx.workload, Ipv4Addr::new(10, 240, 0, 2));
+        assert_eq!(c.host_iface(Quadrant::Pg), "qh-pg");
+        assert_eq!(c.netns(Quadrant::Px), "quadrant-px");
+    }
+
+    #[test]
+    fn rules_merge_ports_and_expand_lists() {
+        let c = with("policy:\n  - { from: [dx, dg], to: px, protocols: [tcp], ports: [443, \"8000-8080\"] }\n  - { from: dx, to: px, protocols: [tcp], ports: [22] }\n").unwrap();
+        let p = c.compile_policy().unwrap();
+        assert_eq!(
+            p[&(Identity::Dx, Identity::Px, PROTO_TCP)],
+            vec![
+                PortRange { lo: 443, hi: 443 },
+                PortRange { lo: 8000, hi: 8080 },
+                PortRange { lo: 22, hi: 22 }
+            ]
+        );
+        assert_eq!(p[&(Identity::Dg, Identity::Px, PROTO_TCP)].len(), 2);
+        assert!(!p.contains_key(&(Identity::Dx, Identity::Px, PROTO_UDP)));
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        assert!(
+            err("policy:\n  - { from: dx, to: prod }\n")
+                .contains("policy[0].to: unknown identity \"prod\"")
+        );
+        assert!(
+            err("policy:\n  - { from: dx, to: px, protocols: [sctp] }\n")
+                .contains("policy[0].protocols[0]")
+        );
+        assert!(
+            err("policy:\n  - { from: dx, to: px, ports: [\"90-80\"] }\n")
+                .contains("ends before it starts")
+        );
+        assert!(
+            err("policy:\n  - { from: dx, to: px, ports: [\"http\"] }\n")
+                .contains("policy[0].ports[0]")
+        );
+        assert!(
+            err("policy:\n  - { from: dx, to: px, protocols: [icmp], ports: [1] }\n")
+                .contains("icmp has no ports")
+        );
+        assert!(
+            err("policy:\n  - { from: dx, to: px, color: red }\n")
+                .contains("unknown field `color`")
+        );
+        assert!(err("instance: \"a b\"\n").contains("instance"));
+        assert!(err("interface_prefix: abcdefghijklm\n").contains("interface_prefix"));
+        assert!(err("bpffs: relative/dir\n").contains("bpffs"));
+        let many: String = (1..=9).map(|p| format!("{p}, ")).collect();
+        assert!(
+            err(&format!(
+                "policy:\n  - {{ from: dx, to: px, protocols: [tcp], ports: [{many}] }}\n"
+            ))
+            .contains("more than 8 port ranges")
+        );
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        let overlap = Config::from_yaml(
+            "quadrants:\n  dx: { prefix: 10.1.0.0/16 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            overlap.contains("quadrants.dg.prefix") && overlap.contains("overlaps dx"),
+            "{overlap}"
+        );
+        let missing = Config::from_yaml("quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("quadrants.dg: missing"), "{missing}");
+        let hostbits = Config::from_yaml(
+            "quadrants:\n  dx: { prefix: 10.1.0.5/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(hostbits.contains("did you mean 10.1.0.0/24"), "{hostbits}");
+        let unknown = Config::from_yaml(
+            "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n  qa: { prefix: 10.4.0.0/24 }\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(unknown.contains("quadrants.qa"), "{unknown}");
+    }
+}

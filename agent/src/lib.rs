@@ -1,0 +1,17 @@
+//! quadrant node agent.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`config`] | configuration types, embedded default, validation, policy compilation |
+//! | [`sys`] | iproute2, mounts, sysctls, namespace entry |
+//! | [`quadrants`] | a quadrant's namespace, veth, addresses and cgroup |
+//! | [`loader`] | the eBPF object: load, pin, attach, maps, counters |
+//! | [`api`] | the control socket protocol and status rendering |
+//! | [`app`] | lifecycle: up, down, status, exec, state file |
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod loader;
+pub mod quadrants;
+pub mod sys;

@@ -1,0 +1,604 @@
+//! Loads the embedded eBPF object, pins its programs and maps, attaches the programs to each
+//! quadrant (pinning the links), writes the configuration maps and reads the counters.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode, links::FdLink,
+    },
+};
+use dataplane_common::{
+    Hook, Identity, Quadrant, Reason,
+    maps::{
+        self, CgroupValue, DataplaneConfig, IfaceValue, MAX_PORT_RANGES, PolicyKey, PolicyValue,
+        PrefixValue, QuadrantValue,
+    },
+    reason::{QUADRANT_SLOTS, stats_index},
+};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{CompiledPolicy, Config},
+    quadrants::QuadrantHandle,
+};
+
+/// The dataplane object built by `build.rs` from `dataplane-ebpf`.
+pub static DATAPLANE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+
+/// Program names in the object.
+pub mod programs {
+    /// XDP on the host-side veth.
+    pub const XDP: &str = "quadrant_xdp";
+    /// tcx ingress on the host-side veth.
+    pub const TC_INGRESS: &str = "quadrant_tc_ingress";
+    /// tcx egress on the host-side veth.
+    pub const TC_EGRESS: &str = "quadrant_tc_egress";
+    /// cgroup connect4.
+    pub const CONNECT4: &str = "quadrant_connect4";
+    /// cgroup connect6.
+    pub const CONNECT6: &str = "quadrant_connect6";
+    /// cgroup sendmsg4.
+    pub const SENDMSG4: &str = "quadrant_sendmsg4";
+    /// cgroup sendmsg6.
+    pub const SENDMSG6: &str = "quadrant_sendmsg6";
+    /// Every program, with the hook it serves.
+    pub const ALL: [(&str, dataplane_common::Hook); 7] = [
+        (XDP, dataplane_common::Hook::Xdp),
+        (TC_INGRESS, dataplane_common::Hook::TcIngress),
+        (TC_EGRESS, dataplane_common::Hook::TcEgress),
+        (CONNECT4, dataplane_common::Hook::Connect4),
+        (CONNECT6, dataplane_common::Hook::Connect6),
+        (SENDMSG4, dataplane_common::Hook::Sendmsg4),
+        (SENDMSG6, dataplane_common::Hook::Sendmsg6),
+    ];
+    /// The cgroup programs.
+    pub const CGROUP: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+}
+
+/// Errors of loading, attaching and map access.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The object could not be parsed or its maps created.
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program is missing from the object or has another type.
+    #[error("program {name} missing from the eBPF object or of the wrong type")]
+    Program {
+        /// Program name.
+        name: &'static str,
+    },
+    /// A map is missing from the object.
+    #[error("map {name} missing from the eBPF object")]
+    MissingMap {
+        /// Map name.
+        name: &'static str,
+    },
+    /// The kernel refused to load or attach a program.
+    #[error("{action} {program}{target}: {source}")]
+    ProgramOp {
+        /// What was being done.
+        action: &'static str,
+        /// Program name.
+        program: &'static str,
+        /// Where (` to qh-dx`), may be empty.
+        target: String,
+        /// Cause (includes the verifier log on load).
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        source: MapError,
+    },
+    /// Pinning failed.
+    #[error("cannot pin {path}: {reason}")]
+    Pin {
+        /// Pin path.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// A file-system step failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> LoaderError {
+    move |source| LoaderError::Map { name, source }
+}
+
+/// One attached, pinned link.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachedProgram {
+    /// Hook name (`xdp`, `tc_ingress`, …).
+    pub hook: String,
+    /// Program name.
+    pub program: String,
+    /// Kernel program id.
+    pub program_id: u32,
+    /// Interface name or cgroup path the program is attached to.
+    pub target: String,
+    /// Pin path of the link.
+    pub link_pin: PathBuf,
+}
+
+/// A counter row: (hook, quadrant, reason) → count summed over CPUs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counter {
+    /// Hook name.
+    pub hook: String,
+    /// Quadrant name, or `unattributed`.
+    pub quadrant: String,
+    /// Reason name.
+    pub reason: String,
+    /// Verdict (`pass` or `drop`).
+    pub verdict: String,
+    /// Count.
+    pub count: u64,
+}
+
+/// The loaded dataplane.
+#[derive(Debug)]
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+}
+
+impl Dataplane {
+    /// Loads every program into the kernel. With `pin_dir`, pins programs under `progs/` and
+    /// maps under `maps/` there (the directory must not hold an older pin set).
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self, LoaderError> {
+        let mut ebpf = EbpfLoader::new().load(DATAPLANE_OBJECT)?;
+        for (name, _) in programs::ALL {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::Program { name })?;
+            let load = |e| LoaderError::ProgramOp {
+                action: "cannot load",
+                program: name,
+                target: String::new(),
+                source: e,
+            };
+            match prog {
+                aya::programs::Program::Xdp(p) => p.load().map_err(load)?,
+                aya::programs::Program::SchedClassifier(p) => p.load().map_err(load)?,
+                aya::programs::Program::CgroupSockAddr(p) => p.load().map_err(load)?,
+                _ => return Err(LoaderError::Program { name }),
+            }
+        }
+        let mut dp = Self {
+            ebpf,
+            pin_dir: pin_dir.map(Path::to_owned),
+        };
+        if let Some(dir) = pin_dir {
+            dp.pin_all(dir)?;
+        }
+        Ok(dp)
+    }
+
+    fn pin_all(&mut self, dir: &Path) -> Result<(), LoaderError> {
+        let maps_dir = dir.join("maps");
+        let progs_dir = dir.join("progs");
+        for d in [&maps_dir, &progs_dir] {
+            fs::create_dir_all(d).map_err(|source| LoaderError::Io {
+                what: "cannot create",
+                path: d.clone(),
+                source,
+            })?;
+        }
+        for name in maps::ALL {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or(LoaderError::MissingMap { name })?;
+            let path = maps_dir.join(name);
+            map.pin(&path).map_err(|e| LoaderError::Pin {
+                path,
+                reason: e.to_string(),
+            })?;
+        }
+        for (name, _) in programs::ALL {
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::Program { name })?;
+            let path = progs_dir.join(name);
+            prog.pin(&path).map_err(|e| LoaderError::Pin {
+                path,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The underlying object, for tests that drive programs with `test_run`.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Kernel id of a program.
+    pub fn program_id(&self, name: &'static str) -> Result<u32, LoaderError> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or(LoaderError::Program { name })?;
+        let info = prog.info().map_err(|source| LoaderError::ProgramOp {
+            action: "cannot read info of",
+            program: name,
+            target: String::new(),
+            source,
+        })?;
+        Ok(info.id())
+    }
+
+    /// Verified instruction count of each program, as the kernel reports it.
+    pub fn verified_instructions(&self) -> Result<Vec<(&'static str, Option<u32>)>, LoaderError> {
+        programs::ALL
+            .iter()
+            .map(|(name, _)| {
+                let prog = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(LoaderError::Program { name })?;
+                let info = prog.info().map_err(|source| LoaderError::ProgramOp {
+                    action: "cannot read info of",
+                    program: name,
+                    target: String::new(),
+                    source,
+                })?;
+                Ok((*name, info.verified_instruction_count()))
+            })
+            .collect()
+    }
+
+    /// Writes CONFIG, PREFIXES and POLICY from the configuration. Entries no longer configured
+    /// are removed after the new ones are in, so no moment allows less than both old and new
+    /// agree on.
+    pub fn write_config(&mut self, config: &Config, cgroup_level: u32) -> Result<(), LoaderError> {
+        let mut cfg: Array<_, DataplaneConfig> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        cfg.set(
+            0,
+            DataplaneConfig {
+                cgroup_level,
+                ct_timeout_secs: config.conntrack_timeout_secs,
+            },
+            0,
+        )
+        .map_err(map_err(maps::CONFIG))?;
+        self.write_prefixes(&prefix_entries(config))?;
+        self.write_policy(&config.compile_policy().map_err(|e| LoaderError::Io {
+            what: "invalid policy",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })?)?;
+        let mut quads: Array<_, QuadrantValue> =
+            Array::try_from(self.map_mut(maps::QUADRANTS)?).map_err(map_err(maps::QUADRANTS))?;
+        for q in Quadrant::ALL {
+            let addr = u32::from_ne_bytes(config.addrs(q).workload.octets());
+            quads
+                .set(u32::from(q as u8), QuadrantValue { addr }, 0)
+                .map_err(map_err(maps::QUADRANTS))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the PREFIXES entries.
+    pub fn write_prefixes(&mut self, entries: &[(Ipv4Net, Identity)]) -> Result<(), LoaderError> {
+        let mut trie: LpmTrie<_, u32, PrefixValue> =
+            LpmTrie::try_from(self.map_mut(maps::PREFIXES)?).map_err(map_err(maps::PREFIXES))?;
+        let wanted: Vec<Key<u32>> = entries.iter().map(|(net, _)| lpm_key(*net)).collect();
+        for ((net, id), key) in entries.iter().zip(&wanted) {
+            let _ = net;
+            trie.insert(
+                key,
+                PrefixValue {
+                    identity: *id as u8,
+                    pad: [0; 3],
+                },
+                0,
+            )
+            .map_err(map_err(maps::PREFIXES))?;
+        }
+        let stale: Vec<Key<u32>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !wanted
+                    .iter()
+                    .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+            })
+            .collect();
+        for k in stale {
+            trie.remove(&k).map_err(map_err(maps::PREFIXES))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the POLICY entries with `policy`.
+    pub fn write_policy(&mut self, policy: &CompiledPolicy) -> Result<(), LoaderError> {
+        let mut map: HashMap<_, PolicyKey, PolicyValue> =
+            HashMap::try_from(self.map_mut(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
+        let mut wanted = Vec::new();
+        for ((src, dst, proto), ranges) in policy {
+            let key = PolicyKey {
+                src: *src as u8,
+                dst: *dst as u8,
+                proto: *proto,
+                pad: 0,
+            };
+            let mut value = PolicyValue::EMPTY;
+            for (slot, r) in value
+                .ranges
+                .iter_mut()
+                .zip(ranges.iter().take(MAX_PORT_RANGES))
+            {
+                *slot = *r;
+            }
+            value.count = u32::try_from(ranges.len().min(MAX_PORT_RANGES)).unwrap_or(0);
+            map.insert(key, value, 0).map_err(map_err(maps::POLICY))?;
+            wanted.push(key);
+        }
+        let stale: Vec<PolicyKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            map.remove(&k).map_err(map_err(maps::POLICY))?;
+        }
+        Ok(())
+    }
+
+    /// Registers a host-side veth as belonging to quadrant `q`.
+    pub fn register_iface(&mut self, ifindex: u32, q: Quadrant) -> Result<(), LoaderError> {
+        let mut map: HashMap<_, u32, IfaceValue> =
+            HashMap::try_from(self.map_mut(maps::IFACES)?).map_err(map_err(maps::IFACES))?;
+        map.insert(
+            ifindex,
+            IfaceValue {
+                quadrant: q as u8,
+                pad: [0; 3],
+            },
+            0,
+        )
+        .map_err(map_err(maps::IFACES))
+    }
+
+    /// Registers a cgroup (by id) as belonging to quadrant `q`.
+    pub fn register_cgroup(&mut self, cgroup_id: u64, q: Quadrant) -> Result<(), LoaderError> {
+        let mut map: HashMap<_, u64, CgroupValue> =
+            HashMap::try_from(self.map_mut(maps::CGROUPS)?).map_err(map_err(maps::CGROUPS))?;
+        map.insert(
+            cgroup_id,
+            CgroupValue {
+                quadrant: q as u8,
+                pad: [0; 3],
+            },
+            0,
+        )
+        .map_err(map_err(maps::CGROUPS))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, LoaderError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(LoaderError::MissingMap { name })
+    }
+
+    /// Registers quadrant `handle` in the maps and attaches every program to its veth and cgroup,
+    /// pinning each link under `<pin_dir>/links/<quadrant>/`. Without a pin directory the links
+    /// are kept alive by this object.
+    pub fn attach(
+        &mut self,
+        config: &Config,
+        handle: &QuadrantHandle,
+    ) -> Result<Vec<AttachedProgram>, LoaderError> {
+        let q = handle.quadrant;
+        self.register_iface(handle.host_ifindex, q)?;
+        self.register_cgroup(handle.cgroup_id, q)?;
+        let iface = config.host_iface(q);
+        let cgroup_dir = config.cgroup_dir(q);
+        let link_dir = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(q.name()));
+        if let Some(d) = &link_dir {
+            fs::create_dir_all(d).map_err(|source| LoaderError::Io {
+                what: "cannot create",
+                path: d.clone(),
+                source,
+            })?;
+        }
+        let mut out = Vec::new();
+        for (name, hook) in programs::ALL {
+            let attach_err = |source| LoaderError::ProgramOp {
+                action: "cannot attach",
+                program: name,
+                target: format!(
+                    " to {}",
+                    if programs::CGROUP.contains(&name) {
+                        cgroup_dir.display().to_string()
+                    } else {
+                        iface.clone()
+                    }
+                ),
+                source,
+            };
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::Program { name })?;
+            let link: FdLink = match hook {
+                Hook::Xdp => {
+                    let p: &mut Xdp = prog.try_into().map_err(|_| LoaderError::Program { name })?;
+                    let id = p.attach(&iface, XdpMode::Default).map_err(attach_err)?;
+                    p.take_link(id)
+                        .map_err(attach_err)?
+                        .try_into()
+                        .map_err(|_| LoaderError::Program { name })?
+                }
+                Hook::TcIngress | Hook::TcEgress => {
+                    let p: &mut SchedClassifier =
+                        prog.try_into().map_err(|_| LoaderError::Program { name })?;
+                    let dir = if hook == Hook::TcIngress {
+                        TcAttachType::Ingress
+                    } else {
+                        TcAttachType::Egress
+                    };
+                    let id = p.attach(&iface, dir).map_err(attach_err)?;
+                    p.take_link(id)
+                        .map_err(attach_err)?
+                        .try_into()
+                        .map_err(|_| LoaderError::Program { name })?
+                }
+                Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {
+                    let p: &mut CgroupSockAddr =
+                        prog.try_into().map_err(|_| LoaderError::Program { name })?;
+                    let cg = fs::File::open(&cgroup_dir).map_err(|source| LoaderError::Io {
+                        what: "cannot open cgroup",
+                        path: cgroup_dir.clone(),
+                        source,
+                    })?;
+                    let id = p
+                        .attach(cg.as_fd(), CgroupAttachMode::Single)
+                        .map_err(attach_err)?;
+                    p.take_link(id)
+                        .map_err(attach_err)?
+                        .try_into()
+                        .map_err(|_| LoaderError::Program { name })?
+                }
+            };
+            let target = if programs::CGROUP.contains(&name) {
+                cgroup_dir.display().to_string()
+            } else {
+                iface.clone()
+            };
+            let link_pin = match &link_dir {
+                Some(d) => {
+                    let path = d.join(hook.name());
+                    link.pin(&path).map_err(|e| LoaderError::Pin {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    path
+                }
+                None => {
+                    // Keep the link attached for the life of the process (tests without bpffs).
+                    std::mem::forget(link);
+                    PathBuf::new()
+                }
+            };
+            out.push(AttachedProgram {
+                hook: hook.name().to_owned(),
+                program: name.to_owned(),
+                program_id: self.program_id(name)?,
+                target,
+                link_pin,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every non-zero counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<Counter>, LoaderError> {
+        let map = self
+            .ebpf
+            .map(maps::STATS)
+            .ok_or(LoaderError::MissingMap { name: maps::STATS })?;
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(maps::STATS))?;
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            for slot in 0..QUADRANT_SLOTS {
+                for reason in Reason::ALL {
+                    let values = stats
+                        .get(&stats_index(hook, slot, *reason), 0)
+                        .map_err(map_err(maps::STATS))?;
+                    let count: u64 = values.iter().sum();
+                    if count > 0 {
+                        out.push(Counter {
+                            hook: hook.name().to_owned(),
+                            quadrant: Quadrant::from_id(u8::try_from(slot).unwrap_or(u8::MAX))
+                                .map_or("unattributed", Quadrant::name)
+                                .to_owned(),
+                            reason: reason.name().to_owned(),
+                            verdict: match reason.verdict() {
+                                dataplane_common::Verdict::Pass => "pass",
+                                dataplane_common::Verdict::Drop => "drop",
+                            }
+                            .to_owned(),
+                            count,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The counter of one (hook, quadrant slot, reason), summed over CPUs.
+    pub fn counter(&self, hook: Hook, slot: u32, reason: Reason) -> Result<u64, LoaderError> {
+        let map = self
+            .ebpf
+            .map(maps::STATS)
+            .ok_or(LoaderError::MissingMap { name: maps::STATS })?;
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(maps::STATS))?;
+        let values = stats
+            .get(&stats_index(hook, slot, reason), 0)
+            .map_err(map_err(maps::STATS))?;
+        Ok(values.iter().sum())
+    }
+}
+
+/// LPM key of an IPv4 prefix (address bytes in network order).
+#[must_use]
+pub fn lpm_key(net: Ipv4Net) -> Key<u32> {
+    Key::new(
+        u32::from(net.prefix_len()),
+        u32::from_ne_bytes(net.network().octets()),
+    )
+}
+
+/// Every PREFIXES entry the configuration implies: each quadrant's prefix, each gateway address
+/// (host), and the configured host addresses.
+#[must_use]
+pub fn prefix_entries(config: &Config) -> Vec<(Ipv4Net, Identity)> {
+    let mut out = BTreeMap::new();
+    for q in Quadrant::ALL {
+        let a = config.addrs(q);
+        out.insert(a.prefix, Identity::from(q));
+        out.insert(host_net(a.gateway), Identity::Host);
+    }
+    for net in &config.host.addresses {
+        out.insert(net.trunc(), Identity::Host);
+    }
+    out.into_iter().collect()
+}
+
+fn host_net(addr: Ipv4Addr) -> Ipv4Net {
+    Ipv4Net::new(addr, 32).unwrap_or_else(|_| unreachable!("/32 is a valid prefix length"))
+}

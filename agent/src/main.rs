@@ -1,0 +1,121 @@
+//! The `quadrant` command: parses the command line and hands over to [`quadrant::app`].
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use dataplane_common::Quadrant;
+use quadrant::{api, app, config::Config};
+use tracing_subscriber::EnvFilter;
+
+/// quadrant: four isolated quadrants (DX, DG, PX, PG) on one Linux host, enforced by eBPF.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (YAML); the embedded default when absent.
+    #[arg(long, short, global = true, env = "QUADRANT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the four quadrants, load and attach the dataplane, and run in the foreground until
+    /// Ctrl-C or `quadrant down`.
+    Up,
+    /// Remove everything `up` created (asks the running agent, or cleans up after a crash).
+    Down,
+    /// Show quadrants, attached programs and verdict counters.
+    Status {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Run a command inside a quadrant (its network namespace and cgroup).
+    Exec {
+        /// dx, dg, px or pg.
+        quadrant: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("QUADRANT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = app::load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Up => up(config),
+        Command::Down => {
+            let removed = app::down(&config)?;
+            if removed.is_empty() {
+                println!("nothing to remove for instance {}", config.instance);
+            }
+            for r in removed {
+                println!("removed {r}");
+            }
+            Ok(())
+        }
+        Command::Status { output } => {
+            let report = app::status(&config)?;
+            match output {
+                Output::Text => print!("{}", api::render_status(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(())
+        }
+        Command::Exec { quadrant, command } => {
+            let Some(q) = Quadrant::from_name(&quadrant) else {
+                bail!("unknown quadrant {quadrant:?}; expected dx, dg, px or pg");
+            };
+            Err(app::exec(&config, q, &command))
+                .with_context(|| format!("cannot run {:?} in {}", command.join(" "), q.name()))
+        }
+        Command::DefaultConfig => {
+            print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
+            Ok(())
+        }
+    }
+}
+
+fn up(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(app::up(config, |status| {
+        print!("{}", api::render_status(status));
+        println!(
+            "\nquadrant up: {} quadrants ready; control socket {}. Ctrl-C or `quadrant down` stops and removes them.",
+            status.quadrants.len(),
+            status.socket.display()
+        );
+    }))?;
+    println!("quadrant down: everything removed");
+    Ok(())
+}

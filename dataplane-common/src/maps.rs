@@ -1,0 +1,195 @@
+//! Map names, sizes, keys and values shared by kernel and agent.
+//!
+//! The agent never spells a map name itself: it uses these constants.
+
+use crate::policy::PortRange;
+
+/// LPM trie: IPv4 prefix → [`PrefixValue`]. Written by the agent, read by tc and XDP.
+pub const PREFIXES: &str = "PREFIXES";
+/// Hash: (source identity, destination identity, protocol) → [`PolicyValue`]. Written by the
+/// agent, read by every program.
+pub const POLICY: &str = "POLICY";
+/// Hash: ifindex → [`IfaceValue`]. Written by the agent, read by tc and XDP.
+pub const IFACES: &str = "IFACES";
+/// Hash: cgroup id → [`CgroupValue`]. Written by the agent, read by the cgroup programs.
+pub const CGROUPS: &str = "CGROUPS";
+/// Array\[1\]: [`DataplaneConfig`]. Written by the agent, read by every program.
+pub const CONFIG: &str = "CONFIG";
+/// Array\[4\]: quadrant id → [`QuadrantValue`]. Written by the agent, read by cgroup programs.
+pub const QUADRANTS: &str = "QUADRANTS";
+/// LRU hash: [`CtKey`] → [`CtValue`]. Written by tc (new allowed flows), read by all.
+pub const CONNTRACK: &str = "CONNTRACK";
+/// Per-CPU array: [`crate::reason::stats_index`] → packet/operation count. Written by every
+/// program, read by the agent.
+pub const STATS: &str = "STATS";
+
+/// Every map the dataplane object defines, for pinning and status.
+pub const ALL: [&str; 8] = [
+    PREFIXES, POLICY, IFACES, CGROUPS, CONFIG, QUADRANTS, CONNTRACK, STATS,
+];
+
+/// Capacity of [`PREFIXES`].
+pub const PREFIXES_MAX: u32 = 1024;
+/// Capacity of [`POLICY`].
+pub const POLICY_MAX: u32 = 256;
+/// Capacity of [`IFACES`].
+pub const IFACES_MAX: u32 = 256;
+/// Capacity of [`CGROUPS`].
+pub const CGROUPS_MAX: u32 = 256;
+/// Capacity of [`CONNTRACK`].
+pub const CONNTRACK_MAX: u32 = 65_536;
+
+/// Value of [`PREFIXES`]: the identity a prefix belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixValue {
+    /// [`crate::Identity`] id.
+    pub identity: u8,
+    /// Explicit padding (zero).
+    pub pad: [u8; 3],
+}
+
+/// Key of [`POLICY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    /// Source [`crate::Identity`] id.
+    pub src: u8,
+    /// Destination [`crate::Identity`] id.
+    pub dst: u8,
+    /// IP protocol number (1 ICMP, 6 TCP, 17 UDP).
+    pub proto: u8,
+    /// Explicit padding (zero): part of the hash key, so it must be written.
+    pub pad: u8,
+}
+
+/// Maximum port ranges one (source, destination, protocol) entry holds.
+pub const MAX_PORT_RANGES: usize = 8;
+
+/// Value of [`POLICY`]: the destination port ranges allowed for one key. For ICMP the ranges are
+/// ignored and the presence of the entry (with `count > 0`) allows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Number of valid entries in `ranges`.
+    pub count: u32,
+    /// Inclusive destination port ranges.
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+
+/// Value of [`IFACES`]: the quadrant whose host-side veth this ifindex is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfaceValue {
+    /// [`crate::Quadrant`] id.
+    pub quadrant: u8,
+    /// Explicit padding (zero).
+    pub pad: [u8; 3],
+}
+
+/// Value of [`CGROUPS`]: the quadrant a cgroup (by id) belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupValue {
+    /// [`crate::Quadrant`] id.
+    pub quadrant: u8,
+    /// Explicit padding (zero).
+    pub pad: [u8; 3],
+}
+
+/// Value of [`QUADRANTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuadrantValue {
+    /// The quadrant's workload address inside its namespace (network byte order), used to find
+    /// the reply direction of a flow from a socket hook. Zero if not up.
+    pub addr: u32,
+}
+
+/// Value of [`CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Depth of the quadrant cgroups below the cgroup2 root (`/quadrant/dx` is 2): the cgroup
+    /// programs look up the caller's ancestor at this level.
+    pub cgroup_level: u32,
+    /// Idle time after which a tracked flow no longer counts as established, in seconds.
+    pub ct_timeout_secs: u32,
+}
+
+/// Key of [`CONNTRACK`]: one direction of a flow as seen on the wire. Addresses and ports in
+/// network byte order. For ICMP echo both ports hold the echo identifier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Source address.
+    pub saddr: u32,
+    /// Destination address.
+    pub daddr: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Explicit padding (zero).
+    pub pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The key of the opposite direction.
+    #[must_use]
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Value of [`CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` when the flow was last seen.
+    pub last_seen_ns: u64,
+    /// Source identity of the direction that opened the flow.
+    pub src: u8,
+    /// Destination identity of the direction that opened the flow.
+    pub dst: u8,
+    /// Explicit padding (zero).
+    pub pad: [u8; 6],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers and have no implicit padding
+    // (checked by the size assertions below), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::PrefixValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::IfaceValue {}
+    unsafe impl aya::Pod for super::CgroupValue {}
+    unsafe impl aya::Pod for super::QuadrantValue {}
+    unsafe impl aya::Pod for super::DataplaneConfig {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+}
+
+// No implicit padding: every byte of a key is hashed, and the agent and kernel must agree.
+const _: () = {
+    assert!(size_of::<PrefixValue>() == 4);
+    assert!(size_of::<PolicyKey>() == 4);
+    assert!(size_of::<PolicyValue>() == 4 + 4 * MAX_PORT_RANGES);
+    assert!(size_of::<IfaceValue>() == 4);
+    assert!(size_of::<CgroupValue>() == 4);
+    assert!(size_of::<QuadrantValue>() == 4);
+    assert!(size_of::<DataplaneConfig>() == 8);
+    assert!(size_of::<CtKey>() == 16);
+    assert!(size_of::<CtValue>() == 16);
+};

@@ -1,0 +1,97 @@
+//! cgroup `connect4`/`connect6`/`sendmsg4`/`sendmsg6` on each quadrant's cgroup.
+//!
+//! A process in a quadrant that connects (or sends a datagram) to an identity the policy does not
+//! allow gets `EPERM` from the system call at once, instead of a timeout from a dropped packet.
+//! IPv4-mapped IPv6 addresses are decided as IPv4; other IPv6 addresses except loopback are
+//! denied (quadrants are IPv4-only).
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr, helpers::bpf_get_current_ancestor_cgroup_id, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use dataplane_common::{Hook, Reason, Verdict, maps::CgroupValue, reason::UNATTRIBUTED_SLOT};
+
+use crate::{
+    decide::{cgroup_level, count, identity_of, is_reply, policy_allows},
+    maps::{CGROUPS, QUADRANTS},
+};
+
+/// Return value that lets the operation go on.
+const ALLOW: i32 = 1;
+/// Return value that makes the system call fail with EPERM.
+const REJECT: i32 = 0;
+/// First octet of 127.0.0.0/8.
+const LOOPBACK_NET: u8 = 127;
+
+#[cgroup_sock_addr(connect4)]
+pub fn quadrant_connect4(ctx: SockAddrContext) -> i32 {
+    run(&ctx, Hook::Connect4, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn quadrant_connect6(ctx: SockAddrContext) -> i32 {
+    run(&ctx, Hook::Connect6, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn quadrant_sendmsg4(ctx: SockAddrContext) -> i32 {
+    run(&ctx, Hook::Sendmsg4, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn quadrant_sendmsg6(ctx: SockAddrContext) -> i32 {
+    run(&ctx, Hook::Sendmsg6, true)
+}
+
+#[inline(always)]
+fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
+    let (slot, reason) = classify(ctx.sock_addr, v6);
+    count(hook, slot, reason);
+    match reason.verdict() {
+        Verdict::Pass => ALLOW,
+        Verdict::Drop => REJECT,
+    }
+}
+
+#[inline(always)]
+fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
+    // SAFETY: helper without preconditions; the level comes from the agent's configuration.
+    let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level() as i32) };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(&CgroupValue { quadrant, .. }) = (unsafe { CGROUPS.get(&cgroup) }) else {
+        return (UNATTRIBUTED_SLOT, Reason::DenyUnknownCgroup);
+    };
+    // SAFETY: the context fields read here are readable for every sock_addr attach type.
+    let (daddr, dport, proto) = unsafe {
+        let dport = (*sa).user_port as u16;
+        let proto = (*sa).protocol as u8;
+        if v6 {
+            let ip6 = (*sa).user_ip6;
+            if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::to_be(1) {
+                return (u32::from(quadrant), Reason::AllowLoopback);
+            }
+            if !(ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::to_be(0xffff)) {
+                return (u32::from(quadrant), Reason::DenyIpv6);
+            }
+            (ip6[3], dport, proto)
+        } else {
+            ((*sa).user_ip4, dport, proto)
+        }
+    };
+    if daddr.to_ne_bytes()[0] == LOOPBACK_NET {
+        return (u32::from(quadrant), Reason::AllowLoopback);
+    }
+    let dst = identity_of(daddr);
+    if policy_allows(quadrant, dst, proto, dport) {
+        return (u32::from(quadrant), Reason::AllowPolicy);
+    }
+    // A datagram socket answering a flow the peer opened (allowed towards this quadrant).
+    if let Some(local) = QUADRANTS.get(u32::from(quadrant)) {
+        // SAFETY: `sk` is always set for sock_addr programs.
+        let local_port = unsafe { (*(*sa).__bindgen_anon_1.sk).src_port } as u16;
+        if local.addr != 0 && is_reply(local.addr, local_port.to_be(), daddr, dport, proto) {
+            return (u32::from(quadrant), Reason::AllowEstablished);
+        }
+    }
+    (u32::from(quadrant), Reason::DenyPolicy)
+}

@@ -1,0 +1,32 @@
+//! quadrant's eBPF object: one module per hook and direction, shared logic in `parse`, `decide`
+//! and `maps`.
+//!
+//! | hook | entry | attached to |
+//! |---|---|---|
+//! | XDP | [`xdp::quadrant_xdp`] | host-side veth of each quadrant (frames leaving it) |
+//! | tcx ingress | [`tc_ingress::quadrant_tc_ingress`] | host-side veth (packets leaving the quadrant) |
+//! | tcx egress | [`tc_egress::quadrant_tc_egress`] | host-side veth (packets entering the quadrant) |
+//! | cgroup connect4/6, sendmsg4/6 | [`cgroup_sock_addr`] | each quadrant's cgroup |
+#![no_std]
+#![no_main]
+
+mod cgroup_sock_addr;
+mod decide;
+mod maps;
+mod parse;
+mod tc;
+mod tc_egress;
+mod tc_ingress;
+mod xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here; nothing is ever executed.
+    loop {}
+}
+
+/// Dual-licensed so GPL-only helpers are available.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

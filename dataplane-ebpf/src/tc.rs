@@ -1,0 +1,52 @@
+//! The body both tcx programs share.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use dataplane_common::{Hook, Reason, Verdict, maps::IfaceValue, reason::UNATTRIBUTED_SLOT};
+
+use crate::{
+    decide::{Direction, count, decide_packet},
+    maps::IFACES,
+    parse::{Frame, parse_frame},
+};
+
+/// Enough linear bytes for Ethernet + IPv4 with options + TCP.
+const PULL_LEN: u32 = 14 + 60 + 20;
+
+#[inline(always)]
+pub fn run(ctx: &TcContext, hook: Hook, dir: Direction) -> i32 {
+    let (slot, reason) = classify(ctx, dir);
+    count(hook, slot, reason);
+    match reason.verdict() {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason) {
+    // SAFETY: reading the skb's ifindex field is allowed for tc programs.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(&ifindex) }) else {
+        return (UNATTRIBUTED_SLOT, Reason::DropUnknownInterface);
+    };
+    let mut parsed = parse_frame(ctx.data(), ctx.data_end());
+    if matches!(parsed, Err(Reason::DropTruncated))
+        && ctx.len() as usize > ctx.data_end() - ctx.data()
+    {
+        // Headers in a non-linear part of the skb: pull them in and parse again. A truncated
+        // verdict stands only for packets that really are short.
+        if ctx.pull_data(PULL_LEN.min(ctx.len())).is_ok() {
+            parsed = parse_frame(ctx.data(), ctx.data_end());
+        }
+    }
+    let reason = match parsed {
+        Ok(Frame::Arp) => Reason::PassArp,
+        Ok(Frame::Ipv4(flow)) => decide_packet(&flow, quadrant, dir, true),
+        Err(reason) => reason,
+    };
+    (u32::from(quadrant), reason)
+}

@@ -1,0 +1,39 @@
+//! XDP on a quadrant's host-side veth: the early drop stage for frames the quadrant sends.
+//!
+//! Same decision as tc ingress, read-only (it never records flows): a frame this stage passes is
+//! decided again, and recorded, by tc ingress.
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use dataplane_common::{Hook, Reason, Verdict, maps::IfaceValue, reason::UNATTRIBUTED_SLOT};
+
+use crate::{
+    decide::{Direction, count, decide_packet},
+    maps::IFACES,
+    parse::{Frame, parse_frame},
+};
+
+#[xdp]
+pub fn quadrant_xdp(ctx: XdpContext) -> u32 {
+    let (slot, reason) = classify(&ctx);
+    count(Hook::Xdp, slot, reason);
+    match reason.verdict() {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> (u32, Reason) {
+    // SAFETY: ingress_ifindex reads the context, which the verifier allows.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(&ifindex) }) else {
+        return (UNATTRIBUTED_SLOT, Reason::DropUnknownInterface);
+    };
+    let reason = match parse_frame(ctx.data(), ctx.data_end()) {
+        Ok(Frame::Arp) => Reason::PassArp,
+        Ok(Frame::Ipv4(flow)) => decide_packet(&flow, quadrant, Direction::FromQuadrant, false),
+        Err(reason) => reason,
+    };
+    (u32::from(quadrant), reason)
+}
