@@ -1,0 +1,571 @@
+//! BPF_PROG_TEST_RUN fixture tables: packet → expected verdict and counter delta, for the XDP
+//! and both tcx programs, through aya's `test_run`.
+//!
+//! Each table runs against a freshly loaded dataplane whose maps hold a configuration; the
+//! interface under test is the loopback device (ifindex of `lo`), which `test_run` uses as the
+//! packet's device, registered as DX's host-side veth. Needs root (BPF_PROG_LOAD).
+
+use std::{net::Ipv4Addr, thread, time::Duration};
+
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use dataplane_common::{Hook, Quadrant, Reason, Verdict, reason::UNATTRIBUTED_SLOT};
+use quadrant::{
+    config::{Config, PolicyRule},
+    loader::{Dataplane, programs},
+};
+use quadrant_tests::packets::{
+    self, arp, ipv6_udp, lldp, ping, pong, tcp, truncated, udp, vlan_udp, with_frag, with_ihl,
+    with_total_len, with_version,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const DX: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 2);
+const DX_GW: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
+const DG: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 2);
+const PX: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 2);
+const PG: Ipv4Addr = Ipv4Addr::new(10, 240, 3, 2);
+const WORLD: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+
+struct Case {
+    what: &'static str,
+    packet: Vec<u8>,
+    reason: Reason,
+    /// The kernel's skb test_run refuses (EINVAL) IPv4 frames shorter than an IPv4 header, so
+    /// such cases run through XDP only; the tc programs share the same parser.
+    skb_test_run: bool,
+}
+
+fn case(what: &'static str, packet: Vec<u8>, reason: Reason) -> Case {
+    Case {
+        what,
+        packet,
+        reason,
+        skb_test_run: true,
+    }
+}
+
+fn xdp_only(what: &'static str, packet: Vec<u8>, reason: Reason) -> Case {
+    Case {
+        what,
+        packet,
+        reason,
+        skb_test_run: false,
+    }
+}
+
+/// The embedded configuration with its policy replaced by `rules` (a YAML list).
+fn with_policy(rules: &str) -> Config {
+    let mut config = Config::embedded();
+    config.policy = serde_yaml::from_str::<Vec<PolicyRule>>(rules).expect("rules");
+    config.validate().expect("valid config");
+    config
+}
+
+fn lo_ifindex() -> u32 {
+    nix::net::if_::if_nametoindex("lo").expect("lo exists")
+}
+
+/// A dataplane loaded with `config`, with `lo` registered as DX's veth when `register`.
+fn dataplane(config: &Config, register: bool) -> Dataplane {
+    let mut dp = Dataplane::load(None).expect("load dataplane (needs root)");
+    dp.write_config(config, 2).expect("write config");
+    if register {
+        dp.register_iface(lo_ifindex(), Quadrant::Dx)
+            .expect("register lo as DX");
+    }
+    dp
+}
+
+fn total(dp: &Dataplane) -> u64 {
+    dp.counters()
+        .expect("counters")
+        .iter()
+        .map(|c| c.count)
+        .sum()
+}
+
+/// Runs `packet` through the program of `hook` and returns its return value.
+fn run(dp: &mut Dataplane, hook: Hook, packet: &[u8], what: &str) -> u32 {
+    let name = match hook {
+        Hook::Xdp => programs::XDP,
+        Hook::TcIngress => programs::TC_INGRESS,
+        Hook::TcEgress => programs::TC_EGRESS,
+        other => panic!("{other:?} has no test_run"),
+    };
+    let prog = dp.ebpf_mut().program_mut(name).expect("program");
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        ..TestRunOptions::default()
+    };
+    let result = if hook == Hook::Xdp {
+        let p: &mut Xdp = prog.try_into().expect("xdp");
+        p.test_run(opts)
+    } else {
+        let p: &mut SchedClassifier = prog.try_into().expect("classifier");
+        p.test_run(opts)
+    };
+    result
+        .unwrap_or_else(|e| panic!("test_run {name} ({what}, {} bytes): {e:?}", packet.len()))
+        .return_value
+}
+
+fn expected_code(hook: Hook, reason: Reason) -> u32 {
+    match (hook, reason.verdict()) {
+        (Hook::Xdp, Verdict::Pass) => XDP_PASS,
+        (Hook::Xdp, Verdict::Drop) => XDP_DROP,
+        (_, Verdict::Pass) => TC_ACT_OK,
+        (_, Verdict::Drop) => TC_ACT_SHOT,
+    }
+}
+
+/// Runs one case and checks the return code, that exactly the counter of (hook, slot, reason)
+/// went up by one, and that no other counter moved.
+fn check(dp: &mut Dataplane, hook: Hook, slot: u32, c: &Case) {
+    let before = dp.counter(hook, slot, c.reason).expect("counter");
+    let before_total = total(dp);
+    let ret = run(dp, hook, &c.packet, c.what);
+    assert_eq!(
+        ret,
+        expected_code(hook, c.reason),
+        "{:?}: {}: return code",
+        hook,
+        c.what
+    );
+    assert_eq!(
+        dp.counter(hook, slot, c.reason).expect("counter"),
+        before + 1,
+        "{hook:?}: {}: counter of {:?}",
+        c.what,
+        c.reason
+    );
+    assert_eq!(
+        total(dp),
+        before_total + 1,
+        "{hook:?}: {}: some other counter moved",
+        c.what
+    );
+}
+
+/// Packets a quadrant (DX) sends: the table both XDP and tc ingress must agree on.
+fn from_dx_table() -> Vec<Case> {
+    use Reason::*;
+    vec![
+        case("ARP request for the gateway", arp(DX, DX_GW), PassArp),
+        case(
+            "DX -> DG tcp (dev <-> dev gateway allowed)",
+            tcp(DX, 40000, DG, 80),
+            AllowPolicy,
+        ),
+        case("DX -> DG udp", udp(DX, 40000, DG, 53), AllowPolicy),
+        case("DX -> DG ping", ping(DX, DG, 1), AllowPolicy),
+        case(
+            "DX -> PX tcp (dev -> prod denied)",
+            tcp(DX, 40000, PX, 80),
+            DenyPolicy,
+        ),
+        case("DX -> PX udp", udp(DX, 40000, PX, 53), DenyPolicy),
+        case("DX -> PX ping", ping(DX, PX, 2), DenyPolicy),
+        case("DX -> PG tcp", tcp(DX, 40000, PG, 443), DenyPolicy),
+        case("DX -> PG ping", ping(DX, PG, 3), DenyPolicy),
+        case("DX -> host ping (allowed)", ping(DX, DX_GW, 4), AllowPolicy),
+        case(
+            "DX -> host tcp (not configured)",
+            tcp(DX, 40000, DX_GW, 22),
+            DenyPolicy,
+        ),
+        case("DX -> world tcp", tcp(DX, 40000, WORLD, 443), DenyPolicy),
+        case("source of DG", tcp(DG, 40000, DX, 80), DenySpoofed),
+        case(
+            "source of the gateway (host)",
+            ping(DX_GW, DG, 5),
+            DenySpoofed,
+        ),
+        case("source in the world", udp(WORLD, 53, DG, 53), DenySpoofed),
+        case(
+            "source 0.0.0.0",
+            udp(Ipv4Addr::UNSPECIFIED, 68, DG, 67),
+            DenySpoofed,
+        ),
+        case("802.1Q tagged", vlan_udp(DX, DG), DropVlan),
+        case("IPv6", ipv6_udp(), DropIpv6),
+        case("LLDP ethertype", lldp(), DropUnknownL3),
+        case(
+            "IHL 4 (16-byte header)",
+            with_ihl(tcp(DX, 1, DG, 80), 4),
+            DropBadIhl,
+        ),
+        case("IHL 0", with_ihl(udp(DX, 1, DG, 53), 0), DropBadIhl),
+        case(
+            "IHL 15 beyond the packet",
+            with_total_len(with_ihl(udp(DX, 1, DG, 53), 15), 60),
+            DropBadIhl,
+        ),
+        case(
+            "total length below header length",
+            with_total_len(udp(DX, 1, DG, 53), 12),
+            DropBadIhl,
+        ),
+        case(
+            "IP version 6 under ethertype IPv4",
+            with_version(udp(DX, 1, DG, 53), 6),
+            DropBadVersion,
+        ),
+        case(
+            "first fragment (MF set)",
+            with_frag(udp(DX, 1, DG, 53), 0x2000),
+            DropFragment,
+        ),
+        case(
+            "later fragment (offset 185)",
+            with_frag(udp(DX, 1, DG, 53), 185),
+            DropFragment,
+        ),
+        case(
+            "fragment with DF and offset",
+            with_frag(tcp(DX, 1, DG, 80), 0x4000 | 1),
+            DropFragment,
+        ),
+        xdp_only(
+            "one byte of IPv4 header",
+            truncated(tcp(DX, 1, DG, 80), packets::L3 + 1),
+            DropTruncated,
+        ),
+        xdp_only(
+            "IPv4 header cut at 10 bytes",
+            truncated(tcp(DX, 1, DG, 80), packets::L3 + 10),
+            DropTruncated,
+        ),
+        case(
+            "TCP header cut at 10 bytes",
+            truncated(tcp(DX, 1, DG, 80), packets::L3 + 30),
+            DropTruncated,
+        ),
+        case(
+            "UDP header cut at 4 bytes",
+            truncated(udp(DX, 1, DG, 53), packets::L3 + 24),
+            DropTruncated,
+        ),
+        case(
+            "ICMP header cut at 4 bytes",
+            truncated(ping(DX, DG, 1), packets::L3 + 24),
+            DropTruncated,
+        ),
+        case(
+            "ARP cut at 20 bytes",
+            truncated(arp(DX, DX_GW), packets::L3 + 20),
+            DropTruncated,
+        ),
+    ]
+}
+
+#[test]
+fn xdp_table_for_frames_leaving_a_quadrant() {
+    let mut dp = dataplane(&Config::embedded(), true);
+    for c in from_dx_table() {
+        check(&mut dp, Hook::Xdp, Quadrant::Dx as u32, &c);
+    }
+}
+
+#[test]
+fn tc_ingress_table_for_packets_leaving_a_quadrant() {
+    let mut dp = dataplane(&Config::embedded(), true);
+    for c in from_dx_table() {
+        if c.skb_test_run {
+            check(&mut dp, Hook::TcIngress, Quadrant::Dx as u32, &c);
+        }
+    }
+}
+
+#[test]
+fn tc_egress_table_for_packets_entering_a_quadrant() {
+    use Reason::*;
+    let mut dp = dataplane(&Config::embedded(), true);
+    let table = vec![
+        case("ARP reply into DX", arp(DX_GW, DX), PassArp),
+        case(
+            "host -> DX tcp (host reaches every quadrant)",
+            tcp(DX_GW, 40000, DX, 22),
+            AllowPolicy,
+        ),
+        case("DG -> DX udp", udp(DG, 40000, DX, 53), AllowPolicy),
+        case(
+            "PX -> DX tcp (prod -> dev denied)",
+            tcp(PX, 40000, DX, 80),
+            DenyPolicy,
+        ),
+        case("PX -> DX udp", udp(PX, 40000, DX, 53), DenyPolicy),
+        case("PG -> DX ping", ping(PG, DX, 9), DenyPolicy),
+        case("world -> DX tcp", tcp(WORLD, 443, DX, 80), DenyPolicy),
+        case(
+            "host -> DG address sent into DX",
+            tcp(DX_GW, 40000, DG, 22),
+            DenyMisrouted,
+        ),
+        case("tagged frame", vlan_udp(DG, DX), DropVlan),
+        case("IPv6", ipv6_udp(), DropIpv6),
+        case(
+            "fragment",
+            with_frag(udp(DG, 1, DX, 53), 0x2000),
+            DropFragment,
+        ),
+    ];
+    for c in table {
+        check(&mut dp, Hook::TcEgress, Quadrant::Dx as u32, &c);
+    }
+}
+
+#[test]
+fn unregistered_interface_fails_closed() {
+    let mut dp = dataplane(&Config::embedded(), false);
+    let c = case(
+        "allowed flow on an interface the agent never registered",
+        tcp(DX, 1, DG, 80),
+        Reason::DropUnknownInterface,
+    );
+    for hook in [Hook::Xdp, Hook::TcIngress, Hook::TcEgress] {
+        check(&mut dp, hook, UNATTRIBUTED_SLOT, &c);
+    }
+}
+
+#[test]
+fn replies_of_allowed_flows_pass_and_only_tc_records_flows() {
+    use Reason::*;
+    let mut dp = dataplane(&Config::embedded(), true);
+    let slot = Quadrant::Dx as u32;
+    // host opens a TCP flow into DX; DX -> host TCP is otherwise denied.
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "host -> DX:8080 opens",
+            tcp(DX_GW, 40000, DX, 8080),
+            AllowPolicy,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::Xdp,
+        slot,
+        &case(
+            "reply DX:8080 -> host at XDP",
+            tcp(DX, 8080, DX_GW, 40000),
+            AllowEstablished,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case(
+            "reply at tc ingress",
+            tcp(DX, 8080, DX_GW, 40000),
+            AllowEstablished,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "next packet host -> DX",
+            tcp(DX_GW, 40000, DX, 8080),
+            AllowEstablished,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::Xdp,
+        slot,
+        &case(
+            "same ports, other peer port",
+            tcp(DX, 8080, DX_GW, 40001),
+            DenyPolicy,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::Xdp,
+        slot,
+        &case(
+            "same ports, UDP instead",
+            udp(DX, 8080, DX_GW, 40000),
+            DenyPolicy,
+        ),
+    );
+    // UDP: host:5353 -> DX:53, reply passes, other destination port does not.
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("host -> DX:53 udp", udp(DX_GW, 5353, DX, 53), AllowPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case("udp reply", udp(DX, 53, DX_GW, 5353), AllowEstablished),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case("udp to another port", udp(DX, 53, DX_GW, 5354), DenyPolicy),
+    );
+}
+
+#[test]
+fn xdp_never_records_a_flow() {
+    use Reason::*;
+    // DX may open flows to PX on tcp/443, PX may not open any flow to DX.
+    let config = with_policy("- { from: dx, to: px, protocols: [tcp], ports: [443] }");
+    let mut dp = dataplane(&config, true);
+    let slot = Quadrant::Dx as u32;
+    check(
+        &mut dp,
+        Hook::Xdp,
+        slot,
+        &case("DX -> PX:443 at XDP", tcp(DX, 40000, PX, 443), AllowPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("reply after XDP only", tcp(PX, 443, DX, 40000), DenyPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case("DX -> PX:443 at tc", tcp(DX, 40000, PX, 443), AllowPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "reply after tc recorded it",
+            tcp(PX, 443, DX, 40000),
+            AllowEstablished,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "PX opens its own flow to DX",
+            tcp(PX, 443, DX, 40001),
+            DenyPolicy,
+        ),
+    );
+}
+
+#[test]
+fn port_ranges_are_enforced() {
+    use Reason::*;
+    let config = with_policy(
+        "- { from: dx, to: px, protocols: [tcp], ports: [443, \"8000-8080\"] }\n- { from: dx, to: pg, protocols: [udp] }",
+    );
+    let mut dp = dataplane(&config, true);
+    let table = vec![
+        case("tcp 443", tcp(DX, 1, PX, 443), AllowPolicy),
+        case("tcp 442", tcp(DX, 1, PX, 442), DenyPolicy),
+        case("tcp 444", tcp(DX, 1, PX, 444), DenyPolicy),
+        case("tcp 8000", tcp(DX, 1, PX, 8000), AllowPolicy),
+        case("tcp 8080", tcp(DX, 1, PX, 8080), AllowPolicy),
+        case("tcp 8081", tcp(DX, 1, PX, 8081), DenyPolicy),
+        case(
+            "udp 443 (only tcp allowed)",
+            udp(DX, 1, PX, 443),
+            DenyPolicy,
+        ),
+        case("ping PX (only tcp allowed)", ping(DX, PX, 1), DenyPolicy),
+        case("udp to PG, any port", udp(DX, 1, PG, 9), AllowPolicy),
+        case("tcp to PG", tcp(DX, 1, PG, 9), DenyPolicy),
+        case(
+            "DX -> DG no longer allowed (rules replaced)",
+            tcp(DX, 1, DG, 80),
+            DenyPolicy,
+        ),
+    ];
+    for c in table {
+        check(&mut dp, Hook::TcIngress, Quadrant::Dx as u32, &c);
+    }
+}
+
+#[test]
+fn tracked_flows_expire() {
+    use Reason::*;
+    let mut config = Config::embedded();
+    config.conntrack_timeout_secs = 1;
+    let mut dp = dataplane(&config, true);
+    let slot = Quadrant::Dx as u32;
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("host -> DX opens", tcp(DX_GW, 41000, DX, 9000), AllowPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case(
+            "reply within the timeout",
+            tcp(DX, 9000, DX_GW, 41000),
+            AllowEstablished,
+        ),
+    );
+    thread::sleep(Duration::from_millis(2100));
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case(
+            "reply after the timeout",
+            tcp(DX, 9000, DX_GW, 41000),
+            DenyPolicy,
+        ),
+    );
+}
+
+#[test]
+fn echo_reply_matches_its_request() {
+    use Reason::*;
+    // An echo reply passes only as the answer to a request the policy let in.
+    let mut dp = dataplane(&Config::embedded(), true);
+    let slot = Quadrant::Dx as u32;
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("PX echo request into DX", ping(PX, DX, 77), DenyPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case(
+            "DX echo reply to PX without a request",
+            pong(DX, PX, 77),
+            DenyPolicy,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("DG echo request into DX", ping(DG, DX, 78), AllowPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case("DX echo reply to DG", pong(DX, DG, 78), AllowEstablished),
+    );
+}
