@@ -15,7 +15,7 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
-    sync::{Mutex, mpsc, oneshot},
+    sync::{Mutex, mpsc},
 };
 use tracing::{info, warn};
 
@@ -330,7 +330,7 @@ async fn serve(
         .map_err(sys::io_err("cannot restrict", &socket))?;
     ready(&status_of(&*running.lock().await)?);
 
-    let (down_tx, mut down_rx) = mpsc::channel::<oneshot::Sender<Vec<String>>>(1);
+    let (down_tx, mut down_rx) = mpsc::channel::<UnixStream>(1);
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(sys::io_err("cannot handle SIGINT on", &socket))?;
     let mut sigterm = signal(SignalKind::terminate())
@@ -340,7 +340,7 @@ async fn serve(
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            Some(done) = down_rx.recv() => { info!("down requested"); pending_down = Some(done); break; }
+            Some(requester) = down_rx.recv() => { info!("down requested"); pending_down = Some(requester); break; }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let running = Arc::clone(&running);
@@ -356,13 +356,23 @@ async fn serve(
         }
     }
     drop(listener);
-    if let Some(done) = pending_down {
+    if let Some(mut requester) = pending_down {
         // The requester gets its answer once everything is removed.
         let guard = running.lock().await;
-        let removed = teardown(&guard.config, guard.state.mounted_cgroup2)?;
+        let result = teardown(&guard.config, guard.state.mounted_cgroup2);
         drop(guard);
-        let _ = done.send(removed);
-        Ok(())
+        let response = match &result {
+            Ok(removed) => Response::Down {
+                removed: removed.clone(),
+            },
+            Err(e) => Response::Error {
+                message: format!("teardown failed: {e}"),
+            },
+        };
+        if let Err(e) = write_response(&mut requester, &response).await {
+            warn!(error = %e, "cannot answer the down request");
+        }
+        result.map(|_| ())
     } else {
         Ok(())
     }
@@ -371,26 +381,18 @@ async fn serve(
 async fn handle(
     mut stream: UnixStream,
     running: Arc<Mutex<Running>>,
-    down_tx: mpsc::Sender<oneshot::Sender<Vec<String>>>,
+    down_tx: mpsc::Sender<UnixStream>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
-    let (read, mut write) = stream.split();
     let mut line = String::new();
-    BufReader::new(read.take(api::MAX_REQUEST_BYTES))
+    BufReader::new((&mut stream).take(api::MAX_REQUEST_BYTES))
         .read_line(&mut line)
         .await?;
     if line.is_empty() {
         // A liveness probe (`agent_running`) connects and closes without a request.
         return Ok(());
     }
-    let response = if cred.uid() != 0 {
-        Response::Error {
-            message: format!(
-                "uid {} may not use the control socket (root only)",
-                cred.uid()
-            ),
-        }
-    } else {
+    let response = if cred.uid() == 0 {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::Error {
                 message: format!("invalid request: {e}"),
@@ -402,25 +404,31 @@ async fn handle(
                 },
             },
             Ok(Request::Down) => {
-                let (tx, rx) = oneshot::channel();
-                if down_tx.send(tx).await.is_err() {
-                    Response::Error {
-                        message: "the agent is already shutting down".into(),
+                // The main loop tears down and answers on this connection.
+                return match down_tx.send(stream).await {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::SendError(mut stream)) => {
+                        let msg = "the agent is already shutting down".to_owned();
+                        write_response(&mut stream, &Response::Error { message: msg }).await
                     }
-                } else {
-                    match rx.await {
-                        Ok(removed) => Response::Down { removed },
-                        Err(_) => Response::Error {
-                            message: "teardown failed; see the agent's log".into(),
-                        },
-                    }
-                }
+                };
             }
         }
+    } else {
+        Response::Error {
+            message: format!(
+                "uid {} may not use the control socket (root only)",
+                cred.uid()
+            ),
+        }
     };
-    let mut bytes = serde_json::to_vec(&response).map_err(io::Error::other)?;
+    write_response(&mut stream, &response).await
+}
+
+async fn write_response(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    write.write_all(&bytes).await
+    stream.write_all(&bytes).await
 }
 
 /// `quadrant down`: asks a running agent to tear down, or removes the leftovers of one that is

@@ -1,1 +1,296 @@
-fn main() {}
+//! qprobe: the traffic helper the namespace tests run inside quadrants.
+//!
+//! Every client command prints one line, `ok …` or `err <ERRNO|timeout>`, and exits 0 on `ok`,
+//! 1 otherwise, so tests assert exact outcomes (EPERM from a cgroup hook versus a timeout from a
+//! dropped packet). Servers print `listening` once ready and one line per datagram received.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    mem,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use etherparse::{IcmpEchoHeader, Icmpv4Header, Icmpv4Type, PacketBuilder};
+
+const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
+       qprobe udp-send ADDR:PORT [TIMEOUT_MS]
+       qprobe icmp-echo ADDR [TIMEOUT_MS]
+       qprobe tcp-echo ADDR:PORT
+       qprobe udp-echo ADDR:PORT
+       qprobe raw-udp SRC DST:PORT PAYLOAD
+       qprobe raw-icmp SRC DST";
+
+const DEFAULT_TIMEOUT_MS: u64 = 1000;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("qprobe: {e:#}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn timeout(args: &[String], i: usize) -> anyhow::Result<Duration> {
+    Ok(Duration::from_millis(match args.get(i) {
+        Some(t) => t.parse().context("timeout in milliseconds")?,
+        None => DEFAULT_TIMEOUT_MS,
+    }))
+}
+
+fn arg<'a>(args: &'a [String], i: usize, what: &str) -> anyhow::Result<&'a str> {
+    args.get(i)
+        .map(String::as_str)
+        .with_context(|| format!("missing {what}"))
+}
+
+fn run(args: &[String]) -> anyhow::Result<bool> {
+    let cmd = arg(args, 0, "command")?;
+    match cmd {
+        "tcp-connect" => {
+            let addr: SocketAddr = arg(args, 1, "ADDR:PORT")?.parse()?;
+            Ok(report(tcp_connect(addr, timeout(args, 2)?)))
+        }
+        "udp-send" => {
+            let addr: SocketAddr = arg(args, 1, "ADDR:PORT")?.parse()?;
+            Ok(report(udp_send(addr, timeout(args, 2)?)))
+        }
+        "icmp-echo" => {
+            let dst: Ipv4Addr = arg(args, 1, "ADDR")?.parse()?;
+            Ok(report(icmp_echo(dst, timeout(args, 2)?)))
+        }
+        "tcp-echo" => tcp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
+        "udp-echo" => udp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
+        "raw-udp" => {
+            let src: Ipv4Addr = arg(args, 1, "SRC")?.parse()?;
+            let dst: SocketAddrV4 = arg(args, 2, "DST:PORT")?.parse()?;
+            let payload = arg(args, 3, "PAYLOAD")?;
+            let b =
+                PacketBuilder::ipv4(src.octets(), dst.ip().octets(), 64).udp(40_000, dst.port());
+            let mut pkt = Vec::with_capacity(b.size(payload.len()));
+            b.write(&mut pkt, payload.as_bytes())?;
+            raw_send(*dst.ip(), &pkt)?;
+            println!("ok sent");
+            Ok(true)
+        }
+        "raw-icmp" => {
+            let src: Ipv4Addr = arg(args, 1, "SRC")?.parse()?;
+            let dst: Ipv4Addr = arg(args, 2, "DST")?.parse()?;
+            let b =
+                PacketBuilder::ipv4(src.octets(), dst.octets(), 64).icmpv4_echo_request(0x5151, 1);
+            let mut pkt = Vec::with_capacity(b.size(8));
+            b.write(&mut pkt, b"qprobe!!")?;
+            raw_send(dst, &pkt)?;
+            println!("ok sent");
+            Ok(true)
+        }
+        other => bail!("unknown command {other:?}"),
+    }
+}
+
+/// Prints the outcome line and returns whether it is `ok`.
+fn report(result: Result<String, String>) -> bool {
+    match result {
+        Ok(s) => {
+            println!("ok {s}");
+            true
+        }
+        Err(e) => {
+            println!("err {e}");
+            false
+        }
+    }
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
+        None if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) =>
+        {
+            "timeout".into()
+        }
+        None => e.kind().to_string(),
+    }
+}
+
+/// `EAGAIN` from a socket with a read timeout means the timeout expired.
+fn io_outcome(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "timeout".into(),
+        _ => errno_name(e),
+    }
+}
+
+fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| io_outcome(&e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| errno_name(&e))?;
+    s.write_all(b"hello\n").map_err(|e| errno_name(&e))?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| io_outcome(&e))?;
+    Ok(line.trim().to_owned())
+}
+
+fn udp_send(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| errno_name(&e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| errno_name(&e))?;
+    s.send_to(b"hello", addr).map_err(|e| errno_name(&e))?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = s.recv_from(&mut buf).map_err(|e| io_outcome(&e))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn tcp_echo(addr: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    for conn in l.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn udp_echo(addr: SocketAddr) -> anyhow::Result<()> {
+    let s = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let mut buf = [0u8; 65536];
+    loop {
+        let (n, peer) = s.recv_from(&mut buf)?;
+        println!("got {} from {peer}", String::from_utf8_lossy(&buf[..n]));
+        std::io::stdout().flush()?;
+        // A reply the sender's quadrant may refuse; the error is not the echo server's concern.
+        let _ = s.send_to(&buf[..n], peer);
+    }
+}
+
+fn raw_socket(proto: libc::c_int) -> anyhow::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, proto) };
+    if fd < 0 {
+        bail!("raw socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(dst: Ipv4Addr) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+    sa
+}
+
+/// Sends a complete IPv4 packet (any source address) through an IPPROTO_RAW socket, which no
+/// cgroup sock_addr hook sees.
+fn raw_send(dst: Ipv4Addr, packet: &[u8]) -> anyhow::Result<()> {
+    let fd = raw_socket(libc::IPPROTO_RAW)?;
+    let sa = sockaddr(dst);
+    // SAFETY: buffer and address are valid for the lengths passed.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const sa).cast(),
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        bail!("sendto: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One ICMP echo request through a raw socket; waits for the matching reply.
+fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> Result<String, String> {
+    let fd = raw_socket(libc::IPPROTO_ICMP).map_err(|e| e.to_string())?;
+    let id = u16::try_from(std::process::id() & 0xffff).unwrap_or(1);
+    let payload = b"qprobe-echo";
+    let header = Icmpv4Header::with_checksum(
+        Icmpv4Type::EchoRequest(IcmpEchoHeader { id, seq: 1 }),
+        payload,
+    );
+    let mut pkt = header.to_bytes().to_vec();
+    pkt.extend_from_slice(payload);
+    let sa = sockaddr(dst);
+    // SAFETY: buffer and address are valid for the lengths passed.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const sa).cast(),
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(errno_name(&std::io::Error::last_os_error()));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timeout".into());
+        }
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(1),
+            tv_usec: libc::suseconds_t::from(left.subsec_micros().max(1)),
+        };
+        // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io_outcome(&std::io::Error::last_os_error()));
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        // IPv4 header (IHL) then ICMP: type 0 (echo reply) with our identifier, from dst.
+        if n < 20 {
+            continue;
+        }
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        let from = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+        if n >= ihl + 8
+            && buf[ihl] == 0
+            && u16::from_be_bytes([buf[ihl + 4], buf[ihl + 5]]) == id
+            && from == dst
+        {
+            return Ok(format!("reply from {from}"));
+        }
+    }
+}

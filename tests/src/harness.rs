@@ -1,0 +1,282 @@
+//! A running quadrant agent for one test: its own instance name, interface prefix, address pool,
+//! state directory and cgroup2 mount, so tests run in parallel. Dropping it runs `quadrant down`
+//! and stops every process the test started.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::Quadrant;
+use quadrant::{
+    api::StatusReport,
+    config::{Config, PolicyRule, QuadrantConfig},
+};
+
+/// Where test instances keep their state and cgroup2 mounts.
+pub const TEST_STATE_DIR: &str = "/run/quadrant-test";
+const UP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of a binary built next to `qprobe` (same target directory and profile).
+#[must_use]
+pub fn sibling_binary(qprobe: &str, name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var("QUADRANT_BIN") {
+        return p.into();
+    }
+    let path = Path::new(qprobe).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the agent first (`cargo build -p agent`; `cargo xtask test` does it)",
+        path.display()
+    );
+    path
+}
+
+/// The configuration of test instance `n` (0..=40): prefixes 10.241.(4n+i).0/24.
+#[must_use]
+pub fn test_config(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
+    let mut c = Config::embedded();
+    c.instance = format!("qt{n}");
+    c.interface_prefix = format!("qt{n}");
+    c.state_dir = TEST_STATE_DIR.into();
+    c.cgroup2 = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-cgroup2"));
+    for (i, q) in Quadrant::ALL.iter().enumerate() {
+        let third = u16::from(n) * 4 + u16::try_from(i).unwrap_or(0);
+        let prefix = format!("10.241.{third}.0/24").parse().expect("prefix");
+        c.quadrants
+            .insert(q.name().to_owned(), QuadrantConfig { prefix });
+    }
+    if let Some(p) = policy {
+        c.policy = p;
+    }
+    c.validate().expect("test config is valid");
+    c
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Instance {
+    /// Its configuration.
+    pub config: Config,
+    /// The config file passed to the agent.
+    pub config_path: PathBuf,
+    /// The `quadrant` binary.
+    pub bin: PathBuf,
+    /// The `qprobe` binary.
+    pub qprobe: String,
+    agent: Option<Child>,
+    agent_stdout: Arc<Mutex<String>>,
+    background: Vec<Child>,
+}
+
+impl Instance {
+    /// Writes `config`, starts `quadrant up` and waits until the control socket answers.
+    ///
+    /// # Panics
+    /// If the agent exits or does not answer within the timeout.
+    #[must_use]
+    pub fn up(config: Config, qprobe: &str) -> Self {
+        let bin = sibling_binary(qprobe, "quadrant");
+        std::fs::create_dir_all(TEST_STATE_DIR).expect("state dir");
+        let config_path = PathBuf::from(TEST_STATE_DIR).join(format!("{}.yaml", config.instance));
+        std::fs::write(&config_path, serde_yaml::to_string(&config).expect("yaml"))
+            .expect("write config");
+        let mut inst = Self {
+            config,
+            config_path,
+            bin,
+            qprobe: qprobe.to_owned(),
+            agent: None,
+            agent_stdout: Arc::default(),
+            background: Vec::new(),
+        };
+        // Leftovers of an earlier aborted run of the same instance.
+        let _ = inst.quadrant(&["down"]);
+        let mut child = Command::new(&inst.bin)
+            .arg("--config")
+            .arg(&inst.config_path)
+            .arg("up")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn quadrant up");
+        let out = Arc::clone(&inst.agent_stdout);
+        let stdout = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                out.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("quadrant up exited with {status}: {err}");
+            }
+            if inst.quadrant(&["status"]).status.success() {
+                break;
+            }
+            assert!(
+                start.elapsed() < UP_TIMEOUT,
+                "agent did not answer within {UP_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        inst.agent = Some(child);
+        inst
+    }
+
+    /// What `quadrant up` printed so far.
+    #[must_use]
+    pub fn agent_stdout(&self) -> String {
+        self.agent_stdout.lock().expect("lock").clone()
+    }
+
+    /// Runs `quadrant --config <file> ARGS…`.
+    #[must_use]
+    pub fn quadrant(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run quadrant")
+    }
+
+    /// `quadrant status --output json`.
+    ///
+    /// # Panics
+    /// If the agent does not answer.
+    #[must_use]
+    pub fn status(&self) -> StatusReport {
+        let out = self.quadrant(&["status", "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    /// The counter of (hook, quadrant, reason) from the status report, 0 if absent.
+    #[must_use]
+    pub fn counter(&self, hook: &str, quadrant: Quadrant, reason: &str) -> u64 {
+        self.status()
+            .counters
+            .iter()
+            .filter(|c| c.hook == hook && c.quadrant == quadrant.name() && c.reason == reason)
+            .map(|c| c.count)
+            .sum()
+    }
+
+    /// Runs `qprobe ARGS…` inside quadrant `q` and returns (success, first stdout line).
+    #[must_use]
+    pub fn probe(&self, q: Quadrant, args: &[&str]) -> (bool, String) {
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["exec", q.name(), "--", &self.qprobe])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run qprobe");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().next().unwrap_or_default().to_owned();
+        assert!(
+            line.starts_with("ok") || line.starts_with("err"),
+            "qprobe {args:?} in {}: no outcome line; stderr: {}",
+            q.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), line)
+    }
+
+    /// Starts `qprobe ARGS…` in quadrant `q` in the background and waits for it to print
+    /// `listening`. Later lines are returned through the receiver.
+    ///
+    /// # Panics
+    /// If the server exits before it listens.
+    pub fn serve(&mut self, q: Quadrant, args: &[&str]) -> std::sync::mpsc::Receiver<String> {
+        let mut child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["exec", q.name(), "--", &self.qprobe])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn server");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(
+            first,
+            "listening",
+            "server {args:?} in {} did not start",
+            q.name()
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.background.push(child);
+        rx
+    }
+
+    /// The address of quadrant `q` inside its namespace.
+    #[must_use]
+    pub fn addr(&self, q: Quadrant) -> String {
+        self.config.addrs(q).workload.to_string()
+    }
+
+    /// Runs `quadrant down` and waits for the agent to exit; returns the `down` output.
+    ///
+    /// # Panics
+    /// If the agent does not exit.
+    pub fn down(&mut self) -> Output {
+        for mut c in self.background.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let out = self.quadrant(&["down"]);
+        if let Some(mut agent) = self.agent.take() {
+            let status = agent.wait().expect("agent exits after down");
+            assert!(status.success(), "agent exited with {status}");
+        }
+        out
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, leaving its pins and namespaces.
+    pub fn crash(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        for mut c in self.background.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.quadrant(&["down"]);
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+}

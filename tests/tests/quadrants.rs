@@ -1,0 +1,462 @@
+//! Integration tests in real network namespaces: four quadrants up through the `quadrant` binary,
+//! traffic between them from processes inside them, and clean teardown. Needs root.
+//!
+//! Each test runs its own agent instance (own names and prefixes), so they run in parallel.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::Command,
+    sync::mpsc::Receiver,
+    time::Duration,
+};
+
+use dataplane_common::Quadrant;
+use quadrant_tests::harness::{Instance, test_config};
+
+const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
+const TCP_PORT: &str = "7000";
+const UDP_PORT: &str = "7001";
+/// How long a probe waits for an answer that a dropped packet never brings.
+const DROP_WAIT_MS: &str = "400";
+
+/// The default matrix: inside a quadrant, DX <-> DG and PX <-> PG.
+fn allowed_by_default(src: Quadrant, dst: Quadrant) -> bool {
+    src == dst || src.is_production() == dst.is_production()
+}
+
+fn start_servers(inst: &mut Instance) -> Vec<(Quadrant, Receiver<String>)> {
+    let mut udp = Vec::new();
+    for q in Quadrant::ALL {
+        let _tcp = inst.serve(q, &["tcp-echo", &format!("0.0.0.0:{TCP_PORT}")]);
+        udp.push((
+            q,
+            inst.serve(q, &["udp-echo", &format!("0.0.0.0:{UDP_PORT}")]),
+        ));
+    }
+    udp
+}
+
+fn received(rx: &Receiver<String>, needle: &str, wait: Duration) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[test]
+fn every_ordered_pair_over_tcp_udp_and_icmp() {
+    let mut inst = Instance::up(test_config(1, None), QPROBE);
+    let _servers = start_servers(&mut inst);
+    let mut blocked = 0;
+    let mut allowed = 0;
+    for src in Quadrant::ALL {
+        for dst in Quadrant::ALL {
+            let addr = inst.addr(dst);
+            let tcp = inst.probe(src, &["tcp-connect", &format!("{addr}:{TCP_PORT}"), "2000"]);
+            let udp = inst.probe(src, &["udp-send", &format!("{addr}:{UDP_PORT}"), "2000"]);
+            let icmp_wait = if allowed_by_default(src, dst) {
+                "2000"
+            } else {
+                DROP_WAIT_MS
+            };
+            let icmp = inst.probe(src, &["icmp-echo", &addr, icmp_wait]);
+            let pair = format!("{} -> {}", src.name(), dst.name());
+            if allowed_by_default(src, dst) {
+                assert_eq!(tcp, (true, "ok hello".into()), "{pair} tcp");
+                assert_eq!(udp, (true, "ok hello".into()), "{pair} udp");
+                assert_eq!(icmp, (true, format!("ok reply from {addr}")), "{pair} icmp");
+                allowed += 3;
+            } else {
+                assert_eq!(
+                    tcp,
+                    (false, "err EPERM".into()),
+                    "{pair} tcp must fail at connect()"
+                );
+                assert_eq!(
+                    udp,
+                    (false, "err EPERM".into()),
+                    "{pair} udp must fail at sendto()"
+                );
+                assert_eq!(
+                    icmp,
+                    (false, "err timeout".into()),
+                    "{pair} icmp must be dropped"
+                );
+                blocked += 3;
+            }
+        }
+    }
+    println!("pair matrix: {allowed} allowed attempts passed, {blocked} denied attempts blocked");
+    assert_eq!((allowed, blocked), (24, 24));
+    // Every denied ICMP was dropped by XDP on the sender's veth; TCP and UDP never left.
+    for q in Quadrant::ALL {
+        assert_eq!(
+            inst.counter("xdp", q, "deny_policy"),
+            2,
+            "{} xdp deny_policy",
+            q.name()
+        );
+        assert_eq!(
+            inst.counter("connect4", q, "deny_policy"),
+            2,
+            "{} connect4 deny_policy",
+            q.name()
+        );
+        assert_eq!(
+            inst.counter("sendmsg4", q, "deny_policy"),
+            2,
+            "{} sendmsg4 deny_policy",
+            q.name()
+        );
+        assert_eq!(
+            inst.counter("tc_ingress", q, "deny_policy"),
+            0,
+            "{} nothing denied got past XDP",
+            q.name()
+        );
+    }
+}
+
+#[test]
+fn raw_sockets_bypassing_the_cgroup_hooks_are_dropped_in_the_datapath() {
+    let mut inst = Instance::up(test_config(2, None), QPROBE);
+    let servers = start_servers(&mut inst);
+    let sink = |q: Quadrant| &servers.iter().find(|(s, _)| *s == q).expect("server").1;
+    let dx = inst.addr(Quadrant::Dx);
+    let dg = inst.addr(Quadrant::Dg);
+    let px = inst.addr(Quadrant::Px);
+    let wait = Duration::from_millis(500);
+
+    // Control: an allowed raw datagram arrives, so a missing one below means a drop.
+    let (ok, _) = inst.probe(
+        Quadrant::Dx,
+        &["raw-udp", &dx, &format!("{dg}:{UDP_PORT}"), "raw-allowed"],
+    );
+    assert!(ok);
+    assert!(
+        received(sink(Quadrant::Dg), "raw-allowed", Duration::from_secs(2)),
+        "allowed raw datagram lost"
+    );
+
+    let before = inst.counter("xdp", Quadrant::Dx, "deny_policy");
+    let (ok, _) = inst.probe(
+        Quadrant::Dx,
+        &["raw-udp", &dx, &format!("{px}:{UDP_PORT}"), "raw-denied"],
+    );
+    assert!(ok, "the raw send itself succeeds: no cgroup hook sees it");
+    assert!(
+        !received(sink(Quadrant::Px), "raw-denied", wait),
+        "DX reached PX through a raw socket"
+    );
+    let (ok, _) = inst.probe(Quadrant::Dx, &["raw-icmp", &dx, &px]);
+    assert!(ok);
+    assert_eq!(
+        inst.counter("xdp", Quadrant::Dx, "deny_policy"),
+        before + 2,
+        "both raw packets dropped by XDP"
+    );
+
+    let spoofed = inst.counter("xdp", Quadrant::Dx, "deny_spoofed");
+    let (ok, _) = inst.probe(
+        Quadrant::Dx,
+        &["raw-udp", &dg, &format!("{dg}:{UDP_PORT}"), "raw-spoofed"],
+    );
+    assert!(ok);
+    assert!(
+        !received(sink(Quadrant::Dg), "raw-spoofed", wait),
+        "spoofed datagram delivered"
+    );
+    let gw = inst.config.addrs(Quadrant::Dx).gateway.to_string();
+    let (ok, _) = inst.probe(
+        Quadrant::Dx,
+        &[
+            "raw-udp",
+            &gw,
+            &format!("{dg}:{UDP_PORT}"),
+            "raw-spoofed-host",
+        ],
+    );
+    assert!(ok);
+    assert!(
+        !received(sink(Quadrant::Dg), "raw-spoofed-host", wait),
+        "datagram with the host's source delivered"
+    );
+    assert_eq!(
+        inst.counter("xdp", Quadrant::Dx, "deny_spoofed"),
+        spoofed + 2
+    );
+}
+
+fn host_view() -> BTreeSet<String> {
+    let mut lines = BTreeSet::new();
+    for args in [
+        &["-o", "addr", "show"][..],
+        &["route", "show", "table", "all"][..],
+        &["-o", "link", "show"][..],
+    ] {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // Other tests' instances come and go in parallel; judge only the host's own state.
+            if !line.contains("qt") && !line.contains("10.241.") {
+                // Link lines carry counters and flags that change with traffic; keep the name.
+                let line = if args[1] == "link" {
+                    line.split(':').take(2).collect::<Vec<_>>().join(":")
+                } else {
+                    line.to_owned()
+                };
+                lines.insert(line);
+            }
+        }
+    }
+    lines.insert(format!(
+        "ip_forward={}",
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .unwrap_or_default()
+            .trim()
+    ));
+    lines
+}
+
+#[test]
+fn the_host_keeps_its_networking_and_reaches_every_quadrant() {
+    let before = host_view();
+    let mut inst = Instance::up(test_config(3, None), QPROBE);
+    let _servers = start_servers(&mut inst);
+
+    // The host's own loopback traffic is untouched.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let mut c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect loopback");
+    let (mut s, _) = l.accept().expect("accept");
+    c.write_all(b"x").expect("write");
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).expect("read");
+
+    // The host may open flows to every quadrant, and the replies come back (UDP replies are
+    // sent with sendto(), so the sendmsg4 hook must recognise them as replies).
+    for q in Quadrant::ALL {
+        let addr = inst.addr(q);
+        let run = |args: &[&str]| {
+            let out = Command::new(QPROBE)
+                .args(args)
+                .output()
+                .expect("qprobe on the host");
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        assert_eq!(
+            run(&["tcp-connect", &format!("{addr}:{TCP_PORT}"), "2000"]),
+            "ok hello",
+            "host -> {} tcp",
+            q.name()
+        );
+        assert_eq!(
+            run(&["udp-send", &format!("{addr}:{UDP_PORT}"), "2000"]),
+            "ok hello",
+            "host -> {} udp",
+            q.name()
+        );
+        assert_eq!(
+            run(&["icmp-echo", &addr, "2000"]),
+            format!("ok reply from {addr}"),
+            "host -> {} icmp",
+            q.name()
+        );
+        // Quadrants may ping the host but not open TCP to it.
+        let gw = inst.config.addrs(q).gateway.to_string();
+        assert_eq!(
+            inst.probe(q, &["icmp-echo", &gw, "2000"]),
+            (true, format!("ok reply from {gw}"))
+        );
+        assert_eq!(
+            inst.probe(q, &["tcp-connect", &format!("{gw}:22"), "2000"]),
+            (false, "err EPERM".into())
+        );
+        assert!(
+            inst.counter("sendmsg4", q, "allow_established") >= 1,
+            "{} udp reply via conntrack",
+            q.name()
+        );
+    }
+    let down = inst.down();
+    assert!(
+        down.status.success(),
+        "down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_eq!(
+        before,
+        host_view(),
+        "host addresses, routes, links or ip_forward changed"
+    );
+}
+
+fn leftovers(inst: &Instance) -> Vec<String> {
+    let c = &inst.config;
+    let mut left = Vec::new();
+    for q in Quadrant::ALL {
+        if Path::new("/run/netns").join(c.netns(q)).exists() {
+            left.push(format!("netns {}", c.netns(q)));
+        }
+        if Path::new("/sys/class/net").join(c.host_iface(q)).exists() {
+            left.push(format!("link {}", c.host_iface(q)));
+        }
+        if c.cgroup_dir(q).exists() {
+            left.push(format!("cgroup {}", c.cgroup_dir(q).display()));
+        }
+    }
+    for p in [c.bpffs_dir(), c.socket_path(), c.state_path()] {
+        if p.exists() {
+            left.push(p.display().to_string());
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if mounts.contains(&c.cgroup2.display().to_string()) {
+        left.push(format!("mount {}", c.cgroup2.display()));
+    }
+    left
+}
+
+#[test]
+fn down_removes_everything_and_is_safe_to_repeat() {
+    let mut inst = Instance::up(test_config(4, None), QPROBE);
+    assert_eq!(
+        leftovers(&inst).len(),
+        4 * 3 + 3 + 1,
+        "everything exists while up: {:?}",
+        leftovers(&inst)
+    );
+    let out = inst.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed quadrant dx"));
+    assert_eq!(leftovers(&inst), Vec::<String>::new());
+    let again = inst.quadrant(&["down"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
+}
+
+#[test]
+fn a_crashed_agent_stays_closed_and_down_cleans_up_after_it() {
+    let mut inst = Instance::up(test_config(5, None), QPROBE);
+    let mut servers = start_servers(&mut inst);
+    inst.crash();
+    // Pinned links keep the programs attached: isolation holds without the agent.
+    let px = inst.addr(Quadrant::Px);
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{px}:{TCP_PORT}"), "1000"]
+        ),
+        (false, "err EPERM".into())
+    );
+    assert!(!leftovers(&inst).is_empty());
+    servers.clear();
+    let out = inst.quadrant(&["down"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(leftovers(&inst), Vec::<String>::new());
+
+    // Up again after a crash that left everything behind: the stale pieces are replaced.
+    let config = inst.config.clone();
+    drop(inst);
+    let mut inst = Instance::up(config.clone(), QPROBE);
+    inst.crash();
+    let mut inst = Instance::up(config, QPROBE);
+    let dg = inst.addr(Quadrant::Dg);
+    let _s = inst.serve(Quadrant::Dg, &["tcp-echo", &format!("0.0.0.0:{TCP_PORT}")]);
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{dg}:{TCP_PORT}"), "2000"]
+        ),
+        (true, "ok hello".into())
+    );
+    assert!(inst.down().status.success());
+    assert_eq!(leftovers(&inst), Vec::<String>::new());
+}
+
+#[test]
+fn status_lists_quadrants_programs_and_counters() {
+    let inst = Instance::up(test_config(6, None), QPROBE);
+    let s = inst.status();
+    assert_eq!(s.instance, "qt6");
+    assert_eq!(s.quadrants.len(), 4);
+    for (q, st) in Quadrant::ALL.iter().zip(&s.quadrants) {
+        assert_eq!(st.name, q.name());
+        assert_eq!(st.address, inst.addr(*q));
+        let ifindex: u32 =
+            std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", st.host_interface))
+                .expect("ifindex")
+                .trim()
+                .parse()
+                .expect("number");
+        assert_eq!(st.host_ifindex, ifindex);
+        let hooks: Vec<&str> = st.programs.iter().map(|p| p.hook.as_str()).collect();
+        assert_eq!(
+            hooks,
+            [
+                "xdp",
+                "tc_ingress",
+                "tc_egress",
+                "connect4",
+                "connect6",
+                "sendmsg4",
+                "sendmsg6"
+            ]
+        );
+        assert!(
+            st.programs
+                .iter()
+                .all(|p| p.program_id > 0 && p.link_pin.exists())
+        );
+    }
+    let text = inst.quadrant(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("qt6-dx") && text.contains("xdp="), "{text}");
+    // A denied connect shows up as a counter.
+    let px = inst.addr(Quadrant::Px);
+    assert_eq!(
+        inst.probe(Quadrant::Dg, &["tcp-connect", &format!("{px}:1"), "500"]),
+        (false, "err EPERM".into())
+    );
+    assert_eq!(inst.counter("connect4", Quadrant::Dg, "deny_policy"), 1);
+}
+
+#[test]
+fn a_bad_config_is_refused_before_anything_is_created() {
+    let mut config = test_config(7, None);
+    let path = Path::new(quadrant_tests::harness::TEST_STATE_DIR).join("qt7-bad.yaml");
+    std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+    let yaml = serde_yaml::to_string(&config)
+        .expect("yaml")
+        .replace("policy:\n", "policy:\n- { from: dx, to: production }\n");
+    assert!(yaml.contains("production"));
+    std::fs::write(&path, yaml).expect("write");
+    let bin = quadrant_tests::harness::sibling_binary(QPROBE, "quadrant");
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&path)
+        .arg("up")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown identity \"production\""), "{err}");
+    config.instance = "qt7".into();
+    for q in Quadrant::ALL {
+        assert!(!Path::new("/run/netns").join(config.netns(q)).exists());
+    }
+}
