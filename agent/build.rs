@@ -1,5 +1,5 @@
 //! Builds the eBPF object (`dataplane-ebpf`, bin `dataplane`) for the bpfel target with the nightly
-//! toolchain and bpf-linker, into OUT_DIR, where `loader` embeds it.
+//! toolchain and bpf-linker, into `OUT_DIR`, where `loader` embeds it.
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 

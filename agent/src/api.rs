@@ -158,8 +158,8 @@ pub fn render_status(s: &StatusReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} {}",
-        "QUAD", "NETNS", "PREFIX", "ADDRESS", "HOST-IF", "IFINDEX", "PROGRAM IDS (hook=id)"
+        "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} PROGRAM IDS (hook=id)",
+        "QUAD", "NETNS", "PREFIX", "ADDRESS", "HOST-IF", "IFINDEX"
     );
     for q in &s.quadrants {
         let ids: Vec<String> = q

@@ -460,6 +460,7 @@ pub fn status(config: &Config) -> Result<StatusReport, AppError> {
 
 /// `quadrant exec`: enters quadrant `q` (cgroup, then network namespace) and replaces the process
 /// with `argv`. Returns only on failure.
+#[must_use]
 pub fn exec(config: &Config, q: Quadrant, argv: &[String]) -> AppError {
     if let Err(e) = require_root("exec") {
         return e;

@@ -509,12 +509,11 @@ fn parse_port(spec: &PortSpec, field: &str) -> Result<PortRange, ConfigError> {
             )
         })
     };
-    let (lo, hi) = match text.split_once('-') {
-        Some((a, b)) => (num(a)?, num(b)?),
-        None => {
-            let p = num(text)?;
-            (p, p)
-        }
+    let (lo, hi) = if let Some((a, b)) = text.split_once('-') {
+        (num(a)?, num(b)?)
+    } else {
+        let p = num(text)?;
+        (p, p)
     };
     if lo > hi {
         return Err(invalid(
@@ -612,7 +611,10 @@ mod tests {
         assert!(err("instance: \"a b\"\n").contains("instance"));
         assert!(err("interface_prefix: abcdefghijklm\n").contains("interface_prefix"));
         assert!(err("bpffs: relative/dir\n").contains("bpffs"));
-        let many: String = (1..=9).map(|p| format!("{p}, ")).collect();
+        let many = (1..=9)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         assert!(
             err(&format!(
                 "policy:\n  - {{ from: dx, to: px, protocols: [tcp], ports: [{many}] }}\n"

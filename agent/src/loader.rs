@@ -72,7 +72,7 @@ pub mod programs {
 pub enum LoaderError {
     /// The object could not be parsed or its maps created.
     #[error("cannot load the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
     /// A program is missing from the object or has another type.
     #[error("program {name} missing from the eBPF object or of the wrong type")]
     Program {
@@ -95,7 +95,7 @@ pub enum LoaderError {
         /// Where (` to qh-dx`), may be empty.
         target: String,
         /// Cause (includes the verifier log on load).
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A map operation failed.
     #[error("map {name}: {source}")]
@@ -103,7 +103,7 @@ pub enum LoaderError {
         /// Map name.
         name: &'static str,
         /// Cause.
-        source: MapError,
+        source: Box<MapError>,
     },
     /// Pinning failed.
     #[error("cannot pin {path}: {reason}")]
@@ -126,7 +126,10 @@ pub enum LoaderError {
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> LoaderError {
-    move |source| LoaderError::Map { name, source }
+    move |source| LoaderError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// One attached, pinned link.
@@ -170,16 +173,18 @@ impl Dataplane {
     /// Loads every program into the kernel. With `pin_dir`, pins programs under `progs/` and
     /// maps under `maps/` there (the directory must not hold an older pin set).
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, LoaderError> {
-        let mut ebpf = EbpfLoader::new().load(DATAPLANE_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(DATAPLANE_OBJECT)
+            .map_err(|e| LoaderError::Load(Box::new(e)))?;
         for (name, _) in programs::ALL {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(LoaderError::Program { name })?;
-            let load = |e| LoaderError::ProgramOp {
+            let load = |e: ProgramError| LoaderError::ProgramOp {
                 action: "cannot load",
                 program: name,
                 target: String::new(),
-                source: e,
+                source: Box::new(e),
             };
             match prog {
                 aya::programs::Program::Xdp(p) => p.load().map_err(load)?,
@@ -248,7 +253,7 @@ impl Dataplane {
             action: "cannot read info of",
             program: name,
             target: String::new(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(info.id())
     }
@@ -266,7 +271,7 @@ impl Dataplane {
                     action: "cannot read info of",
                     program: name,
                     target: String::new(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 Ok((*name, info.verified_instruction_count()))
             })
@@ -410,7 +415,7 @@ impl Dataplane {
 
     /// Registers quadrant `handle` in the maps and attaches every program to its veth and cgroup,
     /// pinning each link under `<pin_dir>/links/<quadrant>/`. Without a pin directory the links
-    /// are kept alive by this object.
+    /// stay attached for the life of the process.
     pub fn attach(
         &mut self,
         config: &Config,
@@ -434,82 +439,30 @@ impl Dataplane {
         }
         let mut out = Vec::new();
         for (name, hook) in programs::ALL {
-            let attach_err = |source| LoaderError::ProgramOp {
-                action: "cannot attach",
-                program: name,
-                target: format!(
-                    " to {}",
-                    if programs::CGROUP.contains(&name) {
-                        cgroup_dir.display().to_string()
-                    } else {
-                        iface.clone()
-                    }
-                ),
-                source,
-            };
-            let prog = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::Program { name })?;
-            let link: FdLink = match hook {
-                Hook::Xdp => {
-                    let p: &mut Xdp = prog.try_into().map_err(|_| LoaderError::Program { name })?;
-                    let id = p.attach(&iface, XdpMode::Default).map_err(attach_err)?;
-                    p.take_link(id)
-                        .map_err(attach_err)?
-                        .try_into()
-                        .map_err(|_| LoaderError::Program { name })?
-                }
-                Hook::TcIngress | Hook::TcEgress => {
-                    let p: &mut SchedClassifier =
-                        prog.try_into().map_err(|_| LoaderError::Program { name })?;
-                    let dir = if hook == Hook::TcIngress {
-                        TcAttachType::Ingress
-                    } else {
-                        TcAttachType::Egress
-                    };
-                    let id = p.attach(&iface, dir).map_err(attach_err)?;
-                    p.take_link(id)
-                        .map_err(attach_err)?
-                        .try_into()
-                        .map_err(|_| LoaderError::Program { name })?
-                }
-                Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {
-                    let p: &mut CgroupSockAddr =
-                        prog.try_into().map_err(|_| LoaderError::Program { name })?;
-                    let cg = fs::File::open(&cgroup_dir).map_err(|source| LoaderError::Io {
-                        what: "cannot open cgroup",
-                        path: cgroup_dir.clone(),
-                        source,
-                    })?;
-                    let id = p
-                        .attach(cg.as_fd(), CgroupAttachMode::Single)
-                        .map_err(attach_err)?;
-                    p.take_link(id)
-                        .map_err(attach_err)?
-                        .try_into()
-                        .map_err(|_| LoaderError::Program { name })?
-                }
-            };
             let target = if programs::CGROUP.contains(&name) {
                 cgroup_dir.display().to_string()
             } else {
                 iface.clone()
             };
-            let link_pin = match &link_dir {
-                Some(d) => {
-                    let path = d.join(hook.name());
-                    link.pin(&path).map_err(|e| LoaderError::Pin {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    path
-                }
-                None => {
-                    // Keep the link attached for the life of the process (tests without bpffs).
-                    std::mem::forget(link);
-                    PathBuf::new()
-                }
+            let link = self
+                .attach_one(name, hook, &iface, &cgroup_dir)
+                .map_err(|source| LoaderError::ProgramOp {
+                    action: "cannot attach",
+                    program: name,
+                    target: format!(" to {target}"),
+                    source: Box::new(source),
+                })?;
+            let link_pin = if let Some(d) = &link_dir {
+                let path = d.join(hook.name());
+                link.pin(&path).map_err(|e| LoaderError::Pin {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                path
+            } else {
+                // Keep the link attached for the life of the process (tests without bpffs).
+                std::mem::forget(link);
+                PathBuf::new()
             };
             out.push(AttachedProgram {
                 hook: hook.name().to_owned(),
@@ -520,6 +473,42 @@ impl Dataplane {
             });
         }
         Ok(out)
+    }
+
+    fn attach_one(
+        &mut self,
+        name: &'static str,
+        hook: Hook,
+        iface: &str,
+        cgroup_dir: &Path,
+    ) -> Result<FdLink, ProgramError> {
+        let wrong_type = || ProgramError::UnexpectedProgramType;
+        let prog = self.ebpf.program_mut(name).ok_or_else(wrong_type)?;
+        let link: FdLink = match hook {
+            Hook::Xdp => {
+                let p: &mut Xdp = prog.try_into()?;
+                let id = p.attach(iface, XdpMode::Default)?;
+                p.take_link(id)?.try_into().map_err(|_| wrong_type())?
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let p: &mut SchedClassifier = prog.try_into()?;
+                let dir = if hook == Hook::TcIngress {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                let id = p.attach(iface, dir)?;
+                p.take_link(id)?.try_into().map_err(|_| wrong_type())?
+            }
+            Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {
+                let p: &mut CgroupSockAddr = prog.try_into()?;
+                let cg = fs::File::open(cgroup_dir).map_err(ProgramError::IOError)?;
+                // Links on a cgroup always coexist with other programs; no flag is needed.
+                let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into().map_err(|_| wrong_type())?
+            }
+        };
+        Ok(link)
     }
 
     /// Every non-zero counter, summed over CPUs.

@@ -42,6 +42,8 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Load every eBPF program into this kernel and print its verified instruction count.
+    Verifier,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -94,6 +96,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             Err(app::exec(&config, q, &command))
                 .with_context(|| format!("cannot run {:?} in {}", command.join(" "), q.name()))
+        }
+        Command::Verifier => {
+            app::require_root("verifier")?;
+            let dp = quadrant::loader::Dataplane::load(None)?;
+            let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            println!(
+                "all {} programs loaded on kernel {}",
+                quadrant::loader::programs::ALL.len(),
+                kernel.trim()
+            );
+            println!(
+                "{:<22} {:<12} {:>22}",
+                "PROGRAM", "HOOK", "VERIFIED INSTRUCTIONS"
+            );
+            for ((name, count), (_, hook)) in dp
+                .verified_instructions()?
+                .into_iter()
+                .zip(quadrant::loader::programs::ALL)
+            {
+                let count = count.map_or_else(|| "n/a".to_owned(), |c| c.to_string());
+                println!("{name:<22} {:<12} {count:>22}", hook.name());
+            }
+            Ok(())
         }
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);

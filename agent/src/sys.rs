@@ -122,7 +122,7 @@ pub fn ifindex(name: &str) -> Result<u32, SysError> {
 }
 
 fn fs_type_is(path: &Path, magic: i64) -> bool {
-    statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == magic)
+    statfs(path).is_ok_and(|s| s.filesystem_type().0 == magic)
 }
 
 /// Whether `path` is the root of a cgroup2 mount (its parent is not cgroup2, or it is
@@ -157,7 +157,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
 
 /// Mounts a cgroup2 hierarchy at `path` unless one is mounted there. Returns whether it mounted.
 pub fn ensure_cgroup2(path: &Path) -> Result<bool, SysError> {
-    if fs_type_is(path, CGROUP2_SUPER_MAGIC.0.into()) && is_mount_point(path) {
+    if fs_type_is(path, CGROUP2_SUPER_MAGIC.0) && is_mount_point(path) {
         return Ok(false);
     }
     fs::create_dir_all(path).map_err(io_err("cannot create", path))?;
@@ -226,6 +226,7 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, SysError> {
 
 /// Moves the calling process into the cgroup at `dir`, then into network namespace `ns`, then
 /// replaces it with `argv`. Returns only on failure.
+#[must_use]
 pub fn enter_and_exec(cgroup: &Path, ns: &str, argv: &[String]) -> SysError {
     let procs = cgroup.join("cgroup.procs");
     if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
@@ -252,8 +253,8 @@ pub fn enter_and_exec(cgroup: &Path, ns: &str, argv: &[String]) -> SysError {
             source,
         };
     }
-    let args: Result<Vec<CString>, _> = argv.iter().map(|a| CString::new(a.as_bytes())).collect();
-    let args = match args {
+    let c_argv: Result<Vec<CString>, _> = argv.iter().map(|a| CString::new(a.as_bytes())).collect();
+    let c_argv = match c_argv {
         Ok(a) if !a.is_empty() => a,
         _ => {
             return SysError::Io {
@@ -263,7 +264,7 @@ pub fn enter_and_exec(cgroup: &Path, ns: &str, argv: &[String]) -> SysError {
             };
         }
     };
-    let err = nix::unistd::execvp(&args[0], &args).unwrap_err();
+    let err = nix::unistd::execvp(&c_argv[0], &c_argv).unwrap_err();
     SysError::Io {
         what: "cannot execute",
         path: argv[0].clone().into(),

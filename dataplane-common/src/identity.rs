@@ -6,6 +6,11 @@
 /// Number of quadrants a node runs.
 pub const QUADRANT_COUNT: usize = 4;
 
+/// [`QUADRANT_COUNT`] as the `u32` map indices use.
+pub const QUADRANT_COUNT_U32: u32 = 4;
+
+const _: () = assert!(QUADRANT_COUNT as u64 == QUADRANT_COUNT_U32 as u64);
+
 /// Number of identities (quadrants + host + world).
 pub const IDENTITY_COUNT: usize = 6;
 

@@ -4,6 +4,10 @@
 //! are written by one side and read by the other through BPF maps. The agent enables the `user`
 //! feature, which adds `aya::Pod` impls.
 #![no_std]
+#![expect(
+    clippy::inline_always,
+    reason = "these helpers run inside eBPF programs, where inlining keeps the verifier's view of bounds intact"
+)]
 
 pub mod identity;
 pub mod maps;

@@ -58,7 +58,7 @@ impl PolicyValue {
         let mut i = 0;
         // Bounded by the array length, which the verifier sees as a constant trip count.
         while i < MAX_PORT_RANGES {
-            if (i as u32) < self.count && self.ranges[i].contains(port) {
+            if i < self.count as usize && self.ranges[i].contains(port) {
                 return true;
             }
             i += 1;

@@ -4,7 +4,7 @@
 //! pair (hook, quadrant, reason) indexes the per-CPU counter map. The agent's status output, the
 //! fixture tests and the benchmarks name reasons only through this module.
 
-use crate::identity::QUADRANT_COUNT;
+use crate::identity::QUADRANT_COUNT_U32;
 
 /// Pass or drop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +28,7 @@ macro_rules! reasons {
             /// Every reason, in id order.
             pub const ALL: &'static [Self] = &[$(Self::$variant,)+];
 
-            /// Stable snake_case name used in status output and metrics.
+            /// Stable `snake_case` name used in status output and metrics.
             #[must_use]
             pub const fn name(self) -> &'static str {
                 match self { $(Self::$variant => $name,)+ }
@@ -139,20 +139,25 @@ impl Hook {
 
 /// Quadrant slots in the counter map: the four quadrants and one for verdicts that could not be
 /// attributed to a quadrant (unknown interface or cgroup).
-pub const QUADRANT_SLOTS: u32 = QUADRANT_COUNT as u32 + 1;
+pub const QUADRANT_SLOTS: u32 = QUADRANT_COUNT_U32 + 1;
 
 /// Slot for verdicts not attributable to a quadrant.
-pub const UNATTRIBUTED_SLOT: u32 = QUADRANT_COUNT as u32;
+pub const UNATTRIBUTED_SLOT: u32 = QUADRANT_COUNT_U32;
 
 /// Number of entries in the per-CPU counter map.
-pub const STATS_ENTRIES: u32 = Hook::ALL.len() as u32 * QUADRANT_SLOTS * REASON_SLOTS;
+pub const STATS_ENTRIES: u32 = HOOK_COUNT * QUADRANT_SLOTS * REASON_SLOTS;
+
+/// Number of hooks.
+pub const HOOK_COUNT: u32 = 7;
+
+const _: () = assert!(Hook::ALL.len() as u64 == HOOK_COUNT as u64);
 
 /// Index of the counter for (hook, quadrant slot, reason). `slot` above the last slot is folded
 /// into [`UNATTRIBUTED_SLOT`], so the result is always in bounds.
 #[must_use]
 #[inline(always)]
 pub const fn stats_index(hook: Hook, slot: u32, reason: Reason) -> u32 {
-    let slot = if slot < QUADRANT_COUNT as u32 {
+    let slot = if slot < QUADRANT_COUNT_U32 {
         slot
     } else {
         UNATTRIBUTED_SLOT

@@ -1,5 +1,9 @@
 //! Helpers shared by quadrant's privileged tests: a packet builder for the fixture tables and
 //! small utilities for the namespace tests.
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "test support: a panic is how a test fails"
+)]
 
 pub mod harness;
 pub mod packets;

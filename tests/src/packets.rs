@@ -1,4 +1,4 @@
-//! Frames for the BPF_PROG_TEST_RUN fixture tables, built with etherparse and then bent into
+//! Frames for the `BPF_PROG_TEST_RUN` fixture tables, built with etherparse and then bent into
 //! the malformed shapes the dataplane must classify.
 
 use std::net::Ipv4Addr;

@@ -1,9 +1,9 @@
-//! BPF_PROG_TEST_RUN fixture tables: packet → expected verdict and counter delta, for the XDP
+//! `BPF_PROG_TEST_RUN` fixture tables: packet → expected verdict and counter delta, for the XDP
 //! and both tcx programs, through aya's `test_run`.
 //!
 //! Each table runs against a freshly loaded dataplane whose maps hold a configuration; the
 //! interface under test is the loopback device (ifindex of `lo`), which `test_run` uses as the
-//! packet's device, registered as DX's host-side veth. Needs root (BPF_PROG_LOAD).
+//! packet's device, registered as DX's host-side veth. Needs root (`BPF_PROG_LOAD`).
 
 use std::{net::Ipv4Addr, thread, time::Duration};
 
@@ -34,7 +34,7 @@ struct Case {
     what: &'static str,
     packet: Vec<u8>,
     reason: Reason,
-    /// The kernel's skb test_run refuses (EINVAL) IPv4 frames shorter than an IPv4 header, so
+    /// The kernel's skb `test_run` refuses (EINVAL) IPv4 frames shorter than an IPv4 header, so
     /// such cases run through XDP only; the tc programs share the same parser.
     skb_test_run: bool,
 }
@@ -151,6 +151,10 @@ fn check(dp: &mut Dataplane, hook: Hook, slot: u32, c: &Case) {
 }
 
 /// Packets a quadrant (DX) sends: the table both XDP and tc ingress must agree on.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one row per case reads best as one table"
+)]
 fn from_dx_table() -> Vec<Case> {
     use Reason::*;
     vec![

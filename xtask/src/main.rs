@@ -1,1 +1,159 @@
-fn main() {}
+//! `cargo xtask …`: the project's developer tasks.
+//!
+//! | task | what it does |
+//! |---|---|
+//! | `setup` | installs what a fresh machine lacks for the eBPF build and the tests (idempotent) |
+//! | `run` | setup, build, `quadrant up` with the embedded defaults |
+//! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
+//! | `verifier` | loads every program and prints the kernel's verified instruction counts |
+//! | `bench datapath` | the datapath benchmark (benches/) |
+//!
+//! Deliberately free of the agent crate: `setup` must run before the eBPF toolchain exists.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "quadrant developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what this machine lacks: rust-src for nightly, LLVM 22, bpf-linker, test tools.
+    Setup,
+    /// Set up, build, and run `quadrant up` with the embedded defaults (foreground).
+    Run {
+        /// Arguments passed to `quadrant up` (for example `--config FILE`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run formatting and lint checks and every test tier.
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, …).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Load every eBPF program and print its verified instruction count.
+    Verifier,
+    /// Run a benchmark: `datapath`.
+    Bench {
+        /// Which benchmark.
+        name: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Run { args } => {
+            setup::run()?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "agent",
+                "--bin",
+                "quadrant",
+            ])?;
+            let mut cmd = Command::new(workspace_root().join("target/release/quadrant"));
+            cmd.args(&args).arg("up");
+            status(&mut cmd, "quadrant up")
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            step("cargo fmt --check");
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            step("cargo clippy -D warnings");
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            step("cargo build (agent and test helpers)");
+            cargo(&[
+                "build",
+                "--package",
+                "agent",
+                "--package",
+                "tests",
+                "--bins",
+            ])?;
+            step("cargo test (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
+            let mut test = vec!["test"];
+            if !args.is_empty() {
+                test.push("--");
+                test.extend(args.iter().map(String::as_str));
+            }
+            cargo(&test)
+        }
+        Task::Verifier => {
+            setup::run()?;
+            cargo(&[
+                "run",
+                "--quiet",
+                "--package",
+                "agent",
+                "--bin",
+                "quadrant",
+                "--",
+                "verifier",
+            ])
+        }
+        Task::Bench { name } => {
+            setup::run()?;
+            match name.as_str() {
+                "datapath" => {
+                    cargo(&[
+                        "build",
+                        "--release",
+                        "--package",
+                        "agent",
+                        "--package",
+                        "tests",
+                        "--bins",
+                    ])?;
+                    cargo(&[
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "--package",
+                        "benches",
+                        "--bin",
+                        "datapath",
+                    ])
+                }
+                other => bail!("unknown benchmark {other:?}; available: datapath"),
+            }
+        }
+    }
+}
+
+fn step(what: &str) {
+    println!("==> {what}");
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(ToOwned::to_owned)
+        .unwrap_or_default()
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    status(&mut cmd, &format!("cargo {}", args.join(" ")))
+}
+
+fn status(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}

@@ -26,6 +26,10 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe raw-icmp SRC DST";
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
+#[expect(clippy::cast_possible_truncation, reason = "16 bytes")]
+const SOCKADDR_IN_LEN: libc::socklen_t = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+#[expect(clippy::cast_possible_truncation, reason = "16 bytes")]
+const TIMEVAL_LEN: libc::socklen_t = size_of::<libc::timeval>() as libc::socklen_t;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -176,7 +180,7 @@ fn udp_echo(addr: SocketAddr) -> anyhow::Result<()> {
     let s = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
     println!("listening");
     std::io::stdout().flush()?;
-    let mut buf = [0u8; 65536];
+    let mut buf = vec![0u8; 65536];
     loop {
         let (n, peer) = s.recv_from(&mut buf)?;
         println!("got {} from {peer}", String::from_utf8_lossy(&buf[..n]));
@@ -199,13 +203,13 @@ fn raw_socket(proto: libc::c_int) -> anyhow::Result<OwnedFd> {
 fn sockaddr(dst: Ipv4Addr) -> libc::sockaddr_in {
     // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
     let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_family = libc::sa_family_t::try_from(libc::AF_INET).unwrap_or_default();
     sa.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
     sa
 }
 
-/// Sends a complete IPv4 packet (any source address) through an IPPROTO_RAW socket, which no
-/// cgroup sock_addr hook sees.
+/// Sends a complete IPv4 packet (any source address) through an `IPPROTO_RAW` socket, which no
+/// cgroup `sock_addr` hook sees.
 fn raw_send(dst: Ipv4Addr, packet: &[u8]) -> anyhow::Result<()> {
     let fd = raw_socket(libc::IPPROTO_RAW)?;
     let sa = sockaddr(dst);
@@ -217,7 +221,7 @@ fn raw_send(dst: Ipv4Addr, packet: &[u8]) -> anyhow::Result<()> {
             packet.len(),
             0,
             (&raw const sa).cast(),
-            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            SOCKADDR_IN_LEN,
         )
     };
     if n < 0 {
@@ -246,7 +250,7 @@ fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> Result<String, String> {
             pkt.len(),
             0,
             (&raw const sa).cast(),
-            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            SOCKADDR_IN_LEN,
         )
     };
     if n < 0 {
@@ -270,7 +274,7 @@ fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> Result<String, String> {
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&raw const tv).cast(),
-                mem::size_of::<libc::timeval>() as libc::socklen_t,
+                TIMEVAL_LEN,
             );
         }
         // SAFETY: buf is valid for its length.
