@@ -92,6 +92,9 @@ pub struct Config {
     /// Idle seconds after which a tracked flow's replies no longer pass.
     #[serde(default = "default_ct_timeout")]
     pub conntrack_timeout_secs: u32,
+    /// How the XDP early-drop stage is attached to each host-side veth.
+    #[serde(default)]
+    pub xdp_mode: XdpAttachMode,
     /// Per-quadrant settings, keyed by `dx`, `dg`, `px`, `pg`; all four are required.
     pub quadrants: BTreeMap<String, QuadrantConfig>,
     /// Host settings.
@@ -119,6 +122,19 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_ct_timeout() -> u32 {
     DEFAULT_CONNTRACK_TIMEOUT_SECS
+}
+
+/// How the XDP program is attached to the host-side veths.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum XdpAttachMode {
+    /// Driver (native) mode: veth runs XDP in its NAPI poll.
+    Native,
+    /// Generic (skb) mode, run by the core network stack before tc.
+    #[default]
+    Generic,
+    /// No XDP stage; tc ingress enforces alone.
+    Off,
 }
 
 /// One quadrant's settings.

@@ -29,7 +29,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{CompiledPolicy, Config},
+    config::{CompiledPolicy, Config, XdpAttachMode},
     quadrants::QuadrantHandle,
 };
 
@@ -439,13 +439,21 @@ impl Dataplane {
         }
         let mut out = Vec::new();
         for (name, hook) in programs::ALL {
+            if hook == Hook::Xdp && config.xdp_mode == XdpAttachMode::Off {
+                continue;
+            }
             let target = if programs::CGROUP.contains(&name) {
                 cgroup_dir.display().to_string()
             } else {
                 iface.clone()
             };
+            let xdp_mode = if config.xdp_mode == XdpAttachMode::Native {
+                XdpMode::Driver
+            } else {
+                XdpMode::Skb
+            };
             let link = self
-                .attach_one(name, hook, &iface, &cgroup_dir)
+                .attach_one(name, hook, &iface, &cgroup_dir, xdp_mode)
                 .map_err(|source| LoaderError::ProgramOp {
                     action: "cannot attach",
                     program: name,
@@ -481,13 +489,14 @@ impl Dataplane {
         hook: Hook,
         iface: &str,
         cgroup_dir: &Path,
+        xdp_mode: XdpMode,
     ) -> Result<FdLink, ProgramError> {
         let wrong_type = || ProgramError::UnexpectedProgramType;
         let prog = self.ebpf.program_mut(name).ok_or_else(wrong_type)?;
         let link: FdLink = match hook {
             Hook::Xdp => {
                 let p: &mut Xdp = prog.try_into()?;
-                let id = p.attach(iface, XdpMode::Default)?;
+                let id = p.attach(iface, xdp_mode)?;
                 p.take_link(id)?.try_into().map_err(|_| wrong_type())?
             }
             Hook::TcIngress | Hook::TcEgress => {
@@ -509,6 +518,21 @@ impl Dataplane {
             }
         };
         Ok(link)
+    }
+
+    /// Detaches every program from every quadrant by unpinning the links (pinned mode only).
+    pub fn detach_all(&mut self) -> Result<(), LoaderError> {
+        if let Some(dir) = &self.pin_dir {
+            let links = dir.join("links");
+            if links.exists() {
+                fs::remove_dir_all(&links).map_err(|source| LoaderError::Io {
+                    what: "cannot unpin links in",
+                    path: links.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Every non-zero counter, summed over CPUs.

@@ -1,1 +1,1 @@
-//! x
+//! Benchmarks live in src/bin; this library is empty.

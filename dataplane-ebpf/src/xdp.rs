@@ -2,6 +2,9 @@
 //!
 //! Same decision as tc ingress, read-only (it never records flows): a frame this stage passes is
 //! decided again, and recorded, by tc ingress.
+//!
+//! Declared frags-aware (`xdp.frags`, kernel ≥ 5.18): it only reads headers, which lie in the
+//! first buffer, and a veth keeps GSO on its peer only while its XDP program accepts frags.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use dataplane_common::{Hook, Reason, Verdict, maps::IfaceValue, reason::UNATTRIBUTED_SLOT};

@@ -460,3 +460,43 @@ fn a_bad_config_is_refused_before_anything_is_created() {
         assert!(!Path::new("/run/netns").join(config.netns(q)).exists());
     }
 }
+
+#[test]
+fn every_xdp_mode_enforces_the_same_policy() {
+    use quadrant::config::XdpAttachMode;
+    for (n, mode, drop_hook) in [
+        (8, XdpAttachMode::Native, "xdp"),
+        (9, XdpAttachMode::Off, "tc_ingress"),
+    ] {
+        let mut config = test_config(n, None);
+        config.xdp_mode = mode;
+        let mut inst = Instance::up(config, QPROBE);
+        let _servers = start_servers(&mut inst);
+        let (dg, px) = (inst.addr(Quadrant::Dg), inst.addr(Quadrant::Px));
+        assert_eq!(
+            inst.probe(
+                Quadrant::Dx,
+                &["tcp-connect", &format!("{dg}:{TCP_PORT}"), "2000"]
+            ),
+            (true, "ok hello".into()),
+            "{mode:?}"
+        );
+        assert_eq!(
+            inst.probe(Quadrant::Dx, &["icmp-echo", &px, DROP_WAIT_MS]),
+            (false, "err timeout".into()),
+            "{mode:?}"
+        );
+        assert_eq!(
+            inst.counter(drop_hook, Quadrant::Dx, "deny_policy"),
+            1,
+            "{mode:?} drops at {drop_hook}"
+        );
+        let hooks = inst.status().quadrants[0]
+            .programs
+            .iter()
+            .filter(|p| p.hook == "xdp")
+            .count();
+        assert_eq!(hooks, usize::from(mode != XdpAttachMode::Off), "{mode:?}");
+        assert!(inst.down().status.success());
+    }
+}
