@@ -627,6 +627,16 @@ mod tests {
         assert!(err("instance: \"a b\"\n").contains("instance"));
         assert!(err("interface_prefix: abcdefghijklm\n").contains("interface_prefix"));
         assert!(err("bpffs: relative/dir\n").contains("bpffs"));
+        assert!(
+            err("xdp_mode: turbo\n").contains("xdp_mode: unknown variant `turbo`"),
+            "{}",
+            err("xdp_mode: turbo\n")
+        );
+        assert_eq!(
+            with("xdp_mode: off\n").unwrap().xdp_mode,
+            XdpAttachMode::Off
+        );
+        assert_eq!(with("").unwrap().xdp_mode, XdpAttachMode::Generic);
         let many = (1..=9)
             .map(|p| p.to_string())
             .collect::<Vec<_>>()

@@ -56,15 +56,18 @@ fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
 #[inline(always)]
 fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
     // SAFETY: helper without preconditions; the level comes from the agent's configuration.
-    let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level() as i32) };
+    let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level().cast_signed()) };
     // SAFETY: read-only lookup of a plain value.
-    let Some(&CgroupValue { quadrant, .. }) = (unsafe { CGROUPS.get(&cgroup) }) else {
+    let Some(&CgroupValue { quadrant, .. }) = (unsafe { CGROUPS.get(cgroup) }) else {
         return (UNATTRIBUTED_SLOT, Reason::DenyUnknownCgroup);
     };
     // SAFETY: the context fields read here are readable for every sock_addr attach type.
     let (daddr, dport, proto) = unsafe {
-        let dport = (*sa).user_port as u16;
-        let proto = (*sa).protocol as u8;
+        // user_port holds a 16-bit port in network order in its low bytes; protocol is an
+        // IPPROTO_* number below 256.
+        let dport = (*sa).user_port.to_ne_bytes();
+        let dport = u16::from_ne_bytes([dport[0], dport[1]]);
+        let proto = (*sa).protocol.to_ne_bytes()[0];
         if v6 {
             let ip6 = (*sa).user_ip6;
             if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::to_be(1) {
@@ -88,7 +91,9 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
     // A datagram socket answering a flow the peer opened (allowed towards this quadrant).
     if let Some(local) = QUADRANTS.get(u32::from(quadrant)) {
         // SAFETY: `sk` is always set for sock_addr programs.
-        let local_port = unsafe { (*(*sa).__bindgen_anon_1.sk).src_port } as u16;
+        // src_port is in host order and below 65536.
+        let local_port = unsafe { (*(*sa).__bindgen_anon_1.sk).src_port };
+        let local_port = u16::try_from(local_port).unwrap_or(0);
         if local.addr != 0 && is_reply(local.addr, local_port.to_be(), daddr, dport, proto) {
             return (u32::from(quadrant), Reason::AllowEstablished);
         }

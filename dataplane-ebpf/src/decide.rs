@@ -38,7 +38,7 @@ pub fn count(hook: Hook, slot: u32, reason: Reason) {
 /// The identity of an IPv4 address (network byte order): the longest matching prefix, or world.
 #[inline(always)]
 pub fn identity_of(addr: u32) -> u8 {
-    match PREFIXES.get(&Key::new(32, addr)) {
+    match PREFIXES.get(Key::new(32, addr)) {
         Some(v) => v.identity,
         None => Identity::World as u8,
     }
@@ -109,7 +109,7 @@ pub fn decide_packet(flow: &Ipv4Flow, quadrant: u8, dir: Direction, track: bool)
         };
         // A full LRU map evicts the oldest flow; a failed insert only means the next packet of
         // this flow is decided by policy again.
-        let _ = CONNTRACK.insert(&key, &value, 0);
+        let _ = CONNTRACK.insert(key, value, 0);
     }
     Reason::AllowPolicy
 }
@@ -124,7 +124,7 @@ pub fn policy_allows(src: u8, dst: u8, proto: u8, dport: u16) -> bool {
         pad: 0,
     };
     // SAFETY: the value is only read while the program runs; the agent replaces whole entries.
-    match unsafe { POLICY.get(&key) } {
+    match unsafe { POLICY.get(key) } {
         Some(v) => v.allows(proto, u16::from_be(dport)),
         None => false,
     }

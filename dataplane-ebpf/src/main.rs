@@ -9,6 +9,14 @@
 //! | cgroup connect4/6, sendmsg4/6 | [`cgroup_sock_addr`] | each quadrant's cgroup |
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "BPF-to-BPF calls cost verifier state and lose packet-bound facts; the helpers are meant to be inlined"
+)]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each entry its context by value"
+)]
 
 mod cgroup_sock_addr;
 mod decide;

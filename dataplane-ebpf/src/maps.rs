@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    QUADRANT_COUNT,
+    identity::QUADRANT_COUNT_U32,
     maps::{
         CGROUPS_MAX, CONNTRACK_MAX, CgroupValue, CtKey, CtValue, DataplaneConfig, IFACES_MAX,
         IfaceValue, POLICY_MAX, PREFIXES_MAX, PolicyKey, PolicyValue, PrefixValue, QuadrantValue,
@@ -36,7 +36,7 @@ pub static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 
 /// Quadrant id → its workload address. Writer: agent.
 #[map(name = "QUADRANTS")]
-pub static QUADRANTS: Array<QuadrantValue> = Array::with_max_entries(QUADRANT_COUNT as u32, 0);
+pub static QUADRANTS: Array<QuadrantValue> = Array::with_max_entries(QUADRANT_COUNT_U32, 0);
 
 /// Flow direction → last seen. Writer: tc programs (new allowed flows) and every hit.
 #[map(name = "CONNTRACK")]

@@ -30,7 +30,7 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason) {
     // SAFETY: reading the skb's ifindex field is allowed for tc programs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: read-only lookup of a plain value.
-    let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(&ifindex) }) else {
+    let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(ifindex) }) else {
         return (UNATTRIBUTED_SLOT, Reason::DropUnknownInterface);
     };
     let mut parsed = parse_frame(ctx.data(), ctx.data_end());

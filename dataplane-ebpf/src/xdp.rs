@@ -30,7 +30,7 @@ fn classify(ctx: &XdpContext) -> (u32, Reason) {
     // SAFETY: ingress_ifindex reads the context, which the verifier allows.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     // SAFETY: read-only lookup of a plain value.
-    let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(&ifindex) }) else {
+    let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(ifindex) }) else {
         return (UNATTRIBUTED_SLOT, Reason::DropUnknownInterface);
     };
     let reason = match parse_frame(ctx.data(), ctx.data_end()) {

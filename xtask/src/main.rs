@@ -72,6 +72,21 @@ fn main() -> anyhow::Result<()> {
             cargo(&["fmt", "--all", "--", "--check"])?;
             step("cargo clippy -D warnings");
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            step("cargo clippy -D warnings (dataplane-ebpf, bpfel target)");
+            nightly_cargo(&[
+                "clippy",
+                "--package",
+                "dataplane-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+                "target/ebpf-clippy",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
             step("cargo build (agent and test helpers)");
             cargo(&[
                 "build",
@@ -81,13 +96,18 @@ fn main() -> anyhow::Result<()> {
                 "tests",
                 "--bins",
             ])?;
+            step("verifier report");
+            status(
+                Command::new(workspace_root().join("target/debug/quadrant")).arg("verifier"),
+                "quadrant verifier",
+            )?;
             step("cargo test (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
             let mut test = vec!["test"];
             if !args.is_empty() {
                 test.push("--");
                 test.extend(args.iter().map(String::as_str));
             }
-            cargo(&test)
+            cargo_test(&test)
         }
         Task::Verifier => {
             setup::run()?;
@@ -146,6 +166,55 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args).current_dir(workspace_root());
     status(&mut cmd, &format!("cargo {}", args.join(" ")))
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one summary line over all test
+/// binaries: `N passed, M failed`.
+fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("cannot start cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !st.success() {
+        bail!("cargo test failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs cargo of the nightly toolchain (the eBPF crate needs build-std).
+fn nightly_cargo(args: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo"])
+        .args(args)
+        .current_dir(workspace_root());
+    // Set by the outer (stable) cargo; they would pin the stable compiler.
+    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO"] {
+        cmd.env_remove(var);
+    }
+    status(&mut cmd, &format!("cargo +nightly {}", args.join(" ")))
 }
 
 fn status(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
