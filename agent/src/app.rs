@@ -7,6 +7,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use dataplane_common::Quadrant;
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 use crate::{
     api::{self, QuadrantStatus, Request, Response, StatusReport},
     config::Config,
+    identity::{IdentityService, attest, ca, workload_api},
     loader::{AttachedProgram, Dataplane, LoaderError},
     quadrants::{self, QuadrantHandle},
     sys::{self, SysError},
@@ -60,6 +62,9 @@ pub enum AppError {
     /// Host plumbing failed.
     #[error(transparent)]
     Sys(#[from] SysError),
+    /// The identity service could not start (fail closed: nothing is admitted without it).
+    #[error("identity service: {0}")]
+    Identity(#[from] ca::CaError),
     /// eBPF loading or attaching failed.
     #[error(transparent)]
     Loader(#[from] LoaderError),
@@ -152,6 +157,7 @@ struct Running {
     dataplane: Dataplane,
     handles: Vec<QuadrantHandle>,
     attached: Vec<Vec<AttachedProgram>>,
+    identity: Arc<IdentityService>,
 }
 
 /// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
@@ -201,7 +207,9 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<(),
 fn bring_up(config: &Config) -> Result<Running, AppError> {
     fs::create_dir_all(&config.state_dir)
         .map_err(sys::io_err("cannot create", &config.state_dir))?;
-    fs::set_permissions(&config.state_dir, fs::Permissions::from_mode(0o700))
+    // Traversable (the Workload API sockets live below it) but not listable; the control socket
+    // itself is 0600.
+    fs::set_permissions(&config.state_dir, fs::Permissions::from_mode(0o711))
         .map_err(sys::io_err("cannot restrict", &config.state_dir))?;
     sys::ensure_bpffs(&config.bpffs)?;
     let mounted_cgroup2 = sys::ensure_cgroup2(&config.cgroup2)?;
@@ -229,12 +237,27 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         );
         handles.push(handle);
     }
+    let upstream = config.identity.upstream.as_ref().map(|u| ca::Upstream {
+        cert: u.cert.clone(),
+        key: u.key.clone(),
+    });
+    let authority = ca::Authority::load_or_create(
+        &config.identity.ca_dir,
+        &config.identity.trust_domain,
+        upstream.as_ref(),
+    )?;
+    let identity = Arc::new(IdentityService::new(
+        authority,
+        &config.instance,
+        Duration::from_secs(config.identity.svid_ttl_secs),
+    ));
     Ok(Running {
         config: config.clone(),
         state,
         dataplane,
         handles,
         attached,
+        identity,
     })
 }
 
@@ -260,6 +283,10 @@ pub fn teardown(config: &Config, unmount_cgroup2: bool) -> Result<Vec<String>, A
         // Unpinning the links detaches the programs; unpinning programs and maps frees them.
         fs::remove_dir_all(&pins).map_err(sys::io_err("cannot remove pins", &pins))?;
         removed.push(format!("pins {}", pins.display()));
+    }
+    let sockets = config.workload_socket_dir();
+    if sockets.exists() {
+        fs::remove_dir_all(&sockets).map_err(sys::io_err("cannot remove", &sockets))?;
     }
     let parent = config.cgroup_parent();
     if parent.exists() {
@@ -328,6 +355,24 @@ async fn serve(
     let listener = UnixListener::bind(&socket).map_err(sys::io_err("cannot listen on", &socket))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
         .map_err(sys::io_err("cannot restrict", &socket))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let r = running.lock().await;
+        let dir = r.config.workload_socket_dir();
+        fs::create_dir_all(&dir).map_err(sys::io_err("cannot create", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+            .map_err(sys::io_err("cannot open up", &dir))?;
+        tokio::spawn(Arc::clone(&r.identity).run_rotation(stop_rx.clone()));
+        for q in Quadrant::ALL {
+            let path = r.config.workload_socket(q);
+            let (service, stop) = (Arc::clone(&r.identity), stop_rx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = workload_api::serve(&path, q, service, stop).await {
+                    warn!(quadrant = q.name(), socket = %path.display(), error = %e, "Workload API stopped");
+                }
+            });
+        }
+    }
     ready(&status_of(&*running.lock().await)?);
 
     let (down_tx, mut down_rx) = mpsc::channel::<UnixStream>(1);
@@ -356,6 +401,7 @@ async fn serve(
         }
     }
     drop(listener);
+    let _ = stop_tx.send(true);
     if let Some(mut requester) = pending_down {
         // The requester gets its answer once everything is removed.
         let guard = running.lock().await;
@@ -458,10 +504,11 @@ pub fn status(config: &Config) -> Result<StatusReport, AppError> {
     }
 }
 
-/// `quadrant exec`: enters quadrant `q` (cgroup, then network namespace) and replaces the process
-/// with `argv`. Returns only on failure.
+/// `quadrant exec`: enters quadrant `q` as workload `workload` (cgroup, then network
+/// namespace), sets `SPIFFE_ENDPOINT_SOCKET` to the quadrant's Workload API, and replaces the
+/// process with `argv`. Returns only on failure.
 #[must_use]
-pub fn exec(config: &Config, q: Quadrant, argv: &[String]) -> AppError {
+pub fn exec(config: &Config, q: Quadrant, workload: Option<&str>, argv: &[String]) -> AppError {
     if let Err(e) = require_root("exec") {
         return e;
     }
@@ -476,8 +523,32 @@ pub fn exec(config: &Config, q: Quadrant, argv: &[String]) -> AppError {
         Err(e) => return e,
     };
     let c = &state.config;
+    let mut cgroup = c.cgroup_dir(q);
+    if let Some(w) = workload {
+        if !attest::valid_workload_name(w) {
+            return AppError::Agent(format!(
+                "invalid workload name {w:?}: use 1-64 characters of a-z, 0-9, '-', '_', '.'"
+            ));
+        }
+        cgroup = cgroup.join(w);
+        if let Err(e) = fs::create_dir_all(&cgroup) {
+            return SysError::Io {
+                what: "cannot create cgroup",
+                path: cgroup,
+                source: e,
+            }
+            .into();
+        }
+    }
+    let endpoint = format!("unix://{}", c.workload_socket(q).display());
     let _ = io::stdout().flush();
-    sys::enter_and_exec(&c.cgroup_dir(q), &c.netns(q), argv).into()
+    sys::enter_and_exec(
+        &cgroup,
+        &c.netns(q),
+        argv,
+        &[("SPIFFE_ENDPOINT_SOCKET", &endpoint)],
+    )
+    .into()
 }
 
 /// Where the configuration of a CLI call comes from: `--config FILE` or the embedded default.

@@ -103,6 +103,96 @@ pub struct Config {
     /// Flow rules; anything not allowed is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
+    /// SPIFFE identity settings.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+}
+
+/// Default SPIFFE trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "quadrant.local";
+/// Default X.509- and JWT-SVID lifetime.
+pub const DEFAULT_SVID_TTL_SECS: u64 = 3600;
+/// Default directory of the CA and JWT keys (persistent, unlike the state directory).
+pub const DEFAULT_CA_DIR: &str = "/var/lib/quadrant/ca";
+/// Shortest SVID lifetime accepted (rotation happens at half of it).
+const MIN_SVID_TTL_SECS: u64 = 2;
+
+/// SPIFFE identity settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The trust domain of every SPIFFE ID the agent issues.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Lifetime of issued SVIDs; they are re-issued at half of it.
+    #[serde(default = "default_svid_ttl")]
+    pub svid_ttl_secs: u64,
+    /// Where the CA key, CA certificate and JWT key are kept (created 0700, keys 0600).
+    #[serde(default = "default_ca_dir")]
+    pub ca_dir: PathBuf,
+    /// An upstream CA (PEM files) that signs the agent's CA as an intermediate.
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_trust_domain(),
+            svid_ttl_secs: default_svid_ttl(),
+            ca_dir: default_ca_dir(),
+            upstream: None,
+        }
+    }
+}
+
+/// Upstream CA files.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// PEM certificate (chain) of the upstream CA; its first certificate signs the agent CA.
+    pub cert: PathBuf,
+    /// PEM private key of the upstream CA.
+    pub key: PathBuf,
+}
+
+impl IdentityConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let td = &self.trust_domain;
+        if td.is_empty()
+            || td.len() > 255
+            || !td.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            })
+        {
+            return Err(invalid(
+                "identity.trust_domain",
+                format!(
+                    "{td:?} is not a SPIFFE trust domain name (lowercase letters, digits, '.', '-', '_')"
+                ),
+            ));
+        }
+        if self.svid_ttl_secs < MIN_SVID_TTL_SECS {
+            return Err(invalid(
+                "identity.svid_ttl_secs",
+                format!("must be at least {MIN_SVID_TTL_SECS}"),
+            ));
+        }
+        if !self.ca_dir.is_absolute() {
+            return Err(invalid("identity.ca_dir", "must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_owned()
+}
+fn default_svid_ttl() -> u64 {
+    DEFAULT_SVID_TTL_SECS
+}
+fn default_ca_dir() -> PathBuf {
+    DEFAULT_CA_DIR.into()
 }
 
 fn default_instance() -> String {
@@ -289,6 +379,7 @@ impl Config {
                 ));
             }
         }
+        self.identity.validate()?;
         if self.conntrack_timeout_secs == 0 {
             return Err(invalid("conntrack_timeout_secs", "must be at least 1"));
         }
@@ -388,6 +479,20 @@ impl Config {
     #[must_use]
     pub fn socket_path(&self) -> PathBuf {
         self.state_dir.join(format!("{}.sock", self.instance))
+    }
+
+    /// Directory of the per-quadrant Workload API sockets (world-traversable: access is decided
+    /// by attestation).
+    #[must_use]
+    pub fn workload_socket_dir(&self) -> PathBuf {
+        self.state_dir.join(format!("{}-workload", self.instance))
+    }
+
+    /// The Workload API socket of quadrant `q`.
+    #[must_use]
+    pub fn workload_socket(&self, q: Quadrant) -> PathBuf {
+        self.workload_socket_dir()
+            .join(format!("{}.sock", q.name()))
     }
 
     /// The state file path (what `up` created, read by `down` and `exec`).
@@ -627,6 +732,11 @@ mod tests {
         assert!(err("instance: \"a b\"\n").contains("instance"));
         assert!(err("interface_prefix: abcdefghijklm\n").contains("interface_prefix"));
         assert!(err("bpffs: relative/dir\n").contains("bpffs"));
+        assert!(
+            err("identity: { trust_domain: \"Bad Domain\" }\n").contains("identity.trust_domain")
+        );
+        assert!(err("identity: { svid_ttl_secs: 1 }\n").contains("identity.svid_ttl_secs"));
+        assert!(err("identity: { ca_dir: ca }\n").contains("identity.ca_dir"));
         assert!(
             err("xdp_mode: turbo\n").contains("xdp_mode: unknown variant `turbo`"),
             "{}",

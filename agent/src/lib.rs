@@ -8,10 +8,12 @@
 //! | [`loader`] | the eBPF object: load, pin, attach, maps, counters |
 //! | [`api`] | the control socket protocol and status rendering |
 //! | [`app`] | lifecycle: up, down, status, exec, state file |
+//! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
 
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod identity;
 pub mod loader;
 pub mod quadrants;
 pub mod sys;

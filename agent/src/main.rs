@@ -32,10 +32,15 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Run a command inside a quadrant (its network namespace and cgroup).
+    /// Run a command inside a quadrant (its network namespace and cgroup), with
+    /// `SPIFFE_ENDPOINT_SOCKET` pointing at the quadrant's Workload API.
     Exec {
         /// dx, dg, px or pg.
         quadrant: String,
+        /// Workload name (its own cgroup below the quadrant's, and its SPIFFE ID); the
+        /// quadrant's `default` workload when absent.
+        #[arg(long, short)]
+        workload: Option<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -90,11 +95,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Exec { quadrant, command } => {
+        Command::Exec {
+            quadrant,
+            workload,
+            command,
+        } => {
             let Some(q) = Quadrant::from_name(&quadrant) else {
                 bail!("unknown quadrant {quadrant:?}; expected dx, dg, px or pg");
             };
-            Err(app::exec(&config, q, &command))
+            Err(app::exec(&config, q, workload.as_deref(), &command))
                 .with_context(|| format!("cannot run {:?} in {}", command.join(" "), q.name()))
         }
         Command::Verifier => {

@@ -86,13 +86,26 @@ pub fn remove(config: &Config, q: Quadrant) -> Result<(), SysError> {
     remove_cgroup(&config.cgroup_dir(q))
 }
 
-/// Kills every process in the cgroup at `dir`, waits for it to empty and removes it.
+/// Kills every process in the cgroup at `dir` and below (workload cgroups), waits for them to
+/// leave, and removes the cgroups bottom-up.
 pub fn remove_cgroup(dir: &Path) -> Result<(), SysError> {
     if !dir.exists() {
         return Ok(());
     }
+    // cgroup.kill covers the whole subtree.
     let kill = dir.join("cgroup.kill");
     fs::write(&kill, "1").map_err(io_err("cannot kill processes of cgroup", dir))?;
+    remove_tree(dir)
+}
+
+fn remove_tree(dir: &Path) -> Result<(), SysError> {
+    let entries = fs::read_dir(dir).map_err(io_err("cannot list cgroup", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err("cannot list cgroup", dir))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&entry.path())?;
+        }
+    }
     let procs = dir.join("cgroup.procs");
     for _ in 0..CGROUP_DRAIN_ATTEMPTS {
         let left = fs::read_to_string(&procs).map_err(io_err("cannot read", &procs))?;

@@ -225,9 +225,14 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, SysError> {
 }
 
 /// Moves the calling process into the cgroup at `dir`, then into network namespace `ns`, then
-/// replaces it with `argv`. Returns only on failure.
+/// replaces it with `argv`, with `extra_env` added to its environment. Returns only on failure.
 #[must_use]
-pub fn enter_and_exec(cgroup: &Path, ns: &str, argv: &[String]) -> SysError {
+pub fn enter_and_exec(
+    cgroup: &Path,
+    ns: &str,
+    argv: &[String],
+    extra_env: &[(&str, &str)],
+) -> SysError {
     let procs = cgroup.join("cgroup.procs");
     if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
         return SysError::Io {
@@ -264,7 +269,22 @@ pub fn enter_and_exec(cgroup: &Path, ns: &str, argv: &[String]) -> SysError {
             };
         }
     };
-    let err = nix::unistd::execvp(&c_argv[0], &c_argv).unwrap_err();
+    let env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| !extra_env.iter().any(|(e, _)| k == e))
+        .map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            kv
+        })
+        .chain(
+            extra_env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}").into_bytes()),
+        )
+        .filter_map(|kv| CString::new(kv).ok())
+        .collect();
+    let err = nix::unistd::execvpe(&c_argv[0], &c_argv, &env).unwrap_err();
     SysError::Io {
         what: "cannot execute",
         path: argv[0].clone().into(),

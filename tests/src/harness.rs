@@ -53,6 +53,7 @@ pub fn test_config(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
     if let Some(p) = policy {
         c.policy = p;
     }
+    c.identity.ca_dir = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-ca"));
     c.validate().expect("test config is valid");
     c
 }
@@ -180,10 +181,22 @@ impl Instance {
     /// Runs `qprobe ARGS…` inside quadrant `q` and returns (success, first stdout line).
     #[must_use]
     pub fn probe(&self, q: Quadrant, args: &[&str]) -> (bool, String) {
+        self.probe_as(q, None, args)
+    }
+
+    /// Runs `qprobe ARGS…` inside quadrant `q` as `workload` and returns (success, first stdout
+    /// line).
+    #[must_use]
+    pub fn probe_as(&self, q: Quadrant, workload: Option<&str>, args: &[&str]) -> (bool, String) {
+        let mut exec = vec!["exec", q.name()];
+        if let Some(w) = workload {
+            exec.extend(["--workload", w]);
+        }
+        exec.extend(["--", &self.qprobe]);
         let out = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config_path)
-            .args(["exec", q.name(), "--", &self.qprobe])
+            .args(exec)
             .args(args)
             .stdin(Stdio::null())
             .output()

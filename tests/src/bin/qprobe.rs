@@ -23,7 +23,11 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe tcp-echo ADDR:PORT
        qprobe udp-echo ADDR:PORT
        qprobe raw-udp SRC DST:PORT PAYLOAD
-       qprobe raw-icmp SRC DST";
+       qprobe raw-icmp SRC DST
+       qprobe svid [ENDPOINT]
+       qprobe svid-rotation [TIMEOUT_MS]
+       qprobe jwt AUDIENCE
+       qprobe no-header SOCKET";
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
 #[expect(clippy::cast_possible_truncation, reason = "16 bytes")]
@@ -96,6 +100,12 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
             println!("ok sent");
             Ok(true)
         }
+        "svid" => Ok(run_async(spiffe_probe::svid(
+            args.get(1).map(String::as_str),
+        ))),
+        "svid-rotation" => Ok(run_async(spiffe_probe::rotation(timeout(args, 1)?))),
+        "jwt" => Ok(run_async(spiffe_probe::jwt(arg(args, 1, "AUDIENCE")?))),
+        "no-header" => Ok(run_async(spiffe_probe::no_header(arg(args, 1, "SOCKET")?))),
         other => bail!("unknown command {other:?}"),
     }
 }
@@ -297,4 +307,150 @@ fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> Result<String, String> {
             return Ok(format!("reply from {from}"));
         }
     }
+}
+
+/// Workload API checks with the official `spiffe` crate (and one raw call without the security
+/// header). Endpoint: `SPIFFE_ENDPOINT_SOCKET`, set by `quadrant exec`, unless given.
+mod spiffe_probe {
+    use std::time::Duration;
+
+    use spiffe::WorkloadApiClient;
+    use tokio_stream::StreamExt as _;
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+    async fn client(endpoint: Option<&str>) -> Result<WorkloadApiClient, String> {
+        match endpoint {
+            Some(e) => WorkloadApiClient::connect_to(e).await,
+            None => WorkloadApiClient::connect_env().await,
+        }
+        .map_err(|e| format!("connect: {e}"))
+    }
+
+    /// Fetches the X.509-SVID and checks its chain against the X.509 bundle.
+    pub async fn svid(endpoint: Option<&str>) -> Result<String, String> {
+        let c = client(endpoint).await?;
+        let svid = c.fetch_x509_svid().await.map_err(|e| format!("{e:?}"))?;
+        let bundles = c.fetch_x509_bundles().await.map_err(|e| format!("{e:?}"))?;
+        let td = svid.spiffe_id().trust_domain();
+        let bundle = bundles
+            .get(td)
+            .ok_or("no bundle for the SVID's trust domain")?;
+        let chain: Vec<X509Certificate<'_>> = svid
+            .cert_chain()
+            .iter()
+            .map(|c| {
+                X509Certificate::from_der(c.as_bytes())
+                    .map(|(_, x)| x)
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        for pair in chain.windows(2) {
+            pair[0]
+                .verify_signature(Some(pair[1].public_key()))
+                .map_err(|e| format!("chain: {e}"))?;
+        }
+        let last = chain.last().ok_or("empty chain")?;
+        let anchored = bundle.authorities().iter().any(|root| {
+            X509Certificate::from_der(root.as_bytes())
+                .is_ok_and(|(_, r)| last.verify_signature(Some(r.public_key())).is_ok())
+        });
+        if !anchored {
+            return Err("chain does not lead to the bundle".into());
+        }
+        Ok(format!("{} chain={}", svid.spiffe_id(), chain.len()))
+    }
+
+    /// Waits for the SVID stream to deliver a rotated SVID.
+    pub async fn rotation(wait: Duration) -> Result<String, String> {
+        let c = client(None).await?;
+        let mut stream = c.stream_x509_svids().await.map_err(|e| format!("{e:?}"))?;
+        let first = stream
+            .next()
+            .await
+            .ok_or("stream ended")?
+            .map_err(|e| format!("{e:?}"))?;
+        let serial = |s: &spiffe::X509Svid| {
+            X509Certificate::from_der(s.leaf().as_bytes())
+                .map(|(_, x)| x.raw_serial_as_string())
+                .unwrap_or_default()
+        };
+        let next = tokio::time::timeout(wait, stream.next())
+            .await
+            .map_err(|_| "timeout".to_owned())?;
+        let next = next.ok_or("stream ended")?.map_err(|e| format!("{e:?}"))?;
+        if serial(&first) == serial(&next) {
+            return Err("same SVID delivered twice".into());
+        }
+        Ok(format!(
+            "rotated {} {} -> {}",
+            next.spiffe_id(),
+            serial(&first),
+            serial(&next)
+        ))
+    }
+
+    /// Fetches a JWT-SVID for `aud`, has the agent validate it, and checks that another audience
+    /// is refused.
+    pub async fn jwt(aud: &str) -> Result<String, String> {
+        let c = client(None).await?;
+        let token = c
+            .fetch_jwt_token([aud], None)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let svid = c
+            .validate_jwt_token(aud, &token)
+            .await
+            .map_err(|e| format!("validate: {e:?}"))?;
+        if c.validate_jwt_token("someone-else", &token).await.is_ok() {
+            return Err("a token for another audience validated".into());
+        }
+        let mut forged: Vec<&str> = token.split('.').collect();
+        forged[2] = "AAAA";
+        if c.validate_jwt_token(aud, &forged.join(".")).await.is_ok() {
+            return Err("a token with a forged signature validated".into());
+        }
+        Ok(format!(
+            "{} aud={}",
+            svid.spiffe_id(),
+            svid.audience().join(",")
+        ))
+    }
+
+    /// Calls `FetchJWTSVID` without the `workload.spiffe.io` header; returns the gRPC code.
+    pub async fn no_header(socket: &str) -> Result<String, String> {
+        use hyper_util::rt::TokioIo;
+        use quadrant::identity::workload_api::pb::{
+            JwtsvidRequest, spiffe_workload_api_client::SpiffeWorkloadApiClient,
+        };
+        let path = socket.to_owned();
+        let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")
+            .map_err(|e| e.to_string())?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = SpiffeWorkloadApiClient::new(channel);
+        match client
+            .fetch_jwtsvid(JwtsvidRequest {
+                audience: vec!["x".into()],
+                spiffe_id: String::new(),
+            })
+            .await
+        {
+            Ok(_) => Ok("answered without the security header".into()),
+            Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+        }
+    }
+}
+
+fn run_async(f: impl Future<Output = Result<String, String>>) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    report(rt.block_on(f))
 }
