@@ -56,6 +56,8 @@ pub struct StatusReport {
     pub pin_dir: PathBuf,
     /// Control socket path.
     pub socket: PathBuf,
+    /// Runtime authorization state: `enforced: …` or `deny-all: <why>`.
+    pub policy: String,
     /// One entry per quadrant.
     pub quadrants: Vec<QuadrantStatus>,
     /// Non-zero verdict counters.
@@ -156,6 +158,7 @@ pub fn render_status(s: &StatusReport) -> String {
         s.pid,
         s.pin_dir.display()
     );
+    let _ = writeln!(out, "policy {}", s.policy);
     let _ = writeln!(
         out,
         "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} PROGRAM IDS (hook=id)",

@@ -18,13 +18,14 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Mutex, mpsc},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{self, QuadrantStatus, Request, Response, StatusReport},
-    config::Config,
+    config::{CompiledPolicy, Config},
     identity::{IdentityService, attest, ca, workload_api},
     loader::{AttachedProgram, Dataplane, LoaderError},
+    policy::PolicyBundle,
     quadrants::{self, QuadrantHandle},
     sys::{self, SysError},
 };
@@ -158,6 +159,7 @@ struct Running {
     handles: Vec<QuadrantHandle>,
     attached: Vec<Vec<AttachedProgram>>,
     identity: Arc<IdentityService>,
+    policy_state: String,
 }
 
 /// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
@@ -223,7 +225,24 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
     fs::create_dir_all(&parent).map_err(sys::io_err("cannot create cgroup", &parent))?;
 
     let mut dataplane = Dataplane::load(Some(&config.bpffs_dir()))?;
-    dataplane.write_config(config, QUADRANT_CGROUP_LEVEL)?;
+    // MCP-Core decides, the kernel enforces. A policy that cannot be evaluated leaves the
+    // quadrants in deny-all (an empty policy map), never open.
+    let compiled = PolicyBundle::for_config(config).and_then(|b| b.compile(config).map(|c| (c, b)));
+    let (policy, policy_state) = match compiled {
+        Ok((compiled, bundle)) => {
+            let state = format!(
+                "enforced: {} map entries from {}",
+                compiled.len(),
+                bundle.origin()
+            );
+            (compiled, state)
+        }
+        Err(e) => {
+            error!(error = %e, "policy evaluation failed: quadrants come up in deny-all");
+            (CompiledPolicy::new(), format!("deny-all: {e}"))
+        }
+    };
+    dataplane.write_config(config, QUADRANT_CGROUP_LEVEL, &policy)?;
     let mut handles = Vec::new();
     let mut attached = Vec::new();
     for q in Quadrant::ALL {
@@ -258,6 +277,7 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         handles,
         attached,
         identity,
+        policy_state,
     })
 }
 
@@ -341,6 +361,7 @@ fn status_of(r: &Running) -> Result<StatusReport, AppError> {
         pid: r.state.pid,
         pin_dir: r.config.bpffs_dir(),
         socket: r.config.socket_path(),
+        policy: r.policy_state.clone(),
         quadrants,
         counters: r.dataplane.counters()?,
     })

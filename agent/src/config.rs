@@ -100,9 +100,14 @@ pub struct Config {
     /// Host settings.
     #[serde(default)]
     pub host: HostConfig,
-    /// Flow rules; anything not allowed is denied.
+    /// Local flow rules, added to the Rego runtime authorization as its `local` layer (global
+    /// denies still apply).
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
+    /// Directory of the Rego policy bundle; the bundle embedded in the binary (`policies/`) when
+    /// absent.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
     /// SPIFFE identity settings.
     #[serde(default)]
     pub identity: IdentityConfig,
@@ -426,7 +431,20 @@ impl Config {
             }
             seen.push((q, qc.prefix));
         }
+        self.validate_paths()?;
         self.compile_policy()?;
+        Ok(())
+    }
+
+    fn validate_paths(&self) -> Result<(), ConfigError> {
+        if let Some(dir) = &self.policy_dir
+            && !dir.is_absolute()
+        {
+            return Err(invalid(
+                "policy_dir",
+                format!("{} must be an absolute path", dir.display()),
+            ));
+        }
         Ok(())
     }
 
@@ -501,66 +519,71 @@ impl Config {
         self.state_dir.join(format!("{}.state.yaml", self.instance))
     }
 
-    /// Compiles the rules into map entries, merging rules with the same key.
+    /// Compiles this configuration's own rules (the `local` layer alone) into map entries.
     pub fn compile_policy(&self) -> Result<CompiledPolicy, ConfigError> {
-        let mut out = CompiledPolicy::new();
-        for (i, rule) in self.policy.iter().enumerate() {
-            let from = identities(&rule.from, &format!("policy[{i}].from"))?;
-            let to = identities(&rule.to, &format!("policy[{i}].to"))?;
-            let protos = protocols(rule.protocols.as_deref(), i)?;
-            let ports = match &rule.ports {
-                None => vec![PortRange::ANY],
-                Some(specs) => {
-                    if protos.iter().all(|p| *p == PROTO_ICMP) {
-                        return Err(invalid(
-                            format!("policy[{i}].ports"),
-                            "icmp has no ports; remove ports or add tcp/udp",
-                        ));
-                    }
-                    if specs.is_empty() {
-                        return Err(invalid(
-                            format!("policy[{i}].ports"),
-                            "empty list; omit the field to allow every port",
-                        ));
-                    }
-                    specs
-                        .iter()
-                        .enumerate()
-                        .map(|(j, s)| parse_port(s, &format!("policy[{i}].ports[{j}]")))
-                        .collect::<Result<Vec<_>, _>>()?
+        compile_rules(&self.policy)
+    }
+}
+
+/// Compiles flow rules into map entries, merging rules with the same key.
+pub fn compile_rules(rules: &[PolicyRule]) -> Result<CompiledPolicy, ConfigError> {
+    let mut out = CompiledPolicy::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let from = identities(&rule.from, &format!("policy[{i}].from"))?;
+        let to = identities(&rule.to, &format!("policy[{i}].to"))?;
+        let protos = protocols(rule.protocols.as_deref(), i)?;
+        let ports = match &rule.ports {
+            None => vec![PortRange::ANY],
+            Some(specs) => {
+                if protos.iter().all(|p| *p == PROTO_ICMP) {
+                    return Err(invalid(
+                        format!("policy[{i}].ports"),
+                        "icmp has no ports; remove ports or add tcp/udp",
+                    ));
                 }
-            };
-            for &src in &from {
-                for &dst in &to {
-                    for &proto in &protos {
-                        let entry = out.entry((src, dst, proto)).or_default();
-                        let ranges = if proto == PROTO_ICMP {
-                            &[PortRange::ANY][..]
-                        } else {
-                            &ports
-                        };
-                        for r in ranges {
-                            if !entry.contains(r) {
-                                entry.push(*r);
-                            }
+                if specs.is_empty() {
+                    return Err(invalid(
+                        format!("policy[{i}].ports"),
+                        "empty list; omit the field to allow every port",
+                    ));
+                }
+                specs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| parse_port(s, &format!("policy[{i}].ports[{j}]")))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        for &src in &from {
+            for &dst in &to {
+                for &proto in &protos {
+                    let entry = out.entry((src, dst, proto)).or_default();
+                    let ranges = if proto == PROTO_ICMP {
+                        &[PortRange::ANY][..]
+                    } else {
+                        &ports
+                    };
+                    for r in ranges {
+                        if !entry.contains(r) {
+                            entry.push(*r);
                         }
-                        if entry.len() > MAX_PORT_RANGES {
-                            return Err(invalid(
-                                format!("policy[{i}]"),
-                                format!(
-                                    "{} → {} {} has more than {MAX_PORT_RANGES} port ranges across all rules",
-                                    src.name(),
-                                    dst.name(),
-                                    proto_name(proto)
-                                ),
-                            ));
-                        }
+                    }
+                    if entry.len() > MAX_PORT_RANGES {
+                        return Err(invalid(
+                            format!("policy[{i}]"),
+                            format!(
+                                "{} → {} {} has more than {MAX_PORT_RANGES} port ranges across all rules",
+                                src.name(),
+                                dst.name(),
+                                proto_name(proto)
+                            ),
+                        ));
                     }
                 }
             }
         }
-        Ok(out)
     }
+    Ok(out)
 }
 
 fn identities(names: &OneOrMany, field: &str) -> Result<Vec<Identity>, ConfigError> {
@@ -659,27 +682,13 @@ mod tests {
     }
 
     #[test]
-    fn embedded_default_is_valid_and_has_the_default_matrix() {
+    fn embedded_default_is_valid() {
         let c = Config::embedded();
-        let p = c.compile_policy().unwrap();
-        for q in Quadrant::ALL {
-            let i = Identity::from(q);
-            assert!(p.contains_key(&(i, i, PROTO_TCP)), "{q:?} intra");
-            assert!(p.contains_key(&(Identity::Host, i, PROTO_TCP)));
-            assert!(p.contains_key(&(i, Identity::Host, PROTO_ICMP)));
-            assert!(!p.contains_key(&(i, Identity::Host, PROTO_TCP)));
-            assert!(!p.contains_key(&(i, Identity::World, PROTO_TCP)));
-        }
-        assert!(p.contains_key(&(Identity::Dx, Identity::Dg, PROTO_UDP)));
-        assert!(p.contains_key(&(Identity::Pg, Identity::Px, PROTO_ICMP)));
-        for dev in [Identity::Dx, Identity::Dg] {
-            for prod in [Identity::Px, Identity::Pg] {
-                for proto in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
-                    assert!(!p.contains_key(&(dev, prod, proto)));
-                    assert!(!p.contains_key(&(prod, dev, proto)));
-                }
-            }
-        }
+        assert!(
+            c.policy.is_empty(),
+            "the default matrix lives in the Rego bundle"
+        );
+        assert_eq!(c.policy_dir, None);
         let dx = c.addrs(Quadrant::Dx);
         assert_eq!(dx.gateway, Ipv4Addr::new(10, 240, 0, 1));
         assert_eq!(dx.workload, Ipv4Addr::new(10, 240, 0, 2));

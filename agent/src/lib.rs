@@ -9,11 +9,13 @@
 //! | [`api`] | the control socket protocol and status rendering |
 //! | [`app`] | lifecycle: up, down, status, exec, state file |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
+//! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
 
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod identity;
 pub mod loader;
+pub mod policy;
 pub mod quadrants;
 pub mod sys;

@@ -281,7 +281,12 @@ impl Dataplane {
     /// Writes CONFIG, PREFIXES and POLICY from the configuration. Entries no longer configured
     /// are removed after the new ones are in, so no moment allows less than both old and new
     /// agree on.
-    pub fn write_config(&mut self, config: &Config, cgroup_level: u32) -> Result<(), LoaderError> {
+    pub fn write_config(
+        &mut self,
+        config: &Config,
+        cgroup_level: u32,
+        policy: &CompiledPolicy,
+    ) -> Result<(), LoaderError> {
         let mut cfg: Array<_, DataplaneConfig> =
             Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         cfg.set(
@@ -294,11 +299,7 @@ impl Dataplane {
         )
         .map_err(map_err(maps::CONFIG))?;
         self.write_prefixes(&prefix_entries(config))?;
-        self.write_policy(&config.compile_policy().map_err(|e| LoaderError::Io {
-            what: "invalid policy",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })?)?;
+        self.write_policy(policy)?;
         let mut quads: Array<_, QuadrantValue> =
             Array::try_from(self.map_mut(maps::QUADRANTS)?).map_err(map_err(maps::QUADRANTS))?;
         for q in Quadrant::ALL {

@@ -47,8 +47,34 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Work with the Rego policy bundle (the embedded one, or `policy_dir`), offline.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Load every eBPF program into this kernel and print its verified instruction count.
     Verifier,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Run every `test_*` rule of the bundle, as `opa test` does.
+    Test,
+    /// Report quadrant or local allows that a global deny overrides (with both sources), and
+    /// rules placed in a layer that does not own them. Fails if there are any.
+    Check,
+    /// Evaluate a decision for an input document and print it with the rules that produced it:
+    /// a flow `{"from","to","protocol","port"}`, or an admission review `{"review": {...}}`.
+    Eval {
+        /// JSON or YAML input file.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Query instead of the decision chosen by the input's shape.
+        #[arg(long, short)]
+        query: Option<String>,
+    },
+    /// Print the flows the kernel enforces.
+    Flows,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -129,8 +155,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Policy { command } => policy(&config, command),
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
+            Ok(())
+        }
+    }
+}
+
+fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
+    let bundle = quadrant::policy::PolicyBundle::for_config(config)?;
+    match command {
+        PolicyCommand::Test => {
+            let results = bundle.run_tests()?;
+            let failed: Vec<_> = results.iter().filter(|r| !r.passed).collect();
+            for r in &results {
+                match &r.error {
+                    None => println!("PASS {}", r.name),
+                    Some(e) => println!("FAIL {} ({e})", r.name),
+                }
+            }
+            println!(
+                "{} passed, {} failed ({})",
+                results.len() - failed.len(),
+                failed.len(),
+                bundle.origin()
+            );
+            if !failed.is_empty() {
+                bail!("{} policy test(s) failed", failed.len());
+            }
+            Ok(())
+        }
+        PolicyCommand::Check => {
+            let report = bundle.check(&config.policy)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.conflicts.is_empty() || !report.misplaced.is_empty() {
+                bail!(
+                    "{} conflict(s) (a global deny overrides an allow) and {} misplaced rule(s)",
+                    report.conflicts.len(),
+                    report.misplaced.len()
+                );
+            }
+            Ok(())
+        }
+        PolicyCommand::Eval { input, query } => {
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("cannot read {}", input.display()))?;
+            let value: serde_json::Value = serde_yaml::from_str(&text)
+                .with_context(|| format!("{} is neither JSON nor YAML", input.display()))?;
+            let (q, decision) = bundle.eval(&config.policy, &value, query.as_deref())?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "query": q, "result": decision })
+                )?
+            );
+            Ok(())
+        }
+        PolicyCommand::Flows => {
+            for f in bundle.flows(&config.policy)? {
+                println!("{}", serde_json::to_string(&f)?);
+            }
             Ok(())
         }
     }

@@ -10,8 +10,9 @@ use std::{net::Ipv4Addr, thread, time::Duration};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use dataplane_common::{Hook, Quadrant, Reason, Verdict, reason::UNATTRIBUTED_SLOT};
 use quadrant::{
-    config::{Config, PolicyRule},
+    config::{CompiledPolicy, Config, PolicyRule},
     loader::{Dataplane, programs},
+    policy::PolicyBundle,
 };
 use quadrant_tests::packets::{
     self, arp, ipv6_udp, lldp, ping, pong, tcp, truncated, udp, vlan_udp, with_frag, with_ihl,
@@ -57,7 +58,7 @@ fn xdp_only(what: &'static str, packet: Vec<u8>, reason: Reason) -> Case {
     }
 }
 
-/// The embedded configuration with its policy replaced by `rules` (a YAML list).
+/// The embedded configuration with `rules` (a YAML list) as its local rules.
 fn with_policy(rules: &str) -> Config {
     let mut config = Config::embedded();
     config.policy = serde_yaml::from_str::<Vec<PolicyRule>>(rules).expect("rules");
@@ -69,10 +70,23 @@ fn lo_ifindex() -> u32 {
     nix::net::if_::if_nametoindex("lo").expect("lo exists")
 }
 
-/// A dataplane loaded with `config`, with `lo` registered as DX's veth when `register`.
+/// A dataplane loaded with `config` and the embedded Rego bundle's flows, with `lo` registered
+/// as DX's veth when `register`.
 fn dataplane(config: &Config, register: bool) -> Dataplane {
+    let policy = PolicyBundle::embedded()
+        .compile(config)
+        .expect("embedded policy");
+    dataplane_with(config, &policy, register)
+}
+
+/// A dataplane whose policy map holds exactly the configuration's own rules.
+fn dataplane_with_only_local_rules(config: &Config) -> Dataplane {
+    dataplane_with(config, &config.compile_policy().expect("rules"), true)
+}
+
+fn dataplane_with(config: &Config, policy: &CompiledPolicy, register: bool) -> Dataplane {
     let mut dp = Dataplane::load(None).expect("load dataplane (needs root)");
-    dp.write_config(config, 2).expect("write config");
+    dp.write_config(config, 2, policy).expect("write config");
     if register {
         dp.register_iface(lo_ifindex(), Quadrant::Dx)
             .expect("register lo as DX");
@@ -427,7 +441,7 @@ fn xdp_never_records_a_flow() {
     use Reason::*;
     // DX may open flows to PX on tcp/443, PX may not open any flow to DX.
     let config = with_policy("- { from: dx, to: px, protocols: [tcp], ports: [443] }");
-    let mut dp = dataplane(&config, true);
+    let mut dp = dataplane_with_only_local_rules(&config);
     let slot = Quadrant::Dx as u32;
     check(
         &mut dp,
@@ -475,7 +489,7 @@ fn port_ranges_are_enforced() {
     let config = with_policy(
         "- { from: dx, to: px, protocols: [tcp], ports: [443, \"8000-8080\"] }\n- { from: dx, to: pg, protocols: [udp] }",
     );
-    let mut dp = dataplane(&config, true);
+    let mut dp = dataplane_with_only_local_rules(&config);
     let table = vec![
         case("tcp 443", tcp(DX, 1, PX, 443), AllowPolicy),
         case("tcp 442", tcp(DX, 1, PX, 442), DenyPolicy),

@@ -442,7 +442,7 @@ fn a_bad_config_is_refused_before_anything_is_created() {
     std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
     let yaml = serde_yaml::to_string(&config)
         .expect("yaml")
-        .replace("policy:\n", "policy:\n- { from: dx, to: production }\n");
+        .replace("policy: []", "policy:\n- { from: dx, to: production }");
     assert!(yaml.contains("production"));
     std::fs::write(&path, yaml).expect("write");
     let bin = quadrant_tests::harness::sibling_binary(QPROBE, "quadrant");
@@ -499,4 +499,55 @@ fn every_xdp_mode_enforces_the_same_policy() {
         assert_eq!(hooks, usize::from(mode != XdpAttachMode::Off), "{mode:?}");
         assert!(inst.down().status.success());
     }
+}
+
+#[test]
+fn a_policy_that_cannot_be_evaluated_leaves_the_quadrants_in_deny_all() {
+    let dir = std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR)
+        .join("qt12-broken-policies");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("broken.rego"),
+        "package quadrant.runtime\n\nflows contains f if {\n",
+    )
+    .expect("write");
+    let mut config = test_config(12, None);
+    config.policy_dir = Some(dir);
+    let mut inst = Instance::up(config, QPROBE);
+    let status = inst.status();
+    assert!(
+        status.policy.starts_with("deny-all: policy broken.rego:"),
+        "{}",
+        status.policy
+    );
+    let _servers = start_servers(&mut inst);
+    let (dg, dx) = (inst.addr(Quadrant::Dg), inst.addr(Quadrant::Dx));
+    // Normally allowed flows are refused: nothing is open while MCP-Core cannot decide.
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{dg}:{TCP_PORT}"), "1000"]
+        ),
+        (false, "err EPERM".into())
+    );
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{dx}:{TCP_PORT}"), "1000"]
+        ),
+        (false, "err EPERM".into())
+    );
+    assert_eq!(
+        inst.probe(Quadrant::Dx, &["icmp-echo", &dg, DROP_WAIT_MS]),
+        (false, "err timeout".into())
+    );
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("127.0.0.1:{TCP_PORT}"), "1000"]
+        ),
+        (true, "ok hello".into()),
+        "loopback stays usable"
+    );
+    assert!(inst.down().status.success());
 }

@@ -66,7 +66,8 @@ fn main() -> anyhow::Result<()> {
         let dx = quadrants::create(&config, Quadrant::Dx)?;
         let dg = quadrants::create(&config, Quadrant::Dg)?;
         let mut dp = Dataplane::load(Some(&config.bpffs_dir()))?;
-        dp.write_config(&config, QUADRANT_CGROUP_LEVEL)?;
+        let policy = quadrant::policy::PolicyBundle::embedded().compile(&config)?;
+        dp.write_config(&config, QUADRANT_CGROUP_LEVEL, &policy)?;
         run(&config, &mut dp, &dx, &dg)
     })();
     let _ = Command::new("nft")

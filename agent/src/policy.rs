@@ -1,0 +1,673 @@
+//! MCP-Core policy: OPA Rego (v1) evaluated with regorus.
+//!
+//! A policy bundle is the `policies/` tree — runtime authorization in layers (global, one per
+//! quadrant), Gatekeeper-style admission templates with their constraints, and Rego unit tests —
+//! embedded in the binary, or read from a directory (`policy_dir` in the configuration).
+//!
+//! Runtime authorization is decided here and enforced in the kernel: [`PolicyBundle::compile`]
+//! turns `data.quadrant.runtime.flows` (plus the configuration's local rules, subject to the same
+//! global denies) into the entries of the dataplane's policy map.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use regorus::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{
+    CompiledPolicy, Config, ConfigError, OneOrMany, PolicyRule, PortSpec, compile_rules,
+};
+
+/// The bundle compiled into the binary: every file under `policies/`.
+const EMBEDDED: &[(&str, &str)] = &[
+    (
+        "runtime/global.rego",
+        include_str!("../../policies/runtime/global.rego"),
+    ),
+    (
+        "runtime/decision.rego",
+        include_str!("../../policies/runtime/decision.rego"),
+    ),
+    (
+        "runtime/decision_test.rego",
+        include_str!("../../policies/runtime/decision_test.rego"),
+    ),
+    (
+        "runtime/quadrants/dx.rego",
+        include_str!("../../policies/runtime/quadrants/dx.rego"),
+    ),
+    (
+        "runtime/quadrants/dg.rego",
+        include_str!("../../policies/runtime/quadrants/dg.rego"),
+    ),
+    (
+        "runtime/quadrants/px.rego",
+        include_str!("../../policies/runtime/quadrants/px.rego"),
+    ),
+    (
+        "runtime/quadrants/pg.rego",
+        include_str!("../../policies/runtime/quadrants/pg.rego"),
+    ),
+    (
+        "admission/decision.rego",
+        include_str!("../../policies/admission/decision.rego"),
+    ),
+    (
+        "admission/decision_test.rego",
+        include_str!("../../policies/admission/decision_test.rego"),
+    ),
+    (
+        "admission/templates/required_labels.rego",
+        include_str!("../../policies/admission/templates/required_labels.rego"),
+    ),
+    (
+        "admission/templates/content_addressed.rego",
+        include_str!("../../policies/admission/templates/content_addressed.rego"),
+    ),
+    (
+        "admission/templates/resource_limits.rego",
+        include_str!("../../policies/admission/templates/resource_limits.rego"),
+    ),
+    (
+        "admission/templates/production_identity.rego",
+        include_str!("../../policies/admission/templates/production_identity.rego"),
+    ),
+    (
+        "admission/constraints.json",
+        include_str!("../../policies/admission/constraints.json"),
+    ),
+];
+
+/// Data documents (JSON) of a bundle are merged into `data`.
+const DATA_SUFFIX: &str = ".json";
+/// Query of the flows the kernel enforces.
+const FLOWS_QUERY: &str = "data.quadrant.runtime.flows";
+/// Query of the global-versus-quadrant conflicts.
+const CONFLICTS_QUERY: &str = "data.quadrant.runtime.conflicts";
+/// Query of flows placed in a layer that does not own them.
+const MISPLACED_QUERY: &str = "data.quadrant.runtime.misplaced";
+/// Runtime decision for one flow.
+pub const RUNTIME_DECISION: &str = "data.quadrant.runtime.decision";
+/// Admission decision for one review.
+pub const ADMISSION_DECISION: &str = "data.quadrant.admission.decision";
+
+/// Errors of policy loading and evaluation; each names the file or query at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A bundle file could not be read.
+    #[error("cannot read policy {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Rego that does not parse or compile.
+    #[error("policy {path}: {message}")]
+    Rego {
+        /// File.
+        path: String,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A data document that is not valid JSON.
+    #[error("policy data {path}: {message}")]
+    Data {
+        /// File.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Evaluation failed.
+    #[error("evaluating {query}: {message}")]
+    Eval {
+        /// The query.
+        query: String,
+        /// Cause.
+        message: String,
+    },
+    /// The runtime flows do not compile to the kernel's policy map.
+    #[error("runtime flow {flow}: {source}")]
+    Flow {
+        /// The flow, as JSON.
+        flow: String,
+        /// Cause.
+        source: Box<ConfigError>,
+    },
+    /// The bundle has no Rego at all.
+    #[error("policy bundle {0} holds no .rego file")]
+    Empty(PathBuf),
+}
+
+/// A runtime flow as the Rego decision produces it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Flow {
+    /// Source identity or quadrant-wide SPIFFE ID pattern.
+    pub from: String,
+    /// Destination identity.
+    pub to: String,
+    /// Protocols.
+    pub protocols: Vec<String>,
+    /// Destination ports; every port when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<String>>,
+    /// The layer that allowed it (`dx`, … or `local`).
+    #[serde(default)]
+    pub layer: String,
+}
+
+/// One Rego unit test result.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TestResult {
+    /// `data.<package>.<rule>`.
+    pub name: String,
+    /// Whether the rule evaluated to true.
+    pub passed: bool,
+    /// Evaluation error, if any.
+    pub error: Option<String>,
+}
+
+/// What `quadrant policy check` reports.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CheckReport {
+    /// Quadrant allows overridden by a global deny, with both sides.
+    pub conflicts: Vec<Value>,
+    /// Flows placed in a layer that does not own them.
+    pub misplaced: Vec<Value>,
+    /// Flows the kernel will enforce.
+    pub flows: usize,
+}
+
+/// A loaded policy bundle.
+#[derive(Clone, Debug)]
+pub struct PolicyBundle {
+    origin: String,
+    rego: Vec<(String, String)>,
+    data: Vec<(String, String)>,
+}
+
+impl PolicyBundle {
+    /// The bundle compiled into the binary.
+    #[must_use]
+    pub fn embedded() -> Self {
+        Self::from_files(
+            "embedded policies",
+            EMBEDDED
+                .iter()
+                .map(|(p, t)| ((*p).to_owned(), (*t).to_owned())),
+        )
+    }
+
+    fn from_files(origin: &str, files: impl IntoIterator<Item = (String, String)>) -> Self {
+        let (data, rego): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .partition(|(p, _)| p.ends_with(DATA_SUFFIX));
+        Self {
+            origin: origin.to_owned(),
+            rego,
+            data,
+        }
+    }
+
+    /// Reads every `.rego` and `.json` file below `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self, PolicyError> {
+        let mut files = Vec::new();
+        walk(dir, dir, &mut files)?;
+        files.sort();
+        if !files
+            .iter()
+            .any(|(p, _)| Path::new(p).extension().is_some_and(|e| e == "rego"))
+        {
+            return Err(PolicyError::Empty(dir.to_owned()));
+        }
+        Ok(Self::from_files(&dir.display().to_string(), files))
+    }
+
+    /// The bundle `config` names: `policy_dir`, or the embedded one.
+    pub fn for_config(config: &Config) -> Result<Self, PolicyError> {
+        match &config.policy_dir {
+            Some(dir) => Self::from_dir(dir),
+            None => Ok(Self::embedded()),
+        }
+    }
+
+    /// Where the bundle came from.
+    #[must_use]
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// An engine with every module and data document loaded, and `local` rules (from the
+    /// configuration) as the `local` layer.
+    pub fn engine(&self, local: &[PolicyRule]) -> Result<Engine, PolicyError> {
+        let mut engine = Engine::new();
+        for (path, text) in &self.rego {
+            engine
+                .add_policy(path.clone(), text.clone())
+                .map_err(|e| PolicyError::Rego {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        for (path, text) in &self.data {
+            let value = regorus::Value::from_json_str(text).map_err(|e| PolicyError::Data {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            engine.add_data(value).map_err(|e| PolicyError::Data {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let local_flows: Vec<Value> = local.iter().flat_map(rule_to_flows).collect();
+        // Under a root of its own: regorus keeps data documents apart from rule trees.
+        let local_doc = serde_json::json!({ "quadrant_local": { "allow": local_flows } });
+        engine
+            .add_data(
+                regorus::Value::from_json_str(&local_doc.to_string())
+                    .map_err(|e| eval_err("local rules", &e))?,
+            )
+            .map_err(|e| eval_err("local rules", &e))?;
+        Ok(engine)
+    }
+
+    /// The flows the kernel enforces (quadrant and local layers minus global denies).
+    pub fn flows(&self, local: &[PolicyRule]) -> Result<Vec<Flow>, PolicyError> {
+        let mut engine = self.engine(local)?;
+        let v = query(&mut engine, FLOWS_QUERY)?;
+        let mut flows: Vec<Flow> = match v {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|f| {
+                    serde_json::from_value(f.clone())
+                        .map_err(|e| eval_err(FLOWS_QUERY, &format!("{f}: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Null => vec![],
+            other => {
+                return Err(eval_err(
+                    FLOWS_QUERY,
+                    &format!("expected a set of flows, got {other}"),
+                ));
+            }
+        };
+        flows.sort();
+        Ok(flows)
+    }
+
+    /// Compiles the runtime authorization into policy-map entries.
+    pub fn compile(&self, config: &Config) -> Result<CompiledPolicy, PolicyError> {
+        let td = &config.identity.trust_domain;
+        let rules = self
+            .flows(&config.policy)?
+            .into_iter()
+            .map(|f| flow_to_rule(&f, td))
+            .collect::<Result<Vec<_>, _>>()?;
+        compile_rules(&rules).map_err(|e| PolicyError::Flow {
+            flow: "(merged flows)".into(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Conflicts and misplaced rules.
+    pub fn check(&self, local: &[PolicyRule]) -> Result<CheckReport, PolicyError> {
+        let mut engine = self.engine(local)?;
+        let as_vec = |v: Value| match v {
+            Value::Array(a) => a,
+            _ => vec![],
+        };
+        let conflicts = as_vec(query(&mut engine, CONFLICTS_QUERY)?);
+        let misplaced = as_vec(query(&mut engine, MISPLACED_QUERY)?);
+        Ok(CheckReport {
+            conflicts,
+            misplaced,
+            flows: self.flows(local)?.len(),
+        })
+    }
+
+    /// Evaluates `query` (default: the admission decision for inputs with a `review`, else the
+    /// runtime decision) for `input`.
+    pub fn eval(
+        &self,
+        local: &[PolicyRule],
+        input: &Value,
+        query_text: Option<&str>,
+    ) -> Result<(String, Value), PolicyError> {
+        let q = query_text.map_or_else(
+            || {
+                if input.get("review").is_some() {
+                    ADMISSION_DECISION
+                } else {
+                    RUNTIME_DECISION
+                }
+                .to_owned()
+            },
+            ToOwned::to_owned,
+        );
+        let mut engine = self.engine(local)?;
+        engine.set_input(
+            regorus::Value::from_json_str(&input.to_string()).map_err(|e| eval_err("input", &e))?,
+        );
+        let v = query(&mut engine, &q)?;
+        Ok((q, v))
+    }
+
+    /// Runs every `test_*` rule of the bundle, as `opa test` does: a test passes when it
+    /// evaluates to true.
+    pub fn run_tests(&self) -> Result<Vec<TestResult>, PolicyError> {
+        let mut engine = self.engine(&[])?;
+        let mut results = Vec::new();
+        for (_, text) in &self.rego {
+            let Some(package) = text.lines().find_map(|l| l.trim().strip_prefix("package ")) else {
+                continue;
+            };
+            let names: BTreeSet<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("test_"))
+                .filter_map(|l| {
+                    l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .next()
+                })
+                .collect();
+            for name in names {
+                let full = format!("data.{}.{name}", package.trim());
+                let (passed, error) = match engine.eval_rule(full.clone()) {
+                    Ok(regorus::Value::Bool(true)) => (true, None),
+                    Ok(other) => (false, Some(format!("evaluated to {other}"))),
+                    Err(e) => (false, Some(e.to_string())),
+                };
+                results.push(TestResult {
+                    name: full,
+                    passed,
+                    error,
+                });
+            }
+        }
+        Ok(results)
+    }
+}
+
+fn eval_err(query: &str, e: &dyn std::fmt::Display) -> PolicyError {
+    PolicyError::Eval {
+        query: query.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+fn query(engine: &mut Engine, q: &str) -> Result<Value, PolicyError> {
+    let v = engine
+        .eval_rule(q.to_owned())
+        .map_err(|e| eval_err(q, &e))?;
+    if v == regorus::Value::Undefined {
+        return Ok(Value::Null);
+    }
+    serde_json::to_value(&v).map_err(|e| eval_err(q, &e))
+}
+
+fn read(p: &Path) -> impl FnOnce(std::io::Error) -> PolicyError + '_ {
+    move |source| PolicyError::Read {
+        path: p.to_owned(),
+        source,
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result<(), PolicyError> {
+    for entry in fs::read_dir(dir).map_err(read(dir))? {
+        let path = entry.map_err(read(dir))?.path();
+        if path.is_dir() {
+            walk(root, &path, out)?;
+        } else if path.extension().is_some_and(|e| e == "rego" || e == "json") {
+            let text = fs::read_to_string(&path).map_err(read(&path))?;
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            out.push((rel, text));
+        }
+    }
+    Ok(())
+}
+
+fn rule_to_flows(r: &PolicyRule) -> Vec<Value> {
+    let one = |o: &OneOrMany| match o {
+        OneOrMany::One(s) => vec![s.clone()],
+        OneOrMany::Many(v) => v.clone(),
+    };
+    // One flow per (from, to) pair, as the Rego layers write them.
+    let mut flows = Vec::new();
+    for from in one(&r.from) {
+        for to in one(&r.to) {
+            let mut f = serde_json::json!({
+                "from": from,
+                "to": to,
+                "protocols": r.protocols.clone().unwrap_or_else(|| vec!["tcp".into(), "udp".into(), "icmp".into()]),
+            });
+            if let Some(ports) = &r.ports {
+                f["ports"] = ports
+                    .iter()
+                    .map(|p| match p {
+                        PortSpec::Port(n) => Value::String(n.to_string()),
+                        PortSpec::Range(s) => Value::String(s.clone()),
+                    })
+                    .collect();
+            }
+            flows.push(f);
+        }
+    }
+    flows
+}
+
+/// Maps a flow's source to an identity the kernel knows. A quadrant-wide SPIFFE ID pattern
+/// (`spiffe://<td>/quadrant/<q>/workload/*`) is quadrant `<q>`; a single workload cannot be told
+/// apart in the datapath yet, so such a rule is refused rather than widened to its quadrant.
+fn flow_to_rule(f: &Flow, trust_domain: &str) -> Result<PolicyRule, PolicyError> {
+    let flow_err = |reason: &str| PolicyError::Flow {
+        flow: serde_json::to_string(f).unwrap_or_default(),
+        source: Box::new(ConfigError::Invalid {
+            field: "from".into(),
+            reason: reason.to_owned(),
+        }),
+    };
+    let from = if let Some(rest) = f.from.strip_prefix("spiffe://") {
+        let prefix = format!("{trust_domain}/quadrant/");
+        let Some(path) = rest.strip_prefix(&prefix) else {
+            return Err(flow_err(&format!(
+                "SPIFFE ID outside trust domain {trust_domain}"
+            )));
+        };
+        match path.split_once("/workload/") {
+            Some((q, "*")) => q.to_owned(),
+            _ => {
+                return Err(flow_err(
+                    "only quadrant-wide SPIFFE ID patterns (…/quadrant/<q>/workload/*) are enforceable in the datapath",
+                ));
+            }
+        }
+    } else {
+        f.from.clone()
+    };
+    Ok(PolicyRule {
+        from: OneOrMany::One(from),
+        to: OneOrMany::One(f.to.clone()),
+        protocols: Some(f.protocols.clone()),
+        ports: f
+            .ports
+            .as_ref()
+            .map(|p| p.iter().map(|s| PortSpec::Range(s.clone())).collect()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{
+        Identity,
+        policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    };
+
+    use super::*;
+
+    #[test]
+    fn embedded_bundle_lists_every_file_under_policies() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let on_disk = PolicyBundle::from_dir(&dir).unwrap();
+        let mut disk: Vec<&str> = on_disk
+            .rego
+            .iter()
+            .chain(&on_disk.data)
+            .map(|(p, _)| p.as_str())
+            .collect();
+        let mut embedded: Vec<&str> = EMBEDDED.iter().map(|(p, _)| *p).collect();
+        disk.sort_unstable();
+        embedded.sort_unstable();
+        assert_eq!(disk, embedded, "add new policy files to EMBEDDED");
+    }
+
+    #[test]
+    fn every_rego_unit_test_passes() {
+        let results = PolicyBundle::embedded().run_tests().unwrap();
+        assert!(results.len() >= 15, "found {} tests", results.len());
+        let failed: Vec<_> = results.iter().filter(|r| !r.passed).collect();
+        assert!(failed.is_empty(), "{failed:#?}");
+    }
+
+    #[test]
+    fn default_flows_compile_to_the_default_matrix() {
+        let config = Config::embedded();
+        let p = PolicyBundle::embedded().compile(&config).unwrap();
+        assert!(p.contains_key(&(Identity::Dx, Identity::Dg, PROTO_TCP)));
+        assert!(p.contains_key(&(Identity::Host, Identity::Pg, PROTO_TCP)));
+        assert!(p.contains_key(&(Identity::Px, Identity::Host, PROTO_ICMP)));
+        assert!(!p.contains_key(&(Identity::Px, Identity::Host, PROTO_TCP)));
+        assert!(!p.contains_key(&(Identity::Dx, Identity::Px, PROTO_TCP)));
+        assert!(!p.contains_key(&(Identity::World, Identity::Dx, PROTO_TCP)));
+        assert_eq!(
+            p.len(),
+            4 * 3 * 3 + 4,
+            "intra, partner and host -> q on 3 protocols, q -> host icmp"
+        );
+    }
+
+    #[test]
+    fn default_matrix_isolates_development_from_production() {
+        let p = PolicyBundle::embedded()
+            .compile(&Config::embedded())
+            .unwrap();
+        for q in dataplane_common::Quadrant::ALL {
+            let i = Identity::from(q);
+            assert!(p.contains_key(&(i, i, PROTO_TCP)), "{q:?} intra");
+            assert!(p.contains_key(&(Identity::Host, i, PROTO_TCP)));
+            assert!(p.contains_key(&(i, Identity::Host, PROTO_ICMP)));
+            assert!(!p.contains_key(&(i, Identity::Host, PROTO_TCP)));
+            assert!(!p.contains_key(&(i, Identity::World, PROTO_TCP)));
+        }
+        assert!(p.contains_key(&(Identity::Dx, Identity::Dg, PROTO_UDP)));
+        assert!(p.contains_key(&(Identity::Pg, Identity::Px, PROTO_ICMP)));
+        for dev in [Identity::Dx, Identity::Dg] {
+            for prod in [Identity::Px, Identity::Pg] {
+                for proto in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
+                    assert!(!p.contains_key(&(dev, prod, proto)));
+                    assert!(!p.contains_key(&(prod, dev, proto)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn local_rules_are_subject_to_global_denies() {
+        let mut config = Config::embedded();
+        config.policy = serde_yaml::from_str(
+            "- { from: dx, to: host, protocols: [tcp], ports: [22] }\n- { from: dx, to: px, protocols: [tcp], ports: [443] }\n",
+        )
+        .unwrap();
+        let bundle = PolicyBundle::embedded();
+        let p = bundle.compile(&config).unwrap();
+        assert!(
+            p.contains_key(&(Identity::Dx, Identity::Host, PROTO_TCP)),
+            "a local allow is added"
+        );
+        assert!(
+            !p.contains_key(&(Identity::Dx, Identity::Px, PROTO_TCP)),
+            "a global deny wins over it"
+        );
+        let report = bundle.check(&config.policy).unwrap();
+        assert_eq!(report.conflicts.len(), 1, "{report:?}");
+        assert_eq!(report.conflicts[0]["allow"]["layer"], "local");
+    }
+
+    #[test]
+    fn eval_explains_its_decision() {
+        let bundle = PolicyBundle::embedded();
+        let (q, v) = bundle
+            .eval(
+                &[],
+                &serde_json::json!({"from": "dx", "to": "px", "protocol": "tcp", "port": 443}),
+                None,
+            )
+            .unwrap();
+        assert_eq!(q, RUNTIME_DECISION);
+        assert_eq!(v["allowed"], false);
+        assert_eq!(
+            v["denied_by"][0]["reason"],
+            "development and production are isolated"
+        );
+        let (_, v) = bundle
+            .eval(
+                &[],
+                &serde_json::json!({"from": "dg", "to": "dx", "protocol": "udp", "port": 53}),
+                None,
+            )
+            .unwrap();
+        assert_eq!(v["allowed"], true);
+        assert_eq!(v["allowed_by"][0]["layer"], "dx");
+        let review = serde_json::json!({"review": {"object": {"quadrant": "px", "labels": {}, "artifacts": ["x:latest"]}}});
+        let (q, v) = bundle.eval(&[], &review, None).unwrap();
+        assert_eq!(q, ADMISSION_DECISION);
+        assert_eq!(v["allowed"], false);
+        assert!(v["violations"].as_array().unwrap().len() >= 4, "{v}");
+    }
+
+    #[test]
+    fn spiffe_patterns_map_to_quadrants_and_single_workloads_are_refused() {
+        let f = |from: &str| Flow {
+            from: from.into(),
+            to: "dg".into(),
+            protocols: vec!["tcp".into()],
+            ports: None,
+            layer: "dg".into(),
+        };
+        let r = flow_to_rule(
+            &f("spiffe://quadrant.local/quadrant/dx/workload/*"),
+            "quadrant.local",
+        )
+        .unwrap();
+        assert_eq!(r.from, OneOrMany::One("dx".into()));
+        let e = flow_to_rule(
+            &f("spiffe://quadrant.local/quadrant/dx/workload/web"),
+            "quadrant.local",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("quadrant-wide"), "{e}");
+        let e = flow_to_rule(
+            &f("spiffe://evil.example/quadrant/dx/workload/*"),
+            "quadrant.local",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("outside trust domain"), "{e}");
+    }
+
+    #[test]
+    fn broken_rego_names_the_file() {
+        let mut b = PolicyBundle::embedded();
+        b.rego.push((
+            "runtime/broken.rego".into(),
+            "package quadrant.broken\nallow if {".into(),
+        ));
+        let e = b.engine(&[]).unwrap_err().to_string();
+        assert!(e.starts_with("policy runtime/broken.rego:"), "{e}");
+    }
+}

@@ -1,0 +1,60 @@
+# Unit tests of the admission constraints (`quadrant policy test`).
+package quadrant.admission_test
+
+import data.quadrant.admission
+
+digest := "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+good_px := {
+	"quadrant": "px",
+	"workload": "api",
+	"spiffe_id": "spiffe://quadrant.local/quadrant/px/workload/api",
+	"labels": {"app": "api", "owner": "payments"},
+	"artifacts": [concat("", ["api@sha256:", digest])],
+	"resources": {"cpu": "500m", "memory": "256Mi", "pids": 64},
+}
+
+review(obj) := {"review": {"object": obj}}
+
+violated(obj) := {v.constraint | some v in admission.violations with input as review(obj)}
+
+test_a_complete_production_workload_is_admitted if {
+	admission.decision.allowed with input as review(good_px)
+}
+
+test_missing_label_is_rejected_with_the_constraint_name if {
+	obj := json.remove(good_px, ["labels/owner"])
+	violated(obj) == {"workloads-are-labelled"}
+	some v in admission.violations with input as review(obj)
+	v.msg == "missing required label \"owner\""
+}
+
+test_tag_references_are_rejected if {
+	obj := object.union(good_px, {"artifacts": ["api:latest"]})
+	violated(obj) == {"artifacts-are-content-addressed"}
+}
+
+test_short_digest_is_rejected if {
+	obj := object.union(good_px, {"artifacts": ["api@sha256:0123"]})
+	violated(obj) == {"artifacts-are-content-addressed"}
+}
+
+test_production_needs_limits if {
+	obj := json.remove(good_px, ["resources/pids"])
+	violated(obj) == {"production-sets-resource-limits"}
+}
+
+test_development_does_not_need_limits if {
+	obj := object.union(json.remove(good_px, ["resources"]), {"quadrant": "dx", "spiffe_id": "spiffe://quadrant.local/quadrant/dx/workload/api"})
+	admission.decision.allowed with input as review(obj)
+}
+
+test_development_identity_cannot_enter_production if {
+	obj := object.union(good_px, {"spiffe_id": "spiffe://quadrant.local/quadrant/dx/workload/api"})
+	violated(obj) == {"production-needs-production-identity"}
+}
+
+test_foreign_trust_domain_cannot_enter_production if {
+	obj := object.union(good_px, {"spiffe_id": "spiffe://evil.example/quadrant/px/workload/api"})
+	violated(obj) == {"production-needs-production-identity"}
+}

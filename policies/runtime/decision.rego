@@ -1,0 +1,85 @@
+# Combines the layers of the runtime authorization into the flows the agent compiles into the
+# kernel's policy map, and answers single questions for `quadrant policy eval`.
+#
+# A flow: {"from": identity, "to": identity, "protocols": [...], "ports": [...]} where identities
+# are dx, dg, px, pg, host, world (or a quadrant-wide SPIFFE ID pattern
+# spiffe://<td>/quadrant/<q>/workload/*), protocols tcp/udp/icmp, ports "443" or "8000-8080"
+# (absent: every port).
+package quadrant.runtime
+
+import data.quadrant.runtime.global
+
+all_quadrants := {"dx", "dg", "px", "pg"}
+
+# Every allow of every quadrant layer, with the layer it came from.
+candidates contains object.union(f, {"layer": q}) if {
+	some q in all_quadrants
+	some f in data.quadrant.runtime.quadrants[q].allow
+}
+
+# The agent configuration's own rules (`policy:` in its YAML), as the `local` layer.
+candidates contains object.union(f, {"layer": "local"}) if {
+	some f in data.quadrant_local.allow
+}
+
+denied_by(f) := {d | some d in global.deny; d.from == f.from; d.to == f.to}
+
+# The flows the kernel enforces: allowed by a quadrant layer and not denied globally.
+flows contains f if {
+	some f in candidates
+	count(denied_by(f)) == 0
+}
+
+# A quadrant allow the global layer overrides.
+conflicts contains {"allow": f, "deny": d} if {
+	some f in candidates
+	some d in denied_by(f)
+}
+
+# A quadrant layer may only speak about flows that involve its own quadrant.
+misplaced contains f if {
+	some f in candidates
+	f.layer != "local"
+	f.layer != f.from
+	f.layer != f.to
+}
+
+port_in(port, spec) if {
+	parts := split(spec, "-")
+	count(parts) == 1
+	port == to_number(parts[0])
+}
+
+port_in(port, spec) if {
+	parts := split(spec, "-")
+	count(parts) == 2
+	to_number(parts[0]) <= port
+	port <= to_number(parts[1])
+}
+
+port_ok(f, _) if not f.ports
+
+port_ok(f, _) if input.protocol == "icmp"
+
+port_ok(f, port) if {
+	some spec in f.ports
+	port_in(port, spec)
+}
+
+# The flows that allow `input` ({"from", "to", "protocol", "port"}).
+matching contains f if {
+	some f in flows
+	f.from == input.from
+	f.to == input.to
+	input.protocol in f.protocols
+	port_ok(f, input.port)
+}
+
+# Globally denied pairs matching `input`.
+matching_denies contains d if {
+	some d in global.deny
+	d.from == input.from
+	d.to == input.to
+}
+
+decision := {"allowed": count(matching) > 0, "allowed_by": matching, "denied_by": matching_denies}

@@ -1,0 +1,70 @@
+# Unit tests of the runtime authorization (`quadrant policy test`).
+package quadrant.runtime_test
+
+import data.quadrant.runtime
+
+allowed(from, to, protocol, port) if {
+	runtime.decision.allowed with input as {"from": from, "to": to, "protocol": protocol, "port": port}
+}
+
+test_inside_a_quadrant_is_allowed if allowed("px", "px", "tcp", 8080)
+
+test_development_pair_is_allowed if {
+	allowed("dx", "dg", "tcp", 443)
+	allowed("dg", "dx", "udp", 53)
+}
+
+test_production_pair_is_allowed if allowed("pg", "px", "icmp", 0)
+
+test_development_cannot_reach_production if {
+	not allowed("dx", "px", "tcp", 443)
+	not allowed("dg", "pg", "udp", 53)
+	not allowed("dx", "pg", "icmp", 0)
+}
+
+test_production_cannot_reach_development if {
+	not allowed("px", "dx", "tcp", 22)
+	not allowed("pg", "dg", "icmp", 0)
+}
+
+test_host_reaches_every_quadrant if {
+	every q in runtime.all_quadrants {
+		allowed("host", q, "tcp", 22)
+	}
+}
+
+test_quadrants_only_ping_the_host if {
+	allowed("dx", "host", "icmp", 0)
+	not allowed("dx", "host", "tcp", 22)
+}
+
+test_world_reaches_nothing if {
+	every q in runtime.all_quadrants {
+		not allowed("world", q, "tcp", 443)
+	}
+}
+
+test_a_global_deny_overrides_a_quadrant_allow if {
+	decision := runtime.decision with data.quadrant.runtime.quadrants.px.allow as {{"from": "dx", "to": "px", "protocols": ["tcp"]}}
+		with input as {"from": "dx", "to": "px", "protocol": "tcp", "port": 443}
+	not decision.allowed
+	count(decision.denied_by) == 1
+}
+
+test_conflicts_name_both_sides if {
+	c := runtime.conflicts with data.quadrant.runtime.quadrants.px.allow as {{"from": "dx", "to": "px", "protocols": ["tcp"]}}
+	some conflict in c
+	conflict.allow.layer == "px"
+	conflict.deny.reason == "development and production are isolated"
+}
+
+test_port_ranges if {
+	f := {{"from": "dx", "to": "dg", "protocols": ["tcp"], "ports": ["443", "8000-8080"]}}
+	d := runtime.decision with data.quadrant.runtime.quadrants.dg.allow as f with data.quadrant.runtime.quadrants.dx.allow as set()
+		with input as {"from": "dx", "to": "dg", "protocol": "tcp", "port": 8080}
+	d.allowed
+	not runtime.decision.allowed with data.quadrant.runtime.quadrants.dg.allow as f with data.quadrant.runtime.quadrants.dx.allow as set()
+		with input as {"from": "dx", "to": "dg", "protocol": "tcp", "port": 8081}
+}
+
+test_the_default_layers_are_well_placed if count(runtime.misplaced) == 0
