@@ -25,6 +25,9 @@ pub enum Request {
     Status,
     /// Tear everything down and exit.
     Down,
+    /// Re-evaluate the policy bundle and make the result live at once; on any error the
+    /// current policy stays.
+    PolicyReload,
 }
 
 /// The agent's answer.
@@ -37,6 +40,13 @@ pub enum Response {
     Down {
         /// What was removed.
         removed: Vec<String>,
+    },
+    /// The new policy is live.
+    PolicyReloaded {
+        /// Policy state line (as in status).
+        policy: String,
+        /// The live policy slot now.
+        slot: u32,
     },
     /// The request failed.
     Error {

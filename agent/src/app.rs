@@ -399,6 +399,8 @@ async fn serve(
     let (down_tx, mut down_rx) = mpsc::channel::<UnixStream>(1);
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(sys::io_err("cannot handle SIGINT on", &socket))?;
+    let mut sighup =
+        signal(SignalKind::hangup()).map_err(sys::io_err("cannot handle SIGHUP on", &socket))?;
     let mut sigterm = signal(SignalKind::terminate())
         .map_err(sys::io_err("cannot handle SIGTERM on", &socket))?;
     let mut pending_down = None;
@@ -406,6 +408,12 @@ async fn serve(
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading the policy");
+                if let Response::Error { message } = reload_policy(&mut *running.lock().await) {
+                    warn!(%message, "policy reload failed");
+                }
+            }
             Some(requester) = down_rx.recv() => { info!("down requested"); pending_down = Some(requester); break; }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -470,6 +478,7 @@ async fn handle(
                     message: e.to_string(),
                 },
             },
+            Ok(Request::PolicyReload) => reload_policy(&mut *running.lock().await),
             Ok(Request::Down) => {
                 // The main loop tears down and answers on this connection.
                 return match down_tx.send(stream).await {
@@ -492,6 +501,37 @@ async fn handle(
     write_response(&mut stream, &response).await
 }
 
+/// Re-evaluates the bundle and flips the kernel to the result; keeps the live policy on error.
+fn reload_policy(r: &mut Running) -> Response {
+    let compiled =
+        PolicyBundle::for_config(&r.config).and_then(|b| b.compile(&r.config).map(|c| (c, b)));
+    match compiled {
+        Ok((policy, bundle)) => match r.dataplane.apply_policy(&policy) {
+            Ok(slot) => {
+                r.policy_state = format!(
+                    "enforced: {} map entries from {}",
+                    policy.len(),
+                    bundle.origin()
+                );
+                info!(entries = policy.len(), slot, "policy reloaded");
+                Response::PolicyReloaded {
+                    policy: r.policy_state.clone(),
+                    slot,
+                }
+            }
+            Err(e) => Response::Error {
+                message: format!("policy not applied, the previous one stays live: {e}"),
+            },
+        },
+        Err(e) => {
+            warn!(error = %e, "policy reload refused");
+            Response::Error {
+                message: format!("policy not reloaded, the previous one stays live: {e}"),
+            }
+        }
+    }
+}
+
 async fn write_response(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
     bytes.push(b'\n');
@@ -507,7 +547,7 @@ pub fn down(config: &Config) -> Result<Vec<String>, AppError> {
         return match api::call(&socket, &Request::Down)? {
             Response::Down { removed } => Ok(removed),
             Response::Error { message } => Err(AppError::Agent(message)),
-            Response::Status(_) => Err(AppError::Agent("unexpected status answer to down".into())),
+            _ => Err(AppError::Agent("unexpected answer to down".into())),
         };
     }
     match State::read(config)? {
@@ -516,12 +556,21 @@ pub fn down(config: &Config) -> Result<Vec<String>, AppError> {
     }
 }
 
+/// `quadrant policy reload`: asks the running agent to re-evaluate and apply its policy.
+pub fn policy_reload(config: &Config) -> Result<(String, u32), AppError> {
+    match api::call(&config.socket_path(), &Request::PolicyReload)? {
+        Response::PolicyReloaded { policy, slot } => Ok((policy, slot)),
+        Response::Error { message } => Err(AppError::Agent(message)),
+        _ => Err(AppError::Agent("unexpected answer to policy reload".into())),
+    }
+}
+
 /// `quadrant status`: asks the running agent.
 pub fn status(config: &Config) -> Result<StatusReport, AppError> {
     match api::call(&config.socket_path(), &Request::Status)? {
         Response::Status(s) => Ok(*s),
         Response::Error { message } => Err(AppError::Agent(message)),
-        Response::Down { .. } => Err(AppError::Agent("unexpected answer to status".into())),
+        _ => Err(AppError::Agent("unexpected answer to status".into())),
     }
 }
 

@@ -167,6 +167,10 @@ pub struct Counter {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    /// What CONFIG holds, once written.
+    live: Option<DataplaneConfig>,
+    /// Whether a policy was made live yet.
+    policy_written: bool,
 }
 
 impl Dataplane {
@@ -196,6 +200,8 @@ impl Dataplane {
         let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.map(Path::to_owned),
+            live: None,
+            policy_written: false,
         };
         if let Some(dir) = pin_dir {
             dp.pin_all(dir)?;
@@ -278,28 +284,14 @@ impl Dataplane {
             .collect()
     }
 
-    /// Writes CONFIG, PREFIXES and POLICY from the configuration. Entries no longer configured
-    /// are removed after the new ones are in, so no moment allows less than both old and new
-    /// agree on.
+    /// Writes CONFIG, PREFIXES and QUADRANTS from the configuration and makes `policy` live.
     pub fn write_config(
         &mut self,
         config: &Config,
         cgroup_level: u32,
         policy: &CompiledPolicy,
     ) -> Result<(), LoaderError> {
-        let mut cfg: Array<_, DataplaneConfig> =
-            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
-        cfg.set(
-            0,
-            DataplaneConfig {
-                cgroup_level,
-                ct_timeout_secs: config.conntrack_timeout_secs,
-            },
-            0,
-        )
-        .map_err(map_err(maps::CONFIG))?;
         self.write_prefixes(&prefix_entries(config))?;
-        self.write_policy(policy)?;
         let mut quads: Array<_, QuadrantValue> =
             Array::try_from(self.map_mut(maps::QUADRANTS)?).map_err(map_err(maps::QUADRANTS))?;
         for q in Quadrant::ALL {
@@ -308,7 +300,13 @@ impl Dataplane {
                 .set(u32::from(q as u8), QuadrantValue { addr }, 0)
                 .map_err(map_err(maps::QUADRANTS))?;
         }
-        Ok(())
+        let slot = self.live.map_or(0, |c| c.policy_slot);
+        self.live = Some(DataplaneConfig {
+            cgroup_level,
+            ct_timeout_secs: config.conntrack_timeout_secs,
+            policy_slot: slot,
+        });
+        self.apply_policy(policy).map(|_| ())
     }
 
     /// Replaces the PREFIXES entries.
@@ -316,8 +314,7 @@ impl Dataplane {
         let mut trie: LpmTrie<_, u32, PrefixValue> =
             LpmTrie::try_from(self.map_mut(maps::PREFIXES)?).map_err(map_err(maps::PREFIXES))?;
         let wanted: Vec<Key<u32>> = entries.iter().map(|(net, _)| lpm_key(*net)).collect();
-        for ((net, id), key) in entries.iter().zip(&wanted) {
-            let _ = net;
+        for ((_, id), key) in entries.iter().zip(&wanted) {
             trie.insert(
                 key,
                 PrefixValue {
@@ -343,10 +340,29 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Replaces the POLICY entries with `policy`.
-    pub fn write_policy(&mut self, policy: &CompiledPolicy) -> Result<(), LoaderError> {
+    /// Makes `policy` live at once: fills the policy slot the programs are not reading with
+    /// exactly these entries, then flips `CONFIG.policy_slot` with one array update. The slot
+    /// that was live is left as it was until the next change. Returns the new live slot.
+    pub fn apply_policy(&mut self, policy: &CompiledPolicy) -> Result<u32, LoaderError> {
+        let mut live = self.live.unwrap_or(DataplaneConfig {
+            cgroup_level: 0,
+            ct_timeout_secs: 0,
+            policy_slot: 0,
+        });
+        // First write: fill slot 0 (the programs read slot 0 while CONFIG is empty, and find it
+        // empty: deny-all). Later writes: the slot that is not live.
+        let target = if self.policy_written {
+            1 - live.policy_slot
+        } else {
+            0
+        };
+        let name = if target == 0 {
+            maps::POLICY_A
+        } else {
+            maps::POLICY_B
+        };
         let mut map: HashMap<_, PolicyKey, PolicyValue> =
-            HashMap::try_from(self.map_mut(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let mut wanted = Vec::new();
         for ((src, dst, proto), ranges) in policy {
             let key = PolicyKey {
@@ -364,7 +380,7 @@ impl Dataplane {
                 *slot = *r;
             }
             value.count = u32::try_from(ranges.len().min(MAX_PORT_RANGES)).unwrap_or(0);
-            map.insert(key, value, 0).map_err(map_err(maps::POLICY))?;
+            map.insert(key, value, 0).map_err(map_err(name))?;
             wanted.push(key);
         }
         let stale: Vec<PolicyKey> = map
@@ -373,9 +389,37 @@ impl Dataplane {
             .filter(|k| !wanted.contains(k))
             .collect();
         for k in stale {
-            map.remove(&k).map_err(map_err(maps::POLICY))?;
+            map.remove(&k).map_err(map_err(name))?;
         }
-        Ok(())
+        live.policy_slot = target;
+        let mut cfg: Array<_, DataplaneConfig> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        cfg.set(0, live, 0).map_err(map_err(maps::CONFIG))?;
+        self.live = Some(live);
+        self.policy_written = true;
+        Ok(target)
+    }
+
+    /// The policy slot the programs read (0 = `POLICY_A`, 1 = `POLICY_B`).
+    #[must_use]
+    pub fn live_policy_slot(&self) -> u32 {
+        self.live.map_or(0, |c| c.policy_slot)
+    }
+
+    /// Number of entries in policy slot `slot`.
+    pub fn policy_entries(&self, slot: u32) -> Result<usize, LoaderError> {
+        let name = if slot == 0 {
+            maps::POLICY_A
+        } else {
+            maps::POLICY_B
+        };
+        let m = self
+            .ebpf
+            .map(name)
+            .ok_or(LoaderError::MissingMap { name })?;
+        let map: HashMap<_, PolicyKey, PolicyValue> =
+            HashMap::try_from(m).map_err(map_err(name))?;
+        Ok(map.keys().filter_map(Result::ok).count())
     }
 
     /// Registers a host-side veth as belonging to quadrant `q`.

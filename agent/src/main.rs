@@ -75,6 +75,9 @@ enum PolicyCommand {
     },
     /// Print the flows the kernel enforces.
     Flows,
+    /// Ask the running agent to re-evaluate the bundle and make it live at once (SIGHUP does
+    /// the same); the current policy stays if the new one does not evaluate.
+    Reload,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -164,9 +167,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
-    let bundle = quadrant::policy::PolicyBundle::for_config(config)?;
+    let bundle = || quadrant::policy::PolicyBundle::for_config(config);
     match command {
         PolicyCommand::Test => {
+            let bundle = bundle()?;
             let results = bundle.run_tests()?;
             let failed: Vec<_> = results.iter().filter(|r| !r.passed).collect();
             for r in &results {
@@ -187,7 +191,7 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PolicyCommand::Check => {
-            let report = bundle.check(&config.policy)?;
+            let report = bundle()?.check(&config.policy)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if !report.conflicts.is_empty() || !report.misplaced.is_empty() {
                 bail!(
@@ -203,7 +207,7 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read {}", input.display()))?;
             let value: serde_json::Value = serde_yaml::from_str(&text)
                 .with_context(|| format!("{} is neither JSON nor YAML", input.display()))?;
-            let (q, decision) = bundle.eval(&config.policy, &value, query.as_deref())?;
+            let (q, decision) = bundle()?.eval(&config.policy, &value, query.as_deref())?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(
@@ -212,8 +216,13 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        PolicyCommand::Reload => {
+            let (state, slot) = app::policy_reload(config)?;
+            println!("policy {state} (live slot {slot})");
+            Ok(())
+        }
         PolicyCommand::Flows => {
-            for f in bundle.flows(&config.policy)? {
+            for f in bundle()?.flows(&config.policy)? {
                 println!("{}", serde_json::to_string(&f)?);
             }
             Ok(())

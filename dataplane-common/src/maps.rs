@@ -6,9 +6,12 @@ use crate::policy::PortRange;
 
 /// LPM trie: IPv4 prefix → [`PrefixValue`]. Written by the agent, read by tc and XDP.
 pub const PREFIXES: &str = "PREFIXES";
-/// Hash: (source identity, destination identity, protocol) → [`PolicyValue`]. Written by the
-/// agent, read by every program.
-pub const POLICY: &str = "POLICY";
+/// Hash: (source identity, destination identity, protocol) → [`PolicyValue`], slot 0 of the
+/// double-buffered policy. Written by the agent while inactive, read by every program while
+/// [`DataplaneConfig::policy_slot`] selects it.
+pub const POLICY_A: &str = "POLICY_A";
+/// Slot 1 of the double-buffered policy (see [`POLICY_A`]).
+pub const POLICY_B: &str = "POLICY_B";
 /// Hash: ifindex → [`IfaceValue`]. Written by the agent, read by tc and XDP.
 pub const IFACES: &str = "IFACES";
 /// Hash: cgroup id → [`CgroupValue`]. Written by the agent, read by the cgroup programs.
@@ -24,13 +27,13 @@ pub const CONNTRACK: &str = "CONNTRACK";
 pub const STATS: &str = "STATS";
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 8] = [
-    PREFIXES, POLICY, IFACES, CGROUPS, CONFIG, QUADRANTS, CONNTRACK, STATS,
+pub const ALL: [&str; 9] = [
+    PREFIXES, POLICY_A, POLICY_B, IFACES, CGROUPS, CONFIG, QUADRANTS, CONNTRACK, STATS,
 ];
 
 /// Capacity of [`PREFIXES`].
 pub const PREFIXES_MAX: u32 = 1024;
-/// Capacity of [`POLICY`].
+/// Capacity of each policy slot ([`POLICY_A`], [`POLICY_B`]).
 pub const POLICY_MAX: u32 = 256;
 /// Capacity of [`IFACES`].
 pub const IFACES_MAX: u32 = 256;
@@ -49,7 +52,7 @@ pub struct PrefixValue {
     pub pad: [u8; 3],
 }
 
-/// Key of [`POLICY`].
+/// Key of [`POLICY_A`] and [`POLICY_B`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyKey {
@@ -66,7 +69,7 @@ pub struct PolicyKey {
 /// Maximum port ranges one (source, destination, protocol) entry holds.
 pub const MAX_PORT_RANGES: usize = 8;
 
-/// Value of [`POLICY`]: the destination port ranges allowed for one key. For ICMP the ranges are
+/// Value of [`POLICY_A`] and [`POLICY_B`]: the destination port ranges allowed for one key. For ICMP the ranges are
 /// ignored and the presence of the entry (with `count > 0`) allows it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +118,10 @@ pub struct DataplaneConfig {
     pub cgroup_level: u32,
     /// Idle time after which a tracked flow no longer counts as established, in seconds.
     pub ct_timeout_secs: u32,
+    /// Which policy map is live: 0 = [`POLICY_A`], 1 = [`POLICY_B`]. The agent fills the other
+    /// one completely, then flips this with one array update, so a new policy takes effect all
+    /// at once.
+    pub policy_slot: u32,
 }
 
 /// Key of [`CONNTRACK`]: one direction of a flow as seen on the wire. Addresses and ports in
@@ -189,7 +196,7 @@ const _: () = {
     assert!(size_of::<IfaceValue>() == 4);
     assert!(size_of::<CgroupValue>() == 4);
     assert!(size_of::<QuadrantValue>() == 4);
-    assert!(size_of::<DataplaneConfig>() == 8);
+    assert!(size_of::<DataplaneConfig>() == 12);
     assert!(size_of::<CtKey>() == 16);
     assert!(size_of::<CtValue>() == 16);
 };

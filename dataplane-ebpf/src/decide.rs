@@ -9,7 +9,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, POLICY, PREFIXES, STATS},
+    maps::{CONFIG, CONNTRACK, POLICY_A, POLICY_B, PREFIXES, STATS},
     parse::Ipv4Flow,
 };
 
@@ -51,6 +51,7 @@ fn config() -> DataplaneConfig {
         None => DataplaneConfig {
             cgroup_level: 0,
             ct_timeout_secs: DEFAULT_CT_TIMEOUT_SECS,
+            policy_slot: 0,
         },
     }
 }
@@ -123,8 +124,14 @@ pub fn policy_allows(src: u8, dst: u8, proto: u8, dport: u16) -> bool {
         proto,
         pad: 0,
     };
-    // SAFETY: the value is only read while the program runs; the agent replaces whole entries.
-    match unsafe { POLICY.get(key) } {
+    // One live slot for the whole lookup; the agent never writes the live slot.
+    let map = if config().policy_slot == 0 {
+        &POLICY_A
+    } else {
+        &POLICY_B
+    };
+    // SAFETY: the value is only read while the program runs.
+    match unsafe { map.get(key) } {
         Some(v) => v.allows(proto, u16::from_be(dport)),
         None => false,
     }

@@ -18,9 +18,14 @@ use dataplane_common::{
 #[map(name = "PREFIXES")]
 pub static PREFIXES: LpmTrie<u32, PrefixValue> = LpmTrie::with_max_entries(PREFIXES_MAX, 0);
 
-/// (src identity, dst identity, protocol) → allowed destination port ranges. Writer: agent.
-#[map(name = "POLICY")]
-pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(POLICY_MAX, 0);
+/// (src identity, dst identity, protocol) → allowed destination port ranges, slot 0. Writer:
+/// agent, only while the slot is not live.
+#[map(name = "POLICY_A")]
+pub static POLICY_A: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(POLICY_MAX, 0);
+
+/// Slot 1 of the policy (see [`POLICY_A`]); `CONFIG.policy_slot` selects the live one.
+#[map(name = "POLICY_B")]
+pub static POLICY_B: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(POLICY_MAX, 0);
 
 /// Host-side veth ifindex → quadrant. Writer: agent.
 #[map(name = "IFACES")]

@@ -587,3 +587,62 @@ fn echo_reply_matches_its_request() {
         &case("DX echo reply to DG", pong(DX, DG, 78), AllowEstablished),
     );
 }
+
+#[test]
+fn a_new_policy_goes_live_at_once_by_flipping_slots() {
+    use Reason::*;
+    let config = Config::embedded();
+    let full = PolicyBundle::embedded().compile(&config).expect("policy");
+    let mut dp = dataplane_with(&config, &full, true);
+    let slot = Quadrant::Dx as u32;
+    assert_eq!(dp.live_policy_slot(), 0);
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case(
+            "DX -> DG under the first policy",
+            tcp(DX, 1, DG, 80),
+            AllowPolicy,
+        ),
+    );
+
+    // The same policy without DX -> DG: written into slot 1, then made live.
+    let mut narrower = full.clone();
+    narrower.retain(|(src, dst, _), _| {
+        !(*src == dataplane_common::Identity::Dx && *dst == dataplane_common::Identity::Dg)
+    });
+    assert_eq!(dp.apply_policy(&narrower).expect("apply"), 1);
+    assert_eq!(dp.live_policy_slot(), 1);
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case("DX -> DG after the flip", tcp(DX, 2, DG, 80), DenyPolicy),
+    );
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case(
+            "DX -> host ping still allowed",
+            ping(DX, DX_GW, 9),
+            AllowPolicy,
+        ),
+    );
+    // The slot that was live is untouched until the next change.
+    assert_eq!(dp.policy_entries(0).expect("slot 0"), full.len());
+    assert_eq!(dp.policy_entries(1).expect("slot 1"), narrower.len());
+
+    assert_eq!(dp.apply_policy(&full).expect("apply"), 0);
+    check(
+        &mut dp,
+        Hook::TcIngress,
+        slot,
+        &case(
+            "DX -> DG after flipping back",
+            tcp(DX, 3, DG, 80),
+            AllowPolicy,
+        ),
+    );
+}

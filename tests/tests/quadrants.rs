@@ -551,3 +551,86 @@ fn a_policy_that_cannot_be_evaluated_leaves_the_quadrants_in_deny_all() {
     );
     assert!(inst.down().status.success());
 }
+
+#[test]
+fn a_policy_reload_takes_effect_and_a_broken_one_changes_nothing() {
+    let dir =
+        std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR).join("qt13-policies");
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(&src)
+        .arg(&dir)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let mut config = test_config(13, None);
+    config.policy_dir = Some(dir.clone());
+    let mut inst = Instance::up(config, QPROBE);
+    let _servers = start_servers(&mut inst);
+    let dg = inst.addr(Quadrant::Dg);
+    let connect = |inst: &Instance| {
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{dg}:{TCP_PORT}"), "1000"],
+        )
+    };
+    assert_eq!(connect(&inst), (true, "ok hello".into()));
+
+    // A global deny between DX and DG, then a reload: the flow is refused at once.
+    let global = dir.join("runtime/global.rego");
+    let mut rego = std::fs::read_to_string(&global).expect("read");
+    rego.push_str(
+        "\ndeny contains {\"from\": \"dx\", \"to\": \"dg\", \"reason\": \"maintenance\"}\n",
+    );
+    std::fs::write(&global, &rego).expect("write");
+    let out = inst.quadrant(&["policy", "reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("live slot 1"));
+    assert_eq!(connect(&inst), (false, "err EPERM".into()));
+
+    // A broken bundle is refused and the live policy stays.
+    std::fs::write(
+        dir.join("runtime/broken.rego"),
+        "package quadrant.broken\n\nallow if {\n",
+    )
+    .expect("write");
+    let out = inst.quadrant(&["policy", "reload"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the previous one stays live"));
+    assert_eq!(connect(&inst), (false, "err EPERM".into()));
+    assert!(inst.status().policy.starts_with("enforced:"));
+
+    // Fixed again and reloaded with SIGHUP.
+    std::fs::remove_file(dir.join("runtime/broken.rego")).expect("rm");
+    std::fs::write(
+        &global,
+        rego.replace(
+            "deny contains {\"from\": \"dx\", \"to\": \"dg\", \"reason\": \"maintenance\"}",
+            "",
+        ),
+    )
+    .expect("write");
+    let pid = inst.status().pid;
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !connect(&inst).0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP reload did not take effect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(inst.down().status.success());
+}
