@@ -28,6 +28,13 @@ pub enum Request {
     /// Re-evaluate the policy bundle and make the result live at once; on any error the
     /// current policy stays.
     PolicyReload,
+    /// Admit a workload: its review and its X.509-SVID (PEM chain, leaf first).
+    Admit {
+        /// `{"review": {"object": {...}}}`.
+        review: serde_json::Value,
+        /// PEM certificates.
+        svid_pem: String,
+    },
 }
 
 /// The agent's answer.
@@ -41,6 +48,8 @@ pub enum Response {
         /// What was removed.
         removed: Vec<String>,
     },
+    /// Answer to [`Request::Admit`].
+    Admission(crate::admission::Decision),
     /// The new policy is live.
     PolicyReloaded {
         /// Policy state line (as in status).

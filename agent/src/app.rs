@@ -21,7 +21,9 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    admission::{Admission, pem_chain},
     api::{self, QuadrantStatus, Request, Response, StatusReport},
+    audit::AuditLog,
     config::{CompiledPolicy, Config},
     identity::{IdentityService, attest, ca, workload_api},
     loader::{AttachedProgram, Dataplane, LoaderError},
@@ -160,6 +162,7 @@ struct Running {
     attached: Vec<Vec<AttachedProgram>>,
     identity: Arc<IdentityService>,
     policy_state: String,
+    admission: Admission,
 }
 
 /// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
@@ -256,6 +259,14 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         );
         handles.push(handle);
     }
+    let engine = PolicyBundle::for_config(config)
+        .and_then(|b| b.engine(&config.policy))
+        .map_err(|e| e.to_string());
+    let audit = AuditLog::open(&config.audit_log).map_err(|e| e.to_string());
+    if let Err(e) = &audit {
+        error!(error = %e, "audit log unusable: every admission will be refused");
+    }
+    let admission = Admission::new(engine, audit);
     let upstream = config.identity.upstream.as_ref().map(|u| ca::Upstream {
         cert: u.cert.clone(),
         key: u.key.clone(),
@@ -278,6 +289,7 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         attached,
         identity,
         policy_state,
+        admission,
     })
 }
 
@@ -479,6 +491,17 @@ async fn handle(
                 },
             },
             Ok(Request::PolicyReload) => reload_policy(&mut *running.lock().await),
+            Ok(Request::Admit { review, svid_pem }) => {
+                let r = running.lock().await;
+                let decision = match pem_chain(&svid_pem) {
+                    Ok(chain) => r.admission.admit(r.identity.authority(), &review, &chain),
+                    Err(e) => r
+                        .admission
+                        .admit(r.identity.authority(), &review, &[])
+                        .with_error_hint(&e),
+                };
+                Response::Admission(decision)
+            }
             Ok(Request::Down) => {
                 // The main loop tears down and answers on this connection.
                 return match down_tx.send(stream).await {
@@ -508,6 +531,8 @@ fn reload_policy(r: &mut Running) -> Response {
     match compiled {
         Ok((policy, bundle)) => match r.dataplane.apply_policy(&policy) {
             Ok(slot) => {
+                r.admission
+                    .set_engine(bundle.engine(&r.config.policy).map_err(|e| e.to_string()));
                 r.policy_state = format!(
                     "enforced: {} map entries from {}",
                     policy.len(),
@@ -562,6 +587,19 @@ pub fn policy_reload(config: &Config) -> Result<(String, u32), AppError> {
         Response::PolicyReloaded { policy, slot } => Ok((policy, slot)),
         Response::Error { message } => Err(AppError::Agent(message)),
         _ => Err(AppError::Agent("unexpected answer to policy reload".into())),
+    }
+}
+
+/// `quadrant admit`: asks the running agent to admit a workload.
+pub fn admit(
+    config: &Config,
+    review: serde_json::Value,
+    svid_pem: String,
+) -> Result<crate::admission::Decision, AppError> {
+    match api::call(&config.socket_path(), &Request::Admit { review, svid_pem })? {
+        Response::Admission(d) => Ok(d),
+        Response::Error { message } => Err(AppError::Agent(message)),
+        _ => Err(AppError::Agent("unexpected answer to admit".into())),
     }
 }
 

@@ -111,6 +111,9 @@ pub struct Config {
     /// SPIFFE identity settings.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// The append-only, hash-chained audit log of admission decisions.
+    #[serde(default = "default_audit_log")]
+    pub audit_log: PathBuf,
 }
 
 /// Default SPIFFE trust domain.
@@ -188,6 +191,13 @@ impl IdentityConfig {
         }
         Ok(())
     }
+}
+
+/// Default audit log (persistent).
+pub const DEFAULT_AUDIT_LOG: &str = "/var/lib/quadrant/audit.log";
+
+fn default_audit_log() -> PathBuf {
+    DEFAULT_AUDIT_LOG.into()
 }
 
 fn default_trust_domain() -> String {
@@ -437,6 +447,12 @@ impl Config {
     }
 
     fn validate_paths(&self) -> Result<(), ConfigError> {
+        if !self.audit_log.is_absolute() {
+            return Err(invalid(
+                "audit_log",
+                format!("{} must be an absolute path", self.audit_log.display()),
+            ));
+        }
         if let Some(dir) = &self.policy_dir
             && !dir.is_absolute()
         {

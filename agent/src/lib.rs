@@ -8,11 +8,15 @@
 //! | [`loader`] | the eBPF object: load, pin, attach, maps, counters |
 //! | [`api`] | the control socket protocol and status rendering |
 //! | [`app`] | lifecycle: up, down, status, exec, state file |
+//! | [`admission`] | fail-closed admission: SVID → constraints → audit record |
+//! | [`audit`] | append-only, hash-chained audit log |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
 //! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
 
+pub mod admission;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod identity;
 pub mod loader;

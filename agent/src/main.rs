@@ -47,6 +47,22 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Ask the running agent to admit a workload: SVID check, constraints, audit record.
+    /// Exits 1 when the workload is rejected.
+    Admit {
+        /// The review (JSON or YAML): `{"review": {"object": {quadrant, workload, labels,
+        /// artifacts, resources}}}`.
+        #[arg(long)]
+        review: PathBuf,
+        /// The workload's X.509-SVID, PEM certificates, leaf first.
+        #[arg(long)]
+        svid: PathBuf,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Work with the Rego policy bundle (the embedded one, or `policy_dir`), offline.
     Policy {
         #[command(subcommand)]
@@ -54,6 +70,16 @@ enum Command {
     },
     /// Load every eBPF program into this kernel and print its verified instruction count.
     Verifier,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of the audit log (the configured one, or FILE).
+    Verify {
+        /// Log file instead of the configured `audit_log`.
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +185,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy { command } => policy(&config, command),
+        Command::Admit { review, svid } => {
+            let text = std::fs::read_to_string(&review)
+                .with_context(|| format!("cannot read {}", review.display()))?;
+            let review_doc: serde_json::Value = serde_yaml::from_str(&text)
+                .with_context(|| format!("{} is neither JSON nor YAML", review.display()))?;
+            let pem = std::fs::read_to_string(&svid)
+                .with_context(|| format!("cannot read {}", svid.display()))?;
+            let decision = app::admit(&config, review_doc, pem)?;
+            println!("{}", serde_json::to_string_pretty(&decision)?);
+            if !decision.allowed {
+                let why = decision.error.clone().unwrap_or_else(|| {
+                    decision
+                        .violations
+                        .iter()
+                        .map(|v| format!("{}: {}", v.constraint, v.msg))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                });
+                bail!("rejected: {why}");
+            }
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { log },
+        } => {
+            let path = log.unwrap_or_else(|| config.audit_log.clone());
+            let n = quadrant::audit::verify(&path)?;
+            println!("audit log {}: {n} records, chain intact", path.display());
+            Ok(())
+        }
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
             Ok(())

@@ -54,6 +54,7 @@ pub fn test_config(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
         c.policy = p;
     }
     c.identity.ca_dir = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-ca"));
+    c.audit_log = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-audit.log"));
     c.validate().expect("test config is valid");
     c
 }

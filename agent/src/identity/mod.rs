@@ -7,6 +7,7 @@
 
 pub mod attest;
 pub mod ca;
+pub mod verify;
 pub mod workload_api;
 
 use std::{

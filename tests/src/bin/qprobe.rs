@@ -27,6 +27,7 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe svid [ENDPOINT]
        qprobe svid-rotation [TIMEOUT_MS]
        qprobe jwt AUDIENCE
+       qprobe svid-pem FILE
        qprobe no-header SOCKET";
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -105,6 +106,7 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
         ))),
         "svid-rotation" => Ok(run_async(spiffe_probe::rotation(timeout(args, 1)?))),
         "jwt" => Ok(run_async(spiffe_probe::jwt(arg(args, 1, "AUDIENCE")?))),
+        "svid-pem" => Ok(run_async(spiffe_probe::svid_pem(arg(args, 1, "FILE")?))),
         "no-header" => Ok(run_async(spiffe_probe::no_header(arg(args, 1, "SOCKET")?))),
         other => bail!("unknown command {other:?}"),
     }
@@ -358,6 +360,25 @@ mod spiffe_probe {
             return Err("chain does not lead to the bundle".into());
         }
         Ok(format!("{} chain={}", svid.spiffe_id(), chain.len()))
+    }
+
+    /// Writes the caller's X.509-SVID chain as PEM to `file`.
+    pub async fn svid_pem(file: &str) -> Result<String, String> {
+        let c = client(None).await?;
+        let svid = c.fetch_x509_svid().await.map_err(|e| format!("{e:?}"))?;
+        let mut pem = String::new();
+        for cert in svid.cert_chain() {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_bytes());
+            pem.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+                pem.push('\n');
+            }
+            pem.push_str("-----END CERTIFICATE-----\n");
+        }
+        std::fs::write(file, pem).map_err(|e| e.to_string())?;
+        Ok(format!("wrote {} {file}", svid.spiffe_id()))
     }
 
     /// Waits for the SVID stream to deliver a rotated SVID.
