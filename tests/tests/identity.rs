@@ -92,6 +92,15 @@ fn svids_rotate_at_half_life_and_streams_follow() {
     let inst = Instance::up(config, QPROBE);
     let (ok, line) = inst.probe_as(Quadrant::Dg, Some("gw"), &["svid-rotation", "6000"]);
     assert!(ok, "{line}");
+    let td = inst.config.identity.trust_domain.clone();
+    let (ok, sources) = inst.probe_as(Quadrant::Pg, Some("edge"), &["sources", "api", "6000"]);
+    assert!(ok, "{sources}");
+    assert_eq!(
+        sources,
+        format!(
+            "ok x509 spiffe://{td}/quadrant/pg/workload/edge rotated; jwt spiffe://{td}/quadrant/pg/workload/edge aud=api key in bundle"
+        )
+    );
     assert!(
         line.starts_with(&format!(
             "ok rotated spiffe://{}/quadrant/dg/workload/gw ",

@@ -27,6 +27,7 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe svid [ENDPOINT]
        qprobe svid-rotation [TIMEOUT_MS]
        qprobe jwt AUDIENCE
+       qprobe sources AUDIENCE [TIMEOUT_MS]
        qprobe svid-pem FILE
        qprobe no-header SOCKET";
 
@@ -106,6 +107,10 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
         ))),
         "svid-rotation" => Ok(run_async(spiffe_probe::rotation(timeout(args, 1)?))),
         "jwt" => Ok(run_async(spiffe_probe::jwt(arg(args, 1, "AUDIENCE")?))),
+        "sources" => Ok(run_async(spiffe_probe::sources(
+            arg(args, 1, "AUDIENCE")?,
+            timeout(args, 2)?,
+        ))),
         "svid-pem" => Ok(run_async(spiffe_probe::svid_pem(arg(args, 1, "FILE")?))),
         "no-header" => Ok(run_async(spiffe_probe::no_header(arg(args, 1, "SOCKET")?))),
         other => bail!("unknown command {other:?}"),
@@ -360,6 +365,52 @@ mod spiffe_probe {
             return Err("chain does not lead to the bundle".into());
         }
         Ok(format!("{} chain={}", svid.spiffe_id(), chain.len()))
+    }
+
+    /// `X509Source` and `JwtSource`, as SPIFFE applications use them: the X.509 source follows a
+    /// rotation within `wait`; a JWT-SVID's signing key is in the JWT bundle the source holds.
+    pub async fn sources(aud: &str, wait: Duration) -> Result<String, String> {
+        let x509 = spiffe::X509Source::new()
+            .await
+            .map_err(|e| format!("X509Source: {e:?}"))?;
+        let first = x509.svid().map_err(|e| format!("{e:?}"))?;
+        let serial = |s: &spiffe::X509Svid| {
+            X509Certificate::from_der(s.leaf().as_bytes())
+                .map(|(_, x)| x.raw_serial_as_string())
+                .unwrap_or_default()
+        };
+        let mut updates = x509.updated();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::time::timeout_at(deadline, updates.changed())
+                .await
+                .map_err(|_| "X509Source saw no rotation".to_owned())?
+                .map_err(|e| format!("{e:?}"))?;
+            if serial(&*x509.svid().map_err(|e| format!("{e:?}"))?) != serial(&first) {
+                break;
+            }
+        }
+        let jwt = spiffe::JwtSource::new()
+            .await
+            .map_err(|e| format!("JwtSource: {e:?}"))?;
+        let svid = jwt
+            .fetch_jwt_svid([aud])
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let bundles = jwt.bundle_set().map_err(|e| format!("{e:?}"))?;
+        let bundle = bundles
+            .get(svid.spiffe_id().trust_domain())
+            .ok_or("no JWT bundle for the trust domain")?;
+        if bundle.find_jwt_authority(svid.key_id()).is_none() {
+            return Err("the JWT-SVID's key is not in the JWT bundle".into());
+        }
+        x509.shutdown().await;
+        jwt.shutdown().await;
+        Ok(format!(
+            "x509 {} rotated; jwt {} aud={aud} key in bundle",
+            first.spiffe_id(),
+            svid.spiffe_id()
+        ))
     }
 
     /// Writes the caller's X.509-SVID chain as PEM to `file`.
