@@ -21,7 +21,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    admission::{Admission, pem_chain},
+    admission::{Admission, Prepared, pem_chain},
     api::{self, QuadrantStatus, Request, Response, StatusReport},
     audit::AuditLog,
     config::{CompiledPolicy, Config},
@@ -259,14 +259,14 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         );
         handles.push(handle);
     }
-    let engine = PolicyBundle::for_config(config)
-        .and_then(|b| b.engine(&config.policy))
+    let prepared = PolicyBundle::for_config(config)
+        .and_then(|b| Prepared::new(&b))
         .map_err(|e| e.to_string());
     let audit = AuditLog::open(&config.audit_log).map_err(|e| e.to_string());
     if let Err(e) = &audit {
         error!(error = %e, "audit log unusable: every admission will be refused");
     }
-    let admission = Admission::new(engine, audit);
+    let admission = Admission::new(prepared, audit);
     let upstream = config.identity.upstream.as_ref().map(|u| ca::Upstream {
         cert: u.cert.clone(),
         key: u.key.clone(),
@@ -532,7 +532,7 @@ fn reload_policy(r: &mut Running) -> Response {
         Ok((policy, bundle)) => match r.dataplane.apply_policy(&policy) {
             Ok(slot) => {
                 r.admission
-                    .set_engine(bundle.engine(&r.config.policy).map_err(|e| e.to_string()));
+                    .set_prepared(Prepared::new(&bundle).map_err(|e| e.to_string()));
                 r.policy_state = format!(
                     "enforced: {} map entries from {}",
                     policy.len(),

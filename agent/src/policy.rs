@@ -143,6 +143,28 @@ pub enum PolicyError {
     Empty(PathBuf),
 }
 
+/// A Gatekeeper-style constraint: a template instantiated with parameters for some quadrants.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Constraint {
+    /// Name reported with each violation.
+    pub name: String,
+    /// Template package below `quadrant.admission.templates`.
+    pub template: String,
+    /// Which quadrants it applies to.
+    #[serde(rename = "match")]
+    pub matches: ConstraintMatch,
+    /// The template's `input.parameters`.
+    #[serde(default)]
+    pub parameters: Value,
+}
+
+/// Where a constraint applies.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConstraintMatch {
+    /// Quadrant names.
+    pub quadrants: Vec<String>,
+}
+
 /// A runtime flow as the Rego decision produces it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Flow {
@@ -273,6 +295,45 @@ impl PolicyBundle {
             )
             .map_err(|e| eval_err("local rules", &e))?;
         Ok(engine)
+    }
+
+    /// An engine holding only the admission templates (`admission/templates/`): admission
+    /// evaluates them one constraint at a time, and a smaller engine evaluates faster.
+    pub fn templates_engine(&self) -> Result<Engine, PolicyError> {
+        let mut engine = Engine::new();
+        for (path, text) in self
+            .rego
+            .iter()
+            .filter(|(p, _)| p.contains("admission/templates/"))
+        {
+            engine
+                .add_policy(path.clone(), text.clone())
+                .map_err(|e| PolicyError::Rego {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(engine)
+    }
+
+    /// The admission constraints of the bundle's data documents (`constraints` arrays).
+    pub fn constraints(&self) -> Result<Vec<Constraint>, PolicyError> {
+        let mut out = Vec::new();
+        for (path, text) in &self.data {
+            let doc: Value = serde_json::from_str(text).map_err(|e| PolicyError::Data {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            if let Some(list) = doc.get("constraints") {
+                let mut cs: Vec<Constraint> =
+                    serde_json::from_value(list.clone()).map_err(|e| PolicyError::Data {
+                        path: path.clone(),
+                        message: format!("constraints: {e}"),
+                    })?;
+                out.append(&mut cs);
+            }
+        }
+        Ok(out)
     }
 
     /// The flows the kernel enforces (quadrant and local layers minus global denies).

@@ -42,7 +42,7 @@ enum Task {
     },
     /// Load every eBPF program and print its verified instruction count.
     Verifier,
-    /// Run a benchmark: `datapath`.
+    /// Run a benchmark: `datapath` or `policy`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -66,49 +66,7 @@ fn main() -> anyhow::Result<()> {
             cmd.args(&args).arg("up");
             status(&mut cmd, "quadrant up")
         }
-        Task::Test { args } => {
-            setup::run()?;
-            step("cargo fmt --check");
-            cargo(&["fmt", "--all", "--", "--check"])?;
-            step("cargo clippy -D warnings");
-            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-            step("cargo clippy -D warnings (dataplane-ebpf, bpfel target)");
-            nightly_cargo(&[
-                "clippy",
-                "--package",
-                "dataplane-ebpf",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--target-dir",
-                "target/ebpf-clippy",
-                "--",
-                "-D",
-                "warnings",
-            ])?;
-            step("cargo build (agent and test helpers)");
-            cargo(&[
-                "build",
-                "--package",
-                "agent",
-                "--package",
-                "tests",
-                "--bins",
-            ])?;
-            step("verifier report");
-            status(
-                Command::new(workspace_root().join("target/debug/quadrant")).arg("verifier"),
-                "quadrant verifier",
-            )?;
-            step("cargo test (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
-            let mut test = vec!["test"];
-            if !args.is_empty() {
-                test.push("--");
-                test.extend(args.iter().map(String::as_str));
-            }
-            cargo_test(&test)
-        }
+        Task::Test { args } => test(&args),
         Task::Verifier => {
             setup::run()?;
             cargo(&[
@@ -145,10 +103,67 @@ fn main() -> anyhow::Result<()> {
                         "datapath",
                     ])
                 }
-                other => bail!("unknown benchmark {other:?}; available: datapath"),
+                "policy" => {
+                    cargo(&["build", "--release", "--package", "agent", "--bins"])?;
+                    cargo(&[
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "--package",
+                        "benches",
+                        "--bin",
+                        "policy",
+                    ])
+                }
+                other => bail!("unknown benchmark {other:?}; available: datapath, policy"),
             }
         }
     }
+}
+
+/// `cargo xtask test`: setup, formatting, lints, the verifier report and every test tier.
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    step("cargo fmt --check");
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    step("cargo clippy -D warnings");
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    step("cargo clippy -D warnings (dataplane-ebpf, bpfel target)");
+    nightly_cargo(&[
+        "clippy",
+        "--package",
+        "dataplane-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf-clippy",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    step("cargo build (agent and test helpers)");
+    cargo(&[
+        "build",
+        "--package",
+        "agent",
+        "--package",
+        "tests",
+        "--bins",
+    ])?;
+    step("verifier report");
+    status(
+        Command::new(workspace_root().join("target/debug/quadrant")).arg("verifier"),
+        "quadrant verifier",
+    )?;
+    step("cargo test (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
+    let mut test = vec!["test"];
+    if !args.is_empty() {
+        test.push("--");
+        test.extend(args.iter().map(String::as_str));
+    }
+    cargo_test(&test)
 }
 
 fn step(what: &str) {
