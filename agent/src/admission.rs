@@ -205,8 +205,16 @@ impl Admission {
 
     /// Admits (or not) the workload described by `review` (`{"review": {"object": {...}}}`)
     /// presenting `svid` (DER chain, leaf first), and records the decision.
-    pub fn admit(&self, authority: &Authority, review: &Value, svid: &[Vec<u8>]) -> Decision {
-        let mut decision = self.decide(authority, review, svid);
+    pub fn admit(
+        &self,
+        authority: Result<&Authority, &str>,
+        review: &Value,
+        svid: &[Vec<u8>],
+    ) -> Decision {
+        let mut decision = match authority {
+            Ok(authority) => self.decide(authority, review, svid),
+            Err(e) => Decision::reject(format!("admission unavailable (fail-closed): {e}")),
+        };
         let object = review.pointer("/review/object");
         let event = json!({
             "quadrant": object.and_then(|o| o.get("quadrant")),

@@ -65,9 +65,6 @@ pub enum AppError {
     /// Host plumbing failed.
     #[error(transparent)]
     Sys(#[from] SysError),
-    /// The identity service could not start (fail closed: nothing is admitted without it).
-    #[error("identity service: {0}")]
-    Identity(#[from] ca::CaError),
     /// eBPF loading or attaching failed.
     #[error(transparent)]
     Loader(#[from] LoaderError),
@@ -160,7 +157,7 @@ struct Running {
     dataplane: Dataplane,
     handles: Vec<QuadrantHandle>,
     attached: Vec<Vec<AttachedProgram>>,
-    identity: Arc<IdentityService>,
+    identity: Result<Arc<IdentityService>, String>,
     policy_state: String,
     admission: Admission,
 }
@@ -228,9 +225,35 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
     fs::create_dir_all(&parent).map_err(sys::io_err("cannot create cgroup", &parent))?;
 
     let mut dataplane = Dataplane::load(Some(&config.bpffs_dir()))?;
-    // MCP-Core decides, the kernel enforces. A policy that cannot be evaluated leaves the
-    // quadrants in deny-all (an empty policy map), never open.
-    let compiled = PolicyBundle::for_config(config).and_then(|b| b.compile(config).map(|c| (c, b)));
+    // MCP-Core decides, the kernel enforces. Without the identity service, or with a policy
+    // that cannot be evaluated, the quadrants come up in deny-all (an empty policy map), never
+    // open.
+    let upstream = config.identity.upstream.as_ref().map(|u| ca::Upstream {
+        cert: u.cert.clone(),
+        key: u.key.clone(),
+    });
+    let identity = ca::Authority::load_or_create(
+        &config.identity.ca_dir,
+        &config.identity.trust_domain,
+        upstream.as_ref(),
+    )
+    .map(|authority| {
+        Arc::new(IdentityService::new(
+            authority,
+            &config.instance,
+            Duration::from_secs(config.identity.svid_ttl_secs),
+        ))
+    })
+    .map_err(|e| {
+        error!(error = %e, "identity service unavailable: quadrants come up in deny-all");
+        format!("identity service unavailable: {e}")
+    });
+    let compiled = match &identity {
+        Err(e) => Err(e.clone()),
+        Ok(_) => PolicyBundle::for_config(config)
+            .and_then(|b| b.compile(config).map(|c| (c, b)))
+            .map_err(|e| e.to_string()),
+    };
     let (policy, policy_state) = match compiled {
         Ok((compiled, bundle)) => {
             let state = format!(
@@ -267,20 +290,6 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         error!(error = %e, "audit log unusable: every admission will be refused");
     }
     let admission = Admission::new(prepared, audit);
-    let upstream = config.identity.upstream.as_ref().map(|u| ca::Upstream {
-        cert: u.cert.clone(),
-        key: u.key.clone(),
-    });
-    let authority = ca::Authority::load_or_create(
-        &config.identity.ca_dir,
-        &config.identity.trust_domain,
-        upstream.as_ref(),
-    )?;
-    let identity = Arc::new(IdentityService::new(
-        authority,
-        &config.instance,
-        Duration::from_secs(config.identity.svid_ttl_secs),
-    ));
     Ok(Running {
         config: config.clone(),
         state,
@@ -395,10 +404,16 @@ async fn serve(
         fs::create_dir_all(&dir).map_err(sys::io_err("cannot create", &dir))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
             .map_err(sys::io_err("cannot open up", &dir))?;
-        tokio::spawn(Arc::clone(&r.identity).run_rotation(stop_rx.clone()));
+        // Without the identity service there is no Workload API: callers get "connection
+        // refused" rather than an identity.
+        let identity = r.identity.as_ref().ok().map(Arc::clone);
+        if let Some(identity) = &identity {
+            tokio::spawn(Arc::clone(identity).run_rotation(stop_rx.clone()));
+        }
         for q in Quadrant::ALL {
+            let Some(identity) = &identity else { break };
             let path = r.config.workload_socket(q);
-            let (service, stop) = (Arc::clone(&r.identity), stop_rx.clone());
+            let (service, stop) = (Arc::clone(identity), stop_rx.clone());
             tokio::spawn(async move {
                 if let Err(e) = workload_api::serve(&path, q, service, stop).await {
                     warn!(quadrant = q.name(), socket = %path.display(), error = %e, "Workload API stopped");
@@ -493,11 +508,16 @@ async fn handle(
             Ok(Request::PolicyReload) => reload_policy(&mut *running.lock().await),
             Ok(Request::Admit { review, svid_pem }) => {
                 let r = running.lock().await;
+                let authority = r
+                    .identity
+                    .as_ref()
+                    .map(|i| i.authority())
+                    .map_err(String::as_str);
                 let decision = match pem_chain(&svid_pem) {
-                    Ok(chain) => r.admission.admit(r.identity.authority(), &review, &chain),
+                    Ok(chain) => r.admission.admit(authority, &review, &chain),
                     Err(e) => r
                         .admission
-                        .admit(r.identity.authority(), &review, &[])
+                        .admit(authority, &review, &[])
                         .with_error_hint(&e),
                 };
                 Response::Admission(decision)
@@ -526,6 +546,13 @@ async fn handle(
 
 /// Re-evaluates the bundle and flips the kernel to the result; keeps the live policy on error.
 fn reload_policy(r: &mut Running) -> Response {
+    if let Err(e) = &r.identity {
+        return Response::Error {
+            message: format!(
+                "{e}; the quadrants stay in deny-all until the agent restarts with a working identity service"
+            ),
+        };
+    }
     let compiled =
         PolicyBundle::for_config(&r.config).and_then(|b| b.compile(&r.config).map(|c| (c, b)));
     match compiled {

@@ -181,3 +181,44 @@ fn admission_fails_closed_without_a_policy_engine() {
     assert!(err.contains("admission unavailable (fail-closed)"), "{err}");
     assert!(d["audit_seq"].is_u64(), "the refusal is recorded too: {d}");
 }
+
+#[test]
+fn without_the_identity_service_quadrants_come_up_deny_all() {
+    // A CA directory that cannot be created: the identity service cannot start.
+    let not_a_dir = file("qt16-ca-is-a-file");
+    fs::write(&not_a_dir, "not a directory").expect("write");
+    let mut config = test_config(16, None);
+    config.identity.ca_dir = not_a_dir.join("ca");
+    let inst = Instance::up(config, QPROBE);
+    let status = inst.status();
+    assert!(
+        status
+            .policy
+            .starts_with("deny-all: identity service unavailable"),
+        "{}",
+        status.policy
+    );
+    let dg = inst.addr(Quadrant::Dg);
+    assert_eq!(
+        inst.probe(Quadrant::Dx, &["tcp-connect", &format!("{dg}:7000"), "500"]),
+        (false, "err EPERM".into())
+    );
+    // No Workload API, so no identity for anyone.
+    let (ok, line) = inst.probe(Quadrant::Dx, &["svid"]);
+    assert!(!ok, "{line}");
+    // Admission refuses, and says why.
+    let (ok, d, err) = admit(
+        &inst,
+        "no-identity",
+        &review("dx", "api"),
+        &self_signed("spiffe://quadrant.local/quadrant/dx/workload/api"),
+    );
+    assert!(
+        !ok && err.contains("admission unavailable (fail-closed): identity service unavailable"),
+        "{err}"
+    );
+    assert!(d["audit_seq"].is_u64());
+    let out = inst.quadrant(&["policy", "reload"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stay in deny-all"));
+}
