@@ -111,6 +111,9 @@ pub struct Config {
     /// SPIFFE identity settings.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// Root of the content-addressed artifact store.
+    #[serde(default = "default_artifacts_root")]
+    pub artifacts_root: PathBuf,
     /// The append-only, hash-chained audit log of admission decisions.
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
@@ -195,6 +198,10 @@ impl IdentityConfig {
 
 /// Default audit log (persistent).
 pub const DEFAULT_AUDIT_LOG: &str = "/var/lib/quadrant/audit.log";
+
+fn default_artifacts_root() -> PathBuf {
+    crate::artifacts::DEFAULT_ROOT.into()
+}
 
 fn default_audit_log() -> PathBuf {
     DEFAULT_AUDIT_LOG.into()
@@ -447,6 +454,12 @@ impl Config {
     }
 
     fn validate_paths(&self) -> Result<(), ConfigError> {
+        if !self.artifacts_root.is_absolute() {
+            return Err(invalid(
+                "artifacts_root",
+                format!("{} must be an absolute path", self.artifacts_root.display()),
+            ));
+        }
         if !self.audit_log.is_absolute() {
             return Err(invalid(
                 "audit_log",

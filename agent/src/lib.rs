@@ -10,12 +10,14 @@
 //! | [`app`] | lifecycle: up, down, status, exec, state file |
 //! | [`admission`] | fail-closed admission: SVID → constraints → audit record |
 //! | [`audit`] | append-only, hash-chained audit log |
+//! | [`artifacts`] | content-addressed artifact store (`<root>/<pkg>@sha256:<digest>`) |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
 //! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
 
 pub mod admission;
 pub mod api;
 pub mod app;
+pub mod artifacts;
 pub mod audit;
 pub mod config;
 pub mod identity;

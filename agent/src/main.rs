@@ -58,6 +58,11 @@ enum Command {
         #[arg(long)]
         svid: PathBuf,
     },
+    /// The content-addressed artifact store (`artifacts_root`, default /opt/mcp).
+    Artifact {
+        #[command(subcommand)]
+        command: ArtifactCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -70,6 +75,22 @@ enum Command {
     },
     /// Load every eBPF program into this kernel and print its verified instruction count.
     Verifier,
+}
+
+#[derive(Debug, Subcommand)]
+enum ArtifactCommand {
+    /// Store FILE as package NAME; prints its reference `<name>@sha256:<digest>`.
+    Add {
+        /// The file.
+        file: PathBuf,
+        /// Package name (a-z, 0-9, '.', '_', '-').
+        #[arg(long)]
+        name: String,
+    },
+    /// List the stored references.
+    List,
+    /// Re-hash every artifact and report mismatches; fails if there are any.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Artifact { command } => artifact(&config, command),
         Command::Audit {
             command: AuditCommand::Verify { log },
         } => {
@@ -217,6 +239,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
+            Ok(())
+        }
+    }
+}
+
+fn artifact(config: &Config, command: ArtifactCommand) -> anyhow::Result<()> {
+    use quadrant::artifacts::{Added, ArtifactStore, Finding};
+    let store = ArtifactStore::new(&config.artifacts_root);
+    match command {
+        ArtifactCommand::Add { file, name } => {
+            match store.add(&file, &name)? {
+                Added::Stored(r) => println!("{r}"),
+                Added::AlreadyPresent(r) => println!("{r} (already present)"),
+            }
+            Ok(())
+        }
+        ArtifactCommand::List => {
+            for r in store.list()? {
+                println!("{r}");
+            }
+            Ok(())
+        }
+        ArtifactCommand::Verify => {
+            let (ok, findings) = store.verify_all()?;
+            for f in &findings {
+                match f {
+                    Finding::Mismatch { path, actual } => {
+                        println!("MISMATCH {} (content is sha256:{actual})", path.display());
+                    }
+                    Finding::Unexpected(path) => {
+                        println!("UNEXPECTED {} (not an artifact reference)", path.display())
+                    }
+                }
+            }
+            println!(
+                "{ok} artifacts intact, {} problems in {}",
+                findings.len(),
+                store.root().display()
+            );
+            if !findings.is_empty() {
+                bail!(
+                    "the artifact store {} has {} problems",
+                    store.root().display(),
+                    findings.len()
+                );
+            }
             Ok(())
         }
     }

@@ -1,0 +1,520 @@
+//! The content-addressed artifact store: `<root>/<pkg>@sha256:<digest>` (root `/opt/mcp` by
+//! default).
+//!
+//! Adding streams the file through SHA-256 into a temporary file in the root, syncs it, makes it
+//! read-only and renames it into place without replacing anything (`RENAME_NOREPLACE`), then
+//! syncs the directory: an artifact is either fully there or not at all. The same name and digest
+//! twice is a no-op; a path that already holds other content is an integrity error and is never
+//! overwritten. Every read for execution hashes the file again.
+
+use std::{
+    fmt, fs,
+    io::{self, Read, Write as _},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use ring::digest::{Context, SHA256};
+
+/// Default store root.
+pub const DEFAULT_ROOT: &str = "/opt/mcp";
+const DIGEST_PREFIX: &str = "@sha256:";
+const MAX_NAME: usize = 128;
+const READ_CHUNK: usize = 64 * 1024;
+/// Prefix of in-flight temporary files (never a valid reference: names cannot start with '.').
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Errors of the artifact store; each names the file or reference at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// A reference that is not `<pkg>@sha256:<64 lowercase hex>`.
+    #[error("invalid artifact reference {reference:?}: {reason}")]
+    BadReference {
+        /// What was given.
+        reference: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A package name that cannot be stored.
+    #[error(
+        "invalid package name {name:?}: use 1-{MAX_NAME} characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+    )]
+    BadName {
+        /// What was given.
+        name: String,
+    },
+    /// A file's content does not match the digest in its name.
+    #[error("integrity error: {path} should have digest sha256:{expected} but has sha256:{actual}")]
+    Integrity {
+        /// The file.
+        path: PathBuf,
+        /// Digest in its name.
+        expected: String,
+        /// Digest of its content.
+        actual: String,
+    },
+    /// The referenced artifact is not in the store.
+    #[error("artifact {reference} is not in the store {root}; add it with `quadrant artifact add`")]
+    Missing {
+        /// The reference.
+        reference: String,
+        /// The store root.
+        root: PathBuf,
+    },
+    /// A file-system operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArtifactError + 'a {
+    move |source| ArtifactError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `<pkg>@sha256:<digest>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ArtifactRef {
+    /// Package name.
+    pub name: String,
+    /// 64 lowercase hex digits.
+    pub digest: String,
+}
+
+impl fmt::Display for ArtifactRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{DIGEST_PREFIX}{}", self.name, self.digest)
+    }
+}
+
+/// Whether `name` is a valid package name.
+#[must_use]
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+}
+
+impl FromStr for ArtifactRef {
+    type Err = ArtifactError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ArtifactError::BadReference {
+            reference: s.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (name, digest) = s
+            .split_once(DIGEST_PREFIX)
+            .ok_or_else(|| bad("expected <pkg>@sha256:<digest>"))?;
+        if !valid_name(name) {
+            return Err(bad(
+                "package name must be a-z, 0-9, '.', '_', '-' and start with a letter or digit",
+            ));
+        }
+        if digest.len() != 64
+            || !digest
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        {
+            return Err(bad("digest must be 64 lowercase hex digits"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            digest: digest.to_owned(),
+        })
+    }
+}
+
+/// What `add` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Added {
+    /// Stored now.
+    Stored(ArtifactRef),
+    /// The same name and digest were already there (content checked).
+    AlreadyPresent(ArtifactRef),
+}
+
+/// One problem `verify_all` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// Content does not match the digest in the name.
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// The digest of its content.
+        actual: String,
+    },
+    /// A file whose name is not a reference (not created by the store).
+    Unexpected(PathBuf),
+}
+
+/// Hex SHA-256 of everything `reader` yields.
+pub fn sha256_hex(mut reader: impl Read) -> io::Result<String> {
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(hex(ctx.finish().as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A store rooted at a directory.
+#[derive(Clone, Debug)]
+pub struct ArtifactStore {
+    root: PathBuf,
+}
+
+impl ArtifactStore {
+    /// The store at `root` (created on first add).
+    #[must_use]
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
+    /// The root.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where `reference` lives.
+    #[must_use]
+    pub fn path_of(&self, reference: &ArtifactRef) -> PathBuf {
+        self.root.join(reference.to_string())
+    }
+
+    /// Stores the content of `file` as package `name`.
+    pub fn add(&self, file: &Path, name: &str) -> Result<Added, ArtifactError> {
+        if !valid_name(name) {
+            return Err(ArtifactError::BadName {
+                name: name.to_owned(),
+            });
+        }
+        fs::create_dir_all(&self.root).map_err(io_err("cannot create", &self.root))?;
+        let mut src = fs::File::open(file).map_err(io_err("cannot read", file))?;
+        let mut nonce = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).map_err(
+            |_| ArtifactError::Io {
+                what: "no randomness for",
+                path: self.root.clone(),
+                source: io::Error::other("rng"),
+            },
+        )?;
+        let tmp = self.root.join(format!("{TMP_PREFIX}{}", hex(&nonce)));
+        let result = self.store_from(&mut src, &tmp, file, name);
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn store_from(
+        &self,
+        src: &mut fs::File,
+        tmp: &Path,
+        file: &Path,
+        name: &str,
+    ) -> Result<Added, ArtifactError> {
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)
+            .map_err(io_err("cannot create", tmp))?;
+        let mut ctx = Context::new(&SHA256);
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = src.read(&mut buf).map_err(io_err("cannot read", file))?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(io_err("cannot write", tmp))?;
+        }
+        out.sync_all().map_err(io_err("cannot sync", tmp))?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))
+            .map_err(io_err("cannot make read-only", tmp))?;
+        let reference = ArtifactRef {
+            name: name.to_owned(),
+            digest: hex(ctx.finish().as_ref()),
+        };
+        let dest = self.path_of(&reference);
+        match nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            tmp,
+            nix::fcntl::AT_FDCWD,
+            &dest,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {
+                let dir = fs::File::open(&self.root).map_err(io_err("cannot open", &self.root))?;
+                dir.sync_all().map_err(io_err("cannot sync", &self.root))?;
+                Ok(Added::Stored(reference))
+            }
+            Err(nix::errno::Errno::EEXIST) => {
+                let _ = fs::remove_file(tmp);
+                // Something is already at this path: it must be this very content.
+                self.check(&reference)?;
+                Ok(Added::AlreadyPresent(reference))
+            }
+            Err(e) => Err(ArtifactError::Io {
+                what: "cannot move into place",
+                path: dest,
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Hashes the stored file of `reference` and checks it against the digest in its name.
+    pub fn check(&self, reference: &ArtifactRef) -> Result<PathBuf, ArtifactError> {
+        let path = self.path_of(reference);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ArtifactError::Missing {
+                    reference: reference.to_string(),
+                    root: self.root.clone(),
+                });
+            }
+            Err(e) => {
+                return Err(ArtifactError::Io {
+                    what: "cannot read",
+                    path,
+                    source: e,
+                });
+            }
+        };
+        let actual = sha256_hex(file).map_err(io_err("cannot read", &path))?;
+        if actual != reference.digest {
+            return Err(ArtifactError::Integrity {
+                path,
+                expected: reference.digest.clone(),
+                actual,
+            });
+        }
+        Ok(path)
+    }
+
+    /// The path of `reference` for execution, after hashing its content again.
+    pub fn open_verified(&self, reference: &str) -> Result<PathBuf, ArtifactError> {
+        self.check(&reference.parse()?)
+    }
+
+    /// Every stored reference, sorted.
+    pub fn list(&self) -> Result<Vec<ArtifactRef>, ArtifactError> {
+        let mut out: Vec<ArtifactRef> =
+            self.entries()?.into_iter().filter_map(|(_, r)| r).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn entries(&self) -> Result<Vec<(PathBuf, Option<ArtifactRef>)>, ArtifactError> {
+        let rd = match fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => {
+                return Err(ArtifactError::Io {
+                    what: "cannot list",
+                    path: self.root.clone(),
+                    source: e,
+                });
+            }
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(io_err("cannot list", &self.root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            out.push((entry.path(), name.parse().ok()));
+        }
+        Ok(out)
+    }
+
+    /// Re-hashes every artifact; returns what does not match (and files that are not
+    /// artifacts), plus how many artifacts checked out.
+    pub fn verify_all(&self) -> Result<(usize, Vec<Finding>), ArtifactError> {
+        let mut ok = 0;
+        let mut findings = Vec::new();
+        for (path, reference) in self.entries()? {
+            let Some(reference) = reference else {
+                findings.push(Finding::Unexpected(path));
+                continue;
+            };
+            match self.check(&reference) {
+                Ok(_) => ok += 1,
+                Err(ArtifactError::Integrity { path, actual, .. }) => {
+                    findings.push(Finding::Mismatch { path, actual });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        findings.sort_by_key(|f| match f {
+            Finding::Mismatch { path, .. } | Finding::Unexpected(path) => path.clone(),
+        });
+        Ok((ok, findings))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> (ArtifactStore, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("quadrant-artifacts-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        (ArtifactStore::new(&dir.join("store")), dir)
+    }
+
+    fn input(dir: &Path, content: &[u8]) -> PathBuf {
+        let p = dir.join(format!("input-{}", content.len()));
+        fs::write(&p, content).unwrap();
+        p
+    }
+
+    const HELLO_SHA256: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    #[test]
+    fn add_stores_read_only_under_its_digest_and_is_idempotent() {
+        let (store, dir) = temp("add");
+        let file = input(&dir, b"hello");
+        let Added::Stored(r) = store.add(&file, "greeter").unwrap() else {
+            panic!("not stored")
+        };
+        assert_eq!(r.to_string(), format!("greeter@sha256:{HELLO_SHA256}"));
+        let path = store.path_of(&r);
+        assert_eq!(fs::read(&path).unwrap(), b"hello");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o444
+        );
+        assert_eq!(
+            store.add(&file, "greeter").unwrap(),
+            Added::AlreadyPresent(r.clone())
+        );
+        assert_eq!(store.list().unwrap(), vec![r.clone()]);
+        assert_eq!(store.open_verified(&r.to_string()).unwrap(), path);
+        // No temporary files are left behind.
+        assert_eq!(fs::read_dir(store.root()).unwrap().count(), 1);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn other_content_at_the_path_is_an_integrity_error_and_is_kept() {
+        let (store, dir) = temp("conflict");
+        fs::create_dir_all(store.root()).unwrap();
+        let squatter = store.root().join(format!("greeter@sha256:{HELLO_SHA256}"));
+        fs::write(&squatter, b"not hello").unwrap();
+        let e = store.add(&input(&dir, b"hello"), "greeter").unwrap_err();
+        assert!(matches!(e, ArtifactError::Integrity { .. }), "{e}");
+        assert!(e.to_string().contains(&squatter.display().to_string()));
+        assert_eq!(
+            fs::read(&squatter).unwrap(),
+            b"not hello",
+            "never overwritten"
+        );
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_found_by_verify_and_refused_for_execution() {
+        let (store, dir) = temp("flip");
+        let Added::Stored(r) = store.add(&input(&dir, b"hello"), "greeter").unwrap() else {
+            panic!()
+        };
+        store.add(&input(&dir, b"other bytes"), "other").unwrap();
+        let path = store.path_of(&r);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, b"hellp").unwrap();
+        fs::write(store.root().join("stray-file"), b"x").unwrap();
+        let (ok, findings) = store.verify_all().unwrap();
+        assert_eq!(ok, 1);
+        assert_eq!(findings.len(), 2, "{findings:?}");
+        assert!(
+            findings
+                .iter()
+                .any(|f| matches!(f, Finding::Mismatch { path: p, .. } if *p == path))
+        );
+        assert!(
+            findings
+                .iter()
+                .any(|f| matches!(f, Finding::Unexpected(p) if p.ends_with("stray-file")))
+        );
+        let e = store.open_verified(&r.to_string()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("integrity error:") && e.contains("greeter@sha256:"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn references_and_names_are_checked() {
+        let bad = |s: &str| s.parse::<ArtifactRef>().unwrap_err().to_string();
+        assert!(bad("greeter:latest").contains("expected <pkg>@sha256:<digest>"));
+        assert!(bad("greeter@sha256:abc").contains("64 lowercase hex"));
+        assert!(
+            bad(&format!("greeter@sha256:{}", HELLO_SHA256.to_uppercase()))
+                .contains("64 lowercase hex")
+        );
+        assert!(bad(&format!("../etc@sha256:{HELLO_SHA256}")).contains("package name"));
+        assert!(bad(&format!("@sha256:{HELLO_SHA256}")).contains("package name"));
+        let (store, dir) = temp("names");
+        for name in ["", "Greeter", "a/b", ".hidden", "x@y"] {
+            assert!(
+                matches!(
+                    store.add(&input(&dir, b"x"), name),
+                    Err(ArtifactError::BadName { .. })
+                ),
+                "{name:?}"
+            );
+        }
+        let e = store
+            .open_verified(&format!("absent@sha256:{HELLO_SHA256}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not in the store"), "{e}");
+        let e = store
+            .add(&dir.join("no-such-input"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cannot read"), "{e}");
+        let _ = fs::remove_dir_all(dir);
+    }
+}
