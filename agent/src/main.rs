@@ -269,7 +269,7 @@ fn artifact(config: &Config, command: ArtifactCommand) -> anyhow::Result<()> {
                         println!("MISMATCH {} (content is sha256:{actual})", path.display());
                     }
                     Finding::Unexpected(path) => {
-                        println!("UNEXPECTED {} (not an artifact reference)", path.display())
+                        println!("UNEXPECTED {} (not an artifact reference)", path.display());
                     }
                 }
             }
