@@ -15,7 +15,12 @@ use std::{
     str::FromStr,
 };
 
+use dataplane_common::Quadrant;
 use ring::digest::{Context, SHA256};
+
+use crate::signing::{
+    ARTIFACT_PAYLOAD_TYPE, Envelope, Role, SignatureError, SigningKey, TrustStore,
+};
 
 /// Default store root.
 pub const DEFAULT_ROOT: &str = "/opt/mcp";
@@ -24,6 +29,8 @@ const MAX_NAME: usize = 128;
 const READ_CHUNK: usize = 64 * 1024;
 /// Prefix of in-flight temporary files (never a valid reference: names cannot start with '.').
 const TMP_PREFIX: &str = ".tmp-";
+/// Directory of detached signatures (DSSE envelopes) inside the root.
+const SIGNATURES_DIR: &str = ".signatures";
 
 /// Errors of the artifact store; each names the file or reference at fault.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,14 @@ pub enum ArtifactError {
         reference: String,
         /// The store root.
         root: PathBuf,
+    },
+    /// No acceptable signature.
+    #[error("artifact {reference} is not signed for this use: {reason}")]
+    Signature {
+        /// The reference.
+        reference: String,
+        /// Why (the last signature's problem, or none found).
+        reason: String,
     },
     /// A file-system operation failed.
     #[error("{what} {path}: {source}")]
@@ -333,6 +348,71 @@ impl ArtifactStore {
         self.check(&reference.parse()?)
     }
 
+    /// Signs `reference` (after checking its content) with `key`; the detached envelope is
+    /// stored beside it. Returns the envelope's path.
+    pub fn sign(
+        &self,
+        reference: &ArtifactRef,
+        key: &SigningKey,
+    ) -> Result<PathBuf, ArtifactError> {
+        self.check(reference)?;
+        let dir = self.root.join(SIGNATURES_DIR);
+        fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        let envelope = key.sign(ARTIFACT_PAYLOAD_TYPE, reference.to_string().as_bytes());
+        let path = dir.join(format!("{reference}.{}.dsse.json", key.id()));
+        let text = serde_json::to_vec_pretty(&envelope).map_err(|e| ArtifactError::Io {
+            what: "cannot encode",
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        fs::write(&path, text).map_err(io_err("cannot write", &path))?;
+        Ok(path)
+    }
+
+    /// Checks the content of `reference` and that a key the trust store allows to sign
+    /// artifacts for `quadrant` signed it (offline). Returns the key id.
+    pub fn check_signed(
+        &self,
+        reference: &ArtifactRef,
+        quadrant: Quadrant,
+        trust: &TrustStore,
+    ) -> Result<String, ArtifactError> {
+        self.check(reference)?;
+        let dir = self.root.join(SIGNATURES_DIR);
+        let prefix = format!("{reference}.");
+        let mut last = None;
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for entry in rd.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with(&prefix) || !name.ends_with(".dsse.json") {
+                    continue;
+                }
+                let path = entry.path();
+                let text = fs::read_to_string(&path).map_err(io_err("cannot read", &path))?;
+                let result = serde_json::from_str::<Envelope>(&text)
+                    .map_err(|e| SignatureError::Malformed(e.to_string()))
+                    .and_then(|env| {
+                        trust.verify(&env, ARTIFACT_PAYLOAD_TYPE, Role::Artifact, quadrant)
+                    });
+                match result {
+                    Ok((payload, key)) if payload == reference.to_string().as_bytes() => {
+                        return Ok(key);
+                    }
+                    Ok((_, key)) => {
+                        last = Some(SignatureError::BadSignature(format!(
+                            "{key} (signs another artifact)"
+                        )));
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+        }
+        Err(ArtifactError::Signature {
+            reference: reference.to_string(),
+            reason: last.map_or_else(|| "no signature".to_owned(), |e| e.to_string()),
+        })
+    }
+
     /// Every stored reference, sorted.
     pub fn list(&self) -> Result<Vec<ArtifactRef>, ArtifactError> {
         let mut out: Vec<ArtifactRef> =
@@ -357,7 +437,8 @@ impl ArtifactStore {
         for entry in rd {
             let entry = entry.map_err(io_err("cannot list", &self.root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(TMP_PREFIX) {
+            // Temporary files and the signatures directory; references never start with '.'.
+            if name.starts_with('.') {
                 continue;
             }
             out.push((entry.path(), name.parse().ok()));
@@ -481,6 +562,57 @@ mod tests {
             e.starts_with("integrity error:") && e.contains("greeter@sha256:"),
             "{e}"
         );
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn detached_signatures_are_checked_offline_per_quadrant() {
+        let (store, dir) = temp("sign");
+        let Added::Stored(r) = store.add(&input(&dir, b"hello"), "greeter").unwrap() else {
+            panic!()
+        };
+        let (prod, _) = SigningKey::generate("prod").unwrap();
+        let (dev, _) = SigningKey::generate("dev").unwrap();
+        let trust = TrustStore::new(vec![
+            prod.trusted(vec![Role::Artifact], &[Quadrant::Px, Quadrant::Pg]),
+            dev.trusted(vec![Role::Artifact], &[Quadrant::Dx]),
+        ]);
+        let unsigned = store
+            .check_signed(&r, Quadrant::Px, &trust)
+            .unwrap_err()
+            .to_string();
+        assert!(unsigned.ends_with("no signature"), "{unsigned}");
+        store.sign(&r, &dev).unwrap();
+        let e = store
+            .check_signed(&r, Quadrant::Px, &trust)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key dev may not sign artifact for quadrant px"),
+            "{e}"
+        );
+        store.sign(&r, &prod).unwrap();
+        assert_eq!(
+            store.check_signed(&r, Quadrant::Px, &trust).unwrap(),
+            "prod"
+        );
+        // The signature directory is not an artifact.
+        assert_eq!(store.verify_all().unwrap(), (1, vec![]));
+        // A signature copied onto another artifact does not vouch for it.
+        let Added::Stored(other) = store.add(&input(&dir, b"other"), "other").unwrap() else {
+            panic!()
+        };
+        let sigs = store.root().join(SIGNATURES_DIR);
+        fs::copy(
+            sigs.join(format!("{r}.prod.dsse.json")),
+            sigs.join(format!("{other}.prod.dsse.json")),
+        )
+        .unwrap();
+        let e = store
+            .check_signed(&other, Quadrant::Px, &trust)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("signs another artifact"), "{e}");
         let _ = fs::remove_dir_all(dir);
     }
 

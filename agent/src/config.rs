@@ -111,6 +111,9 @@ pub struct Config {
     /// SPIFFE identity settings.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// Directory of trusted signing keys (`<id>.json`: public key, roles, quadrants).
+    #[serde(default = "default_trust_store")]
+    pub trust_store: PathBuf,
     /// Root of the content-addressed artifact store.
     #[serde(default = "default_artifacts_root")]
     pub artifacts_root: PathBuf,
@@ -198,6 +201,13 @@ impl IdentityConfig {
 
 /// Default audit log (persistent).
 pub const DEFAULT_AUDIT_LOG: &str = "/var/lib/quadrant/audit.log";
+
+/// Default trust store directory.
+pub const DEFAULT_TRUST_STORE: &str = "/etc/quadrant/trust";
+
+fn default_trust_store() -> PathBuf {
+    DEFAULT_TRUST_STORE.into()
+}
 
 fn default_artifacts_root() -> PathBuf {
     crate::artifacts::DEFAULT_ROOT.into()
@@ -454,6 +464,12 @@ impl Config {
     }
 
     fn validate_paths(&self) -> Result<(), ConfigError> {
+        if !self.trust_store.is_absolute() {
+            return Err(invalid(
+                "trust_store",
+                format!("{} must be an absolute path", self.trust_store.display()),
+            ));
+        }
         if !self.artifacts_root.is_absolute() {
             return Err(invalid(
                 "artifacts_root",

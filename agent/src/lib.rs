@@ -11,6 +11,7 @@
 //! | [`admission`] | fail-closed admission: SVID → constraints → audit record |
 //! | [`audit`] | append-only, hash-chained audit log |
 //! | [`artifacts`] | content-addressed artifact store (`<root>/<pkg>@sha256:<digest>`) |
+//! | [`signing`] | Ed25519 DSSE envelopes and the per-quadrant trust store |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
 //! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
 
@@ -24,4 +25,5 @@ pub mod identity;
 pub mod loader;
 pub mod policy;
 pub mod quadrants;
+pub mod signing;
 pub mod sys;

@@ -63,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         command: ArtifactCommand,
     },
+    /// Signing keys and the trust store (`trust_store`, default /etc/quadrant/trust).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -91,6 +96,49 @@ enum ArtifactCommand {
     List,
     /// Re-hash every artifact and report mismatches; fails if there are any.
     Verify,
+    /// Sign a stored artifact with a key (detached DSSE envelope beside it).
+    Sign {
+        /// `<pkg>@sha256:<digest>`.
+        reference: String,
+        /// Ed25519 PKCS#8 key file (its stem is the key id).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Check an artifact's content and that a trusted key signed it for QUADRANT.
+    CheckSigned {
+        /// `<pkg>@sha256:<digest>`.
+        reference: String,
+        /// dx, dg, px or pg.
+        #[arg(long)]
+        quadrant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Generate an Ed25519 key: `<out>/<id>.pk8` (private, 0600) and `<out>/<id>.json` (the
+    /// trust document to install with `quadrant keys trust`).
+    Generate {
+        /// Key id.
+        #[arg(long)]
+        id: String,
+        /// What it may sign: plan, artifact, break-glass (repeatable).
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// For which quadrants (repeatable).
+        #[arg(long = "quadrant", required = true)]
+        quadrants: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Install a trust document into the trust store.
+    Trust {
+        /// `<id>.json`.
+        file: PathBuf,
+    },
+    /// List the trusted keys.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,6 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Artifact { command } => artifact(&config, command),
+        Command::Keys { command } => keys(&config, command),
         Command::Audit {
             command: AuditCommand::Verify { log },
         } => {
@@ -239,6 +288,109 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
+            Ok(())
+        }
+    }
+}
+
+fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    use quadrant::signing::{Role, SigningKey, TrustStore, TrustedKey};
+    match command {
+        KeysCommand::Generate {
+            id,
+            roles,
+            quadrants,
+            out,
+        } => {
+            if !quadrant::artifacts::valid_name(&id) {
+                bail!("invalid key id {id:?}: use a-z, 0-9, '.', '_', '-'");
+            }
+            let roles: Vec<Role> = roles
+                .iter()
+                .map(|r| {
+                    serde_json::from_value(serde_json::Value::String(r.clone())).with_context(
+                        || format!("unknown role {r:?}; expected plan, artifact or break-glass"),
+                    )
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let qs: Vec<Quadrant> = quadrants
+                .iter()
+                .map(|q| Quadrant::from_name(q).with_context(|| format!("unknown quadrant {q:?}")))
+                .collect::<anyhow::Result<_>>()?;
+            let (key, pkcs8) = SigningKey::generate(&id)?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let private = out.join(format!("{id}.pk8"));
+            {
+                use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&private)
+                    .with_context(|| {
+                        format!(
+                            "cannot create {} (it must not exist yet)",
+                            private.display()
+                        )
+                    })?;
+                f.write_all(&pkcs8)?;
+            }
+            let public = out.join(format!("{id}.json"));
+            std::fs::write(
+                &public,
+                serde_json::to_string_pretty(&key.trusted(roles, &qs))?,
+            )?;
+            println!(
+                "private key {} (keep it secret)
+trust document {}",
+                private.display(),
+                public.display()
+            );
+            Ok(())
+        }
+        KeysCommand::Trust { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let doc: TrustedKey = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a trust document", file.display()))?;
+            if doc
+                .quadrants
+                .iter()
+                .any(|q| Quadrant::from_name(q).is_none())
+                || doc.roles.is_empty()
+            {
+                bail!(
+                    "{}: quadrants must be dx, dg, px or pg and roles must not be empty",
+                    file.display()
+                );
+            }
+            std::fs::create_dir_all(&config.trust_store)?;
+            let dest = config.trust_store.join(format!("{}.json", doc.id));
+            std::fs::write(&dest, serde_json::to_string_pretty(&doc)?)?;
+            TrustStore::load(&config.trust_store)?;
+            println!("trusted key {} ({})", doc.id, dest.display());
+            Ok(())
+        }
+        KeysCommand::List => {
+            for k in TrustStore::load(&config.trust_store)?.keys() {
+                let roles: Vec<String> = k
+                    .roles
+                    .iter()
+                    .filter_map(|r| {
+                        serde_json::to_value(r)
+                            .ok()?
+                            .as_str()
+                            .map(ToOwned::to_owned)
+                    })
+                    .collect();
+                println!(
+                    "{}	roles {}	quadrants {}",
+                    k.id,
+                    roles.join(","),
+                    k.quadrants.join(",")
+                );
+            }
             Ok(())
         }
     }
@@ -259,6 +411,30 @@ fn artifact(config: &Config, command: ArtifactCommand) -> anyhow::Result<()> {
             for r in store.list()? {
                 println!("{r}");
             }
+            Ok(())
+        }
+        ArtifactCommand::Sign { reference, key } => {
+            let key = quadrant::signing::SigningKey::load(&key)?;
+            let path = store.sign(&reference.parse()?, &key)?;
+            println!(
+                "signed {reference} with key {}: {}",
+                key.id(),
+                path.display()
+            );
+            Ok(())
+        }
+        ArtifactCommand::CheckSigned {
+            reference,
+            quadrant,
+        } => {
+            let q = Quadrant::from_name(&quadrant)
+                .with_context(|| format!("unknown quadrant {quadrant:?}"))?;
+            let trust = quadrant::signing::TrustStore::load(&config.trust_store)?;
+            let key = store.check_signed(&reference.parse()?, q, &trust)?;
+            println!(
+                "{reference}: content intact, signed for {} by key {key}",
+                q.name()
+            );
             Ok(())
         }
         ArtifactCommand::Verify => {
