@@ -12,6 +12,7 @@
 //! | [`audit`] | append-only, hash-chained audit log |
 //! | [`artifacts`] | content-addressed artifact store (`<root>/<pkg>@sha256:<digest>`) |
 //! | [`signing`] | Ed25519 DSSE envelopes and the per-quadrant trust store |
+//! | [`plans`] | execution plans: types, JSON Schema (schemars + jsonschema), canonical signing |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
 //! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
 
@@ -23,6 +24,7 @@ pub mod audit;
 pub mod config;
 pub mod identity;
 pub mod loader;
+pub mod plans;
 pub mod policy;
 pub mod quadrants;
 pub mod signing;

@@ -63,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         command: ArtifactCommand,
     },
+    /// Execution plans: schema, validation, signing, offline verification.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
     /// Signing keys and the trust store (`trust_store`, default /etc/quadrant/trust).
     Keys {
         #[command(subcommand)]
@@ -111,6 +116,30 @@ enum ArtifactCommand {
         /// dx, dg, px or pg.
         #[arg(long)]
         quadrant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PlanCommand {
+    /// Print the plan JSON Schema (published as manifests/schemas/plan.schema.json).
+    Schema,
+    /// Validate a plan (JSON or YAML) against the schema.
+    Validate {
+        /// The plan.
+        file: PathBuf,
+    },
+    /// Sign a plan with a key: prints the DSSE envelope (JSON).
+    Sign {
+        /// The plan.
+        file: PathBuf,
+        /// Ed25519 PKCS#8 key file (its stem is the key id).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify a signed plan (envelope) against the trust store, offline.
+    Verify {
+        /// The envelope.
+        file: PathBuf,
     },
 }
 
@@ -278,6 +307,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Artifact { command } => artifact(&config, command),
         Command::Keys { command } => keys(&config, command),
+        Command::Plan { command } => plan(&config, command),
         Command::Audit {
             command: AuditCommand::Verify { log },
         } => {
@@ -288,6 +318,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
+            Ok(())
+        }
+    }
+}
+
+fn plan(config: &Config, command: PlanCommand) -> anyhow::Result<()> {
+    use quadrant::{plans, signing};
+    let read = |f: &PathBuf| {
+        std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))
+    };
+    match command {
+        PlanCommand::Schema => {
+            println!("{}", serde_json::to_string_pretty(&plans::schema())?);
+            Ok(())
+        }
+        PlanCommand::Validate { file } => {
+            let p = plans::parse(&read(&file)?)?;
+            println!(
+                "valid: {}/{} generation {}",
+                Quadrant::from(p.quadrant).name(),
+                p.workload,
+                p.generation
+            );
+            Ok(())
+        }
+        PlanCommand::Sign { file, key } => {
+            let p = plans::parse(&read(&file)?)?;
+            let key = signing::SigningKey::load(&key)?;
+            println!("{}", serde_json::to_string_pretty(&plans::sign(&p, &key))?);
+            Ok(())
+        }
+        PlanCommand::Verify { file } => {
+            let envelope: signing::Envelope = serde_json::from_str(&read(&file)?)
+                .map_err(|e| signing::SignatureError::Malformed(e.to_string()))?;
+            let trust = signing::TrustStore::load(&config.trust_store)?;
+            let (p, key) = plans::verify(&envelope, &trust)?;
+            println!(
+                "verified: {}/{} generation {} signed by {key}",
+                Quadrant::from(p.quadrant).name(),
+                p.workload,
+                p.generation
+            );
             Ok(())
         }
     }

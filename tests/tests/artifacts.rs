@@ -8,7 +8,10 @@ use quadrant_tests::harness::{TEST_STATE_DIR, sibling_binary, test_config};
 const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "one end-to-end CLI scenario, step by step")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end CLI scenario, step by step"
+)]
 fn artifact_add_list_verify_and_tamper_detection() {
     let dir = PathBuf::from(TEST_STATE_DIR).join("artifacts-cli");
     let _ = fs::remove_dir_all(&dir);

@@ -1,0 +1,427 @@
+//! Execution plans: typed (serde + schemars), validated against their JSON Schema before
+//! anything else, signed in DSSE envelopes over their canonical bytes, and checked against the
+//! per-quadrant signer sets of the trust store.
+//!
+//! The schema is generated from [`Plan`] and published as `manifests/schemas/plan.schema.json`
+//! (a unit test keeps the file in step with the types).
+
+use std::collections::BTreeMap;
+
+use dataplane_common::Quadrant;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::signing::{Envelope, PLAN_PAYLOAD_TYPE, Role, SignatureError, SigningKey, TrustStore};
+
+/// The only plan API version.
+pub const API_VERSION: &str = "quadrant/v1";
+/// Largest plan document accepted, in bytes.
+pub const MAX_PLAN_BYTES: usize = 256 * 1024;
+
+/// Quadrant names as plans spell them.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QuadrantName {
+    /// Development.
+    Dx,
+    /// Development gateway.
+    Dg,
+    /// Production.
+    Px,
+    /// Production gateway.
+    Pg,
+}
+
+impl From<QuadrantName> for Quadrant {
+    fn from(q: QuadrantName) -> Self {
+        match q {
+            QuadrantName::Dx => Self::Dx,
+            QuadrantName::Dg => Self::Dg,
+            QuadrantName::Px => Self::Px,
+            QuadrantName::Pg => Self::Pg,
+        }
+    }
+}
+
+/// Resource limits of the workload's cgroup.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU in thousandths of a core.
+    #[schemars(range(min = 1, max = 64_000))]
+    pub cpu_millis: u32,
+    /// Memory limit in bytes (1 MiB to 64 GiB).
+    #[schemars(range(min = 1_048_576, max = 68_719_476_736_u64))]
+    pub memory_bytes: u64,
+    /// Maximum number of processes and threads.
+    #[schemars(range(min = 1, max = 32_768))]
+    pub pids: u32,
+}
+
+/// Lane transports a plan may require.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Shared memory on the same host.
+    Shm,
+    /// Unix sockets.
+    Uds,
+    /// TCP.
+    Tcp,
+    /// TCP with mutual TLS (SVIDs).
+    TcpMtls,
+}
+
+/// A lane the workload needs.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LaneRequirement {
+    /// The peer: `<quadrant>/<workload>`.
+    #[schemars(regex(pattern = r"^(dx|dg|px|pg)/[a-z0-9][a-z0-9._-]{0,63}$"))]
+    pub peer: String,
+    /// A required transport; the agent chooses when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+}
+
+/// Service-level requirements.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    /// Target p99 latency of the workload's lanes, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.001, max = 60_000.0))]
+    pub p99_latency_ms: Option<f64>,
+    /// Target availability, a fraction (0.995 = 99.5 %).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub availability: Option<f64>,
+}
+
+/// What the agent does when the workload exits.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Leave it stopped.
+    Never,
+    /// Restart after a non-zero exit.
+    #[default]
+    OnFailure,
+    /// Always restart.
+    Always,
+}
+
+/// An execution plan: what runs where, from which artifacts, with which limits.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Always `quadrant/v1`.
+    #[schemars(regex(pattern = r"^quadrant/v1$"))]
+    pub api_version: String,
+    /// The quadrant the workload runs in.
+    pub quadrant: QuadrantName,
+    /// Workload name (its cgroup and the last segment of its SPIFFE ID).
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$"))]
+    pub workload: String,
+    /// Strictly increasing per (quadrant, workload): lower or equal generations are refused.
+    #[schemars(range(min = 1))]
+    pub generation: u64,
+    /// Artifacts by content: `<pkg>@sha256:<digest>`; the first is executed.
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(regex(pattern = r"^[a-z0-9][a-z0-9._-]{0,127}@sha256:[0-9a-f]{64}$"))
+    )]
+    pub artifacts: Vec<String>,
+    /// Arguments passed to the executable.
+    #[serde(default)]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default)]
+    #[schemars(extend("maxProperties" = 64, "propertyNames" = {"pattern": "^[A-Z_][A-Z0-9_]{0,127}$"}))]
+    pub env: BTreeMap<String, String>,
+    /// Resource limits.
+    pub resources: Resources,
+    /// Lanes the workload needs.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub lanes: Vec<LaneRequirement>,
+    /// Service-level requirements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<Slo>,
+    /// Labels (admission constraints read them).
+    #[serde(default)]
+    #[schemars(extend("maxProperties" = 32, "propertyNames" = {"pattern": "^[a-z0-9][a-z0-9./_-]{0,62}$"}))]
+    pub labels: BTreeMap<String, String>,
+    /// Placement constraints, `key=value`.
+    #[serde(default)]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = r"^[a-z0-9._-]{1,63}=[A-Za-z0-9._-]{0,63}$"))
+    )]
+    pub constraints: Vec<String>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// Errors of plan handling; each points at the field or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The document is too large.
+    #[error("plan is {0} bytes; the limit is {MAX_PLAN_BYTES}")]
+    TooLarge(usize),
+    /// Not JSON or YAML.
+    #[error("plan is not valid JSON or YAML: {0}")]
+    Syntax(String),
+    /// Schema violations, each `<json pointer>: <message>`.
+    #[error("plan does not match its schema:\n  {}", .0.join("\n  "))]
+    Schema(Vec<String>),
+    /// The signature does not check out.
+    #[error("plan signature: {0}")]
+    Signature(#[from] SignatureError),
+    /// The signed payload is not the plan the envelope claims.
+    #[error("signed payload: {0}")]
+    Payload(String),
+}
+
+/// The plan JSON Schema (draft 2020-12) as a JSON value.
+#[must_use]
+pub fn schema() -> Value {
+    serde_json::to_value(schemars::schema_for!(Plan)).unwrap_or(Value::Null)
+}
+
+/// Parses a plan document (JSON or YAML), validates it against the schema, and returns the
+/// typed plan.
+pub fn parse(text: &str) -> Result<Plan, PlanError> {
+    if text.len() > MAX_PLAN_BYTES {
+        return Err(PlanError::TooLarge(text.len()));
+    }
+    // JSON is YAML; parsing through YAML accepts both with one code path.
+    let value: Value = serde_yaml::from_str(text).map_err(|e| PlanError::Syntax(e.to_string()))?;
+    from_value(&value)
+}
+
+/// Validates a plan document already parsed into JSON.
+pub fn from_value(value: &Value) -> Result<Plan, PlanError> {
+    let schema = schema();
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| PlanError::Schema(vec![format!("schema: {e}")]))?;
+    let mut errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            format!("{}: {e}", if at.is_empty() { "/" } else { &at })
+        })
+        .collect();
+    if !errors.is_empty() {
+        errors.sort();
+        errors.dedup();
+        return Err(PlanError::Schema(errors));
+    }
+    serde_json::from_value(value.clone()).map_err(|e| PlanError::Schema(vec![e.to_string()]))
+}
+
+/// Canonical bytes of a JSON value: keys sorted at every level, no insignificant whitespace.
+#[must_use]
+pub fn canonical(value: &Value) -> Vec<u8> {
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let ordered: BTreeMap<&String, Value> =
+                    m.iter().map(|(k, v)| (k, sorted(v))).collect();
+                Value::Object(ordered.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    // serde_json writes object members in map order; `sorted` fixes that order.
+    serde_json::to_vec(&sorted(value)).unwrap_or_default()
+}
+
+/// Signs `plan` with `key`: a DSSE envelope over the plan's canonical JSON.
+#[must_use]
+pub fn sign(plan: &Plan, key: &SigningKey) -> Envelope {
+    let value = serde_json::to_value(plan).unwrap_or(Value::Null);
+    key.sign(PLAN_PAYLOAD_TYPE, &canonical(&value))
+}
+
+/// Checks a signed plan: the envelope's payload is a schema-valid plan, and a trusted key
+/// allowed to sign plans for the plan's quadrant signed it. Returns the plan and the key id.
+pub fn verify(envelope: &Envelope, trust: &TrustStore) -> Result<(Plan, String), PlanError> {
+    use base64::Engine as _;
+    // The quadrant decides which signers count, so read it first, then verify for it.
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&envelope.payload)
+        .map_err(|e| PlanError::Payload(format!("not base64: {e}")))?;
+    let text =
+        std::str::from_utf8(&raw).map_err(|e| PlanError::Payload(format!("not UTF-8: {e}")))?;
+    let plan = parse(text)?;
+    let (payload, key) = trust.verify(
+        envelope,
+        PLAN_PAYLOAD_TYPE,
+        Role::Plan,
+        plan.quadrant.into(),
+    )?;
+    let value: Value =
+        serde_json::from_slice(&payload).map_err(|e| PlanError::Payload(e.to_string()))?;
+    if canonical(&value) != payload {
+        return Err(PlanError::Payload(
+            "the signed bytes are not in canonical form".into(),
+        ));
+    }
+    Ok((plan, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn good() -> Value {
+        serde_json::json!({
+            "api_version": "quadrant/v1",
+            "quadrant": "px",
+            "workload": "api",
+            "generation": 3,
+            "artifacts": [format!("api@sha256:{DIGEST}")],
+            "args": ["--port", "8080"],
+            "env": {"RUST_LOG": "info"},
+            "resources": {"cpu_millis": 500, "memory_bytes": 268_435_456, "pids": 64},
+            "lanes": [{"peer": "pg/edge", "transport": "shm"}],
+            "slo": {"p99_latency_ms": 1.5, "availability": 0.995},
+            "labels": {"app": "api", "owner": "payments"},
+            "constraints": ["zone=a"],
+            "restart": "on_failure",
+        })
+    }
+
+    fn schema_errors(v: &Value) -> Vec<String> {
+        match from_value(v) {
+            Err(PlanError::Schema(e)) => e,
+            other => panic!("expected schema errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_complete_plan_validates_and_round_trips() {
+        let plan = from_value(&good()).unwrap();
+        assert_eq!(plan.quadrant, QuadrantName::Px);
+        assert_eq!(serde_json::to_value(&plan).unwrap(), good());
+        let yaml = serde_yaml::to_string(&good()).unwrap();
+        assert_eq!(parse(&yaml).unwrap(), plan);
+    }
+
+    #[test]
+    fn schema_violations_point_at_the_field() {
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("resources");
+        assert!(schema_errors(&v).iter().any(|e| e.starts_with("/: ") && e.contains("\"resources\" is a required property")), "{:?}", schema_errors(&v));
+        let mut v = good();
+        v["generation"] = serde_json::json!("three");
+        assert!(
+            schema_errors(&v)
+                .iter()
+                .any(|e| e.starts_with("/generation:"))
+        );
+        let mut v = good();
+        v["colour"] = serde_json::json!("blue");
+        assert!(
+            schema_errors(&v).iter().any(|e| e.contains("colour")),
+            "{:?}",
+            schema_errors(&v)
+        );
+        let mut v = good();
+        v["resources"]["pids"] = serde_json::json!(0);
+        assert!(
+            schema_errors(&v)
+                .iter()
+                .any(|e| e.starts_with("/resources/pids:"))
+        );
+        let mut v = good();
+        v["artifacts"] = serde_json::json!(["api:latest"]);
+        assert!(
+            schema_errors(&v)
+                .iter()
+                .any(|e| e.starts_with("/artifacts/0:"))
+        );
+        let mut v = good();
+        v["args"] = serde_json::json!(["x".repeat(5000)]);
+        assert!(schema_errors(&v).iter().any(|e| e.starts_with("/args/0:")));
+        let mut v = good();
+        v["quadrant"] = serde_json::json!("qa");
+        assert!(
+            schema_errors(&v)
+                .iter()
+                .any(|e| e.starts_with("/quadrant:"))
+        );
+        let mut v = good();
+        v["env"] = serde_json::json!({"lower": "x"});
+        assert!(!schema_errors(&v).is_empty());
+        assert!(matches!(
+            parse(&"x".repeat(MAX_PLAN_BYTES + 1)),
+            Err(PlanError::TooLarge(_))
+        ));
+        assert!(matches!(parse("{ not: [json"), Err(PlanError::Syntax(_))));
+    }
+
+    #[test]
+    fn canonical_bytes_do_not_depend_on_key_order() {
+        let a: Value =
+            serde_json::from_str(r#"{"b": 1, "a": {"d": 2, "c": [3, {"f": 4, "e": 5}]}}"#).unwrap();
+        assert_eq!(
+            canonical(&a),
+            br#"{"a":{"c":[3,{"e":5,"f":4}],"d":2},"b":1}"#.to_vec()
+        );
+    }
+
+    #[test]
+    fn plans_are_signed_per_quadrant() {
+        use base64::Engine as _;
+        let (dev, _) = SigningKey::generate("dev").unwrap();
+        let (prod, _) = SigningKey::generate("prod").unwrap();
+        let trust = TrustStore::new(vec![
+            dev.trusted(vec![Role::Plan], &[Quadrant::Dx, Quadrant::Dg]),
+            prod.trusted(vec![Role::Plan], &[Quadrant::Px, Quadrant::Pg]),
+        ]);
+        let plan = from_value(&good()).unwrap();
+        let (checked, key) = verify(&sign(&plan, &prod), &trust).unwrap();
+        assert_eq!((checked, key.as_str()), (plan.clone(), "prod"));
+        let e = verify(&sign(&plan, &dev), &trust).unwrap_err().to_string();
+        assert!(
+            e.contains("key dev may not sign plan for quadrant px"),
+            "{e}"
+        );
+        // An envelope whose payload was edited (generation bumped) no longer verifies.
+        let mut env = sign(&plan, &prod);
+        let mut bumped = plan.clone();
+        bumped.generation += 1;
+        env.payload = base64::engine::general_purpose::STANDARD
+            .encode(canonical(&serde_json::to_value(&bumped).unwrap()));
+        assert!(
+            verify(&env, &trust)
+                .unwrap_err()
+                .to_string()
+                .contains("does not verify")
+        );
+    }
+
+    #[test]
+    fn the_published_schema_is_current() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/schemas/plan.schema.json");
+        let published: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default())
+                .unwrap_or(Value::Null);
+        assert_eq!(
+            published,
+            schema(),
+            "manifests/schemas/plan.schema.json is stale: regenerate it with `quadrant plan schema > manifests/schemas/plan.schema.json`"
+        );
+    }
+}
