@@ -28,6 +28,18 @@ pub enum Request {
     /// Re-evaluate the policy bundle and make the result live at once; on any error the
     /// current policy stays.
     PolicyReload,
+    /// Submit a signed plan: signature → schema → generation → artifacts → admission → run.
+    Submit {
+        /// The DSSE envelope.
+        envelope: crate::signing::Envelope,
+    },
+    /// List the workloads.
+    Workloads,
+    /// Stop a workload (`<quadrant>/<workload>`).
+    Stop {
+        /// Name.
+        name: String,
+    },
     /// Admit a workload: its review and its X.509-SVID (PEM chain, leaf first).
     Admit {
         /// `{"review": {"object": {...}}}`.
@@ -48,6 +60,24 @@ pub enum Response {
         /// What was removed.
         removed: Vec<String>,
     },
+    /// The plan was admitted and its workload started.
+    Submitted {
+        /// The workload's status right after start.
+        status: crate::workloads::Status,
+        /// Key that signed the plan.
+        signer: String,
+        /// The workload's SPIFFE ID.
+        spiffe_id: String,
+        /// Audit record of the admission.
+        audit_seq: Option<u64>,
+    },
+    /// Answer to [`Request::Workloads`].
+    Workloads {
+        /// Every workload.
+        workloads: Vec<crate::workloads::Status>,
+    },
+    /// Answer to [`Request::Stop`].
+    Stopped(crate::workloads::Status),
     /// Answer to [`Request::Admit`].
     Admission(crate::admission::Decision),
     /// The new policy is live.

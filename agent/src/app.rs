@@ -23,13 +23,18 @@ use tracing::{error, info, warn};
 use crate::{
     admission::{Admission, Prepared, pem_chain},
     api::{self, QuadrantStatus, Request, Response, StatusReport},
+    artifacts::ArtifactStore,
     audit::AuditLog,
     config::{CompiledPolicy, Config},
+    generations::Generations,
     identity::{IdentityService, attest, ca, workload_api},
     loader::{AttachedProgram, Dataplane, LoaderError},
+    plans,
     policy::PolicyBundle,
     quadrants::{self, QuadrantHandle},
+    signing::TrustStore,
     sys::{self, SysError},
+    workloads::{self, Supervisor},
 };
 
 /// Depth of `<cgroup2>/<instance>/<quadrant>` below the cgroup2 root.
@@ -160,6 +165,8 @@ struct Running {
     identity: Result<Arc<IdentityService>, String>,
     policy_state: String,
     admission: Admission,
+    generations: Result<Generations, String>,
+    supervisor: Supervisor,
 }
 
 /// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
@@ -290,6 +297,7 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         error!(error = %e, "audit log unusable: every admission will be refused");
     }
     let admission = Admission::new(prepared, audit);
+    let generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
     Ok(Running {
         config: config.clone(),
         state,
@@ -299,6 +307,8 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         identity,
         policy_state,
         admission,
+        generations,
+        supervisor: Supervisor::default(),
     })
 }
 
@@ -325,6 +335,7 @@ pub fn teardown(config: &Config, unmount_cgroup2: bool) -> Result<Vec<String>, A
         fs::remove_dir_all(&pins).map_err(sys::io_err("cannot remove pins", &pins))?;
         removed.push(format!("pins {}", pins.display()));
     }
+    workloads::remove_instance_v1_cgroups(&config.instance);
     let sockets = config.workload_socket_dir();
     if sockets.exists() {
         fs::remove_dir_all(&sockets).map_err(sys::io_err("cannot remove", &sockets))?;
@@ -458,6 +469,7 @@ async fn serve(
     }
     drop(listener);
     let _ = stop_tx.send(true);
+    running.lock().await.supervisor.stop_all().await;
     if let Some(mut requester) = pending_down {
         // The requester gets its answer once everything is removed.
         let guard = running.lock().await;
@@ -506,6 +518,16 @@ async fn handle(
                 },
             },
             Ok(Request::PolicyReload) => reload_policy(&mut *running.lock().await),
+            Ok(Request::Submit { envelope }) => submit(&mut *running.lock().await, &envelope).await,
+            Ok(Request::Workloads) => Response::Workloads {
+                workloads: running.lock().await.supervisor.list(),
+            },
+            Ok(Request::Stop { name }) => match running.lock().await.supervisor.stop(&name).await {
+                Ok(status) => Response::Stopped(status),
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
             Ok(Request::Admit { review, svid_pem }) => {
                 let r = running.lock().await;
                 let authority = r
@@ -542,6 +564,144 @@ async fn handle(
         }
     };
     write_response(&mut stream, &response).await
+}
+
+/// Where the accepted plan generations are kept (beside the audit log: both must persist).
+fn generations_path(config: &Config) -> PathBuf {
+    config
+        .audit_log
+        .with_file_name(format!("{}-generations.json", config.instance))
+}
+
+/// The admission review of a plan.
+fn review_of(plan: &plans::Plan, q: Quadrant, signer: &str) -> serde_json::Value {
+    serde_json::json!({"review": {"object": {
+        "quadrant": q.name(),
+        "workload": plan.workload,
+        "labels": plan.labels,
+        "artifacts": plan.artifacts,
+        "resources": {
+            "cpu": plan.resources.cpu_millis,
+            "memory": plan.resources.memory_bytes,
+            "pids": plan.resources.pids,
+        },
+        "generation": plan.generation,
+        "signer": signer,
+    }}})
+}
+
+/// How the supervisor runs a plan's workload.
+fn spec_of(
+    config: &Config,
+    plan: &plans::Plan,
+    q: Quadrant,
+    key: String,
+    executable: PathBuf,
+) -> workloads::Spec {
+    workloads::Spec {
+        key,
+        instance: config.instance.clone(),
+        quadrant: q.name().to_owned(),
+        workload: plan.workload.clone(),
+        generation: plan.generation,
+        executable,
+        args: plan.args.clone(),
+        env: plan.env.clone(),
+        resources: plan.resources.clone(),
+        restart: plan.restart,
+        cgroup: config.cgroup_dir(q).join(&plan.workload),
+        netns: config.netns(q),
+        endpoint: format!("unix://{}", config.workload_socket(q).display()),
+        log: config
+            .state_dir
+            .join(format!("{}-logs", config.instance))
+            .join(format!("{}-{}.log", q.name(), plan.workload)),
+    }
+}
+
+/// `quadrant submit`: signature → schema → generation → artifacts → identity and admission →
+/// generation recorded → workload started. Nothing is started or recorded unless every step
+/// passes.
+async fn submit(r: &mut Running, envelope: &crate::signing::Envelope) -> Response {
+    let refuse = |message: String| Response::Error { message };
+    let trust = match TrustStore::load(&r.config.trust_store) {
+        Ok(t) => t,
+        Err(e) => return refuse(format!("trust store: {e}")),
+    };
+    let (plan, signer) = match plans::verify(envelope, &trust) {
+        Ok(v) => v,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let q = Quadrant::from(plan.quadrant);
+    let key = format!("{}/{}", q.name(), plan.workload);
+    let generations = match &r.generations {
+        Ok(g) => g,
+        Err(e) => return refuse(format!("generation store unusable (fail-closed): {e}")),
+    };
+    if let Err(e) = generations.check(&key, plan.generation) {
+        return refuse(e.to_string());
+    }
+    let store = ArtifactStore::new(&r.config.artifacts_root);
+    let mut executable = None;
+    for reference in &plan.artifacts {
+        match store.open_verified(reference) {
+            Ok(path) => {
+                executable.get_or_insert(path);
+            }
+            Err(e) => return refuse(e.to_string()),
+        }
+    }
+    let Some(executable) = executable else {
+        return refuse("the plan names no artifact".into());
+    };
+    let identity = match &r.identity {
+        Ok(i) => Arc::clone(i),
+        Err(e) => return refuse(format!("admission unavailable (fail-closed): {e}")),
+    };
+    let caller = attest::Caller {
+        quadrant: q,
+        workload: plan.workload.clone(),
+    };
+    let spiffe_id = identity.id_of(&caller);
+    let svid = match identity.authority().mint_x509(&spiffe_id, identity.ttl()) {
+        Ok(s) => s,
+        Err(e) => return refuse(format!("admission unavailable (fail-closed): {e}")),
+    };
+    let review = review_of(&plan, q, &signer);
+    let decision = r
+        .admission
+        .admit(Ok(identity.authority()), &review, &svid.chain);
+    if !decision.allowed {
+        let why = decision.error.clone().unwrap_or_else(|| {
+            decision
+                .violations
+                .iter()
+                .map(|v| format!("{}: {}", v.constraint, v.msg))
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        return refuse(format!("admission rejected {key}: {why}"));
+    }
+    if let Ok(g) = &mut r.generations
+        && let Err(e) = g.accept(&key, plan.generation)
+    {
+        return refuse(e.to_string());
+    }
+    let spec = spec_of(&r.config, &plan, q, key.clone(), executable);
+    if let Err(e) = r.supervisor.start(spec).await {
+        return refuse(format!("{key} admitted but not started: {e}"));
+    }
+    // Give the process a moment to be placed, so the answer carries its pid.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    match r.supervisor.get(&key) {
+        Ok(status) => Response::Submitted {
+            status,
+            signer,
+            spiffe_id,
+            audit_seq: decision.audit_seq,
+        },
+        Err(e) => refuse(e.to_string()),
+    }
 }
 
 /// Re-evaluates the bundle and flips the kernel to the result; keeps the live policy on error.
@@ -627,6 +787,14 @@ pub fn admit(
         Response::Admission(d) => Ok(d),
         Response::Error { message } => Err(AppError::Agent(message)),
         _ => Err(AppError::Agent("unexpected answer to admit".into())),
+    }
+}
+
+/// Sends `request` to the running agent and returns its answer, turning errors into `AppError`.
+pub fn call(config: &Config, request: &Request) -> Result<Response, AppError> {
+    match api::call(&config.socket_path(), request)? {
+        Response::Error { message } => Err(AppError::Agent(message)),
+        other => Ok(other),
     }
 }
 

@@ -2,7 +2,7 @@
 //! default).
 //!
 //! Adding streams the file through SHA-256 into a temporary file in the root, syncs it, makes it
-//! read-only and renames it into place without replacing anything (`RENAME_NOREPLACE`), then
+//! read-only (0555: executable artifacts run from the store) and renames it into place without replacing anything (`RENAME_NOREPLACE`), then
 //! syncs the directory: an artifact is either fully there or not at all. The same name and digest
 //! twice is a no-op; a path that already holds other content is an integrity error and is never
 //! overwritten. Every read for execution hashes the file again.
@@ -280,7 +280,7 @@ impl ArtifactStore {
                 .map_err(io_err("cannot write", tmp))?;
         }
         out.sync_all().map_err(io_err("cannot sync", tmp))?;
-        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o555))
             .map_err(io_err("cannot make read-only", tmp))?;
         let reference = ArtifactRef {
             name: name.to_owned(),
@@ -503,7 +503,7 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"hello");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o444
+            0o555
         );
         assert_eq!(
             store.add(&file, "greeter").unwrap(),

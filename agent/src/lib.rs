@@ -13,6 +13,8 @@
 //! | [`artifacts`] | content-addressed artifact store (`<root>/<pkg>@sha256:<digest>`) |
 //! | [`signing`] | Ed25519 DSSE envelopes and the per-quadrant trust store |
 //! | [`plans`] | execution plans: types, JSON Schema (schemars + jsonschema), canonical signing |
+//! | [`generations`] | monotone plan generations per workload |
+//! | [`workloads`] | running admitted workloads in their quadrant with limits and restarts |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
 //! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
 
@@ -22,6 +24,7 @@ pub mod app;
 pub mod artifacts;
 pub mod audit;
 pub mod config;
+pub mod generations;
 pub mod identity;
 pub mod loader;
 pub mod plans;
@@ -29,3 +32,4 @@ pub mod policy;
 pub mod quadrants;
 pub mod signing;
 pub mod sys;
+pub mod workloads;

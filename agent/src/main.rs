@@ -63,6 +63,28 @@ enum Command {
         #[command(subcommand)]
         command: ArtifactCommand,
     },
+    /// Submit a signed plan to the running agent: signature → schema → generation → artifacts
+    /// → admission → run.
+    Submit {
+        /// The DSSE envelope (`quadrant plan sign` output).
+        envelope: PathBuf,
+    },
+    /// List the workloads the agent runs.
+    Workloads {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print a workload's output (`<quadrant>/<workload>`).
+    Logs {
+        /// Name.
+        name: String,
+    },
+    /// Stop a workload (`<quadrant>/<workload>`).
+    Stop {
+        /// Name.
+        name: String,
+    },
     /// Execution plans: schema, validation, signing, offline verification.
     Plan {
         #[command(subcommand)]
@@ -308,6 +330,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Artifact { command } => artifact(&config, command),
         Command::Keys { command } => keys(&config, command),
         Command::Plan { command } => plan(&config, command),
+        c @ (Command::Submit { .. }
+        | Command::Workloads { .. }
+        | Command::Logs { .. }
+        | Command::Stop { .. }) => workloads_cli(&config, c),
         Command::Audit {
             command: AuditCommand::Verify { log },
         } => {
@@ -320,6 +346,94 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
             Ok(())
         }
+    }
+}
+
+/// `submit`, `workloads`, `logs`, `stop`: the running agent's workloads.
+fn workloads_cli(config: &Config, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Submit { envelope } => {
+            let text = std::fs::read_to_string(&envelope)
+                .with_context(|| format!("cannot read {}", envelope.display()))?;
+            let envelope: quadrant::signing::Envelope = serde_json::from_str(&text)
+                .map_err(|e| quadrant::signing::SignatureError::Malformed(e.to_string()))?;
+            match app::call(config, &api::Request::Submit { envelope })? {
+                api::Response::Submitted {
+                    status,
+                    signer,
+                    spiffe_id,
+                    audit_seq,
+                } => {
+                    println!(
+                        "started {} generation {} as {spiffe_id} (pid {}, signed by {signer}, audit record {})",
+                        status.name,
+                        status.generation,
+                        status.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+                        audit_seq.map_or_else(|| "-".into(), |s| s.to_string())
+                    );
+                    Ok(())
+                }
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+        Command::Workloads { output } => {
+            let api::Response::Workloads { workloads: list } =
+                app::call(config, &api::Request::Workloads)?
+            else {
+                bail!("unexpected answer to workloads");
+            };
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Text => {
+                    println!(
+                        "{:<24} {:>4} {:>8} {:<9} {:<12} {:>8} LIMITS",
+                        "NAME", "GEN", "PID", "STATE", "LAST EXIT", "RESTARTS"
+                    );
+                    for w in list {
+                        println!(
+                            "{:<24} {:>4} {:>8} {:<9} {:<12} {:>8} {}",
+                            w.name,
+                            w.generation,
+                            w.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+                            w.state,
+                            w.last_exit.unwrap_or_else(|| "-".into()),
+                            w.restarts,
+                            w.limits
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Logs { name } => {
+            let api::Response::Workloads { workloads: list } =
+                app::call(config, &api::Request::Workloads)?
+            else {
+                bail!("unexpected answer to workloads");
+            };
+            let w = list
+                .into_iter()
+                .find(|w| w.name == name)
+                .with_context(|| format!("no workload {name}; see `quadrant workloads`"))?;
+            print!(
+                "{}",
+                std::fs::read_to_string(&w.log)
+                    .with_context(|| format!("cannot read {}", w.log.display()))?
+            );
+            Ok(())
+        }
+        Command::Stop { name } => {
+            let api::Response::Stopped(s) = app::call(config, &api::Request::Stop { name })? else {
+                bail!("unexpected answer to stop");
+            };
+            println!(
+                "stopped {} ({})",
+                s.name,
+                s.last_exit.unwrap_or_else(|| "not running".into())
+            );
+            Ok(())
+        }
+        _ => unreachable!("only workload commands are passed here"),
     }
 }
 

@@ -72,6 +72,7 @@ pub struct Instance {
     pub qprobe: String,
     agent: Option<Child>,
     agent_stdout: Arc<Mutex<String>>,
+    agent_stderr: Arc<Mutex<String>>,
     background: Vec<Child>,
 }
 
@@ -94,6 +95,7 @@ impl Instance {
             qprobe: qprobe.to_owned(),
             agent: None,
             agent_stdout: Arc::default(),
+            agent_stderr: Arc::default(),
             background: Vec::new(),
         };
         // Leftovers of an earlier aborted run of the same instance.
@@ -106,6 +108,14 @@ impl Instance {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn quadrant up");
+        // Drain stderr (the agent's log) so a full pipe never blocks the agent; kept for failures.
+        let log = Arc::clone(&inst.agent_stderr);
+        let stderr = child.stderr.take().expect("stderr");
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
         let out = Arc::clone(&inst.agent_stdout);
         let stdout = child.stdout.take().expect("stdout");
         thread::spawn(move || {
@@ -116,11 +126,8 @@ impl Instance {
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                panic!("quadrant up exited with {status}: {err}");
+                thread::sleep(Duration::from_millis(100));
+                panic!("quadrant up exited with {status}: {}", inst.agent_log());
             }
             if inst.quadrant(&["status"]).status.success() {
                 break;
@@ -133,6 +140,12 @@ impl Instance {
         }
         inst.agent = Some(child);
         inst
+    }
+
+    /// What the agent logged so far (stderr).
+    #[must_use]
+    pub fn agent_log(&self) -> String {
+        self.agent_stderr.lock().expect("lock").clone()
     }
 
     /// What `quadrant up` printed so far.

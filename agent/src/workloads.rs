@@ -1,0 +1,482 @@
+//! Running admitted workloads inside their quadrant: the workload's cgroup (with the plan's
+//! limits), the quadrant's network namespace, its SPIFFE identity through
+//! `SPIFFE_ENDPOINT_SOCKET`, output to a log file, and the plan's restart policy.
+//!
+//! Limits go to the cgroup v2 group when the hierarchy offers the controllers; on a host whose
+//! memory, pids and cpu controllers are bound to cgroup v1 hierarchies (hybrid mode), to
+//! per-workload v1 groups below `<v1 mount>/<instance>/<q>/<workload>`.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::ExitStatusExt as _,
+    },
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{process::Command, sync::watch};
+use tracing::{info, warn};
+
+use crate::plans::{Resources, RestartPolicy};
+
+/// Where cgroup v1 controllers are mounted on hybrid hosts.
+const V1_ROOT: &str = "/sys/fs/cgroup";
+const CFS_PERIOD_US: u64 = 100_000;
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Everything needed to start one workload.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// `<quadrant>/<workload>`.
+    pub key: String,
+    /// Instance name (v1 cgroup paths).
+    pub instance: String,
+    /// Quadrant name.
+    pub quadrant: String,
+    /// Workload name.
+    pub workload: String,
+    /// Plan generation.
+    pub generation: u64,
+    /// The executable (a verified artifact).
+    pub executable: PathBuf,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Environment (`SPIFFE_ENDPOINT_SOCKET` is added).
+    pub env: BTreeMap<String, String>,
+    /// Limits.
+    pub resources: Resources,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// The workload's cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// Named network namespace of the quadrant.
+    pub netns: String,
+    /// `unix://…` Workload API endpoint of the quadrant.
+    pub endpoint: String,
+    /// Output file.
+    pub log: PathBuf,
+}
+
+/// What `quadrant workloads` shows.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    /// `<quadrant>/<workload>`.
+    pub name: String,
+    /// Generation running.
+    pub generation: u64,
+    /// Current pid while running.
+    pub pid: Option<u32>,
+    /// `running`, `exited`, `stopped`, `failed`.
+    pub state: String,
+    /// How the last run ended.
+    pub last_exit: Option<String>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Where limits were applied (`cgroup v2` or `cgroup v1`).
+    pub limits: String,
+    /// Output file.
+    pub log: PathBuf,
+}
+
+struct Entry {
+    status: Mutex<Status>,
+    stop: watch::Sender<bool>,
+    done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The workloads of one agent.
+#[derive(Default)]
+pub struct Supervisor {
+    entries: Mutex<BTreeMap<String, Arc<Entry>>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("workloads", &self.list().len())
+            .finish()
+    }
+}
+
+/// Errors of starting a workload.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// A cgroup, namespace or log step failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// No such workload.
+    #[error("no workload {0}; see `quadrant workloads`")]
+    Unknown(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> WorkloadError + 'a {
+    move |source| WorkloadError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The cgroup.procs files the process must join, after applying the limits. Returns them and
+/// where the limits went.
+fn prepare_cgroups(spec: &Spec) -> Result<(Vec<PathBuf>, String), WorkloadError> {
+    fs::create_dir_all(&spec.cgroup).map_err(io("cannot create cgroup", &spec.cgroup))?;
+    let mut procs = vec![spec.cgroup.join("cgroup.procs")];
+    let r = &spec.resources;
+    let cpu_quota = u64::from(r.cpu_millis) * CFS_PERIOD_US / 1000;
+    if spec.cgroup.join("memory.max").exists() && spec.cgroup.join("pids.max").exists() {
+        for (file, value) in [
+            ("memory.max", r.memory_bytes.to_string()),
+            ("pids.max", r.pids.to_string()),
+            ("cpu.max", format!("{cpu_quota} {CFS_PERIOD_US}")),
+        ] {
+            let p = spec.cgroup.join(file);
+            if p.exists() {
+                fs::write(&p, value).map_err(io("cannot set limit", &p))?;
+            }
+        }
+        return Ok((procs, "cgroup v2".into()));
+    }
+    let rel = Path::new(&spec.instance)
+        .join(&spec.quadrant)
+        .join(&spec.workload);
+    let mut applied = Vec::new();
+    for (controller, limits) in [
+        (
+            "memory",
+            vec![("memory.limit_in_bytes", r.memory_bytes.to_string())],
+        ),
+        ("pids", vec![("pids.max", r.pids.to_string())]),
+        (
+            "cpu",
+            vec![
+                ("cpu.cfs_period_us", CFS_PERIOD_US.to_string()),
+                ("cpu.cfs_quota_us", cpu_quota.to_string()),
+            ],
+        ),
+    ] {
+        let root = Path::new(V1_ROOT).join(controller);
+        if !root.join("cgroup.procs").exists() {
+            continue;
+        }
+        let dir = root.join(&rel);
+        fs::create_dir_all(&dir).map_err(io("cannot create cgroup", &dir))?;
+        for (file, value) in limits {
+            let p = dir.join(file);
+            fs::write(&p, value).map_err(io("cannot set limit", &p))?;
+        }
+        procs.push(dir.join("cgroup.procs"));
+        applied.push(controller);
+    }
+    Ok((
+        procs,
+        if applied.is_empty() {
+            "none (no controllers)".into()
+        } else {
+            format!("cgroup v1 ({})", applied.join(", "))
+        },
+    ))
+}
+
+/// Removes the v1 groups of a workload (the v2 group goes with the quadrant's).
+fn remove_v1_cgroups(spec: &Spec) {
+    for controller in ["memory", "pids", "cpu"] {
+        let dir = Path::new(V1_ROOT)
+            .join(controller)
+            .join(&spec.instance)
+            .join(&spec.quadrant)
+            .join(&spec.workload);
+        let _ = fs::remove_dir(&dir);
+    }
+}
+
+/// Removes every v1 group of `instance` (teardown).
+pub fn remove_instance_v1_cgroups(instance: &str) {
+    for controller in ["memory", "pids", "cpu"] {
+        let dir = Path::new(V1_ROOT).join(controller).join(instance);
+        if dir.exists() {
+            remove_tree(&dir);
+        }
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+impl Supervisor {
+    /// Starts `spec` (replacing a running workload of the same name: an upgrade).
+    pub async fn start(&self, spec: Spec) -> Result<(), WorkloadError> {
+        let old = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&spec.key);
+        if let Some(old) = old {
+            stop_entry(&old).await;
+        }
+        let (procs, limits) = prepare_cgroups(&spec)?;
+        if let Some(dir) = spec.log.parent() {
+            fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let entry = Arc::new(Entry {
+            status: Mutex::new(Status {
+                name: spec.key.clone(),
+                generation: spec.generation,
+                pid: None,
+                state: "starting".into(),
+                last_exit: None,
+                restarts: 0,
+                limits,
+                log: spec.log.clone(),
+            }),
+            stop: stop_tx,
+            done: Mutex::new(None),
+        });
+        let task = tokio::spawn(run(spec.clone(), procs, Arc::clone(&entry), stop_rx));
+        *entry
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(spec.key, entry);
+        Ok(())
+    }
+
+    /// Stops workload `name` (`<quadrant>/<workload>`).
+    pub async fn stop(&self, name: &str) -> Result<Status, WorkloadError> {
+        let entry = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| WorkloadError::Unknown(name.to_owned()))?;
+        stop_entry(&entry).await;
+        let status = entry
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Ok(status)
+    }
+
+    /// Stops everything (agent shutdown).
+    pub async fn stop_all(&self) {
+        let entries: Vec<Arc<Entry>> = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for e in entries {
+            stop_entry(&e).await;
+        }
+    }
+
+    /// Every workload's status.
+    #[must_use]
+    pub fn list(&self) -> Vec<Status> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|e| {
+                e.status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            })
+            .collect()
+    }
+
+    /// The status of `name`.
+    pub fn get(&self, name: &str) -> Result<Status, WorkloadError> {
+        self.list()
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| WorkloadError::Unknown(name.to_owned()))
+    }
+}
+
+async fn stop_entry(entry: &Entry) {
+    let _ = entry.stop.send(true);
+    let task = entry
+        .done
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(task) = task {
+        let _ = task.await;
+    }
+}
+
+fn set(entry: &Entry, f: impl FnOnce(&mut Status)) {
+    f(&mut entry
+        .status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner));
+}
+
+fn describe(status: std::process::ExitStatus) -> (bool, String) {
+    match (status.code(), status.signal()) {
+        (Some(0), _) => (true, "exit 0".into()),
+        (Some(c), _) => (false, format!("exit {c}")),
+        (None, Some(s)) => (false, format!("signal {s}")),
+        (None, None) => (false, "unknown".into()),
+    }
+}
+
+async fn run(spec: Spec, procs: Vec<PathBuf>, entry: Arc<Entry>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = RESTART_BACKOFF_MIN;
+    loop {
+        let child = spawn(&spec, &procs);
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(workload = %spec.key, error = %e, "cannot start workload");
+                set(&entry, |s| {
+                    s.state = "failed".into();
+                    s.last_exit = Some(format!("cannot start: {e}"));
+                });
+                break;
+            }
+        };
+        set(&entry, |s| {
+            s.pid = child.id();
+            s.state = "running".into();
+        });
+        info!(workload = %spec.key, pid = ?child.id(), generation = spec.generation, "workload started");
+        let outcome = tokio::select! {
+            status = child.wait() => Some(status),
+            _ = stop.changed() => None,
+        };
+        let Some(status) = outcome else {
+            // Stop: SIGTERM, then SIGKILL after a grace period.
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let status = if let Ok(s) = tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                s.ok()
+            } else {
+                let _ = child.kill().await;
+                child.wait().await.ok()
+            };
+            set(&entry, |s| {
+                s.pid = None;
+                s.state = "stopped".into();
+                s.last_exit = status.map(|st| describe(st).1);
+            });
+            break;
+        };
+        let (success, text) = status.map_or((false, "wait failed".to_owned()), describe);
+        set(&entry, |s| {
+            s.pid = None;
+            s.state = "exited".into();
+            s.last_exit = Some(text.clone());
+        });
+        let again = match spec.restart {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Always => true,
+        };
+        if !again {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {
+                set(&entry, |s| s.state = "stopped".into());
+                break;
+            }
+        }
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+        set(&entry, |s| s.restarts += 1);
+    }
+    remove_v1_cgroups(&spec);
+}
+
+fn spawn(spec: &Spec, procs: &[PathBuf]) -> Result<tokio::process::Child, std::io::Error> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)?;
+    // Opened before fork: the child only writes and calls setns, both async-signal-safe.
+    let proc_fds: Vec<OwnedFd> = procs
+        .iter()
+        .map(|p| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map(OwnedFd::from)
+        })
+        .collect::<Result<_, _>>()?;
+    let netns: OwnedFd =
+        fs::File::open(Path::new(crate::sys::NETNS_RUN_DIR).join(&spec.netns))?.into();
+    let zero = CString::new("0").unwrap_or_default();
+    let mut cmd = Command::new(&spec.executable);
+    cmd.args(&spec.args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .envs(&spec.env)
+        .env("SPIFFE_ENDPOINT_SOCKET", &spec.endpoint)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    let fds: Vec<i32> = proc_fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let netns_fd = netns.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+    // calls (write, setns) on descriptors opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                // "0" moves the writing process into the cgroup.
+                if libc::write(*fd, zero.as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    drop(proc_fds);
+    drop(netns);
+    child
+}

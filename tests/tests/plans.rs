@@ -1,0 +1,291 @@
+//! Signed plans through the running agent: a plan signed by a production key runs its artifact
+//! inside PX (namespace, cgroup with limits, SVID endpoint); the tamper matrix is refused with
+//! nothing started or changed. Needs root.
+
+use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf, process::Command};
+
+use quadrant::signing::{PLAN_PAYLOAD_TYPE, SigningKey};
+use quadrant_tests::harness::{Instance, TEST_STATE_DIR, test_config};
+use serde_json::{Value, json};
+
+const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
+
+struct Fixture {
+    inst: Instance,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.inst.quadrant(args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn add_artifact(&self, name: &str, script: &str) -> String {
+        let path = self.dir.join(format!("{name}.sh"));
+        fs::write(&path, script).expect("write");
+        let (ok, reference, err) = self.run(&[
+            "artifact",
+            "add",
+            path.to_str().expect("utf8"),
+            "--name",
+            name,
+        ]);
+        assert!(ok, "{err}");
+        reference
+    }
+
+    /// Signs `plan` with key `key` via the CLI and submits it; returns (ok, stdout, stderr).
+    fn sign_and_submit(&self, plan: &Value, key: &str) -> (bool, String, String) {
+        let plan_path = self.dir.join("plan.json");
+        fs::write(&plan_path, plan.to_string()).expect("write");
+        let key_path = self.dir.join(format!("keys/{key}.pk8"));
+        let (ok, envelope, err) = self.run(&[
+            "plan",
+            "sign",
+            plan_path.to_str().expect("utf8"),
+            "--key",
+            key_path.to_str().expect("utf8"),
+        ]);
+        assert!(ok, "sign: {err}");
+        self.submit_envelope(&envelope)
+    }
+
+    fn submit_envelope(&self, envelope: &str) -> (bool, String, String) {
+        let path = self.dir.join("envelope.json");
+        fs::write(&path, envelope).expect("write");
+        self.run(&["submit", path.to_str().expect("utf8")])
+    }
+
+    fn workloads(&self) -> Vec<Value> {
+        let (ok, out, err) = self.run(&["workloads", "--output", "json"]);
+        assert!(ok, "{err}\nagent log:\n{}", self.inst.agent_log());
+        serde_json::from_str(&out).expect("json")
+    }
+}
+
+fn plan_doc(generation: u64, artifact: &str) -> Value {
+    json!({
+        "api_version": "quadrant/v1", "quadrant": "px", "workload": "api", "generation": generation,
+        "artifacts": [artifact], "args": ["--listen"], "env": {"GREETING": "hello"},
+        "resources": {"cpu_millis": 250, "memory_bytes": 67_108_864, "pids": 32},
+        "labels": {"app": "api", "owner": "payments"}, "restart": "on_failure",
+    })
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: run, tamper matrix, upgrade, stop"
+)]
+fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
+    let dir = PathBuf::from(TEST_STATE_DIR).join("qt18-plans");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let mut config = test_config(18, None);
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(config.audit_log.with_file_name("qt18-generations.json"));
+    let fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    let keys = dir.join("keys");
+    for (id, quadrants) in [("dev", ["dx", "dg"]), ("prod", ["px", "pg"])] {
+        let mut args = vec![
+            "keys",
+            "generate",
+            "--id",
+            id,
+            "--role",
+            "plan",
+            "--out",
+            keys.to_str().expect("utf8"),
+        ];
+        for q in quadrants {
+            args.extend(["--quadrant", q]);
+        }
+        let (ok, _, err) = fx.run(&args);
+        assert!(ok, "{err}");
+        assert!(
+            fx.run(&[
+                "keys",
+                "trust",
+                keys.join(format!("{id}.json")).to_str().expect("utf8")
+            ])
+            .0
+        );
+    }
+    let v1 = fx.add_artifact(
+        "api",
+        "#!/bin/sh\necho \"up $GREETING $1 via $SPIFFE_ENDPOINT_SOCKET\"\nexec sleep 60\n",
+    );
+
+    let (ok, out, err) = fx.sign_and_submit(&plan_doc(1, &v1), "prod");
+    assert!(ok, "{err}");
+    let td = &fx.inst.config.identity.trust_domain;
+    assert!(
+        out.starts_with(&format!(
+            "started px/api generation 1 as spiffe://{td}/quadrant/px/workload/api"
+        )),
+        "{out}"
+    );
+    let w = fx.workloads();
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0]["state"], "running");
+    let pid = w[0]["pid"].as_u64().expect("pid");
+    // In PX's network namespace and the workload's cgroup, with the plan's limits.
+    let ns = |p: &str| fs::metadata(p).map(|m| m.ino()).expect("ns");
+    assert_eq!(ns(&format!("/proc/{pid}/ns/net")), ns("/run/netns/qt18-px"));
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert!(cgroups.contains("0::/qt18/px/api"), "{cgroups}");
+    let limits = w[0]["limits"].as_str().expect("limits");
+    if limits.starts_with("cgroup v1") {
+        assert!(
+            cgroups.contains(":memory:/qt18/px/api") && cgroups.contains(":pids:/qt18/px/api"),
+            "{cgroups}"
+        );
+        assert_eq!(
+            fs::read_to_string("/sys/fs/cgroup/pids/qt18/px/api/pids.max")
+                .expect("pids")
+                .trim(),
+            "32"
+        );
+        assert_eq!(
+            fs::read_to_string("/sys/fs/cgroup/memory/qt18/px/api/memory.limit_in_bytes")
+                .expect("mem")
+                .trim(),
+            "67108864"
+        );
+    } else {
+        assert_eq!(limits, "cgroup v2");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (_, logs, _) = fx.run(&["logs", "px/api"]);
+    assert!(
+        logs.contains(&format!(
+            "up hello --listen via unix://{}",
+            fx.inst
+                .config
+                .workload_socket(dataplane_common::Quadrant::Px)
+                .display()
+        )),
+        "{logs}"
+    );
+
+    // The tamper matrix: each refused with a clear error, nothing started or changed.
+    let mut refused = 0;
+    let mut expect_refused = |what: &str, (ok, _, err): (bool, String, String), needle: &str| {
+        assert!(!ok, "{what} was accepted");
+        assert!(err.contains(needle), "{what}: {err}");
+        let w = fx.workloads();
+        assert_eq!(
+            (w.len(), w[0]["generation"].as_u64(), w[0]["pid"].as_u64()),
+            (1, Some(1), Some(pid)),
+            "{what} changed the running workload"
+        );
+        refused += 1;
+    };
+    let envelope = fs::read_to_string(dir.join("envelope.json")).expect("envelope");
+    expect_refused(
+        "replay of the same plan",
+        fx.submit_envelope(&envelope),
+        "is not newer than the accepted generation 1",
+    );
+    expect_refused(
+        "development key on a production plan",
+        fx.sign_and_submit(&plan_doc(2, &v1), "dev"),
+        "key dev may not sign plan for quadrant px",
+    );
+    let mut unsigned: Value = serde_json::from_str(&envelope).expect("json");
+    unsigned["signatures"] = json!([]);
+    expect_refused(
+        "unsigned plan",
+        fx.submit_envelope(&unsigned.to_string()),
+        "carries no signature",
+    );
+    let (stranger, _) = SigningKey::generate("stranger").expect("key");
+    let foreign = quadrant::plans::sign(
+        &quadrant::plans::from_value(&plan_doc(2, &v1)).expect("plan"),
+        &stranger,
+    );
+    expect_refused(
+        "unknown key",
+        fx.submit_envelope(&serde_json::to_string(&foreign).expect("json")),
+        "unknown key(s) stranger",
+    );
+    let prod = SigningKey::load(&keys.join("prod.pk8")).expect("key");
+    let mut bad = plan_doc(2, &v1);
+    bad.as_object_mut().expect("object").remove("resources");
+    let bad_env = prod.sign(PLAN_PAYLOAD_TYPE, &quadrant::plans::canonical(&bad));
+    expect_refused(
+        "schema violation",
+        fx.submit_envelope(&serde_json::to_string(&bad_env).expect("json")),
+        "does not match its schema",
+    );
+    let mut wrong_type = plan_doc(2, &v1);
+    wrong_type["generation"] = json!("two");
+    let env = prod.sign(PLAN_PAYLOAD_TYPE, &quadrant::plans::canonical(&wrong_type));
+    expect_refused(
+        "wrong type",
+        fx.submit_envelope(&serde_json::to_string(&env).expect("json")),
+        "/generation",
+    );
+    expect_refused(
+        "downgrade",
+        fx.sign_and_submit(&plan_doc(1, &v1), "prod"),
+        "not newer",
+    );
+    let missing = format!("ghost@sha256:{}", "0".repeat(64));
+    expect_refused(
+        "unknown artifact",
+        fx.sign_and_submit(&plan_doc(2, &missing), "prod"),
+        "is not in the store",
+    );
+    let v2 = fx.add_artifact("api2", "#!/bin/sh\necho v2\nexec sleep 60\n");
+    let stored = fx.inst.config.artifacts_root.join(&v2);
+    fs::set_permissions(&stored, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let good_bytes = fs::read(&stored).expect("read");
+    let mut flipped = good_bytes.clone();
+    flipped[3] ^= 0x01;
+    fs::write(&stored, &flipped).expect("flip");
+    expect_refused(
+        "flipped byte in the artifact",
+        fx.sign_and_submit(&plan_doc(2, &v2), "prod"),
+        "integrity error",
+    );
+    fs::write(&stored, &good_bytes).expect("restore");
+    let mut unlabelled = plan_doc(2, &v2);
+    unlabelled["labels"] = json!({"app": "api"});
+    expect_refused(
+        "admission constraint",
+        fx.sign_and_submit(&unlabelled, "prod"),
+        "workloads-are-labelled",
+    );
+    println!("plans: {refused} tampered or invalid submissions refused");
+
+    // An upgrade replaces the running generation.
+    let (ok, out, err) = fx.sign_and_submit(&plan_doc(2, &v2), "prod");
+    assert!(ok, "{err}");
+    assert!(out.starts_with("started px/api generation 2"), "{out}");
+    let w = fx.workloads();
+    assert_eq!((w.len(), w[0]["generation"].as_u64()), (1, Some(2)));
+    assert_ne!(w[0]["pid"].as_u64(), Some(pid));
+    assert!(
+        !PathBuf::from(format!("/proc/{pid}")).exists()
+            || fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")),
+        "generation 1 still runs"
+    );
+    let (ok, out, _) = fx.run(&["stop", "px/api"]);
+    assert!(ok);
+    assert!(out.starts_with("stopped px/api"), "{out}");
+    assert_eq!(fx.workloads()[0]["state"], "stopped");
+    let (ok, _, err) = fx.run(&["stop", "px/nothing"]);
+    assert!(!ok && err.contains("no workload px/nothing"), "{err}");
+    let _ = Command::new("true").status();
+}
