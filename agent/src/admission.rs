@@ -141,6 +141,17 @@ impl Admission {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = prepared;
     }
 
+    /// Appends an event other than an admission (a break-glass rollback) to the audit log.
+    pub fn record(&self, kind: &str, event: Value) -> Result<u64, String> {
+        match &self.audit {
+            Ok(log) => log
+                .append(kind, event)
+                .map(|r| r.seq)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
     /// Evaluates the constraints for `review` (no identity check, no audit record): the part
     /// the admission benchmark times.
     ///

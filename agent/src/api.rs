@@ -33,6 +33,14 @@ pub enum Request {
         /// The DSSE envelope.
         envelope: crate::signing::Envelope,
     },
+    /// Go back to an older generation: a break-glass authorization and the signed plan of that
+    /// generation.
+    Rollback {
+        /// The break-glass authorization (DSSE envelope).
+        authorization: crate::signing::Envelope,
+        /// The older signed plan.
+        envelope: crate::signing::Envelope,
+    },
     /// List the workloads.
     Workloads,
     /// Stop a workload (`<quadrant>/<workload>`).

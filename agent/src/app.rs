@@ -518,7 +518,13 @@ async fn handle(
                 },
             },
             Ok(Request::PolicyReload) => reload_policy(&mut *running.lock().await),
-            Ok(Request::Submit { envelope }) => submit(&mut *running.lock().await, &envelope).await,
+            Ok(Request::Submit { envelope }) => {
+                submit(&mut *running.lock().await, &envelope, None).await
+            }
+            Ok(Request::Rollback {
+                authorization,
+                envelope,
+            }) => submit(&mut *running.lock().await, &envelope, Some(&authorization)).await,
             Ok(Request::Workloads) => Response::Workloads {
                 workloads: running.lock().await.supervisor.list(),
             },
@@ -619,10 +625,62 @@ fn spec_of(
     }
 }
 
+/// The generation rule: a newer generation, or an older one under a live break-glass
+/// authorization for exactly this plan. Returns the authorization when it applies.
+fn check_generation(
+    generations: &Generations,
+    trust: &TrustStore,
+    plan: &plans::Plan,
+    key: &str,
+    rollback: Option<&crate::signing::Envelope>,
+) -> Result<Option<(plans::Rollback, String, Option<u64>)>, String> {
+    match rollback {
+        None => {
+            if let Err(e) = generations.check(key, plan.generation) {
+                return Err(e.to_string());
+            }
+            Ok(None)
+        }
+        Some(auth) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let (rb, authorized_by) = match plans::verify_rollback(auth, trust, now) {
+                Ok(v) => v,
+                Err(e) => return Err(format!("break-glass: {e}")),
+            };
+            if rb.quadrant != plan.quadrant
+                || rb.workload != plan.workload
+                || rb.target_generation != plan.generation
+            {
+                return Err(format!(
+                    "break-glass: the authorization is for {}/{} generation {}, the plan is {key} generation {}",
+                    Quadrant::from(rb.quadrant).name(),
+                    rb.workload,
+                    rb.target_generation,
+                    plan.generation
+                ));
+            }
+            let current = generations.current(key);
+            if current.is_none_or(|c| plan.generation >= c) {
+                return Err(format!(
+                    "break-glass: generation {} is not older than the accepted {current:?}; submit it normally",
+                    plan.generation
+                ));
+            }
+            Ok(Some((rb, authorized_by, current)))
+        }
+    }
+}
+
 /// `quadrant submit`: signature → schema → generation → artifacts → identity and admission →
 /// generation recorded → workload started. Nothing is started or recorded unless every step
 /// passes.
-async fn submit(r: &mut Running, envelope: &crate::signing::Envelope) -> Response {
+async fn submit(
+    r: &mut Running,
+    envelope: &crate::signing::Envelope,
+    rollback: Option<&crate::signing::Envelope>,
+) -> Response {
     let refuse = |message: String| Response::Error { message };
     let trust = match TrustStore::load(&r.config.trust_store) {
         Ok(t) => t,
@@ -638,9 +696,11 @@ async fn submit(r: &mut Running, envelope: &crate::signing::Envelope) -> Respons
         Ok(g) => g,
         Err(e) => return refuse(format!("generation store unusable (fail-closed): {e}")),
     };
-    if let Err(e) = generations.check(&key, plan.generation) {
-        return refuse(e.to_string());
-    }
+    // Forward only, unless a live break-glass authorization names exactly this generation.
+    let break_glass = match check_generation(generations, &trust, &plan, &key, rollback) {
+        Ok(b) => b,
+        Err(e) => return refuse(e),
+    };
     let store = ArtifactStore::new(&r.config.artifacts_root);
     let mut executable = None;
     for reference in &plan.artifacts {
@@ -682,10 +742,28 @@ async fn submit(r: &mut Running, envelope: &crate::signing::Envelope) -> Respons
         });
         return refuse(format!("admission rejected {key}: {why}"));
     }
-    if let Ok(g) = &mut r.generations
-        && let Err(e) = g.accept(&key, plan.generation)
-    {
-        return refuse(e.to_string());
+    if let Some((rb, authorized_by, from)) = &break_glass {
+        let event = serde_json::json!({
+            "workload": key, "from_generation": from, "to_generation": rb.target_generation,
+            "reason": rb.reason, "authorized_by": authorized_by, "plan_signer": signer,
+            "expires_at": rb.expires_at,
+        });
+        if let Err(e) = r.admission.record("break-glass", event) {
+            return refuse(format!(
+                "break-glass: cannot record the rollback (fail-closed): {e}"
+            ));
+        }
+        warn!(workload = %key, to = rb.target_generation, reason = %rb.reason, by = %authorized_by, "break-glass rollback");
+    }
+    if let Ok(g) = &mut r.generations {
+        let recorded = if break_glass.is_some() {
+            g.force(&key, plan.generation)
+        } else {
+            g.accept(&key, plan.generation)
+        };
+        if let Err(e) = recorded {
+            return refuse(e.to_string());
+        }
     }
     let spec = spec_of(&r.config, &plan, q, key.clone(), executable);
     if let Err(e) = r.supervisor.start(spec).await {

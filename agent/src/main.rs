@@ -69,6 +69,16 @@ enum Command {
         /// The DSSE envelope (`quadrant plan sign` output).
         envelope: PathBuf,
     },
+    /// Break-glass: return a workload to an older generation with a break-glass authorization
+    /// (`quadrant plan authorize-rollback`) and that generation's signed plan.
+    Rollback {
+        /// The authorization envelope.
+        #[arg(long)]
+        authorization: PathBuf,
+        /// The older signed plan.
+        #[arg(long)]
+        plan: PathBuf,
+    },
     /// List the workloads the agent runs.
     Workloads {
         /// Output format.
@@ -155,6 +165,27 @@ enum PlanCommand {
         /// The plan.
         file: PathBuf,
         /// Ed25519 PKCS#8 key file (its stem is the key id).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Sign a break-glass rollback authorization with a break-glass key: prints the envelope.
+    AuthorizeRollback {
+        /// dx, dg, px or pg.
+        #[arg(long)]
+        quadrant: String,
+        /// Workload name.
+        #[arg(long)]
+        workload: String,
+        /// Generation to return to.
+        #[arg(long)]
+        generation: u64,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// How long the authorization stays valid, seconds.
+        #[arg(long, default_value_t = 3600)]
+        valid_for_secs: u64,
+        /// Ed25519 PKCS#8 break-glass key.
         #[arg(long)]
         key: PathBuf,
     },
@@ -330,7 +361,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Artifact { command } => artifact(&config, command),
         Command::Keys { command } => keys(&config, command),
         Command::Plan { command } => plan(&config, command),
-        c @ (Command::Submit { .. }
+        c @ (Command::Rollback { .. }
+        | Command::Submit { .. }
         | Command::Workloads { .. }
         | Command::Logs { .. }
         | Command::Stop { .. }) => workloads_cli(&config, c),
@@ -349,9 +381,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The workloads as a table.
+fn print_workloads(list: Vec<quadrant::workloads::Status>) {
+    println!(
+        "{:<24} {:>4} {:>8} {:<9} {:<12} {:>8} LIMITS",
+        "NAME", "GEN", "PID", "STATE", "LAST EXIT", "RESTARTS"
+    );
+    for w in list {
+        println!(
+            "{:<24} {:>4} {:>8} {:<9} {:<12} {:>8} {}",
+            w.name,
+            w.generation,
+            w.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+            w.state,
+            w.last_exit.unwrap_or_else(|| "-".into()),
+            w.restarts,
+            w.limits
+        );
+    }
+}
+
 /// `submit`, `workloads`, `logs`, `stop`: the running agent's workloads.
 fn workloads_cli(config: &Config, command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Rollback {
+            authorization,
+            plan,
+        } => {
+            let read = |f: &PathBuf| -> anyhow::Result<quadrant::signing::Envelope> {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                Ok(serde_json::from_str(&text)
+                    .map_err(|e| quadrant::signing::SignatureError::Malformed(e.to_string()))?)
+            };
+            let request = api::Request::Rollback {
+                authorization: read(&authorization)?,
+                envelope: read(&plan)?,
+            };
+            match app::call(config, &request)? {
+                api::Response::Submitted {
+                    status, spiffe_id, ..
+                } => {
+                    println!(
+                        "rolled back {} to generation {} as {spiffe_id} (break-glass, recorded in the audit log)",
+                        status.name, status.generation
+                    );
+                    Ok(())
+                }
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
         Command::Submit { envelope } => {
             let text = std::fs::read_to_string(&envelope)
                 .with_context(|| format!("cannot read {}", envelope.display()))?;
@@ -384,24 +463,7 @@ fn workloads_cli(config: &Config, command: Command) -> anyhow::Result<()> {
             };
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
-                Output::Text => {
-                    println!(
-                        "{:<24} {:>4} {:>8} {:<9} {:<12} {:>8} LIMITS",
-                        "NAME", "GEN", "PID", "STATE", "LAST EXIT", "RESTARTS"
-                    );
-                    for w in list {
-                        println!(
-                            "{:<24} {:>4} {:>8} {:<9} {:<12} {:>8} {}",
-                            w.name,
-                            w.generation,
-                            w.pid.map_or_else(|| "-".into(), |p| p.to_string()),
-                            w.state,
-                            w.last_exit.unwrap_or_else(|| "-".into()),
-                            w.restarts,
-                            w.limits
-                        );
-                    }
-                }
+                Output::Text => print_workloads(list),
             }
             Ok(())
         }
@@ -461,6 +523,34 @@ fn plan(config: &Config, command: PlanCommand) -> anyhow::Result<()> {
             let p = plans::parse(&read(&file)?)?;
             let key = signing::SigningKey::load(&key)?;
             println!("{}", serde_json::to_string_pretty(&plans::sign(&p, &key))?);
+            Ok(())
+        }
+        PlanCommand::AuthorizeRollback {
+            quadrant,
+            workload,
+            generation,
+            reason,
+            valid_for_secs,
+            key,
+        } => {
+            let q: plans::QuadrantName =
+                serde_json::from_value(serde_json::Value::String(quadrant.clone()))
+                    .with_context(|| format!("unknown quadrant {quadrant:?}"))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let rollback = plans::Rollback {
+                quadrant: q,
+                workload,
+                target_generation: generation,
+                reason,
+                expires_at: now + valid_for_secs,
+            };
+            let key = signing::SigningKey::load(&key)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&plans::sign_rollback(&rollback, &key))?
+            );
             Ok(())
         }
         PlanCommand::Verify { file } => {

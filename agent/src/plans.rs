@@ -12,7 +12,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::signing::{Envelope, PLAN_PAYLOAD_TYPE, Role, SignatureError, SigningKey, TrustStore};
+use crate::signing::{
+    Envelope, PLAN_PAYLOAD_TYPE, ROLLBACK_PAYLOAD_TYPE, Role, SignatureError, SigningKey,
+    TrustStore,
+};
 
 /// The only plan API version.
 pub const API_VERSION: &str = "quadrant/v1";
@@ -164,6 +167,76 @@ pub struct Plan {
     /// Restart policy.
     #[serde(default)]
     pub restart: RestartPolicy,
+}
+
+/// A break-glass authorization to go back to an older generation of one workload. Signed by a
+/// key with the `break-glass` role for the quadrant; it is the only way back.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    /// The workload's quadrant.
+    pub quadrant: QuadrantName,
+    /// The workload.
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$"))]
+    pub workload: String,
+    /// The generation to return to (the signed plan presented with it must have it).
+    #[schemars(range(min = 1))]
+    pub target_generation: u64,
+    /// Why; recorded in the audit log.
+    #[schemars(length(min = 8, max = 1024))]
+    pub reason: String,
+    /// Unix seconds after which the authorization is void.
+    pub expires_at: u64,
+}
+
+/// Signs a rollback authorization.
+#[must_use]
+pub fn sign_rollback(rollback: &Rollback, key: &SigningKey) -> Envelope {
+    let value = serde_json::to_value(rollback).unwrap_or(Value::Null);
+    key.sign(ROLLBACK_PAYLOAD_TYPE, &canonical(&value))
+}
+
+/// Checks a rollback authorization: schema, a break-glass key for its quadrant, not expired at
+/// `now` (unix seconds). Returns it and the key id.
+pub fn verify_rollback(
+    envelope: &Envelope,
+    trust: &TrustStore,
+    now: u64,
+) -> Result<(Rollback, String), PlanError> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&envelope.payload)
+        .map_err(|e| PlanError::Payload(format!("not base64: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(&raw).map_err(|e| PlanError::Syntax(e.to_string()))?;
+    let schema = serde_json::to_value(schemars::schema_for!(Rollback)).unwrap_or(Value::Null);
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| PlanError::Schema(vec![format!("schema: {e}")]))?;
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            format!("{}: {e}", if at.is_empty() { "/" } else { &at })
+        })
+        .collect();
+    if !errors.is_empty() {
+        return Err(PlanError::Schema(errors));
+    }
+    let rollback: Rollback =
+        serde_json::from_value(value).map_err(|e| PlanError::Schema(vec![e.to_string()]))?;
+    let (_, key) = trust.verify(
+        envelope,
+        ROLLBACK_PAYLOAD_TYPE,
+        Role::BreakGlass,
+        rollback.quadrant.into(),
+    )?;
+    if rollback.expires_at <= now {
+        return Err(PlanError::Payload(format!(
+            "the break-glass authorization expired at {} (now {now})",
+            rollback.expires_at
+        )));
+    }
+    Ok((rollback, key))
 }
 
 /// Errors of plan handling; each points at the field or key at fault.
@@ -409,6 +482,44 @@ mod tests {
                 .to_string()
                 .contains("does not verify")
         );
+    }
+
+    #[test]
+    fn rollbacks_need_a_live_break_glass_signature() {
+        let (bg, _) = SigningKey::generate("bg").unwrap();
+        let (prod, _) = SigningKey::generate("prod").unwrap();
+        let trust = TrustStore::new(vec![
+            bg.trusted(vec![Role::BreakGlass], &[Quadrant::Px]),
+            prod.trusted(vec![Role::Plan], &[Quadrant::Px]),
+        ]);
+        let r = Rollback {
+            quadrant: QuadrantName::Px,
+            workload: "api".into(),
+            target_generation: 1,
+            reason: "generation 2 corrupts orders".into(),
+            expires_at: 2_000,
+        };
+        assert_eq!(
+            verify_rollback(&sign_rollback(&r, &bg), &trust, 1_000).unwrap(),
+            (r.clone(), "bg".into())
+        );
+        let e = verify_rollback(&sign_rollback(&r, &bg), &trust, 2_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expired"), "{e}");
+        let e = verify_rollback(&sign_rollback(&r, &prod), &trust, 1_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("may not sign break-glass"), "{e}");
+        let mut short = r.clone();
+        short.reason = "oops".into();
+        let e = verify_rollback(&sign_rollback(&short, &bg), &trust, 1_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/reason"), "{e}");
+        // A plan signature cannot be passed off as a rollback authorization.
+        let plan = from_value(&good()).unwrap();
+        assert!(verify_rollback(&sign(&plan, &bg), &trust, 1_000).is_err());
     }
 
     #[test]

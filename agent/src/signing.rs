@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub const ARTIFACT_PAYLOAD_TYPE: &str = "application/vnd.quadrant.artifact.v1+text";
 /// Payload type of a signed plan (the payload is the plan's canonical JSON).
 pub const PLAN_PAYLOAD_TYPE: &str = "application/vnd.quadrant.plan.v1+json";
+/// Payload type of a break-glass rollback authorization (canonical JSON).
+pub const ROLLBACK_PAYLOAD_TYPE: &str = "application/vnd.quadrant.rollback.v1+json";
 
 /// What a key may sign.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]

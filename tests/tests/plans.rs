@@ -95,14 +95,18 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
         dir: dir.clone(),
     };
     let keys = dir.join("keys");
-    for (id, quadrants) in [("dev", ["dx", "dg"]), ("prod", ["px", "pg"])] {
+    for (id, role, quadrants) in [
+        ("dev", "plan", ["dx", "dg"]),
+        ("prod", "plan", ["px", "pg"]),
+        ("glass", "break-glass", ["px", "pg"]),
+    ] {
         let mut args = vec![
             "keys",
             "generate",
             "--id",
             id,
             "--role",
-            "plan",
+            role,
             "--out",
             keys.to_str().expect("utf8"),
         ];
@@ -281,6 +285,79 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
             || fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")),
         "generation 1 still runs"
     );
+    // Only a break-glass authorization goes back, and it is recorded.
+    let authorize = |key: &str, generation: &str, valid: &str| {
+        let (ok, out, err) = fx.run(&[
+            "plan",
+            "authorize-rollback",
+            "--quadrant",
+            "px",
+            "--workload",
+            "api",
+            "--generation",
+            generation,
+            "--reason",
+            "generation 2 corrupts orders",
+            "--valid-for-secs",
+            valid,
+            "--key",
+            keys.join(format!("{key}.pk8")).to_str().expect("utf8"),
+        ]);
+        assert!(ok, "{err}");
+        let path = dir.join(format!("rollback-{key}-{generation}-{valid}.json"));
+        fs::write(&path, out).expect("write");
+        path
+    };
+    let gen1 = dir.join("gen1-envelope.json");
+    fs::write(&gen1, &envelope).expect("write");
+    let rollback = |auth: &PathBuf| {
+        fx.run(&[
+            "rollback",
+            "--authorization",
+            auth.to_str().expect("utf8"),
+            "--plan",
+            gen1.to_str().expect("utf8"),
+        ])
+    };
+    let (ok, _, err) = rollback(&authorize("prod", "1", "600"));
+    assert!(
+        !ok && err.contains("may not sign break-glass"),
+        "plan key as break-glass: {err}"
+    );
+    let (ok, _, err) = rollback(&authorize("glass", "1", "0"));
+    assert!(
+        !ok && err.contains("expired"),
+        "expired authorization: {err}"
+    );
+    let (ok, _, err) = rollback(&authorize("glass", "2", "600"));
+    assert!(
+        !ok && err.contains("generation 2, the plan is px/api generation 1"),
+        "mismatched generation: {err}"
+    );
+    assert_eq!(
+        fx.workloads()[0]["generation"].as_u64(),
+        Some(2),
+        "refused rollbacks change nothing"
+    );
+    let (ok, out, err) = rollback(&authorize("glass", "1", "600"));
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("rolled back px/api to generation 1"),
+        "{out}"
+    );
+    assert_eq!(fx.workloads()[0]["generation"].as_u64(), Some(1));
+    let log = fs::read_to_string(&fx.inst.config.audit_log).expect("audit");
+    assert!(
+        log.contains("\"kind\":\"break-glass\"") && log.contains("generation 2 corrupts orders"),
+        "{log}"
+    );
+    assert!(fx.run(&["audit", "verify"]).0);
+    let (ok, _, err) = fx.submit_envelope(&envelope);
+    assert!(
+        !ok && err.contains("not newer"),
+        "a plain replay after the rollback: {err}"
+    );
+
     let (ok, out, _) = fx.run(&["stop", "px/api"]);
     assert!(ok);
     assert!(out.starts_with("stopped px/api"), "{out}");
