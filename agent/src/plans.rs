@@ -276,11 +276,19 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
     from_value(&value)
 }
 
+/// The compiled plan schema, built once.
+fn validator() -> Result<&'static jsonschema::Validator, PlanError> {
+    static VALIDATOR: std::sync::OnceLock<Result<jsonschema::Validator, String>> =
+        std::sync::OnceLock::new();
+    VALIDATOR
+        .get_or_init(|| jsonschema::validator_for(&schema()).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| PlanError::Schema(vec![format!("schema: {e}")]))
+}
+
 /// Validates a plan document already parsed into JSON.
 pub fn from_value(value: &Value) -> Result<Plan, PlanError> {
-    let schema = schema();
-    let validator = jsonschema::validator_for(&schema)
-        .map_err(|e| PlanError::Schema(vec![format!("schema: {e}")]))?;
+    let validator = validator()?;
     let mut errors: Vec<String> = validator
         .iter_errors(value)
         .map(|e| {
@@ -520,6 +528,44 @@ mod tests {
         // A plan signature cannot be passed off as a rollback authorization.
         let plan = from_value(&good()).unwrap();
         assert!(verify_rollback(&sign(&plan, &bg), &trust, 1_000).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Arbitrary input never panics the plan parser; it is a plan or a named error.
+        #[test]
+        fn the_plan_parser_never_panics(text in "\\PC{0,400}") {
+            let _ = parse(&text);
+        }
+
+        /// Arbitrary JSON-ish plans never panic validation, and whatever validates round-trips.
+        #[test]
+        fn validated_plans_round_trip(generation in 0u64..10, pids in 0u32..40_000, workload in "[a-zA-Z0-9._/-]{0,70}") {
+            let mut v = good();
+            v["generation"] = serde_json::json!(generation);
+            v["resources"]["pids"] = serde_json::json!(pids);
+            v["workload"] = serde_json::json!(workload);
+            if let Ok(plan) = from_value(&v) {
+                proptest::prop_assert_eq!(serde_json::to_value(&plan).unwrap(), v);
+                proptest::prop_assert!(plan.generation >= 1 && (1..=32_768).contains(&plan.resources.pids));
+            }
+        }
+
+        /// Arbitrary envelopes never panic verification and are never accepted unsigned.
+        #[test]
+        fn the_envelope_decoder_never_panics(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..300), sig in "[A-Za-z0-9+/=]{0,120}", json in "\\PC{0,200}") {
+            let trust = TrustStore::new(vec![]);
+            let env = Envelope {
+                payload_type: PLAN_PAYLOAD_TYPE.into(),
+                payload: { use base64::Engine as _; base64::engine::general_purpose::STANDARD.encode(&payload) },
+                signatures: vec![crate::signing::Signature { keyid: "k".into(), sig }],
+            };
+            proptest::prop_assert!(verify(&env, &trust).is_err());
+            if let Ok(env) = serde_json::from_str::<Envelope>(&json) {
+                proptest::prop_assert!(verify(&env, &trust).is_err());
+            }
+        }
     }
 
     #[test]

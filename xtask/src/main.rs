@@ -6,7 +6,8 @@
 //! | `run` | setup, build, `quadrant up` with the embedded defaults |
 //! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
 //! | `verifier` | loads every program and prints the kernel's verified instruction counts |
-//! | `bench datapath` | the datapath benchmark (benches/) |
+//! | `bench datapath`, `bench policy` | the benchmarks (benches/) |
+//! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser and the envelope decoder (fuzz/) |
 //!
 //! Deliberately free of the agent crate: `setup` must run before the eBPF toolchain exists.
 
@@ -42,6 +43,12 @@ enum Task {
     },
     /// Load every eBPF program and print its verified instruction count.
     Verifier,
+    /// Fuzz the plan parser and the envelope decoder with cargo-fuzz (installed if missing).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run a benchmark: `datapath` or `policy`.
     Bench {
         /// Which benchmark.
@@ -67,6 +74,37 @@ fn main() -> anyhow::Result<()> {
             status(&mut cmd, "quadrant up")
         }
         Task::Test { args } => test(&args),
+        Task::Fuzz { seconds } => {
+            setup::run()?;
+            let have = Command::new("cargo")
+                .args(["fuzz", "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !have {
+                step("installing cargo-fuzz");
+                cargo(&["install", "cargo-fuzz", "--locked"])?;
+            }
+            for target in ["plan_parser", "envelope_decoder"] {
+                step(&format!("fuzzing {target} for {seconds} s"));
+                let mut cmd = Command::new("rustup");
+                cmd.args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "fuzz",
+                    "run",
+                    target,
+                    "--",
+                    &format!("-max_total_time={seconds}"),
+                ])
+                .current_dir(workspace_root().join("fuzz"));
+                for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO"] {
+                    cmd.env_remove(var);
+                }
+                status(&mut cmd, &format!("cargo fuzz run {target}"))?;
+            }
+            Ok(())
+        }
         Task::Verifier => {
             setup::run()?;
             cargo(&[
