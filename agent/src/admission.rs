@@ -55,6 +55,18 @@ impl Decision {
         }
     }
 
+    /// Why the workload was rejected: the error, or every violated constraint.
+    #[must_use]
+    pub fn why(&self) -> String {
+        self.error.clone().unwrap_or_else(|| {
+            self.violations
+                .iter()
+                .map(|v| format!("{}: {}", v.constraint, v.msg))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+
     /// Replaces the error with `hint` when the SVID could not even be read (the decision
     /// itself, a rejection, is already recorded).
     #[must_use]

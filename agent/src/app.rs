@@ -732,14 +732,7 @@ async fn submit(
         .admission
         .admit(Ok(identity.authority()), &review, &svid.chain);
     if !decision.allowed {
-        let why = decision.error.clone().unwrap_or_else(|| {
-            decision
-                .violations
-                .iter()
-                .map(|v| format!("{}: {}", v.constraint, v.msg))
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
+        let why = decision.why();
         return refuse(format!("admission rejected {key}: {why}"));
     }
     if let Some((rb, authorized_by, from)) = &break_glass {

@@ -346,14 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let decision = app::admit(&config, review_doc, pem)?;
             println!("{}", serde_json::to_string_pretty(&decision)?);
             if !decision.allowed {
-                let why = decision.error.clone().unwrap_or_else(|| {
-                    decision
-                        .violations
-                        .iter()
-                        .map(|v| format!("{}: {}", v.constraint, v.msg))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                });
+                let why = decision.why();
                 bail!("rejected: {why}");
             }
             Ok(())

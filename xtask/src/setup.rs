@@ -36,11 +36,11 @@ pub fn run() -> anyhow::Result<()> {
     if !missing.is_empty() {
         println!("setup: installing Debian packages: {}", missing.join(" "));
         ensure_root("install Debian packages")?;
-        run_cmd(
+        crate::status(
             Command::new("apt-get").args(["update", "-q"]),
             "apt-get update",
         )?;
-        run_cmd(
+        crate::status(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])
                 .args(&missing)
@@ -52,7 +52,7 @@ pub fn run() -> anyhow::Result<()> {
 
     if !nightly_has_rust_src() {
         println!("setup: adding rust-src to the {NIGHTLY} toolchain (eBPF build uses build-std)");
-        run_cmd(
+        crate::status(
             Command::new("rustup").args([
                 "toolchain",
                 "install",
@@ -71,7 +71,7 @@ pub fn run() -> anyhow::Result<()> {
         println!(
             "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
         );
-        run_cmd(
+        crate::status(
             Command::new("cargo")
                 .args([
                     "install",
@@ -142,14 +142,4 @@ fn bpf_linker_ok() -> bool {
         .is_ok_and(|o| {
             o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
         })
-}
-
-fn run_cmd(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let st = cmd
-        .status()
-        .with_context(|| format!("cannot start {what}"))?;
-    if !st.success() {
-        bail!("{what} failed ({st})");
-    }
-    Ok(())
 }
