@@ -366,3 +366,104 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     assert!(!ok && err.contains("no workload px/nothing"), "{err}");
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn a_workload_at_its_limits_affects_only_its_quadrant() {
+    let dir = PathBuf::from(TEST_STATE_DIR).join("qt19-limits");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let mut config = test_config(19, None);
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(config.audit_log.with_file_name("qt19-generations.json"));
+    let mut fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    let keys = dir.join("keys");
+    for (id, q) in [("dev", "dx"), ("prod", "px")] {
+        let (ok, _, err) = fx.run(&[
+            "keys",
+            "generate",
+            "--id",
+            id,
+            "--role",
+            "plan",
+            "--quadrant",
+            q,
+            "--out",
+            keys.to_str().expect("utf8"),
+        ]);
+        assert!(ok, "{err}");
+        assert!(
+            fx.run(&[
+                "keys",
+                "trust",
+                keys.join(format!("{id}.json")).to_str().expect("utf8")
+            ])
+            .0
+        );
+    }
+    // PX runs a workload that tries to start 40 processes under a limit of 8.
+    let forker = fx.add_artifact(
+        "forker",
+        "#!/bin/sh\nfor i in $(seq 1 40); do sleep 30 & done\necho spawned\nwait\n",
+    );
+    let mut plan = plan_doc(1, &forker);
+    plan["resources"]["pids"] = json!(8);
+    let (ok, _, err) = fx.sign_and_submit(&plan, "prod");
+    assert!(ok, "{err}");
+    // DX runs an ordinary workload.
+    let steady = fx.add_artifact("steady", "#!/bin/sh\necho steady\nexec sleep 60\n");
+    let mut dx_plan = plan_doc(1, &steady);
+    dx_plan["quadrant"] = json!("dx");
+    dx_plan["workload"] = json!("steady");
+    let (ok, _, err) = fx.sign_and_submit(&dx_plan, "dev");
+    assert!(ok, "{err}");
+
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let workloads = fx.workloads();
+    let px = workloads
+        .iter()
+        .find(|w| w["name"] == "px/api")
+        .expect("px workload");
+    let limits = px["limits"].as_str().expect("limits").to_owned();
+    let current = if limits.starts_with("cgroup v1") {
+        fs::read_to_string("/sys/fs/cgroup/pids/qt19/px/api/pids.current")
+    } else {
+        fs::read_to_string("/run/quadrant-test/qt19-cgroup2/qt19/px/api/pids.current")
+    }
+    .expect("pids.current");
+    let current: u32 = current.trim().parse().expect("number");
+    assert!(
+        current <= 8,
+        "{current} processes in a workload limited to 8"
+    );
+    let (_, logs, _) = fx.run(&["logs", "px/api"]);
+    assert!(
+        logs.contains("fork") || logs.contains("Resource temporarily unavailable"),
+        "no fork failure logged: {logs}"
+    );
+
+    // The other quadrants are untouched: DX's workload runs and DX still reaches DG.
+    let dx = workloads
+        .iter()
+        .find(|w| w["name"] == "dx/steady")
+        .expect("dx workload");
+    assert_eq!(dx["state"], "running");
+    let dx_pid = dx["pid"].as_u64().expect("pid");
+    assert!(PathBuf::from(format!("/proc/{dx_pid}")).exists());
+    let _server = fx.inst.serve(
+        dataplane_common::Quadrant::Dg,
+        &["tcp-echo", "0.0.0.0:7000"],
+    );
+    let dg = fx.inst.addr(dataplane_common::Quadrant::Dg);
+    assert_eq!(
+        fx.inst.probe(
+            dataplane_common::Quadrant::Dx,
+            &["tcp-connect", &format!("{dg}:7000"), "2000"]
+        ),
+        (true, "ok hello".into())
+    );
+    assert!(fx.inst.down().status.success());
+}
