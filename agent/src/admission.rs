@@ -21,7 +21,7 @@ use crate::{
 const TEMPLATES: &str = "data.quadrant.admission.templates";
 
 /// A violated constraint.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Violation {
     /// Constraint name.
     pub constraint: String,
@@ -30,7 +30,7 @@ pub struct Violation {
 }
 
 /// The outcome of one admission.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Decision {
     /// Admitted or not.
     pub allowed: bool,

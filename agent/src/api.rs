@@ -18,7 +18,7 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
 /// A request to the agent.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Report quadrants, programs and counters.
@@ -58,7 +58,7 @@ pub enum Request {
 }
 
 /// The agent's answer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
     /// Answer to [`Request::Status`].
@@ -103,7 +103,7 @@ pub enum Response {
 }
 
 /// What `quadrant status` shows.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct StatusReport {
     /// Instance name.
     pub instance: String,
@@ -122,7 +122,7 @@ pub struct StatusReport {
 }
 
 /// One quadrant in the status report.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct QuadrantStatus {
     /// `dx`, `dg`, `px`, `pg`.
     pub name: String,
@@ -173,6 +173,81 @@ pub enum ClientError {
         /// Cause.
         source: serde_json::Error,
     },
+}
+
+/// JSON Schema of control requests (published as manifests/schemas/control-request.schema.json).
+#[must_use]
+pub fn request_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Request)).unwrap_or_default()
+}
+
+/// JSON Schema of control responses (published as manifests/schemas/control-response.schema.json).
+#[must_use]
+pub fn response_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Response)).unwrap_or_default()
+}
+
+/// One validator per request kind (the `oneOf` branches of the request schema, each with the
+/// schema's definitions), so an error names the field of the kind that was meant.
+fn request_validators()
+-> &'static Result<std::collections::BTreeMap<String, jsonschema::Validator>, String> {
+    static VALIDATORS: std::sync::OnceLock<
+        Result<std::collections::BTreeMap<String, jsonschema::Validator>, String>,
+    > = std::sync::OnceLock::new();
+    VALIDATORS.get_or_init(|| {
+        let root = request_schema();
+        let defs = root.get("$defs").cloned().unwrap_or_default();
+        let branches = root
+            .get("oneOf")
+            .and_then(serde_json::Value::as_array)
+            .ok_or("request schema has no oneOf")?;
+        branches
+            .iter()
+            .map(|branch| {
+                let kind = branch
+                    .pointer("/properties/request/const")
+                    .and_then(serde_json::Value::as_str)
+                    .ok_or("request schema branch without a const tag")?
+                    .to_owned();
+                let mut schema = branch.clone();
+                schema["$defs"] = defs.clone();
+                let v = jsonschema::validator_for(&schema).map_err(|e| e.to_string())?;
+                Ok((kind, v))
+            })
+            .collect()
+    })
+}
+
+/// Parses one request line: JSON, then the request schema (errors name the JSON pointer), then
+/// the typed request. Nothing reaches the agent's logic before it passes all three.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid request: not JSON: {e}"))?;
+    let validators = request_validators()
+        .as_ref()
+        .map_err(|e| format!("request schema: {e}"))?;
+    let kind = value
+        .get("request")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    let Some(validator) = validators.get(kind) else {
+        let known: Vec<&str> = validators.keys().map(String::as_str).collect();
+        return Err(format!(
+            "invalid request: /request: {kind:?} is not one of {}",
+            known.join(", ")
+        ));
+    };
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            format!("{}: {e}", if at.is_empty() { "/" } else { &at })
+        })
+        .collect();
+    if !errors.is_empty() {
+        return Err(format!("invalid request: {}", errors.join("; ")));
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
 }
 
 /// Sends one request and waits for the answer.
@@ -256,4 +331,45 @@ pub fn render_status(s: &StatusReport) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn requests_are_checked_against_their_schema_first() {
+        assert_eq!(
+            parse_request(r#"{"request":"status"}"#).unwrap(),
+            Request::Status
+        );
+        let e = parse_request(r#"{"request":"stop"}"#).unwrap_err();
+        assert!(e.contains("invalid request") && e.contains("name"), "{e}");
+        let e = parse_request(r#"{"request":"stop","name":7}"#).unwrap_err();
+        assert!(e.contains("/name"), "{e}");
+        let e = parse_request(r#"{"request":"reboot"}"#).unwrap_err();
+        assert!(e.contains("invalid request"), "{e}");
+        let e = parse_request(r#"{"request":"status","extra":1}"#).unwrap_err();
+        assert!(e.contains("extra"), "{e}");
+        assert!(parse_request("not json").unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
+    fn the_published_schemas_are_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/schemas");
+        for (file, schema) in [
+            ("control-request.schema.json", request_schema()),
+            ("control-response.schema.json", response_schema()),
+        ] {
+            let published: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap_or_default())
+                    .unwrap_or_default();
+            assert_eq!(
+                published, schema,
+                "manifests/schemas/{file} is stale: regenerate it with `quadrant schema`"
+            );
+        }
+    }
 }

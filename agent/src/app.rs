@@ -507,10 +507,8 @@ async fn handle(
         return Ok(());
     }
     let response = if cred.uid() == 0 {
-        match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response::Error {
-                message: format!("invalid request: {e}"),
-            },
+        match api::parse_request(&line) {
+            Err(message) => Response::Error { message },
             Ok(Request::Status) => match status_of(&*running.lock().await) {
                 Ok(s) => Response::Status(Box::new(s)),
                 Err(e) => Response::Error {

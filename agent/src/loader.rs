@@ -133,7 +133,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> LoaderError {
 }
 
 /// One attached, pinned link.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct AttachedProgram {
     /// Hook name (`xdp`, `tc_ingress`, …).
     pub hook: String,
@@ -148,7 +148,7 @@ pub struct AttachedProgram {
 }
 
 /// A counter row: (hook, quadrant, reason) → count summed over CPUs.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Counter {
     /// Hook name.
     pub hook: String,

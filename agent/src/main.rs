@@ -47,6 +47,12 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Print a published JSON Schema: plan, rollback, request or response (the control API).
+    Schema {
+        /// Which schema.
+        #[arg(value_parser = ["plan", "rollback", "request", "response"])]
+        name: String,
+    },
     /// Ask the running agent to admit a workload: SVID check, constraints, audit record.
     /// Exits 1 when the workload is rejected.
     Admit {
@@ -367,6 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("audit log {}: {n} records, chain intact", path.display());
             Ok(())
         }
+        Command::Schema { name } => print_schema(&name),
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
             Ok(())
@@ -797,6 +804,18 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `quadrant schema NAME`.
+fn print_schema(name: &str) -> anyhow::Result<()> {
+    let schema = match name {
+        "plan" => quadrant::plans::schema(),
+        "rollback" => quadrant::plans::rollback_schema(),
+        "request" => api::request_schema(),
+        _ => api::response_schema(),
+    };
+    println!("{}", serde_json::to_string_pretty(&schema)?);
+    Ok(())
 }
 
 fn up(config: Config) -> anyhow::Result<()> {

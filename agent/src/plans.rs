@@ -189,6 +189,12 @@ pub struct Rollback {
     pub expires_at: u64,
 }
 
+/// The rollback authorization JSON Schema.
+#[must_use]
+pub fn rollback_schema() -> Value {
+    serde_json::to_value(schemars::schema_for!(Rollback)).unwrap_or(Value::Null)
+}
+
 /// Signs a rollback authorization.
 #[must_use]
 pub fn sign_rollback(rollback: &Rollback, key: &SigningKey) -> Envelope {
@@ -209,8 +215,7 @@ pub fn verify_rollback(
         .map_err(|e| PlanError::Payload(format!("not base64: {e}")))?;
     let value: Value =
         serde_json::from_slice(&raw).map_err(|e| PlanError::Syntax(e.to_string()))?;
-    let schema = serde_json::to_value(schemars::schema_for!(Rollback)).unwrap_or(Value::Null);
-    let validator = jsonschema::validator_for(&schema)
+    let validator = jsonschema::validator_for(&rollback_schema())
         .map_err(|e| PlanError::Schema(vec![format!("schema: {e}")]))?;
     let errors: Vec<String> = validator
         .iter_errors(&value)
@@ -578,7 +583,7 @@ mod tests {
         assert_eq!(
             published,
             schema(),
-            "manifests/schemas/plan.schema.json is stale: regenerate it with `quadrant plan schema > manifests/schemas/plan.schema.json`"
+            "manifests/schemas/plan.schema.json is stale: regenerate it with `quadrant schema plan > manifests/schemas/plan.schema.json`"
         );
     }
 }

@@ -30,7 +30,7 @@ pub const PLAN_PAYLOAD_TYPE: &str = "application/vnd.quadrant.plan.v1+json";
 pub const ROLLBACK_PAYLOAD_TYPE: &str = "application/vnd.quadrant.rollback.v1+json";
 
 /// What a key may sign.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Execution plans.
@@ -87,7 +87,7 @@ pub enum SignatureError {
 }
 
 /// One signature in an envelope.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Signature {
     /// Key id.
     pub keyid: String,
@@ -96,7 +96,7 @@ pub struct Signature {
 }
 
 /// A DSSE envelope.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Envelope {
     /// Payload type.
@@ -128,7 +128,7 @@ pub struct SigningKey {
 }
 
 /// A trust-store document.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedKey {
     /// Key id.

@@ -67,7 +67,7 @@ pub struct Spec {
 }
 
 /// What `quadrant workloads` shows.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Status {
     /// `<quadrant>/<workload>`.
     pub name: String,
