@@ -108,6 +108,10 @@ pub struct Config {
     /// absent.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Refuse a `policy_dir` without a valid `bundle.dsse.json` (a signature present is always
+    /// checked).
+    #[serde(default)]
+    pub require_signed_policy: bool,
     /// SPIFFE identity settings.
     #[serde(default)]
     pub identity: IdentityConfig,

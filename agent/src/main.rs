@@ -258,6 +258,12 @@ enum PolicyCommand {
     },
     /// Print the flows the kernel enforces.
     Flows,
+    /// Sign the `policy_dir` bundle with a policy key (writes `<policy_dir>/bundle.dsse.json`).
+    Sign {
+        /// Ed25519 PKCS#8 key with the `policy` role for every quadrant.
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Ask the running agent to re-evaluate the bundle and make it live at once (SIGHUP does
     /// the same); the current policy stays if the new one does not evaluate.
     Reload,
@@ -789,6 +795,20 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
                 serde_json::to_string_pretty(
                     &serde_json::json!({ "query": q, "result": decision })
                 )?
+            );
+            Ok(())
+        }
+        PolicyCommand::Sign { key } => {
+            let dir = config.policy_dir.as_ref().context("policy sign needs policy_dir in the configuration (the embedded bundle is part of the binary)")?;
+            let bundle = quadrant::policy::PolicyBundle::from_dir(dir)?;
+            let key = quadrant::signing::SigningKey::load(&key)?;
+            let path = dir.join(quadrant::policy::SIGNATURE_FILE);
+            std::fs::write(&path, serde_json::to_string_pretty(&bundle.sign(&key))?)?;
+            println!(
+                "signed bundle sha256:{} with key {}: {}",
+                bundle.digest(),
+                key.id(),
+                path.display()
             );
             Ok(())
         }

@@ -18,9 +18,12 @@ use regorus::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use dataplane_common::Quadrant;
+
 use crate::config::{
     CompiledPolicy, Config, ConfigError, OneOrMany, PolicyRule, PortSpec, compile_rules,
 };
+use crate::signing::{Envelope, POLICY_BUNDLE_PAYLOAD_TYPE, Role, SigningKey, TrustStore};
 
 /// The bundle compiled into the binary: every file under `policies/`.
 const EMBEDDED: &[(&str, &str)] = &[
@@ -82,6 +85,10 @@ const EMBEDDED: &[(&str, &str)] = &[
     ),
 ];
 
+/// The detached signature of a policy directory: `<policy_dir>/bundle.dsse.json`.
+pub const SIGNATURE_FILE: &str = "bundle.dsse.json";
+const SIGNATURE_SUFFIX: &str = ".dsse.json";
+
 /// Data documents (JSON) of a bundle are merged into `data`.
 const DATA_SUFFIX: &str = ".json";
 /// Query of the flows the kernel enforces.
@@ -138,6 +145,9 @@ pub enum PolicyError {
         /// Cause.
         source: Box<ConfigError>,
     },
+    /// The bundle's signature does not check out.
+    #[error("policy bundle signature: {0}")]
+    Signature(String),
     /// The bundle has no Rego at all.
     #[error("policy bundle {0} holds no .rego file")]
     Empty(PathBuf),
@@ -249,12 +259,87 @@ impl PolicyBundle {
         Ok(Self::from_files(&dir.display().to_string(), files))
     }
 
-    /// The bundle `config` names: `policy_dir`, or the embedded one.
+    /// The bundle `config` names: `policy_dir`, or the embedded one. A policy directory's
+    /// signature (`bundle.dsse.json`) is verified against the trust store when present, and
+    /// must be present when `require_signed_policy` is set; the embedded bundle is part of the
+    /// binary.
     pub fn for_config(config: &Config) -> Result<Self, PolicyError> {
-        match &config.policy_dir {
-            Some(dir) => Self::from_dir(dir),
-            None => Ok(Self::embedded()),
+        let Some(dir) = &config.policy_dir else {
+            return Ok(Self::embedded());
+        };
+        let bundle = Self::from_dir(dir)?;
+        let sig = dir.join(SIGNATURE_FILE);
+        match fs::read_to_string(&sig) {
+            Ok(text) => {
+                let envelope: Envelope = serde_json::from_str(&text)
+                    .map_err(|e| PolicyError::Signature(format!("{}: {e}", sig.display())))?;
+                let trust = TrustStore::load(&config.trust_store)
+                    .map_err(|e| PolicyError::Signature(e.to_string()))?;
+                bundle.verify_signature(&envelope, &trust)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if config.require_signed_policy {
+                    return Err(PolicyError::Signature(format!(
+                        "{} is missing and require_signed_policy is set; sign the bundle with `quadrant policy sign`",
+                        sig.display()
+                    )));
+                }
+            }
+            Err(e) => {
+                return Err(PolicyError::Read {
+                    path: sig,
+                    source: e,
+                });
+            }
         }
+        Ok(bundle)
+    }
+
+    /// SHA-256 over the bundle's files: for each file in path order, `path NUL sha256(content)
+    /// LF`.
+    #[must_use]
+    pub fn digest(&self) -> String {
+        let mut files: Vec<&(String, String)> = self.rego.iter().chain(&self.data).collect();
+        files.sort();
+        let mut listing = String::new();
+        for (path, text) in files {
+            let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+            listing.push_str(path);
+            listing.push('\0');
+            listing.push_str(&hex(d.as_ref()));
+            listing.push('\n');
+        }
+        hex(ring::digest::digest(&ring::digest::SHA256, listing.as_bytes()).as_ref())
+    }
+
+    /// Signs the bundle's digest with `key`.
+    #[must_use]
+    pub fn sign(&self, key: &SigningKey) -> Envelope {
+        key.sign(
+            POLICY_BUNDLE_PAYLOAD_TYPE,
+            format!("sha256:{}", self.digest()).as_bytes(),
+        )
+    }
+
+    /// Checks that a key allowed to sign policy for every quadrant signed exactly this bundle.
+    pub fn verify_signature(
+        &self,
+        envelope: &Envelope,
+        trust: &TrustStore,
+    ) -> Result<String, PolicyError> {
+        let mut signer = None;
+        for q in Quadrant::ALL {
+            let (payload, key) = trust
+                .verify(envelope, POLICY_BUNDLE_PAYLOAD_TYPE, Role::Policy, q)
+                .map_err(|e| PolicyError::Signature(e.to_string()))?;
+            if payload != format!("sha256:{}", self.digest()).as_bytes() {
+                return Err(PolicyError::Signature(format!(
+                    "the signature by {key} is for another bundle (a policy file was changed after signing)"
+                )));
+            }
+            signer = Some(key);
+        }
+        signer.ok_or_else(|| PolicyError::Signature("no signature".into()))
     }
 
     /// Where the bundle came from.
@@ -452,6 +537,14 @@ impl PolicyBundle {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
 fn eval_err(query: &str, e: &dyn std::fmt::Display) -> PolicyError {
     PolicyError::Eval {
         query: query.to_owned(),
@@ -481,6 +574,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result<(), 
         let path = entry.map_err(read(dir))?.path();
         if path.is_dir() {
             walk(root, &path, out)?;
+        } else if path.to_string_lossy().ends_with(SIGNATURE_SUFFIX) {
+            // The bundle's own signature is not part of what it signs.
         } else if path.extension().is_some_and(|e| e == "rego" || e == "json") {
             let text = fs::read_to_string(&path).map_err(read(&path))?;
             let rel = path
@@ -618,7 +713,7 @@ mod tests {
         let p = PolicyBundle::embedded()
             .compile(&Config::embedded())
             .unwrap();
-        for q in dataplane_common::Quadrant::ALL {
+        for q in Quadrant::ALL {
             let i = Identity::from(q);
             assert!(p.contains_key(&(i, i, PROTO_TCP)), "{q:?} intra");
             assert!(p.contains_key(&(Identity::Host, i, PROTO_TCP)));
@@ -719,6 +814,78 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("outside trust domain"), "{e}");
+    }
+
+    #[test]
+    fn a_signed_policy_directory_is_verified_and_tampering_is_refused() {
+        let tmp = std::env::temp_dir().join(format!("quadrant-policy-sign-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).unwrap();
+        let dir = tmp.join("policies");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        assert!(
+            std::process::Command::new("cp")
+                .arg("-r")
+                .arg(&src)
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (all, _) = SigningKey::generate("policy-admin").unwrap();
+        let (dev_only, _) = SigningKey::generate("dev-admin").unwrap();
+        fs::create_dir_all(tmp.join("trust")).unwrap();
+        for (k, qs) in [(&all, &Quadrant::ALL[..]), (&dev_only, &[Quadrant::Dx][..])] {
+            let doc = serde_json::to_string(&k.trusted(vec![Role::Policy], qs)).unwrap();
+            fs::write(tmp.join("trust").join(format!("{}.json", k.id())), doc).unwrap();
+        }
+        let mut config = Config::embedded();
+        config.policy_dir = Some(dir.clone());
+        config.trust_store = tmp.join("trust");
+        assert!(
+            PolicyBundle::for_config(&config).is_ok(),
+            "unsigned and not required"
+        );
+        config.require_signed_policy = true;
+        let e = PolicyBundle::for_config(&config).unwrap_err().to_string();
+        assert!(
+            e.contains("is missing and require_signed_policy is set"),
+            "{e}"
+        );
+        let bundle = PolicyBundle::from_dir(&dir).unwrap();
+        fs::write(
+            dir.join(SIGNATURE_FILE),
+            serde_json::to_string(&bundle.sign(&all)).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            PolicyBundle::for_config(&config).is_ok(),
+            "signed by a key covering every quadrant"
+        );
+        fs::write(
+            dir.join(SIGNATURE_FILE),
+            serde_json::to_string(&bundle.sign(&dev_only)).unwrap(),
+        )
+        .unwrap();
+        let e = PolicyBundle::for_config(&config).unwrap_err().to_string();
+        assert!(
+            e.contains("key dev-admin may not sign policy for quadrant dg"),
+            "{e}"
+        );
+        fs::write(
+            dir.join(SIGNATURE_FILE),
+            serde_json::to_string(&bundle.sign(&all)).unwrap(),
+        )
+        .unwrap();
+        let global = dir.join("runtime/global.rego");
+        let text = fs::read_to_string(&global).unwrap();
+        fs::write(&global, text.replace("deny contains", "# deny contains")).unwrap();
+        let e = PolicyBundle::for_config(&config).unwrap_err().to_string();
+        assert!(
+            e.contains("for another bundle"),
+            "an edited policy after signing: {e}"
+        );
+        let _ = fs::remove_dir_all(&tmp);
     }
 
     #[test]

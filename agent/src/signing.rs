@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub const ARTIFACT_PAYLOAD_TYPE: &str = "application/vnd.quadrant.artifact.v1+text";
 /// Payload type of a signed plan (the payload is the plan's canonical JSON).
 pub const PLAN_PAYLOAD_TYPE: &str = "application/vnd.quadrant.plan.v1+json";
+/// Payload type of a policy bundle signature (the payload is `sha256:<bundle digest>`).
+pub const POLICY_BUNDLE_PAYLOAD_TYPE: &str = "application/vnd.quadrant.policy-bundle.v1+text";
 /// Payload type of a break-glass rollback authorization (canonical JSON).
 pub const ROLLBACK_PAYLOAD_TYPE: &str = "application/vnd.quadrant.rollback.v1+json";
 
@@ -39,6 +41,8 @@ pub enum Role {
     Artifact,
     /// Break-glass rollbacks.
     BreakGlass,
+    /// Policy bundles (the key must cover every quadrant: a bundle governs all of them).
+    Policy,
 }
 
 /// Errors of signing and verification; each names the key or file at fault.
