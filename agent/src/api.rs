@@ -237,13 +237,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             known.join(", ")
         ));
     };
-    let errors: Vec<String> = validator
-        .iter_errors(&value)
-        .map(|e| {
-            let at = e.instance_path().to_string();
-            format!("{}: {e}", if at.is_empty() { "/" } else { &at })
-        })
-        .collect();
+    let errors = crate::plans::schema_errors(validator, &value);
     if !errors.is_empty() {
         return Err(format!("invalid request: {}", errors.join("; ")));
     }

@@ -193,7 +193,9 @@ pub fn sha256_hex(mut reader: impl Read) -> io::Result<String> {
     Ok(hex(ctx.finish().as_ref()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes` (digests throughout the agent).
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
     use fmt::Write as _;
     bytes
         .iter()

@@ -63,17 +63,12 @@ pub struct Record {
 }
 
 fn hash_of(prev: &str, seq: u64, time: u64, kind: &str, event: &Value) -> String {
-    // serde_json's map keeps keys sorted, so the body's bytes are canonical.
+    // Canonical JSON (keys sorted at every level), whatever order the event was built in.
     let body = serde_json::json!({ "event": event, "kind": kind, "seq": seq, "time": time });
-    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{prev}\n{body}").as_bytes());
-    digest
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut hex, b| {
-            use std::fmt::Write as _;
-            let _ = write!(hex, "{b:02x}");
-            hex
-        })
+    let mut input = format!("{prev}\n").into_bytes();
+    input.extend(crate::plans::canonical(&body));
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    crate::artifacts::hex(digest.as_ref())
 }
 
 /// The head file of the log at `path`.

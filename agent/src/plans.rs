@@ -217,13 +217,7 @@ pub fn verify_rollback(
         serde_json::from_slice(&raw).map_err(|e| PlanError::Syntax(e.to_string()))?;
     let validator = jsonschema::validator_for(&rollback_schema())
         .map_err(|e| PlanError::Schema(vec![format!("schema: {e}")]))?;
-    let errors: Vec<String> = validator
-        .iter_errors(&value)
-        .map(|e| {
-            let at = e.instance_path().to_string();
-            format!("{}: {e}", if at.is_empty() { "/" } else { &at })
-        })
-        .collect();
+    let errors = schema_errors(&validator, &value);
     if !errors.is_empty() {
         return Err(PlanError::Schema(errors));
     }
@@ -281,6 +275,18 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
     from_value(&value)
 }
 
+/// Every way `value` breaks the schema of `validator`, each as `<json pointer>: <message>`.
+#[must_use]
+pub fn schema_errors(validator: &jsonschema::Validator, value: &Value) -> Vec<String> {
+    validator
+        .iter_errors(value)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            format!("{}: {e}", if at.is_empty() { "/" } else { &at })
+        })
+        .collect()
+}
+
 /// The compiled plan schema, built once.
 fn validator() -> Result<&'static jsonschema::Validator, PlanError> {
     static VALIDATOR: std::sync::OnceLock<Result<jsonschema::Validator, String>> =
@@ -294,13 +300,7 @@ fn validator() -> Result<&'static jsonschema::Validator, PlanError> {
 /// Validates a plan document already parsed into JSON.
 pub fn from_value(value: &Value) -> Result<Plan, PlanError> {
     let validator = validator()?;
-    let mut errors: Vec<String> = validator
-        .iter_errors(value)
-        .map(|e| {
-            let at = e.instance_path().to_string();
-            format!("{}: {e}", if at.is_empty() { "/" } else { &at })
-        })
-        .collect();
+    let mut errors = schema_errors(validator, value);
     if !errors.is_empty() {
         errors.sort();
         errors.dedup();
@@ -387,7 +387,7 @@ mod tests {
         })
     }
 
-    fn schema_errors(v: &Value) -> Vec<String> {
+    fn errors_of(v: &Value) -> Vec<String> {
         match from_value(v) {
             Err(PlanError::Schema(e)) => e,
             other => panic!("expected schema errors, got {other:?}"),
@@ -407,48 +407,36 @@ mod tests {
     fn schema_violations_point_at_the_field() {
         let mut v = good();
         v.as_object_mut().unwrap().remove("resources");
-        assert!(schema_errors(&v).iter().any(|e| e.starts_with("/: ") && e.contains("\"resources\" is a required property")), "{:?}", schema_errors(&v));
+        assert!(errors_of(&v).iter().any(|e| e.starts_with("/: ") && e.contains("\"resources\" is a required property")), "{:?}", errors_of(&v));
         let mut v = good();
         v["generation"] = serde_json::json!("three");
-        assert!(
-            schema_errors(&v)
-                .iter()
-                .any(|e| e.starts_with("/generation:"))
-        );
+        assert!(errors_of(&v).iter().any(|e| e.starts_with("/generation:")));
         let mut v = good();
         v["colour"] = serde_json::json!("blue");
         assert!(
-            schema_errors(&v).iter().any(|e| e.contains("colour")),
+            errors_of(&v).iter().any(|e| e.contains("colour")),
             "{:?}",
-            schema_errors(&v)
+            errors_of(&v)
         );
         let mut v = good();
         v["resources"]["pids"] = serde_json::json!(0);
         assert!(
-            schema_errors(&v)
+            errors_of(&v)
                 .iter()
                 .any(|e| e.starts_with("/resources/pids:"))
         );
         let mut v = good();
         v["artifacts"] = serde_json::json!(["api:latest"]);
-        assert!(
-            schema_errors(&v)
-                .iter()
-                .any(|e| e.starts_with("/artifacts/0:"))
-        );
+        assert!(errors_of(&v).iter().any(|e| e.starts_with("/artifacts/0:")));
         let mut v = good();
         v["args"] = serde_json::json!(["x".repeat(5000)]);
-        assert!(schema_errors(&v).iter().any(|e| e.starts_with("/args/0:")));
+        assert!(errors_of(&v).iter().any(|e| e.starts_with("/args/0:")));
         let mut v = good();
         v["quadrant"] = serde_json::json!("qa");
-        assert!(
-            schema_errors(&v)
-                .iter()
-                .any(|e| e.starts_with("/quadrant:"))
-        );
+        assert!(errors_of(&v).iter().any(|e| e.starts_with("/quadrant:")));
         let mut v = good();
         v["env"] = serde_json::json!({"lower": "x"});
-        assert!(!schema_errors(&v).is_empty());
+        assert!(!errors_of(&v).is_empty());
         assert!(matches!(
             parse(&"x".repeat(MAX_PLAN_BYTES + 1)),
             Err(PlanError::TooLarge(_))

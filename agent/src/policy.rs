@@ -306,10 +306,12 @@ impl PolicyBundle {
             let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
             listing.push_str(path);
             listing.push('\0');
-            listing.push_str(&hex(d.as_ref()));
+            listing.push_str(&crate::artifacts::hex(d.as_ref()));
             listing.push('\n');
         }
-        hex(ring::digest::digest(&ring::digest::SHA256, listing.as_bytes()).as_ref())
+        crate::artifacts::hex(
+            ring::digest::digest(&ring::digest::SHA256, listing.as_bytes()).as_ref(),
+        )
     }
 
     /// Signs the bundle's digest with `key`.
@@ -535,14 +537,6 @@ impl PolicyBundle {
         }
         Ok(results)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 fn eval_err(query: &str, e: &dyn std::fmt::Display) -> PolicyError {

@@ -61,6 +61,32 @@ impl Fixture {
         self.run(&["submit", path.to_str().expect("utf8")])
     }
 
+    /// Generates key `id` with `role` for `quadrants` under `<dir>/keys` and trusts it.
+    fn trust_key(&self, id: &str, role: &str, quadrants: &[&str]) {
+        let keys = self.dir.join("keys");
+        let mut args = vec![
+            "keys",
+            "generate",
+            "--id",
+            id,
+            "--role",
+            role,
+            "--out",
+            keys.to_str().expect("utf8"),
+        ];
+        for q in quadrants {
+            args.extend(["--quadrant", q]);
+        }
+        let (ok, _, err) = self.run(&args);
+        assert!(ok, "{err}");
+        let (ok, _, err) = self.run(&[
+            "keys",
+            "trust",
+            keys.join(format!("{id}.json")).to_str().expect("utf8"),
+        ]);
+        assert!(ok, "{err}");
+    }
+
     fn workloads(&self) -> Vec<Value> {
         let (ok, out, err) = self.run(&["workloads", "--output", "json"]);
         assert!(ok, "{err}\nagent log:\n{}", self.inst.agent_log());
@@ -96,33 +122,11 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     };
     let keys = dir.join("keys");
     for (id, role, quadrants) in [
-        ("dev", "plan", ["dx", "dg"]),
-        ("prod", "plan", ["px", "pg"]),
-        ("glass", "break-glass", ["px", "pg"]),
+        ("dev", "plan", &["dx", "dg"][..]),
+        ("prod", "plan", &["px", "pg"][..]),
+        ("glass", "break-glass", &["px", "pg"][..]),
     ] {
-        let mut args = vec![
-            "keys",
-            "generate",
-            "--id",
-            id,
-            "--role",
-            role,
-            "--out",
-            keys.to_str().expect("utf8"),
-        ];
-        for q in quadrants {
-            args.extend(["--quadrant", q]);
-        }
-        let (ok, _, err) = fx.run(&args);
-        assert!(ok, "{err}");
-        assert!(
-            fx.run(&[
-                "keys",
-                "trust",
-                keys.join(format!("{id}.json")).to_str().expect("utf8")
-            ])
-            .0
-        );
+        fx.trust_key(id, role, quadrants);
     }
     let v1 = fx.add_artifact(
         "api",
@@ -380,29 +384,8 @@ fn a_workload_at_its_limits_affects_only_its_quadrant() {
         inst: Instance::up(config, QPROBE),
         dir: dir.clone(),
     };
-    let keys = dir.join("keys");
     for (id, q) in [("dev", "dx"), ("prod", "px")] {
-        let (ok, _, err) = fx.run(&[
-            "keys",
-            "generate",
-            "--id",
-            id,
-            "--role",
-            "plan",
-            "--quadrant",
-            q,
-            "--out",
-            keys.to_str().expect("utf8"),
-        ]);
-        assert!(ok, "{err}");
-        assert!(
-            fx.run(&[
-                "keys",
-                "trust",
-                keys.join(format!("{id}.json")).to_str().expect("utf8")
-            ])
-            .0
-        );
+        fx.trust_key(id, "plan", &[q]);
     }
     // PX runs a workload that tries to start 40 processes under a limit of 8.
     let forker = fx.add_artifact(
