@@ -48,6 +48,8 @@ pub enum Request {
         /// Name.
         name: String,
     },
+    /// List the open RTT lanes, the services offered and each quadrant's lane usage.
+    Lanes,
     /// Admit a workload: its review and its X.509-SVID (PEM chain, leaf first).
     Admit {
         /// `{"review": {"object": {...}}}`.
@@ -86,6 +88,8 @@ pub enum Response {
     },
     /// Answer to [`Request::Stop`].
     Stopped(crate::workloads::Status),
+    /// Answer to [`Request::Lanes`].
+    Lanes(Box<crate::lanes::broker::LanesReport>),
     /// Answer to [`Request::Admit`].
     Admission(crate::admission::Decision),
     /// The new policy is live.
@@ -187,57 +191,18 @@ pub fn response_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(Response)).unwrap_or_default()
 }
 
-/// One validator per request kind (the `oneOf` branches of the request schema, each with the
-/// schema's definitions), so an error names the field of the kind that was meant.
-fn request_validators()
--> &'static Result<std::collections::BTreeMap<String, jsonschema::Validator>, String> {
-    static VALIDATORS: std::sync::OnceLock<
-        Result<std::collections::BTreeMap<String, jsonschema::Validator>, String>,
-    > = std::sync::OnceLock::new();
-    VALIDATORS.get_or_init(|| {
-        let root = request_schema();
-        let defs = root.get("$defs").cloned().unwrap_or_default();
-        let branches = root
-            .get("oneOf")
-            .and_then(serde_json::Value::as_array)
-            .ok_or("request schema has no oneOf")?;
-        branches
-            .iter()
-            .map(|branch| {
-                let kind = branch
-                    .pointer("/properties/request/const")
-                    .and_then(serde_json::Value::as_str)
-                    .ok_or("request schema branch without a const tag")?
-                    .to_owned();
-                let mut schema = branch.clone();
-                schema["$defs"] = defs.clone();
-                let v = jsonschema::validator_for(&schema).map_err(|e| e.to_string())?;
-                Ok((kind, v))
-            })
-            .collect()
-    })
-}
-
 /// Parses one request line: JSON, then the request schema (errors name the JSON pointer), then
 /// the typed request. Nothing reaches the agent's logic before it passes all three.
 pub fn parse_request(line: &str) -> Result<Request, String> {
+    static VALIDATOR: std::sync::OnceLock<Result<crate::plans::TaggedValidator, String>> =
+        std::sync::OnceLock::new();
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("invalid request: not JSON: {e}"))?;
-    let validators = request_validators()
+    let validator = VALIDATOR
+        .get_or_init(|| crate::plans::TaggedValidator::new(&request_schema(), "request"))
         .as_ref()
         .map_err(|e| format!("request schema: {e}"))?;
-    let kind = value
-        .get("request")
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or_default();
-    let Some(validator) = validators.get(kind) else {
-        let known: Vec<&str> = validators.keys().map(String::as_str).collect();
-        return Err(format!(
-            "invalid request: /request: {kind:?} is not one of {}",
-            known.join(", ")
-        ));
-    };
-    let errors = crate::plans::schema_errors(validator, &value);
+    let errors = validator.errors(&value);
     if !errors.is_empty() {
         return Err(format!("invalid request: {}", errors.join("; ")));
     }

@@ -28,6 +28,7 @@ use crate::{
     config::{CompiledPolicy, Config},
     generations::Generations,
     identity::{IdentityService, attest, ca, workload_api},
+    lanes::broker::Broker,
     loader::{AttachedProgram, Dataplane, LoaderError},
     plans,
     policy::PolicyBundle,
@@ -167,6 +168,7 @@ struct Running {
     admission: Admission,
     generations: Result<Generations, String>,
     supervisor: Supervisor,
+    lanes: Arc<Broker>,
 }
 
 /// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
@@ -213,6 +215,7 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<(),
     result.and(down.map(|_| ()))
 }
 
+#[allow(clippy::too_many_lines)] // one step after the other, in order
 fn bring_up(config: &Config) -> Result<Running, AppError> {
     fs::create_dir_all(&config.state_dir)
         .map_err(sys::io_err("cannot create", &config.state_dir))?;
@@ -298,6 +301,27 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
     }
     let admission = Admission::new(prepared, audit);
     let generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
+    let lane_rules = match (&identity, PolicyBundle::for_config(config)) {
+        (Err(e), _) => Err(e.clone()),
+        (Ok(_), Ok(b)) => b
+            .lane_rules()
+            .map(|r| (r, b.origin().to_owned()))
+            .map_err(|e| e.to_string()),
+        (Ok(_), Err(e)) => Err(e.to_string()),
+    };
+    let (lane_rules, lane_origin) = match lane_rules {
+        Ok((r, origin)) => (Ok(r), origin),
+        Err(e) => {
+            error!(error = %e, "lane rules unavailable: every lane will be refused");
+            (Err(e), String::new())
+        }
+    };
+    let lanes = Arc::new(Broker::new(
+        config,
+        identity.as_ref().ok().map(Arc::clone),
+        lane_rules,
+        &lane_origin,
+    ));
     Ok(Running {
         config: config.clone(),
         state,
@@ -309,6 +333,7 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         admission,
         generations,
         supervisor: Supervisor::default(),
+        lanes,
     })
 }
 
@@ -432,6 +457,13 @@ async fn serve(
             });
         }
     }
+    let lane_broker = {
+        let r = running.lock().await;
+        r.lanes.serve().map_err(sys::io_err(
+            "cannot serve lanes on",
+            &r.config.lane_socket(),
+        ))?
+    };
     ready(&status_of(&*running.lock().await)?);
 
     let (down_tx, mut down_rx) = mpsc::channel::<UnixStream>(1);
@@ -468,6 +500,7 @@ async fn serve(
         }
     }
     drop(listener);
+    lane_broker.stop();
     let _ = stop_tx.send(true);
     running.lock().await.supervisor.stop_all().await;
     if let Some(mut requester) = pending_down {
@@ -523,6 +556,7 @@ async fn handle(
                 authorization,
                 envelope,
             }) => submit(&mut *running.lock().await, &envelope, Some(&authorization)).await,
+            Ok(Request::Lanes) => Response::Lanes(Box::new(running.lock().await.lanes.report())),
             Ok(Request::Workloads) => Response::Workloads {
                 workloads: running.lock().await.supervisor.list(),
             },
@@ -616,6 +650,7 @@ fn spec_of(
         cgroup: config.cgroup_dir(q).join(&plan.workload),
         netns: config.netns(q),
         endpoint: format!("unix://{}", config.workload_socket(q).display()),
+        lane_socket: config.lane_socket(),
         log: config
             .state_dir
             .join(format!("{}-logs", config.instance))
@@ -789,6 +824,10 @@ fn reload_policy(r: &mut Running) -> Response {
             Ok(slot) => {
                 r.admission
                     .set_prepared(Prepared::new(&bundle).map_err(|e| e.to_string()));
+                r.lanes.set_rules(
+                    bundle.lane_rules().map_err(|e| e.to_string()),
+                    bundle.origin(),
+                );
                 r.policy_state = format!(
                     "enforced: {} map entries from {}",
                     policy.len(),
@@ -876,6 +915,15 @@ pub fn status(config: &Config) -> Result<StatusReport, AppError> {
     }
 }
 
+/// `quadrant lanes`: asks the running agent for its lanes.
+pub fn lanes(config: &Config) -> Result<crate::lanes::broker::LanesReport, AppError> {
+    match api::call(&config.socket_path(), &Request::Lanes)? {
+        Response::Lanes(r) => Ok(*r),
+        Response::Error { message } => Err(AppError::Agent(message)),
+        _ => Err(AppError::Agent("unexpected answer to lanes".into())),
+    }
+}
+
 /// `quadrant exec`: enters quadrant `q` as workload `workload` (cgroup, then network
 /// namespace), sets `SPIFFE_ENDPOINT_SOCKET` to the quadrant's Workload API, and replaces the
 /// process with `argv`. Returns only on failure.
@@ -913,12 +961,16 @@ pub fn exec(config: &Config, q: Quadrant, workload: Option<&str>, argv: &[String
         }
     }
     let endpoint = format!("unix://{}", c.workload_socket(q).display());
+    let lanes = c.lane_socket().display().to_string();
     let _ = io::stdout().flush();
     sys::enter_and_exec(
         &cgroup,
         &c.netns(q),
         argv,
-        &[("SPIFFE_ENDPOINT_SOCKET", &endpoint)],
+        &[
+            ("SPIFFE_ENDPOINT_SOCKET", &endpoint),
+            (crate::lanes::SOCKET_ENV, &lanes),
+        ],
     )
     .into()
 }

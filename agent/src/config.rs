@@ -124,6 +124,83 @@ pub struct Config {
     /// The append-only, hash-chained audit log of admission decisions.
     #[serde(default = "default_audit_log")]
     pub audit_log: PathBuf,
+    /// RTT lanes: message size and per-quadrant limits.
+    #[serde(default)]
+    pub lanes: LanesConfig,
+}
+
+/// RTT lane settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LanesConfig {
+    /// Largest message a lane carries (shared-memory rings are sized for it).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: u32,
+    /// Limits on the lanes each quadrant's workloads open, by quadrant; unset quadrants and
+    /// fields take the defaults.
+    #[serde(default)]
+    pub limits: BTreeMap<String, LaneLimits>,
+}
+
+impl Default for LanesConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: default_max_message(),
+            limits: BTreeMap::new(),
+        }
+    }
+}
+
+impl LanesConfig {
+    /// The limits that apply to lanes opened from quadrant `q`.
+    #[must_use]
+    pub fn limits_of(&self, q: Quadrant) -> LaneLimits {
+        self.limits.get(q.name()).cloned().unwrap_or_default()
+    }
+}
+
+/// Per-quadrant lane limits.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LaneLimits {
+    /// Open lanes.
+    #[serde(default = "default_max_lanes")]
+    pub max_lanes: u32,
+    /// Shared memory held by open lanes, in bytes.
+    #[serde(default = "default_max_shm")]
+    pub max_shm_bytes: u64,
+    /// Messages in flight (sent, not yet received) per lane and direction; a sender beyond it
+    /// waits.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+}
+
+impl Default for LaneLimits {
+    fn default() -> Self {
+        Self {
+            max_lanes: default_max_lanes(),
+            max_shm_bytes: default_max_shm(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
+}
+
+/// Smallest lane message limit accepted.
+pub const MIN_LANE_MESSAGE: u32 = 64;
+/// Largest lane message limit accepted.
+pub const MAX_LANE_MESSAGE: u32 = 64 << 20;
+
+fn default_max_message() -> u32 {
+    1 << 20
+}
+fn default_max_lanes() -> u32 {
+    64
+}
+fn default_max_shm() -> u64 {
+    256 << 20
+}
+fn default_max_in_flight() -> u32 {
+    1024
 }
 
 /// Default SPIFFE trust domain.
@@ -463,7 +540,33 @@ impl Config {
             seen.push((q, qc.prefix));
         }
         self.validate_paths()?;
+        self.validate_lanes()?;
         self.compile_policy()?;
+        Ok(())
+    }
+
+    fn validate_lanes(&self) -> Result<(), ConfigError> {
+        let m = self.lanes.max_message_bytes;
+        if !(MIN_LANE_MESSAGE..=MAX_LANE_MESSAGE).contains(&m) {
+            return Err(invalid(
+                "lanes.max_message_bytes",
+                format!("{m} is outside {MIN_LANE_MESSAGE}..={MAX_LANE_MESSAGE}"),
+            ));
+        }
+        for (name, l) in &self.lanes.limits {
+            if Quadrant::from_name(name).is_none() {
+                return Err(invalid(
+                    format!("lanes.limits.{name}"),
+                    "unknown quadrant; expected dx, dg, px or pg",
+                ));
+            }
+            if l.max_in_flight == 0 {
+                return Err(invalid(
+                    format!("lanes.limits.{name}.max_in_flight"),
+                    "must be at least 1",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -560,6 +663,12 @@ impl Config {
     pub fn workload_socket(&self, q: Quadrant) -> PathBuf {
         self.workload_socket_dir()
             .join(format!("{}.sock", q.name()))
+    }
+
+    /// The lane broker's socket (`SOCK_SEQPACKET`, world-connectable: callers are attested).
+    #[must_use]
+    pub fn lane_socket(&self) -> PathBuf {
+        self.state_dir.join(format!("{}-lanes.sock", self.instance))
     }
 
     /// The state file path (what `up` created, read by `down` and `exec`).

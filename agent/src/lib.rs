@@ -26,6 +26,7 @@ pub mod audit;
 pub mod config;
 pub mod generations;
 pub mod identity;
+pub mod lanes;
 pub mod loader;
 pub mod plans;
 pub mod policy;

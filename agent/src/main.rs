@@ -47,10 +47,11 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
-    /// Print a published JSON Schema: plan, rollback, request or response (the control API).
+    /// Print a published JSON Schema: plan, rollback, request or response (the control API),
+    /// lane-request or lane-message (the lane broker's protocol).
     Schema {
         /// Which schema.
-        #[arg(value_parser = ["plan", "rollback", "request", "response"])]
+        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message"])]
         name: String,
     },
     /// Ask the running agent to admit a workload: SVID check, constraints, audit record.
@@ -84,6 +85,13 @@ enum Command {
         /// The older signed plan.
         #[arg(long)]
         plan: PathBuf,
+    },
+    /// List the open RTT lanes (transport, peers, bytes, round-trip time), the services offered
+    /// and each quadrant's lane usage against its limits.
+    Lanes {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// List the workloads the agent runs.
     Workloads {
@@ -380,6 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Schema { name } => print_schema(&name),
+        Command::Lanes { output } => lanes(&config, output),
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
             Ok(())
@@ -826,12 +835,24 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `quadrant lanes`.
+fn lanes(config: &Config, output: Output) -> anyhow::Result<()> {
+    let report = app::lanes(config)?;
+    match output {
+        Output::Text => print!("{}", quadrant::lanes::broker::render(&report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}
+
 /// `quadrant schema NAME`.
 fn print_schema(name: &str) -> anyhow::Result<()> {
     let schema = match name {
         "plan" => quadrant::plans::schema(),
         "rollback" => quadrant::plans::rollback_schema(),
         "request" => api::request_schema(),
+        "lane-request" => quadrant::lanes::control::request_schema(),
+        "lane-message" => quadrant::lanes::control::message_schema(),
         _ => api::response_schema(),
     };
     println!("{}", serde_json::to_string_pretty(&schema)?);

@@ -287,6 +287,60 @@ pub fn schema_errors(validator: &jsonschema::Validator, value: &Value) -> Vec<St
         .collect()
 }
 
+/// Validators for an internally tagged enum's schema: one per `oneOf` branch (each with the
+/// schema's definitions), chosen by the tag, so an error names the field of the kind that was
+/// meant rather than "not valid under any of the schemas".
+#[derive(Debug)]
+pub struct TaggedValidator {
+    tag: &'static str,
+    by_kind: BTreeMap<String, jsonschema::Validator>,
+}
+
+impl TaggedValidator {
+    /// Compiles the branches of `root`, tagged by the property `tag`.
+    pub fn new(root: &Value, tag: &'static str) -> Result<Self, String> {
+        let defs = root.get("$defs").cloned().unwrap_or_default();
+        let branches = root
+            .get("oneOf")
+            .and_then(Value::as_array)
+            .ok_or("schema has no oneOf")?;
+        let by_kind = branches
+            .iter()
+            .map(|branch| {
+                let kind = branch
+                    .pointer(&format!("/properties/{tag}/const"))
+                    .and_then(Value::as_str)
+                    .ok_or("schema branch without a const tag")?
+                    .to_owned();
+                let mut schema = branch.clone();
+                schema["$defs"] = defs.clone();
+                let v = jsonschema::validator_for(&schema).map_err(|e| e.to_string())?;
+                Ok((kind, v))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { tag, by_kind })
+    }
+
+    /// Every way `value` breaks the schema of its kind (`/<tag>` when the kind is unknown).
+    #[must_use]
+    pub fn errors(&self, value: &Value) -> Vec<String> {
+        let kind = value
+            .get(self.tag)
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let Some(v) = self.by_kind.get(kind) {
+            schema_errors(v, value)
+        } else {
+            let known: Vec<&str> = self.by_kind.keys().map(String::as_str).collect();
+            vec![format!(
+                "/{}: {kind:?} is not one of {}",
+                self.tag,
+                known.join(", ")
+            )]
+        }
+    }
+}
+
 /// The compiled plan schema, built once.
 fn validator() -> Result<&'static jsonschema::Validator, PlanError> {
     static VALIDATOR: std::sync::OnceLock<Result<jsonschema::Validator, String>> =

@@ -93,6 +93,7 @@ const SIGNATURE_SUFFIX: &str = ".dsse.json";
 const DATA_SUFFIX: &str = ".json";
 /// Query of the flows the kernel enforces.
 const FLOWS_QUERY: &str = "data.quadrant.runtime.flows";
+const LANES_QUERY: &str = "data.quadrant.runtime.lane_rules";
 /// Query of the global-versus-quadrant conflicts.
 const CONFLICTS_QUERY: &str = "data.quadrant.runtime.conflicts";
 /// Query of flows placed in a layer that does not own them.
@@ -190,6 +191,55 @@ pub struct Flow {
     /// The layer that allowed it (`dx`, … or `local`).
     #[serde(default)]
     pub layer: String,
+}
+
+/// A lane rule as the Rego decision produces it (`lane_rules`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LaneRule {
+    /// A quadrant, a SPIFFE ID, or a quadrant-wide pattern ending in `/workload/*`.
+    pub from: String,
+    /// The service's quadrant.
+    pub to: String,
+    /// Services; every service when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<String>>,
+    /// Transports (`shm`, `uds`, `tcp`); every transport when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transports: Option<Vec<String>>,
+    /// The layer that allowed it.
+    #[serde(default)]
+    pub layer: String,
+}
+
+impl LaneRule {
+    /// Whether the rule covers a caller of quadrant `q` with SPIFFE ID `id`.
+    #[must_use]
+    pub fn covers_source(&self, q: Quadrant, id: &str) -> bool {
+        if self.from == q.name() || self.from == id {
+            return true;
+        }
+        self.from
+            .strip_suffix('*')
+            .is_some_and(|prefix| prefix.ends_with("/workload/") && id.starts_with(prefix))
+    }
+
+    /// Whether the rule covers `service` in quadrant `q`.
+    #[must_use]
+    pub fn covers_service(&self, q: Quadrant, service: &str) -> bool {
+        self.to == q.name()
+            && self
+                .services
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|x| x == service || x == "*"))
+    }
+
+    /// Whether the rule allows `transport`.
+    #[must_use]
+    pub fn allows_transport(&self, transport: &str) -> bool {
+        self.transports
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == transport))
+    }
 }
 
 /// One Rego unit test result.
@@ -445,6 +495,30 @@ impl PolicyBundle {
         };
         flows.sort();
         Ok(flows)
+    }
+
+    /// The lane rules the broker applies (quadrant layers minus global denies).
+    pub fn lane_rules(&self) -> Result<Vec<LaneRule>, PolicyError> {
+        let mut engine = self.engine(&[])?;
+        let v = query(&mut engine, LANES_QUERY)?;
+        let mut rules: Vec<LaneRule> = match v {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|f| {
+                    serde_json::from_value(f.clone())
+                        .map_err(|e| eval_err(LANES_QUERY, &format!("{f}: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Null => vec![],
+            other => {
+                return Err(eval_err(
+                    LANES_QUERY,
+                    &format!("expected a set of lane rules, got {other}"),
+                ));
+            }
+        };
+        rules.sort();
+        Ok(rules)
     }
 
     /// Compiles the runtime authorization into policy-map entries.

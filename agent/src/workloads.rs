@@ -62,6 +62,8 @@ pub struct Spec {
     pub netns: String,
     /// `unix://…` Workload API endpoint of the quadrant.
     pub endpoint: String,
+    /// The lane broker's socket (`QUADRANT_LANE_SOCKET`).
+    pub lane_socket: PathBuf,
     /// Output file.
     pub log: PathBuf,
 }
@@ -453,6 +455,7 @@ fn spawn(spec: &Spec, procs: &[PathBuf]) -> Result<tokio::process::Child, std::i
         )
         .envs(&spec.env)
         .env("SPIFFE_ENDPOINT_SOCKET", &spec.endpoint)
+        .env(crate::lanes::SOCKET_ENV, &spec.lane_socket)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -83,3 +83,50 @@ matching_denies contains d if {
 }
 
 decision := {"allowed": count(matching) > 0, "allowed_by": matching, "denied_by": matching_denies}
+
+# RTT lanes. A lane rule: {"from": quadrant | SPIFFE ID | spiffe://<td>/quadrant/<q>/workload/*,
+# "to": quadrant, "services": [...] (absent: every service), "transports": shm, uds, tcp (absent:
+# every transport)}. Lanes are decided by the agent's lane broker for each opening, so a rule may
+# name a single workload's SPIFFE ID. Global denies between quadrants apply to lanes too.
+lane_candidates contains object.union(l, {"layer": q}) if {
+	some q in all_quadrants
+	some l in data.quadrant.runtime.quadrants[q].lanes
+}
+
+# The quadrant an identity or SPIFFE ID (pattern) belongs to.
+quadrant_of(id) := id if id in all_quadrants
+
+quadrant_of(id) := parts[4] if {
+	parts := split(id, "/")
+	count(parts) == 7
+	parts[0] == "spiffe:"
+	parts[3] == "quadrant"
+	parts[5] == "workload"
+}
+
+lane_denied_by(l) := {d | some d in global.deny; d.from == quadrant_of(l.from); d.to == l.to}
+
+# The lane rules the broker applies.
+lane_rules contains l if {
+	some l in lane_candidates
+	quadrant_of(l.from)
+	count(lane_denied_by(l)) == 0
+}
+
+# A quadrant lane rule the global layer overrides.
+conflicts contains {"allow": l, "deny": d} if {
+	some l in lane_candidates
+	some d in lane_denied_by(l)
+}
+
+# Lane rules must name a known source and be placed in the destination's layer.
+misplaced contains l if {
+	some l in lane_candidates
+	l.layer != l.to
+}
+
+misplaced contains l if {
+	some l in lane_candidates
+	not quadrant_of(l.from)
+}
+

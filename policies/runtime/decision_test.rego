@@ -68,3 +68,42 @@ test_port_ranges if {
 }
 
 test_the_default_layers_are_well_placed if count(runtime.misplaced) == 0
+
+lane_allowed(from, to) if {
+	some l in runtime.lane_rules
+	l.from == from
+	l.to == to
+}
+
+test_lanes_follow_the_quadrant_pairs if {
+	lane_allowed("dx", "dg")
+	lane_allowed("dg", "dx")
+	lane_allowed("pg", "px")
+	lane_allowed("px", "px")
+	not lane_allowed("dx", "px")
+	not lane_allowed("pg", "dg")
+}
+
+test_a_lane_rule_across_the_divide_is_dropped_and_reported if {
+	extra := {{"from": "spiffe://quadrant.local/quadrant/dx/workload/tool", "to": "px"}}
+	rules := runtime.lane_rules with data.quadrant.runtime.quadrants.px.lanes as extra
+	count({l | some l in rules; l.to == "px"}) == 0
+	c := runtime.conflicts with data.quadrant.runtime.quadrants.px.lanes as extra
+	some conflict in c
+	conflict.allow.from == "spiffe://quadrant.local/quadrant/dx/workload/tool"
+}
+
+test_a_workload_lane_rule_is_kept if {
+	extra := {{"from": "spiffe://quadrant.local/quadrant/dg/workload/api", "to": "dx", "services": ["echo"]}}
+	rules := runtime.lane_rules with data.quadrant.runtime.quadrants.dx.lanes as extra
+	some l in rules
+	l.from == "spiffe://quadrant.local/quadrant/dg/workload/api"
+	l.services == ["echo"]
+}
+
+test_a_lane_rule_with_an_unknown_source_is_misplaced if {
+	m := runtime.misplaced with data.quadrant.runtime.quadrants.dx.lanes as {{"from": "everyone", "to": "dx"}}
+	some l in m
+	l.from == "everyone"
+}
+

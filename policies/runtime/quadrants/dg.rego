@@ -15,3 +15,8 @@ allow contains {"from": "host", "to": "dg", "protocols": all_protocols}
 
 # The quadrant may ping the node.
 allow contains {"from": "dg", "to": "host", "protocols": ["icmp"]}
+
+# RTT lanes into DG services (every service, every transport).
+lanes contains {"from": "dg", "to": "dg"}
+
+lanes contains {"from": "dx", "to": "dg"}

@@ -15,3 +15,8 @@ allow contains {"from": "host", "to": "dx", "protocols": all_protocols}
 
 # The quadrant may ping the node.
 allow contains {"from": "dx", "to": "host", "protocols": ["icmp"]}
+
+# RTT lanes into DX services (every service, every transport).
+lanes contains {"from": "dx", "to": "dx"}
+
+lanes contains {"from": "dg", "to": "dx"}

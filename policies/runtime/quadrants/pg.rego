@@ -15,3 +15,8 @@ allow contains {"from": "host", "to": "pg", "protocols": all_protocols}
 
 # The quadrant may ping the node.
 allow contains {"from": "pg", "to": "host", "protocols": ["icmp"]}
+
+# RTT lanes into PG services (every service, every transport).
+lanes contains {"from": "pg", "to": "pg"}
+
+lanes contains {"from": "px", "to": "pg"}

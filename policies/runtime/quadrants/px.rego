@@ -15,3 +15,8 @@ allow contains {"from": "host", "to": "px", "protocols": all_protocols}
 
 # The quadrant may ping the node.
 allow contains {"from": "px", "to": "host", "protocols": ["icmp"]}
+
+# RTT lanes into PX services (every service, every transport).
+lanes contains {"from": "px", "to": "px"}
+
+lanes contains {"from": "pg", "to": "px"}

@@ -1,0 +1,886 @@
+//! The lane broker in the agent: attests each connecting workload (`SO_PEERCRED` → cgroup →
+//! quadrant and workload → SPIFFE ID), decides each `open` with the policy's lane rules and the
+//! opener quadrant's limits, builds the lane (sealed memfd rings and eventfds, a Unix socket
+//! pair, or a TCP grant with SVIDs and a one-time token) and hands each end its descriptors.
+//!
+//! One thread per connection: requests are blocking reads on a `SOCK_SEQPACKET` socket, which is
+//! the shortest path from a request to its answer. Messages to the *other* end of a lane are sent
+//! without waiting: a listener that does not read its socket gets no more lanes ("busy") instead
+//! of blocking the broker.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use dataplane_common::Quadrant;
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept4, bind, getsockopt, listen,
+    socket, sockopt::PeerCredentials,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use super::{
+    control::{self, LaneGrant, LaneMessage, LaneRequest, TcpGrant, Transport, TransportChoice},
+    os::{self, MAX_CONTROL_MESSAGE, Mapping},
+    ring::{self, Region, Stat},
+    tls::Svid,
+};
+use crate::{
+    config::Config,
+    identity::{IdentityService, attest, spiffe_id},
+    policy::LaneRule,
+};
+
+/// One open lane, as `quadrant lanes` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub struct LaneInfo {
+    /// Lane id.
+    pub lane: u64,
+    /// Transport.
+    pub transport: Transport,
+    /// The service.
+    pub service: String,
+    /// The service's quadrant.
+    pub quadrant: String,
+    /// The opener's SPIFFE ID.
+    pub client: String,
+    /// The service's SPIFFE ID.
+    pub server: String,
+    /// Payload bytes client → server.
+    pub bytes_to_server: u64,
+    /// Payload bytes server → client.
+    pub bytes_to_client: u64,
+    /// Messages both ways.
+    pub messages: u64,
+    /// Smoothed round-trip time of the client's requests, in nanoseconds (0: none measured).
+    pub rtt_ns: u64,
+    /// Shared memory the lane holds.
+    pub shm_bytes: u64,
+    /// Seconds since it opened.
+    pub age_secs: u64,
+}
+
+/// A service being offered.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub struct ServiceInfo {
+    /// Its quadrant.
+    pub quadrant: String,
+    /// Its name.
+    pub service: String,
+    /// The listener's SPIFFE ID.
+    pub spiffe_id: String,
+    /// Its TCP port, if it takes TCP lanes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
+}
+
+/// A quadrant's lane usage against its limits.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub struct QuadrantLanes {
+    /// The quadrant.
+    pub quadrant: String,
+    /// Lanes its workloads have open.
+    pub lanes: u32,
+    /// Their limit.
+    pub max_lanes: u32,
+    /// Shared memory they hold.
+    pub shm_bytes: u64,
+    /// Its limit.
+    pub max_shm_bytes: u64,
+}
+
+/// How often opens were refused, by the opener's quadrant and reason.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub struct Refusals {
+    /// The opener's quadrant (`none` for unattested callers).
+    pub quadrant: String,
+    /// `policy`, `max_lanes`, `max_shm_bytes`, `no_service`, `busy`, `attestation`, `invalid`.
+    pub reason: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// What `quadrant lanes` prints.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub struct LanesReport {
+    /// The broker's socket.
+    pub socket: PathBuf,
+    /// Where the lane rules come from, or why every lane is refused.
+    pub policy: String,
+    /// Open lanes.
+    pub lanes: Vec<LaneInfo>,
+    /// Services offered.
+    pub services: Vec<ServiceInfo>,
+    /// Usage per quadrant.
+    pub quadrants: Vec<QuadrantLanes>,
+    /// Refused opens.
+    pub refusals: Vec<Refusals>,
+}
+
+struct Conn {
+    id: u64,
+    fd: OwnedFd,
+}
+
+impl Conn {
+    fn send(&self, msg: &LaneMessage, fds: &[&OwnedFd], wait: bool) -> io::Result<()> {
+        let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        os::send_with_fds_flags(self.fd.as_raw_fd(), &bytes, &raw, !wait)
+    }
+}
+
+struct Service {
+    conn: Arc<Conn>,
+    spiffe_id: String,
+    tcp_port: Option<u16>,
+}
+
+struct OpenLane {
+    info: LaneInfo,
+    client_quadrant: Quadrant,
+    client_conn: Arc<Conn>,
+    server_conn: Arc<Conn>,
+    opened: Instant,
+    region: Region,
+    _memory: Mapping,
+}
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<(Quadrant, String), Service>,
+    lanes: BTreeMap<u64, OpenLane>,
+    refusals: BTreeMap<(String, String), u64>,
+}
+
+impl State {
+    fn usage(&self, q: Quadrant) -> (u32, u64) {
+        self.lanes
+            .values()
+            .filter(|l| l.client_quadrant == q)
+            .fold((0, 0), |(n, b), l| (n + 1, b + l.info.shm_bytes))
+    }
+}
+
+/// The lane rules in force, or why there are none.
+type Rules = Result<Arc<Vec<LaneRule>>, String>;
+
+/// The lane broker.
+pub struct Broker {
+    config: Config,
+    identity: Option<Arc<IdentityService>>,
+    rules: Mutex<(Rules, String)>,
+    state: Mutex<State>,
+    next_lane: AtomicU64,
+    next_conn: AtomicU64,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("socket", &self.config.lane_socket())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Refusal {
+    reason: &'static str,
+    message: String,
+    limit: Option<String>,
+}
+
+fn refuse(reason: &'static str, message: String) -> Refusal {
+    Refusal {
+        reason,
+        message,
+        limit: None,
+    }
+}
+
+/// What the listening thread needs to stop.
+#[derive(Debug)]
+pub struct Serving {
+    listener: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Serving {
+    /// Stops accepting and removes the socket (open lanes stay usable by their ends).
+    pub fn stop(mut self) {
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Broker {
+    /// A broker for `config`; without an identity service, or with lane rules that failed to
+    /// evaluate, every lane is refused.
+    #[must_use]
+    pub fn new(
+        config: &Config,
+        identity: Option<Arc<IdentityService>>,
+        rules: Result<Vec<LaneRule>, String>,
+        origin: &str,
+    ) -> Self {
+        Self {
+            config: config.clone(),
+            identity,
+            rules: Mutex::new((rules.map(Arc::new), origin.to_owned())),
+            state: Mutex::new(State::default()),
+            next_lane: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// Replaces the lane rules (policy reload); lanes already open stay open.
+    pub fn set_rules(&self, rules: Result<Vec<LaneRule>, String>, origin: &str) {
+        *self.rules.lock().unwrap_or_else(PoisonError::into_inner) =
+            (rules.map(Arc::new), origin.to_owned());
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Listens on the configured socket (world-connectable; callers are attested).
+    pub fn serve(self: &Arc<Self>) -> io::Result<Serving> {
+        let path = self.config.lane_socket();
+        let _ = std::fs::remove_file(&path);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        let addr = UnixAddr::new(&path).map_err(io::Error::from)?;
+        bind(fd.as_raw_fd(), &addr)
+            .map_err(|e| io::Error::other(format!("cannot bind {}: {e}", path.display())))?;
+        std::fs::set_permissions(
+            &path,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666),
+        )?;
+        listen(&fd, Backlog::new(128).map_err(io::Error::from)?).map_err(io::Error::from)?;
+        let listener = Arc::new(fd);
+        let me = Arc::clone(self);
+        let l = Arc::clone(&listener);
+        let thread = std::thread::Builder::new()
+            .name("lane-broker".into())
+            .spawn(move || me.accept_loop(&l))?;
+        Ok(Serving {
+            listener,
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    fn accept_loop(self: Arc<Self>, listener: &OwnedFd) {
+        loop {
+            match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                Ok(raw) => {
+                    // SAFETY: accept4 returned a new descriptor we own.
+                    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                    let conn = Arc::new(Conn {
+                        id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+                        fd,
+                    });
+                    let me = Arc::clone(&self);
+                    if let Err(e) = std::thread::Builder::new()
+                        .name("lane-conn".into())
+                        .spawn(move || me.connection(&conn))
+                    {
+                        warn!(error = %e, "cannot start a lane connection thread");
+                    }
+                }
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => {}
+                // Shut down by `Serving::stop`.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn count_refusal(&self, quadrant: &str, reason: &str) {
+        *self
+            .state()
+            .refusals
+            .entry((quadrant.to_owned(), reason.to_owned()))
+            .or_default() += 1;
+    }
+
+    fn connection(&self, conn: &Arc<Conn>) {
+        let caller = getsockopt(&conn.fd, PeerCredentials)
+            .ok()
+            .map(|c| c.pid())
+            .ok_or(attest::AttestError::NoPeer)
+            .and_then(|pid| attest::attest(Some(pid), &self.config.instance));
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => {
+                // Every request of an unattested caller gets the reason (closing at once would
+                // reset the connection under its first request and lose the answer).
+                let mut buf = vec![0; MAX_CONTROL_MESSAGE];
+                while let Ok(Some(_)) = os::recv_with_fds(conn.fd.as_raw_fd(), &mut buf) {
+                    self.count_refusal("none", "attestation");
+                    let message = format!("caller not attested: {e}");
+                    let reply = LaneMessage::Error {
+                        message,
+                        limit: None,
+                    };
+                    if conn.send(&reply, &[], true).is_err() {
+                        break;
+                    }
+                }
+                return;
+            }
+        };
+        let id = spiffe_id(
+            &self.config.identity.trust_domain,
+            caller.quadrant,
+            &caller.workload,
+        );
+        let mut buf = vec![0; MAX_CONTROL_MESSAGE];
+        loop {
+            let n = match os::recv_with_fds(conn.fd.as_raw_fd(), &mut buf) {
+                Ok(Some((n, _fds))) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "lane connection read failed");
+                    break;
+                }
+            };
+            let request = match control::parse_request(&buf[..n]) {
+                Ok(r) => r,
+                Err(message) => {
+                    self.count_refusal(caller.quadrant.name(), "invalid");
+                    let _ = conn.send(
+                        &LaneMessage::Error {
+                            message,
+                            limit: None,
+                        },
+                        &[],
+                        true,
+                    );
+                    continue;
+                }
+            };
+            match request {
+                LaneRequest::Open {
+                    quadrant,
+                    service,
+                    transport,
+                } => {
+                    let target = Quadrant::from_name(&quadrant).unwrap_or(Quadrant::Dx);
+                    if let Err(r) =
+                        self.open(conn, caller.quadrant, &id, target, &service, transport)
+                    {
+                        self.count_refusal(caller.quadrant.name(), r.reason);
+                        let _ = conn.send(
+                            &LaneMessage::Error {
+                                message: r.message,
+                                limit: r.limit,
+                            },
+                            &[],
+                            true,
+                        );
+                    }
+                }
+                LaneRequest::Listen { service, tcp_port } => {
+                    let reply = self.listen(conn, caller.quadrant, &id, &service, tcp_port);
+                    let _ = conn.send(&reply, &[], true);
+                }
+                LaneRequest::Close { lane } => self.close(conn.id, lane, "closed by the other end"),
+            }
+        }
+        self.disconnect(conn.id);
+    }
+
+    fn listen(
+        &self,
+        conn: &Arc<Conn>,
+        q: Quadrant,
+        id: &str,
+        service: &str,
+        tcp_port: Option<u16>,
+    ) -> LaneMessage {
+        let mut state = self.state();
+        let key = (q, service.to_owned());
+        if let Some(existing) = state.services.get(&key) {
+            return LaneMessage::Error {
+                message: format!(
+                    "service {service} is already offered in {} by {}",
+                    q.name(),
+                    existing.spiffe_id
+                ),
+                limit: None,
+            };
+        }
+        state.services.insert(
+            key,
+            Service {
+                conn: Arc::clone(conn),
+                spiffe_id: id.to_owned(),
+                tcp_port,
+            },
+        );
+        LaneMessage::Listening {
+            service: service.to_owned(),
+            spiffe_id: id.to_owned(),
+        }
+    }
+
+    fn decide(
+        &self,
+        from_q: Quadrant,
+        from_id: &str,
+        to_q: Quadrant,
+        service: &str,
+        choice: TransportChoice,
+        has_tcp: bool,
+    ) -> Result<Transport, Refusal> {
+        let rules = match &self.rules.lock().unwrap_or_else(PoisonError::into_inner).0 {
+            Ok(r) => Arc::clone(r),
+            Err(e) => {
+                return Err(refuse(
+                    "policy",
+                    format!("lane policy unavailable, every lane is refused: {e}"),
+                ));
+            }
+        };
+        let matching: Vec<&LaneRule> = rules
+            .iter()
+            .filter(|r| r.covers_source(from_q, from_id) && r.covers_service(to_q, service))
+            .collect();
+        if matching.is_empty() {
+            return Err(refuse(
+                "policy",
+                format!(
+                    "policy allows no lane from {from_id} to service {service} in {}",
+                    to_q.name()
+                ),
+            ));
+        }
+        let mut reasons = Vec::new();
+        for &t in choice.candidates() {
+            if !matching.iter().any(|r| r.allows_transport(t.name())) {
+                reasons.push(format!("{} is not allowed by the policy", t.name()));
+                continue;
+            }
+            if t == Transport::Tcp && !has_tcp {
+                reasons.push("the service takes no TCP lanes".to_owned());
+                continue;
+            }
+            if t == Transport::Tcp && self.identity.is_none() {
+                reasons
+                    .push("TCP lanes need the identity service, which is unavailable".to_owned());
+                continue;
+            }
+            return Ok(t);
+        }
+        Err(refuse(
+            "policy",
+            format!(
+                "no transport for a lane from {from_id} to {service} in {}: {}",
+                to_q.name(),
+                reasons.join("; ")
+            ),
+        ))
+    }
+
+    fn svid_material(&self, id: &str) -> Result<control::SvidMaterial, Refusal> {
+        let identity = self
+            .identity
+            .as_ref()
+            .ok_or_else(|| refuse("policy", "identity service unavailable".into()))?;
+        let svid = identity
+            .x509_for(id)
+            .map_err(|e| refuse("policy", format!("cannot issue an SVID for {id}: {e}")))?
+            .borrow()
+            .clone();
+        Ok(Svid::material(
+            &svid.chain,
+            &svid.key_pkcs8,
+            identity.authority().roots(),
+            identity.authority().trust_domain(),
+        ))
+    }
+
+    #[allow(clippy::too_many_lines)]
+    fn open(
+        &self,
+        conn: &Arc<Conn>,
+        from_q: Quadrant,
+        from_id: &str,
+        to_q: Quadrant,
+        service: &str,
+        choice: TransportChoice,
+    ) -> Result<(), Refusal> {
+        let (server_conn, server_id, tcp_port) = {
+            let state = self.state();
+            let s = state
+                .services
+                .get(&(to_q, service.to_owned()))
+                .ok_or_else(|| {
+                    refuse(
+                        "no_service",
+                        format!("no service {service} is offered in {}", to_q.name()),
+                    )
+                })?;
+            (Arc::clone(&s.conn), s.spiffe_id.clone(), s.tcp_port)
+        };
+        let transport = self.decide(from_q, from_id, to_q, service, choice, tcp_port.is_some())?;
+        let limits = self.config.lanes.limits_of(from_q);
+        let max_message = self.config.lanes.max_message_bytes;
+        let ring_bytes = if transport == Transport::Shm {
+            ring::capacity_for(max_message as usize)
+        } else {
+            0
+        };
+        let shm_bytes = ring::mapping_len(ring_bytes) as u64;
+        let lane_id = self.next_lane.fetch_add(1, Ordering::Relaxed);
+
+        let io_err = |what: &str, e: io::Error| {
+            refuse("io", format!("cannot create the lane's {what}: {e}"))
+        };
+        let memfd = os::sealed_memfd(
+            &format!("quadrant-lane-{lane_id}"),
+            ring::mapping_len(ring_bytes),
+        )
+        .map_err(|e| io_err("memory", e))?;
+        let memory = Mapping::new(&memfd, ring::mapping_len(ring_bytes), true)
+            .map_err(|e| io_err("memory", e))?;
+        // SAFETY: the mapping has exactly this length, is page-aligned and lives in the entry.
+        let region = unsafe { Region::new(memory.as_ptr(), memory.len(), ring_bytes) }
+            .map_err(|e| refuse("io", e.to_string()))?;
+        region.initialize();
+
+        #[allow(clippy::cast_possible_truncation)] // capacity_for(≤ 64 MiB) fits
+        let grant = |local: &str, peer: &str, tcp: Option<TcpGrant>| LaneGrant {
+            lane: lane_id,
+            transport,
+            service: service.to_owned(),
+            quadrant: to_q.name().to_owned(),
+            local_id: local.to_owned(),
+            peer_id: peer.to_owned(),
+            max_message,
+            ring_bytes: ring_bytes as u32,
+            max_in_flight: limits.max_in_flight,
+            tcp,
+        };
+        let mut client_fds: Vec<OwnedFd> = Vec::new();
+        let mut server_fds: Vec<OwnedFd> = Vec::new();
+        let (client_grant, server_grant) = match transport {
+            Transport::Shm => {
+                let efd_c = os::eventfd().map_err(|e| io_err("eventfd", e))?;
+                let efd_s = os::eventfd().map_err(|e| io_err("eventfd", e))?;
+                let (pc, ps) = os::seqpacket_pair().map_err(|e| io_err("socket pair", e))?;
+                let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", e));
+                client_fds.extend([dup(&memfd)?, dup(&efd_c)?, dup(&efd_s)?, pc]);
+                server_fds.extend([memfd, efd_s, efd_c, ps]);
+                (
+                    grant(from_id, &server_id, None),
+                    grant(&server_id, from_id, None),
+                )
+            }
+            Transport::Uds => {
+                let (uc, us) = os::stream_pair().map_err(|e| io_err("socket pair", e))?;
+                client_fds.extend([memfd.try_clone().map_err(|e| io_err("descriptor", e))?, uc]);
+                server_fds.extend([memfd, us]);
+                (
+                    grant(from_id, &server_id, None),
+                    grant(&server_id, from_id, None),
+                )
+            }
+            Transport::Tcp => {
+                let mut token = [0u8; 16];
+                ring_rand(&mut token).map_err(|e| refuse("io", e))?;
+                let token = crate::artifacts::hex(&token);
+                let address = format!(
+                    "{}:{}",
+                    self.config.addrs(to_q).workload,
+                    tcp_port.unwrap_or_default()
+                );
+                client_fds.push(memfd.try_clone().map_err(|e| io_err("descriptor", e))?);
+                server_fds.push(memfd);
+                let client_tcp = TcpGrant {
+                    address: Some(address),
+                    token: token.clone(),
+                    svid: self.svid_material(from_id)?,
+                };
+                let server_tcp = TcpGrant {
+                    address: None,
+                    token,
+                    svid: self.svid_material(&server_id)?,
+                };
+                (
+                    grant(from_id, &server_id, Some(client_tcp)),
+                    grant(&server_id, from_id, Some(server_tcp)),
+                )
+            }
+        };
+
+        let mut state = self.state();
+        let (lanes, shm) = state.usage(from_q);
+        if lanes >= limits.max_lanes {
+            return Err(Refusal {
+                reason: "max_lanes",
+                message: format!(
+                    "lane limit reached: quadrant {} has {lanes} open lanes, max_lanes is {}",
+                    from_q.name(),
+                    limits.max_lanes
+                ),
+                limit: Some("max_lanes".into()),
+            });
+        }
+        if shm + shm_bytes > limits.max_shm_bytes {
+            return Err(Refusal {
+                reason: "max_shm_bytes",
+                message: format!(
+                    "lane limit reached: quadrant {} holds {shm} bytes of lane memory, this lane needs {shm_bytes} more, max_shm_bytes is {}",
+                    from_q.name(),
+                    limits.max_shm_bytes
+                ),
+                limit: Some("max_shm_bytes".into()),
+            });
+        }
+        // The service first: once the opener has its end, the other must exist.
+        let server_refs: Vec<&OwnedFd> = server_fds.iter().collect();
+        if let Err(e) = server_conn.send(
+            &LaneMessage::Incoming {
+                grant: server_grant,
+            },
+            &server_refs,
+            false,
+        ) {
+            return Err(refuse(
+                "busy",
+                format!(
+                    "service {service} in {} cannot take the lane: {e}",
+                    to_q.name()
+                ),
+            ));
+        }
+        let info = LaneInfo {
+            lane: lane_id,
+            transport,
+            service: service.to_owned(),
+            quadrant: to_q.name().to_owned(),
+            client: from_id.to_owned(),
+            server: server_id.clone(),
+            bytes_to_server: 0,
+            bytes_to_client: 0,
+            messages: 0,
+            rtt_ns: 0,
+            shm_bytes,
+            age_secs: 0,
+        };
+        state.lanes.insert(
+            lane_id,
+            OpenLane {
+                info,
+                client_quadrant: from_q,
+                client_conn: Arc::clone(conn),
+                server_conn,
+                opened: Instant::now(),
+                region,
+                _memory: memory,
+            },
+        );
+        drop(state);
+        let client_refs: Vec<&OwnedFd> = client_fds.iter().collect();
+        if let Err(e) = conn.send(
+            &LaneMessage::Opened {
+                grant: client_grant,
+            },
+            &client_refs,
+            true,
+        ) {
+            warn!(lane = lane_id, error = %e, "cannot hand the lane to its opener");
+            self.close(conn.id, lane_id, "the opener went away");
+        }
+        Ok(())
+    }
+
+    fn close(&self, conn_id: u64, lane: u64, reason: &str) {
+        let mut state = self.state();
+        let Some(entry) = state.lanes.get(&lane) else {
+            return;
+        };
+        let other = if entry.client_conn.id == conn_id {
+            Arc::clone(&entry.server_conn)
+        } else if entry.server_conn.id == conn_id {
+            Arc::clone(&entry.client_conn)
+        } else {
+            return;
+        };
+        state.lanes.remove(&lane);
+        drop(state);
+        let _ = other.send(
+            &LaneMessage::Closed {
+                lane,
+                reason: reason.to_owned(),
+            },
+            &[],
+            false,
+        );
+    }
+
+    fn disconnect(&self, conn_id: u64) {
+        let mut state = self.state();
+        state.services.retain(|_, s| s.conn.id != conn_id);
+        let gone: Vec<u64> = state
+            .lanes
+            .iter()
+            .filter(|(_, l)| l.client_conn.id == conn_id || l.server_conn.id == conn_id)
+            .map(|(id, _)| *id)
+            .collect();
+        drop(state);
+        for lane in gone {
+            self.close(conn_id, lane, "the other end went away");
+        }
+    }
+
+    /// The report `quadrant lanes` prints.
+    #[must_use]
+    pub fn report(&self) -> LanesReport {
+        let policy = match &*self.rules.lock().unwrap_or_else(PoisonError::into_inner) {
+            (Ok(r), origin) => format!("{} lane rules from {origin}", r.len()),
+            (Err(e), _) => format!("every lane refused: {e}"),
+        };
+        let state = self.state();
+        let lanes = state
+            .lanes
+            .values()
+            .map(|l| {
+                let s = |side, stat| l.region.stat(side, stat).load(Ordering::Relaxed);
+                let mut info = l.info.clone();
+                info.bytes_to_server = s(0, Stat::BytesSent);
+                info.bytes_to_client = s(1, Stat::BytesSent);
+                info.messages = s(0, Stat::MessagesSent) + s(1, Stat::MessagesSent);
+                info.rtt_ns = s(0, Stat::RttEwmaNs);
+                info.age_secs = l.opened.elapsed().as_secs();
+                info
+            })
+            .collect();
+        let services = state
+            .services
+            .iter()
+            .map(|((q, name), s)| ServiceInfo {
+                quadrant: q.name().to_owned(),
+                service: name.clone(),
+                spiffe_id: s.spiffe_id.clone(),
+                tcp_port: s.tcp_port,
+            })
+            .collect();
+        let quadrants = Quadrant::ALL
+            .iter()
+            .map(|&q| {
+                let (lanes, shm_bytes) = state.usage(q);
+                let limits = self.config.lanes.limits_of(q);
+                QuadrantLanes {
+                    quadrant: q.name().to_owned(),
+                    lanes,
+                    max_lanes: limits.max_lanes,
+                    shm_bytes,
+                    max_shm_bytes: limits.max_shm_bytes,
+                }
+            })
+            .collect();
+        let refusals = state
+            .refusals
+            .iter()
+            .map(|((quadrant, reason), count)| Refusals {
+                quadrant: quadrant.clone(),
+                reason: reason.clone(),
+                count: *count,
+            })
+            .collect();
+        LanesReport {
+            socket: self.config.lane_socket(),
+            policy,
+            lanes,
+            services,
+            quadrants,
+            refusals,
+        }
+    }
+}
+
+fn ring_rand(out: &mut [u8]) -> Result<(), String> {
+    use ::ring::rand::SecureRandom as _;
+    ::ring::rand::SystemRandom::new()
+        .fill(out)
+        .map_err(|_| "no randomness for the lane token".to_owned())
+}
+
+/// The text form of `quadrant lanes`.
+#[must_use]
+pub fn render(r: &LanesReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "lane broker {} ({})", r.socket.display(), r.policy);
+    let _ = writeln!(out, "\nservices:");
+    if r.services.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for s in &r.services {
+        let tcp = s.tcp_port.map(|p| format!(", tcp {p}")).unwrap_or_default();
+        let _ = writeln!(out, "  {}/{}  {}{tcp}", s.quadrant, s.service, s.spiffe_id);
+    }
+    let _ = writeln!(out, "\nlanes:");
+    if r.lanes.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for l in &r.lanes {
+        #[allow(clippy::cast_precision_loss)] // display only
+        let rtt = if l.rtt_ns == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.1} us", l.rtt_ns as f64 / 1000.0)
+        };
+        let _ = writeln!(
+            out,
+            "  #{} {:<3} {} -> {}/{} ({})  sent {} B / received {} B, {} messages, rtt {rtt}, {} s",
+            l.lane,
+            l.transport.name(),
+            l.client,
+            l.quadrant,
+            l.service,
+            l.server,
+            l.bytes_to_server,
+            l.bytes_to_client,
+            l.messages,
+            l.age_secs
+        );
+    }
+    let _ = writeln!(out, "\nusage (lanes opened by each quadrant):");
+    for q in &r.quadrants {
+        let _ = writeln!(
+            out,
+            "  {}: {}/{} lanes, {}/{} bytes of lane memory",
+            q.quadrant, q.lanes, q.max_lanes, q.shm_bytes, q.max_shm_bytes
+        );
+    }
+    if !r.refusals.is_empty() {
+        let _ = writeln!(out, "\nrefused opens:");
+        for f in &r.refusals {
+            let _ = writeln!(out, "  {} {}: {}", f.quadrant, f.reason, f.count);
+        }
+    }
+    out
+}

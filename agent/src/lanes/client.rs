@@ -1,0 +1,451 @@
+//! The client library workloads use: open lanes to services, offer a service and accept its
+//! lanes. The broker's socket comes from `QUADRANT_LANE_SOCKET` (set by `quadrant exec` and for
+//! submitted workloads) unless a path is given.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+
+use super::{
+    control::{LaneGrant, LaneMessage, LaneRequest, Transport, TransportChoice},
+    frame::Kind,
+    lane::{Framed, Lane, LaneError, Side, Stream},
+    os::{self, MAX_CONTROL_MESSAGE},
+    tls::{self, Svid},
+};
+
+/// Environment variable naming the lane broker's socket.
+pub const SOCKET_ENV: &str = "QUADRANT_LANE_SOCKET";
+
+/// How long a TCP lane's handshake and authorization may take.
+const TCP_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to the broker.
+#[derive(Debug)]
+pub struct Control {
+    fd: OwnedFd,
+    send_lock: Mutex<()>,
+}
+
+impl Control {
+    fn connect(path: &Path) -> Result<Self, LaneError> {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| LaneError::Broker(format!("socket: {e}")))?;
+        let addr = UnixAddr::new(path)
+            .map_err(|e| LaneError::Broker(format!("{}: {e}", path.display())))?;
+        connect(fd.as_raw_fd(), &addr).map_err(|e| {
+            LaneError::Broker(format!(
+                "cannot reach the lane broker at {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            fd,
+            send_lock: Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn send(&self, request: &LaneRequest) -> Result<(), LaneError> {
+        let bytes = serde_json::to_vec(request).map_err(|e| LaneError::Broker(e.to_string()))?;
+        let _guard = self
+            .send_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        os::send_with_fds(self.fd.as_raw_fd(), &bytes, &[])
+            .map_err(|e| LaneError::Broker(format!("cannot send to the broker: {e}")))
+    }
+
+    fn recv(&self) -> Result<(LaneMessage, Vec<OwnedFd>), LaneError> {
+        let mut buf = vec![0; MAX_CONTROL_MESSAGE];
+        match os::recv_with_fds(self.fd.as_raw_fd(), &mut buf) {
+            Ok(Some((n, fds))) => {
+                let msg = serde_json::from_slice(&buf[..n])
+                    .map_err(|e| LaneError::Broker(format!("malformed broker message: {e}")))?;
+                Ok((msg, fds))
+            }
+            Ok(None) => Err(LaneError::Broker("the broker closed the connection".into())),
+            Err(e) => Err(LaneError::Broker(format!(
+                "cannot read from the broker: {e}"
+            ))),
+        }
+    }
+
+    /// Waits up to `timeout` for the socket to become readable.
+    fn readable(&self, timeout: Duration) -> io::Result<bool> {
+        poll_in(&[self.fd.as_raw_fd()], timeout).map(|r| r[0])
+    }
+}
+
+fn poll_in(fds: &[i32], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: pfds is a live array of pollfd of the given length.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if n >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn socket_path(path: Option<&Path>) -> Result<PathBuf, LaneError> {
+    match path {
+        Some(p) => Ok(p.to_owned()),
+        None => std::env::var_os(SOCKET_ENV)
+            .map(PathBuf::from)
+            .ok_or_else(|| LaneError::Broker(format!("{SOCKET_ENV} is not set"))),
+    }
+}
+
+fn refused(message: String, limit: Option<String>) -> LaneError {
+    LaneError::Refused { message, limit }
+}
+
+/// Opens lanes.
+#[derive(Debug)]
+pub struct LaneClient {
+    control: Arc<Control>,
+}
+
+impl LaneClient {
+    /// Connects to the broker at `path`, or at `$QUADRANT_LANE_SOCKET`.
+    pub fn connect(path: Option<&Path>) -> Result<Self, LaneError> {
+        Ok(Self {
+            control: Arc::new(Control::connect(&socket_path(path)?)?),
+        })
+    }
+
+    /// Opens a lane to `service` in `quadrant`. The broker checks the policy for this
+    /// workload's SPIFFE ID and the quadrant's limits, and picks the transport.
+    pub fn open(
+        &mut self,
+        quadrant: &str,
+        service: &str,
+        transport: TransportChoice,
+    ) -> Result<Lane, LaneError> {
+        self.control.send(&LaneRequest::Open {
+            quadrant: quadrant.to_owned(),
+            service: service.to_owned(),
+            transport,
+        })?;
+        loop {
+            let (msg, fds) = self.control.recv()?;
+            match msg {
+                LaneMessage::Opened { grant } => return self.establish(grant, fds),
+                LaneMessage::Error { message, limit } => return Err(refused(message, limit)),
+                // Notices about lanes closed earlier.
+                LaneMessage::Closed { .. } => {}
+                other => {
+                    return Err(LaneError::Broker(format!(
+                        "unexpected broker message {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    fn establish(&self, grant: LaneGrant, fds: Vec<OwnedFd>) -> Result<Lane, LaneError> {
+        let control = Some(Arc::clone(&self.control));
+        if grant.transport != Transport::Tcp {
+            return Lane::from_local_grant(grant, Side::Client, fds, control);
+        }
+        let tcp = grant
+            .tcp
+            .clone()
+            .ok_or_else(|| LaneError::Broker("TCP grant without TCP details".into()))?;
+        let addr: SocketAddr = tcp
+            .address
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| LaneError::Broker(format!("bad TCP lane address: {e}")))?;
+        let svid = Svid::from_material(&tcp.svid).map_err(LaneError::Tls)?;
+        let config = tls::client_config(&svid, &grant.peer_id).map_err(LaneError::Tls)?;
+        let sock = TcpStream::connect_timeout(&addr, TCP_SETUP_TIMEOUT)?;
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(TCP_SETUP_TIMEOUT))?;
+        let conn = rustls::ClientConnection::new(config, tls::sni())
+            .map_err(|e| LaneError::Tls(e.to_string()))?;
+        let stream: Box<dyn Stream> = Box::new(rustls::StreamOwned::new(conn, sock.try_clone()?));
+        let mut framed = Framed::new(stream, grant.max_message);
+        let hello = serde_json::json!({"lane": grant.lane, "token": tcp.token}).to_string();
+        framed
+            .send(Kind::Hello, hello.as_bytes())
+            .map_err(tls_error)?;
+        let mut reply = Vec::new();
+        match framed.recv(&mut reply).map_err(tls_error)? {
+            Some(Kind::Accept) => {}
+            Some(Kind::Refuse) => {
+                return Err(refused(
+                    format!(
+                        "the service refused the TCP lane: {}",
+                        String::from_utf8_lossy(&reply)
+                    ),
+                    None,
+                ));
+            }
+            other => {
+                return Err(LaneError::Tls(format!("expected Accept, got {other:?}")));
+            }
+        }
+        sock.set_read_timeout(None)?;
+        Lane::from_tcp(grant, Side::Client, fds, framed, control)
+    }
+}
+
+fn tls_error(e: LaneError) -> LaneError {
+    match e {
+        LaneError::Io(io) => LaneError::Tls(io.to_string()),
+        LaneError::PeerGone => {
+            LaneError::Tls("the peer closed the connection during set-up".into())
+        }
+        other => other,
+    }
+}
+
+/// Offers a service and accepts its lanes.
+#[derive(Debug)]
+pub struct LaneListener {
+    control: Arc<Control>,
+    spiffe_id: String,
+    tcp: Option<TcpListener>,
+    ready: VecDeque<(LaneGrant, Vec<OwnedFd>)>,
+    tcp_pending: HashMap<u64, (LaneGrant, Vec<OwnedFd>, Instant)>,
+    newest_svid: Option<Svid>,
+}
+
+impl LaneListener {
+    /// Registers `service` in the caller's quadrant; with `tcp_port`, also accepts mTLS lanes on
+    /// that port of the quadrant's address (the listener runs in the quadrant's namespace).
+    pub fn listen(
+        path: Option<&Path>,
+        service: &str,
+        tcp_port: Option<u16>,
+    ) -> Result<Self, LaneError> {
+        let tcp = match tcp_port {
+            Some(port) => Some(TcpListener::bind(("0.0.0.0", port))?),
+            None => None,
+        };
+        let control = Arc::new(Control::connect(&socket_path(path)?)?);
+        control.send(&LaneRequest::Listen {
+            service: service.to_owned(),
+            tcp_port,
+        })?;
+        let (msg, _) = control.recv()?;
+        let spiffe_id = match msg {
+            LaneMessage::Listening { spiffe_id, .. } => spiffe_id,
+            LaneMessage::Error { message, limit } => return Err(refused(message, limit)),
+            other => {
+                return Err(LaneError::Broker(format!(
+                    "unexpected broker message {other:?}"
+                )));
+            }
+        };
+        Ok(Self {
+            control,
+            spiffe_id,
+            tcp,
+            ready: VecDeque::new(),
+            tcp_pending: HashMap::new(),
+            newest_svid: None,
+        })
+    }
+
+    /// The service's SPIFFE ID.
+    #[must_use]
+    pub fn spiffe_id(&self) -> &str {
+        &self.spiffe_id
+    }
+
+    fn take_message(&mut self) -> Result<(), LaneError> {
+        let (msg, fds) = self.control.recv()?;
+        match msg {
+            LaneMessage::Incoming { grant } => {
+                if grant.transport == Transport::Tcp {
+                    if let Some(t) = &grant.tcp {
+                        self.newest_svid =
+                            Some(Svid::from_material(&t.svid).map_err(LaneError::Tls)?);
+                    }
+                    // Unclaimed TCP grants expire.
+                    self.tcp_pending
+                        .retain(|_, (_, _, at)| at.elapsed() < TCP_SETUP_TIMEOUT * 2);
+                    self.tcp_pending
+                        .insert(grant.lane, (grant, fds, Instant::now()));
+                } else {
+                    self.ready.push_back((grant, fds));
+                }
+                Ok(())
+            }
+            LaneMessage::Closed { .. } => Ok(()),
+            LaneMessage::Error { message, .. } => Err(LaneError::Broker(message)),
+            other => Err(LaneError::Broker(format!(
+                "unexpected broker message {other:?}"
+            ))),
+        }
+    }
+
+    /// Waits for the next lane. A TCP connection that fails the handshake or the lane's
+    /// authorization is refused and not returned; the error says why.
+    pub fn accept(&mut self) -> Result<Lane, LaneError> {
+        loop {
+            if let Some((grant, fds)) = self.ready.pop_front() {
+                return Lane::from_local_grant(
+                    grant,
+                    Side::Server,
+                    fds,
+                    Some(Arc::clone(&self.control)),
+                );
+            }
+            let mut fds = vec![self.control.fd.as_raw_fd()];
+            if let Some(l) = &self.tcp {
+                fds.push(l.as_fd().as_raw_fd());
+            }
+            let ready = poll_in(&fds, Duration::from_hours(1))?;
+            if ready[0] {
+                self.take_message()?;
+                continue;
+            }
+            if ready.get(1).copied().unwrap_or(false)
+                && let Some(l) = &self.tcp
+            {
+                let (sock, _) = l.accept()?;
+                return self.accept_tcp(&sock);
+            }
+        }
+    }
+
+    fn accept_tcp(&mut self, sock: &TcpStream) -> Result<Lane, LaneError> {
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(TCP_SETUP_TIMEOUT))?;
+        // Grants announced before this connection are in the control socket already.
+        while self.control.readable(Duration::ZERO)? {
+            self.take_message()?;
+        }
+        let svid = self
+            .newest_svid
+            .as_ref()
+            .ok_or_else(|| LaneError::Tls("TCP connection without any lane announced".into()))?;
+        let config = tls::server_config(svid).map_err(LaneError::Tls)?;
+        let conn =
+            rustls::ServerConnection::new(config).map_err(|e| LaneError::Tls(e.to_string()))?;
+        let mut tls_stream = rustls::StreamOwned::new(conn, sock.try_clone()?);
+        // Complete the handshake (the client's certificate is verified in it).
+        while tls_stream.conn.is_handshaking() {
+            tls_stream
+                .conn
+                .complete_io(&mut tls_stream.sock)
+                .map_err(|e| LaneError::Tls(format!("handshake: {e}")))?;
+        }
+        let peer = tls_stream
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tls::spiffe_id_of)
+            .ok_or_else(|| LaneError::Tls("client presented no SVID".into()))?;
+        let stream: Box<dyn Stream> = Box::new(tls_stream);
+        let mut framed = Framed::new(stream, 4096);
+        let mut hello = Vec::new();
+        let result = match framed.recv(&mut hello) {
+            Ok(Some(Kind::Hello)) => self.authorize(&hello, &peer),
+            Ok(other) => Err(format!("expected Hello, got {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok((grant, fds)) => {
+                framed.send(Kind::Accept, &[]).map_err(tls_error)?;
+                sock.set_read_timeout(None)?;
+                let mut framed = framed;
+                framed.set_max(grant.max_message);
+                Lane::from_tcp(
+                    grant,
+                    Side::Server,
+                    fds,
+                    framed,
+                    Some(Arc::clone(&self.control)),
+                )
+            }
+            Err(why) => {
+                let _ = framed.send(Kind::Refuse, why.as_bytes());
+                Err(LaneError::Tls(format!(
+                    "refused a TCP lane from {peer}: {why}"
+                )))
+            }
+        }
+    }
+
+    fn authorize(&mut self, hello: &[u8], peer: &str) -> Result<(LaneGrant, Vec<OwnedFd>), String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Hello {
+            lane: u64,
+            token: String,
+        }
+        let h: Hello =
+            serde_json::from_slice(hello).map_err(|e| format!("malformed Hello: {e}"))?;
+        let deadline = Instant::now() + TCP_SETUP_TIMEOUT;
+        // The announcement may still be on its way.
+        while !self.tcp_pending.contains_key(&h.lane) && Instant::now() < deadline {
+            if self
+                .control
+                .readable(deadline.saturating_duration_since(Instant::now()))
+                .map_err(|e| e.to_string())?
+            {
+                self.take_message().map_err(|e| e.to_string())?;
+            }
+        }
+        let (grant, _, _) = self
+            .tcp_pending
+            .get(&h.lane)
+            .ok_or_else(|| format!("lane {} was not opened through the broker", h.lane))?;
+        let expected = grant
+            .tcp
+            .as_ref()
+            .map(|t| t.token.as_bytes())
+            .unwrap_or_default();
+        // Compared without an early exit, so the time taken says nothing about the token.
+        let same = expected.len() == h.token.len()
+            && expected
+                .iter()
+                .zip(h.token.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err(format!("wrong token for lane {}", h.lane));
+        }
+        if grant.peer_id != peer {
+            return Err(format!(
+                "lane {} was granted to {}, the client proved {peer}",
+                h.lane, grant.peer_id
+            ));
+        }
+        let (grant, fds, _) = self
+            .tcp_pending
+            .remove(&h.lane)
+            .unwrap_or_else(|| unreachable!());
+        Ok((grant, fds))
+    }
+}

@@ -1,0 +1,300 @@
+//! Lane control messages: what workloads ask the broker and what it answers, one JSON document
+//! per `SOCK_SEQPACKET` message, with descriptors attached by `SCM_RIGHTS` where a lane is handed
+//! over. Requests are validated against the published schema
+//! (`manifests/schemas/lane-request.schema.json`; the broker's messages:
+//! `lane-message.schema.json`) before the broker reads them.
+
+use std::sync::OnceLock;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::plans::TaggedValidator;
+
+/// Transports a lane can use.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Shared-memory rings (same host).
+    Shm,
+    /// A framed Unix stream socket pair (same host).
+    Uds,
+    /// TCP with TLS 1.3 and mutual X.509-SVID authentication.
+    Tcp,
+}
+
+impl Transport {
+    /// Lower-case name (as in policies).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Shm => "shm",
+            Self::Uds => "uds",
+            Self::Tcp => "tcp",
+        }
+    }
+
+    /// Every transport, in the order `auto` prefers them.
+    pub const ALL: [Self; 3] = [Self::Shm, Self::Uds, Self::Tcp];
+}
+
+/// A transport asked for: one of them, or the broker's choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// The fastest the policy allows: shared memory, then a Unix socket, then TCP.
+    #[default]
+    Auto,
+    /// Shared memory only.
+    Shm,
+    /// Unix socket only.
+    Uds,
+    /// TCP + mTLS only.
+    Tcp,
+}
+
+impl TransportChoice {
+    /// The transports acceptable for this choice, in order of preference.
+    #[must_use]
+    pub fn candidates(self) -> &'static [Transport] {
+        match self {
+            Self::Auto => &Transport::ALL,
+            Self::Shm => &[Transport::Shm],
+            Self::Uds => &[Transport::Uds],
+            Self::Tcp => &[Transport::Tcp],
+        }
+    }
+}
+
+/// A workload's request to the lane broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LaneRequest {
+    /// Open a lane to a service.
+    Open {
+        /// The service's quadrant.
+        #[schemars(regex(pattern = r"^(dx|dg|px|pg)$"))]
+        quadrant: String,
+        /// The service name.
+        #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9][a-z0-9._-]*$"))]
+        service: String,
+        /// Transport wanted.
+        #[serde(default)]
+        transport: TransportChoice,
+    },
+    /// Offer a service in the caller's quadrant; lanes to it arrive as `incoming` messages on
+    /// this connection for as long as it stays open.
+    Listen {
+        /// The service name.
+        #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9][a-z0-9._-]*$"))]
+        service: String,
+        /// A TCP port the service accepts mTLS lanes on, in its quadrant's namespace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(min = 1, max = 65535))]
+        tcp_port: Option<u16>,
+    },
+    /// Close a lane (either end may).
+    Close {
+        /// Lane id.
+        lane: u64,
+    },
+}
+
+/// SVID material for a TCP lane's TLS handshake (base64 DER).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SvidMaterial {
+    /// Certificate chain, leaf first.
+    pub chain: Vec<String>,
+    /// PKCS#8 private key.
+    pub key: String,
+    /// Trust bundle (root certificates).
+    pub bundle: Vec<String>,
+    /// The trust domain.
+    pub trust_domain: String,
+}
+
+/// How to reach a TCP lane's server, and what to prove.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpGrant {
+    /// `ip:port` of the server (client side only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// One-time token the client presents after the handshake (hex).
+    pub token: String,
+    /// This side's SVID.
+    pub svid: SvidMaterial,
+}
+
+/// A lane handed to one of its ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LaneGrant {
+    /// Lane id.
+    pub lane: u64,
+    /// Transport.
+    pub transport: Transport,
+    /// The service.
+    pub service: String,
+    /// The service's quadrant.
+    pub quadrant: String,
+    /// This end's SPIFFE ID.
+    pub local_id: String,
+    /// The other end's SPIFFE ID.
+    pub peer_id: String,
+    /// Largest message.
+    pub max_message: u32,
+    /// Ring size per direction (shared memory only; 0 otherwise).
+    pub ring_bytes: u32,
+    /// Messages in flight per direction.
+    pub max_in_flight: u32,
+    /// TCP details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpGrant>,
+}
+
+impl LaneGrant {
+    /// Descriptors attached to the message carrying this grant, in order.
+    #[must_use]
+    pub fn fd_count(&self) -> usize {
+        match self.transport {
+            // memory, own eventfd, peer eventfd, peer socket
+            Transport::Shm => 4,
+            // memory, socket
+            Transport::Uds => 2,
+            // memory
+            Transport::Tcp => 1,
+        }
+    }
+}
+
+/// What the broker sends a workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LaneMessage {
+    /// Answer to `open`.
+    Opened {
+        /// The lane.
+        grant: LaneGrant,
+    },
+    /// Answer to `listen`.
+    Listening {
+        /// The service.
+        service: String,
+        /// The listener's SPIFFE ID.
+        spiffe_id: String,
+    },
+    /// A lane to a service this connection listens for.
+    Incoming {
+        /// The lane.
+        grant: LaneGrant,
+    },
+    /// Answer to `close`, or notice that the other end closed or went away.
+    Closed {
+        /// Lane id.
+        lane: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A refused request.
+    Error {
+        /// What is wrong.
+        message: String,
+        /// The limit exceeded, when that is the reason (`max_lanes`, `max_shm_bytes`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
+    },
+}
+
+/// The published schema of lane requests.
+#[must_use]
+pub fn request_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(LaneRequest)).unwrap_or_default()
+}
+
+/// The published schema of broker messages.
+#[must_use]
+pub fn message_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(LaneMessage)).unwrap_or_default()
+}
+
+/// Parses a request after validating it against its schema; the error names the field.
+pub fn parse_request(bytes: &[u8]) -> Result<LaneRequest, String> {
+    static VALIDATOR: OnceLock<Result<TaggedValidator, String>> = OnceLock::new();
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("lane request is not JSON: {e}"))?;
+    let validator = VALIDATOR
+        .get_or_init(|| TaggedValidator::new(&request_schema(), "kind"))
+        .as_ref()
+        .map_err(|e| format!("lane request schema does not compile: {e}"))?;
+    let errors = validator.errors(&value);
+    if !errors.is_empty() {
+        return Err(format!("invalid lane request: {}", errors.join("; ")));
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid lane request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_validated_with_field_names() {
+        let ok = parse_request(br#"{"kind":"open","quadrant":"dg","service":"echo"}"#).unwrap();
+        assert_eq!(
+            ok,
+            LaneRequest::Open {
+                quadrant: "dg".into(),
+                service: "echo".into(),
+                transport: TransportChoice::Auto
+            }
+        );
+        for (bad, needle) in [
+            (
+                &br#"{"kind":"open","quadrant":"zz","service":"echo"}"#[..],
+                "/quadrant",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"Echo!"}"#,
+                "/service",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"e","transport":"udp"}"#,
+                "/transport",
+            ),
+            (
+                br#"{"kind":"listen","service":"e","tcp_port":0}"#,
+                "/tcp_port",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"e","extra":1}"#,
+                "extra",
+            ),
+            (br#"{"kind":"fly"}"#, "kind"),
+            (b"not json", "not JSON"),
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains(needle), "{e} should name {needle}");
+        }
+    }
+
+    #[test]
+    fn the_published_schemas_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/schemas");
+        for (file, schema) in [
+            ("lane-request.schema.json", request_schema()),
+            ("lane-message.schema.json", message_schema()),
+        ] {
+            let published: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap_or_default())
+                    .unwrap_or_default();
+            assert_eq!(
+                published, schema,
+                "manifests/schemas/{file} is stale: regenerate it with `quadrant schema`"
+            );
+        }
+    }
+}

@@ -1,0 +1,643 @@
+//! An open lane, whatever its transport: send, receive, request (send then receive, timed),
+//! close.
+
+use std::{
+    io::{self, Read, Write},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::net::UnixStream,
+    },
+    sync::{Arc, OnceLock, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use super::{
+    client::Control,
+    control::{LaneGrant, LaneRequest, Transport},
+    frame::{FrameError, HEADER_LEN, Header, Kind},
+    os::{self, Mapping, Sleeper},
+    ring::{self, Consumer, Producer, Received, Region, RingError, Sent, Stat},
+};
+
+/// Why a lane operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    /// The broker refused (policy, limits, unknown service…); the message says which.
+    #[error("lane refused: {message}")]
+    Refused {
+        /// The broker's reason.
+        message: String,
+        /// The limit exceeded, if that was the reason.
+        limit: Option<String>,
+    },
+    /// Talking to the broker failed.
+    #[error("lane broker: {0}")]
+    Broker(String),
+    /// The peer process went away (crashed or exited without closing).
+    #[error("lane peer went away")]
+    PeerGone,
+    /// The lane was already closed.
+    #[error("lane is closed")]
+    Closed,
+    /// A message larger than the lane carries.
+    #[error("message of {len} bytes exceeds the lane's limit of {max} bytes")]
+    TooLarge {
+        /// Length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The peer sent a malformed frame.
+    #[error("malformed frame from the peer: {0}")]
+    Frame(#[from] FrameError),
+    /// The shared-memory ring was corrupted by the peer.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// The peer broke the lane protocol.
+    #[error("lane protocol: {0}")]
+    Protocol(String),
+    /// The TCP lane's TLS handshake or authorization failed.
+    #[error("TCP lane: {0}")]
+    Tls(String),
+    /// I/O.
+    #[error("lane I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Which end of the lane this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The end that opened it.
+    Client = 0,
+    /// The service's end.
+    Server = 1,
+}
+
+fn spin_budget() -> Duration {
+    static SPIN: OnceLock<Duration> = OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("QUADRANT_LANE_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        Duration::from_micros(us)
+    })
+}
+
+/// Shared-memory transport state.
+#[derive(Debug)]
+struct Shm {
+    tx: Producer,
+    rx: Consumer,
+    peer_efd: OwnedFd,
+    sleeper: Sleeper,
+    // Kept open: the peer watches it for hang-up; dropped after the sleeper.
+    _own_efd: OwnedFd,
+    _peer_sock: OwnedFd,
+}
+
+impl Shm {
+    fn wake_peer(&self) -> io::Result<()> {
+        os::notify(self.peer_efd.as_raw_fd())
+    }
+
+    fn send(
+        &mut self,
+        kind: Kind,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), LaneError> {
+        let start = Instant::now();
+        loop {
+            match self.tx.try_send_with(kind, len, |b| fill(b))? {
+                Sent::Done { wake } => {
+                    if wake {
+                        self.wake_peer()?;
+                    }
+                    return Ok(());
+                }
+                Sent::Full => {}
+            }
+            if self.sleeper.peer_gone() {
+                return Err(LaneError::PeerGone);
+            }
+            if start.elapsed() < spin_budget() {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.tx.prepare_wait() {
+                self.sleeper.sleep()?;
+            }
+            self.tx.done_waiting();
+        }
+    }
+
+    fn recv<R>(&mut self, read: &mut dyn FnMut(&[u8]) -> R) -> Result<Option<R>, LaneError> {
+        let start = Instant::now();
+        loop {
+            match self.rx.try_recv_with(&mut *read)? {
+                Received::Data { value, wake } => {
+                    if wake {
+                        self.wake_peer()?;
+                    }
+                    return Ok(Some(value));
+                }
+                Received::Closed => return Ok(None),
+                Received::Empty => {}
+            }
+            if self.sleeper.peer_gone() {
+                return Err(LaneError::PeerGone);
+            }
+            if start.elapsed() < spin_budget() {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.rx.prepare_wait() {
+                self.sleeper.sleep()?;
+            }
+            self.rx.done_waiting();
+        }
+    }
+}
+
+/// A byte stream carrying frames (Unix socket or TLS over TCP).
+pub(crate) trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Framing over a byte stream, with a read buffer so small frames cost one read.
+pub(crate) struct Framed<S> {
+    pub(crate) stream: S,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    scratch: Vec<u8>,
+    max: u32,
+}
+
+impl<S> std::fmt::Debug for Framed<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framed")
+            .field("buffered", &(self.end - self.start))
+            .finish_non_exhaustive()
+    }
+}
+
+const READ_BUF: usize = 64 * 1024;
+const COALESCE: usize = 16 * 1024;
+
+impl<S: Read + Write> Framed<S> {
+    pub(crate) fn new(stream: S, max: u32) -> Self {
+        Self {
+            stream,
+            buf: vec![0; READ_BUF],
+            start: 0,
+            end: 0,
+            scratch: Vec::with_capacity(COALESCE + HEADER_LEN),
+            max,
+        }
+    }
+
+    pub(crate) fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+
+    pub(crate) fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), LaneError> {
+        #[allow(clippy::cast_possible_truncation)] // checked against max (a u32) by the caller
+        let h = Header {
+            len: payload.len() as u32,
+            kind,
+        }
+        .encode();
+        if payload.len() <= COALESCE {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&h);
+            self.scratch.extend_from_slice(payload);
+            self.stream.write_all(&self.scratch)?;
+        } else {
+            self.stream.write_all(&h)?;
+            self.stream.write_all(payload)?;
+        }
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    /// Makes `n` bytes available in `buf[start..]`; false at end of stream before any byte.
+    fn fill(&mut self, n: usize) -> Result<bool, LaneError> {
+        if self.end - self.start >= n {
+            return Ok(true);
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end < n {
+            let got = match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(g) => g,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_peer_gone(&e) => return Err(LaneError::PeerGone),
+                Err(e) => return Err(e.into()),
+            };
+            if got == 0 {
+                return if self.end == 0 {
+                    Ok(false)
+                } else {
+                    Err(LaneError::PeerGone)
+                };
+            }
+            self.end += got;
+        }
+        Ok(true)
+    }
+
+    /// Receives one frame into `out`; `None` at a clean end of stream.
+    pub(crate) fn recv(&mut self, out: &mut Vec<u8>) -> Result<Option<Kind>, LaneError> {
+        if !self.fill(HEADER_LEN)? {
+            return Ok(None);
+        }
+        let h = Header::decode(&self.buf[self.start..self.end], self.max)?;
+        self.start += HEADER_LEN;
+        let len = h.len as usize;
+        out.clear();
+        let buffered = (self.end - self.start).min(len);
+        out.extend_from_slice(&self.buf[self.start..self.start + buffered]);
+        self.start += buffered;
+        if buffered < len {
+            out.resize(len, 0);
+            let mut at = buffered;
+            while at < len {
+                match self.stream.read(&mut out[at..]) {
+                    Ok(0) => return Err(LaneError::PeerGone),
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if is_peer_gone(&e) => return Err(LaneError::PeerGone),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(Some(h.kind))
+    }
+}
+
+fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+    )
+}
+
+enum Io {
+    Shm(Box<Shm>),
+    Uds(Framed<UnixStream>),
+    Tcp(Box<Framed<Box<dyn Stream>>>),
+}
+
+/// An open lane.
+pub struct Lane {
+    grant: LaneGrant,
+    side: Side,
+    memory: Mapping,
+    region: Region,
+    io: Io,
+    control: Option<Arc<Control>>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("lane", &self.grant.lane)
+            .field("transport", &self.grant.transport)
+            .field("side", &self.side)
+            .field("peer", &self.grant.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn take_fds(fds: Vec<OwnedFd>, n: usize) -> Result<Vec<OwnedFd>, LaneError> {
+    if fds.len() == n {
+        Ok(fds)
+    } else {
+        Err(LaneError::Broker(format!(
+            "lane grant carried {} descriptors, expected {n}",
+            fds.len()
+        )))
+    }
+}
+
+fn map_lane_memory(fd: &OwnedFd, ring_bytes: usize) -> Result<(Mapping, Region), LaneError> {
+    let len = ring::mapping_len(ring_bytes);
+    let memory = Mapping::new(fd, len, true)?;
+    // SAFETY: the mapping is `len` bytes, page-aligned, and lives in the `Lane` with the region.
+    let region = unsafe { Region::new(memory.as_ptr(), len, ring_bytes) }?;
+    region.check_magic()?;
+    Ok((memory, region))
+}
+
+impl Lane {
+    /// Builds a shared-memory or Unix-socket lane from a grant and its descriptors.
+    pub(crate) fn from_local_grant(
+        grant: LaneGrant,
+        side: Side,
+        fds: Vec<OwnedFd>,
+        control: Option<Arc<Control>>,
+    ) -> Result<Self, LaneError> {
+        let mut fds = take_fds(fds, grant.fd_count())?.into_iter();
+        let mut next = || {
+            fds.next()
+                .ok_or_else(|| LaneError::Broker("missing descriptor".into()))
+        };
+        let mem = next()?;
+        let ring_bytes = grant.ring_bytes as usize;
+        let (memory, region) = map_lane_memory(&mem, ring_bytes)?;
+        let max = grant.max_message as usize;
+        let io = match grant.transport {
+            Transport::Shm => {
+                let own_efd = next()?;
+                let peer_efd = next()?;
+                let peer_sock = next()?;
+                let (tx_ring, rx_ring) = match side {
+                    Side::Client => (0, 1),
+                    Side::Server => (1, 0),
+                };
+                let sleeper = Sleeper::new(own_efd.as_raw_fd(), peer_sock.as_raw_fd())?;
+                Io::Shm(Box::new(Shm {
+                    tx: region.producer(tx_ring, max, u64::from(grant.max_in_flight)),
+                    rx: region.consumer(rx_ring, max),
+                    peer_efd,
+                    sleeper,
+                    _own_efd: own_efd,
+                    _peer_sock: peer_sock,
+                }))
+            }
+            Transport::Uds => {
+                let sock = UnixStream::from(next()?);
+                Io::Uds(Framed::new(sock, grant.max_message))
+            }
+            Transport::Tcp => {
+                return Err(LaneError::Broker("TCP grant passed as a local lane".into()));
+            }
+        };
+        Ok(Self {
+            grant,
+            side,
+            memory,
+            region,
+            io,
+            control,
+            closed: false,
+        })
+    }
+
+    /// Builds a TCP lane over an authenticated, authorized TLS stream.
+    pub(crate) fn from_tcp(
+        grant: LaneGrant,
+        side: Side,
+        fds: Vec<OwnedFd>,
+        framed: Framed<Box<dyn Stream>>,
+        control: Option<Arc<Control>>,
+    ) -> Result<Self, LaneError> {
+        let mem = take_fds(fds, 1)?
+            .into_iter()
+            .next()
+            .ok_or(LaneError::Closed)?;
+        let (memory, region) = map_lane_memory(&mem, 0)?;
+        Ok(Self {
+            grant,
+            side,
+            memory,
+            region,
+            io: Io::Tcp(Box::new(framed)),
+            control,
+            closed: false,
+        })
+    }
+
+    /// Lane id.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.grant.lane
+    }
+
+    /// Its transport.
+    #[must_use]
+    pub fn transport(&self) -> Transport {
+        self.grant.transport
+    }
+
+    /// The other end's SPIFFE ID (as attested by the broker, or proven in the TLS handshake).
+    #[must_use]
+    pub fn peer_id(&self) -> &str {
+        &self.grant.peer_id
+    }
+
+    /// This end's SPIFFE ID.
+    #[must_use]
+    pub fn local_id(&self) -> &str {
+        &self.grant.local_id
+    }
+
+    /// Largest message.
+    #[must_use]
+    pub fn max_message(&self) -> usize {
+        self.grant.max_message as usize
+    }
+
+    fn count(&self, sent: bool, bytes: usize) {
+        let side = self.side as usize;
+        let (b, m) = if sent {
+            (Stat::BytesSent, Stat::MessagesSent)
+        } else {
+            (Stat::BytesReceived, Stat::MessagesReceived)
+        };
+        self.region
+            .stat(side, b)
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.region.stat(side, m).fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), LaneError> {
+        if self.closed {
+            return Err(LaneError::Closed);
+        }
+        if len > self.max_message() {
+            return Err(LaneError::TooLarge {
+                len,
+                max: self.max_message(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends one message (waits while the peer is `max_in_flight` messages or a ring behind).
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), LaneError> {
+        self.check_len(msg.len())?;
+        match &mut self.io {
+            Io::Shm(s) => s.send(Kind::Data, msg.len(), &mut |b| b.copy_from_slice(msg))?,
+            Io::Uds(f) => f.send(Kind::Data, msg)?,
+            Io::Tcp(f) => f.send(Kind::Data, msg)?,
+        }
+        self.count(true, msg.len());
+        Ok(())
+    }
+
+    /// Sends a message of `len` bytes written in place by `fill` (in the ring itself on a
+    /// shared-memory lane: no copy).
+    pub fn send_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<(), LaneError> {
+        self.check_len(len)?;
+        let mut fill = Some(fill);
+        let mut once = |b: &mut [u8]| {
+            if let Some(f) = fill.take() {
+                f(b);
+            }
+        };
+        match &mut self.io {
+            Io::Shm(s) => s.send(Kind::Data, len, &mut once)?,
+            Io::Uds(f) => {
+                let mut buf = vec![0; len];
+                once(&mut buf);
+                f.send(Kind::Data, &buf)?;
+            }
+            Io::Tcp(f) => {
+                let mut buf = vec![0; len];
+                once(&mut buf);
+                f.send(Kind::Data, &buf)?;
+            }
+        }
+        self.count(true, len);
+        Ok(())
+    }
+
+    /// Receives one message into `out`. `Ok(false)`: the peer closed the lane.
+    pub fn recv(&mut self, out: &mut Vec<u8>) -> Result<bool, LaneError> {
+        self.recv_with(|payload| {
+            out.clear();
+            out.extend_from_slice(payload);
+        })
+        .map(|v| v.is_some())
+    }
+
+    /// Receives one message and hands it to `read` (in place in the ring on a shared-memory
+    /// lane). `Ok(None)`: the peer closed the lane.
+    pub fn recv_with<R>(&mut self, read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, LaneError> {
+        if self.closed {
+            return Err(LaneError::Closed);
+        }
+        let mut read = Some(read);
+        let mut len = 0;
+        let value = match &mut self.io {
+            Io::Shm(s) => s
+                .recv(&mut |p: &[u8]| {
+                    len = p.len();
+                    read.take().map(|f| f(p))
+                })?
+                .flatten(),
+            Io::Uds(f) => recv_stream(f, &mut len, &mut read)?,
+            Io::Tcp(f) => recv_stream(f, &mut len, &mut read)?,
+        };
+        if value.is_some() {
+            self.count(false, len);
+        }
+        Ok(value)
+    }
+
+    /// Sends `msg` and waits for one reply into `out`, recording the round-trip time in the
+    /// lane's statistics (`quadrant lanes` shows it).
+    pub fn request(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<Duration, LaneError> {
+        let start = Instant::now();
+        self.send(msg)?;
+        if !self.recv(out)? {
+            return Err(LaneError::Closed);
+        }
+        let rtt = start.elapsed();
+        let side = self.side as usize;
+        #[allow(clippy::cast_possible_truncation)] // a round trip is far below 584 years
+        let ns = rtt.as_nanos() as u64;
+        let ewma = self.region.stat(side, Stat::RttEwmaNs);
+        let old = ewma.load(Ordering::Relaxed);
+        ewma.store(
+            if old == 0 { ns } else { old - old / 8 + ns / 8 },
+            Ordering::Relaxed,
+        );
+        self.region
+            .stat(side, Stat::RttSamples)
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(rtt)
+    }
+
+    /// Closes the lane: the peer's next receive returns `Ok(false)` once it has read what was
+    /// sent before.
+    pub fn close(mut self) -> Result<(), LaneError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), LaneError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        self.region
+            .stat(self.side as usize, Stat::Closed)
+            .store(1, Ordering::Relaxed);
+        let result = match &mut self.io {
+            // Never waits: with a full ring the peer learns of the close from the hang-up of
+            // the lane's socket instead.
+            Io::Shm(s) => match s.tx.try_send_with(Kind::Close, 0, |_| {}) {
+                Ok(Sent::Done { wake: true }) => s.wake_peer().map_err(LaneError::from),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+            Io::Uds(f) => f.send(Kind::Close, &[]).or(Ok(())),
+            Io::Tcp(f) => f.send(Kind::Close, &[]).or(Ok(())),
+        };
+        if let Some(c) = &self.control {
+            // The broker also notices when the connection goes; this frees the lane at once.
+            let _ = c.send(&LaneRequest::Close {
+                lane: self.grant.lane,
+            });
+        }
+        result
+    }
+
+    /// The lane's shared statistics page (both sides' counters).
+    #[must_use]
+    pub fn stat(&self, side: Side, stat: Stat) -> u64 {
+        self.region
+            .stat(side as usize, stat)
+            .load(Ordering::Relaxed)
+    }
+
+    #[doc(hidden)]
+    #[must_use]
+    pub fn mapping_len(&self) -> usize {
+        self.memory.len()
+    }
+}
+
+fn recv_stream<S: Read + Write, F: FnOnce(&[u8]) -> R, R>(
+    f: &mut Framed<S>,
+    len: &mut usize,
+    read: &mut Option<F>,
+) -> Result<Option<R>, LaneError> {
+    let mut buf = std::mem::take(&mut f.scratch);
+    let kind = f.recv(&mut buf);
+    let out = match kind {
+        Ok(Some(Kind::Data)) => {
+            *len = buf.len();
+            Ok(read.take().map(|r| r(&buf)))
+        }
+        Ok(Some(Kind::Close) | None) => Ok(None),
+        Ok(Some(other)) => Err(LaneError::Protocol(format!(
+            "unexpected {other:?} frame on an open lane"
+        ))),
+        Err(e) => Err(e),
+    };
+    f.scratch = buf;
+    out
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

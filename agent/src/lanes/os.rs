@@ -1,0 +1,378 @@
+//! The operating-system pieces of a lane: sealed memfd mappings, eventfds, `io_uring` sleeps and
+//! `SOCK_SEQPACKET` messages carrying file descriptors.
+
+use std::{
+    io::{self, IoSlice, IoSliceMut},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    ptr::NonNull,
+};
+
+use io_uring::{IoUring, opcode, types};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+
+/// Most descriptors one control message carries.
+pub const MAX_FDS: usize = 4;
+/// Largest control message.
+pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+fn last_os_error(what: &str) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// A new memfd of `len` bytes whose size is sealed: neither side can shrink it under the other's
+/// mapping (which would turn reads into SIGBUS) or grow it.
+pub fn sealed_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: valid C string; flags are constants.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(last_os_error("memfd_create"));
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let size = libc::off_t::try_from(len).map_err(io::Error::other)?;
+    // SAFETY: plain syscalls on an owned descriptor.
+    unsafe {
+        if libc::ftruncate(fd.as_raw_fd(), size) != 0 {
+            return Err(last_os_error("ftruncate of the lane memory"));
+        }
+        if libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        ) != 0
+        {
+            return Err(last_os_error("sealing the lane memory"));
+        }
+    }
+    Ok(fd)
+}
+
+/// A shared mapping of a lane memfd.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through `ring::Region`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `fd`, which must be a memfd of exactly `len` bytes sealed against shrinking.
+    pub fn new(fd: &OwnedFd, len: usize, writable: bool) -> io::Result<Self> {
+        // SAFETY: fstat/fcntl on a valid descriptor into a zeroed struct.
+        let (size, seals) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd.as_raw_fd(), &raw mut st) != 0 {
+                return Err(last_os_error("fstat of the lane memory"));
+            }
+            (st.st_size, libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS))
+        };
+        if usize::try_from(size).ok() != Some(len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("lane memory is {size} bytes, expected {len}"),
+            ));
+        }
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "lane memory is not sealed against shrinking",
+            ));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of a descriptor whose size was just checked and sealed.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(last_os_error("mmap of the lane memory"));
+        }
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?,
+            len,
+        })
+    }
+
+    /// Start of the mapping (page-aligned).
+    #[must_use]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped, exactly once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A new eventfd (blocking reads, close-on-exec).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(last_os_error("eventfd"));
+    }
+    // SAFETY: fd was just created.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd, waking whoever sleeps on it.
+pub fn notify(fd: RawFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer.
+    let n = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+    if n == 8 {
+        Ok(())
+    } else {
+        Err(last_os_error("waking the lane peer"))
+    }
+}
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| io::Error::other(format!("socketpair: {e}")))
+}
+
+/// A connected pair of `SOCK_STREAM` Unix sockets.
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| io::Error::other(format!("socketpair: {e}")))
+}
+
+/// Sends one message with `fds` attached.
+pub fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    send_with_fds_flags(sock, bytes, fds, false)
+}
+
+/// Sends one message with `fds` attached; with `dont_wait`, fails with `WouldBlock` instead of
+/// waiting for room in the receiver's queue.
+pub fn send_with_fds_flags(
+    sock: RawFd,
+    bytes: &[u8],
+    fds: &[RawFd],
+    dont_wait: bool,
+) -> io::Result<()> {
+    let iov = [IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+    let mut flags = MsgFlags::MSG_NOSIGNAL;
+    if dont_wait {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let n = sendmsg::<()>(sock, &iov, cmsgs, flags, None)
+        .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+    if n == bytes.len() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "control message sent {n} of {} bytes",
+            bytes.len()
+        )))
+    }
+}
+
+/// Receives one message and the descriptors attached to it. `Ok(None)` at end of stream.
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let msg = loop {
+        match recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => break other.map_err(|e| io::Error::from_raw_os_error(e as i32))?,
+        }
+    };
+    let mut fds = Vec::new();
+    for c in msg
+        .cmsgs()
+        .map_err(|e| io::Error::from_raw_os_error(e as i32))?
+    {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these descriptors in this process for us.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("control message carried more than {MAX_FDS} descriptors"),
+        ));
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("control message longer than {} bytes", buf.len()),
+        ));
+    }
+    if msg.bytes == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((msg.bytes, fds)))
+}
+
+const READ: u64 = 1;
+const POLL: u64 = 2;
+
+/// Sleeps until the lane's eventfd is signalled or the peer's socket hangs up, in one
+/// `io_uring_enter`. The eventfd read and the hang-up poll stay armed across sleeps, so a
+/// wake-up that arrives while the lane is busy is not lost and costs nothing extra.
+pub struct Sleeper {
+    ring: IoUring,
+    efd: RawFd,
+    peer: RawFd,
+    buf: Box<[u8; 8]>,
+    read_armed: bool,
+    poll_armed: bool,
+    peer_gone: bool,
+}
+
+impl std::fmt::Debug for Sleeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sleeper")
+            .field("efd", &self.efd)
+            .field("peer", &self.peer)
+            .field("peer_gone", &self.peer_gone)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sleeper {
+    /// A sleeper on `efd` that also watches `peer` for hang-up. Both must outlive it.
+    pub fn new(efd: RawFd, peer: RawFd) -> io::Result<Self> {
+        Ok(Self {
+            ring: IoUring::new(4)?,
+            efd,
+            peer,
+            buf: Box::new([0; 8]),
+            read_armed: false,
+            poll_armed: false,
+            peer_gone: false,
+        })
+    }
+
+    /// Whether the peer's socket hung up.
+    #[must_use]
+    pub fn peer_gone(&self) -> bool {
+        self.peer_gone
+    }
+
+    /// Sleeps until woken or the peer hangs up.
+    pub fn sleep(&mut self) -> io::Result<()> {
+        if self.peer_gone {
+            return Ok(());
+        }
+        {
+            let mut sq = self.ring.submission();
+            if !self.read_armed {
+                let e = opcode::Read::new(types::Fd(self.efd), self.buf.as_mut_ptr(), 8)
+                    .build()
+                    .user_data(READ);
+                // SAFETY: the buffer lives in `self` (boxed, so it does not move) until the read
+                // completes; `Drop` waits for it.
+                unsafe { sq.push(&e) }.map_err(io::Error::other)?;
+                self.read_armed = true;
+            }
+            if !self.poll_armed {
+                #[allow(clippy::cast_sign_loss)] // poll flags are small positive constants
+                let e = opcode::PollAdd::new(types::Fd(self.peer), libc::POLLRDHUP as u32)
+                    .build()
+                    .user_data(POLL);
+                // SAFETY: no buffers involved.
+                unsafe { sq.push(&e) }.map_err(io::Error::other)?;
+                self.poll_armed = true;
+            }
+        }
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
+        self.reap()
+    }
+
+    fn reap(&mut self) -> io::Result<()> {
+        for cqe in self.ring.completion() {
+            match cqe.user_data() {
+                READ => {
+                    self.read_armed = false;
+                    if cqe.result() < 0 {
+                        return Err(io::Error::from_raw_os_error(-cqe.result()));
+                    }
+                }
+                POLL => {
+                    self.poll_armed = false;
+                    if cqe.result() < 0 {
+                        return Err(io::Error::from_raw_os_error(-cqe.result()));
+                    }
+                    self.peer_gone = true;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        // Complete the outstanding read before its buffer goes away.
+        if self.read_armed && notify(self.efd).is_ok() {
+            while self.read_armed {
+                if self.ring.submit_and_wait(1).is_err() || self.reap().is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
