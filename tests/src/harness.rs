@@ -262,6 +262,77 @@ impl Instance {
         rx
     }
 
+    /// Starts `ARGV…` inside quadrant `q` (as `workload`) in the background and waits for a
+    /// stdout line starting with `ready`; that line and later ones come through the receiver.
+    /// The process is killed when the instance goes down.
+    ///
+    /// # Panics
+    /// If the process ends before printing `ready`.
+    pub fn background_in(
+        &mut self,
+        q: Quadrant,
+        workload: Option<&str>,
+        argv: &[&str],
+        ready: &str,
+    ) -> (u32, std::sync::mpsc::Receiver<String>) {
+        let mut exec = vec!["exec", q.name()];
+        if let Some(w) = workload {
+            exec.extend(["--workload", w]);
+        }
+        exec.push("--");
+        let mut child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(exec)
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn background process");
+        let pid = child.id();
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        loop {
+            let line = lines.next().and_then(Result::ok);
+            let Some(line) = line else {
+                panic!("{argv:?} in {} ended before printing {ready:?}", q.name());
+            };
+            let found = line.starts_with(ready);
+            let _ = tx.send(line);
+            if found {
+                break;
+            }
+        }
+        thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.background.push(child);
+        (pid, rx)
+    }
+
+    /// Runs `ARGV…` inside quadrant `q` as `workload` and waits for it.
+    #[must_use]
+    pub fn run_in(&self, q: Quadrant, workload: Option<&str>, argv: &[&str]) -> Output {
+        let mut exec = vec!["exec", q.name()];
+        if let Some(w) = workload {
+            exec.extend(["--workload", w]);
+        }
+        exec.push("--");
+        Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(exec)
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run in quadrant")
+    }
+
     /// The address of quadrant `q` inside its namespace.
     #[must_use]
     pub fn addr(&self, q: Quadrant) -> String {

@@ -332,8 +332,13 @@ impl LaneListener {
             if ready.get(1).copied().unwrap_or(false)
                 && let Some(l) = &self.tcp
             {
-                let (sock, _) = l.accept()?;
-                return self.accept_tcp(&sock);
+                let (sock, from) = l.accept()?;
+                return self.accept_tcp(&sock).map_err(|e| match e {
+                    LaneError::Tls(why) => {
+                        LaneError::Tls(format!("refused a TCP lane from {from}: {why}"))
+                    }
+                    other => other,
+                });
             }
         }
     }
@@ -348,7 +353,7 @@ impl LaneListener {
         let svid = self
             .newest_svid
             .as_ref()
-            .ok_or_else(|| LaneError::Tls("TCP connection without any lane announced".into()))?;
+            .ok_or_else(|| LaneError::Tls("no TCP lane was announced by the broker".into()))?;
         let config = tls::server_config(svid).map_err(LaneError::Tls)?;
         let conn =
             rustls::ServerConnection::new(config).map_err(|e| LaneError::Tls(e.to_string()))?;
@@ -390,9 +395,7 @@ impl LaneListener {
             }
             Err(why) => {
                 let _ = framed.send(Kind::Refuse, why.as_bytes());
-                Err(LaneError::Tls(format!(
-                    "refused a TCP lane from {peer}: {why}"
-                )))
+                Err(LaneError::Tls(format!("client {peer}: {why}")))
             }
         }
     }

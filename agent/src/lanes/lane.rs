@@ -626,7 +626,9 @@ fn recv_stream<S: Read + Write, F: FnOnce(&[u8]) -> R, R>(
             *len = buf.len();
             Ok(read.take().map(|r| r(&buf)))
         }
-        Ok(Some(Kind::Close) | None) => Ok(None),
+        Ok(Some(Kind::Close)) => Ok(None),
+        // The stream ended without a Close frame: the peer died or dropped the socket.
+        Ok(None) => Err(LaneError::PeerGone),
         Ok(Some(other)) => Err(LaneError::Protocol(format!(
             "unexpected {other:?} frame on an open lane"
         ))),

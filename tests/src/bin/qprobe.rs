@@ -113,6 +113,11 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
         ))),
         "svid-pem" => Ok(run_async(spiffe_probe::svid_pem(arg(args, 1, "FILE")?))),
         "no-header" => Ok(run_async(spiffe_probe::no_header(arg(args, 1, "SOCKET")?))),
+        "lane-crash" => lane_crash(
+            arg(args, 1, "QUADRANT")?,
+            arg(args, 2, "SERVICE")?,
+            arg(args, 3, "TRANSPORT")?,
+        ),
         other => bail!("unknown command {other:?}"),
     }
 }
@@ -525,4 +530,22 @@ fn run_async(f: impl Future<Output = Result<String, String>>) -> bool {
         .build()
         .expect("runtime");
     report(rt.block_on(f))
+}
+
+/// Opens a lane, completes one round trip, then dies (SIGABRT) in the middle of writing the next
+/// message — in the ring itself on a shared-memory lane.
+fn lane_crash(quadrant: &str, service: &str, transport: &str) -> anyhow::Result<bool> {
+    use quadrant::lanes::{LaneClient, TransportChoice};
+    let choice: TransportChoice =
+        serde_json::from_value(serde_json::Value::String(transport.into()))?;
+    let mut lane = LaneClient::connect(None)?.open(quadrant, service, choice)?;
+    let mut reply = Vec::new();
+    lane.request(b"before the crash", &mut reply)?;
+    println!("ok echoed {} {}", lane.id(), lane.transport().name());
+    std::io::Write::flush(&mut std::io::stdout())?;
+    lane.send_with(64 * 1024, |buf| {
+        buf[..1024].fill(7);
+        std::process::abort();
+    })?;
+    Ok(true)
 }

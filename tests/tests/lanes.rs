@@ -1,0 +1,567 @@
+//! RTT lanes between workloads in real quadrants: every transport across quadrants, the lane
+//! listing, authorization refusals (denied pair, unattested caller, wrong or missing SVID on the
+//! TCP port, a lane the broker never opened), a peer crashing mid-message, and lane exhaustion
+//! that stays inside its quadrant. Needs root.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::Output,
+    sync::{Arc, mpsc::Receiver},
+    time::Duration,
+};
+
+use dataplane_common::Quadrant;
+use quadrant::{
+    config::LaneLimits,
+    identity::ca::Authority,
+    lanes::{
+        broker::LanesReport,
+        frame::{HEADER_LEN, Header, Kind},
+    },
+};
+use quadrant_tests::harness::{Instance, sibling_binary, test_config};
+use rcgen::{CertificateParams, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
+};
+use serde_json::Value;
+
+const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
+const TCP_PORT: u16 = 7100;
+
+fn echo_bin() -> String {
+    sibling_binary(QPROBE, "lane-echo").display().to_string()
+}
+
+fn start_echo(inst: &mut Instance, q: Quadrant, tcp: bool) -> Receiver<String> {
+    let bin = echo_bin();
+    let port = TCP_PORT.to_string();
+    let mut argv = vec![bin.as_str(), "serve", "echo"];
+    if tcp {
+        argv.extend(["--tcp-port", &port]);
+    }
+    let (_, rx) = inst.background_in(q, Some("echo"), &argv, "listening as");
+    let first = rx.recv().expect("listening line");
+    assert!(
+        first.ends_with(&format!("/quadrant/{}/workload/echo", q.name())),
+        "{first}"
+    );
+    rx
+}
+
+fn call(inst: &Instance, from: Quadrant, workload: &str, to: Quadrant, args: &[&str]) -> Output {
+    let program = echo_bin();
+    let mut argv = vec![program.as_str(), "call", to.name(), "echo"];
+    argv.extend(args);
+    inst.run_in(from, Some(workload), &argv)
+}
+
+fn summary(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "lane-echo call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("summary JSON")
+}
+
+fn refusal(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a refusal, got {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).trim().to_owned()
+}
+
+fn lanes(inst: &Instance) -> LanesReport {
+    let out = inst.quadrant(&["lanes", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("lanes JSON")
+}
+
+fn wait_for(rx: &Receiver<String>, needle: &str) -> String {
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line containing {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+#[test]
+fn every_transport_carries_lanes_across_quadrants() {
+    let mut inst = Instance::up(test_config(20, None), QPROBE);
+    let td = inst.config.identity.trust_domain.clone();
+    let _server = start_echo(&mut inst, Quadrant::Dg, true);
+    for transport in ["shm", "uds", "tcp"] {
+        for (size, count) in [("64", "200"), ("65536", "50"), ("1048576", "3")] {
+            let s = summary(&call(
+                &inst,
+                Quadrant::Dx,
+                "client",
+                Quadrant::Dg,
+                &["--transport", transport, "--size", size, "--count", count],
+            ));
+            assert_eq!(s["transport"], transport);
+            assert_eq!(
+                s["local"],
+                format!("spiffe://{td}/quadrant/dx/workload/client")
+            );
+            assert_eq!(
+                s["peer"],
+                format!("spiffe://{td}/quadrant/dg/workload/echo")
+            );
+            println!(
+                "{transport} {size} B: p50 {} us, p99 {} us",
+                s["p50_us"], s["p99_us"]
+            );
+        }
+    }
+    // `auto` picks shared memory on one host; a lane inside one quadrant works too.
+    let s = summary(&call(&inst, Quadrant::Dg, "peer", Quadrant::Dg, &[]));
+    assert_eq!(s["transport"], "shm");
+
+    // A lane held open is listed with its transport, peers, bytes and round-trip time.
+    let bin = echo_bin();
+    let (_, rx) = inst.background_in(
+        Quadrant::Dx,
+        Some("holder"),
+        &[
+            &bin,
+            "call",
+            "dg",
+            "echo",
+            "--transport",
+            "uds",
+            "--count",
+            "20",
+            "--size",
+            "100",
+            "--hold",
+            "30",
+        ],
+        "{",
+    );
+    drop(rx);
+    let report = lanes(&inst);
+    assert_eq!(report.lanes.len(), 1, "{report:?}");
+    let l = &report.lanes[0];
+    assert_eq!(l.transport.name(), "uds");
+    assert_eq!(
+        l.client,
+        format!("spiffe://{td}/quadrant/dx/workload/holder")
+    );
+    assert_eq!(
+        (l.bytes_to_server, l.bytes_to_client, l.messages),
+        (2000, 2000, 40)
+    );
+    assert!(l.rtt_ns > 0);
+    let dx = report
+        .quadrants
+        .iter()
+        .find(|q| q.quadrant == "dx")
+        .expect("dx usage");
+    assert_eq!(dx.lanes, 1);
+    let text = inst.quadrant(&["lanes"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("dg/echo"));
+}
+
+/// A TLS client that accepts any server certificate (the server's checks are under test).
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to the service's TCP port from the host, presents `cert` (or nothing), sends a
+/// Hello for `lane`, and returns what came back: the reply frame, or the failure.
+fn rogue_tcp_lane(
+    addr: &str,
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    lane: u64,
+) -> Result<(Kind, String), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let config = match cert {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    let sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let conn = rustls::ClientConnection::new(Arc::new(config), "lane".try_into().expect("name"))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let hello = format!(r#"{{"lane":{lane},"token":"00000000000000000000000000000000"}}"#);
+    #[allow(clippy::cast_possible_truncation)]
+    let header = Header {
+        len: hello.len() as u32,
+        kind: Kind::Hello,
+    }
+    .encode();
+    tls.write_all(&header).map_err(|e| e.to_string())?;
+    tls.write_all(hello.as_bytes()).map_err(|e| e.to_string())?;
+    tls.flush().map_err(|e| e.to_string())?;
+    let mut h = [0u8; HEADER_LEN];
+    tls.read_exact(&mut h).map_err(|e| e.to_string())?;
+    let h = Header::decode(&h, 4096).map_err(|e| e.to_string())?;
+    let mut body = vec![0; h.len as usize];
+    tls.read_exact(&mut body).map_err(|e| e.to_string())?;
+    Ok((h.kind, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn pkcs8(der: Vec<u8>) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one matrix, attempt after attempt
+fn unauthorized_lanes_are_refused() {
+    let mut inst = Instance::up(test_config(21, None), QPROBE);
+    let td = inst.config.identity.trust_domain.clone();
+    let server = start_echo(&mut inst, Quadrant::Dg, true);
+    let mut refused = 0;
+
+    // Production may not open lanes into development (the global layer), on any transport.
+    for t in ["auto", "shm", "uds", "tcp"] {
+        let e = refusal(&call(
+            &inst,
+            Quadrant::Px,
+            "api",
+            Quadrant::Dg,
+            &["--transport", t],
+        ));
+        assert!(e.contains("policy allows no lane from spiffe://"), "{e}");
+        assert!(e.contains("/quadrant/px/workload/api"), "{e}");
+        refused += 1;
+    }
+    // A process outside every quadrant is not attested.
+    let socket = inst.config.lane_socket();
+    let out = std::process::Command::new(echo_bin())
+        .args(["call", "dg", "echo"])
+        .env("QUADRANT_LANE_SOCKET", &socket)
+        .output()
+        .expect("run lane-echo on the host");
+    let e = refusal(&out);
+    assert!(e.contains("caller not attested"), "{e}");
+    refused += 1;
+    // An unknown service, and TCP to a service that takes no TCP lanes.
+    let e = refusal(&call(&inst, Quadrant::Dx, "client", Quadrant::Dx, &[]));
+    assert!(e.contains("no service echo is offered in dx"), "{e}");
+    refused += 1;
+    let _dx_echo = start_echo(&mut inst, Quadrant::Dx, false);
+    let e = refusal(&call(
+        &inst,
+        Quadrant::Dx,
+        "client",
+        Quadrant::Dx,
+        &["--transport", "tcp"],
+    ));
+    assert!(e.contains("the service takes no TCP lanes"), "{e}");
+    refused += 1;
+    // A request that breaks the lane schema is refused with the field named.
+    let e = refusal(&call(
+        &inst,
+        Quadrant::Dx,
+        "client",
+        Quadrant::Dx,
+        &["--transport", "carrier-pigeon"],
+    ));
+    assert!(e.contains("unknown transport"), "{e}");
+    refused += 1;
+
+    // On the service's TCP port: no SVID, an SVID outside the trust bundle, and a genuine SVID
+    // for a lane the broker never opened. None gets a lane; the service says why.
+    let addr = format!("{}:{TCP_PORT}", inst.addr(Quadrant::Dg));
+    // Before any lane was announced the service has no SVID to present and refuses at once.
+    let r = rogue_tcp_lane(&addr, None, 1);
+    assert!(r.is_err(), "{r:?}");
+    wait_for(&server, "no TCP lane was announced");
+    // After an authorized TCP lane, it holds its SVID and checks the client's.
+    summary(&call(
+        &inst,
+        Quadrant::Dx,
+        "client",
+        Quadrant::Dg,
+        &["--transport", "tcp"],
+    ));
+    let r = rogue_tcp_lane(&addr, None, 1);
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|(k, _)| *k != Kind::Accept),
+        "{r:?}"
+    );
+    let line = wait_for(&server, "refused a TCP lane");
+    assert!(line.contains("handshake"), "{line}");
+    refused += 1;
+
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name.push(DnType::CommonName, "forged");
+    let id = format!("spiffe://{td}/quadrant/dx/workload/client");
+    p.subject_alt_names = vec![SanType::URI(id.clone().try_into().expect("uri"))];
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let forged = p.self_signed(&key).expect("cert");
+    let r = rogue_tcp_lane(
+        &addr,
+        Some((vec![forged.der().clone()], pkcs8(key.serialize_der()))),
+        1,
+    );
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|(k, _)| *k != Kind::Accept),
+        "{r:?}"
+    );
+    let line = wait_for(&server, "refused a TCP lane");
+    assert!(
+        line.contains("peer SVID refused") || line.contains("handshake"),
+        "{line}"
+    );
+    refused += 1;
+
+    let authority = Authority::load_or_create(&inst.config.identity.ca_dir, &td, None).expect("ca");
+    let svid = authority
+        .mint_x509(&id, Duration::from_mins(10))
+        .expect("svid");
+    let chain = svid
+        .chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let (kind, why) =
+        rogue_tcp_lane(&addr, Some((chain, pkcs8(svid.key_pkcs8.clone()))), 999).expect("reply");
+    assert_eq!(kind, Kind::Refuse);
+    assert!(
+        why.contains("lane 999 was not opened through the broker"),
+        "{why}"
+    );
+    refused += 1;
+
+    // The broker counted its refusals by quadrant and reason.
+    let report = lanes(&inst);
+    let count = |q: &str, reason: &str| {
+        report
+            .refusals
+            .iter()
+            .find(|r| r.quadrant == q && r.reason == reason)
+            .map_or(0, |r| r.count)
+    };
+    assert_eq!(count("px", "policy"), 4, "{:?}", report.refusals);
+    assert_eq!(count("none", "attestation"), 1);
+    assert_eq!(count("dx", "no_service"), 1);
+    assert_eq!(count("dx", "policy"), 1);
+    assert!(report.lanes.is_empty());
+    println!("unauthorized lane attempts blocked: {refused} of {refused}");
+    // Authorized lanes still work.
+    summary(&call(
+        &inst,
+        Quadrant::Dx,
+        "client",
+        Quadrant::Dg,
+        &["--transport", "tcp"],
+    ));
+}
+
+#[test]
+fn a_peer_crashing_mid_message_closes_the_lane_cleanly() {
+    let mut inst = Instance::up(test_config(22, None), QPROBE);
+    let server = start_echo(&mut inst, Quadrant::Dg, true);
+    for transport in ["shm", "uds", "tcp"] {
+        let out = inst.run_in(
+            Quadrant::Dx,
+            Some("crasher"),
+            &[QPROBE, "lane-crash", "dg", "echo", transport],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with("ok echoed"),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "the crasher must die");
+        let lane: u64 = stdout
+            .split_whitespace()
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .expect("lane id");
+        let outcome = wait_for(&server, &format!("lane {lane} from"));
+        assert!(
+            outcome.ends_with("error: lane peer went away"),
+            "{transport}: {outcome}"
+        );
+        // The broker freed the lane and its memory.
+        let report = lanes(&inst);
+        assert!(report.lanes.iter().all(|l| l.lane != lane), "{report:?}");
+        let dx = report
+            .quadrants
+            .iter()
+            .find(|q| q.quadrant == "dx")
+            .expect("dx");
+        assert_eq!((dx.lanes, dx.shm_bytes), (0, 0));
+        // The service goes on serving.
+        summary(&call(
+            &inst,
+            Quadrant::Dx,
+            "client",
+            Quadrant::Dg,
+            &["--transport", transport],
+        ));
+    }
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one scenario, step after step
+fn lane_exhaustion_is_refused_per_quadrant() {
+    let mut config = test_config(23, None);
+    config.lanes.limits.insert(
+        "dx".into(),
+        LaneLimits {
+            max_lanes: 2,
+            ..LaneLimits::default()
+        },
+    );
+    config.lanes.limits.insert(
+        "pg".into(),
+        LaneLimits {
+            max_shm_bytes: 10 << 20,
+            ..LaneLimits::default()
+        },
+    );
+    let mut inst = Instance::up(config, QPROBE);
+    let _dg = start_echo(&mut inst, Quadrant::Dg, false);
+    let _px = start_echo(&mut inst, Quadrant::Px, false);
+    let bin = echo_bin();
+
+    // DX: two lanes, then the third is refused naming max_lanes.
+    let (_, rx) = inst.background_in(
+        Quadrant::Dx,
+        Some("greedy"),
+        &[&bin, "hold", "dg", "echo", "--max", "5"],
+        "holding",
+    );
+    let lines: Vec<String> = rx.try_iter().collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("open")).count(),
+        2,
+        "{lines:?}"
+    );
+    let refused = lines
+        .iter()
+        .find(|l| l.starts_with("refused"))
+        .expect("a refusal");
+    assert!(
+        refused.contains("lane limit reached: quadrant dx has 2 open lanes, max_lanes is 2"),
+        "{refused}"
+    );
+    let e = refusal(&call(&inst, Quadrant::Dx, "other", Quadrant::Dg, &[]));
+    assert!(e.contains("max_lanes"), "{e}");
+
+    // PG: one shared-memory lane fits its 10 MiB, the second does not; a Unix socket lane
+    // (one page of statistics) still does.
+    let (_, rx) = inst.background_in(
+        Quadrant::Pg,
+        Some("ring-holder"),
+        &[
+            &bin,
+            "hold",
+            "px",
+            "echo",
+            "--max",
+            "2",
+            "--transport",
+            "shm",
+        ],
+        "holding",
+    );
+    let lines: Vec<String> = rx.try_iter().collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("open")).count(),
+        1,
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("max_shm_bytes is 10485760")),
+        "{lines:?}"
+    );
+    let s = summary(&call(
+        &inst,
+        Quadrant::Pg,
+        "small",
+        Quadrant::Px,
+        &["--transport", "uds"],
+    ));
+    assert_eq!(s["transport"], "uds");
+
+    // Other quadrants are untouched by DX's exhaustion: DG and PX workloads open lanes at will.
+    for _ in 0..3 {
+        summary(&call(&inst, Quadrant::Dg, "worker", Quadrant::Dg, &[]));
+        summary(&call(&inst, Quadrant::Px, "worker", Quadrant::Px, &[]));
+    }
+    let report = lanes(&inst);
+    let usage = |q: &str| {
+        report
+            .quadrants
+            .iter()
+            .find(|u| u.quadrant == q)
+            .expect("usage")
+            .clone()
+    };
+    assert_eq!(usage("dx").lanes, 2);
+    assert_eq!(usage("pg").lanes, 1);
+    assert_eq!((usage("dg").lanes, usage("px").lanes), (0, 0));
+    let count = |q: &str, reason: &str| {
+        report
+            .refusals
+            .iter()
+            .find(|r| r.quadrant == q && r.reason == reason)
+            .map_or(0, |r| r.count)
+    };
+    assert_eq!(count("dx", "max_lanes"), 2);
+    assert_eq!(count("pg", "max_shm_bytes"), 1);
+    assert_eq!(count("dg", "max_lanes") + count("px", "max_lanes"), 0);
+}
