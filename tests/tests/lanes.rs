@@ -54,9 +54,9 @@ fn start_echo(inst: &mut Instance, q: Quadrant, tcp: bool) -> Receiver<String> {
 
 fn call(inst: &Instance, from: Quadrant, workload: &str, to: Quadrant, args: &[&str]) -> Output {
     let program = echo_bin();
-    let mut argv = vec![program.as_str(), "call", to.name(), "echo"];
-    argv.extend(args);
-    inst.run_in(from, Some(workload), &argv)
+    let mut command = vec![program.as_str(), "call", to.name(), "echo"];
+    command.extend(args);
+    inst.run_in(from, Some(workload), &command)
 }
 
 fn summary(out: &Output) -> Value {
