@@ -7,7 +7,7 @@
 //! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
 //! | `verifier` | loads every program and prints the kernel's verified instruction counts |
 //! | `bench datapath`, `bench policy` | the benchmarks (benches/) |
-//! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser and the envelope decoder (fuzz/) |
+//! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser, the envelope decoder and the lane frame decoders (fuzz/) |
 //!
 //! Deliberately free of the agent crate: `setup` must run before the eBPF toolchain exists.
 
@@ -43,7 +43,8 @@ enum Task {
     },
     /// Load every eBPF program and print its verified instruction count.
     Verifier,
-    /// Fuzz the plan parser and the envelope decoder with cargo-fuzz (installed if missing).
+    /// Fuzz the plan parser, the envelope decoder and the lane frame decoders with cargo-fuzz
+    /// (installed if missing).
     Fuzz {
         /// Seconds per target.
         #[arg(default_value_t = 60)]
@@ -84,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                 step("installing cargo-fuzz");
                 cargo(&["install", "cargo-fuzz", "--locked"])?;
             }
-            for target in ["plan_parser", "envelope_decoder"] {
+            for target in ["plan_parser", "envelope_decoder", "lane_frames"] {
                 step(&format!("fuzzing {target} for {seconds} s"));
                 let mut cmd = Command::new("rustup");
                 cmd.args([

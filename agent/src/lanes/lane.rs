@@ -165,7 +165,7 @@ pub(crate) trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
 /// Framing over a byte stream, with a read buffer so small frames cost one read.
-pub(crate) struct Framed<S> {
+pub struct Framed<S> {
     pub(crate) stream: S,
     buf: Vec<u8>,
     start: usize,
@@ -186,7 +186,8 @@ const READ_BUF: usize = 64 * 1024;
 const COALESCE: usize = 16 * 1024;
 
 impl<S: Read + Write> Framed<S> {
-    pub(crate) fn new(stream: S, max: u32) -> Self {
+    /// Frames over `stream`, refusing payloads over `max` bytes.
+    pub fn new(stream: S, max: u32) -> Self {
         Self {
             stream,
             buf: vec![0; READ_BUF],
@@ -250,8 +251,8 @@ impl<S: Read + Write> Framed<S> {
         Ok(true)
     }
 
-    /// Receives one frame into `out`; `None` at a clean end of stream.
-    pub(crate) fn recv(&mut self, out: &mut Vec<u8>) -> Result<Option<Kind>, LaneError> {
+    /// Receives one frame into `out`; `None` at end of stream on a frame boundary.
+    pub fn recv(&mut self, out: &mut Vec<u8>) -> Result<Option<Kind>, LaneError> {
         if !self.fill(HEADER_LEN)? {
             return Ok(None);
         }

@@ -28,12 +28,16 @@ pub const PAGE: usize = 4096;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QLANE001");
 const STATS_OFFSET: usize = 64;
 const STATS_STRIDE: usize = 128;
-const CTRL_OFFSET: usize = 1024;
-const CTRL_STRIDE: usize = 1024;
+/// Offset of ring 0's control block in the header page.
+pub const CTRL_OFFSET: usize = 1024;
+/// Distance between the two control blocks.
+pub const CTRL_STRIDE: usize = 1024;
 // Within a control block: the producer's line, the consumer's line, the wait flags.
-const TAIL: usize = 0;
+/// The producer's position within a control block.
+pub const TAIL: usize = 0;
 const TAIL_MSGS: usize = 8;
-const HEAD: usize = 128;
+/// The consumer's position within a control block.
+pub const HEAD: usize = 128;
 const HEAD_MSGS: usize = 136;
 const CONSUMER_WAITING: usize = 256;
 const PRODUCER_WAITING: usize = 384;
