@@ -706,6 +706,27 @@ fn check_generation(
     }
 }
 
+/// The lanes a plan declares, as the broker enforces them. Every TCP lane is mutually
+/// authenticated, so `tcp` and `tcp_mtls` both mean a TCP + mTLS lane.
+fn declared_lanes(plan: &plans::Plan) -> Vec<crate::lanes::broker::DeclaredLane> {
+    use crate::lanes::Transport;
+    plan.lanes
+        .iter()
+        .filter_map(|l| {
+            let (q, service) = l.peer.split_once('/')?;
+            Some(crate::lanes::broker::DeclaredLane {
+                quadrant: Quadrant::from_name(q)?,
+                service: service.to_owned(),
+                transport: l.transport.map(|t| match t {
+                    plans::Transport::Shm => Transport::Shm,
+                    plans::Transport::Uds => Transport::Uds,
+                    plans::Transport::Tcp | plans::Transport::TcpMtls => Transport::Tcp,
+                }),
+            })
+        })
+        .collect()
+}
+
 /// `quadrant submit`: signature → schema → generation → artifacts → identity and admission →
 /// generation recorded → workload started. Nothing is started or recorded unless every step
 /// passes.
@@ -792,6 +813,8 @@ async fn submit(
         }
     }
     let spec = spec_of(&r.config, &plan, q, key.clone(), executable);
+    r.lanes
+        .set_declared(q, &plan.workload, Some(declared_lanes(&plan)));
     if let Err(e) = r.supervisor.start(spec).await {
         return refuse(format!("{key} admitted but not started: {e}"));
     }

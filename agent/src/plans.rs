@@ -70,17 +70,18 @@ pub enum Transport {
     Shm,
     /// Unix sockets.
     Uds,
-    /// TCP.
+    /// TCP (every TCP lane is mutually authenticated with SVIDs, so this is `tcp_mtls`).
     Tcp,
     /// TCP with mutual TLS (SVIDs).
     TcpMtls,
 }
 
-/// A lane the workload needs.
+/// A lane the workload needs. When a plan declares lanes, the workload may open lanes only to
+/// those services, and over the transport given here.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LaneRequirement {
-    /// The peer: `<quadrant>/<workload>`.
+    /// The service: `<quadrant>/<service>`.
     #[schemars(regex(pattern = r"^(dx|dg|px|pg)/[a-z0-9][a-z0-9._-]{0,63}$"))]
     pub peer: String,
     /// A required transport; the agent chooses when absent.
@@ -278,6 +279,10 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
 /// Every way `value` breaks the schema of `validator`, each as `<json pointer>: <message>`.
 #[must_use]
 pub fn schema_errors(validator: &jsonschema::Validator, value: &Value) -> Vec<String> {
+    // The common case, valid input, takes the faster check.
+    if validator.is_valid(value) {
+        return Vec::new();
+    }
     validator
         .iter_errors(value)
         .map(|e| {

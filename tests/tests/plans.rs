@@ -450,3 +450,67 @@ fn a_workload_at_its_limits_affects_only_its_quadrant() {
     );
     assert!(fx.inst.down().status.success());
 }
+
+/// A plan that declares its lanes: the workload may open only those, over the transport the
+/// plan requires; `auto` becomes that transport.
+#[test]
+fn a_plan_limits_its_workload_to_the_lanes_it_declares() {
+    let dir = PathBuf::from(TEST_STATE_DIR).join("qt24-lanes");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let mut config = test_config(24, None);
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(config.audit_log.with_file_name("qt24-generations.json"));
+    let mut fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    fx.trust_key("dev", "plan", &["dx"]);
+    let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo");
+    let echo = echo.to_str().expect("utf8");
+    let (_, _server) = fx.inst.background_in(
+        dataplane_common::Quadrant::Dg,
+        Some("echo"),
+        &[echo, "serve", "echo"],
+        "listening as",
+    );
+    let cases = [
+        (
+            "dg echo --transport uds",
+            "requires shm for its lane to dg/echo; uds was asked",
+        ),
+        ("dg echo", "\"transport\":\"shm\""),
+        (
+            "dx other",
+            "declares lanes to dg/echo only, not to dx/other",
+        ),
+    ];
+    for (generation, (args, expected)) in (1u64..).zip(cases) {
+        let name = format!("caller{generation}");
+        let artifact = fx.add_artifact(
+            &name,
+            &format!("#!/bin/sh\nexec {echo} call {args} --count 3\n"),
+        );
+        let mut plan = plan_doc(generation, &artifact);
+        plan["quadrant"] = json!("dx");
+        plan["workload"] = json!("caller");
+        plan["restart"] = json!("never");
+        plan["lanes"] = json!([{"peer": "dg/echo", "transport": "shm"}]);
+        let (ok, _, err) = fx.sign_and_submit(&plan, "dev");
+        assert!(ok, "{err}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (_, logs, _) = fx.run(&["logs", "dx/caller"]);
+            if logs.contains(expected) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "generation {generation}: {expected:?} not in the log: {logs}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    assert!(fx.inst.down().status.success());
+}

@@ -6,7 +6,7 @@
 //! | `run` | setup, build, `quadrant up` with the embedded defaults |
 //! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
 //! | `verifier` | loads every program and prints the kernel's verified instruction counts |
-//! | `bench datapath`, `bench policy` | the benchmarks (benches/) |
+//! | `bench datapath`, `bench policy`, `bench lanes` | the benchmarks (benches/) |
 //! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser, the envelope decoder and the lane frame decoders (fuzz/) |
 //!
 //! Deliberately free of the agent crate: `setup` must run before the eBPF toolchain exists.
@@ -50,7 +50,7 @@ enum Task {
         #[arg(default_value_t = 60)]
         seconds: u64,
     },
-    /// Run a benchmark: `datapath` or `policy`.
+    /// Run a benchmark: `datapath`, `policy` or `lanes`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -154,7 +154,19 @@ fn main() -> anyhow::Result<()> {
                         "policy",
                     ])
                 }
-                other => bail!("unknown benchmark {other:?}; available: datapath, policy"),
+                "lanes" => {
+                    cargo(&["build", "--release", "--package", "agent", "--bins"])?;
+                    cargo(&[
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "--package",
+                        "benches",
+                        "--bin",
+                        "lanes",
+                    ])
+                }
+                other => bail!("unknown benchmark {other:?}; available: datapath, policy, lanes"),
             }
         }
     }

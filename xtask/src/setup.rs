@@ -11,10 +11,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages: LLVM 22 for bpf-linker, and the tools tests and benchmarks use.
+/// Debian packages: LLVM 22 for bpf-linker, libclang for bindgen (iceoryx2, the shared-memory
+/// baseline of the lane benchmark), and the tools tests and benchmarks use.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
+    "libclang-22-dev",
     "bpftool",
     "iperf3",
     "nftables",

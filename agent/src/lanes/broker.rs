@@ -18,7 +18,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use dataplane_common::Quadrant;
@@ -128,15 +128,26 @@ pub struct LanesReport {
     pub refusals: Vec<Refusals>,
 }
 
+/// How long an open waits for a service's queue to have room for the lane.
+const INCOMING_PATIENCE: Duration = Duration::from_millis(200);
+
 struct Conn {
     id: u64,
     fd: OwnedFd,
 }
 
 impl Conn {
+    /// Sends `msg`; with `wait` false, waits at most [`INCOMING_PATIENCE`] for room in the
+    /// receiver's queue.
     fn send(&self, msg: &LaneMessage, fds: &[&OwnedFd], wait: bool) -> io::Result<()> {
         let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
         let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if !wait && !os::wait_writable(self.fd.as_raw_fd(), INCOMING_PATIENCE)? {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "its queue stayed full",
+            ));
+        }
         os::send_with_fds_flags(self.fd.as_raw_fd(), &bytes, &raw, !wait)
     }
 }
@@ -173,6 +184,17 @@ impl State {
     }
 }
 
+/// A lane a workload's plan declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredLane {
+    /// The service's quadrant.
+    pub quadrant: Quadrant,
+    /// The service.
+    pub service: String,
+    /// The transport the plan requires, if any.
+    pub transport: Option<Transport>,
+}
+
 /// The lane rules in force, or why there are none.
 type Rules = Result<Arc<Vec<LaneRule>>, String>;
 
@@ -181,6 +203,7 @@ pub struct Broker {
     config: Config,
     identity: Option<Arc<IdentityService>>,
     rules: Mutex<(Rules, String)>,
+    declared: Mutex<BTreeMap<(Quadrant, String), Vec<DeclaredLane>>>,
     state: Mutex<State>,
     next_lane: AtomicU64,
     next_conn: AtomicU64,
@@ -242,9 +265,75 @@ impl Broker {
             config: config.clone(),
             identity,
             rules: Mutex::new((rules.map(Arc::new), origin.to_owned())),
+            declared: Mutex::new(BTreeMap::new()),
             state: Mutex::new(State::default()),
             next_lane: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// Records the lanes a workload's plan declares: from then on it may open lanes only to
+    /// those services, over the transport the plan requires (if any). `None` (or no declared
+    /// lanes) lifts the restriction.
+    pub fn set_declared(&self, q: Quadrant, workload: &str, lanes: Option<Vec<DeclaredLane>>) {
+        let mut d = self.declared.lock().unwrap_or_else(PoisonError::into_inner);
+        match lanes {
+            Some(l) if !l.is_empty() => {
+                d.insert((q, workload.to_owned()), l);
+            }
+            _ => {
+                d.remove(&(q, workload.to_owned()));
+            }
+        }
+    }
+
+    /// Applies the caller's plan: the lane must be declared, and a declared transport replaces
+    /// `auto` (any other choice is refused).
+    fn declared_transport(
+        &self,
+        caller: &attest::Caller,
+        to_q: Quadrant,
+        service: &str,
+        choice: TransportChoice,
+    ) -> Result<TransportChoice, Refusal> {
+        let declared = self.declared.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(lanes) = declared.get(&(caller.quadrant, caller.workload.clone())) else {
+            return Ok(choice);
+        };
+        let who = format!("{}/{}", caller.quadrant.name(), caller.workload);
+        let Some(lane) = lanes
+            .iter()
+            .find(|l| l.quadrant == to_q && l.service == service)
+        else {
+            let list: Vec<String> = lanes
+                .iter()
+                .map(|l| format!("{}/{}", l.quadrant.name(), l.service))
+                .collect();
+            return Err(refuse(
+                "plan",
+                format!(
+                    "the plan of {who} declares lanes to {} only, not to {}/{service}",
+                    list.join(", "),
+                    to_q.name()
+                ),
+            ));
+        };
+        match (lane.transport, choice) {
+            (None, c) => Ok(c),
+            (Some(t), TransportChoice::Auto) => Ok(t.into()),
+            (Some(t), c) if c.candidates() == [t] => Ok(c),
+            (Some(t), c) => Err(refuse(
+                "plan",
+                format!(
+                    "the plan of {who} requires {} for its lane to {}/{service}; {} was asked",
+                    t.name(),
+                    to_q.name(),
+                    serde_json::to_value(c)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ),
+            )),
         }
     }
 
@@ -386,9 +475,11 @@ impl Broker {
                     transport,
                 } => {
                     let target = Quadrant::from_name(&quadrant).unwrap_or(Quadrant::Dx);
-                    if let Err(r) =
+                    let declared = self.declared_transport(&caller, target, &service, transport);
+                    let result = declared.and_then(|transport| {
                         self.open(conn, caller.quadrant, &id, target, &service, transport)
-                    {
+                    });
+                    if let Err(r) = result {
                         self.count_refusal(caller.quadrant.name(), r.reason);
                         let _ = conn.send(
                             &LaneMessage::Error {
@@ -404,7 +495,7 @@ impl Broker {
                     let reply = self.listen(conn, caller.quadrant, &id, &service, tcp_port);
                     let _ = conn.send(&reply, &[], true);
                 }
-                LaneRequest::Close { lane } => self.close(conn.id, lane, "closed by the other end"),
+                LaneRequest::Close { lane } => self.close(conn.id, lane),
             }
         }
         self.disconnect(conn.id);
@@ -658,23 +749,6 @@ impl Broker {
                 limit: Some("max_shm_bytes".into()),
             });
         }
-        // The service first: once the opener has its end, the other must exist.
-        let server_refs: Vec<&OwnedFd> = server_fds.iter().collect();
-        if let Err(e) = server_conn.send(
-            &LaneMessage::Incoming {
-                grant: server_grant,
-            },
-            &server_refs,
-            false,
-        ) {
-            return Err(refuse(
-                "busy",
-                format!(
-                    "service {service} in {} cannot take the lane: {e}",
-                    to_q.name()
-                ),
-            ));
-        }
         let info = LaneInfo {
             lane: lane_id,
             transport,
@@ -689,19 +763,41 @@ impl Broker {
             shm_bytes,
             age_secs: 0,
         };
+        // Charged before the lock is released, so concurrent opens cannot overshoot the limits.
         state.lanes.insert(
             lane_id,
             OpenLane {
                 info,
                 client_quadrant: from_q,
                 client_conn: Arc::clone(conn),
-                server_conn,
+                server_conn: Arc::clone(&server_conn),
                 opened: Instant::now(),
                 region,
                 _memory: memory,
             },
         );
         drop(state);
+        // The service first: once the opener has its end, the other must exist. A service that
+        // does not take its lanes within INCOMING_PATIENCE makes the opener's request fail
+        // ("busy") rather than queue without bound.
+        let server_refs: Vec<&OwnedFd> = server_fds.iter().collect();
+        if let Err(e) = server_conn.send(
+            &LaneMessage::Incoming {
+                grant: server_grant,
+            },
+            &server_refs,
+            false,
+        ) {
+            self.state().lanes.remove(&lane_id);
+            return Err(refuse(
+                "busy",
+                format!(
+                    "service {service} in {} did not take the lane within {} ms: {e}",
+                    to_q.name(),
+                    INCOMING_PATIENCE.as_millis()
+                ),
+            ));
+        }
         let client_refs: Vec<&OwnedFd> = client_fds.iter().collect();
         if let Err(e) = conn.send(
             &LaneMessage::Opened {
@@ -711,33 +807,23 @@ impl Broker {
             true,
         ) {
             warn!(lane = lane_id, error = %e, "cannot hand the lane to its opener");
-            self.close(conn.id, lane_id, "the opener went away");
+            self.close(conn.id, lane_id);
         }
         Ok(())
     }
 
-    fn close(&self, conn_id: u64, lane: u64, reason: &str) {
+    /// Forgets a lane one of its ends closed (or whose end went away) and frees what it was
+    /// charged. The other end learns it from the lane itself: a Close frame, or the hang-up of
+    /// its socket.
+    fn close(&self, conn_id: u64, lane: u64) {
         let mut state = self.state();
-        let Some(entry) = state.lanes.get(&lane) else {
-            return;
-        };
-        let other = if entry.client_conn.id == conn_id {
-            Arc::clone(&entry.server_conn)
-        } else if entry.server_conn.id == conn_id {
-            Arc::clone(&entry.client_conn)
-        } else {
-            return;
-        };
-        state.lanes.remove(&lane);
-        drop(state);
-        let _ = other.send(
-            &LaneMessage::Closed {
-                lane,
-                reason: reason.to_owned(),
-            },
-            &[],
-            false,
-        );
+        if state
+            .lanes
+            .get(&lane)
+            .is_some_and(|e| e.client_conn.id == conn_id || e.server_conn.id == conn_id)
+        {
+            state.lanes.remove(&lane);
+        }
     }
 
     fn disconnect(&self, conn_id: u64) {
@@ -749,9 +835,8 @@ impl Broker {
             .filter(|(_, l)| l.client_conn.id == conn_id || l.server_conn.id == conn_id)
             .map(|(id, _)| *id)
             .collect();
-        drop(state);
         for lane in gone {
-            self.close(conn_id, lane, "the other end went away");
+            state.lanes.remove(&lane);
         }
     }
 

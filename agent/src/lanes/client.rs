@@ -152,19 +152,13 @@ impl LaneClient {
             service: service.to_owned(),
             transport,
         })?;
-        loop {
-            let (msg, fds) = self.control.recv()?;
-            match msg {
-                LaneMessage::Opened { grant } => return self.establish(grant, fds),
-                LaneMessage::Error { message, limit } => return Err(refused(message, limit)),
-                // Notices about lanes closed earlier.
-                LaneMessage::Closed { .. } => {}
-                other => {
-                    return Err(LaneError::Broker(format!(
-                        "unexpected broker message {other:?}"
-                    )));
-                }
-            }
+        let (msg, fds) = self.control.recv()?;
+        match msg {
+            LaneMessage::Opened { grant } => self.establish(grant, fds),
+            LaneMessage::Error { message, limit } => Err(refused(message, limit)),
+            other => Err(LaneError::Broker(format!(
+                "unexpected broker message {other:?}"
+            ))),
         }
     }
 
@@ -300,7 +294,6 @@ impl LaneListener {
                 }
                 Ok(())
             }
-            LaneMessage::Closed { .. } => Ok(()),
             LaneMessage::Error { message, .. } => Err(LaneError::Broker(message)),
             other => Err(LaneError::Broker(format!(
                 "unexpected broker message {other:?}"

@@ -40,6 +40,16 @@ impl Transport {
     pub const ALL: [Self; 3] = [Self::Shm, Self::Uds, Self::Tcp];
 }
 
+impl From<Transport> for TransportChoice {
+    fn from(t: Transport) -> Self {
+        match t {
+            Transport::Shm => Self::Shm,
+            Transport::Uds => Self::Uds,
+            Transport::Tcp => Self::Tcp,
+        }
+    }
+}
+
 /// A transport asked for: one of them, or the broker's choice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -191,13 +201,6 @@ pub enum LaneMessage {
     Incoming {
         /// The lane.
         grant: LaneGrant,
-    },
-    /// Answer to `close`, or notice that the other end closed or went away.
-    Closed {
-        /// Lane id.
-        lane: u64,
-        /// Why.
-        reason: String,
     },
     /// A refused request.
     Error {

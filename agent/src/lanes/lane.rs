@@ -182,7 +182,10 @@ impl<S> std::fmt::Debug for Framed<S> {
     }
 }
 
-const READ_BUF: usize = 64 * 1024;
+/// Initial read buffer of a stream lane (it grows to the largest header-plus-payload batch
+/// read at once, up to `MAX_READ_BUF`).
+const READ_BUF: usize = 4096;
+const MAX_READ_BUF: usize = 64 * 1024;
 const COALESCE: usize = 16 * 1024;
 
 impl<S: Read + Write> Framed<S> {
@@ -193,7 +196,7 @@ impl<S: Read + Write> Framed<S> {
             buf: vec![0; READ_BUF],
             start: 0,
             end: 0,
-            scratch: Vec::with_capacity(COALESCE + HEADER_LEN),
+            scratch: Vec::new(),
             max,
         }
     }
@@ -231,6 +234,10 @@ impl<S: Read + Write> Framed<S> {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+        }
+        // A full buffer means the peer sends faster than one read takes: read more at once.
+        if self.end == self.buf.len() && self.buf.len() < MAX_READ_BUF {
+            self.buf.resize(self.buf.len() * 2, 0);
         }
         while self.end < n {
             let got = match self.stream.read(&mut self.buf[self.end..]) {

@@ -162,6 +162,27 @@ pub fn notify(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Waits up to `timeout` for `sock` to accept a message; false on timeout.
+pub fn wait_writable(sock: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: sock,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: one live pollfd.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if n >= 0 {
+            return Ok(n > 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// A connected pair of `SOCK_SEQPACKET` Unix sockets.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     socketpair(

@@ -1,0 +1,656 @@
+//! RTT lane benchmark (`cargo xtask bench lanes`): round trips at 64 B, 4 KiB, 64 KiB and 1 MiB
+//! on every lane transport, against baselines measured in the same run, plus the control-plane
+//! latency of opening a lane.
+//!
+//! The orchestrator starts a real agent (instance `qlane`), an echo service in DG (`lane-echo
+//! serve`, which also takes TCP + mTLS lanes) and a bare TCP echo in DG, then runs the measuring
+//! client as a workload in DX (`measure`), so every lane is attested, authorized by the policy
+//! and, for TCP, carried through the eBPF datapath between the two quadrants. In DX the client
+//! also starts, one at a time, the bare baselines: a Unix-socket echo, a TCP loopback echo and an
+//! iceoryx2 request-response server (a real shared-memory IPC peer).
+//!
+//! Client and server are separate processes, not pinned, on this 2-core machine. Shared-memory
+//! lanes spin for `QUADRANT_LANE_SPIN_US` (default 50 µs) before sleeping; iceoryx2 busy-polls.
+
+use std::{
+    io::{BufRead as _, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use dataplane_common::Quadrant;
+use hdrhistogram::Histogram;
+use quadrant::{
+    config::{Config, QuadrantConfig},
+    lanes::{LaneClient, TransportChoice},
+};
+use serde::{Deserialize, Serialize};
+
+const STATE_DIR: &str = "/run/quadrant-lbench";
+const LANE_TCP_PORT: u16 = 7300;
+const BARE_TCP_PORT: u16 = 7301;
+const LOOPBACK_PORT: u16 = 7302;
+const SIZES: [usize; 4] = [64, 4096, 64 * 1024, 1 << 20];
+const OPENS: usize = 2000;
+const ICEORYX_SERVICE: &str = "quadrant/bench/echo";
+
+fn iterations(size: usize) -> usize {
+    match size {
+        0..=4096 => 20_000,
+        4097..=65_536 => 4_000,
+        _ => 300,
+    }
+}
+
+/// One measured configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Row {
+    transport: String,
+    baseline: bool,
+    size: usize,
+    samples: u64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    /// Payload moved one way per second in request-response.
+    mib_per_s: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Results {
+    rows: Vec<Row>,
+    open: Row,
+    /// A refused open (no such service): the broker round trip with schema validation and the
+    /// decision, without building a lane.
+    refused: Row,
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let v = h.value_at_quantile(q) as f64;
+    (v / 10.0).round() / 100.0
+}
+
+fn row(transport: &str, baseline: bool, size: usize, h: &Histogram<u64>, elapsed: Duration) -> Row {
+    #[allow(clippy::cast_precision_loss)]
+    let mib = (size as f64 * h.len() as f64) / elapsed.as_secs_f64() / f64::from(1u32 << 20);
+    Row {
+        transport: transport.into(),
+        baseline,
+        size,
+        samples: h.len(),
+        p50_us: us(h, 0.50),
+        p99_us: us(h, 0.99),
+        p999_us: us(h, 0.999),
+        mib_per_s: (mib * 10.0).round() / 10.0,
+    }
+}
+
+/// Times `n` round trips of `size` bytes (after `n / 10` warm-up ones).
+fn measure(
+    transport: &str,
+    baseline: bool,
+    size: usize,
+    mut round_trip: impl FnMut(&[u8], &mut Vec<u8>) -> anyhow::Result<()>,
+) -> anyhow::Result<Row> {
+    let n = iterations(size);
+    let msg: Vec<u8> = (0..size).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
+    let mut reply = Vec::with_capacity(size);
+    for _ in 0..n / 10 {
+        round_trip(&msg, &mut reply)?;
+    }
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        round_trip(&msg, &mut reply)?;
+        #[allow(clippy::cast_possible_truncation)]
+        h.record(t.elapsed().as_nanos() as u64)?;
+    }
+    let elapsed = start.elapsed();
+    if reply != msg {
+        bail!("{transport} {size} B: the echo differs from what was sent");
+    }
+    let r = row(transport, baseline, size, &h, elapsed);
+    eprintln!(
+        "  {:<22} {:>8} B  p50 {:>9.2} us  p99 {:>9.2} us",
+        r.transport, r.size, r.p50_us, r.p99_us
+    );
+    Ok(r)
+}
+
+// ---- bare baselines: a u32 length prefix, then the payload ----
+
+fn bare_round_trip<S: Read + Write>(
+    s: &mut S,
+    msg: &[u8],
+    reply: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let len = u32::try_from(msg.len())?.to_le_bytes();
+    if msg.len() <= 16 * 1024 {
+        let mut buf = Vec::with_capacity(4 + msg.len());
+        buf.extend_from_slice(&len);
+        buf.extend_from_slice(msg);
+        s.write_all(&buf)?;
+    } else {
+        s.write_all(&len)?;
+        s.write_all(msg)?;
+    }
+    let mut l = [0u8; 4];
+    s.read_exact(&mut l)?;
+    reply.resize(u32::from_le_bytes(l) as usize, 0);
+    s.read_exact(reply)?;
+    Ok(())
+}
+
+fn bare_echo<S: Read + Write>(mut s: S) {
+    let mut buf = Vec::new();
+    loop {
+        let mut l = [0u8; 4];
+        if s.read_exact(&mut l).is_err() {
+            return;
+        }
+        buf.resize(u32::from_le_bytes(l) as usize, 0);
+        if s.read_exact(&mut buf).is_err() {
+            return;
+        }
+        let mut out = Vec::with_capacity(4 + buf.len());
+        out.extend_from_slice(&l);
+        out.extend_from_slice(&buf);
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+fn bare_server(kind: &str, at: &str) -> anyhow::Result<()> {
+    match kind {
+        "uds" => {
+            let _ = std::fs::remove_file(at);
+            let l = UnixListener::bind(at)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for s in l.incoming() {
+                let s = s?;
+                std::thread::spawn(move || bare_echo(s));
+            }
+        }
+        "tcp" => {
+            let l = TcpListener::bind(at)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for s in l.incoming() {
+                let s = s?;
+                s.set_nodelay(true)?;
+                std::thread::spawn(move || bare_echo(s));
+            }
+        }
+        other => bail!("unknown bare server {other}"),
+    }
+    Ok(())
+}
+
+// ---- iceoryx2 request-response ----
+
+fn ice_server() -> anyhow::Result<()> {
+    use iceoryx2::prelude::*;
+    let node = NodeBuilder::new()
+        .create::<ipc::Service>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let service = node
+        .service_builder(
+            &ICEORYX_SERVICE
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        )
+        .request_response::<[u8], [u8]>()
+        .open_or_create()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let server = service
+        .server_builder()
+        .initial_max_slice_len(1 << 20)
+        .allocation_strategy(AllocationStrategy::PowerOfTwo)
+        .create()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    loop {
+        match server.receive().map_err(|e| anyhow::anyhow!("{e:?}"))? {
+            Some(request) => {
+                let payload = request.payload();
+                let response = request
+                    .loan_slice_uninit(payload.len())
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                    .write_from_slice(payload);
+                response.send().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            }
+            None => std::hint::spin_loop(),
+        }
+    }
+}
+
+fn ice_client(rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use iceoryx2::prelude::*;
+    let node = NodeBuilder::new()
+        .create::<ipc::Service>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let service = node
+        .service_builder(
+            &ICEORYX_SERVICE
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        )
+        .request_response::<[u8], [u8]>()
+        .open_or_create()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let client = service
+        .client_builder()
+        .initial_max_slice_len(1 << 20)
+        .allocation_strategy(AllocationStrategy::PowerOfTwo)
+        .create()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The server may still be connecting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while service.dynamic_config().number_of_servers() == 0 {
+        if Instant::now() > deadline {
+            bail!("iceoryx2 server did not appear");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for size in SIZES {
+        rows.push(measure("iceoryx2 req-resp", true, size, |msg, reply| {
+            let pending = client
+                .loan_slice_uninit(msg.len())
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                .write_from_slice(msg)
+                .send()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            loop {
+                if let Some(r) = pending.receive().map_err(|e| anyhow::anyhow!("{e:?}"))? {
+                    reply.clear();
+                    reply.extend_from_slice(r.payload());
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+            }
+        })?);
+    }
+    Ok(())
+}
+
+// ---- the measuring workload (runs in DX) ----
+
+fn spawn_ready(cmd: &mut Command) -> anyhow::Result<Child> {
+    let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn()?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if !line.starts_with("listening") {
+        let _ = child.kill();
+        bail!("server did not start: {line:?}");
+    }
+    // Keep reading what it prints (one line per lane), so it never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    Ok(child)
+}
+
+fn stop(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Times `op`; what it returns (the lane) is dropped, closing it, after the clock stops.
+fn time_opens<T>(name: &str, mut op: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Row> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let start = Instant::now();
+    for i in 0..OPENS + OPENS / 10 {
+        let t = Instant::now();
+        let done = op()?;
+        #[allow(clippy::cast_possible_truncation)]
+        let ns = t.elapsed().as_nanos() as u64;
+        drop(done);
+        if i >= OPENS / 10 {
+            h.record(ns)?;
+        }
+    }
+    let r = row(name, false, 0, &h, start.elapsed());
+    eprintln!("  {name}: p50 {} us, p99 {} us", r.p50_us, r.p99_us);
+    Ok(r)
+}
+
+/// Control plane: an open (attestation happened at connect; schema, policy, limits, memory,
+/// descriptors, the service told, the opener answered and mapping its end), then its close; and
+/// a refused open.
+fn control_plane(client: &mut LaneClient) -> anyhow::Result<(Row, Row)> {
+    let open = time_opens("lane open (uds)", || {
+        Ok(client.open("dg", "echo", TransportChoice::Uds)?)
+    })?;
+    let refused = time_opens("refused open", || {
+        match client.open("dg", "nope", TransportChoice::Uds) {
+            Err(quadrant::lanes::LaneError::Refused { .. }) => Ok(()),
+            other => bail!("expected a refusal, got {other:?}"),
+        }
+    })?;
+    Ok((open, refused))
+}
+
+fn measure_all(dg_addr: &str, only_control: bool) -> anyhow::Result<Results> {
+    let me = std::env::current_exe()?;
+    let mut rows = Vec::new();
+
+    let mut client = LaneClient::connect(None)?;
+    if only_control {
+        let (open, refused) = control_plane(&mut client)?;
+        return Ok(Results {
+            rows,
+            open,
+            refused,
+        });
+    }
+    for (name, choice) in [
+        ("shm lane", TransportChoice::Shm),
+        ("uds lane", TransportChoice::Uds),
+        ("tcp+mtls lane dx->dg", TransportChoice::Tcp),
+    ] {
+        let mut lane = client.open("dg", "echo", choice)?;
+        for size in SIZES {
+            rows.push(measure(name, false, size, |msg, reply| {
+                lane.send(msg)?;
+                if !lane.recv(reply)? {
+                    bail!("lane closed");
+                }
+                Ok(())
+            })?);
+        }
+        lane.close()?;
+    }
+
+    let (open, refused) = control_plane(&mut client)?;
+
+    let uds_path = Path::new(STATE_DIR).join("bare.sock");
+    let server = spawn_ready(Command::new(&me).args([
+        "bare-server",
+        "uds",
+        &uds_path.display().to_string(),
+    ]))?;
+    let mut s = UnixStream::connect(&uds_path)?;
+    for size in SIZES {
+        rows.push(measure("bare uds echo", true, size, |m, r| {
+            bare_round_trip(&mut s, m, r)
+        })?);
+    }
+    drop(s);
+    stop(server);
+
+    let loopback = format!("127.0.0.1:{LOOPBACK_PORT}");
+    let server = spawn_ready(Command::new(&me).args(["bare-server", "tcp", &loopback]))?;
+    let mut s = TcpStream::connect(&loopback)?;
+    s.set_nodelay(true)?;
+    for size in SIZES {
+        rows.push(measure("bare tcp loopback", true, size, |m, r| {
+            bare_round_trip(&mut s, m, r)
+        })?);
+    }
+    drop(s);
+    stop(server);
+
+    let mut s = TcpStream::connect(format!("{dg_addr}:{BARE_TCP_PORT}"))?;
+    s.set_nodelay(true)?;
+    for size in SIZES {
+        rows.push(measure("bare tcp dx->dg", true, size, |m, r| {
+            bare_round_trip(&mut s, m, r)
+        })?);
+    }
+    drop(s);
+
+    let server = spawn_ready(Command::new(&me).arg("ice-server"))?;
+    let result = ice_client(&mut rows);
+    stop(server);
+    result?;
+    Ok(Results {
+        rows,
+        open,
+        refused,
+    })
+}
+
+// ---- the orchestrator ----
+
+fn bench_config() -> anyhow::Result<Config> {
+    let mut c = Config::embedded();
+    c.instance = "qlane".into();
+    c.interface_prefix = "ql".into();
+    c.state_dir = STATE_DIR.into();
+    c.cgroup2 = PathBuf::from(STATE_DIR).join("cgroup2");
+    c.identity.ca_dir = PathBuf::from(STATE_DIR).join("ca");
+    c.audit_log = PathBuf::from(STATE_DIR).join("audit.log");
+    for (i, q) in Quadrant::ALL.iter().enumerate() {
+        c.quadrants.insert(
+            q.name().into(),
+            QuadrantConfig {
+                prefix: format!("10.243.{i}.0/24").parse()?,
+            },
+        );
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+struct Agent {
+    bin: PathBuf,
+    config: PathBuf,
+    process: Option<Child>,
+    servers: Vec<Child>,
+}
+
+impl Agent {
+    fn quadrant(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--config").arg(&self.config);
+        c
+    }
+
+    fn exec(&self, q: &str, workload: &str, argv: &[&str]) -> Command {
+        let mut c = self.quadrant();
+        c.args(["exec", q, "--workload", workload, "--"]).args(argv);
+        c
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for s in self.servers.drain(..) {
+            stop(s);
+        }
+        let _ = self.quadrant().arg("down").stdout(Stdio::null()).status();
+        if let Some(mut a) = self.process.take() {
+            let _ = a.wait();
+        }
+    }
+}
+
+fn find(p: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let b = p.with_file_name(name);
+    if !b.exists() {
+        bail!(
+            "{} not found: `cargo build --release -p agent --bins` first",
+            b.display()
+        );
+    }
+    Ok(b)
+}
+
+fn p<'a>(rows: &'a [Row], transport: &str, size: usize) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.transport == transport && r.size == size)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+#[allow(clippy::too_many_lines)] // the report, section after section
+fn orchestrate(only_control: bool) -> anyhow::Result<()> {
+    quadrant::app::require_root("bench lanes")?;
+    let me = std::env::current_exe()?;
+    let config = bench_config()?;
+    std::fs::create_dir_all(STATE_DIR)?;
+    let config_path = Path::new(STATE_DIR).join("qlane.yaml");
+    std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+    let mut agent = Agent {
+        bin: find(&me, "quadrant")?,
+        config: config_path,
+        process: None,
+        servers: Vec::new(),
+    };
+    let echo = find(&me, "lane-echo")?;
+    let _ = agent.quadrant().arg("down").stdout(Stdio::null()).status();
+    agent.process = Some(
+        agent
+            .quadrant()
+            .arg("up")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent
+        .quadrant()
+        .arg("status")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success()
+    {
+        if Instant::now() > deadline {
+            bail!("the agent did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port = LANE_TCP_PORT.to_string();
+    let echo_s = echo.display().to_string();
+    let me_s = me.display().to_string();
+    let bare_at = format!("0.0.0.0:{BARE_TCP_PORT}");
+    agent.servers.push(spawn_ready(&mut agent.exec(
+        "dg",
+        "echo",
+        &[&echo_s, "serve", "echo", "--tcp-port", &port],
+    ))?);
+    agent.servers.push(spawn_ready(&mut agent.exec(
+        "dg",
+        "bare",
+        &[&me_s, "bare-server", "tcp", &bare_at],
+    ))?);
+    let dg_addr = config.addrs(Quadrant::Dg).workload.to_string();
+    eprintln!("measuring (client in DX, services in DG; this takes about a minute)");
+    let mode = if only_control { "control" } else { "all" };
+    let out = agent
+        .exec("dx", "bench", &[&me_s, "measure", &dg_addr, mode])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("the measuring workload failed");
+    }
+    let results: Results = serde_json::from_slice(&out.stdout)?;
+    drop(agent);
+
+    let spin = std::env::var("QUADRANT_LANE_SPIN_US").unwrap_or_else(|_| "50".into());
+    println!(
+        "lane benchmark: request-response round trips, client in DX, servers in DG (lanes, bare tcp dx->dg) or DX (other baselines); 2 cores, not pinned; shm spin {spin} us"
+    );
+    println!(
+        "{:<22} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "transport", "size", "samples", "p50 us", "p99 us", "p99.9 us", "MiB/s"
+    );
+    for r in &results.rows {
+        println!(
+            "{:<22} {:>8} {:>7} {:>10.2} {:>10.2} {:>10.2} {:>10.1}{}",
+            r.transport,
+            r.size,
+            r.samples,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.mib_per_s,
+            if r.baseline { "  (baseline)" } else { "" }
+        );
+    }
+    let o = &results.open;
+    println!(
+        "control plane: lane open (attested connection -> policy -> limits -> memfd/eventfd/socket pair -> fd passing -> mapped) p50 {} us, p99 {} us, p99.9 {} us over {} opens",
+        o.p50_us, o.p99_us, o.p999_us, o.samples
+    );
+
+    let r = &results.refused;
+    println!(
+        "control plane: refused open (schema, decision, answer; no lane built) p50 {} us, p99 {} us, p99.9 {} us",
+        r.p50_us, r.p99_us, r.p999_us
+    );
+    if only_control {
+        return Ok(());
+    }
+    let rows = &results.rows;
+    let get = |t: &str, s: usize| p(rows, t, s).map_or(f64::NAN, |r| r.p99_us);
+    let uds64 = get("bare uds echo", 64);
+    println!(
+        "P1 control-plane p99 {:.1} us: <= 50 us {}; <= 4x bare UDS echo p99 ({:.1} us -> {:.2}x) {}",
+        o.p99_us,
+        verdict(o.p99_us <= 50.0),
+        uds64,
+        o.p99_us / uds64,
+        verdict(o.p99_us <= 4.0 * uds64)
+    );
+    let k64 = 64 * 1024;
+    let (shm, uds, ice) = (
+        get("shm lane", k64),
+        get("bare uds echo", k64),
+        get("iceoryx2 req-resp", k64),
+    );
+    println!(
+        "P2 shm lane 64 KiB p99 {shm:.1} us: {:.2}x bare UDS ({uds:.1} us), target <= 0.25x {}; {:.2}x iceoryx2 ({ice:.1} us), target <= 1.0x {}",
+        shm / uds,
+        verdict(shm <= 0.25 * uds),
+        shm / ice,
+        verdict(shm <= ice)
+    );
+    for t in ["shm lane", "uds lane", "tcp+mtls lane dx->dg"] {
+        let v = get(t, k64);
+        println!(
+            "P3 {t} 64 KiB p99 {v:.1} us: <= 1500 us {}",
+            verdict(v <= 1500.0)
+        );
+    }
+    let bulk = |t: &str| p(rows, t, 1 << 20).map_or(f64::NAN, |r| r.mib_per_s);
+    let (tls, plain) = (bulk("tcp+mtls lane dx->dg"), bulk("bare tcp dx->dg"));
+    println!(
+        "P3 tcp+mtls bulk (1 MiB request-response) {tls:.0} MiB/s = {:.2}x plain tcp dx->dg ({plain:.0} MiB/s), target >= 0.5x {}",
+        tls / plain,
+        verdict(tls >= 0.5 * plain)
+    );
+    println!("json: {}", serde_json::to_string(&results)?);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        None => orchestrate(false),
+        Some("control") => orchestrate(true),
+        Some("measure") => {
+            let only_control = args.get(3).is_some_and(|a| a == "control");
+            let results = measure_all(args.get(2).context("measure DG_ADDR")?, only_control)?;
+            println!("{}", serde_json::to_string(&results)?);
+            Ok(())
+        }
+        Some("bare-server") => bare_server(
+            args.get(2).context("bare-server uds|tcp AT")?,
+            args.get(3).context("bare-server uds|tcp AT")?,
+        ),
+        Some("ice-server") => ice_server(),
+        Some(other) => bail!("unknown mode {other}"),
+    }
+}
