@@ -121,54 +121,59 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { name } => {
             setup::run()?;
-            match name.as_str() {
-                "datapath" => {
-                    cargo(&[
-                        "build",
-                        "--release",
-                        "--package",
-                        "agent",
-                        "--package",
-                        "tests",
-                        "--bins",
-                    ])?;
-                    cargo(&[
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "--package",
-                        "benches",
-                        "--bin",
-                        "datapath",
-                    ])
-                }
-                "policy" => {
-                    cargo(&["build", "--release", "--package", "agent", "--bins"])?;
-                    cargo(&[
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "--package",
-                        "benches",
-                        "--bin",
-                        "policy",
-                    ])
-                }
-                "lanes" => {
-                    cargo(&["build", "--release", "--package", "agent", "--bins"])?;
-                    cargo(&[
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "--package",
-                        "benches",
-                        "--bin",
-                        "lanes",
-                    ])
-                }
-                other => bail!("unknown benchmark {other:?}; available: datapath, policy, lanes"),
-            }
+            bench(&name)
         }
+    }
+}
+
+/// `cargo xtask bench NAME`: builds what the benchmark runs, then runs it (release).
+fn bench(name: &str) -> anyhow::Result<()> {
+    match name {
+        "datapath" => {
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "agent",
+                "--package",
+                "tests",
+                "--bins",
+            ])?;
+            cargo(&[
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "benches",
+                "--bin",
+                "datapath",
+            ])
+        }
+        "policy" => {
+            cargo(&["build", "--release", "--package", "agent", "--bins"])?;
+            cargo(&[
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "benches",
+                "--bin",
+                "policy",
+            ])
+        }
+        "lanes" => {
+            cargo(&["build", "--release", "--package", "agent", "--bins"])?;
+            cargo(&[
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "benches",
+                "--bin",
+                "lanes",
+            ])
+        }
+        other => bail!("unknown benchmark {other:?}; available: datapath, policy, lanes"),
     }
 }
 

@@ -98,7 +98,9 @@ fn measure(
     mut round_trip: impl FnMut(&[u8], &mut Vec<u8>) -> anyhow::Result<()>,
 ) -> anyhow::Result<Row> {
     let n = iterations(size);
-    let msg: Vec<u8> = (0..size).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
+    let msg: Vec<u8> = (0..size)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
     let mut reply = Vec::with_capacity(size);
     for _ in 0..n / 10 {
         round_trip(&msg, &mut reply)?;
