@@ -292,6 +292,14 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         );
         handles.push(handle);
     }
+    if config.lanes.tcp_acceleration == crate::config::TcpAcceleration::SkMsg {
+        let cgroups: Vec<PathBuf> = Quadrant::ALL
+            .iter()
+            .map(|&q| config.cgroup_dir(q))
+            .collect();
+        dataplane.attach_lane_acceleration(&cgroups)?;
+        info!("lane acceleration on: sock_ops on the quadrant cgroups, sk_msg on LANE_SOCKS");
+    }
     let prepared = PolicyBundle::for_config(config)
         .and_then(|b| Prepared::new(&b))
         .map_err(|e| e.to_string());
@@ -556,7 +564,20 @@ async fn handle(
                 authorization,
                 envelope,
             }) => submit(&mut *running.lock().await, &envelope, Some(&authorization)).await,
-            Ok(Request::Lanes) => Response::Lanes(Box::new(running.lock().await.lanes.report())),
+            Ok(Request::Lanes) => {
+                let r = running.lock().await;
+                let mut report = r.lanes.report();
+                if r.config.lanes.tcp_acceleration == crate::config::TcpAcceleration::SkMsg {
+                    report.tcp_acceleration = r.dataplane.lane_accel_counters().ok().map(
+                        |[sockets, redirected, passed]| crate::lanes::broker::Acceleration {
+                            sockets,
+                            redirected,
+                            passed,
+                        },
+                    );
+                }
+                Response::Lanes(Box::new(report))
+            }
             Ok(Request::Workloads) => Response::Workloads {
                 workloads: running.lock().await.supervisor.list(),
             },

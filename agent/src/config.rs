@@ -140,6 +140,22 @@ pub struct LanesConfig {
     /// fields take the defaults.
     #[serde(default)]
     pub limits: BTreeMap<String, LaneLimits>,
+    /// Kernel acceleration of TCP between workloads on this host.
+    #[serde(default)]
+    pub tcp_acceleration: TcpAcceleration,
+}
+
+/// Kernel acceleration of local TCP (lanes and any other TCP between the quadrants' workloads).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpAcceleration {
+    /// Plain TCP through the stack, the veths and the tc programs (the default; whether
+    /// `sk_msg` wins is measured by `cargo xtask bench lanes`, see BENCHMARKS.md).
+    #[default]
+    Off,
+    /// `sock_ops` records established sockets, `sk_msg` redirects each message to a local peer
+    /// socket.
+    SkMsg,
 }
 
 impl Default for LanesConfig {
@@ -147,6 +163,7 @@ impl Default for LanesConfig {
         Self {
             max_message_bytes: default_max_message(),
             limits: BTreeMap::new(),
+            tcp_acceleration: TcpAcceleration::Off,
         }
     }
 }

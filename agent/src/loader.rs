@@ -13,8 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode, links::FdLink,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkMsg, SockOps,
+        TcAttachType, Xdp, XdpMode, links::FdLink,
     },
 };
 use dataplane_common::{
@@ -65,6 +65,12 @@ pub mod programs {
     ];
     /// The cgroup programs.
     pub const CGROUP: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    /// `sock_ops` recording established TCP sockets (lane acceleration).
+    pub const SOCKOPS: &str = "quadrant_sockops";
+    /// `sk_msg` redirecting to a local peer socket (lane acceleration).
+    pub const SK_MSG: &str = "quadrant_sk_msg";
+    /// The optional lane-acceleration programs, with their kind.
+    pub const LANE_ACCEL: [(&str, &str); 2] = [(SOCKOPS, "sock_ops"), (SK_MSG, "sk_msg")];
 }
 
 /// Errors of loading, attaching and map access.
@@ -180,7 +186,11 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .load(DATAPLANE_OBJECT)
             .map_err(|e| LoaderError::Load(Box::new(e)))?;
-        for (name, _) in programs::ALL {
+        let names = programs::ALL
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(programs::LANE_ACCEL.iter().map(|(n, _)| *n));
+        for name in names {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(LoaderError::Program { name })?;
@@ -194,6 +204,8 @@ impl Dataplane {
                 aya::programs::Program::Xdp(p) => p.load().map_err(load)?,
                 aya::programs::Program::SchedClassifier(p) => p.load().map_err(load)?,
                 aya::programs::Program::CgroupSockAddr(p) => p.load().map_err(load)?,
+                aya::programs::Program::SockOps(p) => p.load().map_err(load)?,
+                aya::programs::Program::SkMsg(p) => p.load().map_err(load)?,
                 _ => return Err(LoaderError::Program { name }),
             }
         }
@@ -264,11 +276,14 @@ impl Dataplane {
         Ok(info.id())
     }
 
-    /// Verified instruction count of each program, as the kernel reports it.
+    /// Verified instruction count of each program (the hook programs, then the lane
+    /// acceleration ones), as the kernel reports it.
     pub fn verified_instructions(&self) -> Result<Vec<(&'static str, Option<u32>)>, LoaderError> {
         programs::ALL
             .iter()
-            .map(|(name, _)| {
+            .map(|(name, _)| name)
+            .chain(programs::LANE_ACCEL.iter().map(|(name, _)| name))
+            .map(|name| {
                 let prog = self
                     .ebpf
                     .program(name)
@@ -563,6 +578,88 @@ impl Dataplane {
             }
         };
         Ok(link)
+    }
+
+    /// Turns on lane acceleration: `sk_msg` on the `LANE_SOCKS` sockhash, `sock_ops` on each
+    /// quadrant's cgroup. The links live as long as this process (acceleration is an
+    /// optimisation; the quadrants' isolation does not depend on it).
+    pub fn attach_lane_acceleration(&mut self, cgroups: &[PathBuf]) -> Result<(), LoaderError> {
+        let op = |action: &'static str, program: &'static str, target: String| {
+            move |e: ProgramError| LoaderError::ProgramOp {
+                action,
+                program,
+                target,
+                source: Box::new(e),
+            }
+        };
+        let fd = {
+            let map = self
+                .ebpf
+                .map(maps::LANE_SOCKS)
+                .ok_or(LoaderError::MissingMap {
+                    name: maps::LANE_SOCKS,
+                })?;
+            let hash: aya::maps::SockHash<_, maps::SockKey> =
+                aya::maps::SockHash::try_from(map).map_err(map_err(maps::LANE_SOCKS))?;
+            hash.fd()
+                .try_clone()
+                .map_err(|e| map_err(maps::LANE_SOCKS)(MapError::from(e)))?
+        };
+        let sk_msg: &mut SkMsg = self
+            .ebpf
+            .program_mut(programs::SK_MSG)
+            .ok_or(LoaderError::Program {
+                name: programs::SK_MSG,
+            })?
+            .try_into()
+            .map_err(op("cannot use", programs::SK_MSG, String::new()))?;
+        let id = sk_msg.attach(&fd).map_err(op(
+            "cannot attach",
+            programs::SK_MSG,
+            " to LANE_SOCKS".into(),
+        ))?;
+        std::mem::forget(sk_msg.take_link(id));
+        let sockops: &mut SockOps = self
+            .ebpf
+            .program_mut(programs::SOCKOPS)
+            .ok_or(LoaderError::Program {
+                name: programs::SOCKOPS,
+            })?
+            .try_into()
+            .map_err(op("cannot use", programs::SOCKOPS, String::new()))?;
+        for dir in cgroups {
+            let target = format!(" to {}", dir.display());
+            let cg = fs::File::open(dir).map_err(|e| {
+                op("cannot attach", programs::SOCKOPS, target.clone())(ProgramError::IOError(e))
+            })?;
+            sockops
+                .attach(cg.as_fd(), CgroupAttachMode::Single)
+                .map_err(op("cannot attach", programs::SOCKOPS, target))?;
+        }
+        Ok(())
+    }
+
+    /// Lane acceleration counters, summed over CPUs: sockets added, messages redirected,
+    /// messages passed on.
+    pub fn lane_accel_counters(&self) -> Result<[u64; 3], LoaderError> {
+        let map = self
+            .ebpf
+            .map(maps::LANE_ACCEL)
+            .ok_or(LoaderError::MissingMap {
+                name: maps::LANE_ACCEL,
+            })?;
+        let arr: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(maps::LANE_ACCEL))?;
+        let mut out = [0u64; 3];
+        for (slot, v) in out.iter_mut().enumerate() {
+            let idx = u32::try_from(slot).unwrap_or_default();
+            *v = arr
+                .get(&idx, 0)
+                .map_err(map_err(maps::LANE_ACCEL))?
+                .iter()
+                .sum();
+        }
+        Ok(out)
     }
 
     /// Detaches every program from every quadrant by unpinning the links (pinned mode only).

@@ -336,22 +336,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             app::require_root("verifier")?;
             let dp = quadrant::loader::Dataplane::load(None)?;
             let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            let hooks = quadrant::loader::programs::ALL
+                .iter()
+                .map(|(_, hook)| hook.name())
+                .chain(
+                    quadrant::loader::programs::LANE_ACCEL
+                        .iter()
+                        .map(|(_, kind)| *kind),
+                );
             println!(
                 "all {} programs loaded on kernel {}",
-                quadrant::loader::programs::ALL.len(),
+                quadrant::loader::programs::ALL.len()
+                    + quadrant::loader::programs::LANE_ACCEL.len(),
                 kernel.trim()
             );
             println!(
                 "{:<22} {:<12} {:>22}",
                 "PROGRAM", "HOOK", "VERIFIED INSTRUCTIONS"
             );
-            for ((name, count), (_, hook)) in dp
-                .verified_instructions()?
-                .into_iter()
-                .zip(quadrant::loader::programs::ALL)
-            {
+            for ((name, count), hook) in dp.verified_instructions()?.into_iter().zip(hooks) {
                 let count = count.map_or_else(|| "n/a".to_owned(), |c| c.to_string());
-                println!("{name:<22} {:<12} {count:>22}", hook.name());
+                println!("{name:<22} {hook:<12} {count:>22}");
             }
             Ok(())
         }

@@ -27,9 +27,59 @@ pub const CONNTRACK: &str = "CONNTRACK";
 pub const STATS: &str = "STATS";
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 9] = [
-    PREFIXES, POLICY_A, POLICY_B, IFACES, CGROUPS, CONFIG, QUADRANTS, CONNTRACK, STATS,
+pub const ALL: [&str; 11] = [
+    PREFIXES, POLICY_A, POLICY_B, IFACES, CGROUPS, CONFIG, QUADRANTS, CONNTRACK, STATS, LANE_SOCKS,
+    LANE_ACCEL,
 ];
+
+/// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`
+/// redirect of local TCP lanes (only populated when lane acceleration is on).
+pub const LANE_SOCKS: &str = "LANE_SOCKS";
+/// Per-CPU counters of lane acceleration, indexed by [`lane_accel`].
+pub const LANE_ACCEL: &str = "LANE_ACCEL";
+/// Capacity of [`LANE_SOCKS`].
+pub const LANE_SOCKS_MAX: u32 = 65_536;
+
+/// Slots of [`LANE_ACCEL`].
+pub mod lane_accel {
+    /// Sockets added to [`super::LANE_SOCKS`].
+    pub const ADDED: u32 = 0;
+    /// Messages redirected straight into the peer socket.
+    pub const REDIRECTED: u32 = 1;
+    /// Messages that took the normal path (no local peer in the map).
+    pub const PASSED: u32 = 2;
+    /// Number of slots.
+    pub const COUNT: u32 = 3;
+}
+
+/// Key of [`LANE_SOCKS`]: one end of a TCP connection as its own socket sees it. Addresses in
+/// network byte order, ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// This socket's address.
+    pub local_ip4: u32,
+    /// The peer's address.
+    pub remote_ip4: u32,
+    /// This socket's port.
+    pub local_port: u32,
+    /// The peer's port.
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    #[must_use]
+    #[inline(always)]
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
 
 /// Capacity of [`PREFIXES`].
 pub const PREFIXES_MAX: u32 = 1024;
@@ -186,6 +236,7 @@ mod pod {
     unsafe impl aya::Pod for super::DataplaneConfig {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 // No implicit padding: every byte of a key is hashed, and the agent and kernel must agree.

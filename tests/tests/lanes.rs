@@ -565,3 +565,27 @@ fn lane_exhaustion_is_refused_per_quadrant() {
     assert_eq!(count("pg", "max_shm_bytes"), 1);
     assert_eq!(count("dg", "max_lanes") + count("px", "max_lanes"), 0);
 }
+
+#[test]
+fn tcp_lanes_run_over_the_sk_msg_redirect_when_acceleration_is_on() {
+    let mut config = test_config(25, None);
+    config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
+    let mut inst = Instance::up(config, QPROBE);
+    let _server = start_echo(&mut inst, Quadrant::Dg, true);
+    for (size, count) in [("64", "100"), ("65536", "20")] {
+        let s = summary(&call(
+            &inst,
+            Quadrant::Dx,
+            "client",
+            Quadrant::Dg,
+            &["--transport", "tcp", "--size", size, "--count", count],
+        ));
+        assert_eq!(s["transport"], "tcp");
+    }
+    let accel = lanes(&inst)
+        .tcp_acceleration
+        .expect("acceleration counters");
+    // Both ends of each connection were recorded and the TLS records went straight across.
+    assert!(accel.sockets >= 4, "{accel:?}");
+    assert!(accel.redirected >= 240, "{accel:?}");
+}

@@ -126,6 +126,20 @@ pub struct LanesReport {
     pub quadrants: Vec<QuadrantLanes>,
     /// Refused opens.
     pub refusals: Vec<Refusals>,
+    /// Kernel TCP acceleration counters, when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_acceleration: Option<Acceleration>,
+}
+
+/// What the `sock_ops`/`sk_msg` acceleration did.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub struct Acceleration {
+    /// Established sockets recorded.
+    pub sockets: u64,
+    /// Messages handed straight to a local peer socket.
+    pub redirected: u64,
+    /// Messages that took the normal path.
+    pub passed: u64,
 }
 
 /// How long an open waits for a service's queue to have room for the lane.
@@ -902,6 +916,7 @@ impl Broker {
             services,
             quadrants,
             refusals,
+            tcp_acceleration: None,
         }
     }
 }
@@ -959,6 +974,13 @@ pub fn render(r: &LanesReport) -> String {
             out,
             "  {}: {}/{} lanes, {}/{} bytes of lane memory",
             q.quadrant, q.lanes, q.max_lanes, q.shm_bytes, q.max_shm_bytes
+        );
+    }
+    if let Some(a) = &r.tcp_acceleration {
+        let _ = writeln!(
+            out,
+            "\ntcp acceleration (sk_msg): {} sockets, {} messages redirected, {} passed",
+            a.sockets, a.redirected, a.passed
         );
     }
     if !r.refusals.is_empty() {

@@ -25,7 +25,7 @@ use anyhow::{Context as _, bail};
 use dataplane_common::Quadrant;
 use hdrhistogram::Histogram;
 use quadrant::{
-    config::{Config, QuadrantConfig},
+    config::{Config, QuadrantConfig, TcpAcceleration},
     lanes::{LaneClient, TransportChoice},
 };
 use serde::{Deserialize, Serialize};
@@ -340,12 +340,42 @@ fn control_plane(client: &mut LaneClient) -> anyhow::Result<(Row, Row)> {
     Ok((open, refused))
 }
 
-fn measure_all(dg_addr: &str, only_control: bool) -> anyhow::Result<Results> {
+fn lane_rows(
+    client: &mut LaneClient,
+    name: &str,
+    choice: TransportChoice,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let mut lane = client.open("dg", "echo", choice)?;
+    for size in SIZES {
+        rows.push(measure(name, false, size, |msg, reply| {
+            lane.send(msg)?;
+            if !lane.recv(reply)? {
+                bail!("lane closed");
+            }
+            Ok(())
+        })?);
+    }
+    lane.close()?;
+    Ok(())
+}
+
+fn bare_rows<S: Read + Write>(name: &str, mut s: S, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    for size in SIZES {
+        rows.push(measure(name, true, size, |m, r| {
+            bare_round_trip(&mut s, m, r)
+        })?);
+    }
+    Ok(())
+}
+
+/// The measuring workload. `mode`: `all`; `control` (lane opens only); `tcp` (the TCP lane and
+/// the bare TCP echo in DG only, for the run with kernel acceleration).
+fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
     let me = std::env::current_exe()?;
     let mut rows = Vec::new();
-
     let mut client = LaneClient::connect(None)?;
-    if only_control {
+    if mode == "control" {
         let (open, refused) = control_plane(&mut client)?;
         return Ok(Results {
             rows,
@@ -353,25 +383,27 @@ fn measure_all(dg_addr: &str, only_control: bool) -> anyhow::Result<Results> {
             refused,
         });
     }
-    for (name, choice) in [
-        ("shm lane", TransportChoice::Shm),
-        ("uds lane", TransportChoice::Uds),
-        ("tcp+mtls lane dx->dg", TransportChoice::Tcp),
-    ] {
-        let mut lane = client.open("dg", "echo", choice)?;
-        for size in SIZES {
-            rows.push(measure(name, false, size, |msg, reply| {
-                lane.send(msg)?;
-                if !lane.recv(reply)? {
-                    bail!("lane closed");
-                }
-                Ok(())
-            })?);
-        }
-        lane.close()?;
+    if mode != "tcp" {
+        lane_rows(&mut client, "shm lane", TransportChoice::Shm, &mut rows)?;
+        lane_rows(&mut client, "uds lane", TransportChoice::Uds, &mut rows)?;
     }
-
+    lane_rows(
+        &mut client,
+        "tcp+mtls lane dx->dg",
+        TransportChoice::Tcp,
+        &mut rows,
+    )?;
+    let dg = TcpStream::connect(format!("{dg_addr}:{BARE_TCP_PORT}"))?;
+    dg.set_nodelay(true)?;
+    bare_rows("bare tcp dx->dg", dg, &mut rows)?;
     let (open, refused) = control_plane(&mut client)?;
+    if mode == "tcp" {
+        return Ok(Results {
+            rows,
+            open,
+            refused,
+        });
+    }
 
     let uds_path = Path::new(STATE_DIR).join("bare.sock");
     let server = spawn_ready(Command::new(&me).args([
@@ -379,35 +411,17 @@ fn measure_all(dg_addr: &str, only_control: bool) -> anyhow::Result<Results> {
         "uds",
         &uds_path.display().to_string(),
     ]))?;
-    let mut s = UnixStream::connect(&uds_path)?;
-    for size in SIZES {
-        rows.push(measure("bare uds echo", true, size, |m, r| {
-            bare_round_trip(&mut s, m, r)
-        })?);
-    }
-    drop(s);
+    let result = bare_rows("bare uds echo", UnixStream::connect(&uds_path)?, &mut rows);
     stop(server);
+    result?;
 
     let loopback = format!("127.0.0.1:{LOOPBACK_PORT}");
     let server = spawn_ready(Command::new(&me).args(["bare-server", "tcp", &loopback]))?;
-    let mut s = TcpStream::connect(&loopback)?;
+    let s = TcpStream::connect(&loopback)?;
     s.set_nodelay(true)?;
-    for size in SIZES {
-        rows.push(measure("bare tcp loopback", true, size, |m, r| {
-            bare_round_trip(&mut s, m, r)
-        })?);
-    }
-    drop(s);
+    let result = bare_rows("bare tcp loopback", s, &mut rows);
     stop(server);
-
-    let mut s = TcpStream::connect(format!("{dg_addr}:{BARE_TCP_PORT}"))?;
-    s.set_nodelay(true)?;
-    for size in SIZES {
-        rows.push(measure("bare tcp dx->dg", true, size, |m, r| {
-            bare_round_trip(&mut s, m, r)
-        })?);
-    }
-    drop(s);
+    result?;
 
     let server = spawn_ready(Command::new(&me).arg("ice-server"))?;
     let result = ice_client(&mut rows);
@@ -495,14 +509,13 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
-#[allow(clippy::too_many_lines)] // the report, section after section
-fn orchestrate(only_control: bool) -> anyhow::Result<()> {
-    quadrant::app::require_root("bench lanes")?;
+/// One agent with its services in DG and the measuring workload in DX, in `mode` (`all`,
+/// `control` or `tcp`).
+fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
     let me = std::env::current_exe()?;
-    let config = bench_config()?;
     std::fs::create_dir_all(STATE_DIR)?;
     let config_path = Path::new(STATE_DIR).join("qlane.yaml");
-    std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+    std::fs::write(&config_path, serde_yaml::to_string(config)?)?;
     let mut agent = Agent {
         bin: find(&me, "quadrant")?,
         config: config_path,
@@ -548,8 +561,6 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
         &[&me_s, "bare-server", "tcp", &bare_at],
     ))?);
     let dg_addr = config.addrs(Quadrant::Dg).workload.to_string();
-    eprintln!("measuring (client in DX, services in DG; this takes about a minute)");
-    let mode = if only_control { "control" } else { "all" };
     let out = agent
         .exec("dx", "bench", &[&me_s, "measure", &dg_addr, mode])
         .stderr(Stdio::inherit())
@@ -557,8 +568,24 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
     if !out.status.success() {
         bail!("the measuring workload failed");
     }
-    let results: Results = serde_json::from_slice(&out.stdout)?;
-    drop(agent);
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[allow(clippy::too_many_lines)] // the report, section after section
+fn orchestrate(only_control: bool) -> anyhow::Result<()> {
+    quadrant::app::require_root("bench lanes")?;
+    let mut config = bench_config()?;
+    eprintln!("measuring (client in DX, services in DG; this takes about two minutes)");
+    let mut results = session(&config, if only_control { "control" } else { "all" })?;
+    if !only_control {
+        eprintln!("again with lanes.tcp_acceleration: sk_msg");
+        config.lanes.tcp_acceleration = TcpAcceleration::SkMsg;
+        let accel = session(&config, "tcp")?;
+        results.rows.extend(accel.rows.into_iter().map(|mut r| {
+            r.transport.push_str(" +sk_msg");
+            r
+        }));
+    }
 
     let spin = std::env::var("QUADRANT_LANE_SPIN_US").unwrap_or_else(|_| "50".into());
     println!(
@@ -633,6 +660,37 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
         tls / plain,
         verdict(tls >= 0.5 * plain)
     );
+    // sk_msg is kept only where it wins over plain TCP in this run: p50 <= 0.9x and p99 <= 1.0x.
+    let p50 = |t: &str, size: usize| p(rows, t, size).map_or(f64::NAN, |r| r.p50_us);
+    let mut wins = 0;
+    for size in SIZES {
+        for t in ["bare tcp dx->dg", "tcp+mtls lane dx->dg"] {
+            let accel = format!("{t} +sk_msg");
+            let (a50, a99, b50, b99) = (
+                p50(&accel, size),
+                get(&accel, size),
+                p50(t, size),
+                get(t, size),
+            );
+            let win = a50 <= 0.9 * b50 && a99 <= b99;
+            wins += usize::from(win);
+            println!(
+                "sk_msg {t} {size} B: p50 {:.2}x, p99 {:.2}x plain -> {}",
+                a50 / b50,
+                a99 / b99,
+                if win { "wins" } else { "does not win" }
+            );
+        }
+    }
+    println!(
+        "sk_msg acceleration wins in {wins} of {} cases: {}",
+        SIZES.len() * 2,
+        if wins == SIZES.len() * 2 {
+            "worth turning on (lanes.tcp_acceleration: sk_msg)"
+        } else {
+            "lanes.tcp_acceleration stays off"
+        }
+    );
     println!("json: {}", serde_json::to_string(&results)?);
     Ok(())
 }
@@ -643,8 +701,8 @@ fn main() -> anyhow::Result<()> {
         None => orchestrate(false),
         Some("control") => orchestrate(true),
         Some("measure") => {
-            let only_control = args.get(3).is_some_and(|a| a == "control");
-            let results = measure_all(args.get(2).context("measure DG_ADDR")?, only_control)?;
+            let mode = args.get(3).map_or("all", String::as_str);
+            let results = measure_all(args.get(2).context("measure DG_ADDR MODE")?, mode)?;
             println!("{}", serde_json::to_string(&results)?);
             Ok(())
         }

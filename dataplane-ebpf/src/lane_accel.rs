@@ -1,0 +1,93 @@
+//! Optional acceleration of TCP lanes between workloads on this host: `sock_ops` on each
+//! quadrant's cgroup records every established IPv4 TCP socket in `LANE_SOCKS`; `sk_msg` on that
+//! map hands each message straight to the peer socket's receive queue when the peer is a local
+//! socket in the map, skipping the TCP/IP stack, the veths and the tc programs (the flow was
+//! authorized when it was set up). Messages whose peer is not in the map take the normal path.
+//! The agent attaches these only with `lanes.tcp_acceleration: sk_msg`.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+    },
+    macros::{map, sk_msg, sock_ops},
+    maps::{PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockOpsContext},
+};
+use dataplane_common::maps::{LANE_SOCKS_MAX, SockKey, lane_accel};
+
+/// IPv4 address family.
+const AF_INET: u32 = 2;
+
+/// Established sockets of the quadrants' workloads. Writer: `quadrant_sockops`.
+#[map(name = "LANE_SOCKS")]
+pub static LANE_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(LANE_SOCKS_MAX, 0);
+
+/// Counters, per CPU. Writer: both programs. Reader: agent.
+#[map(name = "LANE_ACCEL")]
+pub static LANE_ACCEL: PerCpuArray<u64> = PerCpuArray::with_max_entries(lane_accel::COUNT, 0);
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(c) = LANE_ACCEL.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The remote port as `bpf_sock_ops`/`sk_msg_md` give it — network byte order, shifted into the
+/// upper 16 bits on little-endian kernels (the lower 16 on some older ones) — in host order.
+#[inline(always)]
+fn remote_port(raw: u32) -> u32 {
+    let be = if raw > 0xffff { raw >> 16 } else { raw };
+    #[expect(clippy::cast_possible_truncation, reason = "at most 16 bits are left")]
+    u32::from(u16::from_be(be as u16))
+}
+
+#[sock_ops]
+pub fn quadrant_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+        || ctx.family() != AF_INET
+    {
+        return 0;
+    }
+    let mut key = SockKey {
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_port: ctx.local_port(),
+        remote_port: remote_port(ctx.remote_port()),
+    };
+    // SAFETY: the context's pointer is the kernel's `bpf_sock_ops` for this call.
+    let ops = unsafe { &mut *ctx.ops };
+    if LANE_SOCKS.update(&mut key, ops, u64::from(BPF_ANY)).is_ok() {
+        bump(lane_accel::ADDED);
+    }
+    0
+}
+
+#[sk_msg]
+pub fn quadrant_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context's pointer is the kernel's `sk_msg_md` for this call.
+    let md = unsafe { &*ctx.msg };
+    if md.family != AF_INET {
+        return SK_PASS;
+    }
+    let mut peer = SockKey {
+        local_ip4: md.local_ip4,
+        remote_ip4: md.remote_ip4,
+        local_port: md.local_port,
+        remote_port: remote_port(md.remote_port),
+    }
+    .peer();
+    // SK_PASS with the redirect recorded when the peer is in the map; otherwise the message
+    // goes on as usual.
+    let redirected =
+        LANE_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
+    bump(if redirected {
+        lane_accel::REDIRECTED
+    } else {
+        lane_accel::PASSED
+    });
+    SK_PASS
+}
