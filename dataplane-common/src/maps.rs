@@ -27,14 +27,28 @@ pub const CONNTRACK: &str = "CONNTRACK";
 pub const STATS: &str = "STATS";
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 11] = [
-    PREFIXES, POLICY_A, POLICY_B, IFACES, CGROUPS, CONFIG, QUADRANTS, CONNTRACK, STATS, LANE_SOCKS,
+pub const ALL: [&str; 12] = [
+    PREFIXES,
+    POLICY_A,
+    POLICY_B,
+    IFACES,
+    CGROUPS,
+    CONFIG,
+    QUADRANTS,
+    CONNTRACK,
+    STATS,
+    LANE_SOCKS,
+    LANE_SOCK_MODE,
     LANE_ACCEL,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`
 /// redirect of local TCP lanes (only populated when lane acceleration is on).
 pub const LANE_SOCKS: &str = "LANE_SOCKS";
+/// How each recorded socket sends ([`SockKey`] → [`lane_accel::MODE_REDIRECT`] or
+/// [`lane_accel::MODE_STACK`]), fixed by its first message: a connection whose first message had
+/// to take the stack never switches to the redirect, which could overtake bytes still in flight.
+pub const LANE_SOCK_MODE: &str = "LANE_SOCK_MODE";
 /// Per-CPU counters of lane acceleration, indexed by [`lane_accel`].
 pub const LANE_ACCEL: &str = "LANE_ACCEL";
 /// Capacity of [`LANE_SOCKS`].
@@ -50,6 +64,10 @@ pub mod lane_accel {
     pub const PASSED: u32 = 2;
     /// Number of slots.
     pub const COUNT: u32 = 3;
+    /// [`super::LANE_SOCK_MODE`]: every message goes straight to the peer socket.
+    pub const MODE_REDIRECT: u32 = 1;
+    /// [`super::LANE_SOCK_MODE`]: every message takes the TCP/IP stack.
+    pub const MODE_STACK: u32 = 2;
 }
 
 /// Key of [`LANE_SOCKS`]: one end of a TCP connection as its own socket sees it. Addresses in

@@ -11,7 +11,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
     },
     macros::{map, sk_msg, sock_ops},
-    maps::{PerCpuArray, SockHash},
+    maps::{LruHashMap, PerCpuArray, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use dataplane_common::maps::{LANE_SOCKS_MAX, SockKey, lane_accel};
@@ -22,6 +22,11 @@ const AF_INET: u32 = 2;
 /// Established sockets of the quadrants' workloads. Writer: `quadrant_sockops`.
 #[map(name = "LANE_SOCKS")]
 pub static LANE_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(LANE_SOCKS_MAX, 0);
+
+/// Each socket's sending mode, fixed by its first message. Writers: both programs.
+#[map(name = "LANE_SOCK_MODE")]
+pub static LANE_SOCK_MODE: LruHashMap<SockKey, u32> =
+    LruHashMap::with_max_entries(LANE_SOCKS_MAX, 0);
 
 /// Counters, per CPU. Writer: both programs. Reader: agent.
 #[map(name = "LANE_ACCEL")]
@@ -58,6 +63,8 @@ pub fn quadrant_sockops(ctx: SockOpsContext) -> u32 {
         local_port: ctx.local_port(),
         remote_port: remote_port(ctx.remote_port()),
     };
+    // A new connection on this 4-tuple: its first message decides its mode again.
+    let _ = LANE_SOCK_MODE.remove(key);
     // SAFETY: the context's pointer is the kernel's `bpf_sock_ops` for this call.
     let ops = unsafe { &mut *ctx.ops };
     if LANE_SOCKS.update(&mut key, ops, u64::from(BPF_ANY)).is_ok() {
@@ -73,17 +80,31 @@ pub fn quadrant_sk_msg(ctx: SkMsgContext) -> u32 {
     if md.family != AF_INET {
         return SK_PASS;
     }
-    let mut peer = SockKey {
+    let own = SockKey {
         local_ip4: md.local_ip4,
         remote_ip4: md.remote_ip4,
         local_port: md.local_port,
         remote_port: remote_port(md.remote_port),
+    };
+    // SAFETY: the value is a plain u32 read once.
+    let mode = unsafe { LANE_SOCK_MODE.get(own) }.copied();
+    if mode == Some(lane_accel::MODE_STACK) {
+        bump(lane_accel::PASSED);
+        return SK_PASS;
     }
-    .peer();
+    let mut peer = own.peer();
     // SK_PASS with the redirect recorded when the peer is in the map; otherwise the message
     // goes on as usual.
     let redirected =
         LANE_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
+    if mode.is_none() {
+        let decided = if redirected {
+            lane_accel::MODE_REDIRECT
+        } else {
+            lane_accel::MODE_STACK
+        };
+        let _ = LANE_SOCK_MODE.insert(own, decided, u64::from(BPF_ANY));
+    }
     bump(if redirected {
         lane_accel::REDIRECTED
     } else {
