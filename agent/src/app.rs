@@ -432,6 +432,32 @@ fn status_of(r: &Running) -> Result<StatusReport, AppError> {
     })
 }
 
+/// The SVID rotation task and one Workload API server per quadrant. Without the identity
+/// service there is no Workload API: callers get "connection refused" rather than an identity.
+fn start_identity_services(
+    r: &Running,
+    stop_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(), AppError> {
+    let dir = r.config.workload_socket_dir();
+    fs::create_dir_all(&dir).map_err(sys::io_err("cannot create", &dir))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+        .map_err(sys::io_err("cannot open up", &dir))?;
+    let Some(identity) = r.identity.as_ref().ok() else {
+        return Ok(());
+    };
+    tokio::spawn(Arc::clone(identity).run_rotation(stop_rx.clone()));
+    for q in Quadrant::ALL {
+        let path = r.config.workload_socket(q);
+        let (service, stop) = (Arc::clone(identity), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = workload_api::serve(&path, q, service, stop).await {
+                warn!(quadrant = q.name(), socket = %path.display(), error = %e, "Workload API stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
 async fn serve(
     running: Arc<Mutex<Running>>,
     ready: impl FnOnce(&StatusReport),
@@ -442,29 +468,7 @@ async fn serve(
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
         .map_err(sys::io_err("cannot restrict", &socket))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    {
-        let r = running.lock().await;
-        let dir = r.config.workload_socket_dir();
-        fs::create_dir_all(&dir).map_err(sys::io_err("cannot create", &dir))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
-            .map_err(sys::io_err("cannot open up", &dir))?;
-        // Without the identity service there is no Workload API: callers get "connection
-        // refused" rather than an identity.
-        let identity = r.identity.as_ref().ok().map(Arc::clone);
-        if let Some(identity) = &identity {
-            tokio::spawn(Arc::clone(identity).run_rotation(stop_rx.clone()));
-        }
-        for q in Quadrant::ALL {
-            let Some(identity) = &identity else { break };
-            let path = r.config.workload_socket(q);
-            let (service, stop) = (Arc::clone(identity), stop_rx.clone());
-            tokio::spawn(async move {
-                if let Err(e) = workload_api::serve(&path, q, service, stop).await {
-                    warn!(quadrant = q.name(), socket = %path.display(), error = %e, "Workload API stopped");
-                }
-            });
-        }
-    }
+    start_identity_services(&*running.lock().await, &stop_rx)?;
     let lane_broker = {
         let r = running.lock().await;
         r.lanes.serve().map_err(sys::io_err(
@@ -481,9 +485,19 @@ async fn serve(
         signal(SignalKind::hangup()).map_err(sys::io_err("cannot handle SIGHUP on", &socket))?;
     let mut sigterm = signal(SignalKind::terminate())
         .map_err(sys::io_err("cannot handle SIGTERM on", &socket))?;
+    let (reload_tx, mut reload_rx) = mpsc::channel::<()>(1);
+    let _watcher = watch_policy(&running.lock().await.config, reload_tx);
     let mut pending_down = None;
     loop {
         tokio::select! {
+            Some(()) = reload_rx.recv() => {
+                info!("policy directory changed: reloading the policy");
+                if let Response::Error { message } = reload_policy(&mut *running.lock().await) {
+                    warn!(%message, "policy reload failed");
+                } else {
+                    info!("policy reloaded after a change in the policy directory");
+                }
+            }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sighup.recv() => {
@@ -849,6 +863,24 @@ async fn submit(
             audit_seq: decision.audit_seq,
         },
         Err(e) => refuse(e.to_string()),
+    }
+}
+
+/// Watches `policy_dir` when `watch_policy_dir` is set; each burst of changes sends on `reload`.
+fn watch_policy(config: &Config, reload: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    let dir = config
+        .policy_dir
+        .as_ref()
+        .filter(|_| config.watch_policy_dir)?;
+    match crate::policy_watch::watch(dir, reload) {
+        Ok(w) => {
+            info!(dir = %dir.display(), "watching the policy directory");
+            Some(w)
+        }
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with `quadrant policy reload` or SIGHUP");
+            None
+        }
     }
 }
 

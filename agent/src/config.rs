@@ -112,6 +112,10 @@ pub struct Config {
     /// checked).
     #[serde(default)]
     pub require_signed_policy: bool,
+    /// Reload the policy by itself when a file in `policy_dir` changes (as `opa run --watch`);
+    /// otherwise `quadrant policy reload` or SIGHUP.
+    #[serde(default)]
+    pub watch_policy_dir: bool,
     /// SPIFFE identity settings.
     #[serde(default)]
     pub identity: IdentityConfig,

@@ -30,6 +30,7 @@ pub mod lanes;
 pub mod loader;
 pub mod plans;
 pub mod policy;
+pub mod policy_watch;
 pub mod quadrants;
 pub mod signing;
 pub mod sys;

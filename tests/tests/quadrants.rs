@@ -634,3 +634,75 @@ fn a_policy_reload_takes_effect_and_a_broken_one_changes_nothing() {
     }
     assert!(inst.down().status.success());
 }
+
+#[test]
+fn a_watched_policy_directory_reloads_by_itself() {
+    let dir =
+        std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR).join("qt26-policies");
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    assert!(
+        Command::new("cp")
+            .arg("-r")
+            .arg(&src)
+            .arg(&dir)
+            .status()
+            .expect("cp")
+            .success()
+    );
+    let mut config = test_config(26, None);
+    config.policy_dir = Some(dir.clone());
+    config.watch_policy_dir = true;
+    let mut inst = Instance::up(config, QPROBE);
+    let _tcp = inst.serve(Quadrant::Dg, &["tcp-echo", &format!("0.0.0.0:{TCP_PORT}")]);
+    let dg = inst.addr(Quadrant::Dg);
+    let connect = |inst: &Instance| {
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{dg}:{TCP_PORT}"), "1000"],
+        )
+    };
+    let wait_for = |inst: &Instance, allowed: bool, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while connect(inst).0 != allowed {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {}",
+                inst.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(connect(&inst), (true, "ok hello".into()));
+
+    // Editing the global layer is enough: no reload command, no signal.
+    let global = dir.join("runtime/global.rego");
+    let rego = std::fs::read_to_string(&global).expect("read");
+    let deny = "\ndeny contains {\"from\": \"dx\", \"to\": \"dg\", \"reason\": \"maintenance\"}\n";
+    std::fs::write(&global, format!("{rego}{deny}")).expect("write");
+    wait_for(&inst, false, "the watched change did not take effect");
+    assert_eq!(connect(&inst), (false, "err EPERM".into()));
+
+    // A broken file is refused; the live policy stays.
+    std::fs::write(
+        dir.join("runtime/broken.rego"),
+        "package quadrant.broken\n\nallow if {\n",
+    )
+    .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !inst.agent_log().contains("policy reload failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed reload logged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(connect(&inst), (false, "err EPERM".into()));
+    assert!(inst.status().policy.starts_with("enforced:"));
+
+    // Fixed: the next change reloads again.
+    std::fs::remove_file(dir.join("runtime/broken.rego")).expect("rm");
+    std::fs::write(&global, rego).expect("write");
+    wait_for(&inst, true, "the fixed bundle did not take effect");
+    assert!(inst.down().status.success());
+}
