@@ -258,27 +258,32 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         error!(error = %e, "identity service unavailable: quadrants come up in deny-all");
         format!("identity service unavailable: {e}")
     });
+    let mut generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
     let compiled = match &identity {
         Err(e) => Err(e.clone()),
         Ok(_) => PolicyBundle::for_config(config)
             .and_then(|b| b.compile(config).map(|c| (c, b)))
-            .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string())
+            .and_then(|(c, b)| Ok((c, check_revision(&generations, &b)?, b))),
     };
-    let (policy, policy_state) = match compiled {
-        Ok((compiled, bundle)) => {
+    let (policy, policy_state, revision) = match compiled {
+        Ok((compiled, revision, bundle)) => {
             let state = format!(
                 "enforced: {} map entries from {}",
                 compiled.len(),
                 bundle.origin()
             );
-            (compiled, state)
+            (compiled, state, revision)
         }
         Err(e) => {
             error!(error = %e, "policy evaluation failed: quadrants come up in deny-all");
-            (CompiledPolicy::new(), format!("deny-all: {e}"))
+            (CompiledPolicy::new(), format!("deny-all: {e}"), None)
         }
     };
     dataplane.write_config(config, QUADRANT_CGROUP_LEVEL, &policy)?;
+    if let Err(e) = record_revision(&mut generations, revision) {
+        error!(error = %e, "cannot record the policy bundle revision");
+    }
     let mut handles = Vec::new();
     let mut attached = Vec::new();
     for q in Quadrant::ALL {
@@ -308,7 +313,6 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         error!(error = %e, "audit log unusable: every admission will be refused");
     }
     let admission = Admission::new(prepared, audit);
-    let generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
     let lane_rules = match (&identity, PolicyBundle::for_config(config)) {
         (Err(e), _) => Err(e.clone()),
         (Ok(_), Ok(b)) => b
@@ -639,6 +643,58 @@ async fn handle(
     write_response(&mut stream, &response).await
 }
 
+/// Generation-store keys of the live policy bundle's revision and (the first 64 bits of) its
+/// digest.
+const BUNDLE_REVISION_KEY: &str = "policy-bundle/revision";
+const BUNDLE_DIGEST_KEY: &str = "policy-bundle/digest";
+
+/// Forward-only policy bundles: a `policy_dir` bundle's revision must not be older than the one
+/// last made live on this host, and the same revision must be the same bundle. Returns what to
+/// record once the bundle is live. The embedded bundle is versioned with the binary.
+fn check_revision(
+    generations: &Result<Generations, String>,
+    bundle: &PolicyBundle,
+) -> Result<Option<(u64, u64)>, String> {
+    if bundle.is_embedded() {
+        return Ok(None);
+    }
+    let revision = bundle.revision().map_err(|e| e.to_string())?;
+    let store = generations
+        .as_ref()
+        .map_err(|e| format!("cannot check the bundle revision (fail-closed): {e}"))?;
+    let digest = u64::from_str_radix(&bundle.digest()[..16], 16).unwrap_or_default();
+    let manifest = crate::policy::MANIFEST_FILE;
+    match (revision, store.current(BUNDLE_REVISION_KEY)) {
+        (None, None) => Ok(None),
+        (None, Some(live)) => Err(format!(
+            "the policy bundle has no revision ({manifest}), but revision {live} was live on this host; bundles only move forward"
+        )),
+        (Some(r), Some(live)) if r < live => Err(format!(
+            "policy bundle revision {r} is older than revision {live}, live on this host before; bundles only move forward"
+        )),
+        (Some(r), Some(live)) if r == live && store.current(BUNDLE_DIGEST_KEY) != Some(digest) => {
+            Err(format!(
+                "policy bundle revision {r} is not the revision {r} made live before (its files differ): a changed bundle needs a new revision in {manifest}"
+            ))
+        }
+        (Some(r), _) => Ok(Some((r, digest))),
+    }
+}
+
+/// Records a bundle revision [`check_revision`] accepted, once the bundle is live.
+fn record_revision(
+    generations: &mut Result<Generations, String>,
+    revision: Option<(u64, u64)>,
+) -> Result<(), String> {
+    let (Some((r, digest)), Ok(store)) = (revision, generations.as_mut()) else {
+        return Ok(());
+    };
+    store
+        .force(BUNDLE_REVISION_KEY, r)
+        .and_then(|()| store.force(BUNDLE_DIGEST_KEY, digest))
+        .map_err(|e| e.to_string())
+}
+
 /// Where the accepted plan generations are kept (beside the audit log: both must persist).
 fn generations_path(config: &Config) -> PathBuf {
     config
@@ -893,11 +949,16 @@ fn reload_policy(r: &mut Running) -> Response {
             ),
         };
     }
-    let compiled =
-        PolicyBundle::for_config(&r.config).and_then(|b| b.compile(&r.config).map(|c| (c, b)));
+    let compiled = PolicyBundle::for_config(&r.config)
+        .and_then(|b| b.compile(&r.config).map(|c| (c, b)))
+        .map_err(|e| e.to_string())
+        .and_then(|(c, b)| Ok((c, check_revision(&r.generations, &b)?, b)));
     match compiled {
-        Ok((policy, bundle)) => match r.dataplane.apply_policy(&policy) {
+        Ok((policy, revision, bundle)) => match r.dataplane.apply_policy(&policy) {
             Ok(slot) => {
+                if let Err(e) = record_revision(&mut r.generations, revision) {
+                    warn!(error = %e, "cannot record the policy bundle revision");
+                }
                 r.admission
                     .set_prepared(Prepared::new(&bundle).map_err(|e| e.to_string()));
                 r.lanes.set_rules(

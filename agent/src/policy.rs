@@ -93,6 +93,8 @@ const SIGNATURE_SUFFIX: &str = ".dsse.json";
 const DATA_SUFFIX: &str = ".json";
 /// Query of the flows the kernel enforces.
 const FLOWS_QUERY: &str = "data.quadrant.runtime.flows";
+/// A policy directory's manifest, carrying the bundle revision.
+pub const MANIFEST_FILE: &str = "manifest.json";
 const LANES_QUERY: &str = "data.quadrant.runtime.lane_rules";
 /// Query of the global-versus-quadrant conflicts.
 const CONFLICTS_QUERY: &str = "data.quadrant.runtime.conflicts";
@@ -392,6 +394,31 @@ impl PolicyBundle {
             signer = Some(key);
         }
         signer.ok_or_else(|| PolicyError::Signature("no signature".into()))
+    }
+
+    /// Whether this is the bundle compiled into the binary (versioned with the binary itself).
+    #[must_use]
+    pub fn is_embedded(&self) -> bool {
+        self.origin == "embedded policies"
+    }
+
+    /// The bundle's revision, from `manifest.json` at its root (`{"bundle": {"revision": N}}`);
+    /// `None` without a manifest. A revision only moves forward on a host.
+    pub fn revision(&self) -> Result<Option<u64>, PolicyError> {
+        let Some((path, text)) = self.data.iter().find(|(p, _)| p == MANIFEST_FILE) else {
+            return Ok(None);
+        };
+        let doc: Value = serde_json::from_str(text).map_err(|e| PolicyError::Data {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        doc.pointer("/bundle/revision")
+            .and_then(Value::as_u64)
+            .map(Some)
+            .ok_or_else(|| PolicyError::Data {
+                path: path.clone(),
+                message: "expected {\"bundle\": {\"revision\": <non-negative integer>}}".into(),
+            })
     }
 
     /// Where the bundle came from.

@@ -706,3 +706,92 @@ fn a_watched_policy_directory_reloads_by_itself() {
     wait_for(&inst, true, "the fixed bundle did not take effect");
     assert!(inst.down().status.success());
 }
+
+#[test]
+fn policy_bundle_revisions_only_move_forward() {
+    let dir =
+        std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR).join("qt27-policies");
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    assert!(
+        Command::new("cp")
+            .arg("-r")
+            .arg(&src)
+            .arg(&dir)
+            .status()
+            .expect("cp")
+            .success()
+    );
+    let manifest = dir.join("manifest.json");
+    let revision = |n: u64| {
+        std::fs::write(
+            &manifest,
+            format!("{{\"bundle\": {{\"revision\": {n}}}}}\n"),
+        )
+        .expect("write");
+    };
+    revision(2);
+    let mut config = test_config(27, None);
+    config.policy_dir = Some(dir.clone());
+    let _ = std::fs::remove_file(config.audit_log.with_file_name("qt27-generations.json"));
+    let mut inst = Instance::up(config.clone(), QPROBE);
+    assert!(
+        inst.status().policy.starts_with("enforced:"),
+        "{}",
+        inst.status().policy
+    );
+    let reload = |inst: &Instance| {
+        let out = inst.quadrant(&["policy", "reload"]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The same bundle again is fine.
+    assert!(reload(&inst).0);
+
+    // An older revision, and the same revision with other content, are refused; the live
+    // policy stays.
+    revision(1);
+    let (ok, err) = reload(&inst);
+    assert!(
+        !ok && err.contains("revision 1 is older than revision 2"),
+        "{err}"
+    );
+    revision(2);
+    let extra = dir.join("runtime/quadrants/dx.rego");
+    let mut rego = std::fs::read_to_string(&extra).expect("read");
+    rego.push_str(
+        "\nallow contains {\"from\": \"dx\", \"to\": \"dx\", \"protocols\": [\"udp\"]}\n",
+    );
+    std::fs::write(&extra, &rego).expect("write");
+    let (ok, err) = reload(&inst);
+    assert!(
+        !ok && err.contains("a changed bundle needs a new revision"),
+        "{err}"
+    );
+    assert!(inst.status().policy.starts_with("enforced:"));
+
+    // A new revision is accepted.
+    revision(3);
+    let (ok, err) = reload(&inst);
+    assert!(ok, "{err}");
+
+    // After a restart an older bundle leaves the quadrants in deny-all (fail closed).
+    assert!(inst.down().status.success());
+    revision(2);
+    let inst = Instance::up(config, QPROBE);
+    let policy = inst.status().policy;
+    assert!(
+        policy.starts_with("deny-all:") && policy.contains("revision 2 is older than revision 3"),
+        "{policy}"
+    );
+    let dg = inst.addr(Quadrant::Dg);
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{dg}:{TCP_PORT}"), "1000"]
+        ),
+        (false, "err EPERM".into())
+    );
+}
