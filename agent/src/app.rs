@@ -44,6 +44,9 @@ pub const QUADRANT_CGROUP_LEVEL: u32 = 2;
 /// Errors of the lifecycle commands.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    /// The eBPF object's signature or versions are refused; nothing was loaded.
+    #[error("dataplane refused: {0}")]
+    Dataplane(String),
     /// Another agent of the same instance answers on the control socket.
     #[error(
         "an agent for instance {instance} is already running (control socket {socket}); stop it with `quadrant down`"
@@ -234,6 +237,8 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
     let parent = config.cgroup_parent();
     fs::create_dir_all(&parent).map_err(sys::io_err("cannot create cgroup", &parent))?;
 
+    let mut generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
+    check_dataplane(config, &mut generations)?;
     let mut dataplane = Dataplane::load(Some(&config.bpffs_dir()))?;
     // MCP-Core decides, the kernel enforces. Without the identity service, or with a policy
     // that cannot be evaluated, the quadrants come up in deny-all (an empty policy map), never
@@ -258,7 +263,6 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         error!(error = %e, "identity service unavailable: quadrants come up in deny-all");
         format!("identity service unavailable: {e}")
     });
-    let mut generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
     let compiled = match &identity {
         Err(e) => Err(e.clone()),
         Ok(_) => PolicyBundle::for_config(config)
@@ -641,6 +645,78 @@ async fn handle(
         }
     };
     write_response(&mut stream, &response).await
+}
+
+/// Generation-store keys of the highest eBPF program set and map layout versions run here.
+const PROGRAM_SET_KEY: &str = "dataplane/program-set";
+const MAP_LAYOUT_KEY: &str = "dataplane/map-layout";
+
+/// Before anything is loaded: the object's detached signature when configured (required with
+/// `require_signed_dataplane`), then forward-only program set and map layout versions, which
+/// are recorded once they pass.
+fn check_dataplane(
+    config: &Config,
+    generations: &mut Result<Generations, String>,
+) -> Result<(), AppError> {
+    use dataplane_common::{MAP_LAYOUT_VERSION, PROGRAM_SET_VERSION};
+    let refuse = AppError::Dataplane;
+    match &config.dataplane_signature {
+        Some(path) => {
+            let text = fs::read_to_string(path)
+                .map_err(|e| refuse(format!("cannot read {}: {e}", path.display())))?;
+            let envelope: crate::signing::Envelope = serde_json::from_str(&text)
+                .map_err(|e| refuse(format!("{}: {e}", path.display())))?;
+            let trust = TrustStore::load(&config.trust_store).map_err(|e| refuse(e.to_string()))?;
+            let statement = crate::loader::object_statement();
+            for q in Quadrant::ALL {
+                let (payload, key) = trust
+                    .verify(
+                        &envelope,
+                        crate::signing::DATAPLANE_PAYLOAD_TYPE,
+                        crate::signing::Role::Dataplane,
+                        q,
+                    )
+                    .map_err(|e| refuse(format!("{}: {e}", path.display())))?;
+                if payload != statement.as_bytes() {
+                    return Err(refuse(format!(
+                        "{} (by {key}) signs {:?}, this agent's object is {statement:?}",
+                        path.display(),
+                        String::from_utf8_lossy(&payload)
+                    )));
+                }
+            }
+        }
+        None if config.require_signed_dataplane => {
+            return Err(refuse(
+                "require_signed_dataplane is set but no dataplane_signature is configured; sign with `quadrant dataplane sign`".into(),
+            ));
+        }
+        None => {}
+    }
+    let store = generations.as_mut().map_err(|e| {
+        refuse(format!(
+            "cannot check the dataplane versions (fail-closed): {e}"
+        ))
+    })?;
+    for (key, ours, what) in [
+        (PROGRAM_SET_KEY, PROGRAM_SET_VERSION, "eBPF program set"),
+        (MAP_LAYOUT_KEY, MAP_LAYOUT_VERSION, "map layout"),
+    ] {
+        if let Some(seen) = store.current(key).filter(|&seen| seen > u64::from(ours)) {
+            return Err(refuse(format!(
+                "this agent's {what} is version {ours}, older than version {seen} that ran on this host; upgrades only move forward"
+            )));
+        }
+    }
+    for (key, ours) in [
+        (PROGRAM_SET_KEY, PROGRAM_SET_VERSION),
+        (MAP_LAYOUT_KEY, MAP_LAYOUT_VERSION),
+    ] {
+        store
+            .force(key, u64::from(ours))
+            .map_err(|e| refuse(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Generation-store keys of the live policy bundle's revision and (the first 64 bits of) its

@@ -112,6 +112,14 @@ pub struct Config {
     /// checked).
     #[serde(default)]
     pub require_signed_policy: bool,
+    /// A detached signature (`quadrant dataplane sign`) of the agent's eBPF object, checked
+    /// against `trust_store` (a key with the `dataplane` role for every quadrant) before
+    /// anything is loaded.
+    #[serde(default)]
+    pub dataplane_signature: Option<PathBuf>,
+    /// Refuse to start without `dataplane_signature`.
+    #[serde(default)]
+    pub require_signed_dataplane: bool,
     /// Reload the policy by itself when a file in `policy_dir` changes (as `opa run --watch`);
     /// otherwise `quadrant policy reload` or SIGHUP.
     #[serde(default)]

@@ -73,6 +73,23 @@ pub mod programs {
     pub const LANE_ACCEL: [(&str, &str); 2] = [(SOCKOPS, "sock_ops"), (SK_MSG, "sk_msg")];
 }
 
+/// SHA-256 of the embedded eBPF object, hex.
+#[must_use]
+pub fn object_digest() -> String {
+    crate::artifacts::hex(ring::digest::digest(&ring::digest::SHA256, DATAPLANE_OBJECT).as_ref())
+}
+
+/// What a dataplane signature signs: the object's digest and the versions it carries.
+#[must_use]
+pub fn object_statement() -> String {
+    format!(
+        "sha256:{} program-set {} map-layout {}",
+        object_digest(),
+        dataplane_common::PROGRAM_SET_VERSION,
+        dataplane_common::MAP_LAYOUT_VERSION
+    )
+}
+
 /// Errors of loading, attaching and map access.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {

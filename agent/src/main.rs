@@ -131,6 +131,27 @@ enum Command {
     },
     /// Load every eBPF program into this kernel and print its verified instruction count.
     Verifier,
+    /// The agent's own eBPF object: its digest and versions, and signing it.
+    Dataplane {
+        #[command(subcommand)]
+        command: DataplaneCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataplaneCommand {
+    /// Print the embedded object's digest, program set and map layout versions.
+    Info,
+    /// Sign the embedded object (digest and versions) with KEY (a `dataplane` key for every
+    /// quadrant); write the envelope to OUT, for `dataplane_signature`.
+    Sign {
+        /// PKCS#8 key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the signature.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -361,6 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy { command } => policy(&config, command),
+        Command::Dataplane { command } => dataplane(command),
         Command::Admit { review, svid } => {
             let text = std::fs::read_to_string(&review)
                 .with_context(|| format!("cannot read {}", review.display()))?;
@@ -605,7 +627,7 @@ fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|r| {
                     serde_json::from_value(serde_json::Value::String(r.clone())).with_context(
-                        || format!("unknown role {r:?}; expected plan, artifact or break-glass"),
+                        || format!("unknown role {r:?}; expected plan, artifact, break-glass, policy or dataplane"),
                     )
                 })
                 .collect::<anyhow::Result<_>>()?;
@@ -838,6 +860,29 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `quadrant dataplane`.
+fn dataplane(command: DataplaneCommand) -> anyhow::Result<()> {
+    let statement = quadrant::loader::object_statement();
+    match command {
+        DataplaneCommand::Info => println!("{statement}"),
+        DataplaneCommand::Sign { key, out } => {
+            let key = quadrant::signing::SigningKey::load(&key)?;
+            let envelope = key.sign(
+                quadrant::signing::DATAPLANE_PAYLOAD_TYPE,
+                statement.as_bytes(),
+            );
+            std::fs::write(&out, serde_json::to_string_pretty(&envelope)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "signed {statement} with key {}: {}",
+                key.id(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `quadrant lanes`.

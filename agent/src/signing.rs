@@ -28,6 +28,8 @@ pub const ARTIFACT_PAYLOAD_TYPE: &str = "application/vnd.quadrant.artifact.v1+te
 pub const PLAN_PAYLOAD_TYPE: &str = "application/vnd.quadrant.plan.v1+json";
 /// Payload type of a policy bundle signature (the payload is `sha256:<bundle digest>`).
 pub const POLICY_BUNDLE_PAYLOAD_TYPE: &str = "application/vnd.quadrant.policy-bundle.v1+text";
+/// Payload type of a dataplane signature (the payload is [`crate::loader::object_statement`]).
+pub const DATAPLANE_PAYLOAD_TYPE: &str = "application/vnd.quadrant.dataplane.v1+text";
 /// Payload type of a break-glass rollback authorization (canonical JSON).
 pub const ROLLBACK_PAYLOAD_TYPE: &str = "application/vnd.quadrant.rollback.v1+json";
 
@@ -43,6 +45,8 @@ pub enum Role {
     BreakGlass,
     /// Policy bundles (the key must cover every quadrant: a bundle governs all of them).
     Policy,
+    /// The agent's eBPF object (every quadrant, like policy).
+    Dataplane,
 }
 
 /// Errors of signing and verification; each names the key or file at fault.

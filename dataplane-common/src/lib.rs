@@ -9,6 +9,15 @@
     reason = "these helpers run inside eBPF programs, where inlining keeps the verifier's view of bounds intact"
 )]
 
+/// Version of the eBPF program set (the programs, their hooks and what they decide). An agent
+/// refuses to start on a host where a newer program set ran: upgrades only move forward.
+/// 1: the isolation programs; 2: with the lane acceleration programs.
+pub const PROGRAM_SET_VERSION: u32 = 2;
+
+/// Version of the map layout (names, key and value layouts). Same forward-only rule.
+/// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`.
+pub const MAP_LAYOUT_VERSION: u32 = 2;
+
 pub mod identity;
 pub mod maps;
 pub mod policy;
