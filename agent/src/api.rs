@@ -50,6 +50,9 @@ pub enum Request {
     },
     /// List the open RTT lanes, the services offered and each quadrant's lane usage.
     Lanes,
+    /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
+    /// client disconnects.
+    Events,
     /// Admit a workload: its review and its X.509-SVID (PEM chain, leaf first).
     Admit {
         /// `{"review": {"object": {...}}}`.

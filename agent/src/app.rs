@@ -172,6 +172,7 @@ struct Running {
     generations: Result<Generations, String>,
     supervisor: Supervisor,
     lanes: Arc<Broker>,
+    events: Arc<crate::events::EventBus>,
 }
 
 /// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
@@ -332,11 +333,13 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
             (Err(e), String::new())
         }
     };
+    let events = Arc::new(crate::events::EventBus::default());
     let lanes = Arc::new(Broker::new(
         config,
         identity.as_ref().ok().map(Arc::clone),
         lane_rules,
         &lane_origin,
+        Arc::clone(&events),
     ));
     Ok(Running {
         config: config.clone(),
@@ -350,6 +353,7 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         generations,
         supervisor: Supervisor::default(),
         lanes,
+        events,
     })
 }
 
@@ -580,12 +584,25 @@ async fn handle(
             },
             Ok(Request::PolicyReload) => reload_policy(&mut *running.lock().await),
             Ok(Request::Submit { envelope }) => {
-                submit(&mut *running.lock().await, &envelope, None).await
+                let mut r = running.lock().await;
+                let response = submit(&mut r, &envelope, None).await;
+                submit_event(&r.events, &response);
+                response
             }
             Ok(Request::Rollback {
                 authorization,
                 envelope,
-            }) => submit(&mut *running.lock().await, &envelope, Some(&authorization)).await,
+            }) => {
+                let mut r = running.lock().await;
+                let response = submit(&mut r, &envelope, Some(&authorization)).await;
+                submit_event(&r.events, &response);
+                response
+            }
+            Ok(Request::Events) => {
+                let rx = running.lock().await.events.subscribe();
+                let events = Arc::clone(&running.lock().await.events);
+                return stream_events(stream, rx, &events).await;
+            }
             Ok(Request::Lanes) => {
                 let r = running.lock().await;
                 let mut report = r.lanes.report();
@@ -769,6 +786,47 @@ fn record_revision(
         .force(BUNDLE_REVISION_KEY, r)
         .and_then(|()| store.force(BUNDLE_DIGEST_KEY, digest))
         .map_err(|e| e.to_string())
+}
+
+/// The event of a submit's answer.
+fn submit_event(events: &crate::events::EventBus, response: &Response) {
+    match response {
+        Response::Submitted {
+            status, spiffe_id, ..
+        } => events.emit(|seq, at_ms| crate::events::Event::WorkloadStarted {
+            seq,
+            at_ms,
+            name: status.name.clone(),
+            generation: status.generation,
+            spiffe_id: spiffe_id.clone(),
+        }),
+        Response::Error { message } => {
+            events.emit(|seq, at_ms| crate::events::Event::SubmitRefused {
+                seq,
+                at_ms,
+                message: message.clone(),
+            });
+        }
+        _ => {}
+    }
+}
+
+/// Writes each event as a JSON line until the subscriber goes away or the agent stops.
+async fn stream_events(
+    mut stream: UnixStream,
+    mut rx: tokio::sync::broadcast::Receiver<String>,
+    events: &crate::events::EventBus,
+) -> io::Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let line = match rx.recv().await {
+            Ok(line) => line,
+            Err(RecvError::Lagged(missed)) => events.lagged(missed),
+            Err(RecvError::Closed) => return Ok(()),
+        };
+        stream.write_all(line.as_bytes()).await?;
+        stream.write_all(b"\n").await?;
+    }
 }
 
 /// Where the accepted plan generations are kept (beside the audit log: both must persist).
@@ -1018,6 +1076,31 @@ fn watch_policy(config: &Config, reload: mpsc::Sender<()>) -> Option<notify::Rec
 
 /// Re-evaluates the bundle and flips the kernel to the result; keeps the live policy on error.
 fn reload_policy(r: &mut Running) -> Response {
+    let response = reload_policy_inner(r);
+    match &response {
+        Response::PolicyReloaded { policy, slot } => {
+            r.events
+                .emit(|seq, at_ms| crate::events::Event::PolicyReloaded {
+                    seq,
+                    at_ms,
+                    policy: policy.clone(),
+                    slot: *slot,
+                });
+        }
+        Response::Error { message } => {
+            r.events
+                .emit(|seq, at_ms| crate::events::Event::PolicyReloadFailed {
+                    seq,
+                    at_ms,
+                    message: message.clone(),
+                });
+        }
+        _ => {}
+    }
+    response
+}
+
+fn reload_policy_inner(r: &mut Running) -> Response {
     if let Err(e) = &r.identity {
         return Response::Error {
             message: format!(

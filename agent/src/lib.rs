@@ -24,6 +24,7 @@ pub mod app;
 pub mod artifacts;
 pub mod audit;
 pub mod config;
+pub mod events;
 pub mod generations;
 pub mod identity;
 pub mod lanes;

@@ -48,10 +48,10 @@ enum Command {
     /// Print the embedded default configuration.
     DefaultConfig,
     /// Print a published JSON Schema: plan, rollback, request or response (the control API),
-    /// lane-request or lane-message (the lane broker's protocol).
+    /// lane-request or lane-message (the lane broker's protocol), or event (`quadrant events`).
     Schema {
         /// Which schema.
-        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message"])]
+        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message", "event"])]
         name: String,
     },
     /// Ask the running agent to admit a workload: SVID check, constraints, audit record.
@@ -92,6 +92,12 @@ enum Command {
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// Follow the agent's events (policy reloads, submits, lanes) as JSON lines.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
     },
     /// List the workloads the agent runs.
     Workloads {
@@ -353,34 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Err(app::exec(&config, q, workload.as_deref(), &command))
                 .with_context(|| format!("cannot run {:?} in {}", command.join(" "), q.name()))
         }
-        Command::Verifier => {
-            app::require_root("verifier")?;
-            let dp = quadrant::loader::Dataplane::load(None)?;
-            let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-            let hooks = quadrant::loader::programs::ALL
-                .iter()
-                .map(|(_, hook)| hook.name())
-                .chain(
-                    quadrant::loader::programs::LANE_ACCEL
-                        .iter()
-                        .map(|(_, kind)| *kind),
-                );
-            println!(
-                "all {} programs loaded on kernel {}",
-                quadrant::loader::programs::ALL.len()
-                    + quadrant::loader::programs::LANE_ACCEL.len(),
-                kernel.trim()
-            );
-            println!(
-                "{:<22} {:<12} {:>22}",
-                "PROGRAM", "HOOK", "VERIFIED INSTRUCTIONS"
-            );
-            for ((name, count), hook) in dp.verified_instructions()?.into_iter().zip(hooks) {
-                let count = count.map_or_else(|| "n/a".to_owned(), |c| c.to_string());
-                println!("{name:<22} {hook:<12} {count:>22}");
-            }
-            Ok(())
-        }
+        Command::Verifier => verifier(),
         Command::Policy { command } => policy(&config, command),
         Command::Dataplane { command } => dataplane(command),
         Command::Admit { review, svid } => {
@@ -416,6 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Schema { name } => print_schema(&name),
         Command::Lanes { output } => lanes(&config, output),
+        Command::Events { count } => events(&config, count),
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
             Ok(())
@@ -862,6 +842,35 @@ fn policy(config: &Config, command: PolicyCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `quadrant verifier`.
+fn verifier() -> anyhow::Result<()> {
+    app::require_root("verifier")?;
+    let dp = quadrant::loader::Dataplane::load(None)?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let hooks = quadrant::loader::programs::ALL
+        .iter()
+        .map(|(_, hook)| hook.name())
+        .chain(
+            quadrant::loader::programs::LANE_ACCEL
+                .iter()
+                .map(|(_, kind)| *kind),
+        );
+    println!(
+        "all {} programs loaded on kernel {}",
+        quadrant::loader::programs::ALL.len() + quadrant::loader::programs::LANE_ACCEL.len(),
+        kernel.trim()
+    );
+    println!(
+        "{:<22} {:<12} {:>22}",
+        "PROGRAM", "HOOK", "VERIFIED INSTRUCTIONS"
+    );
+    for ((name, count), hook) in dp.verified_instructions()?.into_iter().zip(hooks) {
+        let count = count.map_or_else(|| "n/a".to_owned(), |c| c.to_string());
+        println!("{name:<22} {hook:<12} {count:>22}");
+    }
+    Ok(())
+}
+
 /// `quadrant dataplane`.
 fn dataplane(command: DataplaneCommand) -> anyhow::Result<()> {
     let statement = quadrant::loader::object_statement();
@@ -885,6 +894,29 @@ fn dataplane(command: DataplaneCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `quadrant events`.
+fn events(config: &Config, count: Option<usize>) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let socket = config.socket_path();
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+        .with_context(|| format!("no agent answers on {}", socket.display()))?;
+    let mut request = serde_json::to_vec(&api::Request::Events)?;
+    request.push(b'\n');
+    stream.write_all(&request)?;
+    let mut out = std::io::stdout().lock();
+    if count == Some(0) {
+        return Ok(());
+    }
+    for (i, line) in std::io::BufReader::new(stream).lines().enumerate() {
+        writeln!(out, "{}", line?)?;
+        out.flush()?;
+        if count.is_some_and(|c| i + 1 >= c) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// `quadrant lanes`.
 fn lanes(config: &Config, output: Output) -> anyhow::Result<()> {
     let report = app::lanes(config)?;
@@ -903,6 +935,7 @@ fn print_schema(name: &str) -> anyhow::Result<()> {
         "request" => api::request_schema(),
         "lane-request" => quadrant::lanes::control::request_schema(),
         "lane-message" => quadrant::lanes::control::message_schema(),
+        "event" => quadrant::events::schema(),
         _ => api::response_schema(),
     };
     println!("{}", serde_json::to_string_pretty(&schema)?);

@@ -589,3 +589,54 @@ fn tcp_lanes_run_over_the_sk_msg_redirect_when_acceleration_is_on() {
     assert!(accel.sockets >= 4, "{accel:?}");
     assert!(accel.redirected >= 240, "{accel:?}");
 }
+
+#[test]
+fn the_event_stream_reports_lanes_and_reloads_in_its_schema() {
+    use std::io::BufRead as _;
+    let mut inst = Instance::up(test_config(29, None), QPROBE);
+    let _server = start_echo(&mut inst, Quadrant::Dg, false);
+    let mut follower = std::process::Command::new(&inst.bin)
+        .arg("--config")
+        .arg(&inst.config_path)
+        .args(["events", "--count", "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("quadrant events");
+    std::thread::sleep(Duration::from_millis(300));
+    summary(&call(
+        &inst,
+        Quadrant::Dx,
+        "client",
+        Quadrant::Dg,
+        &["--transport", "uds"],
+    ));
+    refusal(&call(&inst, Quadrant::Px, "api", Quadrant::Dg, &[]));
+    assert!(inst.quadrant(&["policy", "reload"]).status.success());
+    let lines: Vec<String> = std::io::BufReader::new(follower.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    assert!(follower.wait().expect("wait").success());
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    for e in &events {
+        let errors = quadrant::events::schema_errors(e);
+        assert!(errors.is_empty(), "{e}: {errors:?}");
+    }
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["lane_opened", "lane_refused", "policy_reloaded"],
+        "{lines:?}"
+    );
+    assert_eq!(events[0]["service"], "dg/echo");
+    assert_eq!(events[0]["transport"], "uds");
+    assert_eq!(events[1]["quadrant"], "px");
+    assert_eq!(events[1]["reason"], "policy");
+    assert!(events[0]["seq"].as_u64() < events[2]["seq"].as_u64());
+}

@@ -219,6 +219,7 @@ pub struct Broker {
     rules: Mutex<(Rules, String)>,
     declared: Mutex<BTreeMap<(Quadrant, String), Vec<DeclaredLane>>>,
     state: Mutex<State>,
+    events: Arc<crate::events::EventBus>,
     next_lane: AtomicU64,
     next_conn: AtomicU64,
 }
@@ -274,6 +275,7 @@ impl Broker {
         identity: Option<Arc<IdentityService>>,
         rules: Result<Vec<LaneRule>, String>,
         origin: &str,
+        events: Arc<crate::events::EventBus>,
     ) -> Self {
         Self {
             config: config.clone(),
@@ -281,6 +283,7 @@ impl Broker {
             rules: Mutex::new((rules.map(Arc::new), origin.to_owned())),
             declared: Mutex::new(BTreeMap::new()),
             state: Mutex::new(State::default()),
+            events,
             next_lane: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
         }
@@ -495,6 +498,14 @@ impl Broker {
                     });
                     if let Err(r) = result {
                         self.count_refusal(caller.quadrant.name(), r.reason);
+                        self.events
+                            .emit(|seq, at_ms| crate::events::Event::LaneRefused {
+                                seq,
+                                at_ms,
+                                quadrant: caller.quadrant.name().to_owned(),
+                                reason: r.reason.to_owned(),
+                                message: r.message.clone(),
+                            });
                         let _ = conn.send(
                             &LaneMessage::Error {
                                 message: r.message,
@@ -822,7 +833,17 @@ impl Broker {
         ) {
             warn!(lane = lane_id, error = %e, "cannot hand the lane to its opener");
             self.close(conn.id, lane_id);
+            return Ok(());
         }
+        self.events
+            .emit(|seq, at_ms| crate::events::Event::LaneOpened {
+                seq,
+                at_ms,
+                lane: lane_id,
+                transport,
+                client: from_id.to_owned(),
+                service: format!("{}/{service}", to_q.name()),
+            });
         Ok(())
     }
 

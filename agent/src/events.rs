@@ -1,0 +1,224 @@
+//! The agent's event stream: what changed, as it happens (`quadrant events`). Every event is
+//! validated against its published schema (`manifests/schemas/event.schema.json`, per kind)
+//! before it is sent; subscribers that fall behind lose the oldest events and are told how many.
+
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicU64, Ordering},
+};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tracing::error;
+
+use crate::{lanes::Transport, plans::TaggedValidator};
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// A new policy is live.
+    PolicyReloaded {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// The policy state line (as in status).
+        policy: String,
+        /// The live policy slot.
+        slot: u32,
+    },
+    /// A reload was refused; the previous policy stays live.
+    PolicyReloadFailed {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// Why.
+        message: String,
+    },
+    /// A workload was admitted and started from a signed plan.
+    WorkloadStarted {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// `<quadrant>/<workload>`.
+        name: String,
+        /// The plan generation.
+        generation: u64,
+        /// Its SPIFFE ID.
+        spiffe_id: String,
+    },
+    /// A submitted plan was refused.
+    SubmitRefused {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// Why.
+        message: String,
+    },
+    /// A lane was opened.
+    LaneOpened {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// Lane id.
+        lane: u64,
+        /// Transport.
+        transport: Transport,
+        /// The opener's SPIFFE ID.
+        client: String,
+        /// `<quadrant>/<service>`.
+        service: String,
+    },
+    /// A lane open was refused.
+    LaneRefused {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// The opener's quadrant (`none` if unattested).
+        quadrant: String,
+        /// The refusal reason (as counted in `quadrant lanes`).
+        reason: String,
+        /// The message the opener got.
+        message: String,
+    },
+    /// A subscriber fell behind and missed events.
+    Lagged {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// How many it missed.
+        missed: u64,
+    },
+}
+
+/// The published schema of events.
+#[must_use]
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Event)).unwrap_or_default()
+}
+
+/// Every way `value` breaks the event schema of its kind.
+#[must_use]
+pub fn schema_errors(value: &serde_json::Value) -> Vec<String> {
+    static VALIDATOR: OnceLock<Result<TaggedValidator, String>> = OnceLock::new();
+    match VALIDATOR.get_or_init(|| TaggedValidator::new(&schema(), "event")) {
+        Ok(v) => v.errors(value),
+        Err(e) => vec![format!("event schema: {e}")],
+    }
+}
+
+fn now_ms() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Publishes events to every subscriber.
+#[derive(Debug)]
+pub struct EventBus {
+    tx: broadcast::Sender<String>,
+    seq: AtomicU64,
+}
+
+/// Events a subscriber may fall behind by before it loses the oldest.
+const BACKLOG: usize = 1024;
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::channel(BACKLOG).0,
+            seq: AtomicU64::new(1),
+        }
+    }
+}
+
+impl EventBus {
+    /// Publishes the event `make` builds from its sequence number and time, after checking it
+    /// against the schema (an event that does not validate is logged, not sent).
+    pub fn emit(&self, make: impl FnOnce(u64, u64) -> Event) {
+        let event = make(self.seq.fetch_add(1, Ordering::Relaxed), now_ms());
+        let value = match serde_json::to_value(&event) {
+            Ok(v) => v,
+            Err(e) => {
+                error!(error = %e, "event not serializable");
+                return;
+            }
+        };
+        let errors = schema_errors(&value);
+        if !errors.is_empty() {
+            error!(?errors, "event does not match its schema; not sent");
+            return;
+        }
+        // No subscriber is not an error.
+        let _ = self.tx.send(value.to_string());
+    }
+
+    /// A new subscription (events from now on).
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.tx.subscribe()
+    }
+
+    /// The line telling a subscriber it missed `missed` events.
+    #[must_use]
+    pub fn lagged(&self, missed: u64) -> String {
+        serde_json::to_string(&Event::Lagged {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            at_ms: now_ms(),
+            missed,
+        })
+        .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_checked_against_their_schema() {
+        let ok = serde_json::json!({"event": "lane_refused", "seq": 1, "at_ms": 2,
+            "quadrant": "px", "reason": "policy", "message": "no"});
+        assert!(schema_errors(&ok).is_empty(), "{:?}", schema_errors(&ok));
+        let missing = serde_json::json!({"event": "lane_refused", "seq": 1, "at_ms": 2});
+        assert!(
+            schema_errors(&missing)
+                .iter()
+                .any(|e| e.contains("quadrant"))
+        );
+        let unknown = serde_json::json!({"event": "exploded", "seq": 1, "at_ms": 2});
+        assert!(schema_errors(&unknown).iter().any(|e| e.contains("/event")));
+        let bus = EventBus::default();
+        let mut rx = bus.subscribe();
+        bus.emit(|seq, at_ms| Event::PolicyReloadFailed {
+            seq,
+            at_ms,
+            message: "bad".into(),
+        });
+        let line = rx.try_recv().unwrap();
+        assert!(schema_errors(&serde_json::from_str(&line).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn the_published_schema_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/schemas/event.schema.json");
+        let published: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default())
+                .unwrap_or_default();
+        assert_eq!(
+            published,
+            schema(),
+            "manifests/schemas/event.schema.json is stale: regenerate it with `quadrant schema event`"
+        );
+    }
+}
