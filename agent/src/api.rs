@@ -182,6 +182,37 @@ pub enum ClientError {
     },
 }
 
+/// Every published JSON Schema: (name for `quadrant schema NAME`, file in `manifests/schemas`,
+/// the schema generated from the Rust types). A unit test keeps the files current.
+#[must_use]
+pub fn published_schemas() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    vec![
+        ("plan", "plan.schema.json", crate::plans::schema()),
+        (
+            "rollback",
+            "rollback.schema.json",
+            crate::plans::rollback_schema(),
+        ),
+        ("request", "control-request.schema.json", request_schema()),
+        (
+            "response",
+            "control-response.schema.json",
+            response_schema(),
+        ),
+        (
+            "lane-request",
+            "lane-request.schema.json",
+            crate::lanes::control::request_schema(),
+        ),
+        (
+            "lane-message",
+            "lane-message.schema.json",
+            crate::lanes::control::message_schema(),
+        ),
+        ("event", "event.schema.json", crate::events::schema()),
+    ]
+}
+
 /// JSON Schema of control requests (published as manifests/schemas/control-request.schema.json).
 #[must_use]
 pub fn request_schema() -> serde_json::Value {
@@ -319,18 +350,23 @@ mod tests {
     }
 
     #[test]
-    fn the_published_schemas_are_current() {
+    fn every_published_schema_is_current() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/schemas");
-        for (file, schema) in [
-            ("control-request.schema.json", request_schema()),
-            ("control-response.schema.json", response_schema()),
-        ] {
-            let published: serde_json::Value =
+        let published = published_schemas();
+        let files = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(
+            files,
+            published.len(),
+            "a schema file in {} is not published by the code",
+            dir.display()
+        );
+        for (name, file, schema) in published {
+            let on_disk: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap_or_default())
                     .unwrap_or_default();
             assert_eq!(
-                published, schema,
-                "manifests/schemas/{file} is stale: regenerate it with `quadrant schema`"
+                on_disk, schema,
+                "manifests/schemas/{file} is stale: regenerate it with `quadrant schema {name} > manifests/schemas/{file}`"
             );
         }
     }

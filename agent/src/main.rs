@@ -929,15 +929,10 @@ fn lanes(config: &Config, output: Output) -> anyhow::Result<()> {
 
 /// `quadrant schema NAME`.
 fn print_schema(name: &str) -> anyhow::Result<()> {
-    let schema = match name {
-        "plan" => quadrant::plans::schema(),
-        "rollback" => quadrant::plans::rollback_schema(),
-        "request" => api::request_schema(),
-        "lane-request" => quadrant::lanes::control::request_schema(),
-        "lane-message" => quadrant::lanes::control::message_schema(),
-        "event" => quadrant::events::schema(),
-        _ => api::response_schema(),
-    };
+    let (_, _, schema) = api::published_schemas()
+        .into_iter()
+        .find(|(n, _, _)| *n == name)
+        .with_context(|| format!("unknown schema {name:?}"))?;
     println!("{}", serde_json::to_string_pretty(&schema)?);
     Ok(())
 }

@@ -502,50 +502,12 @@ impl PolicyBundle {
 
     /// The flows the kernel enforces (quadrant and local layers minus global denies).
     pub fn flows(&self, local: &[PolicyRule]) -> Result<Vec<Flow>, PolicyError> {
-        let mut engine = self.engine(local)?;
-        let v = query(&mut engine, FLOWS_QUERY)?;
-        let mut flows: Vec<Flow> = match v {
-            Value::Array(items) => items
-                .into_iter()
-                .map(|f| {
-                    serde_json::from_value(f.clone())
-                        .map_err(|e| eval_err(FLOWS_QUERY, &format!("{f}: {e}")))
-                })
-                .collect::<Result<_, _>>()?,
-            Value::Null => vec![],
-            other => {
-                return Err(eval_err(
-                    FLOWS_QUERY,
-                    &format!("expected a set of flows, got {other}"),
-                ));
-            }
-        };
-        flows.sort();
-        Ok(flows)
+        sorted_set(&mut self.engine(local)?, FLOWS_QUERY)
     }
 
     /// The lane rules the broker applies (quadrant layers minus global denies).
     pub fn lane_rules(&self) -> Result<Vec<LaneRule>, PolicyError> {
-        let mut engine = self.engine(&[])?;
-        let v = query(&mut engine, LANES_QUERY)?;
-        let mut rules: Vec<LaneRule> = match v {
-            Value::Array(items) => items
-                .into_iter()
-                .map(|f| {
-                    serde_json::from_value(f.clone())
-                        .map_err(|e| eval_err(LANES_QUERY, &format!("{f}: {e}")))
-                })
-                .collect::<Result<_, _>>()?,
-            Value::Null => vec![],
-            other => {
-                return Err(eval_err(
-                    LANES_QUERY,
-                    &format!("expected a set of lane rules, got {other}"),
-                ));
-            }
-        };
-        rules.sort();
-        Ok(rules)
+        sorted_set(&mut self.engine(&[])?, LANES_QUERY)
     }
 
     /// Compiles the runtime authorization into policy-map entries.
@@ -638,6 +600,26 @@ impl PolicyBundle {
         }
         Ok(results)
     }
+}
+
+/// Evaluates `q`, a Rego set of objects, into sorted values of `T` (each element's error names
+/// it).
+fn sorted_set<T: serde::de::DeserializeOwned + Ord>(
+    engine: &mut Engine,
+    q: &str,
+) -> Result<Vec<T>, PolicyError> {
+    let mut out: Vec<T> = match query(engine, q)? {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|f| {
+                serde_json::from_value(f.clone()).map_err(|e| eval_err(q, &format!("{f}: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        Value::Null => vec![],
+        other => return Err(eval_err(q, &format!("expected a set, got {other}"))),
+    };
+    out.sort();
+    Ok(out)
 }
 
 fn eval_err(query: &str, e: &dyn std::fmt::Display) -> PolicyError {

@@ -27,6 +27,22 @@ fn allowed_by_default(src: Quadrant, dst: Quadrant) -> bool {
     src == dst || src.is_production() == dst.is_production()
 }
 
+/// A fresh copy of the repository's policies/ under the test state directory.
+fn copy_of_policies(instance: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR)
+        .join(format!("{instance}-policies"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(&src)
+        .arg(&dir)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "cannot copy {}", src.display());
+    dir
+}
+
 fn start_servers(inst: &mut Instance) -> Vec<(Quadrant, Receiver<String>)> {
     let mut udp = Vec::new();
     for q in Quadrant::ALL {
@@ -554,17 +570,7 @@ fn a_policy_that_cannot_be_evaluated_leaves_the_quadrants_in_deny_all() {
 
 #[test]
 fn a_policy_reload_takes_effect_and_a_broken_one_changes_nothing() {
-    let dir =
-        std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR).join("qt13-policies");
-    let _ = std::fs::remove_dir_all(&dir);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(&dir)
-        .status()
-        .expect("cp");
-    assert!(status.success());
+    let dir = copy_of_policies("qt13");
     let mut config = test_config(13, None);
     config.policy_dir = Some(dir.clone());
     let mut inst = Instance::up(config, QPROBE);
@@ -637,19 +643,7 @@ fn a_policy_reload_takes_effect_and_a_broken_one_changes_nothing() {
 
 #[test]
 fn a_watched_policy_directory_reloads_by_itself() {
-    let dir =
-        std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR).join("qt26-policies");
-    let _ = std::fs::remove_dir_all(&dir);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    assert!(
-        Command::new("cp")
-            .arg("-r")
-            .arg(&src)
-            .arg(&dir)
-            .status()
-            .expect("cp")
-            .success()
-    );
+    let dir = copy_of_policies("qt26");
     let mut config = test_config(26, None);
     config.policy_dir = Some(dir.clone());
     config.watch_policy_dir = true;
@@ -709,19 +703,7 @@ fn a_watched_policy_directory_reloads_by_itself() {
 
 #[test]
 fn policy_bundle_revisions_only_move_forward() {
-    let dir =
-        std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR).join("qt27-policies");
-    let _ = std::fs::remove_dir_all(&dir);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    assert!(
-        Command::new("cp")
-            .arg("-r")
-            .arg(&src)
-            .arg(&dir)
-            .status()
-            .expect("cp")
-            .success()
-    );
+    let dir = copy_of_policies("qt27");
     let manifest = dir.join("manifest.json");
     let revision = |n: u64| {
         std::fs::write(
