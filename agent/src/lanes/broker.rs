@@ -491,11 +491,14 @@ impl Broker {
                     service,
                     transport,
                 } => {
-                    let target = Quadrant::from_name(&quadrant).unwrap_or(Quadrant::Dx);
-                    let declared = self.declared_transport(&caller, target, &service, transport);
-                    let result = declared.and_then(|transport| {
-                        self.open(conn, caller.quadrant, &id, target, &service, transport)
-                    });
+                    // The schema admits only the four names; refused rather than assumed anyway.
+                    let result = Quadrant::from_name(&quadrant)
+                        .ok_or_else(|| refuse("invalid", format!("unknown quadrant {quadrant:?}")))
+                        .and_then(|target| {
+                            let transport =
+                                self.declared_transport(&caller, target, &service, transport)?;
+                            self.open(conn, caller.quadrant, &id, target, &service, transport)
+                        });
                     if let Err(r) = result {
                         self.count_refusal(caller.quadrant.name(), r.reason);
                         self.events
