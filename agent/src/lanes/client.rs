@@ -402,16 +402,15 @@ impl LaneListener {
         }
         let h: Hello =
             serde_json::from_slice(hello).map_err(|e| format!("malformed Hello: {e}"))?;
-        let deadline = Instant::now() + TCP_SETUP_TIMEOUT;
-        // The announcement may still be on its way.
-        while !self.tcp_pending.contains_key(&h.lane) && Instant::now() < deadline {
-            if self
+        // The broker announces a lane to the service before it hands the grant to the opener, so
+        // a genuine lane's announcement is already queued: take what is there, never wait.
+        while !self.tcp_pending.contains_key(&h.lane)
+            && self
                 .control
-                .readable(deadline.saturating_duration_since(Instant::now()))
+                .readable(Duration::ZERO)
                 .map_err(|e| e.to_string())?
-            {
-                self.take_message().map_err(|e| e.to_string())?;
-            }
+        {
+            self.take_message().map_err(|e| e.to_string())?;
         }
         let (grant, _, _) = self
             .tcp_pending
