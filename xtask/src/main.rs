@@ -126,55 +126,29 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `cargo xtask bench NAME`: builds what the benchmark runs, then runs it (release).
+/// `cargo xtask bench NAME`: builds what the benchmark runs (the agent's binaries, and the test
+/// helpers for `datapath`), then runs it (release).
 fn bench(name: &str) -> anyhow::Result<()> {
-    match name {
-        "datapath" => {
-            cargo(&[
-                "build",
-                "--release",
-                "--package",
-                "agent",
-                "--package",
-                "tests",
-                "--bins",
-            ])?;
-            cargo(&[
-                "run",
-                "--release",
-                "--quiet",
-                "--package",
-                "benches",
-                "--bin",
-                "datapath",
-            ])
-        }
-        "policy" => {
-            cargo(&["build", "--release", "--package", "agent", "--bins"])?;
-            cargo(&[
-                "run",
-                "--release",
-                "--quiet",
-                "--package",
-                "benches",
-                "--bin",
-                "policy",
-            ])
-        }
-        "lanes" => {
-            cargo(&["build", "--release", "--package", "agent", "--bins"])?;
-            cargo(&[
-                "run",
-                "--release",
-                "--quiet",
-                "--package",
-                "benches",
-                "--bin",
-                "lanes",
-            ])
-        }
+    let with_test_helpers = match name {
+        "datapath" => true,
+        "policy" | "lanes" => false,
         other => bail!("unknown benchmark {other:?}; available: datapath, policy, lanes"),
+    };
+    let mut build = vec!["build", "--release", "--package", "agent"];
+    if with_test_helpers {
+        build.extend(["--package", "tests"]);
     }
+    build.push("--bins");
+    cargo(&build)?;
+    cargo(&[
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "benches",
+        "--bin",
+        name,
+    ])
 }
 
 /// `cargo xtask test`: setup, formatting, lints, the verifier report and every test tier.

@@ -198,37 +198,39 @@ fn bare_server(kind: &str, at: &str) -> anyhow::Result<()> {
 
 // ---- iceoryx2 request-response ----
 
+/// iceoryx2's errors implement `Debug`; carried as text.
+#[allow(clippy::needless_pass_by_value)] // used as a map_err function
+fn ice_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("iceoryx2: {e:?}")
+}
+
 fn ice_server() -> anyhow::Result<()> {
     use iceoryx2::prelude::*;
     let node = NodeBuilder::new()
         .create::<ipc::Service>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(ice_err)?;
     let service = node
-        .service_builder(
-            &ICEORYX_SERVICE
-                .try_into()
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-        )
+        .service_builder(&ICEORYX_SERVICE.try_into().map_err(ice_err)?)
         .request_response::<[u8], [u8]>()
         .open_or_create()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(ice_err)?;
     let server = service
         .server_builder()
         .initial_max_slice_len(1 << 20)
         .allocation_strategy(AllocationStrategy::PowerOfTwo)
         .create()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(ice_err)?;
     println!("listening");
     std::io::stdout().flush()?;
     loop {
-        match server.receive().map_err(|e| anyhow::anyhow!("{e:?}"))? {
+        match server.receive().map_err(ice_err)? {
             Some(request) => {
                 let payload = request.payload();
                 let response = request
                     .loan_slice_uninit(payload.len())
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                    .map_err(ice_err)?
                     .write_from_slice(payload);
-                response.send().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                response.send().map_err(ice_err)?;
             }
             None => std::hint::spin_loop(),
         }
@@ -239,22 +241,18 @@ fn ice_client(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     use iceoryx2::prelude::*;
     let node = NodeBuilder::new()
         .create::<ipc::Service>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(ice_err)?;
     let service = node
-        .service_builder(
-            &ICEORYX_SERVICE
-                .try_into()
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-        )
+        .service_builder(&ICEORYX_SERVICE.try_into().map_err(ice_err)?)
         .request_response::<[u8], [u8]>()
         .open_or_create()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(ice_err)?;
     let client = service
         .client_builder()
         .initial_max_slice_len(1 << 20)
         .allocation_strategy(AllocationStrategy::PowerOfTwo)
         .create()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(ice_err)?;
     // The server may still be connecting.
     let deadline = Instant::now() + Duration::from_secs(5);
     while service.dynamic_config().number_of_servers() == 0 {
@@ -267,12 +265,12 @@ fn ice_client(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         rows.push(measure("iceoryx2 req-resp", true, size, |msg, reply| {
             let pending = client
                 .loan_slice_uninit(msg.len())
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                .map_err(ice_err)?
                 .write_from_slice(msg)
                 .send()
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                .map_err(ice_err)?;
             loop {
-                if let Some(r) = pending.receive().map_err(|e| anyhow::anyhow!("{e:?}"))? {
+                if let Some(r) = pending.receive().map_err(ice_err)? {
                     reply.clear();
                     reply.extend_from_slice(r.payload());
                     return Ok(());
