@@ -304,7 +304,8 @@ enum Io {
 pub struct Lane {
     grant: LaneGrant,
     side: Side,
-    memory: Mapping,
+    // Keeps the shared page mapped for `region`.
+    _memory: Mapping,
     region: Region,
     io: Io,
     control: Option<Arc<Control>>,
@@ -389,7 +390,7 @@ impl Lane {
         Ok(Self {
             grant,
             side,
-            memory,
+            _memory: memory,
             region,
             io,
             control,
@@ -413,7 +414,7 @@ impl Lane {
         Ok(Self {
             grant,
             side,
-            memory,
+            _memory: memory,
             region,
             io: Io::Tcp(Box::new(framed)),
             control,
@@ -613,12 +614,6 @@ impl Lane {
         self.region
             .stat(side as usize, stat)
             .load(Ordering::Relaxed)
-    }
-
-    #[doc(hidden)]
-    #[must_use]
-    pub fn mapping_len(&self) -> usize {
-        self.memory.len()
     }
 }
 

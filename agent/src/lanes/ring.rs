@@ -105,7 +105,6 @@ pub enum RingError {
 #[derive(Clone, Copy, Debug)]
 pub struct Region {
     base: *mut u8,
-    len: usize,
     cap: usize,
 }
 
@@ -136,7 +135,7 @@ impl Region {
         if base.align_offset(64) != 0 {
             return Err(RingError::Layout("mapping is not 64-byte aligned".into()));
         }
-        Ok(Self { base, len, cap })
+        Ok(Self { base, cap })
     }
 
     /// Writes the magic (the creator does this once; the rest of a fresh mapping is zero).
@@ -154,12 +153,6 @@ impl Region {
                 "magic is {m:#x}, expected {MAGIC:#x}"
             )))
         }
-    }
-
-    /// Ring capacity.
-    #[must_use]
-    pub fn capacity(&self) -> usize {
-        self.cap
     }
 
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
@@ -241,18 +234,6 @@ impl Region {
                 .load(Ordering::Acquire),
             max_message: max_message.min(self.cap / 2 - HEADER_LEN),
         }
-    }
-
-    /// Total length of the mapping.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Never empty (the header page is always there).
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 

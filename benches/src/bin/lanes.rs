@@ -204,7 +204,20 @@ fn ice_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("iceoryx2: {e:?}")
 }
 
-fn ice_server() -> anyhow::Result<()> {
+/// The node and the request-response service of the iceoryx2 baseline.
+type IceEcho = (
+    iceoryx2::node::Node<iceoryx2::service::ipc::Service>,
+    iceoryx2::service::port_factory::request_response::PortFactory<
+        iceoryx2::service::ipc::Service,
+        [u8],
+        (),
+        [u8],
+        (),
+    >,
+);
+
+/// The echo service both ends open (the node must outlive the service's ports).
+fn ice_service() -> anyhow::Result<IceEcho> {
     use iceoryx2::prelude::*;
     let node = NodeBuilder::new()
         .create::<ipc::Service>()
@@ -214,6 +227,12 @@ fn ice_server() -> anyhow::Result<()> {
         .request_response::<[u8], [u8]>()
         .open_or_create()
         .map_err(ice_err)?;
+    Ok((node, service))
+}
+
+fn ice_server() -> anyhow::Result<()> {
+    use iceoryx2::prelude::*;
+    let (_node, service) = ice_service()?;
     let server = service
         .server_builder()
         .initial_max_slice_len(1 << 20)
@@ -239,14 +258,7 @@ fn ice_server() -> anyhow::Result<()> {
 
 fn ice_client(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     use iceoryx2::prelude::*;
-    let node = NodeBuilder::new()
-        .create::<ipc::Service>()
-        .map_err(ice_err)?;
-    let service = node
-        .service_builder(&ICEORYX_SERVICE.try_into().map_err(ice_err)?)
-        .request_response::<[u8], [u8]>()
-        .open_or_create()
-        .map_err(ice_err)?;
+    let (_node, service) = ice_service()?;
     let client = service
         .client_builder()
         .initial_max_slice_len(1 << 20)
