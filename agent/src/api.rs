@@ -23,8 +23,14 @@ pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 pub enum Request {
     /// Report quadrants, programs and counters.
     Status,
-    /// Tear everything down and exit.
-    Down,
+    /// Tear everything down and exit; with `keep_dataplane`, stop the agent (and its supervised
+    /// workloads) but leave the quadrants and the pinned eBPF dataplane enforcing, for the next
+    /// agent to take over (an upgrade).
+    Down {
+        /// Leave the quadrants and the dataplane running.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        keep_dataplane: bool,
+    },
     /// Re-evaluate the policy bundle and make the result live at once; on any error the
     /// current policy stays.
     PolicyReload,
@@ -72,6 +78,15 @@ pub enum Response {
     Down {
         /// What was removed.
         removed: Vec<String>,
+    },
+    /// The agent stopped and left the dataplane enforcing (`down` with `keep_dataplane`).
+    DataplaneKept {
+        /// bpffs directory holding the pins the next agent takes over.
+        pin_dir: PathBuf,
+        /// Map layout of the kept dataplane.
+        map_layout: u32,
+        /// Workloads the agent stopped.
+        stopped_workloads: usize,
     },
     /// The plan was admitted and its workload started.
     Submitted {
@@ -122,6 +137,10 @@ pub struct StatusReport {
     pub socket: PathBuf,
     /// Runtime authorization state: `enforced: …` or `deny-all: <why>`.
     pub policy: String,
+    /// What this agent carried over when it took over a dataplane an earlier agent kept
+    /// running (absent when it loaded a fresh one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<crate::loader::Carried>,
     /// One entry per quadrant.
     pub quadrants: Vec<QuadrantStatus>,
     /// Non-zero verdict counters.
@@ -284,6 +303,20 @@ pub fn render_status(s: &StatusReport) -> String {
         s.pin_dir.display()
     );
     let _ = writeln!(out, "policy {}", s.policy);
+    if let Some(c) = &s.carried {
+        let _ = writeln!(
+            out,
+            "dataplane taken over from map layout {} (now {}): {} tracked flows carried, counters {}",
+            c.from_map_layout,
+            c.to_map_layout,
+            c.flows,
+            if c.counters {
+                "carried"
+            } else {
+                "restarted from zero"
+            }
+        );
+    }
     let _ = writeln!(
         out,
         "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} PROGRAM IDS (hook=id)",

@@ -29,7 +29,7 @@ use crate::{
     generations::Generations,
     identity::{IdentityService, attest, ca, workload_api},
     lanes::broker::Broker,
-    loader::{AttachedProgram, Dataplane, LoaderError},
+    loader::{AttachedProgram, Carried, Dataplane, KeptDataplane, LoaderError},
     plans,
     policy::PolicyBundle,
     quadrants::{self, QuadrantHandle},
@@ -91,6 +91,15 @@ pub enum AppError {
     /// The agent answered with an error.
     #[error("agent: {0}")]
     Agent(String),
+    /// The dataplane an earlier agent kept running could not be taken over; nothing of it was
+    /// changed.
+    #[error(
+        "{cause}\n(the dataplane kept by the previous agent was not changed and keeps enforcing; `quadrant down` removes it)"
+    )]
+    KeptDataplaneStays {
+        /// Why.
+        cause: Box<AppError>,
+    },
     /// Bring-up failed and was rolled back.
     #[error("{cause}\n(rolled back: everything created so far was removed)")]
     RolledBack {
@@ -116,6 +125,13 @@ pub struct State {
     pub mounted_cgroup2: bool,
     /// Process id of the agent.
     pub pid: u32,
+    /// Whether the agent stopped and left the quadrants and the dataplane running for the next
+    /// agent to take over (`quadrant down --keep-dataplane`).
+    #[serde(default)]
+    pub dataplane_kept: bool,
+    /// Map layout of the running dataplane (0: written by an agent that did not record it).
+    #[serde(default)]
+    pub map_layout: u32,
 }
 
 impl State {
@@ -173,11 +189,21 @@ struct Running {
     supervisor: Supervisor,
     lanes: Arc<Broker>,
     events: Arc<crate::events::EventBus>,
+    carried: Option<Carried>,
+}
+
+/// How `up` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Everything was removed.
+    Removed,
+    /// The agent stopped; the quadrants and the dataplane keep running for the next agent.
+    DataplaneKept,
 }
 
 /// Creates everything, then serves the control socket until SIGINT/SIGTERM or a `down` request,
 /// then removes everything. `ready` is called once the quadrants are up.
-pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<(), AppError> {
+pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<Stopped, AppError> {
     require_root("up")?;
     let socket = config.socket_path();
     if api::agent_running(&socket) {
@@ -186,16 +212,35 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<(),
             socket,
         });
     }
-    // Leftovers of a crashed agent of this instance (with the configuration it ran with), then
-    // anything this configuration's names still point at.
+    // A dataplane the previous agent kept running is taken over; leftovers of a crashed agent
+    // of this instance (with the configuration it ran with) are removed, then anything this
+    // configuration's names still point at.
+    let mut kept = None;
     if let Some(stale) = State::read(&config)? {
-        warn!(instance = %config.instance, "removing leftovers of an agent that did not shut down");
-        teardown(&stale.config, stale.mounted_cgroup2)?;
+        if stale.dataplane_kept && same_dataplane(&stale.config, &config) {
+            info!(instance = %config.instance, map_layout = stale.map_layout, "taking over the dataplane the previous agent kept running");
+            let dataplane = KeptDataplane::open(&config, stale.map_layout).map_err(|e| {
+                AppError::KeptDataplaneStays {
+                    cause: Box::new(e.into()),
+                }
+            })?;
+            kept = Some((dataplane, stale.mounted_cgroup2));
+        } else {
+            if stale.dataplane_kept {
+                warn!(instance = %config.instance, "the kept dataplane was built from another configuration: removing it");
+            } else {
+                warn!(instance = %config.instance, "removing leftovers of an agent that did not shut down");
+            }
+            teardown(&stale.config, stale.mounted_cgroup2)?;
+        }
     }
-    teardown(&config, false)?;
+    if kept.is_none() {
+        teardown(&config, false)?;
+    }
 
-    let running = match bring_up(&config) {
+    let running = match bring_up(&config, kept) {
         Ok(r) => r,
+        Err(e @ AppError::KeptDataplaneStays { .. }) => return Err(e),
         Err(cause) => {
             let mounted = State::read(&config)
                 .ok()
@@ -214,13 +259,47 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<(),
     };
     let running = Arc::new(Mutex::new(running));
     let result = serve(Arc::clone(&running), ready).await;
+    if matches!(result, Ok(Stopped::DataplaneKept)) {
+        return result;
+    }
     let guard = running.lock().await;
     let down = teardown(&guard.config, guard.state.mounted_cgroup2);
-    result.and(down.map(|_| ()))
+    result.and(down.map(|_| Stopped::Removed))
+}
+
+/// Whether two configurations name the same quadrants, interfaces, cgroups, pins and XDP mode,
+/// so that an agent started with `b` can take over the dataplane one with `a` kept running.
+fn same_dataplane(a: &Config, b: &Config) -> bool {
+    a.instance == b.instance
+        && a.bpffs_dir() == b.bpffs_dir()
+        && a.cgroup2 == b.cgroup2
+        && a.xdp_mode == b.xdp_mode
+        && Quadrant::ALL.iter().all(|&q| {
+            a.netns(q) == b.netns(q)
+                && a.host_iface(q) == b.host_iface(q)
+                && a.addrs(q) == b.addrs(q)
+                && a.cgroup_dir(q) == b.cgroup_dir(q)
+        })
+}
+
+/// What bring-up prepares before it changes anything: with a kept dataplane, everything up to
+/// here leaves the running quadrants as they are.
+struct Loaded {
+    state: State,
+    generations: Result<Generations, String>,
+    dataplane: Dataplane,
+    identity: Result<Arc<IdentityService>, String>,
+    policy_state: String,
+    /// The kept quadrants (takeover only).
+    adopted: Vec<QuadrantHandle>,
 }
 
 #[allow(clippy::too_many_lines)] // one step after the other, in order
-fn bring_up(config: &Config) -> Result<Running, AppError> {
+fn load(
+    config: &Config,
+    kept: Option<&mut KeptDataplane>,
+    kept_mounted_cgroup2: bool,
+) -> Result<Loaded, AppError> {
     fs::create_dir_all(&config.state_dir)
         .map_err(sys::io_err("cannot create", &config.state_dir))?;
     // Traversable (the Workload API sockets live below it) but not listable; the control socket
@@ -228,11 +307,16 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
     fs::set_permissions(&config.state_dir, fs::Permissions::from_mode(0o711))
         .map_err(sys::io_err("cannot restrict", &config.state_dir))?;
     sys::ensure_bpffs(&config.bpffs)?;
-    let mounted_cgroup2 = sys::ensure_cgroup2(&config.cgroup2)?;
+    let mounted_cgroup2 = sys::ensure_cgroup2(&config.cgroup2)? || kept_mounted_cgroup2;
     let state = State {
         config: config.clone(),
         mounted_cgroup2,
         pid: std::process::id(),
+        // Until the takeover is complete, a later `up` still finds the kept dataplane.
+        dataplane_kept: kept.is_some(),
+        map_layout: kept
+            .as_ref()
+            .map_or(dataplane_common::MAP_LAYOUT_VERSION, |k| k.layout()),
     };
     state.write()?;
     let parent = config.cgroup_parent();
@@ -240,7 +324,19 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
 
     let mut generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
     check_dataplane(config, &mut generations)?;
-    let mut dataplane = Dataplane::load(Some(&config.bpffs_dir()))?;
+    let adopted = if kept.is_some() {
+        Quadrant::ALL
+            .iter()
+            .map(|&q| quadrants::adopt(config, q))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let mut dataplane = if kept.is_some() {
+        Dataplane::load_for_takeover(&config.bpffs_dir())?
+    } else {
+        Dataplane::load(Some(&config.bpffs_dir()))?
+    };
     // MCP-Core decides, the kernel enforces. Without the identity service, or with a policy
     // that cannot be evaluated, the quadrants come up in deny-all (an empty policy map), never
     // open.
@@ -289,11 +385,53 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
     if let Err(e) = record_revision(&mut generations, revision) {
         error!(error = %e, "cannot record the policy bundle revision");
     }
+    if let Some(k) = kept {
+        dataplane.carry_state(k)?;
+    }
+    Ok(Loaded {
+        state,
+        generations,
+        dataplane,
+        identity,
+        policy_state,
+        adopted,
+    })
+}
+
+/// Brings the instance up: loads (see [`load`]), then creates the quadrants and attaches the
+/// programs — or, with a kept dataplane, switches its links to the new programs.
+#[allow(clippy::too_many_lines)] // one step after the other, in order
+fn bring_up(config: &Config, kept: Option<(KeptDataplane, bool)>) -> Result<Running, AppError> {
+    let (mut kept, kept_mounted) = match kept {
+        Some((k, mounted)) => (Some(k), mounted),
+        None => (None, false),
+    };
+    let Loaded {
+        mut state,
+        generations,
+        mut dataplane,
+        identity,
+        policy_state,
+        adopted,
+    } = load(config, kept.as_mut(), kept_mounted).map_err(|e| {
+        if kept.is_some() {
+            AppError::KeptDataplaneStays { cause: Box::new(e) }
+        } else {
+            e
+        }
+    })?;
     let mut handles = Vec::new();
     let mut attached = Vec::new();
-    for q in Quadrant::ALL {
-        let handle = quadrants::create(config, q)?;
-        attached.push(dataplane.attach(config, &handle)?);
+    let switch_started = std::time::Instant::now();
+    for (i, q) in Quadrant::ALL.into_iter().enumerate() {
+        let handle = if let Some(h) = adopted.get(i) {
+            attached.push(dataplane.take_over(config, h)?);
+            h.clone()
+        } else {
+            let h = quadrants::create(config, q)?;
+            attached.push(dataplane.attach(config, &h)?);
+            h
+        };
         info!(
             quadrant = q.name(),
             ifindex = handle.host_ifindex,
@@ -302,6 +440,24 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         );
         handles.push(handle);
     }
+    let carried = match kept.take() {
+        Some(k) => {
+            let carried = dataplane.finish_takeover(k)?;
+            info!(
+                from_map_layout = carried.from_map_layout,
+                to_map_layout = carried.to_map_layout,
+                flows = carried.flows,
+                counters = carried.counters,
+                switch_us = switch_started.elapsed().as_micros(),
+                "took over the kept dataplane"
+            );
+            state.dataplane_kept = false;
+            state.map_layout = dataplane_common::MAP_LAYOUT_VERSION;
+            state.write()?;
+            Some(carried)
+        }
+        None => None,
+    };
     if config.lanes.tcp_acceleration == crate::config::TcpAcceleration::SkMsg {
         let cgroups: Vec<PathBuf> = Quadrant::ALL
             .iter()
@@ -354,6 +510,7 @@ fn bring_up(config: &Config) -> Result<Running, AppError> {
         supervisor: Supervisor::default(),
         lanes,
         events,
+        carried,
     })
 }
 
@@ -439,6 +596,7 @@ fn status_of(r: &Running) -> Result<StatusReport, AppError> {
         pin_dir: r.config.bpffs_dir(),
         socket: r.config.socket_path(),
         policy: r.policy_state.clone(),
+        carried: r.carried.clone(),
         quadrants,
         counters: r.dataplane.counters()?,
     })
@@ -473,7 +631,7 @@ fn start_identity_services(
 async fn serve(
     running: Arc<Mutex<Running>>,
     ready: impl FnOnce(&StatusReport),
-) -> Result<(), AppError> {
+) -> Result<Stopped, AppError> {
     let socket = running.lock().await.config.socket_path();
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(sys::io_err("cannot listen on", &socket))?;
@@ -490,7 +648,7 @@ async fn serve(
     };
     ready(&status_of(&*running.lock().await)?);
 
-    let (down_tx, mut down_rx) = mpsc::channel::<UnixStream>(1);
+    let (down_tx, mut down_rx) = mpsc::channel::<(UnixStream, bool)>(1);
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(sys::io_err("cannot handle SIGINT on", &socket))?;
     let mut sighup =
@@ -518,7 +676,7 @@ async fn serve(
                     warn!(%message, "policy reload failed");
                 }
             }
-            Some(requester) = down_rx.recv() => { info!("down requested"); pending_down = Some(requester); break; }
+            Some(requester) = down_rx.recv() => { info!(keep_dataplane = requester.1, "down requested"); pending_down = Some(requester); break; }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let running = Arc::clone(&running);
@@ -536,8 +694,43 @@ async fn serve(
     drop(listener);
     lane_broker.stop();
     let _ = stop_tx.send(true);
+    let stopped_workloads = running.lock().await.supervisor.list().len();
     running.lock().await.supervisor.stop_all().await;
-    if let Some(mut requester) = pending_down {
+    finish_down(&running, pending_down, &socket, stopped_workloads).await
+}
+
+/// After the services stopped: answers a `down` request — removing everything, or keeping the
+/// dataplane for the next agent.
+async fn finish_down(
+    running: &Mutex<Running>,
+    pending_down: Option<(UnixStream, bool)>,
+    socket: &Path,
+    stopped_workloads: usize,
+) -> Result<Stopped, AppError> {
+    if let Some((mut requester, true)) = pending_down {
+        // The quadrants, pins and links stay; the state file tells the next `up` to take them
+        // over.
+        let mut guard = running.lock().await;
+        guard.state.dataplane_kept = true;
+        let result = guard.state.write();
+        let _ = fs::remove_file(socket);
+        let response = match &result {
+            Ok(()) => Response::DataplaneKept {
+                pin_dir: guard.config.bpffs_dir(),
+                map_layout: guard.state.map_layout,
+                stopped_workloads,
+            },
+            Err(e) => Response::Error {
+                message: format!("cannot record the kept dataplane: {e}"),
+            },
+        };
+        drop(guard);
+        if let Err(e) = write_response(&mut requester, &response).await {
+            warn!(error = %e, "cannot answer the down request");
+        }
+        return result.map(|()| Stopped::DataplaneKept);
+    }
+    if let Some((mut requester, _)) = pending_down {
         // The requester gets its answer once everything is removed.
         let guard = running.lock().await;
         let result = teardown(&guard.config, guard.state.mounted_cgroup2);
@@ -553,16 +746,16 @@ async fn serve(
         if let Err(e) = write_response(&mut requester, &response).await {
             warn!(error = %e, "cannot answer the down request");
         }
-        result.map(|_| ())
+        result.map(|_| Stopped::Removed)
     } else {
-        Ok(())
+        Ok(Stopped::Removed)
     }
 }
 
 async fn handle(
     mut stream: UnixStream,
     running: Arc<Mutex<Running>>,
-    down_tx: mpsc::Sender<UnixStream>,
+    down_tx: mpsc::Sender<(UnixStream, bool)>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let mut line = String::new();
@@ -642,11 +835,12 @@ async fn handle(
                 };
                 Response::Admission(decision)
             }
-            Ok(Request::Down) => {
-                // The main loop tears down and answers on this connection.
-                return match down_tx.send(stream).await {
+            Ok(Request::Down { keep_dataplane }) => {
+                // The main loop tears down (or keeps the dataplane) and answers on this
+                // connection.
+                return match down_tx.send((stream, keep_dataplane)).await {
                     Ok(()) => Ok(()),
-                    Err(mpsc::error::SendError(mut stream)) => {
+                    Err(mpsc::error::SendError((mut stream, _))) => {
                         let msg = "the agent is already shutting down".to_owned();
                         write_response(&mut stream, &Response::Error { message: msg }).await
                     }
@@ -1160,7 +1354,10 @@ pub fn down(config: &Config) -> Result<Vec<String>, AppError> {
     require_root("down")?;
     let socket = config.socket_path();
     if api::agent_running(&socket) {
-        return match api::call(&socket, &Request::Down)? {
+        let request = Request::Down {
+            keep_dataplane: false,
+        };
+        return match api::call(&socket, &request)? {
             Response::Down { removed } => Ok(removed),
             Response::Error { message } => Err(AppError::Agent(message)),
             _ => Err(AppError::Agent("unexpected answer to down".into())),
@@ -1169,6 +1366,39 @@ pub fn down(config: &Config) -> Result<Vec<String>, AppError> {
     match State::read(config)? {
         Some(stale) => teardown(&stale.config, stale.mounted_cgroup2),
         None => teardown(config, false),
+    }
+}
+
+/// `quadrant down --keep-dataplane`: stops the running agent (and its workloads) and leaves the
+/// quadrants and the eBPF dataplane enforcing until the next `quadrant up` takes them over.
+/// Returns the pin directory, the kept map layout and how many workloads were stopped.
+pub fn down_keep_dataplane(config: &Config) -> Result<(PathBuf, u32, usize), AppError> {
+    require_root("down")?;
+    let socket = config.socket_path();
+    if !api::agent_running(&socket) {
+        return Err(match State::read(config)? {
+            Some(s) if s.dataplane_kept => AppError::Agent(format!(
+                "no agent is running for instance {}; its dataplane is already kept (in {})",
+                config.instance,
+                config.bpffs_dir().display()
+            )),
+            _ => AppError::NotUp {
+                instance: config.instance.clone(),
+                path: config.state_path(),
+            },
+        });
+    }
+    let request = Request::Down {
+        keep_dataplane: true,
+    };
+    match api::call(&socket, &request)? {
+        Response::DataplaneKept {
+            pin_dir,
+            map_layout,
+            stopped_workloads,
+        } => Ok((pin_dir, map_layout, stopped_workloads)),
+        Response::Error { message } => Err(AppError::Agent(message)),
+        _ => Err(AppError::Agent("unexpected answer to down".into())),
     }
 }
 

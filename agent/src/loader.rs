@@ -33,6 +33,10 @@ use crate::{
     quadrants::QuadrantHandle,
 };
 
+mod takeover;
+
+pub use takeover::{Carried, KeptDataplane};
+
 /// The dataplane object built by `build.rs` from `dataplane-ebpf`.
 pub static DATAPLANE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
@@ -136,6 +140,9 @@ pub enum LoaderError {
         /// Cause.
         reason: String,
     },
+    /// The dataplane an earlier agent kept running cannot be taken over; it stays as it was.
+    #[error("cannot take over the kept dataplane: {0}")]
+    Takeover(String),
     /// A file-system step failed.
     #[error("{what} {path}: {source}")]
     Io {

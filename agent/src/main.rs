@@ -25,7 +25,13 @@ enum Command {
     /// Ctrl-C or `quadrant down`.
     Up,
     /// Remove everything `up` created (asks the running agent, or cleans up after a crash).
-    Down,
+    Down {
+        /// Stop only the agent (and its supervised workloads): the quadrants and the eBPF
+        /// dataplane keep enforcing, tracked flows included, and the next `quadrant up` (a newer
+        /// agent, say) takes them over without a gap.
+        #[arg(long)]
+        keep_dataplane: bool,
+    },
     /// Show quadrants, attached programs and verdict counters.
     Status {
         /// Output format.
@@ -330,7 +336,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = app::load_config(cli.config.as_deref())?;
     match cli.command {
         Command::Up => up(config),
-        Command::Down => {
+        Command::Down {
+            keep_dataplane: true,
+        } => {
+            let (pins, layout, stopped) = app::down_keep_dataplane(&config)?;
+            println!(
+                "agent stopped ({stopped} supervised workloads stopped); the quadrants and the dataplane (map layout {layout}, pins in {}) keep enforcing until the next `quadrant up` takes them over",
+                pins.display()
+            );
+            Ok(())
+        }
+        Command::Down {
+            keep_dataplane: false,
+        } => {
             let removed = app::down(&config)?;
             if removed.is_empty() {
                 println!("nothing to remove for instance {}", config.instance);
@@ -943,14 +961,18 @@ fn up(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(app::up(config, |status| {
+    match runtime.block_on(app::up(config, |status| {
         print!("{}", api::render_status(status));
         println!(
             "\nquadrant up: {} quadrants ready; control socket {}. Ctrl-C or `quadrant down` stops and removes them.",
             status.quadrants.len(),
             status.socket.display()
         );
-    }))?;
-    println!("quadrant down: everything removed");
+    }))? {
+        app::Stopped::Removed => println!("quadrant down: everything removed"),
+        app::Stopped::DataplaneKept => {
+            println!("quadrant down: the agent stopped; the dataplane keeps enforcing");
+        }
+    }
     Ok(())
 }

@@ -72,6 +72,33 @@ pub fn create(config: &Config, q: Quadrant) -> Result<QuadrantHandle, SysError> 
     })
 }
 
+/// Finds quadrant `q` as an earlier agent created it (a takeover after `quadrant down
+/// --keep-dataplane`): namespace, host-side veth and cgroup must all exist; nothing is changed.
+pub fn adopt(config: &Config, q: Quadrant) -> Result<QuadrantHandle, SysError> {
+    let ns = config.netns(q);
+    let host = config.host_iface(q);
+    let cg = config.cgroup_dir(q);
+    let missing = |what: String| SysError::Io {
+        what: "cannot take over quadrant: missing",
+        path: what.into(),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    };
+    if !sys::netns_exists(&ns) {
+        return Err(missing(format!("network namespace {ns}")));
+    }
+    if !sys::link_exists(&host) {
+        return Err(missing(format!("interface {host}")));
+    }
+    if !cg.is_dir() {
+        return Err(missing(format!("cgroup {}", cg.display())));
+    }
+    Ok(QuadrantHandle {
+        quadrant: q,
+        host_ifindex: sys::ifindex(&host)?,
+        cgroup_id: sys::cgroup_id(&cg)?,
+    })
+}
+
 /// Removes quadrant `q`'s namespace, veth and cgroup (killing what runs in the cgroup). Missing
 /// pieces are skipped.
 pub fn remove(config: &Config, q: Quadrant) -> Result<(), SysError> {

@@ -18,6 +18,16 @@ pub const PROGRAM_SET_VERSION: u32 = 2;
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`.
 pub const MAP_LAYOUT_VERSION: u32 = 2;
 
+/// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
+/// an agent taking over a running dataplane of this layout or newer carries every tracked flow
+/// over as it is. A layout that changes those types raises this and teaches the takeover the
+/// conversion; until then an older layout is refused rather than dropping flows.
+pub const CONNTRACK_LAYOUT_SINCE: u32 = 1;
+
+/// The oldest map layout whose `STATS` indices mean what [`reason::stats_index`] computes today;
+/// the counters of an older dataplane are not carried over (they restart from zero).
+pub const STATS_LAYOUT_SINCE: u32 = 2;
+
 pub mod identity;
 pub mod maps;
 pub mod policy;

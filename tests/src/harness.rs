@@ -100,6 +100,17 @@ impl Instance {
         };
         // Leftovers of an earlier aborted run of the same instance.
         let _ = inst.quadrant(&["down"]);
+        inst.start_agent();
+        inst
+    }
+
+    /// Starts `quadrant up` on this instance's configuration (without cleaning up first, so it
+    /// takes over a kept dataplane) and waits until the control socket answers.
+    ///
+    /// # Panics
+    /// If the agent exits or does not answer within the timeout.
+    pub fn start_agent(&mut self) {
+        let inst = self;
         let mut child = Command::new(&inst.bin)
             .arg("--config")
             .arg(&inst.config_path)
@@ -139,7 +150,20 @@ impl Instance {
             thread::sleep(Duration::from_millis(50));
         }
         inst.agent = Some(child);
-        inst
+    }
+
+    /// `quadrant down --keep-dataplane`, then waits for the agent to exit; returns the command's
+    /// output. Background processes keep running.
+    ///
+    /// # Panics
+    /// If the agent does not exit.
+    pub fn stop_keeping_dataplane(&mut self) -> Output {
+        let out = self.quadrant(&["down", "--keep-dataplane"]);
+        if let Some(mut agent) = self.agent.take() {
+            let status = agent.wait().expect("agent exits");
+            assert!(status.success(), "agent exited with {status}");
+        }
+        out
     }
 
     /// What the agent logged so far (stderr).

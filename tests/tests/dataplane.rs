@@ -1,12 +1,16 @@
 //! The agent's own eBPF object: a configured signature is checked before anything is loaded,
-//! and the program set and map layout versions only move forward on a host. Needs root.
+//! the program set and map layout versions only move forward on a host, and a new agent takes
+//! over the dataplane an old one kept running with its tracked flows. Needs root.
 
 use std::{
     fs,
+    net::UdpSocket,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use dataplane_common::Quadrant;
 
 use quadrant::{
     config::Config,
@@ -179,4 +183,140 @@ fn the_dataplane_runs_only_signed_and_never_older() {
     refused += 1;
     println!("dataplane refusals: {refused} of {refused}");
     let _ = fs::remove_file(&generations);
+}
+
+/// Receives `count` `tick N` datagrams from a `qprobe udp-push` flow, each the one after `last`
+/// (none lost since the previous call); panics naming `phase` if one does not arrive within two
+/// seconds.
+fn ticks(socket: &UdpSocket, last: &mut Option<u64>, count: usize, phase: &str) {
+    let mut buf = [0u8; 64];
+    for _ in 0..count {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{phase}: the pushed flow stopped: {e}"));
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let tick: u64 = text
+            .strip_prefix("tick ")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{phase}: unexpected datagram {text:?}"));
+        if let Some(prev) = *last {
+            assert_eq!(tick, prev + 1, "{phase}: ticks lost");
+        }
+        *last = Some(tick);
+    }
+}
+
+fn program_ids(inst: &Instance) -> Vec<u32> {
+    inst.status()
+        .quadrants
+        .iter()
+        .flat_map(|q| q.programs.iter().map(|p| p.program_id))
+        .collect()
+}
+
+#[test]
+fn a_kept_dataplane_is_taken_over_with_its_flows() {
+    let mut inst = Instance::up(test_config(30, None), QPROBE);
+    let dg = inst.addr(Quadrant::Dg);
+    let px = inst.addr(Quadrant::Px);
+    let _push = inst.serve(Quadrant::Dg, &["udp-push", "0.0.0.0:7100"]);
+    let _echo = inst.serve(Quadrant::Px, &["tcp-echo", "0.0.0.0:7101"]);
+    // host → DG is allowed, DG → host only for ICMP: every tick DG pushes passes only as a reply
+    // of the flow the host opened with one datagram, through CONNTRACK (the host never sends
+    // again, so nothing but the carried entry lets the ticks through after a takeover).
+    let host = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    host.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    host.send_to(b"start", format!("{dg}:7100")).expect("send");
+    let mut last = None;
+    ticks(&host, &mut last, 3, "before");
+    let old_ids = program_ids(&inst);
+    let blocked =
+        |inst: &Instance| inst.probe(Quadrant::Dx, &["tcp-connect", &format!("{px}:7101"), "500"]);
+    assert_eq!(blocked(&inst), (false, "err EPERM".into()));
+
+    // The agent stops; the dataplane goes on enforcing without it.
+    let out = inst.stop_keeping_dataplane();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("keep enforcing"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ticks(&host, &mut last, 5, "without an agent");
+    assert_eq!(blocked(&inst), (false, "err EPERM".into()));
+
+    // A new agent takes it over: the flow goes on, the links run the new programs.
+    inst.start_agent();
+    let status = inst.status();
+    let carried = status.carried.expect("the agent took the dataplane over");
+    assert!(carried.flows >= 1, "{carried:?}");
+    assert_eq!(
+        carried.from_map_layout,
+        dataplane_common::MAP_LAYOUT_VERSION
+    );
+    assert!(carried.counters, "{carried:?}");
+    ticks(&host, &mut last, 10, "after the takeover");
+    if let Some(line) = inst.agent_log().lines().find(|l| l.contains("took over")) {
+        println!("{line}");
+    }
+    let new_ids = program_ids(&inst);
+    assert_eq!(new_ids.len(), old_ids.len());
+    assert!(
+        new_ids.iter().all(|id| !old_ids.contains(id)),
+        "old {old_ids:?}, new {new_ids:?}"
+    );
+    assert!(
+        inst.counter("connect4", Quadrant::Dx, "deny_policy") >= 2,
+        "counters carried over: {:?}",
+        inst.status().counters
+    );
+    assert_eq!(blocked(&inst), (false, "err EPERM".into()));
+    let _echo_dg = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7102"]);
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{dg}:7102"), "2000"]
+        ),
+        (true, "ok hello".into())
+    );
+
+    // Kept again, but its CONNTRACK is not one this agent can read: the takeover is refused
+    // and the kept dataplane stays exactly as it was.
+    assert!(inst.stop_keeping_dataplane().status.success());
+    let pin = inst.config.bpffs_dir().join("maps").join("CONNTRACK");
+    fs::remove_file(&pin).expect("unpin CONNTRACK");
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "16",
+            "value",
+            "8",
+            "entries",
+            "64",
+            "name",
+            "CONNTRACK",
+        ])
+        .output()
+        .expect("run bpftool");
+    assert!(made.status.success(), "{made:?}");
+    let err = up_refused(&inst.config, &inst.config_path);
+    assert!(
+        err.contains("CONNTRACK")
+            && err.contains("knows no conversion")
+            && err.contains("was not changed and keeps enforcing"),
+        "{err}"
+    );
+    ticks(&host, &mut last, 5, "after the refused takeover");
+    assert_eq!(blocked(&inst), (false, "err EPERM".into()));
+    assert!(inst.down().status.success());
+    assert!(!inst.config.bpffs_dir().exists());
 }

@@ -22,6 +22,7 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe icmp-echo ADDR [TIMEOUT_MS]
        qprobe tcp-echo ADDR:PORT
        qprobe udp-echo ADDR:PORT
+       qprobe udp-push ADDR:PORT
        qprobe raw-udp SRC DST:PORT PAYLOAD
        qprobe raw-icmp SRC DST
        qprobe svid [ENDPOINT]
@@ -78,6 +79,7 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
             Ok(report(icmp_echo(dst, timeout(args, 2)?)))
         }
         "tcp-echo" => tcp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
+        "udp-push" => udp_push(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
         "udp-echo" => udp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
         "raw-udp" => {
             let src: Ipv4Addr = arg(args, 1, "SRC")?.parse()?;
@@ -196,6 +198,33 @@ fn tcp_echo(addr: SocketAddr) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Answers the first datagram of each peer with `tick N` every 100 ms until a send fails: after
+/// its first datagram the peer never sends again, so the ticks pass a one-way policy only as
+/// replies of the flow the peer opened, through CONNTRACK.
+fn udp_push(addr: SocketAddr) -> anyhow::Result<()> {
+    let s = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let mut buf = [0u8; 512];
+    let mut peers = std::collections::BTreeSet::new();
+    loop {
+        let (_, peer) = s.recv_from(&mut buf)?;
+        if !peers.insert(peer) {
+            continue;
+        }
+        let s = s.try_clone()?;
+        thread::spawn(move || {
+            for n in 0_u64.. {
+                if let Err(e) = s.send_to(format!("tick {n}").as_bytes(), peer) {
+                    eprintln!("qprobe udp-push: tick {n} to {peer}: {e}");
+                    break;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
 }
 
 fn udp_echo(addr: SocketAddr) -> anyhow::Result<()> {

@@ -1,0 +1,369 @@
+//! Taking over a dataplane that an earlier agent left running (`quadrant down --keep-dataplane`,
+//! as an upgrade does), so that neither the quadrants' isolation nor their tracked flows are
+//! interrupted.
+//!
+//! Order: open and check the kept maps and links (nothing changes yet) → copy the tracked flows
+//! and counters into the new object's maps, which no program reads yet → per quadrant, switch
+//! each pinned link to the new program (XDP and tcx links atomically with `BPF_LINK_UPDATE`;
+//! cgroup links by attaching the new program before the old link is unpinned, so for a moment
+//! both run and both must allow) → copy what the old programs tracked in the meantime → pin
+//! the new maps and programs in place of the old ones.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuValues};
+use aya::programs::{
+    ProgramError, SchedClassifier, Xdp,
+    links::{FdLink, PinnedLink},
+    tc::SchedClassifierLink,
+    xdp::XdpLink,
+};
+use dataplane_common::{
+    CONNTRACK_LAYOUT_SINCE, Hook, MAP_LAYOUT_VERSION, Quadrant, STATS_LAYOUT_SINCE,
+    maps::{self, CtKey, CtValue},
+    reason::STATS_ENTRIES,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{AttachedProgram, Dataplane, LoaderError, map_err, programs};
+use crate::{
+    config::{Config, XdpAttachMode},
+    quadrants::QuadrantHandle,
+};
+
+/// `BPF_NOEXIST`: an update that only creates, never overwrites.
+const BPF_NOEXIST: u64 = 1;
+
+/// What a takeover carried over from the dataplane it replaced.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct Carried {
+    /// Map layout of the dataplane taken over.
+    pub from_map_layout: u32,
+    /// Map layout of this agent.
+    pub to_map_layout: u32,
+    /// Tracked flows copied into the new `CONNTRACK`.
+    pub flows: u64,
+    /// Whether the counters were carried over (`false`: an older `STATS` layout, they restart
+    /// from zero).
+    pub counters: bool,
+}
+
+/// The maps and links an earlier agent left pinned, opened and checked.
+pub struct KeptDataplane {
+    dir: PathBuf,
+    layout: u32,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    stats: Option<PerCpuArray<MapData, u64>>,
+    /// The counters as first copied, to add only what the old programs counted afterwards.
+    stats_copied: Vec<Vec<u64>>,
+    flows: u64,
+}
+
+impl std::fmt::Debug for KeptDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptDataplane")
+            .field("dir", &self.dir)
+            .field("layout", &self.layout)
+            .field("counters", &self.stats.is_some())
+            .field("flows", &self.flows)
+            .finish_non_exhaustive()
+    }
+}
+
+fn refused(reason: String) -> LoaderError {
+    LoaderError::Takeover(reason)
+}
+
+/// Opens the pinned map `name` of the kept dataplane and checks its type and shape.
+fn open_map(
+    dir: &Path,
+    name: &'static str,
+    want: MapType,
+    key_size: usize,
+    value_size: usize,
+    layout: u32,
+) -> Result<MapData, LoaderError> {
+    let path = dir.join("maps").join(name);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| refused(format!("cannot open the kept map {}: {e}", path.display())))?;
+    let info = data.info().map_err(map_err(name))?;
+    let kind = info.map_type().map_err(map_err(name))?;
+    let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+    if kind != want || k != key_size || v != value_size {
+        return Err(refused(format!(
+            "the kept map {name} (map layout {layout}) is a {kind:?} with {k}-byte keys and \
+             {v}-byte values; this agent (map layout {MAP_LAYOUT_VERSION}) knows no conversion \
+             from it to a {want:?} with {key_size}-byte keys and {value_size}-byte values"
+        )));
+    }
+    Ok(data)
+}
+
+impl KeptDataplane {
+    /// Opens what the agent that ran `config`'s instance with map layout `layout` left pinned
+    /// and checks that this agent can take it over: the layout is known and not newer, the
+    /// stateful maps have the shapes that layout defines, and every link `config` implies is
+    /// pinned. Changes nothing.
+    pub fn open(config: &Config, layout: u32) -> Result<Self, LoaderError> {
+        let dir = config.bpffs_dir();
+        if layout == 0 || layout > MAP_LAYOUT_VERSION {
+            return Err(refused(format!(
+                "the kept dataplane has map layout {layout}; this agent knows layouts 1 to \
+                 {MAP_LAYOUT_VERSION}"
+            )));
+        }
+        if layout < CONNTRACK_LAYOUT_SINCE {
+            return Err(refused(format!(
+                "no conversion of {} entries from map layout {layout}",
+                maps::CONNTRACK
+            )));
+        }
+        for q in Quadrant::ALL {
+            for (_, hook) in programs::ALL {
+                if hook == Hook::Xdp && config.xdp_mode == XdpAttachMode::Off {
+                    continue;
+                }
+                let path = dir.join("links").join(q.name()).join(hook.name());
+                if !path.exists() {
+                    return Err(refused(format!(
+                        "the kept link {} is missing",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        let ct = open_map(
+            &dir,
+            maps::CONNTRACK,
+            MapType::LruHash,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
+            layout,
+        )?;
+        let conntrack = HashMap::try_from(Map::LruHashMap(ct)).map_err(map_err(maps::CONNTRACK))?;
+        let stats = if layout >= STATS_LAYOUT_SINCE {
+            let data = open_map(
+                &dir,
+                maps::STATS,
+                MapType::PerCpuArray,
+                size_of::<u32>(),
+                size_of::<u64>(),
+                layout,
+            )?;
+            let entries = data.info().map_err(map_err(maps::STATS))?.max_entries();
+            if entries != STATS_ENTRIES {
+                return Err(refused(format!(
+                    "the kept map {} has {entries} entries, map layout {layout} defines \
+                     {STATS_ENTRIES}",
+                    maps::STATS
+                )));
+            }
+            Some(PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::STATS))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            dir,
+            layout,
+            conntrack,
+            stats,
+            stats_copied: Vec::new(),
+            flows: 0,
+        })
+    }
+
+    /// The map layout of the kept dataplane.
+    #[must_use]
+    pub const fn layout(&self) -> u32 {
+        self.layout
+    }
+}
+
+/// Copies every tracked flow of `old` that `new` does not hold yet; returns how many.
+fn copy_flows(
+    old: &HashMap<MapData, CtKey, CtValue>,
+    new: &mut HashMap<&mut MapData, CtKey, CtValue>,
+) -> Result<u64, LoaderError> {
+    let mut copied = 0;
+    // An entry evicted while the keys are walked is skipped: the old programs dropped it.
+    for key in old.keys().filter_map(Result::ok) {
+        let Ok(value) = old.get(&key, 0) else {
+            continue;
+        };
+        match new.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => copied += 1,
+            Err(MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(nix::errno::Errno::EEXIST as i32) => {}
+            Err(e) => return Err(map_err(maps::CONNTRACK)(e)),
+        }
+    }
+    Ok(copied)
+}
+
+fn conntrack_of(dp: &mut Dataplane) -> Result<HashMap<&mut MapData, CtKey, CtValue>, LoaderError> {
+    HashMap::try_from(dp.map_mut(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))
+}
+
+fn stats_of(dp: &mut Dataplane) -> Result<PerCpuArray<&mut MapData, u64>, LoaderError> {
+    PerCpuArray::try_from(dp.map_mut(maps::STATS)?).map_err(map_err(maps::STATS))
+}
+
+fn per_cpu(values: Vec<u64>) -> Result<PerCpuValues<u64>, LoaderError> {
+    PerCpuValues::try_from(values).map_err(|e| map_err(maps::STATS)(MapError::from(e)))
+}
+
+impl Dataplane {
+    /// Loads the object for a takeover: nothing is pinned until [`Self::finish_takeover`],
+    /// the kept pins stay where they are.
+    pub fn load_for_takeover(pin_dir: &Path) -> Result<Self, LoaderError> {
+        let mut dp = Self::load(None)?;
+        dp.pin_dir = Some(pin_dir.to_owned());
+        Ok(dp)
+    }
+
+    /// Copies the kept dataplane's tracked flows and counters into this object's maps. Call
+    /// before any program of this object is attached (no program writes the maps yet).
+    pub fn carry_state(&mut self, kept: &mut KeptDataplane) -> Result<(), LoaderError> {
+        kept.flows = copy_flows(&kept.conntrack, &mut conntrack_of(self)?)?;
+        if let Some(old) = &kept.stats {
+            let mut new = stats_of(self)?;
+            for index in 0..STATS_ENTRIES {
+                let values: Vec<u64> = old
+                    .get(&index, 0)
+                    .map_err(map_err(maps::STATS))?
+                    .iter()
+                    .copied()
+                    .collect();
+                new.set(index, per_cpu(values.clone())?, 0)
+                    .map_err(map_err(maps::STATS))?;
+                kept.stats_copied.push(values);
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers quadrant `handle` in this object's maps and switches each of its pinned links
+    /// to this object's programs. The quadrant is enforced throughout: by the old programs
+    /// until a link is switched, by the new ones after.
+    pub fn take_over(
+        &mut self,
+        config: &Config,
+        handle: &QuadrantHandle,
+    ) -> Result<Vec<AttachedProgram>, LoaderError> {
+        let q = handle.quadrant;
+        self.register_iface(handle.host_ifindex, q)?;
+        self.register_cgroup(handle.cgroup_id, q)?;
+        let iface = config.host_iface(q);
+        let cgroup_dir = config.cgroup_dir(q);
+        let dir = self
+            .pin_dir
+            .as_ref()
+            .ok_or_else(|| refused("no pin directory".into()))?
+            .join("links")
+            .join(q.name());
+        let mut out = Vec::new();
+        for (name, hook) in programs::ALL {
+            if hook == Hook::Xdp && config.xdp_mode == XdpAttachMode::Off {
+                continue;
+            }
+            let cgroup = programs::CGROUP.contains(&name);
+            let target = if cgroup {
+                cgroup_dir.display().to_string()
+            } else {
+                iface.clone()
+            };
+            let path = dir.join(hook.name());
+            let op = |source: ProgramError| LoaderError::ProgramOp {
+                action: "cannot switch",
+                program: name,
+                target: format!(" on {target} to the new program"),
+                source: Box::new(source),
+            };
+            let pin_err = |reason: String| LoaderError::Pin {
+                path: path.clone(),
+                reason,
+            };
+            if cgroup {
+                let link = self
+                    .attach_one(name, hook, &iface, &cgroup_dir, aya::programs::XdpMode::Skb)
+                    .map_err(op)?;
+                fs::remove_file(&path).map_err(|e| pin_err(e.to_string()))?;
+                link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+            } else {
+                let old = PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?;
+                let old = FdLink::from(old);
+                let prog = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or(LoaderError::Program { name })?;
+                // The link stays pinned; it now runs the new program. The handle returned by
+                // the program is dropped without detaching (only its fd is closed).
+                if hook == Hook::Xdp {
+                    let p: &mut Xdp = prog.try_into().map_err(op)?;
+                    let link = XdpLink::try_from(old).map_err(|e| pin_err(e.to_string()))?;
+                    let id = p.attach_to_link(link).map_err(op)?;
+                    drop(p.take_link(id).map_err(op)?);
+                } else {
+                    let p: &mut SchedClassifier = prog.try_into().map_err(op)?;
+                    let link =
+                        SchedClassifierLink::try_from(old).map_err(|e| pin_err(e.to_string()))?;
+                    let id = p.attach_to_link(link).map_err(op)?;
+                    drop(p.take_link(id).map_err(op)?);
+                }
+            }
+            out.push(AttachedProgram {
+                hook: hook.name().to_owned(),
+                program: name.to_owned(),
+                program_id: self.program_id(name)?,
+                target,
+                link_pin: path,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Once every link runs this object's programs: copies the flows and counts the old
+    /// programs added since [`Self::carry_state`], then pins this object's maps and programs in
+    /// place of the kept ones (which the kernel frees once nothing refers to them).
+    pub fn finish_takeover(&mut self, mut kept: KeptDataplane) -> Result<Carried, LoaderError> {
+        kept.flows += copy_flows(&kept.conntrack, &mut conntrack_of(self)?)?;
+        if let Some(old) = &kept.stats {
+            let mut new = stats_of(self)?;
+            for (index, copied) in (0..STATS_ENTRIES).zip(&kept.stats_copied) {
+                let now = old.get(&index, 0).map_err(map_err(maps::STATS))?;
+                let cur = new.get(&index, 0).map_err(map_err(maps::STATS))?;
+                let sum: Vec<u64> = cur
+                    .iter()
+                    .zip(now.iter())
+                    .zip(copied)
+                    .map(|((c, n), before)| c + n.saturating_sub(*before))
+                    .collect();
+                if sum.iter().zip(cur.iter()).any(|(s, c)| s != c) {
+                    new.set(index, per_cpu(sum)?, 0)
+                        .map_err(map_err(maps::STATS))?;
+                }
+            }
+        }
+        for sub in ["maps", "progs"] {
+            let path = kept.dir.join(sub);
+            if path.exists() {
+                fs::remove_dir_all(&path).map_err(|source| LoaderError::Io {
+                    what: "cannot unpin the kept",
+                    path,
+                    source,
+                })?;
+            }
+        }
+        let dir = kept.dir.clone();
+        self.pin_all(&dir)?;
+        Ok(Carried {
+            from_map_layout: kept.layout,
+            to_map_layout: MAP_LAYOUT_VERSION,
+            flows: kept.flows,
+            counters: kept.stats.is_some(),
+        })
+    }
+}
