@@ -4,12 +4,17 @@
 //! way — no policy engine, an evaluation error, a log that cannot be written — is a rejection
 //! that says so.
 
-use std::{sync::Mutex, time::SystemTime};
+use std::{collections::BTreeMap, sync::Mutex, time::SystemTime};
 
 use dataplane_common::Quadrant;
-use regorus::Engine;
+use regorus::{
+    Engine,
+    languages::rego::compiler::Compiler,
+    rvm::{Program, RegoVM},
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tracing::warn;
 
 use crate::{
     audit::AuditLog,
@@ -82,19 +87,49 @@ impl Decision {
     }
 }
 
-/// A prepared engine with the bundle's constraints, their parameters already converted.
+/// Instruction budget of one template evaluation in the Rego VM (regorus' default is 25,000,
+/// which a review listing a few hundred artifacts can reach).
+const VM_MAX_INSTRUCTIONS: usize = 1_000_000;
+
+/// A prepared engine with the bundle's constraints, their parameters already converted and
+/// their templates compiled for the Rego VM.
 #[derive(Debug)]
 pub struct Prepared {
     engine: Engine,
     constraints: Vec<PreparedConstraint>,
 }
 
-#[derive(Debug)]
 struct PreparedConstraint {
     name: String,
     quadrants: Vec<String>,
     rule: String,
     parameters: regorus::Value,
+    /// The template compiled to Rego VM bytecode, or `None` when regorus cannot compile it
+    /// (then the tree-walking interpreter evaluates it: same result, slower).
+    vm: Option<Box<RegoVM>>,
+}
+
+impl std::fmt::Debug for PreparedConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedConstraint")
+            .field("name", &self.name)
+            .field("rule", &self.rule)
+            .field("compiled", &self.vm.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compiles `rule` of `engine`'s modules to Rego VM bytecode.
+fn compile_rule(
+    engine: &Engine,
+    rule: &str,
+) -> Result<(regorus::CompiledPolicy, std::sync::Arc<Program>), String> {
+    let policy = engine
+        .clone()
+        .compile_with_entrypoint(&rule.into())
+        .map_err(|e| e.to_string())?;
+    let program = Compiler::compile_from_policy(&policy, &[rule]).map_err(|e| e.to_string())?;
+    Ok((policy, program))
 }
 
 impl Prepared {
@@ -102,26 +137,46 @@ impl Prepared {
     /// bundle must compile: a bundle with a broken module is no basis for any decision.
     pub fn new(bundle: &PolicyBundle) -> Result<Self, PolicyError> {
         bundle.engine(&[])?;
-        let constraints =
-            bundle
-                .constraints()?
-                .into_iter()
-                .map(|c: Constraint| {
-                    let parameters = regorus::Value::from_json_str(&c.parameters.to_string())
-                        .map_err(|e| PolicyError::Data {
-                            path: format!("constraint {}", c.name),
-                            message: e.to_string(),
-                        })?;
-                    Ok(PreparedConstraint {
-                        rule: format!("{TEMPLATES}.{}.violation", c.template),
-                        name: c.name,
-                        quadrants: c.matches.quadrants,
-                        parameters,
+        let engine = bundle.templates_engine()?;
+        // One compilation per template, shared by the constraints that use it.
+        let mut compiled = BTreeMap::new();
+        let constraints = bundle
+            .constraints()?
+            .into_iter()
+            .map(|c: Constraint| {
+                let parameters = regorus::Value::from_json_str(&c.parameters.to_string())
+                    .map_err(|e| PolicyError::Data {
+                        path: format!("constraint {}", c.name),
+                        message: e.to_string(),
+                    })?;
+                let rule = format!("{TEMPLATES}.{}.violation", c.template);
+                let program = compiled
+                    .entry(rule.clone())
+                    .or_insert_with(|| match compile_rule(&engine, &rule) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            warn!(rule, error = %e, "template not compiled for the Rego VM: the interpreter evaluates it");
+                            None
+                        }
                     })
+                    .clone();
+                let vm = program.map(|(policy, program)| {
+                    let mut vm = RegoVM::new_with_policy(policy);
+                    vm.load_program(program);
+                    vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
+                    Box::new(vm)
+                });
+                Ok(PreparedConstraint {
+                    rule,
+                    name: c.name,
+                    quadrants: c.matches.quadrants,
+                    parameters,
+                    vm,
                 })
-                .collect::<Result<_, PolicyError>>()?;
+            })
+            .collect::<Result<_, PolicyError>>()?;
         Ok(Self {
-            engine: bundle.templates_engine()?,
+            engine,
             constraints,
         })
     }
@@ -187,10 +242,10 @@ impl Admission {
             .and_then(Value::as_str)
             .unwrap_or_default();
         // Converted once; each constraint's input shares it.
-        let review_value = regorus::Value::from_json_str(&object.to_string())
-            .map_err(|e| format!("invalid review: {e}"))?;
+        let review_value: regorus::Value =
+            serde_json::from_value(object.clone()).map_err(|e| format!("invalid review: {e}"))?;
         let mut violations = Vec::new();
-        for c in &prepared.constraints {
+        for c in &mut prepared.constraints {
             if !c.quadrants.iter().any(|q| q == quadrant) {
                 continue;
             }
@@ -198,11 +253,20 @@ impl Admission {
             let map = input.as_object_mut().map_err(|e| unavailable(&e))?;
             map.insert(regorus::Value::from("review"), review_value.clone());
             map.insert(regorus::Value::from("parameters"), c.parameters.clone());
-            prepared.engine.set_input(input);
-            let v = prepared
-                .engine
-                .eval_rule(c.rule.clone())
-                .map_err(|e| unavailable(&format!("constraint {} ({}): {e}", c.name, c.rule)))?;
+            let failed = |e: &dyn std::fmt::Display| {
+                unavailable(&format!("constraint {} ({}): {e}", c.name, c.rule))
+            };
+            let v = if let Some(vm) = c.vm.as_mut() {
+                vm.set_input(input);
+                vm.execute_entry_point_by_name(&c.rule)
+                    .map_err(|e| failed(&e))?
+            } else {
+                prepared.engine.set_input(input);
+                prepared
+                    .engine
+                    .eval_rule(c.rule.clone())
+                    .map_err(|e| failed(&e))?
+            };
             if v == regorus::Value::Undefined {
                 return Err(unavailable(&format!(
                     "constraint {}: template {} is not defined",
@@ -355,14 +419,23 @@ mod tests {
             "labels": labels, "artifacts": artifacts, "resources": resources}}})
     }
 
-    /// The agent's per-constraint evaluation and the Rego decision document agree.
+    /// The agent's per-constraint evaluation — in the Rego VM, and in the interpreter — and
+    /// the Rego decision document agree.
     #[test]
     fn evaluation_matches_the_rego_decision() {
         let bundle = PolicyBundle::embedded();
-        let admission = Admission::new(
-            Prepared::new(&bundle).map_err(|e| e.to_string()),
-            Err("unused".into()),
+        let prepared = Prepared::new(&bundle).unwrap();
+        assert!(
+            prepared.constraints.iter().all(|c| c.vm.is_some()),
+            "every shipped template runs in the Rego VM: {:?}",
+            prepared.constraints
         );
+        let admission = Admission::new(Ok(prepared), Err("unused".into()));
+        let mut prepared = Prepared::new(&bundle).unwrap();
+        for c in &mut prepared.constraints {
+            c.vm = None;
+        }
+        let interpreted = Admission::new(Ok(prepared), Err("unused".into()));
         let digest = "ab".repeat(32);
         let good = |q: &str| {
             review(
@@ -390,6 +463,7 @@ mod tests {
         cases.push(c);
         for (i, case) in cases.iter().enumerate() {
             let ours = admission.evaluate(case).unwrap();
+            assert_eq!(ours, interpreted.evaluate(case).unwrap(), "case {i}");
             let (q, rego) = bundle.eval(&[], case, Some(ADMISSION_DECISION)).unwrap();
             assert_eq!(q, ADMISSION_DECISION);
             let mut theirs: Vec<Violation> = rego["violations"]
@@ -409,13 +483,22 @@ mod tests {
 
     #[test]
     fn a_missing_template_fails_closed() {
-        let mut prepared = Prepared::new(&PolicyBundle::embedded()).unwrap();
-        prepared.constraints[0].rule = format!("{TEMPLATES}.no_such_template.violation");
-        let admission = Admission::new(Ok(prepared), Err("unused".into()));
-        let r = json!({"review": {"object": {"quadrant": "dx", "labels": {}}}});
-        // An undefined template yields no violations in OPA; quadrant refuses to treat a
-        // constraint it cannot evaluate as satisfied.
-        let e = admission.evaluate(&r);
-        assert!(e.is_err(), "{e:?}");
+        // In the Rego VM (no such entry point) and in the interpreter (undefined rule).
+        for vm in [true, false] {
+            let mut prepared = Prepared::new(&PolicyBundle::embedded()).unwrap();
+            prepared.constraints[0].rule = format!("{TEMPLATES}.no_such_template.violation");
+            if !vm {
+                prepared.constraints[0].vm = None;
+            }
+            let admission = Admission::new(Ok(prepared), Err("unused".into()));
+            let r = json!({"review": {"object": {"quadrant": "dx", "labels": {}}}});
+            // An undefined template yields no violations in OPA; quadrant refuses to treat a
+            // constraint it cannot evaluate as satisfied.
+            let e = admission.evaluate(&r);
+            assert!(
+                e.as_ref().is_err_and(|e| e.contains("no_such_template")),
+                "vm {vm}: {e:?}"
+            );
+        }
     }
 }

@@ -58,3 +58,37 @@ test_foreign_trust_domain_cannot_enter_production if {
 	obj := object.union(good_px, {"spiffe_id": "spiffe://evil.example/quadrant/px/workload/api"})
 	violated(obj) == {"production-needs-production-identity"}
 }
+
+test_malformed_references_are_rejected if {
+	bad := [
+		concat("", ["api@sha256:", upper(digest)]),
+		concat("", ["api@sha256:", digest, "0"]),
+		concat("", ["-api@sha256:", digest]),
+		concat("", ["Api@sha256:", digest]),
+		concat("", ["@sha256:", digest]),
+		concat("", ["api@sha256:", digest, "@sha256:", digest]),
+		concat("", ["api@sha512:", digest]),
+	]
+	every ref in bad {
+		violated(object.union(good_px, {"artifacts": [ref]})) == {"artifacts-are-content-addressed"}
+	}
+}
+
+test_well_formed_references_are_admitted if {
+	every ref in [concat("", ["0pkg.v2_x-y@sha256:", digest]), concat("", ["a@sha256:", digest])] {
+		admission.decision.allowed with input as review(object.union(good_px, {"artifacts": [ref]}))
+	}
+}
+
+test_malformed_production_identities_are_rejected if {
+	every id in [
+		"spiffe://quadrant.local/quadrant/px/workload/",
+		"spiffe://quadrant.local/quadrant/px/workload/api/extra",
+		"spiffe://quadrant.local/quadrant/px/workload/API",
+		"spiffe://quadrantXlocal/quadrant/px/workload/api",
+		"spiffe://quadrant.local/quadrant/pxx/workload/api",
+		"spiffe://quadrant.local.evil/quadrant/px/workload/api",
+	] {
+		violated(object.union(good_px, {"spiffe_id": id})) == {"production-needs-production-identity"}
+	}
+}
