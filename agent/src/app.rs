@@ -29,7 +29,7 @@ use crate::{
     generations::Generations,
     identity::{IdentityService, attest, ca, workload_api},
     lanes::broker::Broker,
-    loader::{AttachedProgram, Carried, Dataplane, KeptDataplane, LoaderError},
+    loader::{AttachedProgram, Carried, Dataplane, KeptDataplane, LoaderError, WorkloadRules},
     plans,
     policy::PolicyBundle,
     quadrants::{self, QuadrantHandle},
@@ -363,17 +363,14 @@ fn load(
     let compiled = match &identity {
         Err(e) => Err(e.clone()),
         Ok(_) => PolicyBundle::for_config(config)
-            .and_then(|b| b.compile(config).map(|c| (c, b)))
             .map_err(|e| e.to_string())
+            .and_then(|b| compile_for_kernel(config, &b).map(|c| (c, b)))
             .and_then(|(c, b)| Ok((c, check_revision(&generations, &b)?, b))),
     };
     let (policy, policy_state, revision) = match compiled {
-        Ok((compiled, revision, bundle)) => {
-            let state = format!(
-                "enforced: {} map entries from {}",
-                compiled.len(),
-                bundle.origin()
-            );
+        Ok(((compiled, workload_rules), revision, bundle)) => {
+            let state = policy_state(&compiled, &workload_rules, bundle.origin());
+            dataplane.set_workload_rules(workload_rules);
             (compiled, state, revision)
         }
         Err(e) => {
@@ -1303,36 +1300,15 @@ fn reload_policy_inner(r: &mut Running) -> Response {
         };
     }
     let compiled = PolicyBundle::for_config(&r.config)
-        .and_then(|b| b.compile(&r.config).map(|c| (c, b)))
         .map_err(|e| e.to_string())
+        .and_then(|b| compile_for_kernel(&r.config, &b).map(|c| (c, b)))
         .and_then(|(c, b)| Ok((c, check_revision(&r.generations, &b)?, b)));
     match compiled {
-        Ok((policy, revision, bundle)) => match r.dataplane.apply_policy(&policy) {
-            Ok(slot) => {
-                if let Err(e) = record_revision(&mut r.generations, revision) {
-                    warn!(error = %e, "cannot record the policy bundle revision");
-                }
-                r.admission
-                    .set_prepared(Prepared::new(&bundle).map_err(|e| e.to_string()));
-                r.lanes.set_rules(
-                    bundle.lane_rules().map_err(|e| e.to_string()),
-                    bundle.origin(),
-                );
-                r.policy_state = format!(
-                    "enforced: {} map entries from {}",
-                    policy.len(),
-                    bundle.origin()
-                );
-                info!(entries = policy.len(), slot, "policy reloaded");
-                Response::PolicyReloaded {
-                    policy: r.policy_state.clone(),
-                    slot,
-                }
-            }
-            Err(e) => Response::Error {
-                message: format!("policy not applied, the previous one stays live: {e}"),
-            },
-        },
+        Ok(((policy, workload_rules), revision, bundle)) => {
+            let state = policy_state(&policy, &workload_rules, bundle.origin());
+            r.dataplane.set_workload_rules(workload_rules);
+            apply_reloaded(r, &policy, state, revision, &bundle)
+        }
         Err(e) => {
             warn!(error = %e, "policy reload refused");
             Response::Error {
@@ -1340,6 +1316,72 @@ fn reload_policy_inner(r: &mut Running) -> Response {
             }
         }
     }
+}
+
+/// Makes a reloaded policy live in the kernel, then in admission and the lane broker.
+fn apply_reloaded(
+    r: &mut Running,
+    policy: &CompiledPolicy,
+    state: String,
+    revision: Option<(u64, u64)>,
+    bundle: &PolicyBundle,
+) -> Response {
+    match r.dataplane.apply_policy(policy) {
+        Ok(slot) => {
+            if let Err(e) = record_revision(&mut r.generations, revision) {
+                warn!(error = %e, "cannot record the policy bundle revision");
+            }
+            r.admission
+                .set_prepared(Prepared::new(bundle).map_err(|e| e.to_string()));
+            r.lanes.set_rules(
+                bundle.lane_rules().map_err(|e| e.to_string()),
+                bundle.origin(),
+            );
+            r.policy_state = state;
+            info!(entries = policy.len(), slot, "policy reloaded");
+            Response::PolicyReloaded {
+                policy: r.policy_state.clone(),
+                slot,
+            }
+        }
+        Err(e) => Response::Error {
+            message: format!("policy not applied, the previous one stays live: {e}"),
+        },
+    }
+}
+
+/// Compiles `bundle` for the kernel and resolves each workload a rule names to its cgroup id,
+/// creating the workload's cgroup (as `quadrant exec --workload` and the supervisor do; neither
+/// removes it) so that its id is fixed before the workload starts.
+fn compile_for_kernel(
+    config: &Config,
+    bundle: &PolicyBundle,
+) -> Result<(CompiledPolicy, WorkloadRules), String> {
+    let flows = bundle.compile_all(config).map_err(|e| e.to_string())?;
+    let mut entries = Vec::new();
+    for ((q, workload, dst, proto), ranges) in flows.workloads {
+        let dir = config.cgroup_dir(q).join(&workload);
+        fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create cgroup {}: {e}", dir.display()))?;
+        let id = sys::cgroup_id(&dir).map_err(|e| e.to_string())?;
+        entries.push((id, dst, proto, ranges));
+    }
+    Ok((
+        flows.quadrant,
+        WorkloadRules {
+            some_workload: flows.some_workload,
+            entries,
+        },
+    ))
+}
+
+/// The policy line of the status report.
+fn policy_state(policy: &CompiledPolicy, workloads: &WorkloadRules, origin: &str) -> String {
+    format!(
+        "enforced: {} map entries, {} for single workloads, from {origin}",
+        policy.len(),
+        workloads.some_workload.len() + workloads.entries.len()
+    )
 }
 
 async fn write_response(stream: &mut UnixStream, response: &Response) -> io::Result<()> {

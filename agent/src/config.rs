@@ -445,6 +445,22 @@ pub struct QuadrantAddrs {
 /// The policy compiled to map entries: (src, dst, proto) → port ranges.
 pub type CompiledPolicy = BTreeMap<(Identity, Identity, u8), Vec<PortRange>>;
 
+/// Policy entries of rules naming one workload's SPIFFE ID: (source quadrant, workload name,
+/// destination identity, protocol) → allowed destination port ranges.
+pub type WorkloadPolicy = BTreeMap<(Quadrant, String, Identity, u8), Vec<PortRange>>;
+
+/// The runtime authorization compiled for the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompiledFlows {
+    /// Flows every process of the source may open (policy scope 0).
+    pub quadrant: CompiledPolicy,
+    /// The union of the workload flows per source quadrant: what the packet programs pass
+    /// (policy scope 1); the cgroup programs allow it only to the named workloads.
+    pub some_workload: CompiledPolicy,
+    /// Per-workload flows.
+    pub workloads: WorkloadPolicy,
+}
+
 impl Config {
     /// The embedded default configuration.
     ///

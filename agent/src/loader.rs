@@ -21,7 +21,7 @@ use dataplane_common::{
     Hook, Identity, Quadrant, Reason,
     maps::{
         self, CgroupValue, DataplaneConfig, IfaceValue, MAX_PORT_RANGES, PolicyKey, PolicyValue,
-        PrefixValue, QuadrantValue,
+        PrefixValue, QuadrantValue, WlPolicyKey,
     },
     reason::{QUADRANT_SLOTS, stats_index},
 };
@@ -201,6 +201,19 @@ pub struct Dataplane {
     live: Option<DataplaneConfig>,
     /// Whether a policy was made live yet.
     policy_written: bool,
+    /// The per-workload part written with the next policy.
+    workload_rules: WorkloadRules,
+}
+
+/// The per-workload part of the runtime authorization, with each workload resolved to its
+/// cgroup id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadRules {
+    /// Union of the workload flows per source quadrant (policy scope 1, for the packet
+    /// programs).
+    pub some_workload: CompiledPolicy,
+    /// (workload cgroup id, destination, protocol, port ranges), for the cgroup programs.
+    pub entries: Vec<(u64, Identity, u8, Vec<dataplane_common::policy::PortRange>)>,
 }
 
 impl Dataplane {
@@ -238,6 +251,7 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_owned),
             live: None,
             policy_written: false,
+            workload_rules: WorkloadRules::default(),
         };
         if let Some(dir) = pin_dir {
             dp.pin_all(dir)?;
@@ -395,41 +409,49 @@ impl Dataplane {
         } else {
             0
         };
-        let name = if target == 0 {
-            maps::POLICY_A
+        let (name, wl_name) = if target == 0 {
+            (maps::POLICY_A, maps::WL_POLICY_A)
         } else {
-            maps::POLICY_B
+            (maps::POLICY_B, maps::WL_POLICY_B)
         };
+        let scoped = |scope: u8, p: &CompiledPolicy| -> Vec<(PolicyKey, PolicyValue)> {
+            p.iter()
+                .map(|((src, dst, proto), ranges)| {
+                    let key = PolicyKey {
+                        src: *src as u8,
+                        dst: *dst as u8,
+                        proto: *proto,
+                        scope,
+                    };
+                    (key, policy_value(ranges))
+                })
+                .collect()
+        };
+        let mut entries = scoped(maps::SCOPE_QUADRANT, policy);
+        entries.extend(scoped(
+            maps::SCOPE_SOME_WORKLOAD,
+            &self.workload_rules.some_workload,
+        ));
+        let wl_entries: Vec<(WlPolicyKey, PolicyValue)> = self
+            .workload_rules
+            .entries
+            .iter()
+            .map(|(cgroup_id, dst, proto, ranges)| {
+                let key = WlPolicyKey {
+                    cgroup_id: *cgroup_id,
+                    dst: *dst as u8,
+                    proto: *proto,
+                    pad: [0; 6],
+                };
+                (key, policy_value(ranges))
+            })
+            .collect();
         let mut map: HashMap<_, PolicyKey, PolicyValue> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let mut wanted = Vec::new();
-        for ((src, dst, proto), ranges) in policy {
-            let key = PolicyKey {
-                src: *src as u8,
-                dst: *dst as u8,
-                proto: *proto,
-                pad: 0,
-            };
-            let mut value = PolicyValue::EMPTY;
-            for (slot, r) in value
-                .ranges
-                .iter_mut()
-                .zip(ranges.iter().take(MAX_PORT_RANGES))
-            {
-                *slot = *r;
-            }
-            value.count = u32::try_from(ranges.len().min(MAX_PORT_RANGES)).unwrap_or(0);
-            map.insert(key, value, 0).map_err(map_err(name))?;
-            wanted.push(key);
-        }
-        let stale: Vec<PolicyKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for k in stale {
-            map.remove(&k).map_err(map_err(name))?;
-        }
+        replace_entries(&mut map, &entries).map_err(map_err(name))?;
+        let mut map: HashMap<_, WlPolicyKey, PolicyValue> =
+            HashMap::try_from(self.map_mut(wl_name)?).map_err(map_err(wl_name))?;
+        replace_entries(&mut map, &wl_entries).map_err(map_err(wl_name))?;
         live.policy_slot = target;
         let mut cfg: Array<_, DataplaneConfig> =
             Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
@@ -437,6 +459,12 @@ impl Dataplane {
         self.live = Some(live);
         self.policy_written = true;
         Ok(target)
+    }
+
+    /// Sets the per-workload rules the next [`Self::apply_policy`] (or
+    /// [`Self::write_config`]) makes live together with the quadrant-wide policy.
+    pub fn set_workload_rules(&mut self, rules: WorkloadRules) {
+        self.workload_rules = rules;
     }
 
     /// The policy slot the programs read (0 = `POLICY_A`, 1 = `POLICY_B`).
@@ -751,6 +779,39 @@ impl Dataplane {
             .map_err(map_err(maps::STATS))?;
         Ok(values.iter().sum())
     }
+}
+
+/// A policy value holding `ranges` (at most [`MAX_PORT_RANGES`]: the compilers refuse more).
+fn policy_value(ranges: &[dataplane_common::policy::PortRange]) -> PolicyValue {
+    let mut value = PolicyValue::EMPTY;
+    for (slot, r) in value
+        .ranges
+        .iter_mut()
+        .zip(ranges.iter().take(MAX_PORT_RANGES))
+    {
+        *slot = *r;
+    }
+    value.count = u32::try_from(ranges.len().min(MAX_PORT_RANGES)).unwrap_or(0);
+    value
+}
+
+/// Makes `map` hold exactly `entries`.
+fn replace_entries<K: aya::Pod + PartialEq, V: aya::Pod>(
+    map: &mut HashMap<&mut aya::maps::MapData, K, V>,
+    entries: &[(K, V)],
+) -> Result<(), MapError> {
+    for (k, v) in entries {
+        map.insert(*k, *v, 0)?;
+    }
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !entries.iter().any(|(w, _)| w == k))
+        .collect();
+    for k in stale {
+        map.remove(&k)?;
+    }
+    Ok(())
 }
 
 /// LPM key of an IPv4 prefix (address bytes in network order).

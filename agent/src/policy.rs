@@ -9,7 +9,7 @@
 //! global denies) into the entries of the dataplane's policy map.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
 };
@@ -21,7 +21,8 @@ use serde_json::Value;
 use dataplane_common::Quadrant;
 
 use crate::config::{
-    CompiledPolicy, Config, ConfigError, OneOrMany, PolicyRule, PortSpec, compile_rules,
+    CompiledFlows, CompiledPolicy, Config, ConfigError, OneOrMany, PolicyRule, PortSpec,
+    WorkloadPolicy, compile_rules,
 };
 use crate::signing::{Envelope, POLICY_BUNDLE_PAYLOAD_TYPE, Role, SigningKey, TrustStore};
 
@@ -510,17 +511,48 @@ impl PolicyBundle {
         sorted_set(&mut self.engine(&[])?, LANES_QUERY)
     }
 
-    /// Compiles the runtime authorization into policy-map entries.
+    /// Compiles the quadrant-wide runtime authorization into policy-map entries (flows naming a
+    /// single workload are left out; [`Self::compile_all`] has them).
     pub fn compile(&self, config: &Config) -> Result<CompiledPolicy, PolicyError> {
+        self.compile_all(config).map(|c| c.quadrant)
+    }
+
+    /// Compiles the runtime authorization: quadrant-wide entries, and the flows that rules
+    /// naming one workload's SPIFFE ID allow, per workload and as their union per quadrant.
+    pub fn compile_all(&self, config: &Config) -> Result<CompiledFlows, PolicyError> {
         let td = &config.identity.trust_domain;
-        let rules = self
-            .flows(&config.policy)?
-            .into_iter()
-            .map(|f| flow_to_rule(&f, td))
-            .collect::<Result<Vec<_>, _>>()?;
-        compile_rules(&rules).map_err(|e| PolicyError::Flow {
-            flow: "(merged flows)".into(),
-            source: Box::new(e),
+        let mut quadrant = Vec::new();
+        let mut per_workload: BTreeMap<(Quadrant, String), Vec<PolicyRule>> = BTreeMap::new();
+        for f in self.flows(&config.policy)? {
+            match flow_to_rule(&f, td)? {
+                (rule, None) => quadrant.push(rule),
+                (rule, Some((q, workload))) => {
+                    per_workload.entry((q, workload)).or_default().push(rule);
+                }
+            }
+        }
+        let merged = |what: &str| {
+            let what = what.to_owned();
+            move |e| PolicyError::Flow {
+                flow: what,
+                source: Box::new(e),
+            }
+        };
+        let mut workloads = WorkloadPolicy::new();
+        for ((q, workload), rules) in &per_workload {
+            let compiled = compile_rules(rules).map_err(merged(&format!(
+                "(flows of workload {}/{workload})",
+                q.name()
+            )))?;
+            for ((_, dst, proto), ranges) in compiled {
+                workloads.insert((*q, workload.clone(), dst, proto), ranges);
+            }
+        }
+        let all: Vec<PolicyRule> = per_workload.into_values().flatten().collect();
+        Ok(CompiledFlows {
+            quadrant: compile_rules(&quadrant).map_err(merged("(merged flows)"))?,
+            some_workload: compile_rules(&all).map_err(merged("(merged workload flows)"))?,
+            workloads,
         })
     }
 
@@ -696,9 +728,13 @@ fn rule_to_flows(r: &PolicyRule) -> Vec<Value> {
 }
 
 /// Maps a flow's source to an identity the kernel knows. A quadrant-wide SPIFFE ID pattern
-/// (`spiffe://<td>/quadrant/<q>/workload/*`) is quadrant `<q>`; a single workload cannot be told
-/// apart in the datapath yet, so such a rule is refused rather than widened to its quadrant.
-fn flow_to_rule(f: &Flow, trust_domain: &str) -> Result<PolicyRule, PolicyError> {
+/// (`spiffe://<td>/quadrant/<q>/workload/*`) is quadrant `<q>`; a single workload's SPIFFE ID
+/// (`…/workload/<name>`) is quadrant `<q>` restricted to workload `<name>` (returned beside the
+/// rule), which the cgroup programs tell apart by the workload's cgroup.
+fn flow_to_rule(
+    f: &Flow,
+    trust_domain: &str,
+) -> Result<(PolicyRule, Option<(Quadrant, String)>), PolicyError> {
     let flow_err = |reason: &str| PolicyError::Flow {
         flow: serde_json::to_string(f).unwrap_or_default(),
         source: Box::new(ConfigError::Invalid {
@@ -713,33 +749,48 @@ fn flow_to_rule(f: &Flow, trust_domain: &str) -> Result<PolicyRule, PolicyError>
                 "SPIFFE ID outside trust domain {trust_domain}"
             )));
         };
-        match path.split_once("/workload/") {
-            Some((q, "*")) => q.to_owned(),
-            _ => {
-                return Err(flow_err(
-                    "only quadrant-wide SPIFFE ID patterns (…/quadrant/<q>/workload/*) are enforceable in the datapath",
-                ));
-            }
+        let Some((q, workload)) = path.split_once("/workload/") else {
+            return Err(flow_err(
+                "expected spiffe://<trust domain>/quadrant/<q>/workload/<name or *>",
+            ));
+        };
+        let Some(quadrant) = Quadrant::from_name(q) else {
+            return Err(flow_err(&format!(
+                "unknown quadrant {q:?} in the SPIFFE ID"
+            )));
+        };
+        if workload == "*" {
+            (q.to_owned(), None)
+        } else if crate::identity::attest::valid_workload_name(workload) {
+            (q.to_owned(), Some((quadrant, workload.to_owned())))
+        } else {
+            return Err(flow_err(&format!(
+                "invalid workload name {workload:?} in the SPIFFE ID (1-64 of a-z, 0-9, '-', '_', '.')"
+            )));
         }
     } else {
-        f.from.clone()
+        (f.from.clone(), None)
     };
-    Ok(PolicyRule {
-        from: OneOrMany::One(from),
-        to: OneOrMany::One(f.to.clone()),
-        protocols: Some(f.protocols.clone()),
-        ports: f
-            .ports
-            .as_ref()
-            .map(|p| p.iter().map(|s| PortSpec::Range(s.clone())).collect()),
-    })
+    let (from, workload) = from;
+    Ok((
+        PolicyRule {
+            from: OneOrMany::One(from),
+            to: OneOrMany::One(f.to.clone()),
+            protocols: Some(f.protocols.clone()),
+            ports: f
+                .ports
+                .as_ref()
+                .map(|p| p.iter().map(|s| PortSpec::Range(s.clone())).collect()),
+        },
+        workload,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use dataplane_common::{
         Identity,
-        policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+        policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRange},
     };
 
     use super::*;
@@ -865,7 +916,7 @@ mod tests {
     }
 
     #[test]
-    fn spiffe_patterns_map_to_quadrants_and_single_workloads_are_refused() {
+    fn spiffe_ids_map_to_quadrants_and_workloads() {
         let f = |from: &str| Flow {
             from: from.into(),
             to: "dg".into(),
@@ -873,24 +924,98 @@ mod tests {
             ports: None,
             layer: "dg".into(),
         };
-        let r = flow_to_rule(
+        let (r, w) = flow_to_rule(
             &f("spiffe://quadrant.local/quadrant/dx/workload/*"),
             "quadrant.local",
         )
         .unwrap();
         assert_eq!(r.from, OneOrMany::One("dx".into()));
-        let e = flow_to_rule(
+        assert_eq!(w, None);
+        let (r, w) = flow_to_rule(
             &f("spiffe://quadrant.local/quadrant/dx/workload/web"),
             "quadrant.local",
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("quadrant-wide"), "{e}");
+        .unwrap();
+        assert_eq!(r.from, OneOrMany::One("dx".into()));
+        assert_eq!(w, Some((Quadrant::Dx, "web".into())));
+        for bad in [
+            "spiffe://quadrant.local/quadrant/dx/workload/../px",
+            "spiffe://quadrant.local/quadrant/dx/workload/",
+            "spiffe://quadrant.local/quadrant/qq/workload/web",
+            "spiffe://quadrant.local/quadrant/dx/web",
+        ] {
+            let e = flow_to_rule(&f(bad), "quadrant.local").unwrap_err();
+            assert!(e.to_string().contains("from"), "{bad}: {e}");
+        }
         let e = flow_to_rule(
             &f("spiffe://evil.example/quadrant/dx/workload/*"),
             "quadrant.local",
         )
         .unwrap_err();
         assert!(e.to_string().contains("outside trust domain"), "{e}");
+    }
+
+    #[test]
+    fn a_workload_rule_compiles_to_its_workload_and_the_quadrant_union() {
+        use std::fmt::Write as _;
+        let tmp = std::env::temp_dir().join(format!("quadrant-policy-wl-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        assert!(
+            std::process::Command::new("cp")
+                .arg("-r")
+                .arg(&src)
+                .arg(&tmp)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let dx = tmp.join("runtime/quadrants/dx.rego");
+        let mut text = fs::read_to_string(&dx).unwrap();
+        for (workload, port) in [("api", "7310"), ("web", "8080")] {
+            let _ = write!(
+                text,
+                "\nallow contains {{\"from\": \"spiffe://quadrant.local/quadrant/dx/workload/{workload}\", \"to\": \"host\", \"protocols\": [\"tcp\"], \"ports\": [\"{port}\"]}}\n"
+            );
+        }
+        // A workload rule towards production is overridden by the global deny.
+        text.push_str("\nallow contains {\"from\": \"spiffe://quadrant.local/quadrant/dx/workload/api\", \"to\": \"px\", \"protocols\": [\"tcp\"]}\n");
+        fs::write(&dx, text).unwrap();
+        let compiled = PolicyBundle::from_dir(&tmp)
+            .unwrap()
+            .compile_all(&Config::embedded())
+            .unwrap();
+        let _ = fs::remove_dir_all(&tmp);
+        let tcp_host = |w: &str| {
+            compiled
+                .workloads
+                .get(&(Quadrant::Dx, w.to_owned(), Identity::Host, PROTO_TCP))
+                .cloned()
+        };
+        assert_eq!(
+            tcp_host("api"),
+            Some(vec![PortRange { lo: 7310, hi: 7310 }])
+        );
+        assert_eq!(
+            tcp_host("web"),
+            Some(vec![PortRange { lo: 8080, hi: 8080 }])
+        );
+        assert_eq!(compiled.workloads.len(), 2, "{:?}", compiled.workloads);
+        assert_eq!(
+            compiled
+                .some_workload
+                .get(&(Identity::Dx, Identity::Host, PROTO_TCP)),
+            Some(&vec![
+                PortRange { lo: 7310, hi: 7310 },
+                PortRange { lo: 8080, hi: 8080 }
+            ])
+        );
+        // Not widened to the quadrant.
+        assert!(
+            !compiled
+                .quadrant
+                .contains_key(&(Identity::Dx, Identity::Host, PROTO_TCP))
+        );
     }
 
     #[test]

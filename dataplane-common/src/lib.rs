@@ -11,12 +11,14 @@
 
 /// Version of the eBPF program set (the programs, their hooks and what they decide). An agent
 /// refuses to start on a host where a newer program set ran: upgrades only move forward.
-/// 1: the isolation programs; 2: with the lane acceleration programs.
-pub const PROGRAM_SET_VERSION: u32 = 2;
+/// 1: the isolation programs; 2: with the lane acceleration programs; 3: the cgroup programs
+/// also allow what rules naming the caller's workload allow.
+pub const PROGRAM_SET_VERSION: u32 = 3;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
-/// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+/// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
+/// `WL_POLICY_A`/`WL_POLICY_B` and the scope byte of the policy key.
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow

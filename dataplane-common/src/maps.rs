@@ -26,11 +26,20 @@ pub const CONNTRACK: &str = "CONNTRACK";
 /// program, read by the agent.
 pub const STATS: &str = "STATS";
 
+/// Hash: ([`WlPolicyKey`]) → [`PolicyValue`], slot 0 of the workload policy: what rules naming
+/// one workload's SPIFFE ID allow, keyed by that workload's cgroup id. Read by the cgroup
+/// programs; double-buffered with [`POLICY_A`] under the same [`DataplaneConfig::policy_slot`].
+pub const WL_POLICY_A: &str = "WL_POLICY_A";
+/// Slot 1 of the workload policy (see [`WL_POLICY_A`]).
+pub const WL_POLICY_B: &str = "WL_POLICY_B";
+
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
+    WL_POLICY_A,
+    WL_POLICY_B,
     IFACES,
     CGROUPS,
     CONFIG,
@@ -103,6 +112,8 @@ impl SockKey {
 pub const PREFIXES_MAX: u32 = 1024;
 /// Capacity of each policy slot ([`POLICY_A`], [`POLICY_B`]).
 pub const POLICY_MAX: u32 = 256;
+/// Capacity of each workload policy slot ([`WL_POLICY_A`], [`WL_POLICY_B`]).
+pub const WL_POLICY_MAX: u32 = 1024;
 /// Capacity of [`IFACES`].
 pub const IFACES_MAX: u32 = 256;
 /// Capacity of [`CGROUPS`].
@@ -130,8 +141,29 @@ pub struct PolicyKey {
     pub dst: u8,
     /// IP protocol number (1 ICMP, 6 TCP, 17 UDP).
     pub proto: u8,
-    /// Explicit padding (zero): part of the hash key, so it must be written.
-    pub pad: u8,
+    /// [`SCOPE_QUADRANT`] or [`SCOPE_SOME_WORKLOAD`].
+    pub scope: u8,
+}
+
+/// [`PolicyKey::scope`]: allowed for every process of the source identity.
+pub const SCOPE_QUADRANT: u8 = 0;
+/// [`PolicyKey::scope`]: allowed for some workload of the source quadrant, by a rule naming its
+/// SPIFFE ID. The packet programs, which cannot tell the workloads of a quadrant apart, pass such
+/// flows; the cgroup programs allow them only to the named workload's cgroup ([`WL_POLICY_A`]).
+pub const SCOPE_SOME_WORKLOAD: u8 = 1;
+
+/// Key of [`WL_POLICY_A`] and [`WL_POLICY_B`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WlPolicyKey {
+    /// Cgroup id of the workload's cgroup (`<quadrant cgroup>/<workload>`).
+    pub cgroup_id: u64,
+    /// Destination [`crate::Identity`] id.
+    pub dst: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding (zero): part of the hash key.
+    pub pad: [u8; 6],
 }
 
 /// Maximum port ranges one (source, destination, protocol) entry holds.
@@ -247,6 +279,7 @@ mod pod {
     // (checked by the size assertions below), so every bit pattern is valid.
     unsafe impl aya::Pod for super::PrefixValue {}
     unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::WlPolicyKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::IfaceValue {}
     unsafe impl aya::Pod for super::CgroupValue {}

@@ -58,6 +58,8 @@ reasons! {
     AllowLoopback = 2, "allow_loopback", Pass;
     /// ARP, needed for the veth neighbour to resolve; carries no payload between quadrants.
     PassArp = 3, "pass_arp", Pass;
+    /// A rule naming the calling workload's SPIFFE ID allows this socket operation.
+    AllowWorkloadPolicy = 4, "allow_workload_policy", Pass;
     /// No policy rule allows this; the default between identities is deny.
     DenyPolicy = 10, "deny_policy", Drop;
     /// Source address outside the prefix of the quadrant the packet leaves from.

@@ -3,7 +3,8 @@
 //! A process in a quadrant that connects (or sends a datagram) to an identity the policy does not
 //! allow gets `EPERM` from the system call at once, instead of a timeout from a dropped packet.
 //! IPv4-mapped IPv6 addresses are decided as IPv4; other IPv6 addresses except loopback are
-//! denied (quadrants are IPv4-only).
+//! denied (quadrants are IPv4-only). Besides the quadrant-wide policy, a rule naming one
+//! workload's SPIFFE ID allows that workload's cgroup (one level below the quadrant's) only.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::bpf_get_current_ancestor_cgroup_id, macros::cgroup_sock_addr,
@@ -12,7 +13,9 @@ use aya_ebpf::{
 use dataplane_common::{Hook, Reason, Verdict, maps::CgroupValue, reason::UNATTRIBUTED_SLOT};
 
 use crate::{
-    decide::{cgroup_level, count, identity_of, is_reply, policy_allows},
+    decide::{
+        cgroup_level, count, identity_of, is_reply, quadrant_policy_allows, workload_policy_allows,
+    },
     maps::{CGROUPS, QUADRANTS},
 };
 
@@ -85,8 +88,16 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
         return (u32::from(quadrant), Reason::AllowLoopback);
     }
     let dst = identity_of(daddr);
-    if policy_allows(quadrant, dst, proto, dport) {
+    if quadrant_policy_allows(quadrant, dst, proto, dport) {
         return (u32::from(quadrant), Reason::AllowPolicy);
+    }
+    // The caller's workload: its cgroup one level below the quadrant's (0 for a process of the
+    // quadrant itself, which no workload rule names).
+    // SAFETY: helper without preconditions.
+    let workload =
+        unsafe { bpf_get_current_ancestor_cgroup_id((cgroup_level() + 1).cast_signed()) };
+    if workload != 0 && workload_policy_allows(workload, dst, proto, dport) {
+        return (u32::from(quadrant), Reason::AllowWorkloadPolicy);
     }
     // A datagram socket answering a flow the peer opened (allowed towards this quadrant).
     if let Some(local) = QUADRANTS.get(u32::from(quadrant)) {

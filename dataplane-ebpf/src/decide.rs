@@ -4,12 +4,15 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use dataplane_common::{
     Hook, Identity, Reason,
-    maps::{CtKey, CtValue, DataplaneConfig, PolicyKey},
+    maps::{
+        CtKey, CtValue, DataplaneConfig, PolicyKey, SCOPE_QUADRANT, SCOPE_SOME_WORKLOAD,
+        WlPolicyKey,
+    },
     reason::stats_index,
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, POLICY_A, POLICY_B, PREFIXES, STATS},
+    maps::{CONFIG, CONNTRACK, POLICY_A, POLICY_B, PREFIXES, STATS, WL_POLICY_A, WL_POLICY_B},
     parse::Ipv4Flow,
 };
 
@@ -115,20 +118,56 @@ pub fn decide_packet(flow: &Ipv4Flow, quadrant: u8, dir: Direction, track: bool)
     Reason::AllowPolicy
 }
 
-/// Whether a policy entry allows `proto` to `dport` (network order) from `src` to `dst`.
+/// Whether a policy entry of `scope` allows `proto` to `dport` (network order) from `src` to
+/// `dst`, in the live slot.
 #[inline(always)]
-pub fn policy_allows(src: u8, dst: u8, proto: u8, dport: u16) -> bool {
+fn scoped_policy_allows(slot: u32, src: u8, dst: u8, proto: u8, dport: u16, scope: u8) -> bool {
     let key = PolicyKey {
         src,
         dst,
         proto,
-        pad: 0,
+        scope,
     };
-    // One live slot for the whole lookup; the agent never writes the live slot.
+    let map = if slot == 0 { &POLICY_A } else { &POLICY_B };
+    // SAFETY: the value is only read while the program runs.
+    match unsafe { map.get(key) } {
+        Some(v) => v.allows(proto, u16::from_be(dport)),
+        None => false,
+    }
+}
+
+/// Packet layer: whether the policy allows `proto` to `dport` (network order) from `src` to
+/// `dst` for every process of `src`, or for some workload of it (the packet cannot tell which;
+/// the cgroup programs decide that for the socket).
+#[inline(always)]
+pub fn policy_allows(src: u8, dst: u8, proto: u8, dport: u16) -> bool {
+    // One live slot for the whole decision; the agent never writes the live slot.
+    let slot = config().policy_slot;
+    scoped_policy_allows(slot, src, dst, proto, dport, SCOPE_QUADRANT)
+        || scoped_policy_allows(slot, src, dst, proto, dport, SCOPE_SOME_WORKLOAD)
+}
+
+/// Socket layer: whether the policy allows `proto` to `dport` from `src` to `dst` for every
+/// process of `src`.
+#[inline(always)]
+pub fn quadrant_policy_allows(src: u8, dst: u8, proto: u8, dport: u16) -> bool {
+    scoped_policy_allows(config().policy_slot, src, dst, proto, dport, SCOPE_QUADRANT)
+}
+
+/// Socket layer: whether a rule naming the workload whose cgroup id is `cgroup_id` allows
+/// `proto` to `dport` (network order) towards `dst`.
+#[inline(always)]
+pub fn workload_policy_allows(cgroup_id: u64, dst: u8, proto: u8, dport: u16) -> bool {
+    let key = WlPolicyKey {
+        cgroup_id,
+        dst,
+        proto,
+        pad: [0; 6],
+    };
     let map = if config().policy_slot == 0 {
-        &POLICY_A
+        &WL_POLICY_A
     } else {
-        &POLICY_B
+        &WL_POLICY_B
     };
     // SAFETY: the value is only read while the program runs.
     match unsafe { map.get(key) } {

@@ -10,6 +10,7 @@ use dataplane_common::{
     maps::{
         CGROUPS_MAX, CONNTRACK_MAX, CgroupValue, CtKey, CtValue, DataplaneConfig, IFACES_MAX,
         IfaceValue, POLICY_MAX, PREFIXES_MAX, PolicyKey, PolicyValue, PrefixValue, QuadrantValue,
+        WL_POLICY_MAX, WlPolicyKey,
     },
     reason::STATS_ENTRIES,
 };
@@ -26,6 +27,17 @@ pub static POLICY_A: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries
 /// Slot 1 of the policy (see [`POLICY_A`]); `CONFIG.policy_slot` selects the live one.
 #[map(name = "POLICY_B")]
 pub static POLICY_B: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(POLICY_MAX, 0);
+
+/// (workload cgroup id, dst identity, protocol) → allowed destination port ranges, slot 0 of the
+/// workload policy (read by the cgroup programs). Writer: agent, only while the slot is not live.
+#[map(name = "WL_POLICY_A")]
+pub static WL_POLICY_A: HashMap<WlPolicyKey, PolicyValue> =
+    HashMap::with_max_entries(WL_POLICY_MAX, 0);
+
+/// Slot 1 of the workload policy (see [`WL_POLICY_A`]).
+#[map(name = "WL_POLICY_B")]
+pub static WL_POLICY_B: HashMap<WlPolicyKey, PolicyValue> =
+    HashMap::with_max_entries(WL_POLICY_MAX, 0);
 
 /// Host-side veth ifindex → quadrant. Writer: agent.
 #[map(name = "IFACES")]

@@ -2,8 +2,9 @@
 # kernel's policy map, and answers single questions for `quadrant policy eval`.
 #
 # A flow: {"from": identity, "to": identity, "protocols": [...], "ports": [...]} where identities
-# are dx, dg, px, pg, host, world (or a quadrant-wide SPIFFE ID pattern
-# spiffe://<td>/quadrant/<q>/workload/*), protocols tcp/udp/icmp, ports "443" or "8000-8080"
+# are dx, dg, px, pg, host, world (as a source also a quadrant-wide SPIFFE ID pattern
+# spiffe://<td>/quadrant/<q>/workload/* or one workload's SPIFFE ID, which the kernel enforces at
+# that workload's sockets), protocols tcp/udp/icmp, ports "443" or "8000-8080"
 # (absent: every port).
 package quadrant.runtime
 
@@ -22,7 +23,9 @@ candidates contains object.union(f, {"layer": "local"}) if {
 	some f in data.quadrant_local.allow
 }
 
-denied_by(f) := {d | some d in global.deny; d.from == f.from; d.to == f.to}
+# A global deny between quadrants also covers rules naming a SPIFFE ID (or pattern) of the source
+# quadrant.
+denied_by(f) := {d | some d in global.deny; d.from == source_of(f.from); d.to == f.to}
 
 # The flows the kernel enforces: allowed by a quadrant layer and not denied globally.
 flows contains f if {
@@ -40,7 +43,7 @@ conflicts contains {"allow": f, "deny": d} if {
 misplaced contains f if {
 	some f in candidates
 	f.layer != "local"
-	f.layer != f.from
+	f.layer != source_of(f.from)
 	f.layer != f.to
 }
 
@@ -103,6 +106,11 @@ quadrant_of(id) := parts[4] if {
 	parts[3] == "quadrant"
 	parts[5] == "workload"
 }
+
+# The identity a rule's source stands for: itself, or the quadrant of a SPIFFE ID (pattern).
+source_of(id) := id if not startswith(id, "spiffe://")
+
+source_of(id) := quadrant_of(id) if startswith(id, "spiffe://")
 
 lane_denied_by(l) := {d | some d in global.deny; d.from == quadrant_of(l.from); d.to == l.to}
 

@@ -107,3 +107,17 @@ test_a_lane_rule_with_an_unknown_source_is_misplaced if {
 	l.from == "everyone"
 }
 
+
+test_a_global_deny_overrides_an_allow_from_spiffe_ids if {
+	every from in ["spiffe://quadrant.local/quadrant/dx/workload/*", "spiffe://quadrant.local/quadrant/dx/workload/api"] {
+		f := runtime.flows with data.quadrant.runtime.quadrants.px.allow as {{"from": from, "to": "px", "protocols": ["tcp"]}}
+		count({x | some x in f; x.from == from}) == 0
+		c := runtime.conflicts with data.quadrant.runtime.quadrants.px.allow as {{"from": from, "to": "px", "protocols": ["tcp"]}}
+		count(c) == 1
+	}
+}
+
+test_a_workload_rule_in_its_own_quadrant_layer_is_not_misplaced if {
+	m := runtime.misplaced with data.quadrant.runtime.quadrants.dx.allow as {{"from": "spiffe://quadrant.local/quadrant/dx/workload/api", "to": "host", "protocols": ["tcp"], "ports": ["7300"]}}
+	count(m) == 0
+}

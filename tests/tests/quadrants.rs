@@ -777,3 +777,99 @@ fn policy_bundle_revisions_only_move_forward() {
         (false, "err EPERM".into())
     );
 }
+
+/// A `qprobe` server on the host (root namespace), killed when dropped.
+struct HostServer(std::process::Child);
+
+impl HostServer {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(QPROBE)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("host server");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+            &mut line,
+        )
+        .expect("read");
+        assert_eq!(line.trim(), "listening", "{args:?}");
+        Self(child)
+    }
+}
+
+impl Drop for HostServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_rule_naming_one_workload_admits_only_that_workload() {
+    // DX may only ping the host; one rule lets DX's workload `api` (and nothing else in DX)
+    // reach the host's port 7310 over TCP and UDP.
+    let policies = copy_of_policies("qt31");
+    let dx_rego = policies.join("runtime/quadrants/dx.rego");
+    let original = std::fs::read_to_string(&dx_rego).expect("dx.rego");
+    std::fs::write(
+        &dx_rego,
+        format!(
+            "{original}\nallow contains {{\"from\": \"spiffe://quadrant.local/quadrant/dx/workload/api\", \"to\": \"host\", \"protocols\": [\"tcp\", \"udp\"], \"ports\": [\"7310\"]}}\n"
+        ),
+    )
+    .expect("write dx.rego");
+    let mut config = test_config(31, None);
+    config.policy_dir = Some(policies);
+    let inst = Instance::up(config, QPROBE);
+    let _tcp = HostServer::start(&["tcp-echo", "0.0.0.0:7310"]);
+    let _udp = HostServer::start(&["udp-echo", "0.0.0.0:7310"]);
+    let gw = |q: Quadrant| format!("{}:7310", inst.config.addrs(q).gateway);
+    let tcp = |q: Quadrant, workload: Option<&str>| {
+        inst.probe_as(q, workload, &["tcp-connect", &gw(q), "2000"])
+    };
+    let udp = |q: Quadrant, workload: Option<&str>| {
+        inst.probe_as(q, workload, &["udp-send", &gw(q), "2000"])
+    };
+    assert!(
+        inst.status().policy.contains("for single workloads"),
+        "{}",
+        inst.status().policy
+    );
+    assert_eq!(tcp(Quadrant::Dx, Some("api")), (true, "ok hello".into()));
+    assert_eq!(udp(Quadrant::Dx, Some("api")), (true, "ok hello".into()));
+    let mut refused = 0;
+    for (q, workload) in [
+        (Quadrant::Dx, Some("web")),
+        (Quadrant::Dx, None),
+        (Quadrant::Dg, Some("api")),
+        (Quadrant::Px, Some("api")),
+    ] {
+        assert_eq!(
+            tcp(q, workload),
+            (false, "err EPERM".into()),
+            "{q:?} {workload:?}"
+        );
+        assert_eq!(
+            udp(q, workload),
+            (false, "err EPERM".into()),
+            "{q:?} {workload:?}"
+        );
+        refused += 2;
+    }
+    assert!(inst.counter("connect4", Quadrant::Dx, "allow_workload_policy") >= 1);
+    assert!(inst.counter("sendmsg4", Quadrant::Dx, "allow_workload_policy") >= 1);
+    println!("workload rule: 2 allowed, {refused} refused");
+
+    // Without the rule, `api` is refused too.
+    std::fs::write(&dx_rego, &original).expect("restore dx.rego");
+    let out = inst.quadrant(&["policy", "reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tcp(Quadrant::Dx, Some("api")), (false, "err EPERM".into()));
+    assert_eq!(udp(Quadrant::Dx, Some("api")), (false, "err EPERM".into()));
+}
