@@ -13,8 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SkMsg, SockOps,
-        TcAttachType, Xdp, XdpMode, links::FdLink,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, SkMsg,
+        SockOps, TcAttachType, Xdp, XdpMode, links::FdLink,
     },
 };
 use dataplane_common::{
@@ -57,8 +57,10 @@ pub mod programs {
     pub const SENDMSG4: &str = "quadrant_sendmsg4";
     /// cgroup sendmsg6.
     pub const SENDMSG6: &str = "quadrant_sendmsg6";
+    /// cgroup `sock_create`.
+    pub const SOCK_CREATE: &str = "quadrant_sock_create";
     /// Every program, with the hook it serves.
-    pub const ALL: [(&str, dataplane_common::Hook); 7] = [
+    pub const ALL: [(&str, dataplane_common::Hook); 8] = [
         (XDP, dataplane_common::Hook::Xdp),
         (TC_INGRESS, dataplane_common::Hook::TcIngress),
         (TC_EGRESS, dataplane_common::Hook::TcEgress),
@@ -66,9 +68,10 @@ pub mod programs {
         (CONNECT6, dataplane_common::Hook::Connect6),
         (SENDMSG4, dataplane_common::Hook::Sendmsg4),
         (SENDMSG6, dataplane_common::Hook::Sendmsg6),
+        (SOCK_CREATE, dataplane_common::Hook::SockCreate),
     ];
     /// The cgroup programs.
-    pub const CGROUP: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    pub const CGROUP: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
     /// `sock_ops` recording established TCP sockets (lane acceleration).
     pub const SOCKOPS: &str = "quadrant_sockops";
     /// `sk_msg` redirecting to a local peer socket (lane acceleration).
@@ -241,6 +244,7 @@ impl Dataplane {
                 aya::programs::Program::Xdp(p) => p.load().map_err(load)?,
                 aya::programs::Program::SchedClassifier(p) => p.load().map_err(load)?,
                 aya::programs::Program::CgroupSockAddr(p) => p.load().map_err(load)?,
+                aya::programs::Program::CgroupSock(p) => p.load().map_err(load)?,
                 aya::programs::Program::SockOps(p) => p.load().map_err(load)?,
                 aya::programs::Program::SkMsg(p) => p.load().map_err(load)?,
                 _ => return Err(LoaderError::Program { name }),
@@ -358,6 +362,7 @@ impl Dataplane {
             cgroup_level,
             ct_timeout_secs: config.conntrack_timeout_secs,
             policy_slot: slot,
+            raw_sockets_denied: 0,
         });
         self.apply_policy(policy).map(|_| ())
     }
@@ -401,6 +406,7 @@ impl Dataplane {
             cgroup_level: 0,
             ct_timeout_secs: 0,
             policy_slot: 0,
+            raw_sockets_denied: 0,
         });
         // First write: fill slot 0 (the programs read slot 0 while CONFIG is empty, and find it
         // empty: deny-all). Later writes: the slot that is not live.
@@ -453,6 +459,12 @@ impl Dataplane {
             HashMap::try_from(self.map_mut(wl_name)?).map_err(map_err(wl_name))?;
         replace_entries(&mut map, &wl_entries).map_err(map_err(wl_name))?;
         live.policy_slot = target;
+        live.raw_sockets_denied = self
+            .workload_rules
+            .some_workload
+            .keys()
+            .filter_map(|(src, _, _)| Quadrant::from_id(*src as u8))
+            .fold(0, |mask, q| mask | 1 << (q as u32));
         let mut cfg: Array<_, DataplaneConfig> =
             Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         cfg.set(0, live, 0).map_err(map_err(maps::CONFIG))?;
@@ -625,6 +637,12 @@ impl Dataplane {
                 let p: &mut CgroupSockAddr = prog.try_into()?;
                 let cg = fs::File::open(cgroup_dir).map_err(ProgramError::IOError)?;
                 // Links on a cgroup always coexist with other programs; no flag is needed.
+                let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into().map_err(|_| wrong_type())?
+            }
+            Hook::SockCreate => {
+                let p: &mut CgroupSock = prog.try_into()?;
+                let cg = fs::File::open(cgroup_dir).map_err(ProgramError::IOError)?;
                 let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into().map_err(|_| wrong_type())?
             }

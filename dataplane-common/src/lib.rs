@@ -12,12 +12,14 @@
 /// Version of the eBPF program set (the programs, their hooks and what they decide). An agent
 /// refuses to start on a host where a newer program set ran: upgrades only move forward.
 /// 1: the isolation programs; 2: with the lane acceleration programs; 3: the cgroup programs
-/// also allow what rules naming the caller's workload allow.
+/// also allow what rules naming the caller's workload allow, and `sock_create` refuses raw
+/// sockets where such rules exist.
 pub const PROGRAM_SET_VERSION: u32 = 3;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
-/// `WL_POLICY_A`/`WL_POLICY_B` and the scope byte of the policy key.
+/// `WL_POLICY_A`/`WL_POLICY_B`, the scope byte of the policy key, `CONFIG.raw_sockets_denied`
+/// and the `sock_create` hook's counters.
 pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
@@ -26,7 +28,8 @@ pub const MAP_LAYOUT_VERSION: u32 = 3;
 /// conversion; until then an older layout is refused rather than dropping flows.
 pub const CONNTRACK_LAYOUT_SINCE: u32 = 1;
 
-/// The oldest map layout whose `STATS` indices mean what [`reason::stats_index`] computes today;
+/// The oldest map layout whose `STATS` indices mean what [`reason::stats_index`] computes today
+/// (later layouts only append hooks, so an older, smaller `STATS` is copied index for index);
 /// the counters of an older dataplane are not carried over (they restart from zero).
 pub const STATS_LAYOUT_SINCE: u32 = 2;
 

@@ -222,6 +222,9 @@ pub struct DataplaneConfig {
     /// one completely, then flips this with one array update, so a new policy takes effect all
     /// at once.
     pub policy_slot: u32,
+    /// Bit `1 << quadrant id` set: that quadrant's policy names single workloads, so raw IP and
+    /// packet sockets are refused there (written with the same update as `policy_slot`).
+    pub raw_sockets_denied: u32,
 }
 
 /// Key of [`CONNTRACK`]: one direction of a flow as seen on the wire. Addresses and ports in
@@ -298,7 +301,8 @@ const _: () = {
     assert!(size_of::<IfaceValue>() == 4);
     assert!(size_of::<CgroupValue>() == 4);
     assert!(size_of::<QuadrantValue>() == 4);
-    assert!(size_of::<DataplaneConfig>() == 12);
+    assert!(size_of::<DataplaneConfig>() == 16);
     assert!(size_of::<CtKey>() == 16);
+    assert!(size_of::<WlPolicyKey>() == 16);
     assert!(size_of::<CtValue>() == 16);
 };

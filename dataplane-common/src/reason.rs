@@ -86,6 +86,9 @@ reasons! {
     DenyUnknownCgroup = 31, "deny_unknown_cgroup", Drop;
     /// IPv6 socket address that is neither loopback nor IPv4-mapped.
     DenyIpv6 = 32, "deny_ipv6", Drop;
+    /// A raw IP or packet socket in a quadrant whose policy names single workloads: such a
+    /// socket could forge packets the socket-layer workload checks never see.
+    DenyRawSocket = 33, "deny_raw_socket", Drop;
 }
 
 /// Reason ids are below this bound (the counter map reserves this many slots per hook and
@@ -110,11 +113,13 @@ pub enum Hook {
     Sendmsg4 = 5,
     /// cgroup `sendmsg6`.
     Sendmsg6 = 6,
+    /// cgroup `sock_create`.
+    SockCreate = 7,
 }
 
 impl Hook {
     /// Every hook, in id order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Xdp,
         Self::TcIngress,
         Self::TcEgress,
@@ -122,6 +127,7 @@ impl Hook {
         Self::Connect6,
         Self::Sendmsg4,
         Self::Sendmsg6,
+        Self::SockCreate,
     ];
 
     /// Stable name used in status output.
@@ -135,6 +141,7 @@ impl Hook {
             Self::Connect6 => "connect6",
             Self::Sendmsg4 => "sendmsg4",
             Self::Sendmsg6 => "sendmsg6",
+            Self::SockCreate => "sock_create",
         }
     }
 }
@@ -150,7 +157,7 @@ pub const UNATTRIBUTED_SLOT: u32 = QUADRANT_COUNT_U32;
 pub const STATS_ENTRIES: u32 = HOOK_COUNT * QUADRANT_SLOTS * REASON_SLOTS;
 
 /// Number of hooks.
-pub const HOOK_COUNT: u32 = 7;
+pub const HOOK_COUNT: u32 = 8;
 
 const _: () = assert!(Hook::ALL.len() as u64 == HOOK_COUNT as u64);
 

@@ -55,6 +55,7 @@ fn config() -> DataplaneConfig {
             cgroup_level: 0,
             ct_timeout_secs: DEFAULT_CT_TIMEOUT_SECS,
             policy_slot: 0,
+            raw_sockets_denied: 0,
         },
     }
 }
@@ -180,6 +181,12 @@ pub fn workload_policy_allows(cgroup_id: u64, dst: u8, proto: u8, dport: u16) ->
 #[inline(always)]
 pub fn cgroup_level() -> u32 {
     config().cgroup_level
+}
+
+/// Whether raw IP and packet sockets are refused in quadrant `quadrant`.
+#[inline(always)]
+pub fn raw_sockets_denied(quadrant: u8) -> bool {
+    config().raw_sockets_denied & (1 << (u32::from(quadrant) & 31)) != 0
 }
 
 /// Whether a tracked flow has `peer:peer_port` → `local:local_port` as one of its directions

@@ -7,6 +7,7 @@
 //! | tcx ingress | [`tc_ingress::quadrant_tc_ingress`] | host-side veth (packets leaving the quadrant) |
 //! | tcx egress | [`tc_egress::quadrant_tc_egress`] | host-side veth (packets entering the quadrant) |
 //! | cgroup connect4/6, sendmsg4/6 | [`cgroup_sock_addr`] | each quadrant's cgroup |
+//! | cgroup `sock_create` | [`sock_create::quadrant_sock_create`] | each quadrant's cgroup |
 //! | `sock_ops`, `sk_msg` | [`lane_accel`] | each quadrant's cgroup; the `LANE_SOCKS` sockhash (optional) |
 #![no_std]
 #![no_main]
@@ -24,6 +25,7 @@ mod decide;
 mod lane_accel;
 mod maps;
 mod parse;
+mod sock_create;
 mod tc;
 mod tc_egress;
 mod tc_ingress;

@@ -858,6 +858,29 @@ fn a_rule_naming_one_workload_admits_only_that_workload() {
         );
         refused += 2;
     }
+    // Nor can a process of DX forge what only `api` may send: raw IP sockets are refused in DX
+    // (its policy names a single workload), not in DG.
+    let host_gw = inst.config.addrs(Quadrant::Dx).gateway.to_string();
+    let forge = |q: Quadrant, workload: Option<&str>| {
+        let src = inst.addr(q);
+        [
+            inst.probe_as(q, workload, &["raw-udp", &src, &gw(q), "forged"]),
+            inst.probe_as(q, workload, &["raw-icmp", &src, &host_gw]),
+        ]
+    };
+    for workload in [None, Some("web"), Some("api")] {
+        for outcome in forge(Quadrant::Dx, workload) {
+            assert_eq!(outcome, (false, "err EPERM".into()), "DX {workload:?}");
+            refused += 1;
+        }
+    }
+    for outcome in forge(Quadrant::Dg, None) {
+        assert!(outcome.0, "DG: {outcome:?}");
+    }
+    assert_eq!(
+        inst.counter("sock_create", Quadrant::Dx, "deny_raw_socket"),
+        6
+    );
     assert!(inst.counter("connect4", Quadrant::Dx, "allow_workload_policy") >= 1);
     assert!(inst.counter("sendmsg4", Quadrant::Dx, "allow_workload_policy") >= 1);
     println!("workload rule: 2 allowed, {refused} refused");
@@ -872,4 +895,7 @@ fn a_rule_naming_one_workload_admits_only_that_workload() {
     );
     assert_eq!(tcp(Quadrant::Dx, Some("api")), (false, "err EPERM".into()));
     assert_eq!(udp(Quadrant::Dx, Some("api")), (false, "err EPERM".into()));
+    for outcome in forge(Quadrant::Dx, None) {
+        assert!(outcome.0, "DX without workload rules: {outcome:?}");
+    }
 }

@@ -122,17 +122,13 @@ impl KeptDataplane {
             )));
         }
         for q in Quadrant::ALL {
-            for (_, hook) in programs::ALL {
-                if hook == Hook::Xdp && config.xdp_mode == XdpAttachMode::Off {
-                    continue;
-                }
-                let path = dir.join("links").join(q.name()).join(hook.name());
-                if !path.exists() {
-                    return Err(refused(format!(
-                        "the kept link {} is missing",
-                        path.display()
-                    )));
-                }
+            let path = dir.join("links").join(q.name());
+            if !path.is_dir() {
+                return Err(refused(format!(
+                    "the kept links of quadrant {} ({}) are missing",
+                    q.name(),
+                    path.display()
+                )));
             }
         }
         let ct = open_map(
@@ -153,11 +149,13 @@ impl KeptDataplane {
                 size_of::<u64>(),
                 layout,
             )?;
+            // Later layouts only append hooks: the kept indices mean the same, its map may be
+            // smaller than this one, never larger.
             let entries = data.info().map_err(map_err(maps::STATS))?.max_entries();
-            if entries != STATS_ENTRIES {
+            if entries > STATS_ENTRIES {
                 return Err(refused(format!(
-                    "the kept map {} has {entries} entries, map layout {layout} defines \
-                     {STATS_ENTRIES}",
+                    "the kept map {} has {entries} entries, more than the {STATS_ENTRIES} this \
+                     agent knows",
                     maps::STATS
                 )));
             }
@@ -230,7 +228,7 @@ impl Dataplane {
         kept.flows = copy_flows(&kept.conntrack, &mut conntrack_of(self)?)?;
         if let Some(old) = &kept.stats {
             let mut new = stats_of(self)?;
-            for index in 0..STATS_ENTRIES {
+            for index in 0..old.len() {
                 let values: Vec<u64> = old
                     .get(&index, 0)
                     .map_err(map_err(maps::STATS))?
@@ -276,6 +274,7 @@ impl Dataplane {
                 iface.clone()
             };
             let path = dir.join(hook.name());
+            let fresh = !path.exists();
             let op = |source: ProgramError| LoaderError::ProgramOp {
                 action: "cannot switch",
                 program: name,
@@ -286,11 +285,19 @@ impl Dataplane {
                 path: path.clone(),
                 reason,
             };
-            if cgroup {
+            if cgroup || fresh {
+                // A hook the kept program set did not have is attached like on a fresh start.
+                let mode = if config.xdp_mode == XdpAttachMode::Native {
+                    aya::programs::XdpMode::Driver
+                } else {
+                    aya::programs::XdpMode::Skb
+                };
                 let link = self
-                    .attach_one(name, hook, &iface, &cgroup_dir, aya::programs::XdpMode::Skb)
+                    .attach_one(name, hook, &iface, &cgroup_dir, mode)
                     .map_err(op)?;
-                fs::remove_file(&path).map_err(|e| pin_err(e.to_string()))?;
+                if !fresh {
+                    fs::remove_file(&path).map_err(|e| pin_err(e.to_string()))?;
+                }
                 link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
             } else {
                 let old = PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?;
@@ -332,7 +339,7 @@ impl Dataplane {
         kept.flows += copy_flows(&kept.conntrack, &mut conntrack_of(self)?)?;
         if let Some(old) = &kept.stats {
             let mut new = stats_of(self)?;
-            for (index, copied) in (0..STATS_ENTRIES).zip(&kept.stats_copied) {
+            for (index, copied) in (0..old.len()).zip(&kept.stats_copied) {
                 let now = old.get(&index, 0).map_err(map_err(maps::STATS))?;
                 let cur = new.get(&index, 0).map_err(map_err(maps::STATS))?;
                 let sum: Vec<u64> = cur

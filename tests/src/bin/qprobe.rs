@@ -89,9 +89,7 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
                 PacketBuilder::ipv4(src.octets(), dst.ip().octets(), 64).udp(40_000, dst.port());
             let mut pkt = Vec::with_capacity(b.size(payload.len()));
             b.write(&mut pkt, payload.as_bytes())?;
-            raw_send(*dst.ip(), &pkt)?;
-            println!("ok sent");
-            Ok(true)
+            Ok(report(raw_send(*dst.ip(), &pkt).map(|()| "sent".into())))
         }
         "raw-icmp" => {
             let src: Ipv4Addr = arg(args, 1, "SRC")?.parse()?;
@@ -100,9 +98,7 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
                 PacketBuilder::ipv4(src.octets(), dst.octets(), 64).icmpv4_echo_request(0x5151, 1);
             let mut pkt = Vec::with_capacity(b.size(8));
             b.write(&mut pkt, b"qprobe!!")?;
-            raw_send(dst, &pkt)?;
-            println!("ok sent");
-            Ok(true)
+            Ok(report(raw_send(dst, &pkt).map(|()| "sent".into())))
         }
         "svid" => Ok(run_async(spiffe_probe::svid(
             args.get(1).map(String::as_str),
@@ -241,11 +237,12 @@ fn udp_echo(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-fn raw_socket(proto: libc::c_int) -> anyhow::Result<OwnedFd> {
+/// A raw IPv4 socket, or the errno name of why there is none.
+fn raw_socket(proto: libc::c_int) -> Result<OwnedFd, String> {
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, proto) };
     if fd < 0 {
-        bail!("raw socket: {}", std::io::Error::last_os_error());
+        return Err(errno_name(&std::io::Error::last_os_error()));
     }
     // SAFETY: fd is a fresh, valid descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -261,7 +258,7 @@ fn sockaddr(dst: Ipv4Addr) -> libc::sockaddr_in {
 
 /// Sends a complete IPv4 packet (any source address) through an `IPPROTO_RAW` socket, which no
 /// cgroup `sock_addr` hook sees.
-fn raw_send(dst: Ipv4Addr, packet: &[u8]) -> anyhow::Result<()> {
+fn raw_send(dst: Ipv4Addr, packet: &[u8]) -> Result<(), String> {
     let fd = raw_socket(libc::IPPROTO_RAW)?;
     let sa = sockaddr(dst);
     // SAFETY: buffer and address are valid for the lengths passed.
@@ -276,14 +273,14 @@ fn raw_send(dst: Ipv4Addr, packet: &[u8]) -> anyhow::Result<()> {
         )
     };
     if n < 0 {
-        bail!("sendto: {}", std::io::Error::last_os_error());
+        return Err(errno_name(&std::io::Error::last_os_error()));
     }
     Ok(())
 }
 
 /// One ICMP echo request through a raw socket; waits for the matching reply.
 fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> Result<String, String> {
-    let fd = raw_socket(libc::IPPROTO_ICMP).map_err(|e| e.to_string())?;
+    let fd = raw_socket(libc::IPPROTO_ICMP)?;
     let id = u16::try_from(std::process::id() & 0xffff).unwrap_or(1);
     let payload = b"qprobe-echo";
     let header = Icmpv4Header::with_checksum(
