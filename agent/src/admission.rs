@@ -242,8 +242,8 @@ impl Admission {
             .and_then(Value::as_str)
             .unwrap_or_default();
         // Converted once; each constraint's input shares it.
-        let review_value: regorus::Value =
-            serde_json::from_value(object.clone()).map_err(|e| format!("invalid review: {e}"))?;
+        let review_value = <regorus::Value as Deserialize>::deserialize(object)
+            .map_err(|e| format!("invalid review: {e}"))?;
         let mut violations = Vec::new();
         for c in &mut prepared.constraints {
             if !c.quadrants.iter().any(|q| q == quadrant) {

@@ -69,10 +69,22 @@ port_ok(f, port) if {
 	port_in(port, spec)
 }
 
+# The sources a flow may name to apply to `input.from`: itself and, for one workload's SPIFFE
+# ID, its quadrant's pattern (…/workload/*) and its quadrant.
+input_sources contains input.from
+
+input_sources contains quadrant_of(input.from) if startswith(input.from, "spiffe://")
+
+input_sources contains concat("/", array.concat(array.slice(parts, 0, 6), ["*"])) if {
+	startswith(input.from, "spiffe://")
+	parts := split(input.from, "/")
+	count(parts) == 7
+}
+
 # The flows that allow `input` ({"from", "to", "protocol", "port"}).
 matching contains f if {
 	some f in flows
-	f.from == input.from
+	f.from in input_sources
 	f.to == input.to
 	input.protocol in f.protocols
 	port_ok(f, input.port)
@@ -81,7 +93,7 @@ matching contains f if {
 # Globally denied pairs matching `input`.
 matching_denies contains d if {
 	some d in global.deny
-	d.from == input.from
+	d.from == source_of(input.from)
 	d.to == input.to
 }
 

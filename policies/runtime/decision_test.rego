@@ -121,3 +121,17 @@ test_a_workload_rule_in_its_own_quadrant_layer_is_not_misplaced if {
 	m := runtime.misplaced with data.quadrant.runtime.quadrants.dx.allow as {{"from": "spiffe://quadrant.local/quadrant/dx/workload/api", "to": "host", "protocols": ["tcp"], "ports": ["7300"]}}
 	count(m) == 0
 }
+
+test_a_workload_is_decided_by_its_own_rules_and_its_quadrant_rules if {
+	api := "spiffe://quadrant.local/quadrant/dx/workload/api"
+	web := "spiffe://quadrant.local/quadrant/dx/workload/web"
+	rule := {"from": api, "to": "host", "protocols": ["tcp"], "ports": ["7310"]}
+	runtime.decision.allowed with data.quadrant.runtime.quadrants.dx.allow as {rule}
+		with input as {"from": api, "to": "host", "protocol": "tcp", "port": 7310}
+	not runtime.decision.allowed with data.quadrant.runtime.quadrants.dx.allow as {rule}
+		with input as {"from": web, "to": "host", "protocol": "tcp", "port": 7310}
+	allowed(api, "dg", "tcp", 443)
+	not allowed(api, "px", "tcp", 443)
+	d := runtime.decision with input as {"from": api, "to": "px", "protocol": "tcp", "port": 443}
+	count(d.denied_by) == 1
+}

@@ -430,7 +430,8 @@ fn status_lists_quadrants_programs_and_counters() {
                 "connect4",
                 "connect6",
                 "sendmsg4",
-                "sendmsg6"
+                "sendmsg6",
+                "sock_create"
             ]
         );
         assert!(
