@@ -23,9 +23,9 @@ pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 pub enum Request {
     /// Report quadrants, programs and counters.
     Status,
-    /// Tear everything down and exit; with `keep_dataplane`, stop the agent (and its supervised
-    /// workloads) but leave the quadrants and the pinned eBPF dataplane enforcing, for the next
-    /// agent to take over (an upgrade).
+    /// Tear everything down and exit; with `keep_dataplane`, stop only the agent: the quadrants,
+    /// the pinned eBPF dataplane and the running workloads go on, for the next agent to take
+    /// over (an upgrade).
     Down {
         /// Leave the quadrants and the dataplane running.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -85,8 +85,8 @@ pub enum Response {
         pin_dir: PathBuf,
         /// Map layout of the kept dataplane.
         map_layout: u32,
-        /// Workloads the agent stopped.
-        stopped_workloads: usize,
+        /// Running workloads left running for the next agent to supervise.
+        handed_over_workloads: Vec<String>,
     },
     /// The plan was admitted and its workload started.
     Submitted {

@@ -132,6 +132,9 @@ pub struct State {
     /// Map layout of the running dataplane (0: written by an agent that did not record it).
     #[serde(default)]
     pub map_layout: u32,
+    /// Running workloads handed to the next agent with the kept dataplane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<workloads::Handover>,
 }
 
 impl State {
@@ -216,6 +219,7 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<Sto
     // of this instance (with the configuration it ran with) are removed, then anything this
     // configuration's names still point at.
     let mut kept = None;
+    let mut handed = Vec::new();
     if let Some(stale) = State::read(&config)? {
         if stale.dataplane_kept && same_dataplane(&stale.config, &config) {
             info!(instance = %config.instance, map_layout = stale.map_layout, "taking over the dataplane the previous agent kept running");
@@ -225,6 +229,7 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<Sto
                 }
             })?;
             kept = Some((dataplane, stale.mounted_cgroup2));
+            handed = stale.workloads;
         } else {
             if stale.dataplane_kept {
                 warn!(instance = %config.instance, "the kept dataplane was built from another configuration: removing it");
@@ -257,6 +262,7 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<Sto
             });
         }
     };
+    adopt_workloads(&running, handed).await;
     let running = Arc::new(Mutex::new(running));
     let result = serve(Arc::clone(&running), ready).await;
     if matches!(result, Ok(Stopped::DataplaneKept)) {
@@ -265,6 +271,22 @@ pub async fn up(config: Config, ready: impl FnOnce(&StatusReport)) -> Result<Sto
     let guard = running.lock().await;
     let down = teardown(&guard.config, guard.state.mounted_cgroup2);
     result.and(down.map(|_| Stopped::Removed))
+}
+
+/// Supervises the workloads the previous agent handed over with its dataplane; one whose process
+/// is gone is started again when its restart policy says so.
+async fn adopt_workloads(running: &Running, handed: Vec<workloads::Handover>) {
+    for h in handed {
+        let spec = h.spec.clone();
+        if let Err(e) = running.supervisor.adopt(h) {
+            warn!(error = %e, "handed-over workload not adopted");
+            if spec.restart != plans::RestartPolicy::Never
+                && let Err(e) = running.supervisor.start(spec).await
+            {
+                error!(error = %e, "cannot restart a handed-over workload");
+            }
+        }
+    }
 }
 
 /// Whether two configurations name the same quadrants, interfaces, cgroups, pins and XDP mode,
@@ -314,6 +336,7 @@ fn load(
         pid: std::process::id(),
         // Until the takeover is complete, a later `up` still finds the kept dataplane.
         dataplane_kept: kept.is_some(),
+        workloads: Vec::new(),
         map_layout: kept
             .as_ref()
             .map_or(dataplane_common::MAP_LAYOUT_VERSION, |k| k.layout()),
@@ -691,9 +714,13 @@ async fn serve(
     drop(listener);
     lane_broker.stop();
     let _ = stop_tx.send(true);
-    let stopped_workloads = running.lock().await.supervisor.list().len();
-    running.lock().await.supervisor.stop_all().await;
-    finish_down(&running, pending_down, &socket, stopped_workloads).await
+    let handed = if matches!(pending_down, Some((_, true))) {
+        running.lock().await.supervisor.hand_over().await
+    } else {
+        running.lock().await.supervisor.stop_all().await;
+        Vec::new()
+    };
+    finish_down(&running, pending_down, &socket, handed).await
 }
 
 /// After the services stopped: answers a `down` request — removing everything, or keeping the
@@ -702,20 +729,22 @@ async fn finish_down(
     running: &Mutex<Running>,
     pending_down: Option<(UnixStream, bool)>,
     socket: &Path,
-    stopped_workloads: usize,
+    handed: Vec<workloads::Handover>,
 ) -> Result<Stopped, AppError> {
     if let Some((mut requester, true)) = pending_down {
+        let handed_over_workloads = handed.iter().map(|h| h.spec.key.clone()).collect();
         // The quadrants, pins and links stay; the state file tells the next `up` to take them
         // over.
         let mut guard = running.lock().await;
         guard.state.dataplane_kept = true;
+        guard.state.workloads = handed;
         let result = guard.state.write();
         let _ = fs::remove_file(socket);
         let response = match &result {
             Ok(()) => Response::DataplaneKept {
                 pin_dir: guard.config.bpffs_dir(),
                 map_layout: guard.state.map_layout,
-                stopped_workloads,
+                handed_over_workloads,
             },
             Err(e) => Response::Error {
                 message: format!("cannot record the kept dataplane: {e}"),
@@ -1411,10 +1440,10 @@ pub fn down(config: &Config) -> Result<Vec<String>, AppError> {
     }
 }
 
-/// `quadrant down --keep-dataplane`: stops the running agent (and its workloads) and leaves the
-/// quadrants and the eBPF dataplane enforcing until the next `quadrant up` takes them over.
-/// Returns the pin directory, the kept map layout and how many workloads were stopped.
-pub fn down_keep_dataplane(config: &Config) -> Result<(PathBuf, u32, usize), AppError> {
+/// `quadrant down --keep-dataplane`: stops the running agent and leaves the quadrants, the eBPF
+/// dataplane and the running workloads going until the next `quadrant up` takes them over.
+/// Returns the pin directory, the kept map layout and the workloads handed over.
+pub fn down_keep_dataplane(config: &Config) -> Result<(PathBuf, u32, Vec<String>), AppError> {
     require_root("down")?;
     let socket = config.socket_path();
     if !api::agent_running(&socket) {
@@ -1437,8 +1466,8 @@ pub fn down_keep_dataplane(config: &Config) -> Result<(PathBuf, u32, usize), App
         Response::DataplaneKept {
             pin_dir,
             map_layout,
-            stopped_workloads,
-        } => Ok((pin_dir, map_layout, stopped_workloads)),
+            handed_over_workloads,
+        } => Ok((pin_dir, map_layout, handed_over_workloads)),
         Response::Error { message } => Err(AppError::Agent(message)),
         _ => Err(AppError::Agent("unexpected answer to down".into())),
     }

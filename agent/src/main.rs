@@ -26,8 +26,8 @@ enum Command {
     Up,
     /// Remove everything `up` created (asks the running agent, or cleans up after a crash).
     Down {
-        /// Stop only the agent (and its supervised workloads): the quadrants and the eBPF
-        /// dataplane keep enforcing, tracked flows included, and the next `quadrant up` (a newer
+        /// Stop only the agent: the quadrants and the eBPF dataplane keep enforcing, tracked
+        /// flows included, the workloads keep running, and the next `quadrant up` (a newer
         /// agent, say) takes them over without a gap.
         #[arg(long)]
         keep_dataplane: bool,
@@ -339,10 +339,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Down {
             keep_dataplane: true,
         } => {
-            let (pins, layout, stopped) = app::down_keep_dataplane(&config)?;
+            let (pins, layout, handed) = app::down_keep_dataplane(&config)?;
             println!(
-                "agent stopped ({stopped} supervised workloads stopped); the quadrants and the dataplane (map layout {layout}, pins in {}) keep enforcing until the next `quadrant up` takes them over",
-                pins.display()
+                "agent stopped; the quadrants and the dataplane (map layout {layout}, pins in {}) keep enforcing and {} workloads keep running ({}) until the next `quadrant up` takes them over",
+                pins.display(),
+                handed.len(),
+                handed.join(", ")
             );
             Ok(())
         }

@@ -34,7 +34,7 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Everything needed to start one workload.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Spec {
     /// `<quadrant>/<workload>`.
     pub key: String,
@@ -89,9 +89,33 @@ pub struct Status {
     pub log: PathBuf,
 }
 
+/// A running workload handed from an agent that stops with `--keep-dataplane` to the next one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Handover {
+    /// What it runs.
+    pub spec: Spec,
+    /// Its process.
+    pub pid: u32,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Where its limits were applied.
+    pub limits: String,
+}
+
+/// What the supervisor asks of a workload's task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Control {
+    Run,
+    /// Stop the process (SIGTERM, then SIGKILL).
+    Stop,
+    /// Leave the process running and let go of it (handover).
+    Detach,
+}
+
 struct Entry {
+    spec: Spec,
     status: Mutex<Status>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Control>,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -125,6 +149,16 @@ pub enum WorkloadError {
     /// No such workload.
     #[error("no workload {0}; see `quadrant workloads`")]
     Unknown(String),
+    /// A handed-over workload cannot be adopted.
+    #[error("cannot adopt workload {name} (pid {pid}): {reason}")]
+    Adopt {
+        /// `<quadrant>/<workload>`.
+        name: String,
+        /// Its process.
+        pid: u32,
+        /// Why.
+        reason: String,
+    },
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> WorkloadError + 'a {
@@ -244,8 +278,9 @@ impl Supervisor {
         if let Some(dir) = spec.log.parent() {
             fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         }
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(Control::Run);
         let entry = Arc::new(Entry {
+            spec: spec.clone(),
             status: Mutex::new(Status {
                 name: spec.key.clone(),
                 generation: spec.generation,
@@ -260,6 +295,11 @@ impl Supervisor {
             done: Mutex::new(None),
         });
         let task = tokio::spawn(run(spec.clone(), procs, Arc::clone(&entry), stop_rx));
+        self.insert(entry, task);
+        Ok(())
+    }
+
+    fn insert(&self, entry: Arc<Entry>, task: tokio::task::JoinHandle<()>) {
         *entry
             .done
             .lock()
@@ -267,7 +307,106 @@ impl Supervisor {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(spec.key, entry);
+            .insert(entry.spec.key.clone(), entry);
+    }
+
+    /// Lets go of every running workload, leaving its process running, and returns what the
+    /// next agent needs to supervise it ([`Self::adopt`]). Workloads not running are dropped.
+    pub async fn hand_over(&self) -> Vec<Handover> {
+        let entries: Vec<Arc<Entry>> = std::mem::take(
+            &mut *self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_values()
+        .collect();
+        let mut out = Vec::new();
+        for e in entries {
+            let _ = e.stop.send(Control::Detach);
+            let task = e
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+            let status = e
+                .status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if let (Some(pid), "detached") = (status.pid, status.state.as_str()) {
+                out.push(Handover {
+                    spec: e.spec.clone(),
+                    pid,
+                    restarts: status.restarts,
+                    limits: status.limits,
+                });
+            }
+        }
+        out
+    }
+
+    /// Supervises a workload an earlier agent handed over: its process must still run in the
+    /// workload's cgroup. When it exits (its status is not known to a process that is not its
+    /// parent, so it counts as a failure) the restart policy applies as usual.
+    pub fn adopt(&self, h: Handover) -> Result<(), WorkloadError> {
+        let gone = |what: &str| WorkloadError::Adopt {
+            name: h.spec.key.clone(),
+            pid: h.pid,
+            reason: what.to_owned(),
+        };
+        let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", h.pid))
+            .map_err(|e| gone(&format!("no such process ({e})")))?;
+        let leaf = Path::new(&h.spec.quadrant).join(&h.spec.workload);
+        if !cgroup
+            .lines()
+            .filter_map(|l| l.strip_prefix("0::"))
+            .any(|p| Path::new(p).ends_with(&leaf))
+        {
+            return Err(gone("the process is not in the workload's cgroup"));
+        }
+        // SAFETY: pidfd_open(2) with a pid and no flags; the result is a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, h.pid, 0) };
+        let fd = i32::try_from(fd)
+            .ok()
+            .filter(|fd| *fd >= 0)
+            .ok_or_else(|| gone(&std::io::Error::last_os_error().to_string()))?;
+        // SAFETY: a fresh descriptor nobody else owns.
+        let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same until it is
+        // dropped.
+        let pidfd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| gone(&e.to_string()))?;
+        let (stop_tx, stop_rx) = watch::channel(Control::Run);
+        let entry = Arc::new(Entry {
+            spec: h.spec.clone(),
+            status: Mutex::new(Status {
+                name: h.spec.key.clone(),
+                generation: h.spec.generation,
+                pid: Some(h.pid),
+                state: "running".into(),
+                last_exit: None,
+                restarts: h.restarts,
+                limits: h.limits,
+                log: h.spec.log.clone(),
+            }),
+            stop: stop_tx,
+            done: Mutex::new(None),
+        });
+        info!(workload = %h.spec.key, pid = h.pid, "adopted a workload handed over by the previous agent");
+        let task = tokio::spawn(run_adopted(
+            h.spec,
+            h.pid,
+            pidfd,
+            Arc::clone(&entry),
+            stop_rx,
+        ));
+        self.insert(entry, task);
         Ok(())
     }
 
@@ -329,7 +468,7 @@ impl Supervisor {
 }
 
 async fn stop_entry(entry: &Entry) {
-    let _ = entry.stop.send(true);
+    let _ = entry.stop.send(Control::Stop);
     let task = entry
         .done
         .lock()
@@ -356,7 +495,75 @@ fn describe(status: std::process::ExitStatus) -> (bool, String) {
     }
 }
 
-async fn run(spec: Spec, procs: Vec<PathBuf>, entry: Arc<Entry>, mut stop: watch::Receiver<bool>) {
+/// Supervises an adopted process until it exits or is stopped; after an exit the restart
+/// policy applies (the exit status of a process this agent did not start is unknown: a failure).
+async fn run_adopted(
+    spec: Spec,
+    pid: u32,
+    pidfd: tokio::io::unix::AsyncFd<OwnedFd>,
+    entry: Arc<Entry>,
+    mut stop: watch::Receiver<Control>,
+) {
+    let exited = tokio::select! {
+        _ = pidfd.readable() => true,
+        _ = stop.changed() => false,
+    };
+    if !exited {
+        if *stop.borrow() == Control::Detach {
+            set(&entry, |s| s.state = "detached".into());
+            return;
+        }
+        if let Ok(pid) = i32::try_from(pid) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(STOP_GRACE, pidfd.readable())
+                .await
+                .is_err()
+            {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = pidfd.readable().await;
+            }
+        }
+        set(&entry, |s| {
+            s.pid = None;
+            s.state = "stopped".into();
+            s.last_exit = Some("stopped (adopted process)".into());
+        });
+        return;
+    }
+    set(&entry, |s| {
+        s.pid = None;
+        s.state = "exited".into();
+        s.last_exit = Some("exited (adopted process, status unknown)".into());
+    });
+    if spec.restart == RestartPolicy::Never {
+        return;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(RESTART_BACKOFF_MIN) => {}
+        _ = stop.changed() => {
+            set(&entry, |s| s.state = "stopped".into());
+            return;
+        }
+    }
+    match prepare_cgroups(&spec) {
+        Ok((procs, _)) => {
+            set(&entry, |s| s.restarts += 1);
+            run(spec, procs, entry, stop).await;
+        }
+        Err(e) => set(&entry, |s| {
+            s.state = "failed".into();
+            s.last_exit = Some(format!("cannot restart: {e}"));
+        }),
+    }
+}
+
+async fn run(
+    spec: Spec,
+    procs: Vec<PathBuf>,
+    entry: Arc<Entry>,
+    mut stop: watch::Receiver<Control>,
+) {
     let mut backoff = RESTART_BACKOFF_MIN;
     loop {
         let child = spawn(&spec, &procs);
@@ -381,6 +588,13 @@ async fn run(spec: Spec, procs: Vec<PathBuf>, entry: Arc<Entry>, mut stop: watch
             _ = stop.changed() => None,
         };
         let Some(status) = outcome else {
+            if *stop.borrow() == Control::Detach {
+                // Handover: the process goes on; the next agent adopts it. Dropping the handle
+                // would kill it.
+                std::mem::forget(child);
+                set(&entry, |s| s.state = "detached".into());
+                return;
+            }
             // Stop: SIGTERM, then SIGKILL after a grace period.
             if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
                 let _ = nix::sys::signal::kill(

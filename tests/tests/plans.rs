@@ -514,3 +514,98 @@ fn a_plan_limits_its_workload_to_the_lanes_it_declares() {
     }
     assert!(fx.inst.down().status.success());
 }
+
+/// `quadrant down --keep-dataplane` hands the running workloads to the next agent: the same
+/// processes keep running, the new agent lists, stops and restarts them per their plan.
+#[test]
+fn workloads_keep_running_across_a_kept_dataplane() {
+    let dir = PathBuf::from(TEST_STATE_DIR).join("qt32-handover");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let mut config = test_config(32, None);
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(config.audit_log.with_file_name("qt32-generations.json"));
+    let mut fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    fx.trust_key("prod", "plan", &["px"]);
+    let steady = fx.add_artifact("steady", "#!/bin/sh\necho up\nexec sleep 300\n");
+    let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &steady), "prod");
+    assert!(ok, "{err}");
+    let mut other = plan_doc(1, &steady);
+    other["workload"] = json!("worker");
+    let (ok, _, err) = fx.sign_and_submit(&other, "prod");
+    assert!(ok, "{err}");
+    let pid_of = |fx: &Fixture, name: &str| -> (String, Option<u64>, u64) {
+        let w = fx.workloads();
+        let w = w.iter().find(|w| w["name"] == name).expect("workload");
+        (
+            w["state"].as_str().unwrap_or_default().to_owned(),
+            w["pid"].as_u64(),
+            w["restarts"].as_u64().unwrap_or_default(),
+        )
+    };
+    let (state, api_pid, _) = pid_of(&fx, "px/api");
+    assert_eq!(state, "running");
+    let api_pid = api_pid.expect("pid");
+    let (_, worker_pid, _) = pid_of(&fx, "px/worker");
+    let worker_pid = worker_pid.expect("pid");
+
+    let out = fx.inst.stop_keeping_dataplane();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 workloads keep running"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for pid in [api_pid, worker_pid] {
+        assert!(
+            PathBuf::from(format!("/proc/{pid}")).exists(),
+            "pid {pid} gone"
+        );
+    }
+
+    fx.inst.start_agent();
+    assert_eq!(pid_of(&fx, "px/api"), ("running".into(), Some(api_pid), 0));
+    assert_eq!(
+        pid_of(&fx, "px/worker"),
+        ("running".into(), Some(worker_pid), 0)
+    );
+    // The new agent stops an adopted process...
+    let (ok, _, err) = fx.run(&["stop", "px/api"]);
+    assert!(ok, "{err}");
+    assert_eq!(pid_of(&fx, "px/api").0, "stopped");
+    assert!(
+        !PathBuf::from(format!("/proc/{api_pid}/cgroup")).exists() || {
+            // A zombie of the old agent's child may linger until reaped by init; it is not running.
+            fs::read_to_string(format!("/proc/{api_pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+        }
+    );
+    // ...and restarts one that exits, per its plan (on_failure; an adopted exit is a failure).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(worker_pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (state, pid, restarts) = pid_of(&fx, "px/worker");
+        if state == "running" && pid.is_some_and(|p| p != worker_pid) {
+            assert_eq!(restarts, 1);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker not restarted: {state} {pid:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(fx.inst.down().status.success());
+}
