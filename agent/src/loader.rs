@@ -548,8 +548,6 @@ impl Dataplane {
         let q = handle.quadrant;
         self.register_iface(handle.host_ifindex, q)?;
         self.register_cgroup(handle.cgroup_id, q)?;
-        let iface = config.host_iface(q);
-        let cgroup_dir = config.cgroup_dir(q);
         let link_dir = self
             .pin_dir
             .as_ref()
@@ -562,28 +560,15 @@ impl Dataplane {
             })?;
         }
         let mut out = Vec::new();
-        for (name, hook) in programs::ALL {
-            if hook == Hook::Xdp && config.xdp_mode == XdpAttachMode::Off {
-                continue;
-            }
-            let target = if programs::CGROUP.contains(&name) {
-                cgroup_dir.display().to_string()
-            } else {
-                iface.clone()
-            };
-            let xdp_mode = if config.xdp_mode == XdpAttachMode::Native {
-                XdpMode::Driver
-            } else {
-                XdpMode::Skb
-            };
-            let link = self
-                .attach_one(name, hook, &iface, &cgroup_dir, xdp_mode)
-                .map_err(|source| LoaderError::ProgramOp {
+        for (name, hook, target) in quadrant_programs(config, q) {
+            let link = self.attach_one(name, hook, config, q).map_err(|source| {
+                LoaderError::ProgramOp {
                     action: "cannot attach",
                     program: name,
                     target: format!(" to {target}"),
                     source: Box::new(source),
-                })?;
+                }
+            })?;
             let link_pin = if let Some(d) = &link_dir {
                 let path = d.join(hook.name());
                 link.pin(&path).map_err(|e| LoaderError::Pin {
@@ -607,14 +592,22 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Attaches program `name` to its hook of quadrant `q`, returning the (not yet pinned) link.
     fn attach_one(
         &mut self,
         name: &'static str,
         hook: Hook,
-        iface: &str,
-        cgroup_dir: &Path,
-        xdp_mode: XdpMode,
+        config: &Config,
+        q: Quadrant,
     ) -> Result<FdLink, ProgramError> {
+        let iface = config.host_iface(q);
+        let iface = iface.as_str();
+        let cgroup_dir = config.cgroup_dir(q);
+        let xdp_mode = if config.xdp_mode == XdpAttachMode::Native {
+            XdpMode::Driver
+        } else {
+            XdpMode::Skb
+        };
         let wrong_type = || ProgramError::UnexpectedProgramType;
         let prog = self.ebpf.program_mut(name).ok_or_else(wrong_type)?;
         let link: FdLink = match hook {
@@ -797,6 +790,23 @@ impl Dataplane {
             .map_err(map_err(maps::STATS))?;
         Ok(values.iter().sum())
     }
+}
+
+/// The programs attached to each quadrant under `config` (XDP only when it is on), each with the
+/// interface or cgroup it goes to.
+fn quadrant_programs(config: &Config, q: Quadrant) -> Vec<(&'static str, Hook, String)> {
+    programs::ALL
+        .into_iter()
+        .filter(|(_, hook)| *hook != Hook::Xdp || config.xdp_mode != XdpAttachMode::Off)
+        .map(|(name, hook)| {
+            let target = if programs::CGROUP.contains(&name) {
+                config.cgroup_dir(q).display().to_string()
+            } else {
+                config.host_iface(q)
+            };
+            (name, hook, target)
+        })
+        .collect()
 }
 
 /// A policy value holding `ranges` (at most [`MAX_PORT_RANGES`]: the compilers refuse more).

@@ -323,15 +323,7 @@ impl Supervisor {
         .collect();
         let mut out = Vec::new();
         for e in entries {
-            let _ = e.stop.send(Control::Detach);
-            let task = e
-                .done
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if let Some(task) = task {
-                let _ = task.await;
-            }
+            signal_entry(&e, Control::Detach).await;
             let status = e
                 .status
                 .lock()
@@ -468,7 +460,12 @@ impl Supervisor {
 }
 
 async fn stop_entry(entry: &Entry) {
-    let _ = entry.stop.send(Control::Stop);
+    signal_entry(entry, Control::Stop).await;
+}
+
+/// Asks the entry's task to stop or detach and waits until it has.
+async fn signal_entry(entry: &Entry, control: Control) {
+    let _ = entry.stop.send(control);
     let task = entry
         .done
         .lock()

@@ -28,11 +28,8 @@ use dataplane_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{AttachedProgram, Dataplane, LoaderError, map_err, programs};
-use crate::{
-    config::{Config, XdpAttachMode},
-    quadrants::QuadrantHandle,
-};
+use super::{AttachedProgram, Dataplane, LoaderError, map_err, programs, quadrant_programs};
+use crate::{config::Config, quadrants::QuadrantHandle};
 
 /// `BPF_NOEXIST`: an update that only creates, never overwrites.
 const BPF_NOEXIST: u64 = 1;
@@ -254,8 +251,6 @@ impl Dataplane {
         let q = handle.quadrant;
         self.register_iface(handle.host_ifindex, q)?;
         self.register_cgroup(handle.cgroup_id, q)?;
-        let iface = config.host_iface(q);
-        let cgroup_dir = config.cgroup_dir(q);
         let dir = self
             .pin_dir
             .as_ref()
@@ -263,16 +258,8 @@ impl Dataplane {
             .join("links")
             .join(q.name());
         let mut out = Vec::new();
-        for (name, hook) in programs::ALL {
-            if hook == Hook::Xdp && config.xdp_mode == XdpAttachMode::Off {
-                continue;
-            }
+        for (name, hook, target) in quadrant_programs(config, q) {
             let cgroup = programs::CGROUP.contains(&name);
-            let target = if cgroup {
-                cgroup_dir.display().to_string()
-            } else {
-                iface.clone()
-            };
             let path = dir.join(hook.name());
             let fresh = !path.exists();
             let op = |source: ProgramError| LoaderError::ProgramOp {
@@ -287,14 +274,7 @@ impl Dataplane {
             };
             if cgroup || fresh {
                 // A hook the kept program set did not have is attached like on a fresh start.
-                let mode = if config.xdp_mode == XdpAttachMode::Native {
-                    aya::programs::XdpMode::Driver
-                } else {
-                    aya::programs::XdpMode::Skb
-                };
-                let link = self
-                    .attach_one(name, hook, &iface, &cgroup_dir, mode)
-                    .map_err(op)?;
+                let link = self.attach_one(name, hook, config, q).map_err(op)?;
                 if !fresh {
                     fs::remove_file(&path).map_err(|e| pin_err(e.to_string()))?;
                 }
