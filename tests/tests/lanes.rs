@@ -640,3 +640,32 @@ fn the_event_stream_reports_lanes_and_reloads_in_its_schema() {
     assert_eq!(events[1]["reason"], "policy");
     assert!(events[0]["seq"].as_u64() < events[2]["seq"].as_u64());
 }
+
+/// TCP handshakes run side by side: connections that never speak TLS (a client stalling its
+/// handshake) hold up no other lane. Accepted one after the other, three stalled connections
+/// would keep the next genuine lane waiting 15 s, past its 5 s set-up timeout.
+#[test]
+fn a_stalled_tcp_handshake_holds_up_no_other_lane() {
+    let mut inst = Instance::up(test_config(33, None), QPROBE);
+    let server = start_echo(&mut inst, Quadrant::Dg, true);
+    let dg = inst.addr(Quadrant::Dg);
+    let tcp_lane = |inst: &Instance| {
+        summary(&call(
+            inst,
+            Quadrant::Dx,
+            "client",
+            Quadrant::Dg,
+            &["--transport", "tcp", "--size", "64", "--count", "5"],
+        ))
+    };
+    // A first lane gives the service its SVID for TCP.
+    assert_eq!(tcp_lane(&inst)["transport"], "tcp");
+    let stalled: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect((dg.as_str(), TCP_PORT)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(tcp_lane(&inst)["transport"], "tcp");
+    // The stalled connections are refused once their set-up time runs out.
+    wait_for(&server, "refused a TCP lane from");
+    drop(stalled);
+}

@@ -27,6 +27,8 @@ pub const SOCKET_ENV: &str = "QUADRANT_LANE_SOCKET";
 
 /// How long a TCP lane's handshake and authorization may take.
 const TCP_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP handshakes a service runs at once; a connection beyond them is closed at once.
+const MAX_TCP_HANDSHAKES: usize = 32;
 
 /// A connection to the broker.
 #[derive(Debug)]
@@ -211,6 +213,36 @@ impl LaneClient {
     }
 }
 
+/// The server side of a TCP lane's set-up up to the client's Hello: the TLS handshake (the
+/// client's SVID is verified in it) and one Hello frame. Returns the framed stream, the client's
+/// SPIFFE ID and the Hello's payload.
+fn handshake(sock: &TcpStream, config: Arc<rustls::ServerConfig>) -> Result<Hello, LaneError> {
+    let conn = rustls::ServerConnection::new(config).map_err(|e| LaneError::Tls(e.to_string()))?;
+    let mut tls_stream = rustls::StreamOwned::new(conn, sock.try_clone()?);
+    while tls_stream.conn.is_handshaking() {
+        tls_stream
+            .conn
+            .complete_io(&mut tls_stream.sock)
+            .map_err(|e| LaneError::Tls(format!("handshake: {e}")))?;
+    }
+    let peer = tls_stream
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(tls::spiffe_id_of)
+        .ok_or_else(|| LaneError::Tls("client presented no SVID".into()))?;
+    let stream: Box<dyn Stream> = Box::new(tls_stream);
+    let mut framed = Framed::new(stream, 4096);
+    let mut hello = Vec::new();
+    match framed.recv(&mut hello) {
+        Ok(Some(Kind::Hello)) => Ok((framed, peer, hello)),
+        Ok(other) => Err(LaneError::Tls(format!(
+            "client {peer}: expected Hello, got {other:?}"
+        ))),
+        Err(e) => Err(LaneError::Tls(format!("client {peer}: {e}"))),
+    }
+}
+
 fn tls_error(e: LaneError) -> LaneError {
     match e {
         LaneError::Io(io) => LaneError::Tls(io.to_string()),
@@ -218,6 +250,37 @@ fn tls_error(e: LaneError) -> LaneError {
             LaneError::Tls("the peer closed the connection during set-up".into())
         }
         other => other,
+    }
+}
+
+/// A TCP lane's client after the handshake: the framed TLS stream, the client's SPIFFE ID and
+/// its Hello's payload.
+type Hello = (Framed<Box<dyn Stream>>, String, Vec<u8>);
+
+/// A TCP connection whose TLS handshake and Hello a handshake thread finished (or failed).
+struct Handshaken {
+    from: SocketAddr,
+    sock: TcpStream,
+    result: Result<Hello, LaneError>,
+}
+
+/// TCP connections in their handshake, each on its own thread so that a client that stalls
+/// holds up only itself; finished ones queue here and wake [`LaneListener::accept`].
+struct Handshakes {
+    done: Mutex<VecDeque<Handshaken>>,
+    running: std::sync::atomic::AtomicUsize,
+    wake_tx: std::os::unix::net::UnixStream,
+    wake_rx: std::os::unix::net::UnixStream,
+}
+
+impl std::fmt::Debug for Handshakes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshakes")
+            .field(
+                "running",
+                &self.running.load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
     }
 }
 
@@ -230,6 +293,7 @@ pub struct LaneListener {
     ready: VecDeque<(LaneGrant, Vec<OwnedFd>)>,
     tcp_pending: HashMap<u64, (LaneGrant, Vec<OwnedFd>, Instant)>,
     newest_svid: Option<Svid>,
+    handshakes: Arc<Handshakes>,
 }
 
 impl LaneListener {
@@ -259,6 +323,8 @@ impl LaneListener {
                 )));
             }
         };
+        let (wake_tx, wake_rx) = std::os::unix::net::UnixStream::pair()?;
+        wake_rx.set_nonblocking(true)?;
         Ok(Self {
             control,
             spiffe_id,
@@ -266,6 +332,12 @@ impl LaneListener {
             ready: VecDeque::new(),
             tcp_pending: HashMap::new(),
             newest_svid: None,
+            handshakes: Arc::new(Handshakes {
+                done: Mutex::new(VecDeque::new()),
+                running: std::sync::atomic::AtomicUsize::new(0),
+                wake_tx,
+                wake_rx,
+            }),
         })
     }
 
@@ -302,7 +374,8 @@ impl LaneListener {
     }
 
     /// Waits for the next lane. A TCP connection that fails the handshake or the lane's
-    /// authorization is refused and not returned; the error says why.
+    /// authorization is refused and not returned; the error says why. TCP handshakes run on
+    /// their own threads, so a client that stalls its handshake holds up no other lane.
     pub fn accept(&mut self) -> Result<Lane, LaneError> {
         loop {
             if let Some((grant, fds)) = self.ready.pop_front() {
@@ -313,7 +386,30 @@ impl LaneListener {
                     Some(Arc::clone(&self.control)),
                 );
             }
-            let mut fds = vec![self.control.fd.as_raw_fd()];
+            let done = self
+                .handshakes
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop_front();
+            if let Some(h) = done {
+                let from = h.from;
+                return h
+                    .result
+                    .and_then(|(framed, peer, hello)| {
+                        self.finish_tcp(&h.sock, framed, &peer, &hello)
+                    })
+                    .map_err(|e| match e {
+                        LaneError::Tls(why) => {
+                            LaneError::Tls(format!("refused a TCP lane from {from}: {why}"))
+                        }
+                        other => other,
+                    });
+            }
+            let mut fds = vec![
+                self.control.fd.as_raw_fd(),
+                self.handshakes.wake_rx.as_raw_fd(),
+            ];
             if let Some(l) = &self.tcp {
                 fds.push(l.as_fd().as_raw_fd());
             }
@@ -322,23 +418,34 @@ impl LaneListener {
                 self.take_message()?;
                 continue;
             }
-            if ready.get(1).copied().unwrap_or(false)
+            if ready[1] {
+                let mut buf = [0u8; 64];
+                let _ = io::Read::read(&mut &self.handshakes.wake_rx, &mut buf);
+                continue;
+            }
+            if ready.get(2).copied().unwrap_or(false)
                 && let Some(l) = &self.tcp
             {
                 let (sock, from) = l.accept()?;
-                return self.accept_tcp(&sock).map_err(|e| match e {
-                    LaneError::Tls(why) => {
-                        LaneError::Tls(format!("refused a TCP lane from {from}: {why}"))
-                    }
-                    other => other,
-                });
+                if let Err(e) = self.start_handshake(sock, from) {
+                    return Err(match e {
+                        LaneError::Tls(why) => {
+                            LaneError::Tls(format!("refused a TCP lane from {from}: {why}"))
+                        }
+                        other => other,
+                    });
+                }
             }
         }
     }
 
-    fn accept_tcp(&mut self, sock: &TcpStream) -> Result<Lane, LaneError> {
+    /// Hands a new TCP connection to a handshake thread (TLS with the newest SVID the broker
+    /// sent, then the client's Hello).
+    fn start_handshake(&mut self, sock: TcpStream, from: SocketAddr) -> Result<(), LaneError> {
+        use std::sync::atomic::Ordering;
         sock.set_nodelay(true)?;
         sock.set_read_timeout(Some(TCP_SETUP_TIMEOUT))?;
+        sock.set_write_timeout(Some(TCP_SETUP_TIMEOUT))?;
         // Grants announced before this connection are in the control socket already.
         while self.control.readable(Duration::ZERO)? {
             self.take_message()?;
@@ -348,35 +455,40 @@ impl LaneListener {
             .as_ref()
             .ok_or_else(|| LaneError::Tls("no TCP lane was announced by the broker".into()))?;
         let config = tls::server_config(svid).map_err(LaneError::Tls)?;
-        let conn =
-            rustls::ServerConnection::new(config).map_err(|e| LaneError::Tls(e.to_string()))?;
-        let mut tls_stream = rustls::StreamOwned::new(conn, sock.try_clone()?);
-        // Complete the handshake (the client's certificate is verified in it).
-        while tls_stream.conn.is_handshaking() {
-            tls_stream
-                .conn
-                .complete_io(&mut tls_stream.sock)
-                .map_err(|e| LaneError::Tls(format!("handshake: {e}")))?;
+        if self.handshakes.running.fetch_add(1, Ordering::AcqRel) >= MAX_TCP_HANDSHAKES {
+            self.handshakes.running.fetch_sub(1, Ordering::AcqRel);
+            return Err(LaneError::Tls(format!(
+                "{MAX_TCP_HANDSHAKES} handshakes already running"
+            )));
         }
-        let peer = tls_stream
-            .conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(tls::spiffe_id_of)
-            .ok_or_else(|| LaneError::Tls("client presented no SVID".into()))?;
-        let stream: Box<dyn Stream> = Box::new(tls_stream);
-        let mut framed = Framed::new(stream, 4096);
-        let mut hello = Vec::new();
-        let result = match framed.recv(&mut hello) {
-            Ok(Some(Kind::Hello)) => self.authorize(&hello, &peer),
-            Ok(other) => Err(format!("expected Hello, got {other:?}")),
-            Err(e) => Err(e.to_string()),
-        };
+        let handshakes = Arc::clone(&self.handshakes);
+        std::thread::spawn(move || {
+            let result = handshake(&sock, config);
+            handshakes
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push_back(Handshaken { from, sock, result });
+            handshakes.running.fetch_sub(1, Ordering::AcqRel);
+            let _ = io::Write::write(&mut &handshakes.wake_tx, &[1]);
+        });
+        Ok(())
+    }
+
+    /// Authorizes a handshaken TCP connection's Hello and answers it.
+    fn finish_tcp(
+        &mut self,
+        sock: &TcpStream,
+        mut framed: Framed<Box<dyn Stream>>,
+        peer: &str,
+        hello: &[u8],
+    ) -> Result<Lane, LaneError> {
+        let result = self.authorize(hello, peer);
         match result {
             Ok((grant, fds)) => {
                 framed.send(Kind::Accept, &[]).map_err(tls_error)?;
                 sock.set_read_timeout(None)?;
-                let mut framed = framed;
+                sock.set_write_timeout(None)?;
                 framed.set_max(grant.max_message);
                 Lane::from_tcp(
                     grant,
