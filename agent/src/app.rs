@@ -4,7 +4,7 @@
 use std::{
     fs,
     io::{self, Write as _},
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -164,7 +164,15 @@ impl State {
         };
         let text = serde_yaml::to_string(self).map_err(|e| err(&e))?;
         let tmp = path.with_extension("tmp");
-        fs::write(&tmp, text).map_err(|e| err(&e))?;
+        // Root only: it names the workloads handed over with their environment.
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| err(&e))?;
+        file.write_all(text.as_bytes()).map_err(|e| err(&e))?;
         fs::rename(&tmp, &path).map_err(|e| err(&e))
     }
 }

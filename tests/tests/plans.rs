@@ -570,6 +570,18 @@ fn workloads_keep_running_across_a_kept_dataplane() {
             "pid {pid} gone"
         );
     }
+    // The handover is in the state file, which only root may read (it holds the workloads'
+    // environment).
+    let state = fx.inst.config.state_path();
+    assert_eq!(
+        fs::metadata(&state).expect("state file").mode() & 0o777,
+        0o600
+    );
+    assert!(
+        fs::read_to_string(&state)
+            .expect("state")
+            .contains("px/worker")
+    );
 
     fx.inst.start_agent();
     assert_eq!(pid_of(&fx, "px/api"), ("running".into(), Some(api_pid), 0));
