@@ -1108,6 +1108,8 @@ fn spec_of(
             .state_dir
             .join(format!("{}-logs", config.instance))
             .join(format!("{}-{}.log", q.name(), plan.workload)),
+        // Set from the live dataplane when the workload starts.
+        drop_net_raw: false,
     }
 }
 
@@ -1265,7 +1267,8 @@ async fn submit(
             return refuse(e.to_string());
         }
     }
-    let spec = spec_of(&r.config, &plan, q, key.clone(), executable);
+    let mut spec = spec_of(&r.config, &plan, q, key.clone(), executable);
+    spec.drop_net_raw = r.dataplane.raw_sockets_denied(q);
     r.lanes
         .set_declared(q, &plan.workload, Some(declared_lanes(&plan)));
     if let Err(e) = r.supervisor.start(spec).await {
@@ -1567,6 +1570,10 @@ pub fn exec(config: &Config, q: Quadrant, workload: Option<&str>, argv: &[String
     }
     let endpoint = format!("unix://{}", c.workload_socket(q).display());
     let lanes = c.lane_socket().display().to_string();
+    // Where the policy names single workloads, no process the agent starts may forge their
+    // packets: without CAP_NET_RAW there are no raw IP or packet sockets. If the live setting
+    // cannot be read, the capability goes (fail closed).
+    let drop_raw = crate::loader::raw_sockets_denied_pinned(&c.bpffs_dir(), q).unwrap_or(true);
     let _ = io::stdout().flush();
     sys::enter_and_exec(
         &cgroup,
@@ -1576,6 +1583,7 @@ pub fn exec(config: &Config, q: Quadrant, workload: Option<&str>, argv: &[String
             ("SPIFFE_ENDPOINT_SOCKET", &endpoint),
             (crate::lanes::SOCKET_ENV, &lanes),
         ],
+        drop_raw,
     )
     .into()
 }

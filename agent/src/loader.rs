@@ -479,6 +479,13 @@ impl Dataplane {
         self.workload_rules = rules;
     }
 
+    /// Whether the live policy refuses raw sockets in quadrant `q` (it names single workloads).
+    #[must_use]
+    pub fn raw_sockets_denied(&self, q: Quadrant) -> bool {
+        self.live
+            .is_some_and(|c| c.raw_sockets_denied & (1 << (q as u32)) != 0)
+    }
+
     /// The policy slot the programs read (0 = `POLICY_A`, 1 = `POLICY_B`).
     #[must_use]
     pub fn live_policy_slot(&self) -> u32 {
@@ -790,6 +797,17 @@ impl Dataplane {
             .map_err(map_err(maps::STATS))?;
         Ok(values.iter().sum())
     }
+}
+
+/// Whether the pinned dataplane under `pin_dir` refuses raw sockets in quadrant `q` (its live
+/// policy names single workloads), read from the pinned `CONFIG` map.
+pub fn raw_sockets_denied_pinned(pin_dir: &Path, q: Quadrant) -> Result<bool, LoaderError> {
+    let path = pin_dir.join("maps").join(maps::CONFIG);
+    let data = aya::maps::MapData::from_pin(&path).map_err(map_err(maps::CONFIG))?;
+    let config: Array<_, DataplaneConfig> =
+        Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(maps::CONFIG))?;
+    let live = config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+    Ok(live.raw_sockets_denied & (1 << (q as u32)) != 0)
 }
 
 /// The programs attached to each quadrant under `config` (XDP only when it is on), each with the

@@ -224,14 +224,81 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, SysError> {
         .map_err(io_err("cannot stat cgroup", dir))
 }
 
-/// Moves the calling process into the cgroup at `dir`, then into network namespace `ns`, then
-/// replaces it with `argv`, with `extra_env` added to its environment. Returns only on failure.
+/// `CAP_NET_RAW`.
+const CAP_NET_RAW: u32 = 13;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Removes `CAP_NET_RAW` from this process for good (bounding, ambient, effective, permitted and
+/// inheritable sets), so neither it nor anything it executes can open raw IP or packet sockets.
+/// Only system calls: safe between fork and exec.
+pub fn drop_net_raw() -> io::Result<()> {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let bit = 1u32 << CAP_NET_RAW;
+    // SAFETY: prctl with integer arguments only.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAPBSET_DROP,
+            libc::c_ulong::from(CAP_NET_RAW),
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; lowering an ambient capability that is not raised is not an error.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_LOWER).unwrap_or_default(),
+            libc::c_ulong::from(CAP_NET_RAW),
+            0,
+            0,
+        );
+    }
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget(2) fills the two data words for version 3 headers.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    data[0].effective &= !bit;
+    data[0].permitted &= !bit;
+    data[0].inheritable &= !bit;
+    // SAFETY: capset(2) with the header and data just read, one capability less.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves the calling process into the cgroup at `cgroup`, then into network namespace `ns`,
+/// drops `CAP_NET_RAW` if `drop_raw`, then replaces it with `argv`, with `extra_env` added to its
+/// environment. Returns only on failure.
 #[must_use]
 pub fn enter_and_exec(
     cgroup: &Path,
     ns: &str,
     argv: &[String],
     extra_env: &[(&str, &str)],
+    drop_raw: bool,
 ) -> SysError {
     let procs = cgroup.join("cgroup.procs");
     if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
@@ -256,6 +323,13 @@ pub fn enter_and_exec(
         return SysError::Setns {
             ns: ns.to_owned(),
             source,
+        };
+    }
+    if drop_raw && let Err(e) = drop_net_raw() {
+        return SysError::Io {
+            what: "cannot drop CAP_NET_RAW for",
+            path: argv.join(" ").into(),
+            source: e,
         };
     }
     let c_argv: Result<Vec<CString>, _> = argv.iter().map(|a| CString::new(a.as_bytes())).collect();

@@ -66,6 +66,9 @@ pub struct Spec {
     pub lane_socket: PathBuf,
     /// Output file.
     pub log: PathBuf,
+    /// Start it without `CAP_NET_RAW` (its quadrant's policy names single workloads).
+    #[serde(default)]
+    pub drop_net_raw: bool,
 }
 
 /// What `quadrant workloads` shows.
@@ -673,6 +676,7 @@ fn spawn(spec: &Spec, procs: &[PathBuf]) -> Result<tokio::process::Child, std::i
         .kill_on_drop(true);
     let fds: Vec<i32> = proc_fds.iter().map(AsRawFd::as_raw_fd).collect();
     let netns_fd = netns.as_raw_fd();
+    let drop_raw = spec.drop_net_raw;
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
     // calls (write, setns) on descriptors opened before the fork.
     unsafe {
@@ -685,6 +689,9 @@ fn spawn(spec: &Spec, procs: &[PathBuf]) -> Result<tokio::process::Child, std::i
             }
             if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if drop_raw {
+                crate::sys::drop_net_raw()?;
             }
             Ok(())
         });

@@ -779,6 +779,25 @@ fn policy_bundle_revisions_only_move_forward() {
     );
 }
 
+/// Runs `qprobe ARGS…` in quadrant `q` the way a process that joins it by hand would (its
+/// cgroup, then `ip netns exec`), not through the agent; returns the outcome line.
+fn by_hand(inst: &Instance, q: Quadrant, args: &[&str]) -> String {
+    let procs = inst.config.cgroup_dir(q).join("cgroup.procs");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec ip netns exec {} \"$@\"",
+            procs.display(),
+            inst.config.netns(q)
+        ))
+        .arg("sh")
+        .arg(QPROBE)
+        .args(args)
+        .output()
+        .expect("run by hand");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A `qprobe` server on the host (root namespace), killed when dropped.
 struct HostServer(std::process::Child);
 
@@ -860,13 +879,15 @@ fn a_rule_naming_one_workload_admits_only_that_workload() {
         refused += 2;
     }
     // Nor can a process of DX forge what only `api` may send: raw IP sockets are refused in DX
-    // (its policy names a single workload), not in DG.
+    // (its policy names a single workload), not in DG; packet sockets, which the kernel hook
+    // does not see, are out of reach because processes started in DX lack CAP_NET_RAW.
     let host_gw = inst.config.addrs(Quadrant::Dx).gateway.to_string();
     let forge = |q: Quadrant, workload: Option<&str>| {
         let src = inst.addr(q);
         [
             inst.probe_as(q, workload, &["raw-udp", &src, &gw(q), "forged"]),
             inst.probe_as(q, workload, &["raw-icmp", &src, &host_gw]),
+            inst.probe_as(q, workload, &["packet-socket"]),
         ]
     };
     for workload in [None, Some("web"), Some("api")] {
@@ -878,9 +899,25 @@ fn a_rule_naming_one_workload_admits_only_that_workload() {
     for outcome in forge(Quadrant::Dg, None) {
         assert!(outcome.0, "DG: {outcome:?}");
     }
+    // A process that joins DX by hand, not through the agent, keeps CAP_NET_RAW: the kernel's
+    // sock_create hook still refuses its raw IP sockets.
+    let dx = inst.addr(Quadrant::Dx);
+    assert_eq!(
+        by_hand(
+            &inst,
+            Quadrant::Dx,
+            &["raw-udp", &dx, &gw(Quadrant::Dx), "forged"]
+        ),
+        "err EPERM"
+    );
+    assert_eq!(
+        by_hand(&inst, Quadrant::Dx, &["raw-icmp", &dx, &host_gw]),
+        "err EPERM"
+    );
+    refused += 2;
     assert_eq!(
         inst.counter("sock_create", Quadrant::Dx, "deny_raw_socket"),
-        6
+        2
     );
     assert!(inst.counter("connect4", Quadrant::Dx, "allow_workload_policy") >= 1);
     assert!(inst.counter("sendmsg4", Quadrant::Dx, "allow_workload_policy") >= 1);

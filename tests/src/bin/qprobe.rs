@@ -25,6 +25,7 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe udp-push ADDR:PORT
        qprobe raw-udp SRC DST:PORT PAYLOAD
        qprobe raw-icmp SRC DST
+       qprobe packet-socket
        qprobe svid [ENDPOINT]
        qprobe svid-rotation [TIMEOUT_MS]
        qprobe jwt AUDIENCE
@@ -100,6 +101,7 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
             b.write(&mut pkt, b"qprobe!!")?;
             Ok(report(raw_send(dst, &pkt).map(|()| "sent".into())))
         }
+        "packet-socket" => Ok(report(packet_socket())),
         "svid" => Ok(run_async(spiffe_probe::svid(
             args.get(1).map(String::as_str),
         ))),
@@ -235,6 +237,19 @@ fn udp_echo(addr: SocketAddr) -> anyhow::Result<()> {
         // A reply the sender's quadrant may refuse; the error is not the echo server's concern.
         let _ = s.send_to(&buf[..n], peer);
     }
+}
+
+/// Opens (and closes) an `AF_PACKET` socket, which could send any frame on the interface.
+fn packet_socket() -> Result<String, String> {
+    let proto = u16::try_from(libc::ETH_P_ALL).unwrap_or_default().to_be();
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto)) };
+    if fd < 0 {
+        return Err(errno_name(&std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok("opened".into())
 }
 
 /// A raw IPv4 socket, or the errno name of why there is none.
