@@ -621,3 +621,69 @@ fn workloads_keep_running_across_a_kept_dataplane() {
     }
     assert!(fx.inst.down().status.success());
 }
+
+/// A submitted workload in a quadrant whose policy names single workloads runs without
+/// `CAP_NET_RAW`: no packet or raw IP socket. In another quadrant the same artifact has them.
+#[test]
+fn workloads_where_rules_name_workloads_have_no_raw_sockets() {
+    let dir = PathBuf::from(TEST_STATE_DIR).join("qt34-raw");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let policies = dir.join("policies");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    assert!(
+        Command::new("cp")
+            .arg("-r")
+            .arg(&src)
+            .arg(&policies)
+            .status()
+            .expect("cp")
+            .success()
+    );
+    let px_rego = policies.join("runtime/quadrants/px.rego");
+    let mut text = fs::read_to_string(&px_rego).expect("px.rego");
+    text.push_str("\nallow contains {\"from\": \"spiffe://quadrant.local/quadrant/px/workload/api\", \"to\": \"host\", \"protocols\": [\"tcp\"], \"ports\": [\"7310\"]}\n");
+    fs::write(&px_rego, text).expect("write px.rego");
+    let mut config = test_config(34, None);
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    config.policy_dir = Some(policies);
+    let _ = fs::remove_file(config.audit_log.with_file_name("qt34-generations.json"));
+    // Output of earlier runs would answer for this one.
+    let _ = fs::remove_dir_all(config.state_dir.join("qt34-logs"));
+    let fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    fx.trust_key("prod", "plan", &["px"]);
+    fx.trust_key("dev", "plan", &["dx"]);
+    let probe = fx.add_artifact(
+        "probe",
+        &format!("#!/bin/sh\n{QPROBE} packet-socket\nexec sleep 60\n"),
+    );
+    let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &probe), "prod");
+    assert!(ok, "{err}");
+    let mut dx_plan = plan_doc(1, &probe);
+    dx_plan["quadrant"] = json!("dx");
+    let (ok, _, err) = fx.sign_and_submit(&dx_plan, "dev");
+    assert!(ok, "{err}");
+    let outcome = |name: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (_, logs, _) = fx.run(&["logs", name]);
+            if let Some(line) = logs
+                .lines()
+                .find(|l| l.starts_with("ok") || l.starts_with("err"))
+            {
+                return line.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: no outcome in {logs:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    assert_eq!(outcome("px/api"), "err EPERM");
+    assert_eq!(outcome("dx/api"), "ok opened");
+}
