@@ -102,8 +102,9 @@ fn open_map(
 impl KeptDataplane {
     /// Opens what the agent that ran `config`'s instance with map layout `layout` left pinned
     /// and checks that this agent can take it over: the layout is known and not newer, the
-    /// stateful maps have the shapes that layout defines, and every link `config` implies is
-    /// pinned. Changes nothing.
+    /// stateful maps have the shapes that layout defines, and each quadrant's links are pinned
+    /// (a hook the kept program set lacked is attached fresh by [`Dataplane::take_over`]).
+    /// Changes nothing.
     pub fn open(config: &Config, layout: u32) -> Result<Self, LoaderError> {
         let dir = config.bpffs_dir();
         if layout == 0 || layout > MAP_LAYOUT_VERSION {
