@@ -154,6 +154,7 @@ fn bench(name: &str) -> anyhow::Result<()> {
 /// `cargo xtask test`: setup, formatting, lints, the verifier report and every test tier.
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
+    warn_when_disk_is_short();
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--", "--check"])?;
     step("cargo clippy -D warnings");
@@ -194,6 +195,36 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         test.extend(args.iter().map(String::as_str));
     }
     cargo_test(&test)
+}
+
+/// Free space a full test build takes (debug build with line tables, every test binary, the
+/// eBPF objects and the clippy target directories), measured on a fresh clone.
+const TEST_BUILD_BYTES: u64 = 5 << 30;
+
+/// A full disk shows up as a linker killed by SIGBUS in the middle of the build; say it up front.
+fn warn_when_disk_is_short() {
+    let root = workspace_root();
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&root)
+        .output();
+    let Some(avail) = out.ok().and_then(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+    }) else {
+        return;
+    };
+    if avail < TEST_BUILD_BYTES {
+        println!(
+            "warning: {} has {} MiB free; a full test build needs about {} MiB (a full disk makes \
+             the linker die with a bus error)",
+            root.display(),
+            avail >> 20,
+            TEST_BUILD_BYTES >> 20
+        );
+    }
 }
 
 fn step(what: &str) {
