@@ -454,8 +454,9 @@ pub type WorkloadPolicy = BTreeMap<(Quadrant, String, Identity, u8), Vec<PortRan
 pub struct CompiledFlows {
     /// Flows every process of the source may open (policy scope 0).
     pub quadrant: CompiledPolicy,
-    /// The union of the workload flows per source quadrant: what the packet programs pass
-    /// (policy scope 1); the cgroup programs allow it only to the named workloads.
+    /// The union of the workload flows per source quadrant: joined with [`Self::quadrant`], what
+    /// the packet programs pass (policy scope 1); the cgroup programs allow it only to the named
+    /// workloads.
     pub some_workload: CompiledPolicy,
     /// Per-workload flows.
     pub workloads: WorkloadPolicy,

@@ -127,6 +127,33 @@ pub enum LoaderError {
         /// Cause (includes the verifier log on load).
         source: Box<ProgramError>,
     },
+    /// The quadrant-wide and the workload rules of one key need more port ranges together
+    /// than a policy entry holds.
+    #[error(
+        "{src} → {dst} {proto}: more than {max} port ranges once the quadrant's rules and the rules naming its workloads are joined for the packet programs",
+        max = MAX_PORT_RANGES
+    )]
+    PacketScope {
+        /// Source identity.
+        src: &'static str,
+        /// Destination identity.
+        dst: &'static str,
+        /// Protocol name.
+        proto: &'static str,
+    },
+    /// A policy entry with a key the policy maps have no room for.
+    #[error(
+        "no policy entry for identity {src} → identity {dst}, protocol {proto}: the kernel policy holds ICMP, TCP and UDP between at most {slots} identities",
+        slots = maps::POLICY_IDENTITY_SLOTS
+    )]
+    PolicyKey {
+        /// Source identity id.
+        src: u8,
+        /// Destination identity id.
+        dst: u8,
+        /// Protocol number.
+        proto: u8,
+    },
     /// A map operation failed.
     #[error("map {name}: {source}")]
     Map {
@@ -204,6 +231,9 @@ pub struct Dataplane {
     live: Option<DataplaneConfig>,
     /// Whether a policy was made live yet.
     policy_written: bool,
+    /// What each policy slot holds, index by index (the arrays start zeroed: all empty), so a
+    /// change writes only the entries that differ; `None`: unknown after a failed write.
+    policy_slots: [Option<Vec<PolicyValue>>; 2],
     /// The per-workload part written with the next policy.
     workload_rules: WorkloadRules,
 }
@@ -212,8 +242,8 @@ pub struct Dataplane {
 /// cgroup id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadRules {
-    /// Union of the workload flows per source quadrant (policy scope 1, for the packet
-    /// programs).
+    /// Union of the workload flows per source quadrant (joined with the quadrant-wide policy
+    /// into policy scope 1 for the packet programs; decides which quadrants lose raw sockets).
     pub some_workload: CompiledPolicy,
     /// (workload cgroup id, destination, protocol, port ranges), for the cgroup programs.
     pub entries: Vec<(u64, Identity, u8, Vec<dataplane_common::policy::PortRange>)>,
@@ -255,6 +285,7 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_owned),
             live: None,
             policy_written: false,
+            policy_slots: [Some(empty_policy_slot()), Some(empty_policy_slot())],
             workload_rules: WorkloadRules::default(),
         };
         if let Some(dir) = pin_dir {
@@ -435,8 +466,8 @@ impl Dataplane {
         };
         let mut entries = scoped(maps::SCOPE_QUADRANT, policy);
         entries.extend(scoped(
-            maps::SCOPE_SOME_WORKLOAD,
-            &self.workload_rules.some_workload,
+            maps::SCOPE_PACKET,
+            &packet_scope(policy, &self.workload_rules.some_workload)?,
         ));
         let wl_entries: Vec<(WlPolicyKey, PolicyValue)> = self
             .workload_rules
@@ -452,9 +483,27 @@ impl Dataplane {
                 (key, policy_value(ranges))
             })
             .collect();
-        let mut map: HashMap<_, PolicyKey, PolicyValue> =
-            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        replace_entries(&mut map, &entries).map_err(map_err(name))?;
+        let mut wanted = empty_policy_slot();
+        for (key, value) in &entries {
+            let index = key.index().ok_or(LoaderError::PolicyKey {
+                src: key.src,
+                dst: key.dst,
+                proto: key.proto,
+            })?;
+            wanted[index as usize] = *value;
+        }
+        let slot = usize::from(target != 0);
+        // Until the write succeeds the slot's content is unknown (the next change then writes
+        // every entry). The slot is not live: a failed write takes no effect.
+        let held = self.policy_slots[slot].take();
+        let mut map: Array<_, PolicyValue> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (index, value) in (0u32..).zip(&wanted) {
+            if held.as_ref().is_none_or(|h| h[index as usize] != *value) {
+                map.set(index, value, 0).map_err(map_err(name))?;
+            }
+        }
+        self.policy_slots[slot] = Some(wanted);
         let mut map: HashMap<_, WlPolicyKey, PolicyValue> =
             HashMap::try_from(self.map_mut(wl_name)?).map_err(map_err(wl_name))?;
         replace_entries(&mut map, &wl_entries).map_err(map_err(wl_name))?;
@@ -503,9 +552,11 @@ impl Dataplane {
             .ebpf
             .map(name)
             .ok_or(LoaderError::MissingMap { name })?;
-        let map: HashMap<_, PolicyKey, PolicyValue> =
-            HashMap::try_from(m).map_err(map_err(name))?;
-        Ok(map.keys().filter_map(Result::ok).count())
+        let map: Array<_, PolicyValue> = Array::try_from(m).map_err(map_err(name))?;
+        Ok(map
+            .iter()
+            .filter(|v| v.as_ref().is_ok_and(|v| v.count > 0))
+            .count())
     }
 
     /// Registers a host-side veth as belonging to quadrant `q`.
@@ -827,6 +878,31 @@ fn quadrant_programs(config: &Config, q: Quadrant) -> Vec<(&'static str, Hook, S
         .collect()
 }
 
+/// What a packet may carry (policy scope 1): per key, the quadrant-wide ranges joined with the
+/// ranges of rules naming single workloads.
+fn packet_scope(
+    quadrant: &CompiledPolicy,
+    some_workload: &CompiledPolicy,
+) -> Result<CompiledPolicy, LoaderError> {
+    let mut out = quadrant.clone();
+    for (&(src, dst, proto), ranges) in some_workload {
+        let entry = out.entry((src, dst, proto)).or_default();
+        for r in ranges {
+            if !entry.contains(r) {
+                entry.push(*r);
+            }
+        }
+        if entry.len() > MAX_PORT_RANGES {
+            return Err(LoaderError::PacketScope {
+                src: src.name(),
+                dst: dst.name(),
+                proto: crate::config::proto_name(proto),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// A policy value holding `ranges` (at most [`MAX_PORT_RANGES`]: the compilers refuse more).
 fn policy_value(ranges: &[dataplane_common::policy::PortRange]) -> PolicyValue {
     let mut value = PolicyValue::EMPTY;
@@ -839,6 +915,11 @@ fn policy_value(ranges: &[dataplane_common::policy::PortRange]) -> PolicyValue {
     }
     value.count = u32::try_from(ranges.len().min(MAX_PORT_RANGES)).unwrap_or(0);
     value
+}
+
+/// A policy slot with every entry empty (what a new array map holds).
+fn empty_policy_slot() -> Vec<PolicyValue> {
+    vec![PolicyValue::EMPTY; maps::POLICY_MAX as usize]
 }
 
 /// Makes `map` hold exactly `entries`.
@@ -887,4 +968,65 @@ pub fn prefix_entries(config: &Config) -> Vec<(Ipv4Net, Identity)> {
 
 fn host_net(addr: Ipv4Addr) -> Ipv4Net {
     Ipv4Net::new(addr, 32).unwrap_or_else(|_| unreachable!("/32 is a valid prefix length"))
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{
+        Identity,
+        maps::MAX_PORT_RANGES,
+        policy::{PROTO_TCP, PROTO_UDP, PortRange},
+    };
+
+    use super::{CompiledPolicy, LoaderError, packet_scope};
+
+    fn port(p: u16) -> PortRange {
+        PortRange { lo: p, hi: p }
+    }
+
+    #[test]
+    fn the_packet_scope_joins_quadrant_and_workload_rules() {
+        let quadrant = CompiledPolicy::from([
+            ((Identity::Dx, Identity::Dg, PROTO_TCP), vec![port(80)]),
+            ((Identity::Dx, Identity::Px, PROTO_UDP), vec![port(53)]),
+        ]);
+        let workloads = CompiledPolicy::from([
+            (
+                (Identity::Dx, Identity::Dg, PROTO_TCP),
+                vec![port(80), port(443)],
+            ),
+            ((Identity::Dx, Identity::Host, PROTO_TCP), vec![port(7310)]),
+        ]);
+        let joined = packet_scope(&quadrant, &workloads).expect("fits");
+        assert_eq!(
+            joined,
+            CompiledPolicy::from([
+                (
+                    (Identity::Dx, Identity::Dg, PROTO_TCP),
+                    vec![port(80), port(443)]
+                ),
+                ((Identity::Dx, Identity::Px, PROTO_UDP), vec![port(53)]),
+                ((Identity::Dx, Identity::Host, PROTO_TCP), vec![port(7310)]),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_packet_scope_that_does_not_fit_is_refused_by_name() {
+        let key = (Identity::Dx, Identity::Dg, PROTO_TCP);
+        let quadrant = CompiledPolicy::from([(key, (1..=5).map(port).collect())]);
+        let workloads = CompiledPolicy::from([(
+            key,
+            (6..=u16::try_from(MAX_PORT_RANGES).unwrap() + 1)
+                .map(port)
+                .collect(),
+        )]);
+        let err = packet_scope(&quadrant, &workloads).expect_err("too many ranges");
+        assert!(matches!(err, LoaderError::PacketScope { .. }));
+        assert!(
+            err.to_string()
+                .starts_with("dx → dg tcp: more than 8 port ranges"),
+            "{err}"
+        );
+    }
 }

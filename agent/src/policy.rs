@@ -549,6 +549,10 @@ impl PolicyBundle {
             }
         }
         let all: Vec<PolicyRule> = per_workload.into_values().flatten().collect();
+        // The packet programs decide with one entry per key holding both: it must fit.
+        compile_rules(&[&quadrant[..], &all[..]].concat()).map_err(merged(
+            "(flows a packet may carry: the quadrant's and its workloads' rules joined)",
+        ))?;
         Ok(CompiledFlows {
             quadrant: compile_rules(&quadrant).map_err(merged("(merged flows)"))?,
             some_workload: compile_rules(&all).map_err(merged("(merged workload flows)"))?,

@@ -13,20 +13,29 @@
 /// refuses to start on a host where a newer program set ran: upgrades only move forward.
 /// 1: the isolation programs; 2: with the lane acceleration programs; 3: the cgroup programs
 /// also allow what rules naming the caller's workload allow, and `sock_create` refuses raw
-/// sockets where such rules exist.
-pub const PROGRAM_SET_VERSION: u32 = 3;
+/// sockets where such rules exist; 4: the packet programs decide with one policy lookup (scope 1
+/// holds the quadrant's and its workloads' allowance joined), XDP consults flow state only for
+/// what the policy refuses, and flow timestamps come from the coarse monotonic clock.
+pub const PROGRAM_SET_VERSION: u32 = 4;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
 /// `WL_POLICY_A`/`WL_POLICY_B`, the scope byte of the policy key, `CONFIG.raw_sockets_denied`
-/// and the `sock_create` hook's counters.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+/// and the `sock_create` hook's counters; 4: `CONNTRACK` keys a flow by its ordered endpoints
+/// (one entry and one lookup for both directions) and records which end opened it.
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow
-/// over as it is. A layout that changes those types raises this and teaches the takeover the
-/// conversion; until then an older layout is refused rather than dropping flows.
-pub const CONNTRACK_LAYOUT_SINCE: u32 = 1;
+/// over as it is. Layouts 1 to 3 keyed each flow by the direction that opened it; the takeover
+/// converts those entries (see [`DIRECTED_CONNTRACK_LAYOUTS`]). A layout that changes the types
+/// again raises this and teaches the takeover the conversion; until then an older layout is
+/// refused rather than dropping flows.
+pub const CONNTRACK_LAYOUT_SINCE: u32 = 4;
+
+/// The map layouts whose `CONNTRACK` keys are one direction of a flow (source address and port
+/// first), with a 16-byte value whose first 10 bytes mean what [`maps::CtValue`]'s do.
+pub const DIRECTED_CONNTRACK_LAYOUTS: core::ops::RangeInclusive<u32> = 1..=3;
 
 /// The oldest map layout whose `STATS` indices mean what [`reason::stats_index`] computes today
 /// (later layouts only append hooks, so an older, smaller `STATS` is copied index for index);

@@ -2,13 +2,15 @@
 //!
 //! The agent never spells a map name itself: it uses these constants.
 
-use crate::policy::PortRange;
+use crate::policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRange};
 
 /// LPM trie: IPv4 prefix → [`PrefixValue`]. Written by the agent, read by tc and XDP.
 pub const PREFIXES: &str = "PREFIXES";
-/// Hash: (source identity, destination identity, protocol) → [`PolicyValue`], slot 0 of the
-/// double-buffered policy. Written by the agent while inactive, read by every program while
-/// [`DataplaneConfig::policy_slot`] selects it.
+/// Array: [`PolicyKey::index`] → [`PolicyValue`] (empty: nothing allowed), slot 0 of the
+/// double-buffered policy. An array, not a hash: the key space is small and dense, and the
+/// verifier turns an array lookup into a bounds check and an address computation. Written by
+/// the agent while inactive, read by every program while [`DataplaneConfig::policy_slot`]
+/// selects it. An array since map layout 4 (a hash of [`PolicyKey`] before).
 pub const POLICY_A: &str = "POLICY_A";
 /// Slot 1 of the double-buffered policy (see [`POLICY_A`]).
 pub const POLICY_B: &str = "POLICY_B";
@@ -110,8 +112,16 @@ impl SockKey {
 
 /// Capacity of [`PREFIXES`].
 pub const PREFIXES_MAX: u32 = 1024;
-/// Capacity of each policy slot ([`POLICY_A`], [`POLICY_B`]).
-pub const POLICY_MAX: u32 = 256;
+/// Identity ids the policy index has room for ([`crate::identity::IDENTITY_COUNT`] rounded up
+/// to a power of two).
+pub const POLICY_IDENTITY_SLOTS: u32 = 8;
+/// Protocols the policy index has room for: ICMP, TCP, UDP and one spare.
+pub const POLICY_PROTO_SLOTS: u32 = 4;
+/// Scopes of a policy entry ([`SCOPE_QUADRANT`], [`SCOPE_PACKET`]).
+pub const POLICY_SCOPES: u32 = 2;
+/// Entries of each policy slot ([`POLICY_A`], [`POLICY_B`]): one per possible [`PolicyKey`].
+pub const POLICY_MAX: u32 =
+    POLICY_SCOPES * POLICY_PROTO_SLOTS * POLICY_IDENTITY_SLOTS * POLICY_IDENTITY_SLOTS;
 /// Capacity of each workload policy slot ([`WL_POLICY_A`], [`WL_POLICY_B`]).
 pub const WL_POLICY_MAX: u32 = 1024;
 /// Capacity of [`IFACES`].
@@ -141,16 +151,43 @@ pub struct PolicyKey {
     pub dst: u8,
     /// IP protocol number (1 ICMP, 6 TCP, 17 UDP).
     pub proto: u8,
-    /// [`SCOPE_QUADRANT`] or [`SCOPE_SOME_WORKLOAD`].
+    /// [`SCOPE_QUADRANT`] or [`SCOPE_PACKET`].
     pub scope: u8,
 }
 
-/// [`PolicyKey::scope`]: allowed for every process of the source identity.
+impl PolicyKey {
+    /// The key's entry in [`POLICY_A`]/[`POLICY_B`]; `None` for a protocol other than ICMP, TCP
+    /// and UDP (never allowed) or an identity, scope out of range.
+    #[must_use]
+    #[inline(always)]
+    pub const fn index(&self) -> Option<u32> {
+        let proto = match self.proto {
+            PROTO_ICMP => 0,
+            PROTO_TCP => 1,
+            PROTO_UDP => 2,
+            _ => return None,
+        };
+        let (src, dst, scope) = (self.src as u32, self.dst as u32, self.scope as u32);
+        if src >= POLICY_IDENTITY_SLOTS || dst >= POLICY_IDENTITY_SLOTS || scope >= POLICY_SCOPES {
+            return None;
+        }
+        Some(
+            ((scope * POLICY_PROTO_SLOTS + proto) * POLICY_IDENTITY_SLOTS + src)
+                * POLICY_IDENTITY_SLOTS
+                + dst,
+        )
+    }
+}
+
+/// [`PolicyKey::scope`]: allowed for every process of the source identity (read by the cgroup
+/// programs, which then consult [`WL_POLICY_A`] for the caller's workload).
 pub const SCOPE_QUADRANT: u8 = 0;
-/// [`PolicyKey::scope`]: allowed for some workload of the source quadrant, by a rule naming its
-/// SPIFFE ID. The packet programs, which cannot tell the workloads of a quadrant apart, pass such
-/// flows; the cgroup programs allow them only to the named workload's cgroup ([`WL_POLICY_A`]).
-pub const SCOPE_SOME_WORKLOAD: u8 = 1;
+/// [`PolicyKey::scope`]: what a packet of the source identity may carry — the quadrant-wide
+/// allowance joined with every rule naming one of its workloads' SPIFFE IDs (a packet cannot say
+/// which process sent it; the cgroup programs decide that for the socket). The packet programs
+/// decide with this one lookup. Since program set 4; before, they looked up scope 0 and then a
+/// scope 1 that held only the workload rules.
+pub const SCOPE_PACKET: u8 = 1;
 
 /// Key of [`WL_POLICY_A`] and [`WL_POLICY_B`].
 #[repr(C)]
@@ -227,19 +264,22 @@ pub struct DataplaneConfig {
     pub raw_sockets_denied: u32,
 }
 
-/// Key of [`CONNTRACK`]: one direction of a flow as seen on the wire. Addresses and ports in
-/// network byte order. For ICMP echo both ports hold the echo identifier.
+/// Key of [`CONNTRACK`]: a flow, both of its directions under one key. The two endpoints
+/// (address, port) are ordered, lower first, so a packet and its reply find the same entry with
+/// one lookup; [`CtValue::opened_by_hi`] remembers which end opened the flow. Addresses and
+/// ports in network byte order. For ICMP echo both ports hold the echo identifier. Since map
+/// layout 4; layouts 1 to 3 keyed one direction (source first) and were looked up both ways.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
-    /// Source address.
-    pub saddr: u32,
-    /// Destination address.
-    pub daddr: u32,
-    /// Source port.
-    pub sport: u16,
-    /// Destination port.
-    pub dport: u16,
+    /// Address of the lower endpoint.
+    pub lo_addr: u32,
+    /// Address of the higher endpoint.
+    pub hi_addr: u32,
+    /// Port of the lower endpoint.
+    pub lo_port: u16,
+    /// Port of the higher endpoint.
+    pub hi_port: u16,
     /// IP protocol.
     pub proto: u8,
     /// Explicit padding (zero).
@@ -247,18 +287,32 @@ pub struct CtKey {
 }
 
 impl CtKey {
-    /// The key of the opposite direction.
+    /// The key of the flow a packet from `saddr:sport` to `daddr:dport` belongs to, and whether
+    /// that packet's source is the key's higher endpoint.
     #[must_use]
     #[inline(always)]
-    pub const fn reversed(&self) -> Self {
-        Self {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            pad: [0; 3],
-        }
+    pub const fn of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> (Self, bool) {
+        let src_is_hi = saddr > daddr || (saddr == daddr && sport > dport);
+        let key = if src_is_hi {
+            Self {
+                lo_addr: daddr,
+                hi_addr: saddr,
+                lo_port: dport,
+                hi_port: sport,
+                proto,
+                pad: [0; 3],
+            }
+        } else {
+            Self {
+                lo_addr: saddr,
+                hi_addr: daddr,
+                lo_port: sport,
+                hi_port: dport,
+                proto,
+                pad: [0; 3],
+            }
+        };
+        (key, src_is_hi)
     }
 }
 
@@ -266,14 +320,16 @@ impl CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns` when the flow was last seen.
+    /// The monotonic clock (coarse since program set 4) when the flow was last seen, in ns.
     pub last_seen_ns: u64,
     /// Source identity of the direction that opened the flow.
     pub src: u8,
     /// Destination identity of the direction that opened the flow.
     pub dst: u8,
+    /// 1 when the key's higher endpoint opened the flow, 0 when the lower one did.
+    pub opened_by_hi: u8,
     /// Explicit padding (zero).
-    pub pad: [u8; 6],
+    pub pad: [u8; 5],
 }
 
 #[cfg(feature = "user")]
@@ -306,3 +362,32 @@ const _: () = {
     assert!(size_of::<WlPolicyKey>() == 16);
     assert!(size_of::<CtValue>() == 16);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::CtKey;
+
+    #[test]
+    fn both_directions_of_a_flow_have_one_key() {
+        let (a, b) = (
+            u32::from_ne_bytes([10, 240, 0, 2]),
+            u32::from_ne_bytes([10, 240, 1, 2]),
+        );
+        let (out, out_hi) = CtKey::of(a, b, 40_000, 443, 6);
+        let (back, back_hi) = CtKey::of(b, a, 443, 40_000, 6);
+        assert_eq!(out, back);
+        assert_ne!(
+            out_hi, back_hi,
+            "exactly one direction starts at the higher end"
+        );
+        // Same addresses: the ports order the ends.
+        let (l, l_hi) = CtKey::of(a, a, 5000, 6000, 17);
+        let (r, r_hi) = CtKey::of(a, a, 6000, 5000, 17);
+        assert_eq!(l, r);
+        assert!(!l_hi && r_hi);
+        // Other flows stay apart.
+        assert_ne!(out, CtKey::of(a, b, 40_001, 443, 6).0);
+        assert_ne!(out, CtKey::of(a, b, 40_000, 443, 17).0);
+        assert_ne!(out, CtKey::of(b, a, 40_000, 443, 6).0);
+    }
+}

@@ -1,13 +1,10 @@
 //! The quadrant decision shared by every program: classify addresses into identities, honour
 //! tracked flows, look up the policy, count the verdict.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use dataplane_common::{
     Hook, Identity, Reason,
-    maps::{
-        CtKey, CtValue, DataplaneConfig, PolicyKey, SCOPE_QUADRANT, SCOPE_SOME_WORKLOAD,
-        WlPolicyKey,
-    },
+    maps::{CtKey, CtValue, DataplaneConfig, PolicyKey, SCOPE_PACKET, SCOPE_QUADRANT, WlPolicyKey},
     reason::stats_index,
 };
 
@@ -60,22 +57,21 @@ fn config() -> DataplaneConfig {
     }
 }
 
-/// Whether `key` is a tracked direction seen within the timeout; refreshes it if so.
+/// If `key` is a flow seen within the timeout: refreshes it and returns whether its higher
+/// endpoint opened it.
 #[inline(always)]
-fn established(key: &CtKey, now: u64) -> bool {
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return false;
-    };
+fn established(key: &CtKey, now: u64) -> Option<bool> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
     let timeout = u64::from(config().ct_timeout_secs) * NS_PER_SEC;
     // SAFETY: the pointer comes from a successful map lookup; concurrent writers only store
     // whole u64 timestamps, a torn read is not possible for an aligned u64.
     unsafe {
         if now.saturating_sub((*entry).last_seen_ns) > timeout {
-            return false;
+            return None;
         }
         (*entry).last_seen_ns = now;
+        Some((*entry).opened_by_hi != 0)
     }
-    true
 }
 
 /// Decides a packet crossing the veth of quadrant `quadrant`. With `track`, a flow the policy
@@ -89,33 +85,35 @@ pub fn decide_packet(flow: &Ipv4Flow, quadrant: u8, dir: Direction, track: bool)
         Direction::IntoQuadrant if dst != quadrant => return Reason::DenyMisrouted,
         _ => {}
     }
-    let key = CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        pad: [0; 3],
-    };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if established(&key, now) || established(&key.reversed(), now) {
-        return Reason::AllowEstablished;
+    // A stage that records nothing needs no flow state for what the policy allows.
+    if !track && policy_allows(src, dst, flow.proto, flow.dport) {
+        return Reason::AllowPolicy;
     }
-    if !policy_allows(src, dst, flow.proto, flow.dport) {
+    let (key, src_is_hi) = CtKey::of(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    // A connection-opening SYN belongs to no tracked flow (a new connection on a reused tuple
+    // is the policy's to decide, not the old flow's).
+    if !flow.opens {
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if established(&key, now).is_some() {
+            return Reason::AllowEstablished;
+        }
+    }
+    if !track || !policy_allows(src, dst, flow.proto, flow.dport) {
         return Reason::DenyPolicy;
     }
-    if track {
-        let value = CtValue {
-            last_seen_ns: now,
-            src,
-            dst,
-            pad: [0; 6],
-        };
-        // A full LRU map evicts the oldest flow; a failed insert only means the next packet of
-        // this flow is decided by policy again.
-        let _ = CONNTRACK.insert(key, value, 0);
-    }
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let value = CtValue {
+        last_seen_ns: now,
+        src,
+        dst,
+        opened_by_hi: u8::from(src_is_hi),
+        pad: [0; 5],
+    };
+    // A full LRU map evicts the oldest flow; a failed insert only means the next packet of
+    // this flow is decided by policy again.
+    let _ = CONNTRACK.insert(key, value, 0);
     Reason::AllowPolicy
 }
 
@@ -129,9 +127,11 @@ fn scoped_policy_allows(slot: u32, src: u8, dst: u8, proto: u8, dport: u16, scop
         proto,
         scope,
     };
+    let Some(index) = key.index() else {
+        return false;
+    };
     let map = if slot == 0 { &POLICY_A } else { &POLICY_B };
-    // SAFETY: the value is only read while the program runs.
-    match unsafe { map.get(key) } {
+    match map.get(index) {
         Some(v) => v.allows(proto, u16::from_be(dport)),
         None => false,
     }
@@ -139,13 +139,11 @@ fn scoped_policy_allows(slot: u32, src: u8, dst: u8, proto: u8, dport: u16, scop
 
 /// Packet layer: whether the policy allows `proto` to `dport` (network order) from `src` to
 /// `dst` for every process of `src`, or for some workload of it (the packet cannot tell which;
-/// the cgroup programs decide that for the socket).
+/// the cgroup programs decide that for the socket): one lookup of the packet scope, which the
+/// agent compiles as the union of both.
 #[inline(always)]
 pub fn policy_allows(src: u8, dst: u8, proto: u8, dport: u16) -> bool {
-    // One live slot for the whole decision; the agent never writes the live slot.
-    let slot = config().policy_slot;
-    scoped_policy_allows(slot, src, dst, proto, dport, SCOPE_QUADRANT)
-        || scoped_policy_allows(slot, src, dst, proto, dport, SCOPE_SOME_WORKLOAD)
+    scoped_policy_allows(config().policy_slot, src, dst, proto, dport, SCOPE_PACKET)
 }
 
 /// Socket layer: whether the policy allows `proto` to `dport` from `src` to `dst` for every
@@ -189,19 +187,12 @@ pub fn raw_sockets_denied(quadrant: u8) -> bool {
     config().raw_sockets_denied & (1 << (u32::from(quadrant) & 31)) != 0
 }
 
-/// Whether a tracked flow has `peer:peer_port` → `local:local_port` as one of its directions
-/// (a socket answering a flow someone else opened). Network byte order.
+/// Whether a tracked flow was opened by `peer:peer_port` towards `local:local_port` (a socket
+/// answering a flow someone else opened). Network byte order.
 #[inline(always)]
 pub fn is_reply(local: u32, local_port: u16, peer: u32, peer_port: u16, proto: u8) -> bool {
-    let key = CtKey {
-        saddr: peer,
-        daddr: local,
-        sport: peer_port,
-        dport: local_port,
-        proto,
-        pad: [0; 3],
-    };
+    let (key, peer_is_hi) = CtKey::of(peer, local, peer_port, local_port, proto);
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    established(&key, now)
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    established(&key, now) == Some(peer_is_hi)
 }

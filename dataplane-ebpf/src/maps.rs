@@ -9,7 +9,7 @@ use dataplane_common::{
     identity::QUADRANT_COUNT_U32,
     maps::{
         CGROUPS_MAX, CONNTRACK_MAX, CgroupValue, CtKey, CtValue, DataplaneConfig, IFACES_MAX,
-        IfaceValue, POLICY_MAX, PREFIXES_MAX, PolicyKey, PolicyValue, PrefixValue, QuadrantValue,
+        IfaceValue, POLICY_MAX, PREFIXES_MAX, PolicyValue, PrefixValue, QuadrantValue,
         WL_POLICY_MAX, WlPolicyKey,
     },
     reason::STATS_ENTRIES,
@@ -19,14 +19,14 @@ use dataplane_common::{
 #[map(name = "PREFIXES")]
 pub static PREFIXES: LpmTrie<u32, PrefixValue> = LpmTrie::with_max_entries(PREFIXES_MAX, 0);
 
-/// (src identity, dst identity, protocol) → allowed destination port ranges, slot 0. Writer:
-/// agent, only while the slot is not live.
+/// `PolicyKey::index()` (src identity, dst identity, protocol, scope) → allowed destination port
+/// ranges, slot 0. Writer: agent, only while the slot is not live.
 #[map(name = "POLICY_A")]
-pub static POLICY_A: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(POLICY_MAX, 0);
+pub static POLICY_A: Array<PolicyValue> = Array::with_max_entries(POLICY_MAX, 0);
 
 /// Slot 1 of the policy (see [`POLICY_A`]); `CONFIG.policy_slot` selects the live one.
 #[map(name = "POLICY_B")]
-pub static POLICY_B: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(POLICY_MAX, 0);
+pub static POLICY_B: Array<PolicyValue> = Array::with_max_entries(POLICY_MAX, 0);
 
 /// (workload cgroup id, dst identity, protocol) → allowed destination port ranges, slot 0 of the
 /// workload policy (read by the cgroup programs). Writer: agent, only while the slot is not live.

@@ -24,6 +24,8 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 /// IPv4 `frag_off`: more-fragments flag and fragment offset.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// The fields of an IPv4 packet the policy needs. Addresses and ports in network byte order.
 #[derive(Clone, Copy)]
@@ -33,6 +35,9 @@ pub struct Ipv4Flow {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// A TCP segment with SYN and without ACK: it opens a connection, so it belongs to no
+    /// tracked flow and only the policy decides it.
+    pub opens: bool,
 }
 
 /// What a frame is.
@@ -116,9 +121,11 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Ipv4Flow, Reason> {
     if start + l4 > end {
         return Err(Reason::DropBadIhl);
     }
+    let mut opens = false;
     let (sport, dport) = match proto {
         PROTO_TCP => {
             let tcp = bytes_at::<TCP_MIN_HLEN>(start, end, l4)?;
+            opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
             (raw16(tcp, 0), raw16(tcp, 2))
         }
         PROTO_UDP => {
@@ -143,5 +150,6 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Ipv4Flow, Reason> {
         sport,
         dport,
         proto,
+        opens,
     })
 }

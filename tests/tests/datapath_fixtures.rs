@@ -15,8 +15,8 @@ use quadrant::{
     policy::PolicyBundle,
 };
 use quadrant_tests::packets::{
-    self, arp, ipv6_udp, lldp, ping, pong, tcp, truncated, udp, vlan_udp, with_frag, with_ihl,
-    with_total_len, with_version,
+    self, arp, ipv6_udp, lldp, ping, pong, tcp, tcp_ack, truncated, udp, vlan_udp, with_frag,
+    with_ihl, with_total_len, with_version,
 };
 
 const XDP_DROP: u32 = 1;
@@ -371,7 +371,7 @@ fn replies_of_allowed_flows_pass_and_only_tc_records_flows() {
         slot,
         &case(
             "reply DX:8080 -> host at XDP",
-            tcp(DX, 8080, DX_GW, 40000),
+            tcp_ack(DX, 8080, DX_GW, 40000),
             AllowEstablished,
         ),
     );
@@ -381,17 +381,29 @@ fn replies_of_allowed_flows_pass_and_only_tc_records_flows() {
         slot,
         &case(
             "reply at tc ingress",
-            tcp(DX, 8080, DX_GW, 40000),
+            tcp_ack(DX, 8080, DX_GW, 40000),
             AllowEstablished,
         ),
     );
+    for hook in [Hook::Xdp, Hook::TcIngress] {
+        check(
+            &mut dp,
+            hook,
+            slot,
+            &case(
+                "a SYN on the tracked ports opens a new connection: the policy's to decide",
+                tcp(DX, 8080, DX_GW, 40000),
+                DenyPolicy,
+            ),
+        );
+    }
     check(
         &mut dp,
         Hook::TcEgress,
         slot,
         &case(
             "next packet host -> DX",
-            tcp(DX_GW, 40000, DX, 8080),
+            tcp_ack(DX_GW, 40000, DX, 8080),
             AllowEstablished,
         ),
     );
@@ -401,7 +413,7 @@ fn replies_of_allowed_flows_pass_and_only_tc_records_flows() {
         slot,
         &case(
             "same ports, other peer port",
-            tcp(DX, 8080, DX_GW, 40001),
+            tcp_ack(DX, 8080, DX_GW, 40001),
             DenyPolicy,
         ),
     );
@@ -453,7 +465,11 @@ fn xdp_never_records_a_flow() {
         &mut dp,
         Hook::TcEgress,
         slot,
-        &case("reply after XDP only", tcp(PX, 443, DX, 40000), DenyPolicy),
+        &case(
+            "reply after XDP only",
+            tcp_ack(PX, 443, DX, 40000),
+            DenyPolicy,
+        ),
     );
     check(
         &mut dp,
@@ -467,7 +483,7 @@ fn xdp_never_records_a_flow() {
         slot,
         &case(
             "reply after tc recorded it",
-            tcp(PX, 443, DX, 40000),
+            tcp_ack(PX, 443, DX, 40000),
             AllowEstablished,
         ),
     );
@@ -535,7 +551,7 @@ fn tracked_flows_expire() {
         slot,
         &case(
             "reply within the timeout",
-            tcp(DX, 9000, DX_GW, 41000),
+            tcp_ack(DX, 9000, DX_GW, 41000),
             AllowEstablished,
         ),
     );
@@ -546,7 +562,7 @@ fn tracked_flows_expire() {
         slot,
         &case(
             "reply after the timeout",
-            tcp(DX, 9000, DX_GW, 41000),
+            tcp_ack(DX, 9000, DX_GW, 41000),
             DenyPolicy,
         ),
     );
@@ -631,8 +647,9 @@ fn a_new_policy_goes_live_at_once_by_flipping_slots() {
         ),
     );
     // The slot that was live is untouched until the next change.
-    assert_eq!(dp.policy_entries(0).expect("slot 0"), full.len());
-    assert_eq!(dp.policy_entries(1).expect("slot 1"), narrower.len());
+    // Each key twice: for the cgroup programs and, joined with no workload rules, for packets.
+    assert_eq!(dp.policy_entries(0).expect("slot 0"), 2 * full.len());
+    assert_eq!(dp.policy_entries(1).expect("slot 1"), 2 * narrower.len());
 
     assert_eq!(dp.apply_policy(&full).expect("apply"), 0);
     check(

@@ -22,7 +22,8 @@ use aya::programs::{
     xdp::XdpLink,
 };
 use dataplane_common::{
-    CONNTRACK_LAYOUT_SINCE, Hook, MAP_LAYOUT_VERSION, Quadrant, STATS_LAYOUT_SINCE,
+    CONNTRACK_LAYOUT_SINCE, DIRECTED_CONNTRACK_LAYOUTS, Hook, MAP_LAYOUT_VERSION, Quadrant,
+    STATS_LAYOUT_SINCE,
     maps::{self, CtKey, CtValue},
     reason::STATS_ENTRIES,
 };
@@ -52,7 +53,8 @@ pub struct Carried {
 pub struct KeptDataplane {
     dir: PathBuf,
     layout: u32,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// The kept `CONNTRACK` as raw entries: their meaning depends on `layout`.
+    conntrack: HashMap<MapData, [u8; CT_KEY_SIZE], [u8; CT_VALUE_SIZE]>,
     stats: Option<PerCpuArray<MapData, u64>>,
     /// The counters as first copied, to add only what the old programs counted afterwards.
     stats_copied: Vec<Vec<u64>>,
@@ -113,7 +115,7 @@ impl KeptDataplane {
                  {MAP_LAYOUT_VERSION}"
             )));
         }
-        if layout < CONNTRACK_LAYOUT_SINCE {
+        if layout < CONNTRACK_LAYOUT_SINCE && !DIRECTED_CONNTRACK_LAYOUTS.contains(&layout) {
             return Err(refused(format!(
                 "no conversion of {} entries from map layout {layout}",
                 maps::CONNTRACK
@@ -133,8 +135,8 @@ impl KeptDataplane {
             &dir,
             maps::CONNTRACK,
             MapType::LruHash,
-            size_of::<CtKey>(),
-            size_of::<CtValue>(),
+            CT_KEY_SIZE,
+            CT_VALUE_SIZE,
             layout,
         )?;
         let conntrack = HashMap::try_from(Map::LruHashMap(ct)).map_err(map_err(maps::CONNTRACK))?;
@@ -178,21 +180,96 @@ impl KeptDataplane {
     }
 }
 
-/// Copies every tracked flow of `old` that `new` does not hold yet; returns how many.
+/// Size of a `CONNTRACK` key, in every layout this agent converts from.
+const CT_KEY_SIZE: usize = size_of::<CtKey>();
+/// Size of a `CONNTRACK` value, in every layout this agent converts from.
+const CT_VALUE_SIZE: usize = size_of::<CtValue>();
+
+fn ne_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn ne_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+/// A kept `CONNTRACK` entry of map layout `layout` as today's key and value.
+///
+/// Layouts 1 to 3 keyed one direction (source address, destination address, source port,
+/// destination port, protocol) and their value held the timestamp and the two identities; that
+/// direction is the one that opened the flow. Later layouts are today's types.
+fn convert_flow(
+    layout: u32,
+    key: &[u8; CT_KEY_SIZE],
+    value: &[u8; CT_VALUE_SIZE],
+) -> (CtKey, CtValue) {
+    let last_seen_ns = u64::from_ne_bytes([
+        value[0], value[1], value[2], value[3], value[4], value[5], value[6], value[7],
+    ]);
+    if DIRECTED_CONNTRACK_LAYOUTS.contains(&layout) {
+        let (ct, src_is_hi) = CtKey::of(
+            ne_u32(key, 0),
+            ne_u32(key, 4),
+            ne_u16(key, 8),
+            ne_u16(key, 10),
+            key[12],
+        );
+        let value = CtValue {
+            last_seen_ns,
+            src: value[8],
+            dst: value[9],
+            opened_by_hi: u8::from(src_is_hi),
+            pad: [0; 5],
+        };
+        return (ct, value);
+    }
+    let ct = CtKey {
+        lo_addr: ne_u32(key, 0),
+        hi_addr: ne_u32(key, 4),
+        lo_port: ne_u16(key, 8),
+        hi_port: ne_u16(key, 10),
+        proto: key[12],
+        pad: [0; 3],
+    };
+    let value = CtValue {
+        last_seen_ns,
+        src: value[8],
+        dst: value[9],
+        opened_by_hi: value[10],
+        pad: [0; 5],
+    };
+    (ct, value)
+}
+
+/// Copies every tracked flow of `old` (map layout `layout`, converted to today's entries) into
+/// `new`; where `new` holds the flow already (both directions of a flow were tracked apart
+/// before layout 4, or the new programs saw it first), the entry seen last stays. Returns how
+/// many flows were added.
 fn copy_flows(
-    old: &HashMap<MapData, CtKey, CtValue>,
+    layout: u32,
+    old: &HashMap<MapData, [u8; CT_KEY_SIZE], [u8; CT_VALUE_SIZE]>,
     new: &mut HashMap<&mut MapData, CtKey, CtValue>,
 ) -> Result<u64, LoaderError> {
     let mut copied = 0;
     // An entry evicted while the keys are walked is skipped: the old programs dropped it.
-    for key in old.keys().filter_map(Result::ok) {
-        let Ok(value) = old.get(&key, 0) else {
+    for raw_key in old.keys().filter_map(Result::ok) {
+        let Ok(raw_value) = old.get(&raw_key, 0) else {
             continue;
         };
+        let (key, value) = convert_flow(layout, &raw_key, &raw_value);
         match new.insert(key, value, BPF_NOEXIST) {
             Ok(()) => copied += 1,
             Err(MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(nix::errno::Errno::EEXIST as i32) => {}
+                if e.io_error.raw_os_error() == Some(nix::errno::Errno::EEXIST as i32) =>
+            {
+                if new
+                    .get(&key, 0)
+                    .is_ok_and(|held| held.last_seen_ns < value.last_seen_ns)
+                {
+                    new.insert(key, value, 0)
+                        .map_err(map_err(maps::CONNTRACK))?;
+                }
+            }
             Err(e) => return Err(map_err(maps::CONNTRACK)(e)),
         }
     }
@@ -223,7 +300,7 @@ impl Dataplane {
     /// Copies the kept dataplane's tracked flows and counters into this object's maps. Call
     /// before any program of this object is attached (no program writes the maps yet).
     pub fn carry_state(&mut self, kept: &mut KeptDataplane) -> Result<(), LoaderError> {
-        kept.flows = copy_flows(&kept.conntrack, &mut conntrack_of(self)?)?;
+        kept.flows = copy_flows(kept.layout, &kept.conntrack, &mut conntrack_of(self)?)?;
         if let Some(old) = &kept.stats {
             let mut new = stats_of(self)?;
             for index in 0..old.len() {
@@ -317,7 +394,7 @@ impl Dataplane {
     /// programs added since [`Self::carry_state`], then pins this object's maps and programs in
     /// place of the kept ones (which the kernel frees once nothing refers to them).
     pub fn finish_takeover(&mut self, mut kept: KeptDataplane) -> Result<Carried, LoaderError> {
-        kept.flows += copy_flows(&kept.conntrack, &mut conntrack_of(self)?)?;
+        kept.flows += copy_flows(kept.layout, &kept.conntrack, &mut conntrack_of(self)?)?;
         if let Some(old) = &kept.stats {
             let mut new = stats_of(self)?;
             for (index, copied) in (0..old.len()).zip(&kept.stats_copied) {
@@ -353,5 +430,78 @@ impl Dataplane {
             flows: kept.flows,
             counters: kept.stats.is_some(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::maps::CtKey;
+
+    use super::{CT_KEY_SIZE, CT_VALUE_SIZE, convert_flow};
+
+    fn directed_key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16) -> [u8; CT_KEY_SIZE] {
+        let mut k = [0; CT_KEY_SIZE];
+        k[0..4].copy_from_slice(&saddr);
+        k[4..8].copy_from_slice(&daddr);
+        k[8..10].copy_from_slice(&sport.to_be_bytes());
+        k[10..12].copy_from_slice(&dport.to_be_bytes());
+        k[12] = 17;
+        k
+    }
+
+    fn value(last_seen_ns: u64, src: u8, dst: u8) -> [u8; CT_VALUE_SIZE] {
+        let mut v = [0; CT_VALUE_SIZE];
+        v[0..8].copy_from_slice(&last_seen_ns.to_ne_bytes());
+        v[8] = src;
+        v[9] = dst;
+        v
+    }
+
+    #[test]
+    fn a_directed_flow_of_layout_3_becomes_one_flow_keyed_by_its_ends() {
+        let (host, dg) = ([10, 240, 1, 1], [10, 240, 1, 2]);
+        // Opened by the host towards DG's UDP port 9000.
+        let (key, v) = convert_flow(3, &directed_key(host, dg, 40_000, 9000), &value(77, 4, 1));
+        let (want, host_is_hi) = CtKey::of(
+            u32::from_ne_bytes(host),
+            u32::from_ne_bytes(dg),
+            40_000u16.to_be(),
+            9000u16.to_be(),
+            17,
+        );
+        assert_eq!(key, want);
+        // DG's reply finds the same flow.
+        assert_eq!(
+            CtKey::of(
+                u32::from_ne_bytes(dg),
+                u32::from_ne_bytes(host),
+                9000u16.to_be(),
+                40_000u16.to_be(),
+                17
+            )
+            .0,
+            key
+        );
+        assert_eq!(v.opened_by_hi, u8::from(host_is_hi));
+        assert_eq!((v.last_seen_ns, v.src, v.dst), (77, 4, 1));
+    }
+
+    #[test]
+    fn a_flow_of_the_current_layout_is_carried_as_it_is() {
+        let (key, _) = CtKey::of(1, 2, 3, 4, 6);
+        let mut raw = [0; CT_KEY_SIZE];
+        raw[0..4].copy_from_slice(&key.lo_addr.to_ne_bytes());
+        raw[4..8].copy_from_slice(&key.hi_addr.to_ne_bytes());
+        raw[8..10].copy_from_slice(&key.lo_port.to_ne_bytes());
+        raw[10..12].copy_from_slice(&key.hi_port.to_ne_bytes());
+        raw[12] = key.proto;
+        let mut v = value(5, 0, 1);
+        v[10] = 1;
+        let (k, cv) = convert_flow(dataplane_common::MAP_LAYOUT_VERSION, &raw, &v);
+        assert_eq!(k, key);
+        assert_eq!(
+            (cv.last_seen_ns, cv.src, cv.dst, cv.opened_by_hi),
+            (5, 0, 1, 1)
+        );
     }
 }
