@@ -53,8 +53,8 @@ pub struct Carried {
 pub struct KeptDataplane {
     dir: PathBuf,
     layout: u32,
-    /// The kept `CONNTRACK` as raw entries: their meaning depends on `layout`.
-    conntrack: HashMap<MapData, [u8; CT_KEY_SIZE], [u8; CT_VALUE_SIZE]>,
+    /// The kept `CONNTRACK`; in a directed layout its entries need [`convert_flow`].
+    conntrack: HashMap<MapData, CtKey, CtValue>,
     stats: Option<PerCpuArray<MapData, u64>>,
     /// The counters as first copied, to add only what the old programs counted afterwards.
     stats_copied: Vec<Vec<u64>>,
@@ -135,8 +135,8 @@ impl KeptDataplane {
             &dir,
             maps::CONNTRACK,
             MapType::LruHash,
-            CT_KEY_SIZE,
-            CT_VALUE_SIZE,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
             layout,
         )?;
         let conntrack = HashMap::try_from(Map::LruHashMap(ct)).map_err(map_err(maps::CONNTRACK))?;
@@ -180,65 +180,29 @@ impl KeptDataplane {
     }
 }
 
-/// Size of a `CONNTRACK` key, in every layout this agent converts from.
-const CT_KEY_SIZE: usize = size_of::<CtKey>();
-/// Size of a `CONNTRACK` value, in every layout this agent converts from.
-const CT_VALUE_SIZE: usize = size_of::<CtValue>();
-
-fn ne_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn ne_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-/// A kept `CONNTRACK` entry of map layout `layout` as today's key and value.
+/// A kept `CONNTRACK` entry of map layout `layout` as today's entry.
 ///
-/// Layouts 1 to 3 keyed one direction (source address, destination address, source port,
-/// destination port, protocol) and their value held the timestamp and the two identities; that
-/// direction is the one that opened the flow. Later layouts are today's types.
-fn convert_flow(
-    layout: u32,
-    key: &[u8; CT_KEY_SIZE],
-    value: &[u8; CT_VALUE_SIZE],
-) -> (CtKey, CtValue) {
-    let last_seen_ns = u64::from_ne_bytes([
-        value[0], value[1], value[2], value[3], value[4], value[5], value[6], value[7],
-    ]);
-    if DIRECTED_CONNTRACK_LAYOUTS.contains(&layout) {
-        let (ct, src_is_hi) = CtKey::of(
-            ne_u32(key, 0),
-            ne_u32(key, 4),
-            ne_u16(key, 8),
-            ne_u16(key, 10),
-            key[12],
-        );
-        let value = CtValue {
-            last_seen_ns,
-            src: value[8],
-            dst: value[9],
-            opened_by_hi: u8::from(src_is_hi),
-            pad: [0; 5],
-        };
-        return (ct, value);
+/// Layouts 1 to 3 have the same sizes, but their key is one direction of the flow — the one
+/// that opened it — with source address, destination address, source port and destination
+/// port where today's key holds the lower and the higher endpoint; their value's byte after the
+/// identities was padding (zero). Later layouts are today's entries.
+fn convert_flow(layout: u32, key: CtKey, value: CtValue) -> (CtKey, CtValue) {
+    if !DIRECTED_CONNTRACK_LAYOUTS.contains(&layout) {
+        return (key, value);
     }
-    let ct = CtKey {
-        lo_addr: ne_u32(key, 0),
-        hi_addr: ne_u32(key, 4),
-        lo_port: ne_u16(key, 8),
-        hi_port: ne_u16(key, 10),
-        proto: key[12],
-        pad: [0; 3],
-    };
+    let (key, src_is_hi) = CtKey::of(
+        key.lo_addr,
+        key.hi_addr,
+        key.lo_port,
+        key.hi_port,
+        key.proto,
+    );
     let value = CtValue {
-        last_seen_ns,
-        src: value[8],
-        dst: value[9],
-        opened_by_hi: value[10],
+        opened_by_hi: u8::from(src_is_hi),
         pad: [0; 5],
+        ..value
     };
-    (ct, value)
+    (key, value)
 }
 
 /// Copies every tracked flow of `old` (map layout `layout`, converted to today's entries) into
@@ -247,16 +211,16 @@ fn convert_flow(
 /// many flows were added.
 fn copy_flows(
     layout: u32,
-    old: &HashMap<MapData, [u8; CT_KEY_SIZE], [u8; CT_VALUE_SIZE]>,
+    old: &HashMap<MapData, CtKey, CtValue>,
     new: &mut HashMap<&mut MapData, CtKey, CtValue>,
 ) -> Result<u64, LoaderError> {
     let mut copied = 0;
     // An entry evicted while the keys are walked is skipped: the old programs dropped it.
-    for raw_key in old.keys().filter_map(Result::ok) {
-        let Ok(raw_value) = old.get(&raw_key, 0) else {
+    for kept_key in old.keys().filter_map(Result::ok) {
+        let Ok(kept_value) = old.get(&kept_key, 0) else {
             continue;
         };
-        let (key, value) = convert_flow(layout, &raw_key, &raw_value);
+        let (key, value) = convert_flow(layout, kept_key, kept_value);
         match new.insert(key, value, BPF_NOEXIST) {
             Ok(()) => copied += 1,
             Err(MapError::SyscallError(e))
@@ -435,73 +399,68 @@ impl Dataplane {
 
 #[cfg(test)]
 mod tests {
-    use dataplane_common::maps::CtKey;
+    use dataplane_common::{
+        MAP_LAYOUT_VERSION,
+        maps::{CtKey, CtValue},
+    };
 
-    use super::{CT_KEY_SIZE, CT_VALUE_SIZE, convert_flow};
+    use super::convert_flow;
 
-    fn directed_key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16) -> [u8; CT_KEY_SIZE] {
-        let mut k = [0; CT_KEY_SIZE];
-        k[0..4].copy_from_slice(&saddr);
-        k[4..8].copy_from_slice(&daddr);
-        k[8..10].copy_from_slice(&sport.to_be_bytes());
-        k[10..12].copy_from_slice(&dport.to_be_bytes());
-        k[12] = 17;
-        k
+    fn addr(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
     }
 
-    fn value(last_seen_ns: u64, src: u8, dst: u8) -> [u8; CT_VALUE_SIZE] {
-        let mut v = [0; CT_VALUE_SIZE];
-        v[0..8].copy_from_slice(&last_seen_ns.to_ne_bytes());
-        v[8] = src;
-        v[9] = dst;
-        v
+    fn value(last_seen_ns: u64) -> CtValue {
+        CtValue {
+            last_seen_ns,
+            src: 4,
+            dst: 1,
+            opened_by_hi: 0,
+            pad: [0; 5],
+        }
     }
 
     #[test]
     fn a_directed_flow_of_layout_3_becomes_one_flow_keyed_by_its_ends() {
-        let (host, dg) = ([10, 240, 1, 1], [10, 240, 1, 2]);
-        // Opened by the host towards DG's UDP port 9000.
-        let (key, v) = convert_flow(3, &directed_key(host, dg, 40_000, 9000), &value(77, 4, 1));
-        let (want, host_is_hi) = CtKey::of(
-            u32::from_ne_bytes(host),
-            u32::from_ne_bytes(dg),
-            40_000u16.to_be(),
-            9000u16.to_be(),
-            17,
-        );
+        let (host, dg) = (addr([10, 240, 1, 1]), addr([10, 240, 1, 2]));
+        let (sport, dport) = (40_000u16.to_be(), 9000u16.to_be());
+        // Layout 3: opened by the host towards DG's UDP port 9000, source first.
+        let directed = CtKey {
+            lo_addr: host,
+            hi_addr: dg,
+            lo_port: sport,
+            hi_port: dport,
+            proto: 17,
+            pad: [0; 3],
+        };
+        let (key, v) = convert_flow(3, directed, value(77));
+        let (want, host_is_hi) = CtKey::of(host, dg, sport, dport, 17);
         assert_eq!(key, want);
         // DG's reply finds the same flow.
-        assert_eq!(
-            CtKey::of(
-                u32::from_ne_bytes(dg),
-                u32::from_ne_bytes(host),
-                9000u16.to_be(),
-                40_000u16.to_be(),
-                17
-            )
-            .0,
-            key
-        );
+        assert_eq!(CtKey::of(dg, host, dport, sport, 17).0, key);
         assert_eq!(v.opened_by_hi, u8::from(host_is_hi));
         assert_eq!((v.last_seen_ns, v.src, v.dst), (77, 4, 1));
+        // Opened the other way round, the other end is recorded as the opener.
+        let reverse = CtKey {
+            lo_addr: dg,
+            hi_addr: host,
+            lo_port: dport,
+            hi_port: sport,
+            proto: 17,
+            pad: [0; 3],
+        };
+        let (key_r, v_r) = convert_flow(3, reverse, value(78));
+        assert_eq!(key_r, key);
+        assert_ne!(v_r.opened_by_hi, v.opened_by_hi);
     }
 
     #[test]
     fn a_flow_of_the_current_layout_is_carried_as_it_is() {
-        let (key, _) = CtKey::of(1, 2, 3, 4, 6);
-        let mut raw = [0; CT_KEY_SIZE];
-        raw[0..4].copy_from_slice(&key.lo_addr.to_ne_bytes());
-        raw[4..8].copy_from_slice(&key.hi_addr.to_ne_bytes());
-        raw[8..10].copy_from_slice(&key.lo_port.to_ne_bytes());
-        raw[10..12].copy_from_slice(&key.hi_port.to_ne_bytes());
-        raw[12] = key.proto;
-        let mut v = value(5, 0, 1);
-        v[10] = 1;
-        let (k, cv) = convert_flow(dataplane_common::MAP_LAYOUT_VERSION, &raw, &v);
-        assert_eq!(k, key);
-        assert_eq!(
-            (cv.last_seen_ns, cv.src, cv.dst, cv.opened_by_hi),
-            (5, 0, 1, 1)
-        );
+        let (key, _) = CtKey::of(2, 1, 3, 4, 6);
+        let v = CtValue {
+            opened_by_hi: 1,
+            ..value(5)
+        };
+        assert_eq!(convert_flow(MAP_LAYOUT_VERSION, key, v), (key, v));
     }
 }

@@ -213,16 +213,7 @@ fn main() -> anyhow::Result<()> {
     }));
 
     // 2. Kernel decision.
-    let Kernel {
-        allowed,
-        denied,
-        denied_udp,
-        classified,
-        arp_only,
-        decision_hit,
-        decision_miss,
-        decision_miss_udp,
-    } = kernel_figures(&config, &bundle)?;
+    let k = kernel_figures(&config, &bundle)?;
 
     println!("policy benchmark");
     println!(
@@ -237,37 +228,45 @@ fn main() -> anyhow::Result<()> {
     };
     row("admission decision (regorus, 4 constraints)", &adm, "ns");
     row("  baseline: constant rule, same engine", &base, "ns");
-    row("kernel: XDP, allowed DX->DG (whole packet)", &allowed, "ns");
+    row(
+        "kernel: XDP, allowed DX->DG (whole packet)",
+        &k.allowed,
+        "ns",
+    );
     row(
         "kernel: XDP, denied SYN DX->PX (whole packet)",
-        &denied,
+        &k.denied,
         "ns",
     );
     row(
         "kernel: XDP, denied UDP DX->PX (whole packet)",
-        &denied_udp,
+        &k.denied_udp,
         "ns",
     );
     row(
         "  baseline: parsed and classified, no decision",
-        &classified,
+        &k.classified,
         "ns",
     );
-    row("  baseline: ARP frame (parse only)", &arp_only, "ns");
-    row("kernel policy decision: allowed", &decision_hit, "ns");
-    row("kernel policy decision: refused SYN", &decision_miss, "ns");
+    row("  baseline: ARP frame (parse only)", &k.arp_only, "ns");
+    row("kernel policy decision: allowed", &k.decision_hit, "ns");
+    row(
+        "kernel policy decision: refused SYN",
+        &k.decision_miss,
+        "ns",
+    );
     row(
         "kernel policy decision: refused UDP (+ flow)",
-        &decision_miss_udp,
+        &k.decision_miss_udp,
         "ns",
     );
     println!(
         "admission p99 {}.{} us (target <= 15 us); kernel policy decision over the classified baseline, median batch: {} ns allowed, {} ns refused SYN, {} ns refused UDP with the tracked-flow lookup (target <= 50 ns)",
         adm.p99 / 1000,
         adm.p99 % 1000 / 100,
-        decision_hit.p50,
-        decision_miss.p50,
-        decision_miss_udp.p50,
+        k.decision_hit.p50,
+        k.decision_miss.p50,
+        k.decision_miss_udp.p50,
     );
     let j = |s: &Summary| json!({"p50_ns": s.p50, "p99_ns": s.p99, "p999_ns": s.p999, "samples": s.samples});
     println!(
@@ -275,10 +274,10 @@ fn main() -> anyhow::Result<()> {
         json!({
             "benchmark": "policy",
             "admission": j(&adm), "admission_baseline_constant_rule": j(&base),
-            "kernel_allowed": j(&allowed), "kernel_denied_syn": j(&denied), "kernel_denied_udp": j(&denied_udp),
-            "kernel_baseline_classified": j(&classified), "kernel_baseline_arp": j(&arp_only),
-            "kernel_decision_allowed": j(&decision_hit), "kernel_decision_refused_syn": j(&decision_miss),
-            "kernel_decision_refused_udp": j(&decision_miss_udp),
+            "kernel_allowed": j(&k.allowed), "kernel_denied_syn": j(&k.denied), "kernel_denied_udp": j(&k.denied_udp),
+            "kernel_baseline_classified": j(&k.classified), "kernel_baseline_arp": j(&k.arp_only),
+            "kernel_decision_allowed": j(&k.decision_hit), "kernel_decision_refused_syn": j(&k.decision_miss),
+            "kernel_decision_refused_udp": j(&k.decision_miss_udp),
             "kernel_repeat_per_sample": REPEAT,
         })
     );
