@@ -39,6 +39,21 @@ test_short_digest_is_rejected if {
 	violated(obj) == {"artifacts-are-content-addressed"}
 }
 
+test_a_workload_without_artifacts_is_rejected if {
+	every obj in [json.remove(good_px, ["artifacts"]), object.union(good_px, {"artifacts": []})] {
+		violated(obj) == {"artifacts-are-content-addressed"}
+		some v in admission.violations with input as review(obj)
+		v.msg == "no artifact referenced"
+	}
+}
+
+test_every_artifact_is_checked if {
+	good := concat("", ["api@sha256:", digest])
+	obj := object.union(good_px, {"artifacts": [good, "api:latest", good]})
+	msgs := {v.msg | some v in admission.violations with input as review(obj)}
+	msgs == {"artifact \"api:latest\" is not a content-addressed reference (<pkg>@sha256:<digest>)"}
+}
+
 test_production_needs_limits if {
 	obj := json.remove(good_px, ["resources/pids"])
 	violated(obj) == {"production-sets-resource-limits"}
@@ -65,6 +80,11 @@ test_malformed_references_are_rejected if {
 		concat("", ["api@sha256:", digest, "0"]),
 		concat("", ["-api@sha256:", digest]),
 		concat("", ["Api@sha256:", digest]),
+		concat("", [".api@sha256:", digest]),
+		concat("", ["_api@sha256:", digest]),
+		concat("", ["a/b@sha256:", digest]),
+		concat("", ["api@sha256:", substring(digest, 0, 63), "g"]),
+		concat("", ["api@sha256:", substring(digest, 0, 63)]),
 		concat("", ["@sha256:", digest]),
 		concat("", ["api@sha256:", digest, "@sha256:", digest]),
 		concat("", ["api@sha512:", digest]),
@@ -88,7 +108,19 @@ test_malformed_production_identities_are_rejected if {
 		"spiffe://quadrantXlocal/quadrant/px/workload/api",
 		"spiffe://quadrant.local/quadrant/pxx/workload/api",
 		"spiffe://quadrant.local.evil/quadrant/px/workload/api",
+		"spiffe://quadrant.local/quadrant/dx/workload/api",
+		"spiffe://quadrant.local/quadrant/px/service/api",
+		"spiffe://quadrant.local/Quadrant/px/workload/api",
+		"https://quadrant.local/quadrant/px/workload/api",
+		"spiffe:/quadrant.local/quadrant/px/workload/api/x",
+		"spiffe://quadrant.local/quadrant/px/workload/a:b",
+		"",
 	] {
 		violated(object.union(good_px, {"spiffe_id": id})) == {"production-needs-production-identity"}
 	}
+}
+
+test_a_production_gateway_identity_is_admitted_into_pg if {
+	obj := object.union(good_px, {"quadrant": "pg", "spiffe_id": "spiffe://quadrant.local/quadrant/pg/workload/edge-1.v2_x"})
+	admission.decision.allowed with input as review(obj)
 }

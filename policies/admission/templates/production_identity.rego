@@ -5,12 +5,10 @@
 package quadrant.admission.templates.production_identity
 
 production_identity(id, trust_domain) if {
-	some q in ["px", "pg"]
-	prefix := sprintf("spiffe://%s/quadrant/%s/workload/", [trust_domain, q])
-	startswith(id, prefix)
-	name := substring(id, count(prefix), -1)
-	count(name) > 0
-	trim(name, "abcdefghijklmnopqrstuvwxyz0123456789._-") == ""
+	["spiffe:", "", trust_domain, "quadrant", quadrant, "workload", name] = split(id, "/")
+	quadrant in {"px", "pg"}
+	name != ""
+	trim_left(name, "abcdefghijklmnopqrstuvwxyz0123456789._-") == ""
 }
 
 violation contains {"msg": msg} if {
