@@ -786,6 +786,26 @@ async fn finish_down(
     }
 }
 
+/// The broker's lanes, with the `sk_msg` counters when the acceleration is on.
+fn lanes_report(r: &Running) -> crate::lanes::broker::LanesReport {
+    let mut report = r.lanes.report();
+    if r.config.lanes.tcp_acceleration == crate::config::TcpAcceleration::SkMsg {
+        report.tcp_acceleration =
+            r.dataplane
+                .lane_accel_counters()
+                .ok()
+                .map(
+                    |[sockets, redirected, passed, refused]| crate::lanes::broker::Acceleration {
+                        sockets,
+                        redirected,
+                        passed,
+                        refused,
+                    },
+                );
+    }
+    report
+}
+
 async fn handle(
     mut stream: UnixStream,
     running: Arc<Mutex<Running>>,
@@ -830,20 +850,7 @@ async fn handle(
                 let events = Arc::clone(&running.lock().await.events);
                 return stream_events(stream, rx, &events).await;
             }
-            Ok(Request::Lanes) => {
-                let r = running.lock().await;
-                let mut report = r.lanes.report();
-                if r.config.lanes.tcp_acceleration == crate::config::TcpAcceleration::SkMsg {
-                    report.tcp_acceleration = r.dataplane.lane_accel_counters().ok().map(
-                        |[sockets, redirected, passed]| crate::lanes::broker::Acceleration {
-                            sockets,
-                            redirected,
-                            passed,
-                        },
-                    );
-                }
-                Response::Lanes(Box::new(report))
-            }
+            Ok(Request::Lanes) => Response::Lanes(Box::new(lanes_report(&*running.lock().await))),
             Ok(Request::Workloads) => Response::Workloads {
                 workloads: running.lock().await.supervisor.list(),
             },

@@ -166,7 +166,8 @@ pub enum TcpAcceleration {
     #[default]
     Off,
     /// `sock_ops` records established sockets, `sk_msg` redirects each message to a local peer
-    /// socket.
+    /// socket while the policy allows the flow that opened the connection (after a reload that
+    /// revokes it, the sender gets `EACCES`).
     SkMsg,
 }
 

@@ -761,8 +761,9 @@ impl Dataplane {
     }
 
     /// Lane acceleration counters, summed over CPUs: sockets added, messages redirected,
-    /// messages passed on.
-    pub fn lane_accel_counters(&self) -> Result<[u64; 3], LoaderError> {
+    /// messages passed on, messages refused (a revoked flow).
+    pub fn lane_accel_counters(&self) -> Result<[u64; 4], LoaderError> {
+        const _: () = assert!(maps::lane_accel::COUNT == 4, "one figure per counter slot");
         let map = self
             .ebpf
             .map(maps::LANE_ACCEL)
@@ -771,7 +772,7 @@ impl Dataplane {
             })?;
         let arr: PerCpuArray<_, u64> =
             PerCpuArray::try_from(map).map_err(map_err(maps::LANE_ACCEL))?;
-        let mut out = [0u64; 3];
+        let mut out = [0u64; 4];
         for (slot, v) in out.iter_mut().enumerate() {
             let idx = u32::try_from(slot).unwrap_or_default();
             *v = arr

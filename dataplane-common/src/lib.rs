@@ -15,15 +15,19 @@
 /// also allow what rules naming the caller's workload allow, and `sock_create` refuses raw
 /// sockets where such rules exist; 4: the packet programs decide with one policy lookup (scope 1
 /// holds the quadrant's and its workloads' allowance joined), XDP consults flow state only for
-/// what the policy refuses, and flow timestamps come from the coarse monotonic clock.
-pub const PROGRAM_SET_VERSION: u32 = 4;
+/// what the policy refuses, and flow timestamps come from the coarse monotonic clock; 5: `sk_msg`
+/// redirects a connection's messages only while the policy allows the flow that opened it (a
+/// reload that revokes the flow refuses them with `EACCES`).
+pub const PROGRAM_SET_VERSION: u32 = 5;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
 /// `WL_POLICY_A`/`WL_POLICY_B`, the scope byte of the policy key, `CONFIG.raw_sockets_denied`
 /// and the `sock_create` hook's counters; 4: `CONNTRACK` keys a flow by its ordered endpoints
-/// (one entry and one lookup for both directions) and records which end opened it.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+/// (one entry and one lookup for both directions) and records which end opened it; 5:
+/// `LANE_SOCK_MODE` also records which end of a connection opened it, `LANE_ACCEL` counts
+/// refused messages.
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow

@@ -56,9 +56,11 @@ pub const ALL: [&str; 14] = [
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`
 /// redirect of local TCP lanes (only populated when lane acceleration is on).
 pub const LANE_SOCKS: &str = "LANE_SOCKS";
-/// How each recorded socket sends ([`SockKey`] → [`lane_accel::MODE_REDIRECT`] or
-/// [`lane_accel::MODE_STACK`]), fixed by its first message: a connection whose first message had
-/// to take the stack never switches to the redirect, which could overtake bytes still in flight.
+/// Each recorded socket's state ([`SockKey`] → flags of [`lane_accel`]): whether this end opened
+/// the connection ([`lane_accel::OPENED_HERE`], set when it is established) and how it sends
+/// ([`lane_accel::MODE_REDIRECT`] or [`lane_accel::MODE_STACK`] under [`lane_accel::MODE_MASK`]),
+/// fixed by its first message: a connection whose first message had to take the stack never
+/// switches to the redirect, which could overtake bytes still in flight.
 pub const LANE_SOCK_MODE: &str = "LANE_SOCK_MODE";
 /// Per-CPU counters of lane acceleration, indexed by [`lane_accel`].
 pub const LANE_ACCEL: &str = "LANE_ACCEL";
@@ -73,8 +75,17 @@ pub mod lane_accel {
     pub const REDIRECTED: u32 = 1;
     /// Messages that took the normal path (no local peer in the map).
     pub const PASSED: u32 = 2;
+    /// Messages of redirected connections refused because the policy no longer allows the flow
+    /// that opened the connection (the sender gets `EACCES`).
+    pub const REFUSED: u32 = 3;
     /// Number of slots.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
+    /// [`super::LANE_SOCK_MODE`]: the bits holding the sending mode (0: not decided yet).
+    pub const MODE_MASK: u32 = 0xff;
+    /// [`super::LANE_SOCK_MODE`]: this end opened the connection (`connect`), so the flow that
+    /// the policy must keep allowing runs from its address to its peer's port; otherwise from the
+    /// peer's address to this end's port.
+    pub const OPENED_HERE: u32 = 1 << 8;
     /// [`super::LANE_SOCK_MODE`]: every message goes straight to the peer socket.
     pub const MODE_REDIRECT: u32 = 1;
     /// [`super::LANE_SOCK_MODE`]: every message takes the TCP/IP stack.

@@ -1,14 +1,17 @@
 //! Optional acceleration of TCP lanes between workloads on this host: `sock_ops` on each
 //! quadrant's cgroup records every established IPv4 TCP socket in `LANE_SOCKS`; `sk_msg` on that
 //! map hands each message straight to the peer socket's receive queue when the peer is a local
-//! socket in the map, skipping the TCP/IP stack, the veths and the tc programs (the flow was
-//! authorized when it was set up). Messages whose peer is not in the map take the normal path.
-//! The agent attaches these only with `lanes.tcp_acceleration: sk_msg`.
+//! socket in the map, skipping the TCP/IP stack, the veths and the tc programs. Since tc never
+//! sees those messages, `sk_msg` asks the policy itself, message by message, whether the flow
+//! that opened the connection is still allowed (what tc would decide for its packets): after a
+//! reload that revokes it, the sender gets `EACCES`. Messages whose peer is not in the map take
+//! the normal path. The agent attaches these only with `lanes.tcp_acceleration: sk_msg`.
 
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        sk_action::{SK_DROP, SK_PASS},
     },
     macros::{map, sk_msg, sock_ops},
     maps::{LruHashMap, PerCpuArray, SockHash},
@@ -16,14 +19,21 @@ use aya_ebpf::{
 };
 use dataplane_common::maps::{LANE_SOCKS_MAX, SockKey, lane_accel};
 
+use crate::decide::{identity_of, policy_allows};
+
 /// IPv4 address family.
 const AF_INET: u32 = 2;
+/// IP protocol number of TCP.
+const IPPROTO_TCP: u8 = 6;
+/// First octet of 127.0.0.0/8.
+const LOOPBACK_NET: u8 = 127;
 
 /// Established sockets of the quadrants' workloads. Writer: `quadrant_sockops`.
 #[map(name = "LANE_SOCKS")]
 pub static LANE_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(LANE_SOCKS_MAX, 0);
 
-/// Each socket's sending mode, fixed by its first message. Writers: both programs.
+/// Each socket's state: which end opened the connection (set by `quadrant_sockops`) and its
+/// sending mode, fixed by its first message. Writers: both programs.
 #[map(name = "LANE_SOCK_MODE")]
 pub static LANE_SOCK_MODE: LruHashMap<SockKey, u32> =
     LruHashMap::with_max_entries(LANE_SOCKS_MAX, 0);
@@ -63,8 +73,14 @@ pub fn quadrant_sockops(ctx: SockOpsContext) -> u32 {
         local_port: ctx.local_port(),
         remote_port: remote_port(ctx.remote_port()),
     };
-    // A new connection on this 4-tuple: its first message decides its mode again.
-    let _ = LANE_SOCK_MODE.remove(key);
+    // A new connection on this 4-tuple: which end opened it is known now, its first message
+    // decides its mode again.
+    let state = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        lane_accel::OPENED_HERE
+    } else {
+        0
+    };
+    let _ = LANE_SOCK_MODE.insert(key, state, u64::from(BPF_ANY));
     // SAFETY: the context's pointer is the kernel's `bpf_sock_ops` for this call.
     let ops = unsafe { &mut *ctx.ops };
     if LANE_SOCKS.update(&mut key, ops, u64::from(BPF_ANY)).is_ok() {
@@ -87,8 +103,27 @@ pub fn quadrant_sk_msg(ctx: SkMsgContext) -> u32 {
         remote_port: remote_port(md.remote_port),
     };
     // SAFETY: the value is a plain u32 read once.
-    let mode = unsafe { LANE_SOCK_MODE.get(own) }.copied();
-    if mode == Some(lane_accel::MODE_STACK) {
+    let Some(state) = unsafe { LANE_SOCK_MODE.get(own) }.copied() else {
+        // Not recorded when it was established (it predates the acceleration, or its entry
+        // was evicted): which end opened it is unknown, so it keeps to the stack, where tc
+        // decides.
+        let _ = LANE_SOCK_MODE.insert(own, lane_accel::MODE_STACK, u64::from(BPF_ANY));
+        bump(lane_accel::PASSED);
+        return SK_PASS;
+    };
+    let mode = state & lane_accel::MODE_MASK;
+    if mode == lane_accel::MODE_STACK {
+        bump(lane_accel::PASSED);
+        return SK_PASS;
+    }
+    if !opening_flow_allowed(&own, state) {
+        if mode == lane_accel::MODE_REDIRECT {
+            // Revoked after its messages began to bypass tc: refused here instead.
+            bump(lane_accel::REFUSED);
+            return SK_DROP;
+        }
+        // Nothing redirected yet: the stack, where tc decides every packet.
+        let _ = LANE_SOCK_MODE.insert(own, state | lane_accel::MODE_STACK, u64::from(BPF_ANY));
         bump(lane_accel::PASSED);
         return SK_PASS;
     }
@@ -97,13 +132,13 @@ pub fn quadrant_sk_msg(ctx: SkMsgContext) -> u32 {
     // goes on as usual.
     let redirected =
         LANE_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
-    if mode.is_none() {
+    if mode == 0 {
         let decided = if redirected {
             lane_accel::MODE_REDIRECT
         } else {
             lane_accel::MODE_STACK
         };
-        let _ = LANE_SOCK_MODE.insert(own, decided, u64::from(BPF_ANY));
+        let _ = LANE_SOCK_MODE.insert(own, state | decided, u64::from(BPF_ANY));
     }
     bump(if redirected {
         lane_accel::REDIRECTED
@@ -111,4 +146,25 @@ pub fn quadrant_sk_msg(ctx: SkMsgContext) -> u32 {
         lane_accel::PASSED
     });
     SK_PASS
+}
+
+/// Whether the policy still allows the flow that opened the connection `own` belongs to — the
+/// packet layer's decision, what tc would apply to the connection's packets. Loopback
+/// connections never cross a quadrant's veth; `connect4` allows them, so does this.
+#[inline(always)]
+fn opening_flow_allowed(own: &SockKey, state: u32) -> bool {
+    if own.local_ip4.to_ne_bytes()[0] == LOOPBACK_NET
+        || own.remote_ip4.to_ne_bytes()[0] == LOOPBACK_NET
+    {
+        return true;
+    }
+    // (source, destination, destination port) of the flow that opened the connection.
+    let (src, dst, port) = if state & lane_accel::OPENED_HERE != 0 {
+        (own.local_ip4, own.remote_ip4, own.remote_port)
+    } else {
+        (own.remote_ip4, own.local_ip4, own.local_port)
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "ports are below 65536")]
+    let port = (port as u16).to_be();
+    policy_allows(identity_of(src), identity_of(dst), IPPROTO_TCP, port)
 }

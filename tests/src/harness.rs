@@ -36,6 +36,26 @@ pub fn sibling_binary(qprobe: &str, name: &str) -> PathBuf {
     path
 }
 
+/// A fresh copy of the repository's policies/ under the test state directory, for tests that
+/// edit the policy of a running agent.
+///
+/// # Panics
+/// If the copy fails.
+#[must_use]
+pub fn copy_of_policies(instance: &str) -> PathBuf {
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{instance}-policies"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(&src)
+        .arg(&dir)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "cannot copy {}", src.display());
+    dir
+}
+
 /// The configuration of test instance `n` (0..=40): prefixes 10.241.(4n+i).0/24.
 #[must_use]
 pub fn test_config(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {

@@ -20,7 +20,7 @@ use quadrant::{
         frame::{HEADER_LEN, Header, Kind},
     },
 };
-use quadrant_tests::harness::{Instance, sibling_binary, test_config};
+use quadrant_tests::harness::{Instance, copy_of_policies, sibling_binary, test_config};
 use rcgen::{CertificateParams, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use rustls::{
     DigitallySignedStruct, SignatureScheme,
@@ -588,6 +588,64 @@ fn tcp_lanes_run_over_the_sk_msg_redirect_when_acceleration_is_on() {
     // Both ends of each connection were recorded and the TLS records went straight across.
     assert!(accel.sockets >= 4, "{accel:?}");
     assert!(accel.redirected >= 240, "{accel:?}");
+}
+
+/// Redirected messages never cross the tc programs, so revoking the flow that opened a
+/// connection must stop them where they are redirected: after a reload that denies DX → DG, the
+/// next message of a connection that was running over the redirect is refused with `EACCES`
+/// (without the check in `sk_msg`, it would still reach DG and be answered).
+#[test]
+fn revoking_a_flow_stops_its_redirected_connections() {
+    let dir = copy_of_policies("qt35");
+    let mut config = test_config(35, None);
+    config.policy_dir = Some(dir.clone());
+    config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
+    let mut inst = Instance::up(config, QPROBE);
+    let target = format!("{}:7101", inst.addr(Quadrant::Dg));
+    let _echo = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7101"]);
+    let (_, talk) = inst.background_in(
+        Quadrant::Dx,
+        None,
+        &[QPROBE, "tcp-talk", &target, "100", "200"],
+        "ready",
+    );
+    let next = |what: &str| {
+        talk.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{what}: no line from tcp-talk"))
+    };
+    assert_eq!(next("connected"), "ready");
+    for n in 0..3 {
+        assert_eq!(next("allowed round trip"), format!("ok ping {n}"));
+    }
+    let accel = |inst: &Instance| lanes(inst).tcp_acceleration.expect("acceleration counters");
+    let before = accel(&inst);
+    // Both ends' messages of each round trip went straight across.
+    assert!(before.redirected >= 6, "{before:?}");
+    assert_eq!(before.refused, 0, "{before:?}");
+
+    let global = dir.join("runtime/global.rego");
+    let rego = std::fs::read_to_string(&global).expect("read");
+    let deny = "\ndeny contains {\"from\": \"dx\", \"to\": \"dg\", \"reason\": \"revoked\"}\n";
+    std::fs::write(&global, format!("{rego}{deny}")).expect("write");
+    let reload = inst.quadrant(&["policy", "reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    // Lines already on their way were sent before the reload; the first failure must be the
+    // refusal, and it must come at once (one more round trip at most).
+    let mut outcome = next("after the reload");
+    for _ in 0..2 {
+        if outcome.starts_with("err") {
+            break;
+        }
+        outcome = next("after the reload");
+    }
+    assert_eq!(outcome, "err EACCES", "{}", inst.agent_log());
+    let after = accel(&inst);
+    assert!(after.refused >= 1, "{after:?}");
+    // A new connection is refused at connect by the cgroup hook, as without acceleration.
+    assert_eq!(
+        inst.probe(Quadrant::Dx, &["tcp-connect", &target, "1000"]),
+        (false, "err EPERM".into())
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::{
 };
 
 use dataplane_common::Quadrant;
-use quadrant_tests::harness::{Instance, test_config};
+use quadrant_tests::harness::{Instance, copy_of_policies, test_config};
 
 const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
 const TCP_PORT: &str = "7000";
@@ -25,22 +25,6 @@ const DROP_WAIT_MS: &str = "400";
 /// The default matrix: inside a quadrant, DX <-> DG and PX <-> PG.
 fn allowed_by_default(src: Quadrant, dst: Quadrant) -> bool {
     src == dst || src.is_production() == dst.is_production()
-}
-
-/// A fresh copy of the repository's policies/ under the test state directory.
-fn copy_of_policies(instance: &str) -> std::path::PathBuf {
-    let dir = std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR)
-        .join(format!("{instance}-policies"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(&dir)
-        .status()
-        .expect("cp");
-    assert!(status.success(), "cannot copy {}", src.display());
-    dir
 }
 
 fn start_servers(inst: &mut Instance) -> Vec<(Quadrant, Receiver<String>)> {

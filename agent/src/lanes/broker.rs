@@ -140,6 +140,9 @@ pub struct Acceleration {
     pub redirected: u64,
     /// Messages that took the normal path.
     pub passed: u64,
+    /// Messages of redirected connections refused because a policy reload revoked the flow
+    /// that opened the connection.
+    pub refused: u64,
 }
 
 /// How long an open waits for a service's queue to have room for the lane.
@@ -1003,8 +1006,8 @@ pub fn render(r: &LanesReport) -> String {
     if let Some(a) = &r.tcp_acceleration {
         let _ = writeln!(
             out,
-            "\ntcp acceleration (sk_msg): {} sockets, {} messages redirected, {} passed",
-            a.sockets, a.redirected, a.passed
+            "\ntcp acceleration (sk_msg): {} sockets, {} messages redirected, {} passed, {} refused (flow revoked)",
+            a.sockets, a.redirected, a.passed, a.refused
         );
     }
     if !r.refusals.is_empty() {

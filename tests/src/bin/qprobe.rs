@@ -21,6 +21,7 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe udp-send ADDR:PORT [TIMEOUT_MS]
        qprobe icmp-echo ADDR [TIMEOUT_MS]
        qprobe tcp-echo ADDR:PORT
+       qprobe tcp-talk ADDR:PORT INTERVAL_MS COUNT
        qprobe udp-echo ADDR:PORT
        qprobe udp-push ADDR:PORT
        qprobe raw-udp SRC DST:PORT PAYLOAD
@@ -80,6 +81,11 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
             Ok(report(icmp_echo(dst, timeout(args, 2)?)))
         }
         "tcp-echo" => tcp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
+        "tcp-talk" => tcp_talk(
+            arg(args, 1, "ADDR:PORT")?.parse()?,
+            timeout(args, 2)?,
+            arg(args, 3, "COUNT")?.parse().context("COUNT")?,
+        ),
         "udp-push" => udp_push(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
         "udp-echo" => udp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
         "raw-udp" => {
@@ -168,6 +174,38 @@ fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
         .read_line(&mut line)
         .map_err(|e| io_outcome(&e))?;
     Ok(line.trim().to_owned())
+}
+
+/// One connection, `count` round trips `interval` apart, each reported on its own line (`ok
+/// ping N` or `err ERRNO`); the first failure ends it. `ready` once connected.
+fn tcp_talk(addr: SocketAddr, interval: Duration, count: u32) -> anyhow::Result<bool> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut reader = BufReader::new(s.try_clone()?);
+    let mut writer = s;
+    for n in 0..count {
+        let round = writer
+            .write_all(format!("ping {n}\n").as_bytes())
+            .map_err(|e| errno_name(&e))
+            .and_then(|()| {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) => Err("closed".to_owned()),
+                    Ok(_) => Ok(line.trim().to_owned()),
+                    Err(e) => Err(io_outcome(&e)),
+                }
+            });
+        let ok = report(round);
+        std::io::stdout().flush()?;
+        if !ok {
+            return Ok(false);
+        }
+        thread::sleep(interval);
+    }
+    Ok(true)
 }
 
 fn udp_send(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
