@@ -648,6 +648,85 @@ fn revoking_a_flow_stops_its_redirected_connections() {
     );
 }
 
+/// An agent replaced by its successor (`down --keep-dataplane`, then `up`): a lane opened
+/// before goes on carrying messages while no broker runs and after (the broker is not on its
+/// path), and the service offers itself again to the new broker, so new lanes open without
+/// restarting it (without that, the service ends when its broker goes away and the next open
+/// finds no service).
+#[test]
+fn lanes_and_services_carry_on_across_an_agent_upgrade() {
+    let mut inst = Instance::up(test_config(36, None), QPROBE);
+    let service = start_echo(&mut inst, Quadrant::Dg, false);
+    let bin = echo_bin();
+    // Round trips every 100 ms for 6 s over one shared-memory lane, across the hand-over.
+    let long = std::process::Command::new(&inst.bin)
+        .arg("--config")
+        .arg(&inst.config_path)
+        .args([
+            "exec",
+            "dx",
+            "--workload",
+            "client",
+            "--",
+            &bin,
+            "call",
+            "dg",
+            "echo",
+        ])
+        .args([
+            "--transport",
+            "shm",
+            "--count",
+            "60",
+            "--interval-ms",
+            "100",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lane-echo call");
+    assert!(
+        matches!(service.recv_timeout(Duration::from_secs(5)), Ok(l) if l.contains("open: shm")),
+        "the long lane did not open"
+    );
+    let out = inst.stop_keeping_dataplane();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    inst.start_agent();
+
+    // The service finds the new broker within its retry pause (at most 200 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let out = call(
+            &inst,
+            Quadrant::Dx,
+            "client",
+            Quadrant::Dg,
+            &["--transport", "uds", "--count", "10"],
+        );
+        if out.status.success()
+            || !String::from_utf8_lossy(&out.stderr).contains("no service")
+            || std::time::Instant::now() > deadline
+        {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let s = summary(&out);
+    assert_eq!(s["transport"], "uds");
+    assert_eq!(
+        s["peer"],
+        format!("spiffe://quadrant.local/quadrant/dg/workload/echo")
+    );
+    let long = long.wait_with_output().expect("wait");
+    let s = summary(&long);
+    assert_eq!(
+        (s["transport"].as_str(), s["count"].as_u64()),
+        (Some("shm"), Some(60))
+    );
+}
+
 #[test]
 fn the_event_stream_reports_lanes_and_reloads_in_its_schema() {
     use std::io::BufRead as _;

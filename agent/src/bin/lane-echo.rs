@@ -48,6 +48,9 @@ enum Command {
         /// Keep the lane open this many seconds after the round trips.
         #[arg(long, default_value_t = 0)]
         hold: u64,
+        /// Pause between round trips, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// Open lanes to SERVICE one after another and keep them open, printing each outcome;
     /// stops at the first refusal or after MAX lanes, then waits until killed.
@@ -128,13 +131,15 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
+/// Opens a lane, makes `count` round trips of `size` bytes (`interval` apart), prints a
+/// summary, keeps the lane `hold` seconds, closes it.
 fn call(
     quadrant: &str,
     service: &str,
     choice: TransportChoice,
     size: usize,
     count: usize,
-    hold: u64,
+    (interval, hold): (Duration, u64),
 ) -> Result<(), String> {
     let mut client = LaneClient::connect(None).map_err(|e| e.to_string())?;
     let mut lane = client
@@ -159,6 +164,7 @@ fn call(
             ));
         }
         rtts.push(rtt);
+        std::thread::sleep(interval);
     }
     let elapsed = start.elapsed();
     rtts.sort();
@@ -215,7 +221,17 @@ fn main() -> ExitCode {
             size,
             count,
             hold,
-        } => transport(&t).and_then(|c| call(&quadrant, &service, c, size, count, hold)),
+            interval_ms,
+        } => transport(&t).and_then(|c| {
+            call(
+                &quadrant,
+                &service,
+                c,
+                size,
+                count,
+                (Duration::from_millis(interval_ms), hold),
+            )
+        }),
         Command::Hold {
             quadrant,
             service,

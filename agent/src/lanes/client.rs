@@ -27,6 +27,11 @@ pub const SOCKET_ENV: &str = "QUADRANT_LANE_SOCKET";
 
 /// How long a TCP lane's handshake and authorization may take.
 const TCP_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a service waits for the broker to come back after it went away (an agent handing
+/// the dataplane to its successor is back within seconds) before `accept` gives up.
+const SERVICE_BROKER_PATIENCE: Duration = Duration::from_mins(1);
+/// How long an opener waits for the broker to come back before `open` gives up.
+const CLIENT_BROKER_PATIENCE: Duration = Duration::from_secs(10);
 /// TCP handshakes a service runs at once; a connection beyond them is closed at once.
 const MAX_TCP_HANDSHAKES: usize = 32;
 
@@ -60,14 +65,36 @@ impl Control {
         })
     }
 
+    /// Connects to the broker at `path`, trying again (20 ms, doubling to 200 ms: an attempt
+    /// costs one failed `connect`) while it is not there, for up to `patience`.
+    fn connect_retrying(path: &Path, patience: Duration) -> Result<Self, LaneError> {
+        let deadline = Instant::now() + patience;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match Self::connect(path) {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
     pub(crate) fn send(&self, request: &LaneRequest) -> Result<(), LaneError> {
         let bytes = serde_json::to_vec(request).map_err(|e| LaneError::Broker(e.to_string()))?;
         let _guard = self
             .send_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        os::send_with_fds(self.fd.as_raw_fd(), &bytes, &[])
-            .map_err(|e| LaneError::Broker(format!("cannot send to the broker: {e}")))
+        os::send_with_fds(self.fd.as_raw_fd(), &bytes, &[]).map_err(|e| {
+            if broker_gone(&e) {
+                LaneError::BrokerGone
+            } else {
+                LaneError::Broker(format!("cannot send to the broker: {e}"))
+            }
+        })
     }
 
     fn recv(&self) -> Result<(LaneMessage, Vec<OwnedFd>), LaneError> {
@@ -78,7 +105,8 @@ impl Control {
                     .map_err(|e| LaneError::Broker(format!("malformed broker message: {e}")))?;
                 Ok((msg, fds))
             }
-            Ok(None) => Err(LaneError::Broker("the broker closed the connection".into())),
+            Ok(None) => Err(LaneError::BrokerGone),
+            Err(e) if broker_gone(&e) => Err(LaneError::BrokerGone),
             Err(e) => Err(LaneError::Broker(format!(
                 "cannot read from the broker: {e}"
             ))),
@@ -89,6 +117,29 @@ impl Control {
     fn readable(&self, timeout: Duration) -> io::Result<bool> {
         poll_in(&[self.fd.as_raw_fd()], timeout).map(|r| r[0])
     }
+}
+
+/// Offers `service` on `control`; returns the service's SPIFFE ID.
+fn register(control: &Control, service: &str, tcp_port: Option<u16>) -> Result<String, LaneError> {
+    control.send(&LaneRequest::Listen {
+        service: service.to_owned(),
+        tcp_port,
+    })?;
+    match control.recv()?.0 {
+        LaneMessage::Listening { spiffe_id, .. } => Ok(spiffe_id),
+        LaneMessage::Error { message, limit } => Err(refused(message, limit)),
+        other => Err(LaneError::Broker(format!(
+            "unexpected broker message {other:?}"
+        ))),
+    }
+}
+
+/// Whether `e` means the broker's end of the connection is gone.
+fn broker_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+    )
 }
 
 fn poll_in(fds: &[i32], timeout: Duration) -> io::Result<Vec<bool>> {
@@ -130,31 +181,50 @@ fn refused(message: String, limit: Option<String>) -> LaneError {
 /// Opens lanes.
 #[derive(Debug)]
 pub struct LaneClient {
+    path: PathBuf,
     control: Arc<Control>,
 }
 
 impl LaneClient {
     /// Connects to the broker at `path`, or at `$QUADRANT_LANE_SOCKET`.
     pub fn connect(path: Option<&Path>) -> Result<Self, LaneError> {
+        let path = socket_path(path)?;
         Ok(Self {
-            control: Arc::new(Control::connect(&socket_path(path)?)?),
+            control: Arc::new(Control::connect(&path)?),
+            path,
         })
     }
 
     /// Opens a lane to `service` in `quadrant`. The broker checks the policy for this
-    /// workload's SPIFFE ID and the quadrant's limits, and picks the transport.
+    /// workload's SPIFFE ID and the quadrant's limits, and picks the transport. If the broker
+    /// went away (an agent upgrade), the request is made again, once, to the broker that
+    /// replaces it.
     pub fn open(
         &mut self,
         quadrant: &str,
         service: &str,
         transport: TransportChoice,
     ) -> Result<Lane, LaneError> {
-        self.control.send(&LaneRequest::Open {
+        let request = LaneRequest::Open {
             quadrant: quadrant.to_owned(),
             service: service.to_owned(),
             transport,
-        })?;
-        let (msg, fds) = self.control.recv()?;
+        };
+        let asked = self
+            .control
+            .send(&request)
+            .and_then(|()| self.control.recv());
+        let (msg, fds) = match asked {
+            Err(LaneError::BrokerGone) => {
+                self.control = Arc::new(Control::connect_retrying(
+                    &self.path,
+                    CLIENT_BROKER_PATIENCE,
+                )?);
+                self.control.send(&request)?;
+                self.control.recv()?
+            }
+            other => other?,
+        };
         match msg {
             LaneMessage::Opened { grant } => self.establish(grant, fds),
             LaneMessage::Error { message, limit } => Err(refused(message, limit)),
@@ -287,6 +357,9 @@ impl std::fmt::Debug for Handshakes {
 /// Offers a service and accepts its lanes.
 #[derive(Debug)]
 pub struct LaneListener {
+    path: PathBuf,
+    service: String,
+    tcp_port: Option<u16>,
     control: Arc<Control>,
     spiffe_id: String,
     tcp: Option<TcpListener>,
@@ -308,25 +381,16 @@ impl LaneListener {
             Some(port) => Some(TcpListener::bind(("0.0.0.0", port))?),
             None => None,
         };
-        let control = Arc::new(Control::connect(&socket_path(path)?)?);
-        control.send(&LaneRequest::Listen {
-            service: service.to_owned(),
-            tcp_port,
-        })?;
-        let (msg, _) = control.recv()?;
-        let spiffe_id = match msg {
-            LaneMessage::Listening { spiffe_id, .. } => spiffe_id,
-            LaneMessage::Error { message, limit } => return Err(refused(message, limit)),
-            other => {
-                return Err(LaneError::Broker(format!(
-                    "unexpected broker message {other:?}"
-                )));
-            }
-        };
+        let path = socket_path(path)?;
+        let control = Control::connect(&path)?;
+        let spiffe_id = register(&control, service, tcp_port)?;
         let (wake_tx, wake_rx) = std::os::unix::net::UnixStream::pair()?;
         wake_rx.set_nonblocking(true)?;
         Ok(Self {
-            control,
+            path,
+            service: service.to_owned(),
+            tcp_port,
+            control: Arc::new(control),
             spiffe_id,
             tcp,
             ready: VecDeque::new(),
@@ -345,6 +409,22 @@ impl LaneListener {
     #[must_use]
     pub fn spiffe_id(&self) -> &str {
         &self.spiffe_id
+    }
+
+    /// Offers the service again to the broker that replaced the one that went away. Lanes
+    /// already accepted keep working (the broker is not on their path); the new broker does
+    /// not know them.
+    fn rejoin(&mut self) -> Result<(), LaneError> {
+        let control = Control::connect_retrying(&self.path, SERVICE_BROKER_PATIENCE)?;
+        let spiffe_id = register(&control, &self.service, self.tcp_port)?;
+        if spiffe_id != self.spiffe_id {
+            return Err(LaneError::Broker(format!(
+                "the broker now names this service {spiffe_id}, not {}",
+                self.spiffe_id
+            )));
+        }
+        self.control = Arc::new(control);
+        Ok(())
     }
 
     fn take_message(&mut self) -> Result<(), LaneError> {
@@ -415,7 +495,10 @@ impl LaneListener {
             }
             let ready = poll_in(&fds, Duration::from_hours(1))?;
             if ready[0] {
-                self.take_message()?;
+                match self.take_message() {
+                    Err(LaneError::BrokerGone) => self.rejoin()?,
+                    other => other?,
+                }
                 continue;
             }
             if ready[1] {
@@ -448,7 +531,11 @@ impl LaneListener {
         sock.set_write_timeout(Some(TCP_SETUP_TIMEOUT))?;
         // Grants announced before this connection are in the control socket already.
         while self.control.readable(Duration::ZERO)? {
-            self.take_message()?;
+            match self.take_message() {
+                // Offered again by the next turn of `accept`.
+                Err(LaneError::BrokerGone) => break,
+                other => other?,
+            }
         }
         let svid = self
             .newest_svid

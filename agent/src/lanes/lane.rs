@@ -33,6 +33,10 @@ pub enum LaneError {
     /// Talking to the broker failed.
     #[error("lane broker: {0}")]
     Broker(String),
+    /// The broker closed the connection (the agent stopped or is being replaced). Lanes
+    /// already open go on: the broker is not on their path.
+    #[error("lane broker: the broker closed the connection (is the agent running?)")]
+    BrokerGone,
     /// The peer process went away (crashed or exited without closing).
     #[error("lane peer went away")]
     PeerGone,
