@@ -727,6 +727,47 @@ fn lanes_and_services_carry_on_across_an_agent_upgrade() {
     );
 }
 
+/// With the `sk_msg` acceleration, a connection running over the redirect when its agent hands
+/// over to the next one goes on: the new agent starts with an empty socket map, so the
+/// connection falls back to the TCP stack (and tc), every round trip answered.
+#[test]
+fn accelerated_connections_carry_on_across_an_agent_upgrade() {
+    let mut config = test_config(37, None);
+    config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
+    let mut inst = Instance::up(config, QPROBE);
+    let target = format!("{}:7101", inst.addr(Quadrant::Dg));
+    let _echo = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7101"]);
+    let (_, talk) = inst.background_in(
+        Quadrant::Dx,
+        None,
+        &[QPROBE, "tcp-talk", &target, "20", "300"],
+        "ready",
+    );
+    let mut lines = Vec::new();
+    let mut next = |what: &str| {
+        let line = talk
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{what}: no line from tcp-talk after {lines:?}"));
+        lines.push(line.clone());
+        line
+    };
+    assert_eq!(next("connected"), "ready");
+    for n in 0..5 {
+        assert_eq!(next("before"), format!("ok ping {n}"));
+    }
+    let redirected = lanes(&inst)
+        .tcp_acceleration
+        .expect("acceleration counters")
+        .redirected;
+    assert!(redirected >= 10, "{redirected}");
+    assert!(inst.stop_keeping_dataplane().status.success());
+    inst.start_agent();
+    // 300 round trips 20 ms apart take about 6 s, more than the hand-over.
+    for n in 5..300 {
+        assert_eq!(next("across the hand-over"), format!("ok ping {n}"));
+    }
+}
+
 #[test]
 fn the_event_stream_reports_lanes_and_reloads_in_its_schema() {
     use std::io::BufRead as _;
