@@ -590,6 +590,23 @@ fn tcp_lanes_run_over_the_sk_msg_redirect_when_acceleration_is_on() {
     assert!(accel.redirected >= 240, "{accel:?}");
 }
 
+/// Starts a TCP echo in DG and, in DX, `qprobe tcp-talk` to it (`count` round trips
+/// `interval_ms` apart, one connection); returns the echo's address and tcp-talk's lines after
+/// its `ready`.
+fn talk_to_dg(inst: &mut Instance, interval_ms: &str, count: &str) -> (String, Receiver<String>) {
+    let target = format!("{}:7101", inst.addr(Quadrant::Dg));
+    let _echo = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7101"]);
+    let (_, talk) = inst.background_in(
+        Quadrant::Dx,
+        None,
+        &[QPROBE, "tcp-talk", &target, interval_ms, count],
+        "ready",
+    );
+    let ready = talk.recv_timeout(Duration::from_secs(5));
+    assert_eq!(ready.as_deref(), Ok("ready"));
+    (target, talk)
+}
+
 /// Redirected messages never cross the tc programs, so revoking the flow that opened a
 /// connection must stop them where they are redirected: after a reload that denies DX → DG, the
 /// next message of a connection that was running over the redirect is refused with `EACCES`
@@ -601,19 +618,11 @@ fn revoking_a_flow_stops_its_redirected_connections() {
     config.policy_dir = Some(dir.clone());
     config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
     let mut inst = Instance::up(config, QPROBE);
-    let target = format!("{}:7101", inst.addr(Quadrant::Dg));
-    let _echo = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7101"]);
-    let (_, talk) = inst.background_in(
-        Quadrant::Dx,
-        None,
-        &[QPROBE, "tcp-talk", &target, "100", "200"],
-        "ready",
-    );
+    let (target, talk) = talk_to_dg(&mut inst, "100", "200");
     let next = |what: &str| {
         talk.recv_timeout(Duration::from_secs(5))
             .unwrap_or_else(|_| panic!("{what}: no line from tcp-talk"))
     };
-    assert_eq!(next("connected"), "ready");
     for n in 0..3 {
         assert_eq!(next("allowed round trip"), format!("ok ping {n}"));
     }
@@ -735,14 +744,7 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
     let mut config = test_config(37, None);
     config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
     let mut inst = Instance::up(config, QPROBE);
-    let target = format!("{}:7101", inst.addr(Quadrant::Dg));
-    let _echo = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7101"]);
-    let (_, talk) = inst.background_in(
-        Quadrant::Dx,
-        None,
-        &[QPROBE, "tcp-talk", &target, "20", "300"],
-        "ready",
-    );
+    let (_, talk) = talk_to_dg(&mut inst, "20", "300");
     let mut lines = Vec::new();
     let mut next = |what: &str| {
         let line = talk
@@ -751,7 +753,6 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
         lines.push(line.clone());
         line
     };
-    assert_eq!(next("connected"), "ready");
     for n in 0..5 {
         assert_eq!(next("before"), format!("ok ping {n}"));
     }
