@@ -98,6 +98,7 @@ impl Control {
     }
 
     fn recv(&self) -> Result<(LaneMessage, Vec<OwnedFd>), LaneError> {
+        os::yield_until_readable(self.fd.as_raw_fd(), os::control_yield());
         let mut buf = vec![0; MAX_CONTROL_MESSAGE];
         match os::recv_with_fds(self.fd.as_raw_fd(), &mut buf) {
             Ok(Some((n, fds))) => {

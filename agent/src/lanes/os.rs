@@ -183,6 +183,41 @@ pub fn wait_writable(sock: RawFd, timeout: std::time::Duration) -> io::Result<bo
     }
 }
 
+/// How long a lane client waiting for the broker's answer stays on the CPU, yielding, before it
+/// sleeps in the kernel (see [`yield_until_readable`]): `QUADRANT_LANE_CONTROL_YIELD_US`,
+/// 300 µs unless set (0: sleep at once).
+pub fn control_yield() -> std::time::Duration {
+    static YIELD: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *YIELD.get_or_init(|| {
+        let us = std::env::var("QUADRANT_LANE_CONTROL_YIELD_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        std::time::Duration::from_micros(us)
+    })
+}
+
+/// Waits up to `budget` for `sock` to be readable (or hung up) by polling it without sleeping
+/// and yielding the CPU in between: other runnable threads run, but the CPU never goes idle, so
+/// an answer arriving within the budget costs no wake-up of an idle CPU (tens of microseconds on
+/// a virtual machine). The caller then reads (sleeping in its blocking read if the budget ran
+/// out first).
+pub fn yield_until_readable(sock: RawFd, budget: std::time::Duration) {
+    let start = std::time::Instant::now();
+    let mut pfd = libc::pollfd {
+        fd: sock,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one live pollfd, no waiting.
+        if unsafe { libc::poll(&raw mut pfd, 1, 0) } != 0 || start.elapsed() >= budget {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// A connected pair of `SOCK_SEQPACKET` Unix sockets.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     socketpair(
