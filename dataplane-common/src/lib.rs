@@ -15,9 +15,10 @@
 /// also allow what rules naming the caller's workload allow, and `sock_create` refuses raw
 /// sockets where such rules exist; 4: the packet programs decide with one policy lookup (scope 1
 /// holds the quadrant's and its workloads' allowance joined), XDP consults flow state only for
-/// what the policy refuses, and flow timestamps come from the coarse monotonic clock; 5: `sk_msg`
-/// redirects a connection's messages only while the policy allows the flow that opened it (a
-/// reload that revokes the flow refuses them with `EACCES`).
+/// what the policy refuses, and flow timestamps come from the coarse monotonic clock; 5: a tracked
+/// flow passes only while the policy allows the direction that opened it (a reload that revokes
+/// a flow ends its established connections: packets dropped, `sk_msg` refuses redirected
+/// messages with `EACCES`, `sendmsg` no longer takes datagrams for its replies).
 pub const PROGRAM_SET_VERSION: u32 = 5;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.

@@ -95,8 +95,19 @@ pub fn decide_packet(flow: &Ipv4Flow, quadrant: u8, dir: Direction, track: bool)
     if !flow.opens {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if established(&key, now).is_some() {
-            return Reason::AllowEstablished;
+        if let Some(opened_by_hi) = established(&key, now) {
+            // A tracked flow lives only as long as the policy allows the direction that opened
+            // it: a reload that revokes it ends its established connections too.
+            // (source, destination, destination port) of the direction that opened it.
+            let (from, to, port) = if opened_by_hi == src_is_hi {
+                (src, dst, flow.dport)
+            } else {
+                (dst, src, flow.sport)
+            };
+            if policy_allows(from, to, flow.proto, port) {
+                return Reason::AllowEstablished;
+            }
+            return Reason::DenyPolicy;
         }
     }
     if !track || !policy_allows(src, dst, flow.proto, flow.dport) {
@@ -188,11 +199,13 @@ pub fn raw_sockets_denied(quadrant: u8) -> bool {
 }
 
 /// Whether a tracked flow was opened by `peer:peer_port` towards `local:local_port` (a socket
-/// answering a flow someone else opened). Network byte order.
+/// answering a flow someone else opened) and the policy still allows that flow. Network byte
+/// order.
 #[inline(always)]
 pub fn is_reply(local: u32, local_port: u16, peer: u32, peer_port: u16, proto: u8) -> bool {
     let (key, peer_is_hi) = CtKey::of(peer, local, peer_port, local_port, proto);
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     established(&key, now) == Some(peer_is_hi)
+        && policy_allows(identity_of(peer), identity_of(local), proto, local_port)
 }

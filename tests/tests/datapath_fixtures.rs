@@ -448,6 +448,56 @@ fn replies_of_allowed_flows_pass_and_only_tc_records_flows() {
     );
 }
 
+/// A tracked flow lives only as long as the policy allows the direction that opened it: after a
+/// reload that revokes host -> DX, neither the replies nor the host's next segments of a
+/// connection opened before pass (without the check they would, as `AllowEstablished`), and
+/// flipping back lets the same tracked flow go on.
+#[test]
+fn revoking_a_flow_ends_its_tracked_connections() {
+    use Reason::*;
+    let config = Config::embedded();
+    let full = PolicyBundle::embedded().compile(&config).expect("policy");
+    let mut dp = dataplane_with(&config, &full, true);
+    let slot = Quadrant::Dx as u32;
+    let steps = |dp: &mut Dataplane, after: &'static str, reason: Reason| {
+        check(
+            dp,
+            Hook::TcEgress,
+            slot,
+            &case(after, tcp_ack(DX_GW, 40000, DX, 8080), reason),
+        );
+        for hook in [Hook::Xdp, Hook::TcIngress] {
+            check(
+                dp,
+                hook,
+                slot,
+                &case(after, tcp_ack(DX, 8080, DX_GW, 40000), reason),
+            );
+        }
+    };
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "host -> DX:8080 opens",
+            tcp(DX_GW, 40000, DX, 8080),
+            AllowPolicy,
+        ),
+    );
+    steps(&mut dp, "while allowed", AllowEstablished);
+
+    let mut revoked = full.clone();
+    revoked.retain(|(src, dst, _), _| {
+        !(*src == dataplane_common::Identity::Host && *dst == dataplane_common::Identity::Dx)
+    });
+    assert_eq!(dp.apply_policy(&revoked).expect("apply"), 1);
+    steps(&mut dp, "after the revocation", DenyPolicy);
+
+    assert_eq!(dp.apply_policy(&full).expect("apply"), 0);
+    steps(&mut dp, "allowed again", AllowEstablished);
+}
+
 #[test]
 fn xdp_never_records_a_flow() {
     use Reason::*;

@@ -607,6 +607,16 @@ fn talk_to_dg(inst: &mut Instance, interval_ms: &str, count: &str) -> (String, R
     (target, talk)
 }
 
+/// Adds a global deny of DX → DG to the policies in `dir` and reloads them.
+fn revoke_dx_to_dg(inst: &Instance, dir: &std::path::Path) {
+    let global = dir.join("runtime/global.rego");
+    let rego = std::fs::read_to_string(&global).expect("read");
+    let deny = "\ndeny contains {\"from\": \"dx\", \"to\": \"dg\", \"reason\": \"revoked\"}\n";
+    std::fs::write(&global, format!("{rego}{deny}")).expect("write");
+    let reload = inst.quadrant(&["policy", "reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+}
+
 /// Redirected messages never cross the tc programs, so revoking the flow that opened a
 /// connection must stop them where they are redirected: after a reload that denies DX → DG, the
 /// next message of a connection that was running over the redirect is refused with `EACCES`
@@ -632,12 +642,7 @@ fn revoking_a_flow_stops_its_redirected_connections() {
     assert!(before.redirected >= 6, "{before:?}");
     assert_eq!(before.refused, 0, "{before:?}");
 
-    let global = dir.join("runtime/global.rego");
-    let rego = std::fs::read_to_string(&global).expect("read");
-    let deny = "\ndeny contains {\"from\": \"dx\", \"to\": \"dg\", \"reason\": \"revoked\"}\n";
-    std::fs::write(&global, format!("{rego}{deny}")).expect("write");
-    let reload = inst.quadrant(&["policy", "reload"]);
-    assert!(reload.status.success(), "{reload:?}");
+    revoke_dx_to_dg(&inst, &dir);
     // Lines already on their way were sent before the reload; the first failure must be the
     // refusal, and it must come at once (one more round trip at most).
     let mut outcome = next("after the reload");
@@ -738,13 +743,17 @@ fn lanes_and_services_carry_on_across_an_agent_upgrade() {
 
 /// With the `sk_msg` acceleration, a connection running over the redirect when its agent hands
 /// over to the next one goes on: the new agent starts with an empty socket map, so the
-/// connection falls back to the TCP stack (and tc), every round trip answered.
+/// connection falls back to the TCP stack (and tc), every round trip answered. And it is under
+/// the new agent's policy: revoking DX → DG stops it (nothing of the old dataplane keeps
+/// redirecting it under the old policy).
 #[test]
 fn accelerated_connections_carry_on_across_an_agent_upgrade() {
+    let dir = copy_of_policies("qt37");
     let mut config = test_config(37, None);
+    config.policy_dir = Some(dir.clone());
     config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
     let mut inst = Instance::up(config, QPROBE);
-    let (_, talk) = talk_to_dg(&mut inst, "20", "300");
+    let (_, talk) = talk_to_dg(&mut inst, "20", "1000");
     let mut lines = Vec::new();
     let mut next = |what: &str| {
         let line = talk
@@ -767,6 +776,17 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
     for n in 5..300 {
         assert_eq!(next("across the hand-over"), format!("ok ping {n}"));
     }
+    revoke_dx_to_dg(&inst, &dir);
+    // A round trip already under way may still complete; the next ones fail (on the stack, tc
+    // drops the segments: the read times out).
+    let mut outcome = next("after the revocation");
+    for _ in 0..2 {
+        if outcome.starts_with("err") {
+            break;
+        }
+        outcome = next("after the revocation");
+    }
+    assert!(outcome.starts_with("err"), "{outcome}");
 }
 
 #[test]

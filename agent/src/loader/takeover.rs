@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuValues};
+use aya::maps::{HashMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuValues, SockHash};
 use aya::programs::{
     ProgramError, SchedClassifier, Xdp,
     links::{FdLink, PinnedLink},
@@ -24,7 +24,7 @@ use aya::programs::{
 use dataplane_common::{
     CONNTRACK_LAYOUT_SINCE, DIRECTED_CONNTRACK_LAYOUTS, Hook, MAP_LAYOUT_VERSION, Quadrant,
     STATS_LAYOUT_SINCE,
-    maps::{self, CtKey, CtValue},
+    maps::{self, CtKey, CtValue, SockKey},
     reason::STATS_ENTRIES,
 };
 use serde::{Deserialize, Serialize};
@@ -178,6 +178,35 @@ impl KeptDataplane {
     pub const fn layout(&self) -> u32 {
         self.layout
     }
+}
+
+/// Empties the kept `LANE_SOCKS` (lane acceleration), if there is one. Its sockets keep running
+/// the kept `sk_msg` program, with the kept policy maps, for as long as they are in it — a
+/// reload of this agent's policy would never reach them; out of it they take the TCP stack,
+/// where this agent's programs decide. Returns how many sockets were released.
+fn release_kept_sockets(dir: &Path) -> Result<u64, LoaderError> {
+    let path = dir.join("maps").join(maps::LANE_SOCKS);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(&path)
+        .map_err(|e| refused(format!("cannot open the kept map {}: {e}", path.display())))?;
+    let mut socks: SockHash<MapData, SockKey> =
+        SockHash::try_from(Map::SockHash(data)).map_err(map_err(maps::LANE_SOCKS))?;
+    let keys = socks
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(maps::LANE_SOCKS))?;
+    let mut released = 0;
+    for key in keys {
+        match socks.remove(&key) {
+            Ok(()) => released += 1,
+            // Closed in the meantime: the kernel took it out already.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::LANE_SOCKS)(e)),
+        }
+    }
+    Ok(released)
 }
 
 /// A kept `CONNTRACK` entry of map layout `layout` as today's entry.
@@ -375,6 +404,13 @@ impl Dataplane {
                         .map_err(map_err(maps::STATS))?;
                 }
             }
+        }
+        let released = release_kept_sockets(&kept.dir)?;
+        if released > 0 {
+            tracing::info!(
+                sockets = released,
+                "connections on the kept sk_msg redirect go back to the TCP stack, under this agent's programs"
+            );
         }
         for sub in ["maps", "progs"] {
             let path = kept.dir.join(sub);
