@@ -686,6 +686,49 @@ fn a_watched_policy_directory_reloads_by_itself() {
     assert!(inst.down().status.success());
 }
 
+/// Replies live only as long as the flow they answer: the host opens a UDP flow into DG (host ->
+/// DG allowed, DG -> host only ICMP), DG answers it every 100 ms; after a reload that denies
+/// host -> DG, DG's next answer is refused at `sendmsg` with `EPERM` (without the policy check
+/// of tracked replies the datagram would still be sent) and nothing more arrives.
+#[test]
+fn revoking_a_flow_ends_its_replies() {
+    let dir = copy_of_policies("qt38");
+    let mut config = test_config(38, None);
+    config.policy_dir = Some(dir.clone());
+    let mut inst = Instance::up(config, QPROBE);
+    let dg = inst.addr(Quadrant::Dg);
+    let push = inst.serve(Quadrant::Dg, &["udp-push", "0.0.0.0:7103"]);
+    let host = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    host.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    host.send_to(b"start", format!("{dg}:7103")).expect("send");
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        let n = host
+            .recv(&mut buf)
+            .expect("a tick while host -> DG is allowed");
+        assert!(buf[..n].starts_with(b"tick "));
+    }
+
+    let global = dir.join("runtime/global.rego");
+    let rego = std::fs::read_to_string(&global).expect("read");
+    let deny = "\ndeny contains {\"from\": \"host\", \"to\": \"dg\", \"reason\": \"revoked\"}\n";
+    std::fs::write(&global, format!("{rego}{deny}")).expect("write");
+    let reload = inst.quadrant(&["policy", "reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    let stopped = push
+        .recv_timeout(Duration::from_secs(3))
+        .expect("no refused answer after the revocation (DG still sends)");
+    assert!(stopped.ends_with(": EPERM"), "{stopped}");
+    // Whatever was on its way before the refusal has arrived by now; nothing follows.
+    host.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    while host.recv(&mut buf).is_ok() {}
+    host.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    assert!(host.recv(&mut buf).is_err(), "a datagram after the refusal");
+}
+
 #[test]
 fn policy_bundle_revisions_only_move_forward() {
     let dir = copy_of_policies("qt27");

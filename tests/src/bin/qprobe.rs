@@ -236,9 +236,10 @@ fn tcp_echo(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Answers the first datagram of each peer with `tick N` every 100 ms until a send fails: after
-/// its first datagram the peer never sends again, so the ticks pass a one-way policy only as
-/// replies of the flow the peer opened, through CONNTRACK.
+/// Answers the first datagram of each peer with `tick N` every 100 ms until a send fails (then
+/// prints `stopped at tick N: ERRNO`): after its first datagram the peer never sends again, so
+/// the ticks pass a one-way policy only as replies of the flow the peer opened, through
+/// CONNTRACK.
 fn udp_push(addr: SocketAddr) -> anyhow::Result<()> {
     let s = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
     println!("listening");
@@ -254,7 +255,8 @@ fn udp_push(addr: SocketAddr) -> anyhow::Result<()> {
         thread::spawn(move || {
             for n in 0_u64.. {
                 if let Err(e) = s.send_to(format!("tick {n}").as_bytes(), peer) {
-                    eprintln!("qprobe udp-push: tick {n} to {peer}: {e}");
+                    println!("stopped at tick {n}: {}", errno_name(&e));
+                    let _ = std::io::stdout().flush();
                     break;
                 }
                 thread::sleep(Duration::from_millis(100));
