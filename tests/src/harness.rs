@@ -186,6 +186,22 @@ impl Instance {
         out
     }
 
+    /// Adds a global deny of `from` -> `to` to the policies in `policies` (the agent's
+    /// `policy_dir`) and reloads them.
+    ///
+    /// # Panics
+    /// If the files cannot be written or the reload fails.
+    pub fn deny_and_reload(&self, policies: &Path, from: &str, to: &str) {
+        let global = policies.join("runtime/global.rego");
+        let rego = std::fs::read_to_string(&global).expect("read global.rego");
+        let deny = format!(
+            "\ndeny contains {{\"from\": \"{from}\", \"to\": \"{to}\", \"reason\": \"revoked\"}}\n"
+        );
+        std::fs::write(&global, format!("{rego}{deny}")).expect("write global.rego");
+        let reload = self.quadrant(&["policy", "reload"]);
+        assert!(reload.status.success(), "{reload:?}");
+    }
+
     /// What the agent logged so far (stderr).
     #[must_use]
     pub fn agent_log(&self) -> String {

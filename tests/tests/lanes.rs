@@ -607,14 +607,27 @@ fn talk_to_dg(inst: &mut Instance, interval_ms: &str, count: &str) -> (String, R
     (target, talk)
 }
 
-/// Adds a global deny of DX → DG to the policies in `dir` and reloads them.
-fn revoke_dx_to_dg(inst: &Instance, dir: &std::path::Path) {
-    let global = dir.join("runtime/global.rego");
-    let rego = std::fs::read_to_string(&global).expect("read");
-    let deny = "\ndeny contains {\"from\": \"dx\", \"to\": \"dg\", \"reason\": \"revoked\"}\n";
-    std::fs::write(&global, format!("{rego}{deny}")).expect("write");
-    let reload = inst.quadrant(&["policy", "reload"]);
-    assert!(reload.status.success(), "{reload:?}");
+/// The outcome of `tcp-talk` once a reload that revoked its flow has returned: the first failure
+/// among the lines it printed meanwhile, else the first failure among its next two lines (a
+/// round trip under way when the reload returned may still complete). An `ok` there means the
+/// connection outlived the revocation.
+fn after_revocation(talk: &Receiver<String>) -> String {
+    let mut last = String::new();
+    while let Ok(line) = talk.try_recv() {
+        if line.starts_with("err") {
+            return line;
+        }
+        last = line;
+    }
+    for _ in 0..2 {
+        last = talk
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("tcp-talk printed nothing after {last:?}"));
+        if last.starts_with("err") {
+            break;
+        }
+    }
+    last
 }
 
 /// Redirected messages never cross the tc programs, so revoking the flow that opened a
@@ -642,17 +655,14 @@ fn revoking_a_flow_stops_its_redirected_connections() {
     assert!(before.redirected >= 6, "{before:?}");
     assert_eq!(before.refused, 0, "{before:?}");
 
-    revoke_dx_to_dg(&inst, &dir);
-    // Lines already on their way were sent before the reload; the first failure must be the
-    // refusal, and it must come at once (one more round trip at most).
-    let mut outcome = next("after the reload");
-    for _ in 0..2 {
-        if outcome.starts_with("err") {
-            break;
-        }
-        outcome = next("after the reload");
-    }
-    assert_eq!(outcome, "err EACCES", "{}", inst.agent_log());
+    inst.deny_and_reload(&dir, "dx", "dg");
+    // The first failure must be the refusal, and it must come at once.
+    assert_eq!(
+        after_revocation(&talk),
+        "err EACCES",
+        "{}",
+        inst.agent_log()
+    );
     let after = accel(&inst);
     assert!(after.refused >= 1, "{after:?}");
     // A new connection is refused at connect by the cgroup hook, as without acceleration.
@@ -776,16 +786,9 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
     for n in 5..300 {
         assert_eq!(next("across the hand-over"), format!("ok ping {n}"));
     }
-    revoke_dx_to_dg(&inst, &dir);
-    // A round trip already under way may still complete; the next ones fail (on the stack, tc
-    // drops the segments: the read times out).
-    let mut outcome = next("after the revocation");
-    for _ in 0..2 {
-        if outcome.starts_with("err") {
-            break;
-        }
-        outcome = next("after the revocation");
-    }
+    inst.deny_and_reload(&dir, "dx", "dg");
+    // On the stack, tc drops the segments: the read times out.
+    let outcome = after_revocation(&talk);
     assert!(outcome.starts_with("err"), "{outcome}");
 }
 

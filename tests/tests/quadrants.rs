@@ -710,12 +710,7 @@ fn revoking_a_flow_ends_its_replies() {
         assert!(buf[..n].starts_with(b"tick "));
     }
 
-    let global = dir.join("runtime/global.rego");
-    let rego = std::fs::read_to_string(&global).expect("read");
-    let deny = "\ndeny contains {\"from\": \"host\", \"to\": \"dg\", \"reason\": \"revoked\"}\n";
-    std::fs::write(&global, format!("{rego}{deny}")).expect("write");
-    let reload = inst.quadrant(&["policy", "reload"]);
-    assert!(reload.status.success(), "{reload:?}");
+    inst.deny_and_reload(&dir, "host", "dg");
     let stopped = push
         .recv_timeout(Duration::from_secs(3))
         .expect("no refused answer after the revocation (DG still sends)");
