@@ -56,6 +56,9 @@ pub struct KeptDataplane {
     /// The kept `CONNTRACK`; in a directed layout its entries need [`convert_flow`].
     conntrack: HashMap<MapData, CtKey, CtValue>,
     stats: Option<PerCpuArray<MapData, u64>>,
+    /// The kept `LANE_SOCKS` (lane acceleration), if the layout has one; emptied by
+    /// [`Dataplane::finish_takeover`].
+    lane_socks: Option<SockHash<MapData, SockKey>>,
     /// The counters as first copied, to add only what the old programs counted afterwards.
     stats_copied: Vec<Vec<u64>>,
     flows: u64,
@@ -163,11 +166,25 @@ impl KeptDataplane {
         } else {
             None
         };
+        let lane_socks = if dir.join("maps").join(maps::LANE_SOCKS).exists() {
+            let data = open_map(
+                &dir,
+                maps::LANE_SOCKS,
+                MapType::SockHash,
+                size_of::<SockKey>(),
+                size_of::<u32>(),
+                layout,
+            )?;
+            Some(SockHash::try_from(Map::SockHash(data)).map_err(map_err(maps::LANE_SOCKS))?)
+        } else {
+            None
+        };
         Ok(Self {
             dir,
             layout,
             conntrack,
             stats,
+            lane_socks,
             stats_copied: Vec::new(),
             flows: 0,
         })
@@ -180,19 +197,11 @@ impl KeptDataplane {
     }
 }
 
-/// Empties the kept `LANE_SOCKS` (lane acceleration), if there is one. Its sockets keep running
-/// the kept `sk_msg` program, with the kept policy maps, for as long as they are in it — a
-/// reload of this agent's policy would never reach them; out of it they take the TCP stack,
-/// where this agent's programs decide. Returns how many sockets were released.
-fn release_kept_sockets(dir: &Path) -> Result<u64, LoaderError> {
-    let path = dir.join("maps").join(maps::LANE_SOCKS);
-    if !path.exists() {
-        return Ok(0);
-    }
-    let data = MapData::from_pin(&path)
-        .map_err(|e| refused(format!("cannot open the kept map {}: {e}", path.display())))?;
-    let mut socks: SockHash<MapData, SockKey> =
-        SockHash::try_from(Map::SockHash(data)).map_err(map_err(maps::LANE_SOCKS))?;
+/// Empties the kept `LANE_SOCKS`. Its sockets keep running the kept `sk_msg` program, with the
+/// kept policy maps, for as long as they are in it — a reload of this agent's policy would never
+/// reach them; out of it they take the TCP stack, where this agent's programs decide. Returns
+/// how many sockets were released.
+fn release_kept_sockets(socks: &mut SockHash<MapData, SockKey>) -> Result<u64, LoaderError> {
     let keys = socks
         .keys()
         .collect::<Result<Vec<_>, _>>()
@@ -384,8 +393,9 @@ impl Dataplane {
     }
 
     /// Once every link runs this object's programs: copies the flows and counts the old
-    /// programs added since [`Self::carry_state`], then pins this object's maps and programs in
-    /// place of the kept ones (which the kernel frees once nothing refers to them).
+    /// programs added since [`Self::carry_state`], takes every socket out of the kept
+    /// `LANE_SOCKS`, then pins this object's maps and programs in place of the kept ones (which
+    /// the kernel frees once nothing refers to them).
     pub fn finish_takeover(&mut self, mut kept: KeptDataplane) -> Result<Carried, LoaderError> {
         kept.flows += copy_flows(kept.layout, &kept.conntrack, &mut conntrack_of(self)?)?;
         if let Some(old) = &kept.stats {
@@ -405,7 +415,10 @@ impl Dataplane {
                 }
             }
         }
-        let released = release_kept_sockets(&kept.dir)?;
+        let released = match kept.lane_socks.as_mut() {
+            Some(socks) => release_kept_sockets(socks)?,
+            None => 0,
+        };
         if released > 0 {
             tracing::info!(
                 sockets = released,
