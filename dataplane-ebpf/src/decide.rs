@@ -60,9 +60,11 @@ fn config() -> DataplaneConfig {
 /// If `key` is a flow seen within the timeout: refreshes it and returns whether its higher
 /// endpoint opened it.
 #[inline(always)]
-fn established(key: &CtKey, now: u64) -> Option<bool> {
+fn established(key: &CtKey, cfg: &DataplaneConfig) -> Option<bool> {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let entry = CONNTRACK.get_ptr_mut(key)?;
-    let timeout = u64::from(config().ct_timeout_secs) * NS_PER_SEC;
+    let timeout = u64::from(cfg.ct_timeout_secs) * NS_PER_SEC;
     // SAFETY: the pointer comes from a successful map lookup; concurrent writers only store
     // whole u64 timestamps, a torn read is not possible for an aligned u64.
     unsafe {
@@ -85,32 +87,50 @@ pub fn decide_packet(flow: &Ipv4Flow, quadrant: u8, dir: Direction, track: bool)
         Direction::IntoQuadrant if dst != quadrant => return Reason::DenyMisrouted,
         _ => {}
     }
-    // A stage that records nothing needs no flow state for what the policy allows.
-    if !track && policy_allows(src, dst, flow.proto, flow.dport) {
-        return Reason::AllowPolicy;
-    }
-    let (key, src_is_hi) = CtKey::of(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    // One read of the configuration: every lookup of this decision uses the same policy slot,
+    // even while the agent flips it.
+    let cfg = config();
+    let allows = |from, to, port| {
+        scoped_policy_allows(cfg.policy_slot, from, to, flow.proto, port, SCOPE_PACKET)
+    };
+    let key = || CtKey::of(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     // A connection-opening SYN belongs to no tracked flow (a new connection on a reused tuple
-    // is the policy's to decide, not the old flow's).
-    if !flow.opens {
-        // SAFETY: helper without preconditions.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if let Some(opened_by_hi) = established(&key, now) {
-            // A tracked flow lives only as long as the policy allows the direction that opened
-            // it: a reload that revokes it ends its established connections too.
-            // (source, destination, destination port) of the direction that opened it.
-            let (from, to, port) = if opened_by_hi == src_is_hi {
-                (src, dst, flow.dport)
-            } else {
-                (dst, src, flow.sport)
-            };
-            if policy_allows(from, to, flow.proto, port) {
-                return Reason::AllowEstablished;
-            }
+    // is the policy's to decide, not the old flow's). A tracked flow lives only as long as the
+    // policy allows the direction that opened it: a reload that revokes it ends its
+    // established connections too.
+    if !track {
+        // A stage that records nothing needs no flow state for what the policy allows, nor
+        // when the policy allows neither direction (then no tracked flow can let it pass).
+        if allows(src, dst, flow.dport) {
+            return Reason::AllowPolicy;
+        }
+        if flow.opens || !allows(dst, src, flow.sport) {
             return Reason::DenyPolicy;
         }
+        // Refused this way, allowed the other: a reply to a flow the other end opened passes.
+        let (key, src_is_hi) = key();
+        return match established(&key, &cfg) {
+            Some(opened_by_hi) if opened_by_hi != src_is_hi => Reason::AllowEstablished,
+            _ => Reason::DenyPolicy,
+        };
     }
-    if !track || !policy_allows(src, dst, flow.proto, flow.dport) {
+    let (key, src_is_hi) = key();
+    if !flow.opens
+        && let Some(opened_by_hi) = established(&key, &cfg)
+    {
+        // (source, destination, destination port) of the direction that opened it.
+        let opener_allowed = if opened_by_hi == src_is_hi {
+            allows(src, dst, flow.dport)
+        } else {
+            allows(dst, src, flow.sport)
+        };
+        return if opener_allowed {
+            Reason::AllowEstablished
+        } else {
+            Reason::DenyPolicy
+        };
+    }
+    if !allows(src, dst, flow.dport) {
         return Reason::DenyPolicy;
     }
     // SAFETY: helper without preconditions.
@@ -204,8 +224,14 @@ pub fn raw_sockets_denied(quadrant: u8) -> bool {
 #[inline(always)]
 pub fn is_reply(local: u32, local_port: u16, peer: u32, peer_port: u16, proto: u8) -> bool {
     let (key, peer_is_hi) = CtKey::of(peer, local, peer_port, local_port, proto);
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    established(&key, now) == Some(peer_is_hi)
-        && policy_allows(identity_of(peer), identity_of(local), proto, local_port)
+    let cfg = config();
+    established(&key, &cfg) == Some(peer_is_hi)
+        && scoped_policy_allows(
+            cfg.policy_slot,
+            identity_of(peer),
+            identity_of(local),
+            proto,
+            local_port,
+            SCOPE_PACKET,
+        )
 }
