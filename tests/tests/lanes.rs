@@ -756,6 +756,27 @@ fn lanes_and_services_carry_on_across_an_agent_upgrade() {
 /// connection falls back to the TCP stack (and tc), every round trip answered. And it is under
 /// the new agent's policy: revoking DX → DG stops it (nothing of the old dataplane keeps
 /// redirecting it under the old policy).
+/// Kernel ids of the instance's pinned `LANE_SOCKS` and of the `sk_msg` program attached to it.
+fn lane_socks_and_sk_msg(inst: &Instance) -> (u32, u32) {
+    let map = aya::maps::MapData::from_pin(inst.config.bpffs_dir().join("maps/LANE_SOCKS"))
+        .expect("pinned LANE_SOCKS")
+        .info()
+        .expect("map info")
+        .id();
+    let prog = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| {
+            p.name_as_str() == Some("quadrant_sk_msg")
+                && p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.contains(&map))
+        })
+        .expect("an sk_msg program using LANE_SOCKS")
+        .id();
+    (map, prog)
+}
+
 #[test]
 fn accelerated_connections_carry_on_across_an_agent_upgrade() {
     let dir = copy_of_policies("qt37");
@@ -780,12 +801,34 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
         .expect("acceleration counters")
         .redirected;
     assert!(redirected >= 10, "{redirected}");
+    let (old_map, old_sk_msg) = lane_socks_and_sk_msg(&inst);
     assert!(inst.stop_keeping_dataplane().status.success());
     inst.start_agent();
     // 300 round trips 20 ms apart take about 6 s, more than the hand-over.
     for n in 5..300 {
         assert_eq!(next("across the hand-over"), format!("ok ping {n}"));
     }
+    // The kept socket map and its sk_msg program held each other: the takeover has to part
+    // them, or both stay in the kernel until reboot.
+    let kernel_has = |map: u32, prog: u32| {
+        let maps = aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .any(|m| m.id() == map);
+        let progs = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .any(|p| p.id() == prog);
+        maps || progs
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while kernel_has(old_map, old_sk_msg) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !kernel_has(old_map, old_sk_msg),
+        "the kept LANE_SOCKS (map {old_map}) or its sk_msg (program {old_sk_msg}) outlived the takeover"
+    );
+    let (new_map, _) = lane_socks_and_sk_msg(&inst);
+    assert_ne!(new_map, old_map);
     inst.deny_and_reload(&dir, "dx", "dg");
     // On the stack, tc drops the segments: the read times out.
     let outcome = after_revocation(&talk);
