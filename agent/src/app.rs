@@ -201,6 +201,7 @@ struct Running {
     lanes: Arc<Broker>,
     events: Arc<crate::events::EventBus>,
     carried: Option<Carried>,
+    accel: Accel,
 }
 
 /// How `up` ended.
@@ -486,14 +487,24 @@ fn bring_up(config: &Config, kept: Option<(KeptDataplane, bool)>) -> Result<Runn
         }
         None => None,
     };
-    if config.lanes.tcp_acceleration == crate::config::TcpAcceleration::SkMsg {
-        let cgroups: Vec<PathBuf> = Quadrant::ALL
-            .iter()
-            .map(|&q| config.cgroup_dir(q))
-            .collect();
-        dataplane.attach_lane_acceleration(&cgroups)?;
-        info!("lane acceleration on: sock_ops on the quadrant cgroups, sk_msg on LANE_SOCKS");
-    }
+    let cgroups: Vec<PathBuf> = Quadrant::ALL
+        .iter()
+        .map(|&q| config.cgroup_dir(q))
+        .collect();
+    let accel = match config.lanes.tcp_acceleration {
+        crate::config::TcpAcceleration::Off => Accel::default(),
+        crate::config::TcpAcceleration::SkMsg => {
+            dataplane.attach_lane_acceleration(&cgroups)?;
+            info!("lane acceleration on: sock_ops on the quadrant cgroups, sk_msg on LANE_SOCKS");
+            Accel {
+                on: true,
+                ..Accel::default()
+            }
+        }
+        crate::config::TcpAcceleration::Auto => {
+            probe_acceleration(config, &mut dataplane, &cgroups)
+        }
+    };
     let prepared = PolicyBundle::for_config(config)
         .and_then(|b| Prepared::new(&b))
         .map_err(|e| e.to_string());
@@ -539,7 +550,80 @@ fn bring_up(config: &Config, kept: Option<(KeptDataplane, bool)>) -> Result<Runn
         lanes,
         events,
         carried,
+        accel,
     })
+}
+
+/// The lane acceleration as the agent runs it.
+#[derive(Debug, Default)]
+struct Accel {
+    /// `sk_msg` and `sock_ops` attached to the quadrants.
+    on: bool,
+    /// The counters when the quadrants' acceleration began (the probe's messages are not
+    /// theirs).
+    counted_before: [u64; 4],
+    /// With `auto`: the measurement, or why there is none.
+    probe: Option<Result<crate::lanes::accel_probe::ProbeFigures, String>>,
+}
+
+/// `tcp_acceleration: auto`: measures `sk_msg` against the stack in a probe cgroup and attaches
+/// the acceleration to the quadrants only if it wins. A failed measurement leaves it off (it is
+/// an optimisation) and says why.
+fn probe_acceleration(config: &Config, dataplane: &mut Dataplane, cgroups: &[PathBuf]) -> Accel {
+    let dir = config.cgroup_parent().join("accel-probe");
+    let probe = (|| {
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let sk_msg = dataplane.attach_sk_msg().map_err(|e| e.to_string())?;
+        let measured = dataplane
+            .attach_sock_ops(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|ops| {
+                let bin = std::env::current_exe()
+                    .map_err(|e| format!("cannot find the agent's binary: {e}"))?;
+                let figures = crate::lanes::accel_probe::measure(&bin, &dir, |ports, remove| {
+                    dataplane
+                        .loopback_pair_in_lane_socks(ports, remove)
+                        .map_err(|e| e.to_string())
+                });
+                dataplane.detach_sock_ops(ops).map_err(|e| e.to_string())?;
+                figures
+            });
+        let kept = match &measured {
+            Ok(f) if f.on => dataplane.keep_sk_msg(sk_msg).and_then(|()| {
+                cgroups.iter().try_for_each(|cg| {
+                    let id = dataplane.attach_sock_ops(cg)?;
+                    dataplane.keep_sock_ops(id)
+                })
+            }),
+            _ => dataplane.detach_sk_msg(sk_msg),
+        };
+        kept.map_err(|e| e.to_string())?;
+        measured
+    })();
+    if let Err(e) = quadrants::remove_cgroup(&dir) {
+        warn!(error = %e, "cannot remove the acceleration probe's cgroup");
+    }
+    match &probe {
+        Ok(f) => info!(
+            sk_msg_p50_ns = f.redirected_p50_ns,
+            sk_msg_p99_ns = f.redirected_p99_ns,
+            stack_p50_ns = f.stack_p50_ns,
+            stack_p99_ns = f.stack_p99_ns,
+            on = f.on,
+            "lane acceleration measured (auto): on only if sk_msg's p50 <= 0.9x and p99 <= 1.0x the stack's"
+        ),
+        Err(e) => warn!(error = %e, "lane acceleration probe failed: acceleration off"),
+    }
+    let on = probe.as_ref().is_ok_and(|f| f.on);
+    Accel {
+        on,
+        counted_before: if on {
+            dataplane.lane_accel_counters().unwrap_or_default()
+        } else {
+            [0; 4]
+        },
+        probe: Some(probe),
+    }
 }
 
 /// Removes everything `config` names. Returns what it removed. Safe to call when nothing exists.
@@ -789,19 +873,23 @@ async fn finish_down(
 /// The broker's lanes, with the `sk_msg` counters when the acceleration is on.
 fn lanes_report(r: &Running) -> crate::lanes::broker::LanesReport {
     let mut report = r.lanes.report();
-    if r.config.lanes.tcp_acceleration == crate::config::TcpAcceleration::SkMsg {
-        report.tcp_acceleration =
-            r.dataplane
-                .lane_accel_counters()
-                .ok()
-                .map(
-                    |[sockets, redirected, passed, refused]| crate::lanes::broker::Acceleration {
-                        sockets,
-                        redirected,
-                        passed,
-                        refused,
-                    },
-                );
+    if r.accel.on {
+        let before = r.accel.counted_before;
+        report.tcp_acceleration = r.dataplane.lane_accel_counters().ok().map(|now| {
+            let [sockets, redirected, passed, refused] =
+                std::array::from_fn(|i| now[i].saturating_sub(before[i]));
+            crate::lanes::broker::Acceleration {
+                sockets,
+                redirected,
+                passed,
+                refused,
+            }
+        });
+    }
+    match &r.accel.probe {
+        Some(Ok(f)) => report.tcp_acceleration_probe = Some(f.clone()),
+        Some(Err(e)) => report.tcp_acceleration_probe_error = Some(e.clone()),
+        None => {}
     }
     report
 }

@@ -14,7 +14,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, SkMsg,
-        SockOps, TcAttachType, Xdp, XdpMode, links::FdLink,
+        SockOps, TcAttachType, Xdp, XdpMode, links::FdLink, sk_msg::SkMsgLinkId,
+        sock_ops::SockOpsLinkId,
     },
 };
 use dataplane_common::{
@@ -183,6 +184,20 @@ pub enum LoaderError {
         /// Cause.
         source: std::io::Error,
     },
+}
+
+/// An error of one of the lane acceleration programs.
+fn lane_op(
+    action: &'static str,
+    program: &'static str,
+    target: String,
+) -> impl FnOnce(ProgramError) -> LoaderError {
+    move |e: ProgramError| LoaderError::ProgramOp {
+        action,
+        program,
+        target,
+        source: Box::new(e),
+    }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> LoaderError {
@@ -705,14 +720,37 @@ impl Dataplane {
     /// quadrant's cgroup. The links live as long as this process (acceleration is an
     /// optimisation; the quadrants' isolation does not depend on it).
     pub fn attach_lane_acceleration(&mut self, cgroups: &[PathBuf]) -> Result<(), LoaderError> {
-        let op = |action: &'static str, program: &'static str, target: String| {
-            move |e: ProgramError| LoaderError::ProgramOp {
-                action,
-                program,
-                target,
-                source: Box::new(e),
-            }
-        };
+        let id = self.attach_sk_msg()?;
+        self.keep_sk_msg(id)?;
+        for dir in cgroups {
+            let id = self.attach_sock_ops(dir)?;
+            self.keep_sock_ops(id)?;
+        }
+        Ok(())
+    }
+
+    fn sk_msg(&mut self) -> Result<&mut SkMsg, LoaderError> {
+        self.ebpf
+            .program_mut(programs::SK_MSG)
+            .ok_or(LoaderError::Program {
+                name: programs::SK_MSG,
+            })?
+            .try_into()
+            .map_err(lane_op("cannot use", programs::SK_MSG, String::new()))
+    }
+
+    fn sock_ops(&mut self) -> Result<&mut SockOps, LoaderError> {
+        self.ebpf
+            .program_mut(programs::SOCKOPS)
+            .ok_or(LoaderError::Program {
+                name: programs::SOCKOPS,
+            })?
+            .try_into()
+            .map_err(lane_op("cannot use", programs::SOCKOPS, String::new()))
+    }
+
+    /// Attaches `sk_msg` to `LANE_SOCKS`.
+    pub fn attach_sk_msg(&mut self) -> Result<SkMsgLinkId, LoaderError> {
         let fd = {
             let map = self
                 .ebpf
@@ -726,38 +764,100 @@ impl Dataplane {
                 .try_clone()
                 .map_err(|e| map_err(maps::LANE_SOCKS)(MapError::from(e)))?
         };
-        let sk_msg: &mut SkMsg = self
-            .ebpf
-            .program_mut(programs::SK_MSG)
-            .ok_or(LoaderError::Program {
-                name: programs::SK_MSG,
-            })?
-            .try_into()
-            .map_err(op("cannot use", programs::SK_MSG, String::new()))?;
-        let id = sk_msg.attach(&fd).map_err(op(
+        self.sk_msg()?.attach(&fd).map_err(lane_op(
             "cannot attach",
             programs::SK_MSG,
             " to LANE_SOCKS".into(),
+        ))
+    }
+
+    /// Leaves `sk_msg` attached beyond this process.
+    pub fn keep_sk_msg(&mut self, id: SkMsgLinkId) -> Result<(), LoaderError> {
+        let link = self.sk_msg()?.take_link(id).map_err(lane_op(
+            "cannot keep",
+            programs::SK_MSG,
+            " on LANE_SOCKS".into(),
         ))?;
-        std::mem::forget(sk_msg.take_link(id));
-        let sockops: &mut SockOps = self
-            .ebpf
-            .program_mut(programs::SOCKOPS)
-            .ok_or(LoaderError::Program {
-                name: programs::SOCKOPS,
-            })?
-            .try_into()
-            .map_err(op("cannot use", programs::SOCKOPS, String::new()))?;
-        for dir in cgroups {
-            let target = format!(" to {}", dir.display());
-            let cg = fs::File::open(dir).map_err(|e| {
-                op("cannot attach", programs::SOCKOPS, target.clone())(ProgramError::IOError(e))
-            })?;
-            sockops
-                .attach(cg.as_fd(), CgroupAttachMode::Single)
-                .map_err(op("cannot attach", programs::SOCKOPS, target))?;
-        }
+        std::mem::forget(link);
         Ok(())
+    }
+
+    /// Detaches `sk_msg` from `LANE_SOCKS`.
+    pub fn detach_sk_msg(&mut self, id: SkMsgLinkId) -> Result<(), LoaderError> {
+        self.sk_msg()?.detach(id).map_err(lane_op(
+            "cannot detach",
+            programs::SK_MSG,
+            " from LANE_SOCKS".into(),
+        ))
+    }
+
+    /// Attaches `sock_ops` to the cgroup `dir`.
+    pub fn attach_sock_ops(&mut self, dir: &Path) -> Result<SockOpsLinkId, LoaderError> {
+        let target = format!(" to {}", dir.display());
+        let cg = fs::File::open(dir).map_err(|e| {
+            lane_op("cannot attach", programs::SOCKOPS, target.clone())(ProgramError::IOError(e))
+        })?;
+        self.sock_ops()?
+            .attach(cg.as_fd(), CgroupAttachMode::Single)
+            .map_err(lane_op("cannot attach", programs::SOCKOPS, target))
+    }
+
+    /// Leaves a `sock_ops` attachment in place beyond this process.
+    pub fn keep_sock_ops(&mut self, id: SockOpsLinkId) -> Result<(), LoaderError> {
+        let link = self.sock_ops()?.take_link(id).map_err(lane_op(
+            "cannot keep",
+            programs::SOCKOPS,
+            String::new(),
+        ))?;
+        std::mem::forget(link);
+        Ok(())
+    }
+
+    /// Detaches a `sock_ops` attachment.
+    pub fn detach_sock_ops(&mut self, id: SockOpsLinkId) -> Result<(), LoaderError> {
+        self.sock_ops()?.detach(id).map_err(lane_op(
+            "cannot detach",
+            programs::SOCKOPS,
+            String::new(),
+        ))
+    }
+
+    /// Whether both ends of the loopback connection between ports `client` and `server` are
+    /// in `LANE_SOCKS`; with `remove`, takes them out.
+    pub fn loopback_pair_in_lane_socks(
+        &mut self,
+        (client, server): (u16, u16),
+        remove: bool,
+    ) -> Result<bool, LoaderError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::LANE_SOCKS)
+            .ok_or(LoaderError::MissingMap {
+                name: maps::LANE_SOCKS,
+            })?;
+        let mut hash: aya::maps::SockHash<_, maps::SockKey> =
+            aya::maps::SockHash::try_from(map).map_err(map_err(maps::LANE_SOCKS))?;
+        let lo = u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets());
+        let mut both = true;
+        for (local, remote) in [(client, server), (server, client)] {
+            let key = maps::SockKey {
+                local_ip4: lo,
+                remote_ip4: lo,
+                local_port: u32::from(local),
+                remote_port: u32::from(remote),
+            };
+            let found = if remove {
+                match hash.remove(&key) {
+                    Ok(()) => true,
+                    Err(MapError::KeyNotFound) => false,
+                    Err(e) => return Err(map_err(maps::LANE_SOCKS)(e)),
+                }
+            } else {
+                hash.keys().filter_map(Result::ok).any(|k| k == key)
+            };
+            both &= found;
+        }
+        Ok(both)
     }
 
     /// Lane acceleration counters, summed over CPUs: sockets added, messages redirected,

@@ -53,6 +53,10 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// The helper the agent starts to measure `sk_msg` against the TCP stack
+    /// (`lanes.tcp_acceleration: auto`); not for direct use.
+    #[command(hide = true)]
+    AccelProbe,
     /// Print a published JSON Schema: plan, rollback, request or response (the control API),
     /// lane-request or lane-message (the lane broker's protocol), or event (`quadrant events`).
     Schema {
@@ -333,6 +337,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::AccelProbe) {
+        return Ok(quadrant::lanes::accel_probe::run_helper()?);
+    }
     let config = app::load_config(cli.config.as_deref())?;
     match cli.command {
         Command::Up => up(config),
@@ -420,6 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
             Ok(())
         }
+        Command::AccelProbe => unreachable!("handled before the configuration is read"),
     }
 }
 

@@ -73,6 +73,9 @@ pub fn test_config(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
     if let Some(p) = policy {
         c.policy = p;
     }
+    // Tests that need the acceleration turn it on; the others keep to the stack, where tc
+    // decides every packet, whatever this machine measures.
+    c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
     c.identity.ca_dir = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-ca"));
     c.audit_log = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-audit.log"));
     c.validate().expect("test config is valid");

@@ -751,12 +751,7 @@ fn lanes_and_services_carry_on_across_an_agent_upgrade() {
     );
 }
 
-/// With the `sk_msg` acceleration, a connection running over the redirect when its agent hands
-/// over to the next one goes on: the new agent starts with an empty socket map, so the
-/// connection falls back to the TCP stack (and tc), every round trip answered. And it is under
-/// the new agent's policy: revoking DX → DG stops it (nothing of the old dataplane keeps
-/// redirecting it under the old policy).
-/// Kernel ids of the instance's pinned `LANE_SOCKS` and of the `sk_msg` program attached to it.
+/// Kernel ids of the instance's pinned `LANE_SOCKS` and of the `sk_msg` program using it.
 fn lane_socks_and_sk_msg(inst: &Instance) -> (u32, u32) {
     let map = aya::maps::MapData::from_pin(inst.config.bpffs_dir().join("maps/LANE_SOCKS"))
         .expect("pinned LANE_SOCKS")
@@ -777,6 +772,81 @@ fn lane_socks_and_sk_msg(inst: &Instance) -> (u32, u32) {
     (map, prog)
 }
 
+/// `tcp_acceleration: auto` measures `sk_msg` against the stack when the agent starts, turns
+/// the acceleration on exactly when it wins (p50 <= 0.9x, p99 <= 1.0x), and the connections
+/// between quadrants follow: redirected when it is on, with no `sk_msg` attached when it is
+/// off. Which way it goes depends on this machine; the test holds the agent to its own figures.
+#[test]
+fn automatic_acceleration_follows_its_measurement() {
+    let mut config = test_config(39, None);
+    config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Auto;
+    let mut inst = Instance::up(config, QPROBE);
+    let report = lanes(&inst);
+    let probe = report.tcp_acceleration_probe.clone().unwrap_or_else(|| {
+        panic!(
+            "no probe figures: {:?}",
+            report.tcp_acceleration_probe_error
+        )
+    });
+    println!("probe: {probe:?}");
+    assert_eq!(probe.rounds, quadrant::lanes::accel_probe::ROUNDS);
+    assert!(
+        probe.redirected_p50_ns > 0 && probe.stack_p50_ns > 0,
+        "{probe:?}"
+    );
+    assert!(
+        probe.redirected_p50_ns <= probe.redirected_p99_ns,
+        "{probe:?}"
+    );
+    assert_eq!(
+        probe.on,
+        probe.redirected_p50_ns * 10 <= probe.stack_p50_ns * 9
+            && probe.redirected_p99_ns <= probe.stack_p99_ns,
+        "{probe:?}"
+    );
+    assert!(
+        !inst.config.cgroup_parent().join("accel-probe").exists(),
+        "the probe's cgroup outlived it"
+    );
+    // What the kernel programs counted (sockets recorded, messages redirected, passed,
+    // refused), read from the pinned map, around ten round trips DX -> DG.
+    let pinned = inst.config.bpffs_dir().join("maps/LANE_ACCEL");
+    let kernel_counts = || {
+        let data = aya::maps::MapData::from_pin(&pinned).expect("pinned LANE_ACCEL");
+        let arr: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+                .expect("LANE_ACCEL is a per-CPU array");
+        (0..4u32)
+            .map(|i| arr.get(&i, 0).expect("counter").iter().sum::<u64>())
+            .collect::<Vec<u64>>()
+    };
+    let before = kernel_counts();
+    let (_, talk) = talk_to_dg(&mut inst, "20", "10");
+    for n in 0..10 {
+        let line = talk.recv_timeout(Duration::from_secs(5));
+        assert_eq!(line.as_deref(), Ok(format!("ok ping {n}").as_str()));
+    }
+    let after = kernel_counts();
+    let counters = lanes(&inst).tcp_acceleration;
+    if probe.on {
+        let c = counters.expect("acceleration counters while it is on");
+        // Only the quadrants' messages: the probe's are not counted.
+        assert!(c.redirected >= 20 && c.redirected < 100, "{c:?}");
+        assert!(after[1] >= before[1] + 20, "{before:?} -> {after:?}");
+    } else {
+        assert_eq!(counters, None);
+        assert_eq!(
+            after, before,
+            "the acceleration programs ran for the quadrants' connections although the probe found no win"
+        );
+    }
+}
+
+/// With the `sk_msg` acceleration, a connection running over the redirect when its agent hands
+/// over to the next one goes on: the new agent starts with an empty socket map, so the
+/// connection falls back to the TCP stack (and tc), every round trip answered. And it is under
+/// the new agent's policy: revoking DX → DG stops it (nothing of the old dataplane keeps
+/// redirecting it under the old policy).
 #[test]
 fn accelerated_connections_carry_on_across_an_agent_upgrade() {
     let dir = copy_of_policies("qt37");

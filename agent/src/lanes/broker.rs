@@ -129,6 +129,12 @@ pub struct LanesReport {
     /// Kernel TCP acceleration counters, when it is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_acceleration: Option<Acceleration>,
+    /// With `tcp_acceleration: auto`: what the start-up measurement found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_acceleration_probe: Option<crate::lanes::accel_probe::ProbeFigures>,
+    /// With `tcp_acceleration: auto`: why there is no measurement (the acceleration is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_acceleration_probe_error: Option<String>,
 }
 
 /// What the `sock_ops`/`sk_msg` acceleration did.
@@ -944,6 +950,8 @@ impl Broker {
             quadrants,
             refusals,
             tcp_acceleration: None,
+            tcp_acceleration_probe: None,
+            tcp_acceleration_probe_error: None,
         }
     }
 }
@@ -1002,6 +1010,26 @@ pub fn render(r: &LanesReport) -> String {
             "  {}: {}/{} lanes, {}/{} bytes of lane memory",
             q.quadrant, q.lanes, q.max_lanes, q.shm_bytes, q.max_shm_bytes
         );
+    }
+    if let Some(p) = &r.tcp_acceleration_probe {
+        let _ = writeln!(
+            out,
+            "\ntcp acceleration probe ({} round trips of {} bytes each way): sk_msg p50 {} ns p99 {} ns, stack p50 {} ns p99 {} ns: {}",
+            p.rounds,
+            p.bytes,
+            p.redirected_p50_ns,
+            p.redirected_p99_ns,
+            p.stack_p50_ns,
+            p.stack_p99_ns,
+            if p.on {
+                "on"
+            } else {
+                "off (needs p50 <= 0.9x and p99 <= 1.0x the stack's)"
+            }
+        );
+    }
+    if let Some(e) = &r.tcp_acceleration_probe_error {
+        let _ = writeln!(out, "\ntcp acceleration off: the probe failed: {e}");
     }
     if let Some(a) = &r.tcp_acceleration {
         let _ = writeln!(

@@ -5,8 +5,11 @@
 //!   [`client::LaneListener::accept`], then [`lane::Lane`] send / receive / request / close.
 //! * Transports: shared-memory rings ([`ring`]) with `io_uring` wake-ups ([`os::Sleeper`]), a
 //!   framed Unix socket pair, and TCP with TLS 1.3 and mutual SVID authentication ([`tls`]).
+//! * [`accel_probe`] — `lanes.tcp_acceleration: auto`: whether `sk_msg` wins here, measured at
+//!   start.
 //! * [`frame`] — the 8-byte header every transport uses; [`control`] — the broker protocol.
 
+pub mod accel_probe;
 pub mod broker;
 pub mod client;
 pub mod control;

@@ -454,6 +454,8 @@ fn bench_config() -> anyhow::Result<Config> {
     c.cgroup2 = PathBuf::from(STATE_DIR).join("cgroup2");
     c.identity.ca_dir = PathBuf::from(STATE_DIR).join("ca");
     c.audit_log = PathBuf::from(STATE_DIR).join("audit.log");
+    // The plain-TCP rows: the acceleration is measured on its own afterwards.
+    c.lanes.tcp_acceleration = TcpAcceleration::Off;
     for (i, q) in Quadrant::ALL.iter().enumerate() {
         c.quadrants.insert(
             q.name().into(),
