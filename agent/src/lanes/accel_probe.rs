@@ -6,7 +6,8 @@
 //! `LANE_SOCKS`; the agent takes the second connection's two out again, so its messages never
 //! meet `sk_msg` — the plain stack, the same path as with the acceleration off. The helper then
 //! makes echo round trips on both, taking turns, so that a slower stretch of the machine falls
-//! on both alike, and reports their medians and 99th percentiles. The acceleration stays on
+//! on both alike, and reports their medians and 99th percentiles. One thread holds both ends
+//! of each connection, so no round trip waits for a wake-up. The acceleration stays on
 //! only where it wins as `../shared/performance.md` requires: p50 at most 0.9× and p99 at most
 //! 1.0× the stack's.
 
@@ -87,19 +88,19 @@ fn port(addr: std::io::Result<SocketAddr>) -> std::io::Result<u16> {
     addr.map(|a| a.port())
 }
 
-/// Echoes `bytes`-sized messages on `server` until the peer closes.
-fn echo(mut server: TcpStream, bytes: usize) {
-    let mut buf = vec![0u8; bytes];
-    while server.read_exact(&mut buf).is_ok() {
-        if server.write_all(&buf).is_err() {
-            return;
-        }
-    }
-}
-
-fn round_trip(client: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<u64> {
+/// One round trip on a connection whose both ends this thread holds: the message to the server
+/// end and back. No thread waits for another, so the time is the two paths' own cost — what
+/// differs between `sk_msg` and the stack — and not where the scheduler wakes a thread up
+/// (which both pay alike in use, and which on a virtual machine varies by tens of
+/// microseconds from one wake-up to the next).
+fn round_trip(
+    (client, server): &mut (TcpStream, TcpStream),
+    buf: &mut [u8],
+) -> std::io::Result<u64> {
     let t = Instant::now();
     client.write_all(buf)?;
+    server.read_exact(buf)?;
+    server.write_all(buf)?;
     client.read_exact(buf)?;
     Ok(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX))
 }
@@ -118,14 +119,14 @@ fn percentile(sorted: &[u64], q: usize) -> u64 {
 /// A socket or the pipe to the agent failed.
 pub fn run_helper() -> std::io::Result<()> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let (mut redirected, redirected_server) = pair(&listener)?;
-    let (mut stack, stack_server) = pair(&listener)?;
+    let mut redirected = pair(&listener)?;
+    let mut stack = pair(&listener)?;
     let ports = ProbePorts {
         redirected: (
-            port(redirected.local_addr())?,
-            port(redirected.peer_addr())?,
+            port(redirected.0.local_addr())?,
+            port(redirected.0.peer_addr())?,
         ),
-        stack: (port(stack.local_addr())?, port(stack.peer_addr())?),
+        stack: (port(stack.0.local_addr())?, port(stack.0.peer_addr())?),
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &ports).map_err(std::io::Error::other)?;
@@ -138,26 +139,20 @@ pub fn run_helper() -> std::io::Result<()> {
             "expected \"go\" from the agent, got {go:?}"
         )));
     }
-    let bytes = BYTES as usize;
-    let echoes =
-        [redirected_server, stack_server].map(|s| std::thread::spawn(move || echo(s, bytes)));
-    let mut buf = vec![0x5au8; bytes];
+    let mut buf = vec![0x5au8; BYTES as usize];
     let mut times = [
         Vec::with_capacity(ROUNDS as usize),
         Vec::with_capacity(ROUNDS as usize),
     ];
     for i in 0..WARMUP + ROUNDS {
-        for (client, t) in [&mut redirected, &mut stack].into_iter().zip(&mut times) {
-            let ns = round_trip(client, &mut buf)?;
+        for (conn, t) in [&mut redirected, &mut stack].into_iter().zip(&mut times) {
+            let ns = round_trip(conn, &mut buf)?;
             if i >= WARMUP {
                 t.push(ns);
             }
         }
     }
     drop((redirected, stack));
-    for e in echoes {
-        let _ = e.join();
-    }
     for t in &mut times {
         t.sort_unstable();
     }
