@@ -566,38 +566,75 @@ struct Accel {
     probe: Option<Result<crate::lanes::accel_probe::ProbeFigures, String>>,
 }
 
+/// Runs the acceleration probe with `sock_ops` on the probe cgroup `dir` (taken off again
+/// before returning).
+fn measure_acceleration(
+    dataplane: &mut Dataplane,
+    dir: &Path,
+) -> Result<crate::lanes::accel_probe::ProbeFigures, String> {
+    let ops = dataplane.attach_sock_ops(dir).map_err(|e| e.to_string())?;
+    let figures = std::env::current_exe()
+        .map_err(|e| format!("cannot find the agent's binary: {e}"))
+        .and_then(|bin| {
+            crate::lanes::accel_probe::measure(&bin, dir, |ports, remove| {
+                dataplane
+                    .loopback_pair_in_lane_socks(ports, remove)
+                    .map_err(|e| e.to_string())
+            })
+        });
+    dataplane.detach_sock_ops(ops).map_err(|e| e.to_string())?;
+    figures
+}
+
+/// Attaches `sock_ops` to every quadrant cgroup; if one fails, detaches those already done.
+fn attach_to_quadrants(
+    dataplane: &mut Dataplane,
+    cgroups: &[PathBuf],
+) -> Result<Vec<aya::programs::sock_ops::SockOpsLinkId>, LoaderError> {
+    let mut ids = Vec::with_capacity(cgroups.len());
+    for cg in cgroups {
+        match dataplane.attach_sock_ops(cg) {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                for id in ids {
+                    let _ = dataplane.detach_sock_ops(id);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(ids)
+}
+
 /// `tcp_acceleration: auto`: measures `sk_msg` against the stack in a probe cgroup and attaches
 /// the acceleration to the quadrants only if it wins. A failed measurement leaves it off (it is
 /// an optimisation) and says why.
 fn probe_acceleration(config: &Config, dataplane: &mut Dataplane, cgroups: &[PathBuf]) -> Accel {
-    let dir = config.cgroup_parent().join("accel-probe");
+    let dir = config.accel_probe_cgroup_dir();
     let probe = (|| {
         fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let sk_msg = dataplane.attach_sk_msg().map_err(|e| e.to_string())?;
-        let measured = dataplane
-            .attach_sock_ops(&dir)
-            .map_err(|e| e.to_string())
-            .and_then(|ops| {
-                let bin = std::env::current_exe()
-                    .map_err(|e| format!("cannot find the agent's binary: {e}"))?;
-                let figures = crate::lanes::accel_probe::measure(&bin, &dir, |ports, remove| {
-                    dataplane
-                        .loopback_pair_in_lane_socks(ports, remove)
-                        .map_err(|e| e.to_string())
-                });
-                dataplane.detach_sock_ops(ops).map_err(|e| e.to_string())?;
-                figures
-            });
-        let kept = match &measured {
-            Ok(f) if f.on => dataplane.keep_sk_msg(sk_msg).and_then(|()| {
-                cgroups.iter().try_for_each(|cg| {
-                    let id = dataplane.attach_sock_ops(cg)?;
-                    dataplane.keep_sock_ops(id)
-                })
-            }),
-            _ => dataplane.detach_sk_msg(sk_msg),
+        let measured = measure_acceleration(dataplane, &dir);
+        // On to the quadrants only when all of it is: a failure on the way takes back what was
+        // attached, nothing stays half on.
+        if !measured.as_ref().is_ok_and(|f| f.on) {
+            if let Err(e) = dataplane.detach_sk_msg(sk_msg) {
+                warn!(error = %e, "cannot detach sk_msg after the acceleration probe");
+            }
+            return measured;
+        }
+        let ops = match attach_to_quadrants(dataplane, cgroups) {
+            Ok(ops) => ops,
+            Err(e) => {
+                let _ = dataplane.detach_sk_msg(sk_msg);
+                return Err(format!("cannot turn the acceleration on: {e}"));
+            }
         };
-        kept.map_err(|e| e.to_string())?;
+        let kept = dataplane.keep_sk_msg(sk_msg).and_then(|()| {
+            ops.into_iter()
+                .try_for_each(|id| dataplane.keep_sock_ops(id))
+        });
+        kept.map_err(|e| format!("cannot turn the acceleration on: {e}"))?;
         measured
     })();
     if let Err(e) = quadrants::remove_cgroup(&dir) {

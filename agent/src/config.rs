@@ -690,6 +690,13 @@ impl Config {
         self.cgroup_parent().join(q.name())
     }
 
+    /// Cgroup directory in which the agent measures the lane acceleration at start-up
+    /// (`lanes.tcp_acceleration: auto`); it exists only while the probe runs.
+    #[must_use]
+    pub fn accel_probe_cgroup_dir(&self) -> PathBuf {
+        self.cgroup_parent().join("accel-probe")
+    }
+
     /// The instance's bpffs directory.
     #[must_use]
     pub fn bpffs_dir(&self) -> PathBuf {

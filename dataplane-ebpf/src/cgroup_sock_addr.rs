@@ -14,7 +14,8 @@ use dataplane_common::{Hook, Reason, Verdict, maps::CgroupValue, reason::UNATTRI
 
 use crate::{
     decide::{
-        cgroup_level, count, identity_of, is_reply, quadrant_policy_allows, workload_policy_allows,
+        cgroup_level, count, identity_of, is_loopback, is_reply, quadrant_policy_allows,
+        workload_policy_allows,
     },
     maps::{CGROUPS, QUADRANTS},
 };
@@ -23,8 +24,6 @@ use crate::{
 const ALLOW: i32 = 1;
 /// Return value that makes the system call fail with EPERM.
 const REJECT: i32 = 0;
-/// First octet of 127.0.0.0/8.
-const LOOPBACK_NET: u8 = 127;
 
 #[cgroup_sock_addr(connect4)]
 pub fn quadrant_connect4(ctx: SockAddrContext) -> i32 {
@@ -84,7 +83,7 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
             ((*sa).user_ip4, dport, proto)
         }
     };
-    if daddr.to_ne_bytes()[0] == LOOPBACK_NET {
+    if is_loopback(daddr) {
         return (u32::from(quadrant), Reason::AllowLoopback);
     }
     let dst = identity_of(daddr);

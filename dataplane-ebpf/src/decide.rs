@@ -35,6 +35,12 @@ pub fn count(hook: Hook, slot: u32, reason: Reason) {
     }
 }
 
+/// Whether an IPv4 address (network byte order) lies in 127.0.0.0/8.
+#[inline(always)]
+pub fn is_loopback(addr: u32) -> bool {
+    addr.to_ne_bytes()[0] == 127
+}
+
 /// The identity of an IPv4 address (network byte order): the longest matching prefix, or world.
 #[inline(always)]
 pub fn identity_of(addr: u32) -> u8 {

@@ -5,7 +5,9 @@
 //! sees those messages, `sk_msg` asks the policy itself, message by message, whether the flow
 //! that opened the connection is still allowed (what tc would decide for its packets): after a
 //! reload that revokes it, the sender gets `EACCES`. Messages whose peer is not in the map take
-//! the normal path. The agent attaches these only with `lanes.tcp_acceleration: sk_msg`.
+//! the normal path. The agent attaches these to the quadrants with `lanes.tcp_acceleration:
+//! sk_msg`, or with `auto` where its start-up probe (which attaches them to a probe cgroup of
+//! its own) found that they win.
 
 use aya_ebpf::{
     bindings::{
@@ -17,16 +19,15 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
-use dataplane_common::maps::{LANE_SOCKS_MAX, SockKey, lane_accel};
+use dataplane_common::{
+    maps::{LANE_SOCKS_MAX, SockKey, lane_accel},
+    policy::PROTO_TCP,
+};
 
-use crate::decide::{identity_of, policy_allows};
+use crate::decide::{identity_of, is_loopback, policy_allows};
 
 /// IPv4 address family.
 const AF_INET: u32 = 2;
-/// IP protocol number of TCP.
-const IPPROTO_TCP: u8 = 6;
-/// First octet of 127.0.0.0/8.
-const LOOPBACK_NET: u8 = 127;
 
 /// Established sockets of the quadrants' workloads. Writer: `quadrant_sockops`.
 #[map(name = "LANE_SOCKS")]
@@ -153,9 +154,7 @@ pub fn quadrant_sk_msg(ctx: SkMsgContext) -> u32 {
 /// connections never cross a quadrant's veth; `connect4` allows them, so does this.
 #[inline(always)]
 fn opening_flow_allowed(own: &SockKey, state: u32) -> bool {
-    if own.local_ip4.to_ne_bytes()[0] == LOOPBACK_NET
-        || own.remote_ip4.to_ne_bytes()[0] == LOOPBACK_NET
-    {
+    if is_loopback(own.local_ip4) || is_loopback(own.remote_ip4) {
         return true;
     }
     // (source, destination, destination port) of the flow that opened the connection.
@@ -166,5 +165,5 @@ fn opening_flow_allowed(own: &SockKey, state: u32) -> bool {
     };
     #[expect(clippy::cast_possible_truncation, reason = "ports are below 65536")]
     let port = (port as u16).to_be();
-    policy_allows(identity_of(src), identity_of(dst), IPPROTO_TCP, port)
+    policy_allows(identity_of(src), identity_of(dst), PROTO_TCP, port)
 }

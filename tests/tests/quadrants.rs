@@ -715,13 +715,11 @@ fn revoking_a_flow_ends_its_replies() {
         .recv_timeout(Duration::from_secs(3))
         .expect("no refused answer after the revocation (DG still sends)");
     assert!(stopped.ends_with(": EPERM"), "{stopped}");
-    // Whatever was on its way before the refusal has arrived by now; nothing follows.
+    // Whatever was on its way before the refusal arrives within a few ticks; then nothing.
     host.set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
-    while host.recv(&mut buf).is_ok() {}
-    host.set_read_timeout(Some(Duration::from_secs(1)))
-        .expect("timeout");
-    assert!(host.recv(&mut buf).is_err(), "a datagram after the refusal");
+    let late = (0..10).take_while(|_| host.recv(&mut buf).is_ok()).count();
+    assert!(late < 10, "DG's datagrams kept arriving after the refusal");
 }
 
 #[test]

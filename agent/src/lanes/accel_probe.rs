@@ -47,7 +47,8 @@ pub struct ProbeFigures {
     pub on: bool,
 }
 
-/// Whether redirected round trips win over the stack's: p50 at most 0.9×, p99 at most 1.0×.
+/// Whether redirected round trips win over the stack's: p50 at most 0.9×, p99 at most 1.0×
+/// (and the stack was measured at all).
 #[must_use]
 pub const fn wins(
     redirected_p50: u64,
@@ -55,16 +56,18 @@ pub const fn wins(
     stack_p50: u64,
     stack_p99: u64,
 ) -> bool {
-    redirected_p50.saturating_mul(10) <= stack_p50.saturating_mul(9) && redirected_p99 <= stack_p99
+    stack_p50 > 0
+        && redirected_p50.saturating_mul(10) <= stack_p50.saturating_mul(9)
+        && redirected_p99 <= stack_p99
 }
 
 /// The ports of the helper's two connections (client end, server end).
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ProbePorts {
+struct ProbePorts {
     /// The connection left in `LANE_SOCKS`.
-    pub redirected: (u16, u16),
+    redirected: (u16, u16),
     /// The connection taken out of it.
-    pub stack: (u16, u16),
+    stack: (u16, u16),
 }
 
 /// The helper's answer, in nanoseconds.
@@ -292,6 +295,6 @@ mod tests {
         // Faster median, slower tail.
         assert!(!wins(500, 2001, 1000, 2000));
         // No measurement is no win.
-        assert!(!wins(0, 1, 0, 0));
+        assert!(!wins(0, 0, 0, 0));
     }
 }
