@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what this machine lacks: rust-src for nightly, LLVM 22, bpf-linker, test tools.
+    /// Install what this machine lacks: the pinned eBPF toolchain, its LLVM, bpf-linker, test tools.
     Setup,
     /// Set up, build, and run `quadrant up` with the embedded defaults (foreground).
     Run {
@@ -87,11 +87,9 @@ fn main() -> anyhow::Result<()> {
             }
             for target in ["plan_parser", "envelope_decoder", "lane_frames"] {
                 step(&format!("fuzzing {target} for {seconds} s"));
-                let mut cmd = Command::new("rustup");
+                let pin = ebpf_toolchain::Pin::read(&workspace_root())?;
+                let mut cmd = ebpf_toolchain::rustup_run(&pin.channel, "cargo");
                 cmd.args([
-                    "run",
-                    "nightly",
-                    "cargo",
                     "fuzz",
                     "run",
                     target,
@@ -99,9 +97,6 @@ fn main() -> anyhow::Result<()> {
                     &format!("-max_total_time={seconds}"),
                 ])
                 .current_dir(workspace_root().join("fuzz"));
-                for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO"] {
-                    cmd.env_remove(var);
-                }
                 status(&mut cmd, &format!("cargo fuzz run {target}"))?;
             }
             Ok(())
@@ -160,7 +155,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     step("cargo clippy -D warnings");
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     step("cargo clippy -D warnings (dataplane-ebpf, bpfel target)");
-    nightly_cargo(&[
+    ebpf_cargo(&[
         "clippy",
         "--package",
         "dataplane-ebpf",
@@ -280,17 +275,15 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs cargo of the nightly toolchain (the eBPF crate needs build-std).
-fn nightly_cargo(args: &[&str]) -> anyhow::Result<()> {
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo"])
-        .args(args)
-        .current_dir(workspace_root());
-    // Set by the outer (stable) cargo; they would pin the stable compiler.
-    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO"] {
-        cmd.env_remove(var);
-    }
-    status(&mut cmd, &format!("cargo +nightly {}", args.join(" ")))
+/// Runs cargo of the pinned eBPF toolchain (the eBPF crate needs build-std).
+fn ebpf_cargo(args: &[&str]) -> anyhow::Result<()> {
+    let pin = ebpf_toolchain::Pin::read(&workspace_root())?;
+    let mut cmd = ebpf_toolchain::rustup_run(&pin.channel, "cargo");
+    cmd.args(args).current_dir(workspace_root());
+    status(
+        &mut cmd,
+        &format!("cargo +{} {}", pin.channel, args.join(" ")),
+    )
 }
 
 fn status(cmd: &mut Command, what: &str) -> anyhow::Result<()> {

@@ -1,40 +1,73 @@
-//! `cargo xtask setup`: brings a fresh machine to what the eBPF build and the tests need.
+//! `cargo xtask setup`: brings a fresh machine to what the eBPF build, the tests and the
+//! benchmarks need.
 //!
-//! Each requirement is checked first (cheap commands only), so a machine that has everything is
-//! done in well under a second; what is missing is installed with progress shown.
+//! The eBPF toolchain comes from one place, `dataplane-ebpf/rust-toolchain.toml` (read through
+//! `ebpf-toolchain`, as `agent/build.rs` reads it): setup installs exactly that dated nightly with
+//! its components (never touching the user's `nightly`), asks it for its LLVM major, installs
+//! that LLVM from Debian and bpf-linker built against it, and stops before any build if the
+//! bpf-linker on `PATH` still speaks another LLVM. Each requirement is checked first with cheap
+//! probes, so a machine that has everything is done in well under a second.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Instant,
 };
 
 use anyhow::{Context as _, bail};
+use ebpf_toolchain::{BPF_LINKER_VERSION, Pin};
 
-/// Debian packages: LLVM 22 for bpf-linker, libclang for bindgen (iceoryx2, the shared-memory
-/// baseline of the lane benchmark), and the tools tests and benchmarks use.
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libclang-22-dev",
-    "bpftool",
-    "iperf3",
-    "nftables",
-    "iproute2",
-];
-const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const NIGHTLY: &str = "nightly";
+/// Debian packages the tests and benchmarks use besides LLVM: bpftool (pinned-map checks),
+/// iperf3 and nftables (datapath benchmark), iproute2 (namespaces, veths).
+const TOOL_PACKAGES: &[&str] = &["bpftool", "iperf3", "nftables", "iproute2"];
+
+/// The Python virtual environment of the test clients written in other languages, below the
+/// workspace's `target/`.
+pub const PYTHON_ENV: &str = "target/pyenv";
+/// What it holds: gRPC C-core (grpcio) with the protobuf compiler plugin for stubs from the
+/// published workload.proto, and py-spiffe, the SPIFFE project's Python client library.
+const PYTHON_REQUIREMENTS: &[&str] = &["grpcio==1.85.3", "grpcio-tools==1.85.1", "spiffe==0.3.2"];
+/// The Workload API definition the Python stubs are generated from.
+const WORKLOAD_PROTO: &str = "agent/proto/workload.proto";
+/// Records what the environment was made from; a different record remakes it.
+const PYTHON_STAMP: &str = "quadrant-requirements.txt";
 
 pub fn run() -> anyhow::Result<()> {
     let start = Instant::now();
+    let root = crate::workspace_root();
+    let pin = Pin::read(&root)?;
     let mut installed = Vec::new();
 
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !deb_installed(p))
-        .collect();
+    if !toolchain_complete(&pin) {
+        println!(
+            "setup: installing the eBPF toolchain {} ({}) pinned in {}",
+            pin.channel,
+            pin.components.join(", "),
+            ebpf_toolchain::PIN_FILE
+        );
+        crate::status(
+            Command::new("rustup")
+                .args(["toolchain", "install", &pin.channel, "--profile"])
+                .arg(pin.profile.as_deref().unwrap_or("minimal"))
+                .arg("--component")
+                .arg(pin.components.join(",")),
+            "rustup toolchain install",
+        )?;
+        installed.push(pin.channel.clone());
+    }
+    let llvm = ebpf_toolchain::rustc_llvm_major(&pin.channel)?;
+
+    let mut packages = vec![
+        format!("llvm-{llvm}-dev"),
+        format!("libpolly-{llvm}-dev"),
+        // libclang for bindgen (iceoryx2, the shared-memory baseline of the lane benchmark).
+        format!("libclang-{llvm}-dev"),
+    ];
+    packages.extend(TOOL_PACKAGES.iter().map(|p| (*p).to_owned()));
+    if !python_has_venv() {
+        packages.push("python3-venv".into());
+    }
+    let missing = missing_debian_packages(&packages);
     if !missing.is_empty() {
         println!("setup: installing Debian packages: {}", missing.join(" "));
         ensure_root("install Debian packages")?;
@@ -52,26 +85,11 @@ pub fn run() -> anyhow::Result<()> {
         installed.push(format!("Debian packages ({})", missing.join(" ")));
     }
 
-    if !nightly_has_rust_src() {
-        println!("setup: adding rust-src to the {NIGHTLY} toolchain (eBPF build uses build-std)");
-        crate::status(
-            Command::new("rustup").args([
-                "toolchain",
-                "install",
-                NIGHTLY,
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ]),
-            "rustup toolchain install",
-        )?;
-        installed.push("rust-src for nightly".into());
-    }
-
-    if !bpf_linker_ok() {
+    let linker_ok = ebpf_toolchain::installed_bpf_linker().as_deref() == Some(BPF_LINKER_VERSION)
+        && ebpf_toolchain::bpf_linker_llvm_major().ok() == Some(llvm);
+    if !linker_ok {
         println!(
-            "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
+            "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (takes a few minutes)"
         );
         crate::status(
             Command::new("cargo")
@@ -81,19 +99,37 @@ pub fn run() -> anyhow::Result<()> {
                     "--version",
                     BPF_LINKER_VERSION,
                     "--locked",
+                    "--force",
                     "--no-default-features",
                     "--features",
-                    "llvm-22",
+                    &format!("llvm-{llvm}"),
                 ])
-                .env("LLVM_PREFIX", LLVM_PREFIX),
+                .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}"))
+                .current_dir(std::env::temp_dir()),
             "cargo install bpf-linker",
         )?;
-        installed.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+        installed.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm})"));
+    }
+    // What the build will use: the bpf-linker first on PATH, whoever installed it.
+    ebpf_toolchain::check_llvm(&pin)?;
+
+    if python_env_stale(&root)? {
+        println!(
+            "setup: creating the Python test environment {PYTHON_ENV} ({})",
+            PYTHON_REQUIREMENTS.join(" ")
+        );
+        make_python_env(&root)?;
+        installed.push(format!("Python test environment ({PYTHON_ENV})"));
     }
 
     let took = start.elapsed();
     if installed.is_empty() {
-        println!("setup: everything present ({:.2} s)", took.as_secs_f64());
+        println!(
+            "setup: everything present: eBPF toolchain {} (LLVM {llvm}), bpf-linker \
+             {BPF_LINKER_VERSION} (LLVM {llvm}), test tools ({:.2} s)",
+            pin.channel,
+            took.as_secs_f64()
+        );
     } else {
         println!(
             "setup: installed {} ({:.1} s)",
@@ -105,43 +141,128 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn ensure_root(what: &str) -> anyhow::Result<()> {
-    let out = Command::new("id").arg("-u").output().context("id -u")?;
-    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+    if !is_root() {
         bail!("setup needs root to {what}; run it with sudo");
     }
     Ok(())
 }
 
-fn deb_installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${db:Status-Status}", pkg])
-        .stderr(Stdio::null())
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
         .output()
-        .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn nightly_has_rust_src() -> bool {
-    // rustup keeps each component's files under the toolchain directory; checking the path avoids
-    // starting rustup (which may try to sync a toolchain) on every run.
-    let out = Command::new("rustc")
-        .args([&format!("+{NIGHTLY}"), "--print", "sysroot"])
+/// The packages of `wanted` that dpkg does not list as installed (one dpkg-query for all).
+fn missing_debian_packages(wanted: &[String]) -> Vec<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\n"])
+        .args(wanted)
         .stderr(Stdio::null())
         .output();
-    let Ok(out) = out else { return false };
-    if !out.status.success() {
-        return false;
-    }
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    sysroot
-        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
-        .exists()
+    let listed = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    wanted
+        .iter()
+        .filter(|p| !listed.lines().any(|l| l == format!("{p} installed")))
+        .cloned()
+        .collect()
 }
 
-fn bpf_linker_ok() -> bool {
-    Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+/// Whether the pinned toolchain and its components are installed, read from rustup's own
+/// directory (starting rustup would install a toolchain named in a toolchain file by itself).
+fn toolchain_complete(pin: &Pin) -> bool {
+    let home = std::env::var_os("RUSTUP_HOME").map_or_else(
+        || {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default()
+                .join(".rustup")
+        },
+        PathBuf::from,
+    );
+    let Ok(entries) = std::fs::read_dir(home.join("toolchains")) else {
+        return false;
+    };
+    let prefix = format!("{}-", pin.channel);
+    entries.flatten().any(|e| {
+        e.file_name().to_string_lossy().starts_with(&prefix)
+            && components_present(&e.path(), &pin.components)
+    })
+}
+
+fn components_present(toolchain: &Path, components: &[String]) -> bool {
+    toolchain.join("bin/rustc").exists()
+        && components.iter().all(|c| match c.as_str() {
+            "rust-src" => toolchain
+                .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+                .exists(),
+            "clippy" => toolchain.join("bin/cargo-clippy").exists(),
+            "rustfmt" => toolchain.join("bin/rustfmt").exists(),
+            other => toolchain
+                .join("lib/rustlib")
+                .join(format!("manifest-{other}-preview"))
+                .exists(),
         })
+}
+
+fn python_has_venv() -> bool {
+    Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The record of what the Python environment is made from: the requirements and the proto.
+fn python_stamp(root: &Path) -> anyhow::Result<String> {
+    let proto = std::fs::read_to_string(root.join(WORKLOAD_PROTO))
+        .with_context(|| format!("read {WORKLOAD_PROTO}"))?;
+    Ok(format!("{}\n{proto}", PYTHON_REQUIREMENTS.join("\n")))
+}
+
+fn python_env_stale(root: &Path) -> anyhow::Result<bool> {
+    let stamp = std::fs::read_to_string(root.join(PYTHON_ENV).join(PYTHON_STAMP));
+    Ok(stamp.ok() != Some(python_stamp(root)?))
+}
+
+/// Creates the virtual environment, installs the requirements and generates the Workload API
+/// stubs into `<env>/stubs`; the stamp is written last, so an interrupted run is redone.
+fn make_python_env(root: &Path) -> anyhow::Result<()> {
+    let env = root.join(PYTHON_ENV);
+    let _ = std::fs::remove_dir_all(&env);
+    crate::status(
+        Command::new("python3").arg("-m").arg("venv").arg(&env),
+        "python3 -m venv",
+    )?;
+    let python = env.join("bin/python");
+    crate::status(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PYTHON_REQUIREMENTS),
+        "pip install",
+    )?;
+    let stubs = env.join("stubs");
+    std::fs::create_dir_all(&stubs).context("create the stubs directory")?;
+    let proto = root.join(WORKLOAD_PROTO);
+    let proto_dir = proto.parent().context("proto directory")?;
+    crate::status(
+        Command::new(&python)
+            .args(["-m", "grpc_tools.protoc"])
+            .arg(format!("--proto_path={}", proto_dir.display()))
+            .arg(format!("--python_out={}", stubs.display()))
+            .arg(format!("--grpc_python_out={}", stubs.display()))
+            .arg(&proto),
+        "grpc_tools.protoc",
+    )?;
+    std::fs::write(env.join(PYTHON_STAMP), python_stamp(root)?).context("write the stamp")?;
+    Ok(())
 }
