@@ -6,6 +6,7 @@
 //! `FetchX509SVID` stream receives the new SVID.
 
 pub mod attest;
+pub mod authority;
 pub mod ca;
 pub mod verify;
 pub mod workload_api;

@@ -237,7 +237,10 @@ pub async fn serve(
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // gRPC C-core and grpc-java clients name the socket path as `:authority`, which h2 refuses:
+    // each connection passes through the repair first.
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|conn| conn.map(super::authority::AuthorityRepair::new));
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
             quadrant, service,
