@@ -138,12 +138,14 @@ impl Prepared {
     pub fn new(bundle: &PolicyBundle) -> Result<Self, PolicyError> {
         bundle.engine(&[])?;
         let engine = bundle.templates_engine()?;
+        // The Rego VM keeps its own `data`: what the agent tells the templates.
+        let agent_data = bundle.agent_data()?;
         // One compilation per template, shared by the constraints that use it.
         let mut compiled = BTreeMap::new();
         let constraints = bundle
             .constraints()?
             .into_iter()
-            .map(|c: Constraint| {
+            .map(|c: Constraint| -> Result<PreparedConstraint, PolicyError> {
                 let parameters = regorus::Value::from_json_str(&c.parameters.to_string())
                     .map_err(|e| PolicyError::Data {
                         path: format!("constraint {}", c.name),
@@ -160,12 +162,19 @@ impl Prepared {
                         }
                     })
                     .clone();
-                let vm = program.map(|(policy, program)| {
-                    let mut vm = RegoVM::new_with_policy(policy);
-                    vm.load_program(program);
-                    vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
-                    Box::new(vm)
-                });
+                let vm = program
+                    .map(|(policy, program)| {
+                        let mut vm = RegoVM::new_with_policy(policy);
+                        vm.load_program(program);
+                        vm.set_max_instructions(VM_MAX_INSTRUCTIONS);
+                        vm.set_data(agent_data.clone())
+                            .map_err(|e| PolicyError::Data {
+                                path: format!("constraint {} (agent data)", c.name),
+                                message: e.to_string(),
+                            })?;
+                        Ok::<_, PolicyError>(Box::new(vm))
+                    })
+                    .transpose()?;
                 Ok(PreparedConstraint {
                     rule,
                     name: c.name,
@@ -512,6 +521,51 @@ mod tests {
         let theirs = <regorus::Value as Deserialize>::deserialize(&v).unwrap();
         assert_eq!(ours, theirs);
         assert_eq!(ours.to_string(), theirs.to_string());
+    }
+
+    /// The production identity constraint checks against the configured trust domain, in the
+    /// Rego VM (which keeps its own `data`) as in the interpreter.
+    #[test]
+    fn production_identity_follows_the_configured_trust_domain() {
+        let digest = "ab".repeat(32);
+        let px = |td: &str| {
+            review(
+                "px",
+                &format!("spiffe://{td}/quadrant/px/workload/api"),
+                json!({"app": "a", "owner": "o"}),
+                json!([format!("api@sha256:{digest}")]),
+                json!({"cpu": 1, "memory": 1, "pids": 1}),
+            )
+        };
+        let bundle = PolicyBundle::embedded().with_trust_domain("prod.example.org");
+        for vm in [true, false] {
+            let mut prepared = Prepared::new(&bundle).unwrap();
+            if !vm {
+                for c in &mut prepared.constraints {
+                    c.vm = None;
+                }
+            }
+            let admission = Admission::new(Ok(prepared), Err("unused".into()));
+            assert_eq!(
+                admission.evaluate(&px("prod.example.org")).unwrap(),
+                [],
+                "vm {vm}"
+            );
+            let refused = admission.evaluate(&px("quadrant.local")).unwrap();
+            assert_eq!(
+                refused
+                    .iter()
+                    .map(|v| v.constraint.as_str())
+                    .collect::<Vec<_>>(),
+                ["production-needs-production-identity"],
+                "vm {vm}"
+            );
+            assert!(
+                refused[0].msg.contains("prod.example.org"),
+                "{}",
+                refused[0].msg
+            );
+        }
     }
 
     #[test]

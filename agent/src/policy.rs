@@ -273,6 +273,9 @@ pub struct PolicyBundle {
     origin: String,
     rego: Vec<(String, String)>,
     data: Vec<(String, String)>,
+    /// The configured trust domain, given to the policies as `data.quadrant_agent.trust_domain`
+    /// (not a file of the bundle: not part of its digest).
+    trust_domain: String,
 }
 
 impl PolicyBundle {
@@ -295,7 +298,23 @@ impl PolicyBundle {
             origin: origin.to_owned(),
             rego,
             data,
+            trust_domain: crate::config::DEFAULT_TRUST_DOMAIN.to_owned(),
         }
+    }
+
+    /// The same bundle evaluated for `trust_domain` (templates read it as
+    /// `data.quadrant_agent.trust_domain` where a constraint sets no `trust_domain` parameter).
+    #[must_use]
+    pub fn with_trust_domain(mut self, trust_domain: &str) -> Self {
+        trust_domain.clone_into(&mut self.trust_domain);
+        self
+    }
+
+    /// What the agent tells the policies about itself, under a root of its own
+    /// (`data.quadrant_agent`).
+    pub fn agent_data(&self) -> Result<regorus::Value, PolicyError> {
+        let doc = serde_json::json!({ "quadrant_agent": { "trust_domain": self.trust_domain } });
+        regorus::Value::from_json_str(&doc.to_string()).map_err(|e| eval_err("agent data", &e))
     }
 
     /// Reads every `.rego` and `.json` file below `dir`.
@@ -317,10 +336,11 @@ impl PolicyBundle {
     /// must be present when `require_signed_policy` is set; the embedded bundle is part of the
     /// binary.
     pub fn for_config(config: &Config) -> Result<Self, PolicyError> {
+        let td = &config.identity.trust_domain;
         let Some(dir) = &config.policy_dir else {
-            return Ok(Self::embedded());
+            return Ok(Self::embedded().with_trust_domain(td));
         };
-        let bundle = Self::from_dir(dir)?;
+        let bundle = Self::from_dir(dir)?.with_trust_domain(td);
         let sig = dir.join(SIGNATURE_FILE);
         match fs::read_to_string(&sig) {
             Ok(text) => {
@@ -459,6 +479,9 @@ impl PolicyBundle {
                     .map_err(|e| eval_err("local rules", &e))?,
             )
             .map_err(|e| eval_err("local rules", &e))?;
+        engine
+            .add_data(self.agent_data()?)
+            .map_err(|e| eval_err("agent data", &e))?;
         Ok(engine)
     }
 
@@ -478,6 +501,9 @@ impl PolicyBundle {
                     message: e.to_string(),
                 })?;
         }
+        engine
+            .add_data(self.agent_data()?)
+            .map_err(|e| eval_err("agent data", &e))?;
         Ok(engine)
     }
 

@@ -74,6 +74,29 @@ test_foreign_trust_domain_cannot_enter_production if {
 	violated(obj) == {"production-needs-production-identity"}
 }
 
+test_production_identity_follows_the_configured_trust_domain if {
+	td := "prod.example.org"
+	obj := object.union(good_px, {"spiffe_id": "spiffe://prod.example.org/quadrant/px/workload/api"})
+	admission.decision.allowed with input as review(obj) with data.quadrant_agent.trust_domain as td
+
+	# The default trust domain's identity is foreign to an agent configured for another one.
+	violated(good_px) == {"production-needs-production-identity"} with data.quadrant_agent.trust_domain as td
+}
+
+test_without_a_trust_domain_production_admits_nothing if {
+	violated(good_px) == {"production-needs-production-identity"} with data.quadrant_agent as {}
+}
+
+test_a_constraint_parameter_names_the_trust_domain_explicitly if {
+	c := [object.union(x, {"parameters": {"trust_domain": "pinned.example"}}) |
+		some x in data.constraints
+		x.template == "production_identity"
+	]
+	obj := object.union(good_px, {"spiffe_id": "spiffe://pinned.example/quadrant/px/workload/api"})
+	admission.decision.allowed with input as review(obj) with data.constraints as c
+	{v.constraint | some v in admission.violations with input as review(good_px) with data.constraints as c} == {"production-needs-production-identity"}
+}
+
 test_malformed_references_are_rejected if {
 	bad := [
 		concat("", ["api@sha256:", upper(digest)]),

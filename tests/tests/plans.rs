@@ -687,3 +687,48 @@ fn workloads_where_rules_name_workloads_have_no_raw_sockets() {
     assert_eq!(outcome("px/api"), "err EPERM");
     assert_eq!(outcome("dx/api"), "ok opened");
 }
+
+#[test]
+fn production_admission_follows_the_configured_trust_domain() {
+    let dir = PathBuf::from(TEST_STATE_DIR).join("qt9-plans");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let mut config = test_config(9, None);
+    config.identity.trust_domain = "prod.example.org".into();
+    config.identity.ca_dir = dir.join("ca");
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(config.audit_log.with_file_name("qt9-generations.json"));
+    let fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir,
+    };
+    fx.trust_key("prod", "plan", &["px", "pg"]);
+    let artifact = fx.add_artifact("api", "#!/bin/sh\nexec sleep 60\n");
+    for q in ["px", "pg"] {
+        let mut plan = plan_doc(1, &artifact);
+        plan["quadrant"] = json!(q);
+        let (ok, out, err) = fx.sign_and_submit(&plan, "prod");
+        assert!(ok, "{q}: {err}\nagent log:\n{}", fx.inst.agent_log());
+        assert!(
+            out.starts_with(&format!(
+                "started {q}/api generation 1 as spiffe://prod.example.org/quadrant/{q}/workload/api"
+            )),
+            "{out}"
+        );
+    }
+    // The embedded constraint checks against the configured trust domain, not the default one.
+    let review = json!({"review": {"object": {"quadrant": "px", "workload": "api",
+        "spiffe_id": "spiffe://quadrant.local/quadrant/px/workload/api",
+        "labels": {"app": "api", "owner": "o"}, "artifacts": [artifact],
+        "resources": {"cpu": 1, "memory": 1, "pids": 1}}}});
+    let path = fx.dir.join("review.json");
+    fs::write(&path, review.to_string()).expect("write");
+    let (ok, out, err) = fx.run(&["policy", "eval", "--input", path.to_str().expect("utf8")]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("production-needs-production-identity") && out.contains("prod.example.org"),
+        "{out}"
+    );
+    assert_eq!(fx.workloads().len(), 2);
+}

@@ -1,7 +1,9 @@
 # Constraint template: a production quadrant (px, pg) only admits workloads whose SPIFFE ID is a
-# production identity of the trust domain in parameters.trust_domain:
-# spiffe://<trust domain>/quadrant/<px|pg>/workload/<name>, <name> of lowercase letters, digits,
-# '.', '_', '-'. String builtins rather than regex.match (see content_addressed.rego).
+# production identity of the trust domain: spiffe://<trust domain>/quadrant/<px|pg>/workload/<name>,
+# <name> of lowercase letters, digits, '.', '_', '-'. The trust domain is parameters.trust_domain
+# when the constraint sets it, else the one the agent is configured with (identity.trust_domain,
+# given as data.quadrant_agent.trust_domain). String builtins rather than regex.match (see
+# content_addressed.rego).
 package quadrant.admission.templates.production_identity
 
 production_identity(id, trust_domain) if {
@@ -13,6 +15,14 @@ production_identity(id, trust_domain) if {
 
 violation contains {"msg": msg} if {
 	id := object.get(input.review.object, "spiffe_id", "")
-	not production_identity(id, input.parameters.trust_domain)
-	msg := sprintf("identity %q is not a production identity of %s", [id, input.parameters.trust_domain])
+	trust_domain := object.get(input.parameters, "trust_domain", data.quadrant_agent.trust_domain)
+	not production_identity(id, trust_domain)
+	msg := sprintf("identity %q is not a production identity of %s", [id, trust_domain])
+}
+
+# Fail-closed: with no trust domain to check against, nothing is admitted. (Written as its own
+# rule: regorus' Rego VM does not evaluate `else` chains of complete rules correctly.)
+violation contains {"msg": "no trust domain to check the identity against (parameters.trust_domain, or the agent's identity.trust_domain)"} if {
+	not input.parameters.trust_domain
+	not data.quadrant_agent.trust_domain
 }
