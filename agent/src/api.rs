@@ -14,8 +14,10 @@ use crate::loader::{AttachedProgram, Counter};
 
 /// How long the CLI waits for the agent to answer (teardown included).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest request line the agent reads.
-pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// Longest request line the agent reads (1 MiB: below the 1.5 MiB Kubernetes allows an object, and
+/// far above any plan the schema admits with sensible sizes). A longer request is answered with
+/// an error naming this limit.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// A request to the agent.
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
@@ -56,6 +58,7 @@ pub enum Request {
     },
     /// List the open RTT lanes, the services offered and each quadrant's lane usage.
     Lanes,
+
     /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
     /// client disconnects.
     Events,
@@ -108,6 +111,7 @@ pub enum Response {
     Stopped(crate::workloads::Status),
     /// Answer to [`Request::Lanes`].
     Lanes(Box<crate::lanes::broker::LanesReport>),
+
     /// Answer to [`Request::Admit`].
     Admission(crate::admission::Decision),
     /// The new policy is live.
@@ -190,6 +194,15 @@ pub enum ClientError {
         path: PathBuf,
         /// Cause.
         source: std::io::Error,
+    },
+    /// The request is longer than the agent reads.
+    #[error(
+        "the request is {bytes} bytes; the agent takes requests of at most {MAX_REQUEST_BYTES} bytes \
+         (1 MiB): make the plan smaller (fewer or shorter arguments and environment entries)"
+    )]
+    TooLarge {
+        /// Its length, newline included.
+        bytes: usize,
     },
     /// The answer was not valid.
     #[error("control socket {path}: invalid response: {source}")]
@@ -275,9 +288,24 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, ClientError> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
     let mut line = serde_json::to_vec(request).unwrap_or_default();
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(io)?;
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(ClientError::TooLarge { bytes: line.len() });
+    }
+    // An agent that refuses the request answers and closes before reading all of it: the write
+    // then fails (EPIPE), and its answer says why.
+    let written = (&stream).write_all(&line);
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
+    match (written, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(io(e)),
+        (Ok(()), Ok(_)) => {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection without an answer",
+            )));
+        }
+    }
     serde_json::from_str(&answer).map_err(|source| ClientError::Decode {
         path: path.to_owned(),
         source,

@@ -369,6 +369,7 @@ fn load(
     } else {
         Dataplane::load(Some(&config.bpffs_dir()))?
     };
+
     // MCP-Core decides, the kernel enforces. Without the identity service, or with a policy
     // that cannot be evaluated, the quadrants come up in deny-all (an empty policy map), never
     // open.
@@ -931,22 +932,56 @@ fn lanes_report(r: &Running) -> crate::lanes::broker::LanesReport {
     report
 }
 
+/// What a control connection sent.
+enum RequestLine {
+    /// Nothing: a liveness probe (`agent_running`) connects and closes without a request.
+    Empty,
+    /// One request line.
+    Line(String),
+    /// Something that is no request line, and why.
+    Refused(String),
+}
+
+/// Reads one request line of at most [`api::MAX_REQUEST_BYTES`]. A longer one is not read to its
+/// end: the agent answers at once that it is too large (the client's write then fails, and it
+/// reads the answer).
+async fn read_request(stream: &mut UnixStream) -> io::Result<RequestLine> {
+    let limit = api::MAX_REQUEST_BYTES;
+    let mut bytes = Vec::new();
+    BufReader::new(stream.take(limit as u64 + 1))
+        .read_until(b'\n', &mut bytes)
+        .await?;
+    if bytes.is_empty() {
+        return Ok(RequestLine::Empty);
+    }
+    if bytes.len() > limit {
+        return Ok(RequestLine::Refused(format!(
+            "invalid request: too large: more than {limit} bytes (1 MiB) without a newline; the \
+             control socket takes one JSON request of at most {limit} bytes per line"
+        )));
+    }
+    Ok(match String::from_utf8(bytes) {
+        Ok(line) => RequestLine::Line(line),
+        Err(e) => RequestLine::Refused(format!(
+            "invalid request: not UTF-8 (byte {} is not valid UTF-8)",
+            e.utf8_error().valid_up_to()
+        )),
+    })
+}
+
 async fn handle(
     mut stream: UnixStream,
     running: Arc<Mutex<Running>>,
     down_tx: mpsc::Sender<(UnixStream, bool)>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
-    let mut line = String::new();
-    BufReader::new((&mut stream).take(api::MAX_REQUEST_BYTES))
-        .read_line(&mut line)
-        .await?;
-    if line.is_empty() {
-        // A liveness probe (`agent_running`) connects and closes without a request.
-        return Ok(());
-    }
+    let line = match read_request(&mut stream).await? {
+        RequestLine::Empty => return Ok(()),
+        RequestLine::Line(line) => Ok(line),
+        RequestLine::Refused(message) => Err(message),
+    };
     let response = if cred.uid() == 0 {
-        match api::parse_request(&line) {
+        match line.and_then(|l| api::parse_request(&l)) {
             Err(message) => Response::Error { message },
             Ok(Request::Status) => match status_of(&*running.lock().await) {
                 Ok(s) => Response::Status(Box::new(s)),
