@@ -4,7 +4,6 @@
 use std::{
     io::{self, IoSlice, IoSliceMut},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    ptr::NonNull,
 };
 
 use io_uring::{IoUring, opcode, types};
@@ -53,17 +52,12 @@ pub fn sealed_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A shared mapping of a lane memfd.
+/// A shared mapping of a lane memfd (memmap2's raw mapping: the peer writes the same memory
+/// concurrently, so it is only ever reached through raw pointers, never as a Rust slice).
 #[derive(Debug)]
 pub struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
+    map: memmap2::MmapRaw,
 }
-
-// SAFETY: the mapping is plain shared memory; all access goes through `ring::Region`.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `fd`, which must be a memfd of exactly `len` bytes sealed against shrinking.
@@ -88,54 +82,37 @@ impl Mapping {
                 "lane memory is not sealed against shrinking",
             ));
         }
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
+        // A shared mapping of a descriptor whose size was just checked and sealed.
+        let options = {
+            let mut o = memmap2::MmapOptions::new();
+            o.len(len);
+            o
+        };
+        let map = if writable {
+            options.map_raw(fd.as_raw_fd())
         } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a fresh shared mapping of a descriptor whose size was just checked and sealed.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(last_os_error("mmap of the lane memory"));
+            options.map_raw_read_only(fd.as_raw_fd())
         }
-        Ok(Self {
-            ptr: NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?,
-            len,
-        })
+        .map_err(|e| io::Error::new(e.kind(), format!("mmap of the lane memory: {e}")))?;
+        Ok(Self { map })
     }
 
     /// Start of the mapping (page-aligned).
     #[must_use]
     pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.map.as_mut_ptr()
     }
 
     /// Length in bytes.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// Never empty.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what `new` mapped, exactly once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        self.map.len() == 0
     }
 }
 
