@@ -58,7 +58,12 @@ pub enum Request {
     },
     /// List the open RTT lanes, the services offered and each quadrant's lane usage.
     Lanes,
-
+    /// Set the verdict trace: the programs report every verdict (`all`), the drops (`drops`)
+    /// or nothing (`off`) to the agent, which logs them.
+    Trace {
+        /// What to trace.
+        mode: crate::trace::TraceMode,
+    },
     /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
     /// client disconnects.
     Events,
@@ -111,7 +116,11 @@ pub enum Response {
     Stopped(crate::workloads::Status),
     /// Answer to [`Request::Lanes`].
     Lanes(Box<crate::lanes::broker::LanesReport>),
-
+    /// The verdict trace is now set to `mode`.
+    Trace {
+        /// What is traced.
+        mode: crate::trace::TraceMode,
+    },
     /// Answer to [`Request::Admit`].
     Admission(crate::admission::Decision),
     /// The new policy is live.

@@ -202,6 +202,8 @@ struct Running {
     events: Arc<crate::events::EventBus>,
     carried: Option<Carried>,
     accel: Accel,
+    /// The verdict trace's ring buffer, until `serve` starts reading it.
+    trace: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 /// How `up` ended.
@@ -537,6 +539,10 @@ fn bring_up(config: &Config, kept: Option<(KeptDataplane, bool)>) -> Result<Runn
         &lane_origin,
         Arc::clone(&events),
     ));
+    let trace = dataplane
+        .take_trace()
+        .inspect_err(|e| warn!(error = %e, "no verdict trace"))
+        .ok();
     Ok(Running {
         config: config.clone(),
         state,
@@ -552,6 +558,7 @@ fn bring_up(config: &Config, kept: Option<(KeptDataplane, bool)>) -> Result<Runn
         events,
         carried,
         accel,
+        trace,
     })
 }
 
@@ -789,6 +796,9 @@ async fn serve(
         .map_err(sys::io_err("cannot restrict", &socket))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     start_identity_services(&*running.lock().await, &stop_rx)?;
+    if let Some(ring) = running.lock().await.trace.take() {
+        tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
+    }
     let lane_broker = {
         let r = running.lock().await;
         r.lanes.serve().map_err(sys::io_err(
@@ -1011,6 +1021,14 @@ async fn handle(
                 return stream_events(stream, rx, &events).await;
             }
             Ok(Request::Lanes) => Response::Lanes(Box::new(lanes_report(&*running.lock().await))),
+            Ok(Request::Trace { mode }) => {
+                match running.lock().await.dataplane.set_trace(mode.value()) {
+                    Ok(()) => Response::Trace { mode },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
             Ok(Request::Workloads) => Response::Workloads {
                 workloads: running.lock().await.supervisor.list(),
             },
@@ -1696,6 +1714,18 @@ pub fn lanes(config: &Config) -> Result<crate::lanes::broker::LanesReport, AppEr
         Response::Lanes(r) => Ok(*r),
         Response::Error { message } => Err(AppError::Agent(message)),
         _ => Err(AppError::Agent("unexpected answer to lanes".into())),
+    }
+}
+
+/// `quadrant trace MODE`: sets the running agent's verdict trace.
+pub fn trace(
+    config: &Config,
+    mode: crate::trace::TraceMode,
+) -> Result<crate::trace::TraceMode, AppError> {
+    match api::call(&config.socket_path(), &Request::Trace { mode })? {
+        Response::Trace { mode } => Ok(mode),
+        Response::Error { message } => Err(AppError::Agent(message)),
+        _ => Err(AppError::Agent("unexpected answer to trace".into())),
     }
 }
 

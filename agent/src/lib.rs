@@ -17,6 +17,7 @@
 //! | [`workloads`] | running admitted workloads in their quadrant with limits and restarts |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
 //! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
+//! | [`trace`] | the verdict trace: mode, reading the programs' records, rendering |
 
 pub mod admission;
 pub mod api;
@@ -35,4 +36,5 @@ pub mod policy_watch;
 pub mod quadrants;
 pub mod signing;
 pub mod sys;
+pub mod trace;
 pub mod workloads;

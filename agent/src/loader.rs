@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, SkMsg,
         SockOps, TcAttachType, Xdp, XdpMode, links::FdLink, sk_msg::SkMsgLinkId,
@@ -101,6 +101,9 @@ pub fn object_statement() -> String {
 /// Errors of loading, attaching and map access.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
+    /// An operation that needs the dataplane configured, asked for before.
+    #[error("{0} needs the dataplane configured first (no policy written yet)")]
+    NotReady(&'static str),
     /// The object could not be parsed or its maps created.
     #[error("cannot load the eBPF object: {0}")]
     Load(Box<aya::EbpfError>),
@@ -409,6 +412,7 @@ impl Dataplane {
             ct_timeout_secs: config.conntrack_timeout_secs,
             policy_slot: slot,
             raw_sockets_denied: 0,
+            trace: maps::TRACE_OFF,
         });
         self.apply_policy(policy).map(|_| ())
     }
@@ -453,6 +457,7 @@ impl Dataplane {
             ct_timeout_secs: 0,
             policy_slot: 0,
             raw_sockets_denied: 0,
+            trace: maps::TRACE_OFF,
         });
         // First write: fill slot 0 (the programs read slot 0 while CONFIG is empty, and find it
         // empty: deny-all). Later writes: the slot that is not live.
@@ -528,13 +533,45 @@ impl Dataplane {
             .some_workload
             .keys()
             .filter_map(|(src, _, _)| Quadrant::from_id(*src as u8))
-            .fold(0, |mask, q| mask | 1 << (q as u32));
+            .fold(0, |mask, q| mask | 1 << (q as u16));
         let mut cfg: Array<_, DataplaneConfig> =
             Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         cfg.set(0, live, 0).map_err(map_err(maps::CONFIG))?;
         self.live = Some(live);
         self.policy_written = true;
         Ok(target)
+    }
+
+    /// Sets the verdict trace (`CONFIG.trace`: [`maps::TRACE_OFF`],
+    /// `TRACE_DROPS` or `TRACE_ALL`); the records reach the agent's log through the logger
+    /// [`Self::take_logger`] hands out. Refused before the first policy is written (CONFIG is
+    /// then still empty, which the programs read as deny-all).
+    pub fn set_trace(&mut self, mode: u16) -> Result<(), LoaderError> {
+        let Some(mut live) = self.live.filter(|_| self.policy_written) else {
+            return Err(LoaderError::NotReady("the verdict trace"));
+        };
+        live.trace = mode;
+        let mut cfg: Array<_, DataplaneConfig> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        cfg.set(0, live, 0).map_err(map_err(maps::CONFIG))?;
+        self.live = Some(live);
+        Ok(())
+    }
+
+    /// The live trace mode.
+    #[must_use]
+    pub fn trace(&self) -> u16 {
+        self.live.map_or(maps::TRACE_OFF, |c| c.trace)
+    }
+
+    /// The reader of the [`maps::TRACE`] ring buffer, once: the caller drains it for as long
+    /// as the programs run.
+    pub fn take_trace(&mut self) -> Result<RingBuf<aya::maps::MapData>, LoaderError> {
+        let map = self
+            .ebpf
+            .take_map(maps::TRACE)
+            .ok_or(LoaderError::MissingMap { name: maps::TRACE })?;
+        RingBuf::try_from(map).map_err(map_err(maps::TRACE))
     }
 
     /// Sets the per-workload rules the next [`Self::apply_policy`] (or

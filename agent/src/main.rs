@@ -103,6 +103,13 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Trace the dataplane's verdicts into the agent's log (target `quadrant::trace`): every
+    /// verdict (`all`), the drops and refusals (`drops`), or nothing (`off`, the default).
+    Trace {
+        /// What to trace.
+        #[arg(value_enum)]
+        mode: quadrant::trace::TraceMode,
+    },
     /// Follow the agent's events (policy reloads, submits, lanes) as JSON lines.
     Events {
         /// Stop after this many events.
@@ -424,6 +431,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Schema { name } => print_schema(&name),
         Command::Lanes { output } => lanes(&config, output),
+        Command::Trace { mode } => {
+            let mode = app::trace(&config, mode)?;
+            println!(
+                "verdict trace: {} (the agent logs it under the target quadrant::trace)",
+                serde_json::to_value(mode)?.as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
         Command::Events { count } => events(&config, count),
         Command::DefaultConfig => {
             print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);

@@ -18,8 +18,9 @@
 /// what the policy refuses, and flow timestamps come from the coarse monotonic clock; 5: a tracked
 /// flow passes only while the policy allows the direction that opened it (a reload that revokes
 /// a flow ends its established connections: packets dropped, `sk_msg` refuses redirected
-/// messages with `EACCES`, `sendmsg` no longer takes datagrams for its replies).
-pub const PROGRAM_SET_VERSION: u32 = 5;
+/// messages with `EACCES`, `sendmsg` no longer takes datagrams for its replies); 6: the verdict
+/// trace (`CONFIG.trace`, records through aya-log's `AYA_LOGS` ring buffer).
+pub const PROGRAM_SET_VERSION: u32 = 6;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with

@@ -35,6 +35,47 @@ pub const WL_POLICY_A: &str = "WL_POLICY_A";
 /// Slot 1 of the workload policy (see [`WL_POLICY_A`]).
 pub const WL_POLICY_B: &str = "WL_POLICY_B";
 
+/// Ring buffer: one [`TraceRecord`] per verdict while [`DataplaneConfig::trace`] asks for it.
+/// Written by every decision program, read by the agent. Not pinned: each agent reads the one of
+/// the programs it loaded.
+pub const TRACE: &str = "TRACE";
+/// Size of [`TRACE`] in bytes (a power of two and a multiple of the page size): 8,192 records.
+pub const TRACE_BYTES: u32 = 256 * 1024;
+
+/// [`TraceRecord::kind`]: a packet; every address and port field is set.
+pub const TRACE_PACKET: u8 = 0;
+/// [`TraceRecord::kind`]: `connect`/`sendmsg`; the destination fields and `proto` are set.
+pub const TRACE_DESTINATION: u8 = 1;
+/// [`TraceRecord::kind`]: nothing parsed (a malformed frame, ARP, an unknown interface,
+/// `sock_create`).
+pub const TRACE_NOTHING: u8 = 2;
+
+/// One traced verdict (record of [`TRACE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// Source address (network byte order).
+    pub saddr: u32,
+    /// Destination address (network byte order).
+    pub daddr: u32,
+    /// Source port (network byte order).
+    pub sport: u16,
+    /// Destination port (network byte order).
+    pub dport: u16,
+    /// [`crate::Hook`] id.
+    pub hook: u8,
+    /// Quadrant slot ([`crate::reason::UNATTRIBUTED_SLOT`] when none).
+    pub slot: u8,
+    /// [`crate::Reason`] id.
+    pub reason: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`TRACE_PACKET`], [`TRACE_DESTINATION`] or [`TRACE_NOTHING`].
+    pub kind: u8,
+    /// Explicit padding (zero).
+    pub pad: [u8; 3],
+}
+
 /// Every map the dataplane object defines, for pinning and status.
 pub const ALL: [&str; 14] = [
     PREFIXES,
@@ -272,8 +313,19 @@ pub struct DataplaneConfig {
     pub policy_slot: u32,
     /// Bit `1 << quadrant id` set: that quadrant's policy names single workloads, so raw IP and
     /// packet sockets are refused there (written with the same update as `policy_slot`).
-    pub raw_sockets_denied: u32,
+    pub raw_sockets_denied: u16,
+    /// Verdict trace: [`TRACE_OFF`], [`TRACE_DROPS`] or [`TRACE_ALL`] (program set 6; the half
+    /// of what was a `u32` bit mask of four quadrants, so a CONFIG written by either layout reads
+    /// the same in the other).
+    pub trace: u16,
 }
+
+/// [`DataplaneConfig::trace`]: no trace (every program pays one comparison).
+pub const TRACE_OFF: u16 = 0;
+/// [`DataplaneConfig::trace`]: one log record per dropped packet or refused operation.
+pub const TRACE_DROPS: u16 = 1;
+/// [`DataplaneConfig::trace`]: one log record per verdict.
+pub const TRACE_ALL: u16 = 2;
 
 /// Key of [`CONNTRACK`]: a flow, both of its directions under one key. The two endpoints
 /// (address, port) are ordered, lower first, so a packet and its reply find the same entry with
@@ -358,11 +410,13 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::TraceRecord {}
 }
 
 // No implicit padding: every byte of a key is hashed, and the agent and kernel must agree.
 const _: () = {
     assert!(size_of::<PrefixValue>() == 4);
+    assert!(size_of::<TraceRecord>() == 20);
     assert!(size_of::<PolicyKey>() == 4);
     assert!(size_of::<PolicyValue>() == 4 + 4 * MAX_PORT_RANGES);
     assert!(size_of::<IfaceValue>() == 4);

@@ -130,6 +130,16 @@ impl Hook {
         Self::SockCreate,
     ];
 
+    /// The hook with this id, if any.
+    #[must_use]
+    pub const fn from_id(id: u32) -> Option<Self> {
+        if id < HOOK_COUNT {
+            Some(Self::ALL[id as usize])
+        } else {
+            None
+        }
+    }
+
     /// Stable name used in status output.
     #[must_use]
     pub const fn name(self) -> &'static str {

@@ -18,6 +18,7 @@ use crate::{
         workload_policy_allows,
     },
     maps::{CGROUPS, QUADRANTS},
+    trace::{self, Subject},
 };
 
 /// Return value that lets the operation go on.
@@ -47,8 +48,9 @@ pub fn quadrant_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
-    let (slot, reason) = classify(ctx.sock_addr, v6);
+    let (slot, reason, subject) = classify(ctx.sock_addr, v6);
     count(hook, slot, reason);
+    trace::verdict(hook, slot, reason, subject);
     match reason.verdict() {
         Verdict::Pass => ALLOW,
         Verdict::Drop => REJECT,
@@ -56,12 +58,12 @@ fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
 }
 
 #[inline(always)]
-fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
+fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason, Subject) {
     // SAFETY: helper without preconditions; the level comes from the agent's configuration.
     let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level().cast_signed()) };
     // SAFETY: read-only lookup of a plain value.
     let Some(&CgroupValue { quadrant, .. }) = (unsafe { CGROUPS.get(cgroup) }) else {
-        return (UNATTRIBUTED_SLOT, Reason::DenyUnknownCgroup);
+        return (UNATTRIBUTED_SLOT, Reason::DenyUnknownCgroup, Subject::None);
     };
     // SAFETY: the context fields read here are readable for every sock_addr attach type.
     let (daddr, dport, proto) = unsafe {
@@ -73,22 +75,23 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
         if v6 {
             let ip6 = (*sa).user_ip6;
             if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::to_be(1) {
-                return (u32::from(quadrant), Reason::AllowLoopback);
+                return (u32::from(quadrant), Reason::AllowLoopback, Subject::None);
             }
             if !(ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::to_be(0xffff)) {
-                return (u32::from(quadrant), Reason::DenyIpv6);
+                return (u32::from(quadrant), Reason::DenyIpv6, Subject::None);
             }
             (ip6[3], dport, proto)
         } else {
             ((*sa).user_ip4, dport, proto)
         }
     };
+    let subject = Subject::Destination(daddr, dport, proto);
     if is_loopback(daddr) {
-        return (u32::from(quadrant), Reason::AllowLoopback);
+        return (u32::from(quadrant), Reason::AllowLoopback, subject);
     }
     let dst = identity_of(daddr);
     if quadrant_policy_allows(quadrant, dst, proto, dport) {
-        return (u32::from(quadrant), Reason::AllowPolicy);
+        return (u32::from(quadrant), Reason::AllowPolicy, subject);
     }
     // The caller's workload: its cgroup one level below the quadrant's (0 for a process of the
     // quadrant itself, which no workload rule names).
@@ -96,7 +99,7 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
     let workload =
         unsafe { bpf_get_current_ancestor_cgroup_id((cgroup_level() + 1).cast_signed()) };
     if workload != 0 && workload_policy_allows(workload, dst, proto, dport) {
-        return (u32::from(quadrant), Reason::AllowWorkloadPolicy);
+        return (u32::from(quadrant), Reason::AllowWorkloadPolicy, subject);
     }
     // A datagram socket answering a flow the peer opened (allowed towards this quadrant).
     if let Some(local) = QUADRANTS.get(u32::from(quadrant)) {
@@ -105,8 +108,8 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason) {
         let local_port = unsafe { (*(*sa).__bindgen_anon_1.sk).src_port };
         let local_port = u16::try_from(local_port).unwrap_or(0);
         if local.addr != 0 && is_reply(local.addr, local_port.to_be(), daddr, dport, proto) {
-            return (u32::from(quadrant), Reason::AllowEstablished);
+            return (u32::from(quadrant), Reason::AllowEstablished, subject);
         }
     }
-    (u32::from(quadrant), Reason::DenyPolicy)
+    (u32::from(quadrant), Reason::DenyPolicy, subject)
 }

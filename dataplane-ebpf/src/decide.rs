@@ -4,7 +4,10 @@
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use dataplane_common::{
     Hook, Identity, Reason,
-    maps::{CtKey, CtValue, DataplaneConfig, PolicyKey, SCOPE_PACKET, SCOPE_QUADRANT, WlPolicyKey},
+    maps::{
+        CtKey, CtValue, DataplaneConfig, PolicyKey, SCOPE_PACKET, SCOPE_QUADRANT, TRACE_OFF,
+        WlPolicyKey,
+    },
     reason::stats_index,
 };
 
@@ -59,6 +62,7 @@ fn config() -> DataplaneConfig {
             ct_timeout_secs: DEFAULT_CT_TIMEOUT_SECS,
             policy_slot: 0,
             raw_sockets_denied: 0,
+            trace: TRACE_OFF,
         },
     }
 }
@@ -221,7 +225,13 @@ pub fn cgroup_level() -> u32 {
 /// Whether raw IP and packet sockets are refused in quadrant `quadrant`.
 #[inline(always)]
 pub fn raw_sockets_denied(quadrant: u8) -> bool {
-    config().raw_sockets_denied & (1 << (u32::from(quadrant) & 31)) != 0
+    u32::from(config().raw_sockets_denied) & (1 << (u32::from(quadrant) & 15)) != 0
+}
+
+/// The verdict trace mode (`CONFIG.trace`).
+#[inline(always)]
+pub fn trace_mode() -> u16 {
+    config().trace
 }
 
 /// Whether a tracked flow was opened by `peer:peer_port` towards `local:local_port` (a socket

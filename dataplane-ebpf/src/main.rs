@@ -29,6 +29,7 @@ mod sock_create;
 mod tc;
 mod tc_egress;
 mod tc_ingress;
+mod trace;
 mod xdp;
 
 #[cfg(not(test))]

@@ -16,6 +16,7 @@ use dataplane_common::{Hook, Reason, maps::CgroupValue, reason::UNATTRIBUTED_SLO
 use crate::{
     decide::{cgroup_level, count, raw_sockets_denied},
     maps::CGROUPS,
+    trace::{self, Subject},
 };
 
 /// Return value that lets the operation go on.
@@ -39,10 +40,22 @@ pub fn quadrant_sock_create(ctx: SockContext) -> i32 {
             UNATTRIBUTED_SLOT,
             Reason::DenyUnknownCgroup,
         );
+        trace::verdict(
+            Hook::SockCreate,
+            UNATTRIBUTED_SLOT,
+            Reason::DenyUnknownCgroup,
+            Subject::None,
+        );
         return REJECT;
     };
     if raw_sockets_denied(quadrant) {
         count(Hook::SockCreate, u32::from(quadrant), Reason::DenyRawSocket);
+        trace::verdict(
+            Hook::SockCreate,
+            u32::from(quadrant),
+            Reason::DenyRawSocket,
+            Subject::None,
+        );
         return REJECT;
     }
     ALLOW

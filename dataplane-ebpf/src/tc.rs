@@ -10,6 +10,7 @@ use crate::{
     decide::{Direction, count, decide_packet},
     maps::IFACES,
     parse::{Frame, parse_frame},
+    trace::{self, Subject},
 };
 
 /// Enough linear bytes for Ethernet + IPv4 with options + TCP.
@@ -17,8 +18,9 @@ const PULL_LEN: u32 = 14 + 60 + 20;
 
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook, dir: Direction) -> i32 {
-    let (slot, reason) = classify(ctx, dir);
+    let (slot, reason, subject) = classify(ctx, dir);
     count(hook, slot, reason);
+    trace::verdict(hook, slot, reason, subject);
     match reason.verdict() {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
@@ -26,12 +28,16 @@ pub fn run(ctx: &TcContext, hook: Hook, dir: Direction) -> i32 {
 }
 
 #[inline(always)]
-fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason) {
+fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject) {
     // SAFETY: reading the skb's ifindex field is allowed for tc programs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: read-only lookup of a plain value.
     let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(ifindex) }) else {
-        return (UNATTRIBUTED_SLOT, Reason::DropUnknownInterface);
+        return (
+            UNATTRIBUTED_SLOT,
+            Reason::DropUnknownInterface,
+            Subject::None,
+        );
     };
     let mut parsed = parse_frame(ctx.data(), ctx.data_end());
     if matches!(parsed, Err(Reason::DropTruncated))
@@ -43,10 +49,13 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason) {
             parsed = parse_frame(ctx.data(), ctx.data_end());
         }
     }
-    let reason = match parsed {
-        Ok(Frame::Arp) => Reason::PassArp,
-        Ok(Frame::Ipv4(flow)) => decide_packet(&flow, quadrant, dir, true),
-        Err(reason) => reason,
+    let (reason, subject) = match parsed {
+        Ok(Frame::Arp) => (Reason::PassArp, Subject::None),
+        Ok(Frame::Ipv4(flow)) => (
+            decide_packet(&flow, quadrant, dir, true),
+            Subject::Packet(flow),
+        ),
+        Err(reason) => (reason, Subject::None),
     };
-    (u32::from(quadrant), reason)
+    (u32::from(quadrant), reason, subject)
 }

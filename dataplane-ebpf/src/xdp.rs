@@ -13,12 +13,14 @@ use crate::{
     decide::{Direction, count, decide_packet},
     maps::IFACES,
     parse::{Frame, parse_frame},
+    trace::{self, Subject},
 };
 
 #[xdp]
 pub fn quadrant_xdp(ctx: XdpContext) -> u32 {
-    let (slot, reason) = classify(&ctx);
+    let (slot, reason, subject) = classify(&ctx);
     count(Hook::Xdp, slot, reason);
+    trace::verdict(Hook::Xdp, slot, reason, subject);
     match reason.verdict() {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
@@ -26,17 +28,24 @@ pub fn quadrant_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> (u32, Reason) {
+fn classify(ctx: &XdpContext) -> (u32, Reason, Subject) {
     // SAFETY: ingress_ifindex reads the context, which the verifier allows.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     // SAFETY: read-only lookup of a plain value.
     let Some(&IfaceValue { quadrant, .. }) = (unsafe { IFACES.get(ifindex) }) else {
-        return (UNATTRIBUTED_SLOT, Reason::DropUnknownInterface);
+        return (
+            UNATTRIBUTED_SLOT,
+            Reason::DropUnknownInterface,
+            Subject::None,
+        );
     };
-    let reason = match parse_frame(ctx.data(), ctx.data_end()) {
-        Ok(Frame::Arp) => Reason::PassArp,
-        Ok(Frame::Ipv4(flow)) => decide_packet(&flow, quadrant, Direction::FromQuadrant, false),
-        Err(reason) => reason,
+    let (reason, subject) = match parse_frame(ctx.data(), ctx.data_end()) {
+        Ok(Frame::Arp) => (Reason::PassArp, Subject::None),
+        Ok(Frame::Ipv4(flow)) => (
+            decide_packet(&flow, quadrant, Direction::FromQuadrant, false),
+            Subject::Packet(flow),
+        ),
+        Err(reason) => (reason, Subject::None),
     };
-    (u32::from(quadrant), reason)
+    (u32::from(quadrant), reason, subject)
 }

@@ -957,3 +957,115 @@ fn a_rule_naming_one_workload_admits_only_that_workload() {
         assert!(outcome.0, "DX without workload rules: {outcome:?}");
     }
 }
+
+/// Waits up to two seconds for an agent log line of the verdict trace containing `needle`.
+fn traced(inst: &Instance, needle: &str) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if inst
+            .agent_log()
+            .lines()
+            .any(|l| l.contains("quadrant::trace") && l.contains(needle))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn trace_lines(inst: &Instance) -> usize {
+    inst.agent_log()
+        .lines()
+        .filter(|l| l.contains("quadrant::trace"))
+        .count()
+}
+
+#[test]
+fn the_verdict_trace_reports_what_it_is_asked_for() {
+    let inst = Instance::up(test_config(40, None), QPROBE);
+    let (dx, dg, px) = (
+        inst.addr(Quadrant::Dx),
+        inst.addr(Quadrant::Dg),
+        inst.addr(Quadrant::Px),
+    );
+    let refused = |inst: &Instance| {
+        let (ok, line) = inst.probe(Quadrant::Dx, &["tcp-connect", &format!("{px}:80"), "300"]);
+        assert!(!ok && line == "err EPERM", "{line}");
+    };
+    let set = |mode: &str| {
+        let out = inst.quadrant(&["trace", mode]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with(&format!("verdict trace: {mode}")),
+            "{out:?}"
+        );
+    };
+
+    // Off (the default): verdicts are counted, never traced.
+    refused(&inst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(trace_lines(&inst), 0, "{}", inst.agent_log());
+
+    set("drops");
+    refused(&inst);
+    assert!(
+        traced(
+            &inst,
+            &format!("connect4 dx drop deny_policy tcp -> {px}:80")
+        ),
+        "{}",
+        inst.agent_log()
+    );
+    // A spoofed datagram, dropped by XDP, is traced with its 5-tuple.
+    let (ok, _) = inst.probe(
+        Quadrant::Dx,
+        &["raw-udp", &dg, &format!("{dg}:{UDP_PORT}"), "spoofed"],
+    );
+    assert!(ok);
+    assert!(
+        traced(
+            &inst,
+            &format!("xdp dx drop deny_spoofed udp {dg}:40000 -> {dg}:{UDP_PORT}")
+        ),
+        "{}",
+        inst.agent_log()
+    );
+    // Allowed operations are not drops.
+    let (_, _) = inst.probe(Quadrant::Dx, &["tcp-connect", &format!("{dg}:9"), "300"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !inst
+            .agent_log()
+            .lines()
+            .any(|l| l.contains("quadrant::trace") && l.contains(" pass ")),
+        "{}",
+        inst.agent_log()
+    );
+
+    set("all");
+    let (_, _) = inst.probe(Quadrant::Dx, &["tcp-connect", &format!("{dg}:9"), "300"]);
+    assert!(
+        traced(
+            &inst,
+            &format!("connect4 dx pass allow_policy tcp -> {dg}:9")
+        ),
+        "{}",
+        inst.agent_log()
+    );
+    assert!(
+        traced(&inst, &format!("tc_ingress dx pass allow_policy tcp {dx}:")),
+        "{}",
+        inst.agent_log()
+    );
+
+    // The log goes to a pipe here: plain text, no colour codes.
+    assert!(!inst.agent_log().contains('\u{1b}'), "{}", inst.agent_log());
+
+    set("off");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = trace_lines(&inst);
+    refused(&inst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(trace_lines(&inst), before, "{}", inst.agent_log());
+}

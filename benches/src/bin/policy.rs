@@ -152,6 +152,7 @@ fn arp() -> Vec<u8> {
 /// batch by batch so that a slower stretch of the shared machine falls on all of them alike.
 /// Returns the kernel's mean time per run of every batch, per packet.
 fn kernel(dp: &mut Dataplane, packets: &[&[u8]]) -> anyhow::Result<Vec<Vec<u64>>> {
+    let repeat = REPEAT;
     let prog: &mut Xdp = dp
         .ebpf_mut()
         .program_mut(quadrant::loader::programs::XDP)
@@ -162,13 +163,69 @@ fn kernel(dp: &mut Dataplane, packets: &[&[u8]]) -> anyhow::Result<Vec<Vec<u64>>
         for (packet, times) in packets.iter().zip(&mut out) {
             let r = prog.test_run(TestRunOptions {
                 data_in: Some(packet),
-                repeat: REPEAT,
+                repeat,
                 ..TestRunOptions::default()
             })?;
             times.push(u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX));
         }
     }
     Ok(out)
+}
+
+/// Runs per batch in the trace comparison: fewer than the ring holds (8,192 records), so the
+/// ring, emptied after every batch, never refuses one.
+const TRACED_REPEAT: u32 = 4_000;
+
+/// The trace's cost, in one loop taking turns batch by batch: the allowed packet and the refused
+/// SYN with the trace off, then the same two with `trace drops` (the refused SYN writes a record
+/// per run, the allowed packet none), the ring drained after every batch as the agent drains it.
+/// Returns [allowed off, refused off, allowed drops, refused drops].
+fn traced_figures(
+    dp: &mut Dataplane,
+    allowed: &[u8],
+    denied: &[u8],
+) -> anyhow::Result<[Summary; 4]> {
+    let mut ring = dp.take_trace()?;
+    let mut times: [Vec<u64>; 4] = Default::default();
+    let mut records = 0u64;
+    for _ in 0..BATCHES {
+        for (mode, at) in [
+            (dataplane_common::maps::TRACE_OFF, 0),
+            (dataplane_common::maps::TRACE_DROPS, 2),
+        ] {
+            dp.set_trace(mode)?;
+            let prog: &mut Xdp = dp
+                .ebpf_mut()
+                .program_mut(quadrant::loader::programs::XDP)
+                .expect("xdp")
+                .try_into()?;
+            for (i, packet) in [allowed, denied].into_iter().enumerate() {
+                let r = prog.test_run(TestRunOptions {
+                    data_in: Some(packet),
+                    repeat: TRACED_REPEAT,
+                    ..TestRunOptions::default()
+                })?;
+                times[at + i].push(u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX));
+                while ring.next().is_some() {
+                    records += 1;
+                }
+            }
+        }
+    }
+    dp.set_trace(dataplane_common::maps::TRACE_OFF)?;
+    let expected = u64::try_from(BATCHES).unwrap_or(0) * u64::from(TRACED_REPEAT);
+    anyhow::ensure!(
+        records == expected,
+        "the trace wrote {records} records for {expected} refused packets"
+    );
+    let mut out = times
+        .iter()
+        .map(|t| histogram(t.iter().copied()).map(|h| summary(&h)));
+    let mut next = || {
+        out.next()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("four series")))
+    };
+    Ok([next()?, next()?, next()?, next()?])
 }
 
 fn histogram(values: impl IntoIterator<Item = u64>) -> anyhow::Result<Histogram<u64>> {
@@ -188,6 +245,8 @@ fn over(path: &[u64], baseline: &[u64]) -> anyhow::Result<Summary> {
 
 /// The kernel figures: whole-packet times, baselines and the paired decision times.
 struct Kernel {
+    /// Allowed and refused SYN, trace off and `drops`, taking turns.
+    trace: [Summary; 4],
     allowed: Summary,
     denied: Summary,
     denied_udp: Summary,
@@ -217,6 +276,7 @@ fn kernel_figures(config: &Config, bundle: &PolicyBundle) -> anyhow::Result<Kern
     // before the policy — every step of the allowed packet but the decision.
     let classified = frame([10, 240, 1, 2], [10, 240, 2, 2], 443);
     let arp = arp();
+    let (allowed_frame, denied_frame) = (allowed.clone(), denied.clone());
     let times = kernel(
         &mut dp,
         &[
@@ -248,7 +308,9 @@ fn kernel_figures(config: &Config, bundle: &PolicyBundle) -> anyhow::Result<Kern
     let decision_miss = over(t_denied, t_classified)?;
     let decision_miss_udp = over(t_denied_udp, t_classified)?;
     let decision_miss_reply = over(t_denied_reply, t_classified)?;
+    let trace = traced_figures(&mut dp, &allowed_frame, &denied_frame)?;
     Ok(Kernel {
+        trace,
         allowed,
         denied,
         denied_udp,
@@ -325,6 +387,40 @@ fn main() -> anyhow::Result<()> {
     // 2. Kernel decision.
     let k = kernel_figures(&config, &bundle)?;
 
+    print_table(&a, &k);
+    println!(
+        "admission p99 {}.{} us (target <= 15 us); kernel policy decision over the classified baseline, median batch: {} ns allowed, {} ns refused SYN, {} ns refused UDP, {} ns refused UDP that could be a reply (+ flow lookup) (target <= 50 ns)",
+        a.decision.p99 / 1000,
+        a.decision.p99 % 1000 / 100,
+        k.decision_hit.p50,
+        k.decision_miss.p50,
+        k.decision_miss_udp.p50,
+        k.decision_miss_reply.p50,
+    );
+    let j = |s: &Summary| json!({"p50_ns": s.p50, "p99_ns": s.p99, "p999_ns": s.p999, "samples": s.samples});
+    println!(
+        "{}",
+        json!({
+            "benchmark": "policy",
+            "admission": j(&a.decision), "admission_baseline_constant_rule": j(&a.constant_rule),
+            "admission_baseline_arithmetic_same_p50": j(&a.arithmetic),
+            "admission_baseline_allocating_same_p50": j(&a.allocating),
+            "kernel_allowed": j(&k.allowed), "kernel_denied_syn": j(&k.denied), "kernel_denied_udp": j(&k.denied_udp),
+            "kernel_baseline_classified": j(&k.classified), "kernel_baseline_arp": j(&k.arp_only),
+            "kernel_decision_allowed": j(&k.decision_hit), "kernel_decision_refused_syn": j(&k.decision_miss),
+            "kernel_decision_refused_udp": j(&k.decision_miss_udp),
+            "kernel_decision_refused_udp_flow_lookup": j(&k.decision_miss_reply),
+            "trace_off_allowed": j(&k.trace[0]), "trace_off_refused_syn": j(&k.trace[1]),
+            "trace_drops_allowed": j(&k.trace[2]), "trace_drops_refused_syn_record": j(&k.trace[3]),
+            "kernel_traced_repeat_per_sample": TRACED_REPEAT,
+            "kernel_repeat_per_sample": REPEAT,
+        })
+    );
+    Ok(())
+}
+
+/// The human-readable table.
+fn print_table(a: &AdmissionFigures, k: &Kernel) {
     println!("policy benchmark");
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>8}",
@@ -393,30 +489,17 @@ fn main() -> anyhow::Result<()> {
         &k.decision_miss_reply,
         "ns",
     );
-    println!(
-        "admission p99 {}.{} us (target <= 15 us); kernel policy decision over the classified baseline, median batch: {} ns allowed, {} ns refused SYN, {} ns refused UDP, {} ns refused UDP that could be a reply (+ flow lookup) (target <= 50 ns)",
-        a.decision.p99 / 1000,
-        a.decision.p99 % 1000 / 100,
-        k.decision_hit.p50,
-        k.decision_miss.p50,
-        k.decision_miss_udp.p50,
-        k.decision_miss_reply.p50,
+    let [off_allowed, off_denied, drops_allowed, drops_denied] = &k.trace;
+    row(
+        "verdict trace off: allowed (whole packet)",
+        off_allowed,
+        "ns",
     );
-    let j = |s: &Summary| json!({"p50_ns": s.p50, "p99_ns": s.p99, "p999_ns": s.p999, "samples": s.samples});
-    println!(
-        "{}",
-        json!({
-            "benchmark": "policy",
-            "admission": j(&a.decision), "admission_baseline_constant_rule": j(&a.constant_rule),
-            "admission_baseline_arithmetic_same_p50": j(&a.arithmetic),
-            "admission_baseline_allocating_same_p50": j(&a.allocating),
-            "kernel_allowed": j(&k.allowed), "kernel_denied_syn": j(&k.denied), "kernel_denied_udp": j(&k.denied_udp),
-            "kernel_baseline_classified": j(&k.classified), "kernel_baseline_arp": j(&k.arp_only),
-            "kernel_decision_allowed": j(&k.decision_hit), "kernel_decision_refused_syn": j(&k.decision_miss),
-            "kernel_decision_refused_udp": j(&k.decision_miss_udp),
-            "kernel_decision_refused_udp_flow_lookup": j(&k.decision_miss_reply),
-            "kernel_repeat_per_sample": REPEAT,
-        })
+    row("verdict trace off: refused SYN", off_denied, "ns");
+    row("trace drops: allowed (not traced)", drops_allowed, "ns");
+    row(
+        "trace drops: refused SYN (record written)",
+        drops_denied,
+        "ns",
     );
-    Ok(())
 }
