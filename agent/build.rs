@@ -4,7 +4,7 @@
 //! `proto/workload.proto` (protox, no protoc).
 //!
 //! Before building, it checks that the pinned nightly's LLVM major is the one bpf-linker is built
-//! against (`ebpf-toolchain`): otherwise the link would fail deep in the build with LLVM's
+//! against (`toolchain`): otherwise the link would fail deep in the build with LLVM's
 //! `Invalid record`.
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
@@ -34,12 +34,12 @@ fn main() -> anyhow::Result<()> {
     let workspace_root = std::path::Path::new(&root_dir)
         .parent()
         .ok_or_else(|| anyhow!("no workspace above {root_dir}"))?;
-    let pin_file = workspace_root.join(ebpf_toolchain::PIN_FILE);
+    let pin_file = workspace_root.join(toolchain::PIN_FILE);
     println!("cargo:rerun-if-changed={}", pin_file.display());
-    let pin = ebpf_toolchain::Pin::read(workspace_root)?;
+    let pin = toolchain::Pin::read(workspace_root)?;
     // aya-build skips the eBPF build when AYA_BUILD_SKIP is set; so does the check.
     if std::env::var_os("AYA_BUILD_SKIP").is_none() {
-        ebpf_toolchain::check_llvm(&pin)?;
+        toolchain::check_llvm(&pin)?;
     }
     // aya-build relays every line the inner cargo prints on stderr as a build-script warning;
     // its progress lines ("Compiling core …") are not warnings. Real compiler diagnostics still

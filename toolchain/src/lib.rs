@@ -1,4 +1,13 @@
-//! The eBPF toolchain pin and its LLVM check, shared by `cargo xtask setup` and `agent/build.rs`.
+//! The project's pinned toolchains.
+//!
+//! The host toolchain is the workspace's `rust-version` (1.95 → `1.95.0`): `cargo xtask` builds,
+//! lints and tests with it whatever `stable` a machine has, so a newer stable's new lints or
+//! formatting never fail a fresh machine's run, and the minimum version stays the one tested.
+//! (Not a rust-toolchain.toml at the root: rustup no longer installs a toolchain named there by
+//! itself, so the first `cargo` of a fresh machine would stop.)
+//!
+//! The eBPF toolchain pin and its LLVM check are shared by `cargo xtask setup` and
+//! `agent/build.rs`.
 //!
 //! The eBPF object is built with one dated nightly, named in [`PIN_FILE`] (a rustup toolchain
 //! file, so editors opened in `dataplane-ebpf/` use it too). rustc hands bpf-linker LLVM bitcode,
@@ -20,7 +29,58 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// checks `cargo xtask test` runs on the eBPF crate.
 pub const REQUIRED_COMPONENTS: &[&str] = &["rust-src", "clippy", "rustfmt"];
 
-/// Errors of reading the pin and of the LLVM check; each says what to do next.
+/// The host toolchain: the workspace's `rust-version` as a full version (`1.95` → `1.95.0`,
+/// the name rustup installs it under).
+pub fn host_channel(workspace_root: &Path) -> Result<String, Error> {
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        workspace: Workspace,
+    }
+    #[derive(serde::Deserialize)]
+    struct Workspace {
+        package: Package,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct Package {
+        rust_version: String,
+    }
+    let path = workspace_root.join("Cargo.toml");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let manifest: Manifest = toml::from_str(&text).map_err(|e| Error::Pin {
+        path: path.clone(),
+        message: format!("workspace.package.rust-version: {e}"),
+    })?;
+    full_version(&manifest.workspace.package.rust_version).ok_or_else(|| Error::Pin {
+        path,
+        message: format!(
+            "workspace.package.rust-version {:?} is not MAJOR.MINOR[.PATCH]",
+            manifest.workspace.package.rust_version
+        ),
+    })
+}
+
+/// `1.95` → `1.95.0`; `1.95.1` stays.
+fn full_version(v: &str) -> Option<String> {
+    let parts: Vec<&str> = v.split('.').collect();
+    if !(2..=3).contains(&parts.len())
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    Some(if parts.len() == 2 {
+        format!("{v}.0")
+    } else {
+        v.to_owned()
+    })
+}
+
+/// Errors of reading the pins and of the LLVM check; each says what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The pin file could not be read.
@@ -274,6 +334,18 @@ mod tests {
         assert!(is_dated_nightly(&pin.channel), "{}", pin.channel);
         for c in REQUIRED_COMPONENTS {
             assert!(pin.components.iter().any(|have| have == c), "{c}");
+        }
+    }
+
+    #[test]
+    fn the_host_toolchain_is_the_rust_version() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let channel = host_channel(&root).unwrap();
+        assert_eq!(Some(channel), full_version(env!("CARGO_PKG_RUST_VERSION")));
+        assert_eq!(full_version("1.95").as_deref(), Some("1.95.0"));
+        assert_eq!(full_version("1.95.2").as_deref(), Some("1.95.2"));
+        for bad in ["1", "1.x", "stable", "1.95.0.1", ""] {
+            assert_eq!(full_version(bad), None, "{bad}");
         }
     }
 

@@ -87,8 +87,8 @@ fn main() -> anyhow::Result<()> {
             }
             for target in ["plan_parser", "envelope_decoder", "lane_frames"] {
                 step(&format!("fuzzing {target} for {seconds} s"));
-                let pin = ebpf_toolchain::Pin::read(&workspace_root())?;
-                let mut cmd = ebpf_toolchain::rustup_run(&pin.channel, "cargo");
+                let pin = toolchain::Pin::read(&workspace_root())?;
+                let mut cmd = toolchain::rustup_run(&pin.channel, "cargo");
                 cmd.args([
                     "fuzz",
                     "run",
@@ -233,9 +233,17 @@ fn workspace_root() -> std::path::PathBuf {
         .unwrap_or_default()
 }
 
+/// cargo of the host toolchain (the workspace's rust-version, installed by setup).
+fn host_cargo() -> anyhow::Result<Command> {
+    let host = toolchain::host_channel(&workspace_root())?;
+    let mut cmd = toolchain::rustup_run(&host, "cargo");
+    cmd.current_dir(workspace_root());
+    Ok(cmd)
+}
+
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(args).current_dir(workspace_root());
+    let mut cmd = host_cargo()?;
+    cmd.args(args);
     status(&mut cmd, &format!("cargo {}", args.join(" ")))
 }
 
@@ -243,10 +251,8 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 /// binaries: `N passed, M failed`.
 fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(args)
-        .current_dir(workspace_root())
-        .stdout(std::process::Stdio::piped());
+    let mut cmd = host_cargo()?;
+    cmd.args(args).stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().context("cannot start cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
     for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
@@ -277,8 +283,8 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
 
 /// Runs cargo of the pinned eBPF toolchain (the eBPF crate needs build-std).
 fn ebpf_cargo(args: &[&str]) -> anyhow::Result<()> {
-    let pin = ebpf_toolchain::Pin::read(&workspace_root())?;
-    let mut cmd = ebpf_toolchain::rustup_run(&pin.channel, "cargo");
+    let pin = toolchain::Pin::read(&workspace_root())?;
+    let mut cmd = toolchain::rustup_run(&pin.channel, "cargo");
     cmd.args(args).current_dir(workspace_root());
     status(
         &mut cmd,

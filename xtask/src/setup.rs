@@ -1,8 +1,11 @@
 //! `cargo xtask setup`: brings a fresh machine to what the eBPF build, the tests and the
 //! benchmarks need.
 //!
+//! The host toolchain is the workspace's `rust-version` (`toolchain::host_channel`): setup
+//! installs it with clippy and rustfmt, and every cargo command xtask runs uses it.
+//!
 //! The eBPF toolchain comes from one place, `dataplane-ebpf/rust-toolchain.toml` (read through
-//! `ebpf-toolchain`, as `agent/build.rs` reads it): setup installs exactly that dated nightly with
+//! `toolchain`, as `agent/build.rs` reads it): setup installs exactly that dated nightly with
 //! its components (never touching the user's `nightly`), asks it for its LLVM major, installs
 //! that LLVM from Debian and bpf-linker built against it, and stops before any build if the
 //! bpf-linker on `PATH` still speaks another LLVM. Each requirement is checked first with cheap
@@ -15,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use ebpf_toolchain::{BPF_LINKER_VERSION, Pin};
+use toolchain::{BPF_LINKER_VERSION, Pin};
 
 /// Debian packages the tests and benchmarks use besides LLVM: bpftool (pinned-map checks),
 /// iperf3 and nftables (datapath benchmark), iproute2 (namespaces, veths).
@@ -38,80 +41,26 @@ pub fn run() -> anyhow::Result<()> {
     let pin = Pin::read(&root)?;
     let mut installed = Vec::new();
 
-    if !toolchain_complete(&pin) {
-        println!(
-            "setup: installing the eBPF toolchain {} ({}) pinned in {}",
-            pin.channel,
-            pin.components.join(", "),
-            ebpf_toolchain::PIN_FILE
-        );
-        crate::status(
-            Command::new("rustup")
-                .args(["toolchain", "install", &pin.channel, "--profile"])
-                .arg(pin.profile.as_deref().unwrap_or("minimal"))
-                .arg("--component")
-                .arg(pin.components.join(",")),
-            "rustup toolchain install",
-        )?;
-        installed.push(pin.channel.clone());
-    }
-    let llvm = ebpf_toolchain::rustc_llvm_major(&pin.channel)?;
-
-    let mut packages = vec![
-        format!("llvm-{llvm}-dev"),
-        format!("libpolly-{llvm}-dev"),
-        // libclang for bindgen (iceoryx2, the shared-memory baseline of the lane benchmark).
-        format!("libclang-{llvm}-dev"),
-    ];
-    packages.extend(TOOL_PACKAGES.iter().map(|p| (*p).to_owned()));
-    if !python_has_venv() {
-        packages.push("python3-venv".into());
-    }
-    let missing = missing_debian_packages(&packages);
-    if !missing.is_empty() {
-        println!("setup: installing Debian packages: {}", missing.join(" "));
-        ensure_root("install Debian packages")?;
-        crate::status(
-            Command::new("apt-get").args(["update", "-q"]),
-            "apt-get update",
-        )?;
-        crate::status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-            "apt-get install",
-        )?;
-        installed.push(format!("Debian packages ({})", missing.join(" ")));
-    }
-
-    let linker_ok = ebpf_toolchain::installed_bpf_linker().as_deref() == Some(BPF_LINKER_VERSION)
-        && ebpf_toolchain::bpf_linker_llvm_major().ok() == Some(llvm);
-    if !linker_ok {
-        println!(
-            "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (takes a few minutes)"
-        );
-        crate::status(
-            Command::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                    "--locked",
-                    "--force",
-                    "--no-default-features",
-                    "--features",
-                    &format!("llvm-{llvm}"),
-                ])
-                .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}"))
-                .current_dir(std::env::temp_dir()),
-            "cargo install bpf-linker",
-        )?;
-        installed.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm})"));
-    }
+    let host = toolchain::host_channel(&root)?;
+    ensure_toolchain(
+        &host,
+        &["clippy".to_owned(), "rustfmt".to_owned()],
+        None,
+        "the host toolchain (the workspace's rust-version)",
+        &mut installed,
+    )?;
+    ensure_toolchain(
+        &pin.channel,
+        &pin.components,
+        pin.profile.as_deref(),
+        &format!("the eBPF toolchain pinned in {}", toolchain::PIN_FILE),
+        &mut installed,
+    )?;
+    let llvm = toolchain::rustc_llvm_major(&pin.channel)?;
+    ensure_debian_packages(llvm, &mut installed)?;
+    ensure_bpf_linker(&host, llvm, &mut installed)?;
     // What the build will use: the bpf-linker first on PATH, whoever installed it.
-    ebpf_toolchain::check_llvm(&pin)?;
+    toolchain::check_llvm(&pin)?;
 
     if python_env_stale(&root)? {
         println!(
@@ -125,8 +74,8 @@ pub fn run() -> anyhow::Result<()> {
     let took = start.elapsed();
     if installed.is_empty() {
         println!(
-            "setup: everything present: eBPF toolchain {} (LLVM {llvm}), bpf-linker \
-             {BPF_LINKER_VERSION} (LLVM {llvm}), test tools ({:.2} s)",
+            "setup: everything present: host toolchain {host}, eBPF toolchain {} (LLVM {llvm}), \
+             bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm}), test tools ({:.2} s)",
             pin.channel,
             took.as_secs_f64()
         );
@@ -137,6 +86,97 @@ pub fn run() -> anyhow::Result<()> {
             took.as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// Installs toolchain `channel` with `components` unless rustup has them already.
+fn ensure_toolchain(
+    channel: &str,
+    components: &[String],
+    profile: Option<&str>,
+    what: &str,
+    installed: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    if toolchain_complete(channel, components) {
+        return Ok(());
+    }
+    println!(
+        "setup: installing {what}: {channel} ({})",
+        components.join(", ")
+    );
+    crate::status(
+        Command::new("rustup")
+            .args(["toolchain", "install", channel, "--profile"])
+            .arg(profile.unwrap_or("minimal"))
+            .arg("--component")
+            .arg(components.join(",")),
+        "rustup toolchain install",
+    )?;
+    installed.push(channel.to_owned());
+    Ok(())
+}
+
+/// LLVM `llvm` for bpf-linker, libclang, and the tools the tests and benchmarks use.
+fn ensure_debian_packages(llvm: u32, installed: &mut Vec<String>) -> anyhow::Result<()> {
+    let mut packages = vec![
+        format!("llvm-{llvm}-dev"),
+        format!("libpolly-{llvm}-dev"),
+        // libclang for bindgen (iceoryx2, the shared-memory baseline of the lane benchmark).
+        format!("libclang-{llvm}-dev"),
+    ];
+    packages.extend(TOOL_PACKAGES.iter().map(|p| (*p).to_owned()));
+    if !python_has_venv() {
+        packages.push("python3-venv".into());
+    }
+    let missing = missing_debian_packages(&packages);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    ensure_root("install Debian packages")?;
+    crate::status(
+        Command::new("apt-get").args(["update", "-q"]),
+        "apt-get update",
+    )?;
+    crate::status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )?;
+    installed.push(format!("Debian packages ({})", missing.join(" ")));
+    Ok(())
+}
+
+/// bpf-linker of the project's version built against LLVM `llvm`, unless the one on PATH is.
+fn ensure_bpf_linker(host: &str, llvm: u32, installed: &mut Vec<String>) -> anyhow::Result<()> {
+    if toolchain::installed_bpf_linker().as_deref() == Some(BPF_LINKER_VERSION)
+        && toolchain::bpf_linker_llvm_major().ok() == Some(llvm)
+    {
+        return Ok(());
+    }
+    println!(
+        "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (takes a few minutes)"
+    );
+    crate::status(
+        toolchain::rustup_run(host, "cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm}"),
+            ])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}"))
+            .current_dir(std::env::temp_dir()),
+        "cargo install bpf-linker",
+    )?;
+    installed.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm})"));
     Ok(())
 }
 
@@ -171,9 +211,9 @@ fn missing_debian_packages(wanted: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Whether the pinned toolchain and its components are installed, read from rustup's own
-/// directory (starting rustup would install a toolchain named in a toolchain file by itself).
-fn toolchain_complete(pin: &Pin) -> bool {
+/// Whether toolchain `channel` and its components are installed, read from rustup's own
+/// directory (cheaper than starting rustup, and without its side effects).
+fn toolchain_complete(channel: &str, components: &[String]) -> bool {
     let home = std::env::var_os("RUSTUP_HOME").map_or_else(
         || {
             std::env::var_os("HOME")
@@ -186,10 +226,10 @@ fn toolchain_complete(pin: &Pin) -> bool {
     let Ok(entries) = std::fs::read_dir(home.join("toolchains")) else {
         return false;
     };
-    let prefix = format!("{}-", pin.channel);
+    let prefix = format!("{channel}-");
     entries.flatten().any(|e| {
         e.file_name().to_string_lossy().starts_with(&prefix)
-            && components_present(&e.path(), &pin.components)
+            && components_present(&e.path(), components)
     })
 }
 
