@@ -129,7 +129,14 @@ fn bench(name: &str) -> anyhow::Result<()> {
         "policy" | "lanes" => false,
         other => bail!("unknown benchmark {other:?}; available: datapath, policy, lanes"),
     };
-    let mut build = vec!["build", "--release", "--package", "agent"];
+    let mut build = vec![
+        "build",
+        "--release",
+        "--package",
+        "agent",
+        "--package",
+        "quadrant-lanes",
+    ];
     if with_test_helpers {
         build.extend(["--package", "tests"]);
     }
@@ -174,6 +181,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         "build",
         "--package",
         "agent",
+        "--package",
+        "quadrant-lanes",
         "--package",
         "tests",
         "--bins",

@@ -39,18 +39,7 @@ pub enum AttestError {
     },
 }
 
-/// Whether `name` is acceptable as a workload name (also a cgroup directory and the last
-/// segment of a SPIFFE ID path).
-#[must_use]
-pub fn valid_workload_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
-}
+pub use quadrant_lanes::svid::valid_workload_name;
 
 /// Maps a cgroup v2 path (as in `/proc/<pid>/cgroup`, `0::<path>`) to a caller of `instance`.
 #[must_use]

@@ -479,7 +479,7 @@ impl Broker {
                     break;
                 }
             };
-            let request = match control::parse_request(&buf[..n]) {
+            let request = match parse_request(&buf[..n]) {
                 Ok(r) => r,
                 Err(message) => {
                     self.count_refusal(caller.quadrant.name(), "invalid");
@@ -1045,4 +1045,66 @@ pub fn render(r: &LanesReport) -> String {
         }
     }
     out
+}
+
+/// Parses a request after validating it against its schema; the error names the field.
+pub fn parse_request(bytes: &[u8]) -> Result<LaneRequest, String> {
+    static VALIDATOR: std::sync::OnceLock<Result<crate::plans::TaggedValidator, String>> =
+        std::sync::OnceLock::new();
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("lane request is not JSON: {e}"))?;
+    let validator = VALIDATOR
+        .get_or_init(|| crate::plans::TaggedValidator::new(&control::request_schema(), "kind"))
+        .as_ref()
+        .map_err(|e| format!("lane request schema does not compile: {e}"))?;
+    let errors = validator.errors(&value);
+    if !errors.is_empty() {
+        return Err(format!("invalid lane request: {}", errors.join("; ")));
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid lane request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_validated_with_field_names() {
+        let ok = parse_request(br#"{"kind":"open","quadrant":"dg","service":"echo"}"#).unwrap();
+        assert_eq!(
+            ok,
+            LaneRequest::Open {
+                quadrant: "dg".into(),
+                service: "echo".into(),
+                transport: TransportChoice::Auto
+            }
+        );
+        for (bad, needle) in [
+            (
+                &br#"{"kind":"open","quadrant":"zz","service":"echo"}"#[..],
+                "/quadrant",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"Echo!"}"#,
+                "/service",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"e","transport":"udp"}"#,
+                "/transport",
+            ),
+            (
+                br#"{"kind":"listen","service":"e","tcp_port":0}"#,
+                "/tcp_port",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"e","extra":1}"#,
+                "extra",
+            ),
+            (br#"{"kind":"fly"}"#, "kind"),
+            (b"not json", "not JSON"),
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains(needle), "{e} should name {needle}");
+        }
+    }
 }

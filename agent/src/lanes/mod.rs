@@ -1,24 +1,15 @@
-//! RTT lanes: bidirectional, message-framed, policy-authorized channels between workloads.
+//! RTT lanes, the agent side. The workload side — client, lanes, rings, frames, the broker
+//! protocol, TLS — is the `quadrant-lanes` crate, which workloads link without the agent; it is
+//! re-exported here under the same names.
 //!
-//! * [`broker`] — the agent side: attestation, policy, limits, lane set-up, `quadrant lanes`.
-//! * [`client`] — the library workloads use: [`client::LaneClient::open`],
-//!   [`client::LaneListener::accept`], then [`lane::Lane`] send / receive / request / close.
-//! * Transports: shared-memory rings ([`ring`]) with `io_uring` wake-ups ([`os::Sleeper`]), a
-//!   framed Unix socket pair, and TCP with TLS 1.3 and mutual SVID authentication ([`tls`]).
+//! * [`broker`] — attestation, policy, limits, lane set-up, `quadrant lanes`.
 //! * [`accel_probe`] — `lanes.tcp_acceleration: auto`: whether `sk_msg` wins here, measured at
 //!   start.
-//! * [`frame`] — the 8-byte header every transport uses; [`control`] — the broker protocol.
 
 pub mod accel_probe;
 pub mod broker;
-pub mod client;
-pub mod control;
-pub mod frame;
-pub mod lane;
-pub mod os;
-pub mod ring;
-pub mod tls;
 
-pub use client::{LaneClient, LaneListener, SOCKET_ENV};
-pub use control::{Transport, TransportChoice};
-pub use lane::{Lane, LaneError};
+pub use quadrant_lanes::{
+    Lane, LaneClient, LaneError, LaneListener, SOCKET_ENV, Transport, TransportChoice, client,
+    control, frame, lane, os, ring, tls,
+};

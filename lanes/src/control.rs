@@ -1,15 +1,11 @@
 //! Lane control messages: what workloads ask the broker and what it answers, one JSON document
 //! per `SOCK_SEQPACKET` message, with descriptors attached by `SCM_RIGHTS` where a lane is handed
-//! over. Requests are validated against the published schema
-//! (`manifests/schemas/lane-request.schema.json`; the broker's messages:
-//! `lane-message.schema.json`) before the broker reads them.
-
-use std::sync::OnceLock;
+//! over. The broker validates requests against the published schema
+//! (`manifests/schemas/lane-request.schema.json`; its own messages:
+//! `lane-message.schema.json`) before it reads them.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-
-use crate::plans::TaggedValidator;
 
 /// Transports a lane can use.
 #[derive(
@@ -222,65 +218,4 @@ pub fn request_schema() -> serde_json::Value {
 #[must_use]
 pub fn message_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(LaneMessage)).unwrap_or_default()
-}
-
-/// Parses a request after validating it against its schema; the error names the field.
-pub fn parse_request(bytes: &[u8]) -> Result<LaneRequest, String> {
-    static VALIDATOR: OnceLock<Result<TaggedValidator, String>> = OnceLock::new();
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("lane request is not JSON: {e}"))?;
-    let validator = VALIDATOR
-        .get_or_init(|| TaggedValidator::new(&request_schema(), "kind"))
-        .as_ref()
-        .map_err(|e| format!("lane request schema does not compile: {e}"))?;
-    let errors = validator.errors(&value);
-    if !errors.is_empty() {
-        return Err(format!("invalid lane request: {}", errors.join("; ")));
-    }
-    serde_json::from_value(value).map_err(|e| format!("invalid lane request: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_are_validated_with_field_names() {
-        let ok = parse_request(br#"{"kind":"open","quadrant":"dg","service":"echo"}"#).unwrap();
-        assert_eq!(
-            ok,
-            LaneRequest::Open {
-                quadrant: "dg".into(),
-                service: "echo".into(),
-                transport: TransportChoice::Auto
-            }
-        );
-        for (bad, needle) in [
-            (
-                &br#"{"kind":"open","quadrant":"zz","service":"echo"}"#[..],
-                "/quadrant",
-            ),
-            (
-                br#"{"kind":"open","quadrant":"dg","service":"Echo!"}"#,
-                "/service",
-            ),
-            (
-                br#"{"kind":"open","quadrant":"dg","service":"e","transport":"udp"}"#,
-                "/transport",
-            ),
-            (
-                br#"{"kind":"listen","service":"e","tcp_port":0}"#,
-                "/tcp_port",
-            ),
-            (
-                br#"{"kind":"open","quadrant":"dg","service":"e","extra":1}"#,
-                "extra",
-            ),
-            (br#"{"kind":"fly"}"#, "kind"),
-            (b"not json", "not JSON"),
-        ] {
-            let e = parse_request(bad).unwrap_err();
-            assert!(e.contains(needle), "{e} should name {needle}");
-        }
-    }
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use quadrant::lanes::{Lane, LaneClient, LaneError, LaneListener, TransportChoice};
+use quadrant_lanes::{Lane, LaneClient, LaneError, LaneListener, TransportChoice};
 
 #[derive(Parser)]
 #[command(about = "RTT lane echo service and client")]

@@ -1,7 +1,7 @@
 //! TLS 1.3 with mutual X.509-SVID authentication for TCP lanes (rustls, ring provider).
 //!
 //! SVIDs carry a SPIFFE ID in a URI SAN and no DNS name, so both verifiers check the chain with
-//! the SPIFFE rules of [`crate::identity::verify`] against the trust bundle the broker handed
+//! the SPIFFE rules of [`crate::svid`] against the trust bundle the broker handed
 //! out; the client additionally requires the server's exact SPIFFE ID. Which client may use the
 //! lane is decided after the handshake, from the verified client SPIFFE ID and the lane's
 //! one-time token (see `client::LaneListener`).
@@ -20,7 +20,7 @@ use rustls::{
 };
 
 use super::control::SvidMaterial;
-use crate::identity::verify::verify_svid;
+use crate::svid::verify_svid;
 
 /// Decoded SVID material.
 #[derive(Debug)]

@@ -1,0 +1,25 @@
+//! RTT lanes, the workload side: bidirectional, message-framed, policy-authorized channels
+//! between workloads, opened through the quadrant agent's lane broker. A workload links this
+//! crate only (no aya, regorus, tonic or the agent's CA).
+//!
+//! * [`client`] — [`client::LaneClient::open`], [`client::LaneListener::accept`], then
+//!   [`lane::Lane`] send / receive / request / close.
+//! * Transports: shared-memory rings ([`ring`]) with `io_uring` wake-ups ([`os::Sleeper`]), a
+//!   framed Unix socket pair, and TCP with TLS 1.3 and mutual SVID authentication ([`tls`],
+//!   checked by the SPIFFE rules of [`svid`]).
+//! * [`frame`] — the 8-byte header every transport uses; [`control`] — the broker protocol.
+//!
+//! The broker itself is the agent's (`quadrant::lanes::broker`).
+
+pub mod client;
+pub mod control;
+pub mod frame;
+pub mod lane;
+pub mod os;
+pub mod ring;
+pub mod svid;
+pub mod tls;
+
+pub use client::{LaneClient, LaneListener, SOCKET_ENV};
+pub use control::{Transport, TransportChoice};
+pub use lane::{Lane, LaneError};
