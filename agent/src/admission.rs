@@ -97,6 +97,8 @@ const VM_MAX_INSTRUCTIONS: usize = 1_000_000;
 pub struct Prepared {
     engine: Engine,
     constraints: Vec<PreparedConstraint>,
+    /// The digest of the bundle it was prepared from.
+    digest: String,
 }
 
 struct PreparedConstraint {
@@ -187,6 +189,7 @@ impl Prepared {
         Ok(Self {
             engine,
             constraints,
+            digest: bundle.digest(),
         })
     }
 }
@@ -210,6 +213,18 @@ impl Admission {
     }
 
     /// Replaces the prepared policy (after a reload).
+    /// The digest of the bundle admission decides with (`None`: it refuses everything).
+    #[must_use]
+    pub fn bundle_digest(&self) -> Option<String> {
+        self.prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .ok()
+            .map(|p| p.digest.clone())
+    }
+
+    /// Replaces the prepared policy (or records why there is none).
     pub fn set_prepared(&self, prepared: Result<Prepared, String>) {
         *self
             .prepared

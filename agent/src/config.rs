@@ -8,11 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use dataplane_common::{
-    Identity, Quadrant,
-    maps::MAX_PORT_RANGES,
-    policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRange},
-};
+use dataplane_common::Quadrant;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -402,7 +398,9 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn names(&self) -> &[String] {
+    /// The names, one or many.
+    #[must_use]
+    pub fn names(&self) -> &[String] {
         match self {
             Self::One(s) => std::slice::from_ref(s),
             Self::Many(v) => v,
@@ -445,26 +443,6 @@ pub struct QuadrantAddrs {
     pub gateway: Ipv4Addr,
     /// Inside the namespace (second usable address).
     pub workload: Ipv4Addr,
-}
-
-/// The policy compiled to map entries: (src, dst, proto) → port ranges.
-pub type CompiledPolicy = BTreeMap<(Identity, Identity, u8), Vec<PortRange>>;
-
-/// Policy entries of rules naming one workload's SPIFFE ID: (source quadrant, workload name,
-/// destination identity, protocol) → allowed destination port ranges.
-pub type WorkloadPolicy = BTreeMap<(Quadrant, String, Identity, u8), Vec<PortRange>>;
-
-/// The runtime authorization compiled for the kernel.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CompiledFlows {
-    /// Flows every process of the source may open (policy scope 0).
-    pub quadrant: CompiledPolicy,
-    /// The union of the workload flows per source quadrant: joined with [`Self::quadrant`], what
-    /// the packet programs pass (policy scope 1); the cgroup programs allow it only to the named
-    /// workloads.
-    pub some_workload: CompiledPolicy,
-    /// Per-workload flows.
-    pub workloads: WorkloadPolicy,
 }
 
 impl Config {
@@ -736,156 +714,18 @@ impl Config {
     }
 
     /// Compiles this configuration's own rules (the `local` layer alone) into map entries.
-    pub fn compile_policy(&self) -> Result<CompiledPolicy, ConfigError> {
-        compile_rules(&self.policy)
+    pub fn compile_policy(&self) -> Result<crate::policy::CompiledPolicy, ConfigError> {
+        crate::policy::compile::compile_rules(&self.policy)
     }
-}
-
-/// Compiles flow rules into map entries, merging rules with the same key.
-pub fn compile_rules(rules: &[PolicyRule]) -> Result<CompiledPolicy, ConfigError> {
-    let mut out = CompiledPolicy::new();
-    for (i, rule) in rules.iter().enumerate() {
-        let from = identities(&rule.from, &format!("policy[{i}].from"))?;
-        let to = identities(&rule.to, &format!("policy[{i}].to"))?;
-        let protos = protocols(rule.protocols.as_deref(), i)?;
-        let ports = match &rule.ports {
-            None => vec![PortRange::ANY],
-            Some(specs) => {
-                if protos.iter().all(|p| *p == PROTO_ICMP) {
-                    return Err(invalid(
-                        format!("policy[{i}].ports"),
-                        "icmp has no ports; remove ports or add tcp/udp",
-                    ));
-                }
-                if specs.is_empty() {
-                    return Err(invalid(
-                        format!("policy[{i}].ports"),
-                        "empty list; omit the field to allow every port",
-                    ));
-                }
-                specs
-                    .iter()
-                    .enumerate()
-                    .map(|(j, s)| parse_port(s, &format!("policy[{i}].ports[{j}]")))
-                    .collect::<Result<Vec<_>, _>>()?
-            }
-        };
-        for &src in &from {
-            for &dst in &to {
-                for &proto in &protos {
-                    let entry = out.entry((src, dst, proto)).or_default();
-                    let ranges = if proto == PROTO_ICMP {
-                        &[PortRange::ANY][..]
-                    } else {
-                        &ports
-                    };
-                    for r in ranges {
-                        if !entry.contains(r) {
-                            entry.push(*r);
-                        }
-                    }
-                    if entry.len() > MAX_PORT_RANGES {
-                        return Err(invalid(
-                            format!("policy[{i}]"),
-                            format!(
-                                "{} → {} {} has more than {MAX_PORT_RANGES} port ranges across all rules",
-                                src.name(),
-                                dst.name(),
-                                proto_name(proto)
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn identities(names: &OneOrMany, field: &str) -> Result<Vec<Identity>, ConfigError> {
-    if names.names().is_empty() {
-        return Err(invalid(field, "empty list"));
-    }
-    names
-        .names()
-        .iter()
-        .map(|n| {
-            Identity::from_name(n).ok_or_else(|| {
-                invalid(
-                    field,
-                    format!("unknown identity {n:?}; expected dx, dg, px, pg, host or world"),
-                )
-            })
-        })
-        .collect()
-}
-
-fn protocols(names: Option<&[String]>, rule: usize) -> Result<Vec<u8>, ConfigError> {
-    let Some(names) = names else {
-        return Ok(vec![PROTO_TCP, PROTO_UDP, PROTO_ICMP]);
-    };
-    if names.is_empty() {
-        return Err(invalid(
-            format!("policy[{rule}].protocols"),
-            "empty list; omit the field to allow all",
-        ));
-    }
-    names
-        .iter()
-        .enumerate()
-        .map(|(j, n)| match n.to_ascii_lowercase().as_str() {
-            "tcp" => Ok(PROTO_TCP),
-            "udp" => Ok(PROTO_UDP),
-            "icmp" => Ok(PROTO_ICMP),
-            _ => Err(invalid(
-                format!("policy[{rule}].protocols[{j}]"),
-                format!("unknown protocol {n:?}; expected tcp, udp or icmp"),
-            )),
-        })
-        .collect()
-}
-
-/// Name of an IP protocol number the policy knows.
-#[must_use]
-pub fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        PROTO_TCP => "tcp",
-        PROTO_UDP => "udp",
-        PROTO_ICMP => "icmp",
-        _ => "other",
-    }
-}
-
-fn parse_port(spec: &PortSpec, field: &str) -> Result<PortRange, ConfigError> {
-    let text = match spec {
-        PortSpec::Port(p) => return Ok(PortRange { lo: *p, hi: *p }),
-        PortSpec::Range(s) => s.trim(),
-    };
-    let num = |s: &str| {
-        s.trim().parse::<u16>().map_err(|_| {
-            invalid(
-                field,
-                format!("{text:?} is not a port (0-65535) or a range like \"8000-8080\""),
-            )
-        })
-    };
-    let (lo, hi) = if let Some((a, b)) = text.split_once('-') {
-        (num(a)?, num(b)?)
-    } else {
-        let p = num(text)?;
-        (p, p)
-    };
-    if lo > hi {
-        return Err(invalid(
-            field,
-            format!("range {text:?} ends before it starts"),
-        ));
-    }
-    Ok(PortRange { lo, hi })
 }
 
 #[cfg(test)]
 mod tests {
+    use dataplane_common::{
+        Identity,
+        policy::{PROTO_TCP, PROTO_UDP, PortRange},
+    };
+
     use super::*;
 
     fn with(extra: &str) -> Result<Config, ConfigError> {

@@ -6,8 +6,9 @@
 //! | [`sys`] | iproute2, mounts, sysctls, namespace entry |
 //! | [`quadrants`] | a quadrant's namespace, veth, addresses and cgroup |
 //! | [`loader`] | the eBPF object: load, pin, attach, maps, counters |
-//! | [`api`] | the control socket protocol and status rendering |
-//! | [`app`] | lifecycle: up, down, status, exec, state file |
+//! | [`control`] | the control socket: protocol, typed client, server |
+//! | [`daemon`] | `up`: bring-up, the services, the main loop, teardown; state file; `down`, `exec` |
+//! | [`deploy`] | submit and break-glass rollback of signed plans |
 //! | [`admission`] | fail-closed admission: SVID → constraints → audit record |
 //! | [`audit`] | append-only, hash-chained audit log |
 //! | [`artifacts`] | content-addressed artifact store (`<root>/<pkg>@sha256:<digest>`) |
@@ -20,11 +21,12 @@
 //! | [`trace`] | the verdict trace: mode, reading the programs' records, rendering |
 
 pub mod admission;
-pub mod api;
-pub mod app;
 pub mod artifacts;
 pub mod audit;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod deploy;
 pub mod events;
 pub mod generations;
 pub mod identity;
@@ -32,7 +34,6 @@ pub mod lanes;
 pub mod loader;
 pub mod plans;
 pub mod policy;
-pub mod policy_watch;
 pub mod quadrants;
 pub mod signing;
 pub mod sys;

@@ -30,7 +30,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{CompiledPolicy, Config, XdpAttachMode},
+    config::{Config, XdpAttachMode},
+    policy::{CompiledPolicy, KernelPolicy},
     quadrants::QuadrantHandle,
 };
 
@@ -102,7 +103,7 @@ pub fn object_statement() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     /// An operation that needs the dataplane configured, asked for before.
-    #[error("{0} needs the dataplane configured first (no policy written yet)")]
+    #[error("{0} needs the dataplane configured first")]
     NotReady(&'static str),
     /// The object could not be parsed or its maps created.
     #[error("cannot load the eBPF object: {0}")]
@@ -130,20 +131,6 @@ pub enum LoaderError {
         target: String,
         /// Cause (includes the verifier log on load).
         source: Box<ProgramError>,
-    },
-    /// The quadrant-wide and the workload rules of one key need more port ranges together
-    /// than a policy entry holds.
-    #[error(
-        "{src} → {dst} {proto}: more than {max} port ranges once the quadrant's rules and the rules naming its workloads are joined for the packet programs",
-        max = MAX_PORT_RANGES
-    )]
-    PacketScope {
-        /// Source identity.
-        src: &'static str,
-        /// Destination identity.
-        dst: &'static str,
-        /// Protocol name.
-        proto: &'static str,
     },
     /// A policy entry with a key the policy maps have no room for.
     #[error(
@@ -252,19 +239,8 @@ pub struct Dataplane {
     /// What each policy slot holds, index by index (the arrays start zeroed: all empty), so a
     /// change writes only the entries that differ; `None`: unknown after a failed write.
     policy_slots: [Option<Vec<PolicyValue>>; 2],
-    /// The per-workload part written with the next policy.
-    workload_rules: WorkloadRules,
-}
-
-/// The per-workload part of the runtime authorization, with each workload resolved to its
-/// cgroup id.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WorkloadRules {
-    /// Union of the workload flows per source quadrant (joined with the quadrant-wide policy
-    /// into policy scope 1 for the packet programs; decides which quadrants lose raw sockets).
-    pub some_workload: CompiledPolicy,
-    /// (workload cgroup id, destination, protocol, port ranges), for the cgroup programs.
-    pub entries: Vec<(u64, Identity, u8, Vec<dataplane_common::policy::PortRange>)>,
+    /// The digest of the bundle the live policy was compiled from.
+    policy_digest: Option<String>,
 }
 
 impl Dataplane {
@@ -304,7 +280,7 @@ impl Dataplane {
             live: None,
             policy_written: false,
             policy_slots: [Some(empty_policy_slot()), Some(empty_policy_slot())],
-            workload_rules: WorkloadRules::default(),
+            policy_digest: None,
         };
         if let Some(dir) = pin_dir {
             dp.pin_all(dir)?;
@@ -390,13 +366,9 @@ impl Dataplane {
             .collect()
     }
 
-    /// Writes CONFIG, PREFIXES and QUADRANTS from the configuration and makes `policy` live.
-    pub fn write_config(
-        &mut self,
-        config: &Config,
-        cgroup_level: u32,
-        policy: &CompiledPolicy,
-    ) -> Result<(), LoaderError> {
+    /// Writes PREFIXES, QUADRANTS and CONFIG from the configuration; the policy stays deny-all
+    /// (its live slot empty) until [`Self::apply_policy`].
+    pub fn write_config(&mut self, config: &Config, cgroup_level: u32) -> Result<(), LoaderError> {
         self.write_prefixes(&prefix_entries(config))?;
         let mut quads: Array<_, QuadrantValue> =
             Array::try_from(self.map_mut(maps::QUADRANTS)?).map_err(map_err(maps::QUADRANTS))?;
@@ -407,14 +379,19 @@ impl Dataplane {
                 .map_err(map_err(maps::QUADRANTS))?;
         }
         let slot = self.live.map_or(0, |c| c.policy_slot);
-        self.live = Some(DataplaneConfig {
+        let live = DataplaneConfig {
             cgroup_level,
             ct_timeout_secs: config.conntrack_timeout_secs,
             policy_slot: slot,
             raw_sockets_denied: 0,
             trace: maps::TRACE_OFF,
-        });
-        self.apply_policy(policy).map(|_| ())
+        };
+        // Deny-all until a policy is made live: the live slot is still empty.
+        let mut cfg: Array<_, DataplaneConfig> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        cfg.set(0, live, 0).map_err(map_err(maps::CONFIG))?;
+        self.live = Some(live);
+        Ok(())
     }
 
     /// Replaces the PREFIXES entries.
@@ -451,7 +428,7 @@ impl Dataplane {
     /// Makes `policy` live at once: fills the policy slot the programs are not reading with
     /// exactly these entries, then flips `CONFIG.policy_slot` with one array update. The slot
     /// that was live is left as it was until the next change. Returns the new live slot.
-    pub fn apply_policy(&mut self, policy: &CompiledPolicy) -> Result<u32, LoaderError> {
+    pub fn apply_policy(&mut self, policy: &KernelPolicy) -> Result<u32, LoaderError> {
         let mut live = self.live.unwrap_or(DataplaneConfig {
             cgroup_level: 0,
             ct_timeout_secs: 0,
@@ -459,8 +436,8 @@ impl Dataplane {
             raw_sockets_denied: 0,
             trace: maps::TRACE_OFF,
         });
-        // First write: fill slot 0 (the programs read slot 0 while CONFIG is empty, and find it
-        // empty: deny-all). Later writes: the slot that is not live.
+        // First write: fill slot 0, empty until now (deny-all), before any program is attached.
+        // Later writes: the slot that is not live.
         let target = if self.policy_written {
             1 - live.policy_slot
         } else {
@@ -484,23 +461,19 @@ impl Dataplane {
                 })
                 .collect()
         };
-        let mut entries = scoped(maps::SCOPE_QUADRANT, policy);
-        entries.extend(scoped(
-            maps::SCOPE_PACKET,
-            &packet_scope(policy, &self.workload_rules.some_workload)?,
-        ));
-        let wl_entries: Vec<(WlPolicyKey, PolicyValue)> = self
-            .workload_rules
-            .entries
+        let mut entries = scoped(maps::SCOPE_QUADRANT, &policy.quadrant);
+        entries.extend(scoped(maps::SCOPE_PACKET, &policy.packet));
+        let wl_entries: Vec<(WlPolicyKey, PolicyValue)> = policy
+            .workloads
             .iter()
-            .map(|(cgroup_id, dst, proto, ranges)| {
+            .map(|w| {
                 let key = WlPolicyKey {
-                    cgroup_id: *cgroup_id,
-                    dst: *dst as u8,
-                    proto: *proto,
+                    cgroup_id: w.cgroup_id,
+                    dst: w.dst as u8,
+                    proto: w.proto,
                     pad: [0; 6],
                 };
-                (key, policy_value(ranges))
+                (key, policy_value(&w.ranges))
             })
             .collect();
         let mut wanted = empty_policy_slot();
@@ -528,18 +501,21 @@ impl Dataplane {
             HashMap::try_from(self.map_mut(wl_name)?).map_err(map_err(wl_name))?;
         replace_entries(&mut map, &wl_entries).map_err(map_err(wl_name))?;
         live.policy_slot = target;
-        live.raw_sockets_denied = self
-            .workload_rules
-            .some_workload
-            .keys()
-            .filter_map(|(src, _, _)| Quadrant::from_id(*src as u8))
-            .fold(0, |mask, q| mask | 1 << (q as u16));
+        live.raw_sockets_denied = policy.raw_sockets_denied;
         let mut cfg: Array<_, DataplaneConfig> =
             Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         cfg.set(0, live, 0).map_err(map_err(maps::CONFIG))?;
         self.live = Some(live);
         self.policy_written = true;
+        self.policy_digest.clone_from(&policy.bundle_digest);
         Ok(target)
+    }
+
+    /// The digest of the bundle the live policy was compiled from (`None`: deny-all, or a
+    /// policy not compiled from a bundle).
+    #[must_use]
+    pub fn policy_digest(&self) -> Option<&str> {
+        self.policy_digest.as_deref()
     }
 
     /// Sets the verdict trace (`CONFIG.trace`: [`maps::TRACE_OFF`],
@@ -547,7 +523,7 @@ impl Dataplane {
     /// [`Self::take_logger`] hands out. Refused before the first policy is written (CONFIG is
     /// then still empty, which the programs read as deny-all).
     pub fn set_trace(&mut self, mode: u16) -> Result<(), LoaderError> {
-        let Some(mut live) = self.live.filter(|_| self.policy_written) else {
+        let Some(mut live) = self.live else {
             return Err(LoaderError::NotReady("the verdict trace"));
         };
         live.trace = mode;
@@ -572,12 +548,6 @@ impl Dataplane {
             .take_map(maps::TRACE)
             .ok_or(LoaderError::MissingMap { name: maps::TRACE })?;
         RingBuf::try_from(map).map_err(map_err(maps::TRACE))
-    }
-
-    /// Sets the per-workload rules the next [`Self::apply_policy`] (or
-    /// [`Self::write_config`]) makes live together with the quadrant-wide policy.
-    pub fn set_workload_rules(&mut self, rules: WorkloadRules) {
-        self.workload_rules = rules;
     }
 
     /// Whether the live policy refuses raw sockets in quadrant `q` (it names single workloads).
@@ -1016,31 +986,6 @@ fn quadrant_programs(config: &Config, q: Quadrant) -> Vec<(&'static str, Hook, S
         .collect()
 }
 
-/// What a packet may carry (policy scope 1): per key, the quadrant-wide ranges joined with the
-/// ranges of rules naming single workloads.
-fn packet_scope(
-    quadrant: &CompiledPolicy,
-    some_workload: &CompiledPolicy,
-) -> Result<CompiledPolicy, LoaderError> {
-    let mut out = quadrant.clone();
-    for (&(src, dst, proto), ranges) in some_workload {
-        let entry = out.entry((src, dst, proto)).or_default();
-        for r in ranges {
-            if !entry.contains(r) {
-                entry.push(*r);
-            }
-        }
-        if entry.len() > MAX_PORT_RANGES {
-            return Err(LoaderError::PacketScope {
-                src: src.name(),
-                dst: dst.name(),
-                proto: crate::config::proto_name(proto),
-            });
-        }
-    }
-    Ok(out)
-}
-
 /// A policy value holding `ranges` (at most [`MAX_PORT_RANGES`]: the compilers refuse more).
 fn policy_value(ranges: &[dataplane_common::policy::PortRange]) -> PolicyValue {
     let mut value = PolicyValue::EMPTY;
@@ -1106,65 +1051,4 @@ pub fn prefix_entries(config: &Config) -> Vec<(Ipv4Net, Identity)> {
 
 fn host_net(addr: Ipv4Addr) -> Ipv4Net {
     Ipv4Net::new(addr, 32).unwrap_or_else(|_| unreachable!("/32 is a valid prefix length"))
-}
-
-#[cfg(test)]
-mod tests {
-    use dataplane_common::{
-        Identity,
-        maps::MAX_PORT_RANGES,
-        policy::{PROTO_TCP, PROTO_UDP, PortRange},
-    };
-
-    use super::{CompiledPolicy, LoaderError, packet_scope};
-
-    fn port(p: u16) -> PortRange {
-        PortRange { lo: p, hi: p }
-    }
-
-    #[test]
-    fn the_packet_scope_joins_quadrant_and_workload_rules() {
-        let quadrant = CompiledPolicy::from([
-            ((Identity::Dx, Identity::Dg, PROTO_TCP), vec![port(80)]),
-            ((Identity::Dx, Identity::Px, PROTO_UDP), vec![port(53)]),
-        ]);
-        let workloads = CompiledPolicy::from([
-            (
-                (Identity::Dx, Identity::Dg, PROTO_TCP),
-                vec![port(80), port(443)],
-            ),
-            ((Identity::Dx, Identity::Host, PROTO_TCP), vec![port(7310)]),
-        ]);
-        let joined = packet_scope(&quadrant, &workloads).expect("fits");
-        assert_eq!(
-            joined,
-            CompiledPolicy::from([
-                (
-                    (Identity::Dx, Identity::Dg, PROTO_TCP),
-                    vec![port(80), port(443)]
-                ),
-                ((Identity::Dx, Identity::Px, PROTO_UDP), vec![port(53)]),
-                ((Identity::Dx, Identity::Host, PROTO_TCP), vec![port(7310)]),
-            ])
-        );
-    }
-
-    #[test]
-    fn a_packet_scope_that_does_not_fit_is_refused_by_name() {
-        let key = (Identity::Dx, Identity::Dg, PROTO_TCP);
-        let quadrant = CompiledPolicy::from([(key, (1..=5).map(port).collect())]);
-        let workloads = CompiledPolicy::from([(
-            key,
-            (6..=u16::try_from(MAX_PORT_RANGES).unwrap() + 1)
-                .map(port)
-                .collect(),
-        )]);
-        let err = packet_scope(&quadrant, &workloads).expect_err("too many ranges");
-        assert!(matches!(err, LoaderError::PacketScope { .. }));
-        assert!(
-            err.to_string()
-                .starts_with("dx → dg tcp: more than 8 port ranges"),
-            "{err}"
-        );
-    }
 }

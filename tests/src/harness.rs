@@ -13,8 +13,8 @@ use std::{
 
 use dataplane_common::Quadrant;
 use quadrant::{
-    api::StatusReport,
     config::{Config, PolicyRule, QuadrantConfig},
+    control::StatusReport,
 };
 
 /// Where test instances keep their state and cgroup2 mounts.

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use quadrant::api::MAX_REQUEST_BYTES;
+use quadrant::control::MAX_REQUEST_BYTES;
 use quadrant_tests::harness::{Instance, TEST_STATE_DIR, test_config};
 
 const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");

@@ -10,9 +10,9 @@ use std::{net::Ipv4Addr, thread, time::Duration};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use dataplane_common::{Hook, Quadrant, Reason, Verdict, reason::UNATTRIBUTED_SLOT};
 use quadrant::{
-    config::{CompiledPolicy, Config, PolicyRule},
+    config::{Config, PolicyRule},
     loader::{Dataplane, programs},
-    policy::PolicyBundle,
+    policy::{CompiledPolicy, KernelPolicy, PolicyBundle},
 };
 use quadrant_tests::packets::{
     self, arp, ipv6_udp, lldp, ping, pong, tcp, tcp_ack, truncated, udp, vlan_udp, with_frag,
@@ -86,7 +86,9 @@ fn dataplane_with_only_local_rules(config: &Config) -> Dataplane {
 
 fn dataplane_with(config: &Config, policy: &CompiledPolicy, register: bool) -> Dataplane {
     let mut dp = Dataplane::load(None).expect("load dataplane (needs root)");
-    dp.write_config(config, 2, policy).expect("write config");
+    dp.write_config(config, 2).expect("write config");
+    dp.apply_policy(&KernelPolicy::quadrant_wide(policy.clone()))
+        .expect("policy");
     if register {
         dp.register_iface(lo_ifindex(), Quadrant::Dx)
             .expect("register lo as DX");
@@ -491,10 +493,18 @@ fn revoking_a_flow_ends_its_tracked_connections() {
     revoked.retain(|(src, dst, _), _| {
         !(*src == dataplane_common::Identity::Host && *dst == dataplane_common::Identity::Dx)
     });
-    assert_eq!(dp.apply_policy(&revoked).expect("apply"), 1);
+    assert_eq!(
+        dp.apply_policy(&KernelPolicy::quadrant_wide(revoked.clone()))
+            .expect("apply"),
+        1
+    );
     steps(&mut dp, "after the revocation", DenyPolicy);
 
-    assert_eq!(dp.apply_policy(&full).expect("apply"), 0);
+    assert_eq!(
+        dp.apply_policy(&KernelPolicy::quadrant_wide(full.clone()))
+            .expect("apply"),
+        0
+    );
     steps(&mut dp, "allowed again", AllowEstablished);
 }
 
@@ -678,7 +688,11 @@ fn a_new_policy_goes_live_at_once_by_flipping_slots() {
     narrower.retain(|(src, dst, _), _| {
         !(*src == dataplane_common::Identity::Dx && *dst == dataplane_common::Identity::Dg)
     });
-    assert_eq!(dp.apply_policy(&narrower).expect("apply"), 1);
+    assert_eq!(
+        dp.apply_policy(&KernelPolicy::quadrant_wide(narrower.clone()))
+            .expect("apply"),
+        1
+    );
     assert_eq!(dp.live_policy_slot(), 1);
     check(
         &mut dp,
@@ -701,7 +715,11 @@ fn a_new_policy_goes_live_at_once_by_flipping_slots() {
     assert_eq!(dp.policy_entries(0).expect("slot 0"), 2 * full.len());
     assert_eq!(dp.policy_entries(1).expect("slot 1"), 2 * narrower.len());
 
-    assert_eq!(dp.apply_policy(&full).expect("apply"), 0);
+    assert_eq!(
+        dp.apply_policy(&KernelPolicy::quadrant_wide(full.clone()))
+            .expect("apply"),
+        0
+    );
     check(
         &mut dp,
         Hook::TcIngress,

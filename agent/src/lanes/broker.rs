@@ -118,6 +118,9 @@ pub struct LanesReport {
     pub socket: PathBuf,
     /// Where the lane rules come from, or why every lane is refused.
     pub policy: String,
+    /// The digest of the policy bundle the lane rules come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_digest: Option<String>,
     /// Open lanes.
     pub lanes: Vec<LaneInfo>,
     /// Services offered.
@@ -218,14 +221,19 @@ pub struct DeclaredLane {
     pub transport: Option<Transport>,
 }
 
-/// The lane rules in force, or why there are none.
-type Rules = Result<Arc<Vec<LaneRule>>, String>;
+/// The lane rules in force (or why there are none) and the bundle they come from.
+#[derive(Debug)]
+struct Rules {
+    live: Result<Arc<Vec<LaneRule>>, String>,
+    origin: String,
+    digest: Option<String>,
+}
 
 /// The lane broker.
 pub struct Broker {
     config: Config,
     identity: Option<Arc<IdentityService>>,
-    rules: Mutex<(Rules, String)>,
+    rules: Mutex<Rules>,
     declared: Mutex<BTreeMap<(Quadrant, String), Vec<DeclaredLane>>>,
     state: Mutex<State>,
     events: Arc<crate::events::EventBus>,
@@ -279,17 +287,20 @@ impl Broker {
     /// A broker for `config`; without an identity service, or with lane rules that failed to
     /// evaluate, every lane is refused.
     #[must_use]
+    /// A broker refusing every lane until lane rules are set ([`Self::set_rules`]).
     pub fn new(
         config: &Config,
         identity: Option<Arc<IdentityService>>,
-        rules: Result<Vec<LaneRule>, String>,
-        origin: &str,
         events: Arc<crate::events::EventBus>,
     ) -> Self {
         Self {
             config: config.clone(),
             identity,
-            rules: Mutex::new((rules.map(Arc::new), origin.to_owned())),
+            rules: Mutex::new(Rules {
+                live: Err("no policy made live yet".into()),
+                origin: String::new(),
+                digest: None,
+            }),
             declared: Mutex::new(BTreeMap::new()),
             state: Mutex::new(State::default()),
             events,
@@ -364,9 +375,19 @@ impl Broker {
     }
 
     /// Replaces the lane rules (policy reload); lanes already open stay open.
-    pub fn set_rules(&self, rules: Result<Vec<LaneRule>, String>, origin: &str) {
-        *self.rules.lock().unwrap_or_else(PoisonError::into_inner) =
-            (rules.map(Arc::new), origin.to_owned());
+    /// Replaces the lane rules (or records why every lane is refused), from the bundle of
+    /// `origin` with `digest`.
+    pub fn set_rules(
+        &self,
+        rules: Result<Vec<LaneRule>, String>,
+        origin: &str,
+        digest: Option<&str>,
+    ) {
+        *self.rules.lock().unwrap_or_else(PoisonError::into_inner) = Rules {
+            live: rules.map(Arc::new),
+            origin: origin.to_owned(),
+            digest: digest.map(ToOwned::to_owned),
+        };
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -581,7 +602,12 @@ impl Broker {
         choice: TransportChoice,
         has_tcp: bool,
     ) -> Result<Transport, Refusal> {
-        let rules = match &self.rules.lock().unwrap_or_else(PoisonError::into_inner).0 {
+        let rules = match &self
+            .rules
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .live
+        {
             Ok(r) => Arc::clone(r),
             Err(e) => {
                 return Err(refuse(
@@ -890,9 +916,13 @@ impl Broker {
     /// The report `quadrant lanes` prints.
     #[must_use]
     pub fn report(&self) -> LanesReport {
-        let policy = match &*self.rules.lock().unwrap_or_else(PoisonError::into_inner) {
-            (Ok(r), origin) => format!("{} lane rules from {origin}", r.len()),
-            (Err(e), _) => format!("every lane refused: {e}"),
+        let (policy, policy_digest) = {
+            let r = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
+            let line = match &r.live {
+                Ok(rules) => format!("{} lane rules from {}", rules.len(), r.origin),
+                Err(e) => format!("every lane refused: {e}"),
+            };
+            (line, r.digest.clone())
         };
         let state = self.state();
         let lanes = state
@@ -943,6 +973,7 @@ impl Broker {
             })
             .collect();
         LanesReport {
+            policy_digest,
             socket: self.config.lane_socket(),
             policy,
             lanes,

@@ -24,8 +24,8 @@ use anyhow::{Context as _, bail};
 use dataplane_common::{Hook, Quadrant, Reason};
 use etherparse::PacketBuilder;
 use quadrant::{
-    app::{QUADRANT_CGROUP_LEVEL, teardown},
     config::{Config, QuadrantConfig, XdpAttachMode},
+    daemon::{QUADRANT_CGROUP_LEVEL, teardown},
     loader::Dataplane,
     quadrants::{self, QuadrantHandle},
     sys,
@@ -56,7 +56,7 @@ fn bench_config() -> anyhow::Result<Config> {
 }
 
 fn main() -> anyhow::Result<()> {
-    quadrant::app::require_root("bench")?;
+    quadrant::daemon::require_root("bench")?;
     let config = bench_config()?;
     teardown(&config, false)?;
     sys::ensure_bpffs(&config.bpffs)?;
@@ -67,7 +67,8 @@ fn main() -> anyhow::Result<()> {
         let dg = quadrants::create(&config, Quadrant::Dg)?;
         let mut dp = Dataplane::load(Some(&config.bpffs_dir()))?;
         let policy = quadrant::policy::PolicyBundle::embedded().compile(&config)?;
-        dp.write_config(&config, QUADRANT_CGROUP_LEVEL, &policy)?;
+        dp.write_config(&config, QUADRANT_CGROUP_LEVEL)?;
+        dp.apply_policy(&quadrant::policy::KernelPolicy::quadrant_wide(policy))?;
         run(&config, &mut dp, &dx, &dg)
     })();
     let _ = Command::new("nft")

@@ -585,7 +585,7 @@ fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
 
 #[allow(clippy::too_many_lines)] // the report, section after section
 fn orchestrate(only_control: bool) -> anyhow::Result<()> {
-    quadrant::app::require_root("bench lanes")?;
+    quadrant::daemon::require_root("bench lanes")?;
     let mut config = bench_config()?;
     eprintln!("measuring (client in DX, services in DG; this takes about two minutes)");
     let mut results = session(&config, if only_control { "control" } else { "all" })?;

@@ -260,7 +260,10 @@ struct Kernel {
 
 fn kernel_figures(config: &Config, bundle: &PolicyBundle) -> anyhow::Result<Kernel> {
     let mut dp = Dataplane::load(None)?;
-    dp.write_config(config, 2, &bundle.compile(config)?)?;
+    dp.write_config(config, 2)?;
+    dp.apply_policy(&quadrant::policy::KernelPolicy::quadrant_wide(
+        bundle.compile(config)?,
+    ))?;
     dp.register_iface(nix::net::if_::if_nametoindex("lo")?, Quadrant::Dx)?;
     // DX's address to DG's: allowed by the embedded policy (tcp 443).
     let allowed = frame([10, 240, 0, 2], [10, 240, 1, 2], 443);
@@ -377,7 +380,7 @@ fn admission_figures(config: &Config, bundle: &PolicyBundle) -> anyhow::Result<A
 }
 
 fn main() -> anyhow::Result<()> {
-    quadrant::app::require_root("bench")?;
+    quadrant::daemon::require_root("bench")?;
     let config = Config::embedded();
     let bundle = PolicyBundle::embedded();
 

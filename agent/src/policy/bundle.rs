@@ -1,15 +1,7 @@
-//! MCP-Core policy: OPA Rego (v1) evaluated with regorus.
-//!
-//! A policy bundle is the `policies/` tree — runtime authorization in layers (global, one per
-//! quadrant), Gatekeeper-style admission templates with their constraints, and Rego unit tests —
-//! embedded in the binary, or read from a directory (`policy_dir` in the configuration).
-//!
-//! Runtime authorization is decided here and enforced in the kernel: [`PolicyBundle::compile`]
-//! turns `data.quadrant.runtime.flows` (plus the configuration's local rules, subject to the same
-//! global denies) into the entries of the dataplane's policy map.
+//! A policy bundle: the `policies/` tree embedded in the binary, or a `policy_dir` (signature,
+//! revision, digest), and the regorus engines that evaluate it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
 };
@@ -20,69 +12,67 @@ use serde_json::Value;
 
 use dataplane_common::Quadrant;
 
-use crate::config::{
-    CompiledFlows, CompiledPolicy, Config, ConfigError, OneOrMany, PolicyRule, PortSpec,
-    WorkloadPolicy, compile_rules,
-};
+use super::compile::rule_to_flows;
+use crate::config::{Config, ConfigError, PolicyRule};
 use crate::signing::{Envelope, POLICY_BUNDLE_PAYLOAD_TYPE, Role, SigningKey, TrustStore};
 
 /// The bundle compiled into the binary: every file under `policies/`.
 const EMBEDDED: &[(&str, &str)] = &[
     (
         "runtime/global.rego",
-        include_str!("../../policies/runtime/global.rego"),
+        include_str!("../../../policies/runtime/global.rego"),
     ),
     (
         "runtime/decision.rego",
-        include_str!("../../policies/runtime/decision.rego"),
+        include_str!("../../../policies/runtime/decision.rego"),
     ),
     (
         "runtime/decision_test.rego",
-        include_str!("../../policies/runtime/decision_test.rego"),
+        include_str!("../../../policies/runtime/decision_test.rego"),
     ),
     (
         "runtime/quadrants/dx.rego",
-        include_str!("../../policies/runtime/quadrants/dx.rego"),
+        include_str!("../../../policies/runtime/quadrants/dx.rego"),
     ),
     (
         "runtime/quadrants/dg.rego",
-        include_str!("../../policies/runtime/quadrants/dg.rego"),
+        include_str!("../../../policies/runtime/quadrants/dg.rego"),
     ),
     (
         "runtime/quadrants/px.rego",
-        include_str!("../../policies/runtime/quadrants/px.rego"),
+        include_str!("../../../policies/runtime/quadrants/px.rego"),
     ),
     (
         "runtime/quadrants/pg.rego",
-        include_str!("../../policies/runtime/quadrants/pg.rego"),
+        include_str!("../../../policies/runtime/quadrants/pg.rego"),
     ),
     (
         "admission/decision.rego",
-        include_str!("../../policies/admission/decision.rego"),
+        include_str!("../../../policies/admission/decision.rego"),
     ),
     (
         "admission/decision_test.rego",
-        include_str!("../../policies/admission/decision_test.rego"),
+        include_str!("../../../policies/admission/decision_test.rego"),
     ),
     (
         "admission/templates/required_labels.rego",
-        include_str!("../../policies/admission/templates/required_labels.rego"),
+        include_str!("../../../policies/admission/templates/required_labels.rego"),
     ),
     (
         "admission/templates/content_addressed.rego",
-        include_str!("../../policies/admission/templates/content_addressed.rego"),
+        include_str!("../../../policies/admission/templates/content_addressed.rego"),
     ),
     (
         "admission/templates/resource_limits.rego",
-        include_str!("../../policies/admission/templates/resource_limits.rego"),
+        include_str!("../../../policies/admission/templates/resource_limits.rego"),
     ),
     (
         "admission/templates/production_identity.rego",
-        include_str!("../../policies/admission/templates/production_identity.rego"),
+        include_str!("../../../policies/admission/templates/production_identity.rego"),
     ),
     (
         "admission/constraints.json",
-        include_str!("../../policies/admission/constraints.json"),
+        include_str!("../../../policies/admission/constraints.json"),
     ),
 ];
 
@@ -93,14 +83,14 @@ const SIGNATURE_SUFFIX: &str = ".dsse.json";
 /// Data documents (JSON) of a bundle are merged into `data`.
 const DATA_SUFFIX: &str = ".json";
 /// Query of the flows the kernel enforces.
-const FLOWS_QUERY: &str = "data.quadrant.runtime.flows";
+pub(super) const FLOWS_QUERY: &str = "data.quadrant.runtime.flows";
 /// A policy directory's manifest, carrying the bundle revision.
 pub const MANIFEST_FILE: &str = "manifest.json";
 const LANES_QUERY: &str = "data.quadrant.runtime.lane_rules";
 /// Query of the global-versus-quadrant conflicts.
-const CONFLICTS_QUERY: &str = "data.quadrant.runtime.conflicts";
+pub(super) const CONFLICTS_QUERY: &str = "data.quadrant.runtime.conflicts";
 /// Query of flows placed in a layer that does not own them.
-const MISPLACED_QUERY: &str = "data.quadrant.runtime.misplaced";
+pub(super) const MISPLACED_QUERY: &str = "data.quadrant.runtime.misplaced";
 /// Runtime decision for one flow.
 pub const RUNTIME_DECISION: &str = "data.quadrant.runtime.decision";
 /// Admission decision for one review.
@@ -148,6 +138,14 @@ pub enum PolicyError {
         flow: String,
         /// Cause.
         source: Box<ConfigError>,
+    },
+    /// A workload's cgroup, which a rule naming it needs, could not be made or read.
+    #[error("cgroup {path} of a workload a rule names: {reason}")]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
     },
     /// The bundle's signature does not check out.
     #[error("policy bundle signature: {0}")]
@@ -245,33 +243,11 @@ impl LaneRule {
     }
 }
 
-/// One Rego unit test result.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct TestResult {
-    /// `data.<package>.<rule>`.
-    pub name: String,
-    /// Whether the rule evaluated to true.
-    pub passed: bool,
-    /// Evaluation error, if any.
-    pub error: Option<String>,
-}
-
-/// What `quadrant policy check` reports.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct CheckReport {
-    /// Quadrant allows overridden by a global deny, with both sides.
-    pub conflicts: Vec<Value>,
-    /// Flows placed in a layer that does not own them.
-    pub misplaced: Vec<Value>,
-    /// Flows the kernel will enforce.
-    pub flows: usize,
-}
-
 /// A loaded policy bundle.
 #[derive(Clone, Debug)]
 pub struct PolicyBundle {
     origin: String,
-    rego: Vec<(String, String)>,
+    pub(super) rego: Vec<(String, String)>,
     data: Vec<(String, String)>,
     /// The configured trust domain, given to the policies as `data.quadrant_agent.trust_domain`
     /// (not a file of the bundle: not part of its digest).
@@ -536,132 +512,6 @@ impl PolicyBundle {
     pub fn lane_rules(&self) -> Result<Vec<LaneRule>, PolicyError> {
         sorted_set(&mut self.engine(&[])?, LANES_QUERY)
     }
-
-    /// Compiles the quadrant-wide runtime authorization into policy-map entries (flows naming a
-    /// single workload are left out; [`Self::compile_all`] has them).
-    pub fn compile(&self, config: &Config) -> Result<CompiledPolicy, PolicyError> {
-        self.compile_all(config).map(|c| c.quadrant)
-    }
-
-    /// Compiles the runtime authorization: quadrant-wide entries, and the flows that rules
-    /// naming one workload's SPIFFE ID allow, per workload and as their union per quadrant.
-    pub fn compile_all(&self, config: &Config) -> Result<CompiledFlows, PolicyError> {
-        let td = &config.identity.trust_domain;
-        let mut quadrant = Vec::new();
-        let mut per_workload: BTreeMap<(Quadrant, String), Vec<PolicyRule>> = BTreeMap::new();
-        for f in self.flows(&config.policy)? {
-            match flow_to_rule(&f, td)? {
-                (rule, None) => quadrant.push(rule),
-                (rule, Some((q, workload))) => {
-                    per_workload.entry((q, workload)).or_default().push(rule);
-                }
-            }
-        }
-        let merged = |what: &str| {
-            let what = what.to_owned();
-            move |e| PolicyError::Flow {
-                flow: what,
-                source: Box::new(e),
-            }
-        };
-        let mut workloads = WorkloadPolicy::new();
-        for ((q, workload), rules) in &per_workload {
-            let compiled = compile_rules(rules).map_err(merged(&format!(
-                "(flows of workload {}/{workload})",
-                q.name()
-            )))?;
-            for ((_, dst, proto), ranges) in compiled {
-                workloads.insert((*q, workload.clone(), dst, proto), ranges);
-            }
-        }
-        let all: Vec<PolicyRule> = per_workload.into_values().flatten().collect();
-        // The packet programs decide with one entry per key holding both: it must fit.
-        compile_rules(&[&quadrant[..], &all[..]].concat()).map_err(merged(
-            "(flows a packet may carry: the quadrant's and its workloads' rules joined)",
-        ))?;
-        Ok(CompiledFlows {
-            quadrant: compile_rules(&quadrant).map_err(merged("(merged flows)"))?,
-            some_workload: compile_rules(&all).map_err(merged("(merged workload flows)"))?,
-            workloads,
-        })
-    }
-
-    /// Conflicts and misplaced rules.
-    pub fn check(&self, local: &[PolicyRule]) -> Result<CheckReport, PolicyError> {
-        let mut engine = self.engine(local)?;
-        let as_vec = |v: Value| match v {
-            Value::Array(a) => a,
-            _ => vec![],
-        };
-        let conflicts = as_vec(query(&mut engine, CONFLICTS_QUERY)?);
-        let misplaced = as_vec(query(&mut engine, MISPLACED_QUERY)?);
-        Ok(CheckReport {
-            conflicts,
-            misplaced,
-            flows: self.flows(local)?.len(),
-        })
-    }
-
-    /// Evaluates `query` (default: the admission decision for inputs with a `review`, else the
-    /// runtime decision) for `input`.
-    pub fn eval(
-        &self,
-        local: &[PolicyRule],
-        input: &Value,
-        query_text: Option<&str>,
-    ) -> Result<(String, Value), PolicyError> {
-        let q = query_text.map_or_else(
-            || {
-                if input.get("review").is_some() {
-                    ADMISSION_DECISION
-                } else {
-                    RUNTIME_DECISION
-                }
-                .to_owned()
-            },
-            ToOwned::to_owned,
-        );
-        let mut engine = self.engine(local)?;
-        engine.set_input(
-            regorus::Value::from_json_str(&input.to_string()).map_err(|e| eval_err("input", &e))?,
-        );
-        let v = query(&mut engine, &q)?;
-        Ok((q, v))
-    }
-
-    /// Runs every `test_*` rule of the bundle, as `opa test` does: a test passes when it
-    /// evaluates to true.
-    pub fn run_tests(&self) -> Result<Vec<TestResult>, PolicyError> {
-        let mut engine = self.engine(&[])?;
-        let mut results = Vec::new();
-        for (_, text) in &self.rego {
-            let Some(package) = text.lines().find_map(|l| l.trim().strip_prefix("package ")) else {
-                continue;
-            };
-            let names: BTreeSet<&str> = text
-                .lines()
-                .filter(|l| l.starts_with("test_"))
-                .filter_map(|l| {
-                    l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                        .next()
-                })
-                .collect();
-            for name in names {
-                let full = format!("data.{}.{name}", package.trim());
-                let (passed, error) = match engine.eval_rule(full.clone()) {
-                    Ok(regorus::Value::Bool(true)) => (true, None),
-                    Ok(other) => (false, Some(format!("evaluated to {other}"))),
-                    Err(e) => (false, Some(e.to_string())),
-                };
-                results.push(TestResult {
-                    name: full,
-                    passed,
-                    error,
-                });
-            }
-        }
-        Ok(results)
-    }
 }
 
 /// Evaluates `q`, a Rego set of objects, into sorted values of `T` (each element's error names
@@ -684,14 +534,14 @@ fn sorted_set<T: serde::de::DeserializeOwned + Ord>(
     Ok(out)
 }
 
-fn eval_err(query: &str, e: &dyn std::fmt::Display) -> PolicyError {
+pub(super) fn eval_err(query: &str, e: &dyn std::fmt::Display) -> PolicyError {
     PolicyError::Eval {
         query: query.to_owned(),
         message: e.to_string(),
     }
 }
 
-fn query(engine: &mut Engine, q: &str) -> Result<Value, PolicyError> {
+pub(super) fn query(engine: &mut Engine, q: &str) -> Result<Value, PolicyError> {
     let v = engine
         .eval_rule(q.to_owned())
         .map_err(|e| eval_err(q, &e))?;
@@ -728,101 +578,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result<(), 
     Ok(())
 }
 
-fn rule_to_flows(r: &PolicyRule) -> Vec<Value> {
-    let one = |o: &OneOrMany| match o {
-        OneOrMany::One(s) => vec![s.clone()],
-        OneOrMany::Many(v) => v.clone(),
-    };
-    // One flow per (from, to) pair, as the Rego layers write them.
-    let mut flows = Vec::new();
-    for from in one(&r.from) {
-        for to in one(&r.to) {
-            let mut f = serde_json::json!({
-                "from": from,
-                "to": to,
-                "protocols": r.protocols.clone().unwrap_or_else(|| vec!["tcp".into(), "udp".into(), "icmp".into()]),
-            });
-            if let Some(ports) = &r.ports {
-                f["ports"] = ports
-                    .iter()
-                    .map(|p| match p {
-                        PortSpec::Port(n) => Value::String(n.to_string()),
-                        PortSpec::Range(s) => Value::String(s.clone()),
-                    })
-                    .collect();
-            }
-            flows.push(f);
-        }
-    }
-    flows
-}
-
-/// Maps a flow's source to an identity the kernel knows. A quadrant-wide SPIFFE ID pattern
-/// (`spiffe://<td>/quadrant/<q>/workload/*`) is quadrant `<q>`; a single workload's SPIFFE ID
-/// (`…/workload/<name>`) is quadrant `<q>` restricted to workload `<name>` (returned beside the
-/// rule), which the cgroup programs tell apart by the workload's cgroup.
-fn flow_to_rule(
-    f: &Flow,
-    trust_domain: &str,
-) -> Result<(PolicyRule, Option<(Quadrant, String)>), PolicyError> {
-    let flow_err = |reason: &str| PolicyError::Flow {
-        flow: serde_json::to_string(f).unwrap_or_default(),
-        source: Box::new(ConfigError::Invalid {
-            field: "from".into(),
-            reason: reason.to_owned(),
-        }),
-    };
-    let from = if let Some(rest) = f.from.strip_prefix("spiffe://") {
-        let prefix = format!("{trust_domain}/quadrant/");
-        let Some(path) = rest.strip_prefix(&prefix) else {
-            return Err(flow_err(&format!(
-                "SPIFFE ID outside trust domain {trust_domain}"
-            )));
-        };
-        let Some((q, workload)) = path.split_once("/workload/") else {
-            return Err(flow_err(
-                "expected spiffe://<trust domain>/quadrant/<q>/workload/<name or *>",
-            ));
-        };
-        let Some(quadrant) = Quadrant::from_name(q) else {
-            return Err(flow_err(&format!(
-                "unknown quadrant {q:?} in the SPIFFE ID"
-            )));
-        };
-        if workload == "*" {
-            (q.to_owned(), None)
-        } else if crate::identity::attest::valid_workload_name(workload) {
-            (q.to_owned(), Some((quadrant, workload.to_owned())))
-        } else {
-            return Err(flow_err(&format!(
-                "invalid workload name {workload:?} in the SPIFFE ID (1-64 of a-z, 0-9, '-', '_', '.')"
-            )));
-        }
-    } else {
-        (f.from.clone(), None)
-    };
-    let (from, workload) = from;
-    Ok((
-        PolicyRule {
-            from: OneOrMany::One(from),
-            to: OneOrMany::One(f.to.clone()),
-            protocols: Some(f.protocols.clone()),
-            ports: f
-                .ports
-                .as_ref()
-                .map(|p| p.iter().map(|s| PortSpec::Range(s.clone())).collect()),
-        },
-        workload,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
-    use dataplane_common::{
-        Identity,
-        policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, PortRange},
-    };
-
     use super::*;
 
     #[test]
@@ -839,213 +596,6 @@ mod tests {
         disk.sort_unstable();
         embedded.sort_unstable();
         assert_eq!(disk, embedded, "add new policy files to EMBEDDED");
-    }
-
-    #[test]
-    fn every_rego_unit_test_passes() {
-        let results = PolicyBundle::embedded().run_tests().unwrap();
-        assert!(results.len() >= 15, "found {} tests", results.len());
-        let failed: Vec<_> = results.iter().filter(|r| !r.passed).collect();
-        assert!(failed.is_empty(), "{failed:#?}");
-    }
-
-    #[test]
-    fn default_flows_compile_to_the_default_matrix() {
-        let config = Config::embedded();
-        let p = PolicyBundle::embedded().compile(&config).unwrap();
-        assert!(p.contains_key(&(Identity::Dx, Identity::Dg, PROTO_TCP)));
-        assert!(p.contains_key(&(Identity::Host, Identity::Pg, PROTO_TCP)));
-        assert!(p.contains_key(&(Identity::Px, Identity::Host, PROTO_ICMP)));
-        assert!(!p.contains_key(&(Identity::Px, Identity::Host, PROTO_TCP)));
-        assert!(!p.contains_key(&(Identity::Dx, Identity::Px, PROTO_TCP)));
-        assert!(!p.contains_key(&(Identity::World, Identity::Dx, PROTO_TCP)));
-        assert_eq!(
-            p.len(),
-            4 * 3 * 3 + 4,
-            "intra, partner and host -> q on 3 protocols, q -> host icmp"
-        );
-    }
-
-    #[test]
-    fn default_matrix_isolates_development_from_production() {
-        let p = PolicyBundle::embedded()
-            .compile(&Config::embedded())
-            .unwrap();
-        for q in Quadrant::ALL {
-            let i = Identity::from(q);
-            assert!(p.contains_key(&(i, i, PROTO_TCP)), "{q:?} intra");
-            assert!(p.contains_key(&(Identity::Host, i, PROTO_TCP)));
-            assert!(p.contains_key(&(i, Identity::Host, PROTO_ICMP)));
-            assert!(!p.contains_key(&(i, Identity::Host, PROTO_TCP)));
-            assert!(!p.contains_key(&(i, Identity::World, PROTO_TCP)));
-        }
-        assert!(p.contains_key(&(Identity::Dx, Identity::Dg, PROTO_UDP)));
-        assert!(p.contains_key(&(Identity::Pg, Identity::Px, PROTO_ICMP)));
-        for dev in [Identity::Dx, Identity::Dg] {
-            for prod in [Identity::Px, Identity::Pg] {
-                for proto in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
-                    assert!(!p.contains_key(&(dev, prod, proto)));
-                    assert!(!p.contains_key(&(prod, dev, proto)));
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn local_rules_are_subject_to_global_denies() {
-        let mut config = Config::embedded();
-        config.policy = serde_yaml::from_str(
-            "- { from: dx, to: host, protocols: [tcp], ports: [22] }\n- { from: dx, to: px, protocols: [tcp], ports: [443] }\n",
-        )
-        .unwrap();
-        let bundle = PolicyBundle::embedded();
-        let p = bundle.compile(&config).unwrap();
-        assert!(
-            p.contains_key(&(Identity::Dx, Identity::Host, PROTO_TCP)),
-            "a local allow is added"
-        );
-        assert!(
-            !p.contains_key(&(Identity::Dx, Identity::Px, PROTO_TCP)),
-            "a global deny wins over it"
-        );
-        let report = bundle.check(&config.policy).unwrap();
-        assert_eq!(report.conflicts.len(), 1, "{report:?}");
-        assert_eq!(report.conflicts[0]["allow"]["layer"], "local");
-    }
-
-    #[test]
-    fn eval_explains_its_decision() {
-        let bundle = PolicyBundle::embedded();
-        let (q, v) = bundle
-            .eval(
-                &[],
-                &serde_json::json!({"from": "dx", "to": "px", "protocol": "tcp", "port": 443}),
-                None,
-            )
-            .unwrap();
-        assert_eq!(q, RUNTIME_DECISION);
-        assert_eq!(v["allowed"], false);
-        assert_eq!(
-            v["denied_by"][0]["reason"],
-            "development and production are isolated"
-        );
-        let (_, v) = bundle
-            .eval(
-                &[],
-                &serde_json::json!({"from": "dg", "to": "dx", "protocol": "udp", "port": 53}),
-                None,
-            )
-            .unwrap();
-        assert_eq!(v["allowed"], true);
-        assert_eq!(v["allowed_by"][0]["layer"], "dx");
-        let review = serde_json::json!({"review": {"object": {"quadrant": "px", "labels": {}, "artifacts": ["x:latest"]}}});
-        let (q, v) = bundle.eval(&[], &review, None).unwrap();
-        assert_eq!(q, ADMISSION_DECISION);
-        assert_eq!(v["allowed"], false);
-        assert!(v["violations"].as_array().unwrap().len() >= 4, "{v}");
-    }
-
-    #[test]
-    fn spiffe_ids_map_to_quadrants_and_workloads() {
-        let f = |from: &str| Flow {
-            from: from.into(),
-            to: "dg".into(),
-            protocols: vec!["tcp".into()],
-            ports: None,
-            layer: "dg".into(),
-        };
-        let (r, w) = flow_to_rule(
-            &f("spiffe://quadrant.local/quadrant/dx/workload/*"),
-            "quadrant.local",
-        )
-        .unwrap();
-        assert_eq!(r.from, OneOrMany::One("dx".into()));
-        assert_eq!(w, None);
-        let (r, w) = flow_to_rule(
-            &f("spiffe://quadrant.local/quadrant/dx/workload/web"),
-            "quadrant.local",
-        )
-        .unwrap();
-        assert_eq!(r.from, OneOrMany::One("dx".into()));
-        assert_eq!(w, Some((Quadrant::Dx, "web".into())));
-        for bad in [
-            "spiffe://quadrant.local/quadrant/dx/workload/../px",
-            "spiffe://quadrant.local/quadrant/dx/workload/",
-            "spiffe://quadrant.local/quadrant/qq/workload/web",
-            "spiffe://quadrant.local/quadrant/dx/web",
-        ] {
-            let e = flow_to_rule(&f(bad), "quadrant.local").unwrap_err();
-            assert!(e.to_string().contains("from"), "{bad}: {e}");
-        }
-        let e = flow_to_rule(
-            &f("spiffe://evil.example/quadrant/dx/workload/*"),
-            "quadrant.local",
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("outside trust domain"), "{e}");
-    }
-
-    #[test]
-    fn a_workload_rule_compiles_to_its_workload_and_the_quadrant_union() {
-        use std::fmt::Write as _;
-        let tmp = std::env::temp_dir().join(format!("quadrant-policy-wl-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&tmp);
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-        assert!(
-            std::process::Command::new("cp")
-                .arg("-r")
-                .arg(&src)
-                .arg(&tmp)
-                .status()
-                .unwrap()
-                .success()
-        );
-        let dx = tmp.join("runtime/quadrants/dx.rego");
-        let mut text = fs::read_to_string(&dx).unwrap();
-        for (workload, port) in [("api", "7310"), ("web", "8080")] {
-            let _ = write!(
-                text,
-                "\nallow contains {{\"from\": \"spiffe://quadrant.local/quadrant/dx/workload/{workload}\", \"to\": \"host\", \"protocols\": [\"tcp\"], \"ports\": [\"{port}\"]}}\n"
-            );
-        }
-        // A workload rule towards production is overridden by the global deny.
-        text.push_str("\nallow contains {\"from\": \"spiffe://quadrant.local/quadrant/dx/workload/api\", \"to\": \"px\", \"protocols\": [\"tcp\"]}\n");
-        fs::write(&dx, text).unwrap();
-        let compiled = PolicyBundle::from_dir(&tmp)
-            .unwrap()
-            .compile_all(&Config::embedded())
-            .unwrap();
-        let _ = fs::remove_dir_all(&tmp);
-        let tcp_host = |w: &str| {
-            compiled
-                .workloads
-                .get(&(Quadrant::Dx, w.to_owned(), Identity::Host, PROTO_TCP))
-                .cloned()
-        };
-        assert_eq!(
-            tcp_host("api"),
-            Some(vec![PortRange { lo: 7310, hi: 7310 }])
-        );
-        assert_eq!(
-            tcp_host("web"),
-            Some(vec![PortRange { lo: 8080, hi: 8080 }])
-        );
-        assert_eq!(compiled.workloads.len(), 2, "{:?}", compiled.workloads);
-        assert_eq!(
-            compiled
-                .some_workload
-                .get(&(Identity::Dx, Identity::Host, PROTO_TCP)),
-            Some(&vec![
-                PortRange { lo: 7310, hi: 7310 },
-                PortRange { lo: 8080, hi: 8080 }
-            ])
-        );
-        // Not widened to the quadrant.
-        assert!(
-            !compiled
-                .quadrant
-                .contains_key(&(Identity::Dx, Identity::Host, PROTO_TCP))
-        );
     }
 
     #[test]

@@ -1,19 +1,12 @@
-//! The control socket: a root-only Unix stream socket at `<state_dir>/<instance>.sock` carrying
-//! one JSON request line and one JSON response line per connection.
+//! The control protocol: one JSON request line and one JSON response line per connection, their
+//! types and published schemas, and the request parser (JSON, then schema, then type).
 
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::loader::{AttachedProgram, Counter};
 
-/// How long the CLI waits for the agent to answer (teardown included).
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest request line the agent reads (1 MiB: below the 1.5 MiB Kubernetes allows an object, and
 /// far above any plan the schema admits with sensible sizes). A longer request is answered with
 /// an error naming this limit.
@@ -150,6 +143,12 @@ pub struct StatusReport {
     pub socket: PathBuf,
     /// Runtime authorization state: `enforced: …` or `deny-all: <why>`.
     pub policy: String,
+    /// The digest of the policy bundle the kernel enforces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_digest: Option<String>,
+    /// The digest of the policy bundle admission decides with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission_digest: Option<String>,
     /// What this agent carried over when it took over a dataplane an earlier agent kept
     /// running (absent when it loaded a fresh one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,44 +182,6 @@ pub struct QuadrantStatus {
     pub cgroup_id: u64,
     /// Attached programs.
     pub programs: Vec<AttachedProgram>,
-}
-
-/// Errors of the CLI side of the socket.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Nothing listens on the socket.
-    #[error("no agent answers on {path} ({source}); start one with `quadrant up`")]
-    NotRunning {
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The exchange failed half-way.
-    #[error("control socket {path}: {source}")]
-    Io {
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The request is longer than the agent reads.
-    #[error(
-        "the request is {bytes} bytes; the agent takes requests of at most {MAX_REQUEST_BYTES} bytes \
-         (1 MiB): make the plan smaller (fewer or shorter arguments and environment entries)"
-    )]
-    TooLarge {
-        /// Its length, newline included.
-        bytes: usize,
-    },
-    /// The answer was not valid.
-    #[error("control socket {path}: invalid response: {source}")]
-    Decode {
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        source: serde_json::Error,
-    },
 }
 
 /// Every published JSON Schema: (name for `quadrant schema NAME`, file in `manifests/schemas`,
@@ -282,118 +243,6 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         return Err(format!("invalid request: {}", errors.join("; ")));
     }
     serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
-}
-
-/// Sends one request and waits for the answer.
-pub fn call(path: &Path, request: &Request) -> Result<Response, ClientError> {
-    let stream = UnixStream::connect(path).map_err(|source| ClientError::NotRunning {
-        path: path.to_owned(),
-        source,
-    })?;
-    let io = |source| ClientError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
-    let mut line = serde_json::to_vec(request).unwrap_or_default();
-    line.push(b'\n');
-    if line.len() > MAX_REQUEST_BYTES {
-        return Err(ClientError::TooLarge { bytes: line.len() });
-    }
-    // An agent that refuses the request answers and closes before reading all of it: the write
-    // then fails (EPIPE), and its answer says why.
-    let written = (&stream).write_all(&line);
-    let mut answer = String::new();
-    let read = BufReader::new(&stream).read_line(&mut answer);
-    match (written, read) {
-        (_, Ok(n)) if n > 0 => {}
-        (Err(e), _) | (Ok(()), Err(e)) => return Err(io(e)),
-        (Ok(()), Ok(_)) => {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the agent closed the connection without an answer",
-            )));
-        }
-    }
-    serde_json::from_str(&answer).map_err(|source| ClientError::Decode {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Whether an agent answers on `path`.
-#[must_use]
-pub fn agent_running(path: &Path) -> bool {
-    UnixStream::connect(path).is_ok()
-}
-
-/// Renders a status report for people.
-#[must_use]
-pub fn render_status(s: &StatusReport) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "instance {} (agent pid {}), pins in {}",
-        s.instance,
-        s.pid,
-        s.pin_dir.display()
-    );
-    let _ = writeln!(out, "policy {}", s.policy);
-    if let Some(c) = &s.carried {
-        let _ = writeln!(
-            out,
-            "dataplane taken over from map layout {} (now {}): {} tracked flows carried, counters {}",
-            c.from_map_layout,
-            c.to_map_layout,
-            c.flows,
-            if c.counters {
-                "carried"
-            } else {
-                "restarted from zero"
-            }
-        );
-    }
-    let _ = writeln!(
-        out,
-        "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} PROGRAM IDS (hook=id)",
-        "QUAD", "NETNS", "PREFIX", "ADDRESS", "HOST-IF", "IFINDEX"
-    );
-    for q in &s.quadrants {
-        let ids: Vec<String> = q
-            .programs
-            .iter()
-            .map(|p| format!("{}={}", p.hook, p.program_id))
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:<4} {:<14} {:<16} {:<14} {:<10} {:<8} {}",
-            q.name,
-            q.netns,
-            q.prefix,
-            q.address,
-            q.host_interface,
-            q.host_ifindex,
-            ids.join(" ")
-        );
-    }
-    let _ = writeln!(out, "\nverdicts (summed over CPUs):");
-    if s.counters.is_empty() {
-        let _ = writeln!(out, "  none yet");
-    }
-    let _ = writeln!(
-        out,
-        "{:<4} {:<12} {:<24} {:<6} {:>12}",
-        "QUAD", "HOOK", "REASON", "VERDICT", "COUNT"
-    );
-    for c in &s.counters {
-        let _ = writeln!(
-            out,
-            "{:<4} {:<12} {:<24} {:<6} {:>12}",
-            c.quadrant, c.hook, c.reason, c.verdict, c.count
-        );
-    }
-    out
 }
 
 #[cfg(test)]

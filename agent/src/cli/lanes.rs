@@ -1,0 +1,36 @@
+//! `quadrant lanes` and `quadrant events`.
+
+use std::io::Write as _;
+
+use quadrant::{config::Config, control::Client};
+
+use super::Output;
+
+/// `quadrant lanes`.
+pub fn lanes(config: &Config, output: Output) -> anyhow::Result<()> {
+    let report = Client::new(config.socket_path()).lanes()?;
+    match output {
+        Output::Text => print!("{}", quadrant::lanes::broker::render(&report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}
+
+/// `quadrant events [--count N]`.
+pub fn events(config: &Config, count: Option<usize>) -> anyhow::Result<()> {
+    if count == Some(0) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    let mut seen = 0;
+    let mut failed = None;
+    Client::new(config.socket_path()).events(|line| {
+        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            failed = Some(e);
+            return false;
+        }
+        seen += 1;
+        count.is_none_or(|c| seen < c)
+    })?;
+    failed.map_or(Ok(()), |e| Err(e.into()))
+}

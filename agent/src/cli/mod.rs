@@ -1,0 +1,221 @@
+//! The `quadrant` command line: a thin client of the library. One file per command group;
+//! the control socket is reached through [`quadrant::control::Client`], the tables come from
+//! [`render`].
+
+mod artifacts;
+mod lanes;
+mod lifecycle;
+mod plans;
+mod policy;
+pub mod render;
+mod workloads;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use quadrant::{daemon::offline, trace::TraceMode};
+
+/// quadrant: four isolated quadrants (DX, DG, PX, PG) on one Linux host, enforced by eBPF.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Configuration file (YAML); the embedded default when absent.
+    #[arg(long, short, global = true, env = "QUADRANT_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the four quadrants, load and attach the dataplane, and run in the foreground until
+    /// Ctrl-C or `quadrant down`.
+    Up,
+    /// Remove everything `up` created (asks the running agent, or cleans up after a crash).
+    Down {
+        /// Stop only the agent: the quadrants and the eBPF dataplane keep enforcing, tracked
+        /// flows included, the workloads keep running, and the next `quadrant up` (a newer
+        /// agent, say) takes them over without a gap.
+        #[arg(long)]
+        keep_dataplane: bool,
+    },
+    /// Show quadrants, attached programs and verdict counters.
+    Status {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Run a command inside a quadrant (its network namespace and cgroup), with
+    /// `SPIFFE_ENDPOINT_SOCKET` pointing at the quadrant's Workload API.
+    Exec {
+        /// dx, dg, px or pg.
+        quadrant: String,
+        /// Workload name (its own cgroup below the quadrant's, and its SPIFFE ID); the
+        /// quadrant's `default` workload when absent.
+        #[arg(long, short)]
+        workload: Option<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+    /// The helper the agent starts to measure `sk_msg` against the TCP stack
+    /// (`lanes.tcp_acceleration: auto`); not for direct use.
+    #[command(hide = true)]
+    AccelProbe,
+    /// Print a published JSON Schema: plan, rollback, request or response (the control API),
+    /// lane-request or lane-message (the lane broker's protocol), or event (`quadrant events`).
+    Schema {
+        /// Which schema.
+        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message", "event"])]
+        name: String,
+    },
+    /// Ask the running agent to admit a workload: SVID check, constraints, audit record.
+    /// Exits 1 when the workload is rejected.
+    Admit {
+        /// The review (JSON or YAML): `{"review": {"object": {quadrant, workload, labels,
+        /// artifacts, resources}}}`.
+        #[arg(long)]
+        review: PathBuf,
+        /// The workload's X.509-SVID, PEM certificates, leaf first.
+        #[arg(long)]
+        svid: PathBuf,
+    },
+    /// The content-addressed artifact store (`artifacts_root`, default /opt/mcp).
+    Artifact {
+        #[command(subcommand)]
+        command: artifacts::ArtifactCommand,
+    },
+    /// Submit a signed plan to the running agent: signature → schema → generation → artifacts
+    /// → admission → run.
+    Submit {
+        /// The DSSE envelope (`quadrant plan sign` output).
+        envelope: PathBuf,
+    },
+    /// Break-glass: return a workload to an older generation with a break-glass authorization
+    /// (`quadrant plan authorize-rollback`) and that generation's signed plan.
+    Rollback {
+        /// The authorization envelope.
+        #[arg(long)]
+        authorization: PathBuf,
+        /// The older signed plan.
+        #[arg(long)]
+        plan: PathBuf,
+    },
+    /// List the open RTT lanes (transport, peers, bytes, round-trip time), the services offered
+    /// and each quadrant's lane usage against its limits.
+    Lanes {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Trace the dataplane's verdicts into the agent's log (target `quadrant::trace`): every
+    /// verdict (`all`), the drops and refusals (`drops`), or nothing (`off`, the default).
+    Trace {
+        /// What to trace.
+        #[arg(value_enum)]
+        mode: TraceMode,
+    },
+    /// Follow the agent's events (policy reloads, submits, lanes) as JSON lines.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// List the workloads the agent runs.
+    Workloads {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print a workload's output (`<quadrant>/<workload>`).
+    Logs {
+        /// Name.
+        name: String,
+    },
+    /// Stop a workload (`<quadrant>/<workload>`).
+    Stop {
+        /// Name.
+        name: String,
+    },
+    /// Execution plans: schema, validation, signing, offline verification.
+    Plan {
+        #[command(subcommand)]
+        command: plans::PlanCommand,
+    },
+    /// Signing keys and the trust store (`trust_store`, default /etc/quadrant/trust).
+    Keys {
+        #[command(subcommand)]
+        command: plans::KeysCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: policy::AuditCommand,
+    },
+    /// Work with the Rego policy bundle (the embedded one, or `policy_dir`), offline.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
+    /// Load every eBPF program into this kernel and print its verified instruction count.
+    Verifier,
+    /// The agent's own eBPF object: its digest and versions, and signing it.
+    Dataplane {
+        #[command(subcommand)]
+        command: lifecycle::DataplaneCommand,
+    },
+}
+
+/// Text for people, or JSON for programs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Output {
+    /// A table.
+    Text,
+    /// JSON.
+    Json,
+}
+
+/// Runs one command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::AccelProbe) {
+        return Ok(quadrant::lanes::accel_probe::run_helper()?);
+    }
+    let config = offline::load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Up => lifecycle::up(config),
+        Command::Down { keep_dataplane } => lifecycle::down(&config, keep_dataplane),
+        Command::Status { output } => lifecycle::status(&config, output),
+        Command::Exec {
+            quadrant,
+            workload,
+            command,
+        } => lifecycle::exec(&config, &quadrant, workload.as_deref(), &command),
+        Command::Verifier => lifecycle::verifier(),
+        Command::Dataplane { command } => lifecycle::dataplane(command),
+        Command::Trace { mode } => lifecycle::trace(&config, mode),
+        Command::Schema { name } => lifecycle::print_schema(&name),
+        Command::DefaultConfig => {
+            print!("{}", quadrant::config::DEFAULT_CONFIG_YAML);
+            Ok(())
+        }
+        Command::Policy { command } => policy::policy(&config, command),
+        Command::Admit { review, svid } => policy::admit(&config, &review, &svid),
+        Command::Audit { command } => policy::audit(&config, command),
+        Command::Artifact { command } => artifacts::artifact(&config, command),
+        Command::Keys { command } => plans::keys(&config, command),
+        Command::Plan { command } => plans::plan(&config, command),
+        Command::Submit { envelope } => workloads::submit(&config, &envelope),
+        Command::Rollback {
+            authorization,
+            plan,
+        } => workloads::rollback(&config, &authorization, &plan),
+        Command::Workloads { output } => workloads::list(&config, output),
+        Command::Logs { name } => workloads::logs(&config, &name),
+        Command::Stop { name } => workloads::stop(&config, &name),
+        Command::Lanes { output } => lanes::lanes(&config, output),
+        Command::Events { count } => lanes::events(&config, count),
+        Command::AccelProbe => unreachable!("handled before the configuration is read"),
+    }
+}

@@ -1,0 +1,84 @@
+//! The running agent's workloads: `submit`, `rollback` (break-glass), `workloads`, `logs`,
+//! `stop`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use quadrant::{
+    config::Config,
+    control::Client,
+    signing::{Envelope, SignatureError},
+};
+
+use super::{Output, render};
+
+fn envelope(file: &Path) -> anyhow::Result<Envelope> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Ok(serde_json::from_str(&text).map_err(|e| SignatureError::Malformed(e.to_string()))?)
+}
+
+/// `quadrant submit ENVELOPE`.
+pub fn submit(config: &Config, file: &Path) -> anyhow::Result<()> {
+    let s = Client::new(config.socket_path()).submit(envelope(file)?)?;
+    println!(
+        "started {} generation {} as {} (pid {}, signed by {}, audit record {})",
+        s.status.name,
+        s.status.generation,
+        s.spiffe_id,
+        s.status.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+        s.signer,
+        s.audit_seq.map_or_else(|| "-".into(), |s| s.to_string())
+    );
+    Ok(())
+}
+
+/// `quadrant rollback --authorization A --plan P`.
+pub fn rollback(config: &Config, authorization: &Path, plan: &Path) -> anyhow::Result<()> {
+    let s =
+        Client::new(config.socket_path()).rollback(envelope(authorization)?, envelope(plan)?)?;
+    println!(
+        "rolled back {} to generation {} as {} (break-glass, recorded in the audit log)",
+        s.status.name, s.status.generation, s.spiffe_id
+    );
+    Ok(())
+}
+
+/// `quadrant workloads`.
+pub fn list(config: &Config, output: Output) -> anyhow::Result<()> {
+    let list = Client::new(config.socket_path()).workloads()?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        Output::Text => print!("{}", render::workloads(&list)),
+    }
+    Ok(())
+}
+
+/// `quadrant logs NAME`.
+pub fn logs(config: &Config, name: &str) -> anyhow::Result<()> {
+    let w = Client::new(config.socket_path())
+        .workloads()?
+        .into_iter()
+        .find(|w| w.name == name)
+        .with_context(|| format!("no workload {name}; see `quadrant workloads`"))?;
+    print!(
+        "{}",
+        std::fs::read_to_string(&w.log)
+            .with_context(|| format!("cannot read {}", w.log.display()))?
+    );
+    Ok(())
+}
+
+/// `quadrant stop NAME`.
+pub fn stop(config: &Config, name: &str) -> anyhow::Result<()> {
+    let s = Client::new(config.socket_path()).stop(name)?;
+    println!(
+        "stopped {} ({})",
+        s.name,
+        s.last_exit.unwrap_or_else(|| "not running".into())
+    );
+    Ok(())
+}
+
+#[allow(unused_imports)]
+use PathBuf as _;

@@ -1,0 +1,202 @@
+//! The agent's side of the control socket: reads one request (at most
+//! [`MAX_REQUEST_BYTES`], UTF-8, JSON of the schema), checks that the peer is root, dispatches it
+//! to the services of the running [`Agent`] and writes the answer. Work that blocks — the
+//! kernel's counters, Rego, map writes — runs on blocking threads, never on the runtime threads
+//! that also answer the Workload API. This is the only place a [`Response`] is built.
+
+use std::{io, sync::Arc};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixStream,
+    sync::mpsc,
+};
+
+use super::protocol::{MAX_REQUEST_BYTES, Request, Response, parse_request};
+use crate::{daemon::agent::Agent, deploy};
+
+/// A `down` request handed to the main loop, which answers it on the connection when done.
+pub type DownRequest = (UnixStream, bool);
+
+/// What a control connection sent.
+enum RequestLine {
+    /// Nothing: a liveness probe connects and closes without a request.
+    Empty,
+    /// One request line.
+    Line(String),
+    /// Something that is no request line, and why.
+    Refused(String),
+}
+
+/// Reads one request line of at most [`MAX_REQUEST_BYTES`]. A longer one is not read to its
+/// end: the agent answers at once that it is too large (the client's write then fails, and it
+/// reads the answer).
+async fn read_request(stream: &mut UnixStream) -> io::Result<RequestLine> {
+    let limit = MAX_REQUEST_BYTES;
+    let mut bytes = Vec::new();
+    BufReader::new(stream.take(limit as u64 + 1))
+        .read_until(b'\n', &mut bytes)
+        .await?;
+    if bytes.is_empty() {
+        return Ok(RequestLine::Empty);
+    }
+    if bytes.len() > limit {
+        return Ok(RequestLine::Refused(format!(
+            "invalid request: too large: more than {limit} bytes (1 MiB) without a newline; the \
+             control socket takes one JSON request of at most {limit} bytes per line"
+        )));
+    }
+    Ok(match String::from_utf8(bytes) {
+        Ok(line) => RequestLine::Line(line),
+        Err(e) => RequestLine::Refused(format!(
+            "invalid request: not UTF-8 (byte {} is not valid UTF-8)",
+            e.utf8_error().valid_up_to()
+        )),
+    })
+}
+
+/// Writes one answer line.
+pub async fn write_response(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    stream.write_all(&bytes).await
+}
+
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the callback of map_or_else, which hands over the error it owns"
+)]
+fn error(message: impl ToString) -> Response {
+    Response::Error {
+        message: message.to_string(),
+    }
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    agent: &Arc<Agent>,
+    f: impl FnOnce(&Agent) -> T + Send + 'static,
+) -> Result<T, Response> {
+    let agent = Arc::clone(agent);
+    tokio::task::spawn_blocking(move || f(&agent))
+        .await
+        .map_err(|e| error(format!("the agent's task failed: {e}")))
+}
+
+/// Serves one connection.
+pub async fn serve_connection(
+    mut stream: UnixStream,
+    agent: Arc<Agent>,
+    down: mpsc::Sender<DownRequest>,
+) -> io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let line = match read_request(&mut stream).await? {
+        RequestLine::Empty => return Ok(()),
+        RequestLine::Line(line) => Ok(line),
+        RequestLine::Refused(message) => Err(message),
+    };
+    if cred.uid() != 0 {
+        let message = format!(
+            "uid {} may not use the control socket (root only)",
+            cred.uid()
+        );
+        return write_response(&mut stream, &error(message)).await;
+    }
+    let request = match line.and_then(|l| parse_request(&l)) {
+        Ok(r) => r,
+        Err(message) => return write_response(&mut stream, &error(message)).await,
+    };
+    let response = match request {
+        Request::Events => return stream_events(stream, &agent).await,
+        Request::Down { keep_dataplane } => {
+            // The main loop tears down (or keeps the dataplane) and answers on this connection.
+            return match down.send((stream, keep_dataplane)).await {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::SendError((mut stream, _))) => {
+                    write_response(&mut stream, &error("the agent is already shutting down")).await
+                }
+            };
+        }
+        other => dispatch(other, &agent).await,
+    };
+    write_response(&mut stream, &response).await
+}
+
+async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
+    let answer = match request {
+        Request::Status => blocking(agent, Agent::status)
+            .await
+            .map(|r| r.map_or_else(error, |s| Response::Status(Box::new(s)))),
+        Request::PolicyReload => blocking(agent, Agent::reload_policy).await.map(|r| {
+            r.map_or_else(
+                |e| {
+                    error(format!(
+                        "policy not reloaded, the previous one stays live: {e}"
+                    ))
+                },
+                |a| Response::PolicyReloaded {
+                    policy: a.state,
+                    slot: a.slot,
+                },
+            )
+        }),
+        Request::Submit { envelope } => Ok(submitted(deploy::submit(agent, envelope, None).await)),
+        Request::Rollback {
+            authorization,
+            envelope,
+        } => Ok(submitted(
+            deploy::submit(agent, envelope, Some(authorization)).await,
+        )),
+        Request::Lanes => blocking(agent, |a| Response::Lanes(Box::new(a.lanes_report()))).await,
+        Request::Trace { mode } => {
+            blocking(agent, move |a| {
+                a.set_trace(mode)
+                    .map_or_else(error, |mode| Response::Trace { mode })
+            })
+            .await
+        }
+        Request::Workloads => Ok(Response::Workloads {
+            workloads: agent.supervisor.list(),
+        }),
+        Request::Stop { name } => Ok(agent
+            .supervisor
+            .stop(&name)
+            .await
+            .map_or_else(error, Response::Stopped)),
+        Request::Admit { review, svid_pem } => {
+            blocking(agent, move |a| {
+                Response::Admission(a.admit(&review, &svid_pem))
+            })
+            .await
+        }
+        Request::Events | Request::Down { .. } => Err(error("handled by the connection")),
+    };
+    answer.unwrap_or_else(|e| e)
+}
+
+fn submitted(result: Result<deploy::Submitted, deploy::DeployError>) -> Response {
+    match result {
+        Ok(s) => Response::Submitted {
+            status: s.status,
+            signer: s.signer,
+            spiffe_id: s.spiffe_id,
+            audit_seq: s.audit_seq,
+        },
+        Err(e) => error(e),
+    }
+}
+
+/// Writes each event as a JSON line until the subscriber goes away or the agent stops.
+async fn stream_events(mut stream: UnixStream, agent: &Agent) -> io::Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut rx = agent.events.subscribe();
+    loop {
+        let line = match rx.recv().await {
+            Ok(line) => line,
+            Err(RecvError::Lagged(missed)) => agent.events.lagged(missed),
+            Err(RecvError::Closed) => return Ok(()),
+        };
+        stream.write_all(line.as_bytes()).await?;
+        stream.write_all(b"\n").await?;
+    }
+}

@@ -1,0 +1,170 @@
+//! The running agent: its services, each with its own synchronisation — no lock over all of
+//! them. The dataplane and the generation store sit behind their own `std` locks and are reached
+//! from blocking tasks; `Supervisor`, `Admission`, `Broker`, `EventBus` and `PolicyService`
+//! synchronise themselves; the rest does not change once the agent is up.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use aya::maps::{MapData, RingBuf};
+
+use super::{accel::Accel, state::State};
+use crate::{
+    admission::{Admission, Decision, pem_chain},
+    config::Config,
+    control::protocol::{QuadrantStatus, StatusReport},
+    events::EventBus,
+    generations::Generations,
+    identity::IdentityService,
+    lanes::broker::{Acceleration, Broker, LanesReport},
+    loader::{AttachedProgram, Carried, Dataplane, LoaderError},
+    policy::activate::{ActivateError, Activated, PolicyService},
+    quadrants::QuadrantHandle,
+    trace::TraceMode,
+    workloads::Supervisor,
+};
+
+/// The services of a running agent.
+pub struct Agent {
+    /// The configuration it runs with.
+    pub config: Config,
+    /// Its state file.
+    pub state: Mutex<State>,
+    /// The loaded programs and maps.
+    pub dataplane: Mutex<Dataplane>,
+    /// Each quadrant and the programs attached for it.
+    pub quadrants: Vec<(QuadrantHandle, Vec<AttachedProgram>)>,
+    /// SVID issuance, or why there is none.
+    pub identity: Result<Arc<IdentityService>, String>,
+    /// The live policy and the path to change it.
+    pub policy: PolicyService,
+    /// Admission control.
+    pub admission: Arc<Admission>,
+    /// Accepted plan generations (and bundle revisions, dataplane versions).
+    pub generations: Arc<Mutex<Result<Generations, String>>>,
+    /// The workloads it runs.
+    pub supervisor: Supervisor,
+    /// The lane broker.
+    pub broker: Arc<Broker>,
+    /// Its events.
+    pub events: Arc<EventBus>,
+    /// What it carried over from a kept dataplane.
+    pub carried: Option<Carried>,
+    /// The lane acceleration.
+    pub accel: Accel,
+    /// The verdict trace's ring buffer, until the agent starts reading it.
+    pub trace: Mutex<Option<RingBuf<MapData>>>,
+}
+
+/// A lock that a panicked holder did not poison for the others: every holder leaves the value
+/// consistent at each step it takes.
+pub fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("instance", &self.config.instance)
+            .field("policy", &self.policy.state())
+            .field("carried", &self.carried)
+            .field("accel", &self.accel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// `quadrant status` (reads the kernel's counters: call from a blocking task).
+    pub fn status(&self) -> Result<StatusReport, LoaderError> {
+        let quadrants = self
+            .quadrants
+            .iter()
+            .map(|(h, programs)| {
+                let q = h.quadrant;
+                let a = self.config.addrs(q);
+                QuadrantStatus {
+                    name: q.name().to_owned(),
+                    netns: self.config.netns(q),
+                    prefix: a.prefix.to_string(),
+                    gateway: a.gateway.to_string(),
+                    address: a.workload.to_string(),
+                    host_interface: self.config.host_iface(q),
+                    host_ifindex: h.host_ifindex,
+                    cgroup: self.config.cgroup_dir(q),
+                    cgroup_id: h.cgroup_id,
+                    programs: programs.clone(),
+                }
+            })
+            .collect();
+        let dataplane = locked(&self.dataplane);
+        Ok(StatusReport {
+            instance: self.config.instance.clone(),
+            pid: locked(&self.state).pid,
+            pin_dir: self.config.bpffs_dir(),
+            socket: self.config.socket_path(),
+            policy: self.policy.state(),
+            policy_digest: dataplane.policy_digest().map(ToOwned::to_owned),
+            admission_digest: self.admission.bundle_digest(),
+            carried: self.carried.clone(),
+            quadrants,
+            counters: dataplane.counters()?,
+        })
+    }
+
+    /// `quadrant lanes`: the broker's lanes, with the `sk_msg` counters when the acceleration is
+    /// on.
+    pub fn lanes_report(&self) -> LanesReport {
+        let mut report = self.broker.report();
+        if self.accel.on {
+            let before = self.accel.counted_before;
+            report.tcp_acceleration =
+                locked(&self.dataplane)
+                    .lane_accel_counters()
+                    .ok()
+                    .map(|now| {
+                        let [sockets, redirected, passed, refused] =
+                            std::array::from_fn(|i| now[i].saturating_sub(before[i]));
+                        Acceleration {
+                            sockets,
+                            redirected,
+                            passed,
+                            refused,
+                        }
+                    });
+        }
+        match &self.accel.probe {
+            Some(Ok(f)) => report.tcp_acceleration_probe = Some(f.clone()),
+            Some(Err(e)) => report.tcp_acceleration_probe_error = Some(e.clone()),
+            None => {}
+        }
+        report
+    }
+
+    /// `quadrant trace MODE`.
+    pub fn set_trace(&self, mode: TraceMode) -> Result<TraceMode, LoaderError> {
+        let mut dataplane = locked(&self.dataplane);
+        dataplane.set_trace(mode.value())?;
+        Ok(TraceMode::of(dataplane.trace()))
+    }
+
+    /// `quadrant admit`: the SVID check, the constraints and the audit record (Rego: call from a
+    /// blocking task).
+    pub fn admit(&self, review: &serde_json::Value, svid_pem: &str) -> Decision {
+        let authority = self
+            .identity
+            .as_ref()
+            .map(|i| i.authority())
+            .map_err(String::as_str);
+        match pem_chain(svid_pem) {
+            Ok(chain) => self.admission.admit(authority, review, &chain),
+            Err(e) => self
+                .admission
+                .admit(authority, review, &[])
+                .with_error_hint(&e),
+        }
+    }
+
+    /// Reloads the policy (Rego, cgroups, map writes: call from a blocking task).
+    pub fn reload_policy(&self) -> Result<Activated, ActivateError> {
+        self.policy.activate(&self.dataplane)
+    }
+}
