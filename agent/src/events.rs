@@ -84,7 +84,7 @@ pub enum Event {
         /// The opener's quadrant (`none` if unattested).
         quadrant: String,
         /// The refusal reason (as counted in `quadrant lanes`).
-        reason: String,
+        reason: crate::lanes::control::Refusal,
         /// The message the opener got.
         message: String,
     },

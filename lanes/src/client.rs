@@ -128,7 +128,15 @@ fn register(control: &Control, service: &str, tcp_port: Option<u16>) -> Result<S
     })?;
     match control.recv()?.0 {
         LaneMessage::Listening { spiffe_id, .. } => Ok(spiffe_id),
-        LaneMessage::Error { message, limit } => Err(refused(message, limit)),
+        LaneMessage::Error {
+            message,
+            reason,
+            limit,
+        } => Err(LaneError::Refused {
+            message,
+            reason,
+            limit,
+        }),
         other => Err(LaneError::Broker(format!(
             "unexpected broker message {other:?}"
         ))),
@@ -173,10 +181,6 @@ fn socket_path(path: Option<&Path>) -> Result<PathBuf, LaneError> {
             .map(PathBuf::from)
             .ok_or_else(|| LaneError::Broker(format!("{SOCKET_ENV} is not set"))),
     }
-}
-
-fn refused(message: String, limit: Option<String>) -> LaneError {
-    LaneError::Refused { message, limit }
 }
 
 /// Opens lanes.
@@ -228,7 +232,15 @@ impl LaneClient {
         };
         match msg {
             LaneMessage::Opened { grant } => self.establish(grant, fds),
-            LaneMessage::Error { message, limit } => Err(refused(message, limit)),
+            LaneMessage::Error {
+                message,
+                reason,
+                limit,
+            } => Err(LaneError::Refused {
+                message,
+                reason,
+                limit,
+            }),
             other => Err(LaneError::Broker(format!(
                 "unexpected broker message {other:?}"
             ))),
@@ -267,13 +279,14 @@ impl LaneClient {
         match framed.recv(&mut reply).map_err(tls_error)? {
             Some(Kind::Accept) => {}
             Some(Kind::Refuse) => {
-                return Err(refused(
-                    format!(
+                return Err(LaneError::Refused {
+                    message: format!(
                         "the service refused the TCP lane: {}",
                         String::from_utf8_lossy(&reply)
                     ),
-                    None,
-                ));
+                    reason: None,
+                    limit: None,
+                });
             }
             other => {
                 return Err(LaneError::Tls(format!("expected Accept, got {other:?}")));

@@ -202,10 +202,75 @@ pub enum LaneMessage {
     Error {
         /// What is wrong.
         message: String,
+        /// Why, from the registry (absent from brokers before it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<Refusal>,
         /// The limit exceeded, when that is the reason (`max_lanes`, `max_shm_bytes`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<String>,
     },
+}
+
+/// Why the broker refused a request: the one registry of lane refusals, named alike in the
+/// broker's answers, `quadrant lanes` and the agent's events.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The caller could not be attested (its process is in no quadrant of this agent).
+    Attestation,
+    /// The request is malformed (not JSON, not of the schema, an unknown quadrant).
+    Invalid,
+    /// The caller's plan does not declare this lane (or requires another transport).
+    Plan,
+    /// The policy's lane rules allow no lane (or no transport) for it, or they are unavailable.
+    Policy,
+    /// No such service is offered.
+    NoService,
+    /// The lane could not be built (memory, descriptors, randomness).
+    Io,
+    /// The opener's quadrant has `max_lanes` open lanes.
+    MaxLanes,
+    /// The lane's memory would take the opener's quadrant over `max_shm_bytes`.
+    MaxShmBytes,
+    /// The service did not take the lane in time (its queue stayed full).
+    Busy,
+    /// The service is offered already (a second `listen` for it).
+    Taken,
+}
+
+impl Refusal {
+    /// Every reason.
+    pub const ALL: [Self; 10] = [
+        Self::Attestation,
+        Self::Invalid,
+        Self::Plan,
+        Self::Policy,
+        Self::NoService,
+        Self::Io,
+        Self::MaxLanes,
+        Self::MaxShmBytes,
+        Self::Busy,
+        Self::Taken,
+    ];
+
+    /// The stable name (as serialised).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Attestation => "attestation",
+            Self::Invalid => "invalid",
+            Self::Plan => "plan",
+            Self::Policy => "policy",
+            Self::NoService => "no_service",
+            Self::Io => "io",
+            Self::MaxLanes => "max_lanes",
+            Self::MaxShmBytes => "max_shm_bytes",
+            Self::Busy => "busy",
+            Self::Taken => "taken",
+        }
+    }
 }
 
 /// The published schema of lane requests.
@@ -218,4 +283,16 @@ pub fn request_schema() -> serde_json::Value {
 #[must_use]
 pub fn message_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(LaneMessage)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_names_are_what_serde_writes() {
+        for r in Refusal::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
+    }
 }

@@ -25,8 +25,10 @@ pub enum LaneError {
     /// The broker refused (policy, limits, unknown service…); the message says which.
     #[error("lane refused: {message}")]
     Refused {
-        /// The broker's reason.
+        /// The broker's message.
         message: String,
+        /// Why, from the registry (absent from brokers before it).
+        reason: Option<crate::control::Refusal>,
         /// The limit exceeded, if that was the reason.
         limit: Option<String>,
     },

@@ -389,7 +389,7 @@ fn unauthorized_lanes_are_refused() {
         report
             .refusals
             .iter()
-            .find(|r| r.quadrant == q && r.reason == reason)
+            .find(|r| r.quadrant == q && r.reason.name() == reason)
             .map_or(0, |r| r.count)
     };
     assert_eq!(count("px", "policy"), 4, "{:?}", report.refusals);
@@ -561,7 +561,7 @@ fn lane_exhaustion_is_refused_per_quadrant() {
         report
             .refusals
             .iter()
-            .find(|r| r.quadrant == q && r.reason == reason)
+            .find(|r| r.quadrant == q && r.reason.name() == reason)
             .map_or(0, |r| r.count)
     };
     assert_eq!(count("dx", "max_lanes"), 2);

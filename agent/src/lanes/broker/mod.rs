@@ -1,0 +1,540 @@
+//! The lane broker in the agent: attests each connecting workload (`SO_PEERCRED` → cgroup →
+//! quadrant and workload → SPIFFE ID), decides each `open` with the policy's lane rules and the
+//! opener quadrant's limits, builds the lane (sealed memfd rings and eventfds, a Unix socket
+//! pair, or a TCP grant with SVIDs and a one-time token) and hands each end its descriptors.
+//!
+//! One thread per connection: requests are blocking reads on a `SOCK_SEQPACKET` socket, which is
+//! the shortest path from a request to its answer. Messages to the *other* end of a lane are sent
+//! without waiting: a listener that does not read its socket gets no more lanes ("busy") instead
+//! of blocking the broker.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::Quadrant;
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept4, bind, getsockopt, listen,
+    socket, sockopt::PeerCredentials,
+};
+use tracing::{debug, warn};
+
+use super::{
+    Transport, TransportChoice,
+    control::{self, LaneMessage, LaneRequest, Refusal},
+    os::{self, MAX_CONTROL_MESSAGE, Mapping},
+    ring::Region,
+};
+use crate::{
+    config::Config,
+    identity::{IdentityService, attest, spiffe_id},
+    policy::LaneRule,
+};
+
+mod decide;
+mod open;
+mod report;
+
+use decide::refuse;
+pub use report::{
+    Acceleration, LaneInfo, LanesReport, QuadrantLanes, Refusals, ServiceInfo, render,
+};
+
+/// How long an open waits for a service's queue to have room for the lane.
+const INCOMING_PATIENCE: Duration = Duration::from_millis(200);
+
+struct Conn {
+    id: u64,
+    fd: OwnedFd,
+}
+
+impl Conn {
+    /// Sends `msg`; with `wait` false, waits at most [`INCOMING_PATIENCE`] for room in the
+    /// receiver's queue.
+    fn send(&self, msg: &LaneMessage, fds: &[&OwnedFd], wait: bool) -> io::Result<()> {
+        let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if !wait && !os::wait_writable(self.fd.as_raw_fd(), INCOMING_PATIENCE)? {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "its queue stayed full",
+            ));
+        }
+        os::send_with_fds_flags(self.fd.as_raw_fd(), &bytes, &raw, !wait)
+    }
+}
+
+struct Service {
+    conn: Arc<Conn>,
+    spiffe_id: String,
+    tcp_port: Option<u16>,
+}
+
+struct OpenLane {
+    info: LaneInfo,
+    client_quadrant: Quadrant,
+    client_conn: Arc<Conn>,
+    server_conn: Arc<Conn>,
+    opened: Instant,
+    region: Region,
+    _memory: Mapping,
+}
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<(Quadrant, String), Service>,
+    lanes: BTreeMap<u64, OpenLane>,
+    refusals: BTreeMap<(String, Refusal), u64>,
+}
+
+impl State {
+    fn usage(&self, q: Quadrant) -> (u32, u64) {
+        self.lanes
+            .values()
+            .filter(|l| l.client_quadrant == q)
+            .fold((0, 0), |(n, b), l| (n + 1, b + l.info.shm_bytes))
+    }
+}
+
+/// A lane a workload's plan declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredLane {
+    /// The service's quadrant.
+    pub quadrant: Quadrant,
+    /// The service.
+    pub service: String,
+    /// The transport the plan requires, if any.
+    pub transport: Option<Transport>,
+}
+
+/// The lane rules in force (or why there are none) and the bundle they come from.
+#[derive(Debug)]
+struct Rules {
+    live: Result<Arc<Vec<LaneRule>>, String>,
+    origin: String,
+    digest: Option<String>,
+}
+
+/// The lane broker.
+pub struct Broker {
+    config: Config,
+    identity: Option<Arc<IdentityService>>,
+    rules: Mutex<Rules>,
+    declared: Mutex<BTreeMap<(Quadrant, String), Vec<DeclaredLane>>>,
+    state: Mutex<State>,
+    events: Arc<crate::events::EventBus>,
+    next_lane: AtomicU64,
+    next_conn: AtomicU64,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("socket", &self.config.lane_socket())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the listening thread needs to stop.
+#[derive(Debug)]
+pub struct Serving {
+    listener: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Serving {
+    /// Stops accepting and removes the socket (open lanes stay usable by their ends).
+    pub fn stop(mut self) {
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Broker {
+    /// A broker refusing every lane until lane rules are set ([`Self::set_rules`]); without an
+    /// identity service there are no TCP lanes.
+    #[must_use]
+    pub fn new(
+        config: &Config,
+        identity: Option<Arc<IdentityService>>,
+        events: Arc<crate::events::EventBus>,
+    ) -> Self {
+        Self {
+            config: config.clone(),
+            identity,
+            rules: Mutex::new(Rules {
+                live: Err("no policy made live yet".into()),
+                origin: String::new(),
+                digest: None,
+            }),
+            declared: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State::default()),
+            events,
+            next_lane: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// Records the lanes a workload's plan declares: from then on it may open lanes only to
+    /// those services, over the transport the plan requires (if any). `None` (or no declared
+    /// lanes) lifts the restriction.
+    pub fn set_declared(&self, q: Quadrant, workload: &str, lanes: Option<Vec<DeclaredLane>>) {
+        let mut d = self.declared.lock().unwrap_or_else(PoisonError::into_inner);
+        match lanes {
+            Some(l) if !l.is_empty() => {
+                d.insert((q, workload.to_owned()), l);
+            }
+            _ => {
+                d.remove(&(q, workload.to_owned()));
+            }
+        }
+    }
+
+    /// Replaces the lane rules (or records why every lane is refused), from the bundle of
+    /// `origin` with `digest`.
+    pub fn set_rules(
+        &self,
+        rules: Result<Vec<LaneRule>, String>,
+        origin: &str,
+        digest: Option<&str>,
+    ) {
+        *self.rules.lock().unwrap_or_else(PoisonError::into_inner) = Rules {
+            live: rules.map(Arc::new),
+            origin: origin.to_owned(),
+            digest: digest.map(ToOwned::to_owned),
+        };
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Listens on the configured socket (world-connectable; callers are attested).
+    pub fn serve(self: &Arc<Self>) -> io::Result<Serving> {
+        let path = self.config.lane_socket();
+        let _ = std::fs::remove_file(&path);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        let addr = UnixAddr::new(&path).map_err(io::Error::from)?;
+        bind(fd.as_raw_fd(), &addr)
+            .map_err(|e| io::Error::other(format!("cannot bind {}: {e}", path.display())))?;
+        std::fs::set_permissions(
+            &path,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666),
+        )?;
+        listen(&fd, Backlog::new(128).map_err(io::Error::from)?).map_err(io::Error::from)?;
+        let listener = Arc::new(fd);
+        let me = Arc::clone(self);
+        let l = Arc::clone(&listener);
+        let thread = std::thread::Builder::new()
+            .name("lane-broker".into())
+            .spawn(move || me.accept_loop(&l))?;
+        Ok(Serving {
+            listener,
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    fn accept_loop(self: Arc<Self>, listener: &OwnedFd) {
+        loop {
+            match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                Ok(raw) => {
+                    // SAFETY: accept4 returned a new descriptor we own.
+                    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                    let conn = Arc::new(Conn {
+                        id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+                        fd,
+                    });
+                    let me = Arc::clone(&self);
+                    if let Err(e) = std::thread::Builder::new()
+                        .name("lane-conn".into())
+                        .spawn(move || me.connection(&conn))
+                    {
+                        warn!(error = %e, "cannot start a lane connection thread");
+                    }
+                }
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => {}
+                // Shut down by `Serving::stop`.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn count_refusal(&self, quadrant: &str, reason: Refusal) {
+        *self
+            .state()
+            .refusals
+            .entry((quadrant.to_owned(), reason))
+            .or_default() += 1;
+    }
+
+    fn connection(&self, conn: &Arc<Conn>) {
+        let caller = getsockopt(&conn.fd, PeerCredentials)
+            .ok()
+            .map(|c| c.pid())
+            .ok_or(attest::AttestError::NoPeer)
+            .and_then(|pid| attest::attest(Some(pid), &self.config.instance));
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => {
+                // Every request of an unattested caller gets the reason (closing at once would
+                // reset the connection under its first request and lose the answer).
+                let mut buf = vec![0; MAX_CONTROL_MESSAGE];
+                while let Ok(Some(_)) = os::recv_with_fds(conn.fd.as_raw_fd(), &mut buf) {
+                    self.count_refusal("none", Refusal::Attestation);
+                    let message = format!("caller not attested: {e}");
+                    let reply = LaneMessage::Error {
+                        message,
+                        reason: Some(Refusal::Attestation),
+                        limit: None,
+                    };
+                    if conn.send(&reply, &[], true).is_err() {
+                        break;
+                    }
+                }
+                return;
+            }
+        };
+        let id = spiffe_id(
+            &self.config.identity.trust_domain,
+            caller.quadrant,
+            &caller.workload,
+        );
+        let mut buf = vec![0; MAX_CONTROL_MESSAGE];
+        loop {
+            let n = match os::recv_with_fds(conn.fd.as_raw_fd(), &mut buf) {
+                Ok(Some((n, _fds))) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "lane connection read failed");
+                    break;
+                }
+            };
+            let request = match parse_request(&buf[..n]) {
+                Ok(r) => r,
+                Err(message) => {
+                    self.count_refusal(caller.quadrant.name(), Refusal::Invalid);
+                    let _ = conn.send(
+                        &LaneMessage::Error {
+                            message,
+                            reason: Some(Refusal::Invalid),
+                            limit: None,
+                        },
+                        &[],
+                        true,
+                    );
+                    continue;
+                }
+            };
+            match request {
+                LaneRequest::Open {
+                    quadrant,
+                    service,
+                    transport,
+                } => self.open_request(conn, &caller, &id, &quadrant, &service, transport),
+                LaneRequest::Listen { service, tcp_port } => {
+                    let reply = self.listen(conn, caller.quadrant, &id, &service, tcp_port);
+                    let _ = conn.send(&reply, &[], true);
+                }
+                LaneRequest::Close { lane } => self.close(conn.id, lane),
+            }
+        }
+        self.disconnect(conn.id);
+    }
+
+    /// An `open` request: the plan's declared lanes, then the policy, the limits and the lane;
+    /// a refusal is counted, published as an event and answered with its reason.
+    fn open_request(
+        &self,
+        conn: &Arc<Conn>,
+        caller: &attest::Caller,
+        id: &str,
+        quadrant: &str,
+        service: &str,
+        transport: TransportChoice,
+    ) {
+        // The schema admits only the four names; refused rather than assumed anyway.
+        let result = Quadrant::from_name(quadrant)
+            .ok_or_else(|| refuse(Refusal::Invalid, format!("unknown quadrant {quadrant:?}")))
+            .and_then(|target| {
+                let transport = {
+                    let declared = self.declared.lock().unwrap_or_else(PoisonError::into_inner);
+                    decide::declared_transport(
+                        declared
+                            .get(&(caller.quadrant, caller.workload.clone()))
+                            .map(Vec::as_slice),
+                        &format!("{}/{}", caller.quadrant.name(), caller.workload),
+                        target,
+                        service,
+                        transport,
+                    )?
+                };
+                self.open(conn, caller.quadrant, id, target, service, transport)
+            });
+        if let Err(r) = result {
+            self.count_refusal(caller.quadrant.name(), r.reason);
+            self.events
+                .emit(|seq, at_ms| crate::events::Event::LaneRefused {
+                    seq,
+                    at_ms,
+                    quadrant: caller.quadrant.name().to_owned(),
+                    reason: r.reason,
+                    message: r.message.clone(),
+                });
+            let _ = conn.send(
+                &LaneMessage::Error {
+                    message: r.message,
+                    reason: Some(r.reason),
+                    limit: r.limit,
+                },
+                &[],
+                true,
+            );
+        }
+    }
+
+    fn listen(
+        &self,
+        conn: &Arc<Conn>,
+        q: Quadrant,
+        id: &str,
+        service: &str,
+        tcp_port: Option<u16>,
+    ) -> LaneMessage {
+        let mut state = self.state();
+        let key = (q, service.to_owned());
+        if let Some(existing) = state.services.get(&key) {
+            return LaneMessage::Error {
+                message: format!(
+                    "service {service} is already offered in {} by {}",
+                    q.name(),
+                    existing.spiffe_id
+                ),
+                reason: Some(Refusal::Taken),
+                limit: None,
+            };
+        }
+        state.services.insert(
+            key,
+            Service {
+                conn: Arc::clone(conn),
+                spiffe_id: id.to_owned(),
+                tcp_port,
+            },
+        );
+        LaneMessage::Listening {
+            service: service.to_owned(),
+            spiffe_id: id.to_owned(),
+        }
+    }
+
+    /// Forgets a lane one of its ends closed (or whose end went away) and frees what it was
+    /// charged. The other end learns it from the lane itself: a Close frame, or the hang-up of
+    /// its socket.
+    fn close(&self, conn_id: u64, lane: u64) {
+        let mut state = self.state();
+        if state
+            .lanes
+            .get(&lane)
+            .is_some_and(|e| e.client_conn.id == conn_id || e.server_conn.id == conn_id)
+        {
+            state.lanes.remove(&lane);
+        }
+    }
+
+    fn disconnect(&self, conn_id: u64) {
+        let mut state = self.state();
+        state.services.retain(|_, s| s.conn.id != conn_id);
+        let gone: Vec<u64> = state
+            .lanes
+            .iter()
+            .filter(|(_, l)| l.client_conn.id == conn_id || l.server_conn.id == conn_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for lane in gone {
+            state.lanes.remove(&lane);
+        }
+    }
+}
+
+/// Parses a request after validating it against its schema; the error names the field.
+pub fn parse_request(bytes: &[u8]) -> Result<LaneRequest, String> {
+    static VALIDATOR: std::sync::OnceLock<Result<crate::plans::TaggedValidator, String>> =
+        std::sync::OnceLock::new();
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("lane request is not JSON: {e}"))?;
+    let validator = VALIDATOR
+        .get_or_init(|| crate::plans::TaggedValidator::new(&control::request_schema(), "kind"))
+        .as_ref()
+        .map_err(|e| format!("lane request schema does not compile: {e}"))?;
+    let errors = validator.errors(&value);
+    if !errors.is_empty() {
+        return Err(format!("invalid lane request: {}", errors.join("; ")));
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid lane request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_validated_with_field_names() {
+        let ok = parse_request(br#"{"kind":"open","quadrant":"dg","service":"echo"}"#).unwrap();
+        assert_eq!(
+            ok,
+            LaneRequest::Open {
+                quadrant: "dg".into(),
+                service: "echo".into(),
+                transport: TransportChoice::Auto
+            }
+        );
+        for (bad, needle) in [
+            (
+                &br#"{"kind":"open","quadrant":"zz","service":"echo"}"#[..],
+                "/quadrant",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"Echo!"}"#,
+                "/service",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"e","transport":"udp"}"#,
+                "/transport",
+            ),
+            (
+                br#"{"kind":"listen","service":"e","tcp_port":0}"#,
+                "/tcp_port",
+            ),
+            (
+                br#"{"kind":"open","quadrant":"dg","service":"e","extra":1}"#,
+                "extra",
+            ),
+            (br#"{"kind":"fly"}"#, "kind"),
+            (b"not json", "not JSON"),
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains(needle), "{e} should name {needle}");
+        }
+    }
+}
