@@ -1,0 +1,133 @@
+//! Tests of the configuration: the embedded default, merging, and every error naming its field.
+
+use dataplane_common::{
+    Identity,
+    policy::{PROTO_TCP, PROTO_UDP, PortRange},
+};
+
+use super::*;
+
+fn with(extra: &str) -> Result<Config, ConfigError> {
+    let base = "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.1.2.0/24 }\n  pg: { prefix: 10.1.3.0/24 }\n";
+    Config::from_yaml(&format!("{base}{extra}"), "test")
+}
+
+fn err(extra: &str) -> String {
+    with(extra).unwrap_err().to_string()
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let c = Config::embedded();
+    assert!(
+        c.policy.is_empty(),
+        "the default matrix lives in the Rego bundle"
+    );
+    assert_eq!(c.policy_dir, None);
+    let dx = c.addrs(Quadrant::Dx);
+    assert_eq!(dx.gateway, Ipv4Addr::new(10, 240, 0, 1));
+    assert_eq!(dx.workload, Ipv4Addr::new(10, 240, 0, 2));
+    assert_eq!(c.host_iface(Quadrant::Pg), "qh-pg");
+    assert_eq!(c.netns(Quadrant::Px), "quadrant-px");
+}
+
+#[test]
+fn rules_merge_ports_and_expand_lists() {
+    let c = with("policy:\n  - { from: [dx, dg], to: px, protocols: [tcp], ports: [443, \"8000-8080\"] }\n  - { from: dx, to: px, protocols: [tcp], ports: [22] }\n").unwrap();
+    let p = c.compile_policy().unwrap();
+    assert_eq!(
+        p[&(Identity::Dx, Identity::Px, PROTO_TCP)],
+        vec![
+            PortRange { lo: 443, hi: 443 },
+            PortRange { lo: 8000, hi: 8080 },
+            PortRange { lo: 22, hi: 22 }
+        ]
+    );
+    assert_eq!(p[&(Identity::Dg, Identity::Px, PROTO_TCP)].len(), 2);
+    assert!(!p.contains_key(&(Identity::Dx, Identity::Px, PROTO_UDP)));
+}
+
+#[test]
+fn bad_input_names_the_field() {
+    assert!(
+        err("policy:\n  - { from: dx, to: prod }\n")
+            .contains("policy[0].to: unknown identity \"prod\"")
+    );
+    assert!(
+        err("policy:\n  - { from: dx, to: px, protocols: [sctp] }\n")
+            .contains("policy[0].protocols[0]")
+    );
+    assert!(
+        err("policy:\n  - { from: dx, to: px, ports: [\"90-80\"] }\n")
+            .contains("ends before it starts")
+    );
+    assert!(
+        err("policy:\n  - { from: dx, to: px, ports: [\"http\"] }\n")
+            .contains("policy[0].ports[0]")
+    );
+    assert!(
+        err("policy:\n  - { from: dx, to: px, protocols: [icmp], ports: [1] }\n")
+            .contains("icmp has no ports")
+    );
+    assert!(
+        err("policy:\n  - { from: dx, to: px, color: red }\n").contains("unknown field `color`")
+    );
+    assert!(err("instance: \"a b\"\n").contains("instance"));
+    assert!(err("interface_prefix: abcdefghijklm\n").contains("interface_prefix"));
+    assert!(err("bpffs: relative/dir\n").contains("bpffs"));
+    assert!(err("identity: { trust_domain: \"Bad Domain\" }\n").contains("identity.trust_domain"));
+    assert!(err("identity: { svid_ttl_secs: 1 }\n").contains("identity.svid_ttl_secs"));
+    assert!(err("identity: { ca_dir: ca }\n").contains("identity.ca_dir"));
+    assert!(
+        err("xdp_mode: turbo\n").contains("xdp_mode: unknown variant `turbo`"),
+        "{}",
+        err("xdp_mode: turbo\n")
+    );
+    assert_eq!(
+        with("xdp_mode: off\n").unwrap().xdp_mode,
+        XdpAttachMode::Off
+    );
+    assert_eq!(with("").unwrap().xdp_mode, XdpAttachMode::Generic);
+    let many = (1..=9)
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert!(
+        err(&format!(
+            "policy:\n  - {{ from: dx, to: px, protocols: [tcp], ports: [{many}] }}\n"
+        ))
+        .contains("more than 8 port ranges")
+    );
+}
+
+#[test]
+fn prefixes_are_checked() {
+    let overlap = Config::from_yaml(
+        "quadrants:\n  dx: { prefix: 10.1.0.0/16 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        overlap.contains("quadrants.dg.prefix") && overlap.contains("overlaps dx"),
+        "{overlap}"
+    );
+    let missing = Config::from_yaml("quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n", "t")
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("quadrants.dg: missing"), "{missing}");
+    let hostbits = Config::from_yaml(
+        "quadrants:\n  dx: { prefix: 10.1.0.5/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(hostbits.contains("did you mean 10.1.0.0/24"), "{hostbits}");
+    let unknown = Config::from_yaml(
+        "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n  qa: { prefix: 10.4.0.0/24 }\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(unknown.contains("quadrants.qa"), "{unknown}");
+}
