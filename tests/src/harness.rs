@@ -56,9 +56,48 @@ pub fn copy_of_policies(instance: &str) -> PathBuf {
     dir
 }
 
-/// The configuration of test instance `n` (0..=40): prefixes 10.241.(4n+i).0/24.
+/// How many test instances can run at once: `qt0` … `qt63`, prefixes 10.241.0.0/24 …
+/// 10.241.255.0/24.
+pub const SLOTS: u8 = 64;
+
+/// Takes a slot no test of this process or of another one holds: an exclusive lock on
+/// `<TEST_STATE_DIR>/slots/<n>`, kept until the process exits (the kernel drops it then, also
+/// after a crash).
+///
+/// # Panics
+/// If every slot is taken.
 #[must_use]
-pub fn test_config(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
+pub fn take_slot() -> u8 {
+    use nix::fcntl::{Flock, FlockArg};
+    static HELD: Mutex<Vec<Flock<std::fs::File>>> = Mutex::new(Vec::new());
+    let dir = PathBuf::from(TEST_STATE_DIR).join("slots");
+    std::fs::create_dir_all(&dir).expect("slot directory");
+    let mut held = HELD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for n in 0..SLOTS {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(n.to_string()))
+            .expect("slot file");
+        if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            held.push(lock);
+            return n;
+        }
+    }
+    panic!("all {SLOTS} test slots are taken");
+}
+
+/// The configuration of a test instance in a slot of its own ([`take_slot`]): instance `qt<n>`,
+/// prefixes 10.241.(4n+i).0/24, everything under [`TEST_STATE_DIR`].
+#[must_use]
+pub fn test_config(policy: Option<Vec<PolicyRule>>) -> Config {
+    config_in_slot(take_slot(), policy)
+}
+
+fn config_in_slot(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
     let mut c = Config::embedded();
     c.instance = format!("qt{n}");
     c.interface_prefix = format!("qt{n}");
@@ -79,6 +118,11 @@ pub fn test_config(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
     c.identity.ca_dir = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-ca"));
     c.audit_log = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-audit.log"));
     c.validate().expect("test config is valid");
+    // A slot starts without the records of the test that held it before (which may have
+    // tampered with them on purpose) and without its plan generations.
+    let _ = std::fs::remove_file(&c.audit_log);
+    let _ = std::fs::remove_file(quadrant::audit::head_path(&c.audit_log));
+    let _ = std::fs::remove_file(quadrant::daemon::state::generations_path(&c));
     c
 }
 

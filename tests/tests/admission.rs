@@ -75,7 +75,7 @@ fn self_signed(id: &str) -> PathBuf {
 
 #[test]
 fn admission_checks_identity_then_constraints_and_records_every_decision() {
-    let config = test_config(14, None);
+    let config = test_config(None);
     let _ = fs::remove_file(&config.audit_log);
     let _ = fs::remove_file(quadrant::audit::head_path(&config.audit_log));
     let inst = Instance::up(config, QPROBE);
@@ -165,14 +165,14 @@ fn admission_checks_identity_then_constraints_and_records_every_decision() {
 
 #[test]
 fn admission_fails_closed_without_a_policy_engine() {
-    let dir = file("qt15-broken-policies");
+    let mut config = test_config(None);
+    let dir = file(&format!("{}-broken-policies", config.instance));
     fs::create_dir_all(&dir).expect("dir");
     fs::write(
         dir.join("broken.rego"),
         "package quadrant.admission\n\ndecision := {\n",
     )
     .expect("write");
-    let mut config = test_config(15, None);
     config.policy_dir = Some(dir);
     let inst = Instance::up(config, QPROBE);
     let svid = fetch_svid(&inst, Quadrant::Dg, "gw");
@@ -184,10 +184,10 @@ fn admission_fails_closed_without_a_policy_engine() {
 
 #[test]
 fn without_the_identity_service_quadrants_come_up_deny_all() {
+    let mut config = test_config(None);
     // A CA directory that cannot be created: the identity service cannot start.
-    let not_a_dir = file("qt16-ca-is-a-file");
+    let not_a_dir = file(&format!("{}-ca-is-a-file", config.instance));
     fs::write(&not_a_dir, "not a directory").expect("write");
-    let mut config = test_config(16, None);
     config.identity.ca_dir = not_a_dir.join("ca");
     let inst = Instance::up(config, QPROBE);
     let status = inst.status();

@@ -16,7 +16,7 @@ fn artifact_add_list_verify_and_tamper_detection() {
     let dir = PathBuf::from(TEST_STATE_DIR).join("artifacts-cli");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
-    let mut config = test_config(17, None);
+    let mut config = test_config(None);
     config.artifacts_root = dir.join("store");
     config.trust_store = dir.join("trust");
     let config_path = dir.join("config.yaml");

@@ -33,7 +33,7 @@ fn exchange(socket: &Path, bytes: &[u8]) -> serde_json::Value {
 
 #[test]
 fn bad_control_requests_get_errors_naming_the_problem_and_the_agent_keeps_serving() {
-    let inst = Instance::up(test_config(8, None), QPROBE);
+    let inst = Instance::up(test_config(None), QPROBE);
     let socket = inst.config.socket_path();
 
     let mut huge = b"{\"request\":\"submit\",\"envelope\":{\"payload\":\"".to_vec();
@@ -91,7 +91,7 @@ fn bad_control_requests_get_errors_naming_the_problem_and_the_agent_keeps_servin
     assert!(!message.contains("too large"), "{message}");
 
     // The CLI refuses a plan too large to send, naming the limit, before it connects.
-    let dir = Path::new(TEST_STATE_DIR).join("qt8-control");
+    let dir = Path::new(TEST_STATE_DIR).join(format!("{}-control", inst.config.instance));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let envelope = serde_json::json!({

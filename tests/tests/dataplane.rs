@@ -68,12 +68,12 @@ fn up_refused(config: &Config, path: &Path) -> String {
     reason = "one scenario: refusals, then a signed start, then downgrades"
 )]
 fn the_dataplane_runs_only_signed_and_never_older() {
-    let dir = PathBuf::from(TEST_STATE_DIR).join("qt28-dataplane");
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-dataplane", config.instance));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
-    let mut config = test_config(28, None);
     config.trust_store = dir.join("trust");
-    let generations = config.audit_log.with_file_name("qt28-generations.json");
+    let generations = quadrant::daemon::state::generations_path(&config);
     let _ = fs::remove_file(&generations);
     let path = dir.join("config.yaml");
     fs::write(&path, serde_yaml::to_string(&config).expect("yaml")).expect("write");
@@ -216,7 +216,7 @@ fn program_ids(inst: &Instance) -> Vec<u32> {
 
 #[test]
 fn a_kept_dataplane_is_taken_over_with_its_flows() {
-    let mut inst = Instance::up(test_config(30, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let dg = inst.addr(Quadrant::Dg);
     let px = inst.addr(Quadrant::Px);
     let _push = inst.serve(Quadrant::Dg, &["udp-push", "0.0.0.0:7100"]);

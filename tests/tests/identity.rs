@@ -15,7 +15,7 @@ fn endpoint(inst: &Instance, q: Quadrant) -> String {
 
 #[test]
 fn each_workload_gets_only_its_own_quadrant_scoped_identity() {
-    let mut inst = Instance::up(test_config(10, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let td = &inst.config.identity.trust_domain;
 
     let (ok, line) = inst.probe_as(Quadrant::Px, Some("api"), &["svid"]);
@@ -87,7 +87,7 @@ fn each_workload_gets_only_its_own_quadrant_scoped_identity() {
 
 #[test]
 fn svids_rotate_at_half_life_and_streams_follow() {
-    let mut config = test_config(11, None);
+    let mut config = test_config(None);
     config.identity.svid_ttl_secs = 4;
     let inst = Instance::up(config, QPROBE);
     let (ok, line) = inst.probe_as(Quadrant::Dg, Some("gw"), &["svid-rotation", "6000"]);
@@ -158,7 +158,7 @@ fn python_client(
 
 #[test]
 fn a_grpc_c_core_client_uses_the_workload_api() {
-    let inst = Instance::up(test_config(0, None), QPROBE);
+    let inst = Instance::up(test_config(None), QPROBE);
     let td = inst.config.identity.trust_domain.clone();
     let id = format!("spiffe://{td}/quadrant/dx/workload/pyclient");
     let socket = inst.config.workload_socket(Quadrant::Dx);

@@ -103,7 +103,7 @@ fn wait_for(rx: &Receiver<String>, needle: &str) -> String {
 
 #[test]
 fn every_transport_carries_lanes_across_quadrants() {
-    let mut inst = Instance::up(test_config(20, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let td = inst.config.identity.trust_domain.clone();
     let _server = start_echo(&mut inst, Quadrant::Dg, true);
     for transport in ["shm", "uds", "tcp"] {
@@ -241,7 +241,7 @@ fn rogue_tcp_lane(
         .map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, sock);
     let hello = format!(r#"{{"lane":{lane},"token":"00000000000000000000000000000000"}}"#);
-    #[allow(clippy::cast_possible_truncation)]
+    #[expect(clippy::cast_possible_truncation, reason = "a short JSON hello")]
     let header = Header {
         len: hello.len() as u32,
         kind: Kind::Hello,
@@ -263,9 +263,9 @@ fn pkcs8(der: Vec<u8>) -> PrivateKeyDer<'static> {
 }
 
 #[test]
-#[allow(clippy::too_many_lines)] // one matrix, attempt after attempt
+#[expect(clippy::too_many_lines, reason = "one matrix, attempt after attempt")]
 fn unauthorized_lanes_are_refused() {
-    let mut inst = Instance::up(test_config(21, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let td = inst.config.identity.trust_domain.clone();
     let server = start_echo(&mut inst, Quadrant::Dg, true);
     let mut refused = 0;
@@ -410,7 +410,7 @@ fn unauthorized_lanes_are_refused() {
 
 #[test]
 fn a_peer_crashing_mid_message_closes_the_lane_cleanly() {
-    let mut inst = Instance::up(test_config(22, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let server = start_echo(&mut inst, Quadrant::Dg, true);
     for transport in ["shm", "uds", "tcp"] {
         let out = inst.run_in(
@@ -456,9 +456,9 @@ fn a_peer_crashing_mid_message_closes_the_lane_cleanly() {
 }
 
 #[test]
-#[allow(clippy::too_many_lines)] // one scenario, step after step
+#[expect(clippy::too_many_lines, reason = "one scenario, step after step")]
 fn lane_exhaustion_is_refused_per_quadrant() {
-    let mut config = test_config(23, None);
+    let mut config = test_config(None);
     config.lanes.limits.insert(
         "dx".into(),
         LaneLimits {
@@ -571,7 +571,7 @@ fn lane_exhaustion_is_refused_per_quadrant() {
 
 #[test]
 fn tcp_lanes_run_over_the_sk_msg_redirect_when_acceleration_is_on() {
-    let mut config = test_config(25, None);
+    let mut config = test_config(None);
     config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
     let mut inst = Instance::up(config, QPROBE);
     let _server = start_echo(&mut inst, Quadrant::Dg, true);
@@ -639,8 +639,8 @@ fn after_revocation(talk: &Receiver<String>) -> String {
 /// (without the check in `sk_msg`, it would still reach DG and be answered).
 #[test]
 fn revoking_a_flow_stops_its_redirected_connections() {
-    let dir = copy_of_policies("qt35");
-    let mut config = test_config(35, None);
+    let mut config = test_config(None);
+    let dir = copy_of_policies(&config.instance);
     config.policy_dir = Some(dir.clone());
     config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
     let mut inst = Instance::up(config, QPROBE);
@@ -682,7 +682,7 @@ fn revoking_a_flow_stops_its_redirected_connections() {
 /// finds no service).
 #[test]
 fn lanes_and_services_carry_on_across_an_agent_upgrade() {
-    let mut inst = Instance::up(test_config(36, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let service = start_echo(&mut inst, Quadrant::Dg, false);
     let bin = echo_bin();
     // Round trips every 100 ms for 6 s over one shared-memory lane, across the hand-over.
@@ -787,7 +787,7 @@ fn lane_socks_and_sk_msg(inst: &Instance) -> (u32, u32) {
 /// machine; the test holds the agent to its own figures.
 #[test]
 fn automatic_acceleration_follows_its_measurement() {
-    let mut config = test_config(39, None);
+    let mut config = test_config(None);
     config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Auto;
     let mut inst = Instance::up(config, QPROBE);
     let report = lanes(&inst);
@@ -863,8 +863,8 @@ fn automatic_acceleration_follows_its_measurement() {
 /// redirecting it under the old policy).
 #[test]
 fn accelerated_connections_carry_on_across_an_agent_upgrade() {
-    let dir = copy_of_policies("qt37");
-    let mut config = test_config(37, None);
+    let mut config = test_config(None);
+    let dir = copy_of_policies(&config.instance);
     config.policy_dir = Some(dir.clone());
     config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
     let mut inst = Instance::up(config, QPROBE);
@@ -923,7 +923,7 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
 #[test]
 fn the_event_stream_reports_lanes_and_reloads_in_its_schema() {
     use std::io::BufRead as _;
-    let mut inst = Instance::up(test_config(29, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let _server = start_echo(&mut inst, Quadrant::Dg, false);
     let mut follower = std::process::Command::new(&inst.bin)
         .arg("--config")
@@ -976,7 +976,7 @@ fn the_event_stream_reports_lanes_and_reloads_in_its_schema() {
 /// would keep the next genuine lane waiting 15 s, past its 5 s set-up timeout.
 #[test]
 fn a_stalled_tcp_handshake_holds_up_no_other_lane() {
-    let mut inst = Instance::up(test_config(33, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let server = start_echo(&mut inst, Quadrant::Dg, true);
     let dg = inst.addr(Quadrant::Dg);
     let tcp_lane = |inst: &Instance| {

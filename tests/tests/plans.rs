@@ -109,13 +109,13 @@ fn plan_doc(generation: u64, artifact: &str) -> Value {
     reason = "one scenario: run, tamper matrix, upgrade, stop"
 )]
 fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
-    let dir = PathBuf::from(TEST_STATE_DIR).join("qt18-plans");
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-plans", config.instance));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
-    let mut config = test_config(18, None);
     config.artifacts_root = dir.join("store");
     config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(config.audit_log.with_file_name("qt18-generations.json"));
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
     let fx = Fixture {
         inst: Instance::up(config, QPROBE),
         dir: dir.clone(),
@@ -148,25 +148,32 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     let pid = w[0]["pid"].as_u64().expect("pid");
     // In PX's network namespace and the workload's cgroup, with the plan's limits.
     let ns = |p: &str| fs::metadata(p).map(|m| m.ino()).expect("ns");
-    assert_eq!(ns(&format!("/proc/{pid}/ns/net")), ns("/run/netns/qt18-px"));
+    let name = fx.inst.config.instance.clone();
+    assert_eq!(
+        ns(&format!("/proc/{pid}/ns/net")),
+        ns(&format!("/run/netns/{name}-px"))
+    );
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
-    assert!(cgroups.contains("0::/qt18/px/api"), "{cgroups}");
+    assert!(cgroups.contains(&format!("0::/{name}/px/api")), "{cgroups}");
     let limits = w[0]["limits"].as_str().expect("limits");
     if limits.starts_with("cgroup v1") {
         assert!(
-            cgroups.contains(":memory:/qt18/px/api") && cgroups.contains(":pids:/qt18/px/api"),
+            cgroups.contains(&format!(":memory:/{name}/px/api"))
+                && cgroups.contains(&format!(":pids:/{name}/px/api")),
             "{cgroups}"
         );
         assert_eq!(
-            fs::read_to_string("/sys/fs/cgroup/pids/qt18/px/api/pids.max")
+            fs::read_to_string(format!("/sys/fs/cgroup/pids/{name}/px/api/pids.max"))
                 .expect("pids")
                 .trim(),
             "32"
         );
         assert_eq!(
-            fs::read_to_string("/sys/fs/cgroup/memory/qt18/px/api/memory.limit_in_bytes")
-                .expect("mem")
-                .trim(),
+            fs::read_to_string(format!(
+                "/sys/fs/cgroup/memory/{name}/px/api/memory.limit_in_bytes"
+            ))
+            .expect("mem")
+            .trim(),
             "67108864"
         );
     } else {
@@ -373,13 +380,13 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
 
 #[test]
 fn a_workload_at_its_limits_affects_only_its_quadrant() {
-    let dir = PathBuf::from(TEST_STATE_DIR).join("qt19-limits");
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-limits", config.instance));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
-    let mut config = test_config(19, None);
     config.artifacts_root = dir.join("store");
     config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(config.audit_log.with_file_name("qt19-generations.json"));
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
     let mut fx = Fixture {
         inst: Instance::up(config, QPROBE),
         dir: dir.clone(),
@@ -411,10 +418,16 @@ fn a_workload_at_its_limits_affects_only_its_quadrant() {
         .find(|w| w["name"] == "px/api")
         .expect("px workload");
     let limits = px["limits"].as_str().expect("limits").to_owned();
+    let name = &fx.inst.config.instance;
     let current = if limits.starts_with("cgroup v1") {
-        fs::read_to_string("/sys/fs/cgroup/pids/qt19/px/api/pids.current")
+        fs::read_to_string(format!("/sys/fs/cgroup/pids/{name}/px/api/pids.current"))
     } else {
-        fs::read_to_string("/run/quadrant-test/qt19-cgroup2/qt19/px/api/pids.current")
+        fs::read_to_string(
+            fx.inst
+                .config
+                .cgroup_dir(dataplane_common::Quadrant::Px)
+                .join("api/pids.current"),
+        )
     }
     .expect("pids.current");
     let current: u32 = current.trim().parse().expect("number");
@@ -455,13 +468,13 @@ fn a_workload_at_its_limits_affects_only_its_quadrant() {
 /// plan requires; `auto` becomes that transport.
 #[test]
 fn a_plan_limits_its_workload_to_the_lanes_it_declares() {
-    let dir = PathBuf::from(TEST_STATE_DIR).join("qt24-lanes");
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-lanes", config.instance));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
-    let mut config = test_config(24, None);
     config.artifacts_root = dir.join("store");
     config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(config.audit_log.with_file_name("qt24-generations.json"));
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
     let mut fx = Fixture {
         inst: Instance::up(config, QPROBE),
         dir: dir.clone(),
@@ -519,13 +532,13 @@ fn a_plan_limits_its_workload_to_the_lanes_it_declares() {
 /// processes keep running, the new agent lists, stops and restarts them per their plan.
 #[test]
 fn workloads_keep_running_across_a_kept_dataplane() {
-    let dir = PathBuf::from(TEST_STATE_DIR).join("qt32-handover");
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-handover", config.instance));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
-    let mut config = test_config(32, None);
     config.artifacts_root = dir.join("store");
     config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(config.audit_log.with_file_name("qt32-generations.json"));
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
     let mut fx = Fixture {
         inst: Instance::up(config, QPROBE),
         dir: dir.clone(),
@@ -626,7 +639,8 @@ fn workloads_keep_running_across_a_kept_dataplane() {
 /// `CAP_NET_RAW`: no packet or raw IP socket. In another quadrant the same artifact has them.
 #[test]
 fn workloads_where_rules_name_workloads_have_no_raw_sockets() {
-    let dir = PathBuf::from(TEST_STATE_DIR).join("qt34-raw");
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-raw", config.instance));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
     let policies = dir.join("policies");
@@ -644,13 +658,12 @@ fn workloads_where_rules_name_workloads_have_no_raw_sockets() {
     let mut text = fs::read_to_string(&px_rego).expect("px.rego");
     text.push_str("\nallow contains {\"from\": \"spiffe://quadrant.local/quadrant/px/workload/api\", \"to\": \"host\", \"protocols\": [\"tcp\"], \"ports\": [\"7310\"]}\n");
     fs::write(&px_rego, text).expect("write px.rego");
-    let mut config = test_config(34, None);
     config.artifacts_root = dir.join("store");
     config.trust_store = dir.join("trust");
     config.policy_dir = Some(policies);
-    let _ = fs::remove_file(config.audit_log.with_file_name("qt34-generations.json"));
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
     // Output of earlier runs would answer for this one.
-    let _ = fs::remove_dir_all(config.state_dir.join("qt34-logs"));
+    let _ = fs::remove_dir_all(config.state_dir.join(format!("{}-logs", config.instance)));
     let fx = Fixture {
         inst: Instance::up(config, QPROBE),
         dir: dir.clone(),
@@ -690,15 +703,15 @@ fn workloads_where_rules_name_workloads_have_no_raw_sockets() {
 
 #[test]
 fn production_admission_follows_the_configured_trust_domain() {
-    let dir = PathBuf::from(TEST_STATE_DIR).join("qt9-plans");
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-plans", config.instance));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("dir");
-    let mut config = test_config(9, None);
     config.identity.trust_domain = "prod.example.org".into();
     config.identity.ca_dir = dir.join("ca");
     config.artifacts_root = dir.join("store");
     config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(config.audit_log.with_file_name("qt9-generations.json"));
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
     let fx = Fixture {
         inst: Instance::up(config, QPROBE),
         dir,

@@ -53,7 +53,7 @@ fn received(rx: &Receiver<String>, needle: &str, wait: Duration) -> bool {
 
 #[test]
 fn every_ordered_pair_over_tcp_udp_and_icmp() {
-    let mut inst = Instance::up(test_config(1, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let _servers = start_servers(&mut inst);
     let mut blocked = 0;
     let mut allowed = 0;
@@ -127,7 +127,7 @@ fn every_ordered_pair_over_tcp_udp_and_icmp() {
 
 #[test]
 fn raw_sockets_bypassing_the_cgroup_hooks_are_dropped_in_the_datapath() {
-    let mut inst = Instance::up(test_config(2, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let servers = start_servers(&mut inst);
     let sink = |q: Quadrant| &servers.iter().find(|(s, _)| *s == q).expect("server").1;
     let dx = inst.addr(Quadrant::Dx);
@@ -228,7 +228,7 @@ fn host_view() -> BTreeSet<String> {
 #[test]
 fn the_host_keeps_its_networking_and_reaches_every_quadrant() {
     let before = host_view();
-    let mut inst = Instance::up(test_config(3, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let _servers = start_servers(&mut inst);
 
     // The host's own loopback traffic is untouched.
@@ -325,7 +325,7 @@ fn leftovers(inst: &Instance) -> Vec<String> {
 
 #[test]
 fn down_removes_everything_and_is_safe_to_repeat() {
-    let mut inst = Instance::up(test_config(4, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     assert_eq!(
         leftovers(&inst).len(),
         4 * 3 + 3 + 1,
@@ -347,7 +347,7 @@ fn down_removes_everything_and_is_safe_to_repeat() {
 
 #[test]
 fn a_crashed_agent_stays_closed_and_down_cleans_up_after_it() {
-    let mut inst = Instance::up(test_config(5, None), QPROBE);
+    let mut inst = Instance::up(test_config(None), QPROBE);
     let mut servers = start_servers(&mut inst);
     inst.crash();
     // Pinned links keep the programs attached: isolation holds without the agent.
@@ -390,9 +390,9 @@ fn a_crashed_agent_stays_closed_and_down_cleans_up_after_it() {
 
 #[test]
 fn status_lists_quadrants_programs_and_counters() {
-    let inst = Instance::up(test_config(6, None), QPROBE);
+    let inst = Instance::up(test_config(None), QPROBE);
     let s = inst.status();
-    assert_eq!(s.instance, "qt6");
+    assert_eq!(s.instance, inst.config.instance);
     assert_eq!(s.quadrants.len(), 4);
     for (q, st) in Quadrant::ALL.iter().zip(&s.quadrants) {
         assert_eq!(st.name, q.name());
@@ -426,7 +426,10 @@ fn status_lists_quadrants_programs_and_counters() {
     }
     let text = inst.quadrant(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("qt6-dx") && text.contains("xdp="), "{text}");
+    assert!(
+        text.contains(&format!("{}-dx", inst.config.instance)) && text.contains("xdp="),
+        "{text}"
+    );
     // A denied connect shows up as a counter.
     let px = inst.addr(Quadrant::Px);
     assert_eq!(
@@ -438,8 +441,9 @@ fn status_lists_quadrants_programs_and_counters() {
 
 #[test]
 fn a_bad_config_is_refused_before_anything_is_created() {
-    let mut config = test_config(7, None);
-    let path = Path::new(quadrant_tests::harness::TEST_STATE_DIR).join("qt7-bad.yaml");
+    let config = test_config(None);
+    let path = Path::new(quadrant_tests::harness::TEST_STATE_DIR)
+        .join(format!("{}-bad.yaml", config.instance));
     std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
     let yaml = serde_yaml::to_string(&config)
         .expect("yaml")
@@ -456,7 +460,6 @@ fn a_bad_config_is_refused_before_anything_is_created() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown identity \"production\""), "{err}");
-    config.instance = "qt7".into();
     for q in Quadrant::ALL {
         assert!(!Path::new("/run/netns").join(config.netns(q)).exists());
     }
@@ -465,11 +468,11 @@ fn a_bad_config_is_refused_before_anything_is_created() {
 #[test]
 fn every_xdp_mode_enforces_the_same_policy() {
     use quadrant::config::XdpAttachMode;
-    for (n, mode, drop_hook) in [
-        (8, XdpAttachMode::Native, "xdp"),
-        (9, XdpAttachMode::Off, "tc_ingress"),
+    for (mode, drop_hook) in [
+        (XdpAttachMode::Native, "xdp"),
+        (XdpAttachMode::Off, "tc_ingress"),
     ] {
-        let mut config = test_config(n, None);
+        let mut config = test_config(None);
         config.xdp_mode = mode;
         let mut inst = Instance::up(config, QPROBE);
         let _servers = start_servers(&mut inst);
@@ -504,15 +507,15 @@ fn every_xdp_mode_enforces_the_same_policy() {
 
 #[test]
 fn a_policy_that_cannot_be_evaluated_leaves_the_quadrants_in_deny_all() {
+    let mut config = test_config(None);
     let dir = std::path::PathBuf::from(quadrant_tests::harness::TEST_STATE_DIR)
-        .join("qt12-broken-policies");
+        .join(format!("{}-broken-policies", config.instance));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(
         dir.join("broken.rego"),
         "package quadrant.runtime\n\nflows contains f if {\n",
     )
     .expect("write");
-    let mut config = test_config(12, None);
     config.policy_dir = Some(dir);
     let mut inst = Instance::up(config, QPROBE);
     let status = inst.status();
@@ -555,8 +558,8 @@ fn a_policy_that_cannot_be_evaluated_leaves_the_quadrants_in_deny_all() {
 
 #[test]
 fn a_policy_reload_takes_effect_and_a_broken_one_changes_nothing() {
-    let dir = copy_of_policies("qt13");
-    let mut config = test_config(13, None);
+    let mut config = test_config(None);
+    let dir = copy_of_policies(&config.instance);
     config.policy_dir = Some(dir.clone());
     let mut inst = Instance::up(config, QPROBE);
     let _servers = start_servers(&mut inst);
@@ -628,8 +631,8 @@ fn a_policy_reload_takes_effect_and_a_broken_one_changes_nothing() {
 
 #[test]
 fn a_watched_policy_directory_reloads_by_itself() {
-    let dir = copy_of_policies("qt26");
-    let mut config = test_config(26, None);
+    let mut config = test_config(None);
+    let dir = copy_of_policies(&config.instance);
     config.policy_dir = Some(dir.clone());
     config.watch_policy_dir = true;
     let mut inst = Instance::up(config, QPROBE);
@@ -692,8 +695,8 @@ fn a_watched_policy_directory_reloads_by_itself() {
 /// of tracked replies the datagram would still be sent) and nothing more arrives.
 #[test]
 fn revoking_a_flow_ends_its_replies() {
-    let dir = copy_of_policies("qt38");
-    let mut config = test_config(38, None);
+    let mut config = test_config(None);
+    let dir = copy_of_policies(&config.instance);
     config.policy_dir = Some(dir.clone());
     let mut inst = Instance::up(config, QPROBE);
     let dg = inst.addr(Quadrant::Dg);
@@ -724,7 +727,8 @@ fn revoking_a_flow_ends_its_replies() {
 
 #[test]
 fn policy_bundle_revisions_only_move_forward() {
-    let dir = copy_of_policies("qt27");
+    let mut config = test_config(None);
+    let dir = copy_of_policies(&config.instance);
     let manifest = dir.join("manifest.json");
     let revision = |n: u64| {
         std::fs::write(
@@ -734,9 +738,8 @@ fn policy_bundle_revisions_only_move_forward() {
         .expect("write");
     };
     revision(2);
-    let mut config = test_config(27, None);
     config.policy_dir = Some(dir.clone());
-    let _ = std::fs::remove_file(config.audit_log.with_file_name("qt27-generations.json"));
+    let _ = std::fs::remove_file(quadrant::daemon::state::generations_path(&config));
     let mut inst = Instance::up(config.clone(), QPROBE);
     assert!(
         inst.status().policy.starts_with("enforced:"),
@@ -848,9 +851,10 @@ impl Drop for HostServer {
 
 #[test]
 fn a_rule_naming_one_workload_admits_only_that_workload() {
+    let mut config = test_config(None);
     // DX may only ping the host; one rule lets DX's workload `api` (and nothing else in DX)
     // reach the host's port 7310 over TCP and UDP.
-    let policies = copy_of_policies("qt31");
+    let policies = copy_of_policies(&config.instance);
     let dx_rego = policies.join("runtime/quadrants/dx.rego");
     let original = std::fs::read_to_string(&dx_rego).expect("dx.rego");
     std::fs::write(
@@ -860,7 +864,6 @@ fn a_rule_naming_one_workload_admits_only_that_workload() {
         ),
     )
     .expect("write dx.rego");
-    let mut config = test_config(31, None);
     config.policy_dir = Some(policies);
     let inst = Instance::up(config, QPROBE);
     let _tcp = HostServer::start(&["tcp-echo", "0.0.0.0:7310"]);
@@ -983,7 +986,7 @@ fn trace_lines(inst: &Instance) -> usize {
 
 #[test]
 fn the_verdict_trace_reports_what_it_is_asked_for() {
-    let inst = Instance::up(test_config(40, None), QPROBE);
+    let inst = Instance::up(test_config(None), QPROBE);
     let (dx, dg, px) = (
         inst.addr(Quadrant::Dx),
         inst.addr(Quadrant::Dg),
