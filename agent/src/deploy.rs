@@ -186,7 +186,7 @@ fn admit(
         let generations = locked(&agent.generations);
         let store = generations
             .as_ref()
-            .map_err(|e| DeployError::GenerationStore(e.clone()))?;
+            .map_err(|e| DeployError::GenerationStore(e.to_string()))?;
         check_generation(store, &trust, &plan, &key, rollback, now)?
     };
     let executable = verified_executable(&ArtifactStore::new(&config.artifacts_root), &plan)?;
@@ -230,7 +230,7 @@ fn admit(
         let mut generations = locked(&agent.generations);
         let store = generations
             .as_mut()
-            .map_err(|e| DeployError::GenerationStore(e.clone()))?;
+            .map_err(|e| DeployError::GenerationStore(e.to_string()))?;
         if break_glass.is_some() {
             store.force(&key, plan.generation)?;
         } else {

@@ -108,7 +108,8 @@ pub fn schema() -> serde_json::Value {
 /// Every way `value` breaks the event schema of its kind.
 #[must_use]
 pub fn schema_errors(value: &serde_json::Value) -> Vec<String> {
-    static VALIDATOR: OnceLock<Result<TaggedValidator, String>> = OnceLock::new();
+    static VALIDATOR: OnceLock<Result<TaggedValidator, crate::plans::SchemaError>> =
+        OnceLock::new();
     match VALIDATOR.get_or_init(|| TaggedValidator::new(&schema(), "event")) {
         Ok(v) => v.errors(value),
         Err(e) => vec![format!("event schema: {e}")],

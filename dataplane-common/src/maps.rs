@@ -400,16 +400,27 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], contain only integers and have no implicit padding
     // (checked by the size assertions below), so every bit pattern is valid.
     unsafe impl aya::Pod for super::PrefixValue {}
+    // SAFETY: as above, for PolicyKey.
     unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above, for WlPolicyKey.
     unsafe impl aya::Pod for super::WlPolicyKey {}
+    // SAFETY: as above, for PolicyValue.
     unsafe impl aya::Pod for super::PolicyValue {}
+    // SAFETY: as above, for IfaceValue.
     unsafe impl aya::Pod for super::IfaceValue {}
+    // SAFETY: as above, for CgroupValue.
     unsafe impl aya::Pod for super::CgroupValue {}
+    // SAFETY: as above, for QuadrantValue.
     unsafe impl aya::Pod for super::QuadrantValue {}
+    // SAFETY: as above, for DataplaneConfig.
     unsafe impl aya::Pod for super::DataplaneConfig {}
+    // SAFETY: as above, for CtKey.
     unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above, for CtValue.
     unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: as above, for SockKey.
     unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above, for TraceRecord.
     unsafe impl aya::Pod for super::TraceRecord {}
 }
 

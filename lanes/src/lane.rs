@@ -212,7 +212,10 @@ impl<S: Read + Write> Framed<S> {
     }
 
     pub(crate) fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), LaneError> {
-        #[allow(clippy::cast_possible_truncation)] // checked against max (a u32) by the caller
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "checked against max (a u32) by the caller"
+        )]
         let h = Header {
             len: payload.len() as u32,
             kind,
@@ -566,7 +569,10 @@ impl Lane {
         }
         let rtt = start.elapsed();
         let side = self.side as usize;
-        #[allow(clippy::cast_possible_truncation)] // a round trip is far below 584 years
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a round trip is far below 584 years"
+        )]
         let ns = rtt.as_nanos() as u64;
         let ewma = self.region.stat(side, Stat::RttEwmaNs);
         let old = ewma.load(Ordering::Relaxed);

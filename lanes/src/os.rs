@@ -353,7 +353,6 @@ impl Sleeper {
                 self.read_armed = true;
             }
             if !self.poll_armed {
-                #[allow(clippy::cast_sign_loss)] // poll flags are small positive constants
                 let e = opcode::PollAdd::new(types::Fd(self.peer), libc::POLLRDHUP as u32)
                     .build()
                     .user_data(POLL);

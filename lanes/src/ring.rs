@@ -159,7 +159,7 @@ impl Region {
         assert!(offset + 8 <= PAGE && offset.is_multiple_of(8));
         // SAFETY: in bounds (the header page is always mapped) and aligned (base is 64-aligned,
         // checked in `new`, and the offset a multiple of 8).
-        #[allow(clippy::cast_ptr_alignment)]
+        #[expect(clippy::cast_ptr_alignment, reason = "aligned: see the safety comment")]
         unsafe {
             &*self.base.add(offset).cast::<AtomicU64>()
         }
@@ -168,7 +168,7 @@ impl Region {
     fn u32_at(&self, offset: usize) -> &AtomicU32 {
         assert!(offset + 4 <= PAGE && offset.is_multiple_of(4));
         // SAFETY: as in `u64_at`.
-        #[allow(clippy::cast_ptr_alignment)]
+        #[expect(clippy::cast_ptr_alignment, reason = "aligned: see the safety comment")]
         unsafe {
             &*self.base.add(offset).cast::<AtomicU32>()
         }
@@ -312,7 +312,7 @@ impl Producer {
             return Ok(Sent::Full);
         }
         let need = align8(HEADER_LEN + len);
-        #[allow(clippy::cast_possible_truncation)] // cap is a usize
+        #[expect(clippy::cast_possible_truncation, reason = "cap is a usize")]
         let idx = (self.tail & (cap - 1)) as usize;
         let contiguous = r.cap - idx;
         let pad = if need > contiguous { contiguous } else { 0 };
@@ -322,7 +322,7 @@ impl Producer {
         let data = r.data(self.ring);
         let mut at = idx;
         if pad > 0 {
-            #[allow(clippy::cast_possible_truncation)] // pad ≤ cap/2 < 4 GiB
+            #[expect(clippy::cast_possible_truncation, reason = "pad ≤ cap/2 < 4 GiB")]
             let h = Header {
                 len: (pad - HEADER_LEN) as u32,
                 kind: Kind::Pad,
@@ -331,7 +331,7 @@ impl Producer {
             unsafe { std::ptr::copy_nonoverlapping(h.encode().as_ptr(), data.add(at), HEADER_LEN) };
             at = 0;
         }
-        #[allow(clippy::cast_possible_truncation)] // len ≤ max_message < 4 GiB
+        #[expect(clippy::cast_possible_truncation, reason = "len ≤ max_message < 4 GiB")]
         let h = Header {
             len: len as u32,
             kind,
@@ -437,14 +437,14 @@ impl Consumer {
             if avail == 0 {
                 return Ok(Received::Empty);
             }
-            #[allow(clippy::cast_possible_truncation)] // cap is a usize
+            #[expect(clippy::cast_possible_truncation, reason = "cap is a usize")]
             let idx = (self.head & (cap - 1)) as usize;
             let contiguous = r.cap - idx;
             let data = r.data(self.ring);
             let mut raw = [0u8; HEADER_LEN];
             // SAFETY: idx + 8 ≤ cap. Copied once: the header is checked and used from this copy.
             unsafe { std::ptr::copy_nonoverlapping(data.add(idx), raw.as_mut_ptr(), HEADER_LEN) };
-            #[allow(clippy::cast_possible_truncation)] // max_message < cap / 2
+            #[expect(clippy::cast_possible_truncation, reason = "max_message < cap / 2")]
             let header = Header::decode(&raw, self.max_message as u32)?;
             let need = align8(HEADER_LEN + header.len as usize);
             if header.kind == Kind::Pad {

@@ -172,6 +172,3 @@ pub fn print_schema(name: &str) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&schema)?);
     Ok(())
 }
-
-#[allow(unused_imports)]
-use PathBuf as _;

@@ -1,7 +1,7 @@
 //! The running agent's workloads: `submit`, `rollback` (break-glass), `workloads`, `logs`,
 //! `stop`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context as _;
 use quadrant::{
@@ -79,6 +79,3 @@ pub fn stop(config: &Config, name: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
-#[allow(unused_imports)]
-use PathBuf as _;

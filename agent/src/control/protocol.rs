@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::plans::{InvalidMessage, SchemaError, TaggedValidator};
+
 use crate::loader::{AttachedProgram, Counter};
 
 /// Longest request line the agent reads (1 MiB: below the 1.5 MiB Kubernetes allows an object, and
@@ -229,21 +231,20 @@ pub fn response_schema() -> serde_json::Value {
 
 /// Parses one request line: JSON, then the request schema (errors name the JSON pointer), then
 /// the typed request. Nothing reaches the agent's logic before it passes all three.
-pub fn parse_request(line: &str) -> Result<Request, String> {
-    static VALIDATOR: std::sync::OnceLock<Result<crate::plans::TaggedValidator, String>> =
+pub fn parse_request(line: &str) -> Result<Request, InvalidRequest> {
+    static VALIDATOR: std::sync::OnceLock<Result<TaggedValidator, SchemaError>> =
         std::sync::OnceLock::new();
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("invalid request: not JSON: {e}"))?;
     let validator = VALIDATOR
-        .get_or_init(|| crate::plans::TaggedValidator::new(&request_schema(), "request"))
+        .get_or_init(|| TaggedValidator::new(&request_schema(), "request"))
         .as_ref()
-        .map_err(|e| format!("request schema: {e}"))?;
-    let errors = validator.errors(&value);
-    if !errors.is_empty() {
-        return Err(format!("invalid request: {}", errors.join("; ")));
-    }
-    serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
+        .map_err(|e| InvalidRequest(InvalidMessage::Validator(e.clone())))?;
+    validator.parse(line.as_bytes()).map_err(InvalidRequest)
 }
+
+/// A control request that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid request: {0}")]
+pub struct InvalidRequest(#[from] pub InvalidMessage);
 
 #[cfg(test)]
 mod tests {
@@ -257,15 +258,28 @@ mod tests {
             parse_request(r#"{"request":"status"}"#).unwrap(),
             Request::Status
         );
-        let e = parse_request(r#"{"request":"stop"}"#).unwrap_err();
+        let e = parse_request(r#"{"request":"stop"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid request") && e.contains("name"), "{e}");
-        let e = parse_request(r#"{"request":"stop","name":7}"#).unwrap_err();
+        let e = parse_request(r#"{"request":"stop","name":7}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/name"), "{e}");
-        let e = parse_request(r#"{"request":"reboot"}"#).unwrap_err();
+        let e = parse_request(r#"{"request":"reboot"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid request"), "{e}");
-        let e = parse_request(r#"{"request":"status","extra":1}"#).unwrap_err();
+        let e = parse_request(r#"{"request":"status","extra":1}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("extra"), "{e}");
-        assert!(parse_request("not json").unwrap_err().contains("not JSON"));
+        assert!(
+            parse_request("not json")
+                .unwrap_err()
+                .to_string()
+                .contains("not JSON")
+        );
     }
 
     #[test]

@@ -102,7 +102,7 @@ pub async fn serve_connection(
         );
         return write_response(&mut stream, &error(message)).await;
     }
-    let request = match line.and_then(|l| parse_request(&l)) {
+    let request = match line.and_then(|l| parse_request(&l).map_err(|e| e.to_string())) {
         Ok(r) => r,
         Err(message) => return write_response(&mut stream, &error(message)).await,
     };

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::Config,
+    lanes::accel_probe::{ProbeError, ProbeFigures},
     loader::{Dataplane, LoaderError},
     quadrants,
 };
@@ -23,23 +24,20 @@ pub struct Accel {
     /// theirs).
     pub counted_before: [u64; 4],
     /// With `auto`: the measurement, or why there is none.
-    pub probe: Option<Result<crate::lanes::accel_probe::ProbeFigures, String>>,
+    pub probe: Option<Result<ProbeFigures, ProbeError>>,
 }
 
 /// Runs the acceleration probe with `sock_ops` on the probe cgroup `dir` (taken off again
 /// before returning).
-fn measure_acceleration(
-    dataplane: &mut Dataplane,
-    dir: &Path,
-) -> Result<crate::lanes::accel_probe::ProbeFigures, String> {
+fn measure_acceleration(dataplane: &mut Dataplane, dir: &Path) -> Result<ProbeFigures, ProbeError> {
     let ops = dataplane.attach_sock_ops(dir).map_err(|e| e.to_string())?;
     let figures = std::env::current_exe()
-        .map_err(|e| format!("cannot find the agent's binary: {e}"))
+        .map_err(|e| ProbeError(format!("cannot find the agent's binary: {e}")))
         .and_then(|bin| {
             crate::lanes::accel_probe::measure(&bin, dir, |ports, remove| {
                 dataplane
                     .loopback_pair_in_lane_socks(ports, remove)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| ProbeError(e.to_string()))
             })
         });
     dataplane.detach_sock_ops(ops).map_err(|e| e.to_string())?;
@@ -87,7 +85,7 @@ fn probe_acceleration(config: &Config, dataplane: &mut Dataplane, cgroups: &[Pat
             Ok(ops) => ops,
             Err(e) => {
                 let _ = dataplane.detach_sk_msg(sk_msg);
-                return Err(format!("cannot turn the acceleration on: {e}"));
+                return Err(ProbeError(format!("cannot turn the acceleration on: {e}")));
             }
         };
         let kept = dataplane.keep_sk_msg(sk_msg).and_then(|()| {

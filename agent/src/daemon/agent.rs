@@ -13,7 +13,7 @@ use crate::{
     config::Config,
     control::protocol::{QuadrantStatus, StatusReport},
     events::EventBus,
-    generations::Generations,
+    generations::{GenerationError, Generations},
     identity::IdentityService,
     lanes::broker::{Acceleration, Broker, LanesReport},
     loader::{AttachedProgram, Carried, Dataplane, LoaderError},
@@ -40,7 +40,7 @@ pub struct Agent {
     /// Admission control.
     pub admission: Arc<Admission>,
     /// Accepted plan generations (and bundle revisions, dataplane versions).
-    pub generations: Arc<Mutex<Result<Generations, String>>>,
+    pub generations: Arc<Mutex<Result<Generations, GenerationError>>>,
     /// The workloads it runs.
     pub supervisor: Supervisor,
     /// The lane broker.
@@ -133,7 +133,7 @@ impl Agent {
         }
         match &self.accel.probe {
             Some(Ok(f)) => report.tcp_acceleration_probe = Some(f.clone()),
-            Some(Err(e)) => report.tcp_acceleration_probe_error = Some(e.clone()),
+            Some(Err(e)) => report.tcp_acceleration_probe_error = Some(e.to_string()),
             None => {}
         }
         report

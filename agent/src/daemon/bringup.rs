@@ -27,7 +27,7 @@ use crate::{
     audit::AuditLog,
     config::Config,
     events::EventBus,
-    generations::Generations,
+    generations::{GenerationError, Generations},
     identity::{IdentityService, ca},
     lanes::broker::Broker,
     loader::{Dataplane, KeptDataplane},
@@ -62,7 +62,7 @@ struct Loaded {
     state: State,
     dataplane: Mutex<Dataplane>,
     identity: Result<Arc<IdentityService>, String>,
-    generations: Arc<Mutex<Result<Generations, String>>>,
+    generations: Arc<Mutex<Result<Generations, GenerationError>>>,
     admission: Arc<Admission>,
     broker: Arc<Broker>,
     events: Arc<EventBus>,
@@ -102,7 +102,7 @@ fn load(
     let parent = config.cgroup_parent();
     fs::create_dir_all(&parent).map_err(sys::io_err("cannot create cgroup", &parent))?;
 
-    let mut generations = Generations::open(&generations_path(config)).map_err(|e| e.to_string());
+    let mut generations = Generations::open(&generations_path(config));
     guards::check_dataplane(config, &mut generations)?;
     let adopted = if kept.is_some() {
         Quadrant::ALL

@@ -7,7 +7,11 @@ use std::fs;
 use dataplane_common::Quadrant;
 
 use super::DaemonError;
-use crate::{config::Config, generations::Generations, signing::TrustStore};
+use crate::{
+    config::Config,
+    generations::{GenerationError, Generations},
+    signing::TrustStore,
+};
 
 /// Generation-store keys of the highest eBPF program set and map layout versions run here.
 const PROGRAM_SET_KEY: &str = "dataplane/program-set";
@@ -18,7 +22,7 @@ const MAP_LAYOUT_KEY: &str = "dataplane/map-layout";
 /// are recorded once they pass.
 pub fn check_dataplane(
     config: &Config,
-    generations: &mut Result<Generations, String>,
+    generations: &mut Result<Generations, GenerationError>,
 ) -> Result<(), DaemonError> {
     use dataplane_common::{MAP_LAYOUT_VERSION, PROGRAM_SET_VERSION};
     let refuse = DaemonError::Dataplane;
@@ -85,11 +89,11 @@ pub fn check_dataplane(
 mod tests {
     use super::*;
 
-    fn store(name: &str) -> Result<Generations, String> {
+    fn store(name: &str) -> Result<Generations, GenerationError> {
         let path =
             std::env::temp_dir().join(format!("quadrant-guard-{name}-{}.json", std::process::id()));
         let _ = fs::remove_file(&path);
-        Generations::open(&path).map_err(|e| e.to_string())
+        Generations::open(&path)
     }
 
     #[test]
@@ -118,7 +122,11 @@ mod tests {
             .to_string();
         assert!(e.contains("older than version"), "{e}");
         // Without a generation store there is no check: fail-closed.
-        let e = check_dataplane(&config, &mut Err("disk gone".into()))
+        let gone = GenerationError::Io {
+            path: "/gone".into(),
+            reason: "disk gone".into(),
+        };
+        let e = check_dataplane(&config, &mut Err(gone))
             .unwrap_err()
             .to_string();
         assert!(e.contains("fail-closed"), "{e}");

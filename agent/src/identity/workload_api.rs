@@ -19,6 +19,8 @@ use super::{IdentityService, attest};
 #[allow(
     clippy::all,
     clippy::pedantic,
+    clippy::allow_attributes_without_reason,
+    clippy::undocumented_unsafe_blocks,
     missing_docs,
     missing_debug_implementations,
     unused_qualifications,

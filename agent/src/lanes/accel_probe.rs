@@ -28,6 +28,17 @@ const WARMUP: u32 = 200;
 /// Bytes per message: a lane frame of a small request.
 pub const BYTES: u32 = 1024;
 
+/// Why the probe measured nothing (the acceleration then stays off).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ProbeError(pub String);
+
+impl From<String> for ProbeError {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
 /// What the probe measured, and the decision.
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct ProbeFigures {
@@ -184,8 +195,8 @@ const HELPER_PATIENCE: Duration = Duration::from_secs(30);
 pub fn measure(
     bin: &Path,
     cgroup: &Path,
-    mut lane_socks: impl FnMut((u16, u16), bool) -> Result<bool, String>,
-) -> Result<ProbeFigures, String> {
+    mut lane_socks: impl FnMut((u16, u16), bool) -> Result<bool, ProbeError>,
+) -> Result<ProbeFigures, ProbeError> {
     use std::os::unix::process::CommandExt as _;
     let procs = std::fs::OpenOptions::new()
         .write(true)
@@ -226,28 +237,33 @@ pub fn measure(
         }
     });
     let result = (|| {
-        let mut stdin = child.stdin.take().ok_or("no stdin to the probe")?;
-        let line = || -> Result<String, String> {
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| ProbeError("no stdin to the probe".into()))?;
+        let line = || -> Result<String, ProbeError> {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) => l.map_err(|e| format!("cannot read the probe: {e}")),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                Ok(l) => l.map_err(|e| format!("cannot read the probe: {e}").into()),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(ProbeError(format!(
                     "the probe did not answer within {} s",
                     HELPER_PATIENCE.as_secs()
-                )),
+                ))),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    Err("the probe ended without an answer".to_owned())
+                    Err(ProbeError("the probe ended without an answer".to_owned()))
                 }
             }
         };
         let ports: ProbePorts = serde_json::from_str(&line()?)
             .map_err(|e| format!("the probe's ports are not understood: {e}"))?;
         if !lane_socks(ports.redirected, false)? {
-            return Err("sock_ops did not record the probe's sockets in LANE_SOCKS".to_owned());
+            return Err(ProbeError(
+                "sock_ops did not record the probe's sockets in LANE_SOCKS".to_owned(),
+            ));
         }
         if !lane_socks(ports.stack, true)? {
-            return Err(
+            return Err(ProbeError(
                 "sock_ops did not record the probe's stack connection in LANE_SOCKS".to_owned(),
-            );
+            ));
         }
         stdin
             .write_all(b"go\n")
@@ -264,7 +280,7 @@ pub fn measure(
         .map_err(|e| format!("cannot wait for the probe: {e}"))?;
     let times = result?;
     if !status.success() {
-        return Err(format!("the probe failed: {status}"));
+        return Err(ProbeError(format!("the probe failed: {status}")));
     }
     Ok(ProbeFigures {
         rounds: ROUNDS,

@@ -292,6 +292,29 @@ pub fn schema_errors(validator: &jsonschema::Validator, value: &Value) -> Vec<St
         .collect()
 }
 
+/// A published schema that does not compile: a defect of this binary (unit tests check every
+/// schema), reported rather than panicking.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("schema does not compile: {0}")]
+pub struct SchemaError(String);
+
+/// Why a document is not a valid message of a tagged schema.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidMessage {
+    /// Not JSON at all.
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// Against the schema, each problem at its JSON pointer.
+    #[error("{}", .0.join("; "))]
+    Schema(Vec<String>),
+    /// Past the schema, the typed value still does not fit.
+    #[error("{0}")]
+    Type(#[source] serde_json::Error),
+    /// The schema itself does not compile.
+    #[error(transparent)]
+    Validator(#[from] SchemaError),
+}
+
 /// Validators for an internally tagged enum's schema: one per `oneOf` branch (each with the
 /// schema's definitions), chosen by the tag, so an error names the field of the kind that was
 /// meant rather than "not valid under any of the schemas".
@@ -303,27 +326,39 @@ pub struct TaggedValidator {
 
 impl TaggedValidator {
     /// Compiles the branches of `root`, tagged by the property `tag`.
-    pub fn new(root: &Value, tag: &'static str) -> Result<Self, String> {
+    pub fn new(root: &Value, tag: &'static str) -> Result<Self, SchemaError> {
         let defs = root.get("$defs").cloned().unwrap_or_default();
         let branches = root
             .get("oneOf")
             .and_then(Value::as_array)
-            .ok_or("schema has no oneOf")?;
+            .ok_or_else(|| SchemaError("it has no oneOf".into()))?;
         let by_kind = branches
             .iter()
             .map(|branch| {
                 let kind = branch
                     .pointer(&format!("/properties/{tag}/const"))
                     .and_then(Value::as_str)
-                    .ok_or("schema branch without a const tag")?
+                    .ok_or_else(|| SchemaError("a branch has no const tag".into()))?
                     .to_owned();
                 let mut schema = branch.clone();
                 schema["$defs"] = defs.clone();
-                let v = jsonschema::validator_for(&schema).map_err(|e| e.to_string())?;
+                let v =
+                    jsonschema::validator_for(&schema).map_err(|e| SchemaError(e.to_string()))?;
                 Ok((kind, v))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, SchemaError>>()?;
         Ok(Self { tag, by_kind })
+    }
+
+    /// Parses `bytes` as a message of this schema: JSON, then the schema of its kind (each
+    /// error naming its JSON pointer), then the type. Nothing passes that fails one of them.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, InvalidMessage> {
+        let value: Value = serde_json::from_slice(bytes).map_err(InvalidMessage::NotJson)?;
+        let errors = self.errors(&value);
+        if !errors.is_empty() {
+            return Err(InvalidMessage::Schema(errors));
+        }
+        serde_json::from_value(value).map_err(InvalidMessage::Type)
     }
 
     /// Every way `value` breaks the schema of its kind (`/<tag>` when the kind is unknown).
@@ -348,10 +383,12 @@ impl TaggedValidator {
 
 /// The compiled plan schema, built once.
 fn validator() -> Result<&'static jsonschema::Validator, PlanError> {
-    static VALIDATOR: std::sync::OnceLock<Result<jsonschema::Validator, String>> =
+    static VALIDATOR: std::sync::OnceLock<Result<jsonschema::Validator, SchemaError>> =
         std::sync::OnceLock::new();
     VALIDATOR
-        .get_or_init(|| jsonschema::validator_for(&schema()).map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            jsonschema::validator_for(&schema()).map_err(|e| SchemaError(e.to_string()))
+        })
         .as_ref()
         .map_err(|e| PlanError::Schema(vec![format!("schema: {e}")]))
 }

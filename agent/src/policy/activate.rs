@@ -18,7 +18,7 @@ use crate::{
     admission::{Admission, Prepared},
     config::Config,
     events::{Event, EventBus},
-    generations::Generations,
+    generations::{GenerationError, Generations},
     lanes::broker::Broker,
     loader::{Dataplane, LoaderError},
     sys,
@@ -75,7 +75,7 @@ pub enum Step {
 pub struct PolicyService {
     config: Config,
     identity: Result<(), String>,
-    generations: Arc<Mutex<Result<Generations, String>>>,
+    generations: Arc<Mutex<Result<Generations, GenerationError>>>,
     admission: Arc<Admission>,
     broker: Arc<Broker>,
     events: Arc<EventBus>,
@@ -90,7 +90,7 @@ impl PolicyService {
     pub fn new(
         config: &Config,
         identity: Result<(), String>,
-        generations: Arc<Mutex<Result<Generations, String>>>,
+        generations: Arc<Mutex<Result<Generations, GenerationError>>>,
         admission: Arc<Admission>,
         broker: Arc<Broker>,
         events: Arc<EventBus>,
@@ -231,7 +231,7 @@ fn workload_cgroup(config: &Config, q: Quadrant, workload: &str) -> Result<u64, 
 /// last made live on this host, and the same revision must be the same bundle. Returns what to
 /// record once the bundle is live. The embedded bundle is versioned with the binary.
 pub fn check_revision(
-    generations: &Result<Generations, String>,
+    generations: &Result<Generations, GenerationError>,
     bundle: &PolicyBundle,
 ) -> Result<Option<(u64, u64)>, String> {
     if bundle.is_embedded() {
@@ -261,16 +261,15 @@ pub fn check_revision(
 
 /// Records a bundle revision [`check_revision`] accepted, once the bundle is live.
 fn record_revision(
-    generations: &mut Result<Generations, String>,
+    generations: &mut Result<Generations, GenerationError>,
     revision: Option<(u64, u64)>,
-) -> Result<(), String> {
+) -> Result<(), GenerationError> {
     let (Some((r, digest)), Ok(store)) = (revision, generations.as_mut()) else {
         return Ok(());
     };
     store
         .force(BUNDLE_REVISION_KEY, r)
         .and_then(|()| store.force(BUNDLE_DIGEST_KEY, digest))
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -299,13 +298,13 @@ mod tests {
         dir
     }
 
-    fn store(name: &str) -> Result<Generations, String> {
+    fn store(name: &str) -> Result<Generations, GenerationError> {
         let path = std::env::temp_dir().join(format!(
             "quadrant-revision-{name}-{}.json",
             std::process::id()
         ));
         let _ = fs::remove_file(&path);
-        Generations::open(&path).map_err(|e| e.to_string())
+        Generations::open(&path)
     }
 
     #[test]
@@ -338,7 +337,11 @@ mod tests {
             Some(3)
         );
         // No generation store: fail-closed for a versioned bundle.
-        let e = check_revision(&Err("disk gone".into()), &r3).unwrap_err();
+        let gone = Err(GenerationError::Io {
+            path: "/gone".into(),
+            reason: "disk gone".into(),
+        });
+        let e = check_revision(&gone, &r3).unwrap_err();
         assert!(e.contains("fail-closed"), "{e}");
     }
 }

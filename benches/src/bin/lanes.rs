@@ -70,13 +70,16 @@ struct Results {
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds shown to 0.01 us")]
     let v = h.value_at_quantile(q) as f64;
     (v / 10.0).round() / 100.0
 }
 
 fn row(transport: &str, baseline: bool, size: usize, h: &Histogram<u64>, elapsed: Duration) -> Row {
-    #[allow(clippy::cast_precision_loss)]
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "a throughput shown to 0.1 MiB/s"
+    )]
     let mib = (size as f64 * h.len() as f64) / elapsed.as_secs_f64() / f64::from(1u32 << 20);
     Row {
         transport: transport.into(),
@@ -110,7 +113,10 @@ fn measure(
     for _ in 0..n {
         let t = Instant::now();
         round_trip(&msg, &mut reply)?;
-        #[allow(clippy::cast_possible_truncation)]
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a round trip is far below 584 years"
+        )]
         h.record(t.elapsed().as_nanos() as u64)?;
     }
     let elapsed = start.elapsed();
@@ -199,7 +205,6 @@ fn bare_server(kind: &str, at: &str) -> anyhow::Result<()> {
 // ---- iceoryx2 request-response ----
 
 /// iceoryx2's errors implement `Debug`; carried as text.
-#[allow(clippy::needless_pass_by_value)] // used as a map_err function
 fn ice_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("iceoryx2: {e:?}")
 }
@@ -322,7 +327,10 @@ fn time_opens<T>(name: &str, mut op: impl FnMut() -> anyhow::Result<T>) -> anyho
     for i in 0..OPENS + OPENS / 10 {
         let t = Instant::now();
         let done = op()?;
-        #[allow(clippy::cast_possible_truncation)]
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a round trip is far below 584 years"
+        )]
         let ns = t.elapsed().as_nanos() as u64;
         drop(done);
         if i >= OPENS / 10 {
@@ -583,7 +591,7 @@ fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-#[allow(clippy::too_many_lines)] // the report, section after section
+#[expect(clippy::too_many_lines, reason = "the report, section after section")]
 fn orchestrate(only_control: bool) -> anyhow::Result<()> {
     quadrant::daemon::require_root("bench lanes")?;
     let mut config = bench_config()?;

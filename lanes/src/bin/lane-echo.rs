@@ -122,10 +122,11 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    #[allow(
+    #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
-        clippy::cast_precision_loss
+        clippy::cast_precision_loss,
+        reason = "a rank among at most a few million samples"
     )]
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i].as_secs_f64() * 1e6
@@ -151,7 +152,7 @@ fn call(
     let start = Instant::now();
     for i in 0..count {
         for (j, b) in msg.iter_mut().enumerate() {
-            #[allow(clippy::cast_possible_truncation)] // a byte pattern
+            #[expect(clippy::cast_possible_truncation, reason = "a byte pattern")]
             let v = (i + j) as u8;
             *b = v;
         }

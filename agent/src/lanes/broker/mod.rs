@@ -37,6 +37,7 @@ use super::{
 use crate::{
     config::Config,
     identity::{IdentityService, attest, spiffe_id},
+    plans::{InvalidMessage, SchemaError, TaggedValidator},
     policy::LaneRule,
 };
 
@@ -332,7 +333,8 @@ impl Broker {
             };
             let request = match parse_request(&buf[..n]) {
                 Ok(r) => r,
-                Err(message) => {
+                Err(e) => {
+                    let message = e.to_string();
                     self.count_refusal(caller.quadrant.name(), Refusal::Invalid);
                     let _ = conn.send(
                         &LaneMessage::Error {
@@ -478,21 +480,20 @@ impl Broker {
 }
 
 /// Parses a request after validating it against its schema; the error names the field.
-pub fn parse_request(bytes: &[u8]) -> Result<LaneRequest, String> {
-    static VALIDATOR: std::sync::OnceLock<Result<crate::plans::TaggedValidator, String>> =
+pub fn parse_request(bytes: &[u8]) -> Result<LaneRequest, InvalidLaneRequest> {
+    static VALIDATOR: std::sync::OnceLock<Result<TaggedValidator, SchemaError>> =
         std::sync::OnceLock::new();
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("lane request is not JSON: {e}"))?;
     let validator = VALIDATOR
-        .get_or_init(|| crate::plans::TaggedValidator::new(&control::request_schema(), "kind"))
+        .get_or_init(|| TaggedValidator::new(&control::request_schema(), "kind"))
         .as_ref()
-        .map_err(|e| format!("lane request schema does not compile: {e}"))?;
-    let errors = validator.errors(&value);
-    if !errors.is_empty() {
-        return Err(format!("invalid lane request: {}", errors.join("; ")));
-    }
-    serde_json::from_value(value).map_err(|e| format!("invalid lane request: {e}"))
+        .map_err(|e| InvalidLaneRequest(InvalidMessage::Validator(e.clone())))?;
+    validator.parse(bytes).map_err(InvalidLaneRequest)
 }
+
+/// A lane request that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid lane request: {0}")]
+pub struct InvalidLaneRequest(#[from] pub InvalidMessage);
 
 #[cfg(test)]
 mod tests {
@@ -533,7 +534,7 @@ mod tests {
             (br#"{"kind":"fly"}"#, "kind"),
             (b"not json", "not JSON"),
         ] {
-            let e = parse_request(bad).unwrap_err();
+            let e = parse_request(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{e} should name {needle}");
         }
     }

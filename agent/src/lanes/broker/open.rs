@@ -118,7 +118,10 @@ impl Broker {
             .map_err(|e| refuse(Refusal::Io, e.to_string()))?;
         region.initialize();
 
-        #[allow(clippy::cast_possible_truncation)] // capacity_for(≤ 64 MiB) fits
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "capacity_for(≤ 64 MiB) fits"
+        )]
         let grant = |local: &str, peer: &str, tcp: Option<TcpGrant>| LaneGrant {
             lane: lane_id,
             transport,
@@ -157,7 +160,8 @@ impl Broker {
             }
             Transport::Tcp => {
                 let mut token = [0u8; 16];
-                ring_rand(&mut token).map_err(|e| refuse(Refusal::Io, e))?;
+                ring_rand(&mut token)
+                    .map_err(|_| refuse(Refusal::Io, "no randomness for the lane token".into()))?;
                 let token = crate::artifacts::hex(&token);
                 let address = format!(
                     "{}:{}",
@@ -259,9 +263,7 @@ impl Broker {
     }
 }
 
-fn ring_rand(out: &mut [u8]) -> Result<(), String> {
+fn ring_rand(out: &mut [u8]) -> Result<(), ::ring::error::Unspecified> {
     use ::ring::rand::SecureRandom as _;
-    ::ring::rand::SystemRandom::new()
-        .fill(out)
-        .map_err(|_| "no randomness for the lane token".to_owned())
+    ::ring::rand::SystemRandom::new().fill(out)
 }

@@ -219,7 +219,7 @@ pub fn render(r: &LanesReport) -> String {
         let _ = writeln!(out, "  (none)");
     }
     for l in &r.lanes {
-        #[allow(clippy::cast_precision_loss)] // display only
+        #[expect(clippy::cast_precision_loss, reason = "display only")]
         let rtt = if l.rtt_ns == 0 {
             "-".to_owned()
         } else {
