@@ -199,6 +199,9 @@ impl Prepared {
 pub struct Admission {
     /// The prepared policy; `Err` holds why there is none (admission then fails closed).
     prepared: Mutex<Result<Prepared, String>>,
+    /// The digest of the prepared bundle, kept apart so that reading it (`quadrant status`)
+    /// never waits for an evaluation holding `prepared`.
+    digest: Mutex<Option<String>>,
     audit: Result<AuditLog, String>,
 }
 
@@ -207,29 +210,34 @@ impl Admission {
     #[must_use]
     pub fn new(prepared: Result<Prepared, String>, audit: Result<AuditLog, String>) -> Self {
         Self {
+            digest: Mutex::new(prepared.as_ref().ok().map(|p| p.digest.clone())),
             prepared: Mutex::new(prepared),
             audit,
         }
     }
 
-    /// Replaces the prepared policy (after a reload).
     /// The digest of the bundle admission decides with (`None`: it refuses everything).
     #[must_use]
     pub fn bundle_digest(&self) -> Option<String> {
-        self.prepared
+        self.digest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .ok()
-            .map(|p| p.digest.clone())
+            .clone()
     }
 
     /// Replaces the prepared policy (or records why there is none).
     pub fn set_prepared(&self, prepared: Result<Prepared, String>) {
-        *self
+        let mut live = self
             .prepared
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = prepared;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Under the same lock, so the digest never names another bundle than the one deciding.
+        *self
+            .digest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            prepared.as_ref().ok().map(|p| p.digest.clone());
+        *live = prepared;
     }
 
     /// Appends an event other than an admission (a break-glass rollback) to the audit log.

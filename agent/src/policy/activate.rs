@@ -79,8 +79,10 @@ pub struct PolicyService {
     admission: Arc<Admission>,
     broker: Arc<Broker>,
     events: Arc<EventBus>,
-    /// The status line; held while an activation runs, so activations take turns.
+    /// The status line (held only to read or replace it: status answers during an activation).
     live: Mutex<String>,
+    /// Held while an activation runs, so activations take turns.
+    turn: Mutex<()>,
 }
 
 impl PolicyService {
@@ -103,6 +105,7 @@ impl PolicyService {
             broker,
             events,
             live: Mutex::new("deny-all: no policy made live yet".into()),
+            turn: Mutex::new(()),
         }
     }
 
@@ -140,11 +143,14 @@ impl PolicyService {
         dataplane: &Mutex<Dataplane>,
         mut between: impl FnMut(Step),
     ) -> Result<Activated, ActivateError> {
-        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let result = self.run(dataplane, &mut between);
         match &result {
             Ok(a) => {
-                live.clone_from(&a.state);
+                self.live
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone_from(&a.state);
                 info!(slot = a.slot, digest = %a.digest, "{}", a.state);
                 self.events.emit(|seq, at_ms| Event::PolicyReloaded {
                     seq,
