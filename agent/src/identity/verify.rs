@@ -48,42 +48,56 @@ mod tests {
         p.self_signed(&key).unwrap().der().to_vec()
     }
 
-    #[test]
-    #[expect(clippy::too_many_lines, reason = "one case table")]
-    fn forged_and_misused_svids_are_refused_by_rule() {
-        let (ca, dir) = authority("matrix");
-        let roots = ca.roots().to_vec();
-        let now = SystemTime::now();
-        let verify = |chain: &[Vec<u8>], q| verify_svid(chain, &roots, TD, q, now);
+    /// Asserts `chain` is refused with an error of `expected`'s kind, checked `at`.
+    fn assert_refused(
+        ca: &Authority,
+        what: &str,
+        chain: &[Vec<u8>],
+        at: SystemTime,
+        expected: &SvidError,
+    ) {
+        let err = verify_svid(chain, ca.roots(), TD, Some(Quadrant::Px), at).unwrap_err();
+        assert_eq!(
+            std::mem::discriminant(&err),
+            std::mem::discriminant(expected),
+            "{what}: {err}"
+        );
+    }
 
+    #[test]
+    fn an_svid_of_this_authority_verifies_and_one_of_another_does_not() {
+        let (ca, dir) = authority("good");
+        let now = SystemTime::now();
         let good = ca.mint_x509(PX_API, Duration::from_hours(1)).unwrap();
-        let ok = verify(&good.chain, Some(Quadrant::Px)).unwrap();
+        let ok = verify_svid(&good.chain, ca.roots(), TD, Some(Quadrant::Px), now).unwrap();
         assert_eq!(
             (ok.spiffe_id.as_str(), ok.quadrant, ok.workload.as_str()),
             (PX_API, Quadrant::Px, "api")
         );
+        // An SVID of another agent's CA (same trust domain name) does not chain to our bundle.
+        let (other, other_dir) = authority("other");
+        let foreign = other.mint_x509(PX_API, Duration::from_hours(1)).unwrap();
+        assert_refused(
+            &ca,
+            "foreign CA",
+            &foreign.chain,
+            now,
+            &SvidError::Chain(String::new()),
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(other_dir);
+    }
 
+    #[test]
+    fn forged_certificates_are_refused_by_rule() {
+        let (ca, dir) = authority("forged");
         let ds = || vec![KeyUsagePurpose::DigitalSignature];
-        let self_signed = leaf(&[PX_API], false, ds());
-        let wrong_td = ca
-            .mint_x509(
-                "spiffe://evil.example/quadrant/px/workload/api",
-                Duration::from_hours(1),
-            )
-            .unwrap();
-        let expired = ca.mint_x509(PX_API, Duration::ZERO).unwrap();
-        let dx_id = ca
-            .mint_x509(
-                "spiffe://quadrant.local/quadrant/dx/workload/api",
-                Duration::from_hours(1),
-            )
-            .unwrap();
-        let not_quadrant = ca
-            .mint_x509(
-                "spiffe://quadrant.local/ns/default/sa/api",
-                Duration::from_hours(1),
-            )
-            .unwrap();
+        let may_sign = || {
+            vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyCertSign,
+            ]
+        };
         let cases: Vec<(&str, Vec<Vec<u8>>, SvidError)> = vec![
             ("empty chain", vec![], SvidError::Missing),
             (
@@ -96,7 +110,7 @@ mod tests {
             ),
             (
                 "self-signed",
-                vec![self_signed],
+                vec![leaf(&[PX_API], false, ds())],
                 SvidError::Chain(String::new()),
             ),
             (
@@ -115,39 +129,42 @@ mod tests {
             ),
             (
                 "CA certificate as leaf",
-                vec![leaf(
-                    &[PX_API],
-                    true,
-                    vec![
-                        KeyUsagePurpose::DigitalSignature,
-                        KeyUsagePurpose::KeyCertSign,
-                    ],
-                )],
+                vec![leaf(&[PX_API], true, may_sign())],
                 SvidError::LeafIsCa,
             ),
             (
                 "may sign certificates",
-                vec![leaf(
-                    &[PX_API],
-                    false,
-                    vec![
-                        KeyUsagePurpose::DigitalSignature,
-                        KeyUsagePurpose::KeyCertSign,
-                    ],
-                )],
+                vec![leaf(&[PX_API], false, may_sign())],
                 SvidError::KeyUsage,
             ),
+        ];
+        for (what, chain, expected) in cases {
+            assert_refused(&ca, what, &chain, SystemTime::now(), &expected);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn svids_of_this_authority_used_out_of_place_are_refused_by_rule() {
+        let (ca, dir) = authority("misused");
+        let now = SystemTime::now();
+        let mint = |id: &str, life| ca.mint_x509(id, life).unwrap().chain;
+        let hour = Duration::from_hours(1);
+        let cases: Vec<(&str, Vec<Vec<u8>>, SystemTime, SvidError)> = vec![
             (
                 "wrong trust domain",
-                wrong_td.chain,
+                mint("spiffe://evil.example/quadrant/px/workload/api", hour),
+                now,
                 SvidError::TrustDomain {
                     id: String::new(),
                     trust_domain: String::new(),
                 },
             ),
             (
+                // A clock past the SVID's (zero-length) lifetime plus the backdating.
                 "expired",
-                expired.chain,
+                mint(PX_API, Duration::ZERO),
+                now + Duration::from_mins(2),
                 SvidError::Validity {
                     index: 0,
                     what: "expired",
@@ -157,7 +174,8 @@ mod tests {
             ),
             (
                 "other quadrant's ID",
-                dx_id.chain,
+                mint("spiffe://quadrant.local/quadrant/dx/workload/api", hour),
+                now,
                 SvidError::WrongQuadrant {
                     id: String::new(),
                     actual: String::new(),
@@ -166,32 +184,14 @@ mod tests {
             ),
             (
                 "not a quadrant ID",
-                not_quadrant.chain,
+                mint("spiffe://quadrant.local/ns/default/sa/api", hour),
+                now,
                 SvidError::NotQuadrantId(String::new()),
             ),
         ];
-        for (what, chain, expected) in cases {
-            // "expired" needs a clock past the SVID's (zero-length) lifetime plus the backdating.
-            let at = if what == "expired" {
-                now + Duration::from_mins(2)
-            } else {
-                now
-            };
-            let err = verify_svid(&chain, &roots, TD, Some(Quadrant::Px), at).unwrap_err();
-            assert_eq!(
-                std::mem::discriminant(&err),
-                std::mem::discriminant(&expected),
-                "{what}: {err}"
-            );
+        for (what, chain, at, expected) in cases {
+            assert_refused(&ca, what, &chain, at, &expected);
         }
-        // An SVID of another agent's CA (same trust domain name) does not chain to our bundle.
-        let (other, other_dir) = authority("other");
-        let foreign = other.mint_x509(PX_API, Duration::from_hours(1)).unwrap();
-        assert!(matches!(
-            verify(&foreign.chain, Some(Quadrant::Px)),
-            Err(SvidError::Chain(_))
-        ));
         let _ = std::fs::remove_dir_all(dir);
-        let _ = std::fs::remove_dir_all(other_dir);
     }
 }

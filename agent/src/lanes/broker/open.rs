@@ -48,10 +48,9 @@ impl Broker {
         ))
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one lane built step by step, each failure named"
-    )]
+    /// Opens a lane from `from_id` in `from_q` to `service` in `to_q`: finds the service,
+    /// chooses the transport the rules allow, builds the lane, charges it against the opener's
+    /// limits and hands each end its part — the service first.
     pub(super) fn open(
         &self,
         conn: &Arc<Conn>,
@@ -61,38 +60,131 @@ impl Broker {
         service: &str,
         choice: TransportChoice,
     ) -> Result<(), Refused> {
-        let (server_conn, server_id, tcp_port) = {
-            let state = self.state();
-            let s = state
-                .services
-                .get(&(to_q, service.to_owned()))
-                .ok_or_else(|| {
-                    refuse(
-                        Refusal::NoService,
-                        format!("no service {service} is offered in {}", to_q.name()),
-                    )
-                })?;
-            (Arc::clone(&s.conn), s.spiffe_id.clone(), s.tcp_port)
+        let ask = Ask {
+            from_q,
+            from_id,
+            to_q,
+            service,
         };
-        let transport = {
-            let rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
-            decide::choose_transport(
-                rules
-                    .live
-                    .as_deref()
-                    .map(Vec::as_slice)
-                    .map_err(String::as_str),
-                from_q,
-                from_id,
-                to_q,
-                service,
-                choice,
-                decide::Offer {
-                    has_tcp: tcp_port.is_some(),
-                    identity: self.identity.is_some(),
-                },
-            )?
+        let target = self.find_service(to_q, service)?;
+        let transport = self.choose(&ask, choice, &target)?;
+        let lane_id = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        let built = self.build(lane_id, &ask, transport, &target)?;
+        let Built {
+            memory,
+            region,
+            shm_bytes,
+            client,
+            server,
+        } = built;
+        let mut state = self.state();
+        decide::within_limits(
+            from_q,
+            state.usage(from_q),
+            shm_bytes,
+            &self.config.lanes.limits_of(from_q),
+        )?;
+        let info = LaneInfo {
+            lane: lane_id,
+            transport,
+            service: service.to_owned(),
+            quadrant: to_q.name().to_owned(),
+            client: from_id.to_owned(),
+            server: target.id.clone(),
+            bytes_to_server: 0,
+            bytes_to_client: 0,
+            messages: 0,
+            rtt_ns: 0,
+            shm_bytes,
+            age_secs: 0,
         };
+        // Charged before the lock is released, so concurrent opens cannot overshoot the limits.
+        state.lanes.insert(
+            lane_id,
+            OpenLane {
+                info,
+                client_quadrant: from_q,
+                client_conn: Arc::clone(conn),
+                server_conn: Arc::clone(&target.conn),
+                opened: Instant::now(),
+                region,
+                _memory: memory,
+            },
+        );
+        drop(state);
+        if !self.hand_over(conn, lane_id, &ask, &target, client, server)? {
+            return Ok(());
+        }
+        self.events
+            .emit(|seq, at_ms| crate::events::Event::LaneOpened {
+                seq,
+                at_ms,
+                lane: lane_id,
+                transport,
+                client: from_id.to_owned(),
+                service: format!("{}/{service}", to_q.name()),
+            });
+        Ok(())
+    }
+
+    fn find_service(&self, to_q: Quadrant, service: &str) -> Result<Target, Refused> {
+        let state = self.state();
+        let s = state
+            .services
+            .get(&(to_q, service.to_owned()))
+            .ok_or_else(|| {
+                refuse(
+                    Refusal::NoService,
+                    format!("no service {service} is offered in {}", to_q.name()),
+                )
+            })?;
+        Ok(Target {
+            conn: Arc::clone(&s.conn),
+            id: s.spiffe_id.clone(),
+            tcp_port: s.tcp_port,
+        })
+    }
+
+    fn choose(
+        &self,
+        ask: &Ask<'_>,
+        choice: TransportChoice,
+        target: &Target,
+    ) -> Result<Transport, Refused> {
+        let rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
+        decide::choose_transport(
+            rules
+                .live
+                .as_deref()
+                .map(Vec::as_slice)
+                .map_err(String::as_str),
+            ask.from_q,
+            ask.from_id,
+            ask.to_q,
+            ask.service,
+            choice,
+            decide::Offer {
+                has_tcp: target.tcp_port.is_some(),
+                identity: self.identity.is_some(),
+            },
+        )
+    }
+
+    /// The lane's memory (a sealed memfd holding the rings, empty but for the header unless
+    /// the transport is shared memory) and each end's grant and descriptors.
+    fn build(
+        &self,
+        lane_id: u64,
+        ask: &Ask<'_>,
+        transport: Transport,
+        target: &Target,
+    ) -> Result<Built, Refused> {
+        let &Ask {
+            from_q,
+            from_id,
+            to_q,
+            service,
+        } = ask;
         let limits = self.config.lanes.limits_of(from_q);
         let max_message = self.config.lanes.max_message_bytes;
         let ring_bytes = if transport == Transport::Shm {
@@ -100,19 +192,13 @@ impl Broker {
         } else {
             0
         };
-        let shm_bytes = ring::mapping_len(ring_bytes) as u64;
-        let lane_id = self.next_lane.fetch_add(1, Ordering::Relaxed);
-
-        let io_err = |what: &str, e: io::Error| {
-            refuse(Refusal::Io, format!("cannot create the lane's {what}: {e}"))
-        };
         let memfd = os::sealed_memfd(
             &format!("quadrant-lane-{lane_id}"),
             ring::mapping_len(ring_bytes),
         )
-        .map_err(|e| io_err("memory", e))?;
+        .map_err(|e| io_err("memory", &e))?;
         let memory = Mapping::new(&memfd, ring::mapping_len(ring_bytes), true)
-            .map_err(|e| io_err("memory", e))?;
+            .map_err(|e| io_err("memory", &e))?;
         // SAFETY: the mapping has exactly this length, is page-aligned and lives in the entry.
         let region = unsafe { Region::new(memory.as_ptr(), memory.len(), ring_bytes) }
             .map_err(|e| refuse(Refusal::Io, e.to_string()))?;
@@ -134,96 +220,101 @@ impl Broker {
             max_in_flight: limits.max_in_flight,
             tcp,
         };
-        let mut client_fds: Vec<OwnedFd> = Vec::new();
-        let mut server_fds: Vec<OwnedFd> = Vec::new();
-        let (client_grant, server_grant) = match transport {
+        let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", &e));
+        let (client, server) = match transport {
             Transport::Shm => {
-                let efd_c = os::eventfd().map_err(|e| io_err("eventfd", e))?;
-                let efd_s = os::eventfd().map_err(|e| io_err("eventfd", e))?;
-                let (pc, ps) = os::seqpacket_pair().map_err(|e| io_err("socket pair", e))?;
-                let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", e));
-                client_fds.extend([dup(&memfd)?, dup(&efd_c)?, dup(&efd_s)?, pc]);
-                server_fds.extend([memfd, efd_s, efd_c, ps]);
+                let efd_c = os::eventfd().map_err(|e| io_err("eventfd", &e))?;
+                let efd_s = os::eventfd().map_err(|e| io_err("eventfd", &e))?;
+                let (pc, ps) = os::seqpacket_pair().map_err(|e| io_err("socket pair", &e))?;
                 (
-                    grant(from_id, &server_id, None),
-                    grant(&server_id, from_id, None),
+                    End {
+                        grant: grant(from_id, &target.id, None),
+                        fds: vec![dup(&memfd)?, dup(&efd_c)?, dup(&efd_s)?, pc],
+                    },
+                    End {
+                        grant: grant(&target.id, from_id, None),
+                        fds: vec![memfd, efd_s, efd_c, ps],
+                    },
                 )
             }
             Transport::Uds => {
-                let (uc, us) = os::stream_pair().map_err(|e| io_err("socket pair", e))?;
-                client_fds.extend([memfd.try_clone().map_err(|e| io_err("descriptor", e))?, uc]);
-                server_fds.extend([memfd, us]);
+                let (uc, us) = os::stream_pair().map_err(|e| io_err("socket pair", &e))?;
                 (
-                    grant(from_id, &server_id, None),
-                    grant(&server_id, from_id, None),
+                    End {
+                        grant: grant(from_id, &target.id, None),
+                        fds: vec![dup(&memfd)?, uc],
+                    },
+                    End {
+                        grant: grant(&target.id, from_id, None),
+                        fds: vec![memfd, us],
+                    },
                 )
             }
             Transport::Tcp => {
-                let mut token = [0u8; 16];
-                ring_rand(&mut token)
-                    .map_err(|_| refuse(Refusal::Io, "no randomness for the lane token".into()))?;
-                let token = crate::artifacts::hex(&token);
-                let address = format!(
-                    "{}:{}",
-                    self.config.addrs(to_q).workload,
-                    tcp_port.unwrap_or_default()
-                );
-                client_fds.push(memfd.try_clone().map_err(|e| io_err("descriptor", e))?);
-                server_fds.push(memfd);
-                let client_tcp = TcpGrant {
-                    address: Some(address),
-                    token: token.clone(),
-                    svid: self.svid_material(from_id)?,
-                };
-                let server_tcp = TcpGrant {
-                    address: None,
-                    token,
-                    svid: self.svid_material(&server_id)?,
-                };
+                let (client_tcp, server_tcp) = self.tcp_grants(ask, target)?;
                 (
-                    grant(from_id, &server_id, Some(client_tcp)),
-                    grant(&server_id, from_id, Some(server_tcp)),
+                    End {
+                        grant: grant(from_id, &target.id, Some(client_tcp)),
+                        fds: vec![dup(&memfd)?],
+                    },
+                    End {
+                        grant: grant(&target.id, from_id, Some(server_tcp)),
+                        fds: vec![memfd],
+                    },
                 )
             }
         };
+        Ok(Built {
+            memory,
+            region,
+            shm_bytes: ring::mapping_len(ring_bytes) as u64,
+            client,
+            server,
+        })
+    }
 
-        let mut state = self.state();
-        decide::within_limits(from_q, state.usage(from_q), shm_bytes, &limits)?;
-        let info = LaneInfo {
-            lane: lane_id,
-            transport,
-            service: service.to_owned(),
-            quadrant: to_q.name().to_owned(),
-            client: from_id.to_owned(),
-            server: server_id.clone(),
-            bytes_to_server: 0,
-            bytes_to_client: 0,
-            messages: 0,
-            rtt_ns: 0,
-            shm_bytes,
-            age_secs: 0,
-        };
-        // Charged before the lock is released, so concurrent opens cannot overshoot the limits.
-        state.lanes.insert(
-            lane_id,
-            OpenLane {
-                info,
-                client_quadrant: from_q,
-                client_conn: Arc::clone(conn),
-                server_conn: Arc::clone(&server_conn),
-                opened: Instant::now(),
-                region,
-                _memory: memory,
-            },
+    /// Where the opener connects (the service's port at its quadrant's workload address), the
+    /// token both ends check, and each end's SVID.
+    fn tcp_grants(&self, ask: &Ask<'_>, target: &Target) -> Result<(TcpGrant, TcpGrant), Refused> {
+        let mut token = [0u8; 16];
+        ring_rand(&mut token)
+            .map_err(|_| refuse(Refusal::Io, "no randomness for the lane token".into()))?;
+        let token = crate::artifacts::hex(&token);
+        let address = format!(
+            "{}:{}",
+            self.config.addrs(ask.to_q).workload,
+            target.tcp_port.unwrap_or_default()
         );
-        drop(state);
-        // The service first: once the opener has its end, the other must exist. A service that
-        // does not take its lanes within INCOMING_PATIENCE makes the opener's request fail
-        // ("busy") rather than queue without bound.
-        let server_refs: Vec<&OwnedFd> = server_fds.iter().collect();
-        if let Err(e) = server_conn.send(
+        let client = TcpGrant {
+            address: Some(address),
+            token: token.clone(),
+            svid: self.svid_material(ask.from_id)?,
+        };
+        let server = TcpGrant {
+            address: None,
+            token,
+            svid: self.svid_material(&target.id)?,
+        };
+        Ok((client, server))
+    }
+
+    /// Hands the service its end, then the opener; `false` if the opener could not take its
+    /// end (the lane is closed again). A service that does not take its lanes within
+    /// [`INCOMING_PATIENCE`] makes the opener's request fail ("busy") rather than queue without
+    /// bound; once the opener has its end, the other exists.
+    fn hand_over(
+        &self,
+        conn: &Arc<Conn>,
+        lane_id: u64,
+        ask: &Ask<'_>,
+        target: &Target,
+        client: End,
+        server: End,
+    ) -> Result<bool, Refused> {
+        let server_refs: Vec<&OwnedFd> = server.fds.iter().collect();
+        if let Err(e) = target.conn.send(
             &LaneMessage::Incoming {
-                grant: server_grant,
+                grant: server.grant,
             },
             &server_refs,
             false,
@@ -232,35 +323,61 @@ impl Broker {
             return Err(refuse(
                 Refusal::Busy,
                 format!(
-                    "service {service} in {} did not take the lane within {} ms: {e}",
-                    to_q.name(),
+                    "service {} in {} did not take the lane within {} ms: {e}",
+                    ask.service,
+                    ask.to_q.name(),
                     INCOMING_PATIENCE.as_millis()
                 ),
             ));
         }
-        let client_refs: Vec<&OwnedFd> = client_fds.iter().collect();
+        let client_refs: Vec<&OwnedFd> = client.fds.iter().collect();
         if let Err(e) = conn.send(
             &LaneMessage::Opened {
-                grant: client_grant,
+                grant: client.grant,
             },
             &client_refs,
             true,
         ) {
             warn!(lane = lane_id, error = %e, "cannot hand the lane to its opener");
             self.close(conn.id, lane_id);
-            return Ok(());
+            return Ok(false);
         }
-        self.events
-            .emit(|seq, at_ms| crate::events::Event::LaneOpened {
-                seq,
-                at_ms,
-                lane: lane_id,
-                transport,
-                client: from_id.to_owned(),
-                service: format!("{}/{service}", to_q.name()),
-            });
-        Ok(())
+        Ok(true)
     }
+}
+
+/// Who asks for a lane to what.
+struct Ask<'a> {
+    from_q: Quadrant,
+    from_id: &'a str,
+    to_q: Quadrant,
+    service: &'a str,
+}
+
+/// The service a lane goes to.
+struct Target {
+    conn: Arc<Conn>,
+    id: String,
+    tcp_port: Option<u16>,
+}
+
+/// One end of a lane: what its workload is told and the descriptors it receives.
+struct End {
+    grant: LaneGrant,
+    fds: Vec<OwnedFd>,
+}
+
+/// A lane built but not yet charged or handed over.
+struct Built {
+    memory: Mapping,
+    region: Region,
+    shm_bytes: u64,
+    client: End,
+    server: End,
+}
+
+fn io_err(what: &str, e: &io::Error) -> Refused {
+    refuse(Refusal::Io, format!("cannot create the lane's {what}: {e}"))
 }
 
 fn ring_rand(out: &mut [u8]) -> Result<(), ::ring::error::Unspecified> {
