@@ -249,6 +249,15 @@ impl Instance {
         assert!(reload.status.success(), "{reload:?}");
     }
 
+    /// The agent's process id.
+    ///
+    /// # Panics
+    /// If the agent is not running.
+    #[must_use]
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("the agent runs").id()
+    }
+
     /// What the agent logged so far (stderr).
     #[must_use]
     pub fn agent_log(&self) -> String {

@@ -4,6 +4,7 @@
 
 use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf, process::Command};
 
+use dataplane_common::Quadrant;
 use quadrant::signing::{PLAN_PAYLOAD_TYPE, SigningKey};
 use quadrant_tests::harness::{Instance, TEST_STATE_DIR, test_config};
 use serde_json::{Value, json};
@@ -184,10 +185,7 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     assert!(
         logs.contains(&format!(
             "up hello --listen via unix://{}",
-            fx.inst
-                .config
-                .workload_socket(dataplane_common::Quadrant::Px)
-                .display()
+            fx.inst.config.workload_socket(Quadrant::Px).display()
         )),
         "{logs}"
     );
@@ -425,7 +423,7 @@ fn a_workload_at_its_limits_affects_only_its_quadrant() {
         fs::read_to_string(
             fx.inst
                 .config
-                .cgroup_dir(dataplane_common::Quadrant::Px)
+                .cgroup_dir(Quadrant::Px)
                 .join("api/pids.current"),
         )
     }
@@ -449,14 +447,11 @@ fn a_workload_at_its_limits_affects_only_its_quadrant() {
     assert_eq!(dx["state"], "running");
     let dx_pid = dx["pid"].as_u64().expect("pid");
     assert!(PathBuf::from(format!("/proc/{dx_pid}")).exists());
-    let _server = fx.inst.serve(
-        dataplane_common::Quadrant::Dg,
-        &["tcp-echo", "0.0.0.0:7000"],
-    );
-    let dg = fx.inst.addr(dataplane_common::Quadrant::Dg);
+    let _server = fx.inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7000"]);
+    let dg = fx.inst.addr(Quadrant::Dg);
     assert_eq!(
         fx.inst.probe(
-            dataplane_common::Quadrant::Dx,
+            Quadrant::Dx,
             &["tcp-connect", &format!("{dg}:7000"), "2000"]
         ),
         (true, "ok hello".into())
@@ -483,7 +478,7 @@ fn a_plan_limits_its_workload_to_the_lanes_it_declares() {
     let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo");
     let echo = echo.to_str().expect("utf8");
     let (_, _server) = fx.inst.background_in(
-        dataplane_common::Quadrant::Dg,
+        Quadrant::Dg,
         Some("echo"),
         &[echo, "serve", "echo"],
         "listening as",
@@ -744,4 +739,124 @@ fn production_admission_follows_the_configured_trust_domain() {
         "{out}"
     );
     assert_eq!(fx.workloads().len(), 2);
+}
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &std::path::Path) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == path))
+    })
+}
+
+/// CPU time process `pid` used so far, in clock ticks (user + system).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5), i.e. 11 and 12 after the state.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Asserts the agent answers `quadrant status` and a Workload API fetch now; returns the
+/// policy digest status reports.
+fn answers(inst: &Instance) -> Option<String> {
+    let status = inst.status();
+    let (ok, line) = inst.probe(Quadrant::Dx, &["svid"]);
+    assert!(ok, "Workload API fetch: {line}");
+    status.policy_digest
+}
+
+#[test]
+fn status_and_the_workload_api_answer_while_a_slow_submit_and_a_slow_reload_run() {
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-slow", config.instance));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let policies = quadrant_tests::harness::copy_of_policies(&config.instance);
+    config.policy_dir = Some(policies.clone());
+    let fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    fx.trust_key("prod", "plan", &["px"]);
+    let pid = fx.inst.agent_pid();
+
+    // A deliberately slow artifact: a script followed by 2 GiB the shell never reaches
+    // (a sparse file: no memory spent), which admission re-hashes before the plan runs.
+    fs::create_dir_all(&fx.inst.config.artifacts_root).expect("store");
+    let staged = dir.join("big.sh");
+    fs::write(&staged, "#!/bin/sh\necho big\nexec sleep 60\n").expect("write");
+    fs::File::options()
+        .write(true)
+        .open(&staged)
+        .and_then(|f| f.set_len(2 << 30))
+        .expect("pad");
+    let digest =
+        quadrant::artifacts::sha256_hex(fs::File::open(&staged).expect("open")).expect("hash");
+    let reference = format!("big@sha256:{digest}");
+    let stored = fx.inst.config.artifacts_root.join(&reference);
+    fs::rename(&staged, &stored).expect("into the store");
+    fs::set_permissions(&stored, std::os::unix::fs::PermissionsExt::from_mode(0o555))
+        .expect("chmod");
+
+    let before = answers(&fx.inst);
+    std::thread::scope(|s| {
+        let submit = s.spawn(|| fx.sign_and_submit(&plan_doc(1, &reference), "prod"));
+        // The agent is in the middle of the submit once it has the artifact open.
+        while !has_open(pid, &stored) {
+            assert!(
+                !submit.is_finished(),
+                "the submit ended before its artifact was read"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        answers(&fx.inst);
+        assert!(
+            has_open(pid, &stored) && !submit.is_finished(),
+            "status and the fetch answered only after the artifact was hashed"
+        );
+        let (ok, _, err) = submit.join().expect("submit thread");
+        assert!(ok, "{err}");
+    });
+
+    // A deliberately slow policy: a deny whose body counts through millions of numbers.
+    let global = policies.join("runtime/global.rego");
+    let rego = fs::read_to_string(&global).expect("read");
+    let slow = "deny contains {\"from\": \"dx\", \"to\": \"px\", \"reason\": \"slow\"} if {\n\t\
+                count([x | some x in numbers.range(1, 1000000); x % 7 == 0]) > 0\n}\n";
+    fs::write(&global, format!("{rego}\n{slow}")).expect("write");
+    std::thread::scope(|s| {
+        let idle = cpu_ticks(pid);
+        let reload = s.spawn(|| fx.run(&["policy", "reload"]));
+        // The agent is evaluating once it has spent half a second of CPU on it.
+        while cpu_ticks(pid) < idle + 50 {
+            assert!(
+                !reload.is_finished(),
+                "the reload ended before it took half a second"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let during = answers(&fx.inst);
+        assert!(
+            !reload.is_finished(),
+            "status and the fetch answered only after the reload"
+        );
+        assert_eq!(
+            during, before,
+            "during the reload the previous policy is live"
+        );
+        let (ok, _, err) = reload.join().expect("reload thread");
+        assert!(ok, "{err}");
+    });
+    assert_ne!(
+        answers(&fx.inst),
+        before,
+        "the reload made the new bundle live"
+    );
+    let _ = fs::remove_dir_all(&dir);
 }
