@@ -2,7 +2,7 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`config`] | configuration types, embedded default, validation, policy compilation |
+//! | [`config`] | configuration types, embedded default, validation |
 //! | [`sys`] | iproute2, mounts, sysctls, namespace entry |
 //! | [`quadrants`] | a quadrant's namespace, veth, addresses and cgroup |
 //! | [`loader`] | the eBPF object: load, pin, attach, maps, counters |
@@ -17,7 +17,9 @@
 //! | [`generations`] | monotone plan generations per workload |
 //! | [`workloads`] | running admitted workloads in their quadrant with limits and restarts |
 //! | [`identity`] | MCP-Core identity: CA, SVIDs, attestation, SPIFFE Workload API |
-//! | [`policy`] | MCP-Core policy: Rego bundle (regorus), runtime flows compiled to the kernel, tests, eval |
+//! | [`policy`] | MCP-Core policy: Rego bundle (regorus), compilation for the kernel, the one activation path, watch, tests, eval |
+//! | [`lanes`] | RTT lanes, agent side: the broker and the acceleration probe (the workload side is `quadrant-lanes`) |
+//! | [`events`] | the event stream (`quadrant events`), each event checked against its schema |
 //! | [`trace`] | the verdict trace: mode, reading the programs' records, rendering |
 
 pub mod admission;

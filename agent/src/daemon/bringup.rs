@@ -1,6 +1,6 @@
 //! Bring-up and teardown: what `up` creates, in order, and how everything it created goes.
 //!
-//! [`load`] prepares everything that changes no running quadrant — state file, mounts, the
+//! `load` prepares everything that changes no running quadrant — state file, mounts, the
 //! dataplane guards, the new programs and maps, identity, and the policy made live in the new
 //! maps — so that with a kept dataplane a failure there leaves it exactly as it was. Then
 //! [`bring_up`] creates (or takes over) the quadrants and attaches the programs.
@@ -187,7 +187,7 @@ fn identity_service(config: &Config) -> Result<Arc<IdentityService>, String> {
     })
 }
 
-/// Brings the instance up: loads (see [`load`]), then creates the quadrants and attaches the
+/// Brings the instance up: loads (see `load`), then creates the quadrants and attaches the
 /// programs — or, with a kept dataplane, switches its links to the new programs.
 pub fn bring_up(
     config: &Config,

@@ -174,8 +174,8 @@ impl Dataplane {
     }
 
     /// Sets the verdict trace (`CONFIG.trace`: [`maps::TRACE_OFF`],
-    /// `TRACE_DROPS` or `TRACE_ALL`); the records reach the agent's log through the logger
-    /// [`Self::take_logger`] hands out. Refused before the first policy is written (CONFIG is
+    /// `TRACE_DROPS` or `TRACE_ALL`); the records reach the agent's log through the ring buffer
+    /// [`Self::take_trace`] hands out. Refused before the first policy is written (CONFIG is
     /// then still empty, which the programs read as deny-all).
     pub fn set_trace(&mut self, mode: u16) -> Result<(), LoaderError> {
         let Some(mut live) = self.live else {

@@ -6,7 +6,7 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`bundle`] | loading (embedded or `policy_dir`), signature, revision, digest, the engines, flows and lane rules |
+//! | `bundle` | loading (embedded or `policy_dir`), signature, revision, digest, the engines, flows and lane rules |
 //! | [`compile`] | flows → the kernel's policy-map entries: one merge of port ranges, one fit check, workloads resolved to cgroups |
 //! | [`eval`] | Rego unit tests, `policy check`, `policy eval` |
 //! | [`activate`] | the one path that makes a bundle live: read once → revision guard → compile → kernel, admission, lane broker → event |
