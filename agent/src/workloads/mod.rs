@@ -177,10 +177,21 @@ impl Supervisor {
         if let Some(old) = old {
             stop_entry(&old).await;
         }
-        let (procs, limits) = prepare_cgroups(&spec)?;
-        if let Some(dir) = spec.log.parent() {
-            fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
-        }
+        // Filesystem work (cgroups, their limits, the log directory) off the runtime threads.
+        let prepared = spec.clone();
+        let (procs, limits) = tokio::task::spawn_blocking(move || {
+            let cgroups = prepare_cgroups(&prepared)?;
+            if let Some(dir) = prepared.log.parent() {
+                fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+            }
+            Ok::<_, WorkloadError>(cgroups)
+        })
+        .await
+        .map_err(|e| WorkloadError::Io {
+            what: "cannot prepare the cgroups of",
+            path: spec.cgroup.clone(),
+            source: std::io::Error::other(e),
+        })??;
         let (stop_tx, stop_rx) = watch::channel(Control::Run);
         let entry = Arc::new(Entry {
             spec: spec.clone(),
