@@ -62,11 +62,42 @@ fn up_refused(config: &Config, path: &Path) -> String {
     }
 }
 
+/// Generates a `dataplane` key `dp` and a `plan` key `planner` for every quadrant under `keys`
+/// and trusts both.
+fn trust_keys(path: &Path, keys: &Path) {
+    let keys_s = keys.to_str().expect("utf8");
+    for (id, role) in [("dp", "dataplane"), ("planner", "plan")] {
+        let mut args = vec![
+            "keys", "generate", "--id", id, "--role", role, "--out", keys_s,
+        ];
+        for q in ["dx", "dg", "px", "pg"] {
+            args.extend(["--quadrant", q]);
+        }
+        let (ok, out) = quadrant(path, &args);
+        assert!(ok, "{out}");
+        let trusted = keys.join(format!("{id}.json"));
+        let (ok, out) = quadrant(path, &["keys", "trust", trusted.to_str().expect("utf8")]);
+        assert!(ok, "{out}");
+    }
+}
+
+/// Signs this agent's object with key `id` (`quadrant dataplane sign`) into `sig`.
+fn sign_object(path: &Path, keys: &Path, id: &str, sig: &Path) {
+    let (ok, out) = quadrant(
+        path,
+        &[
+            "dataplane",
+            "sign",
+            "--key",
+            keys.join(format!("{id}.pk8")).to_str().expect("utf8"),
+            "--out",
+            sig.to_str().expect("utf8"),
+        ],
+    );
+    assert!(ok, "{out}");
+}
+
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one scenario: refusals, then a signed start, then downgrades"
-)]
 fn the_dataplane_runs_only_signed_and_never_older() {
     let mut config = test_config(None);
     let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-dataplane", config.instance));
@@ -78,22 +109,8 @@ fn the_dataplane_runs_only_signed_and_never_older() {
     let path = dir.join("config.yaml");
     fs::write(&path, serde_yaml::to_string(&config).expect("yaml")).expect("write");
     let keys = dir.join("keys");
-    let keys_s = keys.to_str().expect("utf8");
-    for (id, role) in [("dp", "dataplane"), ("planner", "plan")] {
-        let mut args = vec![
-            "keys", "generate", "--id", id, "--role", role, "--out", keys_s,
-        ];
-        for q in ["dx", "dg", "px", "pg"] {
-            args.extend(["--quadrant", q]);
-        }
-        let (ok, out) = quadrant(&path, &args);
-        assert!(ok, "{out}");
-        let trusted = keys.join(format!("{id}.json"));
-        let (ok, out) = quadrant(&path, &["keys", "trust", trusted.to_str().expect("utf8")]);
-        assert!(ok, "{out}");
-    }
+    trust_keys(&path, &keys);
     let sig = dir.join("dataplane.sig.json");
-    let sig_s = sig.to_str().expect("utf8");
     let mut refused = 0;
 
     // Required but absent.
@@ -106,18 +123,7 @@ fn the_dataplane_runs_only_signed_and_never_older() {
     refused += 1;
 
     // Signed by a key without the dataplane role.
-    let (ok, out) = quadrant(
-        &path,
-        &[
-            "dataplane",
-            "sign",
-            "--key",
-            keys.join("planner.pk8").to_str().expect("utf8"),
-            "--out",
-            sig_s,
-        ],
-    );
-    assert!(ok, "{out}");
+    sign_object(&path, &keys, "planner", &sig);
     config.dataplane_signature = Some(sig.clone());
     let err = up_refused(&config, &path);
     assert!(
@@ -139,18 +145,7 @@ fn the_dataplane_runs_only_signed_and_never_older() {
     refused += 1;
 
     // The genuine signature: the agent runs, and records its versions.
-    let (ok, out) = quadrant(
-        &path,
-        &[
-            "dataplane",
-            "sign",
-            "--key",
-            keys.join("dp.pk8").to_str().expect("utf8"),
-            "--out",
-            sig_s,
-        ],
-    );
-    assert!(ok, "{out}");
+    sign_object(&path, &keys, "dp", &sig);
     let mut inst = Instance::up(config.clone(), QPROBE);
     assert!(inst.down().status.success());
     let recorded: serde_json::Value =

@@ -262,12 +262,19 @@ fn pkcs8(der: Vec<u8>) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
 }
 
+/// How many lanes the broker refused to quadrant `q` for `reason`, by its report.
+fn refusals(report: &LanesReport, q: &str, reason: &str) -> u64 {
+    report
+        .refusals
+        .iter()
+        .find(|r| r.quadrant == q && r.reason.name() == reason)
+        .map_or(0, |r| r.count)
+}
+
 #[test]
-#[expect(clippy::too_many_lines, reason = "one matrix, attempt after attempt")]
 fn unauthorized_lanes_are_refused() {
     let mut inst = Instance::up(test_config(None), QPROBE);
-    let td = inst.config.identity.trust_domain.clone();
-    let server = start_echo(&mut inst, Quadrant::Dg, true);
+    let _server = start_echo(&mut inst, Quadrant::Dg, true);
     let mut refused = 0;
 
     // Production may not open lanes into development (the global layer), on any transport.
@@ -317,6 +324,36 @@ fn unauthorized_lanes_are_refused() {
     ));
     assert!(e.contains("unknown transport"), "{e}");
     refused += 1;
+
+    // The broker counted its refusals by quadrant and reason.
+    let report = lanes(&inst);
+    assert_eq!(
+        refusals(&report, "px", "policy"),
+        4,
+        "{:?}",
+        report.refusals
+    );
+    assert_eq!(refusals(&report, "none", "attestation"), 1);
+    assert_eq!(refusals(&report, "dx", "no_service"), 1);
+    assert_eq!(refusals(&report, "dx", "policy"), 1);
+    assert!(report.lanes.is_empty());
+    println!("unauthorized lane requests refused by the broker: {refused} of {refused}");
+    // Authorized lanes still work.
+    summary(&call(
+        &inst,
+        Quadrant::Dx,
+        "client",
+        Quadrant::Dg,
+        &["--transport", "tcp"],
+    ));
+}
+
+#[test]
+fn rogue_tcp_clients_get_no_lane() {
+    let mut inst = Instance::up(test_config(None), QPROBE);
+    let td = inst.config.identity.trust_domain.clone();
+    let server = start_echo(&mut inst, Quadrant::Dg, true);
+    let mut refused = 0;
 
     // On the service's TCP port: no SVID, an SVID outside the trust bundle, and a genuine SVID
     // for a lane the broker never opened. None gets a lane; the service says why.
@@ -382,22 +419,8 @@ fn unauthorized_lanes_are_refused() {
         "{why}"
     );
     refused += 1;
-
-    // The broker counted its refusals by quadrant and reason.
-    let report = lanes(&inst);
-    let count = |q: &str, reason: &str| {
-        report
-            .refusals
-            .iter()
-            .find(|r| r.quadrant == q && r.reason.name() == reason)
-            .map_or(0, |r| r.count)
-    };
-    assert_eq!(count("px", "policy"), 4, "{:?}", report.refusals);
-    assert_eq!(count("none", "attestation"), 1);
-    assert_eq!(count("dx", "no_service"), 1);
-    assert_eq!(count("dx", "policy"), 1);
-    assert!(report.lanes.is_empty());
-    println!("unauthorized lane attempts blocked: {refused} of {refused}");
+    assert!(lanes(&inst).lanes.is_empty());
+    println!("rogue TCP lane attempts refused by the service: {refused} of {refused}");
     // Authorized lanes still work.
     summary(&call(
         &inst,
@@ -455,8 +478,21 @@ fn a_peer_crashing_mid_message_closes_the_lane_cleanly() {
     }
 }
 
+/// Runs `lane-echo hold ARGS` as `workload` of `q` until it is holding its lanes; returns what
+/// it printed (one line per lane opened or refused).
+fn hold(inst: &mut Instance, q: Quadrant, workload: &str, args: &[&str]) -> Vec<String> {
+    let bin = echo_bin();
+    let mut command = vec![bin.as_str(), "hold"];
+    command.extend(args);
+    let (_, rx) = inst.background_in(q, Some(workload), &command, "holding");
+    rx.try_iter().collect()
+}
+
+fn opened(lines: &[String]) -> usize {
+    lines.iter().filter(|l| l.starts_with("open")).count()
+}
+
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, step after step")]
 fn lane_exhaustion_is_refused_per_quadrant() {
     let mut config = test_config(None);
     config.lanes.limits.insert(
@@ -476,21 +512,15 @@ fn lane_exhaustion_is_refused_per_quadrant() {
     let mut inst = Instance::up(config, QPROBE);
     let _dg = start_echo(&mut inst, Quadrant::Dg, false);
     let _px = start_echo(&mut inst, Quadrant::Px, false);
-    let bin = echo_bin();
 
     // DX: two lanes, then the third is refused naming max_lanes.
-    let (_, rx) = inst.background_in(
+    let lines = hold(
+        &mut inst,
         Quadrant::Dx,
-        Some("greedy"),
-        &[&bin, "hold", "dg", "echo", "--max", "5"],
-        "holding",
+        "greedy",
+        &["dg", "echo", "--max", "5"],
     );
-    let lines: Vec<String> = rx.try_iter().collect();
-    assert_eq!(
-        lines.iter().filter(|l| l.starts_with("open")).count(),
-        2,
-        "{lines:?}"
-    );
+    assert_eq!(opened(&lines), 2, "{lines:?}");
     let refused = lines
         .iter()
         .find(|l| l.starts_with("refused"))
@@ -504,27 +534,13 @@ fn lane_exhaustion_is_refused_per_quadrant() {
 
     // PG: one shared-memory lane fits its 10 MiB, the second does not; a Unix socket lane
     // (one page of statistics) still does.
-    let (_, rx) = inst.background_in(
+    let lines = hold(
+        &mut inst,
         Quadrant::Pg,
-        Some("ring-holder"),
-        &[
-            &bin,
-            "hold",
-            "px",
-            "echo",
-            "--max",
-            "2",
-            "--transport",
-            "shm",
-        ],
-        "holding",
+        "ring-holder",
+        &["px", "echo", "--max", "2", "--transport", "shm"],
     );
-    let lines: Vec<String> = rx.try_iter().collect();
-    assert_eq!(
-        lines.iter().filter(|l| l.starts_with("open")).count(),
-        1,
-        "{lines:?}"
-    );
+    assert_eq!(opened(&lines), 1, "{lines:?}");
     assert!(
         lines
             .iter()
@@ -557,16 +573,12 @@ fn lane_exhaustion_is_refused_per_quadrant() {
     assert_eq!(usage("dx").lanes, 2);
     assert_eq!(usage("pg").lanes, 1);
     assert_eq!((usage("dg").lanes, usage("px").lanes), (0, 0));
-    let count = |q: &str, reason: &str| {
-        report
-            .refusals
-            .iter()
-            .find(|r| r.quadrant == q && r.reason.name() == reason)
-            .map_or(0, |r| r.count)
-    };
-    assert_eq!(count("dx", "max_lanes"), 2);
-    assert_eq!(count("pg", "max_shm_bytes"), 1);
-    assert_eq!(count("dg", "max_lanes") + count("px", "max_lanes"), 0);
+    assert_eq!(refusals(&report, "dx", "max_lanes"), 2);
+    assert_eq!(refusals(&report, "pg", "max_shm_bytes"), 1);
+    assert_eq!(
+        refusals(&report, "dg", "max_lanes") + refusals(&report, "px", "max_lanes"),
+        0
+    );
 }
 
 #[test]

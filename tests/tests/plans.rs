@@ -104,49 +104,9 @@ fn plan_doc(generation: u64, artifact: &str) -> Value {
     })
 }
 
-#[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one scenario: run, tamper matrix, upgrade, stop"
-)]
-fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
-    let mut config = test_config(None);
-    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-plans", config.instance));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("dir");
-    config.artifacts_root = dir.join("store");
-    config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
-    let fx = Fixture {
-        inst: Instance::up(config, QPROBE),
-        dir: dir.clone(),
-    };
-    let keys = dir.join("keys");
-    for (id, role, quadrants) in [
-        ("dev", "plan", &["dx", "dg"][..]),
-        ("prod", "plan", &["px", "pg"][..]),
-        ("glass", "break-glass", &["px", "pg"][..]),
-    ] {
-        fx.trust_key(id, role, quadrants);
-    }
-    let v1 = fx.add_artifact(
-        "api",
-        "#!/bin/sh\necho \"up $GREETING $1 via $SPIFFE_ENDPOINT_SOCKET\"\nexec sleep 60\n",
-    );
-
-    let (ok, out, err) = fx.sign_and_submit(&plan_doc(1, &v1), "prod");
-    assert!(ok, "{err}");
-    let td = &fx.inst.config.identity.trust_domain;
-    assert!(
-        out.starts_with(&format!(
-            "started px/api generation 1 as spiffe://{td}/quadrant/px/workload/api"
-        )),
-        "{out}"
-    );
-    let w = fx.workloads();
-    assert_eq!(w.len(), 1);
-    assert_eq!(w[0]["state"], "running");
-    let pid = w[0]["pid"].as_u64().expect("pid");
+/// Workload `w` (process `pid`) runs in PX's network namespace and its workload cgroup, with
+/// the plan's limits, its arguments and environment, and PX's Workload API socket.
+fn assert_placed_in_px(fx: &Fixture, w: &Value, pid: u64) {
     // In PX's network namespace and the workload's cgroup, with the plan's limits.
     let ns = |p: &str| fs::metadata(p).map(|m| m.ino()).expect("ns");
     let name = fx.inst.config.instance.clone();
@@ -156,7 +116,7 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     );
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
     assert!(cgroups.contains(&format!("0::/{name}/px/api")), "{cgroups}");
-    let limits = w[0]["limits"].as_str().expect("limits");
+    let limits = w["limits"].as_str().expect("limits");
     if limits.starts_with("cgroup v1") {
         assert!(
             cgroups.contains(&format!(":memory:/{name}/px/api"))
@@ -189,7 +149,13 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
         )),
         "{logs}"
     );
+}
 
+/// The tamper matrix against running generation 1 (process `pid`, artifact `v1`, its signed
+/// `envelope`): each submission refused with a clear error, nothing started or changed. Returns
+/// the artifact of generation 2.
+fn tamper_matrix(fx: &Fixture, pid: u64, v1: &str, envelope: &str) -> String {
+    let keys = fx.dir.join("keys");
     // The tamper matrix: each refused with a clear error, nothing started or changed.
     let mut refused = 0;
     let mut expect_refused = |what: &str, (ok, _, err): (bool, String, String), needle: &str| {
@@ -203,18 +169,17 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
         );
         refused += 1;
     };
-    let envelope = fs::read_to_string(dir.join("envelope.json")).expect("envelope");
     expect_refused(
         "replay of the same plan",
-        fx.submit_envelope(&envelope),
+        fx.submit_envelope(envelope),
         "is not newer than the accepted generation 1",
     );
     expect_refused(
         "development key on a production plan",
-        fx.sign_and_submit(&plan_doc(2, &v1), "dev"),
+        fx.sign_and_submit(&plan_doc(2, v1), "dev"),
         "key dev may not sign plan for quadrant px",
     );
-    let mut unsigned: Value = serde_json::from_str(&envelope).expect("json");
+    let mut unsigned: Value = serde_json::from_str(envelope).expect("json");
     unsigned["signatures"] = json!([]);
     expect_refused(
         "unsigned plan",
@@ -223,7 +188,7 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     );
     let (stranger, _) = SigningKey::generate("stranger").expect("key");
     let foreign = quadrant::plans::sign(
-        &quadrant::plans::from_value(&plan_doc(2, &v1)).expect("plan"),
+        &quadrant::plans::from_value(&plan_doc(2, v1)).expect("plan"),
         &stranger,
     );
     expect_refused(
@@ -232,7 +197,7 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
         "unknown key(s) stranger",
     );
     let prod = SigningKey::load(&keys.join("prod.pk8")).expect("key");
-    let mut bad = plan_doc(2, &v1);
+    let mut bad = plan_doc(2, v1);
     bad.as_object_mut().expect("object").remove("resources");
     let bad_env = prod.sign(PLAN_PAYLOAD_TYPE, &quadrant::plans::canonical(&bad));
     expect_refused(
@@ -240,7 +205,7 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
         fx.submit_envelope(&serde_json::to_string(&bad_env).expect("json")),
         "does not match its schema",
     );
-    let mut wrong_type = plan_doc(2, &v1);
+    let mut wrong_type = plan_doc(2, v1);
     wrong_type["generation"] = json!("two");
     let env = prod.sign(PLAN_PAYLOAD_TYPE, &quadrant::plans::canonical(&wrong_type));
     expect_refused(
@@ -250,7 +215,7 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     );
     expect_refused(
         "downgrade",
-        fx.sign_and_submit(&plan_doc(1, &v1), "prod"),
+        fx.sign_and_submit(&plan_doc(1, v1), "prod"),
         "not newer",
     );
     let missing = format!("ghost@sha256:{}", "0".repeat(64));
@@ -282,19 +247,13 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
     );
     println!("plans: {refused} tampered or invalid submissions refused");
 
-    // An upgrade replaces the running generation.
-    let (ok, out, err) = fx.sign_and_submit(&plan_doc(2, &v2), "prod");
-    assert!(ok, "{err}");
-    assert!(out.starts_with("started px/api generation 2"), "{out}");
-    let w = fx.workloads();
-    assert_eq!((w.len(), w[0]["generation"].as_u64()), (1, Some(2)));
-    assert_ne!(w[0]["pid"].as_u64(), Some(pid));
-    assert!(
-        !PathBuf::from(format!("/proc/{pid}")).exists()
-            || fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")),
-        "generation 1 still runs"
-    );
-    // Only a break-glass authorization goes back, and it is recorded.
+    v2
+}
+
+/// Only a break-glass authorization takes px/api back to generation 1 (its signed `envelope`),
+/// and it is recorded in the audit log.
+fn break_glass_to_generation_1(fx: &Fixture, envelope: &str) {
+    let (keys, dir) = (fx.dir.join("keys"), &fx.dir);
     let authorize = |key: &str, generation: &str, valid: &str| {
         let (ok, out, err) = fx.run(&[
             "plan",
@@ -318,7 +277,7 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
         path
     };
     let gen1 = dir.join("gen1-envelope.json");
-    fs::write(&gen1, &envelope).expect("write");
+    fs::write(&gen1, envelope).expect("write");
     let rollback = |auth: &PathBuf| {
         fx.run(&[
             "rollback",
@@ -361,11 +320,67 @@ fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
         "{log}"
     );
     assert!(fx.run(&["audit", "verify"]).0);
-    let (ok, _, err) = fx.submit_envelope(&envelope);
+    let (ok, _, err) = fx.submit_envelope(envelope);
     assert!(
         !ok && err.contains("not newer"),
         "a plain replay after the rollback: {err}"
     );
+}
+
+#[test]
+fn signed_plans_run_in_their_quadrant_and_tampering_changes_nothing() {
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-plans", config.instance));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
+    let fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    for (id, role, quadrants) in [
+        ("dev", "plan", &["dx", "dg"][..]),
+        ("prod", "plan", &["px", "pg"][..]),
+        ("glass", "break-glass", &["px", "pg"][..]),
+    ] {
+        fx.trust_key(id, role, quadrants);
+    }
+    let v1 = fx.add_artifact(
+        "api",
+        "#!/bin/sh\necho \"up $GREETING $1 via $SPIFFE_ENDPOINT_SOCKET\"\nexec sleep 60\n",
+    );
+
+    let (ok, out, err) = fx.sign_and_submit(&plan_doc(1, &v1), "prod");
+    assert!(ok, "{err}");
+    let td = &fx.inst.config.identity.trust_domain;
+    assert!(
+        out.starts_with(&format!(
+            "started px/api generation 1 as spiffe://{td}/quadrant/px/workload/api"
+        )),
+        "{out}"
+    );
+    let w = fx.workloads();
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0]["state"], "running");
+    let pid = w[0]["pid"].as_u64().expect("pid");
+    assert_placed_in_px(&fx, &w[0], pid);
+    let envelope = fs::read_to_string(dir.join("envelope.json")).expect("envelope");
+    let v2 = tamper_matrix(&fx, pid, &v1, &envelope);
+    // An upgrade replaces the running generation.
+    let (ok, out, err) = fx.sign_and_submit(&plan_doc(2, &v2), "prod");
+    assert!(ok, "{err}");
+    assert!(out.starts_with("started px/api generation 2"), "{out}");
+    let w = fx.workloads();
+    assert_eq!((w.len(), w[0]["generation"].as_u64()), (1, Some(2)));
+    assert_ne!(w[0]["pid"].as_u64(), Some(pid));
+    assert!(
+        !PathBuf::from(format!("/proc/{pid}")).exists()
+            || fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")),
+        "generation 1 still runs"
+    );
+    break_glass_to_generation_1(&fx, &envelope);
 
     let (ok, out, _) = fx.run(&["stop", "px/api"]);
     assert!(ok);

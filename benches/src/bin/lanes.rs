@@ -591,7 +591,6 @@ fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-#[expect(clippy::too_many_lines, reason = "the report, section after section")]
 fn orchestrate(only_control: bool) -> anyhow::Result<()> {
     quadrant::daemon::require_root("bench lanes")?;
     let mut config = bench_config()?;
@@ -607,6 +606,18 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
         }));
     }
 
+    print_table(&results);
+    if only_control {
+        return Ok(());
+    }
+    print_targets(&results);
+    print_acceleration(&results.rows);
+    println!("json: {}", serde_json::to_string(&results)?);
+    Ok(())
+}
+
+/// Every row, then the control plane's figures.
+fn print_table(results: &Results) {
     let spin = std::env::var("QUADRANT_LANE_SPIN_US").unwrap_or_else(|_| "50".into());
     println!(
         "lane benchmark: request-response round trips, client in DX, servers in DG (lanes, bare tcp dx->dg) or DX (other baselines); 2 cores, not pinned; shm spin {spin} us"
@@ -639,10 +650,11 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
         "control plane: refused open (schema, decision, answer; no lane built) p50 {} us, p99 {} us, p99.9 {} us",
         r.p50_us, r.p99_us, r.p999_us
     );
-    if only_control {
-        return Ok(());
-    }
-    let rows = &results.rows;
+}
+
+/// The performance targets P1–P3 against this run's baselines.
+fn print_targets(results: &Results) {
+    let (o, rows) = (&results.open, &results.rows);
     let get = |t: &str, s: usize| p(rows, t, s).map_or(f64::NAN, |r| r.p99_us);
     let uds64 = get("bare uds echo", 64);
     println!(
@@ -680,7 +692,12 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
         tls / plain,
         verdict(tls >= 0.5 * plain)
     );
-    // sk_msg is kept only where it wins over plain TCP in this run: p50 <= 0.9x and p99 <= 1.0x.
+}
+
+/// Whether the `sk_msg` acceleration wins over the same path without it (it is kept only where
+/// it does: p50 <= 0.9x and p99 <= 1.0x), and how it compares with plain loopback TCP.
+fn print_acceleration(rows: &[Row]) {
+    let get = |t: &str, s: usize| p(rows, t, s).map_or(f64::NAN, |r| r.p99_us);
     let p50 = |t: &str, size: usize| p(rows, t, size).map_or(f64::NAN, |r| r.p50_us);
     let mut wins = 0;
     for size in SIZES {
@@ -721,8 +738,6 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
         "sk_msg acceleration wins in {wins} of {} cases over the same path without it",
         SIZES.len() * 2
     );
-    println!("json: {}", serde_json::to_string(&results)?);
-    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
