@@ -4,8 +4,9 @@
 //!
 //! * [`client`] — [`client::LaneClient::open`], [`client::LaneListener::accept`], then
 //!   [`lane::Lane`] send / receive / request / close.
-//! * Transports: shared-memory rings ([`ring`]) with `io_uring` wake-ups ([`os::Sleeper`]), a
-//!   framed Unix socket pair, and TCP with TLS 1.3 and mutual SVID authentication ([`tls`],
+//! * Transports: shared-memory rings ([`ring`]) whose ends poll each other while the peer runs
+//!   on another CPU and otherwise sleep and ring a doorbell on the lane's socket pair
+//!   ([`os::Waker`]), a framed Unix socket pair, and TCP with TLS 1.3 and mutual SVID authentication ([`tls`],
 //!   checked by the SPIFFE rules of [`svid`]).
 //! * [`frame`] — the 8-byte header every transport uses; [`control`] — the broker protocol.
 //!

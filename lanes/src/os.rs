@@ -1,12 +1,11 @@
-//! The operating-system pieces of a lane: sealed memfd mappings, eventfds, `io_uring` sleeps and
-//! `SOCK_SEQPACKET` messages carrying file descriptors.
+//! The operating-system pieces of a lane: sealed memfd mappings, eventfds, the shared-memory
+//! lane's wake-ups and `SOCK_SEQPACKET` messages carrying file descriptors.
 
 use std::{
     io::{self, IoSlice, IoSliceMut},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
 };
 
-use io_uring::{IoUring, opcode, types};
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
     sendmsg, socketpair,
@@ -290,120 +289,126 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, V
     Ok(Some((msg.bytes, fds)))
 }
 
-const READ: u64 = 1;
-const POLL: u64 = 2;
-
-/// Sleeps until the lane's eventfd is signalled or the peer's socket hangs up, in one
-/// `io_uring_enter`. The eventfd read and the hang-up poll stay armed across sleeps, so a
-/// wake-up that arrives while the lane is busy is not lost and costs nothing extra.
-pub struct Sleeper {
-    ring: IoUring,
-    efd: RawFd,
-    peer: RawFd,
-    buf: Box<[u8; 8]>,
-    read_armed: bool,
-    poll_armed: bool,
+/// How the two ends of a shared-memory lane wake each other: through the lane's `SOCK_SEQPACKET`
+/// pair (a one-byte message) for a peer that sleeps on it ([`crate::ring::FEATURE_DOORBELL`]),
+/// or through the peer's eventfd for an end built before. A sleeping end waits in one `poll` on
+/// its end of the pair and its own eventfd, which also reports the peer's hang-up.
+///
+/// The socket is the point: a Unix socket wakes its reader as a *synchronous* wake-up (the
+/// waker is about to wait), so the scheduler runs the woken end on the waker's CPU at once, as
+/// it does for a Unix-socket lane; an eventfd or `io_uring` completion wakes it as an ordinary
+/// one, which may preempt the waker or rouse an idle CPU. (An `io_uring` sleeper — eventfd read
+/// and hang-up poll in one `io_uring_enter` — was measured against this `poll`: no faster at
+/// any pacing, so the lane does without it.)
+#[derive(Debug)]
+pub struct Waker {
+    sock: OwnedFd,
+    own_efd: OwnedFd,
+    peer_efd: OwnedFd,
     peer_gone: bool,
 }
 
-impl std::fmt::Debug for Sleeper {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sleeper")
-            .field("efd", &self.efd)
-            .field("peer", &self.peer)
-            .field("peer_gone", &self.peer_gone)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Sleeper {
-    /// A sleeper on `efd` that also watches `peer` for hang-up. Both must outlive it.
-    pub fn new(efd: RawFd, peer: RawFd) -> io::Result<Self> {
-        Ok(Self {
-            ring: IoUring::new(4)?,
-            efd,
-            peer,
-            buf: Box::new([0; 8]),
-            read_armed: false,
-            poll_armed: false,
+impl Waker {
+    /// The waker on this end's socket `sock`, eventfd `own_efd`, and the peer's `peer_efd`.
+    #[must_use]
+    pub fn new(sock: OwnedFd, own_efd: OwnedFd, peer_efd: OwnedFd) -> Self {
+        Self {
+            sock,
+            own_efd,
+            peer_efd,
             peer_gone: false,
-        })
+        }
     }
 
-    /// Whether the peer's socket hung up.
+    /// Whether the peer's end hung up.
     #[must_use]
     pub fn peer_gone(&self) -> bool {
         self.peer_gone
     }
 
-    /// Sleeps until woken or the peer hangs up.
+    /// Wakes the peer: by the doorbell if it sleeps on the socket, else by its eventfd. A full
+    /// socket means wake-ups are pending already; a peer that is gone is found by the next
+    /// [`Self::sleep`].
+    pub fn wake(&self, doorbell: bool) -> io::Result<()> {
+        if !doorbell {
+            return notify(self.peer_efd.as_raw_fd());
+        }
+        // SAFETY: sends one byte from a live buffer.
+        let n = unsafe {
+            libc::send(
+                self.sock.as_raw_fd(),
+                [1u8].as_ptr().cast(),
+                1,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN | libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => Ok(()),
+            _ => Err(last_os_error("waking the lane peer")),
+        }
+    }
+
+    /// Sleeps until woken (either way) or the peer hangs up, then takes every pending wake-up.
     pub fn sleep(&mut self) -> io::Result<()> {
         if self.peer_gone {
             return Ok(());
         }
-        {
-            let mut sq = self.ring.submission();
-            if !self.read_armed {
-                let e = opcode::Read::new(types::Fd(self.efd), self.buf.as_mut_ptr(), 8)
-                    .build()
-                    .user_data(READ);
-                // SAFETY: the buffer lives in `self` (boxed, so it does not move) until the read
-                // completes; `Drop` waits for it.
-                unsafe { sq.push(&e) }.map_err(io::Error::other)?;
-                self.read_armed = true;
-            }
-            if !self.poll_armed {
-                let e = opcode::PollAdd::new(types::Fd(self.peer), libc::POLLRDHUP as u32)
-                    .build()
-                    .user_data(POLL);
-                // SAFETY: no buffers involved.
-                unsafe { sq.push(&e) }.map_err(io::Error::other)?;
-                self.poll_armed = true;
-            }
-        }
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.own_efd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         loop {
-            match self.ring.submit_and_wait(1) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => {
-                    other?;
-                    break;
-                }
+            // SAFETY: two live pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n >= 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
             }
         }
-        self.reap()
-    }
-
-    fn reap(&mut self) -> io::Result<()> {
-        for cqe in self.ring.completion() {
-            match cqe.user_data() {
-                READ => {
-                    self.read_armed = false;
-                    if cqe.result() < 0 {
-                        return Err(io::Error::from_raw_os_error(-cqe.result()));
-                    }
-                }
-                POLL => {
-                    self.poll_armed = false;
-                    if cqe.result() < 0 {
-                        return Err(io::Error::from_raw_os_error(-cqe.result()));
-                    }
-                    self.peer_gone = true;
-                }
-                _ => {}
-            }
+        if fds[0].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
+            self.peer_gone = true;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            self.drain_socket();
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            let mut count = [0u8; 8];
+            // SAFETY: reads 8 bytes into a live buffer; the eventfd is readable (POLLIN), so
+            // this does not block.
+            let _ = unsafe { libc::read(self.own_efd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
         }
         Ok(())
     }
-}
 
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        // Complete the outstanding read before its buffer goes away.
-        if self.read_armed && notify(self.efd).is_ok() {
-            while self.read_armed {
-                if self.ring.submit_and_wait(1).is_err() || self.reap().is_err() {
-                    break;
-                }
+    /// Takes every pending doorbell ring without waiting.
+    fn drain_socket(&self) {
+        let mut buf = [0u8; 64];
+        loop {
+            // SAFETY: receives into a live buffer.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                break;
             }
         }
     }

@@ -22,12 +22,29 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use super::frame::{FrameError, HEADER_LEN, Header, Kind};
 
+/// Where a producer that finds its ring empty starts again from the beginning: messages sent
+/// one at a time stay within the ring's first pages.
+pub const HOT_WINDOW: usize = 16 * 1024;
+
 /// Size of the header page.
 pub const PAGE: usize = 4096;
 /// Layout identifier at offset 0 ("QLANE001").
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QLANE001");
 const STATS_OFFSET: usize = 64;
 const STATS_STRIDE: usize = 128;
+/// Within a side's statistics block, after the [`Stat`] fields: the CPU the side runs the lane
+/// on, plus one (0: asleep in the lane, or not said).
+const RUNNING_CPU: usize = 8 * 8;
+/// Within a side's statistics block: what the side understands ([`FEATURE_DOORBELL`],
+/// [`FEATURE_LONG_PAD`]); 0 for an end built before the features existed.
+const FEATURES: usize = 9 * 8;
+
+/// This end sleeps on the lane's socket pair too: ring it there (a synchronous wake-up) rather
+/// than through its eventfd.
+pub const FEATURE_DOORBELL: u64 = 1;
+/// This end, as consumer, takes padding up to the end of the ring from anywhere: its producer
+/// may restart an empty ring at offset 0 ([`HOT_WINDOW`]).
+pub const FEATURE_LONG_PAD: u64 = 2;
 /// Offset of ring 0's control block in the header page.
 pub const CTRL_OFFSET: usize = 1024;
 /// Distance between the two control blocks.
@@ -184,6 +201,29 @@ impl Region {
         self.u64_at(STATS_OFFSET + side * STATS_STRIDE + stat as usize * 8)
     }
 
+    /// Side `side`'s word saying which CPU it runs the lane on (the CPU number + 1), or 0 while
+    /// it sleeps in the lane. Written by that side only; the peer reads it to decide whether
+    /// polling for it can succeed.
+    ///
+    /// # Panics
+    /// If `side` is not 0 or 1.
+    #[must_use]
+    pub fn running_cpu(&self, side: usize) -> &AtomicU64 {
+        assert!(side < 2);
+        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + RUNNING_CPU)
+    }
+
+    /// Side `side`'s feature word ([`FEATURE_DOORBELL`], [`FEATURE_LONG_PAD`]), written by that
+    /// side when it takes its end of the lane.
+    ///
+    /// # Panics
+    /// If `side` is not 0 or 1.
+    #[must_use]
+    pub fn features(&self, side: usize) -> &AtomicU64 {
+        assert!(side < 2);
+        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + FEATURES)
+    }
+
     fn ctrl(ring: usize, field: usize) -> usize {
         CTRL_OFFSET + ring * CTRL_STRIDE + field
     }
@@ -315,7 +355,20 @@ impl Producer {
         #[expect(clippy::cast_possible_truncation, reason = "cap is a usize")]
         let idx = (self.tail & (cap - 1)) as usize;
         let contiguous = r.cap - idx;
-        let pad = if need > contiguous { contiguous } else { 0 };
+        // A frame that does not fit before the end goes to the start; so does one written into
+        // an empty ring past the hot window, which keeps paced traffic on memory (pages, cache
+        // lines) both ends touched before instead of walking the whole ring and faulting in a
+        // page every few messages.
+        // Ring 0's consumer is side 1 (the server), ring 1's side 0.
+        let restart = used == 0
+            && idx >= HOT_WINDOW
+            && need <= idx
+            && r.features(1 - self.ring).load(Ordering::Relaxed) & FEATURE_LONG_PAD != 0;
+        let pad = if need > contiguous || restart {
+            contiguous
+        } else {
+            0
+        };
         if (cap - used) < (pad + need) as u64 {
             return Ok(Sent::Full);
         }
@@ -444,8 +497,17 @@ impl Consumer {
             let mut raw = [0u8; HEADER_LEN];
             // SAFETY: idx + 8 ≤ cap. Copied once: the header is checked and used from this copy.
             unsafe { std::ptr::copy_nonoverlapping(data.add(idx), raw.as_mut_ptr(), HEADER_LEN) };
-            #[expect(clippy::cast_possible_truncation, reason = "max_message < cap / 2")]
-            let header = Header::decode(&raw, self.max_message as u32)?;
+            // Padding may reach from anywhere to the end of the ring; anything else is a message.
+            #[expect(clippy::cast_possible_truncation, reason = "cap < 4 GiB")]
+            let header = Header::decode(&raw, (r.cap - HEADER_LEN) as u32)?;
+            if header.kind != Kind::Pad && header.len as usize > self.max_message {
+                #[expect(clippy::cast_possible_truncation, reason = "max_message < cap / 2")]
+                return Err(FrameError::TooLong {
+                    len: header.len,
+                    max: self.max_message as u32,
+                }
+                .into());
+            }
             let need = align8(HEADER_LEN + header.len as usize);
             if header.kind == Kind::Pad {
                 if HEADER_LEN + header.len as usize != contiguous || (contiguous as u64) > avail {
@@ -605,6 +667,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn messages_sent_one_at_a_time_stay_in_the_hot_window() {
+        let cap = capacity_for(1 << 20);
+        let heap = Heap::new(cap);
+        let mut p = heap.region.producer(0, 1 << 20, 8);
+        let mut c = heap.region.consumer(0, 1 << 20);
+        // A consumer that does not take long padding keeps the producer walking the ring.
+        for _ in 0..8 {
+            assert!(matches!(send(&mut p, &[1; 4096]), Ok(Sent::Done { .. })));
+            assert!(matches!(recv(&mut c), Ok(Received::Data { .. })));
+        }
+        assert!(usize::try_from(p.tail).unwrap() > HOT_WINDOW);
+        heap.region.features(1).store(FEATURE_LONG_PAD, Ordering::Relaxed);
+        let mut furthest = 0;
+        for (i, size) in [64usize, 4096, 65536, 1 << 20].iter().cycle().take(400).enumerate() {
+            let msg = vec![u8::try_from(i % 251).unwrap(); *size];
+            // Where this frame starts: the tail now, or 0 if it restarts.
+            let start = usize::try_from(p.tail).unwrap() & (cap - 1);
+            assert!(matches!(send(&mut p, &msg), Ok(Sent::Done { .. })));
+            let end = usize::try_from(p.tail).unwrap() & (cap - 1);
+            furthest = furthest.max(if end == 0 { cap } else { end });
+            assert_eq!(
+                recv(&mut c),
+                Ok(Received::Data {
+                    value: msg,
+                    wake: false
+                })
+            );
+            // The ring was empty: a frame that would start past the window restarts at 0 —
+            // unless it is larger than what lies before it (it would overwrite the pad).
+            let need = align8(HEADER_LEN + size);
+            assert!(
+                start < HOT_WINDOW || end == need || need > start,
+                "frame {i} of {size} bytes written at {start}"
+            );
+        }
+        // 400 messages up to 1 MiB stayed within the window, one 64 KiB and one 1 MiB frame.
+        let bound = HOT_WINDOW + align8(HEADER_LEN + 65536) + align8(HEADER_LEN + (1 << 20));
+        assert!(furthest <= bound, "{furthest} > {bound}");
+        // While the consumer lags, the producer walks on as before.
+        for _ in 0..4 {
+            assert!(matches!(send(&mut p, &[7; 8192]), Ok(Sent::Done { .. })));
+        }
+        let tail = usize::try_from(p.tail).unwrap() & (cap - 1);
+        assert!(tail > HOT_WINDOW, "{tail}");
+    }
+
+    #[test]
     fn in_flight_limit_is_backpressure() {
         let heap = Heap::new(4096);
         let mut p = heap.region.producer(1, 64, 2);
@@ -637,6 +746,26 @@ pub(crate) mod tests {
         assert!(matches!(recv(&mut c), Ok(Received::Data { .. })));
         p.try_send_with(Kind::Close, 0, |_| {}).unwrap();
         assert_eq!(recv(&mut c), Ok(Received::Closed));
+    }
+
+    #[test]
+    fn a_message_that_arrives_before_the_sleep_is_announced_cancels_it() {
+        let heap = Heap::new(256);
+        let mut p = heap.region.producer(0, 64, 16);
+        let mut c = heap.region.consumer(0, 64);
+        assert_eq!(recv(&mut c), Ok(Received::Empty));
+        // The consumer decided to sleep, but before it says so the message lands: the producer
+        // saw no sleeper and will not wake it, so the consumer must not sleep.
+        assert_eq!(send(&mut p, b"x"), Ok(Sent::Done { wake: false }));
+        assert!(!c.prepare_wait());
+        assert!(matches!(recv(&mut c), Ok(Received::Data { .. })));
+        // Nor the producer: room that appears before it says it sleeps cancels its sleep.
+        let mut p = heap.region.producer(1, 64, 1);
+        let mut c = heap.region.consumer(1, 64);
+        assert!(matches!(send(&mut p, b"a"), Ok(Sent::Done { .. })));
+        assert_eq!(send(&mut p, b"b"), Ok(Sent::Full));
+        assert!(matches!(recv(&mut c), Ok(Received::Data { .. })));
+        assert!(!p.prepare_wait());
     }
 
     #[test]
