@@ -3,10 +3,7 @@
 
 use std::{
     io::{self, Read, Write},
-    os::{
-        fd::OwnedFd,
-        unix::net::UnixStream,
-    },
+    os::{fd::OwnedFd, unix::net::UnixStream},
     sync::{Arc, OnceLock, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -105,7 +102,6 @@ struct Shm {
     side: usize,
 }
 
-
 impl Shm {
     fn wake_peer(&self) -> io::Result<()> {
         let peer = self.region.features(1 - self.side).load(Ordering::Relaxed);
@@ -117,7 +113,9 @@ impl Shm {
         // SAFETY: no arguments; reads the CPU number (vDSO).
         let cpu = unsafe { libc::sched_getcpu() };
         let word = u64::try_from(cpu).map_or(0, |c| c + 1);
-        self.region.running_cpu(self.side).store(word, Ordering::Relaxed);
+        self.region
+            .running_cpu(self.side)
+            .store(word, Ordering::Relaxed);
         word
     }
 
@@ -131,7 +129,10 @@ impl Shm {
     /// scheduler does not reliably run the queued peer, and a yield can give the CPU away for a
     /// whole time slice.
     fn keep_polling(&self, start: Instant, own: u64) -> bool {
-        let peer = self.region.running_cpu(1 - self.side).load(Ordering::Relaxed);
+        let peer = self
+            .region
+            .running_cpu(1 - self.side)
+            .load(Ordering::Relaxed);
         let budget = match peer {
             0 => ASLEEP_BUDGET,
             p if p == own => return false,
@@ -157,7 +158,9 @@ impl Shm {
             return Ok(());
         }
         if prepare(self) {
-            self.region.running_cpu(self.side).store(0, Ordering::Relaxed);
+            self.region
+                .running_cpu(self.side)
+                .store(0, Ordering::Relaxed);
             let slept = self.waker.sleep();
             *own = self.awake();
             slept?;
@@ -184,7 +187,12 @@ impl Shm {
                 Sent::Full => {}
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
-            self.wait(start, &mut own, |s| s.tx.prepare_wait(), |s| s.tx.done_waiting())?;
+            self.wait(
+                start,
+                &mut own,
+                |s| s.tx.prepare_wait(),
+                |s| s.tx.done_waiting(),
+            )?;
             waiting = Some((start, own));
         }
     }
@@ -203,7 +211,12 @@ impl Shm {
                 Received::Empty => {}
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
-            self.wait(start, &mut own, |s| s.rx.prepare_wait(), |s| s.rx.done_waiting())?;
+            self.wait(
+                start,
+                &mut own,
+                |s| s.rx.prepare_wait(),
+                |s| s.rx.done_waiting(),
+            )?;
             waiting = Some((start, own));
         }
     }
@@ -775,19 +788,18 @@ mod tests {
     /// Gaps around the waiting policy's edges: none, within and just past the 2 µs a waiter
     /// gives a sleeping peer, around the 50 µs spin budget, and long enough for both to sleep.
     fn gap() -> impl Strategy<Value = u64> {
-        prop_oneof![
-            Just(0u64),
-            1u64..4,
-            45u64..60,
-            Just(200u64),
-            Just(2000u64),
-        ]
+        prop_oneof![Just(0u64), 1u64..4, 45u64..60, Just(200u64), Just(2000u64),]
     }
 
     /// Runs `client_gaps.len()` echoes (the client pausing before each request, the service
     /// before each answer); a lost wake-up shows as a run that does not finish in time.
     fn echo_with_gaps(client_gaps: Vec<u64>, server_gaps: Vec<u64>, size: usize) {
-        let longest = client_gaps.iter().chain(&server_gaps).max().copied().unwrap_or(0);
+        let longest = client_gaps
+            .iter()
+            .chain(&server_gaps)
+            .max()
+            .copied()
+            .unwrap_or(0);
         // Generous: every message paying the longest gap on both sides, plus 100 ms.
         let budget = Duration::from_millis(100)
             + Duration::from_micros(2 * longest + 20) * u32::try_from(client_gaps.len()).unwrap();
@@ -807,7 +819,9 @@ mod tests {
             let mut reply = Vec::new();
             for (i, gap) in client_gaps.iter().enumerate() {
                 pause(*gap);
-                let msg: Vec<u8> = (0..size).map(|j| u8::try_from((i + j) % 251).unwrap()).collect();
+                let msg: Vec<u8> = (0..size)
+                    .map(|j| u8::try_from((i + j) % 251).unwrap())
+                    .collect();
                 client.send(&msg).unwrap();
                 assert!(client.recv(&mut reply).unwrap());
                 assert_eq!(reply, msg, "echo {i} out of order or changed");
@@ -850,6 +864,46 @@ mod tests {
         let client: Vec<u64> = (0..50_000).map(|i| i * 7 % 5).collect();
         let server: Vec<u64> = (0..7).map(|i| i * 3 % 4).collect();
         echo_with_gaps(client, server, 64);
+    }
+
+    /// An end built before the doorbell (its feature word 0) sleeps on its eventfd only: the
+    /// other end wakes it there, and keeps walking the ring rather than padding to its end.
+    #[test]
+    fn an_end_without_the_doorbell_is_woken_through_its_eventfd() {
+        let (mut client, mut server) = shm_pair(4096, 4);
+        client
+            .region
+            .features(Side::Client as usize)
+            .store(0, Ordering::Relaxed);
+        let service = thread::spawn(move || {
+            let mut buf = Vec::new();
+            while server.recv(&mut buf).unwrap() {
+                pause(300);
+                server.send(&buf).unwrap();
+            }
+        });
+        let (done_tx, done_rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut reply = Vec::new();
+            for i in 0..300u32 {
+                client.send(&i.to_le_bytes()).unwrap();
+                assert!(client.recv(&mut reply).unwrap());
+                assert_eq!(reply, i.to_le_bytes());
+            }
+            let Io::Shm(shm) = &client.io else {
+                panic!("a shared-memory lane")
+            };
+            let walked = shm.rx.head_position();
+            client.close().unwrap();
+            done_tx.send(walked).unwrap();
+        });
+        // 300 answers of 16 bytes each walked 4,800 bytes of the server's ring: no restart.
+        assert_eq!(
+            done_rx.recv_timeout(Duration::from_secs(10)),
+            Ok(300 * 16),
+            "the client was not woken through its eventfd"
+        );
+        service.join().unwrap();
     }
 
     /// A burst larger than the ring's in-flight limit: the producer sleeps for room and is woken

@@ -553,6 +553,12 @@ impl Consumer {
         }
     }
 
+    /// Bytes consumed so far (a free-running position).
+    #[must_use]
+    pub fn head_position(&self) -> u64 {
+        self.head
+    }
+
     fn release(&mut self, bytes: usize, message: bool) -> bool {
         let r = &self.region;
         self.head += bytes as u64;
@@ -678,9 +684,16 @@ pub(crate) mod tests {
             assert!(matches!(recv(&mut c), Ok(Received::Data { .. })));
         }
         assert!(usize::try_from(p.tail).unwrap() > HOT_WINDOW);
-        heap.region.features(1).store(FEATURE_LONG_PAD, Ordering::Relaxed);
+        heap.region
+            .features(1)
+            .store(FEATURE_LONG_PAD, Ordering::Relaxed);
         let mut furthest = 0;
-        for (i, size) in [64usize, 4096, 65536, 1 << 20].iter().cycle().take(400).enumerate() {
+        for (i, size) in [64usize, 4096, 65536, 1 << 20]
+            .iter()
+            .cycle()
+            .take(400)
+            .enumerate()
+        {
             let msg = vec![u8::try_from(i % 251).unwrap(); *size];
             // Where this frame starts: the tail now, or 0 if it restarts.
             let start = usize::try_from(p.tail).unwrap() & (cap - 1);
