@@ -1,29 +1,37 @@
 //! RTT lane benchmark (`cargo xtask bench lanes`): round trips at 64 B, 4 KiB, 64 KiB and 1 MiB
-//! on every lane transport, against baselines measured in the same run, plus the control-plane
-//! latency of opening a lane.
+//! on every lane transport, back to back and paced (gaps of 100 µs, 1 ms and 10 ms after each
+//! answer, and Poisson arrivals at 1,000/s, latency counted from the intended send time),
+//! against baselines measured the same way in the same run, plus the control-plane latency of
+//! opening a lane.
 //!
 //! The orchestrator starts a real agent (instance `qlane`), an echo service in DG (`lane-echo
 //! serve`, which also takes TCP + mTLS lanes) and a bare TCP echo in DG, then runs the measuring
 //! client as a workload in DX (`measure`), so every lane is attested, authorized by the policy
 //! and, for TCP, carried through the eBPF datapath between the two quadrants. In DX the client
 //! also starts, one at a time, the bare baselines: a Unix-socket echo, a TCP loopback echo and an
-//! iceoryx2 request-response server (a real shared-memory IPC peer).
+//! iceoryx2 request-response server (a real shared-memory IPC peer), busy-polling and then
+//! waiting for its events.
 //!
-//! Client and server are separate processes, not pinned, on this 2-core machine. Shared-memory
-//! lanes spin for `QUADRANT_LANE_SPIN_US` (default 50 µs) before sleeping; iceoryx2 busy-polls.
+//! Client and server are separate processes, not pinned, on this 2-core machine. A
+//! shared-memory lane end polls for at most `QUADRANT_LANE_SPIN_US` (default 50 µs) while its
+//! peer runs on another CPU, then sleeps.
+
+mod baselines;
+mod measure;
 
 use std::{
     io::{BufRead as _, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
-    os::unix::net::{UnixListener, UnixStream},
+    net::TcpStream,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use baselines::{IceWait, bare_round_trip, bare_server, ice_client, ice_server};
 use dataplane_common::Quadrant;
-use hdrhistogram::Histogram;
+use measure::{PACINGS, Pacing, Row, SIZES, histogram, measure, precise_sleeps};
 use quadrant::{
     config::{Config, QuadrantConfig, TcpAcceleration},
     lanes::{LaneClient, TransportChoice},
@@ -34,32 +42,9 @@ const STATE_DIR: &str = "/run/quadrant-lbench";
 const LANE_TCP_PORT: u16 = 7300;
 const BARE_TCP_PORT: u16 = 7301;
 const LOOPBACK_PORT: u16 = 7302;
-const SIZES: [usize; 4] = [64, 4096, 64 * 1024, 1 << 20];
 const OPENS: usize = 2000;
-const ICEORYX_SERVICE: &str = "quadrant/bench/echo";
 
-fn iterations(size: usize) -> usize {
-    match size {
-        0..=4096 => 20_000,
-        4097..=65_536 => 4_000,
-        _ => 300,
-    }
-}
-
-/// One measured configuration.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Row {
-    transport: String,
-    baseline: bool,
-    size: usize,
-    samples: u64,
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    /// Payload moved one way per second in request-response.
-    mib_per_s: f64,
-}
-
+/// What the measuring workload reports.
 #[derive(Debug, Serialize, Deserialize)]
 struct Results {
     rows: Vec<Row>,
@@ -67,236 +52,6 @@ struct Results {
     /// A refused open (no such service): the broker round trip with schema validation and the
     /// decision, without building a lane.
     refused: Row,
-}
-
-fn us(h: &Histogram<u64>, q: f64) -> f64 {
-    #[expect(clippy::cast_precision_loss, reason = "nanoseconds shown to 0.01 us")]
-    let v = h.value_at_quantile(q) as f64;
-    (v / 10.0).round() / 100.0
-}
-
-fn row(transport: &str, baseline: bool, size: usize, h: &Histogram<u64>, elapsed: Duration) -> Row {
-    #[expect(
-        clippy::cast_precision_loss,
-        reason = "a throughput shown to 0.1 MiB/s"
-    )]
-    let mib = (size as f64 * h.len() as f64) / elapsed.as_secs_f64() / f64::from(1u32 << 20);
-    Row {
-        transport: transport.into(),
-        baseline,
-        size,
-        samples: h.len(),
-        p50_us: us(h, 0.50),
-        p99_us: us(h, 0.99),
-        p999_us: us(h, 0.999),
-        mib_per_s: (mib * 10.0).round() / 10.0,
-    }
-}
-
-/// Times `n` round trips of `size` bytes (after `n / 10` warm-up ones).
-fn measure(
-    transport: &str,
-    baseline: bool,
-    size: usize,
-    mut round_trip: impl FnMut(&[u8], &mut Vec<u8>) -> anyhow::Result<()>,
-) -> anyhow::Result<Row> {
-    let n = iterations(size);
-    let msg: Vec<u8> = (0..size)
-        .map(|i| u8::try_from(i % 251).unwrap_or(0))
-        .collect();
-    let mut reply = Vec::with_capacity(size);
-    for _ in 0..n / 10 {
-        round_trip(&msg, &mut reply)?;
-    }
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let start = Instant::now();
-    for _ in 0..n {
-        let t = Instant::now();
-        round_trip(&msg, &mut reply)?;
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "a round trip is far below 584 years"
-        )]
-        h.record(t.elapsed().as_nanos() as u64)?;
-    }
-    let elapsed = start.elapsed();
-    if reply != msg {
-        bail!("{transport} {size} B: the echo differs from what was sent");
-    }
-    let r = row(transport, baseline, size, &h, elapsed);
-    eprintln!(
-        "  {:<22} {:>8} B  p50 {:>9.2} us  p99 {:>9.2} us",
-        r.transport, r.size, r.p50_us, r.p99_us
-    );
-    Ok(r)
-}
-
-// ---- bare baselines: a u32 length prefix, then the payload ----
-
-fn bare_round_trip<S: Read + Write>(
-    s: &mut S,
-    msg: &[u8],
-    reply: &mut Vec<u8>,
-) -> anyhow::Result<()> {
-    let len = u32::try_from(msg.len())?.to_le_bytes();
-    if msg.len() <= 16 * 1024 {
-        let mut buf = Vec::with_capacity(4 + msg.len());
-        buf.extend_from_slice(&len);
-        buf.extend_from_slice(msg);
-        s.write_all(&buf)?;
-    } else {
-        s.write_all(&len)?;
-        s.write_all(msg)?;
-    }
-    let mut l = [0u8; 4];
-    s.read_exact(&mut l)?;
-    reply.resize(u32::from_le_bytes(l) as usize, 0);
-    s.read_exact(reply)?;
-    Ok(())
-}
-
-fn bare_echo<S: Read + Write>(mut s: S) {
-    let mut buf = Vec::new();
-    loop {
-        let mut l = [0u8; 4];
-        if s.read_exact(&mut l).is_err() {
-            return;
-        }
-        buf.resize(u32::from_le_bytes(l) as usize, 0);
-        if s.read_exact(&mut buf).is_err() {
-            return;
-        }
-        let mut out = Vec::with_capacity(4 + buf.len());
-        out.extend_from_slice(&l);
-        out.extend_from_slice(&buf);
-        if s.write_all(&out).is_err() {
-            return;
-        }
-    }
-}
-
-fn bare_server(kind: &str, at: &str) -> anyhow::Result<()> {
-    match kind {
-        "uds" => {
-            let _ = std::fs::remove_file(at);
-            let l = UnixListener::bind(at)?;
-            println!("listening");
-            std::io::stdout().flush()?;
-            for s in l.incoming() {
-                let s = s?;
-                std::thread::spawn(move || bare_echo(s));
-            }
-        }
-        "tcp" => {
-            let l = TcpListener::bind(at)?;
-            println!("listening");
-            std::io::stdout().flush()?;
-            for s in l.incoming() {
-                let s = s?;
-                s.set_nodelay(true)?;
-                std::thread::spawn(move || bare_echo(s));
-            }
-        }
-        other => bail!("unknown bare server {other}"),
-    }
-    Ok(())
-}
-
-// ---- iceoryx2 request-response ----
-
-/// iceoryx2's errors implement `Debug`; carried as text.
-fn ice_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow::anyhow!("iceoryx2: {e:?}")
-}
-
-/// The node and the request-response service of the iceoryx2 baseline.
-type IceEcho = (
-    iceoryx2::node::Node<iceoryx2::service::ipc::Service>,
-    iceoryx2::service::port_factory::request_response::PortFactory<
-        iceoryx2::service::ipc::Service,
-        [u8],
-        (),
-        [u8],
-        (),
-    >,
-);
-
-/// The echo service both ends open (the node must outlive the service's ports).
-fn ice_service() -> anyhow::Result<IceEcho> {
-    use iceoryx2::prelude::*;
-    let node = NodeBuilder::new()
-        .create::<ipc::Service>()
-        .map_err(ice_err)?;
-    let service = node
-        .service_builder(&ICEORYX_SERVICE.try_into().map_err(ice_err)?)
-        .request_response::<[u8], [u8]>()
-        .open_or_create()
-        .map_err(ice_err)?;
-    Ok((node, service))
-}
-
-fn ice_server() -> anyhow::Result<()> {
-    use iceoryx2::prelude::*;
-    let (_node, service) = ice_service()?;
-    let server = service
-        .server_builder()
-        .initial_max_slice_len(1 << 20)
-        .allocation_strategy(AllocationStrategy::PowerOfTwo)
-        .create()
-        .map_err(ice_err)?;
-    println!("listening");
-    std::io::stdout().flush()?;
-    loop {
-        match server.receive().map_err(ice_err)? {
-            Some(request) => {
-                let payload = request.payload();
-                let response = request
-                    .loan_slice_uninit(payload.len())
-                    .map_err(ice_err)?
-                    .write_from_slice(payload);
-                response.send().map_err(ice_err)?;
-            }
-            None => std::hint::spin_loop(),
-        }
-    }
-}
-
-fn ice_client(rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    use iceoryx2::prelude::*;
-    let (_node, service) = ice_service()?;
-    let client = service
-        .client_builder()
-        .initial_max_slice_len(1 << 20)
-        .allocation_strategy(AllocationStrategy::PowerOfTwo)
-        .create()
-        .map_err(ice_err)?;
-    // The server may still be connecting.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while service.dynamic_config().number_of_servers() == 0 {
-        if Instant::now() > deadline {
-            bail!("iceoryx2 server did not appear");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for size in SIZES {
-        rows.push(measure("iceoryx2 req-resp", true, size, |msg, reply| {
-            let pending = client
-                .loan_slice_uninit(msg.len())
-                .map_err(ice_err)?
-                .write_from_slice(msg)
-                .send()
-                .map_err(ice_err)?;
-            loop {
-                if let Some(r) = pending.receive().map_err(ice_err)? {
-                    reply.clear();
-                    reply.extend_from_slice(r.payload());
-                    return Ok(());
-                }
-                std::hint::spin_loop();
-            }
-        })?);
-    }
-    Ok(())
 }
 
 // ---- the measuring workload (runs in DX) ----
@@ -322,23 +77,28 @@ fn stop(mut c: Child) {
 
 /// Times `op`; what it returns (the lane) is dropped, closing it, after the clock stops.
 fn time_opens<T>(name: &str, mut op: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Row> {
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut h = histogram()?;
     let start = Instant::now();
     for i in 0..OPENS + OPENS / 10 {
         let t = Instant::now();
         let done = op()?;
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "a round trip is far below 584 years"
-        )]
-        let ns = t.elapsed().as_nanos() as u64;
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         drop(done);
         if i >= OPENS / 10 {
             h.record(ns)?;
         }
     }
-    let r = row(name, false, 0, &h, start.elapsed());
-    eprintln!("  {name}: p50 {} us, p99 {} us", r.p50_us, r.p99_us);
+    let r = measure::row(
+        name,
+        false,
+        (Pacing::BackToBack, 0),
+        (&h, &h),
+        start.elapsed(),
+    );
+    eprintln!(
+        "  {name}: p50 {} us, p99 {} us, p99.9 {} us",
+        r.p50_us, r.p99_us, r.p999_us
+    );
     Ok(r)
 }
 
@@ -358,38 +118,49 @@ fn control_plane(client: &mut LaneClient) -> anyhow::Result<(Row, Row)> {
     Ok((open, refused))
 }
 
+/// A lane's rows: every pacing and size, on one lane, in `pacings`.
 fn lane_rows(
     client: &mut LaneClient,
-    name: &str,
-    choice: TransportChoice,
+    (name, choice): (&str, TransportChoice),
+    pacings: &[Pacing],
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let mut lane = client.open("dg", "echo", choice)?;
-    for size in SIZES {
-        rows.push(measure(name, false, size, |msg, reply| {
-            lane.send(msg)?;
-            if !lane.recv(reply)? {
-                bail!("lane closed");
-            }
-            Ok(())
-        })?);
+    for &pacing in pacings {
+        for size in SIZES {
+            rows.push(measure(name, false, (pacing, size), |msg, reply| {
+                lane.send(msg)?;
+                if !lane.recv(reply)? {
+                    bail!("lane closed");
+                }
+                Ok(())
+            })?);
+        }
     }
     lane.close()?;
     Ok(())
 }
 
-fn bare_rows<S: Read + Write>(name: &str, mut s: S, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    for size in SIZES {
-        rows.push(measure(name, true, size, |m, r| {
-            bare_round_trip(&mut s, m, r)
-        })?);
+fn bare_rows<S: Read + Write>(
+    name: &str,
+    mut s: S,
+    pacings: &[Pacing],
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    for &pacing in pacings {
+        for size in SIZES {
+            rows.push(measure(name, true, (pacing, size), |m, r| {
+                bare_round_trip(&mut s, m, r)
+            })?);
+        }
     }
     Ok(())
 }
 
 /// The measuring workload. `mode`: `all`; `control` (lane opens only); `tcp` (the TCP lane and
-/// the bare TCP echo in DG only, for the run with kernel acceleration).
+/// the bare TCP echo in DG only, back to back, for the run with kernel acceleration).
 fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
+    precise_sleeps();
     let me = std::env::current_exe()?;
     let mut rows = Vec::new();
     let mut client = LaneClient::connect(None)?;
@@ -401,19 +172,30 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
             refused,
         });
     }
+    let pacings: &[Pacing] = if mode == "tcp" {
+        &[Pacing::BackToBack]
+    } else {
+        &PACINGS
+    };
     if mode != "tcp" {
-        lane_rows(&mut client, "shm lane", TransportChoice::Shm, &mut rows)?;
-        lane_rows(&mut client, "uds lane", TransportChoice::Uds, &mut rows)?;
+        lane_rows(
+            &mut client,
+            ("shm lane", TransportChoice::Shm),
+            pacings,
+            &mut rows,
+        )?;
+        lane_rows(
+            &mut client,
+            ("uds lane", TransportChoice::Uds),
+            pacings,
+            &mut rows,
+        )?;
     }
-    lane_rows(
-        &mut client,
-        "tcp+mtls lane dx->dg",
-        TransportChoice::Tcp,
-        &mut rows,
-    )?;
+    let tcp = ("tcp+mtls lane dx->dg", TransportChoice::Tcp);
+    lane_rows(&mut client, tcp, pacings, &mut rows)?;
     let dg = TcpStream::connect(format!("{dg_addr}:{BARE_TCP_PORT}"))?;
     dg.set_nodelay(true)?;
-    bare_rows("bare tcp dx->dg", dg, &mut rows)?;
+    bare_rows("bare tcp dx->dg", dg, pacings, &mut rows)?;
     let (open, refused) = control_plane(&mut client)?;
     if mode == "tcp" {
         return Ok(Results {
@@ -429,7 +211,8 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
         "uds",
         &uds_path.display().to_string(),
     ]))?;
-    let result = bare_rows("bare uds echo", UnixStream::connect(&uds_path)?, &mut rows);
+    let uds = UnixStream::connect(&uds_path)?;
+    let result = bare_rows("bare uds echo", uds, pacings, &mut rows);
     stop(server);
     result?;
 
@@ -437,14 +220,16 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
     let server = spawn_ready(Command::new(&me).args(["bare-server", "tcp", &loopback]))?;
     let s = TcpStream::connect(&loopback)?;
     s.set_nodelay(true)?;
-    let result = bare_rows("bare tcp loopback", s, &mut rows);
+    let result = bare_rows("bare tcp loopback", s, pacings, &mut rows);
     stop(server);
     result?;
 
-    let server = spawn_ready(Command::new(&me).arg("ice-server"))?;
-    let result = ice_client(&mut rows);
-    stop(server);
-    result?;
+    for (wait, arg) in [(IceWait::Poll, "poll"), (IceWait::Event, "event")] {
+        let server = spawn_ready(Command::new(&me).args(["ice-server", arg]))?;
+        let result = ice_client(wait, &mut rows);
+        stop(server);
+        result?;
+    }
     Ok(Results {
         rows,
         open,
@@ -520,9 +305,15 @@ fn find(p: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(b)
 }
 
+/// The back-to-back row of `transport` at `size`.
 fn p<'a>(rows: &'a [Row], transport: &str, size: usize) -> Option<&'a Row> {
+    at(rows, transport, Pacing::BackToBack, size)
+}
+
+fn at<'a>(rows: &'a [Row], transport: &str, pacing: Pacing, size: usize) -> Option<&'a Row> {
+    let name = pacing.name();
     rows.iter()
-        .find(|r| r.transport == transport && r.size == size)
+        .find(|r| r.transport == transport && r.pacing == name && r.size == size)
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -594,7 +385,7 @@ fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
 fn orchestrate(only_control: bool) -> anyhow::Result<()> {
     quadrant::daemon::require_root("bench lanes")?;
     let mut config = bench_config()?;
-    eprintln!("measuring (client in DX, services in DG; this takes about two minutes)");
+    eprintln!("measuring (client in DX, services in DG; this takes about eight minutes)");
     let mut results = session(&config, if only_control { "control" } else { "all" })?;
     if !only_control {
         eprintln!("again with lanes.tcp_acceleration: sk_msg");
@@ -611,6 +402,7 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     print_targets(&results);
+    print_pacing_targets(&results.rows);
     print_acceleration(&results.rows);
     println!("json: {}", serde_json::to_string(&results)?);
     Ok(())
@@ -623,18 +415,31 @@ fn print_table(results: &Results) {
         "lane benchmark: request-response round trips, client in DX, servers in DG (lanes, bare tcp dx->dg) or DX (other baselines); 2 cores, not pinned; shm spin {spin} us"
     );
     println!(
-        "{:<22} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10}",
-        "transport", "size", "samples", "p50 us", "p99 us", "p99.9 us", "MiB/s"
+        "latency from the intended send time (paced: the client's own timer lateness and queueing included); 'send p99' from the actual send"
+    );
+    println!(
+        "{:<22} {:<14} {:>8} {:>7} {:>10} {:>10} {:>10} {:>11} {:>10}",
+        "transport",
+        "pacing",
+        "size",
+        "samples",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "send p99 us",
+        "MiB/s"
     );
     for r in &results.rows {
         println!(
-            "{:<22} {:>8} {:>7} {:>10.2} {:>10.2} {:>10.2} {:>10.1}{}",
+            "{:<22} {:<14} {:>8} {:>7} {:>10.2} {:>10.2} {:>10.2} {:>11.2} {:>10.1}{}",
             r.transport,
+            r.pacing,
             r.size,
             r.samples,
             r.p50_us,
             r.p99_us,
             r.p999_us,
+            r.p99_send_us,
             r.mib_per_s,
             if r.baseline { "  (baseline)" } else { "" }
         );
@@ -669,7 +474,7 @@ fn print_targets(results: &Results) {
     let (shm, uds, ice) = (
         get("shm lane", k64),
         get("bare uds echo", k64),
-        get("iceoryx2 req-resp", k64),
+        get("iceoryx2 busy-poll", k64),
     );
     println!(
         "P2 shm lane 64 KiB p99 {shm:.1} us: {:.2}x bare UDS ({uds:.1} us), target <= 0.25x {}; {:.2}x iceoryx2 ({ice:.1} us), target <= 1.0x {}",
@@ -692,6 +497,60 @@ fn print_targets(results: &Results) {
         tls / plain,
         verdict(tls >= 0.5 * plain)
     );
+}
+
+/// The wake-up targets: the shared-memory lane no slower than the Unix-socket lane at every
+/// pacing and size (p50 and p99), and no slower at p99 than iceoryx2 waiting the same way
+/// (busy-polling back to back, its events when paced) at 64 KiB and 1 MiB.
+fn print_pacing_targets(rows: &[Row]) {
+    let (mut met, mut cases) = (0, 0);
+    for pacing in PACINGS {
+        for size in SIZES {
+            let (Some(shm), Some(uds)) = (
+                at(rows, "shm lane", pacing, size),
+                at(rows, "uds lane", pacing, size),
+            ) else {
+                continue;
+            };
+            let ok = shm.p50_us <= uds.p50_us && shm.p99_us <= uds.p99_us;
+            cases += 1;
+            met += usize::from(ok);
+            println!(
+                "shm <= uds lane, {:<14} {:>8} B: p50 {:.1} vs {:.1} us, p99 {:.1} vs {:.1} us {}",
+                pacing.name(),
+                size,
+                shm.p50_us,
+                uds.p50_us,
+                shm.p99_us,
+                uds.p99_us,
+                verdict(ok)
+            );
+        }
+    }
+    println!("shm <= uds lane at p50 and p99: {met} of {cases} pacings and sizes");
+    for pacing in PACINGS {
+        let ice = if pacing == Pacing::BackToBack {
+            "iceoryx2 busy-poll"
+        } else {
+            "iceoryx2 event"
+        };
+        for size in [64 * 1024, 1 << 20] {
+            let (Some(shm), Some(i)) = (
+                at(rows, "shm lane", pacing, size),
+                at(rows, ice, pacing, size),
+            ) else {
+                continue;
+            };
+            println!(
+                "shm <= {ice}, {:<14} {:>8} B: p99 {:.1} vs {:.1} us {}",
+                pacing.name(),
+                size,
+                shm.p99_us,
+                i.p99_us,
+                verdict(shm.p99_us <= i.p99_us)
+            );
+        }
+    }
 }
 
 /// Whether the `sk_msg` acceleration wins over the same path without it (it is kept only where
@@ -755,7 +614,9 @@ fn main() -> anyhow::Result<()> {
             args.get(2).context("bare-server uds|tcp AT")?,
             args.get(3).context("bare-server uds|tcp AT")?,
         ),
-        Some("ice-server") => ice_server(),
+        Some("ice-server") => {
+            ice_server(IceWait::parse(args.get(2).map_or("poll", String::as_str))?)
+        }
         Some(other) => bail!("unknown mode {other}"),
     }
 }
