@@ -32,7 +32,7 @@ use super::{
     Transport, TransportChoice,
     control::{self, LaneMessage, LaneRequest, Refusal},
     os::{self, MAX_CONTROL_MESSAGE, Mapping},
-    ring::Region,
+    ring::{self, Region},
 };
 use crate::{
     config::Config,
@@ -43,6 +43,7 @@ use crate::{
 
 mod decide;
 mod open;
+pub mod pool;
 mod report;
 
 use decide::refuse;
@@ -135,6 +136,7 @@ pub struct Broker {
     events: Arc<crate::events::EventBus>,
     next_lane: AtomicU64,
     next_conn: AtomicU64,
+    pool: pool::Pool,
 }
 
 impl std::fmt::Debug for Broker {
@@ -145,20 +147,27 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// What the listening thread needs to stop.
+/// What the listening and pool threads need to stop.
 #[derive(Debug)]
 pub struct Serving {
+    broker: Arc<Broker>,
     listener: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    filler: Option<JoinHandle<()>>,
     path: PathBuf,
 }
 
 impl Serving {
-    /// Stops accepting and removes the socket (open lanes stay usable by their ends).
+    /// Stops accepting, empties the pool of prepared lanes and removes the socket (open lanes
+    /// stay usable by their ends).
     pub fn stop(mut self) {
         let _ =
             nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.broker.pool.stop();
+        if let Some(t) = self.filler.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
@@ -187,6 +196,7 @@ impl Broker {
             events,
             next_lane: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
+            pool: pool::Pool::default(),
         }
     }
 
@@ -249,11 +259,57 @@ impl Broker {
         let thread = std::thread::Builder::new()
             .name("lane-broker".into())
             .spawn(move || me.accept_loop(&l))?;
+        let me = Arc::clone(self);
+        let filler = std::thread::Builder::new()
+            .name("lane-pool".into())
+            .spawn(move || me.fill_pool())?;
         Ok(Serving {
+            broker: Arc::clone(self),
             listener,
             thread: Some(thread),
+            filler: Some(filler),
             path,
         })
+    }
+
+    /// Keeps every started pool of prepared lanes at its depth, within its quadrant's headroom,
+    /// until the broker stops.
+    fn fill_pool(&self) {
+        // Only on otherwise idle CPU time: a refill must not compete with the opens it serves.
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sets this thread's policy; the parameter lives across the call.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) } != 0 {
+            warn!(error = %io::Error::last_os_error(), "the lane pool's thread keeps its priority");
+        }
+        let max_message = self.config.lanes.max_message_bytes as usize;
+        loop {
+            for (q, transport) in self.pool.kinds() {
+                let limits = self.config.lanes.limits_of(q);
+                loop {
+                    let open = self.state().usage(q);
+                    let (pooled, of_kind) = self.pool.held(q, transport);
+                    let bytes = ring::mapping_len(if transport == Transport::Shm {
+                        ring::capacity_for(max_message)
+                    } else {
+                        0
+                    }) as u64;
+                    if !pool::room_for_one(&limits, open, pooled, of_kind, bytes) {
+                        break;
+                    }
+                    match pool::Parts::make(transport, max_message) {
+                        Ok(p) => self.pool.put(q, transport, p),
+                        Err(e) => {
+                            warn!(error = %e, "cannot prepare a lane");
+                            break;
+                        }
+                    }
+                }
+            }
+            // Poked when a prepared lane is taken or a lane closes; the timeout catches the rest.
+            if !self.pool.wait(Duration::from_secs(1)) {
+                return;
+            }
+        }
     }
 
     fn accept_loop(self: Arc<Self>, listener: &OwnedFd) {
@@ -461,6 +517,8 @@ impl Broker {
             .is_some_and(|e| e.client_conn.id == conn_id || e.server_conn.id == conn_id)
         {
             state.lanes.remove(&lane);
+            drop(state);
+            self.pool.poke();
         }
     }
 
@@ -476,6 +534,8 @@ impl Broker {
         for lane in gone {
             state.lanes.remove(&lane);
         }
+        drop(state);
+        self.pool.poke();
     }
 }
 

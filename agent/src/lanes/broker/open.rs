@@ -14,13 +14,14 @@ use tracing::warn;
 use super::{
     Broker, Conn, INCOMING_PATIENCE, OpenLane,
     decide::{self, Refused, refuse},
+    pool::{Ends, Parts},
     report::LaneInfo,
 };
 use crate::lanes::{
     Transport, TransportChoice,
     control::{self, LaneGrant, LaneMessage, Refusal, TcpGrant},
-    os::{self, Mapping},
-    ring::{self, Region},
+    os::Mapping,
+    ring::Region,
     tls::Svid,
 };
 
@@ -187,23 +188,19 @@ impl Broker {
         } = ask;
         let limits = self.config.lanes.limits_of(from_q);
         let max_message = self.config.lanes.max_message_bytes;
-        let ring_bytes = if transport == Transport::Shm {
-            ring::capacity_for(max_message as usize)
-        } else {
-            0
+        // A prepared lane if the pool has one; else its parts are made here.
+        let parts = match self.pool.take(from_q, transport) {
+            Some(p) => p,
+            None => Parts::make(transport, max_message as usize)
+                .map_err(|e| io_err("memory and descriptors", &e))?,
         };
-        let memfd = os::sealed_memfd(
-            &format!("quadrant-lane-{lane_id}"),
-            ring::mapping_len(ring_bytes),
-        )
-        .map_err(|e| io_err("memory", &e))?;
-        let memory = Mapping::new(&memfd, ring::mapping_len(ring_bytes), true)
-            .map_err(|e| io_err("memory", &e))?;
-        // SAFETY: the mapping has exactly this length, is page-aligned and lives in the entry.
-        let region = unsafe { Region::new(memory.as_ptr(), memory.len(), ring_bytes) }
-            .map_err(|e| refuse(Refusal::Io, e.to_string()))?;
-        region.initialize();
-
+        let Parts {
+            memfd,
+            memory,
+            region,
+            ring_bytes,
+            ends,
+        } = parts;
         #[expect(
             clippy::cast_possible_truncation,
             reason = "capacity_for(≤ 64 MiB) fits"
@@ -221,36 +218,41 @@ impl Broker {
             tcp,
         };
         let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", &e));
-        let (client, server) = match transport {
-            Transport::Shm => {
-                let efd_c = os::eventfd().map_err(|e| io_err("eventfd", &e))?;
-                let efd_s = os::eventfd().map_err(|e| io_err("eventfd", &e))?;
-                let (pc, ps) = os::seqpacket_pair().map_err(|e| io_err("socket pair", &e))?;
-                (
-                    End {
-                        grant: grant(from_id, &target.id, None),
-                        fds: vec![dup(&memfd)?, dup(&efd_c)?, dup(&efd_s)?, pc],
-                    },
-                    End {
-                        grant: grant(&target.id, from_id, None),
-                        fds: vec![memfd, efd_s, efd_c, ps],
-                    },
-                )
-            }
-            Transport::Uds => {
-                let (uc, us) = os::stream_pair().map_err(|e| io_err("socket pair", &e))?;
-                (
-                    End {
-                        grant: grant(from_id, &target.id, None),
-                        fds: vec![dup(&memfd)?, uc],
-                    },
-                    End {
-                        grant: grant(&target.id, from_id, None),
-                        fds: vec![memfd, us],
-                    },
-                )
-            }
-            Transport::Tcp => {
+        let (client, server) = match ends {
+            Ends::Shm {
+                efd_client,
+                efd_server,
+                sock_client,
+                sock_server,
+            } => (
+                End {
+                    grant: grant(from_id, &target.id, None),
+                    fds: vec![
+                        dup(&memfd)?,
+                        dup(&efd_client)?,
+                        dup(&efd_server)?,
+                        sock_client,
+                    ],
+                },
+                End {
+                    grant: grant(&target.id, from_id, None),
+                    fds: vec![memfd, efd_server, efd_client, sock_server],
+                },
+            ),
+            Ends::Uds {
+                sock_client,
+                sock_server,
+            } => (
+                End {
+                    grant: grant(from_id, &target.id, None),
+                    fds: vec![dup(&memfd)?, sock_client],
+                },
+                End {
+                    grant: grant(&target.id, from_id, None),
+                    fds: vec![memfd, sock_server],
+                },
+            ),
+            Ends::Tcp => {
                 let (client_tcp, server_tcp) = self.tcp_grants(ask, target)?;
                 (
                     End {
@@ -267,7 +269,7 @@ impl Broker {
         Ok(Built {
             memory,
             region,
-            shm_bytes: ring::mapping_len(ring_bytes) as u64,
+            shm_bytes: crate::lanes::ring::mapping_len(ring_bytes) as u64,
             client,
             server,
         })
