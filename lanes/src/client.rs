@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    io,
+    io::{self, BufReader, IoSlice, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -269,7 +269,10 @@ impl LaneClient {
         sock.set_read_timeout(Some(TCP_SETUP_TIMEOUT))?;
         let conn = rustls::ClientConnection::new(config, tls::sni())
             .map_err(|e| LaneError::Tls(e.to_string()))?;
-        let stream: Box<dyn Stream> = Box::new(rustls::StreamOwned::new(conn, sock.try_clone()?));
+        let stream: Box<dyn Stream> = Box::new(rustls::StreamOwned::new(
+            conn,
+            BufferedTcp::new(sock.try_clone()?)?,
+        ));
         let mut framed = Framed::new(stream, grant.max_message);
         let hello = serde_json::json!({"lane": grant.lane, "token": tcp.token}).to_string();
         framed
@@ -302,7 +305,7 @@ impl LaneClient {
 /// SPIFFE ID and the Hello's payload.
 fn handshake(sock: &TcpStream, config: Arc<rustls::ServerConfig>) -> Result<Hello, LaneError> {
     let conn = rustls::ServerConnection::new(config).map_err(|e| LaneError::Tls(e.to_string()))?;
-    let mut tls_stream = rustls::StreamOwned::new(conn, sock.try_clone()?);
+    let mut tls_stream = rustls::StreamOwned::new(conn, BufferedTcp::new(sock.try_clone()?)?);
     while tls_stream.conn.is_handshaking() {
         tls_stream
             .conn
@@ -324,6 +327,47 @@ fn handshake(sock: &TcpStream, config: Arc<rustls::ServerConfig>) -> Result<Hell
             "client {peer}: expected Hello, got {other:?}"
         ))),
         Err(e) => Err(LaneError::Tls(format!("client {peer}: {e}"))),
+    }
+}
+
+/// Bytes a TCP lane reads from its socket at once.
+const TCP_READ_BUF: usize = 256 * 1024;
+
+/// A TCP lane's socket as rustls sees it: writes go straight to the socket, reads come through a
+/// large buffer. rustls reads at most 4 KiB per call, so a 1 MiB message would otherwise cost
+/// hundreds of `recv` calls; here one `recv` takes whatever has arrived, up to 256 KiB.
+#[derive(Debug)]
+struct BufferedTcp {
+    read: BufReader<TcpStream>,
+    write: TcpStream,
+}
+
+impl BufferedTcp {
+    fn new(sock: TcpStream) -> io::Result<Self> {
+        Ok(Self {
+            write: sock.try_clone()?,
+            read: BufReader::with_capacity(TCP_READ_BUF, sock),
+        })
+    }
+}
+
+impl Read for BufferedTcp {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read.read(buf)
+    }
+}
+
+impl Write for BufferedTcp {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.write.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write.flush()
     }
 }
 
@@ -517,7 +561,7 @@ impl LaneListener {
             }
             if ready[1] {
                 let mut buf = [0u8; 64];
-                let _ = io::Read::read(&mut &self.handshakes.wake_rx, &mut buf);
+                let _ = Read::read(&mut &self.handshakes.wake_rx, &mut buf);
                 continue;
             }
             if ready.get(2).copied().unwrap_or(false)
@@ -571,7 +615,7 @@ impl LaneListener {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push_back(Handshaken { from, sock, result });
             handshakes.running.fetch_sub(1, Ordering::AcqRel);
-            let _ = io::Write::write(&mut &handshakes.wake_tx, &[1]);
+            let _ = Write::write(&mut &handshakes.wake_tx, &[1]);
         });
         Ok(())
     }
