@@ -220,6 +220,86 @@ impl Shm {
             waiting = Some((start, own));
         }
     }
+
+    /// Receives one request and writes the response straight from it into the other ring (one
+    /// copy). `size` gives the response's length from the request (at most `max`); `fill`
+    /// writes it. `Ok(None)`: the peer closed. Returns the request's and the response's
+    /// lengths.
+    fn respond(
+        &mut self,
+        max: usize,
+        size: &mut dyn FnMut(&[u8]) -> usize,
+        fill: &mut dyn FnMut(&[u8], &mut [u8]),
+    ) -> Result<Option<(usize, usize)>, LaneError> {
+        /// What answering in place came to.
+        enum Answer {
+            Sent {
+                wake: bool,
+                request: usize,
+                response: usize,
+            },
+            /// No room for the response now: the request, copied out, is answered by a
+            /// waiting send (holding it in the ring while waiting could wait forever on a peer
+            /// waiting for room in this ring).
+            Later(Vec<u8>, usize),
+            TooLarge(usize),
+            Broken(RingError),
+        }
+        let mut waiting: Option<(Instant, u64)> = None;
+        loop {
+            let Self { tx, rx, .. } = &mut *self;
+            let received = rx.try_recv_with(|request| {
+                let n = size(request);
+                if n > max {
+                    return Answer::TooLarge(n);
+                }
+                match tx.try_send_with(Kind::Data, n, |out| fill(request, out)) {
+                    Ok(Sent::Done { wake }) => Answer::Sent {
+                        wake,
+                        request: request.len(),
+                        response: n,
+                    },
+                    Ok(Sent::Full) => Answer::Later(request.to_vec(), n),
+                    Err(e) => Answer::Broken(e),
+                }
+            })?;
+            match received {
+                Received::Data { value, wake } => {
+                    if wake {
+                        self.wake_peer()?;
+                    }
+                    return match value {
+                        Answer::Sent {
+                            wake,
+                            request,
+                            response,
+                        } => {
+                            if wake {
+                                self.wake_peer()?;
+                            }
+                            Ok(Some((request, response)))
+                        }
+                        Answer::Later(request, n) => {
+                            self.send(Kind::Data, n, &mut |out| fill(&request, out))?;
+                            Ok(Some((request.len(), n)))
+                        }
+                        Answer::TooLarge(len) => Err(LaneError::TooLarge { len, max }),
+                        Answer::Broken(e) => Err(e.into()),
+                    };
+                }
+                Received::Closed => return Ok(None),
+                Received::Empty => {}
+            }
+            let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
+            self.wait(
+                start,
+                &mut own,
+                |s| s.rx.prepare_wait(),
+                |s| s.rx.done_waiting(),
+            )?;
+            waiting = Some((start, own));
+        }
+    }
 }
 
 /// A byte stream carrying frames (Unix socket or TLS over TCP).
@@ -618,6 +698,48 @@ impl Lane {
         Ok(value)
     }
 
+    /// Receives one request and answers it: `size` gives the response's length from the
+    /// request, `fill` writes the response from the request. On a shared-memory lane the request
+    /// is read where it lies and the response written straight into the lane — one copy where
+    /// `recv` then `send` make two (a 1 MiB echo: copied once). `Ok(false)`: the peer closed.
+    /// A response longer than the lane carries is an error, and its request is consumed.
+    pub fn respond_with(
+        &mut self,
+        size: impl FnOnce(&[u8]) -> usize,
+        fill: impl FnOnce(&[u8], &mut [u8]),
+    ) -> Result<bool, LaneError> {
+        if self.closed {
+            return Err(LaneError::Closed);
+        }
+        let (mut size, mut fill) = (Some(size), Some(fill));
+        let mut size_once = |r: &[u8]| size.take().map_or(0, |f| f(r));
+        let mut fill_once = |r: &[u8], out: &mut [u8]| {
+            if let Some(f) = fill.take() {
+                f(r, out);
+            }
+        };
+        let max = self.max_message();
+        let lengths = match &mut self.io {
+            Io::Shm(s) => s.respond(max, &mut size_once, &mut fill_once)?,
+            Io::Uds(_) | Io::Tcp(_) => {
+                let mut request = Vec::new();
+                if !self.recv(&mut request)? {
+                    return Ok(false);
+                }
+                let n = size_once(&request);
+                self.send_with(n, |out| fill_once(&request, out))?;
+                // recv and send_with counted both.
+                return Ok(true);
+            }
+        };
+        let Some((request, response)) = lengths else {
+            return Ok(false);
+        };
+        self.count(false, request);
+        self.count(true, response);
+        Ok(true)
+    }
+
     /// Sends `msg` and waits for one reply into `out`, recording the round-trip time in the
     /// lane's statistics (`quadrant lanes` shows it).
     pub fn request(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<Duration, LaneError> {
@@ -904,6 +1026,54 @@ mod tests {
             "the client was not woken through its eventfd"
         );
         service.join().unwrap();
+    }
+
+    /// Answers written in place come back in order and intact, also when the answer ring is
+    /// full (the client sends a burst before reading: the in-place answer waits as a copy).
+    #[test]
+    fn responses_written_in_place_arrive_in_order() {
+        let (mut client, mut server) = shm_pair(4096, 2);
+        let service = thread::spawn(move || {
+            let mut answered = 0;
+            while server
+                .respond_with(
+                    |r| r.len() + 1,
+                    |r, out| {
+                        out[..r.len()].copy_from_slice(r);
+                        out[r.len()] = 0xff;
+                    },
+                )
+                .unwrap()
+            {
+                answered += 1;
+            }
+            answered
+        });
+        let mut reply = Vec::new();
+        for burst in 0..50u32 {
+            // Four requests in flight against a limit of two per direction.
+            for i in 0..4 {
+                client.send(&(burst * 4 + i).to_le_bytes()).unwrap();
+            }
+            for i in 0..4 {
+                assert!(client.recv(&mut reply).unwrap());
+                let mut want = (burst * 4 + i).to_le_bytes().to_vec();
+                want.push(0xff);
+                assert_eq!(reply, want);
+            }
+        }
+        client.close().unwrap();
+        assert_eq!(service.join().unwrap(), 200);
+    }
+
+    #[test]
+    fn a_response_longer_than_the_lane_carries_is_refused() {
+        let (mut client, mut server) = shm_pair(64, 2);
+        client.send(b"x").unwrap();
+        assert!(matches!(
+            server.respond_with(|_| 65, |_, _| {}),
+            Err(LaneError::TooLarge { len: 65, max: 64 })
+        ));
     }
 
     /// A burst larger than the ring's in-flight limit: the producer sleeps for room and is woken
