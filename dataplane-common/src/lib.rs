@@ -19,8 +19,10 @@
 /// flow passes only while the policy allows the direction that opened it (a reload that revokes
 /// a flow ends its established connections: packets dropped, `sk_msg` refuses redirected
 /// messages with `EACCES`, `sendmsg` no longer takes datagrams for its replies); 6: the verdict
-/// trace (`CONFIG.trace`, records through aya-log's `AYA_LOGS` ring buffer).
-pub const PROGRAM_SET_VERSION: u32 = 6;
+/// trace (`CONFIG.trace`, records through aya-log's `AYA_LOGS` ring buffer); 7: circuit breakers
+/// (`connect4`/`sendmsg4` refuse an open breaker with `ECONNREFUSED`; the breaker `sock_ops` on
+/// every quadrant cgroup counts failed connects and opens, probes and closes breakers).
+pub const PROGRAM_SET_VERSION: u32 = 7;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
@@ -28,8 +30,9 @@ pub const PROGRAM_SET_VERSION: u32 = 6;
 /// and the `sock_create` hook's counters; 4: `CONNTRACK` keys a flow by its ordered endpoints
 /// (one entry and one lookup for both directions) and records which end opened it; 5:
 /// `LANE_SOCK_MODE` also records which end of a connection opened it, `LANE_ACCEL` counts
-/// refused messages.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+/// refused messages; 6: `BREAKERS`, `BREAKER_LIMITS`, `BREAKER_PROBES`, `BREAKER_CONNS` and the
+/// `sock_ops` hook's counters.
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow
@@ -48,6 +51,7 @@ pub const DIRECTED_CONNTRACK_LAYOUTS: core::ops::RangeInclusive<u32> = 1..=3;
 /// the counters of an older dataplane are not carried over (they restart from zero).
 pub const STATS_LAYOUT_SINCE: u32 = 2;
 
+pub mod breaker;
 pub mod identity;
 pub mod maps;
 pub mod policy;

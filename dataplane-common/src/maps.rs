@@ -77,7 +77,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 18] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -92,6 +92,10 @@ pub const ALL: [&str; 14] = [
     LANE_SOCKS,
     LANE_SOCK_MODE,
     LANE_ACCEL,
+    crate::breaker::BREAKERS,
+    crate::breaker::BREAKER_LIMITS,
+    crate::breaker::BREAKER_PROBES,
+    crate::breaker::BREAKER_CONNS,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`

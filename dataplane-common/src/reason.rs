@@ -11,7 +11,8 @@ use crate::identity::QUADRANT_COUNT_U32;
 pub enum Verdict {
     /// The packet or socket operation goes on.
     Pass,
-    /// The packet is dropped, or the socket operation fails with `EPERM`.
+    /// The packet is dropped, or the socket operation fails (`EPERM`; `ECONNREFUSED` for a
+    /// circuit breaker, see [`Reason::is_breaker`]).
     Drop,
 }
 
@@ -89,6 +90,21 @@ reasons! {
     /// A raw IP or packet socket in a quadrant whose policy names single workloads: such a
     /// socket could forge packets the socket-layer workload checks never see.
     DenyRawSocket = 33, "deny_raw_socket", Drop;
+    /// The circuit breaker of (caller quadrant, destination) is open, or half-open with its one
+    /// probe in flight: `connect`/`sendmsg` fail with `ECONNREFUSED`.
+    RefuseBreakerOpen = 34, "refuse_breaker_open", Drop;
+    /// The caller quadrant holds the most connections its breaker allows to this destination:
+    /// `connect` fails with `ECONNREFUSED`.
+    RefuseBreakerFull = 35, "refuse_breaker_full", Drop;
+}
+
+impl Reason {
+    /// Whether a socket operation refused for this reason fails with `ECONNREFUSED` (a circuit
+    /// breaker) rather than `EPERM` (policy).
+    #[must_use]
+    pub const fn is_breaker(self) -> bool {
+        matches!(self, Self::RefuseBreakerOpen | Self::RefuseBreakerFull)
+    }
 }
 
 /// Reason ids are below this bound (the counter map reserves this many slots per hook and
@@ -115,11 +131,13 @@ pub enum Hook {
     Sendmsg6 = 6,
     /// cgroup `sock_create`.
     SockCreate = 7,
+    /// cgroup `sock_ops` of the circuit breakers (counts no verdicts).
+    SockOps = 8,
 }
 
 impl Hook {
     /// Every hook, in id order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Xdp,
         Self::TcIngress,
         Self::TcEgress,
@@ -128,6 +146,7 @@ impl Hook {
         Self::Sendmsg4,
         Self::Sendmsg6,
         Self::SockCreate,
+        Self::SockOps,
     ];
 
     /// The hook with this id, if any.
@@ -152,6 +171,7 @@ impl Hook {
             Self::Sendmsg4 => "sendmsg4",
             Self::Sendmsg6 => "sendmsg6",
             Self::SockCreate => "sock_create",
+            Self::SockOps => "sock_ops",
         }
     }
 }
@@ -167,7 +187,7 @@ pub const UNATTRIBUTED_SLOT: u32 = QUADRANT_COUNT_U32;
 pub const STATS_ENTRIES: u32 = HOOK_COUNT * QUADRANT_SLOTS * REASON_SLOTS;
 
 /// Number of hooks.
-pub const HOOK_COUNT: u32 = 8;
+pub const HOOK_COUNT: u32 = 9;
 
 const _: () = assert!(Hook::ALL.len() as u64 == HOOK_COUNT as u64);
 
@@ -221,6 +241,11 @@ mod tests {
     #[test]
     fn only_allow_reasons_pass() {
         for r in Reason::ALL {
+            assert_eq!(
+                r.is_breaker(),
+                r.name().starts_with("refuse_breaker"),
+                "{r:?}"
+            );
             let pass = r.name().starts_with("allow") || r.name().starts_with("pass");
             assert_eq!(r.verdict() == Verdict::Pass, pass, "{r:?}");
         }

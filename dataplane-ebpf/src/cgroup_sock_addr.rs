@@ -5,14 +5,25 @@
 //! IPv4-mapped IPv6 addresses are decided as IPv4; other IPv6 addresses except loopback are
 //! denied (quadrants are IPv4-only). Besides the quadrant-wide policy, a rule naming one
 //! workload's SPIFFE ID allows that workload's cgroup (one level below the quadrant's) only.
+//! What the policy allows then passes the caller quadrant's circuit breaker for the destination
+//! ([`crate::breaker`]); an open one fails the call with `ECONNREFUSED`.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::bpf_get_current_ancestor_cgroup_id, macros::cgroup_sock_addr,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_set_retval},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use dataplane_common::{Hook, Reason, Verdict, maps::CgroupValue, reason::UNATTRIBUTED_SLOT};
+use dataplane_common::{
+    Hook, Reason, Verdict,
+    breaker::BreakerKey,
+    maps::CgroupValue,
+    policy::{PROTO_TCP, PROTO_UDP},
+    reason::UNATTRIBUTED_SLOT,
+};
 
 use crate::{
+    breaker,
     decide::{
         cgroup_level, count, identity_of, is_loopback, is_reply, quadrant_policy_allows,
         workload_policy_allows,
@@ -23,8 +34,11 @@ use crate::{
 
 /// Return value that lets the operation go on.
 const ALLOW: i32 = 1;
-/// Return value that makes the system call fail with EPERM.
+/// Return value that makes the system call fail (with EPERM unless the program set another
+/// error).
 const REJECT: i32 = 0;
+/// `ECONNREFUSED`, what a refusing circuit breaker makes the system call fail with.
+const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn quadrant_connect4(ctx: SockAddrContext) -> i32 {
@@ -48,11 +62,38 @@ pub fn quadrant_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
-    let (slot, reason, subject) = classify(ctx.sock_addr, v6);
+    let (slot, mut reason, subject) = classify(ctx.sock_addr, v6);
+    if let (
+        Reason::AllowPolicy | Reason::AllowWorkloadPolicy,
+        Subject::Destination(daddr, dport, proto),
+    ) = (reason, subject)
+        && (proto == PROTO_TCP || proto == PROTO_UDP)
+    {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "quadrant slots are below 4 here"
+        )]
+        let key = BreakerKey {
+            daddr,
+            dport,
+            proto,
+            caller: slot as u8,
+        };
+        let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
+        if let Some(refusal) = breaker::at_connect(ctx.sock_addr.cast(), key, connect) {
+            reason = refusal;
+        }
+    }
     count(hook, slot, reason);
     trace::verdict(hook, slot, reason, subject);
     match reason.verdict() {
         Verdict::Pass => ALLOW,
+        Verdict::Drop if reason.is_breaker() => {
+            // SAFETY: helper without preconditions; the call fails with this error instead of
+            // EPERM.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
         Verdict::Drop => REJECT,
     }
 }

@@ -8,6 +8,7 @@
 //! | tcx egress | [`tc_egress::quadrant_tc_egress`] | host-side veth (packets entering the quadrant) |
 //! | cgroup connect4/6, sendmsg4/6 | [`cgroup_sock_addr`] | each quadrant's cgroup |
 //! | cgroup `sock_create` | [`sock_create::quadrant_sock_create`] | each quadrant's cgroup |
+//! | `sock_ops` (circuit breakers) | [`breaker::quadrant_breaker_sockops`] | each quadrant's cgroup |
 //! | `sock_ops`, `sk_msg` | [`lane_accel`] | each quadrant's cgroup; the `LANE_SOCKS` sockhash (optional) |
 #![no_std]
 #![no_main]
@@ -20,6 +21,7 @@
     reason = "aya's program macros hand each entry its context by value"
 )]
 
+mod breaker;
 mod cgroup_sock_addr;
 mod decide;
 mod lane_accel;

@@ -415,7 +415,8 @@ fn status_lists_quadrants_programs_and_counters() {
                 "connect6",
                 "sendmsg4",
                 "sendmsg6",
-                "sock_create"
+                "sock_create",
+                "sock_ops"
             ]
         );
         assert!(

@@ -131,6 +131,12 @@ impl Dataplane {
                 let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into().map_err(|_| wrong_type())?
             }
+            Hook::SockOps => {
+                let p: &mut SockOps = prog.try_into()?;
+                let cg = fs::File::open(cgroup_dir).map_err(ProgramError::IOError)?;
+                let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into().map_err(|_| wrong_type())?
+            }
         };
         Ok(link)
     }

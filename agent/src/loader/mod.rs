@@ -19,6 +19,7 @@ use dataplane_common::{
 use serde::{Deserialize, Serialize};
 
 mod attach;
+mod breakers;
 mod takeover;
 mod writers;
 
@@ -49,8 +50,10 @@ pub mod programs {
     pub const SENDMSG6: &str = "quadrant_sendmsg6";
     /// cgroup `sock_create`.
     pub const SOCK_CREATE: &str = "quadrant_sock_create";
+    /// cgroup `sock_ops` of the circuit breakers.
+    pub const BREAKER_SOCKOPS: &str = "quadrant_breaker_sockops";
     /// Every program, with the hook it serves.
-    pub const ALL: [(&str, dataplane_common::Hook); 8] = [
+    pub const ALL: [(&str, dataplane_common::Hook); 9] = [
         (XDP, dataplane_common::Hook::Xdp),
         (TC_INGRESS, dataplane_common::Hook::TcIngress),
         (TC_EGRESS, dataplane_common::Hook::TcEgress),
@@ -59,9 +62,17 @@ pub mod programs {
         (SENDMSG4, dataplane_common::Hook::Sendmsg4),
         (SENDMSG6, dataplane_common::Hook::Sendmsg6),
         (SOCK_CREATE, dataplane_common::Hook::SockCreate),
+        (BREAKER_SOCKOPS, dataplane_common::Hook::SockOps),
     ];
     /// The cgroup programs.
-    pub const CGROUP: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
+    pub const CGROUP: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        SOCK_CREATE,
+        BREAKER_SOCKOPS,
+    ];
     /// `sock_ops` recording established TCP sockets (lane acceleration).
     pub const SOCKOPS: &str = "quadrant_sockops";
     /// `sk_msg` redirecting to a local peer socket (lane acceleration).
