@@ -88,6 +88,31 @@ pub enum Event {
         /// The message the opener got.
         message: String,
     },
+    /// A circuit breaker changed state (reported by the kernel programs).
+    BreakerChanged {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// The calling quadrant's SPIFFE ID.
+        caller_spiffe_id: String,
+        /// `address:port`.
+        destination: String,
+        /// `tcp` or `udp`.
+        protocol: String,
+        /// Who owns the destination: a quadrant's SPIFFE ID, `host` or `world`.
+        destination_identity: String,
+        /// State before (`closed`, `open`, `half_open`).
+        from: String,
+        /// State after.
+        to: String,
+        /// Why: `consecutive_failures`, `probe_started`, `probe_succeeded`, `probe_failed`.
+        cause: String,
+        /// Consecutive failed connects at the transition.
+        consecutive_failures: u32,
+        /// Ejection now in force, ms (0 when closed).
+        ejection_ms: u32,
+    },
     /// A subscriber fell behind and missed events.
     Lagged {
         /// Position in the stream.

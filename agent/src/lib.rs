@@ -21,10 +21,12 @@
 //! | [`lanes`] | RTT lanes, agent side: the broker and the acceleration probe (the workload side is `quadrant-lanes`) |
 //! | [`events`] | the event stream (`quadrant events`), each event checked against its schema |
 //! | [`trace`] | the verdict trace: mode, reading the programs' records, rendering |
+//! | [`breakers`] | circuit breakers: `quadrant breakers`, the kernel's transitions as events and audit records |
 
 pub mod admission;
 pub mod artifacts;
 pub mod audit;
+pub mod breakers;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -1,4 +1,4 @@
-//! `quadrant lanes` and `quadrant events`.
+//! `quadrant lanes`, `quadrant breakers` and `quadrant events`.
 
 use std::io::Write as _;
 
@@ -11,6 +11,16 @@ pub fn lanes(config: &Config, output: Output) -> anyhow::Result<()> {
     let report = Client::new(config.socket_path()).lanes()?;
     match output {
         Output::Text => print!("{}", quadrant::lanes::broker::render(&report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}
+
+/// `quadrant breakers`.
+pub fn breakers(config: &Config, output: Output) -> anyhow::Result<()> {
+    let report = Client::new(config.socket_path()).breakers()?;
+    match output {
+        Output::Text => print!("{}", quadrant::breakers::render(&report)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(())

@@ -110,6 +110,13 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// List the circuit breakers the kernel keeps per (caller quadrant, destination): state,
+    /// consecutive failures, ejection and time left, refusals, counted connections.
+    Breakers {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Trace the dataplane's verdicts into the agent's log (target `quadrant::trace`): every
     /// verdict (`all`), the drops and refusals (`drops`), or nothing (`off`, the default).
     Trace {
@@ -215,6 +222,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs { name } => workloads::logs(&config, &name),
         Command::Stop { name } => workloads::stop(&config, &name),
         Command::Lanes { output } => lanes::lanes(&config, output),
+        Command::Breakers { output } => lanes::breakers(&config, output),
         Command::Events { count } => lanes::events(&config, count),
         Command::AccelProbe => unreachable!("handled before the configuration is read"),
     }

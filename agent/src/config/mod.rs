@@ -12,8 +12,11 @@ use dataplane_common::Quadrant;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+mod breakers;
 mod sections;
 mod validate;
+
+pub use breakers::BreakersConfig;
 
 pub use sections::*;
 
@@ -141,6 +144,9 @@ pub struct Config {
     /// RTT lanes: message size and per-quadrant limits.
     #[serde(default)]
     pub lanes: LanesConfig,
+    /// Circuit breakers: the thresholds every (caller quadrant, destination) breaker uses.
+    #[serde(default)]
+    pub breakers: BreakersConfig,
 }
 
 /// Default audit log (persistent).

@@ -103,6 +103,7 @@ impl Config {
         }
         self.validate_paths()?;
         self.validate_lanes()?;
+        self.breakers.validate()?;
         self.compile_policy()?;
         Ok(())
     }

@@ -276,6 +276,14 @@ impl Client {
         })
     }
 
+    /// `breakers`.
+    pub fn breakers(&self) -> Result<crate::breakers::BreakersReport, ClientError> {
+        self.expect(&Request::Breakers, "breakers", |r| match r {
+            Response::Breakers(b) => Ok(*b),
+            other => Err(Box::new(other)),
+        })
+    }
+
     /// `trace`: the mode now set.
     pub fn trace(&self, mode: TraceMode) -> Result<TraceMode, ClientError> {
         self.expect(&Request::Trace { mode }, "trace", |r| match r {

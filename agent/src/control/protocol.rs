@@ -59,6 +59,8 @@ pub enum Request {
         /// What to trace.
         mode: crate::trace::TraceMode,
     },
+    /// List the circuit breakers the kernel keeps, with their thresholds.
+    Breakers,
     /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
     /// client disconnects.
     Events,
@@ -111,6 +113,8 @@ pub enum Response {
     Stopped(crate::workloads::Status),
     /// Answer to [`Request::Lanes`].
     Lanes(Box<crate::lanes::broker::LanesReport>),
+    /// Answer to [`Request::Breakers`].
+    Breakers(Box<crate::breakers::BreakersReport>),
     /// The verdict trace is now set to `mode`.
     Trace {
         /// What is traced.

@@ -148,6 +148,15 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             deploy::submit(agent, envelope, Some(authorization)).await,
         )),
         Request::Lanes => blocking(agent, |a| Response::Lanes(Box::new(a.lanes_report()))).await,
+        Request::Breakers => {
+            blocking(agent, |a| {
+                a.breakers_report().map_or_else(
+                    |e| error(e.to_string()),
+                    |r| Response::Breakers(Box::new(r)),
+                )
+            })
+            .await
+        }
         Request::Trace { mode } => {
             blocking(agent, move |a| {
                 a.set_trace(mode)

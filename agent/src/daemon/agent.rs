@@ -53,6 +53,8 @@ pub struct Agent {
     pub accel: Accel,
     /// The verdict trace's ring buffer, until the agent starts reading it.
     pub trace: Mutex<Option<RingBuf<MapData>>>,
+    /// The circuit breakers' ring buffer of transitions, until the agent starts reading it.
+    pub breaker_events: Mutex<Option<RingBuf<MapData>>>,
 }
 
 /// A lock that a panicked holder did not poison for the others: every holder leaves the value
@@ -107,6 +109,19 @@ impl Agent {
             carried: self.carried.clone(),
             quadrants,
             counters: dataplane.counters()?,
+        })
+    }
+
+    /// `quadrant breakers`: every breaker the kernel keeps.
+    pub fn breakers_report(&self) -> Result<crate::breakers::BreakersReport, LoaderError> {
+        let entries = locked(&self.dataplane).breakers()?;
+        let now = crate::breakers::monotonic_ns();
+        Ok(crate::breakers::BreakersReport {
+            limits: (&self.config.breakers).into(),
+            breakers: entries
+                .iter()
+                .map(|(k, b)| crate::breakers::row(&self.config, k, b, now))
+                .collect(),
         })
     }
 

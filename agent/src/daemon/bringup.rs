@@ -118,6 +118,7 @@ fn load(
         Dataplane::load(Some(&config.bpffs_dir()))?
     };
     dataplane.write_config(config, QUADRANT_CGROUP_LEVEL)?;
+    dataplane.write_breaker_limits(config.breakers.limits())?;
     let mut dataplane = Mutex::new(dataplane);
 
     let identity = identity_service(config);
@@ -262,6 +263,10 @@ pub fn bring_up(
         .take_trace()
         .inspect_err(|e| warn!(error = %e, "no verdict trace"))
         .ok();
+    let breaker_events = dp
+        .take_breaker_events()
+        .inspect_err(|e| warn!(error = %e, "breaker transitions are not reported"))
+        .ok();
     Ok(Agent {
         config: config.clone(),
         state: Mutex::new(state),
@@ -277,6 +282,7 @@ pub fn bring_up(
         carried,
         accel,
         trace: Mutex::new(trace),
+        breaker_events: Mutex::new(breaker_events),
     })
 }
 

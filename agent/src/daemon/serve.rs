@@ -53,6 +53,15 @@ pub(super) async fn serve(
     if let Some(ring) = locked(&agent.trace).take() {
         tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
     }
+    if let Some(ring) = locked(&agent.breaker_events).take() {
+        tokio::spawn(crate::breakers::follow(
+            ring,
+            agent.config.clone(),
+            Arc::clone(&agent.events),
+            Arc::clone(&agent.admission),
+            stop_rx.clone(),
+        ));
+    }
     let lane_broker = agent.broker.serve().map_err(sys::io_err(
         "cannot serve lanes on",
         &agent.config.lane_socket(),

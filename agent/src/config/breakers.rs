@@ -1,0 +1,149 @@
+//! The `breakers` section: the thresholds of the circuit breakers the kernel keeps per (caller
+//! quadrant, destination address and port).
+
+use dataplane_common::breaker::BreakerLimits;
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, invalid};
+
+/// Circuit breaker thresholds (the names follow Envoy's outlier detection and circuit breakers).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BreakersConfig {
+    /// Breakers at all; off, `connect` pays one array lookup and nothing is counted.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// Consecutive failed TCP connects (refused, timed out, abandoned) from one quadrant to one
+    /// destination that open its breaker; 0: the kernel opens none.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// TCP connections one quadrant may hold open to one destination; 0: no limit.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// How long a breaker first stays open, ms; each failed probe doubles it.
+    #[serde(default = "default_base_ejection_ms")]
+    pub base_ejection_ms: u32,
+    /// The longest a breaker stays open at once, ms.
+    #[serde(default = "default_max_ejection_ms")]
+    pub max_ejection_ms: u32,
+}
+
+impl Default for BreakersConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: default_consecutive_failures(),
+            max_connections: 0,
+            base_ejection_ms: default_base_ejection_ms(),
+            max_ejection_ms: default_max_ejection_ms(),
+        }
+    }
+}
+
+/// Most consecutive failures a threshold may ask for.
+pub const MAX_CONSECUTIVE_FAILURES: u32 = 10_000;
+/// Longest ejection accepted: one hour.
+pub const MAX_EJECTION_MS: u32 = 3_600_000;
+/// Shortest ejection accepted.
+pub const MIN_EJECTION_MS: u32 = 10;
+
+const fn default_enabled() -> bool {
+    true
+}
+const fn default_consecutive_failures() -> u32 {
+    5
+}
+const fn default_base_ejection_ms() -> u32 {
+    1000
+}
+const fn default_max_ejection_ms() -> u32 {
+    60_000
+}
+
+impl BreakersConfig {
+    /// What the kernel's `BREAKER_LIMITS` holds.
+    #[must_use]
+    pub fn limits(&self) -> BreakerLimits {
+        BreakerLimits {
+            enabled: u32::from(self.enabled),
+            consecutive_failures: self.consecutive_failures,
+            max_connections: self.max_connections,
+            base_ejection_ms: self.base_ejection_ms,
+            max_ejection_ms: self.max_ejection_ms,
+            pad: 0,
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.consecutive_failures > MAX_CONSECUTIVE_FAILURES {
+            return Err(invalid(
+                "breakers.consecutive_failures",
+                format!(
+                    "{} is above the limit of {MAX_CONSECUTIVE_FAILURES} (0 turns the kernel's trips off)",
+                    self.consecutive_failures
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("breakers.base_ejection_ms", self.base_ejection_ms),
+            ("breakers.max_ejection_ms", self.max_ejection_ms),
+        ] {
+            if !(MIN_EJECTION_MS..=MAX_EJECTION_MS).contains(&v) {
+                return Err(invalid(
+                    field,
+                    format!("{v} is outside {MIN_EJECTION_MS}..={MAX_EJECTION_MS} ms"),
+                ));
+            }
+        }
+        if self.base_ejection_ms > self.max_ejection_ms {
+            return Err(invalid(
+                "breakers.base_ejection_ms",
+                format!(
+                    "{} is above breakers.max_ejection_ms ({})",
+                    self.base_ejection_ms, self.max_ejection_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_name_the_field_and_limit() {
+        let ok = BreakersConfig::default();
+        ok.validate().unwrap();
+        assert_eq!(ok.limits().consecutive_failures, 5);
+        let cases = [
+            (
+                BreakersConfig {
+                    consecutive_failures: 10_001,
+                    ..ok.clone()
+                },
+                "breakers.consecutive_failures: 10001 is above the limit of 10000",
+            ),
+            (
+                BreakersConfig {
+                    base_ejection_ms: 5,
+                    ..ok.clone()
+                },
+                "breakers.base_ejection_ms: 5 is outside 10..=3600000 ms",
+            ),
+            (
+                BreakersConfig {
+                    base_ejection_ms: 2000,
+                    max_ejection_ms: 1000,
+                    ..ok.clone()
+                },
+                "breakers.base_ejection_ms: 2000 is above breakers.max_ejection_ms (1000)",
+            ),
+        ];
+        for (config, want) in cases {
+            let got = config.validate().unwrap_err().to_string();
+            assert!(got.contains(want), "{got}");
+        }
+    }
+}
