@@ -132,10 +132,12 @@ fn register(control: &Control, service: &str, tcp_port: Option<u16>) -> Result<S
             message,
             reason,
             limit,
+            retry_after_ms,
         } => Err(LaneError::Refused {
             message,
             reason,
             limit,
+            retry_after_ms,
         }),
         other => Err(LaneError::Broker(format!(
             "unexpected broker message {other:?}"
@@ -236,10 +238,12 @@ impl LaneClient {
                 message,
                 reason,
                 limit,
+                retry_after_ms,
             } => Err(LaneError::Refused {
                 message,
                 reason,
                 limit,
+                retry_after_ms,
             }),
             other => Err(LaneError::Broker(format!(
                 "unexpected broker message {other:?}"
@@ -289,6 +293,7 @@ impl LaneClient {
                     ),
                     reason: None,
                     limit: None,
+                    retry_after_ms: None,
                 });
             }
             other => {

@@ -208,6 +208,9 @@ pub enum LaneMessage {
         /// The limit exceeded, when that is the reason (`max_lanes`, `max_shm_bytes`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<String>,
+        /// When asking again may succeed, ms from now (`breaker_open`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -238,11 +241,14 @@ pub enum Refusal {
     Busy,
     /// The service is offered already (a second `listen` for it).
     Taken,
+    /// The opener quadrant's circuit breaker for the service's address is open (or half-open
+    /// with its probe in flight): `retry_after_ms` says when to ask again.
+    BreakerOpen,
 }
 
 impl Refusal {
     /// Every reason.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Attestation,
         Self::Invalid,
         Self::Plan,
@@ -253,6 +259,7 @@ impl Refusal {
         Self::MaxShmBytes,
         Self::Busy,
         Self::Taken,
+        Self::BreakerOpen,
     ];
 
     /// The stable name (as serialised).
@@ -269,6 +276,7 @@ impl Refusal {
             Self::MaxShmBytes => "max_shm_bytes",
             Self::Busy => "busy",
             Self::Taken => "taken",
+            Self::BreakerOpen => "breaker_open",
         }
     }
 }

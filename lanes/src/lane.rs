@@ -28,6 +28,8 @@ pub enum LaneError {
         reason: Option<crate::control::Refusal>,
         /// The limit exceeded, if that was the reason.
         limit: Option<String>,
+        /// When asking again may succeed, ms from now (an open circuit breaker).
+        retry_after_ms: Option<u64>,
     },
     /// Talking to the broker failed.
     #[error("lane broker: {0}")]

@@ -20,6 +20,8 @@ pub struct Refused {
     pub message: String,
     /// The configuration field of the limit hit.
     pub limit: Option<String>,
+    /// When asking again may succeed, ms from now.
+    pub retry_after_ms: Option<u64>,
 }
 
 /// A refusal without a limit.
@@ -28,6 +30,7 @@ pub fn refuse(reason: Refusal, message: String) -> Refused {
         reason,
         message,
         limit: None,
+        retry_after_ms: None,
     }
 }
 
@@ -159,6 +162,7 @@ pub fn within_limits(
                 limits.max_lanes
             ),
             limit: Some("max_lanes".into()),
+            retry_after_ms: None,
         });
     }
     if shm + shm_bytes > limits.max_shm_bytes {
@@ -170,6 +174,7 @@ pub fn within_limits(
                 limits.max_shm_bytes
             ),
             limit: Some("max_shm_bytes".into()),
+            retry_after_ms: None,
         });
     }
     Ok(())

@@ -41,6 +41,7 @@ use crate::{
     policy::LaneRule,
 };
 
+mod breaker;
 mod decide;
 mod open;
 pub mod pool;
@@ -137,6 +138,7 @@ pub struct Broker {
     next_lane: AtomicU64,
     next_conn: AtomicU64,
     pool: pool::Pool,
+    breakers: breaker::Breakers,
 }
 
 impl std::fmt::Debug for Broker {
@@ -197,6 +199,12 @@ impl Broker {
             next_lane: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
             pool: pool::Pool::default(),
+            breakers: breaker::Breakers::pinned(
+                config
+                    .bpffs_dir()
+                    .join("maps")
+                    .join(dataplane_common::breaker::BREAKERS),
+            ),
         }
     }
 
@@ -364,6 +372,7 @@ impl Broker {
                         message,
                         reason: Some(Refusal::Attestation),
                         limit: None,
+                        retry_after_ms: None,
                     };
                     if conn.send(&reply, &[], true).is_err() {
                         break;
@@ -397,6 +406,7 @@ impl Broker {
                             message,
                             reason: Some(Refusal::Invalid),
                             limit: None,
+                            retry_after_ms: None,
                         },
                         &[],
                         true,
@@ -464,6 +474,7 @@ impl Broker {
                     message: r.message,
                     reason: Some(r.reason),
                     limit: r.limit,
+                    retry_after_ms: r.retry_after_ms,
                 },
                 &[],
                 true,
@@ -490,6 +501,7 @@ impl Broker {
                 ),
                 reason: Some(Refusal::Taken),
                 limit: None,
+                retry_after_ms: None,
             };
         }
         state.services.insert(

@@ -69,6 +69,12 @@ impl Broker {
         };
         let target = self.find_service(to_q, service)?;
         let transport = self.choose(&ask, choice, &target)?;
+        if transport == Transport::Tcp
+            && let Some(port) = target.tcp_port
+        {
+            self.breakers
+                .check(from_q, service, self.config.addrs(to_q).workload, port)?;
+        }
         let lane_id = self.next_lane.fetch_add(1, Ordering::Relaxed);
         let built = self.build(lane_id, &ask, transport, &target)?;
         let Built {

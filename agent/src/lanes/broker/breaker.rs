@@ -1,0 +1,152 @@
+//! The kernel's circuit breakers at lane open: a TCP lane connects to the service's address and
+//! port from the opener's quadrant, so when the opener quadrant's breaker for that destination is
+//! open the kernel would refuse the connect anyway; the broker refuses the open first, with the
+//! figures and a retry-after, instead of handing out a lane that cannot connect.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Mutex, PoisonError},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use dataplane_common::{
+    Quadrant,
+    breaker::{self, Breaker, BreakerKey, HALF_OPEN, OPEN},
+    policy::PROTO_TCP,
+};
+
+use super::decide::Refused;
+use crate::lanes::control::Refusal;
+
+/// How long a caller refused by a half-open breaker (its probe in flight) is told to wait, at
+/// least.
+const HALF_OPEN_RETRY_MS: u64 = 100;
+
+/// Reads the pinned `BREAKERS` map, opened on first use.
+#[derive(Default)]
+pub struct Breakers {
+    pin: Option<PathBuf>,
+    map: Mutex<Option<HashMap<MapData, BreakerKey, Breaker>>>,
+}
+
+impl Breakers {
+    /// The breakers pinned at `pin` (`<bpffs>/<instance>/maps/BREAKERS`).
+    pub fn pinned(pin: PathBuf) -> Self {
+        Self {
+            pin: Some(pin),
+            map: Mutex::new(None),
+        }
+    }
+
+    /// The breaker of (`from`, `addr`:`port` over TCP), if the kernel keeps one.
+    fn get(&self, from: Quadrant, addr: Ipv4Addr, port: u16) -> Option<Breaker> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.is_none() {
+            let data = MapData::from_pin(self.pin.as_ref()?).ok()?;
+            *map = HashMap::try_from(Map::HashMap(data)).ok();
+        }
+        let key = BreakerKey {
+            daddr: u32::from_ne_bytes(addr.octets()),
+            dport: port.to_be(),
+            proto: PROTO_TCP,
+            caller: from as u8,
+        };
+        map.as_ref()?.get(&key, 0).ok()
+    }
+
+    /// Refuses a TCP lane from `from` to `service` at `addr`:`port` while the breaker is open.
+    pub fn check(
+        &self,
+        from: Quadrant,
+        service: &str,
+        addr: Ipv4Addr,
+        port: u16,
+    ) -> Result<(), Refused> {
+        match self.get(from, addr, port) {
+            Some(b) => refusal(
+                from,
+                service,
+                addr,
+                port,
+                &b,
+                crate::breakers::monotonic_ns(),
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The refusal for breaker `b` at monotonic time `now_ns`, if it refuses.
+pub fn refusal(
+    from: Quadrant,
+    service: &str,
+    addr: Ipv4Addr,
+    port: u16,
+    b: &Breaker,
+    now_ns: u64,
+) -> Result<(), Refused> {
+    let retry_after_ms = match b.state {
+        OPEN if b.open_until_ns > now_ns => (b.open_until_ns - now_ns).div_ceil(1_000_000),
+        HALF_OPEN => (u64::from(b.ejection_ms) / 10).max(HALF_OPEN_RETRY_MS),
+        _ => return Ok(()),
+    };
+    Err(Refused {
+        reason: Refusal::BreakerOpen,
+        message: format!(
+            "circuit breaker of {} for {service} ({addr}:{port}) is {} after {} consecutive failed connects; retry after {retry_after_ms} ms",
+            from.name(),
+            breaker::state_name(b.state),
+            b.failures,
+        ),
+        limit: None,
+        retry_after_ms: Some(retry_after_ms),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::breaker::CLOSED;
+
+    use super::*;
+
+    #[test]
+    fn open_and_half_open_breakers_refuse_with_a_retry_after() {
+        let addr = Ipv4Addr::new(10, 240, 1, 2);
+        let open = Breaker {
+            open_until_ns: 2_500_000_000,
+            state: OPEN,
+            failures: 5,
+            ejection_ms: 1000,
+            ..Breaker::default()
+        };
+        let r = refusal(Quadrant::Dx, "echo", addr, 7100, &open, 2_000_000_000).unwrap_err();
+        assert_eq!(
+            (r.reason, r.retry_after_ms),
+            (Refusal::BreakerOpen, Some(500))
+        );
+        assert_eq!(
+            r.message,
+            "circuit breaker of dx for echo (10.240.1.2:7100) is open after 5 consecutive failed connects; retry after 500 ms"
+        );
+        // Past its ejection the next connect is the kernel's probe: no refusal here.
+        assert!(refusal(Quadrant::Dx, "echo", addr, 7100, &open, 3_000_000_000).is_ok());
+        let half = Breaker {
+            state: HALF_OPEN,
+            ..open
+        };
+        let r = refusal(Quadrant::Dx, "echo", addr, 7100, &half, 3_000_000_000).unwrap_err();
+        assert_eq!(r.retry_after_ms, Some(100));
+        let closed = Breaker {
+            state: CLOSED,
+            ..open
+        };
+        assert!(refusal(Quadrant::Dx, "echo", addr, 7100, &closed, 0).is_ok());
+        // No pinned map (no dataplane): nothing to refuse.
+        assert!(
+            Breakers::default()
+                .check(Quadrant::Dx, "echo", addr, 7100)
+                .is_ok()
+        );
+    }
+}
