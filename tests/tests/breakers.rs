@@ -1,0 +1,307 @@
+//! Circuit breakers in the kernel, in real namespaces: failed connects counted by `sock_ops` open
+//! the caller quadrant's breaker for that destination, `connect` then fails with `ECONNREFUSED`
+//! before any SYN leaves (a listener that appears meanwhile is not reached), one probe after the
+//! ejection closes or reopens it, and every transition is an audit record with both identities.
+//! Needs root.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::Quadrant;
+use quadrant_tests::harness::{Instance, sibling_binary, test_config};
+use serde_json::Value;
+
+const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
+
+fn breakers(inst: &Instance) -> Value {
+    let out = inst.quadrant(&["breakers", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("breakers json")
+}
+
+/// The breaker of `caller` for `destination`, if it has an entry.
+fn breaker(inst: &Instance, caller: &str, destination: &str) -> Option<Value> {
+    breakers(inst)["breakers"]
+        .as_array()
+        .expect("breakers")
+        .iter()
+        .find(|b| b["caller"] == caller && b["destination"] == destination)
+        .cloned()
+}
+
+/// The audit records of kind `breaker` for `destination`, waiting up to 3 s for at least `n`.
+fn transitions(inst: &Instance, destination: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let log = std::fs::read_to_string(&inst.config.audit_log).unwrap_or_default();
+        let found: Vec<Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["kind"] == "breaker" && r["event"]["destination"] == destination)
+            .map(|r| r["event"].clone())
+            .collect();
+        if found.len() >= n || Instant::now() > deadline {
+            return found;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tcp(inst: &Instance, from: Quadrant, to: &str, timeout_ms: &str) -> String {
+    inst.probe(from, &["tcp-connect", to, timeout_ms]).1
+}
+
+fn config() -> quadrant::config::Config {
+    let mut c = test_config(None);
+    c.breakers.consecutive_failures = 3;
+    c.breakers.base_ejection_ms = 600;
+    c.breakers.max_ejection_ms = 5000;
+    c
+}
+
+#[test]
+fn failed_connects_open_the_breaker_and_one_probe_closes_it() {
+    let mut inst = Instance::up(config(), QPROBE);
+    let dg = format!("{}:7100", inst.addr(Quadrant::Dg));
+    for i in 0..3 {
+        assert_eq!(
+            tcp(&inst, Quadrant::Dx, &dg, "1000"),
+            "err ECONNREFUSED",
+            "attempt {i}: nothing listens"
+        );
+    }
+    let b = breaker(&inst, "dx", &dg).expect("a breaker after three failures");
+    assert_eq!(b["state"], "open", "{b}");
+    assert_eq!(b["consecutive_failures"], 3, "{b}");
+    assert_eq!(b["ejection_ms"], 600, "{b}");
+    assert_eq!(b["caller_spiffe_id"], "spiffe://quadrant.local/quadrant/dx");
+    assert_eq!(
+        b["destination_identity"],
+        "spiffe://quadrant.local/quadrant/dg"
+    );
+    let left = b["retry_after_ms"]
+        .as_u64()
+        .expect("retry_after_ms while open");
+    assert!((1..=660).contains(&left), "{b}");
+    assert_eq!(
+        inst.counter("connect4", Quadrant::Dx, "refuse_breaker_open"),
+        0
+    );
+
+    // A listener appears; DX's open breaker still refuses at connect(), before any SYN: the
+    // listener is never reached, and tc on DX's veth sees no packet. DG's own breaker for the
+    // same destination is another one.
+    let _server = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7100"]);
+    let on_the_wire = |inst: &Instance| {
+        inst.status()
+            .counters
+            .iter()
+            .filter(|c| c.hook == "tc_ingress" && c.quadrant == "dx" && c.reason != "pass_arp")
+            .map(|c| c.count)
+            .sum::<u64>()
+    };
+    let sent = on_the_wire(&inst);
+    assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
+    assert_eq!(on_the_wire(&inst), sent, "a refused connect sent packets");
+    assert_eq!(
+        inst.counter("connect4", Quadrant::Dx, "refuse_breaker_open"),
+        1
+    );
+    assert_eq!(tcp(&inst, Quadrant::Dg, &dg, "1000"), "ok hello");
+    // A policy denial is still EPERM, told apart from a breaker.
+    let px = format!("{}:7100", inst.addr(Quadrant::Px));
+    assert_eq!(tcp(&inst, Quadrant::Dx, &px, "1000"), "err EPERM");
+
+    // Past the ejection the next connect is the probe; it connects and closes the breaker.
+    thread::sleep(Duration::from_millis(700));
+    assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "ok hello");
+    assert!(on_the_wire(&inst) > sent, "the probe's packets pass tc");
+    let b = breaker(&inst, "dx", &dg).expect("the entry stays");
+    assert_eq!(
+        (&b["state"], &b["consecutive_failures"]),
+        (&"closed".into(), &0.into()),
+        "{b}"
+    );
+    assert_eq!((&b["opened"], &b["refused"]), (&1.into(), &1.into()), "{b}");
+    assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "ok hello");
+
+    let seen = transitions(&inst, &dg, 3);
+    let steps: Vec<(&str, &str, &str)> = seen
+        .iter()
+        .map(|e| {
+            (
+                e["from"].as_str().unwrap_or_default(),
+                e["to"].as_str().unwrap_or_default(),
+                e["cause"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("closed", "open", "consecutive_failures"),
+            ("open", "half_open", "probe_started"),
+            ("half_open", "closed", "probe_succeeded"),
+        ]
+    );
+    for e in &seen {
+        assert_eq!(
+            e["caller_spiffe_id"], "spiffe://quadrant.local/quadrant/dx",
+            "{e}"
+        );
+        assert_eq!(
+            e["destination_identity"], "spiffe://quadrant.local/quadrant/dg",
+            "{e}"
+        );
+    }
+    let verify = inst.quadrant(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[test]
+fn a_half_open_breaker_lets_exactly_one_probe_through_and_a_failed_probe_doubles_the_ejection() {
+    let inst = Instance::up(config(), QPROBE);
+    // An address in DG's prefix that nobody holds: a SYN to it is never answered, so a connect
+    // stays in SYN_SENT until its caller gives up (which counts as a failure).
+    let dg = inst.config.addrs(Quadrant::Dg).workload.octets();
+    let silent = format!("{}.{}.{}.{}:7200", dg[0], dg[1], dg[2], 99);
+    for _ in 0..3 {
+        assert_eq!(tcp(&inst, Quadrant::Dx, &silent, "200"), "err timeout");
+    }
+    assert_eq!(
+        breaker(&inst, "dx", &silent).expect("open")["state"],
+        "open"
+    );
+    thread::sleep(Duration::from_millis(700));
+    thread::scope(|s| {
+        // The probe: waits 1.5 s for an answer that never comes.
+        let probe = s.spawn(|| tcp(&inst, Quadrant::Dx, &silent, "1500"));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while breaker(&inst, "dx", &silent).expect("entry")["state"] != "half_open" {
+            assert!(Instant::now() < deadline, "no probe started");
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Every other connect meanwhile is refused at once.
+        let started = Instant::now();
+        assert_eq!(
+            tcp(&inst, Quadrant::Dx, &silent, "1500"),
+            "err ECONNREFUSED"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused, not waited for"
+        );
+        assert_eq!(probe.join().expect("probe"), "err timeout");
+    });
+    let b = breaker(&inst, "dx", &silent).expect("entry");
+    assert_eq!(
+        (&b["state"], &b["ejection_ms"], &b["opened"]),
+        (&"open".into(), &1200.into(), &2.into()),
+        "{b}"
+    );
+    let causes: Vec<String> = transitions(&inst, &silent, 3)
+        .iter()
+        .map(|e| e["cause"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        causes,
+        ["consecutive_failures", "probe_started", "probe_failed"]
+    );
+}
+
+#[test]
+fn max_connections_caps_what_a_quadrant_holds_open_to_one_destination() {
+    let mut c = config();
+    c.breakers.max_connections = 2;
+    let mut inst = Instance::up(c, QPROBE);
+    let dg = format!("{}:7300", inst.addr(Quadrant::Dg));
+    let _server = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7300"]);
+    let talk = [QPROBE, "tcp-talk", &dg, "400", "4"];
+    let (_, first) = inst.background_in(Quadrant::Dx, None, &talk, "ready");
+    let (_, second) = inst.background_in(Quadrant::Dx, None, &talk, "ready");
+    assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
+    assert_eq!(
+        inst.counter("connect4", Quadrant::Dx, "refuse_breaker_full"),
+        1
+    );
+    assert_eq!(
+        breaker(&inst, "dx", &dg).expect("counted")["active_connections"],
+        2
+    );
+    // Another quadrant has its own count.
+    assert_eq!(tcp(&inst, Quadrant::Dg, &dg, "1000"), "ok hello");
+    // Once the two talkers are done, their connections no longer count.
+    for rx in [first, second] {
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+            assert!(line.starts_with("ok") || line == "ready", "{line}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while breaker(&inst, "dx", &dg).expect("counted")["active_connections"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "connections still counted after they closed"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "ok hello");
+}
+
+#[test]
+fn an_open_breaker_refuses_tcp_lanes_at_the_broker_with_a_retry_after() {
+    let mut c = config();
+    c.breakers.base_ejection_ms = 5000;
+    let mut inst = Instance::up(c, QPROBE);
+    let dg = format!("{}:7400", inst.addr(Quadrant::Dg));
+    for _ in 0..3 {
+        assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
+    }
+    let echo = sibling_binary(QPROBE, "lane-echo").display().to_string();
+    let serve = [echo.as_str(), "serve", "echo", "--tcp-port", "7400"];
+    let _server = inst.background_in(Quadrant::Dg, Some("echo"), &serve, "listening as");
+    let call = |transport: &str| {
+        inst.run_in(
+            Quadrant::Dx,
+            Some("client"),
+            &[&echo, "call", "dg", "echo", "--transport", transport],
+        )
+    };
+    let out = call("tcp");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "circuit breaker of dx for echo ({dg}) is open after 3 consecutive failed connects; retry after "
+    );
+    assert!(err.contains(&want), "{err}");
+    let lanes: Value =
+        serde_json::from_slice(&inst.quadrant(&["lanes", "--output", "json"]).stdout)
+            .expect("lanes json");
+    let refused = lanes["refusals"]
+        .as_array()
+        .expect("refusals")
+        .iter()
+        .find(|r| r["quadrant"] == "dx" && r["reason"] == "breaker_open")
+        .map_or(0, |r| r["count"].as_u64().unwrap_or(0));
+    assert_eq!(refused, 1, "{lanes}");
+    // The breaker covers the TCP destination only: a shared-memory lane to the same service opens.
+    let out = call("shm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
