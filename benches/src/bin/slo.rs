@@ -1,0 +1,386 @@
+//! Circuit breaker benchmark (`cargo xtask bench slo`): what a closed breaker adds to `connect()`,
+//! and how soon after a kernel-counted trip the kernel refuses.
+//!
+//! The orchestrator starts a real agent (instance `qslo`) with breakers on and then off, taking
+//! turns (three sessions each), and runs the measuring workload in DX. With the kernel's program
+//! statistics on (`BPF_ENABLE_STATS`), it reads the pinned `connect4` and breaker `sock_ops`
+//! programs' run time and run count around each session: the same programs, with the breaker
+//! lookup (on) and without it (off, `breakers.enabled: false`: one array read), so the
+//! difference is the closed breaker's cost. The workload connects to a listener on DX's own
+//! address (a destination the policy allows, whose breaker entry exists and is closed: one
+//! connect failed before the listener started) and reports the `connect()` latency it sees.
+//!
+//! Trips: for each of 200 ports, the workload makes `consecutive_failures` connects that nothing
+//! answers (refused by the peer), starts a listener on that port and connects again at once; the
+//! kernel must refuse that connect (its breaker opened in `sock_ops` when the last failure was
+//! seen). It reports how many were refused and the time from the last failure's return to the
+//! refusal.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::ProgramInfo;
+use dataplane_common::Quadrant;
+use hdrhistogram::Histogram;
+use quadrant::config::{Config, QuadrantConfig};
+use serde::{Deserialize, Serialize};
+
+const STATE_DIR: &str = "/run/quadrant-slobench";
+const CONNECTS: u32 = 20_000;
+const WARMUP: u32 = 1000;
+const TRIPS: u16 = 200;
+const CONNECT_PORT: u16 = 7600;
+const TRIP_PORTS: u16 = 7700;
+const SESSIONS: usize = 3;
+
+/// What the measuring workload reports for its connect loop.
+#[derive(Debug, Serialize, Deserialize)]
+struct Connects {
+    count: u32,
+    p50_ns: u64,
+    p99_ns: u64,
+}
+
+/// What the measuring workload reports for its trips.
+#[derive(Debug, Serialize, Deserialize)]
+struct Trips {
+    tried: u16,
+    refused_at_once: u16,
+    p50_ns: u64,
+    p99_ns: u64,
+    max_ns: u64,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000_000, 3)?)
+}
+
+/// Microseconds, for printing.
+fn us(ns: u64) -> f64 {
+    #[expect(clippy::cast_precision_loss, reason = "latencies far below 2^52 ns")]
+    let ns = ns as f64;
+    ns / 1000.0
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+// ---- the measuring workload (runs in DX) ----
+
+fn connects(addr: Ipv4Addr) -> anyhow::Result<Connects> {
+    let at = SocketAddr::from((addr, CONNECT_PORT));
+    // One failure first, so this destination's breaker entry exists (closed) in the "on" runs.
+    if TcpStream::connect(at).is_ok() {
+        bail!("something already listens on {at}");
+    }
+    let listener = TcpListener::bind(at)?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let mut h = histogram()?;
+    for i in 0..WARMUP + CONNECTS {
+        let start = Instant::now();
+        let s = TcpStream::connect(at).with_context(|| format!("connect {i} to {at}"))?;
+        let took = start.elapsed();
+        drop(s);
+        if i >= WARMUP {
+            h.record(ns(took).max(1))?;
+        }
+    }
+    Ok(Connects {
+        count: CONNECTS,
+        p50_ns: h.value_at_quantile(0.5),
+        p99_ns: h.value_at_quantile(0.99),
+    })
+}
+
+fn trips(addr: Ipv4Addr, failures: u32) -> anyhow::Result<Trips> {
+    let mut h = histogram()?;
+    let mut refused = 0;
+    let mut listeners = Vec::new();
+    for i in 0..TRIPS {
+        let at = SocketAddr::from((addr, TRIP_PORTS + i));
+        let mut crossed = Instant::now();
+        for _ in 0..failures {
+            match TcpStream::connect(at) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                other => bail!("{at}: expected a refusal by the peer, got {other:?}"),
+            }
+            crossed = Instant::now();
+        }
+        // Now something listens: only the breaker can refuse.
+        listeners.push(TcpListener::bind(at)?);
+        let outcome = TcpStream::connect(at);
+        let took = crossed.elapsed();
+        if matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused) {
+            refused += 1;
+            h.record(ns(took).max(1))?;
+        }
+    }
+    Ok(Trips {
+        tried: TRIPS,
+        refused_at_once: refused,
+        p50_ns: h.value_at_quantile(0.5),
+        p99_ns: h.value_at_quantile(0.99),
+        max_ns: h.max(),
+    })
+}
+
+// ---- the orchestrator (host) ----
+
+fn bench_config(enabled: bool) -> anyhow::Result<Config> {
+    let mut c = Config::embedded();
+    c.instance = "qslo".into();
+    c.interface_prefix = "qs".into();
+    c.state_dir = STATE_DIR.into();
+    c.cgroup2 = PathBuf::from(STATE_DIR).join("cgroup2");
+    c.identity.ca_dir = PathBuf::from(STATE_DIR).join("ca");
+    c.audit_log = PathBuf::from(STATE_DIR).join("audit.log");
+    c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
+    c.breakers.enabled = enabled;
+    for (i, q) in Quadrant::ALL.iter().enumerate() {
+        c.quadrants.insert(
+            q.name().into(),
+            QuadrantConfig {
+                prefix: format!("10.244.{i}.0/24").parse()?,
+            },
+        );
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let b = std::env::current_exe()?.with_file_name(name);
+    if !b.exists() {
+        bail!(
+            "{} not found: `cargo build --release -p agent --bins` first",
+            b.display()
+        );
+    }
+    Ok(b)
+}
+
+/// A running agent, brought down when dropped.
+struct Agent {
+    bin: PathBuf,
+    config: PathBuf,
+    process: Option<Child>,
+}
+
+impl Agent {
+    fn start(config: &Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(STATE_DIR)?;
+        let path = Path::new(STATE_DIR).join("qslo.yaml");
+        std::fs::write(&path, serde_yaml::to_string(config)?)?;
+        let mut agent = Self {
+            bin: sibling("quadrant")?,
+            config: path,
+            process: None,
+        };
+        let _ = agent.command().arg("down").stdout(Stdio::null()).status();
+        agent.process = Some(
+            agent
+                .command()
+                .arg("up")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !agent
+            .command()
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success()
+        {
+            if Instant::now() > deadline {
+                bail!("the agent did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--config").arg(&self.config);
+        c
+    }
+
+    /// Runs this benchmark's `mode` as a workload in DX and parses what it prints.
+    fn workload<T: for<'de> Deserialize<'de>>(&self, args: &[&str]) -> anyhow::Result<T> {
+        let me = std::env::current_exe()?.display().to_string();
+        let out = self
+            .command()
+            .args(["exec", "dx", "--workload", "bench", "--", &me])
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("the measuring workload failed: {args:?}");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.command().arg("down").stdout(Stdio::null()).status();
+        if let Some(mut a) = self.process.take() {
+            let _ = a.wait();
+        }
+    }
+}
+
+/// A pinned program's (run time, run count) so far.
+fn stats(config: &Config, program: &str) -> anyhow::Result<(Duration, u64)> {
+    let pin = config.bpffs_dir().join("progs").join(program);
+    let info = ProgramInfo::from_pin(&pin).with_context(|| format!("{}", pin.display()))?;
+    Ok((info.run_time(), info.run_count()))
+}
+
+/// Nanoseconds per run, nanoseconds per connection and runs per connection of a program
+/// between two readings.
+fn per_run(before: (Duration, u64), after: (Duration, u64), connections: u32) -> (f64, f64, f64) {
+    let time = after.0.saturating_sub(before.0).as_secs_f64() * 1e9;
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let runs = after.1.saturating_sub(before.1).max(1) as f64;
+    let connections = f64::from(connections.max(1));
+    (time / runs, time / connections, runs / connections)
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    connect4_ns: f64,
+    sockops_ns_per_connection: f64,
+    sockops_runs_per_connection: f64,
+    connect: Option<Connects>,
+    trips: Option<Trips>,
+}
+
+fn session(enabled: bool) -> anyhow::Result<Session> {
+    let config = bench_config(enabled)?;
+    let agent = Agent::start(&config)?;
+    let dx = config.addrs(Quadrant::Dx).workload.to_string();
+    let (c4, so) = ("quadrant_connect4", "quadrant_breaker_sockops");
+    let (c4_before, so_before) = (stats(&config, c4)?, stats(&config, so)?);
+    let connect: Connects = agent.workload(&["connects", &dx])?;
+    let (c4_after, so_after) = (stats(&config, c4)?, stats(&config, so)?);
+    let connections = connect.count + WARMUP + 1;
+    let (connect4_ns, _, _) = per_run(c4_before, c4_after, connections);
+    let (_, sockops_ns_per_connection, sockops_runs_per_connection) =
+        per_run(so_before, so_after, connections);
+    let trips = if enabled {
+        let failures = config.breakers.consecutive_failures.to_string();
+        Some(agent.workload(&["trips", &dx, &failures])?)
+    } else {
+        None
+    };
+    Ok(Session {
+        connect4_ns,
+        sockops_ns_per_connection,
+        sockops_runs_per_connection,
+        connect: Some(connect),
+        trips,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn orchestrate() -> anyhow::Result<()> {
+    quadrant::daemon::require_root("bench slo")?;
+    // Program run time is counted while this descriptor is open.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for round in 0..SESSIONS {
+        eprintln!("session {}/{SESSIONS}: breakers on, then off", round + 1);
+        on.push(session(true)?);
+        off.push(session(false)?);
+    }
+    println!(
+        "closed breaker on connect() (DX -> DX's own address, {CONNECTS} connects a session, kernel program statistics)"
+    );
+    println!(
+        "{:<8} {:>12} {:>22} {:>14} {:>12} {:>12}",
+        "breakers",
+        "connect4 ns",
+        "sock_ops ns/connection",
+        "sock_ops runs",
+        "connect p50",
+        "connect p99"
+    );
+    for (name, runs) in [("on", &on), ("off", &off)] {
+        for s in runs {
+            let c = s.connect.as_ref();
+            println!(
+                "{name:<8} {:>12.1} {:>22.1} {:>14.1} {:>9.1} µs {:>9.1} µs",
+                s.connect4_ns,
+                s.sockops_ns_per_connection,
+                s.sockops_runs_per_connection,
+                c.map_or(0.0, |c| us(c.p50_ns)),
+                c.map_or(0.0, |c| us(c.p99_ns)),
+            );
+        }
+    }
+    let added = median(on.iter().map(|s| s.connect4_ns).collect())
+        - median(off.iter().map(|s| s.connect4_ns).collect());
+    let sockops = median(on.iter().map(|s| s.sockops_ns_per_connection).collect())
+        - median(off.iter().map(|s| s.sockops_ns_per_connection).collect());
+    println!(
+        "closed breaker adds {added:.1} ns to connect4 (median of {SESSIONS} sessions on minus off; target <= 30 ns: {})",
+        if added <= 30.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "and {sockops:.1} ns of breaker sock_ops per connection (its callbacks: connect, established, state changes)"
+    );
+    println!("kernel-counted trips (threshold crossing -> first connect refused):");
+    for t in on.iter().filter_map(|s| s.trips.as_ref()) {
+        println!(
+            "  {}/{} refused at once; p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs after the last failure returned (target <= 1 ms: {})",
+            t.refused_at_once,
+            t.tried,
+            us(t.p50_ns),
+            us(t.p99_ns),
+            us(t.max_ns),
+            if t.refused_at_once == t.tried && t.max_ns <= 1_000_000 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let addr = |i: usize| -> anyhow::Result<Ipv4Addr> { Ok(args.get(i).context("ADDR")?.parse()?) };
+    match args.get(1).map(String::as_str) {
+        None => orchestrate(),
+        Some("connects") => {
+            println!("{}", serde_json::to_string(&connects(addr(2)?)?)?);
+            Ok(())
+        }
+        Some("trips") => {
+            let failures = args.get(3).context("trips ADDR FAILURES")?.parse()?;
+            println!("{}", serde_json::to_string(&trips(addr(2)?, failures)?)?);
+            Ok(())
+        }
+        Some(other) => bail!("unknown mode {other}"),
+    }
+}
