@@ -13,7 +13,7 @@ use super::{
     control::{LaneGrant, LaneRequest, Transport},
     frame::{FrameError, HEADER_LEN, Header, Kind},
     os::{self, Mapping},
-    ring::{self, Consumer, Producer, Received, Region, RingError, Sent, Stat},
+    ring::{self, Consumer, Producer, Received, Region, RingError, Sent, Sli, Stat},
 };
 
 /// Why a lane operation failed.
@@ -743,20 +743,28 @@ impl Lane {
     }
 
     /// Sends `msg` and waits for one reply into `out`, recording the round-trip time in the
-    /// lane's statistics (`quadrant lanes` shows it).
+    /// lane's statistics (`quadrant lanes` shows it) and, on the client side, the outcome in the
+    /// SLI block the agent reads for the service's SLOs.
     pub fn request(&mut self, msg: &[u8], out: &mut Vec<u8>) -> Result<Duration, LaneError> {
         let start = Instant::now();
-        self.send(msg)?;
-        if !self.recv(out)? {
-            return Err(LaneError::Closed);
-        }
+        let answered = self.send(msg).and_then(|()| {
+            if self.recv(out)? {
+                Ok(())
+            } else {
+                Err(LaneError::Closed)
+            }
+        });
         let rtt = start.elapsed();
-        let side = self.side as usize;
         #[expect(
             clippy::cast_possible_truncation,
             reason = "a round trip is far below 584 years"
         )]
         let ns = rtt.as_nanos() as u64;
+        if matches!(self.side, Side::Client) {
+            self.record_sli(answered.is_ok(), ns);
+        }
+        answered?;
+        let side = self.side as usize;
         let ewma = self.region.stat(side, Stat::RttEwmaNs);
         let old = ewma.load(Ordering::Relaxed);
         ewma.store(
@@ -767,6 +775,22 @@ impl Lane {
             .stat(side, Stat::RttSamples)
             .fetch_add(1, Ordering::Relaxed);
         Ok(rtt)
+    }
+
+    /// Counts one request in the SLI block: failed, or answered in `ns`.
+    fn record_sli(&self, answered: bool, ns: u64) {
+        let r = &self.region;
+        r.sli(Sli::Requests).fetch_add(1, Ordering::Relaxed);
+        if !answered {
+            r.sli(Sli::Failed).fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        r.latency_count(ring::latency_bucket(ns))
+            .fetch_add(1, Ordering::Relaxed);
+        let threshold = r.sli(Sli::ThresholdNs).load(Ordering::Relaxed);
+        if threshold == 0 || ns <= threshold {
+            r.sli(Sli::WithinThreshold).fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Closes the lane: the peer's next receive returns `Ok(false)` once it has read what was

@@ -59,6 +59,64 @@ const HEAD_MSGS: usize = 136;
 const CONSUMER_WAITING: usize = 256;
 const PRODUCER_WAITING: usize = 384;
 
+/// Where the requesting side's SLI block starts in the header page: [`Sli`] fields, then
+/// [`LATENCY_BUCKETS`] round-trip counters (see [`latency_bucket`]).
+const SLI_OFFSET: usize = 3072;
+/// Round-trip histogram buckets of the SLI block.
+pub const LATENCY_BUCKETS: usize = 64;
+/// Round trips below this many nanoseconds count in bucket 0.
+const LATENCY_FLOOR_NS: u64 = 1024;
+
+/// Fields of the client side's SLI block (each a `u64`): what `Lane::request` records for the
+/// agent's service-level indicators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Sli {
+    /// The latency threshold of the service's latency SLO, ns (0: none), written by the broker
+    /// before the lane is handed out.
+    ThresholdNs = 0,
+    /// Requests made (answered or not).
+    Requests = 1,
+    /// Requests answered within [`Sli::ThresholdNs`] (all answered ones when it is 0).
+    WithinThreshold = 2,
+    /// Requests that failed: the peer went away, closed the lane or broke it before answering.
+    Failed = 3,
+}
+
+/// Fields before the histogram in the SLI block.
+const SLI_FIELDS: usize = 4;
+
+/// The histogram bucket of a round trip of `ns`: log-linear, four buckets per power of two from
+/// 1,024 ns (bucket 0: below it; the last bucket: everything from about 58 ms on).
+#[must_use]
+pub const fn latency_bucket(ns: u64) -> usize {
+    if ns < LATENCY_FLOOR_NS {
+        return 0;
+    }
+    let log = 63 - ns.leading_zeros() as usize;
+    let sub = ((ns >> (log - 2)) & 3) as usize;
+    let idx = 1 + (log - 10) * 4 + sub;
+    if idx >= LATENCY_BUCKETS {
+        LATENCY_BUCKETS - 1
+    } else {
+        idx
+    }
+}
+
+/// The upper bound (exclusive) of bucket `idx`, ns (`u64::MAX` for the last).
+#[must_use]
+pub const fn latency_bucket_upper_ns(idx: usize) -> u64 {
+    if idx == 0 {
+        return LATENCY_FLOOR_NS;
+    }
+    if idx >= LATENCY_BUCKETS - 1 {
+        return u64::MAX;
+    }
+    let octave = (idx - 1) / 4;
+    let sub = ((idx - 1) % 4) as u64;
+    (LATENCY_FLOOR_NS << octave) / 4 * (5 + sub)
+}
+
 /// Statistics fields of one side (each a `u64` slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
@@ -222,6 +280,22 @@ impl Region {
     pub fn features(&self, side: usize) -> &AtomicU64 {
         assert!(side < 2);
         self.u64_at(STATS_OFFSET + side * STATS_STRIDE + FEATURES)
+    }
+
+    /// A field of the client side's SLI block.
+    #[must_use]
+    pub fn sli(&self, field: Sli) -> &AtomicU64 {
+        self.u64_at(SLI_OFFSET + field as usize * 8)
+    }
+
+    /// Round-trip counter `idx` (below [`LATENCY_BUCKETS`]) of the SLI block.
+    ///
+    /// # Panics
+    /// If `idx` is not below [`LATENCY_BUCKETS`].
+    #[must_use]
+    pub fn latency_count(&self, idx: usize) -> &AtomicU64 {
+        assert!(idx < LATENCY_BUCKETS);
+        self.u64_at(SLI_OFFSET + (SLI_FIELDS + idx) * 8)
     }
 
     fn ctrl(ring: usize, field: usize) -> usize {
@@ -608,6 +682,27 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn latency_buckets_are_log_linear_and_bounded() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(1023), 0);
+        assert_eq!(latency_bucket(1024), 1);
+        assert_eq!(latency_bucket(1279), 1);
+        assert_eq!(latency_bucket(1280), 2);
+        assert_eq!(latency_bucket(2048), 5);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        let mut last = 0;
+        for idx in 0..LATENCY_BUCKETS {
+            let upper = latency_bucket_upper_ns(idx);
+            assert!(upper > last, "bucket {idx}");
+            if upper != u64::MAX {
+                assert_eq!(latency_bucket(upper - 1), idx, "bucket {idx} upper {upper}");
+                assert_eq!(latency_bucket(upper), idx + 1, "bucket {idx} upper {upper}");
+            }
+            last = upper;
+        }
+    }
 
     #[derive(Clone, Copy)]
     #[repr(C, align(64))]
