@@ -1,4 +1,4 @@
-//! `quadrant lanes`, `quadrant breakers` and `quadrant events`.
+//! `quadrant lanes`, `quadrant slo`, `quadrant breakers` and `quadrant events`.
 
 use std::io::Write as _;
 
@@ -11,6 +11,16 @@ pub fn lanes(config: &Config, output: Output) -> anyhow::Result<()> {
     let report = Client::new(config.socket_path()).lanes()?;
     match output {
         Output::Text => print!("{}", quadrant::lanes::broker::render(&report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}
+
+/// `quadrant slo`.
+pub fn slo(config: &Config, output: Output) -> anyhow::Result<()> {
+    let report = Client::new(config.socket_path()).slo()?;
+    match output {
+        Output::Text => print!("{}", quadrant::slo::render(&report)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(())

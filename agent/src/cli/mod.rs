@@ -110,6 +110,13 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Report every SLO: its SLI over the window, the error budget left, the burn rates of the
+    /// multiwindow rules and the alerts firing.
+    Slo {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// List the circuit breakers the kernel keeps per (caller quadrant, destination): state,
     /// consecutive failures, ejection and time left, refusals, counted connections.
     Breakers {
@@ -223,6 +230,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stop { name } => workloads::stop(&config, &name),
         Command::Lanes { output } => lanes::lanes(&config, output),
         Command::Breakers { output } => lanes::breakers(&config, output),
+        Command::Slo { output } => lanes::slo(&config, output),
         Command::Events { count } => lanes::events(&config, count),
         Command::AccelProbe => unreachable!("handled before the configuration is read"),
     }

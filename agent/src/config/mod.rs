@@ -68,7 +68,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         reason: reason.into(),
@@ -76,7 +76,7 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The agent configuration (see `agent/config/default.yaml` for the documented defaults).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Names the namespaces, cgroups, bpffs directory and control socket of this agent.
@@ -147,6 +147,9 @@ pub struct Config {
     /// Circuit breakers: the thresholds every (caller quadrant, destination) breaker uses.
     #[serde(default)]
     pub breakers: BreakersConfig,
+    /// Service-level objectives of lane services (`OpenSLO` field names).
+    #[serde(default)]
+    pub slos: Vec<crate::slo::SloSpec>,
 }
 
 /// Default audit log (persistent).

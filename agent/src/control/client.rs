@@ -276,6 +276,14 @@ impl Client {
         })
     }
 
+    /// `slo`.
+    pub fn slo(&self) -> Result<crate::slo::SloReport, ClientError> {
+        self.expect(&Request::Slo, "slo", |r| match r {
+            Response::Slo(s) => Ok(*s),
+            other => Err(Box::new(other)),
+        })
+    }
+
     /// `breakers`.
     pub fn breakers(&self) -> Result<crate::breakers::BreakersReport, ClientError> {
         self.expect(&Request::Breakers, "breakers", |r| match r {

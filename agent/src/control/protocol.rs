@@ -61,6 +61,8 @@ pub enum Request {
     },
     /// List the circuit breakers the kernel keeps, with their thresholds.
     Breakers,
+    /// Report every SLO: SLI, error budget, burn rates, alerts.
+    Slo,
     /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
     /// client disconnects.
     Events,
@@ -74,7 +76,7 @@ pub enum Request {
 }
 
 /// The agent's answer.
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
     /// Answer to [`Request::Status`].
@@ -115,6 +117,8 @@ pub enum Response {
     Lanes(Box<crate::lanes::broker::LanesReport>),
     /// Answer to [`Request::Breakers`].
     Breakers(Box<crate::breakers::BreakersReport>),
+    /// Answer to [`Request::Slo`].
+    Slo(Box<crate::slo::SloReport>),
     /// The verdict trace is now set to `mode`.
     Trace {
         /// What is traced.

@@ -148,6 +148,7 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             deploy::submit(agent, envelope, Some(authorization)).await,
         )),
         Request::Lanes => blocking(agent, |a| Response::Lanes(Box::new(a.lanes_report()))).await,
+        Request::Slo => blocking(agent, |a| Response::Slo(Box::new(a.slo_report()))).await,
         Request::Breakers => {
             blocking(agent, |a| {
                 a.breakers_report().map_or_else(

@@ -55,6 +55,8 @@ pub struct Agent {
     pub trace: Mutex<Option<RingBuf<MapData>>>,
     /// The circuit breakers' ring buffer of transitions, until the agent starts reading it.
     pub breaker_events: Mutex<Option<RingBuf<MapData>>>,
+    /// The SLOs and their windows.
+    pub slo: Arc<crate::slo::SloService>,
 }
 
 /// A lock that a panicked holder did not poison for the others: every holder leaves the value
@@ -110,6 +112,21 @@ impl Agent {
             quadrants,
             counters: dataplane.counters()?,
         })
+    }
+
+    /// `quadrant slo`: every SLO's state now.
+    #[must_use]
+    pub fn slo_report(&self) -> crate::slo::SloReport {
+        self.slo.report(crate::breakers::monotonic_ns())
+    }
+
+    /// Feeds the SLO windows from the lanes' counts and tells admission the quadrants' summary.
+    pub fn sample_slos(&self) {
+        let now = crate::breakers::monotonic_ns();
+        self.slo.observe(now, &self.broker.sli_totals());
+        let summary = self.slo.report(now).quadrants;
+        self.admission
+            .set_slo(&serde_json::to_value(summary).unwrap_or_default());
     }
 
     /// `quadrant breakers`: every breaker the kernel keeps.

@@ -283,6 +283,7 @@ pub fn bring_up(
         accel,
         trace: Mutex::new(trace),
         breaker_events: Mutex::new(breaker_events),
+        slo: Arc::new(crate::slo::SloService::new(&config.slos)),
     })
 }
 

@@ -39,6 +39,21 @@ fn reload_in_background(agent: &Arc<Agent>, why: &'static str) {
     });
 }
 
+/// Feeds the SLO windows every tick until `stop` fires.
+async fn sample_slos(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(agent.slo.tick());
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = every.tick() => {
+                let a = Arc::clone(&agent);
+                let _ = tokio::task::spawn_blocking(move || a.sample_slos()).await;
+            }
+        }
+    }
+}
+
 pub(super) async fn serve(
     agent: Arc<Agent>,
     ready: impl FnOnce(&StatusReport),
@@ -52,6 +67,9 @@ pub(super) async fn serve(
     start_identity_services(&agent, &stop_rx)?;
     if let Some(ring) = locked(&agent.trace).take() {
         tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
+    }
+    if !agent.slo.is_empty() {
+        tokio::spawn(sample_slos(Arc::clone(&agent), stop_rx.clone()));
     }
     if let Some(ring) = locked(&agent.breaker_events).take() {
         tokio::spawn(crate::breakers::follow(

@@ -14,7 +14,7 @@ use super::DaemonError;
 use crate::{config::Config, workloads};
 
 /// What `up` records before it creates anything.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct State {
     /// The configuration the instance runs with.
     pub config: Config,

@@ -46,6 +46,7 @@ mod decide;
 mod open;
 pub mod pool;
 mod report;
+pub mod sli;
 
 use decide::refuse;
 pub use report::{
@@ -97,6 +98,8 @@ struct State {
     services: BTreeMap<(Quadrant, String), Service>,
     lanes: BTreeMap<u64, OpenLane>,
     refusals: BTreeMap<(String, Refusal), u64>,
+    /// What the client sides of closed lanes counted, and refused opens, per service.
+    closed_sli: BTreeMap<(Quadrant, String), sli::SliTotals>,
 }
 
 impl State {
@@ -461,6 +464,9 @@ impl Broker {
             });
         if let Err(r) = result {
             self.count_refusal(caller.quadrant.name(), r.reason);
+            if let Some(target) = Quadrant::from_name(quadrant) {
+                self.count_open_failure(target, service, r.reason);
+            }
             self.events
                 .emit(|seq, at_ms| crate::events::Event::LaneRefused {
                     seq,
@@ -528,7 +534,7 @@ impl Broker {
             .get(&lane)
             .is_some_and(|e| e.client_conn.id == conn_id || e.server_conn.id == conn_id)
         {
-            state.lanes.remove(&lane);
+            state.retire(lane);
             drop(state);
             self.pool.poke();
         }
@@ -544,7 +550,7 @@ impl Broker {
             .map(|(id, _)| *id)
             .collect();
         for lane in gone {
-            state.lanes.remove(&lane);
+            state.retire(lane);
         }
         drop(state);
         self.pool.poke();

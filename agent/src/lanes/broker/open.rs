@@ -84,6 +84,9 @@ impl Broker {
             client,
             server,
         } = built;
+        region
+            .sli(crate::lanes::ring::Sli::ThresholdNs)
+            .store(self.threshold_ns(to_q, service), Ordering::Relaxed);
         let mut state = self.state();
         decide::within_limits(
             from_q,
