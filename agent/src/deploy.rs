@@ -277,6 +277,7 @@ fn review_of(plan: &plans::Plan, q: Quadrant, signer: &str) -> serde_json::Value
         },
         "generation": plan.generation,
         "signer": signer,
+        "priority": plan.priority,
     }}})
 }
 

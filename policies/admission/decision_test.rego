@@ -147,3 +147,34 @@ test_a_production_gateway_identity_is_admitted_into_pg if {
 	obj := object.union(good_px, {"quadrant": "pg", "spiffe_id": "spiffe://quadrant.local/quadrant/pg/workload/edge-1.v2_x"})
 	admission.decision.allowed with input as review(obj)
 }
+
+burning := {"px": {"budget_remaining": 0.4, "fast_burn": true, "slow_burn": false, "breaching": ["api-up (availability of px/api): 80 good of 100"]}}
+
+spent := {"px": {"budget_remaining": -0.5, "fast_burn": false, "slow_burn": true, "breaching": ["api-up: spent"]}}
+
+with_slo(obj, slo) := {"review": {"object": obj}, "slo": slo}
+
+test_a_fast_burn_holds_back_new_production_workloads if {
+	violated_slo := {v.constraint | some v in admission.violations with input as with_slo(good_px, burning)}
+	violated_slo == {"production-keeps-its-error-budget"}
+	some v in admission.violations with input as with_slo(good_px, burning)
+	contains(v.msg, "quadrant px burns its error budget too fast for new workloads: api-up (availability of px/api): 80 good of 100")
+}
+
+test_a_spent_budget_holds_back_new_production_workloads if {
+	some v in admission.violations with input as with_slo(good_px, spent)
+	v.msg == "quadrant px has spent its error budget: api-up: spent"
+}
+
+test_p0_and_security_plans_are_exempt if {
+	admission.decision.allowed with input as with_slo(object.union(good_px, {"priority": "p0"}), burning)
+	admission.decision.allowed with input as with_slo(object.union(good_px, {"priority": "security"}), spent)
+	not admission.decision.allowed with input as with_slo(object.union(good_px, {"priority": "p2"}), burning)
+}
+
+test_no_slo_data_and_development_are_not_held_back if {
+	admission.decision.allowed with input as with_slo(good_px, {"px": {"budget_remaining": null, "fast_burn": false, "slow_burn": false, "breaching": []}})
+	admission.decision.allowed with input as review(good_px)
+	dx := object.union(good_px, {"quadrant": "dx", "spiffe_id": "spiffe://quadrant.local/quadrant/dx/workload/api"})
+	not "production-keeps-its-error-budget" in {v.constraint | some v in admission.violations with input as with_slo(dx, {"dx": burning.px})}
+}

@@ -203,6 +203,9 @@ pub struct Admission {
     /// never waits for an evaluation holding `prepared`.
     digest: Mutex<Option<String>>,
     audit: Result<AuditLog, String>,
+    /// What templates read as `input.slo`: each quadrant's SLO summary (set by the SLO
+    /// sampler; empty until it first runs).
+    slo: Mutex<regorus::Value>,
 }
 
 impl Admission {
@@ -213,7 +216,17 @@ impl Admission {
             digest: Mutex::new(prepared.as_ref().ok().map(|p| p.digest.clone())),
             prepared: Mutex::new(prepared),
             audit,
+            slo: Mutex::new(regorus::Value::new_object()),
         }
+    }
+
+    /// Sets what templates read as `input.slo` (`{"px": {"budget_remaining": …, "fast_burn":
+    /// …, "slow_burn": …, "breaching": […]}, …}`).
+    pub fn set_slo(&self, slo: &Value) {
+        *self
+            .slo
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rego_value(slo);
     }
 
     /// The digest of the bundle admission decides with (`None`: it refuses everything).
@@ -275,6 +288,11 @@ impl Admission {
             .unwrap_or_default();
         // Converted once; each constraint's input shares it.
         let review_value = rego_value(object);
+        let slo = self
+            .slo
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let mut violations = Vec::new();
         for c in &mut prepared.constraints {
             if !c.quadrants.iter().any(|q| q == quadrant) {
@@ -284,6 +302,7 @@ impl Admission {
             let map = input.as_object_mut().map_err(|e| unavailable(&e))?;
             map.insert(regorus::Value::from("review"), review_value.clone());
             map.insert(regorus::Value::from("parameters"), c.parameters.clone());
+            map.insert(regorus::Value::from("slo"), slo.clone());
             let failed = |e: &dyn std::fmt::Display| {
                 unavailable(&format!("constraint {} ({}): {e}", c.name, c.rule))
             };

@@ -168,6 +168,26 @@ pub struct Plan {
     /// Restart policy.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// How urgent the plan is: admission templates read it (the shipped SLO-budget constraint
+    /// lets `p0` and `security` plans in while a production quadrant's budget burns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// A plan's priority.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Must run now (an incident fix).
+    P0,
+    /// High.
+    P1,
+    /// Normal.
+    P2,
+    /// Low.
+    P3,
+    /// A security fix.
+    Security,
 }
 
 /// A break-glass authorization to go back to an older generation of one workload. Signed by a

@@ -103,6 +103,13 @@ const EMBEDDED: &[(&str, &str)] = &[
         )),
     ),
     (
+        "admission/templates/slo_budget.rego",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../policies/admission/templates/slo_budget.rego"
+        )),
+    ),
+    (
         "admission/templates/production_identity.rego",
         include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
