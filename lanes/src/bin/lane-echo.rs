@@ -28,6 +28,10 @@ enum Command {
         /// Also accept TCP + mTLS lanes on this port.
         #[arg(long)]
         tcp_port: Option<u16>,
+        /// Misbehave for tests and demonstrations: on each lane, answer this many requests,
+        /// then take the next one and close the lane without answering it.
+        #[arg(long)]
+        drop_after: Option<u64>,
     },
     /// Open a lane to SERVICE in QUADRANT, send COUNT messages of SIZE bytes, check each echo,
     /// print a JSON summary.
@@ -73,13 +77,20 @@ fn transport(s: &str) -> Result<TransportChoice, String> {
         .map_err(|_| format!("unknown transport {s:?}: use auto, shm, uds or tcp"))
 }
 
-fn echo(mut lane: Lane) {
+fn echo(mut lane: Lane, drop_after: Option<u64>) {
     let id = lane.id();
     let peer = lane.peer_id().to_owned();
+    let mut answered = 0;
     // Each request is answered from where it lies in the lane: one copy per echo.
     let outcome = loop {
+        if drop_after == Some(answered) {
+            let mut request = Vec::new();
+            let _ = lane.recv(&mut request);
+            let _ = lane.close();
+            break format!("dropped after {answered} answers");
+        }
         match lane.respond_with(<[u8]>::len, |request, out| out.copy_from_slice(request)) {
-            Ok(true) => {}
+            Ok(true) => answered += 1,
             Ok(false) => break "closed by the peer".to_owned(),
             Err(e) => break format!("error: {e}"),
         }
@@ -88,7 +99,7 @@ fn echo(mut lane: Lane) {
     let _ = std::io::stdout().flush();
 }
 
-fn serve(service: &str, tcp_port: Option<u16>) -> Result<(), LaneError> {
+fn serve(service: &str, tcp_port: Option<u16>, drop_after: Option<u64>) -> Result<(), LaneError> {
     let mut listener = LaneListener::listen(None, service, tcp_port)?;
     println!("listening as {}", listener.spiffe_id());
     let _ = std::io::stdout().flush();
@@ -102,7 +113,7 @@ fn serve(service: &str, tcp_port: Option<u16>) -> Result<(), LaneError> {
                     lane.peer_id()
                 );
                 let _ = std::io::stdout().flush();
-                std::thread::spawn(move || echo(lane));
+                std::thread::spawn(move || echo(lane, drop_after));
             }
             // A refused TCP connection is reported and the service goes on.
             Err(e @ LaneError::Tls(_)) => {
@@ -208,9 +219,11 @@ fn hold(quadrant: &str, service: &str, choice: TransportChoice, max: usize) -> R
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { service, tcp_port } => {
-            serve(&service, tcp_port).map_err(|e| e.to_string())
-        }
+        Command::Serve {
+            service,
+            tcp_port,
+            drop_after,
+        } => serve(&service, tcp_port, drop_after).map_err(|e| e.to_string()),
         Command::Call {
             quadrant,
             service,
