@@ -44,19 +44,31 @@ pub fn identity_of(config: &Config, addr: u32) -> String {
 }
 
 /// `quadrant breakers`.
-#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
 pub struct BreakersReport {
     /// The thresholds in force.
     pub limits: BreakerThresholds,
+    /// The lane services' breakers the agent computes (those that ever opened).
+    pub services: Vec<crate::lanes::broker::trip::ServiceBreakerRow>,
     /// Every breaker with an entry (a destination that failed, or that is counted).
     pub breakers: Vec<BreakerRow>,
 }
 
 /// The thresholds in force (`breakers` in the configuration).
-#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
 pub struct BreakerThresholds {
     /// Breakers at all.
     pub enabled: bool,
+    /// Failed share of a service's calls in the window that opens its breaker (0: off).
+    pub failure_ratio: f64,
+    /// Slow-call threshold, ms (0: off).
+    pub slow_call_ms: f64,
+    /// Slow share that opens the breaker.
+    pub slow_call_ratio: f64,
+    /// Sliding window, ms.
+    pub window_ms: u32,
+    /// Calls before a ratio is judged.
+    pub min_calls: u32,
     /// Consecutive failed connects that open a breaker (0: never).
     pub consecutive_failures: u32,
     /// Connections per caller quadrant and destination (0: no limit).
@@ -71,6 +83,11 @@ impl From<&BreakersConfig> for BreakerThresholds {
     fn from(c: &BreakersConfig) -> Self {
         Self {
             enabled: c.enabled,
+            failure_ratio: c.failure_ratio,
+            slow_call_ms: c.slow_call_ms,
+            slow_call_ratio: c.slow_call_ratio,
+            window_ms: c.window_ms,
+            min_calls: c.min_calls,
             consecutive_failures: c.consecutive_failures,
             max_connections: c.max_connections,
             base_ejection_ms: c.base_ejection_ms,
@@ -174,8 +191,23 @@ pub fn render(report: &BreakersReport) -> String {
         l.base_ejection_ms,
         l.max_ejection_ms
     );
+    for s in &report.services {
+        let _ = writeln!(
+            out,
+            "service {}: {} ({} calls, {} failed, {} slow in the window; ejection {} ms{}; opened {} times)",
+            s.service,
+            s.state,
+            s.calls,
+            s.failed,
+            s.slow,
+            s.ejection_ms,
+            s.retry_after_ms
+                .map_or_else(String::new, |ms| format!(", retry after {ms} ms")),
+            s.opened
+        );
+    }
     if report.breakers.is_empty() {
-        out.push_str("no breakers (no destination has failed yet)\n");
+        out.push_str("no kernel breakers (no destination has failed yet)\n");
         return out;
     }
     let _ = writeln!(
@@ -266,6 +298,59 @@ fn report(config: &Config, events: &EventBus, admission: &Admission, e: &Breaker
         e.failures,
         e.ejection_ms,
     );
+    if let Err(err) = admission.record("breaker", value) {
+        warn!(error = %err, "breaker transition not audited");
+    }
+}
+
+/// Reports one transition of a service breaker the agent computes: log line, event (caller:
+/// every quadrant, the trust domain's ID), audit record.
+pub fn report_service(
+    config: &Config,
+    events: &EventBus,
+    admission: &Admission,
+    t: &crate::lanes::broker::trip::Transition,
+) {
+    let mut published = None;
+    events.emit(|seq, at_ms| {
+        let event = Event::BreakerChanged {
+            seq,
+            at_ms,
+            caller_spiffe_id: format!("spiffe://{}", config.identity.trust_domain),
+            destination: format!("{}/{}", t.quadrant.name(), t.service),
+            protocol: "lane".into(),
+            destination_identity: quadrant_spiffe_id(&config.identity.trust_domain, t.quadrant),
+            from: t.from.name().into(),
+            to: t.to.name().into(),
+            cause: t.cause.into(),
+            consecutive_failures: u32::try_from(t.window.failed).unwrap_or(u32::MAX),
+            ejection_ms: t.ejection_ms,
+        };
+        published = Some(event.clone());
+        event
+    });
+    info!(
+        target: "quadrant::breakers",
+        "service breaker {}/{}: {} -> {} ({}: {} calls, {} failed, {} slow in the window; ejection {} ms)",
+        t.quadrant.name(),
+        t.service,
+        t.from.name(),
+        t.to.name(),
+        t.cause,
+        t.window.calls,
+        t.window.failed,
+        t.window.slow,
+        t.ejection_ms
+    );
+    let Some(event) = published else { return };
+    let mut value = serde_json::to_value(&event).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("seq");
+        map.remove("at_ms");
+        map.remove("event");
+        map.insert("calls".into(), t.window.calls.into());
+        map.insert("slow".into(), t.window.slow.into());
+    }
     if let Err(err) = admission.record("breaker", value) {
         warn!(error = %err, "breaker transition not audited");
     }
@@ -377,6 +462,7 @@ mod tests {
         );
         let text = render(&BreakersReport {
             limits: (&config.breakers).into(),
+            services: Vec::new(),
             breakers: vec![r],
         });
         assert!(text.contains("5 consecutive failures"), "{text}");

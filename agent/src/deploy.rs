@@ -48,6 +48,9 @@ pub enum DeployError {
     /// The plan names no artifact.
     #[error("the plan names no artifact")]
     NoArtifact,
+    /// The plan's `slo` section cannot be kept beside the SLOs already kept.
+    #[error("the plan's slo section: {0}")]
+    Slo(String),
     /// Admission cannot decide (fail-closed).
     #[error("admission unavailable (fail-closed): {0}")]
     AdmissionUnavailable(String),
@@ -100,6 +103,7 @@ struct BreakGlass {
 /// A plan that passed every check, ready to run.
 #[derive(Debug)]
 struct Admitted {
+    slos: Vec<crate::slo::SloSpec>,
     key: String,
     quadrant: Quadrant,
     workload: String,
@@ -157,6 +161,10 @@ async fn run(
             key: admitted.key.clone(),
             source,
         })?;
+    // Checked in `admit`; submits take turns per workload, so it still fits.
+    agent
+        .set_workload_slos(&admitted.key, admitted.slos)
+        .map_err(slo_error)?;
     // Give the process a moment to be placed, so the answer carries its pid.
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(Submitted {
@@ -165,6 +173,16 @@ async fn run(
         spiffe_id: admitted.spiffe_id,
         audit_seq: admitted.audit_seq,
     })
+}
+
+/// A plan's SLOs that do not fit, named by the field at fault.
+fn slo_error(e: crate::config::ConfigError) -> DeployError {
+    match e {
+        crate::config::ConfigError::Invalid { field, reason } => {
+            DeployError::Slo(format!("{field}: {reason}"))
+        }
+        other => DeployError::Slo(other.to_string()),
+    }
 }
 
 /// Every check, then the generation recorded (blocking).
@@ -202,6 +220,13 @@ fn admit(
         .authority()
         .mint_x509(&spiffe_id, identity.ttl())
         .map_err(|e| DeployError::AdmissionUnavailable(e.to_string()))?;
+    // The plan's SLOs must fit beside the others before anything is decided or recorded.
+    let slos = plan
+        .slo
+        .as_ref()
+        .map(|s| crate::slo::plan_slos(q, &plan.workload, s))
+        .unwrap_or_default();
+    agent.slo.check_owned(&key, &slos).map_err(slo_error)?;
     let decision = agent.admission.admit(
         Ok(identity.authority()),
         &review_of(&plan, q, &signer),
@@ -242,6 +267,7 @@ fn admit(
     let mut spec = spec_of(config, &plan, q, key.clone(), executable);
     spec.drop_net_raw = locked(&agent.dataplane).raw_sockets_denied(q);
     Ok(Admitted {
+        slos,
         key,
         quadrant: q,
         workload: plan.workload.clone(),

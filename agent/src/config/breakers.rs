@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, invalid};
 
-/// Circuit breaker thresholds (the names follow Envoy's outlier detection and circuit breakers).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// Circuit breaker thresholds (the names follow Envoy's outlier detection and circuit breakers,
+/// and resilience4j's failure- and slow-call rates for the ones the agent computes).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BreakersConfig {
     /// Breakers at all; off, `connect` pays one array lookup and nothing is counted.
@@ -26,6 +27,24 @@ pub struct BreakersConfig {
     /// The longest a breaker stays open at once, ms.
     #[serde(default = "default_max_ejection_ms")]
     pub max_ejection_ms: u32,
+    /// Share of a lane service's calls within `window_ms` that failed (unanswered requests, and
+    /// opens refused for the service's own reasons) that opens the service's breaker, computed
+    /// by the agent; 0: off.
+    #[serde(default = "default_failure_ratio")]
+    pub failure_ratio: f64,
+    /// A round trip longer than this many ms is a slow call; 0: slow calls are not judged.
+    #[serde(default)]
+    pub slow_call_ms: f64,
+    /// Share of answered calls within `window_ms` that were slow that opens the breaker.
+    #[serde(default = "default_slow_call_ratio")]
+    pub slow_call_ratio: f64,
+    /// The sliding window of the agent's ratios, ms.
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u32,
+    /// Calls the window must hold before a ratio is judged (also the calls a half-open
+    /// breaker's judgement waits for).
+    #[serde(default = "default_min_calls")]
+    pub min_calls: u32,
 }
 
 impl Default for BreakersConfig {
@@ -36,8 +55,26 @@ impl Default for BreakersConfig {
             max_connections: 0,
             base_ejection_ms: default_base_ejection_ms(),
             max_ejection_ms: default_max_ejection_ms(),
+            failure_ratio: default_failure_ratio(),
+            slow_call_ms: 0.0,
+            slow_call_ratio: default_slow_call_ratio(),
+            window_ms: default_window_ms(),
+            min_calls: default_min_calls(),
         }
     }
+}
+
+const fn default_failure_ratio() -> f64 {
+    0.5
+}
+const fn default_slow_call_ratio() -> f64 {
+    0.5
+}
+const fn default_window_ms() -> u32 {
+    10_000
+}
+const fn default_min_calls() -> u32 {
+    20
 }
 
 /// Most consecutive failures a threshold may ask for.
@@ -94,6 +131,32 @@ impl BreakersConfig {
                     format!("{v} is outside {MIN_EJECTION_MS}..={MAX_EJECTION_MS} ms"),
                 ));
             }
+        }
+        for (field, v) in [
+            ("breakers.failure_ratio", self.failure_ratio),
+            ("breakers.slow_call_ratio", self.slow_call_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(invalid(field, format!("{v} is outside 0..=1")));
+            }
+        }
+        if !(0.0..=60_000.0).contains(&self.slow_call_ms) {
+            return Err(invalid(
+                "breakers.slow_call_ms",
+                format!("{} is outside 0..=60000 ms", self.slow_call_ms),
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.window_ms) {
+            return Err(invalid(
+                "breakers.window_ms",
+                format!("{} is outside 100..=3600000 ms", self.window_ms),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.min_calls) {
+            return Err(invalid(
+                "breakers.min_calls",
+                format!("{} is outside 1..=1000000", self.min_calls),
+            ));
         }
         if self.base_ejection_ms > self.max_ejection_ms {
             return Err(invalid(

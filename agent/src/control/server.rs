@@ -168,11 +168,14 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
         Request::Workloads => Ok(Response::Workloads {
             workloads: agent.supervisor.list(),
         }),
-        Request::Stop { name } => Ok(agent
-            .supervisor
-            .stop(&name)
-            .await
-            .map_or_else(error, Response::Stopped)),
+        Request::Stop { name } => {
+            let stopped = agent.supervisor.stop(&name).await;
+            if stopped.is_ok() {
+                // Its SLOs leave with it (removing can only make the set valid).
+                let _ = agent.set_workload_slos(&name, Vec::new());
+            }
+            Ok(stopped.map_or_else(error, Response::Stopped))
+        }
         Request::Admit { review, svid_pem } => {
             blocking(agent, move |a| {
                 Response::Admission(a.admit(&review, &svid_pem))

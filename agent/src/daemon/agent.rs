@@ -114,6 +114,19 @@ impl Agent {
         })
     }
 
+    /// Replaces the SLOs workload `key`'s plan declares (none: it stopped) and tells the
+    /// broker the latency thresholds lanes carry from now on.
+    pub fn set_workload_slos(
+        &self,
+        key: &str,
+        specs: Vec<crate::slo::SloSpec>,
+    ) -> Result<(), crate::config::ConfigError> {
+        self.slo.set_owned(key, specs)?;
+        self.broker
+            .set_latency_thresholds(self.slo.latency_thresholds());
+        Ok(())
+    }
+
     /// `quadrant slo`: every SLO's state now.
     #[must_use]
     pub fn slo_report(&self) -> crate::slo::SloReport {
@@ -123,7 +136,11 @@ impl Agent {
     /// Feeds the SLO windows from the lanes' counts and tells admission the quadrants' summary.
     pub fn sample_slos(&self) {
         let now = crate::breakers::monotonic_ns();
-        self.slo.observe(now, &self.broker.sli_totals());
+        let totals = self.broker.sli_totals();
+        for t in self.broker.judge_trips(now, &totals) {
+            crate::breakers::report_service(&self.config, &self.events, &self.admission, &t);
+        }
+        self.slo.observe(now, &totals);
         let summary = self.slo.report(now).quadrants;
         self.admission
             .set_slo(&serde_json::to_value(summary).unwrap_or_default());
@@ -134,6 +151,7 @@ impl Agent {
         let entries = locked(&self.dataplane).breakers()?;
         let now = crate::breakers::monotonic_ns();
         Ok(crate::breakers::BreakersReport {
+            services: self.broker.service_breakers(now),
             limits: (&self.config.breakers).into(),
             breakers: entries
                 .iter()

@@ -263,6 +263,8 @@ pub fn bring_up(
         .take_trace()
         .inspect_err(|e| warn!(error = %e, "no verdict trace"))
         .ok();
+    let slo = Arc::new(crate::slo::SloService::new(&config.slos));
+    broker.set_latency_thresholds(slo.latency_thresholds());
     let breaker_events = dp
         .take_breaker_events()
         .inspect_err(|e| warn!(error = %e, "breaker transitions are not reported"))
@@ -283,7 +285,7 @@ pub fn bring_up(
         accel,
         trace: Mutex::new(trace),
         breaker_events: Mutex::new(breaker_events),
-        slo: Arc::new(crate::slo::SloService::new(&config.slos)),
+        slo,
     })
 }
 

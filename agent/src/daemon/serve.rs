@@ -39,14 +39,25 @@ fn reload_in_background(agent: &Arc<Agent>, why: &'static str) {
     });
 }
 
-/// Feeds the SLO windows every tick until `stop` fires.
+/// How often the lanes' counts are read: every 20 ms while lanes are open and the agent
+/// computes breaker ratios (a trip reaches the kernel within that, P7), else at the SLOs' tick.
+fn sample_every(agent: &Agent) -> std::time::Duration {
+    if crate::lanes::broker::trip::Trips::enabled(&agent.config.breakers)
+        && agent.broker.has_lanes()
+    {
+        std::time::Duration::from_millis(20)
+    } else {
+        agent.slo.tick()
+    }
+}
+
+/// Feeds the SLO windows every tick (the SLOs' narrowest bucket, at most a second; plans add
+/// and remove SLOs) until `stop` fires.
 async fn sample_slos(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(agent.slo.tick());
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = every.tick() => {
+            () = tokio::time::sleep(sample_every(&agent)) => {
                 let a = Arc::clone(&agent);
                 let _ = tokio::task::spawn_blocking(move || a.sample_slos()).await;
             }
@@ -68,9 +79,7 @@ pub(super) async fn serve(
     if let Some(ring) = locked(&agent.trace).take() {
         tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
     }
-    if !agent.slo.is_empty() {
-        tokio::spawn(sample_slos(Arc::clone(&agent), stop_rx.clone()));
-    }
+    tokio::spawn(sample_slos(Arc::clone(&agent), stop_rx.clone()));
     if let Some(ring) = locked(&agent.breaker_events).take() {
         tokio::spawn(crate::breakers::follow(
             ring,

@@ -89,11 +89,21 @@ pub struct LaneRequirement {
     pub transport: Option<Transport>,
 }
 
-/// Service-level requirements.
+/// Service-level objectives of the lane service the workload offers: each becomes an SLO of the
+/// agent (`quadrant slo`) while the workload runs, counted against its quadrant's error budget.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Slo {
-    /// Target p99 latency of the workload's lanes, milliseconds.
+    /// The lane service the objectives are about (default: the workload's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$"))]
+    pub service: Option<String>,
+    /// The SLOs' rolling window, `<n>s|m|h|d|w` between 1m and 366d (default 28d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}[smhdw]$"))]
+    pub window: Option<String>,
+    /// Target p99 latency of the service's lane round trips, milliseconds (a latency SLO: 99 %
+    /// of answered requests within it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.001, max = 60_000.0))]
     pub p99_latency_ms: Option<f64>,

@@ -22,11 +22,46 @@ use self::{
     burn::{Events, State},
     series::Series,
 };
-use crate::lanes::broker::sli::SliTotals;
+use crate::{config::ConfigError, lanes::broker::sli::SliTotals, plans};
+
+/// The SLOs a plan's `slo` section declares for workload `workload` of `q`: availability and a
+/// p99 latency (99 % of answered round trips within it) of its lane service.
+#[must_use]
+pub fn plan_slos(q: Quadrant, workload: &str, slo: &plans::Slo) -> Vec<SloSpec> {
+    let service = slo.service.clone().unwrap_or_else(|| workload.to_owned());
+    let window = vec![spec::TimeWindow {
+        duration: slo.window.clone().unwrap_or_else(|| "28d".into()),
+        is_rolling: true,
+    }];
+    let make = |kind: &str, indicator, target, value| SloSpec {
+        name: format!("{}-{workload}-{kind}", q.name()),
+        quadrant: q.name().to_owned(),
+        service: service.clone(),
+        indicator,
+        objectives: vec![spec::Objective {
+            display_name: None,
+            target,
+            value,
+        }],
+        time_window: window.clone(),
+        budgeting_method: spec::BudgetingMethod::Occurrences,
+        min_events: 10,
+    };
+    let mut out = Vec::new();
+    if let Some(a) = slo.availability {
+        out.push(make("availability", Indicator::Availability, a, None));
+    }
+    if let Some(ms) = slo.p99_latency_ms {
+        out.push(make("latency", Indicator::Latency, 0.99, Some(ms)));
+    }
+    out
+}
 
 /// One SLO being kept.
 #[derive(Debug)]
 struct Tracked {
+    /// The workload (`<quadrant>/<workload>`) whose plan declared it; `None`: the configuration.
+    owner: Option<String>,
     spec: SloSpec,
     series: Series,
     /// The cumulative events last seen (the series gets the difference).
@@ -46,6 +81,17 @@ fn events_of(spec: &SloSpec, t: &SliTotals) -> Events {
             total: answered,
         },
     }
+}
+
+/// Whether `specs` for `owner` validate beside the SLOs of everyone else.
+fn check(tracked: &[Tracked], owner: &str, specs: &[SloSpec]) -> Result<(), ConfigError> {
+    let mut all: Vec<SloSpec> = tracked
+        .iter()
+        .filter(|t| t.owner.as_deref() != Some(owner))
+        .map(|t| t.spec.clone())
+        .collect();
+    all.extend(specs.iter().cloned());
+    spec::validate(&all)
 }
 
 /// Every SLO of the configuration, with its windows.
@@ -253,6 +299,7 @@ impl SloService {
                 specs
                     .iter()
                     .map(|s| Tracked {
+                        owner: None,
                         series: Series::new(s.window()),
                         spec: s.clone(),
                         last: None,
@@ -275,13 +322,67 @@ impl SloService {
             .min(Duration::from_secs(1))
     }
 
-    /// Whether there is anything to keep.
+    /// Replaces the SLOs workload `owner` (`<quadrant>/<workload>`) declares with `specs` (none:
+    /// it stopped). An SLO whose name and window stay keeps its history. Refused, changing
+    /// nothing, when the result would not validate (a name taken, a second latency SLO for a
+    /// service); the error names the field.
+    pub fn set_owned(&self, owner: &str, specs: Vec<SloSpec>) -> Result<(), ConfigError> {
+        let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        check(&tracked, owner, &specs)?;
+        let mut kept: Vec<Tracked> = Vec::new();
+        let mut old = Vec::new();
+        for t in tracked.drain(..) {
+            if t.owner.as_deref() == Some(owner) {
+                old.push(t);
+            } else {
+                kept.push(t);
+            }
+        }
+        for s in specs {
+            let reuse = old
+                .iter()
+                .position(|t| t.spec.name == s.name && t.spec.window() == s.window());
+            let t = match reuse {
+                Some(i) => {
+                    let mut t = old.swap_remove(i);
+                    t.spec = s;
+                    t
+                }
+                None => Tracked {
+                    owner: Some(owner.to_owned()),
+                    series: Series::new(s.window()),
+                    spec: s,
+                    last: None,
+                },
+            };
+            kept.push(t);
+        }
+        *tracked = kept;
+        Ok(())
+    }
+
+    /// Whether [`Self::set_owned`] would take `specs` for `owner` now.
+    pub fn check_owned(&self, owner: &str, specs: &[SloSpec]) -> Result<(), ConfigError> {
+        check(
+            &self.tracked.lock().unwrap_or_else(PoisonError::into_inner),
+            owner,
+            specs,
+        )
+    }
+
+    /// The latency threshold of each service with a latency SLO, ns.
     #[must_use]
-    pub fn is_empty(&self) -> bool {
+    pub fn latency_thresholds(&self) -> BTreeMap<(Quadrant, String), u64> {
         self.tracked
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+            .iter()
+            .filter_map(|t| {
+                t.spec
+                    .threshold_ns()
+                    .map(|ns| ((t.spec.quadrant(), t.spec.service.clone()), ns))
+            })
+            .collect()
     }
 
     /// Feeds the windows with what the services' totals grew by since the last call.
@@ -375,6 +476,61 @@ mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn plans_add_replace_and_remove_their_slos() {
+        let config = spec(
+            "{name: echo-fast, quadrant: px, service: echo, indicator: latency, \
+             objectives: [{target: 0.99, value: 1}]}",
+        );
+        let svc = SloService::new(std::slice::from_ref(&config));
+        let declared = plans::Slo {
+            service: Some("api".into()),
+            window: Some("1h".into()),
+            p99_latency_ms: Some(2.0),
+            availability: Some(0.999),
+        };
+        let specs = plan_slos(Quadrant::Px, "api", &declared);
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["px-api-availability", "px-api-latency"]);
+        svc.set_owned("px/api", specs.clone()).unwrap();
+        assert_eq!(
+            svc.latency_thresholds(),
+            BTreeMap::from([
+                ((Quadrant::Px, "echo".to_owned()), 1_000_000),
+                ((Quadrant::Px, "api".to_owned()), 2_000_000),
+            ])
+        );
+        // History stays across a new generation with the same SLOs.
+        let key = (Quadrant::Px, "api".to_owned());
+        let t = SliTotals {
+            requests: 10,
+            within: 10,
+            ..SliTotals::default()
+        };
+        svc.observe(S, &BTreeMap::from([(key, t)]));
+        svc.set_owned("px/api", specs).unwrap();
+        assert_eq!(svc.report(S).slos[1].events.total, 10);
+        // A second latency SLO for echo is refused, and changes nothing.
+        let clash = plan_slos(
+            Quadrant::Px,
+            "other",
+            &plans::Slo {
+                service: Some("echo".into()),
+                window: None,
+                p99_latency_ms: Some(1.0),
+                availability: None,
+            },
+        );
+        let e = svc.check_owned("px/other", &clash).unwrap_err().to_string();
+        assert!(e.contains("px/echo has a latency SLO already"), "{e}");
+        assert!(svc.set_owned("px/other", clash).is_err());
+        assert_eq!(svc.report(S).slos.len(), 3);
+        // Stopped: its SLOs go, the configuration's stay.
+        svc.set_owned("px/api", Vec::new()).unwrap();
+        let left: Vec<String> = svc.report(S).slos.into_iter().map(|s| s.name).collect();
+        assert_eq!(left, ["echo-fast"]);
+    }
 
     #[test]
     fn totals_become_windowed_events_budgets_and_alerts() {

@@ -55,6 +55,49 @@ impl Breakers {
         map.as_ref()?.get(&key, 0).ok()
     }
 
+    /// Opens (with `open`: until when, ns, and the ejection, ms) or closes the breakers of
+    /// every caller quadrant for `addr`:`port` over TCP — what the agent's service breakers
+    /// tell the kernel. Without the pinned map nothing changes.
+    pub fn force(&self, addr: Ipv4Addr, port: u16, open: Option<(u64, u32)>) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.is_none() {
+            let Some(data) = self.pin.as_ref().and_then(|p| MapData::from_pin(p).ok()) else {
+                return;
+            };
+            *map = HashMap::try_from(Map::HashMap(data)).ok();
+        }
+        let Some(map) = map.as_mut() else { return };
+        for caller in Quadrant::ALL {
+            let key = BreakerKey {
+                daddr: u32::from_ne_bytes(addr.octets()),
+                dport: port.to_be(),
+                proto: PROTO_TCP,
+                caller: caller as u8,
+            };
+            let old = map.get(&key, 0).ok();
+            let b = match (open, old) {
+                (Some((until, ejection_ms)), old) => {
+                    let old = old.unwrap_or_default();
+                    Breaker {
+                        state: OPEN,
+                        open_until_ns: until,
+                        ejection_ms,
+                        opened: old.opened + 1,
+                        ..old
+                    }
+                }
+                (None, Some(old)) if old.state != breaker::CLOSED => Breaker {
+                    state: breaker::CLOSED,
+                    failures: 0,
+                    ..old
+                },
+                (None, _) => continue,
+            };
+            // The kernel may update the same entry meanwhile; the agent's word is the later one.
+            let _ = map.insert(key, b, 0);
+        }
+    }
+
     /// Refuses a TCP lane from `from` to `service` at `addr`:`port` while the breaker is open.
     pub fn check(
         &self,

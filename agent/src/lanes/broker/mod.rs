@@ -47,6 +47,7 @@ mod open;
 pub mod pool;
 mod report;
 pub mod sli;
+pub mod trip;
 
 use decide::refuse;
 pub use report::{
@@ -90,7 +91,7 @@ struct OpenLane {
     server_conn: Arc<Conn>,
     opened: Instant,
     region: Region,
-    _memory: Mapping,
+    memory: Mapping,
 }
 
 #[derive(Default)]
@@ -100,6 +101,9 @@ struct State {
     refusals: BTreeMap<(String, Refusal), u64>,
     /// What the client sides of closed lanes counted, and refused opens, per service.
     closed_sli: BTreeMap<(Quadrant, String), sli::SliTotals>,
+    /// Lanes closed a moment ago, still mapped: the client side may count its last request
+    /// after the service closed the lane.
+    retiring: std::collections::VecDeque<sli::Retired>,
 }
 
 impl State {
@@ -142,6 +146,10 @@ pub struct Broker {
     next_conn: AtomicU64,
     pool: pool::Pool,
     breakers: breaker::Breakers,
+    /// Latency threshold per service with a latency SLO, ns.
+    thresholds: Mutex<BTreeMap<(Quadrant, String), u64>>,
+    /// The service breakers the agent computes.
+    trips: Mutex<trip::Trips>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -202,6 +210,8 @@ impl Broker {
             next_lane: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
             pool: pool::Pool::default(),
+            thresholds: Mutex::new(BTreeMap::new()),
+            trips: Mutex::new(trip::Trips::default()),
             breakers: breaker::Breakers::pinned(
                 config
                     .bpffs_dir()

@@ -68,6 +68,7 @@ impl Broker {
             service,
         };
         let target = self.find_service(to_q, service)?;
+        self.check_trip(to_q, service)?;
         let transport = self.choose(&ask, choice, &target)?;
         if transport == Transport::Tcp
             && let Some(port) = target.tcp_port
@@ -118,7 +119,7 @@ impl Broker {
                 server_conn: Arc::clone(&target.conn),
                 opened: Instant::now(),
                 region,
-                _memory: memory,
+                memory,
             },
         );
         drop(state);

@@ -3,15 +3,32 @@
 //! broker adds up the open lanes' blocks and keeps the counts of lanes that closed, plus the
 //! opens refused because the service was not there, busy, broken or behind an open breaker.
 
-use std::{collections::BTreeMap, sync::atomic::Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use dataplane_common::Quadrant;
 
 use super::{Broker, State};
 use crate::lanes::{
     control::Refusal,
+    os::Mapping,
     ring::{LATENCY_BUCKETS, Region, Sli},
 };
+
+/// How long a closed lane stays mapped for its client side's last counts (a service that
+/// closes a lane before answering: the client counts the failure after the close).
+const RETIRING: Duration = Duration::from_secs(1);
+
+/// A lane closed a moment ago.
+pub(super) struct Retired {
+    key: (Quadrant, String),
+    region: Region,
+    _memory: Mapping,
+    at: Instant,
+}
 
 /// Cumulative counts of the lanes to one service since the broker started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,14 +81,32 @@ pub const fn counts_against_service(reason: Refusal) -> bool {
 }
 
 impl State {
-    /// Forgets lane `id`, keeping what its client side counted.
+    /// Forgets lane `id`; what its client side counts (until a moment from now) stays.
     pub(super) fn retire(&mut self, id: u64) {
         if let Some(l) = self.lanes.remove(&id) {
-            let key = (quadrant_of(&l.info.quadrant), l.info.service.clone());
-            self.closed_sli
-                .entry(key)
-                .or_default()
-                .add_region(&l.region);
+            self.retiring.push_back(Retired {
+                key: (quadrant_of(&l.info.quadrant), l.info.service.clone()),
+                region: l.region,
+                _memory: l.memory,
+                at: Instant::now(),
+            });
+        }
+    }
+
+    /// Folds the counts of lanes closed longer than [`RETIRING`] ago into `closed_sli` and
+    /// unmaps them.
+    fn settle(&mut self) {
+        while self
+            .retiring
+            .front()
+            .is_some_and(|r| r.at.elapsed() >= RETIRING)
+        {
+            if let Some(r) = self.retiring.pop_front() {
+                self.closed_sli
+                    .entry(r.key)
+                    .or_default()
+                    .add_region(&r.region);
+            }
         }
     }
 }
@@ -83,12 +118,21 @@ fn quadrant_of(name: &str) -> Quadrant {
 impl Broker {
     /// The latency threshold lanes to `service` in `q` carry, ns (0: none).
     pub(super) fn threshold_ns(&self, q: Quadrant, service: &str) -> u64 {
-        self.config
-            .slos
-            .iter()
-            .filter(|s| s.quadrant() == q && s.service == service)
-            .find_map(crate::slo::SloSpec::threshold_ns)
+        self.thresholds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(q, service.to_owned()))
+            .copied()
             .unwrap_or(0)
+    }
+
+    /// Sets the latency threshold of each service with a latency SLO (lanes opened from now on
+    /// carry it).
+    pub fn set_latency_thresholds(&self, thresholds: BTreeMap<(Quadrant, String), u64>) {
+        *self
+            .thresholds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = thresholds;
     }
 
     /// Counts a refused open against `service` in `q` when the reason is the service's.
@@ -102,11 +146,80 @@ impl Broker {
         }
     }
 
+    /// Judges the service breakers on `totals` at `now_ns` (when the agent computes any ratio)
+    /// and tells the kernel about services that take TCP lanes; returns the transitions.
+    pub fn judge_trips(
+        &self,
+        now_ns: u64,
+        totals: &BTreeMap<(Quadrant, String), SliTotals>,
+    ) -> Vec<super::trip::Transition> {
+        let cfg = &self.config.breakers;
+        if !super::trip::Trips::enabled(cfg) {
+            return Vec::new();
+        }
+        let transitions = self
+            .trips
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .judge(now_ns, totals, cfg);
+        for t in &transitions {
+            let port = self
+                .state()
+                .services
+                .get(&(t.quadrant, t.service.clone()))
+                .and_then(|s| s.tcp_port);
+            let Some(port) = port else { continue };
+            let addr = self.config.addrs(t.quadrant).workload;
+            match t.to {
+                super::trip::TripState::Open { until_ns } => {
+                    self.breakers
+                        .force(addr, port, Some((until_ns, t.ejection_ms)));
+                }
+                super::trip::TripState::Closed => self.breakers.force(addr, port, None),
+                super::trip::TripState::HalfOpen => {}
+            }
+        }
+        transitions
+    }
+
+    /// The service breakers for `quadrant breakers`.
+    #[must_use]
+    pub fn service_breakers(&self, now_ns: u64) -> Vec<super::trip::ServiceBreakerRow> {
+        self.trips
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .rows(now_ns)
+    }
+
+    /// Refuses an open to a service whose breaker is open.
+    pub(super) fn check_trip(
+        &self,
+        q: Quadrant,
+        service: &str,
+    ) -> Result<(), super::decide::Refused> {
+        self.trips
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .check(q, service, crate::breakers::monotonic_ns())
+    }
+
+    /// Whether any lane is open or closed within the last second (the SLO and breaker
+    /// sampling runs faster then).
+    #[must_use]
+    pub fn has_lanes(&self) -> bool {
+        let state = self.state();
+        !state.lanes.is_empty() || !state.retiring.is_empty()
+    }
+
     /// What the lanes to each service measured so far (open and closed lanes).
     #[must_use]
     pub fn sli_totals(&self) -> BTreeMap<(Quadrant, String), SliTotals> {
-        let state = self.state();
+        let mut state = self.state();
+        state.settle();
         let mut out = state.closed_sli.clone();
+        for r in &state.retiring {
+            out.entry(r.key.clone()).or_default().add_region(&r.region);
+        }
         for l in state.lanes.values() {
             out.entry((quadrant_of(&l.info.quadrant), l.info.service.clone()))
                 .or_default()
