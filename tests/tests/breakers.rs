@@ -305,3 +305,82 @@ fn an_open_breaker_refuses_tcp_lanes_at_the_broker_with_a_retry_after() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_failing_lane_service_trips_its_breaker_in_the_agent_and_in_the_kernel() {
+    let mut c = config();
+    c.breakers.min_calls = 10;
+    c.breakers.window_ms = 5000;
+    c.breakers.base_ejection_ms = 2000;
+    let mut inst = Instance::up(c, QPROBE);
+    let echo = sibling_binary(QPROBE, "lane-echo").display().to_string();
+    // A service that takes every lane's first request and closes the lane without answering.
+    let serve = [
+        echo.as_str(),
+        "serve",
+        "echo",
+        "--tcp-port",
+        "7500",
+        "--drop-after",
+        "0",
+    ];
+    let _server = inst.background_in(Quadrant::Dg, Some("echo"), &serve, "listening as");
+    let call = || {
+        let out = inst.run_in(
+            Quadrant::Dx,
+            Some("client"),
+            &[
+                &echo,
+                "call",
+                "dg",
+                "echo",
+                "--transport",
+                "shm",
+                "--count",
+                "1",
+            ],
+        );
+        assert!(!out.status.success(), "the service answered");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for i in 0..10 {
+        let err = call();
+        assert!(
+            !err.contains("circuit breaker"),
+            "call {i} refused early: {err}"
+        );
+    }
+    let service = |inst: &Instance| breakers(inst)["services"][0].clone();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while service(&inst)["state"] != "open" {
+        assert!(
+            Instant::now() < deadline,
+            "not open: {}\nlanes: {}\nlog: {}",
+            breakers(&inst),
+            String::from_utf8_lossy(&inst.quadrant(&["lanes", "--output", "json"]).stdout),
+            inst.agent_log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let s = service(&inst);
+    assert_eq!(
+        (&s["service"], &s["ejection_ms"]),
+        (&"dg/echo".into(), &2000.into()),
+        "{s}"
+    );
+    // Every transport is refused at the broker, and the kernel refuses a TCP connect to the
+    // service's port from any quadrant while something listens there.
+    let err = call();
+    assert!(err.contains("circuit breaker of dg/echo is open"), "{err}");
+    let port = format!("{}:7500", inst.addr(Quadrant::Dg));
+    assert_eq!(tcp(&inst, Quadrant::Dx, &port, "1000"), "err ECONNREFUSED");
+    assert_eq!(tcp(&inst, Quadrant::Dg, &port, "1000"), "err ECONNREFUSED");
+    let audit = transitions(&inst, "dg/echo", 1);
+    assert_eq!(audit[0]["cause"], "failure_ratio", "{audit:?}");
+    assert_eq!(audit[0]["calls"], 10, "{audit:?}");
+    // After the ejection: half-open, lanes open again (and still fail here).
+    thread::sleep(Duration::from_millis(2200));
+    let err = call();
+    assert!(!err.contains("circuit breaker"), "{err}");
+    assert_eq!(service(&inst)["state"], "half_open");
+}

@@ -876,12 +876,9 @@ fn status_and_the_workload_api_answer_while_a_slow_submit_and_a_slow_reload_run(
     let _ = fs::remove_dir_all(&dir);
 }
 
-/// An SLO of PX's `echo` lane service that every round trip breaks (99 % under 10 ns): lane
-/// requests from PG spend PX's error budget; `quadrant slo` reports the SLI, the budget and the
-/// burn; while PG keeps calling, the page rule fires; admission then refuses a new PX plan,
-/// naming the SLO and its figures, and admits the same plan marked `priority: p0`.
-#[test]
-fn a_spent_production_error_budget_holds_back_plans_except_p0() {
+/// An agent with PX's `echo` lane service (`lane-echo serve`) and a latency SLO for it that
+/// every round trip breaks (99 % under 10 ns); returns it and the `lane-echo` path.
+fn slo_fixture() -> (Fixture, String, std::sync::mpsc::Receiver<String>) {
     let mut config = test_config(None);
     let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-slo", config.instance));
     let _ = fs::remove_dir_all(&dir);
@@ -902,31 +899,32 @@ fn a_spent_production_error_budget_holds_back_plans_except_p0() {
     let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo")
         .display()
         .to_string();
-    let _service = fx.inst.background_in(
+    let (_, service) = fx.inst.background_in(
         Quadrant::Px,
         Some("echo"),
         &[&echo, "serve", "echo"],
         "listening as",
     );
-    let slo = |fx: &Fixture| -> Value {
-        let (ok, out, err) = fx.run(&["slo", "--output", "json"]);
-        assert!(ok, "{err}");
-        serde_json::from_str(&out).expect("slo json")
-    };
-    // Before any request: no data, nothing held back.
-    let before = slo(&fx);
-    assert_eq!(before["slos"][0]["events"]["total"], 0, "{before}");
-    assert_eq!(before["quadrants"]["px"]["budget_remaining"], Value::Null);
+    (fx, echo, service)
+}
 
+fn slo(fx: &Fixture) -> Value {
+    let (ok, out, err) = fx.run(&["slo", "--output", "json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).expect("slo json")
+}
+
+/// Whether PX's page rule fired while PG called PX's echo.
+fn burn_px_budget(fx: &Fixture, echo: &str) -> bool {
     // PG calls PX's echo for about two seconds, a round trip every 5 ms; meanwhile the fast
     // page rule (2.5 s and 0.21 s for a 28-minute window) must fire.
-    let fired = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let caller = s.spawn(|| {
             fx.inst.run_in(
                 Quadrant::Pg,
                 Some("client"),
                 &[
-                    &echo,
+                    echo,
                     "call",
                     "px",
                     "echo",
@@ -939,7 +937,7 @@ fn a_spent_production_error_budget_holds_back_plans_except_p0() {
         });
         let mut fired = false;
         while !caller.is_finished() {
-            let r = slo(&fx);
+            let r = slo(fx);
             fired |= r["quadrants"]["px"]["fast_burn"] == true;
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
@@ -950,7 +948,23 @@ fn a_spent_production_error_budget_holds_back_plans_except_p0() {
             String::from_utf8_lossy(&out.stderr)
         );
         fired
-    });
+    })
+}
+
+/// An SLO of PX's `echo` lane service that every round trip breaks (99 % under 10 ns): lane
+/// requests from PG spend PX's error budget; `quadrant slo` reports the SLI, the budget and the
+/// burn; while PG keeps calling, the page rule fires; admission then refuses a new PX plan,
+/// naming the SLO and its figures, and admits the same plan marked `priority: p0`.
+#[test]
+fn a_spent_production_error_budget_holds_back_plans_except_p0() {
+    // The service's output is read for as long as the test runs.
+    let (fx, echo, _service) = slo_fixture();
+    // Before any request: no data, nothing held back.
+    let before = slo(&fx);
+    assert_eq!(before["slos"][0]["events"]["total"], 0, "{before}");
+    assert_eq!(before["quadrants"]["px"]["budget_remaining"], Value::Null);
+
+    let fired = burn_px_budget(&fx, &echo);
     assert!(fired, "the page rule never fired: {}", slo(&fx));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let r = slo(&fx);
@@ -965,6 +979,16 @@ fn a_spent_production_error_budget_holds_back_plans_except_p0() {
     assert_eq!(r["quadrants"]["dx"]["budget_remaining"], Value::Null);
 
     let artifact = fx.add_artifact("api", "#!/bin/sh\nexec sleep 60\n");
+    // A plan declaring a second latency SLO for echo is refused before admission.
+    let mut clash = plan_doc(1, &artifact);
+    clash["slo"] = json!({"service": "echo", "p99_latency_ms": 5.0});
+    clash["priority"] = json!("p0");
+    let (ok, _, err) = fx.sign_and_submit(&clash, "prod");
+    assert!(
+        !ok && err
+            .contains("the plan's slo section: slos[1].service: px/echo has a latency SLO already"),
+        "{err}"
+    );
     let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &artifact), "prod");
     assert!(!ok, "admitted while PX's budget is spent");
     // The 6x page rule (15 s and 1.25 s here) still fires a moment after the calls; the spent
@@ -977,7 +1001,21 @@ fn a_spent_production_error_budget_holds_back_plans_except_p0() {
     assert!(fx.workloads().is_empty());
     let mut urgent = plan_doc(1, &artifact);
     urgent["priority"] = json!("p0");
+    urgent["slo"] = json!({"service": "echo", "availability": 0.9, "window": "1h"});
     let (ok, out, err) = fx.sign_and_submit(&urgent, "prod");
     assert!(ok, "a p0 plan: {err}");
     assert!(out.starts_with("started px/api generation 1"), "{out}");
+    // Its SLO is kept while it runs, and leaves with it.
+    let names = |r: &Value| -> Vec<String> {
+        r["slos"]
+            .as_array()
+            .expect("slos")
+            .iter()
+            .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&slo(&fx)), ["echo-fast", "px-api-availability"]);
+    let (ok, _, err) = fx.run(&["stop", "px/api"]);
+    assert!(ok, "{err}");
+    assert_eq!(names(&slo(&fx)), ["echo-fast"]);
 }
