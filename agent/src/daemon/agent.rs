@@ -133,17 +133,20 @@ impl Agent {
         self.slo.report(crate::breakers::monotonic_ns())
     }
 
-    /// Feeds the SLO windows from the lanes' counts and tells admission the quadrants' summary.
-    pub fn sample_slos(&self) {
+    /// Judges the service breakers and feeds the SLO windows from the lanes' counts; with
+    /// `summarize`, also tells admission the quadrants' SLO summary (which sums every window).
+    pub fn sample_slos(&self, summarize: bool) {
         let now = crate::breakers::monotonic_ns();
         let totals = self.broker.sli_totals();
         for t in self.broker.judge_trips(now, &totals) {
             crate::breakers::report_service(&self.config, &self.events, &self.admission, &t);
         }
         self.slo.observe(now, &totals);
-        let summary = self.slo.report(now).quadrants;
-        self.admission
-            .set_slo(&serde_json::to_value(summary).unwrap_or_default());
+        if summarize {
+            let summary = self.slo.report(now).quadrants;
+            self.admission
+                .set_slo(&serde_json::to_value(summary).unwrap_or_default());
+        }
     }
 
     /// `quadrant breakers`: every breaker the kernel keeps.

@@ -39,29 +39,36 @@ fn reload_in_background(agent: &Arc<Agent>, why: &'static str) {
     });
 }
 
-/// How often the lanes' counts are read: every 20 ms while lanes are open and the agent
-/// computes breaker ratios (a trip reaches the kernel within that, P7), else at the SLOs' tick.
+/// How often the lanes' counts are read: every 20 ms while lanes are open (or closed within the
+/// last second) and the agent computes breaker ratios, so that a trip reaches the kernel within
+/// about that (P7); otherwise at the SLOs' tick. The SLO summary admission reads is refreshed
+/// at the SLOs' tick.
 fn sample_every(agent: &Agent) -> std::time::Duration {
     if crate::lanes::broker::trip::Trips::enabled(&agent.config.breakers)
         && agent.broker.has_lanes()
     {
-        std::time::Duration::from_millis(20)
+        std::time::Duration::from_millis(20).min(agent.slo.tick())
     } else {
         agent.slo.tick()
     }
 }
 
-/// Feeds the SLO windows every tick (the SLOs' narrowest bucket, at most a second; plans add
-/// and remove SLOs) until `stop` fires.
+/// Feeds the SLO windows and judges the service breakers (see [`sample_every`]) until `stop`
+/// fires; an opened lane ends a slow wait at once.
 async fn sample_slos(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let mut summarized = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            () = tokio::time::sleep(sample_every(&agent)) => {
-                let a = Arc::clone(&agent);
-                let _ = tokio::task::spawn_blocking(move || a.sample_slos()).await;
-            }
+            () = agent.broker.lane_opened.notified() => {}
+            () = tokio::time::sleep(sample_every(&agent)) => {}
         }
+        let summarize = summarized.elapsed() >= agent.slo.tick();
+        if summarize {
+            summarized = tokio::time::Instant::now();
+        }
+        let a = Arc::clone(&agent);
+        let _ = tokio::task::spawn_blocking(move || a.sample_slos(summarize)).await;
     }
 }
 

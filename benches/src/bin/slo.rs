@@ -15,6 +15,13 @@
 //! kernel must refuse that connect (its breaker opened in `sock_ops` when the last failure was
 //! seen). It reports how many were refused and the time from the last failure's return to the
 //! refusal.
+//!
+//! Agent-computed trips: 20 lane services in DG (`lane-echo serve --drop-after 0`: every lane's
+//! first request is taken and the lane closed unanswered, each service also taking TCP lanes on
+//! its own port). For each, the workload makes `min_calls` failing requests over shared-memory
+//! lanes and then connects to the service's TCP port every 0.2 ms until the kernel refuses it
+//! (the agent judged the failure ratio and wrote the breaker into the kernel's map); it reports
+//! the time from the last failure to the first refusal.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -37,6 +44,9 @@ const TRIPS: u16 = 200;
 const CONNECT_PORT: u16 = 7600;
 const TRIP_PORTS: u16 = 7700;
 const SESSIONS: usize = 3;
+const SERVICES: u16 = 20;
+const SERVICE_PORTS: u16 = 7800;
+const MIN_CALLS: u32 = 10;
 
 /// What the measuring workload reports for its connect loop.
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,6 +144,42 @@ fn trips(addr: Ipv4Addr, failures: u32) -> anyhow::Result<Trips> {
     })
 }
 
+/// Failing calls to each service, then TCP connects until the kernel refuses.
+fn agent_trips(addr: Ipv4Addr) -> anyhow::Result<Trips> {
+    let mut client = quadrant::lanes::LaneClient::connect(None)?;
+    let mut h = histogram()?;
+    let mut refused = 0;
+    for i in 0..SERVICES {
+        let service = format!("trip{i}");
+        for _ in 0..MIN_CALLS {
+            let mut lane = client.open("dg", &service, quadrant::lanes::TransportChoice::Shm)?;
+            let mut reply = Vec::new();
+            if lane.request(b"ping", &mut reply).is_ok() {
+                bail!("{service} answered");
+            }
+        }
+        let crossed = Instant::now();
+        let at = SocketAddr::from((addr, SERVICE_PORTS + i));
+        while crossed.elapsed() < Duration::from_secs(2) {
+            match TcpStream::connect(at) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    refused += 1;
+                    h.record(ns(crossed.elapsed()).max(1))?;
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    }
+    Ok(Trips {
+        tried: SERVICES,
+        refused_at_once: refused,
+        p50_ns: h.value_at_quantile(0.5),
+        p99_ns: h.value_at_quantile(0.99),
+        max_ns: h.max(),
+    })
+}
+
 // ---- the orchestrator (host) ----
 
 fn bench_config(enabled: bool) -> anyhow::Result<Config> {
@@ -146,6 +192,8 @@ fn bench_config(enabled: bool) -> anyhow::Result<Config> {
     c.audit_log = PathBuf::from(STATE_DIR).join("audit.log");
     c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
     c.breakers.enabled = enabled;
+    c.breakers.min_calls = MIN_CALLS;
+    c.breakers.base_ejection_ms = 60_000;
     for (i, q) in Quadrant::ALL.iter().enumerate() {
         c.quadrants.insert(
             q.name().into(),
@@ -174,6 +222,7 @@ struct Agent {
     bin: PathBuf,
     config: PathBuf,
     process: Option<Child>,
+    services: Vec<Child>,
 }
 
 impl Agent {
@@ -185,6 +234,7 @@ impl Agent {
             bin: sibling("quadrant")?,
             config: path,
             process: None,
+            services: Vec::new(),
         };
         let _ = agent.command().arg("down").stdout(Stdio::null()).status();
         agent.process = Some(
@@ -212,6 +262,39 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Starts the failing lane services in DG and waits until each listens.
+    fn start_failing_services(&mut self) -> anyhow::Result<()> {
+        let echo = sibling("lane-echo")?.display().to_string();
+        for i in 0..SERVICES {
+            let (name, port) = (format!("trip{i}"), (SERVICE_PORTS + i).to_string());
+            let mut child = self
+                .command()
+                .args([
+                    "exec",
+                    "dg",
+                    "--workload",
+                    &name,
+                    "--",
+                    &echo,
+                    "serve",
+                    &name,
+                ])
+                .args(["--tcp-port", &port, "--drop-after", "0"])
+                .stdout(Stdio::piped())
+                .stdin(Stdio::null())
+                .spawn()?;
+            let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line)?;
+            if !line.starts_with("listening") {
+                bail!("{name} did not start: {line:?}");
+            }
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            self.services.push(child);
+        }
+        Ok(())
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--config").arg(&self.config);
@@ -236,6 +319,10 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        for mut s in self.services.drain(..) {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
         let _ = self.command().arg("down").stdout(Stdio::null()).status();
         if let Some(mut a) = self.process.take() {
             let _ = a.wait();
@@ -267,11 +354,12 @@ struct Session {
     sockops_runs_per_connection: f64,
     connect: Option<Connects>,
     trips: Option<Trips>,
+    agent_trips: Option<Trips>,
 }
 
 fn session(enabled: bool) -> anyhow::Result<Session> {
     let config = bench_config(enabled)?;
-    let agent = Agent::start(&config)?;
+    let mut agent = Agent::start(&config)?;
     let dx = config.addrs(Quadrant::Dx).workload.to_string();
     let (c4, so) = ("quadrant_connect4", "quadrant_breaker_sockops");
     let (c4_before, so_before) = (stats(&config, c4)?, stats(&config, so)?);
@@ -281,11 +369,14 @@ fn session(enabled: bool) -> anyhow::Result<Session> {
     let (connect4_ns, _, _) = per_run(c4_before, c4_after, connections);
     let (_, sockops_ns_per_connection, sockops_runs_per_connection) =
         per_run(so_before, so_after, connections);
-    let trips = if enabled {
+    let (trips, agent_trips) = if enabled {
         let failures = config.breakers.consecutive_failures.to_string();
-        Some(agent.workload(&["trips", &dx, &failures])?)
+        let trips = agent.workload(&["trips", &dx, &failures])?;
+        agent.start_failing_services()?;
+        let dg = config.addrs(Quadrant::Dg).workload.to_string();
+        (Some(trips), Some(agent.workload(&["agent-trips", &dg])?))
     } else {
-        None
+        (None, None)
     };
     Ok(Session {
         connect4_ns,
@@ -293,6 +384,7 @@ fn session(enabled: bool) -> anyhow::Result<Session> {
         sockops_runs_per_connection,
         connect: Some(connect),
         trips,
+        agent_trips,
     })
 }
 
@@ -364,6 +456,24 @@ fn orchestrate() -> anyhow::Result<()> {
             }
         );
     }
+    println!(
+        "agent-computed trips ({MIN_CALLS} failed lane requests -> first TCP connect the kernel refuses):"
+    );
+    for t in on.iter().filter_map(|s| s.agent_trips.as_ref()) {
+        println!(
+            "  {}/{} refused; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms after the last failure (target <= 100 ms: {})",
+            t.refused_at_once,
+            t.tried,
+            us(t.p50_ns) / 1000.0,
+            us(t.p99_ns) / 1000.0,
+            us(t.max_ns) / 1000.0,
+            if t.refused_at_once == t.tried && t.max_ns <= 100_000_000 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
     Ok(())
 }
 
@@ -374,6 +484,10 @@ fn main() -> anyhow::Result<()> {
         None => orchestrate(),
         Some("connects") => {
             println!("{}", serde_json::to_string(&connects(addr(2)?)?)?);
+            Ok(())
+        }
+        Some("agent-trips") => {
+            println!("{}", serde_json::to_string(&agent_trips(addr(2)?)?)?);
             Ok(())
         }
         Some("trips") => {

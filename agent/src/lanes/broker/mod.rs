@@ -150,6 +150,8 @@ pub struct Broker {
     thresholds: Mutex<BTreeMap<(Quadrant, String), u64>>,
     /// The service breakers the agent computes.
     trips: Mutex<trip::Trips>,
+    /// Woken when a lane opens (the sampler of SLIs and breakers then reads every 20 ms).
+    pub lane_opened: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Broker {
@@ -212,6 +214,7 @@ impl Broker {
             pool: pool::Pool::default(),
             thresholds: Mutex::new(BTreeMap::new()),
             trips: Mutex::new(trip::Trips::default()),
+            lane_opened: tokio::sync::Notify::new(),
             breakers: breaker::Breakers::pinned(
                 config
                     .bpffs_dir()

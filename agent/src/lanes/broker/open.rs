@@ -126,6 +126,7 @@ impl Broker {
         if !self.hand_over(conn, lane_id, &ask, &target, client, server)? {
             return Ok(());
         }
+        self.lane_opened.notify_one();
         self.events
             .emit(|seq, at_ms| crate::events::Event::LaneOpened {
                 seq,
