@@ -32,6 +32,10 @@ enum Command {
         /// then take the next one and close the lane without answering it.
         #[arg(long)]
         drop_after: Option<u64>,
+        /// Misbehave for tests and demonstrations: answer shared-memory lanes this many
+        /// microseconds late (the other transports at once).
+        #[arg(long)]
+        slow_shm_us: Option<u64>,
     },
     /// Open a lane to SERVICE in QUADRANT, send COUNT messages of SIZE bytes, check each echo,
     /// print a JSON summary.
@@ -77,9 +81,12 @@ fn transport(s: &str) -> Result<TransportChoice, String> {
         .map_err(|_| format!("unknown transport {s:?}: use auto, shm, uds or tcp"))
 }
 
-fn echo(mut lane: Lane, drop_after: Option<u64>) {
+fn echo(mut lane: Lane, drop_after: Option<u64>, slow_shm_us: Option<u64>) {
     let id = lane.id();
     let peer = lane.peer_id().to_owned();
+    let delay = slow_shm_us
+        .filter(|_| lane.transport() == quadrant_lanes::Transport::Shm)
+        .map(Duration::from_micros);
     let mut answered = 0;
     // Each request is answered from where it lies in the lane: one copy per echo.
     let outcome = loop {
@@ -89,7 +96,13 @@ fn echo(mut lane: Lane, drop_after: Option<u64>) {
             let _ = lane.close();
             break format!("dropped after {answered} answers");
         }
-        match lane.respond_with(<[u8]>::len, |request, out| out.copy_from_slice(request)) {
+        let answer = |request: &[u8], out: &mut [u8]| {
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+            out.copy_from_slice(request);
+        };
+        match lane.respond_with(<[u8]>::len, answer) {
             Ok(true) => answered += 1,
             Ok(false) => break "closed by the peer".to_owned(),
             Err(e) => break format!("error: {e}"),
@@ -99,7 +112,11 @@ fn echo(mut lane: Lane, drop_after: Option<u64>) {
     let _ = std::io::stdout().flush();
 }
 
-fn serve(service: &str, tcp_port: Option<u16>, drop_after: Option<u64>) -> Result<(), LaneError> {
+fn serve(
+    service: &str,
+    tcp_port: Option<u16>,
+    (drop_after, slow_shm_us): (Option<u64>, Option<u64>),
+) -> Result<(), LaneError> {
     let mut listener = LaneListener::listen(None, service, tcp_port)?;
     println!("listening as {}", listener.spiffe_id());
     let _ = std::io::stdout().flush();
@@ -113,7 +130,7 @@ fn serve(service: &str, tcp_port: Option<u16>, drop_after: Option<u64>) -> Resul
                     lane.peer_id()
                 );
                 let _ = std::io::stdout().flush();
-                std::thread::spawn(move || echo(lane, drop_after));
+                std::thread::spawn(move || echo(lane, drop_after, slow_shm_us));
             }
             // A refused TCP connection is reported and the service goes on.
             Err(e @ LaneError::Tls(_)) => {
@@ -223,7 +240,8 @@ fn main() -> ExitCode {
             service,
             tcp_port,
             drop_after,
-        } => serve(&service, tcp_port, drop_after).map_err(|e| e.to_string()),
+            slow_shm_us,
+        } => serve(&service, tcp_port, (drop_after, slow_shm_us)).map_err(|e| e.to_string()),
         Command::Call {
             quadrant,
             service,
