@@ -113,6 +113,23 @@ pub enum Event {
         /// Ejection now in force, ms (0 when closed).
         ejection_ms: u32,
     },
+    /// New `auto` lanes to a service go to another transport: its latency SLO burns.
+    LaneRerouted {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// `<quadrant>/<service>`.
+        service: String,
+        /// The burning SLO.
+        slo: String,
+        /// Transport before.
+        from: Transport,
+        /// Transport now.
+        to: Transport,
+        /// Why, with the figures.
+        reason: String,
+    },
     /// A subscriber fell behind and missed events.
     Lagged {
         /// Position in the stream.

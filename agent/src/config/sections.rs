@@ -23,6 +23,14 @@ pub struct LanesConfig {
     /// Kernel acceleration of TCP between workloads on this host.
     #[serde(default)]
     pub tcp_acceleration: TcpAcceleration,
+    /// A service whose latency SLO burns is re-routed (new `auto` lanes to another transport)
+    /// at most once in this many seconds.
+    #[serde(default = "default_reroute_hold_secs")]
+    pub reroute_hold_secs: u32,
+}
+
+const fn default_reroute_hold_secs() -> u32 {
+    60
 }
 
 /// Kernel acceleration of local TCP (lanes and any other TCP between the quadrants' workloads).
@@ -49,6 +57,7 @@ impl Default for LanesConfig {
             max_message_bytes: default_max_message(),
             limits: BTreeMap::new(),
             tcp_acceleration: TcpAcceleration::Auto,
+            reroute_hold_secs: default_reroute_hold_secs(),
         }
     }
 }

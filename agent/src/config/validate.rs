@@ -117,6 +117,12 @@ impl Config {
                 format!("{m} is outside {MIN_LANE_MESSAGE}..={MAX_LANE_MESSAGE}"),
             ));
         }
+        if !(1..=86_400).contains(&self.lanes.reroute_hold_secs) {
+            return Err(invalid(
+                "lanes.reroute_hold_secs",
+                format!("{} is outside 1..=86400", self.lanes.reroute_hold_secs),
+            ));
+        }
         for (name, l) in &self.lanes.limits {
             if Quadrant::from_name(name).is_none() {
                 return Err(invalid(

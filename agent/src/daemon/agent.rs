@@ -143,9 +143,70 @@ impl Agent {
         }
         self.slo.observe(now, &totals);
         if summarize {
-            let summary = self.slo.report(now).quadrants;
+            let report = self.slo.report(now);
+            self.reroute_burning(now, &report, &totals);
             self.admission
-                .set_slo(&serde_json::to_value(summary).unwrap_or_default());
+                .set_slo(&serde_json::to_value(report.quadrants).unwrap_or_default());
+        }
+    }
+
+    /// Re-routes the services whose latency SLO has a rule firing (see
+    /// `lanes::broker::route`); each switch is logged, an event and an audit record.
+    fn reroute_burning(
+        &self,
+        now: u64,
+        report: &crate::slo::SloReport,
+        totals: &std::collections::BTreeMap<
+            (dataplane_common::Quadrant, String),
+            crate::lanes::broker::sli::SliTotals,
+        >,
+    ) {
+        let burning = report.slos.iter().filter(|s| {
+            s.indicator == crate::slo::Indicator::Latency
+                && s.burn_rates
+                    .iter()
+                    .any(|b| b.state == crate::slo::burn::State::Firing)
+        });
+        for s in burning {
+            let Some(q) = dataplane_common::Quadrant::from_name(&s.quadrant) else {
+                continue;
+            };
+            let Some(t) = totals.get(&(q, s.service.clone())) else {
+                continue;
+            };
+            let min = self.slo.min_events(&s.name);
+            let Some(r) = self
+                .broker
+                .reroute_burning((q, &s.service), now, t, (min, s.target))
+            else {
+                continue;
+            };
+            tracing::info!(
+                target: "quadrant::slo",
+                "{} burns: new auto lanes to {}/{} go to {} instead of {} ({})",
+                s.name, s.quadrant, s.service, r.to.name(), r.from.name(), r.reason
+            );
+            let (from, to, reason) = (r.from, r.to, r.reason.clone());
+            self.events
+                .emit(|seq, at_ms| crate::events::Event::LaneRerouted {
+                    seq,
+                    at_ms,
+                    service: format!("{}/{}", s.quadrant, s.service),
+                    slo: s.name.clone(),
+                    from,
+                    to,
+                    reason,
+                });
+            let record = serde_json::json!({
+                "service": format!("{}/{}", s.quadrant, s.service),
+                "slo": s.name,
+                "from": r.from.name(),
+                "to": r.to.name(),
+                "reason": r.reason,
+            });
+            if let Err(e) = self.admission.record("reroute", record) {
+                tracing::warn!(error = %e, "re-route not audited");
+            }
         }
     }
 

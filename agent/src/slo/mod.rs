@@ -370,6 +370,17 @@ impl SloService {
         )
     }
 
+    /// The `minEvents` of SLO `name` (10 if unknown).
+    #[must_use]
+    pub fn min_events(&self, name: &str) -> u64 {
+        self.tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|t| t.spec.name == name)
+            .map_or(10, |t| t.spec.min_events)
+    }
+
     /// The latency threshold of each service with a latency SLO, ns.
     #[must_use]
     pub fn latency_thresholds(&self) -> BTreeMap<(Quadrant, String), u64> {

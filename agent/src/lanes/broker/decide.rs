@@ -90,6 +90,9 @@ pub struct Offer {
     pub has_tcp: bool,
     /// The identity service runs (TCP lanes need SVIDs).
     pub identity: bool,
+    /// For `auto`: the transport tried first (the service was re-routed to it because its
+    /// latency SLO burnt on another).
+    pub preferred: Option<Transport>,
 }
 
 /// The transport of a lane from `from_id` (quadrant `from_q`) to `service` in `to_q`: the
@@ -125,7 +128,17 @@ pub fn choose_transport(
         ));
     }
     let mut reasons = Vec::new();
-    for &t in choice.candidates() {
+    let first = offer
+        .preferred
+        .filter(|p| choice == TransportChoice::Auto && choice.candidates().contains(p));
+    let order = first.into_iter().chain(
+        choice
+            .candidates()
+            .iter()
+            .copied()
+            .filter(|t| Some(*t) != first),
+    );
+    for t in order {
         if !matching.iter().any(|r| r.allows_transport(t.name())) {
             reasons.push(format!("{} is not allowed by the policy", t.name()));
         } else if t == Transport::Tcp && !offer.has_tcp {
@@ -188,6 +201,7 @@ mod tests {
     const OFFER: Offer = Offer {
         has_tcp: true,
         identity: true,
+        preferred: None,
     };
 
     fn rule(
@@ -285,6 +299,7 @@ mod tests {
         let no_port = Offer {
             has_tcp: false,
             identity: true,
+            preferred: None,
         };
         let e = choose(&tcp, "echo", TransportChoice::Auto, no_port).unwrap_err();
         assert!(
@@ -295,6 +310,7 @@ mod tests {
         let no_identity = Offer {
             has_tcp: true,
             identity: false,
+            preferred: None,
         };
         let e = choose(&tcp, "echo", TransportChoice::Tcp, no_identity).unwrap_err();
         assert!(

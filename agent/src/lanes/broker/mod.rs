@@ -46,6 +46,7 @@ mod decide;
 mod open;
 pub mod pool;
 mod report;
+pub mod route;
 pub mod sli;
 pub mod trip;
 
@@ -150,6 +151,8 @@ pub struct Broker {
     thresholds: Mutex<BTreeMap<(Quadrant, String), u64>>,
     /// The service breakers the agent computes.
     trips: Mutex<trip::Trips>,
+    /// Services re-routed because their latency SLO burnt.
+    routes: Mutex<route::Routes>,
     /// Woken when a lane opens (the sampler of SLIs and breakers then reads every 20 ms).
     pub lane_opened: tokio::sync::Notify,
 }
@@ -214,6 +217,7 @@ impl Broker {
             pool: pool::Pool::default(),
             thresholds: Mutex::new(BTreeMap::new()),
             trips: Mutex::new(trip::Trips::default()),
+            routes: Mutex::new(route::Routes::default()),
             lane_opened: tokio::sync::Notify::new(),
             breakers: breaker::Breakers::pinned(
                 config

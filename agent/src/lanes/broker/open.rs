@@ -178,6 +178,7 @@ impl Broker {
             decide::Offer {
                 has_tcp: target.tcp_port.is_some(),
                 identity: self.identity.is_some(),
+                preferred: self.preferred_transport(ask.to_q, ask.service),
             },
         )
     }

@@ -13,6 +13,7 @@ use dataplane_common::Quadrant;
 
 use super::{Broker, State};
 use crate::lanes::{
+    Transport,
     control::Refusal,
     os::Mapping,
     ring::{LATENCY_BUCKETS, Region, Sli},
@@ -25,6 +26,7 @@ const RETIRING: Duration = Duration::from_secs(1);
 /// A lane closed a moment ago.
 pub(super) struct Retired {
     key: (Quadrant, String),
+    transport: Transport,
     region: Region,
     _memory: Mapping,
     at: Instant,
@@ -45,6 +47,9 @@ pub struct SliTotals {
     pub open_failures: u64,
     /// Answered round trips per histogram bucket (`ring::latency_bucket`).
     pub latency: [u64; LATENCY_BUCKETS],
+    /// Per transport (in `Transport::ALL` order): answered requests, and those within the
+    /// latency threshold.
+    pub by_transport: [(u64, u64); 3],
 }
 
 impl Default for SliTotals {
@@ -55,20 +60,35 @@ impl Default for SliTotals {
             failed: 0,
             open_failures: 0,
             latency: [0; LATENCY_BUCKETS],
+            by_transport: [(0, 0); 3],
         }
     }
 }
 
 impl SliTotals {
-    fn add_region(&mut self, r: &Region) {
+    fn add_region(&mut self, r: &Region, transport: Transport) {
         let get = |f| r.sli(f).load(Ordering::Relaxed);
-        self.requests += get(Sli::Requests);
-        self.within += get(Sli::WithinThreshold);
-        self.failed += get(Sli::Failed);
+        let (requests, within, failed) = (
+            get(Sli::Requests),
+            get(Sli::WithinThreshold),
+            get(Sli::Failed),
+        );
+        self.requests += requests;
+        self.within += within;
+        self.failed += failed;
+        let t = &mut self.by_transport[transport_index(transport)];
+        t.0 += requests.saturating_sub(failed);
+        t.1 += within;
         for (i, c) in self.latency.iter_mut().enumerate() {
             *c += r.latency_count(i).load(Ordering::Relaxed);
         }
     }
+}
+
+/// The index of `t` in `Transport::ALL`.
+#[must_use]
+pub fn transport_index(t: Transport) -> usize {
+    Transport::ALL.iter().position(|x| *x == t).unwrap_or(0)
 }
 
 /// Whether a refused open counts against the service's availability.
@@ -86,6 +106,7 @@ impl State {
         if let Some(l) = self.lanes.remove(&id) {
             self.retiring.push_back(Retired {
                 key: (quadrant_of(&l.info.quadrant), l.info.service.clone()),
+                transport: l.info.transport,
                 region: l.region,
                 _memory: l.memory,
                 at: Instant::now(),
@@ -105,7 +126,7 @@ impl State {
                 self.closed_sli
                     .entry(r.key)
                     .or_default()
-                    .add_region(&r.region);
+                    .add_region(&r.region, r.transport);
             }
         }
     }
@@ -218,12 +239,14 @@ impl Broker {
         state.settle();
         let mut out = state.closed_sli.clone();
         for r in &state.retiring {
-            out.entry(r.key.clone()).or_default().add_region(&r.region);
+            out.entry(r.key.clone())
+                .or_default()
+                .add_region(&r.region, r.transport);
         }
         for l in state.lanes.values() {
             out.entry((quadrant_of(&l.info.quadrant), l.info.service.clone()))
                 .or_default()
-                .add_region(&l.region);
+                .add_region(&l.region, l.info.transport);
         }
         out
     }
