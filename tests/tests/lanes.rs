@@ -1011,3 +1011,89 @@ fn a_stalled_tcp_handshake_holds_up_no_other_lane() {
     wait_for(&server, "refused a TCP lane from");
     drop(stalled);
 }
+
+/// The audit records of `kind`, waiting up to 3 s for at least one.
+fn audited(inst: &Instance, kind: &str) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let log = std::fs::read_to_string(&inst.config.audit_log).unwrap_or_default();
+        let found: Vec<Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["event"].clone())
+            .collect();
+        if !found.is_empty() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A latency SLO of DG's echo (90 % within 1 ms) that its shared-memory lanes break (answered 3
+/// ms late) re-routes new `auto` lanes to a Unix socket, which keeps it; the switch is an audit
+/// record with the figures, and within `reroute_hold_secs` nothing switches back.
+#[test]
+fn a_burning_latency_slo_moves_new_auto_lanes_to_another_transport() {
+    let mut config = test_config(None);
+    config.lanes.reroute_hold_secs = 1;
+    config.slos = serde_yaml::from_str(
+        "[{name: echo-fast, quadrant: dg, service: echo, indicator: latency, \
+          objectives: [{target: 0.9, value: 1}], timeWindow: [{duration: 28m}], minEvents: 5}]",
+    )
+    .expect("slos");
+    let mut inst = Instance::up(config, QPROBE);
+    let bin = echo_bin();
+    let serve = [bin.as_str(), "serve", "echo", "--slow-shm-us", "3000"];
+    let (_, _server) = inst.background_in(Quadrant::Dg, Some("echo"), &serve, "listening as");
+    let auto_call = |inst: &Instance| {
+        summary(&call(
+            inst,
+            Quadrant::Dx,
+            "client",
+            Quadrant::Dg,
+            &["--count", "20"],
+        ))
+    };
+    let first = auto_call(&inst);
+    assert_eq!(first["transport"], "shm", "{first}");
+    let records = audited(&inst, "reroute");
+    assert_eq!(records.len(), 1, "{records:?}\n{}", inst.agent_log());
+    let r = &records[0];
+    assert_eq!(
+        (&r["service"], &r["slo"], &r["from"], &r["to"]),
+        (
+            &"dg/echo".into(),
+            &"echo-fast".into(),
+            &"shm".into(),
+            &"uds".into()
+        ),
+        "{r}"
+    );
+    // Decided while the first call still ran (at least minEvents of its round trips seen).
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("shm: 0 of ")
+            && reason.ends_with(
+                " round trips within the threshold; no measurements of uds yet, trying it"
+            ),
+        "{r}"
+    );
+    let second = auto_call(&inst);
+    assert_eq!(second["transport"], "uds", "{second}");
+    // A lane that asks for shared memory still gets it.
+    let asked = summary(&call(
+        &inst,
+        Quadrant::Dx,
+        "client",
+        Quadrant::Dg,
+        &["--transport", "shm", "--count", "2"],
+    ));
+    assert_eq!(asked["transport"], "shm");
+    // Past the hold, the Unix socket meets the target: no switch back.
+    std::thread::sleep(Duration::from_millis(1500));
+    let third = auto_call(&inst);
+    assert_eq!(third["transport"], "uds", "{third}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(audited(&inst, "reroute").len(), 1);
+}
