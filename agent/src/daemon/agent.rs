@@ -141,7 +141,18 @@ impl Agent {
         for t in self.broker.judge_trips(now, &totals) {
             crate::breakers::report_service(&self.config, &self.events, &self.admission, &t);
         }
-        self.slo.observe(now, &totals);
+        let cpu = self
+            .slo
+            .cost_services()
+            .into_iter()
+            .filter_map(|(q, service)| {
+                let workload = self.broker.service_workload(q, &service)?;
+                let stat = self.config.cgroup_dir(q).join(workload).join("cpu.stat");
+                let usec = crate::slo::cpu_usage_usec(&std::fs::read_to_string(stat).ok()?)?;
+                Some(((q, service), usec))
+            })
+            .collect();
+        self.slo.observe(now, &totals, &cpu);
         if summarize {
             let report = self.slo.report(now);
             self.reroute_burning(now, &report, &totals);

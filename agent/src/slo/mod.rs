@@ -57,9 +57,22 @@ pub fn plan_slos(q: Quadrant, workload: &str, slo: &plans::Slo) -> Vec<SloSpec> 
     out
 }
 
+/// A cost SLO's current time slice.
+#[derive(Clone, Copy, Debug)]
+struct Slice {
+    since_ns: u64,
+    cpu_usec: u64,
+    requests: u64,
+}
+
+/// Length of a cost SLO's time slice.
+const SLICE_NS: u64 = 1_000_000_000;
+
 /// One SLO being kept.
 #[derive(Debug)]
 struct Tracked {
+    /// A cost SLO's open time slice.
+    slice: Option<Slice>,
     /// The workload (`<quadrant>/<workload>`) whose plan declared it; `None`: the configuration.
     owner: Option<String>,
     spec: SloSpec,
@@ -80,7 +93,23 @@ fn events_of(spec: &SloSpec, t: &SliTotals) -> Events {
             good: t.within.min(answered),
             total: answered,
         },
+        // Counted per time slice in `SloService::observe`.
+        Indicator::Cost => Events::default(),
     }
+}
+
+/// The event of a closed cost slice: `None` without requests (no data).
+fn cost_event(spec: &SloSpec, cpu_usec: u64, requests: u64) -> Option<Events> {
+    if requests == 0 {
+        return None;
+    }
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let per_thousand = cpu_usec as f64 / 1e6 / (requests as f64 / 1000.0);
+    let limit = spec.objectives.first().and_then(|o| o.value).unwrap_or(0.0);
+    Some(Events {
+        good: u64::from(per_thousand <= limit),
+        total: 1,
+    })
 }
 
 /// Whether `specs` for `owner` validate beside the SLOs of everyone else.
@@ -238,6 +267,49 @@ fn status(t: &mut Tracked, now_ns: u64) -> SloStatus {
     }
 }
 
+/// Closes a cost SLO's slice once it is a second old: one event, good if the CPU time per 1,000
+/// requests stayed within the objective. A workload that is not running (no CPU reading) opens
+/// no slice.
+fn observe_cost(t: &mut Tracked, now_ns: u64, cpu_usec: Option<u64>, requests: u64) {
+    let Some(cpu_usec) = cpu_usec else {
+        t.slice = None;
+        return;
+    };
+    match t.slice {
+        Some(s) if now_ns.saturating_sub(s.since_ns) >= SLICE_NS => {
+            let event = cost_event(
+                &t.spec,
+                cpu_usec.saturating_sub(s.cpu_usec),
+                requests.saturating_sub(s.requests),
+            );
+            if let Some(e) = event {
+                t.series.add(now_ns, e);
+            }
+            t.slice = Some(Slice {
+                since_ns: now_ns,
+                cpu_usec,
+                requests,
+            });
+        }
+        Some(_) => {}
+        None => {
+            t.slice = Some(Slice {
+                since_ns: now_ns,
+                cpu_usec,
+                requests,
+            });
+        }
+    }
+}
+
+/// `usage_usec` from a cgroup v2 `cpu.stat`.
+#[must_use]
+pub fn cpu_usage_usec(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The per-quadrant summary of `slos`.
 #[must_use]
 pub fn by_quadrant(slos: &[SloStatus]) -> BTreeMap<String, QuadrantSlo> {
@@ -260,6 +332,7 @@ pub fn by_quadrant(slos: &[SloStatus]) -> BTreeMap<String, QuadrantSlo> {
                         match s.indicator {
                             Indicator::Availability => "availability",
                             Indicator::Latency => "latency",
+                            Indicator::Cost => "cost",
                         },
                         s.quadrant,
                         s.service,
@@ -299,6 +372,7 @@ impl SloService {
                 specs
                     .iter()
                     .map(|s| Tracked {
+                        slice: None,
                         owner: None,
                         series: Series::new(s.window()),
                         spec: s.clone(),
@@ -349,6 +423,7 @@ impl SloService {
                     t
                 }
                 None => Tracked {
+                    slice: None,
                     owner: Some(owner.to_owned()),
                     series: Series::new(s.window()),
                     spec: s,
@@ -396,10 +471,34 @@ impl SloService {
             .collect()
     }
 
-    /// Feeds the windows with what the services' totals grew by since the last call.
-    pub fn observe(&self, now_ns: u64, totals: &BTreeMap<(Quadrant, String), SliTotals>) {
+    /// The services with a cost SLO.
+    #[must_use]
+    pub fn cost_services(&self) -> Vec<(Quadrant, String)> {
+        self.tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|t| t.spec.indicator == Indicator::Cost)
+            .map(|t| (t.spec.quadrant(), t.spec.service.clone()))
+            .collect()
+    }
+
+    /// Feeds the windows with what the services' totals grew by since the last call; `cpu` is
+    /// the CPU time (µs, cumulative) the workloads of the cost SLOs' services used.
+    pub fn observe(
+        &self,
+        now_ns: u64,
+        totals: &BTreeMap<(Quadrant, String), SliTotals>,
+        cpu: &BTreeMap<(Quadrant, String), u64>,
+    ) {
         let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
         for t in tracked.iter_mut() {
+            if t.spec.indicator == Indicator::Cost {
+                let key = (t.spec.quadrant(), t.spec.service.clone());
+                let requests = totals.get(&key).map_or(0, |s| s.requests);
+                observe_cost(t, now_ns, cpu.get(&key).copied(), requests);
+                continue;
+            }
             let now = totals
                 .get(&(t.spec.quadrant(), t.spec.service.clone()))
                 .map(|s| events_of(&t.spec, s))
@@ -479,139 +578,4 @@ pub fn render(report: &SloReport) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(yaml: &str) -> SloSpec {
-        serde_yaml::from_str(yaml).unwrap()
-    }
-
-    const S: u64 = 1_000_000_000;
-
-    #[test]
-    fn plans_add_replace_and_remove_their_slos() {
-        let config = spec(
-            "{name: echo-fast, quadrant: px, service: echo, indicator: latency, \
-             objectives: [{target: 0.99, value: 1}]}",
-        );
-        let svc = SloService::new(std::slice::from_ref(&config));
-        let declared = plans::Slo {
-            service: Some("api".into()),
-            window: Some("1h".into()),
-            p99_latency_ms: Some(2.0),
-            availability: Some(0.999),
-        };
-        let specs = plan_slos(Quadrant::Px, "api", &declared);
-        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["px-api-availability", "px-api-latency"]);
-        svc.set_owned("px/api", specs.clone()).unwrap();
-        assert_eq!(
-            svc.latency_thresholds(),
-            BTreeMap::from([
-                ((Quadrant::Px, "echo".to_owned()), 1_000_000),
-                ((Quadrant::Px, "api".to_owned()), 2_000_000),
-            ])
-        );
-        // History stays across a new generation with the same SLOs.
-        let key = (Quadrant::Px, "api".to_owned());
-        let t = SliTotals {
-            requests: 10,
-            within: 10,
-            ..SliTotals::default()
-        };
-        svc.observe(S, &BTreeMap::from([(key, t)]));
-        svc.set_owned("px/api", specs).unwrap();
-        assert_eq!(svc.report(S).slos[1].events.total, 10);
-        // A second latency SLO for echo is refused, and changes nothing.
-        let clash = plan_slos(
-            Quadrant::Px,
-            "other",
-            &plans::Slo {
-                service: Some("echo".into()),
-                window: None,
-                p99_latency_ms: Some(1.0),
-                availability: None,
-            },
-        );
-        let e = svc.check_owned("px/other", &clash).unwrap_err().to_string();
-        assert!(e.contains("px/echo has a latency SLO already"), "{e}");
-        assert!(svc.set_owned("px/other", clash).is_err());
-        assert_eq!(svc.report(S).slos.len(), 3);
-        // Stopped: its SLOs go, the configuration's stay.
-        svc.set_owned("px/api", Vec::new()).unwrap();
-        let left: Vec<String> = svc.report(S).slos.into_iter().map(|s| s.name).collect();
-        assert_eq!(left, ["echo-fast"]);
-    }
-
-    #[test]
-    fn totals_become_windowed_events_budgets_and_alerts() {
-        let avail = spec(
-            "{name: echo-up, quadrant: px, service: echo, indicator: availability, \
-             objectives: [{target: 0.99}], timeWindow: [{duration: 28m}]}",
-        );
-        let fast = spec(
-            "{name: echo-fast, quadrant: px, service: echo, indicator: latency, \
-             objectives: [{target: 0.9, value: 1}], timeWindow: [{duration: 28m}]}",
-        );
-        let svc = SloService::new(&[avail, fast]);
-        assert_eq!(svc.tick(), Duration::from_millis(100));
-        let key = (Quadrant::Px, "echo".to_owned());
-        // 100 answered requests, all within the threshold, then 20 that failed.
-        let mut t = SliTotals {
-            requests: 100,
-            within: 100,
-            ..SliTotals::default()
-        };
-        svc.observe(100 * S, &BTreeMap::from([(key.clone(), t)]));
-        t.requests = 120;
-        t.failed = 20;
-        svc.observe(101 * S, &BTreeMap::from([(key, t)]));
-        let r = svc.report(101 * S);
-        let up = &r.slos[0];
-        assert_eq!(
-            up.events,
-            Events {
-                good: 100,
-                total: 120
-            }
-        );
-        // 20 bad of 120 with 1 % allowed: burn 16.7, budget -15.7.
-        assert!(
-            (up.budget_remaining.unwrap() + 15.666_666).abs() < 1e-3,
-            "{up:?}"
-        );
-        // The fast rule looks at 2.5 s and 0.21 s: both hold the 20 failures (and the short
-        // one only those, burn 100).
-        assert_eq!(up.burn_rates[0].state, State::Firing, "{up:?}");
-        assert_eq!(up.burn_rates[0].short_events, 20);
-        let fastest = &r.slos[1];
-        assert_eq!(
-            fastest.events,
-            Events {
-                good: 100,
-                total: 100
-            }
-        );
-        assert_eq!(fastest.budget_remaining, Some(1.0));
-        let px = &r.quadrants["px"];
-        assert!(px.fast_burn && px.budget_remaining.unwrap() < 0.0);
-        assert_eq!(px.breaching.len(), 1);
-        assert!(
-            px.breaching[0].starts_with("echo-up (availability of px/echo): 100 good of 120"),
-            "{}",
-            px.breaching[0]
-        );
-        assert!(!r.quadrants["dx"].fast_burn && r.quadrants["dx"].budget_remaining.is_none());
-        // Half an hour later the window holds nothing: no data, nothing fires.
-        let later = svc.report(101 * S + 30 * 60 * S);
-        assert_eq!(later.slos[0].events, Events::default());
-        assert!(
-            later.slos[0]
-                .burn_rates
-                .iter()
-                .all(|b| b.state == State::NoData)
-        );
-        assert!(!later.quadrants["px"].fast_burn);
-        assert!(render(&later).contains("echo-up (px/echo"));
-    }
-}
+mod tests;

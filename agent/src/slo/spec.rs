@@ -21,6 +21,10 @@ pub enum Indicator {
     /// The share of answered lane requests whose round trip was at most `objectives[0].value`
     /// milliseconds.
     Latency,
+    /// The share of one-second time slices (with requests) in which the service's workload
+    /// spent at most `objectives[0].value` CPU-seconds per 1,000 lane requests to the service
+    /// (`cpu.stat` of the workload's cgroup).
+    Cost,
 }
 
 /// How the error budget is counted. Only `Occurrences` (good events / all events).
@@ -134,6 +138,9 @@ impl SloSpec {
     /// The latency threshold, ns (latency SLOs).
     #[must_use]
     pub fn threshold_ns(&self) -> Option<u64> {
+        if self.indicator != Indicator::Latency {
+            return None;
+        }
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
@@ -189,6 +196,15 @@ impl SloSpec {
             ));
         }
         match (self.indicator, objective.value) {
+            (Indicator::Cost, Some(v)) if v > 0.0 && v <= 1_000_000.0 => {}
+            (Indicator::Cost, v) => {
+                return Err(invalid(
+                    format!("{at}.objectives[0].value"),
+                    format!(
+                        "a cost SLO needs CPU-seconds per 1000 requests above 0 and at most 1000000, got {v:?}"
+                    ),
+                ));
+            }
             (Indicator::Latency, Some(v)) if v > 0.0 && v <= 60_000.0 => {}
             (Indicator::Latency, v) => {
                 return Err(invalid(

@@ -224,6 +224,14 @@ impl Broker {
             .check(q, service, crate::breakers::monotonic_ns())
     }
 
+    /// The workload offering `service` in `q` (from its SPIFFE ID), if it is offered.
+    #[must_use]
+    pub fn service_workload(&self, q: Quadrant, service: &str) -> Option<String> {
+        let state = self.state();
+        let id = &state.services.get(&(q, service.to_owned()))?.spiffe_id;
+        id.rsplit_once("/workload/").map(|(_, w)| w.to_owned())
+    }
+
     /// Whether any lane is open or closed within the last second (the SLO and breaker
     /// sampling runs faster then).
     #[must_use]
