@@ -278,6 +278,10 @@ impl Trips {
         let TripState::Open { until_ns } = s.state else {
             return Ok(());
         };
+        // Past the ejection it is half-open, whether or not the sampler has said so yet.
+        if now_ns >= until_ns {
+            return Ok(());
+        }
         let retry_after_ms = until_ns.saturating_sub(now_ns).div_ceil(1_000_000);
         Err(Refused {
             reason: Refusal::BreakerOpen,
@@ -377,6 +381,8 @@ mod tests {
             (r.reason, r.retry_after_ms),
             (Refusal::BreakerOpen, Some(60))
         );
+        // Past the ejection opens go through before the next judgement says half-open.
+        assert!(t.check(Quadrant::Px, "api", 110 * MS).is_ok());
         // Ejection over: half-open, opens go through.
         let tr = t.judge(110 * MS, &totals(10, 10), &cfg);
         assert_eq!(
