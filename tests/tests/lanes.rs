@@ -1039,7 +1039,9 @@ fn a_burning_latency_slo_moves_new_auto_lanes_to_another_transport() {
     config.lanes.reroute_hold_secs = 1;
     config.slos = serde_yaml::from_str(
         "[{name: echo-fast, quadrant: dg, service: echo, indicator: latency, \
-          objectives: [{target: 0.9, value: 1}], timeWindow: [{duration: 28m}], minEvents: 5}]",
+          objectives: [{target: 0.9, value: 1}], timeWindow: [{duration: 28m}], minEvents: 5}, \
+          {name: echo-cost, quadrant: dg, service: echo, indicator: cost, \
+          objectives: [{target: 0.9, value: 0.000000001}], timeWindow: [{duration: 28m}]}]",
     )
     .expect("slos");
     let mut inst = Instance::up(config, QPROBE);
@@ -1096,4 +1098,15 @@ fn a_burning_latency_slo_moves_new_auto_lanes_to_another_transport() {
     assert_eq!(third["transport"], "uds", "{third}");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(audited(&inst, "reroute").len(), 1);
+    // The cost SLO (at most a nanosecond of CPU per 1,000 requests) judged one-second slices
+    // of the echo workload's cgroup CPU time: every slice with requests broke it.
+    let out = inst.quadrant(&["slo", "--output", "json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("slo json");
+    let cost = &report["slos"][1];
+    assert_eq!(cost["name"], "echo-cost", "{report}");
+    assert!(
+        cost["events"]["total"].as_u64().unwrap_or(0) >= 1,
+        "{report}"
+    );
+    assert_eq!(cost["events"]["good"], 0, "{report}");
 }
