@@ -12,7 +12,6 @@ use dataplane_common::{
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
@@ -264,14 +263,6 @@ fn event_of(config: &Config, e: &BreakerEvent, seq: u64, at_ms: u64) -> Event {
     }
 }
 
-fn read_event(bytes: &[u8]) -> Option<BreakerEvent> {
-    if bytes.len() < size_of::<BreakerEvent>() {
-        return None;
-    }
-    // SAFETY: BreakerEvent is plain old data of this many bytes; an unaligned read of them.
-    Some(unsafe { bytes.as_ptr().cast::<BreakerEvent>().read_unaligned() })
-}
-
 /// Reports one transition: log line, event, audit record.
 fn report(config: &Config, events: &EventBus, admission: &Admission, e: &BreakerEvent) {
     let mut published = None;
@@ -362,47 +353,23 @@ pub async fn follow(
     config: Config,
     events: Arc<EventBus>,
     admission: Arc<Admission>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    // SAFETY: the ring buffer owns its map descriptor for as long as it lives, and always
-    // returns that same descriptor.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!(error = %e, "cannot watch the breaker ring buffer: transitions are not reported");
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            guard = fd.readable_mut() => {
-                let Ok(mut guard) = guard else { return };
-                let mut batch = Vec::new();
-                {
-                    let ring = guard.get_inner_mut();
-                    while let Some(item) = ring.next() {
-                        batch.extend(read_event(&item));
-                    }
+    let what = "the breaker ring buffer: transitions are not reported";
+    crate::ringbuf::drain(ring, stop, what, |batch: Vec<BreakerEvent>| {
+        let (config, events, admission) =
+            (config.clone(), Arc::clone(&events), Arc::clone(&admission));
+        async move {
+            // The audit log is a file: written on a blocking thread.
+            let _ = tokio::task::spawn_blocking(move || {
+                for e in &batch {
+                    report(&config, &events, &admission, e);
                 }
-                guard.clear_ready();
-                if batch.is_empty() {
-                    continue;
-                }
-                // The audit log is a file: written on a blocking thread.
-                let (config, events, admission) =
-                    (config.clone(), Arc::clone(&events), Arc::clone(&admission));
-                let _ = tokio::task::spawn_blocking(move || {
-                    for e in &batch {
-                        report(&config, &events, &admission, e);
-                    }
-                })
-                .await;
-            }
+            })
+            .await;
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -486,11 +453,6 @@ mod tests {
             cause: CAUSE_FAILURES,
             pad: [0; 5],
         };
-        let bytes: [u8; 32] =
-            // SAFETY: BreakerEvent is 32 bytes of plain integers.
-            unsafe { std::mem::transmute(e) };
-        assert_eq!(read_event(&bytes), Some(e));
-        assert_eq!(read_event(&bytes[..31]), None);
         let value = serde_json::to_value(event_of(&config, &e, 1, 2)).unwrap();
         assert!(crate::events::schema_errors(&value).is_empty(), "{value}");
         assert_eq!(value["cause"], "consecutive_failures");

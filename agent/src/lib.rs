@@ -21,6 +21,7 @@
 //! | [`lanes`] | RTT lanes, agent side: the broker and the acceleration probe (the workload side is `quadrant-lanes`) |
 //! | [`events`] | the event stream (`quadrant events`), each event checked against its schema |
 //! | [`trace`] | the verdict trace: mode, reading the programs' records, rendering |
+//! | [`ringbuf`] | draining the programs' ring buffers of fixed-size records |
 //! | [`slo`] | SLOs and error budgets: specs, rolling windows, burn-rate alerts, `quadrant slo`, admission's `input.slo` |
 //! | [`breakers`] | circuit breakers: `quadrant breakers`, the kernel's transitions as events and audit records |
 
@@ -40,6 +41,7 @@ pub mod loader;
 pub mod plans;
 pub mod policy;
 pub mod quadrants;
+pub mod ringbuf;
 pub mod signing;
 pub mod slo;
 pub mod sys;

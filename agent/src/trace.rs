@@ -11,8 +11,7 @@ use dataplane_common::{
     maps::{TRACE_ALL, TRACE_DESTINATION, TRACE_DROPS, TRACE_OFF, TRACE_PACKET, TraceRecord},
     policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
-use tokio::io::unix::AsyncFd;
-use tracing::{info, warn};
+use tracing::info;
 
 /// What `quadrant trace` turns on.
 #[derive(
@@ -101,41 +100,15 @@ pub fn render(r: &TraceRecord) -> String {
 }
 
 /// Drains the ring buffer into the log until `stop` fires.
-pub async fn follow(ring: RingBuf<MapData>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    // SAFETY: the ring buffer owns its map descriptor for as long as it lives, and always
-    // returns that same descriptor.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!(error = %e, "cannot watch the verdict trace ring buffer: no trace");
-            return;
+pub async fn follow(ring: RingBuf<MapData>, stop: tokio::sync::watch::Receiver<bool>) {
+    let what = "the verdict trace ring buffer: no trace";
+    crate::ringbuf::drain(ring, stop, what, |batch: Vec<TraceRecord>| {
+        for record in &batch {
+            info!(target: "quadrant::trace", "{}", render(record));
         }
-    };
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            guard = fd.readable_mut() => {
-                let Ok(mut guard) = guard else { return };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if let Some(record) = read_record(&item) {
-                        info!(target: "quadrant::trace", "{}", render(&record));
-                    }
-                }
-                guard.clear_ready();
-            }
-        }
-    }
-}
-
-fn read_record(bytes: &[u8]) -> Option<TraceRecord> {
-    if bytes.len() < size_of::<TraceRecord>() {
-        return None;
-    }
-    // SAFETY: TraceRecord is plain old data of this many bytes; an unaligned read of them.
-    Some(unsafe { bytes.as_ptr().cast::<TraceRecord>().read_unaligned() })
+        std::future::ready(())
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -189,7 +162,7 @@ mod tests {
             )),
             "sock_create unattributed drop deny_unknown_cgroup"
         );
-        assert_eq!(read_record(&[0; 3]), None);
+        assert_eq!(crate::ringbuf::read::<TraceRecord>(&[0; 3]), None);
     }
 
     #[test]
