@@ -25,13 +25,14 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use aya::programs::ProgramInfo;
+use benches::{Agent, sibling};
 use dataplane_common::Quadrant;
 use hdrhistogram::Histogram;
 use quadrant::config::{Config, QuadrantConfig};
@@ -206,128 +207,42 @@ fn bench_config(enabled: bool) -> anyhow::Result<Config> {
     Ok(c)
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let b = std::env::current_exe()?.with_file_name(name);
-    if !b.exists() {
-        bail!(
-            "{} not found: `cargo build --release -p agent --bins` first",
-            b.display()
-        );
+/// Starts the failing lane services in DG and waits until each listens.
+fn start_failing_services(agent: &mut Agent) -> anyhow::Result<()> {
+    let echo = sibling("lane-echo")?.display().to_string();
+    for i in 0..SERVICES {
+        let (name, port) = (format!("trip{i}"), (SERVICE_PORTS + i).to_string());
+        let mut child = agent
+            .exec("dg", &name, &[&echo, "serve", &name])
+            .args(["--tcp-port", &port, "--drop-after", "0"])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        if !line.starts_with("listening") {
+            bail!("{name} did not start: {line:?}");
+        }
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        agent.servers.push(child);
     }
-    Ok(b)
+    Ok(())
 }
 
-/// A running agent, brought down when dropped.
-struct Agent {
-    bin: PathBuf,
-    config: PathBuf,
-    process: Option<Child>,
-    services: Vec<Child>,
-}
-
-impl Agent {
-    fn start(config: &Config) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(STATE_DIR)?;
-        let path = Path::new(STATE_DIR).join("qslo.yaml");
-        std::fs::write(&path, serde_yaml::to_string(config)?)?;
-        let mut agent = Self {
-            bin: sibling("quadrant")?,
-            config: path,
-            process: None,
-            services: Vec::new(),
-        };
-        let _ = agent.command().arg("down").stdout(Stdio::null()).status();
-        agent.process = Some(
-            agent
-                .command()
-                .arg("up")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !agent
-            .command()
-            .arg("status")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?
-            .success()
-        {
-            if Instant::now() > deadline {
-                bail!("the agent did not come up");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(agent)
+/// Runs this benchmark's `args` as a workload in DX and parses what it prints.
+fn workload<T: for<'de> Deserialize<'de>>(agent: &Agent, args: &[&str]) -> anyhow::Result<T> {
+    let me = std::env::current_exe()?.display().to_string();
+    let mut command = vec![me.as_str()];
+    command.extend(args);
+    let out = agent
+        .exec("dx", "bench", &command)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("the measuring workload failed: {args:?}");
     }
-
-    /// Starts the failing lane services in DG and waits until each listens.
-    fn start_failing_services(&mut self) -> anyhow::Result<()> {
-        let echo = sibling("lane-echo")?.display().to_string();
-        for i in 0..SERVICES {
-            let (name, port) = (format!("trip{i}"), (SERVICE_PORTS + i).to_string());
-            let mut child = self
-                .command()
-                .args([
-                    "exec",
-                    "dg",
-                    "--workload",
-                    &name,
-                    "--",
-                    &echo,
-                    "serve",
-                    &name,
-                ])
-                .args(["--tcp-port", &port, "--drop-after", "0"])
-                .stdout(Stdio::piped())
-                .stdin(Stdio::null())
-                .spawn()?;
-            let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut out, &mut line)?;
-            if !line.starts_with("listening") {
-                bail!("{name} did not start: {line:?}");
-            }
-            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-            self.services.push(child);
-        }
-        Ok(())
-    }
-
-    fn command(&self) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.arg("--config").arg(&self.config);
-        c
-    }
-
-    /// Runs this benchmark's `mode` as a workload in DX and parses what it prints.
-    fn workload<T: for<'de> Deserialize<'de>>(&self, args: &[&str]) -> anyhow::Result<T> {
-        let me = std::env::current_exe()?.display().to_string();
-        let out = self
-            .command()
-            .args(["exec", "dx", "--workload", "bench", "--", &me])
-            .args(args)
-            .stderr(Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            bail!("the measuring workload failed: {args:?}");
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        for mut s in self.services.drain(..) {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
-        let _ = self.command().arg("down").stdout(Stdio::null()).status();
-        if let Some(mut a) = self.process.take() {
-            let _ = a.wait();
-        }
-    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 /// A pinned program's (run time, run count) so far.
@@ -359,11 +274,11 @@ struct Session {
 
 fn session(enabled: bool) -> anyhow::Result<Session> {
     let config = bench_config(enabled)?;
-    let mut agent = Agent::start(&config)?;
+    let mut agent = Agent::start(&config, STATE_DIR, "qslo")?;
     let dx = config.addrs(Quadrant::Dx).workload.to_string();
     let (c4, so) = ("quadrant_connect4", "quadrant_breaker_sockops");
     let (c4_before, so_before) = (stats(&config, c4)?, stats(&config, so)?);
-    let connect: Connects = agent.workload(&["connects", &dx])?;
+    let connect: Connects = workload(&agent, &["connects", &dx])?;
     let (c4_after, so_after) = (stats(&config, c4)?, stats(&config, so)?);
     let connections = connect.count + WARMUP + 1;
     let (connect4_ns, _, _) = per_run(c4_before, c4_after, connections);
@@ -371,10 +286,10 @@ fn session(enabled: bool) -> anyhow::Result<Session> {
         per_run(so_before, so_after, connections);
     let (trips, agent_trips) = if enabled {
         let failures = config.breakers.consecutive_failures.to_string();
-        let trips = agent.workload(&["trips", &dx, &failures])?;
-        agent.start_failing_services()?;
+        let trips = workload(&agent, &["trips", &dx, &failures])?;
+        start_failing_services(&mut agent)?;
         let dg = config.addrs(Quadrant::Dg).workload.to_string();
-        (Some(trips), Some(agent.workload(&["agent-trips", &dg])?))
+        (Some(trips), Some(workload(&agent, &["agent-trips", &dg])?))
     } else {
         (None, None)
     };

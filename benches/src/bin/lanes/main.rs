@@ -25,11 +25,12 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 use baselines::{IceWait, bare_round_trip, bare_server, ice_client, ice_server};
+use benches::{Agent, sibling};
 use dataplane_common::Quadrant;
 use measure::{PACINGS, Pacing, Row, SIZES, histogram, measure, precise_sleeps};
 use quadrant::{
@@ -261,50 +262,6 @@ fn bench_config() -> anyhow::Result<Config> {
     Ok(c)
 }
 
-struct Agent {
-    bin: PathBuf,
-    config: PathBuf,
-    process: Option<Child>,
-    servers: Vec<Child>,
-}
-
-impl Agent {
-    fn quadrant(&self) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.arg("--config").arg(&self.config);
-        c
-    }
-
-    fn exec(&self, q: &str, workload: &str, argv: &[&str]) -> Command {
-        let mut c = self.quadrant();
-        c.args(["exec", q, "--workload", workload, "--"]).args(argv);
-        c
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        for s in self.servers.drain(..) {
-            stop(s);
-        }
-        let _ = self.quadrant().arg("down").stdout(Stdio::null()).status();
-        if let Some(mut a) = self.process.take() {
-            let _ = a.wait();
-        }
-    }
-}
-
-fn find(p: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let b = p.with_file_name(name);
-    if !b.exists() {
-        bail!(
-            "{} not found: `cargo build --release -p agent --bins` first",
-            b.display()
-        );
-    }
-    Ok(b)
-}
-
 /// The back-to-back row of `transport` at `size`.
 fn p<'a>(rows: &'a [Row], transport: &str, size: usize) -> Option<&'a Row> {
     at(rows, transport, Pacing::BackToBack, size)
@@ -324,39 +281,8 @@ fn verdict(ok: bool) -> &'static str {
 /// `control` or `tcp`).
 fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
     let me = std::env::current_exe()?;
-    std::fs::create_dir_all(STATE_DIR)?;
-    let config_path = Path::new(STATE_DIR).join("qlane.yaml");
-    std::fs::write(&config_path, serde_yaml::to_string(config)?)?;
-    let mut agent = Agent {
-        bin: find(&me, "quadrant")?,
-        config: config_path,
-        process: None,
-        servers: Vec::new(),
-    };
-    let echo = find(&me, "lane-echo")?;
-    let _ = agent.quadrant().arg("down").stdout(Stdio::null()).status();
-    agent.process = Some(
-        agent
-            .quadrant()
-            .arg("up")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !agent
-        .quadrant()
-        .arg("status")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?
-        .success()
-    {
-        if Instant::now() > deadline {
-            bail!("the agent did not come up");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut agent = Agent::start(config, STATE_DIR, "qlane")?;
+    let echo = sibling("lane-echo")?;
     let port = LANE_TCP_PORT.to_string();
     let echo_s = echo.display().to_string();
     let me_s = me.display().to_string();
