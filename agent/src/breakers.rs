@@ -26,6 +26,13 @@ pub fn quadrant_spiffe_id(trust_domain: &str, q: Quadrant) -> String {
     format!("spiffe://{trust_domain}/quadrant/{}", q.name())
 }
 
+/// The SPIFFE ID of a breaker's calling quadrant (empty if the id names none).
+fn caller_id(config: &Config, caller: Option<Quadrant>) -> String {
+    caller.map_or_else(String::new, |q| {
+        quadrant_spiffe_id(&config.identity.trust_domain, q)
+    })
+}
+
 /// Who owns `addr` (network byte order): a quadrant's SPIFFE ID, `host`, or `world`.
 #[must_use]
 pub fn identity_of(config: &Config, addr: u32) -> String {
@@ -155,9 +162,7 @@ pub fn row(config: &Config, key: &BreakerKey, b: &Breaker, now_ns: u64) -> Break
     let caller = Quadrant::from_id(key.caller);
     BreakerRow {
         caller: caller.map_or("?", Quadrant::name).to_owned(),
-        caller_spiffe_id: caller.map_or_else(String::new, |q| {
-            quadrant_spiffe_id(&config.identity.trust_domain, q)
-        }),
+        caller_spiffe_id: caller_id(config, caller),
         destination: destination(*key),
         protocol: protocol_name(key.proto),
         destination_identity: identity_of(config, key.daddr),
@@ -249,9 +254,7 @@ fn event_of(config: &Config, e: &BreakerEvent, seq: u64, at_ms: u64) -> Event {
     Event::BreakerChanged {
         seq,
         at_ms,
-        caller_spiffe_id: caller.map_or_else(String::new, |q| {
-            quadrant_spiffe_id(&config.identity.trust_domain, q)
-        }),
+        caller_spiffe_id: caller_id(config, caller),
         destination: destination(e.key),
         protocol: protocol_name(e.key.proto),
         destination_identity: identity_of(config, e.key.daddr),

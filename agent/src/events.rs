@@ -108,7 +108,8 @@ pub enum Event {
         to: String,
         /// Why: `consecutive_failures`, `probe_started`, `probe_succeeded`, `probe_failed`.
         cause: String,
-        /// Consecutive failed connects at the transition.
+        /// Consecutive failed connects at the transition (kernel breakers); failed calls in
+        /// the sliding window (the agent's service breakers, protocol `lane`).
         consecutive_failures: u32,
         /// Ejection now in force, ms (0 when closed).
         ejection_ms: u32,

@@ -985,8 +985,9 @@ fn a_spent_production_error_budget_holds_back_plans_except_p0() {
     clash["priority"] = json!("p0");
     let (ok, _, err) = fx.sign_and_submit(&clash, "prod");
     assert!(
-        !ok && err
-            .contains("the plan's slo section: slos[1].service: px/echo has a latency SLO already"),
+        !ok && err.contains(
+            "the plan's slo section: px-api-latency.service: px/echo has a latency SLO already"
+        ),
         "{err}"
     );
     let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &artifact), "prod");

@@ -119,8 +119,26 @@ fn check(tracked: &[Tracked], owner: &str, specs: &[SloSpec]) -> Result<(), Conf
         .filter(|t| t.owner.as_deref() != Some(owner))
         .map(|t| t.spec.clone())
         .collect();
+    let others = all.len();
     all.extend(specs.iter().cloned());
-    spec::validate(&all)
+    // A fault in `specs` is named by the SLO's name, not by its place in the combined list.
+    spec::validate(&all).map_err(|e| match e {
+        ConfigError::Invalid { field, reason } => {
+            let named = field
+                .strip_prefix("slos[")
+                .and_then(|rest| rest.split_once(']'))
+                .and_then(|(i, tail)| Some((i.parse::<usize>().ok()?, tail)))
+                .and_then(|(i, tail)| {
+                    let s = specs.get(i.checked_sub(others)?)?;
+                    Some(format!("{}{tail}", s.name))
+                });
+            ConfigError::Invalid {
+                field: named.unwrap_or(field),
+                reason,
+            }
+        }
+        other => other,
+    })
 }
 
 /// Every SLO of the configuration, with its windows.

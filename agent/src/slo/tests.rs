@@ -110,7 +110,10 @@ fn plans_add_replace_and_remove_their_slos() {
         },
     );
     let e = svc.check_owned("px/other", &clash).unwrap_err().to_string();
-    assert!(e.contains("px/echo has a latency SLO already"), "{e}");
+    assert!(
+        e.contains("px-other-latency.service: px/echo has a latency SLO already"),
+        "{e}"
+    );
     assert!(svc.set_owned("px/other", clash).is_err());
     assert_eq!(svc.report(S).slos.len(), 3);
     // Stopped: its SLOs go, the configuration's stay.
