@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::bounded::{COMMAND_TIMEOUT, output_within, wait_within};
 use dataplane_common::Quadrant;
 use quadrant::{
     config::{Config, PolicyRule, QuadrantConfig},
@@ -227,7 +228,7 @@ impl Instance {
     pub fn stop_keeping_dataplane(&mut self) -> Output {
         let out = self.quadrant(&["down", "--keep-dataplane"]);
         if let Some(mut agent) = self.agent.take() {
-            let status = agent.wait().expect("agent exits");
+            let status = Self::wait_for_agent_exit(&mut agent);
             assert!(status.success(), "agent exited with {status}");
         }
         out
@@ -273,13 +274,32 @@ impl Instance {
     /// Runs `quadrant --config <file> ARGS…`.
     #[must_use]
     pub fn quadrant(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run quadrant")
+        self.bounded(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.config_path)
+                .args(args)
+                .stdin(Stdio::null()),
+        )
+    }
+
+    /// Runs `command` for at most [`COMMAND_TIMEOUT`]; a hang fails the test with the stacks
+    /// of the command and of the agent.
+    #[must_use]
+    pub fn bounded(&self, command: &mut Command) -> Output {
+        self.bounded_for(command, COMMAND_TIMEOUT)
+    }
+
+    /// [`Self::bounded`] with a limit of its own.
+    #[must_use]
+    pub fn bounded_for(&self, command: &mut Command, limit: Duration) -> Output {
+        let agent: Vec<u32> = self.agent.iter().map(Child::id).collect();
+        output_within(command, limit, &agent)
+    }
+
+    /// Waits for the agent to exit after a `down`, for at most [`COMMAND_TIMEOUT`].
+    fn wait_for_agent_exit(agent: &mut Child) -> std::process::ExitStatus {
+        wait_within(agent, COMMAND_TIMEOUT, "the agent after `down`", &[])
     }
 
     /// `quadrant status --output json`.
@@ -323,14 +343,14 @@ impl Instance {
             exec.extend(["--workload", w]);
         }
         exec.extend(["--", &self.qprobe]);
-        let out = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(exec)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run qprobe");
+        let out = self.bounded(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.config_path)
+                .args(exec)
+                .args(args)
+                .stdin(Stdio::null()),
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout.lines().next().unwrap_or_default().to_owned();
         assert!(
@@ -439,14 +459,14 @@ impl Instance {
             exec.extend(["--workload", w]);
         }
         exec.push("--");
-        Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(exec)
-            .args(argv)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run in quadrant")
+        self.bounded(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.config_path)
+                .args(exec)
+                .args(argv)
+                .stdin(Stdio::null()),
+        )
     }
 
     /// The address of quadrant `q` inside its namespace.
@@ -466,7 +486,7 @@ impl Instance {
         }
         let out = self.quadrant(&["down"]);
         if let Some(mut agent) = self.agent.take() {
-            let status = agent.wait().expect("agent exits after down");
+            let status = Self::wait_for_agent_exit(&mut agent);
             assert!(status.success(), "agent exited with {status}");
         }
         out

@@ -5,5 +5,6 @@
     reason = "test support: a panic is how a test fails"
 )]
 
+pub mod bounded;
 pub mod harness;
 pub mod packets;

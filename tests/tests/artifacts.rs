@@ -1,6 +1,7 @@
 //! The artifact store through the `quadrant` CLI: add, idempotent add, list, verify, a tampered
 //! artifact found by `verify`, and signatures checked per quadrant.
 
+use quadrant_tests::bounded::Bounded as _;
 use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, process::Command};
 
 use quadrant::config::Config;
@@ -38,8 +39,7 @@ impl Cli {
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
-            .output()
-            .expect("run");
+            .output_bounded();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).trim().to_owned(),

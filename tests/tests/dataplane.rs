@@ -2,6 +2,7 @@
 //! the program set and map layout versions only move forward on a host, and a new agent takes
 //! over the dataplane an old one kept running with its tracked flows. Needs root.
 
+use quadrant_tests::bounded::Bounded as _;
 use std::{
     fs,
     net::UdpSocket,
@@ -25,8 +26,7 @@ fn quadrant(config: &Path, args: &[&str]) -> (bool, String) {
         .arg("--config")
         .arg(config)
         .args(args)
-        .output()
-        .expect("run quadrant");
+        .output_bounded();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
@@ -300,8 +300,7 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() {
             "name",
             "CONNTRACK",
         ])
-        .output()
-        .expect("run bpftool");
+        .output_bounded();
     assert!(made.status.success(), "{made:?}");
     let err = up_refused(&inst.config, &inst.config_path);
     assert!(

@@ -2,6 +2,7 @@
 //! official `spiffe` crate (inside `qprobe`), attestation by cgroup, JWT-SVIDs and rotation.
 //! Needs root.
 
+use quadrant_tests::bounded::Bounded as _;
 use std::process::Command;
 
 use dataplane_common::Quadrant;
@@ -51,8 +52,7 @@ fn each_workload_gets_only_its_own_quadrant_scoped_identity() {
     // A process outside every quadrant gets nothing.
     let out = Command::new(QPROBE)
         .args(["svid", &endpoint(&inst, Quadrant::Px)])
-        .output()
-        .expect("qprobe");
+        .output_bounded();
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(
         !out.status.success() && line.contains("PermissionDenied"),

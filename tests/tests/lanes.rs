@@ -3,6 +3,7 @@
 //! TCP port, a lane the broker never opened), a peer crashing mid-message, and lane exhaustion
 //! that stays inside its quadrant. Needs root.
 
+use quadrant_tests::bounded::Bounded as _;
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
@@ -295,8 +296,7 @@ fn unauthorized_lanes_are_refused() {
     let out = std::process::Command::new(echo_bin())
         .args(["call", "dg", "echo"])
         .env("QUADRANT_LANE_SOCKET", &socket)
-        .output()
-        .expect("run lane-echo on the host");
+        .output_bounded();
     let e = refusal(&out);
     assert!(e.contains("caller not attested"), "{e}");
     refused += 1;
@@ -758,7 +758,12 @@ fn lanes_and_services_carry_on_across_an_agent_upgrade() {
         s["peer"],
         format!("spiffe://quadrant.local/quadrant/dg/workload/echo")
     );
-    let long = long.wait_with_output().expect("wait");
+    let long = quadrant_tests::bounded::wait_output_within(
+        long,
+        quadrant_tests::bounded::COMMAND_TIMEOUT,
+        "the long lane-echo call",
+        &[inst.agent_pid()],
+    );
     let s = summary(&long);
     assert_eq!(
         (s["transport"].as_str(), s["count"].as_u64()),

@@ -3,6 +3,7 @@
 //!
 //! Each test runs its own agent instance (own names and prefixes), so they run in parallel.
 
+use quadrant_tests::bounded::Bounded as _;
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
@@ -202,7 +203,7 @@ fn host_view() -> BTreeSet<String> {
         &["route", "show", "table", "all"][..],
         &["-o", "link", "show"][..],
     ] {
-        let out = Command::new("ip").args(args).output().expect("ip");
+        let out = Command::new("ip").args(args).output_bounded();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             // Other tests' instances come and go in parallel; judge only the host's own state.
             if !line.contains("qt") && !line.contains("10.241.") {
@@ -244,10 +245,7 @@ fn the_host_keeps_its_networking_and_reaches_every_quadrant() {
     for q in Quadrant::ALL {
         let addr = inst.addr(q);
         let run = |args: &[&str]| {
-            let out = Command::new(QPROBE)
-                .args(args)
-                .output()
-                .expect("qprobe on the host");
+            let out = Command::new(QPROBE).args(args).output_bounded();
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         };
         assert_eq!(
@@ -456,8 +454,7 @@ fn a_bad_config_is_refused_before_anything_is_created() {
         .arg("--config")
         .arg(&path)
         .arg("up")
-        .output()
-        .expect("run");
+        .output_bounded();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown identity \"production\""), "{err}");
@@ -817,8 +814,7 @@ fn by_hand(inst: &Instance, q: Quadrant, args: &[&str]) -> String {
         .arg("sh")
         .arg(QPROBE)
         .args(args)
-        .output()
-        .expect("run by hand");
+        .output_bounded();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 

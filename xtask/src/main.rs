@@ -37,7 +37,7 @@ enum Task {
     },
     /// Set up, then run formatting and lint checks and every test tier.
     Test {
-        /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, …).
+        /// Extra arguments for `cargo nextest run` (a test name filter, `--no-capture`, …).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -192,13 +192,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         Command::new(workspace_root().join("target/debug/quadrant")).arg("verifier"),
         "quadrant verifier",
     )?;
-    step("cargo test (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
-    let mut test = vec!["test"];
-    if !args.is_empty() {
-        test.push("--");
-        test.extend(args.iter().map(String::as_str));
-    }
-    cargo_test(&test)
+    step("cargo nextest run (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
+    cargo_test(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Free space a full test build needs: the debug build with line tables (every test binary and
@@ -256,38 +251,49 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     status(&mut cmd, &format!("cargo {}", args.join(" ")))
 }
 
-/// Runs `cargo test`, echoing its output, and closes with one summary line over all test
-/// binaries: `N passed, M failed`.
+/// Runs `cargo nextest run ARGS`, echoing its output, and closes with one summary line over all
+/// test binaries: `N passed, M failed` (timed-out tests count as failed).
 fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut cmd = host_cargo()?;
-    cmd.args(args).stdout(std::process::Stdio::piped());
-    let mut child = cmd.spawn().context("cannot start cargo test")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
-    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+    cmd.args(["nextest", "run"])
+        .args(args)
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("cannot start cargo nextest")?;
+    let mut counts = None;
+    for line in BufReader::new(child.stderr.take().context("cargo nextest stderr")?).lines() {
         let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let n: u64 = n.parse().unwrap_or(0);
-                match what {
-                    "passed" => passed += n,
-                    "failed" => failed += n,
-                    _ => {}
-                }
-            }
-        }
+        eprintln!("{line}");
+        counts = summary_counts(&line).or(counts);
     }
     let st = child.wait()?;
+    let (passed, failed) = counts.unwrap_or_default();
     println!("{passed} passed, {failed} failed");
     if !st.success() {
-        bail!("cargo test failed ({st})");
+        bail!("cargo nextest run failed ({st})");
     }
     Ok(())
+}
+
+/// (passed, failed or timed out) from nextest's closing line, e.g. `Summary [  69.3s] 211 tests
+/// run: 209 passed, 1 failed, 1 timed out, 0 skipped`.
+fn summary_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim_start().strip_prefix("Summary")?;
+    let (_, counts) = rest.split_once("run:")?;
+    let (mut passed, mut failed) = (0, 0);
+    for part in counts.split(',') {
+        let part = part.trim();
+        let Some((n, what)) = part.split_once(' ') else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        if what.starts_with("passed") {
+            passed += n;
+        } else if what.starts_with("failed") || what.starts_with("timed out") {
+            failed += n;
+        }
+    }
+    Some((passed, failed))
 }
 
 /// Runs cargo of the pinned eBPF toolchain (the eBPF crate needs build-std).
@@ -309,4 +315,24 @@ fn status(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
         bail!("{what} failed ({st})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary_counts;
+
+    #[test]
+    fn nextest_summaries_count_timeouts_as_failures() {
+        assert_eq!(
+            summary_counts("     Summary [  69.333s] 211 tests run: 211 passed, 0 skipped"),
+            Some((211, 0))
+        );
+        assert_eq!(
+            summary_counts(
+                "     Summary [ 300.1s] 211 tests run: 208 passed, 2 failed, 1 timed out, 0 skipped"
+            ),
+            Some((208, 3))
+        );
+        assert_eq!(summary_counts("        PASS [   0.2s] tests::x y"), None);
+    }
 }

@@ -59,6 +59,7 @@ pub fn run() -> anyhow::Result<()> {
     let llvm = toolchain::rustc_llvm_major(&pin.channel)?;
     ensure_debian_packages(llvm, &mut installed)?;
     ensure_bpf_linker(&host, llvm, &mut installed)?;
+    ensure_nextest(&host, &mut installed)?;
     // What the build will use: the bpf-linker first on PATH, whoever installed it.
     toolchain::check_llvm(&pin)?;
 
@@ -75,7 +76,7 @@ pub fn run() -> anyhow::Result<()> {
     if installed.is_empty() {
         println!(
             "setup: everything present: host toolchain {host}, eBPF toolchain {} (LLVM {llvm}), \
-             bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm}), test tools ({:.2} s)",
+             bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm}), cargo-nextest, test tools ({:.2} s)",
             pin.channel,
             took.as_secs_f64()
         );
@@ -146,6 +147,29 @@ fn ensure_debian_packages(llvm: u32, installed: &mut Vec<String>) -> anyhow::Res
         "apt-get install",
     )?;
     installed.push(format!("Debian packages ({})", missing.join(" ")));
+    Ok(())
+}
+
+/// cargo-nextest, which runs the tests (`.config/nextest.toml`: a hung test is ended, not
+/// waited for), unless cargo finds it already.
+fn ensure_nextest(host: &str, installed: &mut Vec<String>) -> anyhow::Result<()> {
+    let present = toolchain::rustup_run(host, "cargo")
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        return Ok(());
+    }
+    println!("setup: installing cargo-nextest (takes a few minutes)");
+    crate::status(
+        toolchain::rustup_run(host, "cargo")
+            .args(["install", "cargo-nextest", "--locked"])
+            .current_dir(std::env::temp_dir()),
+        "cargo install cargo-nextest",
+    )?;
+    installed.push("cargo-nextest".to_owned());
     Ok(())
 }
 

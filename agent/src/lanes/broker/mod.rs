@@ -44,6 +44,7 @@ use crate::{
 mod breaker;
 mod decide;
 mod open;
+mod open_lanes;
 pub mod pool;
 mod report;
 pub mod route;
@@ -98,7 +99,7 @@ struct OpenLane {
 #[derive(Default)]
 struct State {
     services: BTreeMap<(Quadrant, String), Service>,
-    lanes: BTreeMap<u64, OpenLane>,
+    lanes: open_lanes::OpenLanes,
     refusals: BTreeMap<(String, Refusal), u64>,
     /// What the client sides of closed lanes counted, and refused opens, per service.
     closed_sli: BTreeMap<(Quadrant, String), sli::SliTotals>,
@@ -109,10 +110,7 @@ struct State {
 
 impl State {
     fn usage(&self, q: Quadrant) -> (u32, u64) {
-        self.lanes
-            .values()
-            .filter(|l| l.client_quadrant == q)
-            .fold((0, 0), |(n, b), l| (n + 1, b + l.info.shm_bytes))
+        self.lanes.usage(q)
     }
 }
 
@@ -142,6 +140,9 @@ pub struct Broker {
     rules: Mutex<Rules>,
     declared: Mutex<BTreeMap<(Quadrant, String), Vec<DeclaredLane>>>,
     state: Mutex<State>,
+    /// What each quadrant's open lanes hold, kept by `state` and read by the pool's filler
+    /// without taking its lock.
+    usage: Arc<open_lanes::Usage>,
     events: Arc<crate::events::EventBus>,
     next_lane: AtomicU64,
     next_conn: AtomicU64,
@@ -201,6 +202,8 @@ impl Broker {
         identity: Option<Arc<IdentityService>>,
         events: Arc<crate::events::EventBus>,
     ) -> Self {
+        let state = State::default();
+        let usage = state.lanes.counters();
         Self {
             config: config.clone(),
             identity,
@@ -210,7 +213,8 @@ impl Broker {
                 digest: None,
             }),
             declared: Mutex::new(BTreeMap::new()),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
+            usage,
             events,
             next_lane: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
@@ -309,35 +313,49 @@ impl Broker {
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) } != 0 {
             warn!(error = %io::Error::last_os_error(), "the lane pool's thread keeps its priority");
         }
-        let max_message = self.config.lanes.max_message_bytes as usize;
-        loop {
-            for (q, transport) in self.pool.kinds() {
-                let limits = self.config.lanes.limits_of(q);
-                loop {
-                    let open = self.state().usage(q);
-                    let (pooled, of_kind) = self.pool.held(q, transport);
-                    let bytes = ring::mapping_len(if transport == Transport::Shm {
-                        ring::capacity_for(max_message)
-                    } else {
-                        0
-                    }) as u64;
-                    if !pool::room_for_one(&limits, open, pooled, of_kind, bytes) {
-                        break;
-                    }
-                    match pool::Parts::make(transport, max_message) {
-                        Ok(p) => self.pool.put(q, transport, p),
-                        Err(e) => {
-                            warn!(error = %e, "cannot prepare a lane");
-                            break;
-                        }
-                    }
-                }
-            }
+        while self.fill(&self.pool.kinds()) {
             // Poked when a prepared lane is taken or a lane closes; the timeout catches the rest.
             if !self.pool.wait(Duration::from_secs(1)) {
                 return;
             }
         }
+    }
+
+    /// Prepares lanes of `kinds` until each is at its depth or its quadrant's headroom is
+    /// used; `false` once the pool has stopped (it takes no more parts then). Takes no lock an
+    /// open waits for while it works: the usage comes from [`open_lanes::Usage`], and an open
+    /// that finds the pool's lock held builds its own lane.
+    fn fill(&self, kinds: &[(Quadrant, Transport)]) -> bool {
+        let max_message = self.config.lanes.max_message_bytes as usize;
+        let bytes = |transport| {
+            ring::mapping_len(if transport == Transport::Shm {
+                ring::capacity_for(max_message)
+            } else {
+                0
+            }) as u64
+        };
+        for &(q, transport) in kinds {
+            let limits = self.config.lanes.limits_of(q);
+            loop {
+                let (pooled, of_kind) = self.pool.held(q, transport);
+                let open = self.usage.of(q);
+                if !pool::room_for_one(&limits, open, pooled, of_kind, bytes(transport)) {
+                    break;
+                }
+                match pool::Parts::make(transport, max_message) {
+                    Ok(p) => {
+                        if !self.pool.put(q, transport, p) {
+                            return false;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot prepare a lane");
+                        break;
+                    }
+                }
+            }
+        }
+        true
     }
 
     fn accept_loop(self: Arc<Self>, listener: &OwnedFd) {

@@ -333,7 +333,7 @@ impl Broker {
             &server_refs,
             false,
         ) {
-            self.state().lanes.remove(&lane_id);
+            self.state().lanes.remove(lane_id);
             return Err(refuse(
                 Refusal::Busy,
                 format!(

@@ -142,8 +142,14 @@ pub(super) struct Pool {
 
 impl Pool {
     /// A prepared `transport` lane for `q`, if there is one; from now on the pool keeps some.
+    /// `None` also when the filler holds the pool's lock: it runs at idle priority and may be
+    /// preempted holding it, and an open must not wait for idle work.
     pub(super) fn take(&self, q: Quadrant, transport: Transport) -> Option<Parts> {
-        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut parts = match self.parts.try_lock() {
+            Ok(p) => p,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
         let taken = parts.entry((q, transport)).or_default().pop();
         drop(parts);
         self.changed.notify_one();
@@ -173,17 +179,15 @@ impl Pool {
             .collect()
     }
 
-    /// Adds prepared parts (refused once the broker stopped).
-    pub(super) fn put(&self, q: Quadrant, transport: Transport, p: Parts) {
+    /// Adds prepared parts; `false` (and the parts dropped) once the broker stopped.
+    #[must_use]
+    pub(super) fn put(&self, q: Quadrant, transport: Transport, p: Parts) -> bool {
+        let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
         if self.stopped.load(Ordering::Acquire) {
-            return;
+            return false;
         }
-        self.parts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((q, transport))
-            .or_default()
-            .push(p);
+        parts.entry((q, transport)).or_default().push(p);
+        true
     }
 
     /// Wakes the filler: headroom may have changed.
@@ -212,6 +216,14 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         self.changed.notify_all();
+    }
+
+    /// Holds the pool's lock, as the filler does while it counts or adds.
+    #[cfg(test)]
+    pub(super) fn lock_for_test(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<(Quadrant, Transport), Vec<Parts>>> {
+        self.parts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Prepared lanes in all.
@@ -293,11 +305,11 @@ mod tests {
         assert!(pool.take(Quadrant::Dx, Transport::Uds).is_none());
         assert_eq!(pool.kinds(), vec![(Quadrant::Dx, Transport::Uds)]);
         for _ in 0..DEPTH {
-            pool.put(
+            assert!(pool.put(
                 Quadrant::Dx,
                 Transport::Uds,
                 Parts::make(Transport::Uds, 1024).unwrap(),
-            );
+            ));
         }
         let ((lanes, bytes), of_kind) = pool.held(Quadrant::Dx, Transport::Uds);
         assert_eq!((lanes, bytes, of_kind), (2, 2 * 4096, DEPTH));
@@ -305,11 +317,11 @@ mod tests {
         assert_eq!(pool.len(), DEPTH - 1);
         pool.stop();
         assert_eq!(pool.len(), 0);
-        pool.put(
+        assert!(!pool.put(
             Quadrant::Dx,
             Transport::Uds,
             Parts::make(Transport::Uds, 1024).unwrap(),
-        );
+        ));
         assert_eq!(pool.len(), 0, "nothing is added once stopped");
         assert!(!pool.wait(Duration::from_millis(1)));
     }

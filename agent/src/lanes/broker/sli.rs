@@ -103,7 +103,7 @@ pub const fn counts_against_service(reason: Refusal) -> bool {
 impl State {
     /// Forgets lane `id`; what its client side counts (until a moment from now) stays.
     pub(super) fn retire(&mut self, id: u64) {
-        if let Some(l) = self.lanes.remove(&id) {
+        if let Some(l) = self.lanes.remove(id) {
             self.retiring.push_back(Retired {
                 key: (quadrant_of(&l.info.quadrant), l.info.service.clone()),
                 transport: l.info.transport,

@@ -41,3 +41,34 @@ fn requests_are_validated_with_field_names() {
         assert!(e.contains(needle), "{e} should name {needle}");
     }
 }
+
+fn broker() -> Broker {
+    Broker::new(
+        &Config::embedded(),
+        None,
+        Arc::new(crate::events::EventBus::default()),
+    )
+}
+
+#[test]
+fn the_filler_ends_when_the_pool_stops_in_the_middle_of_a_fill() {
+    let b = broker();
+    // The filler read the kinds, then the broker stopped: the pool takes no more parts, and
+    // the filler must see that rather than prepare lanes for ever.
+    let kinds = [(Quadrant::Dx, Transport::Uds)];
+    assert!(b.fill(&kinds));
+    assert_eq!(b.pool.held(Quadrant::Dx, Transport::Uds).1, pool::DEPTH);
+    b.pool.stop();
+    assert!(!b.fill(&kinds));
+    assert_eq!(b.pool.held(Quadrant::Dx, Transport::Uds).1, 0);
+}
+
+#[test]
+fn an_open_does_not_wait_for_the_pool_lock() {
+    let b = broker();
+    assert!(b.fill(&[(Quadrant::Dx, Transport::Uds)]));
+    let held = b.pool.lock_for_test();
+    assert!(b.pool.take(Quadrant::Dx, Transport::Uds).is_none());
+    drop(held);
+    assert!(b.pool.take(Quadrant::Dx, Transport::Uds).is_some());
+}
