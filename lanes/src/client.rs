@@ -212,14 +212,28 @@ impl LaneClient {
         service: &str,
         transport: TransportChoice,
     ) -> Result<Lane, LaneError> {
-        let request = LaneRequest::Open {
+        self.open_with(&LaneRequest::Open {
             quadrant: quadrant.to_owned(),
             service: service.to_owned(),
             transport,
-        };
+            mirror: false,
+        })
+    }
+
+    /// Opens the lane a mirror thread copies requests over, to `service`'s shadow generation.
+    pub(crate) fn open_mirror(&mut self, quadrant: &str, service: &str) -> Result<Lane, LaneError> {
+        self.open_with(&LaneRequest::Open {
+            quadrant: quadrant.to_owned(),
+            service: service.to_owned(),
+            transport: TransportChoice::Auto,
+            mirror: true,
+        })
+    }
+
+    fn open_with(&mut self, request: &LaneRequest) -> Result<Lane, LaneError> {
         let asked = self
             .control
-            .send(&request)
+            .send(request)
             .and_then(|()| self.control.recv());
         let (msg, fds) = match asked {
             Err(LaneError::BrokerGone) => {
@@ -227,13 +241,27 @@ impl LaneClient {
                     &self.path,
                     CLIENT_BROKER_PATIENCE,
                 )?);
-                self.control.send(&request)?;
+                self.control.send(request)?;
                 self.control.recv()?
             }
             other => other?,
         };
         match msg {
-            LaneMessage::Opened { grant } => self.establish(grant, fds),
+            LaneMessage::Opened { grant } => {
+                let mirror = grant.mirror.map(|m| {
+                    crate::mirror::Mirror::new(
+                        m.fraction_ppm,
+                        self.path.clone(),
+                        &grant.quadrant,
+                        &grant.service,
+                    )
+                });
+                let mut lane = self.establish(grant, fds)?;
+                if let Some(m) = mirror {
+                    lane.mirror_to(m);
+                }
+                Ok(lane)
+            }
             LaneMessage::Error {
                 message,
                 reason,

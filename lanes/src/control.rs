@@ -89,6 +89,10 @@ pub enum LaneRequest {
         /// Transport wanted.
         #[serde(default)]
         transport: TransportChoice,
+        /// A lane to the service's shadow generation, for the requests the client library
+        /// mirrors (a grant with `mirror` says when there is one).
+        #[serde(default, skip_serializing_if = "is_false")]
+        mirror: bool,
     },
     /// Offer a service in the caller's quadrant; lanes to it arrive as `incoming` messages on
     /// this connection for as long as it stays open.
@@ -160,6 +164,27 @@ pub struct LaneGrant {
     /// TCP details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpGrant>,
+    /// The service has a shadow generation: the client library copies this share of its
+    /// requests to it over a lane of its own and drops the shadow's replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorGrant>,
+}
+
+/// Requests to mirror to a service's shadow generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorGrant {
+    /// The share of requests copied, in parts per million (100000 = 10 %).
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub fraction_ppm: u32,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+const fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl LaneGrant {

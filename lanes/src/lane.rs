@@ -457,6 +457,8 @@ pub struct Lane {
     io: Io,
     control: Option<Arc<Control>>,
     closed: bool,
+    /// The client side of a lane to a service with a shadow generation.
+    mirror: Option<crate::mirror::Mirror>,
 }
 
 impl std::fmt::Debug for Lane {
@@ -545,6 +547,7 @@ impl Lane {
             io,
             control,
             closed: false,
+            mirror: None,
         })
     }
 
@@ -569,7 +572,23 @@ impl Lane {
             io: Io::Tcp(Box::new(framed)),
             control,
             closed: false,
+            mirror: None,
         })
+    }
+
+    /// Copies this client side's requests to the service's shadow generation, as its grant
+    /// asked.
+    pub(crate) fn mirror_to(&mut self, mirror: crate::mirror::Mirror) {
+        self.mirror = Some(mirror);
+    }
+
+    /// Requests not copied to the service's shadow generation because it was behind (0 when
+    /// the service has none).
+    #[must_use]
+    pub fn mirror_dropped(&self) -> u64 {
+        self.mirror
+            .as_ref()
+            .map_or(0, crate::mirror::Mirror::dropped)
     }
 
     /// Lane id.
@@ -764,6 +783,9 @@ impl Lane {
             self.record_sli(answered.is_ok(), ns);
         }
         answered?;
+        if let Some(m) = &mut self.mirror {
+            m.offer(msg);
+        }
         let side = self.side as usize;
         let ewma = self.region.stat(side, Stat::RttEwmaNs);
         let old = ewma.load(Ordering::Relaxed);
@@ -897,6 +919,7 @@ mod tests {
             ring_bytes: u32::try_from(ring_bytes).unwrap(),
             max_in_flight,
             tcp: None,
+            mirror: None,
         };
         let dup = |f: &OwnedFd| f.try_clone().unwrap();
         let client = Lane::from_local_grant(

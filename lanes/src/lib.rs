@@ -9,6 +9,8 @@
 //!   ([`os::Waker`]), a framed Unix socket pair, and TCP with TLS 1.3 and mutual SVID authentication ([`tls`],
 //!   checked by the SPIFFE rules of [`svid`]).
 //! * [`frame`] — the 8-byte header every transport uses; [`control`] — the broker protocol.
+//! * Mirroring: a lane to a service with a shadow generation copies a share of its requests to
+//!   the shadow from a thread of its own and drops the shadow's replies (`mirror`).
 //!
 //! The broker itself is the agent's (`quadrant::lanes::broker`).
 
@@ -16,6 +18,7 @@ pub mod client;
 pub mod control;
 pub mod frame;
 pub mod lane;
+mod mirror;
 pub mod os;
 pub mod ring;
 pub mod svid;

@@ -36,6 +36,14 @@ enum Command {
         /// microseconds late (the other transports at once).
         #[arg(long)]
         slow_shm_us: Option<u64>,
+        /// Misbehave for tests and demonstrations: answer every lane this many microseconds
+        /// late.
+        #[arg(long)]
+        slow_us: Option<u64>,
+        /// Misbehave for tests and demonstrations: answer with every byte inverted (a caller
+        /// that checks its echoes fails at the first such answer).
+        #[arg(long)]
+        invert: bool,
     },
     /// Open a lane to SERVICE in QUADRANT, send COUNT messages of SIZE bytes, check each echo,
     /// print a JSON summary.
@@ -81,11 +89,27 @@ fn transport(s: &str) -> Result<TransportChoice, String> {
         .map_err(|_| format!("unknown transport {s:?}: use auto, shm, uds or tcp"))
 }
 
-fn echo(mut lane: Lane, drop_after: Option<u64>, slow_shm_us: Option<u64>) {
+/// How `serve` misbehaves on purpose.
+#[derive(Clone, Copy, Debug, Default)]
+struct Misbehave {
+    drop_after: Option<u64>,
+    slow_shm_us: Option<u64>,
+    slow_us: Option<u64>,
+    invert: bool,
+}
+
+fn echo(mut lane: Lane, m: Misbehave) {
     let id = lane.id();
     let peer = lane.peer_id().to_owned();
+    let Misbehave {
+        drop_after,
+        slow_shm_us,
+        slow_us,
+        invert,
+    } = m;
     let delay = slow_shm_us
         .filter(|_| lane.transport() == quadrant_lanes::Transport::Shm)
+        .or(slow_us)
         .map(Duration::from_micros);
     let mut answered = 0;
     // Each request is answered from where it lies in the lane: one copy per echo.
@@ -101,6 +125,11 @@ fn echo(mut lane: Lane, drop_after: Option<u64>, slow_shm_us: Option<u64>) {
                 std::thread::sleep(d);
             }
             out.copy_from_slice(request);
+            if invert {
+                for b in out.iter_mut() {
+                    *b = !*b;
+                }
+            }
         };
         match lane.respond_with(<[u8]>::len, answer) {
             Ok(true) => answered += 1,
@@ -112,11 +141,7 @@ fn echo(mut lane: Lane, drop_after: Option<u64>, slow_shm_us: Option<u64>) {
     let _ = std::io::stdout().flush();
 }
 
-fn serve(
-    service: &str,
-    tcp_port: Option<u16>,
-    (drop_after, slow_shm_us): (Option<u64>, Option<u64>),
-) -> Result<(), LaneError> {
+fn serve(service: &str, tcp_port: Option<u16>, misbehave: Misbehave) -> Result<(), LaneError> {
     let mut listener = LaneListener::listen(None, service, tcp_port)?;
     println!("listening as {}", listener.spiffe_id());
     let _ = std::io::stdout().flush();
@@ -130,7 +155,7 @@ fn serve(
                     lane.peer_id()
                 );
                 let _ = std::io::stdout().flush();
-                std::thread::spawn(move || echo(lane, drop_after, slow_shm_us));
+                std::thread::spawn(move || echo(lane, misbehave));
             }
             // A refused TCP connection is reported and the service goes on.
             Err(e @ LaneError::Tls(_)) => {
@@ -203,6 +228,7 @@ fn call(
         "p50_us": percentile(&rtts, 0.50),
         "p99_us": percentile(&rtts, 0.99),
         "seconds": elapsed.as_secs_f64(),
+        "mirror_dropped": lane.mirror_dropped(),
     });
     println!("{summary}");
     let _ = std::io::stdout().flush();
@@ -241,7 +267,19 @@ fn main() -> ExitCode {
             tcp_port,
             drop_after,
             slow_shm_us,
-        } => serve(&service, tcp_port, (drop_after, slow_shm_us)).map_err(|e| e.to_string()),
+            slow_us,
+            invert,
+        } => serve(
+            &service,
+            tcp_port,
+            Misbehave {
+                drop_after,
+                slow_shm_us,
+                slow_us,
+                invert,
+            },
+        )
+        .map_err(|e| e.to_string()),
         Command::Call {
             quadrant,
             service,
