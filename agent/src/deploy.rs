@@ -65,6 +65,14 @@ pub enum DeployError {
     /// The break-glass rollback could not be recorded in the audit log (fail-closed).
     #[error("break-glass: cannot record the rollback (fail-closed): {0}")]
     AuditRecord(String),
+    /// Admitted and recorded, but the shadow generation did not start.
+    #[error("{key} admitted but its shadow generation did not start: {source}")]
+    Shadow {
+        /// `<quadrant>/<workload>`.
+        key: String,
+        /// Cause.
+        source: crate::shadow::ShadowError,
+    },
     /// Admitted and recorded, but the process did not start.
     #[error("{key} admitted but not started: {source}")]
     NotStarted {
@@ -89,6 +97,8 @@ pub struct Submitted {
     pub spiffe_id: String,
     /// Audit record of the admission.
     pub audit_seq: Option<u64>,
+    /// Why it started as a shadow beside the live generation (`quadrant shadow`), if it did.
+    pub shadow: Option<String>,
 }
 
 /// A break-glass authorization that applies to the plan.
@@ -103,6 +113,8 @@ struct BreakGlass {
 /// A plan that passed every check, ready to run.
 #[derive(Debug)]
 struct Admitted {
+    /// Why it starts as a shadow beside the live generation, if it does.
+    shadow: Option<String>,
     slos: Vec<crate::slo::SloSpec>,
     key: String,
     quadrant: Quadrant,
@@ -114,14 +126,16 @@ struct Admitted {
     audit_seq: Option<u64>,
 }
 
-/// Deploys the plan in `envelope` (a break-glass rollback with `rollback`), and emits the event
-/// of its outcome.
+/// Deploys the plan in `envelope` (a break-glass rollback with `rollback`; as a shadow of the
+/// live generation with `shadow`, or when a cost SLO of the workload's service is near its
+/// limit), and emits the event of its outcome.
 pub async fn submit(
     agent: &Arc<Agent>,
     envelope: Envelope,
     rollback: Option<Envelope>,
+    shadow: bool,
 ) -> Result<Submitted, DeployError> {
-    let result = run(agent, envelope, rollback).await;
+    let result = run(agent, envelope, rollback, shadow).await;
     match &result {
         Ok(s) => agent.events.emit(|seq, at_ms| Event::WorkloadStarted {
             seq,
@@ -143,13 +157,40 @@ async fn run(
     agent: &Arc<Agent>,
     envelope: Envelope,
     rollback: Option<Envelope>,
+    shadow: bool,
 ) -> Result<Submitted, DeployError> {
     let a = Arc::clone(agent);
-    let admitted = tokio::task::spawn_blocking(move || admit(&a, &envelope, rollback.as_ref()))
-        .await
-        .map_err(|e| {
-            DeployError::AdmissionUnavailable(format!("the admission task failed: {e}"))
-        })??;
+    let admitted =
+        tokio::task::spawn_blocking(move || admit(&a, &envelope, rollback.as_ref(), shadow))
+            .await
+            .map_err(|e| {
+                DeployError::AdmissionUnavailable(format!("the admission task failed: {e}"))
+            })??;
+    if let Some(reason) = admitted.shadow.clone() {
+        let key = admitted.key.clone();
+        let status = agent
+            .shadows
+            .start(
+                agent,
+                admitted.quadrant,
+                &admitted.workload,
+                reason.clone(),
+                crate::shadow::Promotion {
+                    spec: admitted.spec,
+                    lanes: admitted.lanes,
+                    slos: admitted.slos,
+                },
+            )
+            .await
+            .map_err(|source| DeployError::Shadow { key, source })?;
+        return Ok(Submitted {
+            status,
+            signer: admitted.signer,
+            spiffe_id: admitted.spiffe_id,
+            audit_seq: admitted.audit_seq,
+            shadow: Some(reason),
+        });
+    }
     agent
         .broker
         .set_declared(admitted.quadrant, &admitted.workload, Some(admitted.lanes));
@@ -172,6 +213,7 @@ async fn run(
         signer: admitted.signer,
         spiffe_id: admitted.spiffe_id,
         audit_seq: admitted.audit_seq,
+        shadow: None,
     })
 }
 
@@ -185,17 +227,20 @@ fn slo_error(e: crate::config::ConfigError) -> DeployError {
     }
 }
 
-/// Every check, then the generation recorded (blocking).
+/// Every check, then the generation recorded (blocking). A `shadow` submit is refused before
+/// anything is recorded when the workload has no live generation or a shadow already runs.
 fn admit(
     agent: &Agent,
     envelope: &Envelope,
     rollback: Option<&Envelope>,
+    shadow: bool,
 ) -> Result<Admitted, DeployError> {
     let config = &agent.config;
     let trust = TrustStore::load(&config.trust_store).map_err(DeployError::TrustStore)?;
     let (plan, signer) = plans::verify(envelope, &trust)?;
     let q = Quadrant::from(plan.quadrant);
     let key = format!("{}/{}", q.name(), plan.workload);
+    shadow_fits(agent, &key, shadow && rollback.is_none())?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -215,6 +260,7 @@ fn admit(
     let spiffe_id = identity.id_of(&attest::Caller {
         quadrant: q,
         workload: plan.workload.clone(),
+        shadow: false,
     });
     let svid = identity
         .authority()
@@ -227,9 +273,15 @@ fn admit(
         .map(|s| crate::slo::plan_slos(q, &plan.workload, s))
         .unwrap_or_default();
     agent.slo.check_owned(&key, &slos).map_err(slo_error)?;
+    // A rollback replaces the live generation; anything else may start as its shadow (asked
+    // for, or a cost SLO of its service near its limit), which admission sees.
+    let shadow_reason = rollback
+        .is_none()
+        .then(|| crate::shadow::Shadows::reason(agent, &key, q, &plan.workload, shadow))
+        .flatten();
     let decision = agent.admission.admit(
         Ok(identity.authority()),
-        &review_of(&plan, q, &signer),
+        &review_of(&plan, q, &signer, shadow_reason.is_some()),
         &svid.chain,
     );
     if !decision.allowed {
@@ -267,6 +319,7 @@ fn admit(
     let mut spec = spec_of(config, &plan, q, key.clone(), executable);
     spec.drop_net_raw = locked(&agent.dataplane).raw_sockets_denied(q);
     Ok(Admitted {
+        shadow: shadow_reason,
         slos,
         key,
         quadrant: q,
@@ -279,6 +332,29 @@ fn admit(
     })
 }
 
+/// No new generation of `key` while its shadow runs; a shadow (`shadow`) only beside a live
+/// generation.
+fn shadow_fits(agent: &Agent, key: &str, shadow: bool) -> Result<(), DeployError> {
+    let refuse = |source| DeployError::Shadow {
+        key: key.to_owned(),
+        source,
+    };
+    if let Some(generation) = agent.shadows.generation_of(key) {
+        return Err(refuse(crate::shadow::ShadowError::Busy {
+            key: key.to_owned(),
+            generation,
+        }));
+    }
+    let live = agent
+        .supervisor
+        .get(key)
+        .is_ok_and(|s| s.state != "stopped");
+    if shadow && !live {
+        return Err(refuse(crate::shadow::ShadowError::NoLive(key.to_owned())));
+    }
+    Ok(())
+}
+
 /// Every artifact re-hashed against its digest; the first is what runs.
 fn verified_executable(store: &ArtifactStore, plan: &plans::Plan) -> Result<PathBuf, DeployError> {
     let mut executable = None;
@@ -289,8 +365,8 @@ fn verified_executable(store: &ArtifactStore, plan: &plans::Plan) -> Result<Path
     executable.ok_or(DeployError::NoArtifact)
 }
 
-/// The admission review of a plan.
-fn review_of(plan: &plans::Plan, q: Quadrant, signer: &str) -> serde_json::Value {
+/// The admission review of a plan (`shadow`: it starts as a shadow generation).
+fn review_of(plan: &plans::Plan, q: Quadrant, signer: &str, shadow: bool) -> serde_json::Value {
     serde_json::json!({"review": {"object": {
         "quadrant": q.name(),
         "workload": plan.workload,
@@ -304,6 +380,7 @@ fn review_of(plan: &plans::Plan, q: Quadrant, signer: &str) -> serde_json::Value
         "generation": plan.generation,
         "signer": signer,
         "priority": plan.priority,
+        "shadow": shadow,
     }}})
 }
 
@@ -438,8 +515,9 @@ mod tests {
 
     #[test]
     fn the_review_carries_what_admission_judges() {
-        let r = review_of(&plan(3), Quadrant::Px, "prod");
+        let r = review_of(&plan(3), Quadrant::Px, "prod", true);
         let o = &r["review"]["object"];
+        assert_eq!(o["shadow"], true);
         assert_eq!(o["quadrant"], "px");
         assert_eq!(o["workload"], "api");
         assert_eq!(o["labels"]["owner"], "payments");

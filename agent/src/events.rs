@@ -131,6 +131,38 @@ pub enum Event {
         /// Why, with the figures.
         reason: String,
     },
+    /// A new generation of a workload started as a shadow beside the live one.
+    ShadowStarted {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// `<quadrant>/<workload>`.
+        workload: String,
+        /// The shadow's generation.
+        generation: u64,
+        /// The live generation it is compared with.
+        live_generation: u64,
+        /// The share of lane requests mirrored to it, parts per million.
+        fraction_ppm: u32,
+        /// Why it runs as a shadow.
+        reason: String,
+    },
+    /// The operator promoted or rejected a shadow generation.
+    ShadowDecided {
+        /// Position in the stream.
+        seq: u64,
+        /// Unix time, milliseconds.
+        at_ms: u64,
+        /// `<quadrant>/<workload>`.
+        workload: String,
+        /// The shadow's generation.
+        generation: u64,
+        /// Promoted or rejected.
+        decision: crate::shadow::Decision,
+        /// What the figures said when it was decided.
+        verdict: crate::shadow::Verdict,
+    },
     /// A subscriber fell behind and missed events.
     Lagged {
         /// Position in the stream.

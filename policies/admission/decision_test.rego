@@ -172,6 +172,12 @@ test_p0_and_security_plans_are_exempt if {
 	not admission.decision.allowed with input as with_slo(object.union(good_px, {"priority": "p2"}), burning)
 }
 
+test_shadow_generations_are_exempt if {
+	admission.decision.allowed with input as with_slo(object.union(good_px, {"shadow": true}), burning)
+	admission.decision.allowed with input as with_slo(object.union(good_px, {"shadow": true}), spent)
+	not admission.decision.allowed with input as with_slo(object.union(good_px, {"shadow": false}), burning)
+}
+
 test_no_slo_data_and_development_are_not_held_back if {
 	admission.decision.allowed with input as with_slo(good_px, {"px": {"budget_remaining": null, "fast_burn": false, "slow_burn": false, "breaching": []}})
 	admission.decision.allowed with input as review(good_px)

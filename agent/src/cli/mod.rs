@@ -92,6 +92,20 @@ pub enum Command {
     Submit {
         /// The DSSE envelope (`quadrant plan sign` output).
         envelope: PathBuf,
+        /// Start the new generation as a shadow beside the live one: it gets a share of the
+        /// lane requests mirrored (`shadows.fraction`) and `quadrant shadow` compares the two.
+        #[arg(long)]
+        shadow: bool,
+    },
+    /// Shadow generations: each compared with its live generation over the same mirrored
+    /// traffic (failures, p99 latency, CPU per 1,000 requests, memory) with a verdict;
+    /// `promote` makes the shadow's generation the live one, `reject` stops it.
+    Shadow {
+        #[command(subcommand)]
+        command: Option<workloads::ShadowCommand>,
+        /// Output format (of the list).
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Break-glass: return a workload to an older generation with a break-glass authorization
     /// (`quadrant plan authorize-rollback`) and that generation's signed plan.
@@ -220,7 +234,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Artifact { command } => artifacts::artifact(&config, command),
         Command::Keys { command } => plans::keys(&config, command),
         Command::Plan { command } => plans::plan(&config, command),
-        Command::Submit { envelope } => workloads::submit(&config, &envelope),
+        Command::Submit { envelope, shadow } => workloads::submit(&config, &envelope, shadow),
+        Command::Shadow { command, output } => workloads::shadow(&config, command, output),
         Command::Rollback {
             authorization,
             plan,

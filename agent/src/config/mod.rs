@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 
 mod breakers;
 mod sections;
+mod shadows;
 mod validate;
 
 pub use breakers::BreakersConfig;
+pub use shadows::ShadowsConfig;
 
 pub use sections::*;
 
@@ -150,6 +152,9 @@ pub struct Config {
     /// Service-level objectives of lane services (`OpenSLO` field names).
     #[serde(default)]
     pub slos: Vec<crate::slo::SloSpec>,
+    /// Shadow deployments: the share of requests mirrored and how a shadow is judged.
+    #[serde(default)]
+    pub shadows: ShadowsConfig,
 }
 
 /// Default audit log (persistent).

@@ -104,6 +104,7 @@ impl Config {
         self.validate_paths()?;
         self.validate_lanes()?;
         self.breakers.validate()?;
+        self.shadows.validate()?;
         crate::slo::spec::validate(&self.slos)?;
         self.compile_policy()?;
         Ok(())

@@ -132,6 +132,8 @@ pub struct Started {
     pub spiffe_id: String,
     /// Audit record of the admission.
     pub audit_seq: Option<u64>,
+    /// Why it started as a shadow beside the live generation, if it did.
+    pub shadow: Option<String>,
 }
 
 /// A client of one agent's control socket.
@@ -231,9 +233,33 @@ impl Client {
         })
     }
 
-    /// `submit`.
-    pub fn submit(&self, envelope: Envelope) -> Result<Started, ClientError> {
-        self.expect(&Request::Submit { envelope }, "submit", started)
+    /// `submit`; with `shadow`, the new generation starts as a shadow of the live one.
+    pub fn submit(&self, envelope: Envelope, shadow: bool) -> Result<Started, ClientError> {
+        self.expect(&Request::Submit { envelope, shadow }, "submit", started)
+    }
+
+    /// `shadows`.
+    pub fn shadows(&self) -> Result<crate::shadow::ShadowsReport, ClientError> {
+        self.expect(&Request::Shadows, "shadows", |r| match r {
+            Response::Shadows(report) => Ok(*report),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `shadow_decide`: promotes or rejects the shadow of `workload`.
+    pub fn shadow_decide(
+        &self,
+        workload: String,
+        decision: crate::shadow::Decision,
+    ) -> Result<crate::shadow::ShadowReport, ClientError> {
+        self.expect(
+            &Request::ShadowDecide { workload, decision },
+            "shadow_decide",
+            |r| match r {
+                Response::ShadowDecided { report, .. } => Ok(*report),
+                other => Err(Box::new(other)),
+            },
+        )
     }
 
     /// `rollback`.
@@ -331,11 +357,13 @@ fn started(r: Response) -> Result<Started, Box<Response>> {
             signer,
             spiffe_id,
             audit_seq,
+            shadow,
         } => Ok(Started {
             status,
             signer,
             spiffe_id,
             audit_seq,
+            shadow,
         }),
         other => Err(Box::new(other)),
     }

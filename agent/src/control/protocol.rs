@@ -35,6 +35,9 @@ pub enum Request {
     Submit {
         /// The DSSE envelope.
         envelope: crate::signing::Envelope,
+        /// Start the new generation as a shadow beside the live one (`quadrant shadow`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shadow: bool,
     },
     /// Go back to an older generation: a break-glass authorization and the signed plan of that
     /// generation.
@@ -63,6 +66,15 @@ pub enum Request {
     Breakers,
     /// Report every SLO: SLI, error budget, burn rates, alerts.
     Slo,
+    /// Report the shadow generations: each compared with its live generation, and a verdict.
+    Shadows,
+    /// Promote a shadow generation (it becomes the live one) or reject it (it stops).
+    ShadowDecide {
+        /// `<quadrant>/<workload>`.
+        workload: String,
+        /// What to do.
+        decision: crate::shadow::Decision,
+    },
     /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
     /// client disconnects.
     Events,
@@ -105,6 +117,18 @@ pub enum Response {
         spiffe_id: String,
         /// Audit record of the admission.
         audit_seq: Option<u64>,
+        /// Why the new generation started as a shadow beside the live one, if it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shadow: Option<String>,
+    },
+    /// Answer to [`Request::Shadows`].
+    Shadows(Box<crate::shadow::ShadowsReport>),
+    /// Answer to [`Request::ShadowDecide`]: the figures it was decided on.
+    ShadowDecided {
+        /// Promoted or rejected.
+        decision: crate::shadow::Decision,
+        /// The shadow as it stood.
+        report: Box<crate::shadow::ShadowReport>,
     },
     /// Answer to [`Request::Workloads`].
     Workloads {

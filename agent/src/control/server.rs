@@ -140,13 +140,26 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
                 },
             )
         }),
-        Request::Submit { envelope } => Ok(submitted(deploy::submit(agent, envelope, None).await)),
+        Request::Submit { envelope, shadow } => Ok(submitted(
+            deploy::submit(agent, envelope, None, shadow).await,
+        )),
         Request::Rollback {
             authorization,
             envelope,
         } => Ok(submitted(
-            deploy::submit(agent, envelope, Some(authorization)).await,
+            deploy::submit(agent, envelope, Some(authorization), false).await,
         )),
+        Request::Shadows => {
+            blocking(agent, |a| Response::Shadows(Box::new(a.shadows.report(a)))).await
+        }
+        Request::ShadowDecide { workload, decision } => Ok(agent
+            .shadows
+            .decide(agent, &workload, decision)
+            .await
+            .map_or_else(error, |report| Response::ShadowDecided {
+                decision,
+                report: Box::new(report),
+            })),
         Request::Lanes => blocking(agent, |a| Response::Lanes(Box::new(a.lanes_report()))).await,
         Request::Slo => blocking(agent, |a| Response::Slo(Box::new(a.slo_report()))).await,
         Request::Breakers => {
@@ -169,6 +182,15 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             workloads: agent.supervisor.list(),
         }),
         Request::Stop { name } => {
+            // A workload that stops takes its shadow generation with it (recorded as rejected).
+            if agent.shadows.generation_of(&name).is_some()
+                && let Err(e) = agent
+                    .shadows
+                    .decide(agent, &name, crate::shadow::Decision::Rejected)
+                    .await
+            {
+                tracing::warn!(error = %e, workload = %name, "its shadow generation did not stop");
+            }
             let stopped = agent.supervisor.stop(&name).await;
             if stopped.is_ok() {
                 // Its SLOs leave with it (removing can only make the set valid).
@@ -194,6 +216,7 @@ fn submitted(result: Result<deploy::Submitted, deploy::DeployError>) -> Response
             signer: s.signer,
             spiffe_id: s.spiffe_id,
             audit_seq: s.audit_seq,
+            shadow: s.shadow,
         },
         Err(e) => error(e),
     }

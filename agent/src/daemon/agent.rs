@@ -57,6 +57,8 @@ pub struct Agent {
     pub breaker_events: Mutex<Option<RingBuf<MapData>>>,
     /// The SLOs and their windows.
     pub slo: Arc<crate::slo::SloService>,
+    /// The shadow generations running.
+    pub shadows: crate::shadow::Shadows,
 }
 
 /// A lock that a panicked holder did not poison for the others: every holder leaves the value
@@ -153,6 +155,7 @@ impl Agent {
             })
             .collect();
         self.slo.observe(now, &totals, &cpu);
+        self.shadows.observe(self);
         if summarize {
             let report = self.slo.report(now);
             self.reroute_burning(now, &report, &totals);

@@ -286,6 +286,7 @@ pub fn bring_up(
         trace: Mutex::new(trace),
         breaker_events: Mutex::new(breaker_events),
         slo,
+        shadows: crate::shadow::Shadows::default(),
     })
 }
 

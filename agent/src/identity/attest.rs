@@ -2,7 +2,9 @@
 //! (`SO_PEERCRED` → pid → its cgroup v2 path), never by anything it sends.
 //!
 //! A process in `<cgroup2>/<instance>/<quadrant>` is workload `default` of that quadrant; one in
-//! `<cgroup2>/<instance>/<quadrant>/<name>` (or below) is workload `<name>`.
+//! `<cgroup2>/<instance>/<quadrant>/<name>` (or below) is workload `<name>`, and one in
+//! `<name>@shadow` is the shadow generation of workload `<name>` (same identity; `@` is in no
+//! workload name).
 
 use std::fs;
 
@@ -18,7 +20,12 @@ pub struct Caller {
     pub quadrant: Quadrant,
     /// The caller's workload name.
     pub workload: String,
+    /// Whether it runs in the workload's shadow generation (`<name>@shadow`).
+    pub shadow: bool,
 }
+
+/// What a shadow generation's cgroup adds to its workload's name.
+pub const SHADOW_SUFFIX: &str = "@shadow";
 
 /// Why a caller could not be attested.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -49,12 +56,19 @@ pub fn caller_of_cgroup(path: &str, instance: &str) -> Option<Caller> {
         return None;
     }
     let quadrant = Quadrant::from_name(parts.next()?)?;
-    let workload = match parts.next() {
-        None | Some("") => DEFAULT_WORKLOAD.to_owned(),
-        Some(w) if valid_workload_name(w) => w.to_owned(),
-        Some(_) => return None,
+    let (workload, shadow) = match parts.next() {
+        None | Some("") => (DEFAULT_WORKLOAD.to_owned(), false),
+        Some(w) if valid_workload_name(w) => (w.to_owned(), false),
+        Some(w) => match w.strip_suffix(SHADOW_SUFFIX) {
+            Some(name) if valid_workload_name(name) => (name.to_owned(), true),
+            _ => return None,
+        },
     };
-    Some(Caller { quadrant, workload })
+    Some(Caller {
+        quadrant,
+        workload,
+        shadow,
+    })
 }
 
 /// Attests the process `pid` as a caller of `instance`.
@@ -82,6 +96,7 @@ mod tests {
             Some(Caller {
                 quadrant: q,
                 workload: w.to_owned(),
+                shadow: false,
             })
         };
         assert_eq!(
@@ -96,6 +111,16 @@ mod tests {
             caller_of_cgroup("/quadrant/dx/web/worker", "quadrant"),
             c(Quadrant::Dx, "web")
         );
+        assert_eq!(
+            caller_of_cgroup("/quadrant/px/api@shadow", "quadrant"),
+            Some(Caller {
+                quadrant: Quadrant::Px,
+                workload: "api".into(),
+                shadow: true,
+            })
+        );
+        assert_eq!(caller_of_cgroup("/quadrant/px/@shadow", "quadrant"), None);
+        assert_eq!(caller_of_cgroup("/quadrant/px/api@other", "quadrant"), None);
         assert_eq!(caller_of_cgroup("/quadrant", "quadrant"), None);
         assert_eq!(caller_of_cgroup("/other/px/api", "quadrant"), None);
         assert_eq!(caller_of_cgroup("/quadrant/qa/api", "quadrant"), None);

@@ -79,6 +79,8 @@ struct Tracked {
     series: Series,
     /// The cumulative events last seen (the series gets the difference).
     last: Option<Events>,
+    /// A cost SLO's CPU-seconds per 1,000 requests in its last slice with requests.
+    last_cost: Option<f64>,
 }
 
 /// The events an SLO counts from a service's totals.
@@ -98,18 +100,24 @@ fn events_of(spec: &SloSpec, t: &SliTotals) -> Events {
     }
 }
 
-/// The event of a closed cost slice: `None` without requests (no data).
-fn cost_event(spec: &SloSpec, cpu_usec: u64, requests: u64) -> Option<Events> {
-    if requests == 0 {
-        return None;
-    }
+/// CPU-seconds per 1,000 requests; `None` without requests.
+#[must_use]
+pub fn per_thousand(cpu_usec: u64, requests: u64) -> Option<f64> {
     #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-    let per_thousand = cpu_usec as f64 / 1e6 / (requests as f64 / 1000.0);
+    (requests > 0).then(|| cpu_usec as f64 / 1e6 / (requests as f64 / 1000.0))
+}
+
+/// The event of a closed cost slice and its cost: `None` without requests (no data).
+fn cost_event(spec: &SloSpec, cpu_usec: u64, requests: u64) -> Option<(Events, f64)> {
+    let per_thousand = per_thousand(cpu_usec, requests)?;
     let limit = spec.objectives.first().and_then(|o| o.value).unwrap_or(0.0);
-    Some(Events {
-        good: u64::from(per_thousand <= limit),
-        total: 1,
-    })
+    Some((
+        Events {
+            good: u64::from(per_thousand <= limit),
+            total: 1,
+        },
+        per_thousand,
+    ))
 }
 
 /// Whether `specs` for `owner` validate beside the SLOs of everyone else.
@@ -197,6 +205,19 @@ pub struct SloStatus {
     pub burn_rates: Vec<BurnRate>,
     /// The firing rules, in words.
     pub alerts: Vec<String>,
+    /// Cost SLOs: the CPU-seconds per 1,000 requests of the last time slice with requests,
+    /// and the objective's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_per_1000: Option<CostFigure>,
+}
+
+/// What a cost SLO measured last.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CostFigure {
+    /// CPU-seconds per 1,000 requests over the last time slice with requests.
+    pub last: f64,
+    /// The objective's limit.
+    pub limit: f64,
 }
 
 /// A quadrant's SLOs in short, as admission sees them (`input.slo.<quadrant>`).
@@ -282,6 +303,10 @@ fn status(t: &mut Tracked, now_ns: u64) -> SloStatus {
         budget_remaining: burn::budget_remaining(events, target),
         burn_rates,
         alerts,
+        cost_per_1000: t.last_cost.map(|last| CostFigure {
+            last,
+            limit: spec.objectives.first().and_then(|o| o.value).unwrap_or(0.0),
+        }),
     }
 }
 
@@ -300,8 +325,9 @@ fn observe_cost(t: &mut Tracked, now_ns: u64, cpu_usec: Option<u64>, requests: u
                 cpu_usec.saturating_sub(s.cpu_usec),
                 requests.saturating_sub(s.requests),
             );
-            if let Some(e) = event {
+            if let Some((e, cost)) = event {
                 t.series.add(now_ns, e);
+                t.last_cost = Some(cost);
             }
             t.slice = Some(Slice {
                 since_ns: now_ns,
@@ -395,6 +421,7 @@ impl SloService {
                         series: Series::new(s.window()),
                         spec: s.clone(),
                         last: None,
+                        last_cost: None,
                     })
                     .collect(),
             ),
@@ -446,6 +473,7 @@ impl SloService {
                     series: Series::new(s.window()),
                     spec: s,
                     last: None,
+                    last_cost: None,
                 },
             };
             kept.push(t);
@@ -487,6 +515,51 @@ impl SloService {
                     .map(|ns| ((t.spec.quadrant(), t.spec.service.clone()), ns))
             })
             .collect()
+    }
+
+    /// Why a new generation of the workload offering `service` in `q` should start as a
+    /// shadow: one of the service's cost SLOs measured at least `approach` of its limit in its
+    /// last slice, or has spent its budget. `None`: no cost SLO is near its limit.
+    #[must_use]
+    pub fn cost_near_limit(
+        &self,
+        now_ns: u64,
+        q: Quadrant,
+        service: &str,
+        approach: f64,
+    ) -> Option<String> {
+        if approach <= 0.0 {
+            return None;
+        }
+        let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        tracked
+            .iter_mut()
+            .filter(|t| {
+                t.spec.indicator == Indicator::Cost
+                    && t.spec.quadrant() == q
+                    && t.spec.service == service
+            })
+            .find_map(|t| {
+                let s = status(t, now_ns);
+                let cost = s.cost_per_1000?;
+                if s.budget_remaining.is_some_and(|b| b <= 0.0) {
+                    return Some(format!(
+                        "cost SLO {} has spent its error budget ({:.4} CPU-s per 1,000 requests \
+                         last, limit {})",
+                        s.name, cost.last, cost.limit
+                    ));
+                }
+                (cost.last >= approach * cost.limit).then(|| {
+                    format!(
+                        "cost SLO {} measured {:.4} CPU-s per 1,000 requests, at least {:.0} % \
+                         of its limit {}",
+                        s.name,
+                        cost.last,
+                        approach * 100.0,
+                        cost.limit
+                    )
+                })
+            })
     }
 
     /// The services with a cost SLO.

@@ -86,6 +86,13 @@ struct Service {
     tcp_port: Option<u16>,
 }
 
+/// A service's shadow generation: where mirror lanes go, and the share of requests the
+/// client sides copy to it.
+struct Shadow {
+    service: Service,
+    fraction_ppm: u32,
+}
+
 struct OpenLane {
     info: LaneInfo,
     client_quadrant: Quadrant,
@@ -99,10 +106,14 @@ struct OpenLane {
 #[derive(Default)]
 struct State {
     services: BTreeMap<(Quadrant, String), Service>,
+    /// Services offered by shadow generations (`quadrant shadow`).
+    shadows: BTreeMap<(Quadrant, String), Shadow>,
     lanes: open_lanes::OpenLanes,
     refusals: BTreeMap<(String, Refusal), u64>,
     /// What the client sides of closed lanes counted, and refused opens, per service.
     closed_sli: BTreeMap<(Quadrant, String), sli::SliTotals>,
+    /// The same for the mirror lanes to shadow generations.
+    closed_shadow_sli: BTreeMap<(Quadrant, String), sli::SliTotals>,
     /// Lanes closed a moment ago, still mapped: the client side may count its last request
     /// after the service closed the lane.
     retiring: std::collections::VecDeque<sli::Retired>,
@@ -140,6 +151,8 @@ pub struct Broker {
     rules: Mutex<Rules>,
     declared: Mutex<BTreeMap<(Quadrant, String), Vec<DeclaredLane>>>,
     state: Mutex<State>,
+    /// Workloads with a shadow generation, and the share of requests mirrored to it (ppm).
+    shadows: Mutex<BTreeMap<(Quadrant, String), u32>>,
     /// What each quadrant's open lanes hold, kept by `state` and read by the pool's filler
     /// without taking its lock.
     usage: Arc<open_lanes::Usage>,
@@ -214,6 +227,7 @@ impl Broker {
             }),
             declared: Mutex::new(BTreeMap::new()),
             state: Mutex::new(state),
+            shadows: Mutex::new(BTreeMap::new()),
             usage,
             events,
             next_lane: AtomicU64::new(1),
@@ -457,9 +471,12 @@ impl Broker {
                     quadrant,
                     service,
                     transport,
-                } => self.open_request(conn, &caller, &id, &quadrant, &service, transport),
+                    mirror,
+                } => {
+                    self.open_request(conn, &caller, &id, (&quadrant, &service, mirror), transport);
+                }
                 LaneRequest::Listen { service, tcp_port } => {
-                    let reply = self.listen(conn, caller.quadrant, &id, &service, tcp_port);
+                    let reply = self.listen(conn, &caller, &id, &service, tcp_port);
                     let _ = conn.send(&reply, &[], true);
                 }
                 LaneRequest::Close { lane } => self.close(conn.id, lane),
@@ -475,8 +492,7 @@ impl Broker {
         conn: &Arc<Conn>,
         caller: &attest::Caller,
         id: &str,
-        quadrant: &str,
-        service: &str,
+        (quadrant, service, mirror): (&str, &str, bool),
         transport: TransportChoice,
     ) {
         // The schema admits only the four names; refused rather than assumed anyway.
@@ -495,11 +511,16 @@ impl Broker {
                         transport,
                     )?
                 };
-                self.open(conn, caller.quadrant, id, target, service, transport)
+                self.open(
+                    conn,
+                    (caller.quadrant, id),
+                    (target, service, mirror),
+                    transport,
+                )
             });
         if let Err(r) = result {
             self.count_refusal(caller.quadrant.name(), r.reason);
-            if let Some(target) = Quadrant::from_name(quadrant) {
+            if let Some(target) = Quadrant::from_name(quadrant).filter(|_| !mirror) {
                 self.count_open_failure(target, service, r.reason);
             }
             self.events
@@ -526,36 +547,98 @@ impl Broker {
     fn listen(
         &self,
         conn: &Arc<Conn>,
-        q: Quadrant,
+        caller: &attest::Caller,
         id: &str,
         service: &str,
         tcp_port: Option<u16>,
     ) -> LaneMessage {
+        let q = caller.quadrant;
+        let refused = |message: String, reason| LaneMessage::Error {
+            message,
+            reason: Some(reason),
+            limit: None,
+            retry_after_ms: None,
+        };
+        let fraction = if caller.shadow {
+            let fractions = self.shadows.lock().unwrap_or_else(PoisonError::into_inner);
+            match fractions.get(&(q, caller.workload.clone())) {
+                Some(f) => Some(*f),
+                None => {
+                    return refused(
+                        format!(
+                            "{}/{} has no shadow generation running; a shadow offers services \
+                             only while `quadrant shadow` lists it",
+                            q.name(),
+                            caller.workload
+                        ),
+                        Refusal::Plan,
+                    );
+                }
+            }
+        } else {
+            None
+        };
         let mut state = self.state();
         let key = (q, service.to_owned());
-        if let Some(existing) = state.services.get(&key) {
-            return LaneMessage::Error {
-                message: format!(
-                    "service {service} is already offered in {} by {}",
+        let existing = if fraction.is_some() {
+            state.shadows.get(&key).map(|s| &s.service)
+        } else {
+            state.services.get(&key)
+        };
+        if let Some(existing) = existing {
+            return refused(
+                format!(
+                    "service {service} is already offered in {} by {}{}",
                     q.name(),
-                    existing.spiffe_id
+                    existing.spiffe_id,
+                    if fraction.is_some() {
+                        " (shadow generation)"
+                    } else {
+                        ""
+                    }
                 ),
-                reason: Some(Refusal::Taken),
-                limit: None,
-                retry_after_ms: None,
-            };
+                Refusal::Taken,
+            );
         }
-        state.services.insert(
-            key,
-            Service {
-                conn: Arc::clone(conn),
-                spiffe_id: id.to_owned(),
-                tcp_port,
-            },
-        );
+        let offered = Service {
+            conn: Arc::clone(conn),
+            spiffe_id: id.to_owned(),
+            tcp_port,
+        };
+        match fraction {
+            Some(fraction_ppm) => {
+                state.shadows.insert(
+                    key,
+                    Shadow {
+                        service: offered,
+                        fraction_ppm,
+                    },
+                );
+            }
+            None => {
+                state.services.insert(key, offered);
+            }
+        }
         LaneMessage::Listening {
             service: service.to_owned(),
             spiffe_id: id.to_owned(),
+        }
+    }
+
+    /// Starts or ends a shadow generation of workload `workload` in `q`: while `fraction_ppm`
+    /// is set, its processes may offer services, and lanes to those services copy that share
+    /// of their requests to it. Ending one forgets the services it offers.
+    pub fn set_shadow(&self, q: Quadrant, workload: &str, fraction_ppm: Option<u32>) {
+        let mut fractions = self.shadows.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = fraction_ppm {
+            fractions.insert((q, workload.to_owned()), f);
+        } else {
+            fractions.remove(&(q, workload.to_owned()));
+            drop(fractions);
+            let suffix = format!("/workload/{workload}");
+            self.state()
+                .shadows
+                .retain(|(sq, _), s| !(*sq == q && s.service.spiffe_id.ends_with(&suffix)));
         }
     }
 
@@ -578,6 +661,7 @@ impl Broker {
     fn disconnect(&self, conn_id: u64) {
         let mut state = self.state();
         state.services.retain(|_, s| s.conn.id != conn_id);
+        state.shadows.retain(|_, s| s.service.conn.id != conn_id);
         let gone: Vec<u64> = state
             .lanes
             .iter()

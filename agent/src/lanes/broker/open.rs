@@ -52,13 +52,14 @@ impl Broker {
     /// Opens a lane from `from_id` in `from_q` to `service` in `to_q`: finds the service,
     /// chooses the transport the rules allow, builds the lane, charges it against the opener's
     /// limits and hands each end its part — the service first.
+    ///
+    /// A `mirror` lane goes to the service's shadow generation instead (the client library
+    /// opens one to copy requests to it); it is kept out of the service's SLIs and breakers.
     pub(super) fn open(
         &self,
         conn: &Arc<Conn>,
-        from_q: Quadrant,
-        from_id: &str,
-        to_q: Quadrant,
-        service: &str,
+        (from_q, from_id): (Quadrant, &str),
+        (to_q, service, mirror): (Quadrant, &str, bool),
         choice: TransportChoice,
     ) -> Result<(), Refused> {
         let ask = Ask {
@@ -67,8 +68,10 @@ impl Broker {
             to_q,
             service,
         };
-        let target = self.find_service(to_q, service)?;
-        self.check_trip(to_q, service)?;
+        let target = self.find_service(to_q, service, mirror)?;
+        if !mirror {
+            self.check_trip(to_q, service)?;
+        }
         let transport = self.choose(&ask, choice, &target)?;
         if transport == Transport::Tcp
             && let Some(port) = target.tcp_port
@@ -82,9 +85,12 @@ impl Broker {
             memory,
             region,
             shm_bytes,
-            client,
+            mut client,
             server,
         } = built;
+        client.grant.mirror = target
+            .mirror_ppm
+            .map(|fraction_ppm| control::MirrorGrant { fraction_ppm });
         region
             .sli(crate::lanes::ring::Sli::ThresholdNs)
             .store(self.threshold_ns(to_q, service), Ordering::Relaxed);
@@ -108,6 +114,7 @@ impl Broker {
             rtt_ns: 0,
             shm_bytes,
             age_secs: 0,
+            mirror,
         };
         // Charged before the lock is released, so concurrent opens cannot overshoot the limits.
         state.lanes.insert(
@@ -139,21 +146,32 @@ impl Broker {
         Ok(())
     }
 
-    fn find_service(&self, to_q: Quadrant, service: &str) -> Result<Target, Refused> {
+    /// The service's listener (its shadow generation's, for a `mirror` lane) and, for a lane
+    /// to a service with a shadow, the share of requests to copy to it.
+    fn find_service(&self, to_q: Quadrant, service: &str, mirror: bool) -> Result<Target, Refused> {
         let state = self.state();
-        let s = state
-            .services
-            .get(&(to_q, service.to_owned()))
-            .ok_or_else(|| {
-                refuse(
-                    Refusal::NoService,
-                    format!("no service {service} is offered in {}", to_q.name()),
-                )
-            })?;
+        let key = (to_q, service.to_owned());
+        let shadow = state.shadows.get(&key);
+        let (s, mirror_ppm) = if mirror {
+            (shadow.map(|s| &s.service), None)
+        } else {
+            (state.services.get(&key), shadow.map(|s| s.fraction_ppm))
+        };
+        let s = s.ok_or_else(|| {
+            refuse(
+                Refusal::NoService,
+                format!(
+                    "no {}service {service} is offered in {}",
+                    if mirror { "shadow generation of " } else { "" },
+                    to_q.name()
+                ),
+            )
+        })?;
         Ok(Target {
             conn: Arc::clone(&s.conn),
             id: s.spiffe_id.clone(),
             tcp_port: s.tcp_port,
+            mirror_ppm,
         })
     }
 
@@ -228,6 +246,7 @@ impl Broker {
             ring_bytes: ring_bytes as u32,
             max_in_flight: limits.max_in_flight,
             tcp,
+            mirror: None,
         };
         let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", &e));
         let (client, server) = match ends {
@@ -373,6 +392,8 @@ struct Target {
     conn: Arc<Conn>,
     id: String,
     tcp_port: Option<u16>,
+    /// The share of requests the client copies to the service's shadow generation.
+    mirror_ppm: Option<u32>,
 }
 
 /// One end of a lane: what its workload is told and the descriptors it receives.

@@ -40,6 +40,9 @@ pub struct LaneInfo {
     pub shm_bytes: u64,
     /// Seconds since it opened.
     pub age_secs: u64,
+    /// A lane the client library opened to copy requests to the service's shadow generation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror: bool,
 }
 
 /// A service being offered.
@@ -54,6 +57,10 @@ pub struct ServiceInfo {
     /// Its TCP port, if it takes TCP lanes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_port: Option<u16>,
+    /// Offered by the workload's shadow generation: the share of requests mirrored to it,
+    /// parts per million.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_fraction_ppm: Option<u32>,
 }
 
 /// A quadrant's lane usage against its limits.
@@ -152,15 +159,23 @@ impl Broker {
                 info
             })
             .collect();
+        let info = |(q, name): &(Quadrant, String), s: &super::Service, shadow| ServiceInfo {
+            quadrant: q.name().to_owned(),
+            service: name.clone(),
+            spiffe_id: s.spiffe_id.clone(),
+            tcp_port: s.tcp_port,
+            shadow_fraction_ppm: shadow,
+        };
         let services = state
             .services
             .iter()
-            .map(|((q, name), s)| ServiceInfo {
-                quadrant: q.name().to_owned(),
-                service: name.clone(),
-                spiffe_id: s.spiffe_id.clone(),
-                tcp_port: s.tcp_port,
-            })
+            .map(|(k, s)| info(k, s, None))
+            .chain(
+                state
+                    .shadows
+                    .iter()
+                    .map(|(k, s)| info(k, &s.service, Some(s.fraction_ppm))),
+            )
             .collect();
         let quadrants = Quadrant::ALL
             .iter()
@@ -212,7 +227,15 @@ pub fn render(r: &LanesReport) -> String {
     }
     for s in &r.services {
         let tcp = s.tcp_port.map(|p| format!(", tcp {p}")).unwrap_or_default();
-        let _ = writeln!(out, "  {}/{}  {}{tcp}", s.quadrant, s.service, s.spiffe_id);
+        let shadow = s
+            .shadow_fraction_ppm
+            .map(|f| format!(", shadow generation ({:.1} % mirrored)", f64::from(f) / 1e4))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {}/{}  {}{tcp}{shadow}",
+            s.quadrant, s.service, s.spiffe_id
+        );
     }
     let _ = writeln!(out, "\nlanes:");
     if r.lanes.is_empty() {
@@ -227,12 +250,13 @@ pub fn render(r: &LanesReport) -> String {
         };
         let _ = writeln!(
             out,
-            "  #{} {:<3} {} -> {}/{} ({})  sent {} B / received {} B, {} messages, rtt {rtt}, {} s",
+            "  #{} {:<3} {} -> {}/{}{} ({})  sent {} B / received {} B, {} messages, rtt {rtt}, {} s",
             l.lane,
             l.transport.name(),
             l.client,
             l.quadrant,
             l.service,
+            if l.mirror { " (mirror to shadow)" } else { "" },
             l.server,
             l.bytes_to_server,
             l.bytes_to_client,

@@ -26,6 +26,8 @@ const RETIRING: Duration = Duration::from_secs(1);
 /// A lane closed a moment ago.
 pub(super) struct Retired {
     key: (Quadrant, String),
+    /// A mirror lane to the service's shadow generation.
+    mirror: bool,
     transport: Transport,
     region: Region,
     _memory: Mapping,
@@ -106,6 +108,7 @@ impl State {
         if let Some(l) = self.lanes.remove(id) {
             self.retiring.push_back(Retired {
                 key: (quadrant_of(&l.info.quadrant), l.info.service.clone()),
+                mirror: l.info.mirror,
                 transport: l.info.transport,
                 region: l.region,
                 _memory: l.memory,
@@ -123,7 +126,12 @@ impl State {
             .is_some_and(|r| r.at.elapsed() >= RETIRING)
         {
             if let Some(r) = self.retiring.pop_front() {
-                self.closed_sli
+                let closed = if r.mirror {
+                    &mut self.closed_shadow_sli
+                } else {
+                    &mut self.closed_sli
+                };
+                closed
                     .entry(r.key)
                     .or_default()
                     .add_region(&r.region, r.transport);
@@ -232,6 +240,18 @@ impl Broker {
         id.rsplit_once("/workload/").map(|(_, w)| w.to_owned())
     }
 
+    /// The services workload `workload` of `q` offers (its live generation's).
+    #[must_use]
+    pub fn services_of(&self, q: Quadrant, workload: &str) -> Vec<String> {
+        let suffix = format!("/workload/{workload}");
+        self.state()
+            .services
+            .iter()
+            .filter(|((sq, _), s)| *sq == q && s.spiffe_id.ends_with(&suffix))
+            .map(|((_, name), _)| name.clone())
+            .collect()
+    }
+
     /// Whether any lane is open or closed within the last second (the SLO and breaker
     /// sampling runs faster then).
     #[must_use]
@@ -240,18 +260,33 @@ impl Broker {
         !state.lanes.is_empty() || !state.retiring.is_empty()
     }
 
-    /// What the lanes to each service measured so far (open and closed lanes).
+    /// What the lanes to each service measured so far (open and closed lanes; mirror lanes to
+    /// shadow generations apart).
     #[must_use]
     pub fn sli_totals(&self) -> BTreeMap<(Quadrant, String), SliTotals> {
+        self.totals(false)
+    }
+
+    /// What the mirror lanes to each service's shadow generation measured so far.
+    #[must_use]
+    pub fn shadow_totals(&self) -> BTreeMap<(Quadrant, String), SliTotals> {
+        self.totals(true)
+    }
+
+    fn totals(&self, mirror: bool) -> BTreeMap<(Quadrant, String), SliTotals> {
         let mut state = self.state();
         state.settle();
-        let mut out = state.closed_sli.clone();
-        for r in &state.retiring {
+        let mut out = if mirror {
+            state.closed_shadow_sli.clone()
+        } else {
+            state.closed_sli.clone()
+        };
+        for r in state.retiring.iter().filter(|r| r.mirror == mirror) {
             out.entry(r.key.clone())
                 .or_default()
                 .add_region(&r.region, r.transport);
         }
-        for l in state.lanes.values() {
+        for l in state.lanes.values().filter(|l| l.info.mirror == mirror) {
             out.entry((quadrant_of(&l.info.quadrant), l.info.service.clone()))
                 .or_default()
                 .add_region(&l.region, l.info.transport);

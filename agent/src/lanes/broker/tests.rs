@@ -10,7 +10,8 @@ fn requests_are_validated_with_field_names() {
         LaneRequest::Open {
             quadrant: "dg".into(),
             service: "echo".into(),
-            transport: TransportChoice::Auto
+            transport: TransportChoice::Auto,
+            mirror: false,
         }
     );
     for (bad, needle) in [
