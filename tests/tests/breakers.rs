@@ -378,9 +378,15 @@ fn a_failing_lane_service_trips_its_breaker_in_the_agent_and_in_the_kernel() {
     let audit = transitions(&inst, "dg/echo", 1);
     assert_eq!(audit[0]["cause"], "failure_ratio", "{audit:?}");
     assert_eq!(audit[0]["calls"], 10, "{audit:?}");
-    // After the ejection: half-open, lanes open again (and still fail here).
+    // After the ejection: half-open, one probe lane opens (and still fails here); the next
+    // open waits while the probe's calls are judged.
     thread::sleep(Duration::from_millis(2200));
     let err = call();
     assert!(!err.contains("circuit breaker"), "{err}");
     assert_eq!(service(&inst)["state"], "half_open");
+    let err = call();
+    assert!(
+        err.contains("circuit breaker of dg/echo is half-open: the calls of its probe lane are being judged"),
+        "{err}"
+    );
 }

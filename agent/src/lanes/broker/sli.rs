@@ -229,7 +229,12 @@ impl Broker {
         self.trips
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .check(q, service, crate::breakers::monotonic_ns())
+            .check(
+                q,
+                service,
+                crate::breakers::monotonic_ns(),
+                &self.config.breakers,
+            )
     }
 
     /// The workload offering `service` in `q` (from its SPIFFE ID), if it is offered.

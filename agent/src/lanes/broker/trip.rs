@@ -100,6 +100,8 @@ impl TripState {
 struct Tripped {
     state: TripState,
     ejection_ms: u32,
+    /// When the last probe lane was let through past the ejection (half-open).
+    probe_at: Option<u64>,
     opened: u64,
     last: Option<Calls>,
     window: VecDeque<(u64, Calls)>,
@@ -207,6 +209,7 @@ impl Trips {
             let s = self.services.entry(key.clone()).or_insert_with(|| Tripped {
                 state: TripState::Closed,
                 ejection_ms: 0,
+                probe_at: None,
                 opened: 0,
                 last: None,
                 window: VecDeque::new(),
@@ -253,6 +256,9 @@ impl Trips {
                 }
             };
             s.state = to;
+            if !matches!(to, TripState::HalfOpen) {
+                s.probe_at = None;
+            }
             out.push(Transition {
                 quadrant: key.0,
                 service: key.1.clone(),
@@ -270,23 +276,44 @@ impl Trips {
         out
     }
 
-    /// Refuses an open to `service` in `q` while its breaker is open.
-    pub fn check(&self, q: Quadrant, service: &str, now_ns: u64) -> Result<(), Refused> {
-        let Some(s) = self.services.get(&(q, service.to_owned())) else {
+    /// Refuses an open to `service` in `q` while its breaker is open. Past the ejection
+    /// (half-open, whether or not the sampler has said so yet) one lane is let through as the
+    /// probe, and another only `base_ejection_ms` later while the probe's calls are judged.
+    pub fn check(
+        &mut self,
+        q: Quadrant,
+        service: &str,
+        now_ns: u64,
+        cfg: &BreakersConfig,
+    ) -> Result<(), Refused> {
+        let Some(s) = self.services.get_mut(&(q, service.to_owned())) else {
             return Ok(());
         };
-        let TripState::Open { until_ns } = s.state else {
-            return Ok(());
+        let (wait_ns, why) = match s.state {
+            TripState::Closed => return Ok(()),
+            TripState::Open { until_ns } if now_ns < until_ns => (
+                until_ns - now_ns,
+                "is open: too many of its calls failed or were slow (breakers.failure_ratio, slow_call_ratio)",
+            ),
+            _ => {
+                let slot = u64::from(cfg.base_ejection_ms) * 1_000_000;
+                match s.probe_at {
+                    Some(at) if now_ns.saturating_sub(at) < slot => (
+                        slot - now_ns.saturating_sub(at),
+                        "is half-open: the calls of its probe lane are being judged",
+                    ),
+                    _ => {
+                        s.probe_at = Some(now_ns);
+                        return Ok(());
+                    }
+                }
+            }
         };
-        // Past the ejection it is half-open, whether or not the sampler has said so yet.
-        if now_ns >= until_ns {
-            return Ok(());
-        }
-        let retry_after_ms = until_ns.saturating_sub(now_ns).div_ceil(1_000_000);
+        let retry_after_ms = wait_ns.div_ceil(1_000_000);
         Err(Refused {
             reason: Refusal::BreakerOpen,
             message: format!(
-                "circuit breaker of {}/{service} is open: too many of its calls failed or were slow (breakers.failure_ratio, slow_call_ratio); retry after {retry_after_ms} ms",
+                "circuit breaker of {}/{service} {why}; retry after {retry_after_ms} ms",
                 q.name()
             ),
             limit: None,
@@ -363,7 +390,7 @@ mod tests {
         let mut t = Trips::default();
         // 9 calls, all failed: too few to judge.
         assert!(t.judge(0, &totals(9, 9), &cfg).is_empty());
-        assert!(t.check(Quadrant::Px, "api", 0).is_ok());
+        assert!(t.check(Quadrant::Px, "api", 0, &cfg).is_ok());
         // The tenth: 100 % failed ≥ 50 %: open for 100 ms.
         let tr = t.judge(10 * MS, &totals(10, 10), &cfg);
         assert_eq!(tr.len(), 1);
@@ -376,20 +403,26 @@ mod tests {
                 slow: 0
             }
         );
-        let r = t.check(Quadrant::Px, "api", 50 * MS).unwrap_err();
+        let r = t.check(Quadrant::Px, "api", 50 * MS, &cfg).unwrap_err();
         assert_eq!(
             (r.reason, r.retry_after_ms),
             (Refusal::BreakerOpen, Some(60))
         );
-        // Past the ejection opens go through before the next judgement says half-open.
-        assert!(t.check(Quadrant::Px, "api", 110 * MS).is_ok());
-        // Ejection over: half-open, opens go through.
-        let tr = t.judge(110 * MS, &totals(10, 10), &cfg);
+        // Past the ejection one probe lane goes through, before the next judgement says
+        // half-open; the next open waits a base ejection for the probe's calls to be judged.
+        assert!(t.check(Quadrant::Px, "api", 110 * MS, &cfg).is_ok());
+        let r = t.check(Quadrant::Px, "api", 130 * MS, &cfg).unwrap_err();
+        assert!(r.message.contains("is half-open"), "{}", r.message);
+        assert_eq!(r.retry_after_ms, Some(80));
+        let tr = t.judge(130 * MS, &totals(10, 10), &cfg);
         assert_eq!(
             (tr[0].to, tr[0].cause),
             (TripState::HalfOpen, "ejection_elapsed")
         );
-        assert!(t.check(Quadrant::Px, "api", 110 * MS).is_ok());
+        assert!(t.check(Quadrant::Px, "api", 140 * MS, &cfg).is_err());
+        // A probe whose calls never reach min_calls does not hold the service shut: another
+        // lane goes through a base ejection later.
+        assert!(t.check(Quadrant::Px, "api", 210 * MS, &cfg).is_ok());
         // Ten more calls, still all failing: open again for twice as long.
         let tr = t.judge(200 * MS, &totals(20, 20), &cfg);
         assert_eq!((tr[0].cause, tr[0].ejection_ms), ("probe_failed", 200));
