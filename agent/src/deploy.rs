@@ -18,7 +18,7 @@ use crate::{
     events::Event,
     generations::{GenerationError, Generations},
     identity::attest,
-    lanes::broker::DeclaredLane,
+    lanes::broker::{DeclaredLane, PlanBreaker},
     plans::{self, PlanError},
     signing::{Envelope, SignatureError, TrustStore},
     workloads::{self, WorkloadError},
@@ -51,6 +51,10 @@ pub enum DeployError {
     /// The plan's `slo` section cannot be kept beside the SLOs already kept.
     #[error("the plan's slo section: {0}")]
     Slo(String),
+    /// The plan's `breaker` section is not valid with the configuration's thresholds, or
+    /// another workload's plan sets thresholds for the same service.
+    #[error("the plan's breaker section: {0}")]
+    Breaker(String),
     /// Admission cannot decide (fail-closed).
     #[error("admission unavailable (fail-closed): {0}")]
     AdmissionUnavailable(String),
@@ -115,6 +119,8 @@ struct BreakGlass {
 struct Admitted {
     /// Why it starts as a shadow beside the live generation, if it does.
     shadow: Option<String>,
+    /// The breaker thresholds its plan gives its lane service.
+    breaker: Option<PlanBreaker>,
     slos: Vec<crate::slo::SloSpec>,
     key: String,
     quadrant: Quadrant,
@@ -179,6 +185,7 @@ async fn run(
                     spec: admitted.spec,
                     lanes: admitted.lanes,
                     slos: admitted.slos,
+                    breaker: admitted.breaker,
                 },
             )
             .await
@@ -206,6 +213,11 @@ async fn run(
     agent
         .set_workload_slos(&admitted.key, admitted.slos)
         .map_err(slo_error)?;
+    // Checked in `admit` as the SLOs are.
+    agent
+        .broker
+        .set_plan_breaker(&admitted.key, admitted.breaker)
+        .map_err(DeployError::Breaker)?;
     // Give the process a moment to be placed, so the answer carries its pid.
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(Submitted {
@@ -273,6 +285,7 @@ fn admit(
         .map(|s| crate::slo::plan_slos(q, &plan.workload, s))
         .unwrap_or_default();
     agent.slo.check_owned(&key, &slos).map_err(slo_error)?;
+    let breaker = plan_breaker(agent, &plan, q, &key)?;
     // A rollback replaces the live generation; anything else may start as its shadow (asked
     // for, or a cost SLO of its service near its limit), which admission sees.
     let shadow_reason = rollback
@@ -320,6 +333,7 @@ fn admit(
     spec.drop_net_raw = locked(&agent.dataplane).raw_sockets_denied(q);
     Ok(Admitted {
         shadow: shadow_reason,
+        breaker,
         slos,
         key,
         quadrant: q,
@@ -330,6 +344,33 @@ fn admit(
         spiffe_id,
         audit_seq: decision.audit_seq,
     })
+}
+
+/// The plan's `breaker` section over the configuration's thresholds, for its service.
+fn plan_breaker(
+    agent: &Agent,
+    plan: &plans::Plan,
+    q: Quadrant,
+    key: &str,
+) -> Result<Option<PlanBreaker>, DeployError> {
+    let Some(b) = &plan.breaker else {
+        return Ok(None);
+    };
+    let service = b.service.clone().unwrap_or_else(|| plan.workload.clone());
+    let cfg = agent
+        .config
+        .breakers
+        .with_plan(b)
+        .map_err(|e| DeployError::Breaker(e.to_string()))?;
+    let target = (q, service);
+    if let Some(other) = agent.broker.plan_breaker_owner(key, &target) {
+        return Err(DeployError::Breaker(format!(
+            "{}/{} has breaker thresholds from the plan of {other} already",
+            q.name(),
+            target.1
+        )));
+    }
+    Ok(Some((target, cfg)))
 }
 
 /// No new generation of `key` while its shadow runs; a shadow (`shadow`) only beside a live

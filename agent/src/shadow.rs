@@ -139,6 +139,8 @@ pub struct Promotion {
     pub lanes: Vec<DeclaredLane>,
     /// The plan's SLOs.
     pub slos: Vec<SloSpec>,
+    /// The breaker thresholds the plan gives its service.
+    pub breaker: Option<crate::lanes::broker::PlanBreaker>,
 }
 
 /// Cumulative readings where the comparison starts: when the first mirrored request reached
@@ -515,13 +517,21 @@ impl Shadows {
         agent.broker.set_shadow(r.quadrant, &r.workload, None);
         let _ = agent.supervisor.stop(&shadow_key(key)).await;
         if decision == Decision::Promoted {
-            let Promotion { spec, lanes, slos } = r.promotion;
+            let Promotion {
+                spec,
+                lanes,
+                slos,
+                breaker,
+            } = r.promotion;
             agent
                 .broker
                 .set_declared(r.quadrant, &r.workload, Some(lanes));
             agent.supervisor.start(spec).await?;
             if let Err(e) = agent.set_workload_slos(key, slos) {
                 tracing::warn!(error = %e, workload = key, "the promoted plan's SLOs are not kept");
+            }
+            if let Err(e) = agent.broker.set_plan_breaker(key, breaker) {
+                tracing::warn!(error = %e, workload = key, "the promoted plan's breaker thresholds are not kept");
             }
         }
         let generation = report.shadow.generation.unwrap_or_default();

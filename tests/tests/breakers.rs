@@ -386,7 +386,9 @@ fn a_failing_lane_service_trips_its_breaker_in_the_agent_and_in_the_kernel() {
     assert_eq!(service(&inst)["state"], "half_open");
     let err = call();
     assert!(
-        err.contains("circuit breaker of dg/echo is half-open: the calls of its probe lane are being judged"),
+        err.contains(
+            "circuit breaker of dg/echo is half-open: the calls of its probe lane are being judged"
+        ),
         "{err}"
     );
 }

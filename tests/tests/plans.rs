@@ -1336,3 +1336,81 @@ fn a_shadow_generation_gets_mirrored_requests_and_no_caller_sees_its_replies() {
     let (ok, _, err) = fx.run(&["audit", "verify"]);
     assert!(ok, "{err}");
 }
+
+/// A plan's `breaker` section judges its service by its own thresholds while it runs: five
+/// failed calls open PX's `echo` breaker for 800 ms where the configuration waits for 20; a
+/// second plan cannot set thresholds for the same service; stopping the workload takes them.
+#[test]
+fn a_plan_sets_the_breaker_thresholds_of_its_service() {
+    let (fx, echo) = shadow_fixture();
+    let mut plan = echo_plan(&fx, &echo, 1, "--drop-after 0");
+    plan["breaker"] = json!({"min_calls": 5, "base_ejection_ms": 800});
+    let (ok, _, err) = fx.sign_and_submit(&plan, "prod");
+    assert!(ok, "{err}");
+    let api = fx.add_artifact("api", "#!/bin/sh\nexec sleep 60\n");
+    let mut other = plan_doc(1, &api);
+    other["breaker"] = json!({"service": "echo", "min_calls": 50});
+    let (ok, _, err) = fx.sign_and_submit(&other, "prod");
+    assert!(
+        !ok && err.contains(
+            "the plan's breaker section: px/echo has breaker thresholds from the plan of px/echo already"
+        ),
+        "{err}"
+    );
+    let mut bad = plan_doc(1, &api);
+    bad["breaker"] = json!({"base_ejection_ms": 120_000});
+    let (ok, _, err) = fx.sign_and_submit(&bad, "prod");
+    assert!(
+        !ok && err.contains("breaker.base_ejection_ms: 120000 is above"),
+        "{err}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !fx.run(&["lanes"]).1.contains("px/echo") {
+        assert!(std::time::Instant::now() < deadline, "echo never offered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let breakers = || -> Value {
+        let (ok, out, err) = fx.run(&["breakers", "--output", "json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).expect("breakers json")
+    };
+    for _ in 0..5 {
+        let out = fx.inst.run_in(
+            Quadrant::Pg,
+            Some("client"),
+            &[
+                &echo,
+                "call",
+                "px",
+                "echo",
+                "--transport",
+                "uds",
+                "--count",
+                "1",
+            ],
+        );
+        assert!(!out.status.success(), "the service answered");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let row = loop {
+        let r = breakers();
+        if r["services"][0]["state"] == "open" {
+            break r["services"][0].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "not open: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        (
+            &row["service"],
+            &row["ejection_ms"],
+            &row["plan"],
+            &row["opened"]
+        ),
+        (&json!("px/echo"), &json!(800), &json!("px/echo"), &json!(1)),
+        "{row}"
+    );
+    let (ok, _, err) = fx.run(&["stop", "px/echo"]);
+    assert!(ok, "{err}");
+    assert_eq!(breakers()["services"][0]["plan"], Value::Null);
+}

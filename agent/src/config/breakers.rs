@@ -98,6 +98,30 @@ const fn default_max_ejection_ms() -> u32 {
 }
 
 impl BreakersConfig {
+    /// These thresholds with a plan's `breaker` section over them, validated (a field at fault
+    /// is named `breaker.<field>`).
+    ///
+    /// # Errors
+    /// The combination is not valid (e.g. a base ejection above the maximum).
+    pub fn with_plan(&self, plan: &crate::plans::PlanBreaker) -> Result<Self, ConfigError> {
+        let mut c = self.clone();
+        c.failure_ratio = plan.failure_ratio.unwrap_or(c.failure_ratio);
+        c.slow_call_ms = plan.slow_call_ms.unwrap_or(c.slow_call_ms);
+        c.slow_call_ratio = plan.slow_call_ratio.unwrap_or(c.slow_call_ratio);
+        c.window_ms = plan.window_ms.unwrap_or(c.window_ms);
+        c.min_calls = plan.min_calls.unwrap_or(c.min_calls);
+        c.base_ejection_ms = plan.base_ejection_ms.unwrap_or(c.base_ejection_ms);
+        c.max_ejection_ms = plan.max_ejection_ms.unwrap_or(c.max_ejection_ms);
+        c.validate().map_err(|e| match e {
+            ConfigError::Invalid { field, reason } => ConfigError::Invalid {
+                field: field.replacen("breakers.", "breaker.", 1),
+                reason,
+            },
+            other => other,
+        })?;
+        Ok(c)
+    }
+
     /// What the kernel's `BREAKER_LIMITS` holds.
     #[must_use]
     pub fn limits(&self) -> BreakerLimits {
@@ -174,6 +198,32 @@ impl BreakersConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_replaces_only_the_thresholds_it_names() {
+        let global = BreakersConfig::default();
+        let plan = crate::plans::PlanBreaker {
+            min_calls: Some(5),
+            base_ejection_ms: Some(500),
+            ..Default::default()
+        };
+        let c = global.with_plan(&plan).unwrap();
+        assert_eq!((c.min_calls, c.base_ejection_ms), (5, 500));
+        assert_eq!(
+            (c.failure_ratio, c.window_ms, c.max_ejection_ms),
+            (0.5, 10_000, 60_000)
+        );
+        // A base ejection above the configuration's maximum is named as the plan's field.
+        let e = global
+            .with_plan(&crate::plans::PlanBreaker {
+                base_ejection_ms: Some(120_000),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("breaker.base_ejection_ms"), "{e}");
+        assert!(e.contains("120000 is above"), "{e}");
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_values_name_the_field_and_limit() {

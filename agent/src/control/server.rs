@@ -193,8 +193,10 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             }
             let stopped = agent.supervisor.stop(&name).await;
             if stopped.is_ok() {
-                // Its SLOs leave with it (removing can only make the set valid).
+                // Its SLOs and breaker thresholds leave with it (removing can only make the
+                // set valid).
                 let _ = agent.set_workload_slos(&name, Vec::new());
+                let _ = agent.broker.set_plan_breaker(&name, None);
             }
             Ok(stopped.map_or_else(error, Response::Stopped))
         }

@@ -44,9 +44,7 @@ fn reload_in_background(agent: &Arc<Agent>, why: &'static str) {
 /// about that (P7); otherwise at the SLOs' tick. The SLO summary admission reads is refreshed
 /// at the SLOs' tick.
 fn sample_every(agent: &Agent) -> std::time::Duration {
-    if crate::lanes::broker::trip::Trips::enabled(&agent.config.breakers)
-        && agent.broker.has_lanes()
-    {
+    if agent.broker.trips_enabled() && agent.broker.has_lanes() {
         std::time::Duration::from_millis(20).min(agent.slo.tick())
     } else {
         agent.slo.tick()

@@ -113,6 +113,45 @@ pub struct Slo {
     pub availability: Option<f64>,
 }
 
+/// The circuit breaker the agent computes for the workload's lane service, while it runs: the
+/// fields given replace the configuration's `breakers` values for that service alone.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBreaker {
+    /// The lane service (default: the workload's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$"))]
+    pub service: Option<String>,
+    /// Share of the window's calls that failed which opens the breaker (0: not judged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub failure_ratio: Option<f64>,
+    /// A round trip longer than this is a slow call, ms (0: slow calls are not judged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 60_000.0))]
+    pub slow_call_ms: Option<f64>,
+    /// Share of the window's answered calls that were slow which opens the breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub slow_call_ratio: Option<f64>,
+    /// The sliding window, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 3_600_000))]
+    pub window_ms: Option<u32>,
+    /// Calls the window must hold before a ratio is judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub min_calls: Option<u32>,
+    /// How long the breaker first stays open, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 3_600_000))]
+    pub base_ejection_ms: Option<u32>,
+    /// The longest it stays open at once, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 3_600_000))]
+    pub max_ejection_ms: Option<u32>,
+}
+
 /// What the agent does when the workload exits.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -164,6 +203,9 @@ pub struct Plan {
     /// Service-level requirements.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo: Option<Slo>,
+    /// Circuit-breaker thresholds of the workload's lane service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<PlanBreaker>,
     /// Labels (admission constraints read them).
     #[serde(default)]
     #[schemars(extend("maxProperties" = 32, "propertyNames" = {"pattern": "^[a-z0-9][a-z0-9./_-]{0,62}$"}))]

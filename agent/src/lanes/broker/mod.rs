@@ -125,6 +125,9 @@ impl State {
     }
 }
 
+/// A lane service and the breaker thresholds a running workload's plan gives it.
+pub type PlanBreaker = ((Quadrant, String), crate::config::BreakersConfig);
+
 /// A lane a workload's plan declares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeclaredLane {
@@ -153,6 +156,8 @@ pub struct Broker {
     state: Mutex<State>,
     /// Workloads with a shadow generation, and the share of requests mirrored to it (ppm).
     shadows: Mutex<BTreeMap<(Quadrant, String), u32>>,
+    /// Service breaker thresholds from running workloads' plans, by workload key.
+    plan_breakers: Mutex<BTreeMap<String, PlanBreaker>>,
     /// What each quadrant's open lanes hold, kept by `state` and read by the pool's filler
     /// without taking its lock.
     usage: Arc<open_lanes::Usage>,
@@ -228,6 +233,7 @@ impl Broker {
             declared: Mutex::new(BTreeMap::new()),
             state: Mutex::new(state),
             shadows: Mutex::new(BTreeMap::new()),
+            plan_breakers: Mutex::new(BTreeMap::new()),
             usage,
             events,
             next_lane: AtomicU64::new(1),

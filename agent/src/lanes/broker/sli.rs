@@ -140,6 +140,18 @@ impl State {
     }
 }
 
+/// The owner other than `owner` of thresholds for `key` in `plans`.
+fn other_owner(
+    plans: &BTreeMap<String, super::PlanBreaker>,
+    owner: &str,
+    key: &(Quadrant, String),
+) -> Option<String> {
+    plans
+        .iter()
+        .find(|(o, (k, _))| o.as_str() != owner && k == key)
+        .map(|(other, _)| other.clone())
+}
+
 fn quadrant_of(name: &str) -> Quadrant {
     Quadrant::from_name(name).unwrap_or(Quadrant::Dx)
 }
@@ -182,15 +194,15 @@ impl Broker {
         now_ns: u64,
         totals: &BTreeMap<(Quadrant, String), SliTotals>,
     ) -> Vec<super::trip::Transition> {
-        let cfg = &self.config.breakers;
-        if !super::trip::Trips::enabled(cfg) {
+        if !self.trips_enabled() {
             return Vec::new();
         }
+        let overrides = self.breaker_overrides();
         let transitions = self
             .trips
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .judge(now_ns, totals, cfg);
+            .judge(now_ns, totals, &self.config.breakers, &overrides);
         for t in &transitions {
             let port = self
                 .state()
@@ -211,13 +223,94 @@ impl Broker {
         transitions
     }
 
-    /// The service breakers for `quadrant breakers`.
+    /// The service breakers for `quadrant breakers`, each with the workload whose plan sets
+    /// its thresholds.
     #[must_use]
     pub fn service_breakers(&self, now_ns: u64) -> Vec<super::trip::ServiceBreakerRow> {
-        self.trips
+        let mut rows = self
+            .trips
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .rows(now_ns)
+            .rows(now_ns);
+        let plans = self
+            .plan_breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for r in &mut rows {
+            r.plan = plans
+                .iter()
+                .find(|(_, ((q, s), _))| format!("{}/{s}", q.name()) == r.service)
+                .map(|(owner, _)| owner.clone());
+        }
+        rows
+    }
+
+    /// Whether the agent computes any service breaker (the configuration's thresholds or a
+    /// plan's).
+    #[must_use]
+    pub fn trips_enabled(&self) -> bool {
+        super::trip::Trips::enabled(&self.config.breakers)
+            || self
+                .plan_breakers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .values()
+                .any(|(_, c)| super::trip::Trips::enabled(c))
+    }
+
+    /// The thresholds plans set, by service.
+    fn breaker_overrides(&self) -> BTreeMap<(Quadrant, String), crate::config::BreakersConfig> {
+        self.plan_breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Sets (or with `None` removes) the breaker thresholds workload `owner`'s plan gives its
+    /// lane service.
+    ///
+    /// # Errors
+    /// Another running workload's plan set thresholds for the same service already.
+    pub fn set_plan_breaker(
+        &self,
+        owner: &str,
+        thresholds: Option<super::PlanBreaker>,
+    ) -> Result<(), String> {
+        let mut plans = self
+            .plan_breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match thresholds {
+            None => {
+                plans.remove(owner);
+            }
+            Some((key, cfg)) => {
+                if let Some(other) = other_owner(&plans, owner, &key) {
+                    return Err(format!(
+                        "{}/{} has breaker thresholds from the plan of {other} already",
+                        key.0.name(),
+                        key.1
+                    ));
+                }
+                plans.insert(owner.to_owned(), (key, cfg));
+            }
+        }
+        Ok(())
+    }
+
+    /// The running workload other than `owner` whose plan set breaker thresholds for `key`.
+    #[must_use]
+    pub fn plan_breaker_owner(&self, owner: &str, key: &(Quadrant, String)) -> Option<String> {
+        other_owner(
+            &self
+                .plan_breakers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            owner,
+            key,
+        )
     }
 
     /// Refuses an open to a service whose breaker is open.
@@ -226,15 +319,14 @@ impl Broker {
         q: Quadrant,
         service: &str,
     ) -> Result<(), super::decide::Refused> {
+        let cfg = self
+            .breaker_overrides()
+            .remove(&(q, service.to_owned()))
+            .unwrap_or_else(|| self.config.breakers.clone());
         self.trips
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .check(
-                q,
-                service,
-                crate::breakers::monotonic_ns(),
-                &self.config.breakers,
-            )
+            .check(q, service, crate::breakers::monotonic_ns(), &cfg)
     }
 
     /// The workload offering `service` in `q` (from its SPIFFE ID), if it is offered.

@@ -152,6 +152,10 @@ pub struct ServiceBreakerRow {
     pub retry_after_ms: Option<u64>,
     /// Times it opened.
     pub opened: u64,
+    /// The workload whose plan's `breaker` section sets its thresholds (absent: the
+    /// configuration's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 #[expect(clippy::cast_precision_loss, reason = "call counts far below 2^52")]
@@ -184,27 +188,33 @@ impl Trips {
         cfg.enabled && (cfg.failure_ratio > 0.0 || cfg.slow_call_ms > 0.0)
     }
 
-    /// Feeds the services' cumulative totals at `now_ns` and returns the transitions.
+    /// Feeds the services' cumulative totals at `now_ns` and returns the transitions; a
+    /// service in `overrides` (a plan's `breaker` section) is judged by its own thresholds.
     pub fn judge(
         &mut self,
         now_ns: u64,
         totals: &BTreeMap<(Quadrant, String), SliTotals>,
-        cfg: &BreakersConfig,
+        global: &BreakersConfig,
+        overrides: &BTreeMap<(Quadrant, String), BreakersConfig>,
     ) -> Vec<Transition> {
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "validated: 0 to 60,000 ms"
-        )]
-        let slow_ns = (cfg.slow_call_ms * 1e6) as u64;
-        let window_ns = u64::from(cfg.window_ms) * 1_000_000;
-        let limits = dataplane_common::breaker::BreakerLimits {
-            base_ejection_ms: cfg.base_ejection_ms,
-            max_ejection_ms: cfg.max_ejection_ms,
-            ..Default::default()
-        };
         let mut out = Vec::new();
         for (key, t) in totals {
+            let cfg = overrides.get(key).unwrap_or(global);
+            if !Self::enabled(cfg) {
+                continue;
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "validated: 0 to 60,000 ms"
+            )]
+            let slow_ns = (cfg.slow_call_ms * 1e6) as u64;
+            let window_ns = u64::from(cfg.window_ms) * 1_000_000;
+            let limits = dataplane_common::breaker::BreakerLimits {
+                base_ejection_ms: cfg.base_ejection_ms,
+                max_ejection_ms: cfg.max_ejection_ms,
+                ..Default::default()
+            };
             let now_calls = Calls::of(t, slow_ns);
             let s = self.services.entry(key.clone()).or_insert_with(|| Tripped {
                 state: TripState::Closed,
@@ -346,6 +356,7 @@ impl Trips {
                         _ => None,
                     },
                     opened: s.opened,
+                    plan: None,
                 }
             })
             .collect()
@@ -389,10 +400,10 @@ mod tests {
         };
         let mut t = Trips::default();
         // 9 calls, all failed: too few to judge.
-        assert!(t.judge(0, &totals(9, 9), &cfg).is_empty());
+        assert!(t.judge(0, &totals(9, 9), &cfg, &BTreeMap::new()).is_empty());
         assert!(t.check(Quadrant::Px, "api", 0, &cfg).is_ok());
         // The tenth: 100 % failed ≥ 50 %: open for 100 ms.
-        let tr = t.judge(10 * MS, &totals(10, 10), &cfg);
+        let tr = t.judge(10 * MS, &totals(10, 10), &cfg, &BTreeMap::new());
         assert_eq!(tr.len(), 1);
         assert_eq!((tr[0].cause, tr[0].ejection_ms), ("failure_ratio", 100));
         assert_eq!(
@@ -414,7 +425,7 @@ mod tests {
         let r = t.check(Quadrant::Px, "api", 130 * MS, &cfg).unwrap_err();
         assert!(r.message.contains("is half-open"), "{}", r.message);
         assert_eq!(r.retry_after_ms, Some(80));
-        let tr = t.judge(130 * MS, &totals(10, 10), &cfg);
+        let tr = t.judge(130 * MS, &totals(10, 10), &cfg, &BTreeMap::new());
         assert_eq!(
             (tr[0].to, tr[0].cause),
             (TripState::HalfOpen, "ejection_elapsed")
@@ -424,17 +435,53 @@ mod tests {
         // lane goes through a base ejection later.
         assert!(t.check(Quadrant::Px, "api", 210 * MS, &cfg).is_ok());
         // Ten more calls, still all failing: open again for twice as long.
-        let tr = t.judge(200 * MS, &totals(20, 20), &cfg);
+        let tr = t.judge(200 * MS, &totals(20, 20), &cfg, &BTreeMap::new());
         assert_eq!((tr[0].cause, tr[0].ejection_ms), ("probe_failed", 200));
-        let tr = t.judge(400 * MS, &totals(20, 20), &cfg);
+        let tr = t.judge(400 * MS, &totals(20, 20), &cfg, &BTreeMap::new());
         assert_eq!(tr[0].to, TripState::HalfOpen);
         // Ten calls with 2 failures (20 % < 50 %): closed.
-        let tr = t.judge(500 * MS, &totals(30, 22), &cfg);
+        let tr = t.judge(500 * MS, &totals(30, 22), &cfg, &BTreeMap::new());
         assert_eq!(
             (tr[0].to, tr[0].cause),
             (TripState::Closed, "probe_succeeded")
         );
         assert_eq!(t.rows(500 * MS)[0].opened, 2);
+    }
+
+    #[test]
+    fn a_service_with_plan_thresholds_is_judged_by_them() {
+        let global = BreakersConfig {
+            min_calls: 20,
+            ..BreakersConfig::default()
+        };
+        let mut t = Trips::default();
+        let mut both = totals(5, 5);
+        both.insert(
+            (Quadrant::Px, "web".to_owned()),
+            both[&(Quadrant::Px, "api".to_owned())],
+        );
+        let overrides = BTreeMap::from([(
+            (Quadrant::Px, "web".to_owned()),
+            BreakersConfig {
+                min_calls: 5,
+                base_ejection_ms: 300,
+                ..global.clone()
+            },
+        )]);
+        // Five failed calls each: only web's plan judges that few.
+        let tr = t.judge(0, &both, &global, &overrides);
+        assert_eq!(tr.len(), 1, "{tr:?}");
+        assert_eq!((tr[0].service.as_str(), tr[0].ejection_ms), ("web", 300));
+        // A service its plan turns off is not judged, whatever the configuration says.
+        let off = BTreeMap::from([(
+            (Quadrant::Px, "api".to_owned()),
+            BreakersConfig {
+                failure_ratio: 0.0,
+                ..global.clone()
+            },
+        )]);
+        let mut t = Trips::default();
+        assert!(t.judge(0, &totals(30, 30), &global, &off).is_empty());
     }
 
     #[test]
@@ -447,8 +494,11 @@ mod tests {
         };
         let mut t = Trips::default();
         // 6 failures, then 2 s later 6 more: never 10 in one window.
-        assert!(t.judge(0, &totals(6, 6), &cfg).is_empty());
-        assert!(t.judge(2000 * MS, &totals(12, 12), &cfg).is_empty());
+        assert!(t.judge(0, &totals(6, 6), &cfg, &BTreeMap::new()).is_empty());
+        assert!(
+            t.judge(2000 * MS, &totals(12, 12), &cfg, &BTreeMap::new())
+                .is_empty()
+        );
         // 10 answered calls, 6 of them in a bucket from 1.28 ms on: slow.
         let mut s = SliTotals {
             requests: 10,
@@ -462,6 +512,7 @@ mod tests {
             0,
             &BTreeMap::from([((Quadrant::Px, "api".to_owned()), s)]),
             &cfg,
+            &BTreeMap::new(),
         );
         assert_eq!(tr[0].cause, "slow_call_ratio");
         assert_eq!(tr[0].window.slow, 6);
