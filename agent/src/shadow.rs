@@ -206,7 +206,9 @@ pub fn shadow_spec(config: &Config, q: Quadrant, live: &workloads::Spec) -> work
     let name = format!("{}{SHADOW_SUFFIX}", live.workload);
     let mut spec = live.clone();
     spec.key = shadow_key(&live.key);
+    // Its own groups, also the v1 ones of a hybrid host: the shadow's limits are its own.
     spec.cgroup = config.cgroup_dir(q).join(&name);
+    spec.workload.clone_from(&name);
     spec.log = live.log.with_file_name(format!("{}-{name}.log", q.name()));
     spec
 }
@@ -217,11 +219,12 @@ fn read_cpu_usec(config: &Config, q: Quadrant, cgroup: &str) -> Option<u64> {
 }
 
 fn read_memory(config: &Config, q: Quadrant, cgroup: &str) -> Option<u64> {
-    std::fs::read_to_string(config.cgroup_dir(q).join(cgroup).join("memory.current"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    workloads::memory_bytes(
+        &config.cgroup_dir(q).join(cgroup),
+        &config.instance,
+        q.name(),
+        cgroup,
+    )
 }
 
 /// What the lanes to `services` of `q` counted beyond `base`.

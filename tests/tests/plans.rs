@@ -1109,7 +1109,9 @@ fn shadow_fixture() -> (Fixture, String) {
     // A cost limit every slice breaks: the next generation is started as a shadow.
     config.slos = serde_yaml::from_str(
         "[{name: echo-cost, quadrant: px, service: echo, indicator: cost, \
-          objectives: [{target: 0.99, value: 0.000001}], timeWindow: [{duration: 28m}], minEvents: 1}]",
+          objectives: [{target: 0.99, value: 0.000001}], timeWindow: [{duration: 28m}], minEvents: 1}, \
+          {name: echo-memory, quadrant: px, service: echo, indicator: memory, \
+          objectives: [{target: 0.99, value: 1024}], timeWindow: [{duration: 28m}], minEvents: 1}]",
     )
     .expect("slos");
     config.shadows.fraction = 0.25;
@@ -1142,6 +1144,16 @@ fn measure_cost(fx: &Fixture, echo: &str) {
         );
     };
     assert!(cost["last"].as_f64().expect("last") > 0.0, "{cost:?}");
+    // The memory SLO judged the same slices by the workload's cgroup memory: far below 1 GiB.
+    let r = slo(fx);
+    let memory = &r["slos"][1];
+    assert_eq!(memory["name"], "echo-memory", "{r}");
+    let held = memory["memory_mib"]["last"]
+        .as_f64()
+        .expect("memory measured");
+    assert!(held > 0.0 && held < 1024.0, "{r}");
+    assert!(memory["events"]["total"].as_u64() >= Some(1), "{r}");
+    assert_eq!(memory["events"]["good"], memory["events"]["total"], "{r}");
 }
 
 /// (generation, state) of workload `name` in `quadrant workloads`.
@@ -1200,6 +1212,12 @@ fn mirrored_to_the_shadow(fx: &Fixture, echo: &str) -> Value {
     let mirrored = s["shadow"]["requests"].as_u64().unwrap_or_default();
     assert!((49..=50).contains(&(mirrored + dropped)), "{s}");
     assert_eq!(dropped, 0, "{call}");
+    // Each generation's memory, from its own cgroup (v1 groups on a hybrid host).
+    assert!(
+        s["live"]["memory_bytes"].as_u64() > Some(0)
+            && s["shadow"]["memory_bytes"].as_u64() > Some(0),
+        "{s}"
+    );
     s
 }
 

@@ -143,18 +143,31 @@ impl Agent {
         for t in self.broker.judge_trips(now, &totals) {
             crate::breakers::report_service(&self.config, &self.events, &self.admission, &t);
         }
-        let cpu = self
+        let usage = self
             .slo
             .cost_services()
             .into_iter()
             .filter_map(|(q, service)| {
                 let workload = self.broker.service_workload(q, &service)?;
-                let stat = self.config.cgroup_dir(q).join(workload).join("cpu.stat");
-                let usec = crate::slo::cpu_usage_usec(&std::fs::read_to_string(stat).ok()?)?;
-                Some(((q, service), usec))
+                let dir = self.config.cgroup_dir(q).join(&workload);
+                Some((
+                    (q, service),
+                    crate::slo::CgroupUsage {
+                        cpu_usec: std::fs::read_to_string(dir.join("cpu.stat"))
+                            .ok()
+                            .as_deref()
+                            .and_then(crate::slo::cpu_usage_usec),
+                        memory_bytes: crate::workloads::memory_bytes(
+                            &dir,
+                            &self.config.instance,
+                            q.name(),
+                            &workload,
+                        ),
+                    },
+                ))
             })
             .collect();
-        self.slo.observe(now, &totals, &cpu);
+        self.slo.observe(now, &totals, &usage);
         self.shadows.observe(self);
         if summarize {
             let report = self.slo.report(now);

@@ -112,7 +112,10 @@ fn a_shadow_runs_in_its_own_cgroup_under_its_own_key() {
         drop_net_raw: false,
     };
     let s = shadow_spec(&config, Quadrant::Px, &live);
-    assert_eq!(s.key, "px/api@shadow");
+    assert_eq!(
+        (s.key.as_str(), s.workload.as_str()),
+        ("px/api@shadow", "api@shadow")
+    );
     assert_eq!(s.cgroup, config.cgroup_dir(Quadrant::Px).join("api@shadow"));
     assert_eq!(
         s.log,

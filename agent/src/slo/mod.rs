@@ -96,7 +96,7 @@ fn events_of(spec: &SloSpec, t: &SliTotals) -> Events {
             total: answered,
         },
         // Counted per time slice in `SloService::observe`.
-        Indicator::Cost => Events::default(),
+        Indicator::Cost | Indicator::Memory => Events::default(),
     }
 }
 
@@ -209,12 +209,16 @@ pub struct SloStatus {
     /// and the objective's limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_per_1000: Option<CostFigure>,
+    /// Memory SLOs: the MiB the workload held at the end of the last slice, and the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<CostFigure>,
 }
 
-/// What a cost SLO measured last.
+/// What a cost or memory SLO measured last.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CostFigure {
-    /// CPU-seconds per 1,000 requests over the last time slice with requests.
+    /// CPU-seconds per 1,000 requests over the last time slice with requests (cost), or MiB
+    /// held at the end of the last slice (memory).
     pub last: f64,
     /// The objective's limit.
     pub limit: f64,
@@ -286,6 +290,7 @@ fn status(t: &mut Tracked, now_ns: u64) -> SloStatus {
         .collect();
     #[expect(clippy::cast_precision_loss, reason = "at most a minute in ns")]
     let threshold_ms = spec.threshold_ns().map(|ns| ns as f64 / 1e6);
+    let limit = spec.objectives.first().and_then(|o| o.value).unwrap_or(0.0);
     SloStatus {
         name: spec.name.clone(),
         quadrant: spec.quadrant.clone(),
@@ -303,10 +308,60 @@ fn status(t: &mut Tracked, now_ns: u64) -> SloStatus {
         budget_remaining: burn::budget_remaining(events, target),
         burn_rates,
         alerts,
-        cost_per_1000: t.last_cost.map(|last| CostFigure {
-            last,
-            limit: spec.objectives.first().and_then(|o| o.value).unwrap_or(0.0),
-        }),
+        cost_per_1000: t
+            .last_cost
+            .filter(|_| spec.indicator == Indicator::Cost)
+            .map(|last| CostFigure { last, limit }),
+        memory_mib: t
+            .last_cost
+            .filter(|_| spec.indicator == Indicator::Memory)
+            .map(|last| CostFigure { last, limit }),
+    }
+}
+
+/// What a service's workload cgroup reads now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    /// `usage_usec` of `cpu.stat` (cumulative).
+    pub cpu_usec: Option<u64>,
+    /// `memory.current`.
+    pub memory_bytes: Option<u64>,
+}
+
+/// Closes a memory SLO's slice once it is a second old: one event, good if the workload held
+/// at most the objective's MiB at its end. A workload that is not running opens no slice.
+fn observe_memory(t: &mut Tracked, now_ns: u64, bytes: Option<u64>) {
+    let Some(bytes) = bytes else {
+        t.slice = None;
+        return;
+    };
+    let fresh = Slice {
+        since_ns: now_ns,
+        cpu_usec: 0,
+        requests: 0,
+    };
+    match t.slice {
+        Some(s) if now_ns.saturating_sub(s.since_ns) >= SLICE_NS => {
+            #[expect(clippy::cast_precision_loss, reason = "bytes far below 2^52 MiB")]
+            let mib = bytes as f64 / 1_048_576.0;
+            let limit = t
+                .spec
+                .objectives
+                .first()
+                .and_then(|o| o.value)
+                .unwrap_or(0.0);
+            t.series.add(
+                now_ns,
+                Events {
+                    good: u64::from(mib <= limit),
+                    total: 1,
+                },
+            );
+            t.last_cost = Some(mib);
+            t.slice = Some(fresh);
+        }
+        Some(_) => {}
+        None => t.slice = Some(fresh),
     }
 }
 
@@ -373,11 +428,7 @@ pub fn by_quadrant(slos: &[SloStatus]) -> BTreeMap<String, QuadrantSlo> {
                     format!(
                         "{} ({} of {}/{}): {} good of {}, target {}, budget remaining {}{}",
                         s.name,
-                        match s.indicator {
-                            Indicator::Availability => "availability",
-                            Indicator::Latency => "latency",
-                            Indicator::Cost => "cost",
-                        },
+                        s.indicator.name(),
                         s.quadrant,
                         s.service,
                         s.events.good,
@@ -535,24 +586,25 @@ impl SloService {
         tracked
             .iter_mut()
             .filter(|t| {
-                t.spec.indicator == Indicator::Cost
-                    && t.spec.quadrant() == q
-                    && t.spec.service == service
+                t.spec.indicator.sliced() && t.spec.quadrant() == q && t.spec.service == service
             })
             .find_map(|t| {
                 let s = status(t, now_ns);
-                let cost = s.cost_per_1000?;
+                let (cost, unit) = match (s.cost_per_1000, s.memory_mib) {
+                    (Some(c), _) => (c, "CPU-s per 1,000 requests"),
+                    (None, Some(m)) => (m, "MiB"),
+                    (None, None) => return None,
+                };
+                let kind = s.indicator.name();
                 if s.budget_remaining.is_some_and(|b| b <= 0.0) {
                     return Some(format!(
-                        "cost SLO {} has spent its error budget ({:.4} CPU-s per 1,000 requests \
-                         last, limit {})",
+                        "{kind} SLO {} has spent its error budget ({:.4} {unit} last, limit {})",
                         s.name, cost.last, cost.limit
                     ));
                 }
                 (cost.last >= approach * cost.limit).then(|| {
                     format!(
-                        "cost SLO {} measured {:.4} CPU-s per 1,000 requests, at least {:.0} % \
-                         of its limit {}",
+                        "{kind} SLO {} measured {:.4} {unit}, at least {:.0} % of its limit {}",
                         s.name,
                         cost.last,
                         approach * 100.0,
@@ -562,33 +614,41 @@ impl SloService {
             })
     }
 
-    /// The services with a cost SLO.
+    /// The services with a cost or memory SLO (measured from their workload's cgroup).
     #[must_use]
     pub fn cost_services(&self) -> Vec<(Quadrant, String)> {
         self.tracked
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .filter(|t| t.spec.indicator == Indicator::Cost)
+            .filter(|t| t.spec.indicator.sliced())
             .map(|t| (t.spec.quadrant(), t.spec.service.clone()))
             .collect()
     }
 
-    /// Feeds the windows with what the services' totals grew by since the last call; `cpu` is
-    /// the CPU time (µs, cumulative) the workloads of the cost SLOs' services used.
+    /// Feeds the windows with what the services' totals grew by since the last call; `usage`
+    /// is what the cgroups of the cost and memory SLOs' services' workloads read now.
     pub fn observe(
         &self,
         now_ns: u64,
         totals: &BTreeMap<(Quadrant, String), SliTotals>,
-        cpu: &BTreeMap<(Quadrant, String), u64>,
+        usage: &BTreeMap<(Quadrant, String), CgroupUsage>,
     ) {
         let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
         for t in tracked.iter_mut() {
-            if t.spec.indicator == Indicator::Cost {
-                let key = (t.spec.quadrant(), t.spec.service.clone());
-                let requests = totals.get(&key).map_or(0, |s| s.requests);
-                observe_cost(t, now_ns, cpu.get(&key).copied(), requests);
-                continue;
+            let key = (t.spec.quadrant(), t.spec.service.clone());
+            let read = usage.get(&key);
+            match t.spec.indicator {
+                Indicator::Cost => {
+                    let requests = totals.get(&key).map_or(0, |s| s.requests);
+                    observe_cost(t, now_ns, read.and_then(|u| u.cpu_usec), requests);
+                    continue;
+                }
+                Indicator::Memory => {
+                    observe_memory(t, now_ns, read.and_then(|u| u.memory_bytes));
+                    continue;
+                }
+                Indicator::Availability | Indicator::Latency => {}
             }
             let now = totals
                 .get(&(t.spec.quadrant(), t.spec.service.clone()))

@@ -25,7 +25,33 @@ pub enum Indicator {
     /// spent at most `objectives[0].value` CPU-seconds per 1,000 lane requests to the service
     /// (`cpu.stat` of the workload's cgroup).
     Cost,
+    /// The share of one-second time slices at whose end the service's workload held at most
+    /// `objectives[0].value` MiB of memory (`memory.current` of its cgroup): the memory side of
+    /// its cost.
+    Memory,
 }
+
+impl Indicator {
+    /// Its name in configurations and reports.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Availability => "availability",
+            Self::Latency => "latency",
+            Self::Cost => "cost",
+            Self::Memory => "memory",
+        }
+    }
+
+    /// Measured from the workload's cgroup in one-second slices (`cost`, `memory`).
+    #[must_use]
+    pub const fn sliced(self) -> bool {
+        matches!(self, Self::Cost | Self::Memory)
+    }
+}
+
+/// Largest memory objective, MiB (1 TiB).
+pub const MAX_MEMORY_MIB: f64 = 1_048_576.0;
 
 /// How the error budget is counted. Only `Occurrences` (good events / all events).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -202,6 +228,15 @@ impl SloSpec {
                     format!("{at}.objectives[0].value"),
                     format!(
                         "a cost SLO needs CPU-seconds per 1000 requests above 0 and at most 1000000, got {v:?}"
+                    ),
+                ));
+            }
+            (Indicator::Memory, Some(v)) if v > 0.0 && v <= MAX_MEMORY_MIB => {}
+            (Indicator::Memory, v) => {
+                return Err(invalid(
+                    format!("{at}.objectives[0].value"),
+                    format!(
+                        "a memory SLO needs MiB above 0 and at most {MAX_MEMORY_MIB}, got {v:?}"
                     ),
                 ));
             }

@@ -32,7 +32,13 @@ fn cost_slos_count_one_second_slices_of_cpu_per_thousand_requests() {
                     ..SliTotals::default()
                 },
             )]),
-            BTreeMap::from([(key.clone(), cpu_usec)]),
+            BTreeMap::from([(
+                key.clone(),
+                CgroupUsage {
+                    cpu_usec: Some(cpu_usec),
+                    memory_bytes: None,
+                },
+            )]),
         )
     };
     let (t, c) = at(0, 0);
@@ -62,6 +68,58 @@ fn cost_slos_count_one_second_slices_of_cpu_per_thousand_requests() {
     );
     let e = spec::validate(&[bad]).unwrap_err().to_string();
     assert!(e.contains("CPU-seconds per 1000 requests"), "{e}");
+}
+
+#[test]
+fn memory_slos_count_one_second_slices_of_what_the_workload_holds() {
+    // At most 64 MiB.
+    let memory = spec(
+        "{name: echo-memory, quadrant: dg, service: echo, indicator: memory, \
+         objectives: [{target: 0.9, value: 64}], timeWindow: [{duration: 1h}]}",
+    );
+    let svc = SloService::new(&[memory]);
+    assert_eq!(svc.cost_services(), [(Quadrant::Dg, "echo".to_owned())]);
+    let key = (Quadrant::Dg, "echo".to_owned());
+    let at = |mib: u64| {
+        BTreeMap::from([(
+            key.clone(),
+            CgroupUsage {
+                cpu_usec: None,
+                memory_bytes: Some(mib << 20),
+            },
+        )])
+    };
+    let none = BTreeMap::new();
+    svc.observe(S, &none, &at(10));
+    svc.observe(2 * S, &none, &at(64));
+    svc.observe(3 * S, &none, &at(65));
+    let s = &svc.report(3 * S).slos[0];
+    assert_eq!(s.events, Events { good: 1, total: 2 });
+    assert_eq!(
+        s.memory_mib,
+        Some(CostFigure {
+            last: 65.0,
+            limit: 64.0
+        })
+    );
+    assert_eq!(s.cost_per_1000, None);
+    // A workload that is not running opens no slice.
+    svc.observe(4 * S, &none, &BTreeMap::new());
+    svc.observe(5 * S, &none, &BTreeMap::new());
+    assert_eq!(svc.report(5 * S).slos[0].events.total, 2);
+    // Near the limit: a new generation of its workload would start as a shadow.
+    let why = svc
+        .cost_near_limit(5 * S, Quadrant::Dg, "echo", 0.8)
+        .unwrap();
+    assert!(why.starts_with("memory SLO echo-memory"), "{why}");
+    // Invalid without MiB, or beyond 1 TiB.
+    for bad in ["", ", value: 2000000"] {
+        let bad = spec(&format!(
+            "{{name: m, quadrant: dg, service: echo, indicator: memory, objectives: [{{target: 0.9{bad}}}]}}"
+        ));
+        let e = spec::validate(&[bad]).unwrap_err().to_string();
+        assert!(e.contains("a memory SLO needs MiB"), "{e}");
+    }
 }
 
 #[test]

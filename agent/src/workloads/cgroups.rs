@@ -81,6 +81,24 @@ pub(super) fn prepare_cgroups(spec: &Spec) -> Result<(Vec<PathBuf>, String), Wor
     ))
 }
 
+/// The memory workload `workload` of `quadrant` holds: `memory.current` of its v2 group
+/// `cgroup`, or on a hybrid host `memory.usage_in_bytes` of its v1 group. `None` when neither
+/// exists (not running, or no memory controller).
+#[must_use]
+pub fn memory_bytes(cgroup: &Path, instance: &str, quadrant: &str, workload: &str) -> Option<u64> {
+    let read = |p: &Path| fs::read_to_string(p).ok()?.trim().parse().ok();
+    read(&cgroup.join("memory.current")).or_else(|| {
+        read(
+            &Path::new(V1_ROOT)
+                .join("memory")
+                .join(instance)
+                .join(quadrant)
+                .join(workload)
+                .join("memory.usage_in_bytes"),
+        )
+    })
+}
+
 /// Removes the v1 groups of a workload (the v2 group goes with the quadrant's).
 pub(super) fn remove_v1_cgroups(spec: &Spec) {
     for controller in ["memory", "pids", "cpu"] {
