@@ -1041,7 +1041,7 @@ fn audited(inst: &Instance, kind: &str) -> Vec<Value> {
 #[test]
 fn a_burning_latency_slo_moves_new_auto_lanes_to_another_transport() {
     let mut config = test_config(None);
-    config.lanes.reroute_hold_secs = 1;
+    config.lanes.reroute_hold_secs = 3;
     config.slos = serde_yaml::from_str(
         "[{name: echo-fast, quadrant: dg, service: echo, indicator: latency, \
           objectives: [{target: 0.9, value: 1}], timeWindow: [{duration: 28m}], minEvents: 5}, \
@@ -1088,6 +1088,9 @@ fn a_burning_latency_slo_moves_new_auto_lanes_to_another_transport() {
     );
     let second = auto_call(&inst);
     assert_eq!(second["transport"], "uds", "{second}");
+    // During the hold only half of the new auto lanes move: the next one keeps shm.
+    let kept = auto_call(&inst);
+    assert_eq!(kept["transport"], "shm", "{kept}");
     // A lane that asks for shared memory still gets it.
     let asked = summary(&call(
         &inst,
@@ -1097,8 +1100,9 @@ fn a_burning_latency_slo_moves_new_auto_lanes_to_another_transport() {
         &["--transport", "shm", "--count", "2"],
     ));
     assert_eq!(asked["transport"], "shm");
-    // Past the hold, the Unix socket meets the target: no switch back.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past the hold, the Unix socket meets the target: no switch back, and every new auto
+    // lane goes to it.
+    std::thread::sleep(Duration::from_millis(3500));
     let third = auto_call(&inst);
     assert_eq!(third["transport"], "uds", "{third}");
     std::thread::sleep(Duration::from_millis(500));

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{ConfigError, invalid};
 
 /// RTT lane settings.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LanesConfig {
     /// Largest message a lane carries (shared-memory rings are sized for it).
@@ -27,10 +27,19 @@ pub struct LanesConfig {
     /// at most once in this many seconds.
     #[serde(default = "default_reroute_hold_secs")]
     pub reroute_hold_secs: u32,
+    /// During the hold after a re-route, the share of new `auto` lanes that go to the new
+    /// transport (the others keep the old one), so a switch never moves all of a service's
+    /// new lanes at once; after the hold all go to it.
+    #[serde(default = "default_reroute_fraction")]
+    pub reroute_fraction: f64,
 }
 
 const fn default_reroute_hold_secs() -> u32 {
     60
+}
+
+const fn default_reroute_fraction() -> f64 {
+    0.5
 }
 
 /// Kernel acceleration of local TCP (lanes and any other TCP between the quadrants' workloads).
@@ -58,6 +67,7 @@ impl Default for LanesConfig {
             limits: BTreeMap::new(),
             tcp_acceleration: TcpAcceleration::Auto,
             reroute_hold_secs: default_reroute_hold_secs(),
+            reroute_fraction: default_reroute_fraction(),
         }
     }
 }

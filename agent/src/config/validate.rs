@@ -118,6 +118,15 @@ impl Config {
                 format!("{m} is outside {MIN_LANE_MESSAGE}..={MAX_LANE_MESSAGE}"),
             ));
         }
+        if !(self.lanes.reroute_fraction > 0.0 && self.lanes.reroute_fraction <= 1.0) {
+            return Err(invalid(
+                "lanes.reroute_fraction",
+                format!(
+                    "{} is outside (0, 1]: the share of new lanes a re-route moves during its hold",
+                    self.lanes.reroute_fraction
+                ),
+            ));
+        }
         if !(1..=86_400).contains(&self.lanes.reroute_hold_secs) {
             return Err(invalid(
                 "lanes.reroute_hold_secs",

@@ -1,9 +1,11 @@
 //! Re-routing lane services whose latency SLO burns: new `auto` lanes to such a service go first
 //! to the transport whose lanes met the latency threshold most often since the last decision
 //! (or, without measurements of the others, to the next transport the service offers, to
-//! measure it). At most one switch per `lanes.reroute_hold_secs` per service (hysteresis); open
-//! lanes keep their transport and drain as their ends close them; lanes that ask for a
-//! transport get it.
+//! measure it). At most one switch per `lanes.reroute_hold_secs` per service (hysteresis), and
+//! during that hold only `lanes.reroute_fraction` of the new `auto` lanes go to the new
+//! transport (the first of them among them; the rest keep the old one), so one switch never
+//! moves all of a service's new lanes; open lanes keep their transport and drain as their ends
+//! close them; lanes that ask for a transport get it.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +20,10 @@ use crate::lanes::Transport;
 #[derive(Debug, Default)]
 struct Route {
     preferred: Option<Transport>,
+    /// What `auto` lanes went to before the last switch.
+    previous: Option<Transport>,
+    /// Parts per million of new lanes owed to the new transport during the hold.
+    credit: u64,
     switched_at_ns: Option<u64>,
     /// Per transport (answered, within) at the last decision.
     seen: [(u64, u64); 3],
@@ -50,12 +56,31 @@ fn share(within: u64, answered: u64) -> f64 {
 }
 
 impl Routes {
-    /// The transport `auto` lanes to the service try first, if re-routed.
-    #[must_use]
-    pub fn preferred(&self, q: Quadrant, service: &str) -> Option<Transport> {
-        self.by_service
-            .get(&(q, service.to_owned()))
-            .and_then(|r| r.preferred)
+    /// The transport the next `auto` lane to the service tries first, if re-routed: within
+    /// `hold_ns` of the switch, `fraction_ppm` of them the new transport (the first one
+    /// included) and the others the old; after it, the new one.
+    pub fn preferred(
+        &mut self,
+        q: Quadrant,
+        service: &str,
+        now_ns: u64,
+        (hold_ns, fraction_ppm): (u64, u64),
+    ) -> Option<Transport> {
+        let r = self.by_service.get_mut(&(q, service.to_owned()))?;
+        let holding = r
+            .switched_at_ns
+            .is_some_and(|at| now_ns.saturating_sub(at) < hold_ns);
+        match r.previous {
+            Some(previous) if holding => {
+                let new = r.credit >= 1_000_000;
+                if new {
+                    r.credit -= 1_000_000;
+                }
+                r.credit += fraction_ppm;
+                if new { r.preferred } else { Some(previous) }
+            }
+            _ => r.preferred,
+        }
     }
 
     /// Decides for a service whose latency SLO burns: `offered` are the transports it takes
@@ -124,7 +149,10 @@ impl Routes {
                 )
             }
         };
+        route.previous = Some(current);
         route.preferred = Some(to);
+        // The first new lane after the switch goes to the new transport.
+        route.credit = 1_000_000;
         route.switched_at_ns = Some(now_ns);
         route.seen = totals.by_transport;
         Some(Rerouted {
@@ -140,10 +168,25 @@ impl Routes {
 impl Broker {
     /// The transport `auto` lanes to `service` in `q` try first, if re-routed.
     pub(super) fn preferred_transport(&self, q: Quadrant, service: &str) -> Option<Transport> {
+        let lanes = &self.config.lanes;
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "validated to (0, 1]"
+        )]
+        let fraction_ppm = (lanes.reroute_fraction * 1e6).round() as u64;
         self.routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .preferred(q, service)
+            .preferred(
+                q,
+                service,
+                crate::breakers::monotonic_ns(),
+                (
+                    u64::from(lanes.reroute_hold_secs) * 1_000_000_000,
+                    fraction_ppm,
+                ),
+            )
     }
 
     /// Re-routes `service` in `q`, whose latency SLO burns, if the figures say so (see the
@@ -224,7 +267,28 @@ mod tests {
             "{}",
             t.reason
         );
-        assert_eq!(r.preferred(Quadrant::Dg, "echo"), Some(Transport::Uds));
+        // Within the hold a third of the new lanes go to uds (the first of them), the others
+        // keep shm; after it all go to uds.
+        let hold = (60 * S, 333_334);
+        let picks: Vec<Transport> = (0..6)
+            .map(|i| r.preferred(Quadrant::Dg, "echo", S + i, hold).unwrap())
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                Transport::Uds,
+                Transport::Shm,
+                Transport::Shm,
+                Transport::Uds,
+                Transport::Shm,
+                Transport::Shm
+            ]
+        );
+        assert_eq!(
+            r.preferred(Quadrant::Dg, "echo", 61 * S, hold),
+            Some(Transport::Uds)
+        );
+        assert_eq!(r.preferred(Quadrant::Dg, "other", S, hold), None);
         // Within the hold nothing moves, whatever the figures.
         let worse = totals([(10, 0), (30, 0), (0, 0)]);
         assert_eq!(
