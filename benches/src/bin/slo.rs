@@ -22,8 +22,17 @@
 //! lanes and then connects to the service's TCP port every 0.2 ms until the kernel refuses it
 //! (the agent judged the failure ratio and wrote the breaker into the kernel's map); it reports
 //! the time from the last failure to the first refusal.
+//!
+//! SC-007 (`slo sc007`): twelve lane services (six in DG called from DX, six in PX called from
+//! PG), each with an availability and a latency SLO (99 %, 99 % within 10 ms), under a steady
+//! load of a request every 10 ms per service for 20 s from clients that reopen their lane
+//! after a failure. Five seconds in, one service's process is killed (the fault) and stays
+//! down. At the end it reads `quadrant slo` and reports the share of configured SLOs held
+//! (budget left, or no data), over all of them and over those of the services the fault did
+//! not touch.
 
 use std::{
+    fmt::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::Stdio,
@@ -48,6 +57,138 @@ const SESSIONS: usize = 3;
 const SERVICES: u16 = 20;
 const SERVICE_PORTS: u16 = 7800;
 const MIN_CALLS: u32 = 10;
+const SC007_PER_SIDE: u16 = 6;
+const SC007_SECONDS: u64 = 20;
+const SC007_INTERVAL_MS: u64 = 10;
+const SC007_FAULT_AFTER: Duration = Duration::from_secs(5);
+
+/// What one steady client saw.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Steady {
+    sent: u64,
+    answered: u64,
+    failed: u64,
+    refused_opens: u64,
+}
+
+/// Requests to `service` in `quadrant` every `interval` until `seconds` have passed, paced
+/// from the intended send times; a failed lane is opened again (a refused open waits one
+/// interval).
+fn steady(
+    quadrant: &str,
+    service: &str,
+    seconds: u64,
+    interval: Duration,
+) -> anyhow::Result<Steady> {
+    use quadrant::lanes::{LaneClient, TransportChoice};
+    let mut client = LaneClient::connect(None)?;
+    let mut out = Steady::default();
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let msg = [7u8; 64];
+    let mut reply = Vec::with_capacity(64);
+    let mut lane = None;
+    let mut next = start;
+    while next < end {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        next += interval;
+        if lane.is_none() {
+            if let Ok(l) = client.open(quadrant, service, TransportChoice::Auto) {
+                lane = Some(l);
+            } else {
+                out.refused_opens += 1;
+                continue;
+            }
+        }
+        let Some(l) = lane.as_mut() else { continue };
+        out.sent += 1;
+        if l.request(&msg, &mut reply).is_ok() {
+            out.answered += 1;
+        } else {
+            out.failed += 1;
+            lane = None;
+        }
+    }
+    Ok(out)
+}
+
+/// The SC-007 run (see the module).
+fn sc007() -> anyhow::Result<()> {
+    let mut config = bench_config(true)?;
+    let services: Vec<(&str, &str, String)> = (0..SC007_PER_SIDE * 2)
+        .map(|i| {
+            let (server, client) = if i < SC007_PER_SIDE {
+                ("dg", "dx")
+            } else {
+                ("px", "pg")
+            };
+            (server, client, format!("svc{i}"))
+        })
+        .collect();
+    let mut slos = String::from("[");
+    for (q, _, name) in &services {
+        let _ = write!(
+            slos,
+            "{{name: {name}-up, quadrant: {q}, service: {name}, indicator: availability, \
+             objectives: [{{target: 0.99}}], timeWindow: [{{duration: 1h}}]}}, \
+             {{name: {name}-fast, quadrant: {q}, service: {name}, indicator: latency, \
+             objectives: [{{target: 0.99, value: 10}}], timeWindow: [{{duration: 1h}}]}},"
+        );
+    }
+    slos.push(']');
+    config.slos = serde_yaml::from_str(&slos)?;
+    config.validate()?;
+    let mut agent = Agent::start(&config, STATE_DIR, "qslo")?;
+    let echo = sibling("lane-echo")?.display().to_string();
+    for (q, _, name) in &services {
+        let mut child = agent
+            .exec(q, name, &[&echo, "serve", name])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        if !line.starts_with("listening") {
+            bail!("{name} did not start: {line:?}");
+        }
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        agent.servers.push(child);
+    }
+    let me = std::env::current_exe()?.display().to_string();
+    let (secs, interval) = (SC007_SECONDS.to_string(), SC007_INTERVAL_MS.to_string());
+    let clients = services
+        .iter()
+        .map(|(q, from, name)| {
+            agent
+                .exec(from, "client", &[&me, "steady", q, name, &secs, &interval])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(anyhow::Error::from)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::thread::sleep(SC007_FAULT_AFTER);
+    // The fault: the first service's process is killed and stays down.
+    let faulted = &services[0].2;
+    // (`quadrant exec` execs the service, so this is its process.)
+    agent.servers[0].kill()?;
+    let seen: Vec<Steady> = clients
+        .into_iter()
+        .map(|c| Ok(serde_json::from_slice(&c.wait_with_output()?.stdout)?))
+        .collect::<anyhow::Result<_>>()?;
+    // One SLO tick for the last requests.
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = agent
+        .quadrant()
+        .args(["slo", "--output", "json"])
+        .output()?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    print_sc007(&services, &seen, &report, faulted)
+}
 
 /// What the measuring workload reports for its connect loop.
 #[derive(Debug, Serialize, Deserialize)]
@@ -389,6 +530,76 @@ fn orchestrate() -> anyhow::Result<()> {
             }
         );
     }
+    sc007()
+}
+
+/// Prints the SC-007 table: each SLO, whether it held, and the shares.
+fn print_sc007(
+    services: &[(&str, &str, String)],
+    seen: &[Steady],
+    report: &serde_json::Value,
+    faulted: &str,
+) -> anyhow::Result<()> {
+    println!(
+        "SC-007: {} lane services, a request every {SC007_INTERVAL_MS} ms each for {SC007_SECONDS} s; {faulted} killed after {} s",
+        services.len(),
+        SC007_FAULT_AFTER.as_secs()
+    );
+    println!(
+        "{:<10} {:>8} {:>9} {:>7} {:>14}",
+        "service", "sent", "answered", "failed", "refused opens"
+    );
+    for ((q, _, name), s) in services.iter().zip(seen) {
+        println!(
+            "{:<10} {:>8} {:>9} {:>7} {:>14}",
+            format!("{q}/{name}"),
+            s.sent,
+            s.answered,
+            s.failed,
+            s.refused_opens
+        );
+    }
+    let slos = report["slos"].as_array().context("slos")?;
+    println!(
+        "{:<14} {:>10} {:>9} {:>12} {:>6}",
+        "SLO", "good/total", "SLI", "budget left", "held"
+    );
+    let (mut held, mut held_others, mut others) = (0, 0, 0);
+    for s in slos {
+        let name = s["name"].as_str().unwrap_or_default();
+        let budget = s["budget_remaining"].as_f64();
+        // No data never counts against an SLO (and never gates); a budget left is held.
+        let ok = budget.is_none_or(|b| b > 0.0);
+        let touched = s["service"] == faulted;
+        held += usize::from(ok);
+        if !touched {
+            others += 1;
+            held_others += usize::from(ok);
+        }
+        println!(
+            "{:<14} {:>10} {:>9} {:>12} {:>6}",
+            name,
+            format!("{}/{}", s["events"]["good"], s["events"]["total"]),
+            s["sli"]
+                .as_f64()
+                .map_or_else(|| "-".into(), |v| format!("{v:.4}")),
+            budget.map_or_else(|| "-".into(), |b| format!("{:.1} %", b * 100.0)),
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a few dozen SLOs")]
+    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
+    println!(
+        "SLOs held: {held}/{} ({:.1} %) in all; {held_others}/{others} ({:.1} %) of the services the fault did not touch (target >= 99.5 %: {})",
+        slos.len(),
+        pct(held, slos.len()),
+        pct(held_others, others),
+        if pct(held_others, others) >= 99.5 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
     Ok(())
 }
 
@@ -403,6 +614,21 @@ fn main() -> anyhow::Result<()> {
         }
         Some("agent-trips") => {
             println!("{}", serde_json::to_string(&agent_trips(addr(2)?)?)?);
+            Ok(())
+        }
+        Some("sc007") => sc007(),
+        Some("steady") => {
+            let arg = |i: usize| {
+                args.get(i)
+                    .context("steady QUADRANT SERVICE SECONDS INTERVAL_MS")
+            };
+            let seen = steady(
+                arg(2)?,
+                arg(3)?,
+                arg(4)?.parse()?,
+                Duration::from_millis(arg(5)?.parse()?),
+            )?;
+            println!("{}", serde_json::to_string(&seen)?);
             Ok(())
         }
         Some("trips") => {
