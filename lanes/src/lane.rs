@@ -963,17 +963,12 @@ mod tests {
     }
 
     /// Runs `client_gaps.len()` echoes (the client pausing before each request, the service
-    /// before each answer); a lost wake-up shows as a run that does not finish in time.
+    /// before each answer); a lost wake-up shows as a run that never finishes.
     fn echo_with_gaps(client_gaps: Vec<u64>, server_gaps: Vec<u64>, size: usize) {
-        let longest = client_gaps
-            .iter()
-            .chain(&server_gaps)
-            .max()
-            .copied()
-            .unwrap_or(0);
-        // Generous: every message paying the longest gap on both sides, plus 100 ms.
-        let budget = Duration::from_millis(100)
-            + Duration::from_micros(2 * longest + 20) * u32::try_from(client_gaps.len()).unwrap();
+        // A sleeping end waits in poll(2) without a timeout, so a lost wake-up never finishes;
+        // a slow run (a loaded machine, another test's agents) still does. The limit only has
+        // to tell the two apart, not time anything.
+        let budget = Duration::from_secs(30);
         let (mut client, mut server) = shm_pair(4096, 4);
         let n = client_gaps.len();
         let (done_tx, done_rx) = mpsc::channel();
