@@ -392,3 +392,44 @@ fn a_failing_lane_service_trips_its_breaker_in_the_agent_and_in_the_kernel() {
         "{err}"
     );
 }
+
+/// An agent replaced by its successor (`down --keep-dataplane`, then `up`) hands its breakers
+/// over: one that three failed connects opened stays open under the new agent — a listener that
+/// appears meanwhile is still not reached — with its failures, ejection and count of openings,
+/// and `status` reports the breakers carried.
+#[test]
+fn an_open_breaker_stays_open_across_an_agent_upgrade() {
+    let mut c = config();
+    c.breakers.base_ejection_ms = 5000;
+    let mut inst = Instance::up(c, QPROBE);
+    let dg = format!("{}:7150", inst.addr(Quadrant::Dg));
+    for _ in 0..3 {
+        assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
+    }
+    let before = breaker(&inst, "dx", &dg).expect("open before the upgrade");
+    assert_eq!(before["state"], "open", "{before}");
+    let out = inst.stop_keeping_dataplane();
+    assert!(out.status.success(), "{out:?}");
+    inst.start_agent();
+    let carried = inst.status().carried.expect("a takeover");
+    assert!(carried.breakers >= 1, "{carried:?}");
+    let after = breaker(&inst, "dx", &dg).expect("carried over");
+    assert_eq!(
+        (
+            &after["state"],
+            &after["consecutive_failures"],
+            &after["ejection_ms"],
+            &after["opened"]
+        ),
+        (
+            &before["state"],
+            &before["consecutive_failures"],
+            &before["ejection_ms"],
+            &before["opened"]
+        ),
+        "{after}"
+    );
+    let _server = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7150"]);
+    assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
+    assert_eq!(tcp(&inst, Quadrant::Dg, &dg, "1000"), "ok hello");
+}

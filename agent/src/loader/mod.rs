@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 mod attach;
 mod breakers;
+mod carry_breakers;
 mod takeover;
 mod writers;
 

@@ -47,6 +47,9 @@ pub struct Carried {
     /// Whether the counters were carried over (`false`: an older `STATS` layout, they restart
     /// from zero).
     pub counters: bool,
+    /// Circuit breakers (`BREAKERS` entries) carried over with their state.
+    #[serde(default)]
+    pub breakers: u64,
 }
 
 /// The maps and links an earlier agent left pinned, opened and checked.
@@ -62,6 +65,9 @@ pub struct KeptDataplane {
     /// The counters as first copied, to add only what the old programs counted afterwards.
     stats_copied: Vec<Vec<u64>>,
     flows: u64,
+    /// The kept circuit breakers (map layout 6 on).
+    breakers: Option<super::carry_breakers::KeptBreakers>,
+    breakers_copied: u64,
 }
 
 impl std::fmt::Debug for KeptDataplane {
@@ -180,6 +186,7 @@ impl KeptDataplane {
             None
         };
         Ok(Self {
+            breakers: super::carry_breakers::KeptBreakers::open(&dir, layout),
             dir,
             layout,
             conntrack,
@@ -187,6 +194,7 @@ impl KeptDataplane {
             lane_socks,
             stats_copied: Vec::new(),
             flows: 0,
+            breakers_copied: 0,
         })
     }
 
@@ -303,6 +311,9 @@ impl Dataplane {
     /// before any program of this object is attached (no program writes the maps yet).
     pub fn carry_state(&mut self, kept: &mut KeptDataplane) -> Result<(), LoaderError> {
         kept.flows = copy_flows(kept.layout, &kept.conntrack, &mut conntrack_of(self)?)?;
+        if let Some(b) = &kept.breakers {
+            kept.breakers_copied = b.copy_into(self, false)?;
+        }
         if let Some(old) = &kept.stats {
             let mut new = stats_of(self)?;
             for index in 0..old.len() {
@@ -398,6 +409,9 @@ impl Dataplane {
     /// the kernel frees once nothing refers to them).
     pub fn finish_takeover(&mut self, mut kept: KeptDataplane) -> Result<Carried, LoaderError> {
         kept.flows += copy_flows(kept.layout, &kept.conntrack, &mut conntrack_of(self)?)?;
+        if let Some(b) = &kept.breakers {
+            kept.breakers_copied += b.copy_into(self, true)?;
+        }
         if let Some(old) = &kept.stats {
             let mut new = stats_of(self)?;
             for (index, copied) in (0..old.len()).zip(&kept.stats_copied) {
@@ -442,6 +456,7 @@ impl Dataplane {
             to_map_layout: MAP_LAYOUT_VERSION,
             flows: kept.flows,
             counters: kept.stats.is_some(),
+            breakers: kept.breakers_copied,
         })
     }
 }
