@@ -1432,3 +1432,36 @@ fn a_plan_sets_the_breaker_thresholds_of_its_service() {
     assert!(ok, "{err}");
     assert_eq!(breakers()["services"][0]["plan"], Value::Null);
 }
+
+/// A shadow generation does not outlive its agent: across `down --keep-dataplane` and `up` the
+/// live generation is adopted and serves on, the shadow's process is stopped and recorded as
+/// rejected.
+#[test]
+fn a_shadow_generation_is_stopped_across_an_agent_upgrade() {
+    let (mut fx, echo) = shadow_fixture();
+    let (ok, _, err) = fx.sign_and_submit(&echo_plan(&fx, &echo, 1, ""), "prod");
+    assert!(ok, "{err}");
+    let (ok, _, err) =
+        fx.sign_and_submit_with(&echo_plan(&fx, &echo, 2, ""), "prod", &["--shadow"]);
+    assert!(ok, "{err}");
+    let out = fx.inst.stop_keeping_dataplane();
+    assert!(out.status.success(), "{out:?}");
+    fx.inst.start_agent();
+    assert_eq!(
+        workload_state(&fx, "px/echo"),
+        Some((Some(1), Some("running".into())))
+    );
+    assert_eq!(
+        workload_state(&fx, "px/echo@shadow").map(|s| s.1),
+        Some(Some("stopped".into()))
+    );
+    assert_eq!(shadows(&fx)["shadows"], json!([]));
+    calls_succeed_again(&fx, &echo);
+    let audit = fs::read_to_string(&fx.inst.config.audit_log).expect("audit log");
+    assert!(
+        audit.lines().any(|l| l.contains("\"kind\":\"shadow\"")
+            && l.contains("\"action\":\"rejected\"")
+            && l.contains("agent upgrade")),
+        "{audit}"
+    );
+}

@@ -129,6 +129,30 @@ fn start(config: &crate::config::Config) -> Result<(Agent, Vec<workloads::Handov
 async fn adopt_workloads(agent: &Agent, handed: Vec<workloads::Handover>) {
     for h in handed {
         let spec = h.spec.clone();
+        // A shadow generation's comparison (its baselines, its mirroring) does not survive the
+        // hand-over: it is stopped, and recorded as rejected; its generation stays spent.
+        if let Some(live) = spec
+            .key
+            .strip_suffix(crate::identity::attest::SHADOW_SUFFIX)
+        {
+            let adopted = agent.supervisor.adopt(h).is_ok();
+            if adopted {
+                let _ = agent.supervisor.stop(&spec.key).await;
+            }
+            warn!(
+                workload = live,
+                generation = spec.generation,
+                "the shadow generation handed over is stopped: a shadow does not outlive its agent"
+            );
+            let record = serde_json::json!({
+                "action": crate::shadow::Decision::Rejected, "workload": live,
+                "generation": spec.generation, "reason": "agent upgrade",
+            });
+            if let Err(e) = agent.admission.record("shadow", record) {
+                warn!(error = %e, "shadow stop not audited");
+            }
+            continue;
+        }
         if let Err(e) = agent.supervisor.adopt(h) {
             warn!(error = %e, "handed-over workload not adopted");
             if spec.restart != plans::RestartPolicy::Never
