@@ -93,7 +93,9 @@ pub struct BreakerKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Breaker {
-    /// Monotonic clock (ns) until which an open breaker refuses.
+    /// Monotonic clock (ns) until which an open breaker refuses. For a UDP breaker also: while
+    /// closed, when its current window of port-unreachables began; while half-open, when its
+    /// probe datagram went.
     pub open_until_ns: u64,
     /// Connections refused by this breaker.
     pub refused: u64,

@@ -21,8 +21,10 @@
 /// messages with `EACCES`, `sendmsg` no longer takes datagrams for its replies); 6: the verdict
 /// trace (`CONFIG.trace`, records through aya-log's `AYA_LOGS` ring buffer); 7: circuit breakers
 /// (`connect4`/`sendmsg4` refuse an open breaker with `ECONNREFUSED`; the breaker `sock_ops` on
-/// every quadrant cgroup counts failed connects and opens, probes and closes breakers).
-pub const PROGRAM_SET_VERSION: u32 = 7;
+/// every quadrant cgroup counts failed connects and opens, probes and closes breakers); 8: UDP
+/// breakers (the tc program delivering into a quadrant counts the ICMP port-unreachables its
+/// datagrams earn; `sendmsg4`/`connect4` let one datagram probe a UDP breaker past its ejection).
+pub const PROGRAM_SET_VERSION: u32 = 8;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with

@@ -1,6 +1,14 @@
 //! Circuit breakers in the kernel (see `dataplane_common::breaker`): the check `connect4` and
-//! `sendmsg4` make once the policy allowed a destination, and the `sock_ops` program on each
-//! quadrant's cgroup that learns how the quadrant's TCP connects end.
+//! `sendmsg4` make once the policy allowed a destination, the `sock_ops` program on each
+//! quadrant's cgroup that learns how the quadrant's TCP connects end, and — for UDP — the tc
+//! program delivering into a quadrant, which sees the ICMP port-unreachables its datagrams
+//! earned.
+//!
+//! UDP breakers: `consecutive_failures` port-unreachables within [`UDP_WINDOW_NS`] open one
+//! (while closed, `open_until_ns` holds the start of that window). After the ejection the next
+//! datagram goes through as the probe (half-open; `open_until_ns` is then when it went) and the
+//! others are refused; an unreachable for the probe reopens it for twice as long, and the first
+//! datagram [`UDP_QUIET_NS`] after the probe without one closes it.
 //!
 //! Per breaker the fields are read and written without atomics: two CPUs failing at the same
 //! instant may count one failure once, which delays the opening by one failure at most. The one
@@ -27,13 +35,18 @@ use dataplane_common::{
         next_ejection_ms,
     },
     identity::QUADRANT_COUNT_U32,
-    policy::PROTO_TCP,
+    policy::{PROTO_TCP, PROTO_UDP},
 };
 
 use crate::decide::{identity_of, is_loopback};
 
 /// IPv4 address family.
 const AF_INET: u32 = 2;
+
+/// Port-unreachables further apart than this start counting again.
+const UDP_WINDOW_NS: u64 = 10_000_000_000;
+/// A UDP probe without a port-unreachable for this long succeeded.
+const UDP_QUIET_NS: u64 = 1_000_000_000;
 
 /// Breaker state. Writers: the cgroup programs, `quadrant_breaker_sockops`, the agent.
 #[map(name = "BREAKERS")]
@@ -135,14 +148,7 @@ pub fn at_connect(ctx: *mut c_void, key: BreakerKey, connect: bool) -> Option<Re
         return Some(Reason::RefuseBreakerOpen);
     }
     if !tcp_connect {
-        // Datagrams and UDP connects have no probe the kernel could judge: past its ejection
-        // time an open breaker lets them through; the agent decides what follows.
-        return if b.state == OPEN {
-            None
-        } else {
-            b.refused += 1;
-            Some(Reason::RefuseBreakerOpen)
-        };
+        return datagram_past_ejection(key, b, now);
     }
     // Ejection over (or a half-open breaker whose probe never reached TCP): this connect tries
     // to become the one probe.
@@ -179,6 +185,85 @@ pub fn at_connect(ctx: *mut c_void, key: BreakerKey, connect: bool) -> Option<Re
         track_connection(ctx, key);
     }
     None
+}
+
+/// A datagram (or UDP connect) to an open breaker whose ejection is over, or to a half-open one.
+/// A UDP breaker takes the first as its probe and closes once the probe went unanswered by an
+/// unreachable for [`UDP_QUIET_NS`]; a breaker the agent forced on a non-UDP key lets
+/// datagrams through past its ejection.
+#[inline(always)]
+fn datagram_past_ejection(key: BreakerKey, b: &mut Breaker, now: u64) -> Option<Reason> {
+    if key.proto != PROTO_UDP {
+        return if b.state == OPEN {
+            None
+        } else {
+            b.refused += 1;
+            Some(Reason::RefuseBreakerOpen)
+        };
+    }
+    if b.state == OPEN {
+        b.state = HALF_OPEN;
+        b.open_until_ns = now;
+        event(key, b, OPEN, CAUSE_PROBE_STARTED);
+        return None;
+    }
+    if now.saturating_sub(b.open_until_ns) > UDP_QUIET_NS {
+        b.state = CLOSED;
+        b.failures = 0;
+        b.open_until_ns = now;
+        event(key, b, HALF_OPEN, CAUSE_PROBE_SUCCEEDED);
+        b.ejection_ms = 0;
+        return None;
+    }
+    b.refused += 1;
+    Some(Reason::RefuseBreakerOpen)
+}
+
+/// A datagram quadrant `caller` sent from `source` to `daddr:dport` came back port-unreachable
+/// (seen by the tc program delivering into the quadrant). Counts towards the UDP breaker.
+#[inline(always)]
+pub fn udp_unreachable(caller: u8, daddr: u32, dport: u16) {
+    let limits = limits();
+    if limits.enabled == 0 || limits.consecutive_failures == 0 {
+        return;
+    }
+    let key = BreakerKey {
+        daddr,
+        dport,
+        proto: PROTO_UDP,
+        caller,
+    };
+    let now = now_ns();
+    if BREAKERS.get_ptr_mut(key).is_none() {
+        let fresh = Breaker {
+            open_until_ns: now,
+            ..Breaker::default()
+        };
+        let _ = BREAKERS.insert(key, fresh, u64::from(BPF_NOEXIST));
+    }
+    let Some(b) = BREAKERS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a map value pointer, valid for this program run.
+    let b = unsafe { &mut *b };
+    if b.state == OPEN {
+        // Answers to datagrams sent before it opened.
+        return;
+    }
+    b.failures = b.failures.saturating_add(1);
+    if b.state == HALF_OPEN {
+        open(b, next_ejection_ms(b.ejection_ms, &limits));
+        event(key, b, HALF_OPEN, CAUSE_PROBE_FAILED);
+        return;
+    }
+    if now.saturating_sub(b.open_until_ns) > UDP_WINDOW_NS {
+        b.failures = 1;
+        b.open_until_ns = now;
+    }
+    if b.failures >= limits.consecutive_failures {
+        open(b, limits.base_ejection_ms);
+        event(key, b, CLOSED, CAUSE_FAILURES);
+    }
 }
 
 /// Remembers that this socket's connection, once it reaches TCP, counts towards `key`'s limit.

@@ -22,6 +22,8 @@ const UDP_HLEN: usize = 8;
 const ICMP_MIN_HLEN: usize = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
 /// IPv4 `frag_off`: more-fragments flag and fragment offset.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const TCP_SYN: u8 = 0x02;
@@ -80,6 +82,33 @@ fn raw16(b: &[u8], at: usize) -> u16 {
 #[inline(always)]
 fn raw32(b: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A UDP datagram refused by its destination: the frame in `[start, end)` (already parsed as
+/// IPv4 ICMP by [`parse_frame`]) is an ICMP port-unreachable whose outer source is the
+/// datagram's destination itself. Returns the datagram's (source address, destination address,
+/// destination port), network order; `None` for anything else. An error a third host claims on
+/// the destination's behalf is not taken (quadrants cannot forge their source address).
+#[inline(always)]
+pub fn port_unreachable_udp(start: usize, end: usize) -> Option<(u32, u32, u16)> {
+    let ip = bytes_at::<IPV4_MIN_HLEN>(start, end, ETH_HLEN).ok()?;
+    if ip[9] != PROTO_ICMP {
+        return None;
+    }
+    let l4 = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
+    let icmp = bytes_at::<ICMP_MIN_HLEN>(start, end, l4).ok()?;
+    if icmp[0] != ICMP_DEST_UNREACH || icmp[1] != ICMP_PORT_UNREACH {
+        return None;
+    }
+    let inner = l4 + ICMP_MIN_HLEN;
+    let quoted = bytes_at::<IPV4_MIN_HLEN>(start, end, inner).ok()?;
+    let quoted_hlen = usize::from(quoted[0] & 0x0f) * 4;
+    if quoted[9] != PROTO_UDP || quoted_hlen < IPV4_MIN_HLEN {
+        return None;
+    }
+    let udp = bytes_at::<UDP_HLEN>(start, end, inner + quoted_hlen).ok()?;
+    let (source, destination) = (raw32(quoted, 12), raw32(quoted, 16));
+    (raw32(ip, 12) == destination).then_some((source, destination, raw16(udp, 2)))
 }
 
 /// Parses an Ethernet frame in `[start, end)`.

@@ -4,12 +4,14 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use dataplane_common::{Hook, Reason, Verdict, maps::IfaceValue, reason::UNATTRIBUTED_SLOT};
+use dataplane_common::{
+    Hook, Reason, Verdict, maps::IfaceValue, policy::PROTO_ICMP, reason::UNATTRIBUTED_SLOT,
+};
 
 use crate::{
-    decide::{Direction, count, decide_packet},
+    decide::{Direction, count, decide_packet, identity_of},
     maps::IFACES,
-    parse::{Frame, parse_frame},
+    parse::{Frame, parse_frame, port_unreachable_udp},
     trace::{self, Subject},
 };
 
@@ -24,6 +26,17 @@ pub fn run(ctx: &TcContext, hook: Hook, dir: Direction) -> i32 {
     match reason.verdict() {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
+    }
+}
+
+/// A port-unreachable delivered into `quadrant` about a datagram one of its addresses sent
+/// counts towards that destination's UDP breaker.
+#[inline(always)]
+fn unreachable_into(ctx: &TcContext, quadrant: u8) {
+    if let Some((source, daddr, dport)) = port_unreachable_udp(ctx.data(), ctx.data_end())
+        && identity_of(source) == quadrant
+    {
+        crate::breaker::udp_unreachable(quadrant, daddr, dport);
     }
 }
 
@@ -51,10 +64,16 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject) {
     }
     let (reason, subject) = match parsed {
         Ok(Frame::Arp) => (Reason::PassArp, Subject::None),
-        Ok(Frame::Ipv4(flow)) => (
-            decide_packet(&flow, quadrant, dir, true),
-            Subject::Packet(flow),
-        ),
+        Ok(Frame::Ipv4(flow)) => {
+            let reason = decide_packet(&flow, quadrant, dir, true);
+            if matches!(dir, Direction::IntoQuadrant)
+                && flow.proto == PROTO_ICMP
+                && matches!(reason.verdict(), Verdict::Pass)
+            {
+                unreachable_into(ctx, quadrant);
+            }
+            (reason, Subject::Packet(flow))
+        }
         Err(reason) => (reason, Subject::None),
     };
     (u32::from(quadrant), reason, subject)

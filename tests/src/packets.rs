@@ -159,3 +159,25 @@ pub fn truncated(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
     frame.truncate(len);
     frame
 }
+
+/// An ICMP port-unreachable from `from` to `to`, quoting (IPv4 header and the first 8 bytes) the
+/// UDP datagram `quoted_src:40000 → quoted_dst:dport` it answers.
+#[must_use]
+pub fn port_unreachable(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    quoted_src: Ipv4Addr,
+    quoted_dst: Ipv4Addr,
+    dport: u16,
+) -> Vec<u8> {
+    let quoted = udp(quoted_src, 40_000, quoted_dst, dport);
+    let payload = &quoted[14..14 + 28];
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv4(from.octets(), to.octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ));
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("write icmp");
+    out
+}

@@ -433,3 +433,64 @@ fn an_open_breaker_stays_open_across_an_agent_upgrade() {
     assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
     assert_eq!(tcp(&inst, Quadrant::Dg, &dg, "1000"), "ok hello");
 }
+
+/// UDP breakers: the port-unreachables DG's kernel sends for DX's datagrams to a closed port
+/// open DX's UDP breaker for it; the next datagram is refused at `sendmsg` with `ECONNREFUSED`
+/// and never leaves. After the ejection one datagram goes as the probe (the others are refused
+/// meanwhile) and, unanswered by an unreachable for a second, the next one closes the breaker.
+#[test]
+fn port_unreachables_open_a_udp_breaker_and_a_quiet_probe_closes_it() {
+    let mut inst = Instance::up(config(), QPROBE);
+    let dg = format!("{}:7160", inst.addr(Quadrant::Dg));
+    let udp = |inst: &Instance| inst.probe(Quadrant::Dx, &["udp-send", &dg, "200"]).1;
+    for i in 0..3 {
+        assert_eq!(udp(&inst), "err timeout", "datagram {i}: nothing listens");
+    }
+    let b = breaker(&inst, "dx", &dg).expect("a UDP breaker after three port-unreachables");
+    assert_eq!(
+        (&b["protocol"], &b["state"], &b["consecutive_failures"]),
+        (&"udp".into(), &"open".into(), &3.into()),
+        "{b}"
+    );
+    let _server = inst.serve(Quadrant::Dg, &["udp-echo", "0.0.0.0:7160"]);
+    assert_eq!(udp(&inst), "err ECONNREFUSED");
+    assert_eq!(
+        inst.counter("sendmsg4", Quadrant::Dx, "refuse_breaker_open"),
+        1
+    );
+    // After the ejection (600 ms + jitter): one probe, the next datagram refused at once.
+    thread::sleep(Duration::from_millis(700));
+    assert_eq!(udp(&inst), "ok hello");
+    assert_eq!(udp(&inst), "err ECONNREFUSED");
+    assert_eq!(
+        breaker(&inst, "dx", &dg).expect("entry")["state"],
+        "half_open"
+    );
+    // A second without an unreachable: the next datagram closes it.
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(udp(&inst), "ok hello");
+    assert_eq!(breaker(&inst, "dx", &dg).expect("entry")["state"], "closed");
+    let audit: Vec<(String, String, String)> = transitions(&inst, &dg, 3)
+        .iter()
+        .map(|t| {
+            let s = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
+            (s("from"), s("to"), s("cause"))
+        })
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            (
+                "closed".into(),
+                "open".into(),
+                "consecutive_failures".into()
+            ),
+            ("open".into(), "half_open".into(), "probe_started".into()),
+            (
+                "half_open".into(),
+                "closed".into(),
+                "probe_succeeded".into()
+            ),
+        ]
+    );
+}

@@ -15,8 +15,8 @@ use quadrant::{
     policy::{CompiledPolicy, KernelPolicy, PolicyBundle},
 };
 use quadrant_tests::packets::{
-    self, arp, ipv6_udp, lldp, ping, pong, tcp, tcp_ack, truncated, udp, vlan_udp, with_frag,
-    with_ihl, with_total_len, with_version,
+    self, arp, ipv6_udp, lldp, ping, pong, port_unreachable, tcp, tcp_ack, truncated, udp,
+    vlan_udp, with_frag, with_ihl, with_total_len, with_version,
 };
 
 const XDP_DROP: u32 = 1;
@@ -740,4 +740,60 @@ fn a_new_policy_goes_live_at_once_by_flipping_slots() {
             AllowPolicy,
         ),
     );
+}
+
+/// The tc program delivering into DX counts the ICMP port-unreachables DX's datagrams earn
+/// towards DX's UDP breaker for that destination — only those the destination itself sends
+/// about a datagram from DX's own address: a third party's claim (DG saying PX refused DX) and
+/// an error about another quadrant's datagram leave no breaker, however often they come.
+#[test]
+fn port_unreachables_into_a_quadrant_open_its_udp_breaker() {
+    use dataplane_common::breaker::{CLOSED, OPEN};
+    let config = Config::embedded();
+    let mut dp = dataplane(&config, true);
+    dp.write_breaker_limits(config.breakers.limits())
+        .expect("breaker limits");
+    let threshold = config.breakers.consecutive_failures;
+    for _ in 0..threshold {
+        for (what, frame) in [
+            (
+                "forged by DG for PX",
+                port_unreachable(DG, DX, DX, PX, 7160),
+            ),
+            (
+                "about PG's datagram",
+                port_unreachable(DG, DX, PG, DG, 7160),
+            ),
+        ] {
+            assert_eq!(
+                run(&mut dp, Hook::TcEgress, &frame, what),
+                TC_ACT_OK,
+                "{what}"
+            );
+        }
+    }
+    assert!(dp.breakers().expect("breakers").is_empty());
+    let frame = port_unreachable(DG, DX, DX, DG, 7160);
+    for i in 1..=threshold {
+        assert_eq!(run(&mut dp, Hook::TcEgress, &frame, "from DG"), TC_ACT_OK);
+        let all = dp.breakers().expect("breakers");
+        let [(key, b)] = all.as_slice() else {
+            panic!("one breaker expected: {all:?}");
+        };
+        assert_eq!(
+            (key.daddr, key.dport, key.proto, key.caller),
+            (
+                u32::from_ne_bytes(DG.octets()),
+                7160u16.to_be(),
+                17,
+                Quadrant::Dx as u8
+            )
+        );
+        assert_eq!(b.failures, i);
+        assert_eq!(
+            b.state,
+            if i < threshold { CLOSED } else { OPEN },
+            "after {i}"
+        );
+    }
 }
