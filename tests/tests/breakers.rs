@@ -312,6 +312,13 @@ fn a_failing_lane_service_trips_its_breaker_in_the_agent_and_in_the_kernel() {
     c.breakers.min_calls = 10;
     c.breakers.window_ms = 5000;
     c.breakers.base_ejection_ms = 2000;
+    // Its availability SLO counts the lanes' failures, the refused opens and the connects the
+    // kernel's breakers refused.
+    c.slos = serde_yaml::from_str(
+        "[{name: echo-up, quadrant: dg, service: echo, indicator: availability, \
+          objectives: [{target: 0.99}], timeWindow: [{duration: 28m}], minEvents: 1}]",
+    )
+    .expect("slos");
     let mut inst = Instance::up(c, QPROBE);
     let echo = sibling_binary(QPROBE, "lane-echo").display().to_string();
     // A service that takes every lane's first request and closes the lane without answering.
@@ -378,6 +385,19 @@ fn a_failing_lane_service_trips_its_breaker_in_the_agent_and_in_the_kernel() {
     let audit = transitions(&inst, "dg/echo", 1);
     assert_eq!(audit[0]["cause"], "failure_ratio", "{audit:?}");
     assert_eq!(audit[0]["calls"], 10, "{audit:?}");
+    // 10 unanswered requests, 1 open refused by the broker, 2 connects refused by the kernel.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = inst.quadrant(&["slo", "--output", "json"]);
+        let r: Value = serde_json::from_slice(&out.stdout).expect("slo json");
+        let events = &r["slos"][0]["events"];
+        if events["total"] == 13 {
+            assert_eq!(events["good"], 0, "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        thread::sleep(Duration::from_millis(100));
+    }
     // After the ejection: half-open, one probe lane opens (and still fails here); the next
     // open waits while the probe's calls are judged.
     thread::sleep(Duration::from_millis(2200));

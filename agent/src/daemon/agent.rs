@@ -167,6 +167,7 @@ impl Agent {
                 ))
             })
             .collect();
+        let totals = self.with_kernel_refusals(totals);
         self.slo.observe(now, &totals, &usage);
         self.shadows.observe(self);
         if summarize {
@@ -175,6 +176,43 @@ impl Agent {
             self.admission
                 .set_slo(&serde_json::to_value(report.quadrants).unwrap_or_default());
         }
+    }
+
+    /// `totals` with the TCP connects the kernel's breakers refused to each service's port
+    /// (`BREAKERS` entries for the service quadrant's address and that port).
+    fn with_kernel_refusals(
+        &self,
+        mut totals: std::collections::BTreeMap<
+            (dataplane_common::Quadrant, String),
+            crate::lanes::broker::sli::SliTotals,
+        >,
+    ) -> std::collections::BTreeMap<
+        (dataplane_common::Quadrant, String),
+        crate::lanes::broker::sli::SliTotals,
+    > {
+        let services = self.broker.tcp_services();
+        if services.is_empty() {
+            return totals;
+        }
+        let Ok(entries) = locked(&self.dataplane).breakers() else {
+            return totals;
+        };
+        for ((q, service), port) in services {
+            let addr = u32::from_ne_bytes(self.config.addrs(q).workload.octets());
+            let refused: u64 = entries
+                .iter()
+                .filter(|(k, _)| {
+                    k.daddr == addr
+                        && k.dport == port.to_be()
+                        && k.proto == dataplane_common::policy::PROTO_TCP
+                })
+                .map(|(_, b)| b.refused)
+                .sum();
+            if refused > 0 {
+                totals.entry((q, service)).or_default().connect_refusals = refused;
+            }
+        }
+        totals
     }
 
     /// Re-routes the services whose latency SLO has a rule firing (see

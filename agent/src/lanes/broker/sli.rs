@@ -47,6 +47,11 @@ pub struct SliTotals {
     /// Opens refused for a reason the service answers for (`no_service`, `busy`, `io`,
     /// `breaker_open`).
     pub open_failures: u64,
+    /// TCP connects to the service's port the kernel's breakers refused (`refused` of the
+    /// `BREAKERS` entries for it, every caller quadrant): the kernel's verdicts, counted
+    /// against its availability (filled in for the SLOs only, never for the breakers
+    /// themselves).
+    pub connect_refusals: u64,
     /// Answered round trips per histogram bucket (`ring::latency_bucket`).
     pub latency: [u64; LATENCY_BUCKETS],
     /// Per transport (in `Transport::ALL` order): answered requests, and those within the
@@ -61,6 +66,7 @@ impl Default for SliTotals {
             within: 0,
             failed: 0,
             open_failures: 0,
+            connect_refusals: 0,
             latency: [0; LATENCY_BUCKETS],
             by_transport: [(0, 0); 3],
         }
@@ -335,6 +341,16 @@ impl Broker {
         let state = self.state();
         let id = &state.services.get(&(q, service.to_owned()))?.spiffe_id;
         id.rsplit_once("/workload/").map(|(_, w)| w.to_owned())
+    }
+
+    /// The services that take TCP lanes, with their port.
+    #[must_use]
+    pub fn tcp_services(&self) -> Vec<((Quadrant, String), u16)> {
+        self.state()
+            .services
+            .iter()
+            .filter_map(|(k, s)| Some((k.clone(), s.tcp_port?)))
+            .collect()
     }
 
     /// The services workload `workload` of `q` offers (its live generation's).
