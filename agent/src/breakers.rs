@@ -198,7 +198,7 @@ pub fn render(report: &BreakersReport) -> String {
     for s in &report.services {
         let _ = writeln!(
             out,
-            "service {}: {} ({} calls, {} failed, {} slow in the window; ejection {} ms{}; opened {} times)",
+            "service {}: {} ({} calls, {} failed, {} slow in the window; ejection {} ms{}; opened {} times{}{})",
             s.service,
             s.state,
             s.calls,
@@ -207,7 +207,18 @@ pub fn render(report: &BreakersReport) -> String {
             s.ejection_ms,
             s.retry_after_ms
                 .map_or_else(String::new, |ms| format!(", retry after {ms} ms")),
-            s.opened
+            s.opened,
+            if s.rejection_probability > 0.0 {
+                format!(
+                    "; admission control refuses {:.1} %",
+                    s.rejection_probability * 100.0
+                )
+            } else {
+                String::new()
+            },
+            s.plan
+                .as_ref()
+                .map_or_else(String::new, |p| format!("; thresholds of {p}'s plan"))
         );
     }
     if report.breakers.is_empty() {

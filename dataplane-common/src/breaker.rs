@@ -22,6 +22,9 @@ pub const BREAKER_PROBES: &str = "BREAKER_PROBES";
 /// Hash: socket cookie → [`BreakerKey`], the connections counted in [`Breaker::active`] (only
 /// while [`BreakerLimits::max_connections`] is set), removed when they close.
 pub const BREAKER_CONNS: &str = "BREAKER_CONNS";
+/// Breaker key → the probability (parts per million) with which a `connect` through its closed
+/// breaker is refused (admission control). Writer: the agent.
+pub const BREAKER_ADMISSION: &str = "BREAKER_ADMISSION";
 /// Ring buffer of [`BreakerEvent`]s, read by the agent. Not pinned: each agent reads the one of
 /// the programs it loaded.
 pub const BREAKER_EVENTS: &str = "BREAKER_EVENTS";
@@ -125,8 +128,9 @@ pub struct BreakerLimits {
     pub base_ejection_ms: u32,
     /// Longest ejection time, ms.
     pub max_ejection_ms: u32,
-    /// Explicit padding (zero).
-    pub pad: u32,
+    /// 1: `connect`s through a closed breaker draw against its `BREAKER_ADMISSION` probability;
+    /// 0: no lookup.
+    pub admission: u32,
 }
 
 /// Value of [`BREAKER_PROBES`].
@@ -222,7 +226,7 @@ mod tests {
         max_connections: 0,
         base_ejection_ms: 1000,
         max_ejection_ms: 60_000,
-        pad: 0,
+        admission: 0,
     };
 
     #[test]

@@ -23,7 +23,9 @@
 /// (`connect4`/`sendmsg4` refuse an open breaker with `ECONNREFUSED`; the breaker `sock_ops` on
 /// every quadrant cgroup counts failed connects and opens, probes and closes breakers); 8: UDP
 /// breakers (the tc program delivering into a quadrant counts the ICMP port-unreachables its
-/// datagrams earn; `sendmsg4`/`connect4` let one datagram probe a UDP breaker past its ejection).
+/// datagrams earn; `sendmsg4`/`connect4` let one datagram probe a UDP breaker past its ejection,
+/// and a `connect` through a closed breaker draws against the agent's admission-control
+/// probability).
 pub const PROGRAM_SET_VERSION: u32 = 8;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
@@ -33,8 +35,9 @@ pub const PROGRAM_SET_VERSION: u32 = 8;
 /// (one entry and one lookup for both directions) and records which end opened it; 5:
 /// `LANE_SOCK_MODE` also records which end of a connection opened it, `LANE_ACCEL` counts
 /// refused messages; 6: `BREAKERS`, `BREAKER_LIMITS`, `BREAKER_PROBES`, `BREAKER_CONNS` and the
-/// `sock_ops` hook's counters.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+/// `sock_ops` hook's counters; 7: `BREAKER_ADMISSION` (and `BreakerLimits::admission` where
+/// layout 6 had padding).
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow

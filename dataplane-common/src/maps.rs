@@ -77,7 +77,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -96,6 +96,7 @@ pub const ALL: [&str; 18] = [
     crate::breaker::BREAKER_LIMITS,
     crate::breaker::BREAKER_PROBES,
     crate::breaker::BREAKER_CONNS,
+    crate::breaker::BREAKER_ADMISSION,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`

@@ -96,6 +96,10 @@ reasons! {
     /// The caller quadrant holds the most connections its breaker allows to this destination:
     /// `connect` fails with `ECONNREFUSED`.
     RefuseBreakerFull = 35, "refuse_breaker_full", Drop;
+    /// Admission control, as Envoy's: the destination's recent success rate made the agent set
+    /// a refusal probability on its closed breaker, and this `connect` drew a refusal: it fails
+    /// with `ECONNREFUSED`.
+    RefuseBreakerAdmission = 36, "refuse_breaker_admission", Drop;
 }
 
 impl Reason {
@@ -103,7 +107,10 @@ impl Reason {
     /// breaker) rather than `EPERM` (policy).
     #[must_use]
     pub const fn is_breaker(self) -> bool {
-        matches!(self, Self::RefuseBreakerOpen | Self::RefuseBreakerFull)
+        matches!(
+            self,
+            Self::RefuseBreakerOpen | Self::RefuseBreakerFull | Self::RefuseBreakerAdmission
+        )
     }
 }
 

@@ -69,6 +69,11 @@ static BREAKER_PROBES: HashMap<BreakerKey, BreakerProbe> =
 static BREAKER_CONNS: LruHashMap<u64, (BreakerKey, u64)> =
     LruHashMap::with_max_entries(BREAKER_CONNS_MAX, 0);
 
+/// Admission control: the probability (ppm) with which a `connect` through a closed breaker is
+/// refused. Writer: the agent.
+#[map(name = "BREAKER_ADMISSION")]
+static BREAKER_ADMISSION: HashMap<BreakerKey, u32> = HashMap::with_max_entries(BREAKERS_MAX, 0);
+
 /// Transitions for the agent. Writers: the cgroup programs and `quadrant_breaker_sockops`.
 #[map(name = "BREAKER_EVENTS")]
 static BREAKER_EVENTS: RingBuf = RingBuf::with_byte_size(BREAKER_EVENTS_BYTES, 0);
@@ -133,6 +138,10 @@ pub fn at_connect(ctx: *mut c_void, key: BreakerKey, connect: bool) -> Option<Re
     // SAFETY: a map value pointer, valid for this program run.
     let b = unsafe { &mut *b };
     if b.state == CLOSED {
+        if connect && limits.admission != 0 && admission_refuses(key) {
+            b.refused += 1;
+            return Some(Reason::RefuseBreakerAdmission);
+        }
         if tcp_connect && limits.max_connections != 0 {
             if b.active >= limits.max_connections {
                 b.refused += 1;
@@ -185,6 +194,18 @@ pub fn at_connect(ctx: *mut c_void, key: BreakerKey, connect: bool) -> Option<Re
         track_connection(ctx, key);
     }
     None
+}
+
+/// Whether this `connect` draws a refusal from `key`'s admission-control probability.
+#[inline(always)]
+fn admission_refuses(key: BreakerKey) -> bool {
+    // SAFETY: read-only lookup of a plain value.
+    let Some(&ppm) = (unsafe { BREAKER_ADMISSION.get(key) }) else {
+        return false;
+    };
+    // SAFETY: helper without preconditions.
+    let draw = unsafe { bpf_get_prandom_u32() } % 1_000_000;
+    draw < ppm
 }
 
 /// A datagram (or UDP connect) to an open breaker whose ejection is over, or to a half-open one.

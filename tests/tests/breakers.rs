@@ -514,3 +514,74 @@ fn port_unreachables_open_a_udp_breaker_and_a_quiet_probe_closes_it() {
         ]
     );
 }
+
+/// Admission control: a lane service that answers every other request (half its calls fail,
+/// below the 90 % that would open its breaker) keeps a closed breaker that refuses a share of
+/// the opens — lane opens at the broker, and TCP connects to its port in the kernel
+/// (`refuse_breaker_admission`) — while the rest go through.
+#[test]
+fn admission_control_refuses_a_share_of_the_connects_to_a_failing_service() {
+    let mut c = config();
+    c.breakers.min_calls = 10;
+    c.breakers.failure_ratio = 0.9;
+    c.breakers.admission_control = true;
+    let mut inst = Instance::up(c, QPROBE);
+    let echo = sibling_binary(QPROBE, "lane-echo").display().to_string();
+    let serve = [
+        echo.as_str(),
+        "serve",
+        "echo",
+        "--tcp-port",
+        "7550",
+        "--drop-after",
+        "1",
+    ];
+    let _server = inst.background_in(Quadrant::Dg, Some("echo"), &serve, "listening as");
+    // Each lane: one answered request, one dropped.
+    for _ in 0..6 {
+        let _ = inst.run_in(
+            Quadrant::Dx,
+            Some("client"),
+            &[
+                &echo,
+                "call",
+                "dg",
+                "echo",
+                "--transport",
+                "uds",
+                "--count",
+                "2",
+            ],
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let row = loop {
+        let r = breakers(&inst);
+        let row = r["services"][0].clone();
+        if row["rejection_probability"].as_f64().unwrap_or(0.0) > 0.0 {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "no admission control: {r}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(row["state"], "closed", "{row}");
+    let p = row["rejection_probability"].as_f64().expect("probability");
+    assert!((0.3..0.6).contains(&p), "{row}");
+    let port = format!("{}:7550", inst.addr(Quadrant::Dg));
+    let (mut refused, mut through) = (0, 0);
+    for _ in 0..40 {
+        if tcp(&inst, Quadrant::Dx, &port, "500") == "err ECONNREFUSED" {
+            refused += 1;
+        } else {
+            through += 1;
+        }
+    }
+    assert!(
+        refused > 0 && through > 0,
+        "{refused} refused, {through} through"
+    );
+    assert_eq!(
+        inst.counter("connect4", Quadrant::Dx, "refuse_breaker_admission"),
+        refused
+    );
+}

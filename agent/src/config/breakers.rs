@@ -45,6 +45,30 @@ pub struct BreakersConfig {
     /// breaker's judgement waits for).
     #[serde(default = "default_min_calls")]
     pub min_calls: u32,
+    /// Admission control, as Envoy's: while a lane service's breaker is closed, lane opens and
+    /// `connect`s to its TCP port are refused with a probability that grows as its success rate
+    /// over the window falls below `admission_success_threshold`.
+    #[serde(default)]
+    pub admission_control: bool,
+    /// The success rate admission control aims for.
+    #[serde(default = "default_admission_success_threshold")]
+    pub admission_success_threshold: f64,
+    /// How sharply the refusal probability rises (Envoy's `aggression`; 1: linearly).
+    #[serde(default = "default_admission_aggression")]
+    pub admission_aggression: f64,
+    /// The highest refusal probability admission control sets.
+    #[serde(default = "default_max_rejection_probability")]
+    pub max_rejection_probability: f64,
+}
+
+const fn default_admission_success_threshold() -> f64 {
+    0.95
+}
+const fn default_admission_aggression() -> f64 {
+    1.0
+}
+const fn default_max_rejection_probability() -> f64 {
+    0.8
 }
 
 impl Default for BreakersConfig {
@@ -60,6 +84,10 @@ impl Default for BreakersConfig {
             slow_call_ratio: default_slow_call_ratio(),
             window_ms: default_window_ms(),
             min_calls: default_min_calls(),
+            admission_control: false,
+            admission_success_threshold: default_admission_success_threshold(),
+            admission_aggression: default_admission_aggression(),
+            max_rejection_probability: default_max_rejection_probability(),
         }
     }
 }
@@ -98,6 +126,31 @@ const fn default_max_ejection_ms() -> u32 {
 }
 
 impl BreakersConfig {
+    /// Admission control's refusal probability (ppm) for a window of `calls` calls of which
+    /// `failed` failed (Envoy's formula: `((calls - successes / threshold) / (calls + 1)) ^ (1 /
+    /// aggression)`, at least 0, at most `max_rejection_probability`); 0 when it is off or the
+    /// window holds fewer than `min_calls` calls.
+    #[must_use]
+    pub fn rejection_ppm(&self, calls: u64, failed: u64) -> u32 {
+        if !self.admission_control || calls < u64::from(self.min_calls) || calls == 0 {
+            return 0;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "call counts far below 2^52")]
+        let (calls, successes) = (calls as f64, calls.saturating_sub(failed) as f64);
+        let base =
+            ((calls - successes / self.admission_success_threshold) / (calls + 1.0)).max(0.0);
+        let p = base
+            .powf(1.0 / self.admission_aggression)
+            .min(self.max_rejection_probability);
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "0 <= p <= 1"
+        )]
+        let ppm = (p * 1e6).round() as u32;
+        ppm
+    }
+
     /// These thresholds with a plan's `breaker` section over them, validated (a field at fault
     /// is named `breaker.<field>`).
     ///
@@ -131,7 +184,7 @@ impl BreakersConfig {
             max_connections: self.max_connections,
             base_ejection_ms: self.base_ejection_ms,
             max_ejection_ms: self.max_ejection_ms,
-            pad: 0,
+            admission: u32::from(self.enabled && self.admission_control),
         }
     }
 
@@ -182,6 +235,30 @@ impl BreakersConfig {
                 format!("{} is outside 1..=1000000", self.min_calls),
             ));
         }
+        for (field, v, lo, hi) in [
+            (
+                "breakers.admission_success_threshold",
+                self.admission_success_threshold,
+                0.0,
+                1.0,
+            ),
+            (
+                "breakers.admission_aggression",
+                self.admission_aggression,
+                0.01,
+                100.0,
+            ),
+            (
+                "breakers.max_rejection_probability",
+                self.max_rejection_probability,
+                0.0,
+                1.0,
+            ),
+        ] {
+            if !(v > lo && v <= hi) {
+                return Err(invalid(field, format!("{v} is outside ({lo}, {hi}]")));
+            }
+        }
         if self.base_ejection_ms > self.max_ejection_ms {
             return Err(invalid(
                 "breakers.base_ejection_ms",
@@ -198,6 +275,30 @@ impl BreakersConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admission_control_refuses_more_as_the_success_rate_falls() {
+        let on = BreakersConfig {
+            admission_control: true,
+            min_calls: 20,
+            ..BreakersConfig::default()
+        };
+        // Off, or too few calls: never.
+        assert_eq!(BreakersConfig::default().rejection_ppm(100, 50), 0);
+        assert_eq!(on.rejection_ppm(19, 19), 0);
+        // All successful: (100 - 100 / 0.95) / 101 < 0, so 0.
+        assert_eq!(on.rejection_ppm(100, 0), 0);
+        // Half failed: (100 - 50 / 0.95) / 101 = 0.468994 by hand.
+        assert_eq!(on.rejection_ppm(100, 50), 468_994);
+        // Aggression 2 takes the square root: 0.684832.
+        let sharp = BreakersConfig {
+            admission_aggression: 2.0,
+            ..on.clone()
+        };
+        assert_eq!(sharp.rejection_ppm(100, 50), 684_832);
+        // Everything failed: 100 / 101 = 0.99, held to the maximum of 0.8.
+        assert_eq!(on.rejection_ppm(100, 100), 800_000);
+    }
 
     #[test]
     fn a_plan_replaces_only_the_thresholds_it_names() {

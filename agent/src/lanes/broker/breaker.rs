@@ -28,6 +28,8 @@ const HALF_OPEN_RETRY_MS: u64 = 100;
 pub struct Breakers {
     pin: Option<PathBuf>,
     map: Mutex<Option<HashMap<MapData, BreakerKey, Breaker>>>,
+    /// The pinned `BREAKER_ADMISSION` (beside `BREAKERS`), opened on first use.
+    admission: Mutex<Option<HashMap<MapData, BreakerKey, u32>>>,
 }
 
 impl Breakers {
@@ -36,6 +38,7 @@ impl Breakers {
         Self {
             pin: Some(pin),
             map: Mutex::new(None),
+            admission: Mutex::new(None),
         }
     }
 
@@ -99,6 +102,52 @@ impl Breakers {
     }
 
     /// Refuses a TCP lane from `from` to `service` at `addr`:`port` while the breaker is open.
+    /// Sets admission control's refusal probability (ppm; 0 removes it) for `connect`s from
+    /// every quadrant to `addr:port` over TCP; each caller's breaker entry is created closed
+    /// if it has none, since the kernel consults the probability through it.
+    pub fn admission(&self, addr: Ipv4Addr, port: u16, ppm: u32) {
+        let Some(dir) = self.pin.as_ref().and_then(|p| p.parent()) else {
+            return;
+        };
+        let mut admission = self
+            .admission
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if admission.is_none() {
+            let Ok(data) = MapData::from_pin(dir.join(breaker::BREAKER_ADMISSION)) else {
+                return;
+            };
+            *admission = HashMap::try_from(Map::HashMap(data)).ok();
+        }
+        let Some(admission) = admission.as_mut() else {
+            return;
+        };
+        let mut breakers = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if breakers.is_none() {
+            let Some(data) = self.pin.as_ref().and_then(|p| MapData::from_pin(p).ok()) else {
+                return;
+            };
+            *breakers = HashMap::try_from(Map::HashMap(data)).ok();
+        }
+        for caller in Quadrant::ALL {
+            let key = BreakerKey {
+                daddr: u32::from_ne_bytes(addr.octets()),
+                dport: port.to_be(),
+                proto: PROTO_TCP,
+                caller: caller as u8,
+            };
+            if ppm == 0 {
+                let _ = admission.remove(&key);
+                continue;
+            }
+            if let Some(b) = breakers.as_mut() {
+                // BPF_NOEXIST: an existing entry keeps its state.
+                let _ = b.insert(key, Breaker::default(), 1);
+            }
+            let _ = admission.insert(key, ppm, 0);
+        }
+    }
+
     pub fn check(
         &self,
         from: Quadrant,

@@ -156,6 +156,8 @@ pub struct Broker {
     state: Mutex<State>,
     /// Workloads with a shadow generation, and the share of requests mirrored to it (ppm).
     shadows: Mutex<BTreeMap<(Quadrant, String), u32>>,
+    /// Admission control's refusal probability last written to the kernel, by service.
+    admission_written: Mutex<BTreeMap<(Quadrant, String), u32>>,
     /// Service breaker thresholds from running workloads' plans, by workload key.
     plan_breakers: Mutex<BTreeMap<String, PlanBreaker>>,
     /// What each quadrant's open lanes hold, kept by `state` and read by the pool's filler
@@ -234,6 +236,7 @@ impl Broker {
             state: Mutex::new(state),
             shadows: Mutex::new(BTreeMap::new()),
             plan_breakers: Mutex::new(BTreeMap::new()),
+            admission_written: Mutex::new(BTreeMap::new()),
             usage,
             events,
             next_lane: AtomicU64::new(1),

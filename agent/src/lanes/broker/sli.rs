@@ -146,6 +146,15 @@ impl State {
     }
 }
 
+/// A uniform draw below a million (admission control).
+fn draw_ppm() -> u32 {
+    let mut b = [0u8; 4];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return u32::MAX;
+    }
+    u32::from_ne_bytes(b) % 1_000_000
+}
+
 /// The owner other than `owner` of thresholds for `key` in `plans`.
 fn other_owner(
     plans: &BTreeMap<String, super::PlanBreaker>,
@@ -209,6 +218,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .judge(now_ns, totals, &self.config.breakers, &overrides);
+        self.write_admission(&overrides);
         for t in &transitions {
             let port = self
                 .state()
@@ -227,6 +237,39 @@ impl Broker {
             }
         }
         transitions
+    }
+
+    /// Tells the kernel admission control's refusal probability of each service that takes
+    /// TCP lanes, when it changed.
+    fn write_admission(
+        &self,
+        overrides: &BTreeMap<(Quadrant, String), crate::config::BreakersConfig>,
+    ) {
+        let rejections = self
+            .trips
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .rejections();
+        let ports: BTreeMap<(Quadrant, String), u16> = self.tcp_services().into_iter().collect();
+        let mut written = self
+            .admission_written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (key, ppm) in rejections {
+            let on = overrides
+                .get(&key)
+                .unwrap_or(&self.config.breakers)
+                .admission_control;
+            let ppm = if on { ppm } else { 0 };
+            let Some(&port) = ports.get(&key) else {
+                continue;
+            };
+            if written.get(&key).copied().unwrap_or(0) != ppm {
+                self.breakers
+                    .admission(self.config.addrs(key.0).workload, port, ppm);
+                written.insert(key, ppm);
+            }
+        }
     }
 
     /// The service breakers for `quadrant breakers`, each with the workload whose plan sets
@@ -332,7 +375,12 @@ impl Broker {
         self.trips
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .check(q, service, crate::breakers::monotonic_ns(), &cfg)
+            .check(
+                (q, service),
+                crate::breakers::monotonic_ns(),
+                &cfg,
+                draw_ppm(),
+            )
     }
 
     /// The workload offering `service` in `q` (from its SPIFFE ID), if it is offered.

@@ -102,6 +102,8 @@ struct Tripped {
     ejection_ms: u32,
     /// When the last probe lane was let through past the ejection (half-open).
     probe_at: Option<u64>,
+    /// Admission control's refusal probability while closed, ppm.
+    reject_ppm: u32,
     opened: u64,
     last: Option<Calls>,
     window: VecDeque<(u64, Calls)>,
@@ -152,6 +154,9 @@ pub struct ServiceBreakerRow {
     pub retry_after_ms: Option<u64>,
     /// Times it opened.
     pub opened: u64,
+    /// Admission control's refusal probability while closed (0 to 1).
+    #[serde(default)]
+    pub rejection_probability: f64,
     /// The workload whose plan's `breaker` section sets its thresholds (absent: the
     /// configuration's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,7 +190,16 @@ impl Trips {
     /// Whether the agent computes any ratio.
     #[must_use]
     pub fn enabled(cfg: &BreakersConfig) -> bool {
-        cfg.enabled && (cfg.failure_ratio > 0.0 || cfg.slow_call_ms > 0.0)
+        cfg.enabled && (cfg.failure_ratio > 0.0 || cfg.slow_call_ms > 0.0 || cfg.admission_control)
+    }
+
+    /// Admission control's refusal probability (ppm) for each service judged so far.
+    #[must_use]
+    pub fn rejections(&self) -> Vec<((Quadrant, String), u32)> {
+        self.services
+            .iter()
+            .map(|(k, s)| (k.clone(), s.reject_ppm))
+            .collect()
     }
 
     /// Feeds the services' cumulative totals at `now_ns` and returns the transitions; a
@@ -220,6 +234,7 @@ impl Trips {
                 state: TripState::Closed,
                 ejection_ms: 0,
                 probe_at: None,
+                reject_ppm: 0,
                 opened: 0,
                 last: None,
                 window: VecDeque::new(),
@@ -242,6 +257,11 @@ impl Trips {
                 .window
                 .iter()
                 .fold(Calls::default(), |acc, (_, c)| acc.plus(*c));
+            s.reject_ppm = if s.state == TripState::Closed {
+                cfg.rejection_ppm(w.calls, w.failed)
+            } else {
+                0
+            };
             let from = s.state;
             let (to, cause) = match from {
                 TripState::Closed => match over(w, cfg) {
@@ -289,17 +309,35 @@ impl Trips {
     /// Refuses an open to `service` in `q` while its breaker is open. Past the ejection
     /// (half-open, whether or not the sampler has said so yet) one lane is let through as the
     /// probe, and another only `base_ejection_ms` later while the probe's calls are judged.
+    ///
+    /// While closed, admission control refuses the open when `draw_ppm` (uniform below a
+    /// million) falls under the service's refusal probability.
     pub fn check(
         &mut self,
-        q: Quadrant,
-        service: &str,
+        (q, service): (Quadrant, &str),
         now_ns: u64,
         cfg: &BreakersConfig,
+        draw_ppm: u32,
     ) -> Result<(), Refused> {
         let Some(s) = self.services.get_mut(&(q, service.to_owned())) else {
             return Ok(());
         };
         let (wait_ns, why) = match s.state {
+            TripState::Closed if draw_ppm < s.reject_ppm => {
+                return Err(Refused {
+                    reason: Refusal::BreakerOpen,
+                    message: format!(
+                        "admission control of {}/{service} refused the open: its calls succeed \
+                         too rarely, so {:.1} % of opens are refused \
+                         (breakers.admission_success_threshold {})",
+                        q.name(),
+                        f64::from(s.reject_ppm) / 1e4,
+                        cfg.admission_success_threshold
+                    ),
+                    limit: None,
+                    retry_after_ms: None,
+                });
+            }
             TripState::Closed => return Ok(()),
             TripState::Open { until_ns } if now_ns < until_ns => (
                 until_ns - now_ns,
@@ -336,7 +374,7 @@ impl Trips {
     pub fn rows(&self, now_ns: u64) -> Vec<ServiceBreakerRow> {
         self.services
             .iter()
-            .filter(|(_, s)| s.opened > 0 || s.state != TripState::Closed)
+            .filter(|(_, s)| s.opened > 0 || s.state != TripState::Closed || s.reject_ppm > 0)
             .map(|((q, name), s)| {
                 let w = s
                     .window
@@ -356,6 +394,7 @@ impl Trips {
                         _ => None,
                     },
                     opened: s.opened,
+                    rejection_probability: f64::from(s.reject_ppm) / 1e6,
                     plan: None,
                 }
             })
@@ -401,7 +440,7 @@ mod tests {
         let mut t = Trips::default();
         // 9 calls, all failed: too few to judge.
         assert!(t.judge(0, &totals(9, 9), &cfg, &BTreeMap::new()).is_empty());
-        assert!(t.check(Quadrant::Px, "api", 0, &cfg).is_ok());
+        assert!(t.check((Quadrant::Px, "api"), 0, &cfg, 999_999).is_ok());
         // The tenth: 100 % failed ≥ 50 %: open for 100 ms.
         let tr = t.judge(10 * MS, &totals(10, 10), &cfg, &BTreeMap::new());
         assert_eq!(tr.len(), 1);
@@ -414,15 +453,22 @@ mod tests {
                 slow: 0
             }
         );
-        let r = t.check(Quadrant::Px, "api", 50 * MS, &cfg).unwrap_err();
+        let r = t
+            .check((Quadrant::Px, "api"), 50 * MS, &cfg, 999_999)
+            .unwrap_err();
         assert_eq!(
             (r.reason, r.retry_after_ms),
             (Refusal::BreakerOpen, Some(60))
         );
         // Past the ejection one probe lane goes through, before the next judgement says
         // half-open; the next open waits a base ejection for the probe's calls to be judged.
-        assert!(t.check(Quadrant::Px, "api", 110 * MS, &cfg).is_ok());
-        let r = t.check(Quadrant::Px, "api", 130 * MS, &cfg).unwrap_err();
+        assert!(
+            t.check((Quadrant::Px, "api"), 110 * MS, &cfg, 999_999)
+                .is_ok()
+        );
+        let r = t
+            .check((Quadrant::Px, "api"), 130 * MS, &cfg, 999_999)
+            .unwrap_err();
         assert!(r.message.contains("is half-open"), "{}", r.message);
         assert_eq!(r.retry_after_ms, Some(80));
         let tr = t.judge(130 * MS, &totals(10, 10), &cfg, &BTreeMap::new());
@@ -430,10 +476,16 @@ mod tests {
             (tr[0].to, tr[0].cause),
             (TripState::HalfOpen, "ejection_elapsed")
         );
-        assert!(t.check(Quadrant::Px, "api", 140 * MS, &cfg).is_err());
+        assert!(
+            t.check((Quadrant::Px, "api"), 140 * MS, &cfg, 999_999)
+                .is_err()
+        );
         // A probe whose calls never reach min_calls does not hold the service shut: another
         // lane goes through a base ejection later.
-        assert!(t.check(Quadrant::Px, "api", 210 * MS, &cfg).is_ok());
+        assert!(
+            t.check((Quadrant::Px, "api"), 210 * MS, &cfg, 999_999)
+                .is_ok()
+        );
         // Ten more calls, still all failing: open again for twice as long.
         let tr = t.judge(200 * MS, &totals(20, 20), &cfg, &BTreeMap::new());
         assert_eq!((tr[0].cause, tr[0].ejection_ms), ("probe_failed", 200));
@@ -446,6 +498,44 @@ mod tests {
             (TripState::Closed, "probe_succeeded")
         );
         assert_eq!(t.rows(500 * MS)[0].opened, 2);
+    }
+
+    #[test]
+    fn admission_control_refuses_opens_with_the_probability_of_the_success_rate() {
+        let cfg = BreakersConfig {
+            min_calls: 10,
+            failure_ratio: 0.9,
+            admission_control: true,
+            ..BreakersConfig::default()
+        };
+        let mut t = Trips::default();
+        // 20 calls, half failed: closed (below 90 %), refusing 45.2 % of opens (by hand:
+        // (20 - 10 / 0.95) / 21).
+        assert!(
+            t.judge(0, &totals(20, 10), &cfg, &BTreeMap::new())
+                .is_empty()
+        );
+        let key = (Quadrant::Px, "api".to_owned());
+        assert_eq!(t.rejections(), [(key, 451_128)]);
+        let r = t
+            .check((Quadrant::Px, "api"), 0, &cfg, 451_127)
+            .unwrap_err();
+        assert_eq!(r.reason, Refusal::BreakerOpen);
+        assert!(
+            r.message.contains("45.1 % of opens are refused"),
+            "{}",
+            r.message
+        );
+        assert!(t.check((Quadrant::Px, "api"), 0, &cfg, 451_128).is_ok());
+        assert!((t.rows(0)[0].rejection_probability - 0.451_128).abs() < 1e-9);
+        // Off: nothing refused whatever the draw.
+        let off = BreakersConfig {
+            admission_control: false,
+            ..cfg.clone()
+        };
+        let mut t = Trips::default();
+        let _ = t.judge(0, &totals(20, 10), &off, &BTreeMap::new());
+        assert!(t.check((Quadrant::Px, "api"), 0, &off, 0).is_ok());
     }
 
     #[test]
