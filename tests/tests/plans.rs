@@ -42,18 +42,7 @@ impl Fixture {
 
     /// Signs `plan` with key `key` via the CLI and submits it; returns (ok, stdout, stderr).
     fn sign_and_submit(&self, plan: &Value, key: &str) -> (bool, String, String) {
-        let plan_path = self.dir.join("plan.json");
-        fs::write(&plan_path, plan.to_string()).expect("write");
-        let key_path = self.dir.join(format!("keys/{key}.pk8"));
-        let (ok, envelope, err) = self.run(&[
-            "plan",
-            "sign",
-            plan_path.to_str().expect("utf8"),
-            "--key",
-            key_path.to_str().expect("utf8"),
-        ]);
-        assert!(ok, "sign: {err}");
-        self.submit_envelope(&envelope)
+        self.sign_and_submit_with(plan, key, &[])
     }
 
     fn submit_envelope(&self, envelope: &str) -> (bool, String, String) {

@@ -142,21 +142,8 @@ fn sc007() -> anyhow::Result<()> {
     config.slos = serde_yaml::from_str(&slos)?;
     config.validate()?;
     let mut agent = Agent::start(&config, STATE_DIR, "qslo")?;
-    let echo = sibling("lane-echo")?.display().to_string();
     for (q, _, name) in &services {
-        let mut child = agent
-            .exec(q, name, &[&echo, "serve", name])
-            .stdout(Stdio::piped())
-            .stdin(Stdio::null())
-            .spawn()?;
-        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line)?;
-        if !line.starts_with("listening") {
-            bail!("{name} did not start: {line:?}");
-        }
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        agent.servers.push(child);
+        start_service(&mut agent, q, name, &[])?;
     }
     let me = std::env::current_exe()?.display().to_string();
     let (secs, interval) = (SC007_SECONDS.to_string(), SC007_INTERVAL_MS.to_string());
@@ -348,25 +335,37 @@ fn bench_config(enabled: bool) -> anyhow::Result<Config> {
     Ok(c)
 }
 
+/// Starts `lane-echo serve NAME ARGS…` as workload `name` in quadrant `q` and waits until it
+/// listens; the agent stops it when it goes down.
+fn start_service(agent: &mut Agent, q: &str, name: &str, args: &[&str]) -> anyhow::Result<()> {
+    let echo = sibling("lane-echo")?.display().to_string();
+    let mut child = agent
+        .exec(q, name, &[&echo, "serve", name])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    if !line.starts_with("listening") {
+        bail!("{name} did not start: {line:?}");
+    }
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    agent.servers.push(child);
+    Ok(())
+}
+
 /// Starts the failing lane services in DG and waits until each listens.
 fn start_failing_services(agent: &mut Agent) -> anyhow::Result<()> {
-    let echo = sibling("lane-echo")?.display().to_string();
     for i in 0..SERVICES {
         let (name, port) = (format!("trip{i}"), (SERVICE_PORTS + i).to_string());
-        let mut child = agent
-            .exec("dg", &name, &[&echo, "serve", &name])
-            .args(["--tcp-port", &port, "--drop-after", "0"])
-            .stdout(Stdio::piped())
-            .stdin(Stdio::null())
-            .spawn()?;
-        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line)?;
-        if !line.starts_with("listening") {
-            bail!("{name} did not start: {line:?}");
-        }
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        agent.servers.push(child);
+        start_service(
+            agent,
+            "dg",
+            &name,
+            &["--tcp-port", &port, "--drop-after", "0"],
+        )?;
     }
     Ok(())
 }

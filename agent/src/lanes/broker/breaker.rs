@@ -43,40 +43,32 @@ impl Breakers {
     }
 
     /// The breaker of (`from`, `addr`:`port` over TCP), if the kernel keeps one.
-    fn get(&self, from: Quadrant, addr: Ipv4Addr, port: u16) -> Option<Breaker> {
+    /// The pinned `BREAKERS`, opened on first use (`None` inside while it cannot be).
+    fn opened(&self) -> std::sync::MutexGuard<'_, Option<HashMap<MapData, BreakerKey, Breaker>>> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.is_none() {
-            let data = MapData::from_pin(self.pin.as_ref()?).ok()?;
+        if map.is_none()
+            && let Some(data) = self.pin.as_ref().and_then(|p| MapData::from_pin(p).ok())
+        {
             *map = HashMap::try_from(Map::HashMap(data)).ok();
         }
-        let key = BreakerKey {
-            daddr: u32::from_ne_bytes(addr.octets()),
-            dport: port.to_be(),
-            proto: PROTO_TCP,
-            caller: from as u8,
-        };
-        map.as_ref()?.get(&key, 0).ok()
+        map
+    }
+
+    fn get(&self, from: Quadrant, addr: Ipv4Addr, port: u16) -> Option<Breaker> {
+        self.opened()
+            .as_ref()?
+            .get(&tcp_key(addr, port, from), 0)
+            .ok()
     }
 
     /// Opens (with `open`: until when, ns, and the ejection, ms) or closes the breakers of
     /// every caller quadrant for `addr`:`port` over TCP — what the agent's service breakers
     /// tell the kernel. Without the pinned map nothing changes.
     pub fn force(&self, addr: Ipv4Addr, port: u16, open: Option<(u64, u32)>) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.is_none() {
-            let Some(data) = self.pin.as_ref().and_then(|p| MapData::from_pin(p).ok()) else {
-                return;
-            };
-            *map = HashMap::try_from(Map::HashMap(data)).ok();
-        }
+        let mut map = self.opened();
         let Some(map) = map.as_mut() else { return };
         for caller in Quadrant::ALL {
-            let key = BreakerKey {
-                daddr: u32::from_ne_bytes(addr.octets()),
-                dport: port.to_be(),
-                proto: PROTO_TCP,
-                caller: caller as u8,
-            };
+            let key = tcp_key(addr, port, caller);
             let old = map.get(&key, 0).ok();
             let b = match (open, old) {
                 (Some((until, ejection_ms)), old) => {
@@ -122,20 +114,9 @@ impl Breakers {
         let Some(admission) = admission.as_mut() else {
             return;
         };
-        let mut breakers = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if breakers.is_none() {
-            let Some(data) = self.pin.as_ref().and_then(|p| MapData::from_pin(p).ok()) else {
-                return;
-            };
-            *breakers = HashMap::try_from(Map::HashMap(data)).ok();
-        }
+        let mut breakers = self.opened();
         for caller in Quadrant::ALL {
-            let key = BreakerKey {
-                daddr: u32::from_ne_bytes(addr.octets()),
-                dport: port.to_be(),
-                proto: PROTO_TCP,
-                caller: caller as u8,
-            };
+            let key = tcp_key(addr, port, caller);
             if ppm == 0 {
                 let _ = admission.remove(&key);
                 continue;
@@ -170,6 +151,16 @@ impl Breakers {
 }
 
 /// The refusal for breaker `b` at monotonic time `now_ns`, if it refuses.
+/// The breaker key of `caller`'s TCP connects to `addr:port`.
+fn tcp_key(addr: Ipv4Addr, port: u16, caller: Quadrant) -> BreakerKey {
+    BreakerKey {
+        daddr: u32::from_ne_bytes(addr.octets()),
+        dport: port.to_be(),
+        proto: PROTO_TCP,
+        caller: caller as u8,
+    }
+}
+
 pub fn refusal(
     from: Quadrant,
     service: &str,
