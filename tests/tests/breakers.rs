@@ -65,6 +65,19 @@ fn config() -> quadrant::config::Config {
     c
 }
 
+/// An agent whose DX breaker for DG's `port` three refused connects opened, for 5 s; returns it
+/// and the destination `addr:port`.
+fn breaker_opened_for(port: u16) -> (Instance, String) {
+    let mut c = config();
+    c.breakers.base_ejection_ms = 5000;
+    let inst = Instance::up(c, QPROBE);
+    let dg = format!("{}:{port}", inst.addr(Quadrant::Dg));
+    for _ in 0..3 {
+        assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
+    }
+    (inst, dg)
+}
+
 #[test]
 fn failed_connects_open_the_breaker_and_one_probe_closes_it() {
     let mut inst = Instance::up(config(), QPROBE);
@@ -259,13 +272,7 @@ fn max_connections_caps_what_a_quadrant_holds_open_to_one_destination() {
 
 #[test]
 fn an_open_breaker_refuses_tcp_lanes_at_the_broker_with_a_retry_after() {
-    let mut c = config();
-    c.breakers.base_ejection_ms = 5000;
-    let mut inst = Instance::up(c, QPROBE);
-    let dg = format!("{}:7400", inst.addr(Quadrant::Dg));
-    for _ in 0..3 {
-        assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
-    }
+    let (mut inst, dg) = breaker_opened_for(7400);
     let echo = sibling_binary(QPROBE, "lane-echo").display().to_string();
     let serve = [echo.as_str(), "serve", "echo", "--tcp-port", "7400"];
     let _server = inst.background_in(Quadrant::Dg, Some("echo"), &serve, "listening as");
@@ -419,13 +426,7 @@ fn a_failing_lane_service_trips_its_breaker_in_the_agent_and_in_the_kernel() {
 /// and `status` reports the breakers carried.
 #[test]
 fn an_open_breaker_stays_open_across_an_agent_upgrade() {
-    let mut c = config();
-    c.breakers.base_ejection_ms = 5000;
-    let mut inst = Instance::up(c, QPROBE);
-    let dg = format!("{}:7150", inst.addr(Quadrant::Dg));
-    for _ in 0..3 {
-        assert_eq!(tcp(&inst, Quadrant::Dx, &dg, "1000"), "err ECONNREFUSED");
-    }
+    let (mut inst, dg) = breaker_opened_for(7150);
     let before = breaker(&inst, "dx", &dg).expect("open before the upgrade");
     assert_eq!(before["state"], "open", "{before}");
     let out = inst.stop_keeping_dataplane();

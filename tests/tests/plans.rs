@@ -895,26 +895,12 @@ fn status_and_the_workload_api_answer_while_a_slow_submit_and_a_slow_reload_run(
 /// An agent with PX's `echo` lane service (`lane-echo serve`) and a latency SLO for it that
 /// every round trip breaks (99 % under 10 ns); returns it and the `lane-echo` path.
 fn slo_fixture() -> (Fixture, String, std::sync::mpsc::Receiver<String>) {
-    let mut config = test_config(None);
-    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-slo", config.instance));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("dir");
-    config.artifacts_root = dir.join("store");
-    config.trust_store = dir.join("trust");
-    config.slos = serde_yaml::from_str(
+    let (mut fx, echo) = px_fixture(
+        "slo",
         "[{name: echo-fast, quadrant: px, service: echo, indicator: latency, \
           objectives: [{target: 0.99, value: 0.00001}], timeWindow: [{duration: 28m}], minEvents: 5}]",
-    )
-    .expect("slos");
-    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
-    let mut fx = Fixture {
-        inst: Instance::up(config, QPROBE),
-        dir,
-    };
-    fx.trust_key("prod", "plan", &["px", "pg"]);
-    let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo")
-        .display()
-        .to_string();
+        |_| {},
+    );
     let (_, service) = fx.inst.background_in(
         Quadrant::Px,
         Some("echo"),
@@ -922,6 +908,34 @@ fn slo_fixture() -> (Fixture, String, std::sync::mpsc::Receiver<String>) {
         "listening as",
     );
     (fx, echo, service)
+}
+
+/// An agent with its own artifact store and trust store under `<state>/<instance>-<name>`, the
+/// SLOs `slos` (YAML), whatever `tweak` sets, no plan generations recorded, and a `prod` key
+/// trusted for PX and PG plans; returns it and the `lane-echo` path.
+fn px_fixture(
+    name: &str,
+    slos: &str,
+    tweak: impl FnOnce(&mut quadrant::config::Config),
+) -> (Fixture, String) {
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-{name}", config.instance));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    config.slos = serde_yaml::from_str(slos).expect("slos");
+    tweak(&mut config);
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
+    let fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir,
+    };
+    fx.trust_key("prod", "plan", &["px", "pg"]);
+    let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo")
+        .display()
+        .to_string();
+    (fx, echo)
 }
 
 fn slo(fx: &Fixture) -> Value {
@@ -1089,33 +1103,18 @@ fn shadows(fx: &Fixture) -> Value {
 /// PX with a cost SLO for `echo` every slice breaks (so the next generation of the workload
 /// serving it starts as a shadow by itself), a quarter of requests mirrored, 40 to judge.
 fn shadow_fixture() -> (Fixture, String) {
-    let mut config = test_config(None);
-    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-shadow", config.instance));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("dir");
-    config.artifacts_root = dir.join("store");
-    config.trust_store = dir.join("trust");
     // A cost limit every slice breaks: the next generation is started as a shadow.
-    config.slos = serde_yaml::from_str(
+    px_fixture(
+        "shadow",
         "[{name: echo-cost, quadrant: px, service: echo, indicator: cost, \
           objectives: [{target: 0.99, value: 0.000001}], timeWindow: [{duration: 28m}], minEvents: 1}, \
           {name: echo-memory, quadrant: px, service: echo, indicator: memory, \
           objectives: [{target: 0.99, value: 1024}], timeWindow: [{duration: 28m}], minEvents: 1}]",
+        |c| {
+            c.shadows.fraction = 0.25;
+            c.shadows.min_requests = 40;
+        },
     )
-    .expect("slos");
-    config.shadows.fraction = 0.25;
-    config.shadows.min_requests = 40;
-    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
-    let fx = Fixture {
-        inst: Instance::up(config, QPROBE),
-        dir,
-    };
-    fx.trust_key("prod", "plan", &["px", "pg"]);
-    let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo")
-        .display()
-        .to_string();
-
-    (fx, echo)
 }
 
 /// PG calls until the cost SLO measured a slice of more than a second.

@@ -178,8 +178,9 @@ impl Agent {
         }
     }
 
-    /// `totals` with the TCP connects the kernel's breakers refused to each service's port
-    /// (`BREAKERS` entries for the service quadrant's address and that port).
+    /// `totals` with the TCP connects the kernel's breakers refused to the port of each service
+    /// an availability SLO judges (`BREAKERS` entries for its quadrant's address and that
+    /// port).
     fn with_kernel_refusals(
         &self,
         mut totals: std::collections::BTreeMap<
@@ -190,7 +191,14 @@ impl Agent {
         (dataplane_common::Quadrant, String),
         crate::lanes::broker::sli::SliTotals,
     > {
-        let services = self.broker.tcp_services();
+        // Only the services an availability SLO counts: the map is read entry by entry.
+        let judged = self.slo.availability_services();
+        let services: Vec<_> = self
+            .broker
+            .tcp_services()
+            .into_iter()
+            .filter(|(key, _)| judged.contains(key))
+            .collect();
         if services.is_empty() {
             return totals;
         }

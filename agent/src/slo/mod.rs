@@ -614,6 +614,18 @@ impl SloService {
             })
     }
 
+    /// The services with an availability SLO.
+    #[must_use]
+    pub fn availability_services(&self) -> Vec<(Quadrant, String)> {
+        self.tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|t| t.spec.indicator == Indicator::Availability)
+            .map(|t| (t.spec.quadrant(), t.spec.service.clone()))
+            .collect()
+    }
+
     /// The services with a cost or memory SLO (measured from their workload's cgroup).
     #[must_use]
     pub fn cost_services(&self) -> Vec<(Quadrant, String)> {
