@@ -42,6 +42,7 @@ pub mod plans;
 pub mod policy;
 pub mod quadrants;
 pub mod ringbuf;
+pub mod scale;
 pub mod shadow;
 pub mod signing;
 pub mod slo;

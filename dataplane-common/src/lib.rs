@@ -25,8 +25,11 @@
 /// breakers (the tc program delivering into a quadrant counts the ICMP port-unreachables its
 /// datagrams earn; `sendmsg4`/`connect4` let one datagram probe a UDP breaker past its ejection,
 /// and a `connect` through a closed breaker draws against the agent's admission-control
-/// probability).
-pub const PROGRAM_SET_VERSION: u32 = 8;
+/// probability); 9: quadrant instances and service VIPs (`connect4`/`sendmsg4` translate a
+/// VIP to a ready instance, least active connections per unit of capacity; `getpeername4` and
+/// `recvmsg4` restore the VIP; the breaker `sock_ops` also ends a translated connection's count;
+/// a socket's replies are found from its instance's address in `CGROUPS`).
+pub const PROGRAM_SET_VERSION: u32 = 9;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
@@ -36,8 +39,10 @@ pub const PROGRAM_SET_VERSION: u32 = 8;
 /// `LANE_SOCK_MODE` also records which end of a connection opened it, `LANE_ACCEL` counts
 /// refused messages; 6: `BREAKERS`, `BREAKER_LIMITS`, `BREAKER_PROBES`, `BREAKER_CONNS` and the
 /// `sock_ops` hook's counters; 7: `BREAKER_ADMISSION` (and `BreakerLimits::admission` where
-/// layout 6 had padding).
-pub const MAP_LAYOUT_VERSION: u32 = 7;
+/// layout 6 had padding); 8: `CGROUPS` values name the instance and its address, the
+/// `LB_SERVICES`, `LB_BACKENDS`, `LB_ACTIVE` and `LB_SOCKS` maps, and the counters of the
+/// `getpeername4` and `recvmsg4` hooks.
+pub const MAP_LAYOUT_VERSION: u32 = 8;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow
@@ -58,6 +63,7 @@ pub const STATS_LAYOUT_SINCE: u32 = 2;
 
 pub mod breaker;
 pub mod identity;
+pub mod lb;
 pub mod maps;
 pub mod policy;
 pub mod reason;

@@ -20,8 +20,6 @@ pub const IFACES: &str = "IFACES";
 pub const CGROUPS: &str = "CGROUPS";
 /// Array\[1\]: [`DataplaneConfig`]. Written by the agent, read by every program.
 pub const CONFIG: &str = "CONFIG";
-/// Array\[4\]: quadrant id → [`QuadrantValue`]. Written by the agent, read by cgroup programs.
-pub const QUADRANTS: &str = "QUADRANTS";
 /// LRU hash: [`CtKey`] → [`CtValue`]. Written by tc (new allowed flows), read by all.
 pub const CONNTRACK: &str = "CONNTRACK";
 /// Per-CPU array: [`crate::reason::stats_index`] → packet/operation count. Written by every
@@ -77,7 +75,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 22] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -86,7 +84,6 @@ pub const ALL: [&str; 19] = [
     IFACES,
     CGROUPS,
     CONFIG,
-    QUADRANTS,
     CONNTRACK,
     STATS,
     LANE_SOCKS,
@@ -97,6 +94,10 @@ pub const ALL: [&str; 19] = [
     crate::breaker::BREAKER_PROBES,
     crate::breaker::BREAKER_CONNS,
     crate::breaker::BREAKER_ADMISSION,
+    crate::lb::LB_SERVICES,
+    crate::lb::LB_BACKENDS,
+    crate::lb::LB_ACTIVE,
+    crate::lb::LB_SOCKS,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`
@@ -284,22 +285,18 @@ pub struct IfaceValue {
     pub pad: [u8; 3],
 }
 
-/// Value of [`CGROUPS`]: the quadrant a cgroup (by id) belongs to.
+/// Value of [`CGROUPS`]: the quadrant instance a cgroup (by id) belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupValue {
     /// [`crate::Quadrant`] id.
     pub quadrant: u8,
+    /// Which instance of the quadrant (0: the quadrant's first, named after it).
+    pub instance: u8,
     /// Explicit padding (zero).
-    pub pad: [u8; 3],
-}
-
-/// Value of [`QUADRANTS`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QuadrantValue {
-    /// The quadrant's workload address inside its namespace (network byte order), used to find
-    /// the reply direction of a flow from a socket hook. Zero if not up.
+    pub pad: [u8; 2],
+    /// The instance's address inside its namespace (network byte order), the local end of the
+    /// flows its sockets answer.
     pub addr: u32,
 }
 
@@ -415,8 +412,6 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceValue {}
     // SAFETY: as above, for CgroupValue.
     unsafe impl aya::Pod for super::CgroupValue {}
-    // SAFETY: as above, for QuadrantValue.
-    unsafe impl aya::Pod for super::QuadrantValue {}
     // SAFETY: as above, for DataplaneConfig.
     unsafe impl aya::Pod for super::DataplaneConfig {}
     // SAFETY: as above, for CtKey.
@@ -436,8 +431,7 @@ const _: () = {
     assert!(size_of::<PolicyKey>() == 4);
     assert!(size_of::<PolicyValue>() == 4 + 4 * MAX_PORT_RANGES);
     assert!(size_of::<IfaceValue>() == 4);
-    assert!(size_of::<CgroupValue>() == 4);
-    assert!(size_of::<QuadrantValue>() == 4);
+    assert!(size_of::<CgroupValue>() == 8);
     assert!(size_of::<DataplaneConfig>() == 16);
     assert!(size_of::<CtKey>() == 16);
     assert!(size_of::<WlPolicyKey>() == 16);

@@ -100,6 +100,9 @@ reasons! {
     /// a refusal probability on its closed breaker, and this `connect` drew a refusal: it fails
     /// with `ECONNREFUSED`.
     RefuseBreakerAdmission = 36, "refuse_breaker_admission", Drop;
+    /// A connection to a service's virtual address while none of its instances is ready: the
+    /// call fails with `ECONNREFUSED`, as a Kubernetes service without endpoints answers.
+    RefuseNoBackend = 37, "refuse_no_backend", Drop;
 }
 
 impl Reason {
@@ -111,6 +114,13 @@ impl Reason {
             self,
             Self::RefuseBreakerOpen | Self::RefuseBreakerFull | Self::RefuseBreakerAdmission
         )
+    }
+
+    /// Whether a socket operation refused for this reason fails with `ECONNREFUSED` (a breaker,
+    /// or a service with no ready instance) rather than `EPERM` (policy).
+    #[must_use]
+    pub const fn is_connection_refused(self) -> bool {
+        self.is_breaker() || matches!(self, Self::RefuseNoBackend)
     }
 }
 
@@ -140,11 +150,17 @@ pub enum Hook {
     SockCreate = 7,
     /// cgroup `sock_ops` of the circuit breakers (counts no verdicts).
     SockOps = 8,
+    /// cgroup `getpeername4`: gives a socket translated from a service VIP the VIP back
+    /// (counts no verdicts).
+    Getpeername4 = 9,
+    /// cgroup `recvmsg4`: gives datagrams from a VIP's instance the VIP as their source
+    /// (counts no verdicts).
+    Recvmsg4 = 10,
 }
 
 impl Hook {
     /// Every hook, in id order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::Xdp,
         Self::TcIngress,
         Self::TcEgress,
@@ -154,6 +170,8 @@ impl Hook {
         Self::Sendmsg6,
         Self::SockCreate,
         Self::SockOps,
+        Self::Getpeername4,
+        Self::Recvmsg4,
     ];
 
     /// The hook with this id, if any.
@@ -179,6 +197,8 @@ impl Hook {
             Self::Sendmsg6 => "sendmsg6",
             Self::SockCreate => "sock_create",
             Self::SockOps => "sock_ops",
+            Self::Getpeername4 => "getpeername4",
+            Self::Recvmsg4 => "recvmsg4",
         }
     }
 }
@@ -194,7 +214,7 @@ pub const UNATTRIBUTED_SLOT: u32 = QUADRANT_COUNT_U32;
 pub const STATS_ENTRIES: u32 = HOOK_COUNT * QUADRANT_SLOTS * REASON_SLOTS;
 
 /// Number of hooks.
-pub const HOOK_COUNT: u32 = 9;
+pub const HOOK_COUNT: u32 = 11;
 
 const _: () = assert!(Hook::ALL.len() as u64 == HOOK_COUNT as u64);
 

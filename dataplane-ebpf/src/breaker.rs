@@ -417,12 +417,20 @@ pub fn quadrant_breaker_sockops(ctx: SockOpsContext) -> u32 {
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && !closing {
         return 0;
     }
+    // SAFETY: the context's pointer is the kernel's `bpf_sock_ops` for this call.
+    let cookie = || unsafe { bpf_get_socket_cookie(ctx.ops.cast::<c_void>()) };
+    // A connection to a service VIP counts against the instance it went to until it closes,
+    // breakers or not.
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB && crate::lb::connecting(cookie()) {
+        #[expect(clippy::cast_possible_wrap, reason = "the flags use the low bits")]
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else if closing {
+        crate::lb::closed(cookie());
+    }
     let limits = limits();
     if limits.enabled == 0 {
         return 0;
     }
-    // SAFETY: the context's pointer is the kernel's `bpf_sock_ops` for this call.
-    let cookie = || unsafe { bpf_get_socket_cookie(ctx.ops.cast::<c_void>()) };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         if ctx.family() != AF_INET || is_loopback(ctx.remote_ip4()) {
             return 0;

@@ -6,7 +6,9 @@
 //! denied (quadrants are IPv4-only). Besides the quadrant-wide policy, a rule naming one
 //! workload's SPIFFE ID allows that workload's cgroup (one level below the quadrant's) only.
 //! What the policy allows then passes the caller quadrant's circuit breaker for the destination
-//! ([`crate::breaker`]); an open one fails the call with `ECONNREFUSED`.
+//! ([`crate::breaker`]); an open one fails the call with `ECONNREFUSED`. Before all of that, a
+//! service VIP is translated to one of its ready instances ([`crate::lb`]), and the policy
+//! decides on the instance; a VIP without a ready instance fails with `ECONNREFUSED`.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -28,7 +30,8 @@ use crate::{
         cgroup_level, count, identity_of, is_loopback, is_reply, quadrant_policy_allows,
         workload_policy_allows,
     },
-    maps::{CGROUPS, QUADRANTS},
+    lb,
+    maps::CGROUPS,
     trace::{self, Subject},
 };
 
@@ -62,7 +65,17 @@ pub fn quadrant_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
+    let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
+    // A service VIP becomes one of its ready instances first; the policy decides on that.
+    let translated = if v6 {
+        lb::Translated::No
+    } else {
+        lb::translate(ctx.sock_addr, connect)
+    };
     let (slot, mut reason, subject) = classify(ctx.sock_addr, v6);
+    if matches!(translated, lb::Translated::NoBackend) && reason != Reason::DenyUnknownCgroup {
+        reason = Reason::RefuseNoBackend;
+    }
     if let (
         Reason::AllowPolicy | Reason::AllowWorkloadPolicy,
         Subject::Destination(daddr, dport, proto),
@@ -79,7 +92,6 @@ fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
             proto,
             caller: slot as u8,
         };
-        let connect = matches!(hook, Hook::Connect4 | Hook::Connect6);
         if let Some(refusal) = breaker::at_connect(ctx.sock_addr.cast(), key, connect) {
             reason = refusal;
         }
@@ -87,8 +99,13 @@ fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
     count(hook, slot, reason);
     trace::verdict(hook, slot, reason, subject);
     match reason.verdict() {
-        Verdict::Pass => ALLOW,
-        Verdict::Drop if reason.is_breaker() => {
+        Verdict::Pass => {
+            if let lb::Translated::To(sock) = &translated {
+                lb::commit(ctx.sock_addr, sock);
+            }
+            ALLOW
+        }
+        Verdict::Drop if reason.is_connection_refused() => {
             // SAFETY: helper without preconditions; the call fails with this error instead of
             // EPERM.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
@@ -103,7 +120,7 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason, Subject) {
     // SAFETY: helper without preconditions; the level comes from the agent's configuration.
     let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level().cast_signed()) };
     // SAFETY: read-only lookup of a plain value.
-    let Some(&CgroupValue { quadrant, .. }) = (unsafe { CGROUPS.get(cgroup) }) else {
+    let Some(&CgroupValue { quadrant, addr, .. }) = (unsafe { CGROUPS.get(cgroup) }) else {
         return (UNATTRIBUTED_SLOT, Reason::DenyUnknownCgroup, Subject::None);
     };
     // SAFETY: the context fields read here are readable for every sock_addr attach type.
@@ -142,13 +159,14 @@ fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason, Subject) {
     if workload != 0 && workload_policy_allows(workload, dst, proto, dport) {
         return (u32::from(quadrant), Reason::AllowWorkloadPolicy, subject);
     }
-    // A datagram socket answering a flow the peer opened (allowed towards this quadrant).
-    if let Some(local) = QUADRANTS.get(u32::from(quadrant)) {
+    // A datagram socket answering a flow the peer opened (allowed towards this quadrant), from
+    // the address of the caller's instance.
+    if addr != 0 {
         // SAFETY: `sk` is always set for sock_addr programs.
         // src_port is in host order and below 65536.
         let local_port = unsafe { (*(*sa).__bindgen_anon_1.sk).src_port };
         let local_port = u16::try_from(local_port).unwrap_or(0);
-        if local.addr != 0 && is_reply(local.addr, local_port.to_be(), daddr, dport, proto) {
+        if is_reply(addr, local_port.to_be(), daddr, dport, proto) {
             return (u32::from(quadrant), Reason::AllowEstablished, subject);
         }
     }

@@ -8,10 +8,15 @@
 //! | tcx egress | [`tc_egress::quadrant_tc_egress`] | host-side veth (packets entering the quadrant) |
 //! | cgroup connect4/6, sendmsg4/6 | [`cgroup_sock_addr`] | each quadrant's cgroup |
 //! | cgroup `sock_create` | [`sock_create::quadrant_sock_create`] | each quadrant's cgroup |
+//! | cgroup getpeername4, recvmsg4 (service VIPs) | [`lb`] | each quadrant's cgroup |
 //! | `sock_ops` (circuit breakers) | [`breaker::quadrant_breaker_sockops`] | each quadrant's cgroup |
 //! | `sock_ops`, `sk_msg` | [`lane_accel`] | each quadrant's cgroup; the `LANE_SOCKS` sockhash (optional) |
 #![no_std]
 #![no_main]
+// `atomic_xadd` for the load balancer's connection counts (`lb::atomic_add`): the bpf target has
+// no read-modify-write atomics in `core::sync::atomic`.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, for BPF_ATOMIC adds")]
 #![expect(
     clippy::inline_always,
     reason = "BPF-to-BPF calls cost verifier state and lose packet-bound facts; the helpers are meant to be inlined"
@@ -25,6 +30,7 @@ mod breaker;
 mod cgroup_sock_addr;
 mod decide;
 mod lane_accel;
+mod lb;
 mod maps;
 mod parse;
 mod sock_create;

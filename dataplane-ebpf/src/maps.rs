@@ -6,11 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    identity::QUADRANT_COUNT_U32,
     maps::{
         CGROUPS_MAX, CONNTRACK_MAX, CgroupValue, CtKey, CtValue, DataplaneConfig, IFACES_MAX,
-        IfaceValue, POLICY_MAX, PREFIXES_MAX, PolicyValue, PrefixValue, QuadrantValue,
-        WL_POLICY_MAX, WlPolicyKey,
+        IfaceValue, POLICY_MAX, PREFIXES_MAX, PolicyValue, PrefixValue, WL_POLICY_MAX, WlPolicyKey,
     },
     reason::STATS_ENTRIES,
 };
@@ -50,10 +48,6 @@ pub static CGROUPS: HashMap<u64, CgroupValue> = HashMap::with_max_entries(CGROUP
 /// \[0\] → dataplane configuration. Writer: agent.
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
-
-/// Quadrant id → its workload address. Writer: agent.
-#[map(name = "QUADRANTS")]
-pub static QUADRANTS: Array<QuadrantValue> = Array::with_max_entries(QUADRANT_COUNT_U32, 0);
 
 /// Flow direction → last seen. Writer: tc programs (new allowed flows) and every hit.
 #[map(name = "CONNTRACK")]

@@ -108,7 +108,7 @@ fn config_in_slot(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
         let third = u16::from(n) * 4 + u16::try_from(i).unwrap_or(0);
         let prefix = format!("10.241.{third}.0/24").parse().expect("prefix");
         c.quadrants
-            .insert(q.name().to_owned(), QuadrantConfig { prefix });
+            .insert(q.name().to_owned(), QuadrantConfig::new(prefix));
     }
     if let Some(p) = policy {
         c.policy = p;
@@ -449,6 +449,36 @@ impl Instance {
         });
         self.background.push(child);
         (pid, rx)
+    }
+
+    /// Starts `qprobe ARGS…` in instance `index` of quadrant `q` in the background and waits for
+    /// it to print `listening`; returns its pid (killed when the instance goes down).
+    ///
+    /// # Panics
+    /// If the server exits before it listens.
+    pub fn serve_on_instance(&mut self, q: Quadrant, index: u8, args: &[&str]) -> u32 {
+        let index = index.to_string();
+        let mut child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["exec", q.name(), "--instance", &index, "--", &self.qprobe])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn server");
+        let pid = child.id();
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(
+            first,
+            "listening",
+            "server {args:?} in {} instance {index} did not start",
+            q.name()
+        );
+        self.background.push(child);
+        pid
     }
 
     /// Runs `ARGV…` inside quadrant `q` as `workload` and waits for it.

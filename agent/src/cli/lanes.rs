@@ -36,6 +36,37 @@ pub fn breakers(config: &Config, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `quadrant scale Q N`.
+pub fn scale(config: &Config, quadrant: &str, instances: u8) -> anyhow::Result<()> {
+    let n = Client::new(config.socket_path()).scale(quadrant, instances)?;
+    println!("{quadrant}: {n} instance(s)");
+    Ok(())
+}
+
+/// `quadrant instances`.
+pub fn instances(config: &Config, output: Output) -> anyhow::Result<()> {
+    let report = Client::new(config.socket_path()).instances()?;
+    match output {
+        Output::Text => print!("{}", quadrant::scale::render(&report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}
+
+/// `quadrant drain Q K [--resume]`.
+pub fn drain(config: &Config, quadrant: &str, index: u8, resume: bool) -> anyhow::Result<()> {
+    let draining = Client::new(config.socket_path()).drain(quadrant, index, resume)?;
+    println!(
+        "{quadrant} instance {index}: {}",
+        if draining {
+            "draining (no new connections through service VIPs)"
+        } else {
+            "receiving new connections"
+        }
+    );
+    Ok(())
+}
+
 /// `quadrant events [--count N]`.
 pub fn events(config: &Config, count: Option<usize>) -> anyhow::Result<()> {
     if count == Some(0) {

@@ -91,13 +91,14 @@ pub fn status(config: &Config, output: Output) -> anyhow::Result<()> {
 pub fn exec(
     config: &Config,
     quadrant: &str,
+    instance: u8,
     workload: Option<&str>,
     command: &[String],
 ) -> anyhow::Result<()> {
     let Some(q) = Quadrant::from_name(quadrant) else {
         bail!("unknown quadrant {quadrant:?}; expected dx, dg, px or pg");
     };
-    Err(offline::exec(config, q, workload, command))
+    Err(offline::exec(config, q, instance, workload, command))
         .with_context(|| format!("cannot run {:?} in {}", command.join(" "), q.name()))
 }
 

@@ -54,9 +54,39 @@ pub enum Command {
         /// quadrant's `default` workload when absent.
         #[arg(long, short)]
         workload: Option<String>,
+        /// Which instance of the quadrant (`quadrant instances`); 0, the quadrant's first, when
+        /// absent.
+        #[arg(long, short, default_value_t = 0)]
+        instance: u8,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Run N instances of a quadrant (1..=16), adding or removing the highest ones. Each is its
+    /// own namespace, veth, cgroup and address with the quadrant's identity.
+    Scale {
+        /// dx, dg, px or pg.
+        quadrant: String,
+        /// How many instances.
+        instances: u8,
+    },
+    /// List every quadrant instance: address, capacity, readiness per service with a VIP, open
+    /// connections through a VIP.
+    Instances {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Stop sending new connections through service VIPs to instance K of a quadrant (those it
+    /// has go on); `--resume` undoes it.
+    Drain {
+        /// dx, dg, px or pg.
+        quadrant: String,
+        /// The instance (1.., as `quadrant instances` lists them).
+        index: u8,
+        /// Send it new connections again.
+        #[arg(long)]
+        resume: bool,
     },
     /// Print the embedded default configuration.
     DefaultConfig,
@@ -218,8 +248,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Exec {
             quadrant,
             workload,
+            instance,
             command,
-        } => lifecycle::exec(&config, &quadrant, workload.as_deref(), &command),
+        } => lifecycle::exec(&config, &quadrant, instance, workload.as_deref(), &command),
+        Command::Scale {
+            quadrant,
+            instances,
+        } => lanes::scale(&config, &quadrant, instances),
+        Command::Instances { output } => lanes::instances(&config, output),
+        Command::Drain {
+            quadrant,
+            index,
+            resume,
+        } => lanes::drain(&config, &quadrant, index, resume),
         Command::Verifier => lifecycle::verifier(),
         Command::Dataplane { command } => lifecycle::dataplane(command),
         Command::Trace { mode } => lifecycle::trace(&config, mode),

@@ -13,11 +13,15 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 mod breakers;
+mod instances;
 mod sections;
 mod shadows;
 mod validate;
 
 pub use breakers::BreakersConfig;
+pub use instances::{
+    InstanceCapacity, InstanceRef, MAX_INSTANCES, ServiceConfig, UNLIMITED_WEIGHT,
+};
 pub use shadows::ShadowsConfig;
 
 pub use sections::*;
@@ -155,6 +159,9 @@ pub struct Config {
     /// Shadow deployments: the share of requests mirrored and how a shadow is judged.
     #[serde(default)]
     pub shadows: ShadowsConfig,
+    /// Services with a virtual address, balanced across their quadrant's instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceConfig>,
 }
 
 /// Default audit log (persistent).
@@ -208,11 +215,35 @@ pub enum XdpAttachMode {
 }
 
 /// One quadrant's settings.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct QuadrantConfig {
-    /// The quadrant's IPv4 prefix (at most /30, so it has a gateway and a workload address).
+    /// The quadrant's IPv4 prefix (at most /30, so it has a gateway and a workload address;
+    /// /27 or larger for more than one instance).
     pub prefix: Ipv4Net,
+    /// Instances it starts with (1..=16; `quadrant scale` changes it at run time). Each is its
+    /// own namespace, veth, cgroup and address, all with the quadrant's identity.
+    #[serde(default = "one_instance")]
+    pub instances: u8,
+    /// What each instance's cgroup may use; also its weight in load balancing.
+    #[serde(default, skip_serializing_if = "InstanceCapacity::is_unlimited")]
+    pub capacity: InstanceCapacity,
+}
+
+const fn one_instance() -> u8 {
+    1
+}
+
+impl QuadrantConfig {
+    /// One instance on `prefix`, without limits.
+    #[must_use]
+    pub fn new(prefix: Ipv4Net) -> Self {
+        Self {
+            prefix,
+            instances: 1,
+            capacity: InstanceCapacity::default(),
+        }
+    }
 }
 
 /// Host settings.

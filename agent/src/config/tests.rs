@@ -131,3 +131,102 @@ fn prefixes_are_checked() {
     .to_string();
     assert!(unknown.contains("quadrants.qa"), "{unknown}");
 }
+
+#[test]
+fn instances_and_services_are_checked_and_named() {
+    let base = "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n";
+    let with =
+        |px: &str, services: &str| Config::from_yaml(&format!("{base}  px: {px}\n{services}"), "t");
+    let c = with(
+        "{ prefix: 10.2.0.0/24, instances: 3, capacity: { cpu: 0.2, memory_bytes: 268435456 } }",
+        "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.2.0.100 }\n",
+    )
+    .unwrap();
+    assert_eq!(c.instances(Quadrant::Px), 3);
+    assert_eq!(c.instances(Quadrant::Dx), 1);
+    let px2 = InstanceRef::new(Quadrant::Px, 2);
+    assert_eq!(px2.name(), "px-2");
+    assert_eq!(c.instance_netns(px2), "quadrant-px-2");
+    assert_eq!(c.instance_iface(px2), "qh-px-2");
+    assert_eq!(c.instance_addr(px2).to_string(), "10.2.0.4");
+    assert_eq!(
+        c.instance_cgroup_dir(px2),
+        c.cgroup_parent().join("px-2"),
+        "beside the quadrant's, at the same level"
+    );
+    let px0 = InstanceRef::new(Quadrant::Px, 0);
+    assert_eq!(c.instance_netns(px0), c.netns(Quadrant::Px));
+    assert_eq!(c.instance_addr(px0), c.addrs(Quadrant::Px).workload);
+    assert_eq!(c.instance_of_addr(c.instance_addr(px2)), Some(px2));
+    assert_eq!(c.capacity(Quadrant::Px).weight(), 200);
+    assert_eq!(
+        c.capacity(Quadrant::Px).cpu_max().as_deref(),
+        Some("20000 100000")
+    );
+    assert_eq!(
+        c.capacity(Quadrant::Dx).weight(),
+        crate::config::UNLIMITED_WEIGHT
+    );
+    assert_eq!(c.services[0].proto(), dataplane_common::policy::PROTO_TCP);
+
+    for (px, services, expect) in [
+        (
+            "{ prefix: 10.2.0.0/24, instances: 0 }",
+            "",
+            "quadrants.px.instances: 0 is outside 1..=16",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24, instances: 17 }",
+            "",
+            "outside 1..=16",
+        ),
+        (
+            "{ prefix: 10.2.0.0/30, instances: 2 }",
+            "",
+            "use /27 or larger",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24, capacity: { cpu: 0 } }",
+            "",
+            "quadrants.px.capacity.cpu",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24, capacity: { memory_bytes: 1024 } }",
+            "",
+            "below 4 MiB",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.2.0.5 }\n",
+            "services[0].vip: 10.2.0.5 is (or may become) the address of instance 3 of px",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.2.0.1 }\n",
+            "is px's gateway",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: qa, port: 8080, vip: 10.9.0.1 }\n",
+            "services[0].quadrant",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.9.0.1, protocol: sctp }\n",
+            "services[0].protocol",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 80, vip: 10.9.0.1 }\n  - { name: api, quadrant: px, port: 81, vip: 10.9.0.2 }\n",
+            "services[1].name: \"api\" is named twice",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: a, quadrant: px, port: 80, vip: 10.9.0.1 }\n  - { name: b, quadrant: pg, port: 80, vip: 10.9.0.1 }\n",
+            "services[1].vip: 10.9.0.1:80 (tcp) is already service \"a\"'s",
+        ),
+    ] {
+        let e = with(px, services).unwrap_err().to_string();
+        assert!(e.contains(expect), "{px} {services}: {e}");
+    }
+}

@@ -102,6 +102,7 @@ impl Config {
             seen.push((q, qc.prefix));
         }
         self.validate_paths()?;
+        self.validate_instances()?;
         self.validate_lanes()?;
         self.breakers.validate()?;
         self.shadows.validate()?;

@@ -318,6 +318,39 @@ impl Client {
         })
     }
 
+    /// `scale`: the instances `quadrant` runs now.
+    pub fn scale(&self, quadrant: &str, instances: u8) -> Result<u8, ClientError> {
+        let request = Request::Scale {
+            quadrant: quadrant.to_owned(),
+            instances,
+        };
+        self.expect(&request, "scale", |r| match r {
+            Response::Scaled { instances, .. } => Ok(instances),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `instances`.
+    pub fn instances(&self) -> Result<crate::scale::InstancesReport, ClientError> {
+        self.expect(&Request::Instances, "instances", |r| match r {
+            Response::Instances(i) => Ok(*i),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `drain`: whether the instance is draining now.
+    pub fn drain(&self, quadrant: &str, index: u8, resume: bool) -> Result<bool, ClientError> {
+        let request = Request::Drain {
+            quadrant: quadrant.to_owned(),
+            index,
+            resume,
+        };
+        self.expect(&request, "drain", |r| match r {
+            Response::Drained { draining, .. } => Ok(draining),
+            other => Err(Box::new(other)),
+        })
+    }
+
     /// `trace`: the mode now set.
     pub fn trace(&self, mode: TraceMode) -> Result<TraceMode, ClientError> {
         self.expect(&Request::Trace { mode }, "trace", |r| match r {

@@ -64,6 +64,26 @@ pub enum Request {
     },
     /// List the circuit breakers the kernel keeps, with their thresholds.
     Breakers,
+    /// Run `instances` instances of `quadrant` (adding or removing the highest ones).
+    Scale {
+        /// Quadrant name.
+        quadrant: String,
+        /// How many instances it runs from now on (1..=16).
+        instances: u8,
+    },
+    /// List every quadrant instance: address, capacity, readiness per service, connections.
+    Instances,
+    /// Stop sending new connections to instance `index` of `quadrant` (`resume`: send them
+    /// again); its connections go on.
+    Drain {
+        /// Quadrant name.
+        quadrant: String,
+        /// Which instance (1.. : instance 0 is the quadrant itself).
+        index: u8,
+        /// Undo a drain.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resume: bool,
+    },
     /// Report every SLO: SLI, error budget, burn rates, alerts.
     Slo,
     /// Report the shadow generations: each compared with its live generation, and a verdict.
@@ -141,6 +161,24 @@ pub enum Response {
     Lanes(Box<crate::lanes::broker::LanesReport>),
     /// Answer to [`Request::Breakers`].
     Breakers(Box<crate::breakers::BreakersReport>),
+    /// Answer to [`Request::Scale`].
+    Scaled {
+        /// Quadrant name.
+        quadrant: String,
+        /// Instances it runs now.
+        instances: u8,
+    },
+    /// Answer to [`Request::Instances`].
+    Instances(Box<crate::scale::InstancesReport>),
+    /// Answer to [`Request::Drain`].
+    Drained {
+        /// Quadrant name.
+        quadrant: String,
+        /// The instance.
+        index: u8,
+        /// Whether it is draining now.
+        draining: bool,
+    },
     /// Answer to [`Request::Slo`].
     Slo(Box<crate::slo::SloReport>),
     /// The verdict trace is now set to `mode`.

@@ -171,6 +171,9 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             })
             .await
         }
+        Request::Scale { .. } | Request::Instances | Request::Drain { .. } => {
+            instances(request, agent).await
+        }
         Request::Trace { mode } => {
             blocking(agent, move |a| {
                 a.set_trace(mode)
@@ -236,5 +239,58 @@ async fn stream_events(mut stream: UnixStream, agent: &Agent) -> io::Result<()> 
         };
         stream.write_all(line.as_bytes()).await?;
         stream.write_all(b"\n").await?;
+    }
+}
+
+/// The requests about quadrant instances: `scale`, `instances`, `drain`.
+async fn instances(request: Request, agent: &Arc<Agent>) -> Result<Response, Response> {
+    let unknown = |name: &str| {
+        error(format!(
+            "unknown quadrant {name:?}; expected dx, dg, px or pg"
+        ))
+    };
+    match request {
+        Request::Scale {
+            quadrant,
+            instances,
+        } => {
+            let Some(q) = dataplane_common::Quadrant::from_name(&quadrant) else {
+                return Ok(unknown(&quadrant));
+            };
+            blocking(agent, move |a| {
+                a.scale(q, instances).map_or_else(
+                    |e| error(e.to_string()),
+                    |instances| Response::Scaled {
+                        quadrant,
+                        instances,
+                    },
+                )
+            })
+            .await
+        }
+        Request::Drain {
+            quadrant,
+            index,
+            resume,
+        } => {
+            let Some(q) = dataplane_common::Quadrant::from_name(&quadrant) else {
+                return Ok(unknown(&quadrant));
+            };
+            blocking(agent, move |a| {
+                a.drain(q, index, !resume)
+                    .map_or_else(error, |()| Response::Drained {
+                        quadrant,
+                        index,
+                        draining: !resume,
+                    })
+            })
+            .await
+        }
+        _ => {
+            blocking(agent, |a| {
+                Response::Instances(Box::new(a.instances_report()))
+            })
+            .await
+        }
     }
 }

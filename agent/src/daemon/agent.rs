@@ -59,6 +59,8 @@ pub struct Agent {
     pub slo: Arc<crate::slo::SloService>,
     /// The shadow generations running.
     pub shadows: crate::shadow::Shadows,
+    /// The quadrants' added instances and their readiness for the services with a VIP.
+    pub instances: crate::scale::Instances,
 }
 
 /// A lock that a panicked holder did not poison for the others: every holder leaves the value
@@ -79,6 +81,47 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
+    /// `quadrant scale Q N`.
+    pub fn scale(
+        &self,
+        q: dataplane_common::Quadrant,
+        n: u8,
+    ) -> Result<u8, crate::scale::ScaleError> {
+        let n = self.instances.scale(&self.config, &self.dataplane, q, n)?;
+        tracing::info!(quadrant = q.name(), instances = n, "scaled");
+        Ok(n)
+    }
+
+    /// `quadrant instances`.
+    #[must_use]
+    pub fn instances_report(&self) -> crate::scale::InstancesReport {
+        self.instances
+            .report(&self.config, &locked(&self.dataplane))
+    }
+
+    /// `quadrant drain Q K` (or its undoing): instance K of Q receives no new connections.
+    pub fn drain(
+        &self,
+        q: dataplane_common::Quadrant,
+        index: u8,
+        draining: bool,
+    ) -> Result<(), String> {
+        if !self
+            .instances
+            .set_draining(crate::config::InstanceRef::new(q, index), draining)
+        {
+            return Err(format!(
+                "{} has no added instance {index} (it runs {}; instance 0 is the quadrant itself \
+                 and is not drained)",
+                q.name(),
+                self.instances.count(q)
+            ));
+        }
+        self.instances
+            .write_lb(&self.config, &mut locked(&self.dataplane))
+            .map_err(|e| e.to_string())
+    }
+
     /// `quadrant status` (reads the kernel's counters: call from a blocking task).
     pub fn status(&self) -> Result<StatusReport, LoaderError> {
         let quadrants = self

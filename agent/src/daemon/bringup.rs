@@ -218,24 +218,8 @@ pub fn bring_up(
     let mut dp = dataplane
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut quadrants = Vec::new();
     let switch_started = std::time::Instant::now();
-    for (i, q) in Quadrant::ALL.into_iter().enumerate() {
-        let (handle, programs) = if let Some(h) = adopted.get(i) {
-            (h.clone(), dp.take_over(config, h)?)
-        } else {
-            let h = quadrants::create(config, q)?;
-            let programs = dp.attach(config, &h)?;
-            (h, programs)
-        };
-        info!(
-            quadrant = q.name(),
-            ifindex = handle.host_ifindex,
-            cgroup_id = handle.cgroup_id,
-            "quadrant up"
-        );
-        quadrants.push((handle, programs));
-    }
+    let (quadrants, instances) = quadrants_up(config, &mut dp, &adopted, kept.is_some())?;
     let carried = match kept.take() {
         Some(k) => {
             let carried = dp.finish_takeover(k)?;
@@ -287,7 +271,42 @@ pub fn bring_up(
         breaker_events: Mutex::new(breaker_events),
         slo,
         shadows: crate::shadow::Shadows::default(),
+        instances,
     })
+}
+
+/// Each quadrant's first instance and the programs attached for it.
+type AttachedQuadrants = Vec<(QuadrantHandle, Vec<crate::loader::AttachedProgram>)>;
+
+/// Creates (or takes over) the quadrants and their added instances and attaches the programs.
+fn quadrants_up(
+    config: &Config,
+    dp: &mut Dataplane,
+    adopted: &[QuadrantHandle],
+    kept: bool,
+) -> Result<(AttachedQuadrants, crate::scale::Instances), DaemonError> {
+    let mut quadrants = Vec::new();
+    for (i, q) in Quadrant::ALL.into_iter().enumerate() {
+        let (handle, programs) = if let Some(h) = adopted.get(i) {
+            (h.clone(), dp.take_over(config, h)?)
+        } else {
+            let h = quadrants::create(config, q)?;
+            let programs = dp.attach(config, &h)?;
+            (h, programs)
+        };
+        info!(
+            quadrant = q.name(),
+            ifindex = handle.host_ifindex,
+            cgroup_id = handle.cgroup_id,
+            "quadrant up"
+        );
+        quadrants.push((handle, programs));
+    }
+    let instances = crate::scale::Instances::default();
+    instances.start(config, dp, kept).map_err(|e| {
+        DaemonError::Refused(format!("cannot bring up the quadrant instances: {e}"))
+    })?;
+    Ok((quadrants, instances))
 }
 
 /// Removes everything `config` names. Returns what it removed. Safe to call when nothing exists.
@@ -305,6 +324,19 @@ pub fn teardown(config: &Config, unmount_cgroup2: bool) -> Result<Vec<String>, D
                 config.netns(q),
                 config.host_iface(q)
             ));
+        }
+    }
+    for q in Quadrant::ALL {
+        for i in crate::scale::possible(q) {
+            if quadrants::instance_exists(config, i) {
+                quadrants::remove_instance(config, i)?;
+                removed.push(format!(
+                    "quadrant instance {} ({}, {})",
+                    i.name(),
+                    config.instance_netns(i),
+                    config.instance_iface(i)
+                ));
+            }
         }
     }
     let pins = config.bpffs_dir();

@@ -26,11 +26,12 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
+pub use agent::locked;
 pub use bringup::{QUADRANT_CGROUP_LEVEL, teardown};
 pub use error::DaemonError;
 pub use state::{State, require_root};
 
-use self::agent::{Agent, locked};
+use self::agent::Agent;
 use crate::{
     control::{Client, StatusReport},
     loader::KeptDataplane,

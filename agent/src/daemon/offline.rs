@@ -56,7 +56,13 @@ pub fn down_keep_dataplane(config: &Config) -> Result<Kept, DaemonError> {
 /// namespace), sets `SPIFFE_ENDPOINT_SOCKET` to the quadrant's Workload API, and replaces the
 /// process with `argv`. Returns only on failure.
 #[must_use]
-pub fn exec(config: &Config, q: Quadrant, workload: Option<&str>, argv: &[String]) -> DaemonError {
+pub fn exec(
+    config: &Config,
+    q: Quadrant,
+    index: u8,
+    workload: Option<&str>,
+    argv: &[String],
+) -> DaemonError {
     if let Err(e) = require_root("exec") {
         return e;
     }
@@ -71,7 +77,28 @@ pub fn exec(config: &Config, q: Quadrant, workload: Option<&str>, argv: &[String
         Err(e) => return e,
     };
     let c = &state.config;
-    let mut cgroup = c.cgroup_dir(q);
+    let instance = crate::config::InstanceRef::new(q, index);
+    if !sys::netns_exists(&c.instance_netns(instance)) {
+        return DaemonError::Refused(format!(
+            "{} has no instance {index} (network namespace {} is missing); `quadrant instances` \
+             lists them",
+            q.name(),
+            c.instance_netns(instance)
+        ));
+    }
+    let mut cgroup = c.instance_cgroup_dir(instance);
+    // On a hybrid host the instance's capacity lives in v1 groups; the process joins them here
+    // (the v2 group at `enter_and_exec`).
+    for procs in crate::workloads::capacity_v1_procs(&c.instance, &instance.name()) {
+        if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
+            return SysError::Io {
+                what: "cannot join",
+                path: procs,
+                source: e,
+            }
+            .into();
+        }
+    }
     if let Some(w) = workload {
         if !attest::valid_workload_name(w) {
             return DaemonError::Refused(format!(
@@ -97,7 +124,7 @@ pub fn exec(config: &Config, q: Quadrant, workload: Option<&str>, argv: &[String
     let _ = io::stdout().flush();
     sys::enter_and_exec(
         &cgroup,
-        &c.netns(q),
+        &c.instance_netns(instance),
         argv,
         &[
             ("SPIFFE_ENDPOINT_SOCKET", &endpoint),

@@ -3,7 +3,7 @@
 //! `policy_dir` reload the policy on a blocking thread meanwhile. Then the answer to `down`:
 //! everything removed, or the dataplane kept for the next agent.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, sync::Arc};
+use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
 
 use dataplane_common::Quadrant;
 use tokio::{
@@ -70,6 +70,36 @@ async fn sample_slos(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// How often the instances' readiness for the services with a VIP is probed.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Starts the readiness probes of the services with a VIP: a thread of its own (it enters the
+/// instances' namespaces), one round every [`PROBE_INTERVAL`] until the agent stops.
+fn probe_instances(agent: &Arc<Agent>, stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    let weak = Arc::downgrade(agent);
+    std::thread::Builder::new()
+        .name("instance-probe".into())
+        .spawn(move || {
+            loop {
+                if *stop.borrow() {
+                    break;
+                }
+                let Some(agent) = weak.upgrade() else { break };
+                let started = std::time::Instant::now();
+                crate::scale::probe_round(&agent.config, &agent.instances, &agent.dataplane);
+                drop(agent);
+                std::thread::sleep(PROBE_INTERVAL.saturating_sub(started.elapsed()));
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| {
+            DaemonError::from(sys::io_err(
+                "cannot start the instance probes",
+                Path::new(""),
+            )(e))
+        })
+}
+
 pub(super) async fn serve(
     agent: Arc<Agent>,
     ready: impl FnOnce(&StatusReport),
@@ -85,6 +115,9 @@ pub(super) async fn serve(
         tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
     }
     tokio::spawn(sample_slos(Arc::clone(&agent), stop_rx.clone()));
+    if !agent.config.services.is_empty() {
+        probe_instances(&agent, stop_rx.clone())?;
+    }
     if let Some(ring) = locked(&agent.breaker_events).take() {
         tokio::spawn(crate::breakers::follow(
             ring,

@@ -55,7 +55,7 @@ pub fn caller_of_cgroup(path: &str, instance: &str) -> Option<Caller> {
     if parts.next()? != instance {
         return None;
     }
-    let quadrant = Quadrant::from_name(parts.next()?)?;
+    let quadrant = quadrant_of_instance(parts.next()?)?;
     let (workload, shadow) = match parts.next() {
         None | Some("") => (DEFAULT_WORKLOAD.to_owned(), false),
         Some(w) if valid_workload_name(w) => (w.to_owned(), false),
@@ -69,6 +69,25 @@ pub fn caller_of_cgroup(path: &str, instance: &str) -> Option<Caller> {
         workload,
         shadow,
     })
+}
+
+/// The quadrant of an instance's cgroup name: `px` (its first instance) or `px-<k>` for
+/// `k` in 1..16 (`quadrant scale`); every instance has the quadrant's identity.
+fn quadrant_of_instance(name: &str) -> Option<Quadrant> {
+    let (q, k) = match name.split_once('-') {
+        Some((q, k)) => (q, Some(k)),
+        None => (name, None),
+    };
+    let quadrant = Quadrant::from_name(q)?;
+    match k {
+        None => Some(quadrant),
+        Some(k) => {
+            // Canonical numbers only ("px-01" is no instance's cgroup).
+            let n: u8 = k.parse().ok()?;
+            ((1..crate::config::MAX_INSTANCES).contains(&n) && n.to_string() == k)
+                .then_some(quadrant)
+        }
+    }
 }
 
 /// Attests the process `pid` as a caller of `instance`.
@@ -119,6 +138,22 @@ mod tests {
                 shadow: true,
             })
         );
+        assert_eq!(
+            caller_of_cgroup("/quadrant/px-3/api", "quadrant"),
+            c(Quadrant::Px, "api"),
+            "every instance has the quadrant's identity"
+        );
+        assert_eq!(
+            caller_of_cgroup("/quadrant/dg-15", "quadrant"),
+            c(Quadrant::Dg, "default")
+        );
+        for not_an_instance in ["px-0", "px-16", "px-01", "px-", "px-a", "qa-1"] {
+            assert_eq!(
+                caller_of_cgroup(&format!("/quadrant/{not_an_instance}/api"), "quadrant"),
+                None,
+                "{not_an_instance}"
+            );
+        }
         assert_eq!(caller_of_cgroup("/quadrant/px/@shadow", "quadrant"), None);
         assert_eq!(caller_of_cgroup("/quadrant/px/api@other", "quadrant"), None);
         assert_eq!(caller_of_cgroup("/quadrant", "quadrant"), None);

@@ -18,13 +18,13 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Hook, Quadrant,
+    Hook,
     maps::{self},
 };
 
 use super::{AttachedProgram, Dataplane, LoaderError, lane_op, map_err, programs};
 use crate::{
-    config::{Config, XdpAttachMode},
+    config::{Config, InstanceRef, XdpAttachMode},
     quadrants::QuadrantHandle,
 };
 
@@ -37,13 +37,18 @@ impl Dataplane {
         config: &Config,
         handle: &QuadrantHandle,
     ) -> Result<Vec<AttachedProgram>, LoaderError> {
-        let q = handle.quadrant;
-        self.register_iface(handle.host_ifindex, q)?;
-        self.register_cgroup(handle.cgroup_id, q)?;
+        let i = handle.instance();
+        self.register_iface(handle.host_ifindex, i.quadrant)?;
+        self.register_cgroup(
+            handle.cgroup_id,
+            i.quadrant,
+            i.index,
+            config.instance_addr(i),
+        )?;
         let link_dir = self
             .pin_dir
             .as_ref()
-            .map(|d| d.join("links").join(q.name()));
+            .map(|d| d.join("links").join(i.name()));
         if let Some(d) = &link_dir {
             fs::create_dir_all(d).map_err(|source| LoaderError::Io {
                 what: "cannot create",
@@ -52,8 +57,8 @@ impl Dataplane {
             })?;
         }
         let mut out = Vec::new();
-        for (name, hook, target) in quadrant_programs(config, q) {
-            let link = self.attach_one(name, hook, config, q).map_err(|source| {
+        for (name, hook, target) in quadrant_programs(config, i) {
+            let link = self.attach_one(name, hook, config, i).map_err(|source| {
                 LoaderError::ProgramOp {
                     action: "cannot attach",
                     program: name,
@@ -84,17 +89,17 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Attaches program `name` to its hook of quadrant `q`, returning the (not yet pinned) link.
+    /// Attaches program `name` to its hook of instance `i`, returning the (not yet pinned) link.
     pub(super) fn attach_one(
         &mut self,
         name: &'static str,
         hook: Hook,
         config: &Config,
-        q: Quadrant,
+        i: InstanceRef,
     ) -> Result<FdLink, ProgramError> {
-        let iface = config.host_iface(q);
+        let iface = config.instance_iface(i);
         let iface = iface.as_str();
-        let cgroup_dir = config.cgroup_dir(q);
+        let cgroup_dir = config.instance_cgroup_dir(i);
         let xdp_mode = if config.xdp_mode == XdpAttachMode::Native {
             XdpMode::Driver
         } else {
@@ -118,7 +123,12 @@ impl Dataplane {
                 let id = p.attach(iface, dir)?;
                 p.take_link(id)?.try_into().map_err(|_| wrong_type())?
             }
-            Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {
+            Hook::Connect4
+            | Hook::Connect6
+            | Hook::Sendmsg4
+            | Hook::Sendmsg6
+            | Hook::Getpeername4
+            | Hook::Recvmsg4 => {
                 let p: &mut CgroupSockAddr = prog.try_into()?;
                 let cg = fs::File::open(cgroup_dir).map_err(ProgramError::IOError)?;
                 // Links on a cgroup always coexist with other programs; no flag is needed.
@@ -325,17 +335,20 @@ impl Dataplane {
     }
 }
 
-/// The programs attached to each quadrant under `config` (XDP only when it is on), each with the
-/// interface or cgroup it goes to.
-pub(super) fn quadrant_programs(config: &Config, q: Quadrant) -> Vec<(&'static str, Hook, String)> {
+/// The programs attached to each quadrant instance under `config` (XDP only when it is on), each
+/// with the interface or cgroup it goes to.
+pub(super) fn quadrant_programs(
+    config: &Config,
+    i: InstanceRef,
+) -> Vec<(&'static str, Hook, String)> {
     programs::ALL
         .into_iter()
         .filter(|(_, hook)| *hook != Hook::Xdp || config.xdp_mode != XdpAttachMode::Off)
         .map(|(name, hook)| {
             let target = if programs::CGROUP.contains(&name) {
-                config.cgroup_dir(q).display().to_string()
+                config.instance_cgroup_dir(i).display().to_string()
             } else {
-                config.host_iface(q)
+                config.instance_iface(i)
             };
             (name, hook, target)
         })

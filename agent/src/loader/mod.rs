@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 mod attach;
 mod breakers;
 mod carry_breakers;
+mod lb;
 mod takeover;
 mod writers;
 
@@ -53,8 +54,12 @@ pub mod programs {
     pub const SOCK_CREATE: &str = "quadrant_sock_create";
     /// cgroup `sock_ops` of the circuit breakers.
     pub const BREAKER_SOCKOPS: &str = "quadrant_breaker_sockops";
+    /// cgroup getpeername4 (service VIPs).
+    pub const GETPEERNAME4: &str = "quadrant_getpeername4";
+    /// cgroup recvmsg4 (service VIPs).
+    pub const RECVMSG4: &str = "quadrant_recvmsg4";
     /// Every program, with the hook it serves.
-    pub const ALL: [(&str, dataplane_common::Hook); 9] = [
+    pub const ALL: [(&str, dataplane_common::Hook); 11] = [
         (XDP, dataplane_common::Hook::Xdp),
         (TC_INGRESS, dataplane_common::Hook::TcIngress),
         (TC_EGRESS, dataplane_common::Hook::TcEgress),
@@ -64,15 +69,19 @@ pub mod programs {
         (SENDMSG6, dataplane_common::Hook::Sendmsg6),
         (SOCK_CREATE, dataplane_common::Hook::SockCreate),
         (BREAKER_SOCKOPS, dataplane_common::Hook::SockOps),
+        (GETPEERNAME4, dataplane_common::Hook::Getpeername4),
+        (RECVMSG4, dataplane_common::Hook::Recvmsg4),
     ];
     /// The cgroup programs.
-    pub const CGROUP: [&str; 6] = [
+    pub const CGROUP: [&str; 8] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
         SENDMSG6,
         SOCK_CREATE,
         BREAKER_SOCKOPS,
+        GETPEERNAME4,
+        RECVMSG4,
     ];
     /// `sock_ops` recording established TCP sockets (lane acceleration).
     pub const SOCKOPS: &str = "quadrant_sockops";

@@ -339,17 +339,22 @@ impl Dataplane {
         config: &Config,
         handle: &QuadrantHandle,
     ) -> Result<Vec<AttachedProgram>, LoaderError> {
-        let q = handle.quadrant;
-        self.register_iface(handle.host_ifindex, q)?;
-        self.register_cgroup(handle.cgroup_id, q)?;
+        let i = handle.instance();
+        self.register_iface(handle.host_ifindex, i.quadrant)?;
+        self.register_cgroup(
+            handle.cgroup_id,
+            i.quadrant,
+            i.index,
+            config.instance_addr(i),
+        )?;
         let dir = self
             .pin_dir
             .as_ref()
             .ok_or_else(|| refused("no pin directory".into()))?
             .join("links")
-            .join(q.name());
+            .join(i.name());
         let mut out = Vec::new();
-        for (name, hook, target) in quadrant_programs(config, q) {
+        for (name, hook, target) in quadrant_programs(config, i) {
             let cgroup = programs::CGROUP.contains(&name);
             let path = dir.join(hook.name());
             let fresh = !path.exists();
@@ -365,7 +370,7 @@ impl Dataplane {
             };
             if cgroup || fresh {
                 // A hook the kept program set did not have is attached like on a fresh start.
-                let link = self.attach_one(name, hook, config, q).map_err(op)?;
+                let link = self.attach_one(name, hook, config, i).map_err(op)?;
                 if !fresh {
                     fs::remove_file(&path).map_err(|e| pin_err(e.to_string()))?;
                 }

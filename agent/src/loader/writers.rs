@@ -9,7 +9,7 @@ use dataplane_common::{
     Identity, Quadrant,
     maps::{
         self, CgroupValue, DataplaneConfig, IfaceValue, MAX_PORT_RANGES, PolicyKey, PolicyValue,
-        PrefixValue, QuadrantValue, WlPolicyKey,
+        PrefixValue, WlPolicyKey,
     },
 };
 use ipnet::Ipv4Net;
@@ -21,18 +21,10 @@ use crate::{
 };
 
 impl Dataplane {
-    /// Writes PREFIXES, QUADRANTS and CONFIG from the configuration; the policy stays deny-all
-    /// (its live slot empty) until [`Self::apply_policy`].
+    /// Writes PREFIXES and CONFIG from the configuration; the policy stays deny-all (its live
+    /// slot empty) until [`Self::apply_policy`].
     pub fn write_config(&mut self, config: &Config, cgroup_level: u32) -> Result<(), LoaderError> {
         self.write_prefixes(&prefix_entries(config))?;
-        let mut quads: Array<_, QuadrantValue> =
-            Array::try_from(self.map_mut(maps::QUADRANTS)?).map_err(map_err(maps::QUADRANTS))?;
-        for q in Quadrant::ALL {
-            let addr = u32::from_ne_bytes(config.addrs(q).workload.octets());
-            quads
-                .set(u32::from(q as u8), QuadrantValue { addr }, 0)
-                .map_err(map_err(maps::QUADRANTS))?;
-        }
         let slot = self.live.map_or(0, |c| c.policy_slot);
         let live = DataplaneConfig {
             cgroup_level,
@@ -251,19 +243,44 @@ impl Dataplane {
         .map_err(map_err(maps::IFACES))
     }
 
-    /// Registers a cgroup (by id) as belonging to quadrant `q`.
-    pub fn register_cgroup(&mut self, cgroup_id: u64, q: Quadrant) -> Result<(), LoaderError> {
+    /// Registers a cgroup (by id) as belonging to instance `index` of quadrant `q`, whose
+    /// address is `addr`.
+    pub fn register_cgroup(
+        &mut self,
+        cgroup_id: u64,
+        q: Quadrant,
+        index: u8,
+        addr: Ipv4Addr,
+    ) -> Result<(), LoaderError> {
         let mut map: HashMap<_, u64, CgroupValue> =
             HashMap::try_from(self.map_mut(maps::CGROUPS)?).map_err(map_err(maps::CGROUPS))?;
         map.insert(
             cgroup_id,
             CgroupValue {
                 quadrant: q as u8,
-                pad: [0; 3],
+                instance: index,
+                pad: [0; 2],
+                addr: u32::from_ne_bytes(addr.octets()),
             },
             0,
         )
         .map_err(map_err(maps::CGROUPS))
+    }
+
+    /// Forgets a host-side veth and a cgroup (an instance scaled away).
+    pub fn unregister(&mut self, ifindex: u32, cgroup_id: u64) -> Result<(), LoaderError> {
+        let mut ifaces: HashMap<_, u32, IfaceValue> =
+            HashMap::try_from(self.map_mut(maps::IFACES)?).map_err(map_err(maps::IFACES))?;
+        match ifaces.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::IFACES)(e)),
+        }
+        let mut cgroups: HashMap<_, u64, CgroupValue> =
+            HashMap::try_from(self.map_mut(maps::CGROUPS)?).map_err(map_err(maps::CGROUPS))?;
+        match cgroups.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::CGROUPS)(e)),
+        }
     }
 }
 

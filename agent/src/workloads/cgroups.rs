@@ -131,3 +131,95 @@ fn remove_tree(dir: &Path) {
     }
     let _ = fs::remove_dir(dir);
 }
+
+/// Applies a quadrant instance's capacity to its cgroup: `cpu.max` and `memory.max` in cgroup
+/// v2 where the controllers are delegated to it, else (a hybrid host) in v1 groups
+/// `<controller>/<agent instance>/<name>`, under which the instance's workloads' own v1 groups
+/// go. Returns the `cgroup.procs` files a process of the instance joins besides its v2 group.
+pub fn apply_capacity(
+    dir: &Path,
+    agent_instance: &str,
+    name: &str,
+    capacity: &crate::config::InstanceCapacity,
+) -> Result<Vec<PathBuf>, WorkloadError> {
+    if capacity.is_unlimited() {
+        return Ok(Vec::new());
+    }
+    // Delegate the controllers down to the instance's cgroup where cgroup v2 has them.
+    if let Some(parent) = dir.parent() {
+        for d in [parent.parent(), Some(parent)].into_iter().flatten() {
+            let _ = fs::write(d.join("cgroup.subtree_control"), "+cpu +memory");
+        }
+    }
+    if dir.join("cpu.max").exists() || dir.join("memory.max").exists() {
+        for (file, value) in [
+            ("cpu.max", capacity.cpu_max()),
+            ("memory.max", capacity.memory_bytes.map(|m| m.to_string())),
+        ] {
+            if let Some(v) = value {
+                let p = dir.join(file);
+                fs::write(&p, v).map_err(io("cannot set limit", &p))?;
+            }
+        }
+        return Ok(Vec::new());
+    }
+    let mut procs = Vec::new();
+    let quota = capacity
+        .cpu_max()
+        .and_then(|m| m.split_whitespace().next().map(str::to_owned));
+    for (controller, limits) in [
+        (
+            "memory",
+            capacity
+                .memory_bytes
+                .map(|m| vec![("memory.limit_in_bytes", m.to_string())]),
+        ),
+        (
+            "cpu",
+            quota.map(|q| {
+                vec![
+                    ("cpu.cfs_period_us", CFS_PERIOD_US.to_string()),
+                    ("cpu.cfs_quota_us", q),
+                ]
+            }),
+        ),
+    ] {
+        let Some(limits) = limits else { continue };
+        let root = Path::new(V1_ROOT).join(controller);
+        if !root.join("cgroup.procs").exists() {
+            continue;
+        }
+        let group = root.join(agent_instance).join(name);
+        fs::create_dir_all(&group).map_err(io("cannot create cgroup", &group))?;
+        for (file, value) in limits {
+            let p = group.join(file);
+            fs::write(&p, value).map_err(io("cannot set limit", &p))?;
+        }
+        procs.push(group.join("cgroup.procs"));
+    }
+    Ok(procs)
+}
+
+/// The v1 groups a process of quadrant instance `name` joins (those [`apply_capacity`] made).
+#[must_use]
+pub fn capacity_v1_procs(agent_instance: &str, name: &str) -> Vec<PathBuf> {
+    ["memory", "cpu"]
+        .into_iter()
+        .map(|c| Path::new(V1_ROOT).join(c).join(agent_instance).join(name))
+        .filter(|d| d.is_dir())
+        .map(|d| d.join("cgroup.procs"))
+        .collect()
+}
+
+/// Removes the v1 groups of quadrant instance `name` and its workloads.
+pub fn remove_v1_group(agent_instance: &str, name: &str) {
+    for controller in ["memory", "pids", "cpu"] {
+        let dir = Path::new(V1_ROOT)
+            .join(controller)
+            .join(agent_instance)
+            .join(name);
+        if dir.exists() {
+            remove_tree(&dir);
+        }
+    }
+}

@@ -24,8 +24,10 @@ use crate::plans::{Resources, RestartPolicy};
 mod cgroups;
 mod run;
 
+pub use cgroups::{
+    apply_capacity, capacity_v1_procs, memory_bytes, remove_instance_v1_cgroups, remove_v1_group,
+};
 use cgroups::{io, prepare_cgroups, remove_v1_cgroups};
-pub use cgroups::{memory_bytes, remove_instance_v1_cgroups};
 use run::{run, run_adopted};
 
 /// Where cgroup v1 controllers are mounted on hybrid hosts.

@@ -46,9 +46,7 @@ fn bench_config() -> anyhow::Result<Config> {
     for (i, q) in Quadrant::ALL.iter().enumerate() {
         c.quadrants.insert(
             q.name().into(),
-            QuadrantConfig {
-                prefix: format!("10.242.{i}.0/24").parse()?,
-            },
+            QuadrantConfig::new(format!("10.242.{i}.0/24").parse()?),
         );
     }
     c.validate()?;

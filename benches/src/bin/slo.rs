@@ -326,9 +326,7 @@ fn bench_config(enabled: bool) -> anyhow::Result<Config> {
     for (i, q) in Quadrant::ALL.iter().enumerate() {
         c.quadrants.insert(
             q.name().into(),
-            QuadrantConfig {
-                prefix: format!("10.244.{i}.0/24").parse()?,
-            },
+            QuadrantConfig::new(format!("10.244.{i}.0/24").parse()?),
         );
     }
     c.validate()?;

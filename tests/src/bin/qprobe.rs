@@ -21,6 +21,10 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe udp-send ADDR:PORT [TIMEOUT_MS]
        qprobe icmp-echo ADDR [TIMEOUT_MS]
        qprobe tcp-echo ADDR:PORT
+       qprobe tcp-whoami ADDR:PORT
+       qprobe tcp-spread ADDR:PORT COUNT
+       qprobe udp-whoami ADDR:PORT NAME
+       qprobe udp-spread ADDR:PORT COUNT
        qprobe tcp-talk ADDR:PORT INTERVAL_MS COUNT
        qprobe udp-echo ADDR:PORT
        qprobe udp-push ADDR:PORT
@@ -81,6 +85,18 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
             Ok(report(icmp_echo(dst, timeout(args, 2)?)))
         }
         "tcp-echo" => tcp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
+        "tcp-whoami" => tcp_whoami(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
+        "udp-whoami" => {
+            udp_whoami(arg(args, 1, "ADDR:PORT")?.parse()?, arg(args, 2, "NAME")?).map(|()| true)
+        }
+        "udp-spread" => Ok(report(udp_spread(
+            arg(args, 1, "ADDR:PORT")?.parse()?,
+            arg(args, 2, "COUNT")?.parse()?,
+        ))),
+        "tcp-spread" => Ok(report(tcp_spread(
+            arg(args, 1, "ADDR:PORT")?.parse()?,
+            arg(args, 2, "COUNT")?.parse()?,
+        ))),
         "tcp-talk" => tcp_talk(
             arg(args, 1, "ADDR:PORT")?.parse()?,
             timeout(args, 2)?,
@@ -234,6 +250,86 @@ fn tcp_echo(addr: SocketAddr) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Answers each connection with the address it was accepted on (the instance's own, whatever
+/// address the client asked for) and holds it open until the client closes it.
+fn tcp_whoami(addr: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    for conn in l.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        thread::spawn(move || {
+            let me = conn
+                .local_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            if conn.write_all(format!("{me}\n").as_bytes()).is_ok() {
+                let mut buf = [0u8; 64];
+                while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Opens `count` connections to `addr`, all held open until the last has answered, and reports
+/// how many each server address answered (`ok peer=<getpeername> a=N b=M …`).
+fn tcp_spread(addr: SocketAddr, count: u32) -> Result<String, String> {
+    let mut held = Vec::new();
+    let mut answers = std::collections::BTreeMap::<String, u32>::new();
+    let mut peers = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            .map_err(|e| io_outcome(&e))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| errno_name(&e))?;
+        peers.insert(s.peer_addr().map_err(|e| errno_name(&e))?.to_string());
+        let mut line = String::new();
+        BufReader::new(&s)
+            .read_line(&mut line)
+            .map_err(|e| io_outcome(&e))?;
+        *answers.entry(line.trim().to_owned()).or_default() += 1;
+        held.push(s);
+    }
+    let peers: Vec<String> = peers.into_iter().collect();
+    let spread: Vec<String> = answers.iter().map(|(a, n)| format!("{a}={n}")).collect();
+    Ok(format!("peer={} {}", peers.join(","), spread.join(" ")))
+}
+
+/// Answers every datagram with `name`.
+fn udp_whoami(addr: SocketAddr, name: &str) -> anyhow::Result<()> {
+    let s = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let mut buf = [0u8; 512];
+    loop {
+        let (_, peer) = s.recv_from(&mut buf)?;
+        s.send_to(name.as_bytes(), peer)?;
+    }
+}
+
+/// Sends `count` datagrams to `addr` from one unconnected socket, one answer each, and reports
+/// the sources the answers came from and who answered (`ok from=<sources> a=N …`).
+fn udp_spread(addr: SocketAddr, count: u32) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| errno_name(&e))?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| errno_name(&e))?;
+    let mut answers = std::collections::BTreeMap::<String, u32>::new();
+    let mut sources = std::collections::BTreeSet::new();
+    let mut buf = [0u8; 512];
+    for _ in 0..count {
+        s.send_to(b"who", addr).map_err(|e| errno_name(&e))?;
+        let (n, from) = s.recv_from(&mut buf).map_err(|e| io_outcome(&e))?;
+        sources.insert(from.to_string());
+        *answers
+            .entry(String::from_utf8_lossy(&buf[..n]).into_owned())
+            .or_default() += 1;
+    }
+    let sources: Vec<String> = sources.into_iter().collect();
+    let spread: Vec<String> = answers.iter().map(|(a, n)| format!("{a}={n}")).collect();
+    Ok(format!("from={} {}", sources.join(","), spread.join(" ")))
 }
 
 /// Answers the first datagram of each peer with `tick N` every 100 ms until a send fails (then

@@ -1,0 +1,61 @@
+//! The load-balancing maps' writer (`LB_SERVICES`, `LB_BACKENDS`) and the reader of the
+//! kernel's connection counts (`LB_ACTIVE`).
+
+use aya::maps::{Array, HashMap, MapError};
+use dataplane_common::lb::{
+    LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_SERVICES, LbBackend, LbService, LbServiceKey,
+};
+
+use super::{Dataplane, LoaderError, map_err};
+
+impl Dataplane {
+    /// Makes `services` the services with a VIP (others are removed) and writes `backends`
+    /// (slot → backend). Backends are written first, so a service never names slots not yet
+    /// written.
+    pub fn write_lb(
+        &mut self,
+        services: &[(LbServiceKey, LbService)],
+        backends: &[(u32, LbBackend)],
+    ) -> Result<(), LoaderError> {
+        let mut slots: Array<_, LbBackend> =
+            Array::try_from(self.map_mut(LB_BACKENDS)?).map_err(map_err(LB_BACKENDS))?;
+        for (slot, b) in backends {
+            slots.set(*slot, *b, 0).map_err(map_err(LB_BACKENDS))?;
+        }
+        let mut map: HashMap<_, LbServiceKey, LbService> =
+            HashMap::try_from(self.map_mut(LB_SERVICES)?).map_err(map_err(LB_SERVICES))?;
+        let stale: Vec<LbServiceKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !services.iter().any(|(s, _)| s == k))
+            .collect();
+        for k in stale {
+            match map.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(LB_SERVICES)(e)),
+            }
+        }
+        for (k, v) in services {
+            map.insert(k, v, 0).map_err(map_err(LB_SERVICES))?;
+        }
+        Ok(())
+    }
+
+    /// The kernel's count of open connections per backend slot.
+    pub fn lb_active(&self) -> Result<Vec<u64>, LoaderError> {
+        let map = self
+            .ebpf
+            .map(LB_ACTIVE)
+            .ok_or(LoaderError::MissingMap { name: LB_ACTIVE })?;
+        let counts: Array<_, u64> = Array::try_from(map).map_err(map_err(LB_ACTIVE))?;
+        (0..LB_BACKENDS_MAX)
+            .map(|i| counts.get(&i, 0).map_err(map_err(LB_ACTIVE)))
+            .collect()
+    }
+
+    /// The bpffs directory of the pins, if the dataplane is pinned.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pin_dir.as_deref()
+    }
+}

@@ -1,0 +1,480 @@
+//! Quadrant instances at run time and the services balanced across them.
+//!
+//! Instance 0 of every quadrant is the quadrant itself (created with it, never scaled away);
+//! instances 1.. are added and removed by `quadrant scale` (and created at start-up from
+//! `quadrants.<q>.instances`). Each is its own namespace, veth, cgroup and address with the
+//! quadrant's identity, so the policy is unchanged. The agent alone writes the load-balancing
+//! maps: a backend's weight is its capacity while the instance is ready (its last probe of the
+//! service's port succeeded) and not draining, else 0.
+
+mod probe;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    sync::{Mutex, PoisonError},
+};
+
+use dataplane_common::{
+    Quadrant,
+    lb::{LB_BACKENDS_PER_SERVICE, LbBackend, LbService, LbServiceKey},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Config, InstanceRef, MAX_INSTANCES},
+    loader::{AttachedProgram, Dataplane, LoaderError},
+    quadrants::{self, QuadrantHandle},
+    sys::SysError,
+};
+
+pub use probe::probe_round;
+
+/// Errors of scaling.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    /// A count outside what the quadrant may run.
+    #[error("cannot scale {quadrant} to {asked} instances: {reason}")]
+    Invalid {
+        /// Quadrant name.
+        quadrant: &'static str,
+        /// The count asked for.
+        asked: u8,
+        /// Why not.
+        reason: String,
+    },
+    /// Creating or removing an instance failed (what was created for this request is removed
+    /// again).
+    #[error("cannot scale {quadrant}: {source}")]
+    Host {
+        /// Quadrant name.
+        quadrant: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A probe's view of one (service, instance).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Health {
+    /// Its last probe succeeded (and no later one failed three times in a row).
+    ready: bool,
+    /// Probes in a row that timed out.
+    misses: u8,
+}
+
+/// Timed-out probes in a row after which a ready instance stops receiving new connections
+/// (a refused probe counts at once: nothing listens).
+pub const MISSES_TO_UNREADY: u8 = 3;
+
+/// The instances a running agent added beyond each quadrant's first, and their health.
+#[derive(Debug, Default)]
+pub struct Instances {
+    extra: Mutex<BTreeMap<InstanceRef, Extra>>,
+    health: Mutex<BTreeMap<(usize, InstanceRef), Health>>,
+}
+
+#[derive(Debug)]
+struct Extra {
+    handle: QuadrantHandle,
+    programs: Vec<AttachedProgram>,
+    draining: bool,
+}
+
+/// One instance as `quadrant instances` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+pub struct InstanceStatus {
+    /// Quadrant name.
+    pub quadrant: String,
+    /// Index (0: the quadrant's first).
+    pub index: u8,
+    /// Its address.
+    pub address: String,
+    /// Network namespace.
+    pub netns: String,
+    /// Host-side veth.
+    pub host_interface: String,
+    /// Cgroup directory.
+    pub cgroup: String,
+    /// CPUs it may use (none: unlimited).
+    pub cpu: Option<f64>,
+    /// Bytes of memory it may use (none: unlimited).
+    pub memory_bytes: Option<u64>,
+    /// Weight in load balancing.
+    pub weight: u16,
+    /// Draining: receives no new connections.
+    pub draining: bool,
+    /// Each service of its quadrant and whether this instance is ready for it.
+    pub services: BTreeMap<String, bool>,
+    /// Connections to it through a service VIP that are open now.
+    pub connections: u64,
+}
+
+/// `quadrant instances`.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+pub struct InstancesReport {
+    /// Every instance of every quadrant.
+    pub instances: Vec<InstanceStatus>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Instances {
+    /// Instances quadrant `q` runs now (its first included).
+    #[must_use]
+    pub fn count(&self, q: Quadrant) -> u8 {
+        let extra = locked(&self.extra);
+        1 + u8::try_from(extra.keys().filter(|i| i.quadrant == q).count()).unwrap_or(0)
+    }
+
+    /// Every instance running now, the first of each quadrant included.
+    #[must_use]
+    pub fn all(&self) -> Vec<InstanceRef> {
+        let mut out: Vec<InstanceRef> = Quadrant::ALL
+            .into_iter()
+            .map(|q| InstanceRef::new(q, 0))
+            .collect();
+        out.extend(locked(&self.extra).keys().copied());
+        out.sort();
+        out
+    }
+
+    /// At start-up: takes over the added instances a kept dataplane runs (`kept`), or creates
+    /// the configured ones, and writes the load-balancing maps.
+    pub fn start(
+        &self,
+        config: &Config,
+        dp: &mut Dataplane,
+        kept: bool,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        for q in Quadrant::ALL {
+            if kept {
+                for i in possible(q) {
+                    if !quadrants::instance_exists(config, i) {
+                        break;
+                    }
+                    let handle = quadrants::adopt_instance(config, i)?;
+                    let programs = dp.take_over(config, &handle)?;
+                    self.insert(handle, programs);
+                }
+            } else {
+                crate::workloads::apply_capacity(
+                    &config.instance_cgroup_dir(InstanceRef::new(q, 0)),
+                    &config.instance,
+                    q.name(),
+                    &config.capacity(q),
+                )?;
+                for k in 1..config.instances(q) {
+                    let (handle, programs) = add(config, dp, InstanceRef::new(q, k))?;
+                    self.insert(handle, programs);
+                }
+            }
+        }
+        self.write_lb(config, dp)?;
+        Ok(())
+    }
+
+    /// Records an instance created (or taken over) at start-up.
+    pub fn insert(&self, handle: QuadrantHandle, programs: Vec<AttachedProgram>) {
+        locked(&self.extra).insert(
+            handle.instance(),
+            Extra {
+                handle,
+                programs,
+                draining: false,
+            },
+        );
+    }
+
+    /// The programs attached for each added instance (status).
+    #[must_use]
+    pub fn programs(&self) -> Vec<(QuadrantHandle, Vec<AttachedProgram>)> {
+        locked(&self.extra)
+            .values()
+            .map(|e| (e.handle.clone(), e.programs.clone()))
+            .collect()
+    }
+
+    /// Marks instance `i` draining (or not): it receives no new connections; those it has go on.
+    pub fn set_draining(&self, i: InstanceRef, draining: bool) -> bool {
+        locked(&self.extra)
+            .get_mut(&i)
+            .map(|e| e.draining = draining)
+            .is_some()
+    }
+
+    fn draining(&self, i: InstanceRef) -> bool {
+        locked(&self.extra).get(&i).is_some_and(|e| e.draining)
+    }
+
+    /// Whether instance `i` is ready for service `s` (by index in the configuration).
+    fn ready(&self, s: usize, i: InstanceRef) -> bool {
+        locked(&self.health).get(&(s, i)).is_some_and(|h| h.ready)
+    }
+
+    /// Records a probe; returns whether readiness changed.
+    fn observe(&self, s: usize, i: InstanceRef, outcome: probe::Outcome) -> bool {
+        let mut health = locked(&self.health);
+        let h = health.entry((s, i)).or_default();
+        let before = h.ready;
+        match outcome {
+            probe::Outcome::Up => {
+                *h = Health {
+                    ready: true,
+                    misses: 0,
+                }
+            }
+            probe::Outcome::Refused => *h = Health::default(),
+            probe::Outcome::TimedOut => {
+                h.misses = h.misses.saturating_add(1);
+                if h.misses >= MISSES_TO_UNREADY {
+                    h.ready = false;
+                }
+            }
+        }
+        before != h.ready
+    }
+
+    fn forget(&self, i: InstanceRef) {
+        locked(&self.health).retain(|(_, j), _| *j != i);
+    }
+
+    /// Adds instances of `q` until it runs `n`, or removes the highest ones until it does.
+    /// Instances added by this call are removed again if a later one fails.
+    pub fn scale(
+        &self,
+        config: &Config,
+        dataplane: &Mutex<Dataplane>,
+        q: Quadrant,
+        n: u8,
+    ) -> Result<u8, ScaleError> {
+        let invalid = |reason: String| ScaleError::Invalid {
+            quadrant: q.name(),
+            asked: n,
+            reason,
+        };
+        if !(1..=MAX_INSTANCES).contains(&n) {
+            return Err(invalid(format!("the count must be 1..={MAX_INSTANCES}")));
+        }
+        let room = config.addrs(q).prefix.hosts().count().saturating_sub(1);
+        if usize::from(n) > room {
+            return Err(invalid(format!(
+                "its prefix {} has room for {room} instance addresses",
+                config.addrs(q).prefix
+            )));
+        }
+        let now = self.count(q);
+        let host = |e: Box<dyn std::error::Error + Send + Sync>| ScaleError::Host {
+            quadrant: q.name(),
+            source: e,
+        };
+        if n > now {
+            let mut added = Vec::new();
+            for k in now..n {
+                let i = InstanceRef::new(q, k);
+                match add(config, &mut locked(dataplane), i) {
+                    Ok((handle, programs)) => {
+                        added.push(i);
+                        self.insert(handle, programs);
+                    }
+                    Err(e) => {
+                        for i in added.into_iter().rev() {
+                            let _ = self.remove(config, dataplane, i);
+                        }
+                        return Err(host(e));
+                    }
+                }
+            }
+        } else {
+            for k in (n..now).rev() {
+                self.remove(config, dataplane, InstanceRef::new(q, k))
+                    .map_err(|e| host(Box::new(e)))?;
+            }
+        }
+        self.write_lb(config, &mut locked(dataplane))
+            .map_err(|e| host(Box::new(e)))?;
+        Ok(n)
+    }
+
+    /// Removes added instance `i`: out of the maps first, then its processes, links and host
+    /// resources.
+    fn remove(
+        &self,
+        config: &Config,
+        dataplane: &Mutex<Dataplane>,
+        i: InstanceRef,
+    ) -> Result<(), SysError> {
+        if let Some(e) = locked(&self.extra).remove(&i) {
+            let mut dp = locked(dataplane);
+            if let Err(err) = dp.unregister(e.handle.host_ifindex, e.handle.cgroup_id) {
+                tracing::warn!(instance = %i.name(), error = %err, "cannot unregister");
+            }
+            if let Some(pins) = dp.pin_dir() {
+                let _ = fs::remove_dir_all(pins.join("links").join(i.name()));
+            }
+        }
+        self.forget(i);
+        quadrants::remove_instance(config, i)?;
+        crate::workloads::remove_v1_group(&config.instance, &i.name());
+        Ok(())
+    }
+
+    /// Writes `LB_SERVICES` and `LB_BACKENDS` for every configured service: one slot per
+    /// instance index, weighted by capacity while ready and not draining.
+    pub fn write_lb(&self, config: &Config, dp: &mut Dataplane) -> Result<(), LoaderError> {
+        let mut services = Vec::new();
+        let mut backends = Vec::new();
+        for (n, s) in config.services.iter().enumerate() {
+            let q = s.quadrant();
+            let count = self.count(q);
+            let index = u32::try_from(n).unwrap_or(u32::MAX);
+            services.push((
+                LbServiceKey {
+                    vip: u32::from_ne_bytes(s.vip.octets()),
+                    port: s.port.to_be(),
+                    proto: s.proto(),
+                    pad: 0,
+                },
+                LbService {
+                    index,
+                    backends: u32::from(count),
+                },
+            ));
+            let weight = config.capacity(q).weight();
+            for k in 0..u8::try_from(LB_BACKENDS_PER_SERVICE).unwrap_or(MAX_INSTANCES) {
+                let i = InstanceRef::new(q, k);
+                let live = k < count && self.ready(n, i) && !self.draining(i);
+                backends.push((
+                    index * LB_BACKENDS_PER_SERVICE + u32::from(k),
+                    LbBackend {
+                        addr: u32::from_ne_bytes(config.instance_addr(i).octets()),
+                        port: s.port.to_be(),
+                        weight: if live { weight } else { 0 },
+                    },
+                ));
+            }
+        }
+        dp.write_lb(&services, &backends)
+    }
+
+    /// `quadrant instances`.
+    #[must_use]
+    pub fn report(&self, config: &Config, dp: &Dataplane) -> InstancesReport {
+        let active = dp.lb_active().unwrap_or_default();
+        let instances = self
+            .all()
+            .into_iter()
+            .map(|i| {
+                let cap = config.capacity(i.quadrant);
+                let mut services = BTreeMap::new();
+                let mut connections = 0;
+                for (n, s) in config.services.iter().enumerate() {
+                    if s.quadrant() != i.quadrant {
+                        continue;
+                    }
+                    services.insert(s.name.clone(), self.ready(n, i));
+                    let slot = u32::try_from(n).unwrap_or(u32::MAX) * LB_BACKENDS_PER_SERVICE
+                        + u32::from(i.index);
+                    connections += active.get(slot as usize).copied().unwrap_or(0);
+                }
+                InstanceStatus {
+                    quadrant: i.quadrant.name().to_owned(),
+                    index: i.index,
+                    address: config.instance_addr(i).to_string(),
+                    netns: config.instance_netns(i),
+                    host_interface: config.instance_iface(i),
+                    cgroup: config.instance_cgroup_dir(i).display().to_string(),
+                    cpu: cap.cpu,
+                    memory_bytes: cap.memory_bytes,
+                    weight: cap.weight(),
+                    draining: self.draining(i),
+                    services,
+                    connections,
+                }
+            })
+            .collect();
+        InstancesReport { instances }
+    }
+}
+
+/// Creates instance `i` and attaches the programs; removes what it created if that fails.
+fn add(
+    config: &Config,
+    dataplane: &mut Dataplane,
+    i: InstanceRef,
+) -> Result<(QuadrantHandle, Vec<AttachedProgram>), Box<dyn std::error::Error + Send + Sync>> {
+    let made = quadrants::create_instance(config, i).and_then(|h| {
+        crate::workloads::apply_capacity(
+            &config.instance_cgroup_dir(i),
+            &config.instance,
+            &i.name(),
+            &config.capacity(i.quadrant),
+        )
+        .map_err(|e| SysError::Io {
+            what: "cannot set the capacity of",
+            path: config.instance_cgroup_dir(i),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(h)
+    });
+    let handle = match made {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = quadrants::remove_instance(config, i);
+            return Err(Box::new(e));
+        }
+    };
+    match dataplane.attach(config, &handle) {
+        Ok(programs) => Ok((handle, programs)),
+        Err(e) => {
+            let _ = quadrants::remove_instance(config, i);
+            Err(Box::new(e))
+        }
+    }
+}
+
+/// Every added instance quadrant `q` may run (teardown looks for each).
+pub fn possible(q: Quadrant) -> impl Iterator<Item = InstanceRef> {
+    (1..MAX_INSTANCES).map(move |k| InstanceRef::new(q, k))
+}
+
+/// `quadrant instances` as a table.
+#[must_use]
+pub fn render(report: &InstancesReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "INSTANCE  ADDRESS          CPU    MEMORY      WEIGHT  STATE     CONNS  SERVICES\n",
+    );
+    for i in &report.instances {
+        let name = InstanceRef::new(
+            Quadrant::from_name(&i.quadrant).unwrap_or(Quadrant::Px),
+            i.index,
+        )
+        .name();
+        let services: Vec<String> = i
+            .services
+            .iter()
+            .map(|(s, ready)| format!("{s}:{}", if *ready { "ready" } else { "not-ready" }))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{name:<9} {:<16} {:<6} {:<11} {:<7} {:<9} {:<6} {}",
+            i.address,
+            i.cpu.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+            i.memory_bytes
+                .map_or_else(|| "-".to_owned(), |m| format!("{} MiB", m >> 20)),
+            i.weight,
+            if i.draining { "draining" } else { "up" },
+            i.connections,
+            if services.is_empty() {
+                "-".to_owned()
+            } else {
+                services.join(" ")
+            },
+        );
+    }
+    out
+}

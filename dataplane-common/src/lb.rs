@@ -1,0 +1,128 @@
+//! Load balancing of services with a virtual address (VIP) across a quadrant's instances, done
+//! once per socket in the cgroup hooks: `connect4` (and `sendmsg4` for unconnected UDP) turns
+//! VIP:port into a ready instance's address, `getpeername4` and `recvmsg4` give the application
+//! the VIP back. Packets never see the VIP, so the per-packet cost stays zero.
+//!
+//! The agent writes [`LB_SERVICES`] and [`LB_BACKENDS`]; the programs keep the active connection
+//! count of each backend in [`LB_ACTIVE`] and each translated socket in [`LB_SOCKS`].
+
+/// VIP, port and protocol ([`LbServiceKey`]) → [`LbService`].
+pub const LB_SERVICES: &str = "LB_SERVICES";
+/// `service * LB_BACKENDS_PER_SERVICE + slot` → [`LbBackend`].
+pub const LB_BACKENDS: &str = "LB_BACKENDS";
+/// Same index as [`LB_BACKENDS`] → active connections (`u64`, changed atomically).
+pub const LB_ACTIVE: &str = "LB_ACTIVE";
+/// Socket cookie → [`LbSock`]: which VIP a translated socket asked for and where it went.
+pub const LB_SOCKS: &str = "LB_SOCKS";
+
+/// Services with a VIP at most.
+pub const LB_SERVICES_MAX: u32 = 64;
+/// Backends (instances) of one service at most.
+pub const LB_BACKENDS_PER_SERVICE: u32 = 16;
+/// Entries of [`LB_BACKENDS`] and [`LB_ACTIVE`].
+pub const LB_BACKENDS_MAX: u32 = LB_SERVICES_MAX * LB_BACKENDS_PER_SERVICE;
+/// Translated sockets remembered at once (least recently used go first).
+pub const LB_SOCKS_MAX: u32 = 65_536;
+
+/// Key of [`LB_SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbServiceKey {
+    /// The VIP (network byte order).
+    pub vip: u32,
+    /// Port (network byte order).
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding (zero).
+    pub pad: u8,
+}
+
+/// Value of [`LB_SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbService {
+    /// The service's index: its backends are at `index * LB_BACKENDS_PER_SERVICE ..`.
+    pub index: u32,
+    /// Backend slots in use (at most [`LB_BACKENDS_PER_SERVICE`]).
+    pub backends: u32,
+}
+
+/// Value of [`LB_BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbBackend {
+    /// The instance's address (network byte order).
+    pub addr: u32,
+    /// Port on the instance (network byte order).
+    pub port: u16,
+    /// Capacity weight; 0: not ready (draining, failed its probe, gone): receives nothing new.
+    pub weight: u16,
+}
+
+/// Value of [`LB_SOCKS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbSock {
+    /// The VIP the socket asked for (network byte order).
+    pub vip: u32,
+    /// The backend it went to (network byte order).
+    pub addr: u32,
+    /// VIP port (network byte order).
+    pub vip_port: u16,
+    /// Backend port (network byte order).
+    pub port: u16,
+    /// Index in [`LB_ACTIVE`] counted for this socket; `u32::MAX` when nothing is counted.
+    pub counted: u32,
+}
+
+/// Whether backend `a` (with `a_active` connections and weight `a_weight`) is a better choice
+/// than `b`: fewer active connections per unit of capacity. Weights of 0 never win.
+#[must_use]
+pub const fn less_loaded(a_active: u32, a_weight: u16, b_active: u32, b_weight: u16) -> bool {
+    if a_weight == 0 {
+        return false;
+    }
+    if b_weight == 0 {
+        return true;
+    }
+    // a/wa < b/wb  ⇔  a·wb < b·wa (no division, no overflow in u64).
+    (a_active as u64) * (b_weight as u64) < (b_active as u64) * (a_weight as u64)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], integers only, no implicit padding (sizes asserted below).
+    unsafe impl aya::Pod for super::LbServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbService {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbBackend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbSock {}
+}
+
+const _: () = {
+    assert!(size_of::<LbServiceKey>() == 8);
+    assert!(size_of::<LbService>() == 8);
+    assert!(size_of::<LbBackend>() == 8);
+    assert!(size_of::<LbSock>() == 16);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fewer_connections_per_capacity_wins_and_unready_never_does() {
+        assert!(less_loaded(0, 1, 1, 1));
+        assert!(!less_loaded(1, 1, 1, 1), "a tie is not better");
+        assert!(
+            less_loaded(3, 4, 1, 1),
+            "3 on capacity 4 beats 1 on capacity 1"
+        );
+        assert!(!less_loaded(0, 0, 100, 1), "not ready never wins");
+        assert!(less_loaded(100, 1, 0, 0), "anything ready beats not ready");
+        assert!(less_loaded(u32::MAX - 1, u16::MAX, u32::MAX, u16::MAX));
+    }
+}

@@ -1,0 +1,265 @@
+//! Service VIPs (see `dataplane_common::lb`): `connect4`/`sendmsg4` turn VIP:port into a ready
+//! instance of the service once per socket, `getpeername4`/`recvmsg4` give the application the
+//! VIP back, and the breaker `sock_ops` program keeps each backend's count of active TCP
+//! connections (counted when the connection reaches TCP, released at `CLOSE`).
+//!
+//! The choice: least active connections per unit of capacity among the ready backends (weight
+//! above 0), ties broken by a random starting point so that idle backends share new
+//! connections evenly. The policy then decides on the instance's address, as for any connect.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, HashMap, LruHashMap},
+    programs::SockAddrContext,
+};
+use dataplane_common::{
+    lb::{
+        LB_BACKENDS_MAX, LB_BACKENDS_PER_SERVICE, LB_SERVICES_MAX, LB_SOCKS_MAX, LbBackend,
+        LbService, LbServiceKey, LbSock, less_loaded,
+    },
+    policy::PROTO_TCP,
+};
+
+/// (VIP, port, protocol) → the service's backend range. Writer: agent.
+#[map(name = "LB_SERVICES")]
+static LB_SERVICES: HashMap<LbServiceKey, LbService> =
+    HashMap::with_max_entries(LB_SERVICES_MAX, 0);
+
+/// Backend slots of every service. Writer: agent.
+#[map(name = "LB_BACKENDS")]
+static LB_BACKENDS: Array<LbBackend> = Array::with_max_entries(LB_BACKENDS_MAX, 0);
+
+/// Active TCP connections per backend slot. Writer: the breaker `sock_ops` program (atomic).
+#[map(name = "LB_ACTIVE")]
+static LB_ACTIVE: Array<u64> = Array::with_max_entries(LB_BACKENDS_MAX, 0);
+
+/// Socket cookie → the VIP it asked for and the backend it got. Writers: `connect4`,
+/// `sendmsg4`; the breaker `sock_ops` program removes a TCP socket's entry at `CLOSE`.
+#[map(name = "LB_SOCKS")]
+static LB_SOCKS: LruHashMap<u64, LbSock> = LruHashMap::with_max_entries(LB_SOCKS_MAX, 0);
+
+/// Nothing counted in `LbSock::counted` (a datagram socket).
+const NOT_COUNTED: u32 = u32::MAX;
+
+/// What translation did to a `connect4`/`sendmsg4`.
+pub enum Translated {
+    /// Not a VIP: nothing changed.
+    No,
+    /// Rewritten to this backend; [`commit`] records it once the call is allowed.
+    To(LbSock),
+    /// A VIP without a ready backend.
+    NoBackend,
+}
+
+#[inline(always)]
+fn backend(index: u32) -> Option<LbBackend> {
+    LB_BACKENDS.get(index).copied()
+}
+
+#[inline(always)]
+fn active(index: u32) -> u32 {
+    let n = LB_ACTIVE.get(index).copied().unwrap_or(0);
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The ready backend with the fewest active connections per unit of capacity, or `None`.
+#[inline(always)]
+fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
+    let n = service.backends;
+    if n == 0 || n > LB_BACKENDS_PER_SERVICE {
+        return None;
+    }
+    let base = service.index.checked_mul(LB_BACKENDS_PER_SERVICE)?;
+    // SAFETY: helper without preconditions.
+    let start = unsafe { bpf_get_prandom_u32() } % n;
+    let mut best: Option<(u32, LbBackend, u32)> = None;
+    for i in 0..LB_BACKENDS_PER_SERVICE {
+        if i >= n {
+            break;
+        }
+        let slot = base + (start + i) % n;
+        let Some(b) = backend(slot) else { continue };
+        if b.weight == 0 {
+            continue;
+        }
+        let a = active(slot);
+        let better = match best {
+            None => true,
+            Some((_, bb, ba)) => less_loaded(a, b.weight, ba, bb.weight),
+        };
+        if better {
+            best = Some((slot, b, a));
+        }
+    }
+    best.map(|(slot, b, _)| (slot, b))
+}
+
+/// Translates a `connect4` (`connect`) or `sendmsg4` to a VIP. A datagram socket that sent to
+/// the VIP before keeps its backend while that one stays ready.
+#[inline(always)]
+pub fn translate(sa: *mut bpf_sock_addr, connect: bool) -> Translated {
+    // SAFETY: the context fields read here are readable for connect4 and sendmsg4.
+    let (vip, port, proto) = unsafe {
+        let port = (*sa).user_port.to_ne_bytes();
+        (
+            (*sa).user_ip4,
+            u16::from_ne_bytes([port[0], port[1]]),
+            (*sa).protocol.to_ne_bytes()[0],
+        )
+    };
+    let key = LbServiceKey {
+        vip,
+        port,
+        proto,
+        pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(service) = (unsafe { LB_SERVICES.get(key) }) else {
+        return Translated::No;
+    };
+    let cookie = || {
+        // SAFETY: the context pointer is the kernel's `bpf_sock_addr` for this call.
+        unsafe { bpf_get_socket_cookie(sa.cast::<c_void>()) }
+    };
+    let mut chosen = None;
+    if !connect {
+        // SAFETY: read-only lookup of a plain value.
+        if let Some(s) = unsafe { LB_SOCKS.get(cookie()) }
+            && s.vip == vip
+            && s.vip_port == port
+        {
+            let base = service.index.saturating_mul(LB_BACKENDS_PER_SERVICE);
+            let mut i = 0;
+            while i < LB_BACKENDS_PER_SERVICE {
+                if i >= service.backends {
+                    break;
+                }
+                if let Some(b) = backend(base + i)
+                    && b.weight != 0
+                    && b.addr == s.addr
+                    && b.port == s.port
+                {
+                    chosen = Some((base + i, b));
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
+    let Some((slot, b)) = chosen.or_else(|| choose(service)) else {
+        return Translated::NoBackend;
+    };
+    // SAFETY: connect4 and sendmsg4 may rewrite the destination.
+    unsafe {
+        (*sa).user_ip4 = b.addr;
+        (*sa).user_port = u32::from(b.port);
+    }
+    Translated::To(LbSock {
+        vip,
+        addr: b.addr,
+        vip_port: port,
+        port: b.port,
+        // A TCP socket is counted against its backend once it reaches TCP (`connecting`).
+        counted: if connect && proto == PROTO_TCP {
+            slot
+        } else {
+            NOT_COUNTED
+        },
+    })
+}
+
+/// Adds `v` (wrapping: `u64::MAX` subtracts one) to `*c` atomically across CPUs (`BPF_ATOMIC`
+/// add; the bpf target's `core::sync::atomic` has loads and stores only).
+///
+/// # Safety
+/// `c` points to a live map value.
+#[inline(always)]
+unsafe fn atomic_add(c: *mut u64, v: u64) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            c, v,
+        );
+    }
+}
+
+/// Records an allowed translation for the socket.
+#[inline(always)]
+pub fn commit(sa: *mut bpf_sock_addr, sock: &LbSock) {
+    // SAFETY: the context pointer is the kernel's `bpf_sock_addr` for this call.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast::<c_void>()) };
+    let _ = LB_SOCKS.insert(cookie, sock, 0);
+}
+
+/// `sock_ops` at `TCP_CONNECT_CB`: whether the socket was translated; its backend's count goes
+/// up by one and the caller asks for the state callback that releases it.
+#[inline(always)]
+pub fn connecting(cookie: u64) -> bool {
+    let Some(s) = LB_SOCKS.get_ptr_mut(cookie) else {
+        return false;
+    };
+    // SAFETY: a map value pointer, valid for this program run.
+    let s = unsafe { &mut *s };
+    if s.counted == NOT_COUNTED {
+        return false;
+    }
+    if let Some(c) = LB_ACTIVE.get_ptr_mut(s.counted) {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { atomic_add(c, 1) };
+    }
+    true
+}
+
+/// `sock_ops` at `CLOSE`: releases the count of a translated socket and forgets it.
+#[inline(always)]
+pub fn closed(cookie: u64) {
+    // SAFETY: read-only lookup of a plain value.
+    let Some(s) = (unsafe { LB_SOCKS.get(cookie) }) else {
+        return;
+    };
+    if s.counted != NOT_COUNTED
+        && let Some(c) = LB_ACTIVE.get_ptr_mut(s.counted)
+    {
+        // SAFETY: a map value pointer, valid for this program run. Each counted socket was
+        // added once at `connecting`, so the count does not go below zero.
+        unsafe {
+            if core::ptr::read_volatile(c) > 0 {
+                atomic_add(c, u64::MAX);
+            }
+        }
+    }
+    let _ = LB_SOCKS.remove(cookie);
+}
+
+/// Gives a translated socket's peer (or a datagram's source) the VIP back.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is the kernel's `bpf_sock_addr` for this call.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast::<c_void>()) };
+    // SAFETY: read-only lookup of a plain value.
+    if let Some(s) = unsafe { LB_SOCKS.get(cookie) } {
+        // SAFETY: getpeername4 and recvmsg4 may read and rewrite the address.
+        unsafe {
+            let port = (*sa).user_port.to_ne_bytes();
+            if (*sa).user_ip4 == s.addr && u16::from_ne_bytes([port[0], port[1]]) == s.port {
+                (*sa).user_ip4 = s.vip;
+                (*sa).user_port = u32::from(s.vip_port);
+            }
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn quadrant_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn quadrant_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx)
+}

@@ -1,0 +1,287 @@
+//! Quadrant instances and service VIPs, in real namespaces: PX runs several instances (each its
+//! own namespace, veth, cgroup and address, all with PX's identity); a `connect()` to a
+//! service's VIP from an allowed caller is translated at the socket to a ready instance, least
+//! active connections first, and the application sees the VIP as its peer; instances that are
+//! not ready, draining or scaled away receive nothing new; the policy still decides. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    thread,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::Quadrant;
+use quadrant::config::ServiceConfig;
+use quadrant_tests::harness::{Instance, test_config};
+use serde_json::Value;
+
+const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
+const PORT: u16 = 8080;
+
+fn instances(inst: &Instance) -> Vec<Value> {
+    let out = inst.quadrant(&["instances", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("instances json");
+    v["instances"].as_array().expect("instances").clone()
+}
+
+/// PX's instances as (address → (ready for `api`, open connections)).
+fn px(inst: &Instance) -> BTreeMap<String, (bool, u64)> {
+    instances(inst)
+        .into_iter()
+        .filter(|i| i["quadrant"] == "px")
+        .map(|i| {
+            (
+                i["address"].as_str().unwrap_or_default().to_owned(),
+                (
+                    i["services"]["api"].as_bool().unwrap_or(false),
+                    i["connections"].as_u64().unwrap_or(u64::MAX),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Waits up to 3 s for `check` on PX's instances.
+fn wait_px(inst: &Instance, what: &str, check: impl Fn(&BTreeMap<String, (bool, u64)>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = px(inst);
+        if check(&now) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {now:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ok peer=VIP:PORT a=N b=M` (or `from=`) → (peer, address → count).
+fn spread(line: &str) -> (String, BTreeMap<String, u32>) {
+    let mut parts = line.split_whitespace().skip(1);
+    let peer = parts
+        .next()
+        .and_then(|p| p.strip_prefix("peer=").or_else(|| p.strip_prefix("from=")))
+        .unwrap_or_default()
+        .to_owned();
+    let counts = parts
+        .filter_map(|p| p.split_once('='))
+        .map(|(a, n)| (a.to_owned(), n.parse().unwrap_or(0)))
+        .collect();
+    (peer, counts)
+}
+
+/// An agent whose PX runs `n` instances behind service `api` (`protocol`, port 8080) at the
+/// prefix's address .100; returns it, the VIP:port and the instances' addresses.
+fn px_behind_a_vip(n: u8, protocol: &str) -> (Instance, String, Vec<String>) {
+    let mut config = test_config(None);
+    let px_prefix = config.addrs(Quadrant::Px).prefix;
+    let vip = std::net::Ipv4Addr::from(u32::from(px_prefix.network()) + 100);
+    config.quadrants.get_mut("px").expect("px").instances = n;
+    config.services = vec![ServiceConfig {
+        name: "api".into(),
+        quadrant: "px".into(),
+        port: PORT,
+        vip,
+        protocol: protocol.into(),
+    }];
+    let addrs = (0..quadrant::config::MAX_INSTANCES)
+        .map(|k| {
+            config
+                .instance_addr(quadrant::config::InstanceRef::new(Quadrant::Px, k))
+                .to_string()
+        })
+        .collect();
+    (Instance::up(config, QPROBE), format!("{vip}:{PORT}"), addrs)
+}
+
+fn ok_spread(inst: &Instance, from: Quadrant, args: &[&str]) -> (String, BTreeMap<String, u32>) {
+    let (ok, line) = inst.probe(from, args);
+    assert!(ok, "{args:?}: {line}");
+    spread(&line)
+}
+
+#[test]
+fn connects_to_a_vip_spread_over_ready_instances_by_least_connections() {
+    let (mut inst, target, a) = px_behind_a_vip(3, "tcp");
+    assert_eq!(px(&inst).len(), 3, "three PX instances");
+    wait_px(&inst, "nothing listens yet", |m| {
+        m.values().all(|(r, _)| !r)
+    });
+    let (ok, line) = inst.probe(Quadrant::Pg, &["tcp-connect", &target]);
+    assert!(
+        !ok && line == "err ECONNREFUSED",
+        "no ready instance: refused at once, as a service without endpoints: {line}"
+    );
+
+    let listen = format!("0.0.0.0:{PORT}");
+    let servers: Vec<u32> = (0..3)
+        .map(|k| inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]))
+        .collect();
+    wait_px(&inst, "every instance ready", |m| {
+        m.values().all(|(r, _)| *r)
+    });
+
+    // Nine held connections from PG: three per instance, each answered by the instance it
+    // went to, and every one sees the VIP as its peer.
+    let (peer, counts) = ok_spread(&inst, Quadrant::Pg, &["tcp-spread", &target, "9"]);
+    assert_eq!(peer, target, "getpeername gives the VIP back");
+    let even: BTreeMap<String, u32> =
+        [(a[0].clone(), 3), (a[1].clone(), 3), (a[2].clone(), 3)].into();
+    assert_eq!(counts, even, "least connections");
+    wait_px(&inst, "every connection released at close", |m| {
+        m.values().all(|(_, c)| *c == 0)
+    });
+
+    // The policy still decides: development may not reach production, VIP or not.
+    let (ok, line) = inst.probe(Quadrant::Dx, &["tcp-connect", &target]);
+    assert!(!ok && line == "err EPERM", "{line}");
+
+    // An instance whose server died gets nothing new once its probe fails.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(servers[2]).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_px(&inst, "instance 2 not ready", |m| {
+        m.get(&a[2]).is_some_and(|(r, _)| !r)
+    });
+    let (_, counts) = ok_spread(&inst, Quadrant::Pg, &["tcp-spread", &target, "8"]);
+    assert_eq!(
+        counts,
+        [(a[0].clone(), 4), (a[1].clone(), 4)].into(),
+        "only the ready ones"
+    );
+
+    // A draining instance gets nothing new either, until it is resumed.
+    let out = inst.quadrant(&["drain", "px", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, counts) = ok_spread(&inst, Quadrant::Pg, &["tcp-spread", &target, "4"]);
+    assert_eq!(counts, [(a[0].clone(), 4)].into());
+    let out = inst.quadrant(&["drain", "px", "1", "--resume"]);
+    assert!(out.status.success());
+    let (_, counts) = ok_spread(&inst, Quadrant::Pg, &["tcp-spread", &target, "2"]);
+    assert_eq!(counts, [(a[0].clone(), 1), (a[1].clone(), 1)].into());
+    let out = inst.quadrant(&["drain", "px", "0"]);
+    assert!(!out.status.success(), "instance 0 is the quadrant itself");
+}
+
+#[test]
+fn scaling_adds_and_removes_instances_and_new_ones_wait_for_their_probe() {
+    let (mut inst, target, a) = px_behind_a_vip(2, "tcp");
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..2 {
+        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
+    }
+    wait_px(&inst, "both ready", |m| {
+        m.len() == 2 && m.values().all(|(r, _)| *r)
+    });
+    let name = inst.config.instance.clone();
+    let netns = |k: u8| std::path::PathBuf::from(format!("/run/netns/{name}-px-{k}"));
+
+    let out = inst.quadrant(&["scale", "px", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(px(&inst).len(), 1);
+    assert!(!netns(1).exists(), "instance 1 removed");
+    let (_, counts) = ok_spread(&inst, Quadrant::Pg, &["tcp-spread", &target, "2"]);
+    assert_eq!(counts, [(a[0].clone(), 2)].into());
+
+    let out = inst.quadrant(&["scale", "px", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(px(&inst).len(), 4);
+    let (_, counts) = ok_spread(&inst, Quadrant::Pg, &["tcp-spread", &target, "3"]);
+    assert_eq!(
+        counts,
+        [(a[0].clone(), 3)].into(),
+        "nothing listens on the new ones yet"
+    );
+    inst.serve_on_instance(Quadrant::Px, 3, &["tcp-whoami", &listen]);
+    wait_px(&inst, "instance 3 ready", |m| {
+        m.get(&a[3]).is_some_and(|(r, _)| *r)
+    });
+    let (_, counts) = ok_spread(&inst, Quadrant::Pg, &["tcp-spread", &target, "4"]);
+    assert_eq!(counts, [(a[0].clone(), 2), (a[3].clone(), 2)].into());
+
+    // A process of an added instance has PX's identity: the Workload API attests it as PX.
+    let out = inst.bounded(
+        std::process::Command::new(&inst.bin)
+            .arg("--config")
+            .arg(&inst.config_path)
+            .args(["exec", "px", "--instance", "3", "--workload", "api", "--"])
+            .args([QPROBE, "svid"]),
+    );
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && line.contains("/quadrant/px/workload/api "),
+        "{line} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = inst.quadrant(&["instances"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("px-3"));
+    let out = inst.quadrant(&["exec", "px", "--instance", "9", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has no instance 9"),
+        "{err}"
+    );
+
+    // Bad counts are refused with the limit, and nothing changes.
+    for bad in ["0", "17"] {
+        let out = inst.quadrant(&["scale", "px", bad]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("1..=16"), "{err}");
+    }
+    assert_eq!(px(&inst).len(), 4);
+
+    let out = inst.down();
+    assert!(out.status.success());
+    for k in 1..4 {
+        assert!(!netns(k).exists(), "instance {k} removed at down");
+    }
+}
+
+#[test]
+fn datagrams_to_a_vip_stay_with_one_instance_per_socket_and_answer_from_the_vip() {
+    let (mut inst, target, a) = px_behind_a_vip(3, "udp");
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..3 {
+        let name = a[usize::from(k)].clone();
+        inst.serve_on_instance(Quadrant::Px, k, &["udp-whoami", &listen, &name]);
+    }
+    wait_px(&inst, "udp instances ready", |m| {
+        m.values().all(|(r, _)| *r)
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let (from, counts) = ok_spread(&inst, Quadrant::Pg, &["udp-spread", &target, "3"]);
+        assert_eq!(from, target, "recvmsg gives the VIP back as the source");
+        assert_eq!(
+            counts.len(),
+            1,
+            "one socket stays with one instance: {counts:?}"
+        );
+        let (who, n) = counts.into_iter().next().expect("one");
+        assert_eq!(n, 3);
+        assert!(a[..3].contains(&who), "{who}");
+        seen.insert(who);
+    }
+    assert!(
+        seen.len() >= 2,
+        "new sockets spread over the instances: {seen:?}"
+    );
+}
