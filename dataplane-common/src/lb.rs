@@ -3,8 +3,11 @@
 //! VIP:port into a ready instance's address, `getpeername4` and `recvmsg4` give the application
 //! the VIP back. Packets never see the VIP, so the per-packet cost stays zero.
 //!
-//! The agent writes [`LB_SERVICES`] and [`LB_BACKENDS`]; the programs keep the active connection
-//! count of each backend in [`LB_ACTIVE`] and each translated socket in [`LB_SOCKS`].
+//! The agent writes [`LB_SERVICES`], [`LB_BACKENDS`] and [`LB_PORTS`]; the programs keep the
+//! active connection count of each backend in [`LB_ACTIVE`] and each translated socket in
+//! [`LB_SOCKS`], and `sock_release` sets a backend's weight to 0 when the instance's listener
+//! for the service goes (its process died or closed it): no new connection reaches it from that
+//! instant, and the agent's next probe decides whether it comes back.
 
 /// VIP, port and protocol ([`LbServiceKey`]) → [`LbService`].
 pub const LB_SERVICES: &str = "LB_SERVICES";
@@ -14,6 +17,14 @@ pub const LB_BACKENDS: &str = "LB_BACKENDS";
 pub const LB_ACTIVE: &str = "LB_ACTIVE";
 /// Socket cookie → [`LbSock`]: which VIP a translated socket asked for and where it went.
 pub const LB_SOCKS: &str = "LB_SOCKS";
+/// [`LbPortKey`] → service index: which service an instance's listener on a port serves, so
+/// that `sock_release` can take the instance out of it the moment that listener goes.
+pub const LB_PORTS: &str = "LB_PORTS";
+/// Socket cookie → backend slot of an instance's socket bound to a service's port (written at
+/// `post_bind4`, read and removed at `sock_release`).
+pub const LB_LISTENERS: &str = "LB_LISTENERS";
+/// Sockets bound to service ports remembered at once.
+pub const LB_LISTENERS_MAX: u32 = 4096;
 
 /// Services with a VIP at most.
 pub const LB_SERVICES_MAX: u32 = 64;
@@ -36,6 +47,18 @@ pub struct LbServiceKey {
     pub proto: u8,
     /// Explicit padding (zero).
     pub pad: u8,
+}
+
+/// Key of [`LB_PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbPortKey {
+    /// The service's quadrant.
+    pub quadrant: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Port on the instances (network byte order).
+    pub port: u16,
 }
 
 /// Value of [`LB_SERVICES`].
@@ -100,6 +123,8 @@ mod pod {
     unsafe impl aya::Pod for super::LbBackend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LbSock {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbPortKey {}
 }
 
 const _: () = {
@@ -107,6 +132,7 @@ const _: () = {
     assert!(size_of::<LbService>() == 8);
     assert!(size_of::<LbBackend>() == 8);
     assert!(size_of::<LbSock>() == 16);
+    assert!(size_of::<LbPortKey>() == 4);
 };
 
 #[cfg(test)]

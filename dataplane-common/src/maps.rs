@@ -75,7 +75,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 24] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -98,6 +98,8 @@ pub const ALL: [&str; 22] = [
     crate::lb::LB_BACKENDS,
     crate::lb::LB_ACTIVE,
     crate::lb::LB_SOCKS,
+    crate::lb::LB_PORTS,
+    crate::lb::LB_LISTENERS,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`

@@ -156,11 +156,17 @@ pub enum Hook {
     /// cgroup `recvmsg4`: gives datagrams from a VIP's instance the VIP as their source
     /// (counts no verdicts).
     Recvmsg4 = 10,
+    /// cgroup `sock_release`: an instance's listener for a service goes, and the instance
+    /// leaves the service's backends (counts no verdicts).
+    SockRelease = 11,
+    /// cgroup `post_bind4`: records an instance's socket bound to a service's port (counts no
+    /// verdicts).
+    PostBind4 = 12,
 }
 
 impl Hook {
     /// Every hook, in id order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::Xdp,
         Self::TcIngress,
         Self::TcEgress,
@@ -172,6 +178,8 @@ impl Hook {
         Self::SockOps,
         Self::Getpeername4,
         Self::Recvmsg4,
+        Self::SockRelease,
+        Self::PostBind4,
     ];
 
     /// The hook with this id, if any.
@@ -199,6 +207,8 @@ impl Hook {
             Self::SockOps => "sock_ops",
             Self::Getpeername4 => "getpeername4",
             Self::Recvmsg4 => "recvmsg4",
+            Self::SockRelease => "sock_release",
+            Self::PostBind4 => "post_bind4",
         }
     }
 }
@@ -214,7 +224,7 @@ pub const UNATTRIBUTED_SLOT: u32 = QUADRANT_COUNT_U32;
 pub const STATS_ENTRIES: u32 = HOOK_COUNT * QUADRANT_SLOTS * REASON_SLOTS;
 
 /// Number of hooks.
-pub const HOOK_COUNT: u32 = 11;
+pub const HOOK_COUNT: u32 = 13;
 
 const _: () = assert!(Hook::ALL.len() as u64 == HOOK_COUNT as u64);
 

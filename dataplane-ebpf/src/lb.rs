@@ -8,20 +8,22 @@
 //! connections evenly. The policy then decides on the instance's address, as for any connect.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{BPF_TCP_LISTEN, bpf_sock_addr},
     cty::c_void,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use dataplane_common::{
     lb::{
-        LB_BACKENDS_MAX, LB_BACKENDS_PER_SERVICE, LB_SERVICES_MAX, LB_SOCKS_MAX, LbBackend,
-        LbService, LbServiceKey, LbSock, less_loaded,
+        LB_BACKENDS_MAX, LB_BACKENDS_PER_SERVICE, LB_LISTENERS_MAX, LB_SERVICES_MAX, LB_SOCKS_MAX,
+        LbBackend, LbPortKey, LbService, LbServiceKey, LbSock, less_loaded,
     },
-    policy::PROTO_TCP,
+    policy::{PROTO_TCP, PROTO_UDP},
 };
+
+use crate::{decide::cgroup_level, maps::CGROUPS};
 
 /// (VIP, port, protocol) → the service's backend range. Writer: agent.
 #[map(name = "LB_SERVICES")]
@@ -31,6 +33,15 @@ static LB_SERVICES: HashMap<LbServiceKey, LbService> =
 /// Backend slots of every service. Writer: agent.
 #[map(name = "LB_BACKENDS")]
 static LB_BACKENDS: Array<LbBackend> = Array::with_max_entries(LB_BACKENDS_MAX, 0);
+
+/// (quadrant, protocol, port) → the service an instance's listener there serves. Writer: agent.
+#[map(name = "LB_PORTS")]
+static LB_PORTS: HashMap<LbPortKey, u32> = HashMap::with_max_entries(LB_SERVICES_MAX, 0);
+
+/// Socket cookie → backend slot of an instance's socket bound to a service's port. Writers:
+/// `post_bind4` (insert), `sock_release` (remove).
+#[map(name = "LB_LISTENERS")]
+static LB_LISTENERS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(LB_LISTENERS_MAX, 0);
 
 /// Active TCP connections per backend slot. Writer: the breaker `sock_ops` program (atomic).
 #[map(name = "LB_ACTIVE")]
@@ -262,4 +273,72 @@ pub fn quadrant_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg4)]
 pub fn quadrant_recvmsg4(ctx: SockAddrContext) -> i32 {
     restore(&ctx)
+}
+
+/// An instance's socket bound to a service's port: recorded (by cookie) as the listener whose
+/// release takes the instance out of that service. `sock_release` cannot read a socket's port,
+/// `post_bind4` can.
+#[cgroup_sock(post_bind4)]
+pub fn quadrant_post_bind4(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: protocol and src_port are readable in post_bind4.
+    let (proto, port) = unsafe { ((*sk).protocol, (*sk).src_port) };
+    if proto != u32::from(PROTO_TCP) && proto != u32::from(PROTO_UDP) {
+        return 1;
+    }
+    // SAFETY: helper without preconditions; the level comes from the agent's configuration.
+    let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level().cast_signed()) };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(cv) = (unsafe { CGROUPS.get(cgroup) }) else {
+        return 1;
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "protocol numbers and ports fit (src_port is a 16-bit port in host order)"
+    )]
+    let key = LbPortKey {
+        quadrant: cv.quadrant,
+        proto: proto as u8,
+        port: (port as u16).to_be(),
+    };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(&index) = (unsafe { LB_PORTS.get(key) }) else {
+        return 1;
+    };
+    if let Some(slot) = index
+        .checked_mul(LB_BACKENDS_PER_SERVICE)
+        .and_then(|b| b.checked_add(u32::from(cv.instance)))
+    {
+        // SAFETY: the context pointer is the kernel's `bpf_sock` for this call.
+        let cookie = unsafe { bpf_get_socket_cookie(sk.cast::<c_void>()) };
+        let _ = LB_LISTENERS.insert(cookie, slot, 0);
+    }
+    1
+}
+
+/// A socket [`quadrant_post_bind4`] recorded goes (its process closed it or died): if it was a
+/// TCP listener (still in `LISTEN`: this runs before the kernel closes it) or a UDP socket, the
+/// instance leaves the service's backends at once (weight 0); the agent's next probe decides
+/// when it comes back.
+#[cgroup_sock(sock_release)]
+pub fn quadrant_sock_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: the context pointer is the kernel's `bpf_sock` for this call.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast::<c_void>()) };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(&slot) = (unsafe { LB_LISTENERS.get(cookie) }) else {
+        return 1;
+    };
+    let _ = LB_LISTENERS.remove(cookie);
+    // SAFETY: protocol and state are readable in sock_release.
+    let (proto, state) = unsafe { ((*sk).protocol, (*sk).state) };
+    if proto == u32::from(PROTO_TCP) && state != BPF_TCP_LISTEN {
+        // Bound but never listening (or a connection): no listener went.
+        return 1;
+    }
+    if let Some(b) = LB_BACKENDS.get_ptr_mut(slot) {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { (*b).weight = 0 };
+    }
+    1
 }

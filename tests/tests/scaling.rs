@@ -59,6 +59,16 @@ fn wait_px(inst: &Instance, what: &str, check: impl Fn(&BTreeMap<String, (bool, 
     }
 }
 
+/// The weight the kernel gives instance `k` of PX as a backend of the first service.
+fn kernel_weight(inst: &Instance, k: u32) -> u16 {
+    use dataplane_common::lb::{LB_BACKENDS, LbBackend};
+    let data = aya::maps::MapData::from_pin(inst.config.bpffs_dir().join("maps").join(LB_BACKENDS))
+        .expect("pinned LB_BACKENDS");
+    let slots: aya::maps::Array<_, LbBackend> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
+    slots.get(&k, 0).expect("slot").weight
+}
+
 /// `ok peer=VIP:PORT a=N b=M` (or `from=`) → (peer, address → count).
 fn spread(line: &str) -> (String, BTreeMap<String, u32>) {
     let mut parts = line.split_whitespace().skip(1);
@@ -140,10 +150,32 @@ fn connects_to_a_vip_spread_over_ready_instances_by_least_connections() {
     let (ok, line) = inst.probe(Quadrant::Dx, &["tcp-connect", &target]);
     assert!(!ok && line == "err EPERM", "{line}");
 
-    // An instance whose server died gets nothing new once its probe fails.
+    // An instance whose server died gets nothing new: the kernel takes it out of the service
+    // as the listener is released (before the agent's next probe, up to 100 ms later, could),
+    // and the agent's probe keeps it out.
+    assert_eq!(
+        kernel_weight(&inst, 2),
+        1000,
+        "instance 2 ready in the kernel"
+    );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(servers[2]).expect("pid")),
         nix::sys::signal::Signal::SIGKILL,
+    );
+    let exited = Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{}/stat", servers[2]))
+        .is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            exited.elapsed() < Duration::from_secs(3),
+            "server never exited"
+        );
+        thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(
+        kernel_weight(&inst, 2),
+        0,
+        "out of the service the moment its listener went"
     );
     wait_px(&inst, "instance 2 not ready", |m| {
         m.get(&a[2]).is_some_and(|(r, _)| !r)

@@ -320,6 +320,19 @@ impl Config {
             }
             if let Some(o) = self.services[..n]
                 .iter()
+                .find(|o| o.quadrant == s.quadrant && o.port == s.port && o.protocol == s.protocol)
+            {
+                return Err(invalid(
+                    field("port"),
+                    format!(
+                        "{} port {} ({}) already serves {:?}: an instance's listener serves one \
+                         service",
+                        s.quadrant, s.port, s.protocol, o.name
+                    ),
+                ));
+            }
+            if let Some(o) = self.services[..n]
+                .iter()
                 .find(|o| o.vip == s.vip && o.port == s.port && o.protocol == s.protocol)
             {
                 return Err(invalid(

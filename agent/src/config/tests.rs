@@ -163,11 +163,8 @@ fn instances_and_services_are_checked_and_named() {
         c.capacity(Quadrant::Px).cpu_max().as_deref(),
         Some("20000 100000")
     );
-    assert_eq!(
-        c.capacity(Quadrant::Dx).weight(),
-        crate::config::UNLIMITED_WEIGHT
-    );
-    assert_eq!(c.services[0].proto(), dataplane_common::policy::PROTO_TCP);
+    assert_eq!(c.capacity(Quadrant::Dx).weight(), UNLIMITED_WEIGHT);
+    assert_eq!(c.services[0].proto(), PROTO_TCP);
 
     for (px, services, expect) in [
         (
@@ -219,6 +216,11 @@ fn instances_and_services_are_checked_and_named() {
             "{ prefix: 10.2.0.0/24 }",
             "services:\n  - { name: api, quadrant: px, port: 80, vip: 10.9.0.1 }\n  - { name: api, quadrant: px, port: 81, vip: 10.9.0.2 }\n",
             "services[1].name: \"api\" is named twice",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: a, quadrant: px, port: 80, vip: 10.9.0.1 }\n  - { name: b, quadrant: px, port: 80, vip: 10.9.0.2 }\n",
+            "services[1].port: px port 80 (tcp) already serves \"a\"",
         ),
         (
             "{ prefix: 10.2.0.0/24 }",

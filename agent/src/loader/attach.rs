@@ -135,7 +135,7 @@ impl Dataplane {
                 let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into().map_err(|_| wrong_type())?
             }
-            Hook::SockCreate => {
+            Hook::SockCreate | Hook::SockRelease | Hook::PostBind4 => {
                 let p: &mut CgroupSock = prog.try_into()?;
                 let cg = fs::File::open(cgroup_dir).map_err(ProgramError::IOError)?;
                 let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;

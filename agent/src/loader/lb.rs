@@ -3,20 +3,27 @@
 
 use aya::maps::{Array, HashMap, MapError};
 use dataplane_common::lb::{
-    LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_SERVICES, LbBackend, LbService, LbServiceKey,
+    LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_PORTS, LB_SERVICES, LbBackend, LbPortKey,
+    LbService, LbServiceKey,
 };
 
 use super::{Dataplane, LoaderError, map_err};
 
 impl Dataplane {
-    /// Makes `services` the services with a VIP (others are removed) and writes `backends`
-    /// (slot → backend). Backends are written first, so a service never names slots not yet
-    /// written.
+    /// Makes `services` the services with a VIP (others are removed), writes `backends`
+    /// (slot → backend) and `ports` (which service an instance's listener serves). Backends are
+    /// written first, so a service never names slots not yet written.
     pub fn write_lb(
         &mut self,
         services: &[(LbServiceKey, LbService)],
         backends: &[(u32, LbBackend)],
+        ports: &[(LbPortKey, u32)],
     ) -> Result<(), LoaderError> {
+        let mut by_port: HashMap<_, LbPortKey, u32> =
+            HashMap::try_from(self.map_mut(LB_PORTS)?).map_err(map_err(LB_PORTS))?;
+        for (k, v) in ports {
+            by_port.insert(k, v, 0).map_err(map_err(LB_PORTS))?;
+        }
         let mut slots: Array<_, LbBackend> =
             Array::try_from(self.map_mut(LB_BACKENDS)?).map_err(map_err(LB_BACKENDS))?;
         for (slot, b) in backends {
@@ -39,6 +46,23 @@ impl Dataplane {
             map.insert(k, v, 0).map_err(map_err(LB_SERVICES))?;
         }
         Ok(())
+    }
+
+    /// The weight of every backend slot as the kernel has it now.
+    pub fn lb_weights(&self) -> Result<Vec<u16>, LoaderError> {
+        let map = self
+            .ebpf
+            .map(LB_BACKENDS)
+            .ok_or(LoaderError::MissingMap { name: LB_BACKENDS })?;
+        let slots: Array<_, LbBackend> = Array::try_from(map).map_err(map_err(LB_BACKENDS))?;
+        (0..LB_BACKENDS_MAX)
+            .map(|i| {
+                slots
+                    .get(&i, 0)
+                    .map(|b| b.weight)
+                    .map_err(map_err(LB_BACKENDS))
+            })
+            .collect()
     }
 
     /// The kernel's count of open connections per backend slot.

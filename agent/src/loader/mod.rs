@@ -58,8 +58,12 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "quadrant_getpeername4";
     /// cgroup recvmsg4 (service VIPs).
     pub const RECVMSG4: &str = "quadrant_recvmsg4";
+    /// cgroup `sock_release` (service VIPs: a listener going takes its instance out).
+    pub const SOCK_RELEASE: &str = "quadrant_sock_release";
+    /// cgroup `post_bind4` (service VIPs: records an instance's listener).
+    pub const POST_BIND4: &str = "quadrant_post_bind4";
     /// Every program, with the hook it serves.
-    pub const ALL: [(&str, dataplane_common::Hook); 11] = [
+    pub const ALL: [(&str, dataplane_common::Hook); 13] = [
         (XDP, dataplane_common::Hook::Xdp),
         (TC_INGRESS, dataplane_common::Hook::TcIngress),
         (TC_EGRESS, dataplane_common::Hook::TcEgress),
@@ -71,9 +75,11 @@ pub mod programs {
         (BREAKER_SOCKOPS, dataplane_common::Hook::SockOps),
         (GETPEERNAME4, dataplane_common::Hook::Getpeername4),
         (RECVMSG4, dataplane_common::Hook::Recvmsg4),
+        (SOCK_RELEASE, dataplane_common::Hook::SockRelease),
+        (POST_BIND4, dataplane_common::Hook::PostBind4),
     ];
     /// The cgroup programs.
-    pub const CGROUP: [&str; 8] = [
+    pub const CGROUP: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -82,6 +88,8 @@ pub mod programs {
         BREAKER_SOCKOPS,
         GETPEERNAME4,
         RECVMSG4,
+        SOCK_RELEASE,
+        POST_BIND4,
     ];
     /// `sock_ops` recording established TCP sockets (lane acceleration).
     pub const SOCKOPS: &str = "quadrant_sockops";

@@ -17,7 +17,7 @@ use std::{
 
 use dataplane_common::{
     Quadrant,
-    lb::{LB_BACKENDS_PER_SERVICE, LbBackend, LbService, LbServiceKey},
+    lb::{LB_BACKENDS_PER_SERVICE, LbBackend, LbPortKey, LbService, LbServiceKey},
 };
 use serde::{Deserialize, Serialize};
 
@@ -327,10 +327,19 @@ impl Instances {
     pub fn write_lb(&self, config: &Config, dp: &mut Dataplane) -> Result<(), LoaderError> {
         let mut services = Vec::new();
         let mut backends = Vec::new();
+        let mut ports = Vec::new();
         for (n, s) in config.services.iter().enumerate() {
             let q = s.quadrant();
             let count = self.count(q);
             let index = u32::try_from(n).unwrap_or(u32::MAX);
+            ports.push((
+                LbPortKey {
+                    quadrant: q as u8,
+                    proto: s.proto(),
+                    port: s.port.to_be(),
+                },
+                index,
+            ));
             services.push((
                 LbServiceKey {
                     vip: u32::from_ne_bytes(s.vip.octets()),
@@ -357,7 +366,24 @@ impl Instances {
                 ));
             }
         }
-        dp.write_lb(&services, &backends)
+        dp.write_lb(&services, &backends, &ports)
+    }
+
+    /// Takes the kernel's word for instances it took out (`sock_release` saw their listener go):
+    /// a backend the agent holds ready whose weight the kernel set to 0 is not ready until its
+    /// next probe succeeds.
+    pub(crate) fn reconcile(&self, config: &Config, weights: &[u16]) {
+        let mut health = locked(&self.health);
+        for ((n, i), h) in health.iter_mut() {
+            if !h.ready || self.draining(*i) || config.services.get(*n).is_none() {
+                continue;
+            }
+            let slot = u32::try_from(*n).unwrap_or(u32::MAX) * LB_BACKENDS_PER_SERVICE
+                + u32::from(i.index);
+            if weights.get(slot as usize) == Some(&0) {
+                *h = Health::default();
+            }
+        }
     }
 
     /// `quadrant instances`.

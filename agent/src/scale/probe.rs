@@ -69,6 +69,9 @@ pub fn probe_round(config: &Config, instances: &Instances, dataplane: &Mutex<Dat
     let Ok(host_ns) = fs::File::open("/proc/thread-self/ns/net") else {
         return;
     };
+    if let Ok(weights) = crate::daemon::locked(dataplane).lb_weights() {
+        instances.reconcile(config, &weights);
+    }
     let mut pending = Vec::new();
     let mut changed = false;
     for (n, s) in config.services.iter().enumerate() {
