@@ -414,7 +414,11 @@ fn status_lists_quadrants_programs_and_counters() {
                 "sendmsg4",
                 "sendmsg6",
                 "sock_create",
-                "sock_ops"
+                "sock_ops",
+                "getpeername4",
+                "recvmsg4",
+                "sock_release",
+                "post_bind4"
             ]
         );
         assert!(
