@@ -273,6 +273,7 @@ fn admit(
         quadrant: q,
         workload: plan.workload.clone(),
         shadow: false,
+        instance: 0,
     });
     let svid = identity
         .authority()

@@ -411,7 +411,23 @@ impl Instance {
         argv: &[&str],
         ready: &str,
     ) -> (u32, std::sync::mpsc::Receiver<String>) {
-        let mut exec = vec!["exec", q.name()];
+        self.background_on(q, 0, workload, argv, ready)
+    }
+
+    /// [`Self::background_in`] in instance `index` of quadrant `q`.
+    ///
+    /// # Panics
+    /// If the process ends before printing `ready`.
+    pub fn background_on(
+        &mut self,
+        q: Quadrant,
+        index: u8,
+        workload: Option<&str>,
+        argv: &[&str],
+        ready: &str,
+    ) -> (u32, std::sync::mpsc::Receiver<String>) {
+        let index = index.to_string();
+        let mut exec = vec!["exec", q.name(), "--instance", &index];
         if let Some(w) = workload {
             exec.extend(["--workload", w]);
         }

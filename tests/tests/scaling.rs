@@ -317,3 +317,122 @@ fn datagrams_to_a_vip_stay_with_one_instance_per_socket_and_answer_from_the_vip(
         "new sockets spread over the instances: {seen:?}"
     );
 }
+
+/// The instance each open lane to PX's `echo` is served by, from `quadrant lanes`.
+fn lane_instances(inst: &Instance) -> Vec<u64> {
+    let out = inst.quadrant(&["lanes", "--output", "json"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("lanes json");
+    let mut found: Vec<u64> = v["lanes"]
+        .as_array()
+        .expect("lanes")
+        .iter()
+        .filter(|l| l["service"] == "echo")
+        .map(|l| l["instance"].as_u64().expect("instance"))
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Starts `lane-echo hold px echo --max N` in PG and waits for it to hold its lanes.
+fn hold(inst: &mut Instance, echo: &str, n: usize) -> std::sync::mpsc::Receiver<String> {
+    let max = n.to_string();
+    let (_, lines) = inst.background_in(
+        Quadrant::Pg,
+        Some("caller"),
+        &[echo, "hold", "px", "echo", "--max", &max],
+        "holding",
+    );
+    let last = lines.try_iter().last().unwrap_or_default();
+    assert_eq!(last, format!("holding {n}"), "every lane opened");
+    lines
+}
+
+#[test]
+fn lanes_to_a_service_offered_by_several_instances_are_spread_and_follow_drains() {
+    let mut config = test_config(None);
+    config.quadrants.get_mut("px").expect("px").instances = 2;
+    let mut inst = Instance::up(config, QPROBE);
+    let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo");
+    let echo = echo.to_str().expect("utf8").to_owned();
+    let mut servers = Vec::new();
+    // The receivers stay alive: a server whose stdout closes dies at its next line.
+    let mut outputs = Vec::new();
+    for k in 0..2 {
+        let (pid, lines) = inst.background_on(
+            Quadrant::Px,
+            k,
+            Some("echo"),
+            &[&echo, "serve", "echo", "--tcp-port", "7000"],
+            "listening as",
+        );
+        servers.push(pid);
+        outputs.push(lines);
+    }
+    // Four lanes held from PG: two on each instance (fewest open lanes first).
+    let _held = hold(&mut inst, &echo, 4);
+    assert_eq!(lane_instances(&inst), [0, 0, 1, 1]);
+
+    // A TCP lane connects to the address of the instance it was given.
+    for _ in 0..2 {
+        let out = inst.run_in(
+            Quadrant::Pg,
+            Some("caller"),
+            &[
+                &echo,
+                "call",
+                "px",
+                "echo",
+                "--transport",
+                "tcp",
+                "--count",
+                "3",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Instance 1 draining: new lanes go to instance 0 only.
+    let out = inst.quadrant(&["drain", "px", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _held_too = hold(&mut inst, &echo, 2);
+    assert_eq!(lane_instances(&inst), [0, 0, 0, 0, 1, 1]);
+
+    // The instance that offered first goes away: its replica takes the service over.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(servers[0]).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let out = inst.quadrant(&["drain", "px", "1", "--resume"]);
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = inst.run_in(
+            Quadrant::Pg,
+            Some("caller"),
+            &[&echo, "call", "px", "echo", "--count", "3"],
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lane after the first instance went: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lane_instances(&inst).iter().all(|&i| i == 1),
+        "only instance 1 serves now"
+    );
+}

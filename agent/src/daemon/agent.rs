@@ -117,6 +117,7 @@ impl Agent {
                 self.instances.count(q)
             ));
         }
+        self.broker.set_draining(q, index, draining);
         self.instances
             .write_lb(&self.config, &mut locked(&self.dataplane))
             .map_err(|e| e.to_string())

@@ -22,6 +22,9 @@ pub struct Caller {
     pub workload: String,
     /// Whether it runs in the workload's shadow generation (`<name>@shadow`).
     pub shadow: bool,
+    /// Which instance of the quadrant it runs in (0: the quadrant's first); every instance has
+    /// the quadrant's identity.
+    pub instance: u8,
 }
 
 /// What a shadow generation's cgroup adds to its workload's name.
@@ -55,7 +58,7 @@ pub fn caller_of_cgroup(path: &str, instance: &str) -> Option<Caller> {
     if parts.next()? != instance {
         return None;
     }
-    let quadrant = quadrant_of_instance(parts.next()?)?;
+    let (quadrant, instance) = quadrant_of_instance(parts.next()?)?;
     let (workload, shadow) = match parts.next() {
         None | Some("") => (DEFAULT_WORKLOAD.to_owned(), false),
         Some(w) if valid_workload_name(w) => (w.to_owned(), false),
@@ -68,24 +71,25 @@ pub fn caller_of_cgroup(path: &str, instance: &str) -> Option<Caller> {
         quadrant,
         workload,
         shadow,
+        instance,
     })
 }
 
-/// The quadrant of an instance's cgroup name: `px` (its first instance) or `px-<k>` for
-/// `k` in 1..16 (`quadrant scale`); every instance has the quadrant's identity.
-fn quadrant_of_instance(name: &str) -> Option<Quadrant> {
+/// The quadrant and instance of an instance's cgroup name: `px` (its first instance) or
+/// `px-<k>` for `k` in 1..16 (`quadrant scale`); every instance has the quadrant's identity.
+fn quadrant_of_instance(name: &str) -> Option<(Quadrant, u8)> {
     let (q, k) = match name.split_once('-') {
         Some((q, k)) => (q, Some(k)),
         None => (name, None),
     };
     let quadrant = Quadrant::from_name(q)?;
     match k {
-        None => Some(quadrant),
+        None => Some((quadrant, 0)),
         Some(k) => {
             // Canonical numbers only ("px-01" is no instance's cgroup).
             let n: u8 = k.parse().ok()?;
             ((1..crate::config::MAX_INSTANCES).contains(&n) && n.to_string() == k)
-                .then_some(quadrant)
+                .then_some((quadrant, n))
         }
     }
 }
@@ -116,6 +120,7 @@ mod tests {
                 quadrant: q,
                 workload: w.to_owned(),
                 shadow: false,
+                instance: 0,
             })
         };
         assert_eq!(
@@ -136,16 +141,20 @@ mod tests {
                 quadrant: Quadrant::Px,
                 workload: "api".into(),
                 shadow: true,
+                instance: 0,
             })
         );
         assert_eq!(
             caller_of_cgroup("/quadrant/px-3/api", "quadrant"),
-            c(Quadrant::Px, "api"),
+            Some(Caller {
+                instance: 3,
+                ..c(Quadrant::Px, "api").unwrap()
+            }),
             "every instance has the quadrant's identity"
         );
         assert_eq!(
-            caller_of_cgroup("/quadrant/dg-15", "quadrant"),
-            c(Quadrant::Dg, "default")
+            caller_of_cgroup("/quadrant/dg-15", "quadrant").map(|c| (c.quadrant, c.instance)),
+            Some((Quadrant::Dg, 15))
         );
         for not_an_instance in ["px-0", "px-16", "px-01", "px-", "px-a", "qa-1"] {
             assert_eq!(

@@ -46,6 +46,7 @@ mod decide;
 mod open;
 mod open_lanes;
 pub mod pool;
+mod replicas;
 mod report;
 pub mod route;
 pub mod sli;
@@ -84,6 +85,8 @@ struct Service {
     conn: Arc<Conn>,
     spiffe_id: String,
     tcp_port: Option<u16>,
+    /// The instance of the quadrant whose process offers it.
+    instance: u8,
 }
 
 /// A service's shadow generation: where mirror lanes go, and the share of requests the
@@ -106,6 +109,8 @@ struct OpenLane {
 #[derive(Default)]
 struct State {
     services: BTreeMap<(Quadrant, String), Service>,
+    /// The same services offered by other instances of their quadrant (`replicas.rs`).
+    replicas: BTreeMap<(Quadrant, String), Vec<Service>>,
     /// Services offered by shadow generations (`quadrant shadow`).
     shadows: BTreeMap<(Quadrant, String), Shadow>,
     lanes: open_lanes::OpenLanes,
@@ -176,6 +181,8 @@ pub struct Broker {
     routes: Mutex<route::Routes>,
     /// Woken when a lane opens (the sampler of SLIs and breakers then reads every 20 ms).
     pub lane_opened: tokio::sync::Notify,
+    /// Instances that take no new lanes (`quadrant drain`).
+    draining: Mutex<std::collections::BTreeSet<(Quadrant, u8)>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -246,12 +253,23 @@ impl Broker {
             trips: Mutex::new(trip::Trips::default()),
             routes: Mutex::new(route::Routes::default()),
             lane_opened: tokio::sync::Notify::new(),
+            draining: Mutex::new(std::collections::BTreeSet::new()),
             breakers: breaker::Breakers::pinned(
                 config
                     .bpffs_dir()
                     .join("maps")
                     .join(dataplane_common::breaker::BREAKERS),
             ),
+        }
+    }
+
+    /// Takes instance `index` of `q` out of (or back into) the choice of new lanes.
+    pub fn set_draining(&self, q: Quadrant, index: u8, draining: bool) {
+        let mut set = self.draining.lock().unwrap_or_else(PoisonError::into_inner);
+        if draining {
+            set.insert((q, index));
+        } else {
+            set.remove(&(q, index));
         }
     }
 
@@ -594,7 +612,30 @@ impl Broker {
         } else {
             state.services.get(&key)
         };
+        let offered = Service {
+            conn: Arc::clone(conn),
+            spiffe_id: id.to_owned(),
+            tcp_port,
+            instance: caller.instance,
+        };
         if let Some(existing) = existing {
+            if fraction.is_none() && existing.instance != caller.instance {
+                // Another instance of the quadrant offers it too: lanes are spread over both.
+                if state.add_replica(key, offered) {
+                    return LaneMessage::Listening {
+                        service: service.to_owned(),
+                        spiffe_id: id.to_owned(),
+                    };
+                }
+                return refused(
+                    format!(
+                        "service {service} is already offered by instance {} of {}",
+                        caller.instance,
+                        q.name()
+                    ),
+                    Refusal::Taken,
+                );
+            }
             return refused(
                 format!(
                     "service {service} is already offered in {} by {}{}",
@@ -609,11 +650,6 @@ impl Broker {
                 Refusal::Taken,
             );
         }
-        let offered = Service {
-            conn: Arc::clone(conn),
-            spiffe_id: id.to_owned(),
-            tcp_port,
-        };
         match fraction {
             Some(fraction_ppm) => {
                 state.shadows.insert(
@@ -669,7 +705,7 @@ impl Broker {
 
     fn disconnect(&self, conn_id: u64) {
         let mut state = self.state();
-        state.services.retain(|_, s| s.conn.id != conn_id);
+        state.forget_offers(conn_id);
         state.shadows.retain(|_, s| s.service.conn.id != conn_id);
         let gone: Vec<u64> = state
             .lanes

@@ -76,8 +76,7 @@ impl Broker {
         if transport == Transport::Tcp
             && let Some(port) = target.tcp_port
         {
-            self.breakers
-                .check(from_q, service, self.config.addrs(to_q).workload, port)?;
+            self.breakers.check(from_q, service, target.addr, port)?;
         }
         let lane_id = self.next_lane.fetch_add(1, Ordering::Relaxed);
         let built = self.build(lane_id, &ask, transport, &target)?;
@@ -115,6 +114,7 @@ impl Broker {
             shm_bytes,
             age_secs: 0,
             mirror,
+            instance: target.instance,
         };
         // Charged before the lock is released, so concurrent opens cannot overshoot the limits.
         state.lanes.insert(
@@ -152,11 +152,21 @@ impl Broker {
         let state = self.state();
         let key = (to_q, service.to_owned());
         let shadow = state.shadows.get(&key);
+        let draining = self.draining.lock().unwrap_or_else(PoisonError::into_inner);
         let (s, mirror_ppm) = if mirror {
             (shadow.map(|s| &s.service), None)
         } else {
-            (state.services.get(&key), shadow.map(|s| s.fraction_ppm))
+            (state.pick(&key, &draining), shadow.map(|s| s.fraction_ppm))
         };
+        if s.is_none() && !mirror && state.offers(&key) > 0 {
+            return Err(refuse(
+                Refusal::NoService,
+                format!(
+                    "every instance of {} offering service {service} is draining",
+                    to_q.name()
+                ),
+            ));
+        }
         let s = s.ok_or_else(|| {
             refuse(
                 Refusal::NoService,
@@ -172,6 +182,10 @@ impl Broker {
             id: s.spiffe_id.clone(),
             tcp_port: s.tcp_port,
             mirror_ppm,
+            addr: self
+                .config
+                .instance_addr(crate::config::InstanceRef::new(to_q, s.instance)),
+            instance: s.instance,
         })
     }
 
@@ -306,18 +320,14 @@ impl Broker {
         })
     }
 
-    /// Where the opener connects (the service's port at its quadrant's workload address), the
+    /// Where the opener connects (the service's port at the offering instance's address), the
     /// token both ends check, and each end's SVID.
     fn tcp_grants(&self, ask: &Ask<'_>, target: &Target) -> Result<(TcpGrant, TcpGrant), Refused> {
         let mut token = [0u8; 16];
         ring_rand(&mut token)
             .map_err(|_| refuse(Refusal::Io, "no randomness for the lane token".into()))?;
         let token = crate::artifacts::hex(&token);
-        let address = format!(
-            "{}:{}",
-            self.config.addrs(ask.to_q).workload,
-            target.tcp_port.unwrap_or_default()
-        );
+        let address = format!("{}:{}", target.addr, target.tcp_port.unwrap_or_default());
         let client = TcpGrant {
             address: Some(address),
             token: token.clone(),
@@ -394,6 +404,10 @@ struct Target {
     tcp_port: Option<u16>,
     /// The share of requests the client copies to the service's shadow generation.
     mirror_ppm: Option<u32>,
+    /// The address of the instance offering it (where TCP lanes connect).
+    addr: std::net::Ipv4Addr,
+    /// Which instance of the quadrant offers it.
+    instance: u8,
 }
 
 /// One end of a lane: what its workload is told and the descriptors it receives.

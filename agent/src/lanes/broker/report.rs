@@ -43,6 +43,9 @@ pub struct LaneInfo {
     /// A lane the client library opened to copy requests to the service's shadow generation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mirror: bool,
+    /// Which instance of the service's quadrant serves it (0: the quadrant's first).
+    #[serde(default)]
+    pub instance: u8,
 }
 
 /// A service being offered.
