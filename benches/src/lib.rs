@@ -7,8 +7,52 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
+use aya::programs::ProgramInfo;
+use hdrhistogram::Histogram;
 use quadrant::config::Config;
+
+/// A latency histogram from 1 ns to 60 s, three significant digits.
+pub fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000_000, 3)?)
+}
+
+/// Microseconds, for printing.
+#[must_use]
+pub fn us(ns: u64) -> f64 {
+    #[expect(clippy::cast_precision_loss, reason = "latencies far below 2^52 ns")]
+    let ns = ns as f64;
+    ns / 1000.0
+}
+
+/// Nanoseconds of a duration (saturating).
+#[must_use]
+pub fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A pinned program's (run time, run count) so far (the kernel counts them while
+/// `BPF_ENABLE_STATS` is on).
+pub fn stats(config: &Config, program: &str) -> anyhow::Result<(Duration, u64)> {
+    let pin = config.bpffs_dir().join("progs").join(program);
+    let info = ProgramInfo::from_pin(&pin).with_context(|| format!("{}", pin.display()))?;
+    Ok((info.run_time(), info.run_count()))
+}
+
+/// Nanoseconds per run, nanoseconds per connection and runs per connection of a program
+/// between two readings.
+#[must_use]
+pub fn per_run(
+    before: (Duration, u64),
+    after: (Duration, u64),
+    connections: u32,
+) -> (f64, f64, f64) {
+    let time = after.0.saturating_sub(before.0).as_secs_f64() * 1e9;
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let runs = after.1.saturating_sub(before.1).max(1) as f64;
+    let connections = f64::from(connections.max(1));
+    (time / runs, time / connections, runs / connections)
+}
 
 /// The binary `name` built beside the running benchmark.
 pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {

@@ -6,7 +6,7 @@
 //! | `run` | setup, build, `quadrant up` with the embedded defaults |
 //! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
 //! | `verifier` | loads every program and prints the kernel's verified instruction counts |
-//! | `bench datapath`, `bench policy`, `bench lanes`, `bench slo` | the benchmarks (benches/) |
+//! | `bench datapath`, `bench policy`, `bench lanes`, `bench slo`, `bench scale` | the benchmarks (benches/) |
 //! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser, the envelope decoder and the lane frame decoders (fuzz/) |
 //!
 //! Deliberately free of the agent crate: `setup` must run before the eBPF toolchain exists.
@@ -50,7 +50,7 @@ enum Task {
         #[arg(default_value_t = 60)]
         seconds: u64,
     },
-    /// Run a benchmark: `datapath`, `policy`, `lanes` or `slo`.
+    /// Run a benchmark: `datapath`, `policy`, `lanes`, `slo` or `scale`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -126,8 +126,10 @@ fn main() -> anyhow::Result<()> {
 fn bench(name: &str) -> anyhow::Result<()> {
     let with_test_helpers = match name {
         "datapath" => true,
-        "policy" | "lanes" | "slo" => false,
-        other => bail!("unknown benchmark {other:?}; available: datapath, policy, lanes, slo"),
+        "policy" | "lanes" | "slo" | "scale" => false,
+        other => {
+            bail!("unknown benchmark {other:?}; available: datapath, policy, lanes, slo, scale")
+        }
     };
     let mut build = vec![
         "build",

@@ -40,10 +40,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::programs::ProgramInfo;
-use benches::{Agent, sibling};
+use benches::{Agent, histogram, ns, per_run, sibling, stats, us};
 use dataplane_common::Quadrant;
-use hdrhistogram::Histogram;
 use quadrant::config::{Config, QuadrantConfig};
 use serde::{Deserialize, Serialize};
 
@@ -193,21 +191,6 @@ struct Trips {
     p50_ns: u64,
     p99_ns: u64,
     max_ns: u64,
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Ok(Histogram::new_with_bounds(1, 60_000_000_000, 3)?)
-}
-
-/// Microseconds, for printing.
-fn us(ns: u64) -> f64 {
-    #[expect(clippy::cast_precision_loss, reason = "latencies far below 2^52 ns")]
-    let ns = ns as f64;
-    ns / 1000.0
-}
-
-fn ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 // ---- the measuring workload (runs in DX) ----
@@ -381,23 +364,6 @@ fn workload<T: for<'de> Deserialize<'de>>(agent: &Agent, args: &[&str]) -> anyho
         bail!("the measuring workload failed: {args:?}");
     }
     Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// A pinned program's (run time, run count) so far.
-fn stats(config: &Config, program: &str) -> anyhow::Result<(Duration, u64)> {
-    let pin = config.bpffs_dir().join("progs").join(program);
-    let info = ProgramInfo::from_pin(&pin).with_context(|| format!("{}", pin.display()))?;
-    Ok((info.run_time(), info.run_count()))
-}
-
-/// Nanoseconds per run, nanoseconds per connection and runs per connection of a program
-/// between two readings.
-fn per_run(before: (Duration, u64), after: (Duration, u64), connections: u32) -> (f64, f64, f64) {
-    let time = after.0.saturating_sub(before.0).as_secs_f64() * 1e9;
-    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-    let runs = after.1.saturating_sub(before.1).max(1) as f64;
-    let connections = f64::from(connections.max(1));
-    (time / runs, time / connections, runs / connections)
 }
 
 #[derive(Debug, Default)]

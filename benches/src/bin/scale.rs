@@ -1,0 +1,328 @@
+//! PX scaling benchmark (`cargo xtask bench scale`): what a service VIP costs at `connect()`
+//! and how evenly it spreads connections over PX's instances.
+//!
+//! The orchestrator starts a real agent (instance `qscale`) whose PX runs four instances behind
+//! service `api` (VIP `.100` of PX's prefix, port 8080), with this binary serving in each
+//! instance (`serve`: every connection is answered with the instance's address and held until
+//! the client closes it). The measuring workload runs in PG.
+//!
+//! `connect()`: in alternating sessions (five each) the workload connects 5,000 times (after
+//! 500 warm-up connects) to the VIP and to instance 0's own address; with the kernel's program
+//! statistics on (`BPF_ENABLE_STATS`) the orchestrator reads the pinned `connect4` program's
+//! run time per run around each session, and the workload reports the `connect()` latency it
+//! sees. The difference between the two is what translating the VIP costs (a connect to an
+//! instance's address pays the one `LB_SERVICES` lookup that finds nothing).
+//!
+//! Share: 4,000 connections to the VIP one after another (each closed before the next) and 400
+//! held open at once; the answers tell which instance took each, and the report gives every
+//! instance's share and the largest deviation from an even share.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use benches::{Agent, histogram, ns, per_run, stats, us};
+use dataplane_common::Quadrant;
+use quadrant::config::{Config, InstanceRef, QuadrantConfig, ServiceConfig};
+use serde::{Deserialize, Serialize};
+
+const STATE_DIR: &str = "/run/quadrant-scalebench";
+const PORT: u16 = 8080;
+const INSTANCES: u8 = 4;
+const CONNECTS: u32 = 5000;
+const WARMUP: u32 = 500;
+const SESSIONS: usize = 5;
+const SEQUENTIAL: u32 = 4000;
+const HELD: u32 = 400;
+
+fn bench_config() -> anyhow::Result<Config> {
+    let mut c = Config::embedded();
+    c.instance = "qscale".into();
+    c.interface_prefix = "qsc".into();
+    c.state_dir = STATE_DIR.into();
+    c.cgroup2 = format!("{STATE_DIR}/cgroup2").into();
+    c.audit_log = format!("{STATE_DIR}/audit.log").into();
+    c.identity.ca_dir = format!("{STATE_DIR}/ca").into();
+    c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
+    for (i, q) in Quadrant::ALL.iter().enumerate() {
+        c.quadrants.insert(
+            q.name().into(),
+            QuadrantConfig::new(format!("10.245.{i}.0/24").parse()?),
+        );
+    }
+    c.quadrants.get_mut("px").context("px")?.instances = INSTANCES;
+    c.services = vec![ServiceConfig {
+        name: "api".into(),
+        quadrant: "px".into(),
+        port: PORT,
+        vip: "10.245.2.100".parse()?,
+        protocol: "tcp".into(),
+    }];
+    c.validate()?;
+    Ok(c)
+}
+
+// ---- the server (runs in each PX instance) ----
+
+fn serve(at: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(at)?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        std::thread::spawn(move || {
+            let me = conn
+                .local_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            if conn.write_all(format!("{me}\n").as_bytes()).is_ok() {
+                let mut buf = [0u8; 64];
+                while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+            }
+        });
+    }
+    Ok(())
+}
+
+// ---- the measuring workload (runs in PG) ----
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Connects {
+    count: u32,
+    p50_ns: u64,
+    p99_ns: u64,
+}
+
+fn connects(at: SocketAddr) -> anyhow::Result<Connects> {
+    let mut h = histogram()?;
+    for i in 0..WARMUP + CONNECTS {
+        let start = Instant::now();
+        let s = TcpStream::connect(at).with_context(|| format!("connect {i} to {at}"))?;
+        let took = start.elapsed();
+        drop(s);
+        if i >= WARMUP {
+            h.record(ns(took).max(1))?;
+        }
+    }
+    Ok(Connects {
+        count: CONNECTS,
+        p50_ns: h.value_at_quantile(0.5),
+        p99_ns: h.value_at_quantile(0.99),
+    })
+}
+
+fn answer(s: &TcpStream) -> anyhow::Result<String> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim().to_owned())
+}
+
+/// Connections to `at`, one after another (`held` false: each closed before the next) or all
+/// held open; how many each instance answered.
+fn share(at: SocketAddr, n: u32, held: bool) -> anyhow::Result<BTreeMap<String, u32>> {
+    let mut counts = BTreeMap::new();
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let s = TcpStream::connect(at)?;
+        *counts.entry(answer(&s)?).or_default() += 1;
+        if held {
+            open.push(s);
+        }
+    }
+    Ok(counts)
+}
+
+// ---- the orchestrator ----
+
+fn workload<T: for<'de> Deserialize<'de>>(agent: &Agent, args: &[&str]) -> anyhow::Result<T> {
+    let me = std::env::current_exe()?.display().to_string();
+    let mut command = vec![me.as_str()];
+    command.extend(args);
+    let out = agent
+        .exec("pg", "bench", &command)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("the measuring workload failed: {args:?}");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn start_servers(agent: &mut Agent) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?.display().to_string();
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..INSTANCES {
+        let mut child = agent
+            .quadrant()
+            .args([
+                "exec",
+                "px",
+                "--instance",
+                &k.to_string(),
+                "--workload",
+                "api",
+            ])
+            .args(["--", &me, "serve", &listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if line.trim() != "listening" {
+            bail!("the server in instance {k} did not start");
+        }
+        agent.servers.push(child);
+    }
+    // Every instance ready for `api` (the agent probes every 100 ms).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = agent
+            .quadrant()
+            .args(["instances", "--output", "json"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let ready = v["instances"]
+            .as_array()
+            .context("instances")?
+            .iter()
+            .filter(|i| i["quadrant"] == "px" && i["services"]["api"] == true)
+            .count();
+        if ready == usize::from(INSTANCES) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {ready} of {INSTANCES} instances became ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Largest deviation of any instance's share from an even one, in percent of the even share.
+fn deviation(counts: &BTreeMap<String, u32>, total: u32) -> f64 {
+    let even = f64::from(total) / f64::from(INSTANCES);
+    (0..INSTANCES)
+        .map(|k| {
+            let n = counts.values().nth(usize::from(k)).copied().unwrap_or(0);
+            (f64::from(n) - even).abs() / even * 100.0
+        })
+        .fold(0.0, f64::max)
+        .max(if counts.len() < usize::from(INSTANCES) {
+            100.0
+        } else {
+            0.0
+        })
+}
+
+fn orchestrate() -> anyhow::Result<()> {
+    quadrant::daemon::require_root("bench scale")?;
+    // Program run time is counted while this descriptor is open.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let config = bench_config()?;
+    let mut agent = Agent::start(&config, STATE_DIR, "qscale")?;
+    start_servers(&mut agent)?;
+    let vip = format!("10.245.2.100:{PORT}");
+    let direct = format!(
+        "{}:{PORT}",
+        config.instance_addr(InstanceRef::new(Quadrant::Px, 0))
+    );
+    let mut rows: BTreeMap<&str, Vec<(f64, Connects)>> = BTreeMap::new();
+    for round in 0..SESSIONS {
+        eprintln!("session {}/{SESSIONS}: VIP, then instance 0", round + 1);
+        for (name, target) in [("vip", &vip), ("instance", &direct)] {
+            let before = stats(&config, "quadrant_connect4")?;
+            let c: Connects = workload(&agent, &["connects", target])?;
+            let after = stats(&config, "quadrant_connect4")?;
+            let (per, _, _) = per_run(before, after, WARMUP + CONNECTS);
+            rows.entry(name).or_default().push((per, c));
+        }
+    }
+    println!(
+        "connect() from PG, {CONNECTS} connects a session, {SESSIONS} sessions each, taking turns"
+    );
+    println!(
+        "{:<10} {:>14} {:>16} {:>16}",
+        "target", "connect4 ns", "connect p50 µs", "connect p99 µs"
+    );
+    let mut kernel = BTreeMap::new();
+    for (name, sessions) in &rows {
+        let k = median(sessions.iter().map(|(p, _)| *p).collect());
+        let p50 = median(sessions.iter().map(|(_, c)| us(c.p50_ns)).collect());
+        let p99 = median(sessions.iter().map(|(_, c)| us(c.p99_ns)).collect());
+        println!("{name:<10} {k:>14.1} {p50:>16.2} {p99:>16.2}");
+        for (i, (p, c)) in sessions.iter().enumerate() {
+            println!(
+                "  session {}: {p:.1} ns, p50 {:.2} µs, p99 {:.2} µs",
+                i + 1,
+                us(c.p50_ns),
+                us(c.p99_ns)
+            );
+        }
+        kernel.insert(*name, (k, p50));
+    }
+    let (kv, pv) = kernel.get("vip").copied().unwrap_or_default();
+    let (ki, pi) = kernel.get("instance").copied().unwrap_or_default();
+    println!(
+        "VIP translation: connect4 +{:.1} ns a run (target ≤ 1 µs), connect() p50 {:+.2} µs",
+        kv - ki,
+        pv - pi
+    );
+    for (what, n, held) in [
+        ("one after another", SEQUENTIAL, false),
+        ("held at once", HELD, true),
+    ] {
+        let counts: BTreeMap<String, u32> = workload(
+            &agent,
+            &[
+                "share",
+                &vip,
+                &n.to_string(),
+                if held { "held" } else { "closed" },
+            ],
+        )?;
+        println!(
+            "share, {n} connections {what}: {} — largest deviation from even {:.1} % (target ≤ 5 %)",
+            counts
+                .iter()
+                .map(|(a, c)| format!("{a} {c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            deviation(&counts, n)
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let at =
+        |i: usize| -> anyhow::Result<SocketAddr> { Ok(args.get(i).context("ADDR:PORT")?.parse()?) };
+    match args.get(1).map(String::as_str) {
+        None => orchestrate(),
+        Some("serve") => serve(at(2)?),
+        Some("connects") => {
+            println!("{}", serde_json::to_string(&connects(at(2)?)?)?);
+            Ok(())
+        }
+        Some("share") => {
+            let n = args
+                .get(3)
+                .context("share ADDR:PORT N held|closed")?
+                .parse()?;
+            let held = args.get(4).is_some_and(|h| h == "held");
+            println!("{}", serde_json::to_string(&share(at(2)?, n, held)?)?);
+            Ok(())
+        }
+        Some(other) => bail!("unknown command {other:?}"),
+    }
+}
