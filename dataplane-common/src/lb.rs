@@ -25,6 +25,18 @@ pub const LB_PORTS: &str = "LB_PORTS";
 pub const LB_LISTENERS: &str = "LB_LISTENERS";
 /// Sockets bound to service ports remembered at once.
 pub const LB_LISTENERS_MAX: u32 = 4096;
+/// `(service * 2 + table) * MAGLEV_SIZE + entry` → backend slot (`u8`, below
+/// [`LB_BACKENDS_PER_SERVICE`]) of a service with affinity: two Maglev tables per service, the
+/// live one named by [`LbService::maglev`]; the agent writes the other and then flips it in one
+/// map update, so no lookup sees half a table.
+pub const LB_MAGLEV: &str = "LB_MAGLEV";
+/// Entries of one Maglev table: a prime, ~64 per possible backend, so that shares stay within
+/// about 1 % of the weights (Maglev's paper: M > 100 N keeps it under 1 %).
+pub const MAGLEV_SIZE: u32 = 1021;
+/// Entries of [`LB_MAGLEV`].
+pub const LB_MAGLEV_MAX: u32 = LB_SERVICES_MAX * 2 * MAGLEV_SIZE;
+/// [`LbService::maglev`] of a service without affinity.
+pub const MAGLEV_NONE: u8 = 0;
 
 /// Services with a VIP at most.
 pub const LB_SERVICES_MAX: u32 = 64;
@@ -68,7 +80,24 @@ pub struct LbService {
     /// The service's index: its backends are at `index * LB_BACKENDS_PER_SERVICE ..`.
     pub index: u32,
     /// Backend slots in use (at most [`LB_BACKENDS_PER_SERVICE`]).
-    pub backends: u32,
+    pub backends: u16,
+    /// Affinity by caller: [`MAGLEV_NONE`], or 1 + the live table (0 or 1) in [`LB_MAGLEV`].
+    pub maglev: u8,
+    /// Explicit padding (zero).
+    pub pad: u8,
+}
+
+/// Entry of a Maglev table for `key` (a caller's workload cgroup id): a 64-bit mix of the key
+/// (`SplitMix64`'s finalizer), so that neighbouring ids land far apart, modulo the table size.
+#[must_use]
+pub const fn maglev_entry(key: u64) -> u32 {
+    let mut z = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    #[expect(clippy::cast_possible_truncation, reason = "below MAGLEV_SIZE, a u32")]
+    let entry = (z % MAGLEV_SIZE as u64) as u32;
+    entry
 }
 
 /// Value of [`LB_BACKENDS`].
@@ -138,6 +167,22 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maglev_entries_are_in_the_table_and_spread() {
+        let mut hits = [0u32; MAGLEV_SIZE as usize];
+        for key in 0..100_000u64 {
+            let e = maglev_entry(key);
+            assert!(e < MAGLEV_SIZE);
+            hits[e as usize] += 1;
+        }
+        // ~98 keys per entry; consecutive ids must not pile up.
+        assert!(
+            hits.iter().all(|&h| (40..200).contains(&h)),
+            "{:?}",
+            &hits[..8]
+        );
+    }
 
     #[test]
     fn fewer_connections_per_capacity_wins_and_unready_never_does() {

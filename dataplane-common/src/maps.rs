@@ -75,7 +75,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 25] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -100,6 +100,7 @@ pub const ALL: [&str; 24] = [
     crate::lb::LB_SOCKS,
     crate::lb::LB_PORTS,
     crate::lb::LB_LISTENERS,
+    crate::lb::LB_MAGLEV,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`

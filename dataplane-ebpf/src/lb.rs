@@ -17,8 +17,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     lb::{
-        LB_BACKENDS_MAX, LB_BACKENDS_PER_SERVICE, LB_LISTENERS_MAX, LB_SERVICES_MAX, LB_SOCKS_MAX,
-        LbBackend, LbPortKey, LbService, LbServiceKey, LbSock, less_loaded,
+        LB_BACKENDS_MAX, LB_BACKENDS_PER_SERVICE, LB_LISTENERS_MAX, LB_MAGLEV_MAX, LB_SERVICES_MAX,
+        LB_SOCKS_MAX, LbBackend, LbPortKey, LbService, LbServiceKey, LbSock, MAGLEV_NONE,
+        MAGLEV_SIZE, less_loaded, maglev_entry,
     },
     policy::{PROTO_TCP, PROTO_UDP},
 };
@@ -37,6 +38,10 @@ static LB_BACKENDS: Array<LbBackend> = Array::with_max_entries(LB_BACKENDS_MAX, 
 /// (quadrant, protocol, port) → the service an instance's listener there serves. Writer: agent.
 #[map(name = "LB_PORTS")]
 static LB_PORTS: HashMap<LbPortKey, u32> = HashMap::with_max_entries(LB_SERVICES_MAX, 0);
+
+/// The Maglev tables of services with affinity (two per service, one live). Writer: agent.
+#[map(name = "LB_MAGLEV")]
+static LB_MAGLEV: Array<u8> = Array::with_max_entries(LB_MAGLEV_MAX, 0);
 
 /// Socket cookie → backend slot of an instance's socket bound to a service's port. Writers:
 /// `post_bind4` (insert), `sock_release` (remove).
@@ -79,7 +84,7 @@ fn active(index: u32) -> u32 {
 /// The ready backend with the fewest active connections per unit of capacity, or `None`.
 #[inline(always)]
 fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
-    let n = service.backends;
+    let n = u32::from(service.backends);
     if n == 0 || n > LB_BACKENDS_PER_SERVICE {
         return None;
     }
@@ -106,6 +111,37 @@ fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
         }
     }
     best.map(|(slot, b, _)| (slot, b))
+}
+
+/// For a service with affinity: the backend the live Maglev table gives the caller's workload
+/// (its cgroup one level below the quadrant's; the quadrant's own for its other processes),
+/// if that backend is ready; otherwise the least-loaded choice decides.
+#[inline(always)]
+fn by_affinity(service: &LbService) -> Option<(u32, LbBackend)> {
+    if service.maglev == MAGLEV_NONE {
+        return None;
+    }
+    let level = cgroup_level();
+    // SAFETY: helper without preconditions.
+    let workload = unsafe { bpf_get_current_ancestor_cgroup_id((level + 1).cast_signed()) };
+    let key = if workload == 0 {
+        // SAFETY: as above.
+        unsafe { bpf_get_current_ancestor_cgroup_id(level.cast_signed()) }
+    } else {
+        workload
+    };
+    let table = service
+        .index
+        .checked_mul(2)?
+        .checked_add(u32::from(service.maglev - 1) & 1)?;
+    let entry = table.checked_mul(MAGLEV_SIZE)? + maglev_entry(key);
+    let k = u32::from(*LB_MAGLEV.get(entry)?);
+    if k >= u32::from(service.backends) {
+        return None;
+    }
+    let slot = service.index.checked_mul(LB_BACKENDS_PER_SERVICE)? + k;
+    let b = backend(slot)?;
+    (b.weight != 0).then_some((slot, b))
 }
 
 /// Translates a `connect4` (`connect`) or `sendmsg4` to a VIP. A datagram socket that sent to
@@ -145,7 +181,7 @@ pub fn translate(sa: *mut bpf_sock_addr, connect: bool) -> Translated {
             let base = service.index.saturating_mul(LB_BACKENDS_PER_SERVICE);
             let mut i = 0;
             while i < LB_BACKENDS_PER_SERVICE {
-                if i >= service.backends {
+                if i >= u32::from(service.backends) {
                     break;
                 }
                 if let Some(b) = backend(base + i)
@@ -160,7 +196,10 @@ pub fn translate(sa: *mut bpf_sock_addr, connect: bool) -> Translated {
             }
         }
     }
-    let Some((slot, b)) = chosen.or_else(|| choose(service)) else {
+    let Some((slot, b)) = chosen
+        .or_else(|| by_affinity(service))
+        .or_else(|| choose(service))
+    else {
         return Translated::NoBackend;
     };
     // SAFETY: connect4 and sendmsg4 may rewrite the destination.

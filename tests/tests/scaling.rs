@@ -84,9 +84,10 @@ fn spread(line: &str) -> (String, BTreeMap<String, u32>) {
     (peer, counts)
 }
 
-/// An agent whose PX runs `n` instances behind service `api` (`protocol`, port 8080) at the
-/// prefix's address .100; returns it, the VIP:port and the instances' addresses.
-fn px_behind_a_vip(n: u8, protocol: &str) -> (Instance, String, Vec<String>) {
+/// An agent whose PX runs `n` instances behind service `api` (`protocol`, port 8080,
+/// `affinity`) at the prefix's address .100; returns it, the VIP:port and the instances'
+/// addresses.
+fn px_behind_a_vip(n: u8, protocol: &str, affinity: &str) -> (Instance, String, Vec<String>) {
     let mut config = test_config(None);
     let px_prefix = config.addrs(Quadrant::Px).prefix;
     let vip = std::net::Ipv4Addr::from(u32::from(px_prefix.network()) + 100);
@@ -97,6 +98,7 @@ fn px_behind_a_vip(n: u8, protocol: &str) -> (Instance, String, Vec<String>) {
         port: PORT,
         vip,
         protocol: protocol.into(),
+        affinity: affinity.into(),
     }];
     let addrs = (0..quadrant::config::MAX_INSTANCES)
         .map(|k| {
@@ -116,7 +118,7 @@ fn ok_spread(inst: &Instance, from: Quadrant, args: &[&str]) -> (String, BTreeMa
 
 #[test]
 fn connects_to_a_vip_spread_over_ready_instances_by_least_connections() {
-    let (mut inst, target, a) = px_behind_a_vip(3, "tcp");
+    let (mut inst, target, a) = px_behind_a_vip(3, "tcp", "none");
     assert_eq!(px(&inst).len(), 3, "three PX instances");
     wait_px(&inst, "nothing listens yet", |m| {
         m.values().all(|(r, _)| !r)
@@ -206,7 +208,7 @@ fn connects_to_a_vip_spread_over_ready_instances_by_least_connections() {
 
 #[test]
 fn scaling_adds_and_removes_instances_and_new_ones_wait_for_their_probe() {
-    let (mut inst, target, a) = px_behind_a_vip(2, "tcp");
+    let (mut inst, target, a) = px_behind_a_vip(2, "tcp", "none");
     let listen = format!("0.0.0.0:{PORT}");
     for k in 0..2 {
         inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
@@ -289,7 +291,7 @@ fn scaling_adds_and_removes_instances_and_new_ones_wait_for_their_probe() {
 
 #[test]
 fn datagrams_to_a_vip_stay_with_one_instance_per_socket_and_answer_from_the_vip() {
-    let (mut inst, target, a) = px_behind_a_vip(3, "udp");
+    let (mut inst, target, a) = px_behind_a_vip(3, "udp", "none");
     let listen = format!("0.0.0.0:{PORT}");
     for k in 0..3 {
         let name = a[usize::from(k)].clone();
@@ -434,5 +436,66 @@ fn lanes_to_a_service_offered_by_several_instances_are_spread_and_follow_drains(
     assert!(
         lane_instances(&inst).iter().all(|&i| i == 1),
         "only instance 1 serves now"
+    );
+}
+
+#[test]
+fn affinity_keeps_each_workload_on_its_instance_across_an_unrelated_change() {
+    let (mut inst, target, a) = px_behind_a_vip(4, "tcp", "workload");
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..4 {
+        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
+    }
+    wait_px(&inst, "every instance ready", |m| {
+        m.values().all(|(r, _)| *r)
+    });
+    let place = |inst: &Instance, w: &str| {
+        let (ok, line) = inst.probe_as(Quadrant::Pg, Some(w), &["tcp-spread", &target, "3"]);
+        assert!(ok, "{w}: {line}");
+        let counts = spread(&line).1;
+        assert_eq!(
+            counts.len(),
+            1,
+            "{w}: every connection to one instance: {line}"
+        );
+        counts.into_keys().next().expect("one")
+    };
+    let workloads: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+    let before: BTreeMap<&str, String> = workloads
+        .iter()
+        .map(|w| (w.as_str(), place(&inst, w)))
+        .collect();
+    let used: std::collections::BTreeSet<&String> = before.values().collect();
+    assert!(
+        used.len() >= 2,
+        "workloads spread over the instances: {before:?}"
+    );
+    for w in &workloads {
+        assert_eq!(
+            place(&inst, w),
+            before[w.as_str()],
+            "{w} stays where it was"
+        );
+    }
+
+    // Instance 3 goes: its workloads move, the others (nearly all: Maglev moves few) stay.
+    let out = inst.quadrant(&["scale", "px", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut moved = 0;
+    for w in &workloads {
+        let now = place(&inst, w);
+        assert_ne!(now, a[3], "{w} on a removed instance");
+        if before[w.as_str()] != a[3] && now != before[w.as_str()] {
+            moved += 1;
+        }
+        assert_eq!(place(&inst, w), now, "{w} sticks to its new place");
+    }
+    assert!(
+        moved <= 2,
+        "{moved} of the workloads on the remaining instances moved"
     );
 }

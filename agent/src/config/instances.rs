@@ -109,6 +109,19 @@ pub struct ServiceConfig {
     /// `tcp` (default) or `udp`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// `none` (default: least active connections) or `workload`: every connection of one
+    /// calling workload goes to the same instance while it is ready (a weighted Maglev table,
+    /// so that an instance coming or going moves few callers of the others).
+    #[serde(default = "default_affinity", skip_serializing_if = "is_no_affinity")]
+    pub affinity: String,
+}
+
+fn default_affinity() -> String {
+    "none".to_owned()
+}
+
+fn is_no_affinity(a: &str) -> bool {
+    a == "none"
 }
 
 fn default_protocol() -> String {
@@ -130,6 +143,50 @@ impl ServiceConfig {
         } else {
             dataplane_common::policy::PROTO_TCP
         }
+    }
+}
+
+impl ServiceConfig {
+    /// Checks the fields that need no other service: name, quadrant, protocol, affinity, port.
+    fn validate_fields(&self, n: usize) -> Result<(), ConfigError> {
+        let field = |f: &str| format!("services[{n}].{f}");
+        if self.name.is_empty()
+            || self.name.len() > 63
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(invalid(
+                field("name"),
+                format!(
+                    "{:?} must be 1-63 characters of a-z, 0-9 and '-'",
+                    self.name
+                ),
+            ));
+        }
+        if Quadrant::from_name(&self.quadrant).is_none() {
+            return Err(invalid(
+                field("quadrant"),
+                format!("{:?}: expected dx, dg, px or pg", self.quadrant),
+            ));
+        }
+        if self.protocol != "tcp" && self.protocol != "udp" {
+            return Err(invalid(
+                field("protocol"),
+                format!("{:?}: expected tcp or udp", self.protocol),
+            ));
+        }
+        if self.affinity != "none" && self.affinity != "workload" {
+            return Err(invalid(
+                field("affinity"),
+                format!("{:?}: expected none or workload", self.affinity),
+            ));
+        }
+        if self.port == 0 {
+            return Err(invalid(field("port"), "must be 1-65535"));
+        }
+        Ok(())
     }
 }
 
@@ -259,38 +316,12 @@ impl Config {
         }
         for (n, s) in self.services.iter().enumerate() {
             let field = |f: &str| format!("services[{n}].{f}");
-            if s.name.is_empty()
-                || s.name.len() > 63
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            {
-                return Err(invalid(
-                    field("name"),
-                    format!("{:?} must be 1-63 characters of a-z, 0-9 and '-'", s.name),
-                ));
-            }
+            s.validate_fields(n)?;
             if self.services[..n].iter().any(|o| o.name == s.name) {
                 return Err(invalid(
                     field("name"),
                     format!("{:?} is named twice", s.name),
                 ));
-            }
-            if Quadrant::from_name(&s.quadrant).is_none() {
-                return Err(invalid(
-                    field("quadrant"),
-                    format!("{:?}: expected dx, dg, px or pg", s.quadrant),
-                ));
-            }
-            if s.protocol != "tcp" && s.protocol != "udp" {
-                return Err(invalid(
-                    field("protocol"),
-                    format!("{:?}: expected tcp or udp", s.protocol),
-                ));
-            }
-            if s.port == 0 {
-                return Err(invalid(field("port"), "must be 1-65535"));
             }
             if s.vip.is_loopback() || s.vip.is_unspecified() || s.vip.is_broadcast() {
                 return Err(invalid(

@@ -165,7 +165,13 @@ fn instances_and_services_are_checked_and_named() {
     );
     assert_eq!(c.capacity(Quadrant::Dx).weight(), UNLIMITED_WEIGHT);
     assert_eq!(c.services[0].proto(), PROTO_TCP);
+}
 
+#[test]
+fn bad_instances_and_services_are_refused_naming_the_field() {
+    let base = "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n";
+    let with =
+        |px: &str, services: &str| Config::from_yaml(&format!("{base}  px: {px}\n{services}"), "t");
     for (px, services, expect) in [
         (
             "{ prefix: 10.2.0.0/24, instances: 0 }",
@@ -211,6 +217,11 @@ fn instances_and_services_are_checked_and_named() {
             "{ prefix: 10.2.0.0/24 }",
             "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.9.0.1, protocol: sctp }\n",
             "services[0].protocol",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.9.0.1, affinity: ip }\n",
+            "services[0].affinity: \"ip\": expected none or workload",
         ),
         (
             "{ prefix: 10.2.0.0/24 }",

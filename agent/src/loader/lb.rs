@@ -3,8 +3,8 @@
 
 use aya::maps::{Array, HashMap, MapError};
 use dataplane_common::lb::{
-    LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_PORTS, LB_SERVICES, LbBackend, LbPortKey,
-    LbService, LbServiceKey,
+    LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_MAGLEV, LB_PORTS, LB_SERVICES, LbBackend,
+    LbPortKey, LbService, LbServiceKey, MAGLEV_SIZE,
 };
 
 use super::{Dataplane, LoaderError, map_err};
@@ -44,6 +44,19 @@ impl Dataplane {
         }
         for (k, v) in services {
             map.insert(k, v, 0).map_err(map_err(LB_SERVICES))?;
+        }
+        Ok(())
+    }
+
+    /// Writes Maglev table `table` (`service * 2 + 0 or 1`) of `LB_MAGLEV`; an empty one is
+    /// written as all zeros (the service has no ready instance; lookups then fall back).
+    pub fn write_maglev(&mut self, table: u32, entries: &[u8]) -> Result<(), LoaderError> {
+        let mut map: Array<_, u8> =
+            Array::try_from(self.map_mut(LB_MAGLEV)?).map_err(map_err(LB_MAGLEV))?;
+        for e in 0..MAGLEV_SIZE {
+            let v = entries.get(e as usize).copied().unwrap_or(0);
+            map.set(table * MAGLEV_SIZE + e, v, 0)
+                .map_err(map_err(LB_MAGLEV))?;
         }
         Ok(())
     }

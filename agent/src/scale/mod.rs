@@ -7,6 +7,7 @@
 //! maps: a backend's weight is its capacity while the instance is ready (its last probe of the
 //! service's port succeeded) and not draining, else 0.
 
+mod maglev;
 mod probe;
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
 
 use dataplane_common::{
     Quadrant,
-    lb::{LB_BACKENDS_PER_SERVICE, LbBackend, LbPortKey, LbService, LbServiceKey},
+    lb::{LB_BACKENDS_PER_SERVICE, LbBackend, LbPortKey, LbService, LbServiceKey, MAGLEV_NONE},
 };
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +74,8 @@ pub const MISSES_TO_UNREADY: u8 = 3;
 pub struct Instances {
     extra: Mutex<BTreeMap<InstanceRef, Extra>>,
     health: Mutex<BTreeMap<(usize, InstanceRef), Health>>,
+    /// Per service with affinity: the live Maglev table (0 or 1) and who it was built from.
+    maglev: Mutex<BTreeMap<usize, (u8, Vec<maglev::Member>)>>,
 }
 
 #[derive(Debug)]
@@ -340,22 +343,18 @@ impl Instances {
                 },
                 index,
             ));
-            services.push((
-                LbServiceKey {
-                    vip: u32::from_ne_bytes(s.vip.octets()),
-                    port: s.port.to_be(),
-                    proto: s.proto(),
-                    pad: 0,
-                },
-                LbService {
-                    index,
-                    backends: u32::from(count),
-                },
-            ));
             let weight = config.capacity(q).weight();
+            let mut members = Vec::new();
             for k in 0..u8::try_from(LB_BACKENDS_PER_SERVICE).unwrap_or(MAX_INSTANCES) {
                 let i = InstanceRef::new(q, k);
                 let live = k < count && self.ready(n, i) && !self.draining(i);
+                if live {
+                    members.push(maglev::Member {
+                        slot: k,
+                        name: i.name(),
+                        weight,
+                    });
+                }
                 backends.push((
                     index * LB_BACKENDS_PER_SERVICE + u32::from(k),
                     LbBackend {
@@ -365,8 +364,50 @@ impl Instances {
                     },
                 ));
             }
+            let maglev = if s.affinity == "workload" {
+                self.maglev_table(dp, n, members)?
+            } else {
+                MAGLEV_NONE
+            };
+            services.push((
+                LbServiceKey {
+                    vip: u32::from_ne_bytes(s.vip.octets()),
+                    port: s.port.to_be(),
+                    proto: s.proto(),
+                    pad: 0,
+                },
+                LbService {
+                    index,
+                    backends: u16::from(count),
+                    maglev,
+                    pad: 0,
+                },
+            ));
         }
         dp.write_lb(&services, &backends, &ports)
+    }
+
+    /// The live Maglev table of service `n` for `members` (as `LbService::maglev`): the one in
+    /// use while its members are unchanged, else a new one written into the other table, which
+    /// the service's entry then names (one map update: no lookup sees half a table).
+    fn maglev_table(
+        &self,
+        dp: &mut Dataplane,
+        n: usize,
+        members: Vec<maglev::Member>,
+    ) -> Result<u8, LoaderError> {
+        let mut tables = locked(&self.maglev);
+        if let Some((live, built)) = tables.get(&n)
+            && *built == members
+        {
+            return Ok(1 + live);
+        }
+        let next = tables.get(&n).map_or(0, |(live, _)| 1 - live);
+        let entries = maglev::table(&members);
+        let service = u32::try_from(n).unwrap_or(u32::MAX);
+        dp.write_maglev(service * 2 + u32::from(next), &entries)?;
+        tables.insert(n, (next, members));
+        Ok(1 + next)
     }
 
     /// Takes the kernel's word for instances it took out (`sock_release` saw their listener go):

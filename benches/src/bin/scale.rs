@@ -62,6 +62,7 @@ fn bench_config() -> anyhow::Result<Config> {
         port: PORT,
         vip: "10.245.2.100".parse()?,
         protocol: "tcp".into(),
+        affinity: "none".into(),
     }];
     c.validate()?;
     Ok(c)
