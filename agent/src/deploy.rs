@@ -30,6 +30,14 @@ pub enum DeployError {
     /// The trust store cannot be read.
     #[error("trust store: {0}")]
     TrustStore(#[source] SignatureError),
+    /// No instance of the quadrant can take the workload (why for each, as the scheduler says).
+    #[error("{key}: not placed: {summary}")]
+    Unplaced {
+        /// `<quadrant>/<workload>`.
+        key: String,
+        /// `0/4 px instances available: …`.
+        summary: String,
+    },
     /// The envelope, its signature or the plan is refused.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -304,6 +312,7 @@ fn admit(
             why: decision.why(),
         });
     }
+    let at = placed(agent, q, &key, &plan)?;
     if let Some(bg) = &break_glass {
         let rb = &bg.rollback;
         let event = serde_json::json!({
@@ -330,7 +339,7 @@ fn admit(
             store.accept(&key, plan.generation)?;
         }
     }
-    let mut spec = spec_of(config, &plan, q, key.clone(), executable);
+    let mut spec = spec_of(config, &plan, at, key.clone(), executable);
     spec.drop_net_raw = locked(&agent.dataplane).raw_sockets_denied(q);
     Ok(Admitted {
         shadow: shadow_reason,
@@ -427,13 +436,41 @@ fn review_of(plan: &plans::Plan, q: Quadrant, signer: &str, shadow: bool) -> ser
 }
 
 /// How the supervisor runs a plan's workload.
+/// The instance of `q` the workload `key` of `plan` runs in (`scale::place`), or why none fits.
+fn placed(
+    agent: &Agent,
+    q: Quadrant,
+    key: &str,
+    plan: &plans::Plan,
+) -> Result<crate::config::InstanceRef, DeployError> {
+    let placement = agent.place(q, key, &request_of(plan));
+    placement
+        .chosen
+        .map(|index| crate::config::InstanceRef::new(q, index))
+        .ok_or_else(|| DeployError::Unplaced {
+            key: key.to_owned(),
+            summary: placement.summary,
+        })
+}
+
+/// What placement weighs for `plan`: its resource limits and its `constraints`.
+#[must_use]
+pub fn request_of(plan: &plans::Plan) -> crate::scale::place::Request {
+    crate::scale::place::Request {
+        cpu_millis: plan.resources.cpu_millis,
+        memory_bytes: plan.resources.memory_bytes,
+        constraints: plan.constraints.clone(),
+    }
+}
+
 fn spec_of(
     config: &Config,
     plan: &plans::Plan,
-    q: Quadrant,
+    at: crate::config::InstanceRef,
     key: String,
     executable: PathBuf,
 ) -> workloads::Spec {
+    let q = at.quadrant;
     workloads::Spec {
         key,
         instance: config.instance.clone(),
@@ -445,8 +482,8 @@ fn spec_of(
         env: plan.env.clone(),
         resources: plan.resources.clone(),
         restart: plan.restart,
-        cgroup: config.cgroup_dir(q).join(&plan.workload),
-        netns: config.netns(q),
+        cgroup: config.instance_cgroup_dir(at).join(&plan.workload),
+        netns: config.instance_netns(at),
         endpoint: format!("unix://{}", config.workload_socket(q).display()),
         lane_socket: config.lane_socket(),
         log: config
@@ -579,12 +616,24 @@ mod tests {
         let s = spec_of(
             &config,
             &plan(1),
-            Quadrant::Px,
+            crate::config::InstanceRef::new(Quadrant::Px, 0),
             "px/api".into(),
             "/opt/mcp/x".into(),
         );
         assert_eq!(s.cgroup, config.cgroup_dir(Quadrant::Px).join("api"));
         assert_eq!(s.netns, config.netns(Quadrant::Px));
+        let placed = spec_of(
+            &config,
+            &plan(1),
+            crate::config::InstanceRef::new(Quadrant::Px, 2),
+            "px/api".into(),
+            "/opt/mcp/x".into(),
+        );
+        assert_eq!(
+            placed.cgroup,
+            config.cgroup_parent().join("px-2").join("api")
+        );
+        assert_eq!(placed.netns, "quadrant-px-2");
         assert_eq!(
             s.endpoint,
             format!("unix://{}", config.workload_socket(Quadrant::Px).display())

@@ -206,8 +206,13 @@ pub fn shadow_spec(config: &Config, q: Quadrant, live: &workloads::Spec) -> work
     let name = format!("{}{SHADOW_SUFFIX}", live.workload);
     let mut spec = live.clone();
     spec.key = shadow_key(&live.key);
-    // Its own groups, also the v1 ones of a hybrid host: the shadow's limits are its own.
-    spec.cgroup = config.cgroup_dir(q).join(&name);
+    // Its own groups, also the v1 ones of a hybrid host: the shadow's limits are its own. It
+    // runs in the live generation's instance (namespace and instance cgroup).
+    spec.cgroup = live
+        .cgroup
+        .parent()
+        .map_or_else(|| config.cgroup_dir(q), std::path::Path::to_path_buf)
+        .join(&name);
     spec.workload.clone_from(&name);
     spec.log = live.log.with_file_name(format!("{}-{name}.log", q.name()));
     spec

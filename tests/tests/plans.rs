@@ -1453,3 +1453,70 @@ fn a_shadow_generation_is_stopped_across_an_agent_upgrade() {
         "{audit}"
     );
 }
+
+#[test]
+fn workloads_are_placed_on_the_instance_that_fits_and_a_refusal_explains_each() {
+    let (fx, _) = px_fixture("place", "[]", |c| {
+        let px = c.quadrants.get_mut("px").expect("px");
+        px.instances = 3;
+        px.capacity.memory_bytes = Some(256 << 20);
+        px.instance_labels
+            .insert(2, [("disk".to_owned(), "ssd".to_owned())].into());
+    });
+    let (ok, _, err) = fx.run(&["drain", "px", "1"]);
+    assert!(ok, "{err}");
+    let artifact = fx.add_artifact("sleeper", "#!/bin/sh\nexec sleep 600\n");
+    let mut plan = plan_doc(1, &artifact);
+    plan["resources"]["memory_bytes"] = json!(200 << 20);
+    plan["constraints"] = json!(["disk=ssd"]);
+
+    // `place --explain` shows the decision before anything runs.
+    let plan_path = fx.dir.join("place.json");
+    fs::write(&plan_path, plan.to_string()).expect("write");
+    let (ok, out, err) = fx.run(&["place", "--explain", plan_path.to_str().expect("utf8")]);
+    assert!(ok, "{out} {err}");
+    assert!(out.starts_with("instance 2 of px (1 fit"), "{out}");
+    assert!(out.contains("px-1     filtered: draining"), "{out}");
+    assert!(
+        out.contains("px       filtered: didn't match constraint disk=ssd"),
+        "{out}"
+    );
+
+    let (ok, _, err) = fx.sign_and_submit(&plan, "prod");
+    assert!(ok, "{err}");
+    let pid = fx.workloads()[0]["pid"].as_u64().expect("pid");
+    let name = fx.inst.config.instance.clone();
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert!(
+        cgroups.contains(&format!("0::/{name}/px-2/api")),
+        "{cgroups}"
+    );
+    let ns = |p: &str| fs::metadata(p).map(|m| m.ino()).expect("ns");
+    assert_eq!(
+        ns(&format!("/proc/{pid}/ns/net")),
+        ns(&format!("/run/netns/{name}-px-2"))
+    );
+
+    // A second such workload fits nowhere, and says why for each instance.
+    let mut other = plan.clone();
+    other["workload"] = json!("batch");
+    let (ok, _, err) = fx.sign_and_submit(&other, "prod");
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "px/batch: not placed: 0/3 px instances available: 1 didn't match constraint \
+             disk=ssd, 1 draining, 1 insufficient memory (need 200 MiB, free 56 MiB)"
+        ),
+        "{err}"
+    );
+    // Nothing of it was recorded: after the drain ends it is placed, generation 1 still.
+    let (ok, _, err) = fx.run(&["drain", "px", "1", "--resume"]);
+    assert!(ok, "{err}");
+    other["constraints"] = json!([]);
+    let (ok, _, err) = fx.sign_and_submit(&other, "prod");
+    assert!(ok, "{err}");
+    // The next generation of `api` replaces the first: its own memory is not counted twice.
+    plan["generation"] = json!(2);
+    let (ok, _, err) = fx.sign_and_submit(&plan, "prod");
+    assert!(ok, "{err}");
+}

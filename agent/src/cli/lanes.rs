@@ -53,6 +53,50 @@ pub fn instances(config: &Config, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `quadrant place [--explain] PLAN`: exits 1 when no instance fits.
+pub fn place(
+    config: &Config,
+    plan: &std::path::Path,
+    explain: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(plan)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", plan.display()))?;
+    let parsed = quadrant::plans::parse(&text)?;
+    let placement = Client::new(config.socket_path()).place(serde_json::to_value(&parsed)?)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&placement)?),
+        Output::Text => {
+            println!("{}", placement.summary);
+            if explain {
+                for v in &placement.instances {
+                    let name = if v.index == 0 {
+                        placement.quadrant.clone()
+                    } else {
+                        format!("{}-{}", placement.quadrant, v.index)
+                    };
+                    match (&v.filtered, v.score) {
+                        (Some(why), _) => println!("  {name:<8} filtered: {why}"),
+                        (None, Some(score)) => println!(
+                            "  {name:<8} fits, score {score}{}",
+                            if placement.chosen == Some(v.index) {
+                                " (chosen)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        (None, None) => println!("  {name:<8} fits"),
+                    }
+                }
+            }
+        }
+    }
+    if placement.chosen.is_none() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 /// `quadrant drain Q K [--resume]`.
 pub fn drain(config: &Config, quadrant: &str, index: u8, resume: bool) -> anyhow::Result<()> {
     let draining = Client::new(config.socket_path()).drain(quadrant, index, resume)?;

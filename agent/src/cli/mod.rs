@@ -77,6 +77,18 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Where a workload of PLAN (JSON or YAML, unsigned) would be placed among its quadrant's
+    /// instances, and why each instance fits or not; nothing is started.
+    Place {
+        /// The plan file.
+        plan: PathBuf,
+        /// Show every instance's verdict (filtered out and why, or its score).
+        #[arg(long)]
+        explain: bool,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Stop sending new connections through service VIPs to instance K of a quadrant (those it
     /// has go on); `--resume` undoes it.
     Drain {
@@ -256,6 +268,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             instances,
         } => lanes::scale(&config, &quadrant, instances),
         Command::Instances { output } => lanes::instances(&config, output),
+        Command::Place {
+            plan,
+            explain,
+            output,
+        } => lanes::place(&config, &plan, explain, output),
         Command::Drain {
             quadrant,
             index,

@@ -228,6 +228,12 @@ pub struct QuadrantConfig {
     /// What each instance's cgroup may use; also its weight in load balancing.
     #[serde(default, skip_serializing_if = "InstanceCapacity::is_unlimited")]
     pub capacity: InstanceCapacity,
+    /// How submitted workloads are placed on the instances that fit.
+    #[serde(default)]
+    pub placement: crate::scale::place::Strategy,
+    /// Labels of single instances (by index), which plans' `constraints` select.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub instance_labels: BTreeMap<u8, BTreeMap<String, String>>,
 }
 
 const fn one_instance() -> u8 {
@@ -242,6 +248,8 @@ impl QuadrantConfig {
             prefix,
             instances: 1,
             capacity: InstanceCapacity::default(),
+            placement: crate::scale::place::Strategy::default(),
+            instance_labels: BTreeMap::new(),
         }
     }
 }

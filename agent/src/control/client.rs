@@ -338,6 +338,17 @@ impl Client {
         })
     }
 
+    /// `place --explain`: where a workload of `plan` would go and why.
+    pub fn place(
+        &self,
+        plan: serde_json::Value,
+    ) -> Result<crate::scale::place::Placement, ClientError> {
+        self.expect(&Request::Place { plan }, "place", |r| match r {
+            Response::Placement(p) => Ok(*p),
+            other => Err(Box::new(other)),
+        })
+    }
+
     /// `drain`: whether the instance is draining now.
     pub fn drain(&self, quadrant: &str, index: u8, resume: bool) -> Result<bool, ClientError> {
         let request = Request::Drain {

@@ -73,6 +73,11 @@ pub enum Request {
     },
     /// List every quadrant instance: address, capacity, readiness per service, connections.
     Instances,
+    /// Where a workload of this plan would be placed, and why (nothing is started).
+    Place {
+        /// The plan (validated against the plan schema).
+        plan: serde_json::Value,
+    },
     /// Stop sending new connections to instance `index` of `quadrant` (`resume`: send them
     /// again); its connections go on.
     Drain {
@@ -170,6 +175,8 @@ pub enum Response {
     },
     /// Answer to [`Request::Instances`].
     Instances(Box<crate::scale::InstancesReport>),
+    /// Answer to [`Request::Place`].
+    Placement(Box<crate::scale::place::Placement>),
     /// Answer to [`Request::Drain`].
     Drained {
         /// Quadrant name.

@@ -171,9 +171,10 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             })
             .await
         }
-        Request::Scale { .. } | Request::Instances | Request::Drain { .. } => {
-            instances(request, agent).await
-        }
+        Request::Scale { .. }
+        | Request::Instances
+        | Request::Drain { .. }
+        | Request::Place { .. } => instances(request, agent).await,
         Request::Trace { mode } => {
             blocking(agent, move |a| {
                 a.set_trace(mode)
@@ -242,7 +243,7 @@ async fn stream_events(mut stream: UnixStream, agent: &Agent) -> io::Result<()> 
     }
 }
 
-/// The requests about quadrant instances: `scale`, `instances`, `drain`.
+/// The requests about quadrant instances: `scale`, `instances`, `drain`, `place`.
 async fn instances(request: Request, agent: &Arc<Agent>) -> Result<Response, Response> {
     let unknown = |name: &str| {
         error(format!(
@@ -283,6 +284,18 @@ async fn instances(request: Request, agent: &Arc<Agent>) -> Result<Response, Res
                         index,
                         draining: !resume,
                     })
+            })
+            .await
+        }
+        Request::Place { plan } => {
+            let plan = match crate::plans::from_value(&plan) {
+                Ok(p) => p,
+                Err(e) => return Ok(error(e.to_string())),
+            };
+            blocking(agent, move |a| {
+                let q = dataplane_common::Quadrant::from(plan.quadrant);
+                let key = format!("{}/{}", q.name(), plan.workload);
+                Response::Placement(Box::new(a.place(q, &key, &deploy::request_of(&plan))))
             })
             .await
         }

@@ -92,6 +92,57 @@ impl Agent {
         Ok(n)
     }
 
+    /// Where a workload asking for `request` goes among `q`'s instances (its own earlier
+    /// generation, `key`, not counted: the new one replaces it).
+    #[must_use]
+    pub fn place(
+        &self,
+        q: dataplane_common::Quadrant,
+        key: &str,
+        request: &crate::scale::place::Request,
+    ) -> crate::scale::place::Placement {
+        let qc = self.config.quadrants.get(q.name());
+        let cap = self.config.capacity(q);
+        let placed = self.supervisor.placed();
+        let candidates: Vec<crate::scale::place::Candidate> = (0..self.instances.count(q))
+            .map(|k| {
+                let i = crate::config::InstanceRef::new(q, k);
+                let dir = self.config.instance_cgroup_dir(i);
+                let (cpu, mem) = placed
+                    .iter()
+                    .filter(|(other, cg, _)| other != key && cg.parent() == Some(dir.as_path()))
+                    .fold((0u32, 0u64), |(c, m), (_, _, r)| {
+                        (
+                            c.saturating_add(r.cpu_millis),
+                            m.saturating_add(r.memory_bytes),
+                        )
+                    });
+                crate::scale::place::Candidate {
+                    index: k,
+                    draining: self.instances.is_draining(i),
+                    labels: qc
+                        .and_then(|c| c.instance_labels.get(&k).cloned())
+                        .unwrap_or_default(),
+                    #[expect(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "validated to 0.001..=1024 CPUs"
+                    )]
+                    cpu_millis: cap.cpu.map(|c| (c * 1000.0).round() as u32),
+                    memory_bytes: cap.memory_bytes,
+                    used_cpu_millis: cpu,
+                    used_memory_bytes: mem,
+                }
+            })
+            .collect();
+        crate::scale::place::place(
+            q.name(),
+            &candidates,
+            request,
+            qc.map(|c| c.placement).unwrap_or_default(),
+        )
+    }
+
     /// `quadrant instances`.
     #[must_use]
     pub fn instances_report(&self) -> crate::scale::InstancesReport {

@@ -8,6 +8,7 @@
 //! service's port succeeded) and not draining, else 0.
 
 mod maglev;
+pub mod place;
 mod probe;
 
 use std::{
@@ -211,6 +212,12 @@ impl Instances {
 
     fn draining(&self, i: InstanceRef) -> bool {
         locked(&self.extra).get(&i).is_some_and(|e| e.draining)
+    }
+
+    /// Whether instance `i` is draining (`quadrant drain`).
+    #[must_use]
+    pub fn is_draining(&self, i: InstanceRef) -> bool {
+        self.draining(i)
     }
 
     /// Whether instance `i` is ready for service `s` (by index in the configuration).

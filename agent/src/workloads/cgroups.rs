@@ -40,8 +40,10 @@ pub(super) fn prepare_cgroups(spec: &Spec) -> Result<(Vec<PathBuf>, String), Wor
         }
         return Ok((procs, "cgroup v2".into()));
     }
+    // Below the v1 groups of the quadrant instance the workload runs in (`px`, `px-2`), where
+    // that instance's capacity is.
     let rel = Path::new(&spec.instance)
-        .join(&spec.quadrant)
+        .join(instance_dir(spec))
         .join(&spec.workload);
     let mut applied = Vec::new();
     for (controller, limits) in [
@@ -99,13 +101,21 @@ pub fn memory_bytes(cgroup: &Path, instance: &str, quadrant: &str, workload: &st
     })
 }
 
+/// The name of the quadrant instance's cgroup a workload runs below (`px`, `px-2`).
+fn instance_dir(spec: &Spec) -> &std::ffi::OsStr {
+    spec.cgroup
+        .parent()
+        .and_then(Path::file_name)
+        .unwrap_or_else(|| std::ffi::OsStr::new(&spec.quadrant))
+}
+
 /// Removes the v1 groups of a workload (the v2 group goes with the quadrant's).
 pub(super) fn remove_v1_cgroups(spec: &Spec) {
     for controller in ["memory", "pids", "cpu"] {
         let dir = Path::new(V1_ROOT)
             .join(controller)
             .join(&spec.instance)
-            .join(&spec.quadrant)
+            .join(instance_dir(spec))
             .join(&spec.workload);
         let _ = fs::remove_dir(&dir);
     }

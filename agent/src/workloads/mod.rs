@@ -350,6 +350,23 @@ impl Supervisor {
         }
     }
 
+    /// Every workload's key, cgroup and resources (where placement counts it).
+    #[must_use]
+    pub fn placed(&self) -> Vec<(String, PathBuf, Resources)> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|e| {
+                (
+                    e.spec.key.clone(),
+                    e.spec.cgroup.clone(),
+                    e.spec.resources.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// Every workload's status.
     #[must_use]
     pub fn list(&self) -> Vec<Status> {
