@@ -1456,7 +1456,7 @@ fn a_shadow_generation_is_stopped_across_an_agent_upgrade() {
 
 #[test]
 fn workloads_are_placed_on_the_instance_that_fits_and_a_refusal_explains_each() {
-    let (fx, _) = px_fixture("place", "[]", |c| {
+    let (mut fx, _) = px_fixture("place", "[]", |c| {
         let px = c.quadrants.get_mut("px").expect("px");
         px.instances = 3;
         px.capacity.memory_bytes = Some(256 << 20);
@@ -1519,4 +1519,19 @@ fn workloads_are_placed_on_the_instance_that_fits_and_a_refusal_explains_each() 
     plan["generation"] = json!(2);
     let (ok, _, err) = fx.sign_and_submit(&plan, "prod");
     assert!(ok, "{err}");
+    let api_pid = |fx: &Fixture| {
+        fx.workloads()
+            .iter()
+            .find(|w| w["name"] == "px/api")
+            .and_then(|w| w["pid"].as_u64())
+    };
+    let pid = api_pid(&fx).expect("api runs");
+
+    // Across an agent upgrade the instances and the workload placed on one are taken over.
+    let out = fx.inst.stop_keeping_dataplane();
+    assert!(out.status.success(), "{out:?}");
+    fx.inst.start_agent();
+    assert_eq!(api_pid(&fx), Some(pid), "the same process, adopted in px-2");
+    let (ok, out, _) = fx.run(&["instances"]);
+    assert!(ok && out.contains("px-2"), "{out}");
 }

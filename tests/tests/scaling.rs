@@ -499,3 +499,63 @@ fn affinity_keeps_each_workload_on_its_instance_across_an_unrelated_change() {
         "{moved} of the workloads on the remaining instances moved"
     );
 }
+
+#[test]
+fn every_instance_runs_within_its_capacity() {
+    let mut config = test_config(None);
+    let px = config.quadrants.get_mut("px").expect("px");
+    px.instances = 2;
+    px.capacity.cpu = Some(0.2);
+    px.capacity.memory_bytes = Some(64 << 20);
+    let inst = Instance::up(config, QPROBE);
+    let name = inst.config.instance.clone();
+    for (k, dir) in [(0u8, "px".to_owned()), (1, "px-1".to_owned())] {
+        let out = inst.bounded(
+            std::process::Command::new(&inst.bin)
+                .arg("--config")
+                .arg(&inst.config_path)
+                .args(["exec", "px", "--instance", &k.to_string(), "--"])
+                .args(["cat", "/proc/self/cgroup"]),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cgroups = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(cgroups.contains(&format!("0::/{name}/{dir}")), "{cgroups}");
+        let v2 = inst.config.cgroup2.join(&name).join(&dir);
+        if v2.join("cpu.max").exists() {
+            let read = |f: &str| std::fs::read_to_string(v2.join(f)).expect(f);
+            assert_eq!(read("cpu.max").trim(), "20000 100000");
+            assert_eq!(read("memory.max").trim(), (64u64 << 20).to_string());
+        } else {
+            // A hybrid host: the limits live in v1 groups the instance's processes join.
+            for (controller, file, want) in [
+                ("cpu", "cpu.cfs_quota_us", "20000".to_owned()),
+                ("memory", "memory.limit_in_bytes", (64u64 << 20).to_string()),
+            ] {
+                assert!(
+                    cgroups.contains(&format!(":{controller}:/{name}/{dir}")),
+                    "{controller}: {cgroups}"
+                );
+                let group = std::path::Path::new("/sys/fs/cgroup")
+                    .join(controller)
+                    .join(&name)
+                    .join(&dir);
+                let got = std::fs::read_to_string(group.join(file)).expect(file);
+                assert_eq!(got.trim(), want, "{controller} of {dir}");
+            }
+        }
+    }
+    let weights: Vec<u64> = instances(&inst)
+        .iter()
+        .filter(|i| i["quadrant"] == "px")
+        .map(|i| i["weight"].as_u64().expect("weight"))
+        .collect();
+    assert_eq!(
+        weights,
+        [200, 200],
+        "weighted by capacity (thousandths of a CPU)"
+    );
+}

@@ -102,7 +102,7 @@ pub fn memory_bytes(cgroup: &Path, instance: &str, quadrant: &str, workload: &st
 }
 
 /// The name of the quadrant instance's cgroup a workload runs below (`px`, `px-2`).
-fn instance_dir(spec: &Spec) -> &std::ffi::OsStr {
+pub(super) fn instance_dir(spec: &Spec) -> &std::ffi::OsStr {
     spec.cgroup
         .parent()
         .and_then(Path::file_name)

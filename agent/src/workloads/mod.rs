@@ -268,7 +268,8 @@ impl Supervisor {
         };
         let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", h.pid))
             .map_err(|e| gone(&format!("no such process ({e})")))?;
-        let leaf = Path::new(&h.spec.quadrant).join(&h.spec.workload);
+        // `<quadrant instance>/<workload>`: `px/api`, or `px-2/api` for one placed on instance 2.
+        let leaf = Path::new(cgroups::instance_dir(&h.spec)).join(&h.spec.workload);
         if !cgroup
             .lines()
             .filter_map(|l| l.strip_prefix("0::"))
