@@ -13,6 +13,11 @@
 //! sees. The difference between the two is what translating the VIP costs (a connect to an
 //! instance's address pays the one `LB_SERVICES` lookup that finds nothing).
 //!
+//! Paired: the workload then connects to the VIP and to the instances' own addresses (each in
+//! turn, the same mix the VIP spreads over) alternately, 5,000 times each, and reports the
+//! median of the pairs' differences — each pair shares the moment, so the machine's drift
+//! between sessions cancels out.
+//!
 //! Share: 4,000 connections to the VIP one after another (each closed before the next) and 400
 //! held open at once; the answers tell which instance took each, and the report gives every
 //! instance's share and the largest deviation from an even share.
@@ -114,6 +119,56 @@ fn connects(at: SocketAddr) -> anyhow::Result<Connects> {
         count: CONNECTS,
         p50_ns: h.value_at_quantile(0.5),
         p99_ns: h.value_at_quantile(0.99),
+    })
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Paired {
+    count: u32,
+    a_p50_ns: u64,
+    b_p50_ns: u64,
+    a_p99_ns: u64,
+    b_p99_ns: u64,
+    /// Median of (a − b) over the pairs.
+    diff_p50_ns: i64,
+}
+
+/// Connects to `a` and to one of `bs` (each in turn) alternately, `CONNECTS` times each: every
+/// pair shares the moment, so the difference of a pair is the destination's alone.
+fn paired(a: SocketAddr, bs: &[SocketAddr]) -> anyhow::Result<Paired> {
+    let (mut ha, mut hb) = (histogram()?, histogram()?);
+    let mut diffs = Vec::new();
+    let time = |at: SocketAddr| -> anyhow::Result<u64> {
+        let start = Instant::now();
+        let s = TcpStream::connect(at).with_context(|| format!("connect to {at}"))?;
+        let took = ns(start.elapsed()).max(1);
+        drop(s);
+        Ok(took)
+    };
+    for i in 0..WARMUP + CONNECTS {
+        let b = bs[usize::try_from(i).unwrap_or(0) % bs.len().max(1)];
+        // Alternate which goes first, so neither always follows the other.
+        let (ta, tb) = if i % 2 == 0 {
+            let ta = time(a)?;
+            (ta, time(b)?)
+        } else {
+            let tb = time(b)?;
+            (time(a)?, tb)
+        };
+        if i >= WARMUP {
+            ha.record(ta)?;
+            hb.record(tb)?;
+            diffs.push(i64::try_from(ta).unwrap_or(i64::MAX) - i64::try_from(tb).unwrap_or(0));
+        }
+    }
+    diffs.sort_unstable();
+    Ok(Paired {
+        count: CONNECTS,
+        a_p50_ns: ha.value_at_quantile(0.5),
+        b_p50_ns: hb.value_at_quantile(0.5),
+        a_p99_ns: ha.value_at_quantile(0.99),
+        b_p99_ns: hb.value_at_quantile(0.99),
+        diff_p50_ns: diffs.get(diffs.len() / 2).copied().unwrap_or_default(),
     })
 }
 
@@ -274,9 +329,35 @@ fn orchestrate() -> anyhow::Result<()> {
     let (kv, pv) = kernel.get("vip").copied().unwrap_or_default();
     let (ki, pi) = kernel.get("instance").copied().unwrap_or_default();
     println!(
-        "VIP translation: connect4 +{:.1} ns a run (target ≤ 1 µs), connect() p50 {:+.2} µs",
+        "VIP translation: connect4 +{:.1} ns a run (target ≤ 1 µs), connect() p50 {:+.2} µs \
+         across sessions",
         kv - ki,
         pv - pi
+    );
+    // The VIP against the instances' own addresses in turn: the same mix of destinations (the
+    // VIP's connections spread over all four), so only the translation differs.
+    let addrs: Vec<String> = (0..INSTANCES)
+        .map(|k| {
+            format!(
+                "{}:{PORT}",
+                config.instance_addr(InstanceRef::new(Quadrant::Px, k))
+            )
+        })
+        .collect();
+    let mut args = vec!["paired", vip.as_str()];
+    args.extend(addrs.iter().map(String::as_str));
+    let p: Paired = workload(&agent, &args)?;
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds far below 2^52")]
+    let diff_us = p.diff_p50_ns as f64 / 1000.0;
+    println!(
+        "paired, {} connects to each taking turns: VIP p50 {:.2} µs p99 {:.2} µs, the instances' \
+         own addresses in turn p50 {:.2} µs p99 {:.2} µs; median of the pairs' differences \
+         {diff_us:+.2} µs (target ≤ 1 µs)",
+        p.count,
+        us(p.a_p50_ns),
+        us(p.a_p99_ns),
+        us(p.b_p50_ns),
+        us(p.b_p99_ns),
     );
     for (what, n, held) in [
         ("one after another", SEQUENTIAL, false),
@@ -313,6 +394,13 @@ fn main() -> anyhow::Result<()> {
         Some("serve") => serve(at(2)?),
         Some("connects") => {
             println!("{}", serde_json::to_string(&connects(at(2)?)?)?);
+            Ok(())
+        }
+        Some("paired") => {
+            let bs = (3..args.len())
+                .map(at)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            println!("{}", serde_json::to_string(&paired(at(2)?, &bs)?)?);
             Ok(())
         }
         Some("share") => {
