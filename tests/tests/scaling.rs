@@ -527,12 +527,12 @@ fn every_instance_runs_within_its_capacity() {
         let v2 = inst.config.cgroup2.join(&name).join(&dir);
         if v2.join("cpu.max").exists() {
             let read = |f: &str| std::fs::read_to_string(v2.join(f)).expect(f);
-            assert_eq!(read("cpu.max").trim(), "20000 100000");
+            assert_eq!(read("cpu.max").trim(), "2000 10000");
             assert_eq!(read("memory.max").trim(), (64u64 << 20).to_string());
         } else {
             // A hybrid host: the limits live in v1 groups the instance's processes join.
             for (controller, file, want) in [
-                ("cpu", "cpu.cfs_quota_us", "20000".to_owned()),
+                ("cpu", "cpu.cfs_quota_us", "2000".to_owned()),
                 ("memory", "memory.limit_in_bytes", (64u64 << 20).to_string()),
             ] {
                 assert!(

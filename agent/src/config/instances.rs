@@ -55,6 +55,9 @@ pub struct InstanceCapacity {
     pub memory_bytes: Option<u64>,
 }
 
+/// The CFS period of an instance's CPU limit, µs.
+pub const CAPACITY_PERIOD_US: u32 = 10_000;
+
 /// Capacity weight of an instance without a CPU limit (one CPU).
 pub const UNLIMITED_WEIGHT: u16 = 1000;
 
@@ -79,7 +82,8 @@ impl InstanceCapacity {
         })
     }
 
-    /// `cpu.max` for the CPU limit: quota and period in µs (period 100 ms).
+    /// `cpu.max` for the CPU limit: quota and period in µs. The period is 10 ms, so an instance
+    /// at its limit waits at most ~10 ms for its next share rather than the default 100 ms.
     #[must_use]
     pub fn cpu_max(&self) -> Option<String> {
         self.cpu.map(|c| {
@@ -88,8 +92,8 @@ impl InstanceCapacity {
                 clippy::cast_sign_loss,
                 reason = "validated to 0.001..=1024 CPUs"
             )]
-            let quota = (c * 100_000.0).round() as u64;
-            format!("{quota} 100000")
+            let quota = (c * f64::from(CAPACITY_PERIOD_US)).round().max(1000.0) as u64;
+            format!("{quota} {CAPACITY_PERIOD_US}")
         })
     }
 }
@@ -285,11 +289,14 @@ impl Config {
                 ));
             }
             if let Some(c) = qc.capacity.cpu
-                && !(0.001..=1024.0).contains(&c)
+                && !(0.1..=1024.0).contains(&c)
             {
                 return Err(invalid(
                     field("capacity.cpu"),
-                    format!("{c} is outside 0.001..=1024 CPUs"),
+                    format!(
+                        "{c} is outside 0.1..=1024 CPUs (the kernel's smallest quota, 1 ms, in \
+                         a 10 ms period)"
+                    ),
                 ));
             }
             if let Some(m) = qc.capacity.memory_bytes

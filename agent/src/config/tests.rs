@@ -161,7 +161,7 @@ fn instances_and_services_are_checked_and_named() {
     assert_eq!(c.capacity(Quadrant::Px).weight(), 200);
     assert_eq!(
         c.capacity(Quadrant::Px).cpu_max().as_deref(),
-        Some("20000 100000")
+        Some("2000 10000")
     );
     assert_eq!(c.capacity(Quadrant::Dx).weight(), UNLIMITED_WEIGHT);
     assert_eq!(c.services[0].proto(), PROTO_TCP);
@@ -189,9 +189,9 @@ fn bad_instances_and_services_are_refused_naming_the_field() {
             "use /27 or larger",
         ),
         (
-            "{ prefix: 10.2.0.0/24, capacity: { cpu: 0 } }",
+            "{ prefix: 10.2.0.0/24, capacity: { cpu: 0.05 } }",
             "",
-            "quadrants.px.capacity.cpu",
+            "quadrants.px.capacity.cpu: 0.05 is outside 0.1..=1024",
         ),
         (
             "{ prefix: 10.2.0.0/24, capacity: { memory_bytes: 1024 } }",

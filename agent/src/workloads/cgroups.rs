@@ -174,9 +174,10 @@ pub fn apply_capacity(
         return Ok(Vec::new());
     }
     let mut procs = Vec::new();
-    let quota = capacity
-        .cpu_max()
-        .and_then(|m| m.split_whitespace().next().map(str::to_owned));
+    let max = capacity.cpu_max();
+    let mut parts = max.as_deref().unwrap_or_default().split_whitespace();
+    let quota = parts.next().map(str::to_owned);
+    let period = parts.next().map(str::to_owned);
     for (controller, limits) in [
         (
             "memory",
@@ -186,12 +187,9 @@ pub fn apply_capacity(
         ),
         (
             "cpu",
-            quota.map(|q| {
-                vec![
-                    ("cpu.cfs_period_us", CFS_PERIOD_US.to_string()),
-                    ("cpu.cfs_quota_us", q),
-                ]
-            }),
+            quota
+                .zip(period)
+                .map(|(q, p)| vec![("cpu.cfs_period_us", p), ("cpu.cfs_quota_us", q)]),
         ),
     ] {
         let Some(limits) = limits else { continue };

@@ -18,6 +18,14 @@
 //! median of the pairs' differences — each pair shares the moment, so the machine's drift
 //! between sessions cancels out.
 //!
+//! Capacity (SC-005): each instance limited to 0.2 CPU (`cpu.max` 2000 10000), a second
+//! service whose server spends 200 µs of CPU on each 8-byte request; an open-loop generator in
+//! PG sends at a fixed rate over 16 connections through the VIP and measures each request from
+//! when it was due. X(N) is the highest rate whose p99 stays within twice the unloaded p99 with
+//! every request answered (bisection, 3 s a rate), with N of the four instances taking
+//! connections (the others drained); S(N) = X(N) / (N · X(1)). The generator's own reach is
+//! checked at 1.5 × X(4) against a server without work on PG's loopback.
+//!
 //! Share: 4,000 connections to the VIP one after another (each closed before the next) and 400
 //! held open at once; the answers tell which instance took each, and the report gives every
 //! instance's share and the largest deviation from an even share.
@@ -44,6 +52,14 @@ const WARMUP: u32 = 500;
 const SESSIONS: usize = 5;
 const SEQUENTIAL: u32 = 4000;
 const HELD: u32 = 400;
+/// The capacity run's service: each request costs this much CPU in the instance.
+const WORK_PORT: u16 = 8081;
+const WORK_US: u64 = 200;
+/// Each instance's CPU limit in the capacity run.
+const INSTANCE_CPU: f64 = 0.2;
+/// Connections the generator spreads its requests over (least connections: 4 per instance at 4).
+const LOAD_CONNS: usize = 16;
+const LOAD_SECS: f64 = 3.0;
 
 fn bench_config() -> anyhow::Result<Config> {
     let mut c = Config::embedded();
@@ -61,14 +77,25 @@ fn bench_config() -> anyhow::Result<Config> {
         );
     }
     c.quadrants.get_mut("px").context("px")?.instances = INSTANCES;
-    c.services = vec![ServiceConfig {
-        name: "api".into(),
-        quadrant: "px".into(),
-        port: PORT,
-        vip: "10.245.2.100".parse()?,
-        protocol: "tcp".into(),
-        affinity: "none".into(),
-    }];
+    c.quadrants.get_mut("px").context("px")?.capacity.cpu = Some(INSTANCE_CPU);
+    c.services = vec![
+        ServiceConfig {
+            name: "api".into(),
+            quadrant: "px".into(),
+            port: PORT,
+            vip: "10.245.2.100".parse()?,
+            protocol: "tcp".into(),
+            affinity: "none".into(),
+        },
+        ServiceConfig {
+            name: "work".into(),
+            quadrant: "px".into(),
+            port: WORK_PORT,
+            vip: "10.245.2.101".parse()?,
+            protocol: "tcp".into(),
+            affinity: "none".into(),
+        },
+    ];
     c.validate()?;
     Ok(c)
 }
@@ -95,7 +122,113 @@ fn serve(at: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Answers each 8-byte request after spending `work_us` of CPU on it.
+fn serve_work(at: SocketAddr, work_us: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(at)?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_nodelay(true);
+        std::thread::spawn(move || {
+            let mut req = [0u8; 8];
+            while conn.read_exact(&mut req).is_ok() {
+                let until = Instant::now() + Duration::from_micros(work_us);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                if conn.write_all(&req).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
 // ---- the measuring workload (runs in PG) ----
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Load {
+    rate: f64,
+    sent: u64,
+    received: u64,
+    p50_ns: u64,
+    p99_ns: u64,
+}
+
+/// An open-loop generator: request `i` is due at `start + i / rate` whatever the answers do,
+/// goes on connection `i % conns`, and its latency runs from when it was due (so a late sender
+/// or a queue at the server shows, rather than slowing the generator down).
+fn load(at: SocketAddr, rate: f64, secs: f64, conns: usize) -> anyhow::Result<Load> {
+    let streams = (0..conns)
+        .map(|_| {
+            let s = TcpStream::connect(at)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(s)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "rates and durations of a benchmark"
+    )]
+    let total = (rate * secs) as u64;
+    let start = Instant::now() + Duration::from_millis(20);
+    let due = move |id: u64| {
+        #[expect(clippy::cast_precision_loss, reason = "ids far below 2^52")]
+        let at = id as f64 / rate;
+        start + Duration::from_secs_f64(at)
+    };
+    let receivers: Vec<_> = streams
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let mut s = s.try_clone()?;
+            let expect = (total + (conns - 1 - k) as u64) / conns as u64;
+            Ok(std::thread::spawn(
+                move || -> anyhow::Result<(u64, hdrhistogram::Histogram<u64>)> {
+                    let mut h = histogram()?;
+                    let mut got = 0;
+                    let mut reply = [0u8; 8];
+                    while got < expect && s.read_exact(&mut reply).is_ok() {
+                        let id = u64::from_le_bytes(reply);
+                        h.record(ns(Instant::now().saturating_duration_since(due(id))).max(1))?;
+                        got += 1;
+                    }
+                    Ok((got, h))
+                },
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut writers = streams;
+    for id in 0..total {
+        let when = due(id);
+        let now = Instant::now();
+        if when > now {
+            std::thread::sleep(when - now);
+        }
+        let k = usize::try_from(id).unwrap_or(0) % conns;
+        writers[k].write_all(&id.to_le_bytes())?;
+    }
+    let mut all = histogram()?;
+    let mut received = 0;
+    for r in receivers {
+        let (got, h) = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("a receiver panicked"))??;
+        received += got;
+        all.add(h)?;
+    }
+    Ok(Load {
+        rate,
+        sent: total,
+        received,
+        p50_ns: all.value_at_quantile(0.5),
+        p99_ns: all.value_at_quantile(0.99),
+    })
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Connects {
@@ -280,6 +413,143 @@ fn deviation(counts: &BTreeMap<String, u32>, total: u32) -> f64 {
         })
 }
 
+/// Starts `scale serve-work` in every instance of PX, and in PG on loopback for the
+/// generator's own check.
+fn start_work_servers(agent: &mut Agent) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?.display().to_string();
+    let work = WORK_US.to_string();
+    for (q, k, listen, work) in (0..INSTANCES)
+        .map(|k| ("px", k, format!("0.0.0.0:{WORK_PORT}"), work.as_str()))
+        .chain(std::iter::once((
+            "pg",
+            0,
+            format!("127.0.0.1:{WORK_PORT}"),
+            "0",
+        )))
+    {
+        let mut child = agent
+            .quadrant()
+            .args([
+                "exec",
+                q,
+                "--instance",
+                &k.to_string(),
+                "--workload",
+                "work",
+            ])
+            .args(["--", &me, "serve-work", &listen, work])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if line.trim() != "listening" {
+            bail!("the work server in {q} instance {k} did not start");
+        }
+        agent.servers.push(child);
+    }
+    Ok(())
+}
+
+fn run_load(agent: &Agent, target: &str, rate: f64) -> anyhow::Result<Load> {
+    workload(
+        agent,
+        &[
+            "load",
+            target,
+            &format!("{rate:.0}"),
+            &LOAD_SECS.to_string(),
+            &LOAD_CONNS.to_string(),
+        ],
+    )
+}
+
+/// The highest rate whose p99 stays within twice the unloaded p99 with every request answered,
+/// by bisection between an unloaded rate and `hi`.
+fn highest_rate(agent: &Agent, target: &str, unloaded_p99: u64, hi: f64) -> anyhow::Result<f64> {
+    let ok = |l: &Load| l.received == l.sent && l.p99_ns <= 2 * unloaded_p99;
+    let (mut lo, mut hi) = (100.0_f64, hi);
+    for _ in 0..7 {
+        let mid = f64::midpoint(lo, hi);
+        let l = run_load(agent, target, mid)?;
+        eprintln!(
+            "  {mid:.0}/s: p50 {:.0} µs p99 {:.0} µs, {} of {} answered",
+            us(l.p50_ns),
+            us(l.p99_ns),
+            l.received,
+            l.sent
+        );
+        if ok(&l) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// SC-005: X(N) for N = 1, 2, 4 instances (the others drained), S(N) = X(N) / (N · X(1)).
+fn capacity(agent: &mut Agent) -> anyhow::Result<()> {
+    start_work_servers(agent)?;
+    let vip = format!("10.245.2.101:{WORK_PORT}");
+    // One instance's capacity: INSTANCE_CPU / WORK_US.
+    let per_instance = INSTANCE_CPU * 1e6 / f64::from(u32::try_from(WORK_US).unwrap_or(1));
+    let mut x = BTreeMap::new();
+    for n in [1u8, 2, 4] {
+        for k in 1..INSTANCES {
+            let verb = if k < n { "--resume" } else { "" };
+            let mut cmd = agent.quadrant();
+            cmd.args(["drain", "px", &k.to_string()]);
+            if !verb.is_empty() {
+                cmd.arg(verb);
+            }
+            if !cmd.stdout(Stdio::null()).status()?.success() {
+                bail!("cannot drain px {k}");
+            }
+        }
+        let unloaded = run_load(agent, &vip, 100.0)?;
+        eprintln!(
+            "N = {n}: unloaded p99 {:.0} µs (100/s); searching up to {:.0}/s",
+            us(unloaded.p99_ns),
+            per_instance * f64::from(n) * 1.5
+        );
+        let r = highest_rate(
+            agent,
+            &vip,
+            unloaded.p99_ns,
+            per_instance * f64::from(n) * 1.5,
+        )?;
+        x.insert(n, (r, unloaded.p99_ns));
+    }
+    let x1 = x.get(&1).map_or(1.0, |v| v.0);
+    let x4 = x.get(&4).map_or(0.0, |v| v.0);
+    let check = run_load(agent, &format!("127.0.0.1:{WORK_PORT}"), 1.5 * x4)?;
+    println!(
+        "generator alone (PG loopback, no work) at 1.5 × X(4) = {:.0}/s: {} of {} answered, p99 \
+         {:.0} µs",
+        1.5 * x4,
+        check.received,
+        check.sent,
+        us(check.p99_ns)
+    );
+    println!(
+        "capacity: instances of {INSTANCE_CPU} CPU (cpu.max 2000 10000), {WORK_US} µs of CPU a \
+         request, open loop over {LOAD_CONNS} connections through the VIP, {LOAD_SECS} s a rate"
+    );
+    println!(
+        "{:<3} {:>16} {:>16} {:>8}",
+        "N", "unloaded p99 µs", "X(N) req/s", "S(N)"
+    );
+    for (n, (r, p99)) in &x {
+        println!(
+            "{n:<3} {:>16.0} {r:>16.0} {:>8.2}",
+            us(*p99),
+            r / (f64::from(*n) * x1)
+        );
+    }
+    Ok(())
+}
+
 fn orchestrate() -> anyhow::Result<()> {
     quadrant::daemon::require_root("bench scale")?;
     // Program run time is counted while this descriptor is open.
@@ -382,7 +652,7 @@ fn orchestrate() -> anyhow::Result<()> {
             deviation(&counts, n)
         );
     }
-    Ok(())
+    capacity(&mut agent)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -401,6 +671,18 @@ fn main() -> anyhow::Result<()> {
                 .map(at)
                 .collect::<anyhow::Result<Vec<_>>>()?;
             println!("{}", serde_json::to_string(&paired(at(2)?, &bs)?)?);
+            Ok(())
+        }
+        Some("serve-work") => serve_work(
+            at(2)?,
+            args.get(3)
+                .context("serve-work ADDR:PORT WORK_US")?
+                .parse()?,
+        ),
+        Some("load") => {
+            let arg = |i: usize| args.get(i).context("load ADDR:PORT RATE SECS CONNS");
+            let l = load(at(2)?, arg(3)?.parse()?, arg(4)?.parse()?, arg(5)?.parse()?)?;
+            println!("{}", serde_json::to_string(&l)?);
             Ok(())
         }
         Some("share") => {
