@@ -86,7 +86,12 @@ fn probe_instances(agent: &Arc<Agent>, stop: watch::Receiver<bool>) -> Result<()
                 }
                 let Some(agent) = weak.upgrade() else { break };
                 let started = std::time::Instant::now();
-                crate::scale::probe_round(&agent.config, &agent.instances, &agent.dataplane);
+                if let Err(e) =
+                    crate::scale::probe_round(&agent.config, &agent.instances, &agent.dataplane)
+                {
+                    tracing::error!(error = %e, "instance probes stopped");
+                    break;
+                }
                 drop(agent);
                 std::thread::sleep(PROBE_INTERVAL.saturating_sub(started.elapsed()));
             }

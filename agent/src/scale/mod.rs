@@ -317,7 +317,10 @@ impl Instances {
         dataplane: &Mutex<Dataplane>,
         i: InstanceRef,
     ) -> Result<(), SysError> {
-        if let Some(e) = locked(&self.extra).remove(&i) {
+        // Out of the registry first, its lock released: the dataplane's lock is never taken
+        // while holding it (the probe thread takes them the other way round).
+        let removed = locked(&self.extra).remove(&i);
+        if let Some(e) = removed {
             let mut dp = locked(dataplane);
             if let Err(err) = dp.unregister(e.handle.host_ifindex, e.handle.cgroup_id) {
                 tracing::warn!(instance = %i.name(), error = %err, "cannot unregister");
@@ -421,9 +424,15 @@ impl Instances {
     /// a backend the agent holds ready whose weight the kernel set to 0 is not ready until its
     /// next probe succeeds.
     pub(crate) fn reconcile(&self, config: &Config, weights: &[u16]) {
+        // One lock at a time: the draining set first, then the health.
+        let draining: Vec<InstanceRef> = locked(&self.extra)
+            .iter()
+            .filter(|(_, e)| e.draining)
+            .map(|(i, _)| *i)
+            .collect();
         let mut health = locked(&self.health);
         for ((n, i), h) in health.iter_mut() {
-            if !h.ready || self.draining(*i) || config.services.get(*n).is_none() {
+            if !h.ready || draining.contains(i) || config.services.get(*n).is_none() {
                 continue;
             }
             let slot = u32::try_from(*n).unwrap_or(u32::MAX) * LB_BACKENDS_PER_SERVICE

@@ -40,34 +40,60 @@ pub(super) enum Outcome {
     TimedOut,
 }
 
-/// A non-blocking TCP socket made in instance `i`'s namespace, connecting to `to`.
-fn start(config: &Config, host_ns: &fs::File, i: InstanceRef, to: SocketAddrV4) -> Option<OwnedFd> {
-    let ns = fs::File::open(format!("/run/netns/{}", config.instance_netns(i))).ok()?;
-    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).ok()?;
+/// The probe thread could not return to the host's network namespace: it must stop probing
+/// (every later socket would be made in the wrong namespace).
+#[derive(Debug)]
+pub struct Stranded(Errno);
+
+impl std::fmt::Display for Stranded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot return to the host's network namespace: {}",
+            self.0
+        )
+    }
+}
+
+/// A non-blocking TCP socket made in instance `i`'s namespace, connecting to `to` (`None`: it
+/// could not be made or the connect failed at once).
+fn start(
+    config: &Config,
+    host_ns: &fs::File,
+    i: InstanceRef,
+    to: SocketAddrV4,
+) -> Result<Option<OwnedFd>, Stranded> {
+    let Ok(ns) = fs::File::open(format!("/run/netns/{}", config.instance_netns(i))) else {
+        return Ok(None);
+    };
+    if setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
+        return Ok(None);
+    }
     let fd = socket(
         AddressFamily::Inet,
         SockType::Stream,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     );
-    // Back to the host's namespace before anything else can go wrong: the socket stays in the
-    // instance's.
-    if let Err(e) = setns(host_ns.as_fd(), CloneFlags::CLONE_NEWNET) {
-        tracing::error!(error = %e, "the probe thread cannot return to the host namespace");
-        return None;
-    }
-    let fd = fd.ok()?;
-    match connect(fd.as_raw_fd(), &SockaddrIn::from(to)) {
+    // Back to the host's namespace before anything else: the socket stays in the instance's.
+    setns(host_ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(Stranded)?;
+    let Ok(fd) = fd else { return Ok(None) };
+    Ok(match connect(fd.as_raw_fd(), &SockaddrIn::from(to)) {
         Ok(()) | Err(Errno::EINPROGRESS) => Some(fd),
         Err(_) => None,
-    }
+    })
 }
 
 /// Probes every (service, instance) once and rewrites the load-balancing maps if any instance's
-/// readiness changed. Runs on a thread of its own (it enters the instances' namespaces).
-pub fn probe_round(config: &Config, instances: &Instances, dataplane: &Mutex<Dataplane>) {
+/// readiness changed. Runs on a thread of its own (it enters the instances' namespaces); an
+/// error means that thread must stop.
+pub fn probe_round(
+    config: &Config,
+    instances: &Instances,
+    dataplane: &Mutex<Dataplane>,
+) -> Result<(), Stranded> {
     let Ok(host_ns) = fs::File::open("/proc/thread-self/ns/net") else {
-        return;
+        return Ok(());
     };
     if let Ok(weights) = crate::daemon::locked(dataplane).lb_weights() {
         instances.reconcile(config, &weights);
@@ -83,7 +109,7 @@ pub fn probe_round(config: &Config, instances: &Instances, dataplane: &Mutex<Dat
                 continue;
             }
             let to = SocketAddrV4::new(config.instance_addr(i), s.port);
-            match start(config, &host_ns, i, to) {
+            match start(config, &host_ns, i, to)? {
                 Some(fd) => pending.push((n, i, fd)),
                 None => changed |= instances.observe(n, i, Outcome::Refused),
             }
@@ -129,4 +155,5 @@ pub fn probe_round(config: &Config, instances: &Instances, dataplane: &Mutex<Dat
             tracing::warn!(error = %e, "cannot write the load-balancing maps");
         }
     }
+    Ok(())
 }
