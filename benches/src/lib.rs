@@ -131,6 +131,54 @@ impl Agent {
         c.args(["exec", q, "--workload", workload, "--"]).args(argv);
         c
     }
+
+    /// Runs this benchmark's own binary with `args` in quadrant `q` as workload `bench` (the
+    /// measuring workload) and reads the JSON it prints.
+    pub fn measure<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        q: &str,
+        args: &[&str],
+    ) -> anyhow::Result<T> {
+        let me = std::env::current_exe()?.display().to_string();
+        let mut command = vec![me.as_str()];
+        command.extend(args);
+        let out = self
+            .exec(q, "bench", &command)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("the measuring workload failed: {args:?}");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Starts this benchmark's own binary with `args` in instance `index` of quadrant `q` as
+    /// `workload`, waits for it to print `listening`, and keeps it until the agent goes down.
+    pub fn serve_on(
+        &mut self,
+        q: &str,
+        index: u8,
+        workload: &str,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let me = std::env::current_exe()?.display().to_string();
+        let mut child = self
+            .quadrant()
+            .args(["exec", q, "--instance", &index.to_string()])
+            .args(["--workload", workload, "--", &me])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if line.trim() != "listening" {
+            bail!("{args:?} in {q} instance {index} did not start");
+        }
+        self.servers.push(child);
+        Ok(())
+    }
 }
 
 impl Drop for Agent {

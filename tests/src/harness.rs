@@ -473,28 +473,11 @@ impl Instance {
     /// # Panics
     /// If the server exits before it listens.
     pub fn serve_on_instance(&mut self, q: Quadrant, index: u8, args: &[&str]) -> u32 {
-        let index = index.to_string();
-        let mut child = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(["exec", q.name(), "--instance", &index, "--", &self.qprobe])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn server");
-        let pid = child.id();
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        assert_eq!(
-            first,
-            "listening",
-            "server {args:?} in {} instance {index} did not start",
-            q.name()
-        );
-        self.background.push(child);
-        pid
+        let probe = self.qprobe.clone();
+        let mut command = vec![probe.as_str()];
+        command.extend(args);
+        // Its later lines are not read: a `qprobe` server prints none after `listening`.
+        self.background_on(q, index, None, &command, "listening").0
     }
 
     /// Runs `ARGV…` inside quadrant `q` as `workload` and waits for it.

@@ -38,13 +38,7 @@ impl Dataplane {
         handle: &QuadrantHandle,
     ) -> Result<Vec<AttachedProgram>, LoaderError> {
         let i = handle.instance();
-        self.register_iface(handle.host_ifindex, i.quadrant)?;
-        self.register_cgroup(
-            handle.cgroup_id,
-            i.quadrant,
-            i.index,
-            config.instance_addr(i),
-        )?;
+        self.register(config, handle)?;
         let link_dir = self
             .pin_dir
             .as_ref()
@@ -87,6 +81,23 @@ impl Dataplane {
             });
         }
         Ok(out)
+    }
+
+    /// Registers instance `handle`'s host-side veth and cgroup as its quadrant's (with the
+    /// instance and its address).
+    pub(super) fn register(
+        &mut self,
+        config: &Config,
+        handle: &QuadrantHandle,
+    ) -> Result<(), LoaderError> {
+        let i = handle.instance();
+        self.register_iface(handle.host_ifindex, i.quadrant)?;
+        self.register_cgroup(
+            handle.cgroup_id,
+            i.quadrant,
+            i.index,
+            config.instance_addr(i),
+        )
     }
 
     /// Attaches program `name` to its hook of instance `i`, returning the (not yet pinned) link.

@@ -340,13 +340,7 @@ impl Dataplane {
         handle: &QuadrantHandle,
     ) -> Result<Vec<AttachedProgram>, LoaderError> {
         let i = handle.instance();
-        self.register_iface(handle.host_ifindex, i.quadrant)?;
-        self.register_cgroup(
-            handle.cgroup_id,
-            i.quadrant,
-            i.index,
-            config.instance_addr(i),
-        )?;
+        self.register(config, handle)?;
         let dir = self
             .pin_dir
             .as_ref()

@@ -331,43 +331,13 @@ fn share(at: SocketAddr, n: u32, held: bool) -> anyhow::Result<BTreeMap<String, 
 // ---- the orchestrator ----
 
 fn workload<T: for<'de> Deserialize<'de>>(agent: &Agent, args: &[&str]) -> anyhow::Result<T> {
-    let me = std::env::current_exe()?.display().to_string();
-    let mut command = vec![me.as_str()];
-    command.extend(args);
-    let out = agent
-        .exec("pg", "bench", &command)
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        bail!("the measuring workload failed: {args:?}");
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    agent.measure("pg", args)
 }
 
 fn start_servers(agent: &mut Agent) -> anyhow::Result<()> {
-    let me = std::env::current_exe()?.display().to_string();
     let listen = format!("0.0.0.0:{PORT}");
     for k in 0..INSTANCES {
-        let mut child = agent
-            .quadrant()
-            .args([
-                "exec",
-                "px",
-                "--instance",
-                &k.to_string(),
-                "--workload",
-                "api",
-            ])
-            .args(["--", &me, "serve", &listen])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        if line.trim() != "listening" {
-            bail!("the server in instance {k} did not start");
-        }
-        agent.servers.push(child);
+        agent.serve_on("px", k, "api", &["serve", &listen])?;
     }
     // Every instance ready for `api` (the agent probes every 100 ms).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -417,39 +387,13 @@ fn deviation(counts: &BTreeMap<String, u32>, total: u32) -> f64 {
 /// Starts `scale serve-work` in every instance of PX, and in PG on loopback for the
 /// generator's own check.
 fn start_work_servers(agent: &mut Agent) -> anyhow::Result<()> {
-    let me = std::env::current_exe()?.display().to_string();
     let work = WORK_US.to_string();
-    for (q, k, listen, work) in (0..INSTANCES)
-        .map(|k| ("px", k, format!("0.0.0.0:{WORK_PORT}"), work.as_str()))
-        .chain(std::iter::once((
-            "pg",
-            0,
-            format!("127.0.0.1:{WORK_PORT}"),
-            "0",
-        )))
-    {
-        let mut child = agent
-            .quadrant()
-            .args([
-                "exec",
-                q,
-                "--instance",
-                &k.to_string(),
-                "--workload",
-                "work",
-            ])
-            .args(["--", &me, "serve-work", &listen, work])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        if line.trim() != "listening" {
-            bail!("the work server in {q} instance {k} did not start");
-        }
-        agent.servers.push(child);
+    for k in 0..INSTANCES {
+        let listen = format!("0.0.0.0:{WORK_PORT}");
+        agent.serve_on("px", k, "work", &["serve-work", &listen, &work])?;
     }
-    Ok(())
+    let loopback = format!("127.0.0.1:{WORK_PORT}");
+    agent.serve_on("pg", 0, "work", &["serve-work", &loopback, "0"])
 }
 
 fn run_load(agent: &Agent, target: &str, rate: f64) -> anyhow::Result<Load> {

@@ -353,17 +353,7 @@ fn start_failing_services(agent: &mut Agent) -> anyhow::Result<()> {
 
 /// Runs this benchmark's `args` as a workload in DX and parses what it prints.
 fn workload<T: for<'de> Deserialize<'de>>(agent: &Agent, args: &[&str]) -> anyhow::Result<T> {
-    let me = std::env::current_exe()?.display().to_string();
-    let mut command = vec![me.as_str()];
-    command.extend(args);
-    let out = agent
-        .exec("dx", "bench", &command)
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        bail!("the measuring workload failed: {args:?}");
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    agent.measure("dx", args)
 }
 
 #[derive(Debug, Default)]
