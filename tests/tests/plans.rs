@@ -1161,10 +1161,8 @@ fn workload_state(fx: &Fixture, name: &str) -> Option<(Option<u64>, Option<Strin
         })
 }
 
-/// Once the shadow offers its service, PG calls 200 times; returns the shadow's report after
-/// the mirrored copies were worked through (none dropped).
-fn mirrored_to_the_shadow(fx: &Fixture, echo: &str) -> Value {
-    // The shadow offers its service beside the live one.
+/// Waits (up to 5 s) until the shadow offers its service beside the live one.
+fn wait_for_shadow_service(fx: &Fixture) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while shadows(fx)["shadows"][0]["services"] != json!(["echo"])
         || !fx
@@ -1179,6 +1177,12 @@ fn mirrored_to_the_shadow(fx: &Fixture, echo: &str) -> Value {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Once the shadow offers its service, PG calls 200 times; returns the shadow's report after
+/// the mirrored copies were worked through (none dropped).
+fn mirrored_to_the_shadow(fx: &Fixture, echo: &str) -> Value {
+    wait_for_shadow_service(fx);
 
     let call = pg_calls(fx, echo, "200", "2");
     assert_eq!(call["count"], 200);
@@ -1432,6 +1436,9 @@ fn a_shadow_generation_is_stopped_across_an_agent_upgrade() {
     let (ok, _, err) =
         fx.sign_and_submit_with(&echo_plan(&fx, &echo, 2, ""), "prod", &["--shadow"]);
     assert!(ok, "{err}");
+    // The shadow runs and offers its service before the agent hands over (a process still
+    // starting, or restarting after a failed start, is not handed over at all).
+    wait_for_shadow_service(&fx);
     let out = fx.inst.stop_keeping_dataplane();
     assert!(out.status.success(), "{out:?}");
     fx.inst.start_agent();
