@@ -285,7 +285,10 @@ impl Instances {
             let mut added = Vec::new();
             for k in now..n {
                 let i = InstanceRef::new(q, k);
-                match add(config, &mut locked(dataplane), i) {
+                // The dataplane's lock ends with this statement: undoing a failed add below
+                // takes it again.
+                let made = add(config, &mut locked(dataplane), i);
+                match made {
                     Ok((handle, programs)) => {
                         added.push(i);
                         self.insert(handle, programs);
