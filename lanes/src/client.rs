@@ -217,6 +217,23 @@ impl LaneClient {
             service: service.to_owned(),
             transport,
             mirror: false,
+            request_ids: false,
+        })
+    }
+
+    /// Opens a lane whose every message carries a request envelope (the [`crate::Caller`]'s).
+    pub(crate) fn open_with_ids(
+        &mut self,
+        quadrant: &str,
+        service: &str,
+        transport: TransportChoice,
+    ) -> Result<Lane, LaneError> {
+        self.open_with(&LaneRequest::Open {
+            quadrant: quadrant.to_owned(),
+            service: service.to_owned(),
+            transport,
+            mirror: false,
+            request_ids: true,
         })
     }
 
@@ -227,6 +244,7 @@ impl LaneClient {
             service: service.to_owned(),
             transport: TransportChoice::Auto,
             mirror: true,
+            request_ids: false,
         })
     }
 
@@ -329,7 +347,7 @@ impl LaneClient {
             }
         }
         sock.set_read_timeout(None)?;
-        Lane::from_tcp(grant, Side::Client, fds, framed, control)
+        Lane::from_tcp(grant, Side::Client, fds, (framed, sock), control)
     }
 }
 
@@ -672,7 +690,7 @@ impl LaneListener {
                     grant,
                     Side::Server,
                     fds,
-                    framed,
+                    (framed, sock.try_clone()?),
                     Some(Arc::clone(&self.control)),
                 )
             }

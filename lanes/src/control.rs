@@ -93,6 +93,11 @@ pub enum LaneRequest {
         /// mirrors (a grant with `mirror` says when there is one).
         #[serde(default, skip_serializing_if = "is_false")]
         mirror: bool,
+        /// Every message on the lane carries a request envelope (id and attempt, 16 bytes;
+        /// see `lane::RequestId`): the retrying caller's lanes, whose requests survive the loss
+        /// of a service instance.
+        #[serde(default, skip_serializing_if = "is_false")]
+        request_ids: bool,
     },
     /// Offer a service in the caller's quadrant; lanes to it arrive as `incoming` messages on
     /// this connection for as long as it stays open.
@@ -168,6 +173,10 @@ pub struct LaneGrant {
     /// requests to it over a lane of its own and drops the shadow's replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorGrant>,
+    /// Every message carries a request envelope (the opener asked for `request_ids`); the
+    /// library adds and strips it, and the service answers each request under its id.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub request_ids: bool,
 }
 
 /// Requests to mirror to a service's shadow generation.

@@ -3,6 +3,7 @@
 
 use std::{
     io::{self, Read, Write},
+    net::TcpStream,
     os::{fd::OwnedFd, unix::net::UnixStream},
     sync::{Arc, OnceLock, atomic::Ordering},
     time::{Duration, Instant},
@@ -11,6 +12,7 @@ use std::{
 use super::{
     client::Control,
     control::{LaneGrant, LaneRequest, Transport},
+    envelope::{ENVELOPE_LEN, Ids, RequestId},
     frame::{FrameError, HEADER_LEN, Header, Kind},
     os::{self, Mapping},
     ring::{self, Consumer, Producer, Received, Region, RingError, Sent, Sli, Stat},
@@ -61,6 +63,10 @@ pub enum LaneError {
     /// The peer broke the lane protocol.
     #[error("lane protocol: {0}")]
     Protocol(String),
+    /// Nothing arrived before the deadline. A Unix-socket or TCP lane may have read part of a
+    /// frame, so it is closed; a shared-memory lane can be used again.
+    #[error("no message arrived within {0:?}")]
+    TimedOut(Duration),
     /// The TCP lane's TLS handshake or authorization failed.
     #[error("TCP lane: {0}")]
     Tls(String),
@@ -147,7 +153,7 @@ impl Shm {
     /// consumer's `prepare_wait`) said it may; `done` ends the wait either way.
     fn wait(
         &mut self,
-        start: Instant,
+        (start, deadline): (Instant, Option<Instant>),
         own: &mut u64,
         prepare: impl FnOnce(&Self) -> bool,
         done: impl FnOnce(&Self),
@@ -155,6 +161,13 @@ impl Shm {
         if self.waker.peer_gone() {
             return Err(LaneError::PeerGone);
         }
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Err(LaneError::TimedOut(start.elapsed())),
+            },
+            None => None,
+        };
         if self.keep_polling(start, *own) {
             std::hint::spin_loop();
             return Ok(());
@@ -163,7 +176,7 @@ impl Shm {
             self.region
                 .running_cpu(self.side)
                 .store(0, Ordering::Relaxed);
-            let slept = self.waker.sleep();
+            let slept = self.waker.sleep(left);
             *own = self.awake();
             slept?;
         }
@@ -190,7 +203,7 @@ impl Shm {
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
             self.wait(
-                start,
+                (start, None),
                 &mut own,
                 |s| s.tx.prepare_wait(),
                 |s| s.tx.done_waiting(),
@@ -199,7 +212,11 @@ impl Shm {
         }
     }
 
-    fn recv<R>(&mut self, read: &mut dyn FnMut(&[u8]) -> R) -> Result<Option<R>, LaneError> {
+    fn recv<R>(
+        &mut self,
+        read: &mut dyn FnMut(&[u8]) -> R,
+        deadline: Option<Instant>,
+    ) -> Result<Option<R>, LaneError> {
         let mut waiting: Option<(Instant, u64)> = None;
         loop {
             match self.rx.try_recv_with(&mut *read)? {
@@ -214,7 +231,7 @@ impl Shm {
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
             self.wait(
-                start,
+                (start, deadline),
                 &mut own,
                 |s| s.rx.prepare_wait(),
                 |s| s.rx.done_waiting(),
@@ -294,7 +311,7 @@ impl Shm {
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
             self.wait(
-                start,
+                (start, None),
                 &mut own,
                 |s| s.rx.prepare_wait(),
                 |s| s.rx.done_waiting(),
@@ -350,22 +367,37 @@ impl<S: Read + Write> Framed<S> {
     }
 
     pub(crate) fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), LaneError> {
+        self.send_parts(kind, &[], payload)
+    }
+
+    /// Sends one frame whose payload is `prefix` then `payload`.
+    pub(crate) fn send_parts(
+        &mut self,
+        kind: Kind,
+        prefix: &[u8],
+        payload: &[u8],
+    ) -> Result<(), LaneError> {
+        let len = prefix.len() + payload.len();
         #[expect(
             clippy::cast_possible_truncation,
             reason = "checked against max (a u32) by the caller"
         )]
         let h = Header {
-            len: payload.len() as u32,
+            len: len as u32,
             kind,
         }
         .encode();
-        if payload.len() <= COALESCE {
+        if len <= COALESCE {
             self.scratch.clear();
             self.scratch.extend_from_slice(&h);
+            self.scratch.extend_from_slice(prefix);
             self.scratch.extend_from_slice(payload);
             self.stream.write_all(&self.scratch)?;
         } else {
-            self.stream.write_all(&h)?;
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&h);
+            self.scratch.extend_from_slice(prefix);
+            self.stream.write_all(&self.scratch)?;
             self.stream.write_all(payload)?;
         }
         self.stream.flush()?;
@@ -459,6 +491,10 @@ pub struct Lane {
     closed: bool,
     /// The client side of a lane to a service with a shadow generation.
     mirror: Option<crate::mirror::Mirror>,
+    /// A lane with request ids: what is not answered yet.
+    ids: Option<Ids>,
+    /// A TCP lane's socket, for receive deadlines.
+    tcp: Option<TcpStream>,
 }
 
 impl std::fmt::Debug for Lane {
@@ -481,6 +517,21 @@ fn take_fds(fds: Vec<OwnedFd>, n: usize) -> Result<Vec<OwnedFd>, LaneError> {
             fds.len()
         )))
     }
+}
+
+/// The request-id book of a lane whose grant asks for request ids.
+fn ids_for(grant: &LaneGrant, side: Side) -> Result<Option<Ids>, LaneError> {
+    if !grant.request_ids {
+        return Ok(None);
+    }
+    if (grant.max_message as usize) < ENVELOPE_LEN {
+        return Err(LaneError::Broker(format!(
+            "a lane with request ids needs messages of at least {ENVELOPE_LEN} bytes, the grant \
+             allows {}",
+            grant.max_message
+        )));
+    }
+    Ok(Some(Ids::new(side, grant.max_in_flight)))
 }
 
 fn map_lane_memory(fd: &OwnedFd, ring_bytes: usize) -> Result<(Mapping, Region), LaneError> {
@@ -540,6 +591,7 @@ impl Lane {
             }
         };
         Ok(Self {
+            ids: ids_for(&grant, side)?,
             grant,
             side,
             _memory: memory,
@@ -548,6 +600,7 @@ impl Lane {
             control,
             closed: false,
             mirror: None,
+            tcp: None,
         })
     }
 
@@ -556,7 +609,7 @@ impl Lane {
         grant: LaneGrant,
         side: Side,
         fds: Vec<OwnedFd>,
-        framed: Framed<Box<dyn Stream>>,
+        (framed, sock): (Framed<Box<dyn Stream>>, TcpStream),
         control: Option<Arc<Control>>,
     ) -> Result<Self, LaneError> {
         let mem = take_fds(fds, 1)?
@@ -565,6 +618,7 @@ impl Lane {
             .ok_or(LaneError::Closed)?;
         let (memory, region) = map_lane_memory(&mem, 0)?;
         Ok(Self {
+            ids: ids_for(&grant, side)?,
             grant,
             side,
             _memory: memory,
@@ -573,6 +627,7 @@ impl Lane {
             control,
             closed: false,
             mirror: None,
+            tcp: Some(sock),
         })
     }
 
@@ -615,10 +670,45 @@ impl Lane {
         &self.grant.local_id
     }
 
-    /// Largest message.
+    /// Largest message (on a lane with request ids, the envelope's 16 bytes less than the
+    /// lane carries).
     #[must_use]
     pub fn max_message(&self) -> usize {
-        self.grant.max_message as usize
+        let wire = self.grant.max_message as usize;
+        if self.ids.is_some() {
+            wire - ENVELOPE_LEN
+        } else {
+            wire
+        }
+    }
+
+    /// Whether the lane was closed (by `close`, or after a timed-out receive on a stream).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Messages one end may send ahead of the other's reading.
+    #[must_use]
+    pub fn max_in_flight(&self) -> u32 {
+        self.grant.max_in_flight
+    }
+
+    /// Whether every message carries a request envelope ([`crate::envelope`]).
+    #[must_use]
+    pub fn has_request_ids(&self) -> bool {
+        self.ids.is_some()
+    }
+
+    /// On the service's end of a lane with request ids: the request the next `send` answers
+    /// (the oldest one received and not answered) — a repeat of a request handled before has
+    /// the same id and a higher attempt. `None` on other lanes or with nothing to answer.
+    #[must_use]
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self.side {
+            Side::Server => self.ids.as_ref().and_then(Ids::oldest),
+            Side::Client => None,
+        }
     }
 
     fn count(&self, sent: bool, bytes: usize) {
@@ -647,42 +737,83 @@ impl Lane {
         Ok(())
     }
 
+    /// The envelope the next plain `send` carries (`None` on a lane without request ids).
+    fn outgoing(&self) -> Result<Option<RequestId>, LaneError> {
+        self.ids.as_ref().map(Ids::outgoing).transpose()
+    }
+
     /// Sends one message (waits while the peer is `max_in_flight` messages or a ring behind).
+    /// On a lane with request ids, a client's message is a new request; a service's answers
+    /// the oldest request not answered yet.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), LaneError> {
+        let env = self.outgoing()?;
+        self.send_as(env, msg)
+    }
+
+    /// Sends `msg` under envelope `env` (none on a lane without request ids).
+    pub(crate) fn send_as(&mut self, env: Option<RequestId>, msg: &[u8]) -> Result<(), LaneError> {
         self.check_len(msg.len())?;
+        let envelope = env.map(RequestId::bytes);
+        let prefix = envelope.as_ref().map_or(&[][..], |e| &e[..]);
+        let wire = prefix.len() + msg.len();
         match &mut self.io {
-            Io::Shm(s) => s.send(Kind::Data, msg.len(), &mut |b| b.copy_from_slice(msg))?,
-            Io::Uds(f) => f.send(Kind::Data, msg)?,
-            Io::Tcp(f) => f.send(Kind::Data, msg)?,
+            Io::Shm(s) => s.send(Kind::Data, wire, &mut |b| {
+                b[..prefix.len()].copy_from_slice(prefix);
+                b[prefix.len()..].copy_from_slice(msg);
+            })?,
+            Io::Uds(f) => f.send_parts(Kind::Data, prefix, msg)?,
+            Io::Tcp(f) => f.send_parts(Kind::Data, prefix, msg)?,
         }
-        self.count(true, msg.len());
+        self.count(true, wire);
+        if let (Some(ids), Some(env)) = (&mut self.ids, env) {
+            ids.sent(env);
+        }
         Ok(())
     }
 
     /// Sends a message of `len` bytes written in place by `fill` (in the ring itself on a
     /// shared-memory lane: no copy).
     pub fn send_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<(), LaneError> {
-        self.check_len(len)?;
+        let env = self.outgoing()?;
         let mut fill = Some(fill);
-        let mut once = |b: &mut [u8]| {
+        self.fill_as(env, len, &mut |b| {
             if let Some(f) = fill.take() {
                 f(b);
             }
-        };
+        })
+    }
+
+    /// Sends a message of `len` bytes written by `fill` under envelope `env`.
+    fn fill_as(
+        &mut self,
+        env: Option<RequestId>,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), LaneError> {
+        self.check_len(len)?;
+        let envelope = env.map(RequestId::bytes);
+        let prefix = envelope.as_ref().map_or(&[][..], |e| &e[..]);
+        let wire = prefix.len() + len;
         match &mut self.io {
-            Io::Shm(s) => s.send(Kind::Data, len, &mut once)?,
+            Io::Shm(s) => s.send(Kind::Data, wire, &mut |b| {
+                b[..prefix.len()].copy_from_slice(prefix);
+                fill(&mut b[prefix.len()..]);
+            })?,
             Io::Uds(f) => {
                 let mut buf = vec![0; len];
-                once(&mut buf);
-                f.send(Kind::Data, &buf)?;
+                fill(&mut buf);
+                f.send_parts(Kind::Data, prefix, &buf)?;
             }
             Io::Tcp(f) => {
                 let mut buf = vec![0; len];
-                once(&mut buf);
-                f.send(Kind::Data, &buf)?;
+                fill(&mut buf);
+                f.send_parts(Kind::Data, prefix, &buf)?;
             }
         }
-        self.count(true, len);
+        self.count(true, wire);
+        if let (Some(ids), Some(env)) = (&mut self.ids, env) {
+            ids.sent(env);
+        }
         Ok(())
     }
 
@@ -698,32 +829,138 @@ impl Lane {
     /// Receives one message and hands it to `read` (in place in the ring on a shared-memory
     /// lane). `Ok(None)`: the peer closed the lane.
     pub fn recv_with<R>(&mut self, read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, LaneError> {
+        Ok(self.recv_frame(read, None)?.map(|(value, _)| value))
+    }
+
+    /// Receives one message into `out`, waiting until `deadline` at most
+    /// ([`LaneError::TimedOut`] then). `Ok(false)`: the peer closed the lane.
+    pub fn recv_until(&mut self, out: &mut Vec<u8>, deadline: Instant) -> Result<bool, LaneError> {
+        let got = self.recv_frame(
+            |payload| {
+                out.clear();
+                out.extend_from_slice(payload);
+            },
+            Some(deadline),
+        )?;
+        Ok(got.is_some())
+    }
+
+    /// Receives an answer on a client's lane with request ids into `out`, waiting until
+    /// `deadline` at most; returns the request it answers. `Ok(None)`: the peer closed.
+    pub(crate) fn recv_answer(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Option<RequestId>, LaneError> {
+        let got = self.recv_frame(
+            |payload| {
+                out.clear();
+                out.extend_from_slice(payload);
+            },
+            Some(deadline),
+        )?;
+        match got {
+            Some(((), Some(env))) => Ok(Some(env)),
+            Some(((), None)) => Err(LaneError::Protocol(
+                "an answer without a request envelope".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Receives one frame: `read` sees the message (without its envelope); returns what it
+    /// returned and the envelope. `Ok(None)`: the peer closed the lane.
+    fn recv_frame<R>(
+        &mut self,
+        read: impl FnOnce(&[u8]) -> R,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(R, Option<RequestId>)>, LaneError> {
         if self.closed {
             return Err(LaneError::Closed);
         }
+        let enveloped = self.ids.is_some();
         let mut read = Some(read);
         let mut len = 0;
-        let value = match &mut self.io {
-            Io::Shm(s) => s
-                .recv(&mut |p: &[u8]| {
-                    len = p.len();
-                    read.take().map(|f| f(p))
-                })?
-                .flatten(),
-            Io::Uds(f) => recv_stream(f, &mut len, &mut read)?,
-            Io::Tcp(f) => recv_stream(f, &mut len, &mut read)?,
+        let mut env: Option<Result<RequestId, LaneError>> = None;
+        let mut inner = |p: &[u8]| -> Option<R> {
+            len = p.len();
+            let body = if enveloped {
+                match RequestId::decode(p) {
+                    Ok(e) => {
+                        env = Some(Ok(e));
+                        &p[ENVELOPE_LEN..]
+                    }
+                    Err(e) => {
+                        env = Some(Err(e));
+                        return None;
+                    }
+                }
+            } else {
+                p
+            };
+            read.take().map(|f| f(body))
         };
-        if value.is_some() {
-            self.count(false, len);
-        }
-        Ok(value)
+        let start = Instant::now();
+        let got = match &mut self.io {
+            Io::Shm(s) => s.recv(&mut inner, deadline),
+            Io::Uds(f) => {
+                if deadline.is_some() {
+                    f.stream.set_read_timeout(read_timeout(deadline))?;
+                }
+                let got = recv_stream(f, &mut inner);
+                if deadline.is_some() {
+                    f.stream.set_read_timeout(None)?;
+                }
+                got
+            }
+            Io::Tcp(f) => {
+                if let (Some(sock), Some(_)) = (&self.tcp, deadline) {
+                    sock.set_read_timeout(read_timeout(deadline))?;
+                }
+                let got = recv_stream(f, &mut inner);
+                if let (Some(sock), Some(_)) = (&self.tcp, deadline) {
+                    sock.set_read_timeout(None)?;
+                }
+                got
+            }
+        };
+        let got = match got {
+            Err(LaneError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                // Part of a frame may have been read: the stream cannot be trusted again.
+                self.closed = true;
+                return Err(LaneError::TimedOut(start.elapsed()));
+            }
+            other => other?,
+        };
+        let Some(value) = got else {
+            return Ok(None);
+        };
+        self.count(false, len);
+        let env = match env {
+            Some(Ok(e)) => {
+                if let Some(ids) = &mut self.ids {
+                    ids.received(e)?;
+                }
+                Some(e)
+            }
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
+        let value = value.ok_or_else(|| LaneError::Protocol("a message was read twice".into()))?;
+        Ok(Some((value, env)))
     }
 
     /// Receives one request and answers it: `size` gives the response's length from the
     /// request, `fill` writes the response from the request. On a shared-memory lane the request
     /// is read where it lies and the response written straight into the lane — one copy where
     /// `recv` then `send` make two (a 1 MiB echo: copied once). `Ok(false)`: the peer closed.
-    /// A response longer than the lane carries is an error, and its request is consumed.
+    /// A response longer than the lane carries is an error, and its request is consumed. On a
+    /// lane with request ids the response goes under the request's id.
     pub fn respond_with(
         &mut self,
         size: impl FnOnce(&[u8]) -> usize,
@@ -739,17 +976,54 @@ impl Lane {
                 f(r, out);
             }
         };
-        let max = self.max_message();
+        let wire_max = self.grant.max_message as usize;
+        let extra = if self.ids.is_some() { ENVELOPE_LEN } else { 0 };
         let lengths = match &mut self.io {
-            Io::Shm(s) => s.respond(max, &mut size_once, &mut fill_once)?,
-            Io::Uds(_) | Io::Tcp(_) => {
-                let mut request = Vec::new();
-                if !self.recv(&mut request)? {
-                    return Ok(false);
+            Io::Shm(s) => {
+                // The request's envelope, copied into the response's; a malformed one ends
+                // the answer (a response too large for the lane, replaced by the real error).
+                let env = std::cell::Cell::new(None);
+                let bad = std::cell::Cell::new(None);
+                let mut size_wire = |r: &[u8]| {
+                    if extra == 0 {
+                        return size_once(r);
+                    }
+                    match RequestId::decode(r) {
+                        Ok(e) => {
+                            env.set(Some(e));
+                            size_once(&r[extra..]).saturating_add(extra)
+                        }
+                        Err(e) => {
+                            bad.set(Some(e));
+                            usize::MAX
+                        }
+                    }
+                };
+                let mut fill_wire = |r: &[u8], out: &mut [u8]| {
+                    if let Some(e) = env.get() {
+                        e.encode(out);
+                    }
+                    fill_once(&r[extra..], &mut out[extra..]);
+                };
+                let answered = s.respond(wire_max, &mut size_wire, &mut fill_wire);
+                if let Some(e) = bad.take() {
+                    return Err(e);
                 }
+                answered.map_err(|e| match e {
+                    LaneError::TooLarge { len, max } => LaneError::TooLarge {
+                        len: len - extra,
+                        max: max - extra,
+                    },
+                    other => other,
+                })?
+            }
+            Io::Uds(_) | Io::Tcp(_) => {
+                let Some((request, env)) = self.recv_frame(<[u8]>::to_vec, None)? else {
+                    return Ok(false);
+                };
                 let n = size_once(&request);
-                self.send_with(n, |out| fill_once(&request, out))?;
-                // recv and send_with counted both.
+                self.fill_as(env, n, &mut |out| fill_once(&request, out))?;
+                // recv_frame and fill_as counted both.
                 return Ok(true);
             }
         };
@@ -774,18 +1048,20 @@ impl Lane {
             }
         });
         let rtt = start.elapsed();
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "a round trip is far below 584 years"
-        )]
-        let ns = rtt.as_nanos() as u64;
         if matches!(self.side, Side::Client) {
-            self.record_sli(answered.is_ok(), ns);
+            self.record_sli(answered.is_ok(), rtt);
         }
         answered?;
         if let Some(m) = &mut self.mirror {
             m.offer(msg);
         }
+        self.record_rtt(rtt);
+        Ok(rtt)
+    }
+
+    /// Records a round trip in the lane's statistics.
+    pub(crate) fn record_rtt(&self, rtt: Duration) {
+        let ns = nanos(rtt);
         let side = self.side as usize;
         let ewma = self.region.stat(side, Stat::RttEwmaNs);
         let old = ewma.load(Ordering::Relaxed);
@@ -796,11 +1072,11 @@ impl Lane {
         self.region
             .stat(side, Stat::RttSamples)
             .fetch_add(1, Ordering::Relaxed);
-        Ok(rtt)
     }
 
-    /// Counts one request in the SLI block: failed, or answered in `ns`.
-    fn record_sli(&self, answered: bool, ns: u64) {
+    /// Counts one request in the SLI block: failed, or answered in `rtt`.
+    pub(crate) fn record_sli(&self, answered: bool, rtt: Duration) {
+        let ns = nanos(rtt);
         let r = &self.region;
         r.sli(Sli::Requests).fetch_add(1, Ordering::Relaxed);
         if !answered {
@@ -858,18 +1134,16 @@ impl Lane {
     }
 }
 
-fn recv_stream<S: Read + Write, F: FnOnce(&[u8]) -> R, R>(
+/// Receives one frame of a stream lane and hands a data frame to `read`; `Ok(None)`: the peer
+/// closed the lane.
+fn recv_stream<S: Read + Write, R>(
     f: &mut Framed<S>,
-    len: &mut usize,
-    read: &mut Option<F>,
+    read: &mut dyn FnMut(&[u8]) -> R,
 ) -> Result<Option<R>, LaneError> {
     let mut buf = std::mem::take(&mut f.scratch);
     let kind = f.recv(&mut buf);
     let out = match kind {
-        Ok(Some(Kind::Data)) => {
-            *len = buf.len();
-            Ok(read.take().map(|r| r(&buf)))
-        }
+        Ok(Some(Kind::Data)) => Ok(Some(read(&buf))),
         Ok(Some(Kind::Close)) => Ok(None),
         // The stream ended without a Close frame: the peer died or dropped the socket.
         Ok(None) => Err(LaneError::PeerGone),
@@ -880,6 +1154,19 @@ fn recv_stream<S: Read + Write, F: FnOnce(&[u8]) -> R, R>(
     };
     f.scratch = buf;
     out
+}
+
+/// A socket read timeout that ends at `deadline` (at least a microsecond: zero means none).
+fn read_timeout(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| {
+        d.saturating_duration_since(Instant::now())
+            .max(Duration::from_micros(1))
+    })
+}
+
+/// `d` in nanoseconds.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Drop for Lane {
@@ -898,6 +1185,16 @@ mod tests {
 
     /// Both ends of a shared-memory lane built as the broker builds one, without a broker.
     fn shm_pair(max_message: u32, max_in_flight: u32) -> (Lane, Lane) {
+        pair(Transport::Shm, max_message, max_in_flight, false)
+    }
+
+    /// Both ends of a shared-memory or Unix-socket lane, with request ids or without.
+    fn pair(
+        transport: Transport,
+        max_message: u32,
+        max_in_flight: u32,
+        request_ids: bool,
+    ) -> (Lane, Lane) {
         let ring_bytes = ring::capacity_for(max_message as usize);
         let len = ring::mapping_len(ring_bytes);
         let memfd = os::sealed_memfd("quadrant-lane-test", len).unwrap();
@@ -910,7 +1207,7 @@ mod tests {
         let (pc, ps) = os::seqpacket_pair().unwrap();
         let grant = |local: &str, peer: &str| LaneGrant {
             lane: 1,
-            transport: Transport::Shm,
+            transport,
             service: "echo".into(),
             quadrant: "dg".into(),
             local_id: local.into(),
@@ -920,22 +1217,24 @@ mod tests {
             max_in_flight,
             tcp: None,
             mirror: None,
+            request_ids,
         };
         let dup = |f: &OwnedFd| f.try_clone().unwrap();
-        let client = Lane::from_local_grant(
-            grant("client", "server"),
-            Side::Client,
-            vec![dup(&memfd), dup(&efd_c), dup(&efd_s), pc],
-            None,
-        )
-        .unwrap();
-        let server = Lane::from_local_grant(
-            grant("server", "client"),
-            Side::Server,
-            vec![memfd, efd_s, efd_c, ps],
-            None,
-        )
-        .unwrap();
+        let (client_fds, server_fds) = if transport == Transport::Shm {
+            (
+                vec![dup(&memfd), dup(&efd_c), dup(&efd_s), pc],
+                vec![memfd, efd_s, efd_c, ps],
+            )
+        } else {
+            let (c, s) = os::stream_pair().unwrap();
+            (vec![dup(&memfd), c], vec![memfd, s])
+        };
+        let client =
+            Lane::from_local_grant(grant("client", "server"), Side::Client, client_fds, None)
+                .unwrap();
+        let server =
+            Lane::from_local_grant(grant("server", "client"), Side::Server, server_fds, None)
+                .unwrap();
         (client, server)
     }
 
@@ -1147,5 +1446,96 @@ mod tests {
             "the producer was not woken for room"
         );
         reader.join().unwrap();
+    }
+
+    /// On a lane with request ids each request reaches the service under the id and attempt
+    /// it was sent with, and each answer — sent plainly or written in place — comes back under
+    /// its request's id, on both local transports; the application sees neither envelope.
+    #[test]
+    fn request_ids_travel_with_each_request_and_its_answer() {
+        for transport in [Transport::Shm, Transport::Uds] {
+            let (mut client, mut server) = pair(transport, 64, 4, true);
+            assert_eq!(
+                client.max_message(),
+                48,
+                "{transport:?}: 16 bytes go to the envelope"
+            );
+            assert!(matches!(
+                client.send(&[0; 49]),
+                Err(LaneError::TooLarge { len: 49, max: 48 })
+            ));
+            let first = RequestId { id: 7, attempt: 2 };
+            let second = RequestId { id: 9, attempt: 0 };
+            client.send_as(Some(first), b"one").unwrap();
+            client.send_as(Some(second), b"two").unwrap();
+            let mut got = Vec::new();
+            assert!(server.recv(&mut got).unwrap());
+            assert_eq!(got, b"one");
+            assert_eq!(server.request_id(), Some(first));
+            server.send(b"ONE").unwrap();
+            assert_eq!(server.request_id(), None, "{transport:?}: answered");
+            assert!(
+                server
+                    .respond_with(<[u8]>::len, |r, out| out
+                        .copy_from_slice(&r.to_ascii_uppercase()))
+                    .unwrap()
+            );
+            let far = Instant::now() + Duration::from_secs(5);
+            assert_eq!(client.recv_answer(&mut got, far).unwrap(), Some(first));
+            assert_eq!(got, b"ONE");
+            assert_eq!(client.recv_answer(&mut got, far).unwrap(), Some(second));
+            assert_eq!(got, b"TWO");
+            // A service has nothing to say on such a lane but answers.
+            let unasked = server.send(b"news").unwrap_err().to_string();
+            assert!(
+                unasked.contains("no request is waiting"),
+                "{transport:?}: {unasked}"
+            );
+        }
+    }
+
+    /// An answer to a request the client never sent breaks the lane's protocol.
+    #[test]
+    fn an_answer_to_no_request_is_refused() {
+        let (mut client, mut server) = pair(Transport::Uds, 64, 4, true);
+        client
+            .send_as(Some(RequestId { id: 1, attempt: 0 }), b"x")
+            .unwrap();
+        let mut got = Vec::new();
+        assert!(server.recv(&mut got).unwrap());
+        server
+            .send_as(Some(RequestId { id: 2, attempt: 0 }), b"y")
+            .unwrap();
+        let far = Instant::now() + Duration::from_secs(5);
+        let e = client.recv_answer(&mut got, far).unwrap_err().to_string();
+        assert!(e.contains("request 2"), "{e}");
+    }
+
+    /// A receive with a deadline returns at the deadline; a shared-memory lane stays usable,
+    /// a stream lane (which may hold part of a frame) is closed.
+    #[test]
+    fn a_receive_with_a_deadline_ends_at_it() {
+        for transport in [Transport::Shm, Transport::Uds] {
+            let (mut client, mut server) = pair(transport, 64, 4, false);
+            let mut got = Vec::new();
+            let start = Instant::now();
+            let e = client
+                .recv_until(&mut got, start + Duration::from_millis(30))
+                .unwrap_err();
+            let waited = start.elapsed();
+            assert!(matches!(e, LaneError::TimedOut(_)), "{transport:?}: {e}");
+            assert!(
+                waited >= Duration::from_millis(30) && waited < Duration::from_secs(2),
+                "{transport:?}: waited {waited:?}"
+            );
+            server.send(b"late").unwrap();
+            let again = client.recv_until(&mut got, Instant::now() + Duration::from_secs(5));
+            if transport == Transport::Shm {
+                assert!(again.unwrap());
+                assert_eq!(got, b"late");
+            } else {
+                assert!(matches!(again, Err(LaneError::Closed)), "{again:?}");
+            }
+        }
     }
 }

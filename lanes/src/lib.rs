@@ -14,8 +14,10 @@
 //!
 //! The broker itself is the agent's (`quadrant::lanes::broker`).
 
+pub mod caller;
 pub mod client;
 pub mod control;
+pub mod envelope;
 pub mod frame;
 pub mod lane;
 mod mirror;
@@ -24,6 +26,8 @@ pub mod ring;
 pub mod svid;
 pub mod tls;
 
+pub use caller::{Answer, CallError, Caller, CallerStats, RetryPolicy};
 pub use client::{LaneClient, LaneListener, SOCKET_ENV};
 pub use control::{Transport, TransportChoice};
+pub use envelope::RequestId;
 pub use lane::{Lane, LaneError};

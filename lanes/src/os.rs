@@ -351,8 +351,9 @@ impl Waker {
         }
     }
 
-    /// Sleeps until woken (either way) or the peer hangs up, then takes every pending wake-up.
-    pub fn sleep(&mut self) -> io::Result<()> {
+    /// Sleeps until woken (either way), the peer hangs up or `timeout` passes (`None`: no
+    /// limit), then takes every pending wake-up.
+    pub fn sleep(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         if self.peer_gone {
             return Ok(());
         }
@@ -369,8 +370,12 @@ impl Waker {
             },
         ];
         loop {
+            // Rounded up, so a short timeout sleeps rather than spins.
+            let ms = timeout.map_or(-1, |t| {
+                i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
             // SAFETY: two live pollfds.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
             if n >= 0 {
                 break;
             }
