@@ -499,8 +499,15 @@ impl Broker {
                     service,
                     transport,
                     mirror,
+                    request_ids,
                 } => {
-                    self.open_request(conn, &caller, &id, (&quadrant, &service, mirror), transport);
+                    self.open_request(
+                        conn,
+                        &caller,
+                        &id,
+                        (&quadrant, &service, mirror, request_ids),
+                        transport,
+                    );
                 }
                 LaneRequest::Listen { service, tcp_port } => {
                     let reply = self.listen(conn, &caller, &id, &service, tcp_port);
@@ -519,7 +526,7 @@ impl Broker {
         conn: &Arc<Conn>,
         caller: &attest::Caller,
         id: &str,
-        (quadrant, service, mirror): (&str, &str, bool),
+        (quadrant, service, mirror, request_ids): (&str, &str, bool, bool),
         transport: TransportChoice,
     ) {
         // The schema admits only the four names; refused rather than assumed anyway.
@@ -541,7 +548,12 @@ impl Broker {
                 self.open(
                     conn,
                     (caller.quadrant, id),
-                    (target, service, mirror),
+                    &open::Wanted {
+                        quadrant: target,
+                        service,
+                        mirror,
+                        request_ids,
+                    },
                     transport,
                 )
             });

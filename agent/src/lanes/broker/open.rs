@@ -59,9 +59,15 @@ impl Broker {
         &self,
         conn: &Arc<Conn>,
         (from_q, from_id): (Quadrant, &str),
-        (to_q, service, mirror): (Quadrant, &str, bool),
+        wanted: &Wanted<'_>,
         choice: TransportChoice,
     ) -> Result<(), Refused> {
+        let Wanted {
+            quadrant: to_q,
+            service,
+            mirror,
+            request_ids,
+        } = *wanted;
         let ask = Ask {
             from_q,
             from_id,
@@ -85,8 +91,10 @@ impl Broker {
             region,
             shm_bytes,
             mut client,
-            server,
+            mut server,
         } = built;
+        client.grant.request_ids = request_ids;
+        server.grant.request_ids = request_ids;
         client.grant.mirror = target
             .mirror_ppm
             .map(|fraction_ppm| control::MirrorGrant { fraction_ppm });
@@ -261,6 +269,7 @@ impl Broker {
             max_in_flight: limits.max_in_flight,
             tcp,
             mirror: None,
+            request_ids: false,
         };
         let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", &e));
         let (client, server) = match ends {
@@ -387,6 +396,19 @@ impl Broker {
         }
         Ok(true)
     }
+}
+
+/// The lane an opener asks for.
+#[derive(Clone, Copy)]
+pub(super) struct Wanted<'a> {
+    /// The service's quadrant.
+    pub(super) quadrant: Quadrant,
+    /// The service.
+    pub(super) service: &'a str,
+    /// A lane to the service's shadow generation.
+    pub(super) mirror: bool,
+    /// Every message carries a request envelope.
+    pub(super) request_ids: bool,
 }
 
 /// Who asks for a lane to what.

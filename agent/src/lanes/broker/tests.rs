@@ -12,6 +12,7 @@ fn requests_are_validated_with_field_names() {
             service: "echo".into(),
             transport: TransportChoice::Auto,
             mirror: false,
+            request_ids: false,
         }
     );
     for (bad, needle) in [
