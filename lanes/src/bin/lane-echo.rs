@@ -6,11 +6,14 @@
 use std::{
     io::Write as _,
     process::ExitCode,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use clap::{Parser, Subcommand};
-use quadrant_lanes::{Lane, LaneClient, LaneError, LaneListener, TransportChoice};
+use quadrant_lanes::{
+    CallError, Caller, Lane, LaneClient, LaneError, LaneListener, RetryPolicy, TransportChoice,
+};
 
 #[derive(Parser)]
 #[command(about = "RTT lane echo service and client")]
@@ -44,6 +47,10 @@ enum Command {
         /// that checks its echoes fails at the first such answer).
         #[arg(long)]
         invert: bool,
+        /// Append one line per request handled on a lane with request ids to FILE: its
+        /// attempt and its message (the loss checker compares them with what its callers got).
+        #[arg(long)]
+        ledger: Option<std::path::PathBuf>,
     },
     /// Open a lane to SERVICE in QUADRANT, send COUNT messages of SIZE bytes, check each echo,
     /// print a JSON summary.
@@ -67,6 +74,37 @@ enum Command {
         /// Pause between round trips, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+    },
+    /// Send numbered requests (`TAG-N`) to SERVICE at a fixed rate through a retrying caller
+    /// (a lane with request ids, re-opened on another instance and re-sent when an instance
+    /// goes away); classify each as ok, not sent or indeterminate and print a JSON summary.
+    Steady {
+        /// The service's quadrant.
+        quadrant: String,
+        /// Service name.
+        service: String,
+        /// auto, shm, uds or tcp.
+        #[arg(long, default_value = "auto")]
+        transport: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// How long to send.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Each request's deadline after its intended send time, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        deadline_ms: u64,
+        /// How long the oldest request waits for its answer before its instance counts as
+        /// hung, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        per_try_ms: u64,
+        /// Sends of one request at most.
+        #[arg(long, default_value_t = 4)]
+        attempts: u32,
+        /// Prefix of each request's message.
+        #[arg(long, default_value = "r")]
+        tag: String,
     },
     /// Open lanes to SERVICE one after another and keep them open, printing each outcome;
     /// stops at the first refusal or after MAX lanes, then waits until killed.
@@ -98,7 +136,32 @@ struct Misbehave {
     invert: bool,
 }
 
-fn echo(mut lane: Lane, m: Misbehave) {
+/// Echoes every request of a lane with request ids, writing each to the ledger before it is
+/// answered (one `write` per line on a file opened for appending: lines of concurrent lanes
+/// and of earlier runs do not mix).
+fn echo_recorded(lane: &mut Lane, ledger: &std::fs::File, delay: Option<Duration>) -> String {
+    let mut request = Vec::new();
+    loop {
+        match lane.recv(&mut request) {
+            Ok(true) => {}
+            Ok(false) => return "closed by the peer".to_owned(),
+            Err(e) => return format!("error: {e}"),
+        }
+        let attempt = lane.request_id().map_or(0, |r| r.attempt);
+        let entry = format!("{attempt} {}\n", String::from_utf8_lossy(&request));
+        if let Err(e) = (&mut &*ledger).write_all(entry.as_bytes()) {
+            return format!("error: cannot write the ledger: {e}");
+        }
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        if let Err(e) = lane.send(&request) {
+            return format!("error: {e}");
+        }
+    }
+}
+
+fn echo(mut lane: Lane, m: Misbehave, ledger: Option<&std::fs::File>) {
     let id = lane.id();
     let peer = lane.peer_id().to_owned();
     let Misbehave {
@@ -112,6 +175,12 @@ fn echo(mut lane: Lane, m: Misbehave) {
         .or(slow_us)
         .map(Duration::from_micros);
     let mut answered = 0;
+    if let (Some(file), true) = (&ledger, lane.has_request_ids()) {
+        let outcome = echo_recorded(&mut lane, file, delay);
+        println!("lane {id} from {peer}: {outcome}");
+        let _ = std::io::stdout().flush();
+        return;
+    }
     // Each request is answered from where it lies in the lane: one copy per echo.
     let outcome = loop {
         if drop_after == Some(answered) {
@@ -141,7 +210,21 @@ fn echo(mut lane: Lane, m: Misbehave) {
     let _ = std::io::stdout().flush();
 }
 
-fn serve(service: &str, tcp_port: Option<u16>, misbehave: Misbehave) -> Result<(), LaneError> {
+fn serve(
+    service: &str,
+    tcp_port: Option<u16>,
+    misbehave: Misbehave,
+    ledger: Option<&std::path::Path>,
+) -> Result<(), LaneError> {
+    let ledger = ledger
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(Arc::new)
+        })
+        .transpose()?;
     let mut listener = LaneListener::listen(None, service, tcp_port)?;
     println!("listening as {}", listener.spiffe_id());
     let _ = std::io::stdout().flush();
@@ -155,7 +238,8 @@ fn serve(service: &str, tcp_port: Option<u16>, misbehave: Misbehave) -> Result<(
                     lane.peer_id()
                 );
                 let _ = std::io::stdout().flush();
-                std::thread::spawn(move || echo(lane, misbehave));
+                let ledger = ledger.clone();
+                std::thread::spawn(move || echo(lane, misbehave, ledger.as_deref()));
             }
             // A refused TCP connection is reported and the service goes on.
             Err(e @ LaneError::Tls(_)) => {
@@ -236,6 +320,112 @@ fn call(
     lane.close().map_err(|e| e.to_string())
 }
 
+/// What `steady` sends and how.
+struct Steady {
+    rate: u32,
+    seconds: u64,
+    deadline: Duration,
+    tag: String,
+}
+
+/// Sends numbered requests at a fixed rate through a [`Caller`] and classifies each; latency
+/// counts from the request's intended send time (a request held up by a fail-over is late by
+/// the time it waited).
+fn steady(
+    (quadrant, service): (&str, &str),
+    choice: TransportChoice,
+    policy: RetryPolicy,
+    plan: &Steady,
+) -> Result<(), String> {
+    let mut caller =
+        Caller::open(None, (quadrant, service), choice, policy).map_err(|e| e.to_string())?;
+    let period = Duration::from_secs(1) / plan.rate.max(1);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(plan.seconds);
+    let mut sent = std::collections::HashMap::new();
+    let (mut ok, mut not_sent, mut indeterminate, mut wrong) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut retried = 0u64;
+    let mut latencies = Vec::new();
+    let mut reply = Vec::new();
+    let mut n: u32 = 0;
+    loop {
+        let due = start + period * n;
+        let now = Instant::now();
+        if due < end && now >= due {
+            let msg = format!("{}-{n}", plan.tag);
+            match caller.submit(msg.as_bytes(), due + plan.deadline) {
+                Ok(id) => {
+                    sent.insert(id, (n, due, msg));
+                    n += 1;
+                    continue;
+                }
+                Err(CallError::WindowFull { .. }) => {}
+                Err(e) => return Err(format!("request {n}: {e}")),
+            }
+        }
+        if caller.outstanding() == 0 {
+            if due >= end {
+                break;
+            }
+            std::thread::sleep(due.saturating_duration_since(now));
+            continue;
+        }
+        let Some(outcome) = caller.next(&mut reply) else {
+            continue;
+        };
+        match outcome {
+            Ok(answer) => {
+                let Some((number, due, msg)) = sent.remove(&answer.id) else {
+                    return Err(format!("an answer to request {}, never sent", answer.id));
+                };
+                latencies.push(due.elapsed());
+                if answer.attempts > 1 {
+                    retried += 1;
+                }
+                if reply == msg.as_bytes() {
+                    ok.push(number);
+                } else {
+                    wrong.push(number);
+                }
+            }
+            Err(CallError::NotSent { id, .. }) => {
+                if let Some((number, ..)) = sent.remove(&id) {
+                    not_sent.push(number);
+                }
+            }
+            Err(CallError::Indeterminate { id, .. }) => {
+                if let Some((number, ..)) = sent.remove(&id) {
+                    indeterminate.push(number);
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    latencies.sort();
+    let stats = caller.stats();
+    let summary = serde_json::json!({
+        "transport": caller.lane().map(|l| l.transport().name()),
+        "submitted": n,
+        "ok": ok.len(),
+        "not_sent": not_sent,
+        "indeterminate": indeterminate,
+        "wrong_answer": wrong,
+        "unresolved": sent.len(),
+        "answered_after_a_resend": retried,
+        "opens": stats.opens,
+        "failovers": stats.failovers,
+        "resent": stats.resent,
+        "p50_us": percentile(&latencies, 0.50),
+        "p99_us": percentile(&latencies, 0.99),
+        "max_us": latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        "ok_numbers": ok,
+    });
+    println!("{summary}");
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
 fn hold(quadrant: &str, service: &str, choice: TransportChoice, max: usize) -> Result<(), String> {
     let mut client = LaneClient::connect(None).map_err(|e| e.to_string())?;
     let mut lanes = Vec::new();
@@ -269,6 +459,7 @@ fn main() -> ExitCode {
             slow_shm_us,
             slow_us,
             invert,
+            ledger,
         } => serve(
             &service,
             tcp_port,
@@ -278,8 +469,36 @@ fn main() -> ExitCode {
                 slow_us,
                 invert,
             },
+            ledger.as_deref(),
         )
         .map_err(|e| e.to_string()),
+        Command::Steady {
+            quadrant,
+            service,
+            transport: t,
+            rate,
+            seconds,
+            deadline_ms,
+            per_try_ms,
+            attempts,
+            tag,
+        } => transport(&t).and_then(|c| {
+            steady(
+                (&quadrant, &service),
+                c,
+                RetryPolicy {
+                    max_attempts: attempts,
+                    per_try_timeout: Duration::from_millis(per_try_ms),
+                    ..RetryPolicy::default()
+                },
+                &Steady {
+                    rate,
+                    seconds,
+                    deadline: Duration::from_millis(deadline_ms),
+                    tag,
+                },
+            )
+        }),
         Command::Call {
             quadrant,
             service,
