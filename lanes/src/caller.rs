@@ -134,6 +134,8 @@ pub struct Caller {
     ended: VecDeque<CallError>,
     stats: CallerStats,
     rng: u64,
+    /// The instance the last lane given up was on: the next open passes it over.
+    avoid: Option<u8>,
 }
 
 impl Caller {
@@ -146,7 +148,7 @@ impl Caller {
         policy: RetryPolicy,
     ) -> Result<Self, LaneError> {
         let mut client = LaneClient::connect(path)?;
-        let lane = client.open_with_ids(quadrant, service, transport)?;
+        let lane = client.open_with_ids((quadrant, service), transport, None)?;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -171,6 +173,7 @@ impl Caller {
                 ..CallerStats::default()
             },
             rng: seed | 1,
+            avoid: None,
         })
     }
 
@@ -307,6 +310,7 @@ impl Caller {
     fn fail_over(&mut self, why: &str) {
         self.stats.failovers += 1;
         if let Some(lane) = self.lane.take() {
+            self.avoid = Some(lane.instance());
             for u in self.unanswered.iter().filter(|u| u.on_lane) {
                 lane.record_sli(false, u.sent_at.elapsed());
             }
@@ -376,21 +380,21 @@ impl Caller {
             else {
                 return false;
             };
-            let error =
-                match self
-                    .client
-                    .open_with_ids(&self.quadrant, &self.service, self.transport)
-                {
-                    Ok(lane) => {
-                        self.stats.opens += 1;
-                        self.window =
-                            usize::try_from(lane.max_in_flight().max(1)).unwrap_or(usize::MAX);
-                        self.max_message = lane.max_message();
-                        self.lane = Some(lane);
-                        return true;
-                    }
-                    Err(e) => e,
-                };
+            let error = match self.client.open_with_ids(
+                (&self.quadrant, &self.service),
+                self.transport,
+                self.avoid,
+            ) {
+                Ok(lane) => {
+                    self.stats.opens += 1;
+                    self.window =
+                        usize::try_from(lane.max_in_flight().max(1)).unwrap_or(usize::MAX);
+                    self.max_message = lane.max_message();
+                    self.lane = Some(lane);
+                    return true;
+                }
+                Err(e) => e,
+            };
             if !passing(&error) {
                 self.end_waiting(|u| {
                     Some(if u.sends == 0 {

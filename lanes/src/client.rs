@@ -125,6 +125,7 @@ fn register(control: &Control, service: &str, tcp_port: Option<u16>) -> Result<S
     control.send(&LaneRequest::Listen {
         service: service.to_owned(),
         tcp_port,
+        pings: true,
     })?;
     match control.recv()?.0 {
         LaneMessage::Listening { spiffe_id, .. } => Ok(spiffe_id),
@@ -218,15 +219,17 @@ impl LaneClient {
             transport,
             mirror: false,
             request_ids: false,
+            avoid_instance: None,
         })
     }
 
-    /// Opens a lane whose every message carries a request envelope (the [`crate::Caller`]'s).
+    /// Opens a lane whose every message carries a request envelope (the [`crate::Caller`]'s),
+    /// on another instance than `avoid` if another offers the service.
     pub(crate) fn open_with_ids(
         &mut self,
-        quadrant: &str,
-        service: &str,
+        (quadrant, service): (&str, &str),
         transport: TransportChoice,
+        avoid: Option<u8>,
     ) -> Result<Lane, LaneError> {
         self.open_with(&LaneRequest::Open {
             quadrant: quadrant.to_owned(),
@@ -234,6 +237,7 @@ impl LaneClient {
             transport,
             mirror: false,
             request_ids: true,
+            avoid_instance: avoid,
         })
     }
 
@@ -245,6 +249,7 @@ impl LaneClient {
             transport: TransportChoice::Auto,
             mirror: true,
             request_ids: false,
+            avoid_instance: None,
         })
     }
 
@@ -555,6 +560,7 @@ impl LaneListener {
                 }
                 Ok(())
             }
+            LaneMessage::Ping { seq } => self.control.send(&LaneRequest::Pong { seq }),
             LaneMessage::Error { message, .. } => Err(LaneError::Broker(message)),
             other => Err(LaneError::Broker(format!(
                 "unexpected broker message {other:?}"
@@ -565,6 +571,10 @@ impl LaneListener {
     /// Waits for the next lane. A TCP connection that fails the handshake or the lane's
     /// authorization is refused and not returned; the error says why. TCP handshakes run on
     /// their own threads, so a client that stalls its handshake holds up no other lane.
+    ///
+    /// The broker's pings are answered here: a service offered by several instances whose
+    /// listener stays away from `accept` for 300 ms is taken for hung, and new lanes go to the
+    /// other instances until it is back — so accept on a thread of its own.
     pub fn accept(&mut self) -> Result<Lane, LaneError> {
         loop {
             if let Some((grant, fds)) = self.ready.pop_front() {

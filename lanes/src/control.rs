@@ -98,6 +98,11 @@ pub enum LaneRequest {
         /// of a service instance.
         #[serde(default, skip_serializing_if = "is_false")]
         request_ids: bool,
+        /// Pass over this instance of the service's quadrant if another offers the service
+        /// (the instance a retrying caller's last lane went to: it went away or hung).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(max = 15))]
+        avoid_instance: Option<u8>,
     },
     /// Offer a service in the caller's quadrant; lanes to it arrive as `incoming` messages on
     /// this connection for as long as it stays open.
@@ -109,11 +114,20 @@ pub enum LaneRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[schemars(range(min = 1, max = 65535))]
         tcp_port: Option<u16>,
+        /// The listener answers the broker's `ping`s while it waits for lanes; one that misses
+        /// three in a row (300 ms) is taken for hung and passed over for new lanes.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pings: bool,
     },
     /// Close a lane (either end may).
     Close {
         /// Lane id.
         lane: u64,
+    },
+    /// A listener's answer to the broker's `ping`.
+    Pong {
+        /// The ping's number.
+        seq: u64,
     },
 }
 
@@ -177,6 +191,9 @@ pub struct LaneGrant {
     /// library adds and strips it, and the service answers each request under its id.
     #[serde(default, skip_serializing_if = "is_false")]
     pub request_ids: bool,
+    /// The instance of the service's quadrant whose listener serves the lane.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub instance: u8,
 }
 
 /// Requests to mirror to a service's shadow generation.
@@ -194,6 +211,14 @@ pub struct MirrorGrant {
 )]
 const fn is_false(b: &bool) -> bool {
     !*b
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+const fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 impl LaneGrant {
@@ -231,6 +256,11 @@ pub enum LaneMessage {
     Incoming {
         /// The lane.
         grant: LaneGrant,
+    },
+    /// Is the listener alive? Answered with `pong` (listeners that offered with `pings`).
+    Ping {
+        /// The ping's number.
+        seq: u64,
     },
     /// A refused request.
     Error {

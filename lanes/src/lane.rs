@@ -688,6 +688,12 @@ impl Lane {
         self.closed
     }
 
+    /// The instance of the service's quadrant whose listener serves the lane.
+    #[must_use]
+    pub fn instance(&self) -> u8 {
+        self.grant.instance
+    }
+
     /// Messages one end may send ahead of the other's reading.
     #[must_use]
     pub fn max_in_flight(&self) -> u32 {
@@ -1218,6 +1224,7 @@ mod tests {
             tcp: None,
             mirror: None,
             request_ids,
+            instance: 0,
         };
         let dup = |f: &OwnedFd| f.try_clone().unwrap();
         let (client_fds, server_fds) = if transport == Transport::Shm {
