@@ -70,6 +70,19 @@ async fn sample_slos(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Pings the lane listeners every [`crate::lanes::broker::ping::PING_INTERVAL`] until `stop`
+/// fires (a round takes the broker's lock briefly and never waits for a listener).
+async fn ping_listeners(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(crate::lanes::broker::ping::PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => agent.broker.ping_listeners(),
+        }
+    }
+}
+
 /// How often the instances' readiness for the services with a VIP is probed.
 const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -120,6 +133,7 @@ pub(super) async fn serve(
         tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
     }
     tokio::spawn(sample_slos(Arc::clone(&agent), stop_rx.clone()));
+    tokio::spawn(ping_listeners(Arc::clone(&agent), stop_rx.clone()));
     if !agent.config.services.is_empty() {
         probe_instances(&agent, stop_rx.clone())?;
     }

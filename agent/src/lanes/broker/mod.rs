@@ -45,6 +45,7 @@ mod breaker;
 mod decide;
 mod open;
 mod open_lanes;
+pub mod ping;
 pub mod pool;
 mod replicas;
 mod report;
@@ -78,6 +79,12 @@ impl Conn {
             ));
         }
         os::send_with_fds_flags(self.fd.as_raw_fd(), &bytes, &raw, !wait)
+    }
+
+    /// Sends `msg` if the receiver's queue has room now.
+    fn try_send(&self, msg: &LaneMessage) -> io::Result<()> {
+        let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        os::send_with_fds_flags(self.fd.as_raw_fd(), &bytes, &[], true)
     }
 }
 
@@ -122,6 +129,8 @@ struct State {
     /// Lanes closed a moment ago, still mapped: the client side may count its last request
     /// after the service closed the lane.
     retiring: std::collections::VecDeque<sli::Retired>,
+    /// The pings of listeners that answer them, by connection (`ping.rs`).
+    pings: BTreeMap<u64, ping::Pinged>,
 }
 
 impl State {
@@ -500,20 +509,29 @@ impl Broker {
                     transport,
                     mirror,
                     request_ids,
+                    avoid_instance,
                 } => {
                     self.open_request(
                         conn,
                         &caller,
                         &id,
                         (&quadrant, &service, mirror, request_ids),
-                        transport,
+                        (transport, avoid_instance),
                     );
                 }
-                LaneRequest::Listen { service, tcp_port } => {
+                LaneRequest::Listen {
+                    service,
+                    tcp_port,
+                    pings,
+                } => {
                     let reply = self.listen(conn, &caller, &id, &service, tcp_port);
+                    if pings && matches!(reply, LaneMessage::Listening { .. }) {
+                        self.watch_listener(conn.id);
+                    }
                     let _ = conn.send(&reply, &[], true);
                 }
                 LaneRequest::Close { lane } => self.close(conn.id, lane),
+                LaneRequest::Pong { seq } => self.pong(conn.id, seq),
             }
         }
         self.disconnect(conn.id);
@@ -527,7 +545,7 @@ impl Broker {
         caller: &attest::Caller,
         id: &str,
         (quadrant, service, mirror, request_ids): (&str, &str, bool, bool),
-        transport: TransportChoice,
+        (transport, avoid_instance): (TransportChoice, Option<u8>),
     ) {
         // The schema admits only the four names; refused rather than assumed anyway.
         let result = Quadrant::from_name(quadrant)
@@ -553,6 +571,7 @@ impl Broker {
                         service,
                         mirror,
                         request_ids,
+                        avoid_instance,
                     },
                     transport,
                 )
@@ -718,6 +737,7 @@ impl Broker {
     fn disconnect(&self, conn_id: u64) {
         let mut state = self.state();
         state.forget_offers(conn_id);
+        state.pings.remove(&conn_id);
         state.shadows.retain(|_, s| s.service.conn.id != conn_id);
         let gone: Vec<u64> = state
             .lanes

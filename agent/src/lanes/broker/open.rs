@@ -67,6 +67,7 @@ impl Broker {
             service,
             mirror,
             request_ids,
+            avoid_instance,
         } = *wanted;
         let ask = Ask {
             from_q,
@@ -74,7 +75,7 @@ impl Broker {
             to_q,
             service,
         };
-        let target = self.find_service(to_q, service, mirror)?;
+        let target = self.find_service(to_q, service, (mirror, avoid_instance))?;
         if !mirror {
             self.check_trip(to_q, service)?;
         }
@@ -95,6 +96,8 @@ impl Broker {
         } = built;
         client.grant.request_ids = request_ids;
         server.grant.request_ids = request_ids;
+        client.grant.instance = target.instance;
+        server.grant.instance = target.instance;
         client.grant.mirror = target
             .mirror_ppm
             .map(|fraction_ppm| control::MirrorGrant { fraction_ppm });
@@ -156,7 +159,12 @@ impl Broker {
 
     /// The service's listener (its shadow generation's, for a `mirror` lane) and, for a lane
     /// to a service with a shadow, the share of requests to copy to it.
-    fn find_service(&self, to_q: Quadrant, service: &str, mirror: bool) -> Result<Target, Refused> {
+    fn find_service(
+        &self,
+        to_q: Quadrant,
+        service: &str,
+        (mirror, avoid): (bool, Option<u8>),
+    ) -> Result<Target, Refused> {
         let state = self.state();
         let key = (to_q, service.to_owned());
         let shadow = state.shadows.get(&key);
@@ -164,13 +172,17 @@ impl Broker {
         let (s, mirror_ppm) = if mirror {
             (shadow.map(|s| &s.service), None)
         } else {
-            (state.pick(&key, &draining), shadow.map(|s| s.fraction_ppm))
+            (
+                state.pick(&key, &draining, avoid),
+                shadow.map(|s| s.fraction_ppm),
+            )
         };
         if s.is_none() && !mirror && state.offers(&key) > 0 {
             return Err(refuse(
                 Refusal::NoService,
                 format!(
-                    "every instance of {} offering service {service} is draining",
+                    "every instance of {} offering service {service} is draining or hung \
+                     (its listener misses the broker's pings)",
                     to_q.name()
                 ),
             ));
@@ -270,6 +282,7 @@ impl Broker {
             tcp,
             mirror: None,
             request_ids: false,
+            instance: 0,
         };
         let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", &e));
         let (client, server) = match ends {
@@ -409,6 +422,8 @@ pub(super) struct Wanted<'a> {
     pub(super) mirror: bool,
     /// Every message carries a request envelope.
     pub(super) request_ids: bool,
+    /// An instance to pass over if another offers the service.
+    pub(super) avoid_instance: Option<u8>,
 }
 
 /// Who asks for a lane to what.

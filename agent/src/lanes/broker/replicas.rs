@@ -52,13 +52,16 @@ impl State {
         self.replicas.retain(|_, r| !r.is_empty());
     }
 
-    /// The offer of `key` a new lane goes to: among the instances not draining, the one with
-    /// the fewest lanes open to it (the lowest instance on a tie). `None` if every offering
-    /// instance drains (or none offers it).
+    /// The offer of `key` a new lane goes to: among the instances neither draining nor hung
+    /// (`ping.rs`), the one with the fewest lanes open to it (the lowest instance on a tie).
+    /// `None` if every offering instance drains or hangs (or none offers it); a hung listener
+    /// that is the only offer keeps it. Instance `avoid` (where a retrying caller's last lane
+    /// went) comes last among the candidates.
     pub(super) fn pick(
         &self,
         key: &(Quadrant, String),
         draining: &BTreeSet<(Quadrant, u8)>,
+        avoid: Option<u8>,
     ) -> Option<&Service> {
         let first = self.services.get(key)?;
         let replicas = self.replicas.get(key).map_or(&[][..], Vec::as_slice);
@@ -68,14 +71,14 @@ impl State {
         }
         std::iter::once(first)
             .chain(replicas)
-            .filter(|s| !draining.contains(&(key.0, s.instance)))
+            .filter(|s| !draining.contains(&(key.0, s.instance)) && !self.hung(s.conn.id))
             .min_by_key(|s| {
                 let open = self
                     .lanes
                     .values()
                     .filter(|l| l.server_conn.id == s.conn.id)
                     .count();
-                (open, s.instance)
+                (avoid == Some(s.instance), open, s.instance)
             })
     }
 

@@ -64,6 +64,13 @@ pub struct ServiceInfo {
     /// parts per million.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_fraction_ppm: Option<u32>,
+    /// The instance of the quadrant whose listener offers it (a service offered by several
+    /// instances is listed once per instance).
+    #[serde(default)]
+    pub instance: u8,
+    /// The listener left the broker's last pings unanswered: new lanes pass it over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hung: bool,
 }
 
 /// A quadrant's lane usage against its limits.
@@ -168,11 +175,20 @@ impl Broker {
             spiffe_id: s.spiffe_id.clone(),
             tcp_port: s.tcp_port,
             shadow_fraction_ppm: shadow,
+            instance: s.instance,
+            hung: state.hung(s.conn.id),
         };
         let services = state
             .services
             .iter()
             .map(|(k, s)| info(k, s, None))
+            .chain(
+                state
+                    .replicas
+                    .iter()
+                    .flat_map(|(k, r)| r.iter().map(move |s| (k, s)))
+                    .map(|(k, s)| info(k, s, None)),
+            )
             .chain(
                 state
                     .shadows
@@ -234,9 +250,19 @@ pub fn render(r: &LanesReport) -> String {
             .shadow_fraction_ppm
             .map(|f| format!(", shadow generation ({:.1} % mirrored)", f64::from(f) / 1e4))
             .unwrap_or_default();
+        let instance = if s.instance > 0 {
+            format!(" (instance {})", s.instance)
+        } else {
+            String::new()
+        };
+        let hung = if s.hung {
+            ", HUNG (misses the broker's pings)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "  {}/{}  {}{tcp}{shadow}",
+            "  {}/{}{instance}  {}{tcp}{shadow}{hung}",
             s.quadrant, s.service, s.spiffe_id
         );
     }

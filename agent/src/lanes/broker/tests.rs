@@ -13,6 +13,7 @@ fn requests_are_validated_with_field_names() {
             transport: TransportChoice::Auto,
             mirror: false,
             request_ids: false,
+            avoid_instance: None,
         }
     );
     for (bad, needle) in [
