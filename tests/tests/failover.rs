@@ -156,3 +156,117 @@ fn no_acknowledged_request_is_lost_while_instances_are_killed() {
         eprintln!("caller {tag}: {repeats} requests handled twice (sent again after a kill)");
     }
 }
+
+/// The offers of PX's `echo` in `quadrant lanes`: instance → hung.
+fn offers(inst: &Instance) -> BTreeMap<u64, bool> {
+    let out = inst.quadrant(&["lanes", "--output", "json"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("lanes json");
+    v["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .filter(|s| s["service"] == "echo")
+        .map(|s| {
+            (
+                s["instance"].as_u64().expect("instance"),
+                s["hung"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+/// Polls `offers` until `want` holds (5 s at most); returns how long it took.
+fn until_offers(inst: &Instance, want: &[(u64, bool)]) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let now = offers(inst);
+        if want.iter().all(|(k, hung)| now.get(k) == Some(hung)) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "offers stay {now:?}, want {want:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        signal,
+    )
+    .expect("signal");
+}
+
+/// A frozen (living but hung) instance: its listener misses the broker's pings and is marked
+/// hung within about 300 ms; the caller's request on it times out (per-try 150 ms) and goes to
+/// the other instance, and new lanes pass the hung one over until it thaws.
+#[test]
+fn a_hung_instance_is_passed_over_and_its_requests_answered_elsewhere() {
+    use nix::sys::signal::Signal;
+    let mut config = test_config(None);
+    config.quadrants.get_mut("px").expect("px").instances = 2;
+    let mut inst = Instance::up(config, QPROBE);
+    let echo = sibling_binary(QPROBE, "lane-echo");
+    let echo = echo.to_str().expect("utf8").to_owned();
+    let servers: Vec<(u32, Receiver<String>)> = (0..2u8)
+        .map(|k| {
+            inst.background_on(
+                Quadrant::Px,
+                k,
+                Some("echo"),
+                &[&echo, "serve", "echo"],
+                "listening as",
+            )
+        })
+        .collect();
+    until_offers(&inst, &[(0, false), (1, false)]);
+
+    let mut command = Command::new(&inst.bin);
+    command
+        .arg("--config")
+        .arg(&inst.config_path)
+        .args(["exec", "pg", "--workload", "caller", "--", &echo, "steady"])
+        .args(["px", "echo", "--rate", "200", "--seconds", "3"])
+        .args(["--per-try-ms", "150", "--tag", "h"])
+        .stdin(Stdio::null());
+    let caller = thread::spawn(move || command.output().expect("run lane-echo steady"));
+    thread::sleep(Duration::from_millis(700));
+    // The caller's lane is on instance 0 (the lowest of two with no lanes).
+    signal(servers[0].0, Signal::SIGSTOP);
+    let noticed = until_offers(&inst, &[(0, true), (1, false)]);
+    eprintln!("hung listener noticed after {noticed:?}");
+    assert!(
+        noticed < Duration::from_millis(600),
+        "3 pings 100 ms apart, then the next round: {noticed:?}"
+    );
+    let out = inst.run_in(
+        Quadrant::Pg,
+        Some("caller"),
+        &[&echo, "call", "px", "echo", "--count", "3"],
+    );
+    assert!(
+        out.status.success(),
+        "a new lane goes to the instance that answers: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = caller.join().expect("caller");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let mut summary: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("summary {stdout:?}: {e}"));
+    summary["ok_numbers"].take();
+    eprintln!("caller: {summary}");
+    assert_eq!(summary["indeterminate"], serde_json::json!([]));
+    assert_eq!(summary["not_sent"], serde_json::json!([]));
+    assert_eq!(summary["ok"], summary["submitted"]);
+    // One fail-over: the re-open passes over the instance the caller left (as Envoy's
+    // `previous_hosts` retry predicate does), though the broker may not call it hung yet.
+    assert_eq!(summary["failovers"], 1, "{summary}");
+
+    signal(servers[0].0, Signal::SIGCONT);
+    let back = until_offers(&inst, &[(0, false), (1, false)]);
+    eprintln!("thawed listener answers again after {back:?}");
+}
