@@ -72,6 +72,11 @@ pub fn create_instance(config: &Config, i: InstanceRef) -> Result<QuadrantHandle
     // Forwarding only on this interface: packets arriving from the quadrant may be routed, the
     // host's other interfaces keep their setting.
     sys::write_sysctl(&format!("net.ipv4.conf.{host}.forwarding"), "1")?;
+    // Answers of outside connections to a VIP leave an instance with the VIP as their source
+    // (tc gives it back), which the host routes to the first instance's veth, and the host
+    // side of a further instance's veth has no address: any reverse-path filtering drops them.
+    // The stricter of this and `conf.all.rp_filter` applies (`up` warns when that is on).
+    sys::write_sysctl(&format!("net.ipv4.conf.{host}.rp_filter"), "0")?;
     sys::ip(&["link", "set", &host, "up"])?;
     if i.index != 0 {
         sys::ip(&[

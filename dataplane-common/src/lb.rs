@@ -38,6 +38,62 @@ pub const LB_MAGLEV_MAX: u32 = LB_SERVICES_MAX * 2 * MAGLEV_SIZE;
 /// [`LbService::maglev`] of a service without affinity.
 pub const MAGLEV_NONE: u8 = 0;
 
+/// Connections from outside the quadrants (the host, or the world through the host) to a VIP,
+/// translated per packet by the tcx programs of the quadrants' veths: [`LbFlowKey`] (the packet's
+/// addresses and ports) → [`LbFlow`]. Each connection has two entries: its packets to the VIP
+/// (forward: the backend they go to, kept for the connection's life — its affinity) and its
+/// backend's answers (reverse: the VIP they come from). Writers: tc egress (creates both at the
+/// connection's first packet), tc ingress and egress (mark a TCP connection closing).
+pub const LB_FLOWS: &str = "LB_FLOWS";
+/// Flows remembered at once (least recently used go first).
+pub const LB_FLOWS_MAX: u32 = 65_536;
+/// Same index as [`LB_ACTIVE`] → outside TCP flows the agent found ended without a FIN or RST
+/// (their `CONNTRACK` entry expired) and removed from [`LB_FLOWS`], counted up (`u64`). A
+/// backend's active connections are its `LB_ACTIVE` count less this one: each count has one
+/// kind of writer (the programs add atomically, the agent alone writes this one), so neither
+/// loses the other's updates.
+pub const LB_EXPIRED: &str = "LB_EXPIRED";
+/// [`LbFlow::flags`]: a reverse entry (its `addr`/`port` are the VIP's).
+pub const LB_FLOW_REVERSE: u16 = 1;
+/// [`LbFlow::flags`]: the TCP connection's FIN or RST was seen and its count released.
+pub const LB_FLOW_CLOSING: u16 = 2;
+
+/// Key of [`LB_FLOWS`]: a packet's addresses and ports as they are on the wire (network byte
+/// order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbFlowKey {
+    /// Source address.
+    pub saddr: u32,
+    /// Destination address.
+    pub daddr: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding (zero).
+    pub pad: [u8; 3],
+}
+
+/// Value of [`LB_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbFlow {
+    /// Forward: the backend's address; reverse: the VIP (network byte order).
+    pub addr: u32,
+    /// Forward: the backend's port; reverse: the VIP's port (network byte order).
+    pub port: u16,
+    /// [`LB_FLOW_REVERSE`], [`LB_FLOW_CLOSING`].
+    pub flags: u16,
+    /// The backend's slot (its [`LB_ACTIVE`] count).
+    pub slot: u32,
+    /// Forward: the host-side veth the backend is behind (a packet routed to another instance's
+    /// veth is redirected there).
+    pub ifindex: u32,
+}
+
 /// Services with a VIP at most.
 pub const LB_SERVICES_MAX: u32 = 64;
 /// Backends (instances) of one service at most.
@@ -110,6 +166,8 @@ pub struct LbBackend {
     pub port: u16,
     /// Capacity weight; 0: not ready (draining, failed its probe, gone): receives nothing new.
     pub weight: u16,
+    /// The instance's host-side veth (where packets translated in tc go).
+    pub ifindex: u32,
 }
 
 /// Value of [`LB_SOCKS`].
@@ -154,12 +212,18 @@ mod pod {
     unsafe impl aya::Pod for super::LbSock {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LbPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbFlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LbFlow {}
 }
 
 const _: () = {
     assert!(size_of::<LbServiceKey>() == 8);
     assert!(size_of::<LbService>() == 8);
-    assert!(size_of::<LbBackend>() == 8);
+    assert!(size_of::<LbBackend>() == 12);
+    assert!(size_of::<LbFlowKey>() == 16);
+    assert!(size_of::<LbFlow>() == 16);
     assert!(size_of::<LbSock>() == 16);
     assert!(size_of::<LbPortKey>() == 4);
 };

@@ -28,8 +28,12 @@
 /// probability); 9: quadrant instances and service VIPs (`connect4`/`sendmsg4` translate a
 /// VIP to a ready instance, least active connections per unit of capacity; `getpeername4` and
 /// `recvmsg4` restore the VIP; the breaker `sock_ops` also ends a translated connection's count;
-/// a socket's replies are found from its instance's address in `CGROUPS`).
-pub const PROGRAM_SET_VERSION: u32 = 9;
+/// a socket's replies are found from its instance's address in `CGROUPS`); 10: connections to
+/// a VIP from outside the quadrants (the host, or the world forwarded by it) are translated per
+/// packet in tc — the tc egress of the veth the VIP is routed to picks the backend at the
+/// connection's first packet and redirects it to that instance's veth, the tc ingress of every
+/// veth gives the answers the VIP back (`LB_FLOWS`).
+pub const PROGRAM_SET_VERSION: u32 = 10;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
@@ -41,8 +45,8 @@ pub const PROGRAM_SET_VERSION: u32 = 9;
 /// `sock_ops` hook's counters; 7: `BREAKER_ADMISSION` (and `BreakerLimits::admission` where
 /// layout 6 had padding); 8: `CGROUPS` values name the instance and its address, the
 /// `LB_SERVICES`, `LB_BACKENDS`, `LB_ACTIVE` and `LB_SOCKS` maps, and the counters of the
-/// `getpeername4` and `recvmsg4` hooks.
-pub const MAP_LAYOUT_VERSION: u32 = 8;
+/// `getpeername4` and `recvmsg4` hooks; 9: `LB_FLOWS`, `LB_EXPIRED` and `LbBackend::ifindex`.
+pub const MAP_LAYOUT_VERSION: u32 = 9;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow

@@ -75,7 +75,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 25] = [
+pub const ALL: [&str; 27] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -101,6 +101,8 @@ pub const ALL: [&str; 25] = [
     crate::lb::LB_PORTS,
     crate::lb::LB_LISTENERS,
     crate::lb::LB_MAGLEV,
+    crate::lb::LB_FLOWS,
+    crate::lb::LB_EXPIRED,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`

@@ -101,7 +101,8 @@ reasons! {
     /// with `ECONNREFUSED`.
     RefuseBreakerAdmission = 36, "refuse_breaker_admission", Drop;
     /// A connection to a service's virtual address while none of its instances is ready: the
-    /// call fails with `ECONNREFUSED`, as a Kubernetes service without endpoints answers.
+    /// call fails with `ECONNREFUSED`, as a Kubernetes service without endpoints answers (a
+    /// packet from outside the quadrants, translated in tc, is dropped).
     RefuseNoBackend = 37, "refuse_no_backend", Drop;
 }
 

@@ -28,7 +28,7 @@ use crate::{decide::cgroup_level, maps::CGROUPS};
 
 /// (VIP, port, protocol) → the service's backend range. Writer: agent.
 #[map(name = "LB_SERVICES")]
-static LB_SERVICES: HashMap<LbServiceKey, LbService> =
+pub(crate) static LB_SERVICES: HashMap<LbServiceKey, LbService> =
     HashMap::with_max_entries(LB_SERVICES_MAX, 0);
 
 /// Backend slots of every service. Writer: agent.
@@ -50,7 +50,12 @@ static LB_LISTENERS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(LB_LIST
 
 /// Active TCP connections per backend slot. Writer: the breaker `sock_ops` program (atomic).
 #[map(name = "LB_ACTIVE")]
-static LB_ACTIVE: Array<u64> = Array::with_max_entries(LB_BACKENDS_MAX, 0);
+pub(crate) static LB_ACTIVE: Array<u64> = Array::with_max_entries(LB_BACKENDS_MAX, 0);
+
+/// Outside flows per backend slot the agent expired (see `dataplane_common::lb::LB_EXPIRED`).
+/// Writer: agent.
+#[map(name = "LB_EXPIRED")]
+static LB_EXPIRED: Array<u64> = Array::with_max_entries(LB_BACKENDS_MAX, 0);
 
 /// Socket cookie → the VIP it asked for and the backend it got. Writers: `connect4`,
 /// `sendmsg4`; the breaker `sock_ops` program removes a TCP socket's entry at `CLOSE`.
@@ -78,12 +83,13 @@ fn backend(index: u32) -> Option<LbBackend> {
 #[inline(always)]
 fn active(index: u32) -> u32 {
     let n = LB_ACTIVE.get(index).copied().unwrap_or(0);
-    u32::try_from(n).unwrap_or(u32::MAX)
+    let expired = LB_EXPIRED.get(index).copied().unwrap_or(0);
+    u32::try_from(n.saturating_sub(expired)).unwrap_or(u32::MAX)
 }
 
 /// The ready backend with the fewest active connections per unit of capacity, or `None`.
 #[inline(always)]
-fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
+pub(crate) fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
     let n = u32::from(service.backends);
     if n == 0 || n > LB_BACKENDS_PER_SERVICE {
         return None;
@@ -91,7 +97,10 @@ fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
     let base = service.index.checked_mul(LB_BACKENDS_PER_SERVICE)?;
     // SAFETY: helper without preconditions.
     let start = unsafe { bpf_get_prandom_u32() } % n;
-    let mut best: Option<(u32, LbBackend, u32)> = None;
+    // Plain values rather than an `Option` of the tuple: an `Option` left `None` has an
+    // undefined payload, which the compiler may copy from a register the verifier calls
+    // unreadable.
+    let (mut best_slot, mut best, mut best_active) = (u32::MAX, LbBackend::default(), 0u32);
     for i in 0..LB_BACKENDS_PER_SERVICE {
         if i >= n {
             break;
@@ -102,15 +111,11 @@ fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
             continue;
         }
         let a = active(slot);
-        let better = match best {
-            None => true,
-            Some((_, bb, ba)) => less_loaded(a, b.weight, ba, bb.weight),
-        };
-        if better {
-            best = Some((slot, b, a));
+        if best_slot == u32::MAX || less_loaded(a, b.weight, best_active, best.weight) {
+            (best_slot, best, best_active) = (slot, b, a);
         }
     }
-    best.map(|(slot, b, _)| (slot, b))
+    (best_slot != u32::MAX).then_some((best_slot, best))
 }
 
 /// For a service with affinity: the backend the live Maglev table gives the caller's workload
@@ -227,7 +232,7 @@ pub fn translate(sa: *mut bpf_sock_addr, connect: bool) -> Translated {
 /// # Safety
 /// `c` points to a live map value.
 #[inline(always)]
-unsafe fn atomic_add(c: *mut u64, v: u64) {
+pub(crate) unsafe fn atomic_add(c: *mut u64, v: u64) {
     // SAFETY: as the caller promises.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(

@@ -31,6 +31,7 @@ mod cgroup_sock_addr;
 mod decide;
 mod lane_accel;
 mod lb;
+mod lb_flow;
 mod maps;
 mod parse;
 mod sock_create;

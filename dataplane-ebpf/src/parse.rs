@@ -26,7 +26,9 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 /// IPv4 `frag_off`: more-fragments flag and fragment offset.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// The fields of an IPv4 packet the policy needs. Addresses and ports in network byte order.
@@ -40,6 +42,10 @@ pub struct Ipv4Flow {
     /// A TCP segment with SYN and without ACK: it opens a connection, so it belongs to no
     /// tracked flow and only the policy decides it.
     pub opens: bool,
+    /// A TCP segment with FIN or RST: its connection ends.
+    pub closes: bool,
+    /// Offset of the TCP/UDP/ICMP header from the frame's start.
+    pub l4: u16,
 }
 
 /// What a frame is.
@@ -151,10 +157,12 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Ipv4Flow, Reason> {
         return Err(Reason::DropBadIhl);
     }
     let mut opens = false;
+    let mut closes = false;
     let (sport, dport) = match proto {
         PROTO_TCP => {
             let tcp = bytes_at::<TCP_MIN_HLEN>(start, end, l4)?;
             opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            closes = tcp[13] & (TCP_FIN | TCP_RST) != 0;
             (raw16(tcp, 0), raw16(tcp, 2))
         }
         PROTO_UDP => {
@@ -180,5 +188,9 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Ipv4Flow, Reason> {
         dport,
         proto,
         opens,
+        closes,
+        // At most 14 + 60.
+        #[expect(clippy::cast_possible_truncation, reason = "at most 74")]
+        l4: l4 as u16,
     })
 }

@@ -5,11 +5,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    Hook, Reason, Verdict, maps::IfaceValue, policy::PROTO_ICMP, reason::UNATTRIBUTED_SLOT,
+    Hook, Identity, Reason, Verdict, maps::IfaceValue, policy::PROTO_ICMP,
+    reason::UNATTRIBUTED_SLOT,
 };
 
 use crate::{
     decide::{Direction, count, decide_packet, identity_of},
+    lb_flow::{self, Into},
     maps::IFACES,
     parse::{Frame, parse_frame, port_unreachable_udp},
     trace::{self, Subject},
@@ -20,13 +22,23 @@ const PULL_LEN: u32 = 14 + 60 + 20;
 
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook, dir: Direction) -> i32 {
-    let (slot, reason, subject) = classify(ctx, dir);
+    let (slot, reason, subject, redirect) = classify(ctx, dir);
     count(hook, slot, reason);
     trace::verdict(hook, slot, reason, subject);
     match reason.verdict() {
-        Verdict::Pass => TC_ACT_OK,
+        // A packet translated to a backend behind another instance's veth goes there.
+        Verdict::Pass => redirect
+            .and_then(|(here, to)| lb_flow::redirect(here, to))
+            .unwrap_or(TC_ACT_OK),
         Verdict::Drop => TC_ACT_SHOT,
     }
+}
+
+/// Whether an address lies outside the quadrants (the host's or the world's): only such
+/// sources send packets to a VIP (a quadrant's processes are translated at the socket).
+#[inline(always)]
+fn outside(addr: u32) -> bool {
+    identity_of(addr) >= Identity::Host as u8
 }
 
 /// A port-unreachable delivered into `quadrant` about a datagram one of its addresses sent
@@ -41,7 +53,7 @@ fn unreachable_into(ctx: &TcContext, quadrant: u8) {
 }
 
 #[inline(always)]
-fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject) {
+fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject, Option<(u32, u32)>) {
     // SAFETY: reading the skb's ifindex field is allowed for tc programs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: read-only lookup of a plain value.
@@ -50,8 +62,10 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject) {
             UNATTRIBUTED_SLOT,
             Reason::DropUnknownInterface,
             Subject::None,
+            None,
         );
     };
+    let mut redirect = None;
     let mut parsed = parse_frame(ctx.data(), ctx.data_end());
     if matches!(parsed, Err(Reason::DropTruncated))
         && ctx.len() as usize > ctx.data_end() - ctx.data()
@@ -64,17 +78,37 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject) {
     }
     let (reason, subject) = match parsed {
         Ok(Frame::Arp) => (Reason::PassArp, Subject::None),
-        Ok(Frame::Ipv4(flow)) => {
-            let reason = decide_packet(&flow, quadrant, dir, true);
-            if matches!(dir, Direction::IntoQuadrant)
-                && flow.proto == PROTO_ICMP
-                && matches!(reason.verdict(), Verdict::Pass)
-            {
+        Ok(Frame::Ipv4(mut flow)) => {
+            let into = matches!(dir, Direction::IntoQuadrant);
+            let translated = if into && outside(flow.saddr) {
+                lb_flow::into_quadrant(ctx, &mut flow)
+            } else {
+                Into::Untouched
+            };
+            let reason = match translated {
+                Into::NoBackend => Reason::RefuseNoBackend,
+                Into::Translated { ifindex: to, new } => {
+                    redirect = Some((ifindex, to));
+                    let reason = decide_packet(&flow, quadrant, dir, true);
+                    if let Some(new) = new
+                        && matches!(reason.verdict(), Verdict::Pass)
+                    {
+                        lb_flow::commit(&new);
+                    }
+                    reason
+                }
+                Into::Untouched => decide_packet(&flow, quadrant, dir, true),
+            };
+            let allowed = matches!(reason.verdict(), Verdict::Pass);
+            if into && flow.proto == PROTO_ICMP && allowed {
                 unreachable_into(ctx, quadrant);
+            }
+            if !into && allowed && outside(flow.daddr) {
+                lb_flow::from_quadrant(ctx, &flow);
             }
             (reason, Subject::Packet(flow))
         }
         Err(reason) => (reason, Subject::None),
     };
-    (u32::from(quadrant), reason, subject)
+    (u32::from(quadrant), reason, subject, redirect)
 }

@@ -797,3 +797,149 @@ fn port_unreachables_into_a_quadrant_open_its_udp_breaker() {
         );
     }
 }
+
+/// Runs `packet` through the tc program of `hook` and returns (return code, the packet after).
+fn run_out(dp: &mut Dataplane, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+    let name = if hook == Hook::TcEgress {
+        programs::TC_EGRESS
+    } else {
+        programs::TC_INGRESS
+    };
+    let prog = dp.ebpf_mut().program_mut(name).expect("program");
+    let p: &mut SchedClassifier = prog.try_into().expect("classifier");
+    let mut out = vec![0u8; packet.len() + 64];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("test_run");
+    out.truncate(usize::try_from(r.data_size_out).expect("size"));
+    (r.return_value, out)
+}
+
+/// (source, source port, destination, destination port) of a TCP or UDP frame whose IPv4 and
+/// TCP/UDP checksums are checked.
+fn checked(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+    let h = PacketHeaders::from_ethernet_slice(frame).expect("a frame");
+    let Some(NetHeaders::Ipv4(ip, _)) = &h.net else {
+        panic!("not IPv4")
+    };
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    let payload = h.payload.slice();
+    let (sport, dport) = match &h.transport {
+        Some(TransportHeader::Tcp(t)) => {
+            let want = t.calc_checksum_ipv4(ip, payload).expect("size");
+            assert_eq!(t.checksum, want, "TCP checksum");
+            (t.source_port, t.destination_port)
+        }
+        Some(TransportHeader::Udp(u)) => {
+            let want = u.calc_checksum_ipv4(ip, payload).expect("size");
+            assert_eq!(u.checksum, want, "UDP checksum");
+            (u.source_port, u.destination_port)
+        }
+        other => panic!("not TCP or UDP: {other:?}"),
+    };
+    (
+        Ipv4Addr::from(ip.source),
+        sport,
+        Ipv4Addr::from(ip.destination),
+        dport,
+    )
+}
+
+/// The outside path of a service VIP (`lb_flow`), with `lo` as PX's veth and PX the only
+/// backend: the host's SYN to VIP:8080 leaves tc egress addressed to PX:9000 with valid
+/// checksums, later packets of the connection follow it, PX's answer leaving tc ingress gets
+/// VIP:8080 back (valid checksums); a UDP datagram likewise, and the world's refused by the
+/// policy; a port of the VIP that is no service, and a quadrant's own packets to the VIP, are
+/// left as they are.
+#[test]
+fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
+    use dataplane_common::lb::{LbBackend, LbService, LbServiceKey};
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 100);
+    const PX_GW: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 1);
+    let mut dp = dataplane(&Config::embedded(), false);
+    dp.register_iface(lo_ifindex(), Quadrant::Px)
+        .expect("register lo as PX");
+    let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+    let service = |index, proto| {
+        (
+            LbServiceKey {
+                vip: ne(VIP),
+                port: 8080u16.to_be(),
+                proto,
+                pad: 0,
+            },
+            LbService {
+                index,
+                backends: 1,
+                maglev: 0,
+                pad: 0,
+            },
+        )
+    };
+    let backend = LbBackend {
+        addr: ne(PX),
+        port: 9000u16.to_be(),
+        weight: 1,
+        ifindex: lo_ifindex(),
+    };
+    dp.write_lb(
+        &[service(0, 6), service(1, 17)],
+        &[(0, backend), (16, backend)],
+        &[],
+    )
+    .expect("write the services");
+
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40000, VIP, 8080));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(checked(&out), (PX_GW, 40000, PX, 9000), "SYN translated");
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &tcp_ack(PX_GW, 40000, VIP, 8080));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(
+        checked(&out),
+        (PX_GW, 40000, PX, 9000),
+        "the flow keeps its backend"
+    );
+    let (code, out) = run_out(&mut dp, Hook::TcIngress, &tcp_ack(PX, 9000, PX_GW, 40000));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(
+        checked(&out),
+        (VIP, 8080, PX_GW, 40000),
+        "the answer comes from the VIP"
+    );
+
+    let (code, _) = run_out(&mut dp, Hook::TcEgress, &udp(WORLD, 5353, VIP, 8080));
+    assert_eq!(
+        code, TC_ACT_SHOT,
+        "the embedded policy keeps the world out of PX"
+    );
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &udp(PX_GW, 5353, VIP, 8080));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(
+        checked(&out),
+        (PX_GW, 5353, PX, 9000),
+        "a datagram translated"
+    );
+
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40001, VIP, 8081));
+    assert_eq!(code, TC_ACT_OK, "the host may send into PX");
+    assert_eq!(
+        checked(&out).2,
+        VIP,
+        "no service on that port: not translated"
+    );
+    let (_, out) = run_out(&mut dp, Hook::TcEgress, &tcp(PG, 40002, VIP, 8080));
+    assert_eq!(
+        checked(&out).2,
+        VIP,
+        "a quadrant's packet to the VIP is not translated"
+    );
+}

@@ -88,6 +88,16 @@ fn spread(line: &str) -> (String, BTreeMap<String, u32>) {
 /// `affinity`) at the prefix's address .100; returns it, the VIP:port and the instances'
 /// addresses.
 fn px_behind_a_vip(n: u8, protocol: &str, affinity: &str) -> (Instance, String, Vec<String>) {
+    let (config, target, addrs) = config_behind_a_vip(n, protocol, affinity);
+    (Instance::up(config, QPROBE), target, addrs)
+}
+
+/// The configuration of [`px_behind_a_vip`], not started.
+fn config_behind_a_vip(
+    n: u8,
+    protocol: &str,
+    affinity: &str,
+) -> (quadrant::config::Config, String, Vec<String>) {
     let mut config = test_config(None);
     let px_prefix = config.addrs(Quadrant::Px).prefix;
     let vip = std::net::Ipv4Addr::from(u32::from(px_prefix.network()) + 100);
@@ -107,7 +117,7 @@ fn px_behind_a_vip(n: u8, protocol: &str, affinity: &str) -> (Instance, String, 
                 .to_string()
         })
         .collect();
-    (Instance::up(config, QPROBE), format!("{vip}:{PORT}"), addrs)
+    (config, format!("{vip}:{PORT}"), addrs)
 }
 
 fn ok_spread(inst: &Instance, from: Quadrant, args: &[&str]) -> (String, BTreeMap<String, u32>) {
@@ -287,6 +297,234 @@ fn scaling_adds_and_removes_instances_and_new_ones_wait_for_their_probe() {
     for k in 1..4 {
         assert!(!netns(k).exists(), "instance {k} removed at down");
     }
+}
+
+/// Runs `qprobe ARGS…` on the host itself (in no quadrant: its sockets are not translated, its
+/// packets to the VIP are, in tc); returns its line.
+fn probe_from_host(args: &[&str]) -> String {
+    let out = std::process::Command::new(QPROBE)
+        .args(args)
+        .output()
+        .expect("run qprobe");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(out.status.success(), "{args:?}: {line}");
+    line
+}
+
+/// Connections from outside the quadrants are balanced per packet in tc: the host's nine held
+/// connections to the VIP spread 3/3/3 by least connections (each whole connection — handshake,
+/// data, close — on one instance, or it would not work), its sockets see the VIP as the peer,
+/// and each connection's count is released when it closes.
+#[test]
+fn connections_from_the_host_to_a_vip_are_balanced_in_tc() {
+    let (mut inst, target, a) = px_behind_a_vip(3, "tcp", "none");
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..3 {
+        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
+    }
+    wait_px(&inst, "tcp instances ready", |m| {
+        m.values().all(|(r, _)| *r)
+    });
+    for round in 0..2 {
+        let (peer, counts) = spread(&probe_from_host(&["tcp-spread", &target, "9"]));
+        assert_eq!(peer, target, "the host's sockets see the VIP");
+        let expected: BTreeMap<String, u32> = a[..3].iter().map(|x| (x.clone(), 3)).collect();
+        assert_eq!(counts, expected, "round {round}: least connections, 3 each");
+        wait_px(&inst, "counts released at the connections' close", |m| {
+            m.values().all(|(_, c)| *c == 0)
+        });
+    }
+    let translated = inst.counter("tc_egress", Quadrant::Px, "allow_policy");
+    assert!(translated > 0, "the translated SYNs passed the policy");
+}
+
+/// A network namespace standing for the world outside the node: linked to the host by a veth
+/// (`<prefix>-w`, host side 10.242.S.1/30, world side 10.242.S.2/30 with its default route
+/// through the host). Removed when dropped.
+struct World {
+    netns: String,
+    host_iface: String,
+}
+
+impl World {
+    fn new(config: &quadrant::config::Config) -> Self {
+        let slot: u8 = config
+            .instance
+            .trim_start_matches("qt")
+            .parse()
+            .expect("a test slot");
+        let world = Self {
+            netns: format!("{}-world", config.instance),
+            host_iface: format!("{}-w", config.interface_prefix),
+        };
+        world.remove();
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        let host = format!("10.242.{slot}.1");
+        ip(&["netns", "add", &world.netns]);
+        ip(&[
+            "link",
+            "add",
+            &world.host_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "w0",
+            "netns",
+            &world.netns,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host}/30"),
+            "dev",
+            &world.host_iface,
+        ]);
+        ip(&["link", "set", &world.host_iface, "up"]);
+        std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{}/forwarding", world.host_iface),
+            "1",
+        )
+        .expect("forwarding");
+        let n = world.netns.as_str();
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("10.242.{slot}.2/30"),
+            "dev",
+            "w0",
+        ]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "link", "set", "w0", "up"]);
+        ip(&["-n", n, "route", "add", "default", "via", &host]);
+        world
+    }
+
+    /// Runs `qprobe ARGS…` in the world; (success, its line).
+    fn probe(&self, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, QPROBE])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success(), line)
+    }
+
+    fn remove(&self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_iface])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Connections from the world, forwarded by the host to a VIP: refused by the default policy
+/// ("no ingress from outside the node"); once the policy lets the world reach PX, balanced in
+/// tc like the host's, each connection kept on its instance, the VIP as the peer.
+#[test]
+fn connections_from_the_world_to_a_vip_obey_the_policy_and_are_balanced() {
+    let (mut config, target, a) = config_behind_a_vip(2, "tcp", "none");
+    let policies = quadrant_tests::harness::copy_of_policies(&config.instance);
+    config.policy_dir = Some(policies.clone());
+    let world = World::new(&config);
+    let mut inst = Instance::up(config, QPROBE);
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..2 {
+        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
+    }
+    wait_px(&inst, "tcp instances ready", |m| {
+        m.values().all(|(r, _)| *r)
+    });
+    let denied = inst.counter("tc_egress", Quadrant::Px, "deny_policy");
+    let (ok, line) = world.probe(&["tcp-spread", &target, "1"]);
+    assert!(!ok, "the default policy keeps the world out: {line}");
+    assert!(inst.counter("tc_egress", Quadrant::Px, "deny_policy") > denied);
+    wait_px(&inst, "a refused SYN counts nothing", |m| {
+        m.values().all(|(_, c)| *c == 0)
+    });
+
+    let global = policies.join("runtime/global.rego");
+    let rego = std::fs::read_to_string(&global).expect("global.rego");
+    let opened = rego.replace(
+        "deny contains {\"from\": \"world\", \"to\": q, \"reason\": \"no ingress from outside the node\"} if {\n\tsome q in development | production\n}",
+        "",
+    );
+    assert_ne!(opened, rego, "the world deny is in global.rego");
+    std::fs::write(&global, opened).expect("write global.rego");
+    let px_rego = policies.join("runtime/quadrants/px.rego");
+    let mut px_rules = std::fs::read_to_string(&px_rego).expect("px.rego");
+    px_rules.push_str(
+        "\nallow contains {\"from\": \"world\", \"to\": \"px\", \"protocols\": [\"tcp\"]}\n",
+    );
+    std::fs::write(&px_rego, px_rules).expect("write px.rego");
+    let reload = inst.quadrant(&["policy", "reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+
+    let (ok, line) = world.probe(&["tcp-spread", &target, "4"]);
+    assert!(ok, "{line}");
+    let (peer, counts) = spread(&line);
+    assert_eq!(peer, target, "the world's sockets see the VIP");
+    let expected: BTreeMap<String, u32> = a[..2].iter().map(|x| (x.clone(), 2)).collect();
+    assert_eq!(counts, expected, "least connections, 2 each");
+    wait_px(&inst, "counts released at close", |m| {
+        m.values().all(|(_, c)| *c == 0)
+    });
+}
+
+/// An outside connection that goes quiet past the flow table's timeout without a FIN or RST
+/// (its peer vanished, say) no longer counts against its instance once the agent collects it
+/// (about a second later).
+#[test]
+fn an_outside_connection_the_flow_table_forgot_stops_counting() {
+    let (mut config, target, _) = config_behind_a_vip(2, "tcp", "none");
+    config.conntrack_timeout_secs = 2;
+    let mut inst = Instance::up(config, QPROBE);
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..2 {
+        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
+    }
+    wait_px(&inst, "tcp instances ready", |m| {
+        m.values().all(|(r, _)| *r)
+    });
+    let held = std::net::TcpStream::connect(&target).expect("connect to the VIP from the host");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&held), &mut line).expect("name");
+    assert_eq!(held.peer_addr().expect("peer").to_string(), target);
+    wait_px(&inst, "the held connection counts", |m| {
+        m.values().map(|(_, c)| c).sum::<u64>() == 1
+    });
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(6);
+    loop {
+        if px(&inst).values().map(|(_, c)| c).sum::<u64>() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still counted: {:?}", px(&inst));
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "released only after the 2 s flow timeout: {:?}",
+        start.elapsed()
+    );
+    drop(held);
 }
 
 #[test]

@@ -1,10 +1,18 @@
-//! The load-balancing maps' writer (`LB_SERVICES`, `LB_BACKENDS`) and the reader of the
-//! kernel's connection counts (`LB_ACTIVE`).
+//! The load-balancing maps' writer (`LB_SERVICES`, `LB_BACKENDS`), the reader of the
+//! kernel's connection counts (`LB_ACTIVE` less `LB_EXPIRED`), and the collector of outside
+//! flows that ended without a FIN or RST (`LB_FLOWS`).
+
+use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapError};
-use dataplane_common::lb::{
-    LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_MAGLEV, LB_PORTS, LB_SERVICES, LbBackend,
-    LbPortKey, LbService, LbServiceKey, MAGLEV_SIZE,
+use dataplane_common::{
+    lb::{
+        LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_EXPIRED, LB_FLOW_CLOSING, LB_FLOW_REVERSE,
+        LB_FLOWS, LB_MAGLEV, LB_PORTS, LB_SERVICES, LbBackend, LbFlow, LbFlowKey, LbPortKey,
+        LbService, LbServiceKey, MAGLEV_SIZE,
+    },
+    maps::{CONNTRACK, CtKey, CtValue},
+    policy::PROTO_TCP,
 };
 
 use super::{Dataplane, LoaderError, map_err};
@@ -80,14 +88,97 @@ impl Dataplane {
 
     /// The kernel's count of open connections per backend slot.
     pub fn lb_active(&self) -> Result<Vec<u64>, LoaderError> {
+        let active = self.u64_array(LB_ACTIVE)?;
+        let expired = self.u64_array(LB_EXPIRED)?;
+        Ok(active
+            .iter()
+            .zip(&expired)
+            .map(|(a, e)| a.saturating_sub(*e))
+            .collect())
+    }
+
+    fn u64_array(&self, name: &'static str) -> Result<Vec<u64>, LoaderError> {
         let map = self
             .ebpf
-            .map(LB_ACTIVE)
-            .ok_or(LoaderError::MissingMap { name: LB_ACTIVE })?;
-        let counts: Array<_, u64> = Array::try_from(map).map_err(map_err(LB_ACTIVE))?;
+            .map(name)
+            .ok_or(LoaderError::MissingMap { name })?;
+        let counts: Array<_, u64> = Array::try_from(map).map_err(map_err(name))?;
         (0..LB_BACKENDS_MAX)
-            .map(|i| counts.get(&i, 0).map_err(map_err(LB_ACTIVE)))
+            .map(|i| counts.get(&i, 0).map_err(map_err(name)))
             .collect()
+    }
+
+    /// Removes the outside flows (`LB_FLOWS`) whose connection the flow table no longer holds —
+    /// its `CONNTRACK` entry idle for `timeout`, or gone — and releases the count of each TCP
+    /// flow that ended without a FIN or RST (in `LB_EXPIRED`). Returns how many flows went.
+    pub fn expire_lb_flows(&mut self, timeout: Duration) -> Result<usize, LoaderError> {
+        let now = monotonic_ns();
+        let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        let flows: HashMap<_, LbFlowKey, LbFlow> = HashMap::try_from(
+            self.ebpf
+                .map(LB_FLOWS)
+                .ok_or(LoaderError::MissingMap { name: LB_FLOWS })?,
+        )
+        .map_err(map_err(LB_FLOWS))?;
+        let conntrack: HashMap<_, CtKey, CtValue> = HashMap::try_from(
+            self.ebpf
+                .map(CONNTRACK)
+                .ok_or(LoaderError::MissingMap { name: CONNTRACK })?,
+        )
+        .map_err(map_err(CONNTRACK))?;
+        let mut gone = Vec::new();
+        let mut released = std::collections::BTreeMap::<u32, u64>::new();
+        for entry in &flows {
+            let Ok((k, f)) = entry else { continue };
+            if f.flags & LB_FLOW_REVERSE != 0 {
+                continue;
+            }
+            // The connection as the flow table knows it: translated to the backend.
+            let (ct, _) = CtKey::of(k.saddr, f.addr, k.sport, f.port, k.proto);
+            let live = conntrack
+                .get(&ct, 0)
+                .is_ok_and(|v| now.saturating_sub(v.last_seen_ns) <= timeout);
+            if live {
+                continue;
+            }
+            if k.proto == PROTO_TCP && f.flags & LB_FLOW_CLOSING == 0 {
+                *released.entry(f.slot).or_default() += 1;
+            }
+            let reverse = LbFlowKey {
+                saddr: f.addr,
+                daddr: k.saddr,
+                sport: f.port,
+                dport: k.sport,
+                proto: k.proto,
+                pad: [0; 3],
+            };
+            gone.push((k, reverse));
+        }
+        let mut flows: HashMap<_, LbFlowKey, LbFlow> = HashMap::try_from(
+            self.ebpf
+                .map_mut(LB_FLOWS)
+                .ok_or(LoaderError::MissingMap { name: LB_FLOWS })?,
+        )
+        .map_err(map_err(LB_FLOWS))?;
+        for (k, r) in &gone {
+            for key in [k, r] {
+                match flows.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(LB_FLOWS)(e)),
+                }
+            }
+        }
+        let mut expired: Array<_, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(LB_EXPIRED)
+                .ok_or(LoaderError::MissingMap { name: LB_EXPIRED })?,
+        )
+        .map_err(map_err(LB_EXPIRED))?;
+        for (slot, n) in released {
+            let was = expired.get(&slot, 0).map_err(map_err(LB_EXPIRED))?;
+            expired.set(slot, was + n, 0).map_err(map_err(LB_EXPIRED))?;
+        }
+        Ok(gone.len())
     }
 
     /// The bpffs directory of the pins, if the dataplane is pinned.
@@ -95,4 +186,16 @@ impl Dataplane {
     pub fn pin_dir(&self) -> Option<&std::path::Path> {
         self.pin_dir.as_deref()
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the programs' `bpf_ktime_get_coarse_ns`
+/// (the coarse clock trails by at most a tick).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec into a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

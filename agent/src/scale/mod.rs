@@ -178,6 +178,7 @@ impl Instances {
             }
         }
         self.write_lb(config, dp)?;
+        route_vips(config)?;
         Ok(())
     }
 
@@ -361,6 +362,12 @@ impl Instances {
             for k in 0..u8::try_from(LB_BACKENDS_PER_SERVICE).unwrap_or(MAX_INSTANCES) {
                 let i = InstanceRef::new(q, k);
                 let live = k < count && self.ready(n, i) && !self.draining(i);
+                // Where tc sends the packets of outside connections it gave this backend.
+                let ifindex = if k < count {
+                    crate::sys::ifindex(&config.instance_iface(i)).unwrap_or(0)
+                } else {
+                    0
+                };
                 if live {
                     members.push(maglev::Member {
                         slot: k,
@@ -374,6 +381,7 @@ impl Instances {
                         addr: u32::from_ne_bytes(config.instance_addr(i).octets()),
                         port: s.port.to_be(),
                         weight: if live { weight } else { 0 },
+                        ifindex,
                     },
                 ));
             }
@@ -563,4 +571,33 @@ pub fn render(report: &InstancesReport) -> String {
         );
     }
     out
+}
+
+/// Routes each service's VIP to the host-side veth of its quadrant's first instance, where tc
+/// translates the connections of the host and of the world forwarded by it (the quadrants'
+/// processes are translated at the socket and never route to a VIP). The route goes with the
+/// veth at `down`.
+fn route_vips(config: &Config) -> Result<(), SysError> {
+    let filtering =
+        fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").is_ok_and(|v| v.trim() != "0");
+    if filtering && !config.services.is_empty() {
+        tracing::warn!(
+            "net.ipv4.conf.all.rp_filter is on: the host drops the answers of outside \
+             connections to a service VIP that reach instances other than the first (their veths \
+             have no host address); set it to 0 to balance those over every instance"
+        );
+    }
+    for s in &config.services {
+        let first = InstanceRef::new(s.quadrant(), 0);
+        crate::sys::ip(&[
+            "route",
+            "replace",
+            &format!("{}/32", s.vip),
+            "via",
+            &config.instance_addr(first).to_string(),
+            "dev",
+            &config.instance_iface(first),
+        ])?;
+    }
+    Ok(())
 }
