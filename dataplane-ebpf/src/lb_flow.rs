@@ -124,6 +124,31 @@ fn close(key: &LbFlowKey) {
     }
 }
 
+/// A connection opened straight to an instance's address on the tuple an earlier, translated
+/// connection to a VIP had (the same source port, free again on the host once that connection
+/// closed): the old flow's entries would give this one's answers the VIP as their source, so
+/// they go. A flow not yet closing is left alone: that SYN is the translated one itself,
+/// passing the backend's veth after its redirect (a direct connection on the tuple of a live
+/// translated one, which needs the host to reuse the port at that moment, is not told apart).
+#[inline(always)]
+fn forget_reverse(flow: &Ipv4Flow) {
+    let rkey = key_of(flow.daddr, flow.saddr, flow.dport, flow.sport, flow.proto);
+    // SAFETY: read-only lookup of a plain value.
+    let Some(f) = (unsafe { LB_FLOWS.get(rkey) }).copied() else {
+        return;
+    };
+    if f.flags & LB_FLOW_REVERSE == 0 {
+        return;
+    }
+    let fkey = key_of(flow.saddr, f.addr, flow.sport, f.port, flow.proto);
+    // SAFETY: read-only lookup of a plain value.
+    let live = unsafe { LB_FLOWS.get(fkey) }.is_some_and(|fw| fw.flags & LB_FLOW_CLOSING == 0);
+    if !live {
+        let _ = LB_FLOWS.remove(rkey);
+        let _ = LB_FLOWS.remove(fkey);
+    }
+}
+
 /// Rewrites one address (at `addr_off`) and the port at `port_off` of the packet, fixing the
 /// IPv4 and TCP/UDP checksums (a UDP datagram without a checksum keeps none).
 #[inline(always)]
@@ -180,6 +205,11 @@ pub fn into_quadrant(ctx: &TcContext, flow: &mut Ipv4Flow) -> Into {
     let f = match known {
         Some(f) if f.flags & LB_FLOW_REVERSE == 0 => f,
         _ => {
+            if flow.proto == PROTO_TCP && !flow.opens {
+                // The middle of a connection this table never saw (or forgot): left as it is
+                // (the host's connections to quadrant addresses pay no more than this).
+                return Into::Untouched;
+            }
             let skey = LbServiceKey {
                 vip: flow.daddr,
                 port: flow.dport,
@@ -188,13 +218,11 @@ pub fn into_quadrant(ctx: &TcContext, flow: &mut Ipv4Flow) -> Into {
             };
             // SAFETY: read-only lookup of a plain value.
             let Some(service) = (unsafe { LB_SERVICES.get(skey) }) else {
+                if flow.opens {
+                    forget_reverse(flow);
+                }
                 return Into::Untouched;
             };
-            if flow.proto == PROTO_TCP && !flow.opens {
-                // The middle of a connection this table forgot (or never saw): left as it is,
-                // it reaches no backend.
-                return Into::Untouched;
-            }
             let Some((slot, b)) = choose(service) else {
                 return Into::NoBackend;
             };

@@ -35,6 +35,19 @@ pub fn tcp_ack(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> 
     out
 }
 
+/// The last segment of a connection (FIN, ACK) from `src:sport` to `dst:dport`.
+#[must_use]
+pub fn tcp_fin(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 1024)
+        .ack(1)
+        .fin();
+    let mut out = Vec::with_capacity(b.size(0));
+    b.write(&mut out, &[]).expect("write tcp");
+    out
+}
+
 /// A UDP datagram.
 #[must_use]
 pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {

@@ -15,7 +15,7 @@ use quadrant::{
     policy::{CompiledPolicy, KernelPolicy, PolicyBundle},
 };
 use quadrant_tests::packets::{
-    self, arp, ipv6_udp, lldp, ping, pong, port_unreachable, tcp, tcp_ack, truncated, udp,
+    self, arp, ipv6_udp, lldp, ping, pong, port_unreachable, tcp, tcp_ack, tcp_fin, truncated, udp,
     vlan_udp, with_frag, with_ihl, with_total_len, with_version,
 };
 
@@ -859,7 +859,7 @@ fn checked(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
 /// checksums, later packets of the connection follow it, PX's answer leaving tc ingress gets
 /// VIP:8080 back (valid checksums); a UDP datagram likewise, and the world's refused by the
 /// policy; a port of the VIP that is no service, and a quadrant's own packets to the VIP, are
-/// left as they are.
+/// left as they are, as are the answers of a later direct connection on a translated tuple.
 #[test]
 fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
     use dataplane_common::lb::{LbBackend, LbService, LbServiceKey};
@@ -941,5 +941,28 @@ fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
         checked(&out).2,
         VIP,
         "a quadrant's packet to the VIP is not translated"
+    );
+
+    // While the VIP's connection lives, its own SYN passing again (after a redirect, on the
+    // backend's veth) leaves it alone.
+    let (code, _) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40000, PX, 9000));
+    assert_eq!(code, TC_ACT_OK);
+    let (_, out) = run_out(&mut dp, Hook::TcIngress, &tcp_ack(PX, 9000, PX_GW, 40000));
+    assert_eq!(
+        checked(&out).0,
+        VIP,
+        "the live translated flow keeps its entries"
+    );
+    // It closes; the host reuses source port 40000 for a connection straight to PX:9000, the
+    // tuple it was translated to: that one's answers keep PX as their source.
+    let (_, out) = run_out(&mut dp, Hook::TcEgress, &tcp_fin(PX_GW, 40000, VIP, 8080));
+    assert_eq!(checked(&out).2, PX, "the FIN translated");
+    let (code, _) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40000, PX, 9000));
+    assert_eq!(code, TC_ACT_OK);
+    let (_, out) = run_out(&mut dp, Hook::TcIngress, &tcp_ack(PX, 9000, PX_GW, 40000));
+    assert_eq!(
+        checked(&out),
+        (PX, 9000, PX_GW, 40000),
+        "a direct connection on a translated flow's old tuple is not translated back"
     );
 }
