@@ -136,6 +136,8 @@ pub struct Caller {
     rng: u64,
     /// The instance the last lane given up was on: the next open passes it over.
     avoid: Option<u8>,
+    /// The affinity key every open carries.
+    key: Option<String>,
 }
 
 impl Caller {
@@ -147,8 +149,20 @@ impl Caller {
         transport: TransportChoice,
         policy: RetryPolicy,
     ) -> Result<Self, LaneError> {
+        Self::open_keyed(path, (quadrant, service), transport, policy, None)
+    }
+
+    /// [`Self::open`] with an affinity key: every lane of this caller goes to the instance the
+    /// key maps to while it takes lanes (a fail-over to the key's next instance).
+    pub fn open_keyed(
+        path: Option<&Path>,
+        (quadrant, service): (&str, &str),
+        transport: TransportChoice,
+        policy: RetryPolicy,
+        key: Option<&str>,
+    ) -> Result<Self, LaneError> {
         let mut client = LaneClient::connect(path)?;
-        let lane = client.open_with_ids((quadrant, service), transport, None)?;
+        let lane = client.open_with_ids((quadrant, service), transport, (None, key))?;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -174,6 +188,7 @@ impl Caller {
             },
             rng: seed | 1,
             avoid: None,
+            key: key.map(ToOwned::to_owned),
         })
     }
 
@@ -383,7 +398,7 @@ impl Caller {
             let error = match self.client.open_with_ids(
                 (&self.quadrant, &self.service),
                 self.transport,
-                self.avoid,
+                (self.avoid, self.key.as_deref()),
             ) {
                 Ok(lane) => {
                     self.stats.opens += 1;

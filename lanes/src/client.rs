@@ -220,16 +220,36 @@ impl LaneClient {
             mirror: false,
             request_ids: false,
             avoid_instance: None,
+            affinity_key: None,
+        })
+    }
+
+    /// [`Self::open`] with an affinity key: lanes opened with the same key go to the same
+    /// instance of a service several instances offer (while it takes lanes).
+    pub fn open_keyed(
+        &mut self,
+        (quadrant, service): (&str, &str),
+        transport: TransportChoice,
+        key: &str,
+    ) -> Result<Lane, LaneError> {
+        self.open_with(&LaneRequest::Open {
+            quadrant: quadrant.to_owned(),
+            service: service.to_owned(),
+            transport,
+            mirror: false,
+            request_ids: false,
+            avoid_instance: None,
+            affinity_key: Some(key.to_owned()),
         })
     }
 
     /// Opens a lane whose every message carries a request envelope (the [`crate::Caller`]'s),
-    /// on another instance than `avoid` if another offers the service.
+    /// on another instance than `avoid` if another offers the service, by `key` if given.
     pub(crate) fn open_with_ids(
         &mut self,
         (quadrant, service): (&str, &str),
         transport: TransportChoice,
-        avoid: Option<u8>,
+        (avoid, key): (Option<u8>, Option<&str>),
     ) -> Result<Lane, LaneError> {
         self.open_with(&LaneRequest::Open {
             quadrant: quadrant.to_owned(),
@@ -238,6 +258,7 @@ impl LaneClient {
             mirror: false,
             request_ids: true,
             avoid_instance: avoid,
+            affinity_key: key.map(ToOwned::to_owned),
         })
     }
 
@@ -250,6 +271,7 @@ impl LaneClient {
             mirror: true,
             request_ids: false,
             avoid_instance: None,
+            affinity_key: None,
         })
     }
 

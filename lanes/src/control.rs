@@ -103,6 +103,12 @@ pub enum LaneRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[schemars(range(max = 15))]
         avoid_instance: Option<u8>,
+        /// Lanes opened with the same key go to the same instance of a service several
+        /// instances offer (rendezvous hashing over the instances taking lanes: removing one
+        /// moves only the keys that were on it), e.g. a user or session id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(min = 1, max = 256))]
+        affinity_key: Option<String>,
     },
     /// Offer a service in the caller's quadrant; lanes to it arrive as `incoming` messages on
     /// this connection for as long as it stays open.

@@ -677,6 +677,82 @@ fn lanes_to_a_service_offered_by_several_instances_are_spread_and_follow_drains(
     );
 }
 
+/// Holds `n` lanes from PG to PX's `echo` opened with affinity key `key`; returns the
+/// instances they went to (from `quadrant lanes`, the lanes held before subtracted) and the
+/// receiver that keeps the holder alive.
+fn hold_keyed(
+    inst: &mut Instance,
+    echo: &str,
+    key: &str,
+    n: usize,
+) -> (Vec<u64>, std::sync::mpsc::Receiver<String>) {
+    let before = lane_instances(inst);
+    let max = n.to_string();
+    let (_, lines) = inst.background_in(
+        Quadrant::Pg,
+        Some("caller"),
+        &[echo, "hold", "px", "echo", "--max", &max, "--key", key],
+        "holding",
+    );
+    let mut now = lane_instances(inst);
+    for b in before {
+        let i = now.iter().position(|&x| x == b).expect("held lanes stay");
+        now.remove(i);
+    }
+    (now, lines)
+}
+
+/// Lanes with an affinity key: every lane of a key on one instance, the keys spread over the
+/// instances; draining a key's instance moves that key (to one instance), and it comes back
+/// when the drain ends.
+#[test]
+fn lanes_with_an_affinity_key_stay_on_the_keys_instance() {
+    let mut config = test_config(None);
+    config.quadrants.get_mut("px").expect("px").instances = 3;
+    let mut inst = Instance::up(config, QPROBE);
+    let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo");
+    let echo = echo.to_str().expect("utf8").to_owned();
+    let mut outputs = Vec::new();
+    for k in 0..3 {
+        let (_, lines) = inst.background_on(
+            Quadrant::Px,
+            k,
+            Some("echo"),
+            &[&echo, "serve", "echo"],
+            "listening as",
+        );
+        outputs.push(lines);
+    }
+    let mut homes = BTreeMap::new();
+    for key in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let (got, lines) = hold_keyed(&mut inst, &echo, key, 3);
+        outputs.push(lines);
+        assert_eq!(got.len(), 3, "{key}: {got:?}");
+        assert!(
+            got.iter().all(|&i| i == got[0]),
+            "{key}: one instance: {got:?}"
+        );
+        homes.insert(key, got[0]);
+    }
+    let used: std::collections::BTreeSet<u64> = homes.values().copied().collect();
+    assert!(used.len() >= 2, "keys spread over the instances: {homes:?}");
+
+    let home = homes["alice"];
+    let out = inst.quadrant(&["drain", "px", &home.to_string()]);
+    assert!(out.status.success());
+    let (moved, lines) = hold_keyed(&mut inst, &echo, "alice", 2);
+    outputs.push(lines);
+    assert!(
+        moved.iter().all(|&i| i != home && i == moved[0]),
+        "alice moves off instance {home}, to one instance: {moved:?}"
+    );
+    let out = inst.quadrant(&["drain", "px", &home.to_string(), "--resume"]);
+    assert!(out.status.success());
+    let (back, lines) = hold_keyed(&mut inst, &echo, "alice", 1);
+    outputs.push(lines);
+    assert_eq!(back, [home], "alice is back on instance {home}");
+}
+
 #[test]
 fn affinity_keeps_each_workload_on_its_instance_across_an_unrelated_change() {
     let (mut inst, target, a) = px_behind_a_vip(4, "tcp", "workload");

@@ -119,6 +119,9 @@ enum Command {
         /// Most lanes to open.
         #[arg(long, default_value_t = 1)]
         max: usize,
+        /// Open every lane with this affinity key (same key, same instance).
+        #[arg(long)]
+        key: Option<String>,
     },
 }
 
@@ -426,11 +429,20 @@ fn steady(
     Ok(())
 }
 
-fn hold(quadrant: &str, service: &str, choice: TransportChoice, max: usize) -> Result<(), String> {
+fn hold(
+    (quadrant, service): (&str, &str),
+    choice: TransportChoice,
+    max: usize,
+    key: Option<&str>,
+) -> Result<(), String> {
     let mut client = LaneClient::connect(None).map_err(|e| e.to_string())?;
     let mut lanes = Vec::new();
     for _ in 0..max {
-        match client.open(quadrant, service, choice) {
+        let opened = match key {
+            Some(k) => client.open_keyed((quadrant, service), choice, k),
+            None => client.open(quadrant, service, choice),
+        };
+        match opened {
             Ok(lane) => {
                 println!("open {} {}", lane.id(), lane.transport().name());
                 lanes.push(lane);
@@ -522,7 +534,8 @@ fn main() -> ExitCode {
             service,
             transport: t,
             max,
-        } => transport(&t).and_then(|c| hold(&quadrant, &service, c, max)),
+            key,
+        } => transport(&t).and_then(|c| hold((&quadrant, &service), c, max, key.as_deref())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

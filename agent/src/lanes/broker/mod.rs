@@ -510,13 +510,14 @@ impl Broker {
                     mirror,
                     request_ids,
                     avoid_instance,
+                    affinity_key,
                 } => {
                     self.open_request(
                         conn,
                         &caller,
                         &id,
                         (&quadrant, &service, mirror, request_ids),
-                        (transport, avoid_instance),
+                        (transport, avoid_instance, affinity_key.as_deref()),
                     );
                 }
                 LaneRequest::Listen {
@@ -545,7 +546,7 @@ impl Broker {
         caller: &attest::Caller,
         id: &str,
         (quadrant, service, mirror, request_ids): (&str, &str, bool, bool),
-        (transport, avoid_instance): (TransportChoice, Option<u8>),
+        (transport, avoid_instance, affinity_key): (TransportChoice, Option<u8>, Option<&str>),
     ) {
         // The schema admits only the four names; refused rather than assumed anyway.
         let result = Quadrant::from_name(quadrant)
@@ -572,6 +573,7 @@ impl Broker {
                         mirror,
                         request_ids,
                         avoid_instance,
+                        affinity_key,
                     },
                     transport,
                 )

@@ -68,6 +68,7 @@ impl Broker {
             mirror,
             request_ids,
             avoid_instance,
+            affinity_key,
         } = *wanted;
         let ask = Ask {
             from_q,
@@ -75,7 +76,7 @@ impl Broker {
             to_q,
             service,
         };
-        let target = self.find_service(to_q, service, (mirror, avoid_instance))?;
+        let target = self.find_service(to_q, service, (mirror, avoid_instance, affinity_key))?;
         if !mirror {
             self.check_trip(to_q, service)?;
         }
@@ -163,7 +164,7 @@ impl Broker {
         &self,
         to_q: Quadrant,
         service: &str,
-        (mirror, avoid): (bool, Option<u8>),
+        (mirror, avoid, affinity): (bool, Option<u8>, Option<&str>),
     ) -> Result<Target, Refused> {
         let state = self.state();
         let key = (to_q, service.to_owned());
@@ -173,7 +174,7 @@ impl Broker {
             (shadow.map(|s| &s.service), None)
         } else {
             (
-                state.pick(&key, &draining, avoid),
+                state.pick(&key, &draining, (avoid, affinity)),
                 shadow.map(|s| s.fraction_ppm),
             )
         };
@@ -424,6 +425,8 @@ pub(super) struct Wanted<'a> {
     pub(super) request_ids: bool,
     /// An instance to pass over if another offers the service.
     pub(super) avoid_instance: Option<u8>,
+    /// Lanes with the same key go to the same instance.
+    pub(super) affinity_key: Option<&'a str>,
 }
 
 /// Who asks for a lane to what.

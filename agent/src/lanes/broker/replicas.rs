@@ -56,12 +56,13 @@ impl State {
     /// (`ping.rs`), the one with the fewest lanes open to it (the lowest instance on a tie).
     /// `None` if every offering instance drains or hangs (or none offers it); a hung listener
     /// that is the only offer keeps it. Instance `avoid` (where a retrying caller's last lane
-    /// went) comes last among the candidates.
+    /// went) comes last among the candidates. With an affinity key the candidate with the
+    /// highest [`rendezvous`] score for the key wins instead of the least-loaded one.
     pub(super) fn pick(
         &self,
         key: &(Quadrant, String),
         draining: &BTreeSet<(Quadrant, u8)>,
-        avoid: Option<u8>,
+        (avoid, affinity): (Option<u8>, Option<&str>),
     ) -> Option<&Service> {
         let first = self.services.get(key)?;
         let replicas = self.replicas.get(key).map_or(&[][..], Vec::as_slice);
@@ -78,12 +79,65 @@ impl State {
                     .values()
                     .filter(|l| l.server_conn.id == s.conn.id)
                     .count();
-                (avoid == Some(s.instance), open, s.instance)
+                let by_key = affinity.map_or(0, |k| u64::MAX - rendezvous(k, s.instance));
+                (avoid == Some(s.instance), by_key, open, s.instance)
             })
     }
 
     /// How many instances offer `key`.
     pub(super) fn offers(&self, key: &(Quadrant, String)) -> usize {
         usize::from(self.services.contains_key(key)) + self.replicas.get(key).map_or(0, Vec::len)
+    }
+}
+
+/// The rendezvous (highest random weight) score of `instance` for affinity key `key`: a 64-bit
+/// mix of the key's FNV-1a hash and the instance, the same on every agent and across restarts.
+/// Each key goes to its highest-scoring instance among those taking lanes, so an instance
+/// coming or going moves only the keys that score it highest (the instances share one
+/// capacity, so the scores need no weights).
+pub(super) fn rendezvous(key: &str, instance: u8) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut z = h ^ u64::from(instance).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rendezvous;
+
+    /// The instance a key goes to among `instances`.
+    fn home(key: &str, instances: &[u8]) -> u8 {
+        *instances
+            .iter()
+            .max_by_key(|&&k| rendezvous(key, k))
+            .expect("an instance")
+    }
+
+    #[test]
+    fn keys_spread_evenly_and_an_instance_leaving_moves_only_its_own() {
+        let keys: Vec<String> = (0..4000).map(|i| format!("user-{i}")).collect();
+        let mut counts = [0u32; 4];
+        for k in &keys {
+            counts[usize::from(home(k, &[0, 1, 2, 3]))] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (900..1100).contains(&c)),
+            "{counts:?}"
+        );
+        for k in &keys {
+            let before = home(k, &[0, 1, 2, 3]);
+            let after = home(k, &[0, 1, 3]);
+            assert!(
+                before == 2 || before == after,
+                "{k} moved from {before} to {after}"
+            );
+        }
+        assert_eq!(rendezvous("user-1", 2), rendezvous("user-1", 2), "stable");
     }
 }

@@ -14,6 +14,7 @@ fn requests_are_validated_with_field_names() {
             mirror: false,
             request_ids: false,
             avoid_instance: None,
+            affinity_key: None,
         }
     );
     for (bad, needle) in [
