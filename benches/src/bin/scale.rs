@@ -30,6 +30,10 @@
 //! Share: 4,000 connections to the VIP one after another (each closed before the next) and 400
 //! held open at once; the answers tell which instance took each, and the report gives every
 //! instance's share and the largest deviation from an even share.
+//!
+//! Outside: the orchestrator itself, on the host in no quadrant, connects to the VIP (its packets
+//! translated per packet in tc) and to instance 0's address in alternating sessions, reading the
+//! tc egress program's run time per run around each, then in pairs as above.
 
 use std::{
     collections::BTreeMap,
@@ -598,7 +602,68 @@ fn orchestrate() -> anyhow::Result<()> {
             deviation(&counts, n)
         );
     }
+    outside(&config, &vip, &addrs)?;
     capacity(&mut agent)
+}
+
+/// Connections from outside the quadrants: this process (on the host, in no quadrant) connects
+/// to the VIP, whose packets tc translates, and to the instances' own addresses, alternating
+/// sessions with the tc egress program's run time read around each; then paired connects.
+fn outside(config: &Config, vip: &str, addrs: &[String]) -> anyhow::Result<()> {
+    let vip: SocketAddr = vip.parse()?;
+    let addrs: Vec<SocketAddr> = addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let mut rows: BTreeMap<&str, Vec<(f64, f64, Connects)>> = BTreeMap::new();
+    for round in 0..SESSIONS {
+        eprintln!(
+            "outside session {}/{SESSIONS}: VIP, then instance 0",
+            round + 1
+        );
+        for (name, target) in [("vip", vip), ("instance", addrs[0])] {
+            let before = stats(config, "quadrant_tc_egress")?;
+            let c = connects(target)?;
+            let after = stats(config, "quadrant_tc_egress")?;
+            let (per, _, runs) = per_run(before, after, WARMUP + CONNECTS);
+            rows.entry(name).or_default().push((per, runs, c));
+        }
+    }
+    println!(
+        "connect() from the host (translated in tc), {CONNECTS} connects a session, {SESSIONS} \
+         sessions each"
+    );
+    println!(
+        "{:<10} {:>16} {:>16} {:>16} {:>16}",
+        "target", "tc egress ns/run", "runs/connect", "connect p50 µs", "connect p99 µs"
+    );
+    let mut figures = BTreeMap::new();
+    for (name, sessions) in &rows {
+        let k = median(sessions.iter().map(|(p, _, _)| *p).collect());
+        let runs = median(sessions.iter().map(|(_, r, _)| *r).collect());
+        let p50 = median(sessions.iter().map(|(_, _, c)| us(c.p50_ns)).collect());
+        let p99 = median(sessions.iter().map(|(_, _, c)| us(c.p99_ns)).collect());
+        println!("{name:<10} {k:>16.1} {runs:>16.2} {p50:>16.2} {p99:>16.2}");
+        figures.insert(*name, (k, p50));
+    }
+    let (kv, pv) = figures.get("vip").copied().unwrap_or_default();
+    let (ki, pi) = figures.get("instance").copied().unwrap_or_default();
+    println!(
+        "outside translation: tc egress {:+.1} ns a run, connect() p50 {:+.2} µs across sessions",
+        kv - ki,
+        pv - pi
+    );
+    let p = paired(vip, &addrs)?;
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds far below 2^52")]
+    let diff_us = p.diff_p50_ns as f64 / 1000.0;
+    println!(
+        "paired from the host, {} connects to each: VIP p50 {:.2} µs p99 {:.2} µs, the \
+         instances' own addresses p50 {:.2} µs p99 {:.2} µs; median of the pairs' differences \
+         {diff_us:+.2} µs",
+        p.count,
+        us(p.a_p50_ns),
+        us(p.a_p99_ns),
+        us(p.b_p50_ns),
+        us(p.b_p99_ns),
+    );
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
