@@ -86,34 +86,46 @@ async fn ping_listeners(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
 /// How often the instances' readiness for the services with a VIP is probed.
 const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Rounds between two collections of ended outside flows (`LB_FLOWS`): about a second.
-const FLOW_GC_ROUNDS: u32 = 10;
+/// How often the outside flows whose connection ended without a FIN or RST are collected.
+const FLOW_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Starts the collector of ended outside flows (`loader::expire_flows`): a thread of its
+/// own working on the pinned maps, one pass every [`FLOW_GC_INTERVAL`] until the agent stops.
+fn collect_flows(agent: &Arc<Agent>, stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    let pins = agent.config.bpffs_dir();
+    let timeout = std::time::Duration::from_secs(u64::from(agent.config.conntrack_timeout_secs));
+    std::thread::Builder::new()
+        .name("flow-gc".into())
+        .spawn(move || {
+            while !*stop.borrow() {
+                if let Err(e) = crate::loader::expire_flows(&pins, timeout) {
+                    tracing::warn!(error = %e, "cannot collect the ended outside flows");
+                }
+                std::thread::sleep(FLOW_GC_INTERVAL);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| {
+            DaemonError::from(sys::io_err(
+                "cannot start the flow collector",
+                Path::new(""),
+            )(e))
+        })
+}
 
 /// Starts the readiness probes of the services with a VIP: a thread of its own (it enters the
-/// instances' namespaces), one round every [`PROBE_INTERVAL`] until the agent stops; every
-/// [`FLOW_GC_ROUNDS`] rounds it also collects the outside flows whose connection ended
-/// without a FIN or RST.
+/// instances' namespaces), one round every [`PROBE_INTERVAL`] until the agent stops.
 fn probe_instances(agent: &Arc<Agent>, stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let weak = Arc::downgrade(agent);
     std::thread::Builder::new()
         .name("instance-probe".into())
         .spawn(move || {
-            let mut round = 0u32;
             loop {
                 if *stop.borrow() {
                     break;
                 }
                 let Some(agent) = weak.upgrade() else { break };
                 let started = std::time::Instant::now();
-                round = round.wrapping_add(1);
-                if round.is_multiple_of(FLOW_GC_ROUNDS) {
-                    let timeout = std::time::Duration::from_secs(u64::from(
-                        agent.config.conntrack_timeout_secs,
-                    ));
-                    if let Err(e) = locked(&agent.dataplane).expire_lb_flows(timeout) {
-                        tracing::warn!(error = %e, "cannot collect the ended outside flows");
-                    }
-                }
                 if let Err(e) =
                     crate::scale::probe_round(&agent.config, &agent.instances, &agent.dataplane)
                 {
@@ -151,6 +163,7 @@ pub(super) async fn serve(
     tokio::spawn(ping_listeners(Arc::clone(&agent), stop_rx.clone()));
     if !agent.config.services.is_empty() {
         probe_instances(&agent, stop_rx.clone())?;
+        collect_flows(&agent, stop_rx.clone())?;
     }
     if let Some(ring) = locked(&agent.breaker_events).take() {
         tokio::spawn(crate::breakers::follow(

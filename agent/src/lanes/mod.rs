@@ -10,6 +10,7 @@ pub mod accel_probe;
 pub mod broker;
 
 pub use quadrant_lanes::{
-    Lane, LaneClient, LaneError, LaneListener, SOCKET_ENV, Transport, TransportChoice, client,
-    control, frame, lane, os, ring, tls,
+    Answer, CallError, Caller, CallerStats, Lane, LaneClient, LaneError, LaneListener, RequestId,
+    RetryPolicy, SOCKET_ENV, Transport, TransportChoice, caller, client, control, envelope, frame,
+    lane, os, ring, tls,
 };

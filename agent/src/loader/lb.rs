@@ -2,9 +2,9 @@
 //! kernel's connection counts (`LB_ACTIVE` less `LB_EXPIRED`), and the collector of outside
 //! flows that ended without a FIN or RST (`LB_FLOWS`).
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
-use aya::maps::{Array, HashMap, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use dataplane_common::{
     lb::{
         LB_ACTIVE, LB_BACKENDS, LB_BACKENDS_MAX, LB_EXPIRED, LB_FLOW_CLOSING, LB_FLOW_REVERSE,
@@ -108,84 +108,70 @@ impl Dataplane {
             .collect()
     }
 
-    /// Removes the outside flows (`LB_FLOWS`) whose connection the flow table no longer holds —
-    /// its `CONNTRACK` entry idle for `timeout`, or gone — and releases the count of each TCP
-    /// flow that ended without a FIN or RST (in `LB_EXPIRED`). Returns how many flows went.
-    pub fn expire_lb_flows(&mut self, timeout: Duration) -> Result<usize, LoaderError> {
-        let now = monotonic_ns();
-        let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        let flows: HashMap<_, LbFlowKey, LbFlow> = HashMap::try_from(
-            self.ebpf
-                .map(LB_FLOWS)
-                .ok_or(LoaderError::MissingMap { name: LB_FLOWS })?,
-        )
-        .map_err(map_err(LB_FLOWS))?;
-        let conntrack: HashMap<_, CtKey, CtValue> = HashMap::try_from(
-            self.ebpf
-                .map(CONNTRACK)
-                .ok_or(LoaderError::MissingMap { name: CONNTRACK })?,
-        )
-        .map_err(map_err(CONNTRACK))?;
-        let mut gone = Vec::new();
-        let mut released = std::collections::BTreeMap::<u32, u64>::new();
-        for entry in &flows {
-            let Ok((k, f)) = entry else { continue };
-            if f.flags & LB_FLOW_REVERSE != 0 {
-                continue;
-            }
-            // The connection as the flow table knows it: translated to the backend.
-            let (ct, _) = CtKey::of(k.saddr, f.addr, k.sport, f.port, k.proto);
-            let live = conntrack
-                .get(&ct, 0)
-                .is_ok_and(|v| now.saturating_sub(v.last_seen_ns) <= timeout);
-            if live {
-                continue;
-            }
-            if k.proto == PROTO_TCP && f.flags & LB_FLOW_CLOSING == 0 {
-                *released.entry(f.slot).or_default() += 1;
-            }
-            let reverse = LbFlowKey {
-                saddr: f.addr,
-                daddr: k.saddr,
-                sport: f.port,
-                dport: k.sport,
-                proto: k.proto,
-                pad: [0; 3],
-            };
-            gone.push((k, reverse));
-        }
-        let mut flows: HashMap<_, LbFlowKey, LbFlow> = HashMap::try_from(
-            self.ebpf
-                .map_mut(LB_FLOWS)
-                .ok_or(LoaderError::MissingMap { name: LB_FLOWS })?,
-        )
-        .map_err(map_err(LB_FLOWS))?;
-        for (k, r) in &gone {
-            for key in [k, r] {
-                match flows.remove(key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(LB_FLOWS)(e)),
-                }
-            }
-        }
-        let mut expired: Array<_, u64> = Array::try_from(
-            self.ebpf
-                .map_mut(LB_EXPIRED)
-                .ok_or(LoaderError::MissingMap { name: LB_EXPIRED })?,
-        )
-        .map_err(map_err(LB_EXPIRED))?;
-        for (slot, n) in released {
-            let was = expired.get(&slot, 0).map_err(map_err(LB_EXPIRED))?;
-            expired.set(slot, was + n, 0).map_err(map_err(LB_EXPIRED))?;
-        }
-        Ok(gone.len())
-    }
-
     /// The bpffs directory of the pins, if the dataplane is pinned.
     #[must_use]
-    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+    pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
+}
+
+/// Removes the outside flows (`LB_FLOWS`) whose connection the flow table no longer holds —
+/// its `CONNTRACK` entry idle for `timeout`, or gone — and releases the count of each TCP flow
+/// that ended without a FIN or RST (in `LB_EXPIRED`). Works on the pinned maps under `pins` (a
+/// thread of its own, never holding the dataplane's lock while it walks the table). Returns how
+/// many flows went.
+pub fn expire_flows(pins: &Path, timeout: Duration) -> Result<usize, LoaderError> {
+    let open =
+        |name: &'static str| MapData::from_pin(pins.join("maps").join(name)).map_err(map_err(name));
+    let now = monotonic_ns();
+    let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+    let mut flows: HashMap<_, LbFlowKey, LbFlow> =
+        HashMap::try_from(Map::LruHashMap(open(LB_FLOWS)?)).map_err(map_err(LB_FLOWS))?;
+    let conntrack: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(open(CONNTRACK)?)).map_err(map_err(CONNTRACK))?;
+    let mut gone = Vec::new();
+    let mut released = std::collections::BTreeMap::<u32, u64>::new();
+    for entry in &flows {
+        let Ok((k, f)) = entry else { continue };
+        if f.flags & LB_FLOW_REVERSE != 0 {
+            continue;
+        }
+        // The connection as the flow table knows it: translated to the backend.
+        let (ct, _) = CtKey::of(k.saddr, f.addr, k.sport, f.port, k.proto);
+        let live = conntrack
+            .get(&ct, 0)
+            .is_ok_and(|v| now.saturating_sub(v.last_seen_ns) <= timeout);
+        if live {
+            continue;
+        }
+        if k.proto == PROTO_TCP && f.flags & LB_FLOW_CLOSING == 0 {
+            *released.entry(f.slot).or_default() += 1;
+        }
+        let reverse = LbFlowKey {
+            saddr: f.addr,
+            daddr: k.saddr,
+            sport: f.port,
+            dport: k.sport,
+            proto: k.proto,
+            pad: [0; 3],
+        };
+        gone.push((k, reverse));
+    }
+    for (k, r) in &gone {
+        for key in [k, r] {
+            match flows.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(LB_FLOWS)(e)),
+            }
+        }
+    }
+    let mut expired: Array<_, u64> =
+        Array::try_from(Map::Array(open(LB_EXPIRED)?)).map_err(map_err(LB_EXPIRED))?;
+    for (slot, n) in released {
+        let was = expired.get(&slot, 0).map_err(map_err(LB_EXPIRED))?;
+        expired.set(slot, was + n, 0).map_err(map_err(LB_EXPIRED))?;
+    }
+    Ok(gone.len())
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the programs' `bpf_ktime_get_coarse_ns`

@@ -22,6 +22,7 @@ mod attach;
 mod breakers;
 mod carry_breakers;
 mod lb;
+pub use lb::expire_flows;
 mod takeover;
 mod writers;
 

@@ -23,9 +23,14 @@
 //! PG sends at a fixed rate over 16 connections through the VIP and measures each request from
 //! when it was due. X(N) is the highest rate whose p99 stays within twice the unloaded p99 (the
 //! median of three 3-s runs at 100/s) with
-//! every request answered (bisection, 3 s a rate), with N of the four instances taking
+//! every request answered (bisection, 3 s a rate; a failed rate is run twice more and holds if
+//! both pass; the bound found must then pass twice in a row, else it is lowered by 5 % and
+//! retested), with N of the four instances taking
 //! connections (the others drained); S(N) = X(N) / (N · X(1)). The generator's own reach is
-//! checked at 1.5 × X(4) against a server without work on PG's loopback.
+//! checked at 1.5 × X(4) against a server without work on PG's loopback. The same search runs
+//! over lanes: 16 lanes from PG to lane service `work` (the same 200 µs a request) that every
+//! instance offers, spread by the broker over the instances taking lanes, each lane's requests
+//! sent when due (or as soon as the previous answer is in) and timed from when they were due.
 //!
 //! Share: 4,000 connections to the VIP one after another (each closed before the next) and 400
 //! held open at once; the answers tell which instance took each, and the report gives every
@@ -151,7 +156,95 @@ fn serve_work(at: SocketAddr, work_us: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Offers lane service `work` and answers every request on every lane after `work_us` of CPU.
+fn serve_lane_work(work_us: u64) -> anyhow::Result<()> {
+    let mut listener = quadrant::lanes::LaneListener::listen(None, "work", None)?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    loop {
+        let mut lane = listener.accept()?;
+        std::thread::spawn(move || {
+            let spin = |_: &[u8]| {
+                let until = Instant::now() + Duration::from_micros(work_us);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            };
+            while lane
+                .respond_with(
+                    |r| {
+                        spin(r);
+                        r.len()
+                    },
+                    |r, out| out.copy_from_slice(r),
+                )
+                .unwrap_or(false)
+            {}
+        });
+    }
+}
+
 // ---- the measuring workload (runs in PG) ----
+
+/// The open-loop generator over lanes: `lanes` lanes to PX's `work` (the broker spreads them
+/// over the instances taking lanes), request `i` due at `start + i / rate` on lane `i % lanes`;
+/// each lane's thread sends its requests when due (or as soon as the previous answer is in) and
+/// counts latency from when each was due.
+fn lane_load(rate: f64, secs: f64, lanes: usize) -> anyhow::Result<Load> {
+    let mut client = quadrant::lanes::LaneClient::connect(None)?;
+    let opened = (0..lanes)
+        .map(|_| client.open("px", "work", quadrant::lanes::TransportChoice::Auto))
+        .collect::<Result<Vec<_>, _>>()?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "rates and durations of a benchmark"
+    )]
+    let total = (rate * secs) as u64;
+    let start = Instant::now() + Duration::from_millis(20);
+    let threads: Vec<_> = opened
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut lane)| {
+            std::thread::spawn(
+                move || -> anyhow::Result<(u64, u64, hdrhistogram::Histogram<u64>)> {
+                    let mut h = histogram()?;
+                    let (mut sent, mut got) = (0u64, 0u64);
+                    let mut reply = Vec::new();
+                    let mut id = k as u64;
+                    while id < total {
+                        #[expect(clippy::cast_precision_loss, reason = "ids far below 2^52")]
+                        let due = start + Duration::from_secs_f64(id as f64 / rate);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        sent += 1;
+                        if lane.request(&id.to_le_bytes(), &mut reply).is_ok() {
+                            got += 1;
+                            h.record(ns(due.elapsed()).max(1))?;
+                        }
+                        id += lanes as u64;
+                    }
+                    Ok((sent, got, h))
+                },
+            )
+        })
+        .collect();
+    let (mut sent, mut received, mut all) = (0, 0, histogram()?);
+    for t in threads {
+        let (s, g, h) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a lane thread panicked"))??;
+        sent += s;
+        received += g;
+        all.add(&h)?;
+    }
+    Ok(Load {
+        rate,
+        sent,
+        received,
+        p50_ns: all.value_at_quantile(0.50),
+        p99_ns: all.value_at_quantile(0.99),
+    })
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Load {
@@ -343,7 +436,11 @@ fn start_servers(agent: &mut Agent) -> anyhow::Result<()> {
     for k in 0..INSTANCES {
         agent.serve_on("px", k, "api", &["serve", &listen])?;
     }
-    // Every instance ready for `api` (the agent probes every 100 ms).
+    wait_ready(agent, "api")
+}
+
+/// Waits until every instance is ready for `service` (the agent probes every 100 ms).
+fn wait_ready(agent: &Agent, service: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = agent
@@ -355,13 +452,13 @@ fn start_servers(agent: &mut Agent) -> anyhow::Result<()> {
             .as_array()
             .context("instances")?
             .iter()
-            .filter(|i| i["quadrant"] == "px" && i["services"]["api"] == true)
+            .filter(|i| i["quadrant"] == "px" && i["services"][service] == true)
             .count();
         if ready == usize::from(INSTANCES) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("only {ready} of {INSTANCES} instances became ready");
+            bail!("only {ready} of {INSTANCES} instances became ready for {service}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -396,8 +493,24 @@ fn start_work_servers(agent: &mut Agent) -> anyhow::Result<()> {
         let listen = format!("0.0.0.0:{WORK_PORT}");
         agent.serve_on("px", k, "work", &["serve-work", &listen, &work])?;
     }
+    for k in 0..INSTANCES {
+        agent.serve_on("px", k, "lanework", &["serve-lane-work", &work])?;
+    }
     let loopback = format!("127.0.0.1:{WORK_PORT}");
-    agent.serve_on("pg", 0, "work", &["serve-work", &loopback, "0"])
+    agent.serve_on("pg", 0, "work", &["serve-work", &loopback, "0"])?;
+    wait_ready(agent, "work")
+}
+
+fn run_lane_load(agent: &Agent, rate: f64) -> anyhow::Result<Load> {
+    workload(
+        agent,
+        &[
+            "lane-load",
+            &format!("{rate:.0}"),
+            &LOAD_SECS.to_string(),
+            &LOAD_CONNS.to_string(),
+        ],
+    )
 }
 
 fn run_load(agent: &Agent, target: &str, rate: f64) -> anyhow::Result<Load> {
@@ -415,27 +528,55 @@ fn run_load(agent: &Agent, target: &str, rate: f64) -> anyhow::Result<Load> {
 
 /// The highest rate whose p99 stays within twice the unloaded p99 with every request answered,
 /// by bisection between an unloaded rate and `hi`.
-fn highest_rate(agent: &Agent, target: &str, unloaded_p99: u64, hi: f64) -> anyhow::Result<f64> {
+fn highest_rate(
+    run: impl Fn(f64) -> anyhow::Result<Load>,
+    unloaded_p99: u64,
+    hi: f64,
+) -> anyhow::Result<f64> {
     let ok = |l: &Load| l.received == l.sent && l.p99_ns <= 2 * unloaded_p99;
-    let (mut lo, mut hi) = (100.0_f64, hi);
-    for _ in 0..7 {
-        let mid = f64::midpoint(lo, hi);
-        let l = run_load(agent, target, mid)?;
+    let judge = |rate: f64| -> anyhow::Result<bool> {
+        let l = run(rate)?;
         eprintln!(
-            "  {mid:.0}/s: p50 {:.0} µs p99 {:.0} µs, {} of {} answered",
+            "  {rate:.0}/s: p50 {:.0} µs p99 {:.0} µs, {} of {} answered",
             us(l.p50_ns),
             us(l.p99_ns),
             l.received,
             l.sent
         );
-        if ok(&l) {
+        Ok(ok(&l))
+    };
+    // A rate holds if it passes once, or, after a failure, two of three runs: a single noisy
+    // run on the shared machine does not set the bound low.
+    let holds = |rate: f64| -> anyhow::Result<bool> {
+        if judge(rate)? {
+            return Ok(true);
+        }
+        Ok(judge(rate)? && judge(rate)?)
+    };
+    let (mut lo, mut hi) = (100.0_f64, hi);
+    for _ in 0..7 {
+        let mid = f64::midpoint(lo, hi);
+        if holds(mid)? {
             lo = mid;
         } else {
             hi = mid;
         }
     }
+    // The bound is retested: it must pass twice more in a row, or it is lowered by 5 % and
+    // retested (a lucky run does not set it high either).
+    for _ in 0..6 {
+        if judge(lo)? && judge(lo)? {
+            eprintln!("  bound {lo:.0}/s confirmed");
+            return Ok(lo);
+        }
+        lo *= 0.95;
+    }
+    eprintln!("  bound {lo:.0}/s after six retests");
     Ok(lo)
 }
+
+/// A load run at a rate.
+type Runner<'a> = dyn Fn(f64) -> anyhow::Result<Load> + 'a;
 
 /// SC-005: X(N) for N = 1, 2, 4 instances (the others drained), S(N) = X(N) / (N · X(1)).
 fn capacity(agent: &mut Agent) -> anyhow::Result<()> {
@@ -456,23 +597,28 @@ fn capacity(agent: &mut Agent) -> anyhow::Result<()> {
                 bail!("cannot drain px {k}");
             }
         }
-        // The unloaded p99 is the median of three runs: one noisy run would move the bound.
-        let mut p99s = (0..3)
-            .map(|_| run_load(agent, &vip, 100.0).map(|l| l.p99_ns))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        p99s.sort_unstable();
-        let unloaded = p99s[1];
-        eprintln!(
-            "N = {n}: unloaded p99 {:.0} µs (100/s, median of {:?}); searching up to {:.0}/s",
-            us(unloaded),
-            p99s.iter().map(|p| us(*p).round()).collect::<Vec<_>>(),
-            per_instance * f64::from(n) * 1.5
-        );
-        let r = highest_rate(agent, &vip, unloaded, per_instance * f64::from(n) * 1.5)?;
-        x.insert(n, (r, unloaded));
+        let top = per_instance * f64::from(n) * 1.5;
+        let tcp = |rate| run_load(agent, &vip, rate);
+        let lanes = |rate| run_lane_load(agent, rate);
+        let runners: [(&str, &Runner<'_>); 2] = [("tcp", &tcp), ("lanes", &lanes)];
+        for (how, run) in runners {
+            // The unloaded p99 is the median of three runs: one noisy run would move the bound.
+            let mut p99s = (0..3)
+                .map(|_| run(100.0).map(|l| l.p99_ns))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            p99s.sort_unstable();
+            let unloaded = p99s[1];
+            eprintln!(
+                "N = {n} over {how}: unloaded p99 {:.0} µs (100/s, median of {:?}); searching up \
+                 to {top:.0}/s",
+                us(unloaded),
+                p99s.iter().map(|p| us(*p).round()).collect::<Vec<_>>(),
+            );
+            let r = highest_rate(run, unloaded, top)?;
+            x.insert((how, n), (r, unloaded));
+        }
     }
-    let x1 = x.get(&1).map_or(1.0, |v| v.0);
-    let x4 = x.get(&4).map_or(0.0, |v| v.0);
+    let x4 = x.get(&("tcp", 4)).map_or(0.0, |v| v.0);
     let check = run_load(agent, &format!("127.0.0.1:{WORK_PORT}"), 1.5 * x4)?;
     println!(
         "generator alone (PG loopback, no work) at 1.5 × X(4) = {:.0}/s: {} of {} answered, p99 \
@@ -487,12 +633,13 @@ fn capacity(agent: &mut Agent) -> anyhow::Result<()> {
          request, open loop over {LOAD_CONNS} connections through the VIP, {LOAD_SECS} s a rate"
     );
     println!(
-        "{:<3} {:>16} {:>16} {:>8}",
-        "N", "unloaded p99 µs", "X(N) req/s", "S(N)"
+        "{:<6} {:<3} {:>16} {:>16} {:>8}",
+        "over", "N", "unloaded p99 µs", "X(N) req/s", "S(N)"
     );
-    for (n, (r, p99)) in &x {
+    for ((how, n), (r, p99)) in &x {
+        let x1 = x.get(&(*how, 1)).map_or(1.0, |v| v.0);
         println!(
-            "{n:<3} {:>16.0} {r:>16.0} {:>8.2}",
+            "{how:<6} {n:<3} {:>16.0} {r:>16.0} {:>8.2}",
             us(*p99),
             r / (f64::from(*n) * x1)
         );
@@ -693,6 +840,15 @@ fn main() -> anyhow::Result<()> {
         Some("load") => {
             let arg = |i: usize| args.get(i).context("load ADDR:PORT RATE SECS CONNS");
             let l = load(at(2)?, arg(3)?.parse()?, arg(4)?.parse()?, arg(5)?.parse()?)?;
+            println!("{}", serde_json::to_string(&l)?);
+            Ok(())
+        }
+        Some("serve-lane-work") => {
+            serve_lane_work(args.get(2).context("serve-lane-work WORK_US")?.parse()?)
+        }
+        Some("lane-load") => {
+            let arg = |i: usize| args.get(i).context("lane-load RATE SECS LANES");
+            let l = lane_load(arg(2)?.parse()?, arg(3)?.parse()?, arg(4)?.parse()?)?;
             println!("{}", serde_json::to_string(&l)?);
             Ok(())
         }
