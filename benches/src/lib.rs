@@ -79,7 +79,8 @@ pub struct Agent {
 
 impl Agent {
     /// Writes `config` to `<dir>/<name>.yaml`, brings down what an earlier run left, starts
-    /// the agent and waits (up to 30 s) until it answers `status`.
+    /// the agent (its log in `<dir>/<name>.log`) and waits (up to 30 s) until it answers
+    /// `status`.
     pub fn start(config: &Config, dir: &str, name: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = Path::new(dir).join(format!("{name}.yaml"));
@@ -91,12 +92,14 @@ impl Agent {
             servers: Vec::new(),
         };
         let _ = agent.quadrant().arg("down").stdout(Stdio::null()).status();
+        // The agent's log goes beside its configuration, for a run that fails.
+        let log = std::fs::File::create(Path::new(dir).join(format!("{name}.log")))?;
         agent.process = Some(
             agent
                 .quadrant()
                 .arg("up")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()?,
         );
         let deadline = Instant::now() + Duration::from_secs(30);
