@@ -177,6 +177,24 @@ fn poll_in(fds: &[i32], timeout: Duration) -> io::Result<Vec<bool>> {
     }
 }
 
+/// An `open` request for a lane (not a mirror lane), passing over no instance.
+fn open_request(
+    (quadrant, service): (&str, &str),
+    transport: TransportChoice,
+    request_ids: bool,
+    key: Option<&str>,
+) -> LaneRequest {
+    LaneRequest::Open {
+        quadrant: quadrant.to_owned(),
+        service: service.to_owned(),
+        transport,
+        mirror: false,
+        request_ids,
+        avoid_instance: None,
+        affinity_key: key.map(ToOwned::to_owned),
+    }
+}
+
 fn socket_path(path: Option<&Path>) -> Result<PathBuf, LaneError> {
     match path {
         Some(p) => Ok(p.to_owned()),
@@ -213,15 +231,7 @@ impl LaneClient {
         service: &str,
         transport: TransportChoice,
     ) -> Result<Lane, LaneError> {
-        self.open_with(&LaneRequest::Open {
-            quadrant: quadrant.to_owned(),
-            service: service.to_owned(),
-            transport,
-            mirror: false,
-            request_ids: false,
-            avoid_instance: None,
-            affinity_key: None,
-        })
+        self.open_with(&open_request((quadrant, service), transport, false, None))
     }
 
     /// [`Self::open`] with an affinity key: lanes opened with the same key go to the same
@@ -232,15 +242,12 @@ impl LaneClient {
         transport: TransportChoice,
         key: &str,
     ) -> Result<Lane, LaneError> {
-        self.open_with(&LaneRequest::Open {
-            quadrant: quadrant.to_owned(),
-            service: service.to_owned(),
+        self.open_with(&open_request(
+            (quadrant, service),
             transport,
-            mirror: false,
-            request_ids: false,
-            avoid_instance: None,
-            affinity_key: Some(key.to_owned()),
-        })
+            false,
+            Some(key),
+        ))
     }
 
     /// Opens a lane whose every message carries a request envelope (the [`crate::Caller`]'s),
@@ -251,15 +258,11 @@ impl LaneClient {
         transport: TransportChoice,
         (avoid, key): (Option<u8>, Option<&str>),
     ) -> Result<Lane, LaneError> {
-        self.open_with(&LaneRequest::Open {
-            quadrant: quadrant.to_owned(),
-            service: service.to_owned(),
-            transport,
-            mirror: false,
-            request_ids: true,
-            avoid_instance: avoid,
-            affinity_key: key.map(ToOwned::to_owned),
-        })
+        let mut request = open_request((quadrant, service), transport, true, key);
+        if let LaneRequest::Open { avoid_instance, .. } = &mut request {
+            *avoid_instance = avoid;
+        }
+        self.open_with(&request)
     }
 
     /// Opens the lane a mirror thread copies requests over, to `service`'s shadow generation.

@@ -841,6 +841,16 @@ impl Lane {
     /// Receives one message into `out`, waiting until `deadline` at most
     /// ([`LaneError::TimedOut`] then). `Ok(false)`: the peer closed the lane.
     pub fn recv_until(&mut self, out: &mut Vec<u8>, deadline: Instant) -> Result<bool, LaneError> {
+        Ok(self.recv_into(out, deadline)?.0)
+    }
+
+    /// Receives one message into `out` until `deadline`: whether one came (`false`: the peer
+    /// closed the lane), and its envelope if it had one.
+    fn recv_into(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Instant,
+    ) -> Result<(bool, Option<RequestId>), LaneError> {
         let got = self.recv_frame(
             |payload| {
                 out.clear();
@@ -848,7 +858,7 @@ impl Lane {
             },
             Some(deadline),
         )?;
-        Ok(got.is_some())
+        Ok(got.map_or((false, None), |((), env)| (true, env)))
     }
 
     /// Receives an answer on a client's lane with request ids into `out`, waiting until
@@ -858,19 +868,12 @@ impl Lane {
         out: &mut Vec<u8>,
         deadline: Instant,
     ) -> Result<Option<RequestId>, LaneError> {
-        let got = self.recv_frame(
-            |payload| {
-                out.clear();
-                out.extend_from_slice(payload);
-            },
-            Some(deadline),
-        )?;
-        match got {
-            Some(((), Some(env))) => Ok(Some(env)),
-            Some(((), None)) => Err(LaneError::Protocol(
+        match self.recv_into(out, deadline)? {
+            (true, Some(env)) => Ok(Some(env)),
+            (true, None) => Err(LaneError::Protocol(
                 "an answer without a request envelope".into(),
             )),
-            None => Ok(None),
+            (false, _) => Ok(None),
         }
     }
 
