@@ -120,6 +120,18 @@ fn config_behind_a_vip(
     (config, format!("{vip}:{PORT}"), addrs)
 }
 
+/// Starts `qprobe tcp-whoami` on port 8080 of PX's first `n` instances and waits until every
+/// instance is ready for `api`.
+fn whoami_on_every_instance(inst: &mut Instance, n: u8) {
+    let listen = format!("0.0.0.0:{PORT}");
+    for k in 0..n {
+        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
+    }
+    wait_px(inst, "every instance ready", |m| {
+        m.values().all(|(r, _)| *r)
+    });
+}
+
 fn ok_spread(inst: &Instance, from: Quadrant, args: &[&str]) -> (String, BTreeMap<String, u32>) {
     let (ok, line) = inst.probe(from, args);
     assert!(ok, "{args:?}: {line}");
@@ -318,13 +330,7 @@ fn probe_from_host(args: &[&str]) -> String {
 #[test]
 fn connections_from_the_host_to_a_vip_are_balanced_in_tc() {
     let (mut inst, target, a) = px_behind_a_vip(3, "tcp", "none");
-    let listen = format!("0.0.0.0:{PORT}");
-    for k in 0..3 {
-        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
-    }
-    wait_px(&inst, "tcp instances ready", |m| {
-        m.values().all(|(r, _)| *r)
-    });
+    whoami_on_every_instance(&mut inst, 3);
     for round in 0..2 {
         let (peer, counts) = spread(&probe_from_host(&["tcp-spread", &target, "9"]));
         assert_eq!(peer, target, "the host's sockets see the VIP");
@@ -445,13 +451,7 @@ fn connections_from_the_world_to_a_vip_obey_the_policy_and_are_balanced() {
     config.policy_dir = Some(policies.clone());
     let world = World::new(&config);
     let mut inst = Instance::up(config, QPROBE);
-    let listen = format!("0.0.0.0:{PORT}");
-    for k in 0..2 {
-        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
-    }
-    wait_px(&inst, "tcp instances ready", |m| {
-        m.values().all(|(r, _)| *r)
-    });
+    whoami_on_every_instance(&mut inst, 2);
     let denied = inst.counter("tc_egress", Quadrant::Px, "deny_policy");
     let (ok, line) = world.probe(&["tcp-spread", &target, "1"]);
     assert!(!ok, "the default policy keeps the world out: {line}");
@@ -496,13 +496,7 @@ fn an_outside_connection_the_flow_table_forgot_stops_counting() {
     let (mut config, target, _) = config_behind_a_vip(2, "tcp", "none");
     config.conntrack_timeout_secs = 2;
     let mut inst = Instance::up(config, QPROBE);
-    let listen = format!("0.0.0.0:{PORT}");
-    for k in 0..2 {
-        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
-    }
-    wait_px(&inst, "tcp instances ready", |m| {
-        m.values().all(|(r, _)| *r)
-    });
+    whoami_on_every_instance(&mut inst, 2);
     let held = std::net::TcpStream::connect(&target).expect("connect to the VIP from the host");
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&held), &mut line).expect("name");
@@ -756,13 +750,7 @@ fn lanes_with_an_affinity_key_stay_on_the_keys_instance() {
 #[test]
 fn affinity_keeps_each_workload_on_its_instance_across_an_unrelated_change() {
     let (mut inst, target, a) = px_behind_a_vip(4, "tcp", "workload");
-    let listen = format!("0.0.0.0:{PORT}");
-    for k in 0..4 {
-        inst.serve_on_instance(Quadrant::Px, k, &["tcp-whoami", &listen]);
-    }
-    wait_px(&inst, "every instance ready", |m| {
-        m.values().all(|(r, _)| *r)
-    });
+    whoami_on_every_instance(&mut inst, 4);
     let place = |inst: &Instance, w: &str| {
         let (ok, line) = inst.probe_as(Quadrant::Pg, Some(w), &["tcp-spread", &target, "3"]);
         assert!(ok, "{w}: {line}");

@@ -189,6 +189,18 @@ fn serve_lane_work(work_us: u64) -> anyhow::Result<()> {
 
 // ---- the measuring workload (runs in PG) ----
 
+/// An open-loop run's schedule: how many requests `rate` makes in `secs`, and when the first is
+/// due (a moment from now, once every connection is set up).
+fn schedule(rate: f64, secs: f64) -> (u64, Instant) {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "rates and durations of a benchmark"
+    )]
+    let total = (rate * secs) as u64;
+    (total, Instant::now() + Duration::from_millis(20))
+}
+
 /// The open-loop generator over lanes: `lanes` lanes to PX's `work` (the broker spreads them
 /// over the instances taking lanes), request `i` due at `start + i / rate` on lane `i % lanes`;
 /// each lane's thread sends its requests when due (or as soon as the previous answer is in) and
@@ -198,13 +210,7 @@ fn lane_load(rate: f64, secs: f64, lanes: usize) -> anyhow::Result<Load> {
     let opened = (0..lanes)
         .map(|_| client.open("px", "work", quadrant::lanes::TransportChoice::Auto))
         .collect::<Result<Vec<_>, _>>()?;
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "rates and durations of a benchmark"
-    )]
-    let total = (rate * secs) as u64;
-    let start = Instant::now() + Duration::from_millis(20);
+    let (total, start) = schedule(rate, secs);
     let threads: Vec<_> = opened
         .into_iter()
         .enumerate()
@@ -270,13 +276,7 @@ fn load(at: SocketAddr, rate: f64, secs: f64, conns: usize) -> anyhow::Result<Lo
             Ok(s)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "rates and durations of a benchmark"
-    )]
-    let total = (rate * secs) as u64;
-    let start = Instant::now() + Duration::from_millis(20);
+    let (total, start) = schedule(rate, secs);
     let due = move |id: u64| {
         #[expect(clippy::cast_precision_loss, reason = "ids far below 2^52")]
         let at = id as f64 / rate;
