@@ -38,6 +38,7 @@ pub mod generations;
 pub mod identity;
 pub mod lanes;
 pub mod loader;
+pub mod peers;
 pub mod plans;
 pub mod policy;
 pub mod quadrants;

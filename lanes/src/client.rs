@@ -304,7 +304,11 @@ impl LaneClient {
                         &grant.service,
                     )
                 });
-                let mut lane = self.establish(grant, fds)?;
+                let id = grant.lane;
+                let mut lane = self.establish(grant, fds).inspect_err(|_| {
+                    // The broker keeps (and charges) a lane until an end closes it.
+                    let _ = self.control.send(&LaneRequest::Close { lane: id });
+                })?;
                 if let Some(m) = mirror {
                     lane.mirror_to(m);
                 }
@@ -354,7 +358,11 @@ impl LaneClient {
             BufferedTcp::new(sock.try_clone()?)?,
         ));
         let mut framed = Framed::new(stream, grant.max_message);
-        let hello = serde_json::json!({"lane": grant.lane, "token": tcp.token}).to_string();
+        let hello = serde_json::json!({
+            "lane": tcp.server_lane.unwrap_or(grant.lane),
+            "token": tcp.token
+        })
+        .to_string();
         framed
             .send(Kind::Hello, hello.as_bytes())
             .map_err(tls_error)?;

@@ -101,7 +101,8 @@ pub enum LaneRequest {
         /// Pass over this instance of the service's quadrant if another offers the service
         /// (the instance a retrying caller's last lane went to: it went away or hung).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schemars(range(max = 15))]
+        /// Instances 0–15 are the opener's node's; `16·(p + 1) + k` is instance k of its
+        /// agent's p-th peer node.
         avoid_instance: Option<u8>,
         /// Lanes opened with the same key go to the same instance of a service several
         /// instances offer (rendezvous hashing over the instances taking lanes: removing one
@@ -162,6 +163,10 @@ pub struct TcpGrant {
     pub token: String,
     /// This side's SVID.
     pub svid: SvidMaterial,
+    /// The lane's id at the service's broker, which the client presents with the token, when
+    /// it differs from `lane` (a lane to an instance on another node; client side only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_lane: Option<u64>,
 }
 
 /// A lane handed to one of its ends.

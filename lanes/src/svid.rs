@@ -44,6 +44,9 @@ pub enum SvidError {
         "SPIFFE ID {0} is not a quadrant workload ID (spiffe://<td>/quadrant/<q>/workload/<name>)"
     )]
     NotQuadrantId(String),
+    /// The SPIFFE ID path is not `/node/<name>`.
+    #[error("SPIFFE ID {0} is not a node agent's ID (spiffe://<td>/node/<name>)")]
+    NotNodeId(String),
     /// The SVID belongs to another quadrant.
     #[error("SPIFFE ID {id} belongs to quadrant {actual}, not {expected}")]
     WrongQuadrant {
@@ -100,6 +103,53 @@ pub fn verify_svid(
     quadrant: Option<Quadrant>,
     now: SystemTime,
 ) -> Result<VerifiedSvid, SvidError> {
+    let (id, path) = leaf_id(chain, trust_domain)?;
+    let parts: Vec<&str> = path.split('/').collect();
+    let (actual, workload) = match parts.as_slice() {
+        ["quadrant", q, "workload", w] if valid_workload_name(w) => (
+            Quadrant::from_name(q).ok_or_else(|| SvidError::NotQuadrantId(id.clone()))?,
+            (*w).to_owned(),
+        ),
+        _ => return Err(SvidError::NotQuadrantId(id.clone())),
+    };
+    if let Some(expected) = quadrant
+        && expected != actual
+    {
+        return Err(SvidError::WrongQuadrant {
+            id: id.clone(),
+            actual: actual.name().to_owned(),
+            expected: expected.name().to_owned(),
+        });
+    }
+
+    check_chain(chain, roots, now)?;
+    Ok(VerifiedSvid {
+        spiffe_id: id,
+        quadrant: actual,
+        workload,
+    })
+}
+
+/// Verifies `chain` as the SVID of a node's agent (`spiffe://<td>/node/<name>`, the peer links
+/// between nodes); returns its SPIFFE ID.
+pub fn verify_node_svid(
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    trust_domain: &str,
+    now: SystemTime,
+) -> Result<String, SvidError> {
+    let (id, path) = leaf_id(chain, trust_domain)?;
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["node", name] if valid_workload_name(name) => {}
+        _ => return Err(SvidError::NotNodeId(id)),
+    }
+    check_chain(chain, roots, now)?;
+    Ok(id)
+}
+
+/// The leaf's checks common to every SVID (not a CA, signing only, one URI SAN in
+/// `trust_domain`); its SPIFFE ID and the ID's path.
+fn leaf_id(chain: &[Vec<u8>], trust_domain: &str) -> Result<(String, String), SvidError> {
     let first = chain.first().ok_or(SvidError::Missing)?;
     let leaf = parse(0, first)?;
     if leaf
@@ -145,30 +195,7 @@ pub fn verify_svid(
             trust_domain: trust_domain.to_owned(),
         });
     };
-    let parts: Vec<&str> = path.split('/').collect();
-    let (actual, workload) = match parts.as_slice() {
-        ["quadrant", q, "workload", w] if valid_workload_name(w) => (
-            Quadrant::from_name(q).ok_or_else(|| SvidError::NotQuadrantId(id.clone()))?,
-            (*w).to_owned(),
-        ),
-        _ => return Err(SvidError::NotQuadrantId(id.clone())),
-    };
-    if let Some(expected) = quadrant
-        && expected != actual
-    {
-        return Err(SvidError::WrongQuadrant {
-            id: id.clone(),
-            actual: actual.name().to_owned(),
-            expected: expected.name().to_owned(),
-        });
-    }
-
-    check_chain(chain, roots, now)?;
-    Ok(VerifiedSvid {
-        spiffe_id: id.clone(),
-        quadrant: actual,
-        workload,
-    })
+    Ok((id.clone(), path.to_owned()))
 }
 
 /// Validity of every certificate at `now`, each signed by the next, the last by a root.

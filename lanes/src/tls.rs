@@ -20,7 +20,7 @@ use rustls::{
 };
 
 use super::control::SvidMaterial;
-use crate::svid::verify_svid;
+use crate::svid::{verify_node_svid, verify_svid};
 
 /// Decoded SVID material.
 #[derive(Debug)]
@@ -81,22 +81,35 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Whose SVIDs a configuration accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Workloads: the lanes.
+    Workload,
+    /// Node agents: the links between nodes.
+    Node,
+}
+
 /// Verifies a presented chain as an SVID of the bundle's trust domain; returns its SPIFFE ID.
 fn check_chain(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     bundle: &[Vec<u8>],
-    trust_domain: &str,
+    (trust_domain, kind): (&str, Kind),
 ) -> Result<String, Error> {
     let mut chain = vec![end_entity.to_vec()];
     chain.extend(intermediates.iter().map(|c| c.to_vec()));
-    verify_svid(&chain, bundle, trust_domain, None, SystemTime::now())
-        .map(|v| v.spiffe_id)
-        .map_err(|e| {
-            Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-                SvidRefused(e.to_string()),
-            ))))
-        })
+    match kind {
+        Kind::Workload => {
+            verify_svid(&chain, bundle, trust_domain, None, SystemTime::now()).map(|v| v.spiffe_id)
+        }
+        Kind::Node => verify_node_svid(&chain, bundle, trust_domain, SystemTime::now()),
+    }
+    .map_err(|e| {
+        Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+            SvidRefused(e.to_string()),
+        ))))
+    })
 }
 
 #[derive(Debug)]
@@ -126,6 +139,7 @@ pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Option<String> {
 struct ServerVerifier {
     bundle: Vec<Vec<u8>>,
     trust_domain: String,
+    kind: Kind,
     expected: String,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -139,7 +153,12 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let id = check_chain(end_entity, intermediates, &self.bundle, &self.trust_domain)?;
+        let id = check_chain(
+            end_entity,
+            intermediates,
+            &self.bundle,
+            (&self.trust_domain, self.kind),
+        )?;
         if id != self.expected {
             return Err(Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(SvidRefused(format!(
@@ -178,6 +197,7 @@ impl ServerCertVerifier for ServerVerifier {
 struct ClientVerifier {
     bundle: Vec<Vec<u8>>,
     trust_domain: String,
+    kind: Kind,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -192,7 +212,12 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        check_chain(end_entity, intermediates, &self.bundle, &self.trust_domain)?;
+        check_chain(
+            end_entity,
+            intermediates,
+            &self.bundle,
+            (&self.trust_domain, self.kind),
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -221,10 +246,34 @@ impl ClientCertVerifier for ClientVerifier {
 
 /// Client configuration: present `svid`, accept only a server proving `server_id`.
 pub fn client_config(svid: &Svid, server_id: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    client_config_for(svid, server_id, Kind::Workload)
+}
+
+/// Client configuration of a link between nodes: present the node SVID `svid`, accept only the
+/// node agent `server_id`.
+pub fn node_client_config(
+    svid: &Svid,
+    server_id: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    client_config_for(svid, server_id, Kind::Node)
+}
+
+/// Server configuration of a link between nodes: present the node SVID `svid`, require a node
+/// agent's SVID of the same trust domain (which node is checked after the handshake).
+pub fn node_server_config(svid: &Svid) -> Result<Arc<rustls::ServerConfig>, String> {
+    server_config_for(svid, Kind::Node)
+}
+
+fn client_config_for(
+    svid: &Svid,
+    server_id: &str,
+    kind: Kind,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = provider();
     let verifier = ServerVerifier {
         bundle: svid.bundle.clone(),
         trust_domain: svid.trust_domain.clone(),
+        kind,
         expected: server_id.to_owned(),
         algorithms: provider.signature_verification_algorithms,
     };
@@ -240,10 +289,15 @@ pub fn client_config(svid: &Svid, server_id: &str) -> Result<Arc<rustls::ClientC
 
 /// Server configuration: present `svid`, require a client SVID of the same trust domain.
 pub fn server_config(svid: &Svid) -> Result<Arc<rustls::ServerConfig>, String> {
+    server_config_for(svid, Kind::Workload)
+}
+
+fn server_config_for(svid: &Svid, kind: Kind) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = provider();
     let verifier = ClientVerifier {
         bundle: svid.bundle.clone(),
         trust_domain: svid.trust_domain.clone(),
+        kind,
         algorithms: provider.signature_verification_algorithms,
     };
     let config = rustls::ServerConfig::builder_with_provider(provider)

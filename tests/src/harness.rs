@@ -142,6 +142,9 @@ pub struct Instance {
     agent_stdout: Arc<Mutex<String>>,
     agent_stderr: Arc<Mutex<String>>,
     background: Vec<Child>,
+    /// The network namespace the agent runs in (standing in for another host); none: the
+    /// test's own.
+    netns: Option<String>,
 }
 
 impl Instance {
@@ -151,6 +154,16 @@ impl Instance {
     /// If the agent exits or does not answer within the timeout.
     #[must_use]
     pub fn up(config: Config, qprobe: &str) -> Self {
+        Self::up_in(config, qprobe, None)
+    }
+
+    /// [`Self::up`] with the agent in network namespace `netns` (`/run/netns/<netns>`), entered
+    /// with `nsenter --net`, which leaves `/sys` and the other mounts as they are.
+    ///
+    /// # Panics
+    /// If the agent exits or does not answer within the timeout.
+    #[must_use]
+    pub fn up_in(config: Config, qprobe: &str, netns: Option<&str>) -> Self {
         let bin = sibling_binary(qprobe, "quadrant");
         std::fs::create_dir_all(TEST_STATE_DIR).expect("state dir");
         let config_path = PathBuf::from(TEST_STATE_DIR).join(format!("{}.yaml", config.instance));
@@ -165,6 +178,7 @@ impl Instance {
             agent_stdout: Arc::default(),
             agent_stderr: Arc::default(),
             background: Vec::new(),
+            netns: netns.map(str::to_owned),
         };
         // Leftovers of an earlier aborted run of the same instance.
         let _ = inst.quadrant(&["down"]);
@@ -179,7 +193,15 @@ impl Instance {
     /// If the agent exits or does not answer within the timeout.
     pub fn start_agent(&mut self) {
         let inst = self;
-        let mut child = Command::new(&inst.bin)
+        let mut command = match &inst.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(&inst.bin);
+                c
+            }
+            None => Command::new(&inst.bin),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&inst.config_path)
             .arg("up")

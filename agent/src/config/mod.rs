@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 mod breakers;
 mod instances;
+mod peers;
 mod sections;
 mod shadows;
 mod validate;
@@ -22,6 +23,7 @@ pub use breakers::BreakersConfig;
 pub use instances::{
     InstanceCapacity, InstanceRef, MAX_INSTANCES, ServiceConfig, UNLIMITED_WEIGHT,
 };
+pub use peers::{MAX_PEERS, PeerNode, PeersConfig, node_id};
 pub use shadows::ShadowsConfig;
 
 pub use sections::*;
@@ -162,6 +164,13 @@ pub struct Config {
     /// Services with a virtual address, balanced across their quadrant's instances.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceConfig>,
+    /// The agents of other nodes whose instances take lanes none here can.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub peers: PeersConfig,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Default audit log (persistent).

@@ -243,3 +243,51 @@ fn bad_instances_and_services_are_refused_naming_the_field() {
         assert!(e.contains(expect), "{px} {services}: {e}");
     }
 }
+
+#[test]
+fn peers_are_checked() {
+    use std::fmt::Write as _;
+    let quadrants = "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n";
+    let with =
+        |peers: &str| Config::from_yaml(&format!("instance: n1\n{quadrants}peers:\n{peers}"), "t");
+    let c = with("  listen: 10.0.0.1:7470\n  nodes:\n    - { name: n2, address: 10.0.0.2:7470 }\n")
+        .unwrap();
+    assert_eq!(c.peers.nodes[0].name, "n2");
+    assert!(c.peers.routes, "routes are on unless turned off");
+    for (yaml, want) in [
+        (
+            "  nodes:\n    - { name: n1, address: 10.0.0.2:7470 }\n",
+            "peers.nodes[0].name: \"n1\" is this agent's own instance",
+        ),
+        (
+            "  nodes:\n    - { name: n2, address: 10.0.0.2:7470 }\n    - { name: n2, address: 10.0.0.3:7470 }\n",
+            "peers.nodes[1].name: \"n2\" is listed twice",
+        ),
+        (
+            "  nodes:\n    - { name: n2, address: 0.0.0.0:7470 }\n",
+            "peers.nodes[0].address",
+        ),
+        (
+            "  nodes:\n    - { name: \"n 2\", address: 10.0.0.2:7470 }\n",
+            "1-32 characters",
+        ),
+        (
+            "  listen: 10.0.0.1:0\n",
+            "peers.listen: 10.0.0.1:0 needs a port",
+        ),
+        ("  nodes: []\n  extra: 1\n", "unknown field `extra`"),
+    ] {
+        let err = with(yaml).unwrap_err().to_string();
+        assert!(err.contains(want), "{yaml}: {err}");
+    }
+    let mut many = String::new();
+    for i in 0..=MAX_PEERS {
+        let _ = writeln!(
+            many,
+            "    - {{ name: p{i}, address: 10.0.1.{}:7470 }}",
+            i + 1
+        );
+    }
+    let err = with(&format!("  nodes:\n{many}")).unwrap_err().to_string();
+    assert!(err.contains("at most 14"), "{err}");
+}

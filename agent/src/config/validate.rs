@@ -104,6 +104,7 @@ impl Config {
         self.validate_paths()?;
         self.validate_instances()?;
         self.validate_lanes()?;
+        self.validate_peers()?;
         self.breakers.validate()?;
         self.shadows.validate()?;
         crate::slo::spec::validate(&self.slos)?;

@@ -146,8 +146,11 @@ impl Agent {
     /// `quadrant instances`.
     #[must_use]
     pub fn instances_report(&self) -> crate::scale::InstancesReport {
-        self.instances
-            .report(&self.config, &locked(&self.dataplane))
+        let mut report = self
+            .instances
+            .report(&self.config, &locked(&self.dataplane));
+        report.peers = self.broker.peers().map(|p| p.status()).unwrap_or_default();
+        report
     }
 
     /// `quadrant drain Q K` (or its undoing): instance K of Q receives no new connections.

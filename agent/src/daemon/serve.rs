@@ -178,6 +178,10 @@ pub(super) async fn serve(
         "cannot serve lanes on",
         &agent.config.lane_socket(),
     ))?;
+    let peers = crate::peers::Peers::start(&agent).map_err(DaemonError::Refused)?;
+    if let Some(p) = &peers {
+        agent.broker.set_peers(Arc::clone(p));
+    }
     let a = Arc::clone(&agent);
     let status = tokio::task::spawn_blocking(move || a.status())
         .await
@@ -221,6 +225,10 @@ pub(super) async fn serve(
     drop(listener);
     lane_broker.stop();
     let _ = stop_tx.send(true);
+    if let Some(p) = peers {
+        let keep = matches!(pending_down, Some((_, true)));
+        let _ = tokio::task::spawn_blocking(move || p.stop(!keep)).await;
+    }
     let handed = if matches!(pending_down, Some((_, true))) {
         agent.supervisor.hand_over().await
     } else {

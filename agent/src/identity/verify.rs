@@ -89,6 +89,51 @@ mod tests {
     }
 
     #[test]
+    fn node_and_workload_svids_are_not_taken_for_each_other() {
+        let (ca, dir) = authority("nodes");
+        let now = SystemTime::now();
+        let node = ca
+            .mint_x509("spiffe://quadrant.local/node/n1", Duration::from_hours(1))
+            .unwrap();
+        assert_eq!(
+            verify_node_svid(&node.chain, ca.roots(), TD, now).unwrap(),
+            "spiffe://quadrant.local/node/n1"
+        );
+        assert!(matches!(
+            verify_svid(&node.chain, ca.roots(), TD, None, now),
+            Err(SvidError::NotQuadrantId(_))
+        ));
+        let workload = ca.mint_x509(PX_API, Duration::from_hours(1)).unwrap();
+        assert!(matches!(
+            verify_node_svid(&workload.chain, ca.roots(), TD, now),
+            Err(SvidError::NotNodeId(_))
+        ));
+        for id in [
+            "spiffe://quadrant.local/node/",
+            "spiffe://quadrant.local/node/a/b",
+        ] {
+            let odd = ca.mint_x509(id, Duration::from_hours(1)).unwrap();
+            assert!(
+                matches!(
+                    verify_node_svid(&odd.chain, ca.roots(), TD, now),
+                    Err(SvidError::NotNodeId(_))
+                ),
+                "{id}"
+            );
+        }
+        let (other, other_dir) = authority("other-nodes");
+        let foreign = other
+            .mint_x509("spiffe://quadrant.local/node/n1", Duration::from_hours(1))
+            .unwrap();
+        assert!(matches!(
+            verify_node_svid(&foreign.chain, ca.roots(), TD, now),
+            Err(SvidError::Chain(_))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(other_dir);
+    }
+
+    #[test]
     fn forged_certificates_are_refused_by_rule() {
         let (ca, dir) = authority("forged");
         let ds = || vec![KeyUsagePurpose::DigitalSignature];

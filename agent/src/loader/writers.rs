@@ -41,6 +41,25 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Adds (or replaces) PREFIXES entries, keeping the others: another node's quadrant
+    /// prefixes (`peers`).
+    pub fn add_prefixes(&mut self, entries: &[(Ipv4Net, Identity)]) -> Result<(), LoaderError> {
+        let mut trie: LpmTrie<_, u32, PrefixValue> =
+            LpmTrie::try_from(self.map_mut(maps::PREFIXES)?).map_err(map_err(maps::PREFIXES))?;
+        for (net, id) in entries {
+            trie.insert(
+                &lpm_key(*net),
+                PrefixValue {
+                    identity: *id as u8,
+                    pad: [0; 3],
+                },
+                0,
+            )
+            .map_err(map_err(maps::PREFIXES))?;
+        }
+        Ok(())
+    }
+
     /// Replaces the PREFIXES entries.
     pub fn write_prefixes(&mut self, entries: &[(Ipv4Net, Identity)]) -> Result<(), LoaderError> {
         let mut trie: LpmTrie<_, u32, PrefixValue> =

@@ -120,6 +120,9 @@ pub struct InstanceStatus {
 pub struct InstancesReport {
     /// Every instance of every quadrant.
     pub instances: Vec<InstanceStatus>,
+    /// The peer nodes (`peers`), whose instances take lanes none here can.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<crate::peers::PeerStatus>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -490,7 +493,10 @@ impl Instances {
                 }
             })
             .collect();
-        InstancesReport { instances }
+        InstancesReport {
+            instances,
+            peers: Vec::new(),
+        }
     }
 }
 
@@ -569,6 +575,30 @@ pub fn render(report: &InstancesReport) -> String {
                 services.join(" ")
             },
         );
+    }
+    if !report.peers.is_empty() {
+        out.push_str("\nPEER NODE         ADDRESS                LINK  LANES  PREFIXES\n");
+        for p in &report.peers {
+            let prefixes: Vec<String> =
+                p.prefixes.iter().map(|(q, n)| format!("{q}={n}")).collect();
+            let _ = writeln!(
+                out,
+                "{:<17} {:<22} {:<5} {:<6} {}{}",
+                p.name,
+                p.address,
+                if p.linked { "up" } else { "down" },
+                p.lanes_opened,
+                if prefixes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    prefixes.join(" ")
+                },
+                p.error
+                    .as_ref()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default(),
+            );
+        }
     }
     out
 }

@@ -349,6 +349,8 @@ fn steady(
     let (mut ok, mut not_sent, mut indeterminate, mut wrong) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut retried = 0u64;
+    // Why the first request that ended without an answer ended.
+    let mut first_failure: Option<String> = None;
     let mut latencies = Vec::new();
     let mut reply = Vec::new();
     let mut n: u32 = 0;
@@ -392,12 +394,14 @@ fn steady(
                     wrong.push(number);
                 }
             }
-            Err(CallError::NotSent { id, .. }) => {
+            Err(e @ CallError::NotSent { id, .. }) => {
+                first_failure.get_or_insert_with(|| e.to_string());
                 if let Some((number, ..)) = sent.remove(&id) {
                     not_sent.push(number);
                 }
             }
-            Err(CallError::Indeterminate { id, .. }) => {
+            Err(e @ CallError::Indeterminate { id, .. }) => {
+                first_failure.get_or_insert_with(|| e.to_string());
                 if let Some((number, ..)) = sent.remove(&id) {
                     indeterminate.push(number);
                 }
@@ -419,6 +423,7 @@ fn steady(
         "opens": stats.opens,
         "failovers": stats.failovers,
         "resent": stats.resent,
+        "first_failure": first_failure,
         "p50_us": percentile(&latencies, 0.50),
         "p99_us": percentile(&latencies, 0.99),
         "max_us": latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e6),

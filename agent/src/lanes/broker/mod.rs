@@ -47,12 +47,14 @@ mod open;
 mod open_lanes;
 pub mod ping;
 pub mod pool;
+mod remote;
 mod replicas;
 mod report;
 pub mod route;
 pub mod sli;
 pub mod trip;
 
+pub use decide::Refused;
 use decide::refuse;
 pub use report::{
     Acceleration, LaneInfo, LanesReport, QuadrantLanes, Refusals, ServiceInfo, render,
@@ -106,11 +108,23 @@ struct Shadow {
 struct OpenLane {
     info: LaneInfo,
     client_quadrant: Quadrant,
-    client_conn: Arc<Conn>,
-    server_conn: Arc<Conn>,
+    /// The opener's connection; none for a lane another node's workload opened.
+    client_conn: Option<Arc<Conn>>,
+    /// The service's connection; none for a lane to another node's instance.
+    server_conn: Option<Arc<Conn>>,
     opened: Instant,
     region: Region,
     memory: Mapping,
+}
+
+impl OpenLane {
+    /// Whether connection `id` is one of its ends.
+    fn has_conn(&self, id: u64) -> bool {
+        [&self.client_conn, &self.server_conn]
+            .into_iter()
+            .flatten()
+            .any(|c| c.id == id)
+    }
 }
 
 #[derive(Default)]
@@ -192,6 +206,8 @@ pub struct Broker {
     pub lane_opened: tokio::sync::Notify,
     /// Instances that take no new lanes (`quadrant drain`).
     draining: Mutex<std::collections::BTreeSet<(Quadrant, u8)>>,
+    /// The other nodes' agents, whose instances take lanes none here can (`peers`).
+    peers: std::sync::OnceLock<Arc<crate::peers::Peers>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -263,6 +279,7 @@ impl Broker {
             routes: Mutex::new(route::Routes::default()),
             lane_opened: tokio::sync::Notify::new(),
             draining: Mutex::new(std::collections::BTreeSet::new()),
+            peers: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::pinned(
                 config
                     .bpffs_dir()
@@ -270,6 +287,17 @@ impl Broker {
                     .join(dataplane_common::breaker::BREAKERS),
             ),
         }
+    }
+
+    /// Lanes no instance here can take go to these nodes' instances from now on.
+    pub fn set_peers(&self, peers: Arc<crate::peers::Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    /// The peer nodes, when configured.
+    #[must_use]
+    pub fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {
+        self.peers.get()
     }
 
     /// Takes instance `index` of `q` out of (or back into) the choice of new lanes.
@@ -725,11 +753,7 @@ impl Broker {
     /// its socket.
     fn close(&self, conn_id: u64, lane: u64) {
         let mut state = self.state();
-        if state
-            .lanes
-            .get(&lane)
-            .is_some_and(|e| e.client_conn.id == conn_id || e.server_conn.id == conn_id)
-        {
+        if state.lanes.get(&lane).is_some_and(|e| e.has_conn(conn_id)) {
             state.retire(lane);
             drop(state);
             self.pool.poke();
@@ -744,7 +768,7 @@ impl Broker {
         let gone: Vec<u64> = state
             .lanes
             .iter()
-            .filter(|(_, l)| l.client_conn.id == conn_id || l.server_conn.id == conn_id)
+            .filter(|(_, l)| l.has_conn(conn_id))
             .map(|(id, _)| *id)
             .collect();
         for lane in gone {

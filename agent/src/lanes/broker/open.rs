@@ -26,7 +26,7 @@ use crate::lanes::{
 };
 
 impl Broker {
-    fn svid_material(&self, id: &str) -> Result<control::SvidMaterial, Refused> {
+    pub(super) fn svid_material(&self, id: &str) -> Result<control::SvidMaterial, Refused> {
         let identity = self
             .identity
             .as_ref()
@@ -76,7 +76,11 @@ impl Broker {
             to_q,
             service,
         };
-        let target = self.find_service(to_q, service, (mirror, avoid_instance, affinity_key))?;
+        let local = self.find_service(to_q, service, (mirror, avoid_instance, affinity_key));
+        if let Some(done) = self.elsewhere(conn, (from_q, from_id), wanted, choice, &local) {
+            return done;
+        }
+        let target = local?;
         if !mirror {
             self.check_trip(to_q, service)?;
         }
@@ -127,6 +131,7 @@ impl Broker {
             age_secs: 0,
             mirror,
             instance: target.instance,
+            node: None,
         };
         // Charged before the lock is released, so concurrent opens cannot overshoot the limits.
         state.lanes.insert(
@@ -134,8 +139,8 @@ impl Broker {
             OpenLane {
                 info,
                 client_quadrant: from_q,
-                client_conn: Arc::clone(conn),
-                server_conn: Arc::clone(&target.conn),
+                client_conn: Some(Arc::clone(conn)),
+                server_conn: Some(Arc::clone(&target.conn)),
                 opened: Instant::now(),
                 region,
                 memory,
@@ -158,9 +163,44 @@ impl Broker {
         Ok(())
     }
 
+    /// A lane to another node's instance when none here can take it, or only the one the
+    /// caller passes over (or a hung one) could; `None` to go on with `local`.
+    fn elsewhere(
+        &self,
+        conn: &Arc<Conn>,
+        from: (Quadrant, &str),
+        wanted: &Wanted<'_>,
+        choice: TransportChoice,
+        local: &Result<Target, Refused>,
+    ) -> Option<Result<(), Refused>> {
+        let peers = self
+            .peers
+            .get()
+            .filter(|p| !wanted.mirror && p.any_linked())?;
+        let needed = match local {
+            Err(r) => r.reason == Refusal::NoService,
+            Ok(t) => t.weak,
+        };
+        if !needed {
+            return None;
+        }
+        match (self.open_remote(conn, from, wanted, choice, peers), local) {
+            (Ok(()), _) => Some(Ok(())),
+            (Err(e), Err(l)) => Some(Err(if e.reason == Refusal::NoService {
+                refuse(
+                    Refusal::NoService,
+                    format!("{}, nor on a peer node: {}", l.message, e.message),
+                )
+            } else {
+                e
+            })),
+            (Err(_), Ok(_)) => None,
+        }
+    }
+
     /// The service's listener (its shadow generation's, for a `mirror` lane) and, for a lane
     /// to a service with a shadow, the share of requests to copy to it.
-    fn find_service(
+    pub(super) fn find_service(
         &self,
         to_q: Quadrant,
         service: &str,
@@ -199,6 +239,7 @@ impl Broker {
             )
         })?;
         Ok(Target {
+            weak: avoid == Some(s.instance) || state.hung(s.conn.id),
             conn: Arc::clone(&s.conn),
             id: s.spiffe_id.clone(),
             tcp_port: s.tcp_port,
@@ -210,7 +251,7 @@ impl Broker {
         })
     }
 
-    fn choose(
+    pub(super) fn choose(
         &self,
         ask: &Ask<'_>,
         choice: TransportChoice,
@@ -355,11 +396,13 @@ impl Broker {
             address: Some(address),
             token: token.clone(),
             svid: self.svid_material(ask.from_id)?,
+            server_lane: None,
         };
         let server = TcpGrant {
             address: None,
             token,
             svid: self.svid_material(&target.id)?,
+            server_lane: None,
         };
         Ok((client, server))
     }
@@ -430,24 +473,26 @@ pub(super) struct Wanted<'a> {
 }
 
 /// Who asks for a lane to what.
-struct Ask<'a> {
-    from_q: Quadrant,
-    from_id: &'a str,
-    to_q: Quadrant,
-    service: &'a str,
+pub(super) struct Ask<'a> {
+    pub(super) from_q: Quadrant,
+    pub(super) from_id: &'a str,
+    pub(super) to_q: Quadrant,
+    pub(super) service: &'a str,
 }
 
 /// The service a lane goes to.
-struct Target {
-    conn: Arc<Conn>,
-    id: String,
-    tcp_port: Option<u16>,
+pub(super) struct Target {
+    /// The instance the caller passes over, or a hung one: the only one here that offers it.
+    pub(super) weak: bool,
+    pub(super) conn: Arc<Conn>,
+    pub(super) id: String,
+    pub(super) tcp_port: Option<u16>,
     /// The share of requests the client copies to the service's shadow generation.
-    mirror_ppm: Option<u32>,
+    pub(super) mirror_ppm: Option<u32>,
     /// The address of the instance offering it (where TCP lanes connect).
-    addr: std::net::Ipv4Addr,
+    pub(super) addr: std::net::Ipv4Addr,
     /// Which instance of the quadrant offers it.
-    instance: u8,
+    pub(super) instance: u8,
 }
 
 /// One end of a lane: what its workload is told and the descriptors it receives.
@@ -465,11 +510,11 @@ struct Built {
     server: End,
 }
 
-fn io_err(what: &str, e: &io::Error) -> Refused {
+pub(super) fn io_err(what: &str, e: &io::Error) -> Refused {
     refuse(Refusal::Io, format!("cannot create the lane's {what}: {e}"))
 }
 
-fn ring_rand(out: &mut [u8]) -> Result<(), ::ring::error::Unspecified> {
+pub(super) fn ring_rand(out: &mut [u8]) -> Result<(), ::ring::error::Unspecified> {
     use ::ring::rand::SecureRandom as _;
     ::ring::rand::SystemRandom::new().fill(out)
 }

@@ -65,16 +65,24 @@ impl OpenLanes {
         self.usage.of(q)
     }
 
+    /// Records a lane; one a workload of this node opened is charged to its quadrant (a lane
+    /// another node's workload opened is charged there).
     pub(super) fn insert(&mut self, id: u64, lane: OpenLane) {
-        self.usage.add(lane.client_quadrant, lane.info.shm_bytes);
-        if let Some(old) = self.map.insert(id, lane) {
+        if lane.client_conn.is_some() {
+            self.usage.add(lane.client_quadrant, lane.info.shm_bytes);
+        }
+        if let Some(old) = self.map.insert(id, lane)
+            && old.client_conn.is_some()
+        {
             self.usage.sub(old.client_quadrant, old.info.shm_bytes);
         }
     }
 
     pub(super) fn remove(&mut self, id: u64) -> Option<OpenLane> {
         let lane = self.map.remove(&id)?;
-        self.usage.sub(lane.client_quadrant, lane.info.shm_bytes);
+        if lane.client_conn.is_some() {
+            self.usage.sub(lane.client_quadrant, lane.info.shm_bytes);
+        }
         Some(lane)
     }
 }

@@ -77,7 +77,7 @@ impl State {
                 let open = self
                     .lanes
                     .values()
-                    .filter(|l| l.server_conn.id == s.conn.id)
+                    .filter(|l| l.server_conn.as_ref().is_some_and(|c| c.id == s.conn.id))
                     .count();
                 let by_key = affinity.map_or(0, |k| u64::MAX - rendezvous(k, s.instance));
                 (avoid == Some(s.instance), by_key, open, s.instance)

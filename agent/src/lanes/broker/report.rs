@@ -43,9 +43,14 @@ pub struct LaneInfo {
     /// A lane the client library opened to copy requests to the service's shadow generation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mirror: bool,
-    /// Which instance of the service's quadrant serves it (0: the quadrant's first).
+    /// Which instance of the service's quadrant serves it (0: the quadrant's first; on the
+    /// opener's node, `16·(p + 1) + k` is instance k of the p-th peer node).
     #[serde(default)]
     pub instance: u8,
+    /// A lane between nodes: on the opener's node, the node whose instance serves it; on the
+    /// service's node, the node whose workload opened it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A service being offered.
@@ -271,27 +276,7 @@ pub fn render(r: &LanesReport) -> String {
         let _ = writeln!(out, "  (none)");
     }
     for l in &r.lanes {
-        #[expect(clippy::cast_precision_loss, reason = "display only")]
-        let rtt = if l.rtt_ns == 0 {
-            "-".to_owned()
-        } else {
-            format!("{:.1} us", l.rtt_ns as f64 / 1000.0)
-        };
-        let _ = writeln!(
-            out,
-            "  #{} {:<3} {} -> {}/{}{} ({})  sent {} B / received {} B, {} messages, rtt {rtt}, {} s",
-            l.lane,
-            l.transport.name(),
-            l.client,
-            l.quadrant,
-            l.service,
-            if l.mirror { " (mirror to shadow)" } else { "" },
-            l.server,
-            l.bytes_to_server,
-            l.bytes_to_client,
-            l.messages,
-            l.age_secs
-        );
+        lane_line(&mut out, l);
     }
     let _ = writeln!(out, "\nusage (lanes opened by each quadrant):");
     for q in &r.quadrants {
@@ -335,4 +320,33 @@ pub fn render(r: &LanesReport) -> String {
         }
     }
     out
+}
+
+fn lane_line(out: &mut String, l: &LaneInfo) {
+    use std::fmt::Write as _;
+    #[expect(clippy::cast_precision_loss, reason = "display only")]
+    let rtt = if l.rtt_ns == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1} us", l.rtt_ns as f64 / 1000.0)
+    };
+    let _ = writeln!(
+        out,
+        "  #{} {:<3} {} -> {}/{}{}{} ({})  sent {} B / received {} B, {} messages, rtt {rtt}, {} s",
+        l.lane,
+        l.transport.name(),
+        l.client,
+        l.quadrant,
+        l.service,
+        if l.mirror { " (mirror to shadow)" } else { "" },
+        l.node
+            .as_ref()
+            .map(|n| format!(" [between nodes: {n}]"))
+            .unwrap_or_default(),
+        l.server,
+        l.bytes_to_server,
+        l.bytes_to_client,
+        l.messages,
+        l.age_secs
+    );
 }

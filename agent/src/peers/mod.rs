@@ -1,0 +1,492 @@
+//! Links between the agents of several nodes (`peers` in the configuration): a lane to a
+//! service that no instance on this node can take goes to an instance on another node, over
+//! TCP + mTLS between the workloads.
+//!
+//! Each agent proves itself with a node SVID (`spiffe://<trust domain>/node/<instance>`) from its
+//! CA; nodes trust each other when their CAs chain to one upstream CA (`identity.upstream`), as
+//! SPIRE servers sharing an `UpstreamAuthority` do, and accept only the nodes of their own list.
+//! On linking, both sides tell their quadrants' prefixes: each writes the other's into
+//! `PREFIXES` with the quadrant identities, so the kernel programs on both nodes judge the
+//! traffic between a caller here and an instance there by the same quadrant policy as local
+//! traffic, and (with `peers.routes`) routes them via the peer's address.
+//!
+//! A lane open here asks the service's node over the link (`Request::Open`); that agent decides
+//! it with its own policy and breakers, picks one of its instances, hands the service its end and
+//! answers where to connect with which one-time token. This agent gives the opener its end with
+//! an SVID from its own CA (both verify each other against the upstream root). Instances of the
+//! `p`-th node of `peers.nodes` appear in lane grants as `16·(p + 1) + k`, so a retrying caller
+//! can pass over one of them like a local one.
+
+mod serve;
+pub mod wire;
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::{Identity, Quadrant};
+use ipnet::Ipv4Net;
+use rustls::{ClientConnection, StreamOwned};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, PeerNode, node_id},
+    daemon::agent::Agent,
+    identity::IdentityService,
+    lanes::tls,
+};
+use wire::{Frames, Reply, Request};
+
+/// How often a link is checked with a hello, and how long a lost one waits before the next try.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// Connecting and the handshake, each.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an open waits for the service's node.
+pub const OPEN_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Reads wake this often to see whether the agent stops.
+const POLL: Duration = Duration::from_millis(100);
+
+type Link = (StreamOwned<ClientConnection, TcpStream>, Frames);
+
+struct Node {
+    cfg: PeerNode,
+    link: Mutex<Option<Link>>,
+    status: Mutex<PeerStatus>,
+    lanes: AtomicU64,
+}
+
+/// One peer node as `quadrant instances` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Its `instance`.
+    pub name: String,
+    /// Where its agent accepts peers.
+    pub address: String,
+    /// This agent's link to it is up.
+    pub linked: bool,
+    /// Why the link is down, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its quadrants' prefixes, as it told them (written into `PREFIXES`).
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub prefixes: BTreeMap<String, Ipv4Net>,
+    /// Lanes opened to its instances from here.
+    pub lanes_opened: u64,
+}
+
+/// The links to the other nodes and the acceptor of theirs.
+pub struct Peers {
+    config: Config,
+    identity: Arc<IdentityService>,
+    agent: Weak<Agent>,
+    nodes: Vec<Node>,
+    /// Prefixes written into `PREFIXES`, by node.
+    learned: Mutex<BTreeMap<String, BTreeMap<String, Ipv4Net>>>,
+    /// Routes added for the peers' prefixes.
+    routes: Mutex<Vec<Ipv4Net>>,
+    stop: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("nodes", &self.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Peers {
+    /// Starts the acceptor (with `peers.listen`) and one link per node; `None` without peers.
+    ///
+    /// # Errors
+    /// Without the identity service, or when `peers.listen` cannot be bound.
+    pub fn start(agent: &Arc<Agent>) -> Result<Option<Arc<Self>>, String> {
+        let config = &agent.config;
+        if config.peers.nodes.is_empty() && config.peers.listen.is_none() {
+            return Ok(None);
+        }
+        let identity = agent.identity.as_ref().map_err(|e| {
+            format!("peers need the identity service (node SVIDs), which is unavailable: {e}")
+        })?;
+        let peers = Arc::new(Self {
+            config: config.clone(),
+            identity: Arc::clone(identity),
+            agent: Arc::downgrade(agent),
+            nodes: config
+                .peers
+                .nodes
+                .iter()
+                .map(|n| Node {
+                    cfg: n.clone(),
+                    link: Mutex::new(None),
+                    status: Mutex::new(PeerStatus {
+                        name: n.name.clone(),
+                        address: n.address.to_string(),
+                        error: Some("not linked yet".into()),
+                        ..PeerStatus::default()
+                    }),
+                    lanes: AtomicU64::new(0),
+                })
+                .collect(),
+            learned: Mutex::default(),
+            routes: Mutex::default(),
+            stop: AtomicBool::new(false),
+            threads: Mutex::default(),
+        });
+        if let Some(addr) = config.peers.listen {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| format!("cannot accept peers on {addr}: {e}"))?;
+            info!(%addr, "accepting peer nodes");
+            let p = Arc::clone(&peers);
+            let handle = std::thread::Builder::new()
+                .name("peer-accept".into())
+                .spawn(move || p.accept_loop(&listener))
+                .map_err(|e| format!("cannot start the peer acceptor: {e}"))?;
+            locked(&peers.threads).push(handle);
+        }
+        for index in 0..peers.nodes.len() {
+            let p = Arc::clone(&peers);
+            let handle = std::thread::Builder::new()
+                .name(format!("peer-{index}"))
+                .spawn(move || p.link_loop(index))
+                .map_err(|e| format!("cannot start a peer link: {e}"))?;
+            locked(&peers.threads).push(handle);
+        }
+        Ok(Some(peers))
+    }
+
+    /// Ends the links and the acceptor; with `remove_routes`, deletes the routes it added.
+    pub fn stop(&self, remove_routes: bool) {
+        self.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut *locked(&self.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+        if remove_routes {
+            for net in locked(&self.routes).drain(..) {
+                let _ = crate::sys::ip(&["route", "del", &net.to_string()]);
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `d` in steps, returning early when the agent stops.
+    fn pause(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.stopping() && Instant::now() < end {
+            std::thread::sleep(POLL.min(end.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// Every peer node and its link, for `quadrant instances`.
+    #[must_use]
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let mut s = locked(&n.status).clone();
+                s.lanes_opened = n.lanes.load(Ordering::Relaxed);
+                s
+            })
+            .collect()
+    }
+
+    /// The peer nodes, in the order lanes go to them.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.nodes.iter().map(|n| n.cfg.name.as_str())
+    }
+
+    /// Whether any link is up.
+    #[must_use]
+    pub fn any_linked(&self) -> bool {
+        self.nodes.iter().any(|n| locked(&n.link).is_some())
+    }
+
+    /// This node's quadrant prefixes, as it tells them.
+    fn own_prefixes(&self) -> BTreeMap<String, Ipv4Net> {
+        Quadrant::ALL
+            .iter()
+            .map(|q| (q.name().to_owned(), self.config.addrs(*q).prefix))
+            .collect()
+    }
+
+    fn trust_domain(&self) -> &str {
+        self.identity.authority().trust_domain()
+    }
+
+    /// This node's SVID, decoded for rustls.
+    fn node_svid(&self) -> Result<tls::Svid, String> {
+        let id = node_id(self.trust_domain(), &self.config.instance);
+        let svid = self
+            .identity
+            .x509_for(&id)
+            .map_err(|e| format!("cannot issue the node SVID {id}: {e}"))?
+            .borrow()
+            .clone();
+        tls::Svid::from_material(&tls::Svid::material(
+            &svid.chain,
+            &svid.key_pkcs8,
+            self.identity.authority().roots(),
+            self.trust_domain(),
+        ))
+    }
+
+    /// Sends `request` to node `index` and waits for its answer (at most `timeout`); a broken
+    /// link is dropped (its keeper links again).
+    ///
+    /// # Errors
+    /// When the node is not linked, or the exchange fails or times out.
+    pub fn ask(&self, index: usize, request: &Request, timeout: Duration) -> Result<Reply, String> {
+        let node = &self.nodes[index];
+        let mut link = locked(&node.link);
+        let (stream, frames) = link
+            .as_mut()
+            .ok_or_else(|| format!("node {} is not linked", node.cfg.name))?;
+        let deadline = Instant::now() + timeout;
+        let answer = wire::write(stream, request).and_then(|()| {
+            frames
+                .next::<_, Reply>(stream, Some(deadline))?
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))
+        });
+        answer.map_err(|e| {
+            *link = None;
+            let why = format!("link to node {} failed: {e}", node.cfg.name);
+            locked(&node.status).linked = false;
+            locked(&node.status).error = Some(why.clone());
+            why
+        })
+    }
+
+    /// Counts a lane opened to node `index`.
+    pub(crate) fn count_lane(&self, index: usize) {
+        self.nodes[index].lanes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Keeps the link to node `index` up: links, then says hello every [`KEEPALIVE`].
+    fn link_loop(&self, index: usize) {
+        let node = &self.nodes[index];
+        while !self.stopping() {
+            if locked(&node.link).is_none() {
+                match self.link(node) {
+                    Ok(()) => info!(node = node.cfg.name, "linked to peer node"),
+                    Err(e) => {
+                        let mut s = locked(&node.status);
+                        if s.error.as_deref() != Some(e.as_str()) {
+                            warn!(node = node.cfg.name, error = %e, "cannot link to peer node");
+                        }
+                        s.linked = false;
+                        s.error = Some(e);
+                    }
+                }
+            } else {
+                let hello = Request::Hello {
+                    node: self.config.instance.clone(),
+                    prefixes: self.own_prefixes(),
+                };
+                if let Err(e) = self.ask(index, &hello, CONNECT_TIMEOUT) {
+                    warn!(node = node.cfg.name, error = %e, "peer link lost");
+                }
+            }
+            self.pause(KEEPALIVE);
+        }
+        *locked(&node.link) = None;
+    }
+
+    /// Connects to `node`, completes the handshake and the hellos, and learns its prefixes.
+    fn link(&self, node: &Node) -> Result<(), String> {
+        let peer_id = node_id(self.trust_domain(), &node.cfg.name);
+        let config = tls::node_client_config(&self.node_svid()?, &peer_id)?;
+        let addr = SocketAddr::V4(node.cfg.address);
+        let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let _ = sock.set_nodelay(true);
+        sock.set_read_timeout(Some(POLL))
+            .and_then(|()| sock.set_write_timeout(Some(CONNECT_TIMEOUT)))
+            .map_err(|e| format!("socket to {addr}: {e}"))?;
+        let conn = ClientConnection::new(config, tls::sni()).map_err(|e| e.to_string())?;
+        let mut stream = StreamOwned::new(conn, sock);
+        let mut frames = Frames::default();
+        let hello = Request::Hello {
+            node: self.config.instance.clone(),
+            prefixes: self.own_prefixes(),
+        };
+        wire::write(&mut stream, &hello).map_err(|e| format!("handshake with {addr}: {e}"))?;
+        let reply = frames
+            .next::<_, Reply>(&mut stream, Some(Instant::now() + CONNECT_TIMEOUT))
+            .map_err(|e| format!("handshake with {addr}: {e}"))?
+            .ok_or_else(|| format!("{addr} did not answer within {CONNECT_TIMEOUT:?}"))?;
+        let prefixes = match reply {
+            Reply::Hello {
+                node: name,
+                prefixes,
+            } if name == node.cfg.name => prefixes,
+            Reply::Hello { node: name, .. } => {
+                return Err(format!(
+                    "{addr} says it is node {name:?}, not {:?}",
+                    node.cfg.name
+                ));
+            }
+            Reply::Refused { message, .. } => {
+                return Err(format!(
+                    "node {} refused the link: {message}",
+                    node.cfg.name
+                ));
+            }
+            Reply::Granted(_) => return Err(format!("{addr} answered a hello with a grant")),
+        };
+        self.learn(&node.cfg.name, &prefixes)?;
+        *locked(&node.link) = Some((stream, frames));
+        let mut s = locked(&node.status);
+        s.linked = true;
+        s.error = None;
+        s.prefixes = prefixes;
+        Ok(())
+    }
+
+    /// Writes node `name`'s quadrant prefixes into `PREFIXES` (and routes them via its address)
+    /// after checking that none overlaps a prefix of this node or of another peer.
+    ///
+    /// # Errors
+    /// For an unknown quadrant, an overlap, or a failed map or route update.
+    pub(crate) fn learn(
+        &self,
+        name: &str,
+        prefixes: &BTreeMap<String, Ipv4Net>,
+    ) -> Result<(), String> {
+        let mut learned = locked(&self.learned);
+        if learned.get(name) == Some(prefixes) {
+            return Ok(());
+        }
+        let mut taken: Vec<(String, Ipv4Net)> = self
+            .own_prefixes()
+            .into_iter()
+            .map(|(q, n)| (format!("{q} on this node"), n))
+            .chain(
+                self.config
+                    .host
+                    .addresses
+                    .iter()
+                    .map(|n| ("a host address".to_owned(), n.trunc())),
+            )
+            .collect();
+        for (other, nets) in learned.iter().filter(|(n, _)| n.as_str() != name) {
+            taken.extend(
+                nets.iter()
+                    .map(|(q, n)| (format!("{q} on node {other}"), *n)),
+            );
+        }
+        let entries = entries_of(name, prefixes, &taken)?;
+        let agent = self.agent.upgrade().ok_or("the agent is stopping")?;
+        agent
+            .dataplane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add_prefixes(&entries)
+            .map_err(|e| format!("cannot write node {name}'s prefixes: {e}"))?;
+        if self.config.peers.routes
+            && let Some(node) = self.nodes.iter().find(|n| n.cfg.name == name)
+        {
+            let via = node.cfg.address.ip().to_string();
+            let mut routes = locked(&self.routes);
+            for (net, _) in &entries {
+                crate::sys::ip(&["route", "replace", &net.to_string(), "via", &via])
+                    .map_err(|e| format!("cannot route node {name}'s prefix {net}: {e}"))?;
+                if !routes.contains(net) {
+                    routes.push(*net);
+                }
+            }
+        }
+        info!(
+            node = name,
+            ?prefixes,
+            "peer node's quadrant prefixes written"
+        );
+        learned.insert(name.to_owned(), prefixes.clone());
+        Ok(())
+    }
+}
+
+/// The `PREFIXES` entries of node `name`'s quadrant prefixes, unless one names an unknown
+/// quadrant or overlaps a prefix in `taken` (described by what holds it).
+fn entries_of(
+    name: &str,
+    prefixes: &BTreeMap<String, Ipv4Net>,
+    taken: &[(String, Ipv4Net)],
+) -> Result<Vec<(Ipv4Net, Identity)>, String> {
+    let mut entries = Vec::new();
+    for (q, net) in prefixes {
+        let quadrant = Quadrant::from_name(q)
+            .ok_or_else(|| format!("node {name} names an unknown quadrant {q:?}"))?;
+        if let Some((what, _)) = taken
+            .iter()
+            .find(|(_, t)| t.contains(&net.network()) || net.contains(&t.network()))
+        {
+            return Err(format!(
+                "node {name}'s prefix {net} for {q} overlaps {what}; each node needs prefixes of \
+                 its own"
+            ));
+        }
+        entries.push((net.trunc(), Identity::from(quadrant)));
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(pairs: &[(&str, &str)]) -> BTreeMap<String, Ipv4Net> {
+        pairs
+            .iter()
+            .map(|(q, n)| ((*q).to_owned(), n.parse().expect("net")))
+            .collect()
+    }
+
+    #[test]
+    fn a_peers_prefixes_become_its_quadrants_unless_they_overlap() {
+        let taken = vec![(
+            "px on this node".to_owned(),
+            "10.240.2.0/24".parse().expect("net"),
+        )];
+        let ok = entries_of(
+            "b",
+            &nets(&[("px", "10.250.2.0/24"), ("pg", "10.250.3.0/24")]),
+            &taken,
+        )
+        .expect("disjoint");
+        assert_eq!(
+            ok,
+            vec![
+                ("10.250.3.0/24".parse().expect("net"), Identity::Pg),
+                ("10.250.2.0/24".parse().expect("net"), Identity::Px),
+            ]
+        );
+        for (net, why) in [
+            ("10.240.2.128/25", "inside"),
+            ("10.240.0.0/16", "around"),
+            ("10.240.2.0/24", "the same"),
+        ] {
+            let err = entries_of("b", &nets(&[("dx", net)]), &taken).expect_err(why);
+            assert!(err.contains("overlaps px on this node"), "{why}: {err}");
+        }
+        let err = entries_of("b", &nets(&[("qa", "10.9.0.0/24")]), &taken).expect_err("quadrant");
+        assert!(err.contains("unknown quadrant \"qa\""), "{err}");
+    }
+}

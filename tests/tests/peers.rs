@@ -1,0 +1,521 @@
+//! Instances on another node: two agents, one in the test's network namespace and one in a
+//! namespace of its own standing in for a second host, joined by a veth "link" and by a peer
+//! link (TCP + mTLS, node SVIDs from CAs under one upstream root). A lane from node A to a
+//! service only node B offers goes to B's instance; a caller whose local instance dies fails
+//! over to B without losing a request. Needs root.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::Quadrant;
+use quadrant::config::{Config, PeerNode, PeersConfig, UpstreamConfig};
+use quadrant_tests::harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256,
+};
+use serde_json::Value;
+
+const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
+const PEER_PORT: u16 = 7470;
+
+fn run(argv: &[&str]) {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An upstream root CA (PEM files) both agents' CAs chain to.
+fn upstream(dir: &Path) -> UpstreamConfig {
+    std::fs::create_dir_all(dir).expect("upstream dir");
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.distinguished_name
+        .push(DnType::CommonName, "quadrant test upstream");
+    let cert = p.self_signed(&key).expect("self-signed");
+    let (cert_path, key_path) = (dir.join("root.pem"), dir.join("root.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write");
+    UpstreamConfig {
+        cert: cert_path,
+        key: key_path,
+    }
+}
+
+fn slot_of(config: &Config) -> u8 {
+    config
+        .instance
+        .trim_start_matches("qt")
+        .parse()
+        .expect("qtN")
+}
+
+/// The namespace of node B and the link between the nodes, removed on drop.
+struct Link {
+    netns: String,
+    host_if: String,
+}
+
+impl Link {
+    /// Namespace `<b>-node`, a veth `<a>-nl` (10.250.S.1/30, here) ↔ `<b>-nl` (10.250.S.2/30,
+    /// in it), forwarding on both ends (the routed path between the nodes' quadrants).
+    fn new(a: &Config, b: &Config) -> (Self, [std::net::Ipv4Addr; 2]) {
+        let s = slot_of(a);
+        let netns = format!("{}-node", b.instance);
+        let (host_if, peer_if) = (format!("{}-nl", a.instance), format!("{}-nl", b.instance));
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        run(&["ip", "netns", "add", &netns]);
+        run(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if, "netns",
+            &netns,
+        ]);
+        let (ip_a, ip_b) = (format!("10.250.{s}.1"), format!("10.250.{s}.2"));
+        run(&["ip", "addr", "add", &format!("{ip_a}/30"), "dev", &host_if]);
+        run(&["ip", "link", "set", &host_if, "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip_b}/30"),
+            "dev",
+            &peer_if,
+        ]);
+        run(&["ip", "-n", &netns, "link", "set", &peer_if, "up"]);
+        run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{host_if}.forwarding=1"),
+        ]);
+        run(&[
+            "nsenter",
+            &format!("--net=/run/netns/{netns}"),
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{peer_if}.forwarding=1"),
+        ]);
+        (
+            Self { netns, host_if },
+            [ip_a.parse().expect("ip"), ip_b.parse().expect("ip")],
+        )
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+/// Links to `server` (node `server_name`'s acceptor) as SPIFFE ID `id`, with an SVID from a CA
+/// under the same upstream root, and says hello; the answer, or why there is none.
+fn link_as(
+    up: &UpstreamConfig,
+    id: &str,
+    server: std::net::SocketAddr,
+    server_name: &str,
+) -> String {
+    use quadrant::{
+        identity::ca::{Authority, Upstream},
+        lanes::tls,
+        peers::wire::{self, Frames, Reply, Request},
+    };
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("intruder-ca-{}", server.port()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ca = Authority::load_or_create(
+        &dir,
+        "quadrant.local",
+        Some(&Upstream {
+            cert: up.cert.clone(),
+            key: up.key.clone(),
+        }),
+    )
+    .expect("CA");
+    let svid = ca.mint_x509(id, Duration::from_mins(10)).expect("SVID");
+    let svid = tls::Svid::from_material(&tls::Svid::material(
+        &svid.chain,
+        &svid.key_pkcs8,
+        ca.roots(),
+        "quadrant.local",
+    ))
+    .expect("svid");
+    let config = tls::node_client_config(
+        &svid,
+        &quadrant::config::node_id("quadrant.local", server_name),
+    )
+    .expect("client config");
+    let sock =
+        std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2)).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let conn = rustls::ClientConnection::new(config, tls::sni()).expect("client");
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    let hello = Request::Hello {
+        node: id.rsplit('/').next().unwrap_or_default().to_owned(),
+        prefixes: std::collections::BTreeMap::new(),
+    };
+    if let Err(e) = wire::write(&mut stream, &hello) {
+        return format!("no link: {e}");
+    }
+    match Frames::default()
+        .next::<_, Reply>(&mut stream, Some(Instant::now() + Duration::from_secs(3)))
+    {
+        Ok(Some(Reply::Refused { message, .. })) => format!("refused: {message}"),
+        Ok(Some(other)) => format!("answered: {other:?}"),
+        Ok(None) => "no answer".to_owned(),
+        Err(e) => format!("no link: {e}"),
+    }
+}
+
+/// `quadrant instances --output json`'s peer nodes.
+fn peers(inst: &Instance) -> Vec<Value> {
+    let out = inst.quadrant(&["instances", "--output", "json"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("instances json");
+    v["peers"].as_array().cloned().unwrap_or_default()
+}
+
+fn until_linked(inst: &Instance) -> Value {
+    let start = Instant::now();
+    loop {
+        let p = peers(inst);
+        if p.first().is_some_and(|p| p["linked"] == true) {
+            return p[0].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{} never linked to its peer: {p:?}\n{}",
+            inst.config.instance,
+            inst.agent_log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The lane `quadrant lanes` on `inst` lists as one between it and node `node` (5 s at most).
+fn until_lane(inst: &Instance, node: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let out = inst.quadrant(&["lanes", "--output", "json"]);
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).expect("lanes json");
+        if let Some(l) = v["lanes"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["node"] == node))
+        {
+            return l.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{} lists no lane with node {node}: {v}",
+            inst.config.instance
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json_line(out: &std::process::Output, what: &str) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{what}: {stdout:?}: {e}"))
+}
+
+/// Two nodes, their link and the service both can run.
+struct Nodes {
+    a: Instance,
+    b: Instance,
+    up: UpstreamConfig,
+    acceptor_b: std::net::SocketAddr,
+    echo: String,
+    ledgers: PathBuf,
+    /// The servers' output: a server whose stdout closes dies at its next line.
+    outputs: Vec<std::sync::mpsc::Receiver<String>>,
+    // Dropped last: the agents go before their namespace and link.
+    _link: Link,
+}
+
+impl Nodes {
+    /// Node B in a namespace of its own, node A here; each lists the other as its peer.
+    fn up() -> Self {
+        let mut a_config = test_config(None);
+        let mut b_config = test_config(None);
+        let (link, [ip_a, ip_b]) = Link::new(&a_config, &b_config);
+        let up = upstream(
+            &PathBuf::from(TEST_STATE_DIR).join(format!("{}-upstream", a_config.instance)),
+        );
+        let (a_name, b_name) = (a_config.instance.clone(), b_config.instance.clone());
+        for (c, me, (name, ip_other)) in [
+            (&mut a_config, ip_a, (b_name, ip_b)),
+            (&mut b_config, ip_b, (a_name, ip_a)),
+        ] {
+            // A CA left by another test of the slot chains to no upstream.
+            let _ = std::fs::remove_dir_all(&c.identity.ca_dir);
+            c.identity.upstream = Some(up.clone());
+            c.peers = PeersConfig {
+                listen: Some(std::net::SocketAddrV4::new(me, PEER_PORT)),
+                nodes: vec![PeerNode {
+                    name,
+                    address: std::net::SocketAddrV4::new(ip_other, PEER_PORT),
+                }],
+                routes: true,
+            };
+        }
+        let b = Instance::up_in(b_config, QPROBE, Some(&link.netns));
+        let a = Instance::up(a_config, QPROBE);
+        let echo = sibling_binary(QPROBE, "lane-echo");
+        let ledgers =
+            std::env::temp_dir().join(format!("quadrant-peer-ledgers-{}", a.config.instance));
+        let _ = std::fs::remove_dir_all(&ledgers);
+        std::fs::create_dir_all(&ledgers).expect("ledger dir");
+        Self {
+            a,
+            b,
+            up,
+            acceptor_b: std::net::SocketAddr::new(ip_b.into(), PEER_PORT),
+            echo: echo.to_str().expect("utf8").to_owned(),
+            ledgers,
+            outputs: Vec::new(),
+            _link: link,
+        }
+    }
+
+    fn ledger(&self, node: &str) -> String {
+        self.ledgers.join(node).to_str().expect("utf8").to_owned()
+    }
+
+    /// The echo service in PX of node `node` ("a" or "b"), writing its ledger.
+    fn serve(&mut self, node: &str) -> u32 {
+        let ledger = self.ledger(node);
+        let echo = self.echo.clone();
+        let inst = if node == "a" {
+            &mut self.a
+        } else {
+            &mut self.b
+        };
+        let (pid, output) = inst.background_in(
+            Quadrant::Px,
+            Some("echo"),
+            &[
+                &echo,
+                "serve",
+                "echo",
+                "--tcp-port",
+                "7000",
+                "--ledger",
+                &ledger,
+            ],
+            "listening as",
+        );
+        self.outputs.push(output);
+        pid
+    }
+
+    /// `lane-echo ARGS…` in A's PG as workload `caller`, on a thread of its own.
+    fn caller(&self, args: &[&str]) -> thread::JoinHandle<std::process::Output> {
+        let mut command = Command::new(&self.a.bin);
+        command
+            .arg("--config")
+            .arg(&self.a.config_path)
+            .args(["exec", "pg", "--workload", "caller", "--", &self.echo])
+            .args(args)
+            .stdin(Stdio::null());
+        thread::spawn(move || command.output().expect("run lane-echo"))
+    }
+
+    /// Both linked, each with the other's prefixes.
+    fn linked(&self) {
+        let seen_by_a = until_linked(&self.a);
+        let seen_by_b = until_linked(&self.b);
+        let b_px = self.b.config.quadrants["px"].prefix.to_string();
+        let a_pg = self.a.config.quadrants["pg"].prefix.to_string();
+        assert_eq!(seen_by_a["prefixes"]["px"], b_px, "{seen_by_a}");
+        assert_eq!(seen_by_b["prefixes"]["pg"], a_pg, "{seen_by_b}");
+    }
+
+    /// Only the nodes of its list may link: a node SVID of another name under the same root is
+    /// refused after the handshake, a workload's SVID in the handshake.
+    fn only_listed_nodes_link(&self) {
+        let b_name = &self.b.config.instance;
+        let intruder = link_as(
+            &self.up,
+            "spiffe://quadrant.local/node/intruder",
+            self.acceptor_b,
+            b_name,
+        );
+        assert!(
+            intruder.starts_with("refused:")
+                && intruder.contains("is not a node of this agent's peers.nodes"),
+            "{intruder}"
+        );
+        let workload = link_as(
+            &self.up,
+            "spiffe://quadrant.local/quadrant/pg/workload/caller",
+            self.acceptor_b,
+            b_name,
+        );
+        assert!(workload.starts_with("no link:"), "{workload}");
+    }
+
+    /// Node B's kernel knows A's prefixes as A's quadrants: A's PG reaches B's PX on the
+    /// service's port; the host of A (an outside address to B) does not.
+    fn kernels_know_the_other_nodes_quadrants(&self) {
+        let b_px = format!("{}:7000", self.b.addr(Quadrant::Px));
+        let (reached, why) = self.a.probe(Quadrant::Pg, &["tcp-connect", &b_px, "1000"]);
+        assert!(reached, "A's PG to B's PX: {why}");
+        let denied = self.b.counter("tc_egress", Quadrant::Px, "deny_policy");
+        let from_host = Command::new(QPROBE)
+            .args(["tcp-connect", &b_px, "500"])
+            .output()
+            .expect("qprobe");
+        assert!(
+            !from_host.status.success(),
+            "the outside reaches no quadrant of B: {}",
+            String::from_utf8_lossy(&from_host.stdout)
+        );
+        assert!(
+            self.b.counter("tc_egress", Quadrant::Px, "deny_policy") > denied,
+            "B's tc dropped it by policy"
+        );
+    }
+
+    /// Only B offers the service: a lane from A's PG goes there, over TCP + mTLS, and both
+    /// nodes list it as a lane between them; shared memory cannot cross.
+    fn lanes_go_to_b(&self) {
+        let call = |transport: &str| {
+            self.a.run_in(
+                Quadrant::Pg,
+                Some("caller"),
+                &[
+                    &self.echo,
+                    "call",
+                    "px",
+                    "echo",
+                    "--count",
+                    "20",
+                    "--transport",
+                    transport,
+                ],
+            )
+        };
+        let summary = json_line(&call("auto"), "call to node B");
+        assert_eq!(summary["transport"], "tcp", "{summary}");
+        let held = self.caller(&["call", "px", "echo", "--count", "1", "--hold", "3"]);
+        let on_a = until_lane(&self.a, &self.b.config.instance);
+        let on_b = until_lane(&self.b, &self.a.config.instance);
+        assert!(
+            on_a["instance"].as_u64() >= Some(16),
+            "peer instances are 16 and up: {on_a}"
+        );
+        assert_eq!(on_b["instance"], 0, "{on_b}");
+        assert_eq!(on_a["client"], on_b["client"]);
+        assert_eq!(on_a["server"], on_b["server"]);
+        json_line(&held.join().expect("held call"), "held call");
+        let out = call("shm");
+        assert!(!out.status.success(), "shared memory cannot cross nodes");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("lanes between nodes are TCP + mTLS"),
+            "{stderr}"
+        );
+        let p = peers(&self.a);
+        assert!(p[0]["lanes_opened"].as_u64() >= Some(2), "{p:?}");
+    }
+
+    /// A local instance takes lanes first; when it dies, the caller's requests go to B's and
+    /// none is lost.
+    fn failover_to_b(&mut self) {
+        let local = self.serve("a");
+        let caller = self.caller(&[
+            "steady",
+            "px",
+            "echo",
+            "--rate",
+            "200",
+            "--seconds",
+            "4",
+            "--tag",
+            "x",
+        ]);
+        thread::sleep(Duration::from_millis(1500));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(local).expect("pid")),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let out = caller.join().expect("caller");
+        let mut summary = json_line(&out, "steady caller");
+        let numbers = summary["ok_numbers"].take();
+        // Lists shortened to their lengths for the report.
+        for list in ["not_sent", "indeterminate", "wrong_answer"] {
+            let n = summary[list].as_array().map_or(0, Vec::len);
+            summary[list] = n.into();
+        }
+        eprintln!("caller across nodes: {summary}");
+        for empty in ["not_sent", "indeterminate", "wrong_answer"] {
+            assert_eq!(
+                summary[empty],
+                0,
+                "{empty}: {summary}\n{}\nnode A: {}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&self.a.quadrant(&["lanes"]).stdout),
+            );
+        }
+        assert_eq!(summary["ok"], summary["submitted"], "{summary}");
+        assert!(summary["failovers"].as_u64() >= Some(1), "{summary}");
+        let ledger_a = std::fs::read_to_string(self.ledger("a")).unwrap_or_default();
+        let ledger_b = std::fs::read_to_string(self.ledger("b")).unwrap_or_default();
+        let (mut on_a, mut on_b) = (0, 0);
+        for n in numbers.as_array().expect("ok numbers") {
+            let msg = format!(" x-{n}");
+            if ledger_b.lines().any(|l| l.ends_with(&msg)) {
+                on_b += 1;
+            } else {
+                assert!(
+                    ledger_a.lines().any(|l| l.ends_with(&msg)),
+                    "x-{n} was answered but no instance handled it"
+                );
+                on_a += 1;
+            }
+        }
+        eprintln!("requests handled on node A: {on_a}, on node B: {on_b}");
+        assert!(
+            on_a > 0 && on_b > 0,
+            "before and after the kill: {on_a} / {on_b}"
+        );
+    }
+}
+
+#[test]
+fn lanes_go_to_another_nodes_instance_and_fail_over_to_it() {
+    let mut nodes = Nodes::up();
+    nodes.linked();
+    nodes.only_listed_nodes_link();
+    nodes.serve("b");
+    nodes.kernels_know_the_other_nodes_quadrants();
+    nodes.lanes_go_to_b();
+    nodes.failover_to_b();
+}
