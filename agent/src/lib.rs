@@ -29,6 +29,7 @@ pub mod admission;
 pub mod artifacts;
 pub mod audit;
 pub mod breakers;
+pub mod chaos;
 pub mod config;
 pub mod control;
 pub mod daemon;

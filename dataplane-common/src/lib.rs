@@ -32,8 +32,10 @@
 /// a VIP from outside the quadrants (the host, or the world forwarded by it) are translated per
 /// packet in tc — the tc egress of the veth the VIP is routed to picks the backend at the
 /// connection's first packet and redirects it to that instance's veth, the tc ingress of every
-/// veth gives the answers the VIP back (`LB_FLOWS`).
-pub const PROGRAM_SET_VERSION: u32 = 10;
+/// veth gives the answers the VIP back (`LB_FLOWS`); 11: chaos faults (`CHAOS_FAULTS`, each
+/// ending by itself at its expiry): tc egress drops or delays packets delivered into a quadrant,
+/// `connect4`/`sendmsg4` refuse with `ECONNREFUSED`.
+pub const PROGRAM_SET_VERSION: u32 = 11;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
@@ -45,8 +47,9 @@ pub const PROGRAM_SET_VERSION: u32 = 10;
 /// `sock_ops` hook's counters; 7: `BREAKER_ADMISSION` (and `BreakerLimits::admission` where
 /// layout 6 had padding); 8: `CGROUPS` values name the instance and its address, the
 /// `LB_SERVICES`, `LB_BACKENDS`, `LB_ACTIVE` and `LB_SOCKS` maps, and the counters of the
-/// `getpeername4` and `recvmsg4` hooks; 9: `LB_FLOWS`, `LB_EXPIRED` and `LbBackend::ifindex`.
-pub const MAP_LAYOUT_VERSION: u32 = 9;
+/// `getpeername4` and `recvmsg4` hooks; 9: `LB_FLOWS`, `LB_EXPIRED` and `LbBackend::ifindex`;
+/// 10: `CHAOS_ARMED` and `CHAOS_FAULTS` (not carried over: a takeover ends every fault).
+pub const MAP_LAYOUT_VERSION: u32 = 10;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow
@@ -66,6 +69,7 @@ pub const DIRECTED_CONNTRACK_LAYOUTS: core::ops::RangeInclusive<u32> = 1..=3;
 pub const STATS_LAYOUT_SINCE: u32 = 2;
 
 pub mod breaker;
+pub mod chaos;
 pub mod identity;
 pub mod lb;
 pub mod maps;

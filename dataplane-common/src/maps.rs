@@ -75,7 +75,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 29] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -103,6 +103,8 @@ pub const ALL: [&str; 27] = [
     crate::lb::LB_MAGLEV,
     crate::lb::LB_FLOWS,
     crate::lb::LB_EXPIRED,
+    crate::chaos::CHAOS_ARMED,
+    crate::chaos::CHAOS_FAULTS,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`

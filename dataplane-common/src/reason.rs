@@ -104,6 +104,10 @@ reasons! {
     /// call fails with `ECONNREFUSED`, as a Kubernetes service without endpoints answers (a
     /// packet from outside the quadrants, translated in tc, is dropped).
     RefuseNoBackend = 37, "refuse_no_backend", Drop;
+    /// A chaos fault refuses this `connect`/`sendmsg` (`ECONNREFUSED`).
+    RefuseChaos = 38, "refuse_chaos", Drop;
+    /// A chaos fault drops this packet.
+    DropChaos = 39, "drop_chaos", Drop;
 }
 
 impl Reason {
@@ -121,7 +125,7 @@ impl Reason {
     /// or a service with no ready instance) rather than `EPERM` (policy).
     #[must_use]
     pub const fn is_connection_refused(self) -> bool {
-        self.is_breaker() || matches!(self, Self::RefuseNoBackend)
+        self.is_breaker() || matches!(self, Self::RefuseNoBackend | Self::RefuseChaos)
     }
 }
 

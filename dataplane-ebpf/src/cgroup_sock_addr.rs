@@ -92,7 +92,9 @@ fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
             proto,
             caller: slot as u8,
         };
-        if let Some(refusal) = breaker::at_connect(ctx.sock_addr.cast(), key, connect) {
+        if let Some(refusal) = crate::chaos::at_connect(key.caller, daddr)
+            .or_else(|| breaker::at_connect(ctx.sock_addr.cast(), key, connect))
+        {
             reason = refusal;
         }
     }

@@ -28,6 +28,7 @@
 
 mod breaker;
 mod cgroup_sock_addr;
+mod chaos;
 mod decide;
 mod lane_accel;
 mod lb;

@@ -99,7 +99,16 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject, Option<(u
                 }
                 Into::Untouched => decide_packet(&flow, quadrant, dir, true),
             };
-            let allowed = matches!(reason.verdict(), Verdict::Pass);
+            let mut allowed = matches!(reason.verdict(), Verdict::Pass);
+            let reason = if into
+                && allowed
+                && let Some(fault) = crate::chaos::into_quadrant(ctx, flow.saddr, quadrant)
+            {
+                allowed = false;
+                fault
+            } else {
+                reason
+            };
             if into && flow.proto == PROTO_ICMP && allowed {
                 unreachable_into(ctx, quadrant);
             }

@@ -8,8 +8,13 @@
 use std::{net::Ipv4Addr, thread, time::Duration};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
-use dataplane_common::{Hook, Quadrant, Reason, Verdict, reason::UNATTRIBUTED_SLOT};
+use dataplane_common::{
+    Hook, Quadrant, Reason, Verdict,
+    chaos::{CHAOS_ARMED, CHAOS_FAULTS, Fault, FaultKey},
+    reason::UNATTRIBUTED_SLOT,
+};
 use quadrant::{
+    chaos::{Action, FaultSpec},
     config::{Config, PolicyRule},
     loader::{Dataplane, programs},
     policy::{CompiledPolicy, KernelPolicy, PolicyBundle},
@@ -964,5 +969,116 @@ fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
         checked(&out),
         (PX, 9000, PX_GW, 40000),
         "a direct connection on a translated flow's old tuple is not translated back"
+    );
+}
+
+/// Writes `spec`'s entries into the loaded dataplane's chaos maps, armed as the controller arms
+/// them (the armed horizon at `armed_until`, monotonic ns).
+fn arm(dp: &mut Dataplane, entries: &[(FaultKey, Fault)], armed_until: u64) {
+    let mut faults: aya::maps::HashMap<_, FaultKey, Fault> =
+        aya::maps::HashMap::try_from(dp.ebpf_mut().map_mut(CHAOS_FAULTS).expect("map"))
+            .expect("hash");
+    for (k, f) in entries {
+        faults.insert(k, f, 0).expect("insert");
+    }
+    let mut armed: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(dp.ebpf_mut().map_mut(CHAOS_ARMED).expect("map"))
+            .expect("array");
+    armed.set(0, armed_until, 0).expect("set");
+}
+
+fn fault_counts(dp: &mut Dataplane, key: FaultKey) -> (u64, u64) {
+    let faults: aya::maps::HashMap<_, FaultKey, Fault> =
+        aya::maps::HashMap::try_from(dp.ebpf_mut().map_mut(CHAOS_FAULTS).expect("map"))
+            .expect("hash");
+    let f = faults.get(&key, 0).expect("fault");
+    (f.matched, f.dropped)
+}
+
+#[test]
+fn chaos_faults_drop_only_what_they_name_and_only_while_armed_and_live() {
+    use Reason::*;
+    let mut dp = dataplane(&Config::embedded(), true);
+    let slot = Quadrant::Dx as u32;
+    // A new source port each time: a tracked flow would pass as established.
+    let dg_to_dx = |port: u16| udp(DG, port, DX, 53);
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("nothing armed", dg_to_dx(41001), AllowPolicy),
+    );
+
+    let now = quadrant::breakers::monotonic_ns();
+    let spec = FaultSpec {
+        action: Action::Drop,
+        from: "dg".into(),
+        to: "dx".into(),
+        percent: 100.0,
+        delay_ms: 0,
+        jitter_ms: 0,
+        both_ways: false,
+        seconds: 60,
+    };
+    let entries = spec.entries(false, now).expect("fault");
+    let key = entries[0].0;
+    // Written but not armed: the programs never look.
+    arm(&mut dp, &entries, 0);
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("fault not armed", dg_to_dx(41002), AllowPolicy),
+    );
+    assert_eq!(fault_counts(&mut dp, key), (0, 0));
+
+    arm(&mut dp, &entries, now + 60_000_000_000);
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("DG -> DX dropped", dg_to_dx(41003), DropChaos),
+    );
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "host -> DX not named",
+            tcp(DX_GW, 42000, DX, 22),
+            AllowPolicy,
+        ),
+    );
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "denied before any fault",
+            tcp(PX, 42001, DX, 80),
+            DenyPolicy,
+        ),
+    );
+    assert_eq!(
+        fault_counts(&mut dp, key),
+        (1, 1),
+        "matched and dropped once"
+    );
+
+    // Armed, but the fault itself has ended.
+    let ended = spec.entries(false, now).expect("fault");
+    let ended: Vec<_> = ended
+        .into_iter()
+        .map(|(k, mut f)| {
+            f.expires_ns = now;
+            (k, f)
+        })
+        .collect();
+    arm(&mut dp, &ended, now + 60_000_000_000);
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case("fault expired", dg_to_dx(41004), AllowPolicy),
     );
 }

@@ -3,6 +3,7 @@
 //! [`render`].
 
 mod artifacts;
+mod chaos;
 mod lanes;
 mod lifecycle;
 mod plans;
@@ -236,6 +237,12 @@ pub enum Command {
         #[command(subcommand)]
         command: lifecycle::DataplaneCommand,
     },
+    /// Faults injected into the dataplane's own programs (drop, delay, refuse), each ending by
+    /// itself at its expiry; this process is the controller, not the agent.
+    Chaos {
+        #[command(subcommand)]
+        command: chaos::ChaosCommand,
+    },
 }
 
 /// Text for people, or JSON for programs.
@@ -268,6 +275,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             instances,
         } => lanes::scale(&config, &quadrant, instances),
         Command::Instances { output } => lanes::instances(&config, output),
+        Command::Chaos { command } => chaos::run(&config, command),
         Command::Place {
             plan,
             explain,

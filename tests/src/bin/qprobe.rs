@@ -103,6 +103,11 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
             arg(args, 3, "COUNT")?.parse().context("COUNT")?,
         ),
         "udp-push" => udp_push(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
+        "udp-rtt" => Ok(report(udp_rtt(
+            arg(args, 1, "ADDR:PORT")?.parse()?,
+            arg(args, 2, "COUNT")?.parse().context("COUNT")?,
+            timeout(args, 3)?,
+        ))),
         "udp-echo" => udp_echo(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
         "raw-udp" => {
             let src: Ipv4Addr = arg(args, 1, "SRC")?.parse()?;
@@ -373,6 +378,46 @@ fn udp_echo(addr: SocketAddr) -> anyhow::Result<()> {
         // A reply the sender's quadrant may refuse; the error is not the echo server's concern.
         let _ = s.send_to(&buf[..n], peer);
     }
+}
+
+/// `count` numbered datagrams to a `udp-echo` server one at a time, each waiting up to `timeout`
+/// for its echo: how many were answered and the round trips (µs) of those.
+fn udp_rtt(addr: SocketAddr, count: u32, timeout: Duration) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| errno_name(&e))?;
+    s.connect(addr).map_err(|e| errno_name(&e))?;
+    s.set_read_timeout(Some(Duration::from_millis(5)))
+        .map_err(|e| errno_name(&e))?;
+    let mut rtts = Vec::new();
+    let mut buf = [0u8; 64];
+    for i in 0..count {
+        let msg = format!("rtt-{i}");
+        let start = Instant::now();
+        if s.send(msg.as_bytes()).is_err() {
+            continue;
+        }
+        while start.elapsed() < timeout {
+            match s.recv(&mut buf) {
+                Ok(n) if &buf[..n] == msg.as_bytes() => {
+                    rtts.push(start.elapsed().as_micros());
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    rtts.sort_unstable();
+    let at = |q: usize| {
+        rtts.get(q * rtts.len().saturating_sub(1) / 100)
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(format!(
+        "{{\"sent\":{count},\"answered\":{},\"min_us\":{},\"p50_us\":{},\"max_us\":{}}}",
+        rtts.len(),
+        at(0),
+        at(50),
+        at(100)
+    ))
 }
 
 /// Opens (and closes) an `AF_PACKET` socket, which could send any frame on the interface.

@@ -1,0 +1,615 @@
+//! The chaos controller's faults in the dataplane (`quadrant chaos`): written straight into the
+//! pinned `CHAOS_FAULTS` map by the controller's own process — not the agent, which may be one
+//! of the things an experiment kills — each with an expiry the programs check against the kernel
+//! clock, so a fault ends on time whoever dies (`dataplane_common::chaos`).
+//!
+//! Blast radius: a fault names its source and destination identities; one that can touch a
+//! production quadrant (PX, PG, or `any`) needs `allow_production`.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use dataplane_common::{
+    Identity, Quadrant,
+    chaos::{
+        ANY, CHAOS_ARMED, CHAOS_FAULTS, CHAOS_FAULTS_MAX, Fault, FaultKey, PPM, SCOPE_CONNECT,
+        SCOPE_PACKET,
+    },
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{breakers::monotonic_ns, config::Config};
+
+/// The longest a fault may last.
+pub const MAX_DURATION: Duration = Duration::from_hours(1);
+/// The longest delay (the `fq` qdisc drops packets scheduled beyond its 10 s horizon).
+pub const MAX_DELAY_MS: u32 = 5_000;
+
+/// What a fault does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Drop packets delivered into the destination quadrant (a share with `percent`).
+    Drop,
+    /// Delay packets delivered into the destination quadrant.
+    Delay,
+    /// Refuse `connect`/`sendmsg` with `ECONNREFUSED` (a share with `percent`).
+    Refuse,
+}
+
+/// One fault, as asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// What it does.
+    pub action: Action,
+    /// Source identity (dx, dg, px, pg, host, world) or `any`; for `refuse`, the calling
+    /// quadrant.
+    pub from: String,
+    /// Destination: the quadrant delivered into (or `any`); for `refuse`, any identity.
+    pub to: String,
+    /// Share of the matched traffic dropped or refused, in percent (0 < p ≤ 100).
+    #[serde(default = "all")]
+    pub percent: f64,
+    /// Added delay, ms (`delay`).
+    #[serde(default)]
+    pub delay_ms: u32,
+    /// Uniform jitter around the delay, ms (`delay`).
+    #[serde(default)]
+    pub jitter_ms: u32,
+    /// Both directions: also from `to` to `from` (a partition).
+    #[serde(default)]
+    pub both_ways: bool,
+    /// How long it lasts, seconds.
+    pub seconds: u64,
+}
+
+fn all() -> f64 {
+    100.0
+}
+
+/// A fault in the map, as `quadrant chaos status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultStatus {
+    /// What it does: `drop`, `delay` or `refuse`.
+    pub action: Action,
+    /// Source identity or `any`.
+    pub from: String,
+    /// Destination identity or `any`.
+    pub to: String,
+    /// Drop or refusal share, percent.
+    pub percent: f64,
+    /// Delay and jitter, ms.
+    pub delay_ms: f64,
+    /// Jitter, ms.
+    pub jitter_ms: f64,
+    /// Milliseconds left (0: ended, waiting to be removed).
+    pub left_ms: u64,
+    /// Packets or operations it matched while live.
+    pub matched: u64,
+    /// Of those, dropped or refused.
+    pub dropped: u64,
+}
+
+/// Why a fault cannot be armed, or the maps cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ChaosError {
+    /// The fault is not valid; the message names the field and the limit.
+    #[error("invalid fault: {0}")]
+    Invalid(String),
+    /// The pinned maps (is the agent's dataplane up?).
+    #[error("chaos map {name} at {path}: {reason}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Its pin.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A command the controller runs (`ip`, `tc`).
+    #[error("{0}")]
+    Sys(String),
+}
+
+/// An identity by name, or [`ANY`].
+fn identity(field: &str, name: &str) -> Result<u8, ChaosError> {
+    if name == "any" {
+        return Ok(ANY);
+    }
+    Identity::from_name(name).map(|i| i as u8).ok_or_else(|| {
+        ChaosError::Invalid(format!(
+            "{field}: {name:?} is not dx, dg, px, pg, host, world or any"
+        ))
+    })
+}
+
+fn name_of(id: u8) -> String {
+    if id == ANY {
+        return "any".into();
+    }
+    Identity::ALL
+        .iter()
+        .find(|i| **i as u8 == id)
+        .map_or_else(|| format!("identity {id}"), |i| i.name().to_owned())
+}
+
+fn is_production(id: u8) -> bool {
+    id == ANY || id == Identity::Px as u8 || id == Identity::Pg as u8
+}
+
+impl FaultSpec {
+    /// The map entries of this fault (two for `both_ways`), checked against the limits and the
+    /// blast-radius rule.
+    ///
+    /// # Errors
+    /// The first field out of its limits, or a production quadrant without `allow_production`.
+    pub fn entries(
+        &self,
+        allow_production: bool,
+        now_ns: u64,
+    ) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
+        let invalid = |m: String| Err(ChaosError::Invalid(m));
+        let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
+        let scope = if self.action == Action::Refuse {
+            SCOPE_CONNECT
+        } else {
+            SCOPE_PACKET
+        };
+        let quadrant_or_any = |id: u8| id == ANY || usize::from(id) < Quadrant::ALL.len();
+        if scope == SCOPE_PACKET && !quadrant_or_any(dst) {
+            return invalid(format!(
+                "to: {} — packet faults act on packets delivered into a quadrant; name one or any",
+                self.to
+            ));
+        }
+        if scope == SCOPE_CONNECT && !quadrant_or_any(src) {
+            return invalid(format!(
+                "from: {} — refuse acts on the connects of a quadrant's processes; name one or any",
+                self.from
+            ));
+        }
+        if self.both_ways && !(quadrant_or_any(src) && quadrant_or_any(dst)) {
+            return invalid("both_ways: needs quadrants (or any) on both sides".into());
+        }
+        if !allow_production && (is_production(src) || is_production(dst)) {
+            return invalid(format!(
+                "{} -> {} can reach a production quadrant (px, pg; any includes them): name it \
+                 explicitly with --allow-production",
+                self.from, self.to
+            ));
+        }
+        if !(self.percent > 0.0 && self.percent <= 100.0) {
+            return invalid(format!("percent: {} is outside (0, 100]", self.percent));
+        }
+        if self.seconds == 0 || self.seconds > MAX_DURATION.as_secs() {
+            return invalid(format!(
+                "seconds: {} is outside 1..={}",
+                self.seconds,
+                MAX_DURATION.as_secs()
+            ));
+        }
+        let (drop_ppm, delay_us, jitter_us) = match self.action {
+            Action::Delay => {
+                if self.delay_ms == 0 && self.jitter_ms == 0 {
+                    return invalid("delay_ms: a delay fault needs a delay or a jitter".into());
+                }
+                if self.delay_ms > MAX_DELAY_MS || self.jitter_ms > self.delay_ms.max(1) {
+                    return invalid(format!(
+                        "delay_ms/jitter_ms: {} ± {} ms; the delay is at most {MAX_DELAY_MS} ms \
+                         and the jitter at most the delay",
+                        self.delay_ms, self.jitter_ms
+                    ));
+                }
+                (0, self.delay_ms * 1000, self.jitter_ms * 1000)
+            }
+            Action::Drop | Action::Refuse => {
+                if self.delay_ms != 0 || self.jitter_ms != 0 {
+                    return invalid("delay_ms: only a delay fault delays".into());
+                }
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "0 < percent <= 100"
+                )]
+                let ppm = (self.percent * f64::from(PPM) / 100.0).round() as u32;
+                (ppm.max(1), 0, 0)
+            }
+        };
+        let fault = Fault {
+            expires_ns: now_ns + self.seconds * 1_000_000_000,
+            matched: 0,
+            dropped: 0,
+            drop_ppm,
+            delay_us,
+            jitter_us,
+            pad: 0,
+        };
+        let key = |src, dst| FaultKey {
+            src,
+            dst,
+            scope,
+            pad: 0,
+        };
+        let mut out = vec![(key(src, dst), fault)];
+        if self.both_ways && src != dst {
+            out.push((key(dst, src), fault));
+        }
+        Ok(out)
+    }
+}
+
+/// The pinned chaos maps of an agent's dataplane.
+#[expect(
+    missing_debug_implementations,
+    reason = "aya's map handles implement no Debug"
+)]
+pub struct Faults {
+    armed: Array<MapData, u64>,
+    faults: HashMap<MapData, FaultKey, Fault>,
+}
+
+impl Faults {
+    /// Opens the maps pinned under `pins` (`<bpffs>/<instance>`).
+    ///
+    /// # Errors
+    /// When a map is not pinned there (no dataplane up) or has another shape.
+    pub fn open(pins: &Path) -> Result<Self, ChaosError> {
+        let open = |name: &'static str| {
+            let path = pins.join("maps").join(name);
+            MapData::from_pin(&path).map_err(|e| ChaosError::Map {
+                name,
+                path: path.clone(),
+                reason: format!("{e} (is the agent's dataplane up, with map layout 10 or later?)"),
+            })
+        };
+        let shape = |name: &'static str, e: aya::maps::MapError| ChaosError::Map {
+            name,
+            path: pins.join("maps").join(name),
+            reason: e.to_string(),
+        };
+        Ok(Self {
+            armed: Array::try_from(Map::Array(open(CHAOS_ARMED)?))
+                .map_err(|e| shape(CHAOS_ARMED, e))?,
+            faults: HashMap::try_from(Map::HashMap(open(CHAOS_FAULTS)?))
+                .map_err(|e| shape(CHAOS_FAULTS, e))?,
+        })
+    }
+
+    fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> ChaosError {
+        move |e| ChaosError::Map {
+            name,
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Writes `entries` (after removing ended faults) and moves the armed horizon to the latest
+    /// expiry: the programs start matching at once.
+    ///
+    /// # Errors
+    /// When the map would hold more than its capacity, or a write fails.
+    pub fn arm(&mut self, entries: &[(FaultKey, Fault)], now_ns: u64) -> Result<(), ChaosError> {
+        let ended: Vec<FaultKey> = self
+            .faults
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, f)| f.expires_ns <= now_ns)
+            .map(|(k, _)| k)
+            .collect();
+        for k in ended {
+            let _ = self.faults.remove(&k);
+        }
+        let live: Vec<FaultKey> = self.faults.keys().filter_map(Result::ok).collect();
+        let new = entries.iter().filter(|(k, _)| !live.contains(k)).count();
+        if live.len() + new > CHAOS_FAULTS_MAX as usize {
+            return Err(ChaosError::Invalid(format!(
+                "{} faults live and {new} more; at most {CHAOS_FAULTS_MAX}",
+                live.len()
+            )));
+        }
+        let until = entries.iter().map(|(_, f)| f.expires_ns).max().unwrap_or(0);
+        // The horizon first: a fault written before it would be skipped for an instant only.
+        let was = self.armed.get(&0, 0).unwrap_or(0);
+        self.armed
+            .set(0, was.max(until), 0)
+            .map_err(Self::map_err(CHAOS_ARMED))?;
+        for (k, f) in entries {
+            self.faults
+                .insert(k, f, 0)
+                .map_err(Self::map_err(CHAOS_FAULTS))?;
+        }
+        Ok(())
+    }
+
+    /// Every fault in the map at monotonic time `now_ns`.
+    #[must_use]
+    pub fn status(&self, now_ns: u64) -> Vec<FaultStatus> {
+        let mut out: Vec<FaultStatus> = self
+            .faults
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, f)| FaultStatus {
+                action: match (k.scope, f.delay_us, f.jitter_us) {
+                    (SCOPE_CONNECT, ..) => Action::Refuse,
+                    (_, 0, 0) => Action::Drop,
+                    _ => Action::Delay,
+                },
+                from: name_of(k.src),
+                to: name_of(k.dst),
+                percent: f64::from(f.drop_ppm) * 100.0 / f64::from(PPM),
+                delay_ms: f64::from(f.delay_us) / 1000.0,
+                jitter_ms: f64::from(f.jitter_us) / 1000.0,
+                left_ms: f.expires_ns.saturating_sub(now_ns) / 1_000_000,
+                matched: f.matched,
+                dropped: f.dropped,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+        out
+    }
+
+    /// Removes every fault and disarms; returns how many were removed.
+    ///
+    /// # Errors
+    /// When a map update fails.
+    pub fn recover(&mut self) -> Result<usize, ChaosError> {
+        self.armed
+            .set(0, 0, 0)
+            .map_err(Self::map_err(CHAOS_ARMED))?;
+        let keys: Vec<FaultKey> = self.faults.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            self.faults.remove(k).map_err(Self::map_err(CHAOS_FAULTS))?;
+        }
+        Ok(keys.len())
+    }
+}
+
+/// The host-side veths of the quadrants `dst` names (every instance), from the host's links.
+fn veths(config: &Config, dst: u8) -> Result<Vec<String>, ChaosError> {
+    let links =
+        crate::sys::ip(&["-o", "link", "show"]).map_err(|e| ChaosError::Sys(e.to_string()))?;
+    let prefix = format!("{}-", config.interface_prefix);
+    Ok(links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n))
+        .filter_map(|n| {
+            let rest = n.strip_prefix(&prefix)?;
+            let q = rest.split('-').next()?;
+            let tail = &rest[q.len()..];
+            let quadrant = Quadrant::from_name(q)?;
+            let instance = tail.is_empty()
+                || tail
+                    .strip_prefix('-')
+                    .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()));
+            (instance && (dst == ANY || dst == quadrant as u8)).then(|| n.to_owned())
+        })
+        .collect())
+}
+
+fn tc(args: &[&str]) -> Result<String, ChaosError> {
+    let out = std::process::Command::new("tc")
+        .args(args)
+        .output()
+        .map_err(|e| ChaosError::Sys(format!("cannot run tc: {e}")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(ChaosError::Sys(format!(
+            "tc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Arms `spec` on the dataplane of `config`'s instance: for a delay, first an `fq` qdisc on the
+/// veths it delays into (it holds each packet until the departure time the program sets).
+/// Returns the entries written.
+///
+/// # Errors
+/// An invalid fault, the maps, or `tc`.
+pub fn inject(
+    config: &Config,
+    spec: &FaultSpec,
+    allow_production: bool,
+) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
+    let now = monotonic_ns();
+    let entries = spec.entries(allow_production, now)?;
+    let mut faults = Faults::open(&config.bpffs_dir())?;
+    if spec.action == Action::Delay {
+        for (k, _) in &entries {
+            for dev in veths(config, k.dst)? {
+                tc(&["qdisc", "replace", "dev", &dev, "root", "fq"]).map_err(|e| {
+                    ChaosError::Sys(format!(
+                        "a delay fault needs the fq qdisc, which holds each packet until the \
+                         departure time the program sets, on {dev}: {e} (a kernel without \
+                         CONFIG_NET_SCH_FQ cannot delay; drop and refuse faults work without it)"
+                    ))
+                })?;
+            }
+        }
+    }
+    faults.arm(&entries, now)?;
+    Ok(entries)
+}
+
+/// `quadrant chaos status`.
+///
+/// # Errors
+/// The maps.
+pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
+    Ok(Faults::open(&config.bpffs_dir())?.status(monotonic_ns()))
+}
+
+/// `quadrant chaos recover --all`: every fault removed and the `fq` qdiscs the delays needed
+/// taken off the quadrants' veths (the agent never installs one). Returns what it did.
+///
+/// # Errors
+/// The maps or `tc`.
+pub fn recover(config: &Config) -> Result<String, ChaosError> {
+    let removed = Faults::open(&config.bpffs_dir())?.recover()?;
+    let mut qdiscs = 0;
+    for dev in veths(config, ANY)? {
+        if tc(&["qdisc", "show", "dev", &dev, "root"])?.starts_with("qdisc fq ") {
+            tc(&["qdisc", "del", "dev", &dev, "root"])?;
+            qdiscs += 1;
+        }
+    }
+    Ok(format!(
+        "removed {removed} fault(s) and {qdiscs} fq qdisc(s); the dataplane is disarmed"
+    ))
+}
+
+/// The text form of `quadrant chaos status`.
+#[must_use]
+pub fn render(faults: &[FaultStatus]) -> String {
+    if faults.is_empty() {
+        return "no faults\n".into();
+    }
+    let mut out = String::from(
+        "ACTION  FROM   TO     PERCENT  DELAY (ms)     LEFT (ms)  MATCHED   DROPPED\n",
+    );
+    for f in faults {
+        let _ = writeln!(
+            out,
+            "{:<7} {:<6} {:<6} {:<8} {:<14} {:<10} {:<9} {}",
+            format!("{:?}", f.action).to_lowercase(),
+            f.from,
+            f.to,
+            if f.action == Action::Delay {
+                "-".to_owned()
+            } else {
+                format!("{:.2}", f.percent)
+            },
+            if f.action == Action::Delay {
+                format!("{} ± {}", f.delay_ms, f.jitter_ms)
+            } else {
+                "-".to_owned()
+            },
+            if f.left_ms == 0 {
+                "ended".to_owned()
+            } else {
+                f.left_ms.to_string()
+            },
+            f.matched,
+            f.dropped
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(action: Action, from: &str, to: &str) -> FaultSpec {
+        FaultSpec {
+            action,
+            from: from.into(),
+            to: to.into(),
+            percent: 100.0,
+            delay_ms: 0,
+            jitter_ms: 0,
+            both_ways: false,
+            seconds: 10,
+        }
+    }
+
+    #[test]
+    fn a_partition_is_two_entries_ending_together() {
+        let mut s = spec(Action::Drop, "dx", "dg");
+        s.both_ways = true;
+        let e = s.entries(false, 1_000).expect("valid");
+        assert_eq!(e.len(), 2);
+        assert_eq!((e[0].0.src, e[0].0.dst), (0, 1));
+        assert_eq!((e[1].0.src, e[1].0.dst), (1, 0));
+        assert!(e.iter().all(|(k, f)| k.scope == SCOPE_PACKET
+            && f.drop_ppm == PPM
+            && f.expires_ns == 1_000 + 10_000_000_000));
+    }
+
+    #[test]
+    fn production_quadrants_need_to_be_allowed_by_name() {
+        for (from, to) in [("dx", "px"), ("pg", "dg"), ("any", "dx"), ("dx", "any")] {
+            let err = spec(Action::Drop, from, to)
+                .entries(false, 0)
+                .expect_err("production");
+            assert!(err.to_string().contains("--allow-production"), "{err}");
+            assert!(spec(Action::Drop, from, to).entries(true, 0).is_ok());
+        }
+    }
+
+    #[test]
+    fn limits_are_named() {
+        let mut s = spec(Action::Delay, "dx", "dg");
+        assert!(
+            s.entries(false, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("needs a delay")
+        );
+        s.delay_ms = 100;
+        s.jitter_ms = 10;
+        let e = s.entries(false, 0).expect("valid");
+        assert_eq!(
+            (e[0].1.delay_us, e[0].1.jitter_us, e[0].1.drop_ppm),
+            (100_000, 10_000, 0)
+        );
+        s.delay_ms = MAX_DELAY_MS + 1;
+        assert!(
+            s.entries(false, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("at most 5000 ms")
+        );
+        let mut d = spec(Action::Drop, "dx", "dg");
+        d.percent = 5.0;
+        assert_eq!(d.entries(false, 0).expect("valid")[0].1.drop_ppm, 50_000);
+        d.percent = 0.0;
+        assert!(
+            d.entries(false, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("percent: 0")
+        );
+        d.percent = 100.0;
+        d.seconds = 0;
+        assert!(
+            d.entries(false, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("seconds: 0")
+        );
+        assert!(
+            spec(Action::Drop, "dx", "host")
+                .entries(true, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("delivered into a quadrant")
+        );
+        assert!(
+            spec(Action::Refuse, "world", "dx")
+                .entries(true, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("connects of a quadrant")
+        );
+        assert!(
+            spec(Action::Drop, "qa", "dx")
+                .entries(true, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("\"qa\" is not")
+        );
+        let r = spec(Action::Refuse, "dx", "host")
+            .entries(false, 0)
+            .expect("valid");
+        assert_eq!(r[0].0.scope, SCOPE_CONNECT);
+    }
+}
