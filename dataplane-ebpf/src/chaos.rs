@@ -22,13 +22,31 @@ static CHAOS_ARMED: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "CHAOS_FAULTS")]
 static CHAOS_FAULTS: HashMap<FaultKey, Fault> = HashMap::with_max_entries(CHAOS_FAULTS_MAX, 0);
 
-/// The kernel clock while a fault may be live; `None` (one array lookup) otherwise.
+/// The kernel clock while a fault may be live; `None` otherwise — one array lookup when nothing
+/// is armed. The first packet after the last fault ended disarms (compare-and-swap from that
+/// expiry to 0, so a controller arming at the same instant is never undone).
 #[inline(always)]
 fn armed() -> Option<u64> {
-    let until = *CHAOS_ARMED.get(0)?;
+    let slot = CHAOS_ARMED.get_ptr_mut(0)?;
+    // SAFETY: a pointer to the live array value.
+    let until = unsafe { *slot };
+    if until == 0 {
+        return None;
+    }
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    (now < until).then_some(now)
+    if now < until {
+        return Some(now);
+    }
+    // SAFETY: as above; `BPF_CMPXCHG` on a map value.
+    unsafe {
+        let _ = core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(slot, until, 0);
+    }
+    None
 }
 
 /// The live fault for (`src`, `dst`) in `scope`, counted as matched.

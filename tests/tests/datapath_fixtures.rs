@@ -972,6 +972,20 @@ fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
     );
 }
 
+/// A fault on packets from DG into DX for a minute.
+fn dg_to_dx_fault(action: Action, delay_ms: u32) -> FaultSpec {
+    FaultSpec {
+        action,
+        from: "dg".into(),
+        to: "dx".into(),
+        percent: 100.0,
+        delay_ms,
+        jitter_ms: 0,
+        both_ways: false,
+        seconds: 60,
+    }
+}
+
 /// Writes `spec`'s entries into the loaded dataplane's chaos maps, armed as the controller arms
 /// them (the armed horizon at `armed_until`, monotonic ns).
 fn arm(dp: &mut Dataplane, entries: &[(FaultKey, Fault)], armed_until: u64) {
@@ -1010,16 +1024,7 @@ fn chaos_faults_drop_only_what_they_name_and_only_while_armed_and_live() {
     );
 
     let now = quadrant::breakers::monotonic_ns();
-    let spec = FaultSpec {
-        action: Action::Drop,
-        from: "dg".into(),
-        to: "dx".into(),
-        percent: 100.0,
-        delay_ms: 0,
-        jitter_ms: 0,
-        both_ways: false,
-        seconds: 60,
-    };
+    let spec = dg_to_dx_fault(Action::Drop, 0);
     let entries = spec.entries(false, now).expect("fault");
     let key = entries[0].0;
     // Written but not armed: the programs never look.
@@ -1065,6 +1070,27 @@ fn chaos_faults_drop_only_what_they_name_and_only_while_armed_and_live() {
         "matched and dropped once"
     );
 
+    // Armed until a moment ago: the first packet disarms, so later ones skip the clock too.
+    arm(&mut dp, &entries, now);
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        slot,
+        &case(
+            "armed until a moment ago",
+            udp(DG, 41200, DX, 53),
+            AllowPolicy,
+        ),
+    );
+    let armed: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(dp.ebpf_mut().map_mut(CHAOS_ARMED).expect("map"))
+            .expect("array");
+    assert_eq!(
+        armed.get(&0, 0).expect("armed"),
+        0,
+        "disarmed by the program"
+    );
+
     // Armed, but the fault itself has ended.
     let ended = spec.entries(false, now).expect("fault");
     let ended: Vec<_> = ended
@@ -1081,4 +1107,48 @@ fn chaos_faults_drop_only_what_they_name_and_only_while_armed_and_live() {
         slot,
         &case("fault expired", dg_to_dx(41004), AllowPolicy),
     );
+}
+
+#[test]
+fn a_chaos_delay_sets_the_departure_time() {
+    let mut dp = dataplane(&Config::embedded(), true);
+    let now = quadrant::breakers::monotonic_ns();
+    // A delay sets the packet's departure time (`__sk_buff.tstamp`, monotonic ns), which an fq
+    // qdisc honours.
+    let delay = dg_to_dx_fault(Action::Delay, 40);
+    arm(
+        &mut dp,
+        &delay.entries(false, now).expect("fault"),
+        now + 60_000_000_000,
+    );
+    let before = quadrant::breakers::monotonic_ns();
+    let (code, tstamp) = run_with_tstamp(&mut dp, &udp(DG, 41100, DX, 53));
+    let after = quadrant::breakers::monotonic_ns();
+    assert_eq!(code, TC_ACT_OK, "a delayed packet passes");
+    assert!(
+        (before + 40_000_000..=after + 40_000_000).contains(&tstamp),
+        "departure 40 ms after the decision: {tstamp} vs {before}..{after}"
+    );
+}
+
+/// Offset of `tstamp` in `struct __sk_buff` (after 36 `u32` fields and the 8-byte `flow_keys`).
+const SKB_TSTAMP: usize = 152;
+
+/// Runs `packet` through tc egress; its return value and the skb's `tstamp` after the program.
+fn run_with_tstamp(dp: &mut Dataplane, packet: &[u8]) -> (u32, u64) {
+    let prog = dp
+        .ebpf_mut()
+        .program_mut(programs::TC_EGRESS)
+        .expect("program");
+    let p: &mut SchedClassifier = prog.try_into().expect("classifier");
+    let mut ctx = [0u8; 192];
+    let result = p
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            ctx_out: Some(&mut ctx),
+            ..TestRunOptions::default()
+        })
+        .expect("test_run");
+    let tstamp = u64::from_ne_bytes(ctx[SKB_TSTAMP..SKB_TSTAMP + 8].try_into().expect("8 bytes"));
+    (result.return_value, tstamp)
 }

@@ -126,9 +126,11 @@ fn main() -> anyhow::Result<()> {
 fn bench(name: &str) -> anyhow::Result<()> {
     let with_test_helpers = match name {
         "datapath" => true,
-        "policy" | "lanes" | "slo" | "scale" => false,
+        "policy" | "lanes" | "slo" | "scale" | "chaos" => false,
         other => {
-            bail!("unknown benchmark {other:?}; available: datapath, policy, lanes, slo, scale")
+            bail!(
+                "unknown benchmark {other:?}; available: datapath, policy, lanes, slo, scale, chaos"
+            )
         }
     };
     let mut build = vec![

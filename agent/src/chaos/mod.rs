@@ -89,6 +89,8 @@ pub struct FaultStatus {
     pub jitter_ms: f64,
     /// Milliseconds left (0: ended, waiting to be removed).
     pub left_ms: u64,
+    /// When it ends, `CLOCK_MONOTONIC` ns (the programs' clock).
+    pub expires_ns: u64,
     /// Packets or operations it matched while live.
     pub matched: u64,
     /// Of those, dropped or refused.
@@ -345,6 +347,7 @@ impl Faults {
                 delay_ms: f64::from(f.delay_us) / 1000.0,
                 jitter_ms: f64::from(f.jitter_us) / 1000.0,
                 left_ms: f.expires_ns.saturating_sub(now_ns) / 1_000_000,
+                expires_ns: f.expires_ns,
                 matched: f.matched,
                 dropped: f.dropped,
             })
