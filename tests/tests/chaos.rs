@@ -261,3 +261,171 @@ fn fq_available() -> bool {
     let _ = run(&["ip", "netns", "del", &ns]);
     ok
 }
+
+/// A library experiment with short windows, written where the agent's configuration is.
+fn experiment(inst: &Instance, name: &str, fault_secs: u64) -> std::path::PathBuf {
+    let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/chaos")
+        .join(name);
+    let mut exp: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&lib).expect("library experiment"))
+            .expect("yaml");
+    exp["windows"] =
+        serde_json::json!({"baseline_secs": 2, "fault_secs": fault_secs, "recovery_secs": 3});
+    exp["steady_state"] = serde_json::json!({
+        // The latency bound is loose: tests share two cores with other tests' agents; the
+        // verdict's latency rules are unit-tested (`chaos::run`).
+        "rate_per_sec": 100, "timeout_ms": 200, "min_availability": 0.999,
+        "max_p99_ratio": 1.5, "max_p99_ms": 50.0, "recovery_within_secs": 30
+    });
+    let path = inst
+        .config_path
+        .with_file_name(format!("{}-{name}", inst.config.instance));
+    std::fs::write(&path, serde_yaml::to_string(&exp).expect("yaml")).expect("write");
+    path
+}
+
+/// `manifests/chaos/partition-dx-dg.yaml`: DX and DG lose each other, PX and PG keep every
+/// request and their latency, the targets are back at once after the fault, the report says so.
+#[test]
+fn an_experiment_reports_each_quadrant_and_finds_no_cascade() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let file = experiment(&inst, "partition-dx-dg.yaml", 3);
+    let out = inst.quadrant(&[
+        "chaos",
+        "run",
+        file.to_str().expect("utf8"),
+        "--output",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("{}", serde_json::to_string_pretty(&report).expect("json"));
+    assert!(out.status.success(), "{:?}", report["reasons"]);
+    assert_eq!(report["verdict"], "passed");
+    assert_eq!(report["cascades"], 0);
+    for q in report["quadrants"].as_array().expect("quadrants") {
+        let name = q["quadrant"].as_str().expect("name");
+        assert!(q["baseline"]["sent"].as_u64() >= Some(150), "{name}: {q}");
+        if q["target"] == true {
+            assert!(
+                q["recovered_after_secs"].as_f64() <= Some(1.0),
+                "{name}: {q}"
+            );
+        } else {
+            assert!(
+                q["fault"]["availability"].as_f64() >= Some(0.999),
+                "{name}: {q}"
+            );
+        }
+    }
+    let effect = &report["effects"][0];
+    assert_eq!(
+        (&effect["from"], &effect["to"]),
+        (&"dx".into(), &"dg".into())
+    );
+    assert!(
+        effect["baseline"]["availability"].as_f64() >= Some(0.99),
+        "{effect}"
+    );
+    assert!(
+        effect["fault"]["availability"].as_f64() <= Some(0.01),
+        "cut: {effect}"
+    );
+    assert!(
+        effect["recovery"]["availability"].as_f64() >= Some(0.95),
+        "{effect}"
+    );
+    let fault = &report["faults"][0];
+    assert!(fault["matched"].as_u64() > Some(0), "{fault}");
+    // Nothing left behind: no fault, no echo.
+    assert!(chaos(&inst, &["status"]).contains("no faults"));
+}
+
+/// The controller killed in the middle of the fault: the fault still ends at its expiry, and
+/// the echoes and probes it started die with it.
+#[test]
+fn a_killed_controller_leaves_no_fault_and_no_process_behind() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let file = experiment(&inst, "partition-dx-dg.yaml", 3);
+    let mut controller = Command::new(&inst.bin)
+        .arg("--config")
+        .arg(&inst.config_path)
+        .args(["chaos", "run", file.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("controller");
+    let start = Instant::now();
+    let expires = loop {
+        if let Some(f) = faults(&inst).first() {
+            break f["expires_ns"].as_u64().expect("expires_ns");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the fault was never armed"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    thread::sleep(Duration::from_millis(500));
+    // Its echoes (one per quadrant) and its effect probes.
+    let out = Command::new("pgrep")
+        .args(["-P", &controller.id().to_string()])
+        .output()
+        .expect("pgrep");
+    let children: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert!(children.len() >= 4, "echoes and probes: {children:?}");
+    controller.kill().expect("SIGKILL");
+    let _ = controller.wait();
+    let killed_at = quadrant::breakers::monotonic_ns();
+    assert!(killed_at < expires, "killed during the fault");
+    // Its echoes and probes are gone within a moment.
+    let start = Instant::now();
+    while children
+        .iter()
+        .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "echoes or probes outlived their controller"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut dg = start_dg_echo(&inst);
+    // Until the expiry DX cannot reach DG; from expiry + 1 s on it can.
+    let cut = rtt(&inst, false, 5, 50);
+    if quadrant::breakers::monotonic_ns() < expires {
+        assert_eq!(cut["answered"], 0, "{cut}");
+    }
+    let wait = Duration::from_nanos(
+        (expires + 1_000_000_000).saturating_sub(quadrant::breakers::monotonic_ns()),
+    );
+    thread::sleep(wait);
+    let healed = rtt(&inst, false, 20, 200);
+    assert_eq!(healed["answered"], 20, "{healed}");
+    assert!(faults(&inst).iter().all(|f| f["left_ms"] == 0));
+    chaos(&inst, &["recover", "--all"]);
+    let _ = dg.kill();
+    let _ = dg.wait();
+}
+
+fn start_dg_echo(inst: &Instance) -> std::process::Child {
+    let mut child = Command::new(&inst.bin)
+        .arg("--config")
+        .arg(&inst.config_path)
+        .args(["exec", "dg", "--", QPROBE, "udp-echo", "0.0.0.0:7000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("echo");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    assert_eq!(line.trim(), "listening");
+    child
+}

@@ -24,13 +24,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::{breakers::monotonic_ns, config::Config};
 
+mod experiment;
+pub mod run;
+
+pub use experiment::{Experiment, MethodFault, Safeguards, SteadyState, Windows};
+
 /// The longest a fault may last.
 pub const MAX_DURATION: Duration = Duration::from_hours(1);
 /// The longest delay (the `fq` qdisc drops packets scheduled beyond its 10 s horizon).
 pub const MAX_DELAY_MS: u32 = 5_000;
 
 /// What a fault does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Drop packets delivered into the destination quadrant (a share with `percent`).
@@ -73,7 +80,7 @@ fn all() -> f64 {
 }
 
 /// A fault in the map, as `quadrant chaos status` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FaultStatus {
     /// What it does: `drop`, `delay` or `refuse`.
     pub action: Action,
@@ -103,6 +110,9 @@ pub enum ChaosError {
     /// The fault is not valid; the message names the field and the limit.
     #[error("invalid fault: {0}")]
     Invalid(String),
+    /// The experiment is not valid; the message names the field and the limit.
+    #[error("invalid experiment: {0}")]
+    Experiment(String),
     /// The pinned maps (is the agent's dataplane up?).
     #[error("chaos map {name} at {path}: {reason}")]
     Map {
@@ -356,6 +366,17 @@ impl Faults {
         out
     }
 
+    /// Removes one fault (gone already is fine).
+    ///
+    /// # Errors
+    /// When the map refuses for another reason.
+    pub fn remove(&mut self, key: &FaultKey) -> Result<(), ChaosError> {
+        match self.faults.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Self::map_err(CHAOS_FAULTS)(e)),
+        }
+    }
+
     /// Removes every fault and disarms; returns how many were removed.
     ///
     /// # Errors
@@ -425,9 +446,24 @@ pub fn inject(
     let now = monotonic_ns();
     let entries = spec.entries(allow_production, now)?;
     let mut faults = Faults::open(&config.bpffs_dir())?;
+    prepare_delay(config, spec)?;
+    faults.arm(&entries, now)?;
+    Ok(entries)
+}
+
+/// For a delay, the `fq` qdisc on every veth it delays into (it holds each packet until the
+/// departure time the program sets); nothing for other faults.
+///
+/// # Errors
+/// A kernel without the fq qdisc, or `tc`.
+pub fn prepare_delay(config: &Config, spec: &FaultSpec) -> Result<(), ChaosError> {
     if spec.action == Action::Delay {
-        for (k, _) in &entries {
-            for dev in veths(config, k.dst)? {
+        let mut dsts = vec![identity("to", &spec.to)?];
+        if spec.both_ways {
+            dsts.push(identity("from", &spec.from)?);
+        }
+        for dst in dsts {
+            for dev in veths(config, dst)? {
                 tc(&["qdisc", "replace", "dev", &dev, "root", "fq"]).map_err(|e| {
                     ChaosError::Sys(format!(
                         "a delay fault needs the fq qdisc, which holds each packet until the \
@@ -438,8 +474,7 @@ pub fn inject(
             }
         }
     }
-    faults.arm(&entries, now)?;
-    Ok(entries)
+    Ok(())
 }
 
 /// `quadrant chaos status`.

@@ -54,10 +54,41 @@ pub enum ChaosCommand {
         #[arg(long, required = true)]
         all: bool,
     },
+    /// Run an experiment (YAML or JSON, schema `quadrant schema chaos-experiment`): an echo in
+    /// every quadrant, fixed-rate probes of each, baseline, fault and recovery windows, the
+    /// faults armed for the fault window only, safeguards; then the report and its verdict.
+    /// Exits 1 unless the verdict is `passed`.
+    Run {
+        /// The experiment file.
+        file: std::path::PathBuf,
+        /// Validate and show what would run; nothing is injected.
+        #[arg(long)]
+        dry_run: bool,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// The UDP echo an experiment runs inside each quadrant.
+    #[command(hide = true)]
+    Echo,
+    /// An experiment's effect probe inside a quadrant.
+    #[command(hide = true)]
+    Probe {
+        /// The echo probed.
+        addr: std::net::SocketAddr,
+        /// Requests per second.
+        rate: u32,
+        /// Per request, ms.
+        timeout_ms: u64,
+    },
 }
 
 /// Runs one `quadrant chaos` command.
-pub fn run(config: &Config, command: ChaosCommand) -> anyhow::Result<()> {
+pub fn run(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    command: ChaosCommand,
+) -> anyhow::Result<()> {
     match command {
         ChaosCommand::Inject {
             action,
@@ -95,6 +126,54 @@ pub fn run(config: &Config, command: ChaosCommand) -> anyhow::Result<()> {
             }
         }
         ChaosCommand::Recover { all: _ } => println!("{}", chaos::recover(config)?),
+        ChaosCommand::Echo => chaos::run::echo()?,
+        ChaosCommand::Probe {
+            addr,
+            rate,
+            timeout_ms,
+        } => chaos::run::probe_lines(addr, rate, std::time::Duration::from_millis(timeout_ms))?,
+        ChaosCommand::Run {
+            file,
+            dry_run,
+            output,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let exp = chaos::Experiment::parse(&text)?;
+            if dry_run {
+                println!(
+                    "{}: valid; targets {}; windows {} s baseline, {} s fault, {} s recovery; faults:",
+                    exp.title,
+                    exp.targets.join(", "),
+                    exp.windows.baseline_secs,
+                    exp.windows.fault_secs,
+                    exp.windows.recovery_secs
+                );
+                for f in exp.faults() {
+                    let what = match f.action {
+                        Action::Delay => format!("{} ms ± {} ms", f.delay_ms, f.jitter_ms),
+                        Action::Drop | Action::Refuse => format!("{} %", f.percent),
+                    };
+                    println!(
+                        "  {:?} {} -> {}{}: {what} for {} s",
+                        f.action,
+                        f.from,
+                        f.to,
+                        if f.both_ways { " and back" } else { "" },
+                        f.seconds
+                    );
+                }
+                return Ok(());
+            }
+            let report = chaos::run::run(config, config_path, &exp)?;
+            match output {
+                Output::Text => print!("{}", chaos::run::render(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            if report.verdict != "passed" {
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }

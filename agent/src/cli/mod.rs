@@ -111,7 +111,7 @@ pub enum Command {
     /// lane-request or lane-message (the lane broker's protocol), or event (`quadrant events`).
     Schema {
         /// Which schema.
-        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message", "event"])]
+        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message", "event", "chaos-experiment", "chaos-report"])]
         name: String,
     },
     /// Ask the running agent to admit a workload: SVID check, constraints, audit record.
@@ -275,7 +275,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             instances,
         } => lanes::scale(&config, &quadrant, instances),
         Command::Instances { output } => lanes::instances(&config, output),
-        Command::Chaos { command } => chaos::run(&config, command),
+        Command::Chaos { command } => chaos::run(&config, cli.config.as_deref(), command),
         Command::Place {
             plan,
             explain,

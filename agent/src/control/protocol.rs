@@ -291,6 +291,18 @@ pub fn published_schemas() -> Vec<(&'static str, &'static str, serde_json::Value
             crate::lanes::control::message_schema(),
         ),
         ("event", "event.schema.json", crate::events::schema()),
+        (
+            "chaos-experiment",
+            "chaos-experiment.schema.json",
+            serde_json::to_value(schemars::schema_for!(crate::chaos::Experiment))
+                .unwrap_or_default(),
+        ),
+        (
+            "chaos-report",
+            "chaos-report.schema.json",
+            serde_json::to_value(schemars::schema_for!(crate::chaos::run::Report))
+                .unwrap_or_default(),
+        ),
     ]
 }
 

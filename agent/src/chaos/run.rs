@@ -1,0 +1,823 @@
+//! Running a chaos experiment: an echo in every quadrant (this binary, `quadrant chaos echo`,
+//! started with `quadrant exec`), fixed-rate UDP probes from the host to each, the faults armed
+//! for the fault window (they end with it by themselves, whatever happens to this process), the
+//! safeguards checked every second, and per quadrant and window: sent, answered, availability,
+//! p50/p99/p99.9. Verdict: every non-target quadrant keeps its availability and p99 during the
+//! fault (a breach is a cascade), every fault hit traffic, and the targets answer every request
+//! again within the recovery bound.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::BufRead as _,
+    net::{SocketAddr, UdpSocket},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use dataplane_common::Quadrant;
+use serde::{Deserialize, Serialize};
+
+use super::{ChaosError, Experiment, FaultStatus, Faults};
+use crate::{breakers::monotonic_ns, config::Config};
+
+/// The UDP port of the echoes the experiment starts in the quadrants.
+pub const ECHO_PORT: u16 = 7_391;
+
+/// One window of one quadrant's probes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WindowStats {
+    /// Requests sent.
+    pub sent: u64,
+    /// Answered within the timeout.
+    pub answered: u64,
+    /// answered / sent.
+    pub availability: f64,
+    /// Round trips of the answered ones, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+}
+
+/// One quadrant in the report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct QuadrantReport {
+    /// Its name.
+    pub quadrant: String,
+    /// A target of the faults.
+    pub target: bool,
+    /// Before the faults.
+    pub baseline: WindowStats,
+    /// With them.
+    pub fault: WindowStats,
+    /// After them.
+    pub recovery: WindowStats,
+    /// For a target: seconds from the faults' end to the first second it answered every request
+    /// (none: not within the recovery window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_after_secs: Option<f64>,
+    /// What it breached, if anything.
+    pub breaches: Vec<String>,
+}
+
+/// A fault's measured effect: probes from its source quadrant to the echo of its destination
+/// (or, for `any`, the quadrant paired with the source: dx with dg, px with pg), one new socket
+/// per request so that refused connects count too.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct EffectReport {
+    /// Probing quadrant.
+    pub from: String,
+    /// Probed quadrant.
+    pub to: String,
+    /// Before the faults.
+    pub baseline: WindowStats,
+    /// With them.
+    pub fault: WindowStats,
+    /// After them.
+    pub recovery: WindowStats,
+}
+
+/// `quadrant chaos run`'s report (schema: `manifests/schemas/chaos-report.schema.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Report {
+    /// The experiment's title.
+    pub title: String,
+    /// `passed`, `failed` or `aborted`.
+    pub verdict: String,
+    /// Why, one line each.
+    pub reasons: Vec<String>,
+    /// Non-target quadrants that breached their tolerances during the fault (0 allowed).
+    pub cascades: u32,
+    /// Per quadrant.
+    pub quadrants: Vec<QuadrantReport>,
+    /// The faults' measured effects.
+    pub effects: Vec<EffectReport>,
+    /// The faults as the dataplane counted them at the end of the fault window.
+    pub faults: Vec<FaultStatus>,
+}
+
+/// One probe: when it was sent (monotonic ns) and its round trip if answered.
+type Samples = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `quadrant chaos echo`: answers every datagram on `ECHO_PORT` (inside a quadrant).
+///
+/// # Errors
+/// When the port cannot be bound.
+pub fn echo() -> std::io::Result<()> {
+    if !tied_to_parent() {
+        return Ok(());
+    }
+    let s = UdpSocket::bind(("0.0.0.0", ECHO_PORT))?;
+    println!("listening");
+    let mut buf = [0u8; 64];
+    loop {
+        let (n, peer) = s.recv_from(&mut buf)?;
+        let _ = s.send_to(&buf[..n], peer);
+    }
+}
+
+/// `quadrant chaos probe`: from inside a quadrant, a request to `to` every `1/rate` s, each on
+/// a new socket and awaited up to `timeout`; one line per request, `SENT_NS RTT_NS` or
+/// `SENT_NS -` (monotonic clock), until killed.
+///
+/// # Errors
+/// When standard output is gone.
+pub fn probe_lines(to: SocketAddr, rate: u32, timeout: Duration) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if !tied_to_parent() {
+        return Ok(());
+    }
+    let period = Duration::from_secs(1) / rate.max(1);
+    let start = Instant::now();
+    let mut out = std::io::stdout().lock();
+    for n in 0u32.. {
+        std::thread::sleep((start + period * n).saturating_duration_since(Instant::now()));
+        let sent = monotonic_ns();
+        let answered = (|| -> std::io::Result<bool> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.send(&n.to_ne_bytes())?;
+            let mut buf = [0u8; 8];
+            let got = s.recv(&mut buf)?;
+            Ok(buf[..got] == n.to_ne_bytes())
+        })()
+        .unwrap_or(false);
+        if answered {
+            writeln!(out, "{sent} {}", monotonic_ns() - sent)?;
+        } else {
+            writeln!(out, "{sent} -")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// The quadrant a fault from `q` to `any` is probed against: its environment's other one.
+fn partner(q: Quadrant) -> Quadrant {
+    match q {
+        Quadrant::Dx => Quadrant::Dg,
+        Quadrant::Dg => Quadrant::Dx,
+        Quadrant::Px => Quadrant::Pg,
+        Quadrant::Pg => Quadrant::Px,
+    }
+}
+
+/// An effect probe: the child prober and what it reported.
+struct EffectProbe {
+    from: Quadrant,
+    to: Quadrant,
+    samples: Samples,
+    child: Child,
+}
+
+fn start_effect_probe(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    (from, to): (Quadrant, Quadrant),
+    (rate, timeout_ms): (u32, u32),
+) -> Result<EffectProbe, ChaosError> {
+    let me = std::env::current_exe().map_err(|e| ChaosError::Sys(e.to_string()))?;
+    let mut c = Command::new(&me);
+    if let Some(p) = config_path {
+        c.arg("--config").arg(p);
+    }
+    let addr = SocketAddr::from((config.addrs(to).workload, ECHO_PORT)).to_string();
+    let mut child = c
+        .args(["exec", from.name(), "--workload", "chaos-probe", "--"])
+        .arg(&me)
+        .args([
+            "chaos",
+            "probe",
+            &addr,
+            &rate.to_string(),
+            &timeout_ms.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| ChaosError::Sys(format!("cannot start the probe in {}: {e}", from.name())))?;
+    let samples: Samples = Arc::default();
+    if let Some(stdout) = child.stdout.take() {
+        let samples = Arc::clone(&samples);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut parts = line.split(' ');
+                let (Some(Ok(sent)), Some(rtt)) =
+                    (parts.next().map(str::parse::<u64>), parts.next())
+                else {
+                    continue;
+                };
+                locked(&samples).push((sent, rtt.parse().ok()));
+            }
+        });
+    }
+    Ok(EffectProbe {
+        from,
+        to,
+        samples,
+        child,
+    })
+}
+
+/// Makes this process (an experiment's echo or probe, `quadrant exec` having become it) die
+/// with the controller that started it, so a killed controller leaves none behind; `false` if
+/// the controller is gone already.
+fn tied_to_parent() -> bool {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    nix::unistd::getppid() != nix::unistd::Pid::from_raw(1)
+}
+
+/// The echoes, killed when dropped.
+struct Echoes(Vec<Child>);
+
+impl Drop for Echoes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_echoes(config_path: Option<&std::path::Path>) -> Result<Echoes, ChaosError> {
+    let me = std::env::current_exe().map_err(|e| ChaosError::Sys(e.to_string()))?;
+    let mut echoes = Echoes(Vec::new());
+    for q in Quadrant::ALL {
+        let mut c = Command::new(&me);
+        if let Some(p) = config_path {
+            c.arg("--config").arg(p);
+        }
+        let mut child = c
+            .args(["exec", q.name(), "--workload", "chaos-echo", "--"])
+            .arg(&me)
+            .args(["chaos", "echo"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| ChaosError::Sys(format!("cannot start the echo in {}: {e}", q.name())))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take();
+        echoes.0.push(child);
+        stdout
+            .map(std::io::BufReader::new)
+            .and_then(|mut r| r.read_line(&mut line).ok());
+        if line.trim() != "listening" {
+            return Err(ChaosError::Sys(format!(
+                "the echo in {} did not start (port {ECHO_PORT} taken?)",
+                q.name()
+            )));
+        }
+    }
+    Ok(echoes)
+}
+
+/// Sends to `to` at `rate` per second until `stop`, recording every request.
+fn probe(
+    to: SocketAddr,
+    rate: u32,
+    timeout: Duration,
+    stop: &Arc<AtomicBool>,
+) -> Result<(Samples, Vec<std::thread::JoinHandle<()>>), ChaosError> {
+    let s = Arc::new(UdpSocket::bind("0.0.0.0:0").map_err(|e| ChaosError::Sys(e.to_string()))?);
+    s.connect(to).map_err(|e| ChaosError::Sys(e.to_string()))?;
+    s.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| ChaosError::Sys(e.to_string()))?;
+    let samples: Samples = Arc::default();
+    let receiver = {
+        let (s, samples, stop) = (Arc::clone(&s), Arc::clone(&samples), Arc::clone(stop));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8];
+            // Answers arriving after the timeout count as lost; the sender stops first.
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(8) = s.recv(&mut buf) {
+                    let now = monotonic_ns();
+                    let i = usize::try_from(u64::from_ne_bytes(buf)).unwrap_or(usize::MAX);
+                    if let Some(entry) = locked(&samples).get_mut(i) {
+                        let rtt = now.saturating_sub(entry.0);
+                        if rtt <= u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX) {
+                            entry.1 = Some(rtt);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let sender = {
+        let (samples, stop) = (Arc::clone(&samples), Arc::clone(stop));
+        let period = Duration::from_secs(1) / rate.max(1);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut n: u32 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let due = start + period * n;
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let i = {
+                    let mut log = locked(&samples);
+                    log.push((monotonic_ns(), None));
+                    log.len() as u64 - 1
+                };
+                let _ = s.send(&i.to_ne_bytes());
+                n += 1;
+            }
+        })
+    };
+    Ok((samples, vec![sender, receiver]))
+}
+
+fn window(samples: &[(u64, Option<u64>)], from: u64, to: u64) -> WindowStats {
+    let mut rtts: Vec<u64> = Vec::new();
+    let mut sent = 0;
+    for (_, rtt) in samples.iter().filter(|(at, _)| (from..to).contains(at)) {
+        sent += 1;
+        if let Some(r) = rtt {
+            rtts.push(*r);
+        }
+    }
+    rtts.sort_unstable();
+    #[expect(clippy::cast_precision_loss, reason = "ratios and milliseconds")]
+    let at = |q: f64| {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "an index into the sorted round trips"
+        )]
+        let i = (q * rtts.len().saturating_sub(1) as f64).round() as usize;
+        rtts.get(i).map_or(0.0, |r| *r as f64 / 1e6)
+    };
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let availability = if sent == 0 {
+        0.0
+    } else {
+        rtts.len() as f64 / sent as f64
+    };
+    WindowStats {
+        sent,
+        answered: rtts.len() as u64,
+        availability,
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        p999_ms: at(0.999),
+    }
+}
+
+/// The first second (from `from`, stepping 100 ms) whose requests were all answered: seconds
+/// after `from`.
+fn recovered(samples: &[(u64, Option<u64>)], from: u64, until: u64) -> Option<f64> {
+    let mut t = from;
+    while t + 1_000_000_000 <= until {
+        let w: Vec<_> = samples
+            .iter()
+            .filter(|(at, _)| (t..t + 1_000_000_000).contains(at))
+            .collect();
+        if !w.is_empty() && w.iter().all(|(_, r)| r.is_some()) {
+            #[expect(clippy::cast_precision_loss, reason = "seconds")]
+            return Some((t - from) as f64 / 1e9);
+        }
+        t += 100_000_000;
+    }
+    None
+}
+
+/// The effect probes of `exp`'s faults: from each fault's source quadrant to its destination
+/// (or the source's partner for `any`), and back for `both_ways`.
+fn start_effect_probes(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    exp: &Experiment,
+) -> Result<Vec<EffectProbe>, ChaosError> {
+    let ss = exp.steady_state;
+    let mut effects: Vec<EffectProbe> = Vec::new();
+    for m in &exp.method {
+        let Some(from) = Quadrant::from_name(&m.from) else {
+            continue;
+        };
+        let to = Quadrant::from_name(&m.to).unwrap_or_else(|| partner(from));
+        let mut pairs = vec![(from, to)];
+        if m.both_ways {
+            pairs.push((to, from));
+        }
+        for pair in pairs {
+            if !effects.iter().any(|e| (e.from, e.to) == pair) {
+                effects.push(start_effect_probe(
+                    config,
+                    config_path,
+                    pair,
+                    (ss.rate_per_sec, ss.timeout_ms),
+                )?);
+            }
+        }
+    }
+    Ok(effects)
+}
+
+/// Runs `exp` against `config`'s dataplane (`config_path`: the file the echoes' `quadrant exec`
+/// is given). With `dry_run`, validates and prints the plan only.
+///
+/// # Errors
+/// The maps, the echoes, or arming a fault; a failed verdict is a report, not an error.
+pub fn run(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    exp: &Experiment,
+) -> Result<Report, ChaosError> {
+    let targets = exp.target_quadrants()?;
+    let mut faults = Faults::open(&config.bpffs_dir())?;
+    let _echoes = start_echoes(config_path)?;
+    let ss = exp.steady_state;
+    let timeout = Duration::from_millis(u64::from(ss.timeout_ms));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut probes = BTreeMap::new();
+    let mut threads = Vec::new();
+    for q in Quadrant::ALL {
+        let to = SocketAddr::from((config.addrs(q).workload, ECHO_PORT));
+        let (samples, t) = probe(to, ss.rate_per_sec, timeout, &stop)?;
+        probes.insert(q, samples);
+        threads.extend(t);
+    }
+    let effects = start_effect_probes(config, config_path, exp)?;
+    let secs = |s: u64| Duration::from_secs(s);
+    let t0 = monotonic_ns();
+    std::thread::sleep(secs(exp.windows.baseline_secs));
+    // Armed for exactly the fault window: they end by themselves if this process dies.
+    let t1 = monotonic_ns();
+    let mut entries = Vec::new();
+    for f in exp.faults() {
+        entries.extend(f.entries(true, t1)?);
+    }
+    if exp.method.iter().any(|m| m.action == super::Action::Delay) {
+        for f in exp.faults() {
+            super::prepare_delay(config, &f)?;
+        }
+    }
+    faults.arm(&entries, t1)?;
+    let fault_end = t1 + exp.windows.fault_secs * 1_000_000_000;
+    let mut aborted = None;
+    while monotonic_ns() < fault_end {
+        std::thread::sleep(Duration::from_millis(200).min(Duration::from_nanos(
+            fault_end.saturating_sub(monotonic_ns()),
+        )));
+        // Safeguard: the last whole second of each non-target quadrant (its answers have had
+        // the timeout to arrive).
+        let now = monotonic_ns();
+        let until = now.saturating_sub(u64::try_from(timeout.as_nanos()).unwrap_or(0));
+        if until < t1 + 1_000_000_000 {
+            continue;
+        }
+        for q in Quadrant::ALL.iter().filter(|q| !targets.contains(q)) {
+            let w = window(&locked(&probes[q]), until - 1_000_000_000, until);
+            if w.sent > 0 && w.availability < exp.safeguards.abort_below_availability {
+                aborted = Some(format!(
+                    "safeguard: {} answered {:.1} % of the last second's requests (abort below \
+                     {:.1} %); every fault removed",
+                    q.name(),
+                    w.availability * 100.0,
+                    exp.safeguards.abort_below_availability * 100.0
+                ));
+            }
+        }
+        if aborted.is_some() {
+            break;
+        }
+    }
+    let fault_status = faults.status(monotonic_ns());
+    // Removed now (they would end by themselves at fault_end anyway).
+    for (k, _) in &entries {
+        faults.remove(k)?;
+    }
+    let t2 = monotonic_ns().min(fault_end);
+    std::thread::sleep(secs(exp.windows.recovery_secs) + timeout);
+    let t3 = t2 + exp.windows.recovery_secs * 1_000_000_000;
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let windows = (t0, t1, t2, t3);
+    let effects = effects
+        .into_iter()
+        .map(|mut e| {
+            let _ = e.child.kill();
+            let _ = e.child.wait();
+            let samples = locked(&e.samples);
+            EffectReport {
+                from: e.from.name().to_owned(),
+                to: e.to.name().to_owned(),
+                baseline: window(&samples, t0, t1),
+                fault: window(&samples, t1, t2),
+                recovery: window(&samples, t2, t3),
+            }
+        })
+        .collect();
+    let mut report = judge(exp, &targets, &probes, windows, fault_status, aborted);
+    report.effects = effects;
+    Ok(report)
+}
+
+fn judge(
+    exp: &Experiment,
+    targets: &[Quadrant],
+    probes: &BTreeMap<Quadrant, Samples>,
+    (t0, t1, t2, t3): (u64, u64, u64, u64),
+    faults: Vec<FaultStatus>,
+    aborted: Option<String>,
+) -> Report {
+    let ss = exp.steady_state;
+    let mut reasons = Vec::new();
+    let mut cascades = 0;
+    let mut quadrants = Vec::new();
+    for q in Quadrant::ALL {
+        let samples = locked(&probes[&q]);
+        let target = targets.contains(&q);
+        let (baseline, fault, recovery) = (
+            window(&samples, t0, t1),
+            window(&samples, t1, t2),
+            window(&samples, t2, t3),
+        );
+        let mut breaches = Vec::new();
+        let mut recovered_after_secs = None;
+        if target {
+            recovered_after_secs = recovered(&samples, t2, t3);
+            match recovered_after_secs {
+                Some(s)
+                    if s <= f64::from(
+                        u32::try_from(ss.recovery_within_secs).unwrap_or(u32::MAX),
+                    ) => {}
+                other => breaches.push(format!(
+                    "not back to steady state within {} s of the faults' end ({})",
+                    ss.recovery_within_secs,
+                    other.map_or_else(
+                        || "not within the recovery window".to_owned(),
+                        |s| format!("{s:.1} s")
+                    )
+                )),
+            }
+        } else {
+            if fault.availability < ss.min_availability {
+                breaches.push(format!(
+                    "availability {:.2} % during the fault, below {:.2} %",
+                    fault.availability * 100.0,
+                    ss.min_availability * 100.0
+                ));
+            }
+            if fault.p99_ms > baseline.p99_ms * ss.max_p99_ratio && fault.p99_ms > ss.max_p99_ms {
+                breaches.push(format!(
+                    "p99 {:.3} ms during the fault: more than {}x its baseline {:.3} ms and over \
+                     {} ms",
+                    fault.p99_ms, ss.max_p99_ratio, baseline.p99_ms, ss.max_p99_ms
+                ));
+            }
+            if !breaches.is_empty() {
+                cascades += 1;
+            }
+        }
+        for b in &breaches {
+            reasons.push(format!("{}: {b}", q.name()));
+        }
+        quadrants.push(QuadrantReport {
+            quadrant: q.name().to_owned(),
+            target,
+            baseline,
+            fault,
+            recovery,
+            recovered_after_secs,
+            breaches,
+        });
+    }
+    for f in faults.iter().filter(|f| f.matched == 0) {
+        reasons.push(format!(
+            "the fault {:?} {} -> {} never hit traffic (a fault without effect fails the run)",
+            f.action, f.from, f.to
+        ));
+    }
+    let verdict = if let Some(a) = aborted {
+        reasons.insert(0, a);
+        "aborted"
+    } else if reasons.is_empty() {
+        "passed"
+    } else {
+        "failed"
+    };
+    Report {
+        title: exp.title.clone(),
+        verdict: verdict.to_owned(),
+        reasons,
+        cascades,
+        quadrants,
+        effects: Vec::new(),
+        faults,
+    }
+}
+
+/// The text form of a report.
+#[must_use]
+pub fn render(r: &Report) -> String {
+    let mut out = format!("{}: {}\n", r.title, r.verdict.to_uppercase());
+    out.push_str(
+        "QUAD  TARGET  WINDOW     SENT    ANSWERED  AVAIL %   P50 ms   P99 ms   P99.9 ms\n",
+    );
+    for q in &r.quadrants {
+        for (name, w) in [
+            ("baseline", &q.baseline),
+            ("fault", &q.fault),
+            ("recovery", &q.recovery),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<5} {:<7} {:<10} {:<7} {:<9} {:<9.3} {:<8.3} {:<8.3} {:.3}",
+                q.quadrant,
+                if q.target { "yes" } else { "no" },
+                name,
+                w.sent,
+                w.answered,
+                w.availability * 100.0,
+                w.p50_ms,
+                w.p99_ms,
+                w.p999_ms
+            );
+        }
+        if let Some(s) = q.recovered_after_secs {
+            let _ = writeln!(
+                out,
+                "{:<5} recovered {s:.1} s after the faults ended",
+                q.quadrant
+            );
+        }
+    }
+    for e in &r.effects {
+        let _ = writeln!(
+            out,
+            "effect {} -> {}: answered {:.1} % / {:.1} % / {:.1} % (baseline / fault / recovery), \
+             p50 {:.3} / {:.3} / {:.3} ms",
+            e.from,
+            e.to,
+            e.baseline.availability * 100.0,
+            e.fault.availability * 100.0,
+            e.recovery.availability * 100.0,
+            e.baseline.p50_ms,
+            e.fault.p50_ms,
+            e.recovery.p50_ms
+        );
+    }
+    for f in &r.faults {
+        let _ = writeln!(
+            out,
+            "fault {:?} {} -> {}: matched {}, dropped {}",
+            f.action, f.from, f.to, f.matched, f.dropped
+        );
+    }
+    let _ = writeln!(out, "cascades: {}", r.cascades);
+    for reason in &r.reasons {
+        let _ = writeln!(out, "- {reason}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    /// 100 requests a second over [0, 9 s): baseline [0, 3), fault [3, 6), recovery [6, 9);
+    /// `lost(q, t)` says which are unanswered; answered ones took `rtt(q, t)` ns.
+    fn probes(
+        lost: impl Fn(Quadrant, u64) -> bool,
+        rtt: impl Fn(Quadrant, u64) -> u64,
+    ) -> BTreeMap<Quadrant, Samples> {
+        Quadrant::ALL
+            .iter()
+            .map(|&q| {
+                let v: Vec<(u64, Option<u64>)> = (0..900u64)
+                    .map(|i| {
+                        let t = i * S / 100;
+                        (t, (!lost(q, t)).then(|| rtt(q, t)))
+                    })
+                    .collect();
+                (q, Arc::new(Mutex::new(v)))
+            })
+            .collect()
+    }
+
+    fn experiment() -> Experiment {
+        Experiment::parse(
+            "title: t\ntargets: [dx]\nmethod:\n  - { action: drop, from: dx, to: any }\n",
+        )
+        .expect("valid")
+    }
+
+    fn hit() -> Vec<FaultStatus> {
+        vec![FaultStatus {
+            action: super::super::Action::Drop,
+            from: "dx".into(),
+            to: "any".into(),
+            percent: 100.0,
+            delay_ms: 0.0,
+            jitter_ms: 0.0,
+            left_ms: 0,
+            expires_ns: 6 * S,
+            matched: 10,
+            dropped: 10,
+        }]
+    }
+
+    const WINDOWS: (u64, u64, u64, u64) = (0, 3 * S, 6 * S, 9 * S);
+
+    #[test]
+    fn a_target_down_during_the_fault_and_back_after_it_passes() {
+        let p = probes(
+            |q, t| q == Quadrant::Dx && (3 * S..6 * S).contains(&t),
+            |_, _| 200_000,
+        );
+        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        assert_eq!(r.verdict, "passed", "{:?}", r.reasons);
+        let dx = &r.quadrants[0];
+        assert!(dx.fault.availability.abs() < 1e-9);
+        assert_eq!(dx.recovered_after_secs, Some(0.0));
+        assert!((r.quadrants[1].fault.availability - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_non_target_that_breaches_is_a_cascade() {
+        // DG loses a tenth of its requests during the fault: below 99.9 %.
+        let p = probes(
+            |q, t| q == Quadrant::Dg && (3 * S..6 * S).contains(&t) && t % (S / 10) == 0,
+            |_, _| 200_000,
+        );
+        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        assert_eq!(
+            (r.verdict.as_str(), r.cascades),
+            ("failed", 1),
+            "{:?}",
+            r.reasons
+        );
+        assert!(
+            r.reasons[0].starts_with("dg: availability 90.00 %"),
+            "{:?}",
+            r.reasons
+        );
+        // Or gets slow: p99 from 0.2 ms to 3 ms (over 1.5x and over 1.5 ms).
+        let p = probes(
+            |_, _| false,
+            |q, t| {
+                if q == Quadrant::Pg && (3 * S..6 * S).contains(&t) {
+                    3_000_000
+                } else {
+                    200_000
+                }
+            },
+        );
+        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        assert_eq!(r.cascades, 1, "{:?}", r.reasons);
+        assert!(
+            r.reasons[0].starts_with("pg: p99 3.000 ms"),
+            "{:?}",
+            r.reasons
+        );
+    }
+
+    #[test]
+    fn a_target_that_stays_down_or_a_fault_that_hit_nothing_fails() {
+        let p = probes(|q, t| q == Quadrant::Dx && t >= 3 * S, |_, _| 200_000);
+        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        assert_eq!(r.verdict, "failed");
+        assert!(
+            r.reasons[0].contains("not back to steady state"),
+            "{:?}",
+            r.reasons
+        );
+        let p = probes(|_, _| false, |_, _| 200_000);
+        let mut idle = hit();
+        idle[0].matched = 0;
+        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, idle, None);
+        assert_eq!(r.verdict, "failed");
+        assert!(
+            r.reasons[0].contains("never hit traffic"),
+            "{:?}",
+            r.reasons
+        );
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            &p,
+            WINDOWS,
+            hit(),
+            Some("safeguard: …".into()),
+        );
+        assert_eq!(r.verdict, "aborted");
+    }
+}
