@@ -429,3 +429,71 @@ fn start_dg_echo(inst: &Instance) -> std::process::Child {
     assert_eq!(line.trim(), "listening");
     child
 }
+
+/// A frozen quadrant answers nothing until its expiry, when its guardian thaws it — the
+/// controller (`inject`) is long gone by then; `recover --all` thaws at once.
+#[test]
+fn a_frozen_quadrant_thaws_at_its_expiry_by_itself() {
+    let mut inst = Instance::up(test_config(None), QPROBE);
+    let _udp = inst.background_in(
+        Quadrant::Dg,
+        None,
+        &[QPROBE, "udp-echo", "0.0.0.0:7000"],
+        "listening",
+    );
+    assert_eq!(rtt(&inst, true, 10, 200)["answered"], 10);
+    let armed = Instant::now();
+    chaos(&inst, &["inject", "freeze", "--to", "dg", "--for", "2"]);
+    let frozen = rtt(&inst, true, 10, 50);
+    assert_eq!(frozen["answered"], 0, "{frozen}");
+    let listed = faults(&inst);
+    assert!(
+        listed
+            .iter()
+            .any(|f| f["action"] == "freeze" && f["to"] == "dg" && f["left_ms"].as_u64() > Some(0)),
+        "{listed:?}"
+    );
+    thread::sleep(Duration::from_millis(2_500).saturating_sub(armed.elapsed()));
+    let thawed = rtt(&inst, true, 10, 200);
+    assert_eq!(thawed["answered"], 10, "thawed by its guardian: {thawed}");
+    assert!(faults(&inst).is_empty());
+
+    chaos(&inst, &["inject", "freeze", "--to", "dg", "--for", "60"]);
+    assert_eq!(rtt(&inst, true, 5, 50)["answered"], 0);
+    let out = chaos(&inst, &["recover", "--all"]);
+    assert!(out.contains("thawed 1 quadrant(s)"), "{out}");
+    assert_eq!(rtt(&inst, true, 10, 200)["answered"], 10, "thawed at once");
+
+    let out = inst.quadrant(&["chaos", "inject", "freeze", "--to", "pg", "--for", "5"]);
+    assert!(!out.status.success(), "production only by name");
+}
+
+/// `manifests/chaos/freeze-dg.yaml`: DG frozen, the others unaffected, DG back right after.
+#[test]
+fn a_freeze_experiment_passes_with_the_target_back_at_once() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let file = experiment(&inst, "freeze-dg.yaml", 2);
+    let out = inst.quadrant(&[
+        "chaos",
+        "run",
+        file.to_str().expect("utf8"),
+        "--output",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{:?}", report["reasons"]);
+    let dg = report["quadrants"]
+        .as_array()
+        .expect("quadrants")
+        .iter()
+        .find(|q| q["quadrant"] == "dg")
+        .expect("dg")
+        .clone();
+    // Frozen for most of the window: requests sent in the moment the freeze takes hold may
+    // still be answered.
+    assert!(dg["fault"]["availability"].as_f64() <= Some(0.25), "{dg}");
+    assert!(dg["recovered_after_secs"].as_f64() <= Some(1.0), "{dg}");
+    assert!(chaos(&inst, &["status"]).contains("no faults"));
+}

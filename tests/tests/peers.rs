@@ -383,8 +383,16 @@ impl Nodes {
 
     /// Node B's kernel knows A's prefixes as A's quadrants: A's PG reaches B's PX on the
     /// service's port; the host of A (an outside address to B) does not.
-    fn kernels_know_the_other_nodes_quadrants(&self) {
-        let b_px = format!("{}:7000", self.b.addr(Quadrant::Px));
+    fn kernels_know_the_other_nodes_quadrants(&mut self) {
+        // A plain TCP echo (the lane service's port speaks TLS and may reset a plain client).
+        let (_, output) = self.b.background_in(
+            Quadrant::Px,
+            None,
+            &[QPROBE, "tcp-echo", "0.0.0.0:7001"],
+            "listening",
+        );
+        self.outputs.push(output);
+        let b_px = format!("{}:7001", self.b.addr(Quadrant::Px));
         let (reached, why) = self.a.probe(Quadrant::Pg, &["tcp-connect", &b_px, "1000"]);
         assert!(reached, "A's PG to B's PX: {why}");
         let denied = self.b.counter("tc_egress", Quadrant::Px, "deny_policy");

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::{breakers::monotonic_ns, config::Config};
 
 mod experiment;
+pub mod freeze;
 pub mod run;
 
 pub use experiment::{Experiment, MethodFault, Safeguards, SteadyState, Windows};
@@ -46,6 +47,9 @@ pub enum Action {
     Delay,
     /// Refuse `connect`/`sendmsg` with `ECONNREFUSED` (a share with `percent`).
     Refuse,
+    /// Freeze every process of the destination quadrant (`cgroup.freeze`), thawed at the
+    /// expiry by a guardian process.
+    Freeze,
 }
 
 /// One fault, as asked for.
@@ -155,6 +159,42 @@ fn is_production(id: u8) -> bool {
 }
 
 impl FaultSpec {
+    /// A freeze names one quadrant (`to`), from `any`, for its whole processes.
+    fn check_freeze(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
+        let invalid = |m: String| Err(ChaosError::Invalid(m));
+        if self.from != "any" || usize::from(dst) >= Quadrant::ALL.len() {
+            return invalid(format!(
+                "freeze: from any, to one quadrant (not {} -> {})",
+                self.from, self.to
+            ));
+        }
+        if !allow_production && is_production(dst) {
+            return invalid(format!(
+                "{} is a production quadrant: name it explicitly with --allow-production",
+                self.to
+            ));
+        }
+        if self.seconds == 0 || self.seconds > MAX_DURATION.as_secs() {
+            return invalid(format!(
+                "seconds: {} is outside 1..={}",
+                self.seconds,
+                MAX_DURATION.as_secs()
+            ));
+        }
+        if self.both_ways || self.delay_ms != 0 || self.jitter_ms != 0 || self.percent < 100.0 {
+            return invalid("freeze: takes no percent, delay or both_ways".into());
+        }
+        Ok(())
+    }
+
+    /// The quadrant a freeze names.
+    #[must_use]
+    pub fn frozen_quadrant(&self) -> Option<Quadrant> {
+        (self.action == Action::Freeze)
+            .then(|| Quadrant::from_name(&self.to))
+            .flatten()
+    }
+
     /// The map entries of this fault (two for `both_ways`), checked against the limits and the
     /// blast-radius rule.
     ///
@@ -167,6 +207,10 @@ impl FaultSpec {
     ) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
         let invalid = |m: String| Err(ChaosError::Invalid(m));
         let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
+        if self.action == Action::Freeze {
+            self.check_freeze(allow_production, dst)?;
+            return Ok(Vec::new());
+        }
         let scope = if self.action == Action::Refuse {
             SCOPE_CONNECT
         } else {
@@ -219,6 +263,7 @@ impl FaultSpec {
                 }
                 (0, self.delay_ms * 1000, self.jitter_ms * 1000)
             }
+            Action::Freeze => return Ok(Vec::new()),
             Action::Drop | Action::Refuse => {
                 if self.delay_ms != 0 || self.jitter_ms != 0 {
                     return invalid("delay_ms: only a delay fault delays".into());
@@ -440,11 +485,16 @@ fn tc(args: &[&str]) -> Result<String, ChaosError> {
 /// An invalid fault, the maps, or `tc`.
 pub fn inject(
     config: &Config,
+    config_path: Option<&Path>,
     spec: &FaultSpec,
     allow_production: bool,
 ) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
     let now = monotonic_ns();
     let entries = spec.entries(allow_production, now)?;
+    if let Some(q) = spec.frozen_quadrant() {
+        freeze::freeze(config, config_path, q, spec.seconds)?;
+        return Ok(entries);
+    }
     let mut faults = Faults::open(&config.bpffs_dir())?;
     prepare_delay(config, spec)?;
     faults.arm(&entries, now)?;
@@ -482,7 +532,25 @@ pub fn prepare_delay(config: &Config, spec: &FaultSpec) -> Result<(), ChaosError
 /// # Errors
 /// The maps.
 pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
-    Ok(Faults::open(&config.bpffs_dir())?.status(monotonic_ns()))
+    let now = monotonic_ns();
+    let mut out = Faults::open(&config.bpffs_dir())?.status(now);
+    out.extend(
+        freeze::frozen(config)
+            .into_iter()
+            .map(|(q, until)| FaultStatus {
+                action: Action::Freeze,
+                from: "any".into(),
+                to: q.name().into(),
+                percent: 100.0,
+                delay_ms: 0.0,
+                jitter_ms: 0.0,
+                left_ms: until.map_or(0, |u| u.saturating_sub(now) / 1_000_000),
+                expires_ns: until.unwrap_or(0),
+                matched: 0,
+                dropped: 0,
+            }),
+    );
+    Ok(out)
 }
 
 /// `quadrant chaos recover --all`: every fault removed and the `fq` qdiscs the delays needed
@@ -492,6 +560,11 @@ pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
 /// The maps or `tc`.
 pub fn recover(config: &Config) -> Result<String, ChaosError> {
     let removed = Faults::open(&config.bpffs_dir())?.recover()?;
+    let mut thawed = 0;
+    for (q, _) in freeze::frozen(config) {
+        freeze::set_frozen(config, q, false)?;
+        thawed += 1;
+    }
     let mut qdiscs = 0;
     for dev in veths(config, ANY)? {
         if tc(&["qdisc", "show", "dev", &dev, "root"])?.starts_with("qdisc fq ") {
@@ -500,7 +573,8 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
         }
     }
     Ok(format!(
-        "removed {removed} fault(s) and {qdiscs} fq qdisc(s); the dataplane is disarmed"
+        "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s); the \
+         dataplane is disarmed"
     ))
 }
 

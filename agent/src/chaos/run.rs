@@ -460,12 +460,18 @@ pub fn run(
     for f in exp.faults() {
         entries.extend(f.entries(true, t1)?);
     }
-    if exp.method.iter().any(|m| m.action == super::Action::Delay) {
-        for f in exp.faults() {
-            super::prepare_delay(config, &f)?;
-        }
+    for f in exp.faults() {
+        super::prepare_delay(config, &f)?;
     }
     faults.arm(&entries, t1)?;
+    let frozen: Vec<Quadrant> = exp
+        .faults()
+        .iter()
+        .filter_map(super::FaultSpec::frozen_quadrant)
+        .collect();
+    for q in &frozen {
+        super::freeze::freeze(config, config_path, *q, exp.windows.fault_secs)?;
+    }
     let fault_end = t1 + exp.windows.fault_secs * 1_000_000_000;
     let mut aborted = None;
     while monotonic_ns() < fault_end {
@@ -499,6 +505,9 @@ pub fn run(
     // Removed now (they would end by themselves at fault_end anyway).
     for (k, _) in &entries {
         faults.remove(k)?;
+    }
+    for q in &frozen {
+        super::freeze::set_frozen(config, *q, false)?;
     }
     let t2 = monotonic_ns().min(fault_end);
     std::thread::sleep(secs(exp.windows.recovery_secs) + timeout);

@@ -18,7 +18,7 @@ pub enum ChaosCommand {
         #[arg(value_enum)]
         action: Action,
         /// Source: dx, dg, px, pg, host, world or any (for refuse: the calling quadrant).
-        #[arg(long)]
+        #[arg(long, default_value = "any")]
         from: String,
         /// Destination: a quadrant or any (for refuse: any identity).
         #[arg(long)]
@@ -71,6 +71,16 @@ pub enum ChaosCommand {
     /// The UDP echo an experiment runs inside each quadrant.
     #[command(hide = true)]
     Echo,
+    /// The guardian of a freeze: thaws the quadrant at the expiry.
+    #[command(hide = true)]
+    Thaw {
+        /// The frozen quadrant.
+        #[arg(long)]
+        quadrant: String,
+        /// Its expiry, monotonic ns.
+        #[arg(long)]
+        at: u64,
+    },
     /// An experiment's effect probe inside a quadrant.
     #[command(hide = true)]
     Probe {
@@ -111,7 +121,11 @@ pub fn run(
                 both_ways,
                 seconds,
             };
-            let entries = chaos::inject(config, &spec, allow_production)?;
+            let entries = chaos::inject(config, config_path, &spec, allow_production)?;
+            if spec.action == Action::Freeze {
+                println!("froze {} for {seconds} s", spec.to);
+                return Ok(());
+            }
             println!(
                 "armed {} fault entr{} for {seconds} s",
                 entries.len(),
@@ -127,6 +141,11 @@ pub fn run(
         }
         ChaosCommand::Recover { all: _ } => println!("{}", chaos::recover(config)?),
         ChaosCommand::Echo => chaos::run::echo()?,
+        ChaosCommand::Thaw { quadrant, at } => {
+            let q = dataplane_common::Quadrant::from_name(&quadrant)
+                .ok_or_else(|| anyhow::anyhow!("unknown quadrant {quadrant:?}"))?;
+            chaos::freeze::thaw_at(config, q, at)?;
+        }
         ChaosCommand::Probe {
             addr,
             rate,
@@ -153,6 +172,7 @@ pub fn run(
                     let what = match f.action {
                         Action::Delay => format!("{} ms ± {} ms", f.delay_ms, f.jitter_ms),
                         Action::Drop | Action::Refuse => format!("{} %", f.percent),
+                        Action::Freeze => "every process".to_owned(),
                     };
                     println!(
                         "  {:?} {} -> {}{}: {what} for {} s",
