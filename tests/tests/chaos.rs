@@ -497,3 +497,31 @@ fn a_freeze_experiment_passes_with_the_target_back_at_once() {
     assert!(dg["recovered_after_secs"].as_f64() <= Some(1.0), "{dg}");
     assert!(chaos(&inst, &["status"]).contains("no faults"));
 }
+
+/// `manifests/chaos/kill-dx.yaml`: every DX process killed, the other quadrants untouched, DX
+/// back once its echo returns.
+#[test]
+fn a_kill_experiment_passes_and_only_the_target_goes_down() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let file = experiment(&inst, "kill-dx.yaml", 2);
+    let out = inst.quadrant(&[
+        "chaos",
+        "run",
+        file.to_str().expect("utf8"),
+        "--output",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{:?}", report["reasons"]);
+    for q in report["quadrants"].as_array().expect("quadrants") {
+        let fault = q["fault"]["availability"].as_f64().expect("availability");
+        if q["quadrant"] == "dx" {
+            assert!(fault <= 0.1, "killed: {q}");
+            assert!(q["recovered_after_secs"].as_f64() <= Some(1.0), "{q}");
+        } else {
+            assert!(fault >= 0.999, "untouched: {q}");
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Freezing every process of a quadrant (cgroup v2 `cgroup.freeze` on each of its instances'
+//! Killing (`cgroup.kill`) and freezing every process of a quadrant (cgroup v2 `cgroup.freeze` on each of its instances'
 //! cgroups) for a while. A freeze has no kernel clock to end it, so it gets a lease: a file with
 //! its expiry beside the agent's state, and a guardian process (`quadrant chaos thaw`, detached
 //! in a session of its own) that thaws at the expiry — also when the controller that froze the
@@ -135,6 +135,27 @@ pub fn freeze(
         )));
     }
     Ok(until)
+}
+
+/// Kills every process of every instance of `q` (`cgroup.kill`); returns how many cgroups.
+///
+/// # Errors
+/// A missing cgroup or a failed write.
+pub fn kill(config: &Config, q: Quadrant) -> Result<usize, ChaosError> {
+    let cgroups = cgroups_of(config, q);
+    if cgroups.is_empty() {
+        return Err(ChaosError::Sys(format!(
+            "{} has no cgroup under {} (is the agent's dataplane up?)",
+            q.name(),
+            config.cgroup_parent().display()
+        )));
+    }
+    for c in &cgroups {
+        let file = c.join("cgroup.kill");
+        std::fs::write(&file, "1")
+            .map_err(|e| ChaosError::Sys(format!("{}: {e}", file.display())))?;
+    }
+    Ok(cgroups.len())
 }
 
 /// `quadrant chaos thaw --quadrant Q --at NS`: waits until the expiry, then thaws `q` if its

@@ -50,6 +50,9 @@ pub enum Action {
     /// Freeze every process of the destination quadrant (`cgroup.freeze`), thawed at the
     /// expiry by a guardian process.
     Freeze,
+    /// Kill every process of the destination quadrant (`cgroup.kill`) once; its supervisor
+    /// brings its workloads back.
+    Kill,
 }
 
 /// One fault, as asked for.
@@ -159,13 +162,13 @@ fn is_production(id: u8) -> bool {
 }
 
 impl FaultSpec {
-    /// A freeze names one quadrant (`to`), from `any`, for its whole processes.
+    /// A freeze or kill names one quadrant (`to`), from `any`, for its whole processes.
     fn check_freeze(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
         let invalid = |m: String| Err(ChaosError::Invalid(m));
         if self.from != "any" || usize::from(dst) >= Quadrant::ALL.len() {
             return invalid(format!(
-                "freeze: from any, to one quadrant (not {} -> {})",
-                self.from, self.to
+                "{:?}: from any, to one quadrant (not {} -> {})",
+                self.action, self.from, self.to
             ));
         }
         if !allow_production && is_production(dst) {
@@ -182,9 +185,20 @@ impl FaultSpec {
             ));
         }
         if self.both_ways || self.delay_ms != 0 || self.jitter_ms != 0 || self.percent < 100.0 {
-            return invalid("freeze: takes no percent, delay or both_ways".into());
+            return invalid(format!(
+                "{:?}: takes no percent, delay or both_ways",
+                self.action
+            ));
         }
         Ok(())
+    }
+
+    /// The quadrant a kill names.
+    #[must_use]
+    pub fn killed_quadrant(&self) -> Option<Quadrant> {
+        (self.action == Action::Kill)
+            .then(|| Quadrant::from_name(&self.to))
+            .flatten()
     }
 
     /// The quadrant a freeze names.
@@ -207,7 +221,7 @@ impl FaultSpec {
     ) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
         let invalid = |m: String| Err(ChaosError::Invalid(m));
         let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
-        if self.action == Action::Freeze {
+        if matches!(self.action, Action::Freeze | Action::Kill) {
             self.check_freeze(allow_production, dst)?;
             return Ok(Vec::new());
         }
@@ -263,7 +277,7 @@ impl FaultSpec {
                 }
                 (0, self.delay_ms * 1000, self.jitter_ms * 1000)
             }
-            Action::Freeze => return Ok(Vec::new()),
+            Action::Freeze | Action::Kill => return Ok(Vec::new()),
             Action::Drop | Action::Refuse => {
                 if self.delay_ms != 0 || self.jitter_ms != 0 {
                     return invalid("delay_ms: only a delay fault delays".into());
@@ -493,6 +507,10 @@ pub fn inject(
     let entries = spec.entries(allow_production, now)?;
     if let Some(q) = spec.frozen_quadrant() {
         freeze::freeze(config, config_path, q, spec.seconds)?;
+        return Ok(entries);
+    }
+    if let Some(q) = spec.killed_quadrant() {
+        freeze::kill(config, q)?;
         return Ok(entries);
     }
     let mut faults = Faults::open(&config.bpffs_dir())?;

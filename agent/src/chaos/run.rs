@@ -255,36 +255,44 @@ impl Drop for Echoes {
 }
 
 fn start_echoes(config_path: Option<&std::path::Path>) -> Result<Echoes, ChaosError> {
-    let me = std::env::current_exe().map_err(|e| ChaosError::Sys(e.to_string()))?;
     let mut echoes = Echoes(Vec::new());
     for q in Quadrant::ALL {
-        let mut c = Command::new(&me);
-        if let Some(p) = config_path {
-            c.arg("--config").arg(p);
-        }
-        let mut child = c
-            .args(["exec", q.name(), "--workload", "chaos-echo", "--"])
-            .arg(&me)
-            .args(["chaos", "echo"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| ChaosError::Sys(format!("cannot start the echo in {}: {e}", q.name())))?;
-        let mut line = String::new();
-        let stdout = child.stdout.take();
-        echoes.0.push(child);
-        stdout
-            .map(std::io::BufReader::new)
-            .and_then(|mut r| r.read_line(&mut line).ok());
-        if line.trim() != "listening" {
-            return Err(ChaosError::Sys(format!(
-                "the echo in {} did not start (port {ECHO_PORT} taken?)",
-                q.name()
-            )));
-        }
+        echoes.0.push(start_echo(config_path, q)?);
     }
     Ok(echoes)
+}
+
+/// The echo of quadrant `q`, once it listens.
+fn start_echo(config_path: Option<&std::path::Path>, q: Quadrant) -> Result<Child, ChaosError> {
+    let me = std::env::current_exe().map_err(|e| ChaosError::Sys(e.to_string()))?;
+    let mut c = Command::new(&me);
+    if let Some(p) = config_path {
+        c.arg("--config").arg(p);
+    }
+    let mut child = c
+        .args(["exec", q.name(), "--workload", "chaos-echo", "--"])
+        .arg(&me)
+        .args(["chaos", "echo"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| ChaosError::Sys(format!("cannot start the echo in {}: {e}", q.name())))?;
+    let mut line = String::new();
+    child
+        .stdout
+        .take()
+        .map(std::io::BufReader::new)
+        .and_then(|mut r| r.read_line(&mut line).ok());
+    if line.trim() != "listening" {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(ChaosError::Sys(format!(
+            "the echo in {} did not start (port {ECHO_PORT} taken?)",
+            q.name()
+        )));
+    }
+    Ok(child)
 }
 
 /// Sends to `to` at `rate` per second until `stop`, recording every request.
@@ -426,6 +434,40 @@ fn start_effect_probes(
     Ok(effects)
 }
 
+/// Checks the safeguards every 200 ms until `fault_end`: the last whole second of each
+/// non-target quadrant (its answers have had the timeout to arrive). Why it aborted, if it did.
+fn watch_safeguards(
+    exp: &Experiment,
+    targets: &[Quadrant],
+    probes: &BTreeMap<Quadrant, Samples>,
+    (t1, fault_end): (u64, u64),
+    timeout: Duration,
+) -> Option<String> {
+    while monotonic_ns() < fault_end {
+        std::thread::sleep(Duration::from_millis(200).min(Duration::from_nanos(
+            fault_end.saturating_sub(monotonic_ns()),
+        )));
+        let now = monotonic_ns();
+        let until = now.saturating_sub(u64::try_from(timeout.as_nanos()).unwrap_or(0));
+        if until < t1 + 1_000_000_000 {
+            continue;
+        }
+        for q in Quadrant::ALL.iter().filter(|q| !targets.contains(q)) {
+            let w = window(&locked(&probes[q]), until - 1_000_000_000, until);
+            if w.sent > 0 && w.availability < exp.safeguards.abort_below_availability {
+                return Some(format!(
+                    "safeguard: {} answered {:.1} % of the last second's requests (abort below \
+                     {:.1} %); every fault removed",
+                    q.name(),
+                    w.availability * 100.0,
+                    exp.safeguards.abort_below_availability * 100.0
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Runs `exp` against `config`'s dataplane (`config_path`: the file the echoes' `quadrant exec`
 /// is given). With `dry_run`, validates and prints the plan only.
 ///
@@ -438,7 +480,7 @@ pub fn run(
 ) -> Result<Report, ChaosError> {
     let targets = exp.target_quadrants()?;
     let mut faults = Faults::open(&config.bpffs_dir())?;
-    let _echoes = start_echoes(config_path)?;
+    let mut echoes = start_echoes(config_path)?;
     let ss = exp.steady_state;
     let timeout = Duration::from_millis(u64::from(ss.timeout_ms));
     let stop = Arc::new(AtomicBool::new(false));
@@ -472,35 +514,16 @@ pub fn run(
     for q in &frozen {
         super::freeze::freeze(config, config_path, *q, exp.windows.fault_secs)?;
     }
-    let fault_end = t1 + exp.windows.fault_secs * 1_000_000_000;
-    let mut aborted = None;
-    while monotonic_ns() < fault_end {
-        std::thread::sleep(Duration::from_millis(200).min(Duration::from_nanos(
-            fault_end.saturating_sub(monotonic_ns()),
-        )));
-        // Safeguard: the last whole second of each non-target quadrant (its answers have had
-        // the timeout to arrive).
-        let now = monotonic_ns();
-        let until = now.saturating_sub(u64::try_from(timeout.as_nanos()).unwrap_or(0));
-        if until < t1 + 1_000_000_000 {
-            continue;
-        }
-        for q in Quadrant::ALL.iter().filter(|q| !targets.contains(q)) {
-            let w = window(&locked(&probes[q]), until - 1_000_000_000, until);
-            if w.sent > 0 && w.availability < exp.safeguards.abort_below_availability {
-                aborted = Some(format!(
-                    "safeguard: {} answered {:.1} % of the last second's requests (abort below \
-                     {:.1} %); every fault removed",
-                    q.name(),
-                    w.availability * 100.0,
-                    exp.safeguards.abort_below_availability * 100.0
-                ));
-            }
-        }
-        if aborted.is_some() {
-            break;
-        }
+    let killed: Vec<Quadrant> = exp
+        .faults()
+        .iter()
+        .filter_map(super::FaultSpec::killed_quadrant)
+        .collect();
+    for q in &killed {
+        super::freeze::kill(config, *q)?;
     }
+    let fault_end = t1 + exp.windows.fault_secs * 1_000_000_000;
+    let aborted = watch_safeguards(exp, &targets, &probes, (t1, fault_end), timeout);
     let fault_status = faults.status(monotonic_ns());
     // Removed now (they would end by themselves at fault_end anyway).
     for (k, _) in &entries {
@@ -508,6 +531,13 @@ pub fn run(
     }
     for q in &frozen {
         super::freeze::set_frozen(config, *q, false)?;
+    }
+    // A killed quadrant's echo (this run's stand-in for its service) comes back at the end of
+    // the fault window.
+    for q in &killed {
+        let i = Quadrant::ALL.iter().position(|a| a == q).unwrap_or(0);
+        let _ = echoes.0[i].wait();
+        echoes.0[i] = start_echo(config_path, *q)?;
     }
     let t2 = monotonic_ns().min(fault_end);
     std::thread::sleep(secs(exp.windows.recovery_secs) + timeout);

@@ -122,9 +122,16 @@ pub fn run(
                 seconds,
             };
             let entries = chaos::inject(config, config_path, &spec, allow_production)?;
-            if spec.action == Action::Freeze {
-                println!("froze {} for {seconds} s", spec.to);
-                return Ok(());
+            match spec.action {
+                Action::Freeze => {
+                    println!("froze {} for {seconds} s", spec.to);
+                    return Ok(());
+                }
+                Action::Kill => {
+                    println!("killed every process of {}", spec.to);
+                    return Ok(());
+                }
+                _ => {}
             }
             println!(
                 "armed {} fault entr{} for {seconds} s",
@@ -155,45 +162,56 @@ pub fn run(
             file,
             dry_run,
             output,
-        } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let exp = chaos::Experiment::parse(&text)?;
-            if dry_run {
-                println!(
-                    "{}: valid; targets {}; windows {} s baseline, {} s fault, {} s recovery; faults:",
-                    exp.title,
-                    exp.targets.join(", "),
-                    exp.windows.baseline_secs,
-                    exp.windows.fault_secs,
-                    exp.windows.recovery_secs
-                );
-                for f in exp.faults() {
-                    let what = match f.action {
-                        Action::Delay => format!("{} ms ± {} ms", f.delay_ms, f.jitter_ms),
-                        Action::Drop | Action::Refuse => format!("{} %", f.percent),
-                        Action::Freeze => "every process".to_owned(),
-                    };
-                    println!(
-                        "  {:?} {} -> {}{}: {what} for {} s",
-                        f.action,
-                        f.from,
-                        f.to,
-                        if f.both_ways { " and back" } else { "" },
-                        f.seconds
-                    );
-                }
-                return Ok(());
-            }
-            let report = chaos::run::run(config, config_path, &exp)?;
-            match output {
-                Output::Text => print!("{}", chaos::run::render(&report)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            }
-            if report.verdict != "passed" {
-                std::process::exit(1);
-            }
-        }
+        } => run_experiment(config, config_path, &file, dry_run, output)?,
     }
+    Ok(())
+}
+
+/// `quadrant chaos run FILE`: exits 1 unless the verdict is `passed`.
+fn run_experiment(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    file: &std::path::Path,
+    dry_run: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let exp = chaos::Experiment::parse(&text)?;
+    if dry_run {
+        println!(
+            "{}: valid; targets {}; windows {} s baseline, {} s fault, {} s recovery; faults:",
+            exp.title,
+            exp.targets.join(", "),
+            exp.windows.baseline_secs,
+            exp.windows.fault_secs,
+            exp.windows.recovery_secs
+        );
+        for f in exp.faults() {
+            let what = match f.action {
+                Action::Delay => format!("{} ms ± {} ms", f.delay_ms, f.jitter_ms),
+                Action::Drop | Action::Refuse => format!("{} %", f.percent),
+                Action::Freeze | Action::Kill => "every process".to_owned(),
+            };
+            println!(
+                "  {:?} {} -> {}{}: {what} for {} s",
+                f.action,
+                f.from,
+                f.to,
+                if f.both_ways { " and back" } else { "" },
+                f.seconds
+            );
+        }
+        return Ok(());
+    }
+    let report = chaos::run::run(config, config_path, &exp)?;
+    match output {
+        Output::Text => print!("{}", chaos::run::render(&report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    if report.verdict != "passed" {
+        std::process::exit(1);
+    }
+
     Ok(())
 }
