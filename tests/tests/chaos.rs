@@ -169,7 +169,7 @@ fn delay(inst: &Instance) {
         "--for",
         "20",
     ]);
-    if fq_available() {
+    if quadrant::chaos::fq_available() {
         assert!(
             delay.status.success(),
             "{}",
@@ -244,24 +244,6 @@ fn production(inst: &Instance) {
     assert!(chaos(inst, &["status"]).contains("no faults"));
 }
 
-/// Whether this kernel has the fq qdisc (tried on a dummy interface of a namespace of its own).
-fn fq_available() -> bool {
-    let ns = format!("qfq-{}", std::process::id());
-    let run = |args: &[&str]| {
-        Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let _ = run(&["ip", "netns", "add", &ns]);
-    let ok = run(&["ip", "-n", &ns, "link", "add", "d0", "type", "dummy"])
-        && run(&[
-            "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "d0", "root", "fq",
-        ]);
-    let _ = run(&["ip", "netns", "del", &ns]);
-    ok
-}
-
 /// A library experiment with short windows, written where the agent's configuration is.
 fn experiment(inst: &Instance, name: &str, fault_secs: u64) -> std::path::PathBuf {
     let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -290,19 +272,8 @@ fn experiment(inst: &Instance, name: &str, fault_secs: u64) -> std::path::PathBu
 #[test]
 fn an_experiment_reports_each_quadrant_and_finds_no_cascade() {
     let inst = Instance::up(test_config(None), QPROBE);
-    let file = experiment(&inst, "partition-dx-dg.yaml", 3);
-    let out = inst.quadrant(&[
-        "chaos",
-        "run",
-        file.to_str().expect("utf8"),
-        "--output",
-        "json",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    let report = run_experiment(&inst, "partition-dx-dg.yaml", 3);
     eprintln!("{}", serde_json::to_string_pretty(&report).expect("json"));
-    assert!(out.status.success(), "{:?}", report["reasons"]);
     assert_eq!(report["verdict"], "passed");
     assert_eq!(report["cascades"], 0);
     for q in report["quadrants"].as_array().expect("quadrants") {
@@ -472,18 +443,7 @@ fn a_frozen_quadrant_thaws_at_its_expiry_by_itself() {
 #[test]
 fn a_freeze_experiment_passes_with_the_target_back_at_once() {
     let inst = Instance::up(test_config(None), QPROBE);
-    let file = experiment(&inst, "freeze-dg.yaml", 2);
-    let out = inst.quadrant(&[
-        "chaos",
-        "run",
-        file.to_str().expect("utf8"),
-        "--output",
-        "json",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
-    assert!(out.status.success(), "{:?}", report["reasons"]);
+    let report = run_experiment(&inst, "freeze-dg.yaml", 2);
     let dg = report["quadrants"]
         .as_array()
         .expect("quadrants")
@@ -503,7 +463,22 @@ fn a_freeze_experiment_passes_with_the_target_back_at_once() {
 #[test]
 fn a_kill_experiment_passes_and_only_the_target_goes_down() {
     let inst = Instance::up(test_config(None), QPROBE);
-    let file = experiment(&inst, "kill-dx.yaml", 2);
+    let report = run_experiment(&inst, "kill-dx.yaml", 2);
+    for q in report["quadrants"].as_array().expect("quadrants") {
+        let fault = q["fault"]["availability"].as_f64().expect("availability");
+        if q["quadrant"] == "dx" {
+            assert!(fault <= 0.1, "killed: {q}");
+            assert!(q["recovered_after_secs"].as_f64() <= Some(1.0), "{q}");
+        } else {
+            assert!(fault >= 0.999, "untouched: {q}");
+        }
+    }
+}
+
+/// Runs a library experiment with short windows (`experiment`) and returns its JSON report,
+/// asserting that it passed.
+fn run_experiment(inst: &Instance, name: &str, fault_secs: u64) -> Value {
+    let file = experiment(inst, name, fault_secs);
     let out = inst.quadrant(&[
         "chaos",
         "run",
@@ -514,14 +489,6 @@ fn a_kill_experiment_passes_and_only_the_target_goes_down() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
-    assert!(out.status.success(), "{:?}", report["reasons"]);
-    for q in report["quadrants"].as_array().expect("quadrants") {
-        let fault = q["fault"]["availability"].as_f64().expect("availability");
-        if q["quadrant"] == "dx" {
-            assert!(fault <= 0.1, "killed: {q}");
-            assert!(q["recovered_after_secs"].as_f64() <= Some(1.0), "{q}");
-        } else {
-            assert!(fault >= 0.999, "untouched: {q}");
-        }
-    }
+    assert!(out.status.success(), "{name}: {:?}", report["reasons"]);
+    report
 }

@@ -50,6 +50,15 @@ fn lease(config: &Config, q: Quadrant) -> PathBuf {
 /// # Errors
 /// When the quadrant has no cgroup (its dataplane is not up) or a write fails.
 pub fn set_frozen(config: &Config, q: Quadrant, frozen: bool) -> Result<usize, ChaosError> {
+    let n = write_each(config, q, "cgroup.freeze", if frozen { "1" } else { "0" })?;
+    if !frozen {
+        let _ = std::fs::remove_file(lease(config, q));
+    }
+    Ok(n)
+}
+
+/// Writes `value` to `file` in every instance cgroup of `q`; returns how many.
+fn write_each(config: &Config, q: Quadrant, file: &str, value: &str) -> Result<usize, ChaosError> {
     let cgroups = cgroups_of(config, q);
     if cgroups.is_empty() {
         return Err(ChaosError::Sys(format!(
@@ -59,12 +68,9 @@ pub fn set_frozen(config: &Config, q: Quadrant, frozen: bool) -> Result<usize, C
         )));
     }
     for c in &cgroups {
-        let file = c.join("cgroup.freeze");
-        std::fs::write(&file, if frozen { "1" } else { "0" })
-            .map_err(|e| ChaosError::Sys(format!("{}: {e}", file.display())))?;
-    }
-    if !frozen {
-        let _ = std::fs::remove_file(lease(config, q));
+        let path = c.join(file);
+        std::fs::write(&path, value)
+            .map_err(|e| ChaosError::Sys(format!("{}: {e}", path.display())))?;
     }
     Ok(cgroups.len())
 }
@@ -142,20 +148,7 @@ pub fn freeze(
 /// # Errors
 /// A missing cgroup or a failed write.
 pub fn kill(config: &Config, q: Quadrant) -> Result<usize, ChaosError> {
-    let cgroups = cgroups_of(config, q);
-    if cgroups.is_empty() {
-        return Err(ChaosError::Sys(format!(
-            "{} has no cgroup under {} (is the agent's dataplane up?)",
-            q.name(),
-            config.cgroup_parent().display()
-        )));
-    }
-    for c in &cgroups {
-        let file = c.join("cgroup.kill");
-        std::fs::write(&file, "1")
-            .map_err(|e| ChaosError::Sys(format!("{}: {e}", file.display())))?;
-    }
-    Ok(cgroups.len())
+    write_each(config, q, "cgroup.kill", "1")
 }
 
 /// `quadrant chaos thaw --quadrant Q --at NS`: waits until the expiry, then thaws `q` if its

@@ -545,6 +545,26 @@ pub fn prepare_delay(config: &Config, spec: &FaultSpec) -> Result<(), ChaosError
     Ok(())
 }
 
+/// Whether this kernel has the `fq` qdisc the delay faults need (tried on a dummy interface in
+/// a network namespace of its own, removed again).
+#[must_use]
+pub fn fq_available() -> bool {
+    let ns = format!("qfq-{}", std::process::id());
+    let run = |args: &[&str]| {
+        std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let _ = run(&["ip", "netns", "add", &ns]);
+    let ok = run(&["ip", "-n", &ns, "link", "add", "d0", "type", "dummy"])
+        && run(&[
+            "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "d0", "root", "fq",
+        ]);
+    let _ = run(&["ip", "netns", "del", &ns]);
+    ok
+}
+
 /// `quadrant chaos status`.
 ///
 /// # Errors

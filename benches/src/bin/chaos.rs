@@ -299,26 +299,8 @@ fn reaction(agent: &Agent, dg: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the kernel has the fq qdisc the delay faults need.
-fn fq_available() -> bool {
-    let ns = format!("qchfq-{}", std::process::id());
-    let run = |args: &[&str]| {
-        std::process::Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let _ = run(&["ip", "netns", "add", &ns]);
-    let ok = run(&["ip", "-n", &ns, "link", "add", "d0", "type", "dummy"])
-        && run(&[
-            "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "d0", "root", "fq",
-        ]);
-    let _ = run(&["ip", "netns", "del", &ns]);
-    ok
-}
-
 fn delay_accuracy(agent: &Agent, dg: SocketAddr) -> anyhow::Result<()> {
-    if !fq_available() {
+    if !quadrant::chaos::fq_available() {
         println!(
             "delay accuracy: not measurable on this kernel (no fq qdisc, CONFIG_NET_SCH_FQ unset); \
              the departure times the program sets are checked by the test_run fixture"
