@@ -50,8 +50,8 @@ pub enum Action {
     /// Freeze every process of the destination quadrant (`cgroup.freeze`), thawed at the
     /// expiry by a guardian process.
     Freeze,
-    /// Kill every process of the destination quadrant (`cgroup.kill`) once; its supervisor
-    /// brings its workloads back.
+    /// Kill every process of the destination quadrant (`cgroup.kill`) once; the agent restarts
+    /// its workloads as their plans' restart policies say.
     Kill,
 }
 
