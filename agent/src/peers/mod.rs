@@ -322,6 +322,20 @@ impl Peers {
             .map_err(|e| format!("socket to {addr}: {e}"))?;
         let conn = ClientConnection::new(config, tls::sni()).map_err(|e| e.to_string())?;
         let mut stream = StreamOwned::new(conn, sock);
+        // The handshake first, waiting out the short read timeouts (a busy peer may take longer
+        // than one to answer).
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        while stream.conn.is_handshaking() {
+            match stream.conn.complete_io(&mut stream.sock) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) && Instant::now() < deadline => {}
+                Err(e) => return Err(format!("TLS handshake with {addr}: {e}")),
+            }
+        }
         let mut frames = Frames::default();
         let hello = Request::Hello {
             node: self.config.instance.clone(),
