@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    io::{self, BufReader, IoSlice, Read, Write},
+    io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -19,6 +19,7 @@ use super::{
     frame::Kind,
     lane::{Framed, Lane, LaneError, Side, Stream},
     os::{self, MAX_CONTROL_MESSAGE},
+    record,
     tls::{self, Svid},
 };
 
@@ -353,10 +354,9 @@ impl LaneClient {
         sock.set_read_timeout(Some(TCP_SETUP_TIMEOUT))?;
         let conn = rustls::ClientConnection::new(config, tls::sni())
             .map_err(|e| LaneError::Tls(e.to_string()))?;
-        let stream: Box<dyn Stream> = Box::new(rustls::StreamOwned::new(
-            conn,
-            BufferedTcp::new(sock.try_clone()?)?,
-        ));
+        let (stream, _) = record::handshake(conn.into(), sock.try_clone()?)
+            .map_err(|e| LaneError::Tls(format!("handshake: {e}")))?;
+        let stream: Box<dyn Stream> = Box::new(stream);
         let mut framed = Framed::new(stream, grant.max_message);
         let hello = serde_json::json!({
             "lane": tcp.server_lane.unwrap_or(grant.lane),
@@ -394,20 +394,13 @@ impl LaneClient {
 /// SPIFFE ID and the Hello's payload.
 fn handshake(sock: &TcpStream, config: Arc<rustls::ServerConfig>) -> Result<Hello, LaneError> {
     let conn = rustls::ServerConnection::new(config).map_err(|e| LaneError::Tls(e.to_string()))?;
-    let mut tls_stream = rustls::StreamOwned::new(conn, BufferedTcp::new(sock.try_clone()?)?);
-    while tls_stream.conn.is_handshaking() {
-        tls_stream
-            .conn
-            .complete_io(&mut tls_stream.sock)
-            .map_err(|e| LaneError::Tls(format!("handshake: {e}")))?;
-    }
-    let peer = tls_stream
-        .conn
-        .peer_certificates()
-        .and_then(|c| c.first())
+    let (stream, certs) = record::handshake(conn.into(), sock.try_clone()?)
+        .map_err(|e| LaneError::Tls(format!("handshake: {e}")))?;
+    let peer = certs
+        .first()
         .and_then(tls::spiffe_id_of)
         .ok_or_else(|| LaneError::Tls("client presented no SVID".into()))?;
-    let stream: Box<dyn Stream> = Box::new(tls_stream);
+    let stream: Box<dyn Stream> = Box::new(stream);
     let mut framed = Framed::new(stream, 4096);
     let mut hello = Vec::new();
     match framed.recv(&mut hello) {
@@ -416,47 +409,6 @@ fn handshake(sock: &TcpStream, config: Arc<rustls::ServerConfig>) -> Result<Hell
             "client {peer}: expected Hello, got {other:?}"
         ))),
         Err(e) => Err(LaneError::Tls(format!("client {peer}: {e}"))),
-    }
-}
-
-/// Bytes a TCP lane reads from its socket at once.
-const TCP_READ_BUF: usize = 256 * 1024;
-
-/// A TCP lane's socket as rustls sees it: writes go straight to the socket, reads come through a
-/// large buffer. rustls reads at most 4 KiB per call, so a 1 MiB message would otherwise cost
-/// hundreds of `recv` calls; here one `recv` takes whatever has arrived, up to 256 KiB.
-#[derive(Debug)]
-struct BufferedTcp {
-    read: BufReader<TcpStream>,
-    write: TcpStream,
-}
-
-impl BufferedTcp {
-    fn new(sock: TcpStream) -> io::Result<Self> {
-        Ok(Self {
-            write: sock.try_clone()?,
-            read: BufReader::with_capacity(TCP_READ_BUF, sock),
-        })
-    }
-}
-
-impl Read for BufferedTcp {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read.read(buf)
-    }
-}
-
-impl Write for BufferedTcp {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write.write(buf)
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.write.write_vectored(bufs)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.write.flush()
     }
 }
 

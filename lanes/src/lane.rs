@@ -332,6 +332,9 @@ pub struct Framed<S> {
     start: usize,
     end: usize,
     scratch: Vec<u8>,
+    /// Where received frames are assembled (kept apart from `scratch`, which sends use, so it
+    /// keeps its length and a frame of the same size needs no zeroing).
+    incoming: Vec<u8>,
     max: u32,
 }
 
@@ -358,6 +361,7 @@ impl<S: Read + Write> Framed<S> {
             start: 0,
             end: 0,
             scratch: Vec::new(),
+            incoming: Vec::new(),
             max,
         }
     }
@@ -445,12 +449,16 @@ impl<S: Read + Write> Framed<S> {
         let h = Header::decode(&self.buf[self.start..self.end], self.max)?;
         self.start += HEADER_LEN;
         let len = h.len as usize;
-        out.clear();
+        // Sized without zeroing what a reused buffer already holds: every byte is overwritten.
+        if out.len() < len {
+            out.resize(len, 0);
+        } else {
+            out.truncate(len);
+        }
         let buffered = (self.end - self.start).min(len);
-        out.extend_from_slice(&self.buf[self.start..self.start + buffered]);
+        out[..buffered].copy_from_slice(&self.buf[self.start..self.start + buffered]);
         self.start += buffered;
         if buffered < len {
-            out.resize(len, 0);
             let mut at = buffered;
             while at < len {
                 match self.stream.read(&mut out[at..]) {
@@ -1149,7 +1157,7 @@ fn recv_stream<S: Read + Write, R>(
     f: &mut Framed<S>,
     read: &mut dyn FnMut(&[u8]) -> R,
 ) -> Result<Option<R>, LaneError> {
-    let mut buf = std::mem::take(&mut f.scratch);
+    let mut buf = std::mem::take(&mut f.incoming);
     let kind = f.recv(&mut buf);
     let out = match kind {
         Ok(Some(Kind::Data)) => Ok(Some(read(&buf))),
@@ -1161,7 +1169,7 @@ fn recv_stream<S: Read + Write, R>(
         ))),
         Err(e) => Err(e),
     };
-    f.scratch = buf;
+    f.incoming = buf;
     out
 }
 

@@ -7,7 +7,7 @@
 //! * Transports: shared-memory rings ([`ring`]) whose ends poll each other while the peer runs
 //!   on another CPU and otherwise sleep and ring a doorbell on the lane's socket pair
 //!   ([`os::Waker`]), a framed Unix socket pair, and TCP with TLS 1.3 and mutual SVID authentication ([`tls`],
-//!   checked by the SPIFFE rules of [`svid`]).
+//!   checked by the SPIFFE rules of [`svid`]; records after the handshake by `record`).
 //! * [`frame`] — the 8-byte header every transport uses; [`control`] — the broker protocol.
 //! * Mirroring: a lane to a service with a shadow generation copies a share of its requests to
 //!   the shadow from a thread of its own and drops the shadow's replies (`mirror`).
@@ -22,6 +22,7 @@ pub mod frame;
 pub mod lane;
 mod mirror;
 pub mod os;
+mod record;
 pub mod ring;
 pub mod svid;
 pub mod tls;
