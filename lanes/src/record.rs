@@ -300,7 +300,12 @@ impl RecordStream {
                 // other alert is the peer's error.
                 match self.input[content] {
                     [_, 0] => self.closed = true,
-                    [_, d] => return Err(invalid(&format!("the peer sent TLS alert {d}"))),
+                    [_, d] => {
+                        return Err(invalid(&format!(
+                            "the peer sent the TLS alert {:?}",
+                            rustls::AlertDescription::from(d)
+                        )));
+                    }
                     _ => return Err(invalid("a malformed alert")),
                 }
             }

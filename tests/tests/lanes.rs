@@ -348,6 +348,45 @@ fn unauthorized_lanes_are_refused() {
     ));
 }
 
+/// The broker decides with the lane rules compiled when a policy is activated (no per-open
+/// evaluation, and lanes prepared ahead in its pool carry no decision): a reload that revokes
+/// DX → DG must replace them before the next open, on every transport.
+#[test]
+fn a_reload_that_revokes_a_lane_refuses_the_next_open() {
+    let mut config = test_config(None);
+    let dir = copy_of_policies(&config.instance);
+    config.policy_dir = Some(dir.clone());
+    let mut inst = Instance::up(config, QPROBE);
+    let _server = start_echo(&mut inst, Quadrant::Dg, true);
+    for t in ["shm", "uds", "tcp"] {
+        summary(&call(
+            &inst,
+            Quadrant::Dx,
+            "client",
+            Quadrant::Dg,
+            &["--transport", t, "--count", "3"],
+        ));
+    }
+    inst.deny_and_reload(&dir, "dx", "dg");
+    for t in ["shm", "uds", "tcp"] {
+        let e = refusal(&call(
+            &inst,
+            Quadrant::Dx,
+            "client",
+            Quadrant::Dg,
+            &["--transport", t],
+        ));
+        assert!(
+            e.contains("policy allows no lane from spiffe://"),
+            "{t}: {e}"
+        );
+    }
+    assert_eq!(refusals(&lanes(&inst), "dx", "policy"), 3);
+    // What the reload did not revoke still opens.
+    let _dx_echo = start_echo(&mut inst, Quadrant::Dx, false);
+    summary(&call(&inst, Quadrant::Dx, "client", Quadrant::Dx, &[]));
+}
+
 #[test]
 fn rogue_tcp_clients_get_no_lane() {
     let mut inst = Instance::up(test_config(None), QPROBE);

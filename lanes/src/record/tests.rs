@@ -249,3 +249,26 @@ fn a_key_stops_at_its_data_limit() {
     let err = c.write(b"one more").unwrap_err();
     assert!(err.to_string().contains("limit of data"), "{err}");
 }
+
+#[test]
+fn alerts_end_the_stream_or_name_the_peers_error() {
+    let (mut c, mut s) = pair();
+    let raw = {
+        c.seal(ALERT, &[2, 42]).unwrap();
+        let raw = c.output[..c.queued].to_vec();
+        c.output.clear();
+        c.queued = 0;
+        raw
+    };
+    (&c.sock).write_all(&raw).unwrap();
+    let err = s.read(&mut [0; 16]).unwrap_err();
+    assert!(err.to_string().contains("BadCertificate"), "{err}");
+
+    let (mut c, mut s) = pair();
+    c.write_all(b"last words").unwrap();
+    c.seal(ALERT, &[1, 0]).unwrap();
+    c.flush().unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"last words");
+}
