@@ -754,7 +754,7 @@ impl Broker {
     fn close(&self, conn_id: u64, lane: u64) {
         let mut state = self.state();
         if state.lanes.get(&lane).is_some_and(|e| e.has_conn(conn_id)) {
-            state.retire(lane);
+            state.retire(lane, conn_id);
             drop(state);
             self.pool.poke();
         }
@@ -772,7 +772,7 @@ impl Broker {
             .map(|(id, _)| *id)
             .collect();
         for lane in gone {
-            state.retire(lane);
+            state.retire(lane, conn_id);
         }
         drop(state);
         self.pool.poke();

@@ -114,11 +114,26 @@ pub const fn counts_against_service(reason: Refusal) -> bool {
 }
 
 impl State {
-    /// Forgets lane `id`; what its client side counts (until a moment from now) stays.
-    pub(super) fn retire(&mut self, id: u64) {
+    /// Forgets lane `id`, closed by (or gone with) connection `by`; what its client side
+    /// counts stays: at once when the client closed it (it counts nothing afterwards), else
+    /// until a moment from now (a request under way may still be counted).
+    pub(super) fn retire(&mut self, id: u64, by: u64) {
         if let Some(l) = self.lanes.remove(id) {
+            let key = (quadrant_of(&l.info.quadrant), l.info.service.clone());
+            if l.client_conn.as_ref().is_some_and(|c| c.id == by) {
+                let closed = if l.info.mirror {
+                    &mut self.closed_shadow_sli
+                } else {
+                    &mut self.closed_sli
+                };
+                closed
+                    .entry(key)
+                    .or_default()
+                    .add_region(&l.region, l.info.transport);
+                return;
+            }
             self.retiring.push_back(Retired {
-                key: (quadrant_of(&l.info.quadrant), l.info.service.clone()),
+                key,
                 mirror: l.info.mirror,
                 transport: l.info.transport,
                 region: l.region,
