@@ -176,7 +176,13 @@ impl Shm {
             self.region
                 .running_cpu(self.side)
                 .store(0, Ordering::Relaxed);
-            let slept = self.waker.sleep(left);
+            // Woken only by the doorbell when both ends know it (an end that does not wakes
+            // its peer through the eventfd; one that does, so when the peer advertises it).
+            let knows = |side: usize| {
+                self.region.features(side).load(Ordering::Relaxed) & ring::FEATURE_DOORBELL != 0
+            };
+            let doorbell = knows(self.side) && knows(1 - self.side);
+            let slept = self.waker.sleep(left, doorbell);
             *own = self.awake();
             slept?;
         }

@@ -352,10 +352,18 @@ impl Waker {
     }
 
     /// Sleeps until woken (either way), the peer hangs up or `timeout` passes (`None`: no
-    /// limit), then takes every pending wake-up.
-    pub fn sleep(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+    /// limit), then takes every pending wake-up. `doorbell`: the peer wakes this end only
+    /// through the socket ([`crate::ring::FEATURE_DOORBELL`]).
+    pub fn sleep(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+        doorbell: bool,
+    ) -> io::Result<()> {
         if self.peer_gone {
             return Ok(());
+        }
+        if doorbell && timeout.is_none() {
+            return self.sleep_on_socket();
         }
         let mut fds = [
             libc::pollfd {
@@ -397,6 +405,34 @@ impl Waker {
             let _ = unsafe { libc::read(self.own_efd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
         }
         Ok(())
+    }
+
+    /// Sleeps in one `recv` on the socket, which takes the ring that ends it (a ring left
+    /// over from an earlier wake-up ends the next sleep at once: a spurious wake-up, the ring
+    /// being the truth) or sees the peer's hang-up — a syscall where `poll` then `recv` take
+    /// two or three.
+    fn sleep_on_socket(&mut self) -> io::Result<()> {
+        let mut buf = [0u8; 64];
+        loop {
+            // SAFETY: receives into a live buffer.
+            let n =
+                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                return Ok(());
+            }
+            if n == 0 {
+                self.peer_gone = true;
+                return Ok(());
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN) => {
+                    self.peer_gone = true;
+                    return Ok(());
+                }
+                _ => return Err(last_os_error("sleeping on the lane")),
+            }
+        }
     }
 
     /// Takes every pending doorbell ring without waiting.
