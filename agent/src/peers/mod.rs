@@ -322,20 +322,8 @@ impl Peers {
             .map_err(|e| format!("socket to {addr}: {e}"))?;
         let conn = ClientConnection::new(config, tls::sni()).map_err(|e| e.to_string())?;
         let mut stream = StreamOwned::new(conn, sock);
-        // The handshake first, waiting out the short read timeouts (a busy peer may take longer
-        // than one to answer).
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        while stream.conn.is_handshaking() {
-            match stream.conn.complete_io(&mut stream.sock) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) && Instant::now() < deadline => {}
-                Err(e) => return Err(format!("TLS handshake with {addr}: {e}")),
-            }
-        }
+        complete_handshake(&mut stream.conn, &mut stream.sock)
+            .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
         let mut frames = Frames::default();
         let hello = Request::Hello {
             node: self.config.instance.clone(),
@@ -460,6 +448,28 @@ fn entries_of(
         entries.push((net.trunc(), Identity::from(quadrant)));
     }
     Ok(entries)
+}
+
+/// Completes a link's TLS handshake on `sock`, waiting out its short read timeouts (a busy peer
+/// may take longer than one to answer) for up to [`CONNECT_TIMEOUT`].
+fn complete_handshake<C, D>(conn: &mut C, sock: &mut TcpStream) -> std::io::Result<()>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    while conn.is_handshaking() {
+        match conn.complete_io(sock) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

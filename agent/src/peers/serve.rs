@@ -4,7 +4,6 @@
 use std::{
     net::{TcpListener, TcpStream},
     sync::Arc,
-    time::Instant,
 };
 
 use rustls::{ServerConnection, StreamOwned};
@@ -62,18 +61,8 @@ impl Peers {
         let config = tls::node_server_config(&self.node_svid()?)?;
         let conn = ServerConnection::new(config).map_err(|e| e.to_string())?;
         let mut stream = StreamOwned::new(conn, sock);
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        while stream.conn.is_handshaking() {
-            match stream.conn.complete_io(&mut stream.sock) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) && Instant::now() < deadline => {}
-                Err(e) => return Err(format!("handshake: {e}")),
-            }
-        }
+        super::complete_handshake(&mut stream.conn, &mut stream.sock)
+            .map_err(|e| format!("handshake: {e}"))?;
         let id = stream
             .conn
             .peer_certificates()
