@@ -272,3 +272,62 @@ fn alerts_end_the_stream_or_name_the_peers_error() {
     s.read_to_end(&mut got).unwrap();
     assert_eq!(got, b"last words");
 }
+
+mod properties {
+    use std::net::Shutdown;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// Records cut anywhere by the network (here: written in random pieces) come out whole
+        /// and in order, across the read buffer's compaction.
+        #[test]
+        fn records_cut_anywhere_arrive_whole(
+            sizes in prop::collection::vec(1usize..40_000, 1..24),
+            pieces in prop::collection::vec(1usize..6_000, 1..64),
+        ) {
+            let (mut c, mut s) = pair();
+            let mut want = Vec::new();
+            let mut raw = Vec::new();
+            for (i, len) in sizes.iter().enumerate() {
+                let m = message(*len, u8::try_from(i % 256).unwrap());
+                for chunk in m.chunks(MAX_PLAINTEXT) {
+                    raw.extend(sealed(&mut c, chunk));
+                }
+                want.extend(m);
+            }
+            let sock = c.sock.try_clone().unwrap();
+            let writer = thread::spawn(move || {
+                let mut at = 0;
+                for p in pieces.iter().cycle() {
+                    if at == raw.len() {
+                        break;
+                    }
+                    let end = (at + p).min(raw.len());
+                    (&sock).write_all(&raw[at..end]).unwrap();
+                    at = end;
+                    thread::yield_now();
+                }
+            });
+            let mut got = vec![0; want.len()];
+            s.read_exact(&mut got).unwrap();
+            writer.join().unwrap();
+            prop_assert!(got == want);
+        }
+
+        /// Bytes that are not records from the peer's key never come out as data.
+        #[test]
+        fn foreign_bytes_never_read_as_data(garbage in prop::collection::vec(any::<u8>(), 0..70_000)) {
+            let (c, mut s) = pair();
+            (&c.sock).write_all(&garbage).unwrap();
+            c.sock.shutdown(Shutdown::Write).unwrap();
+            let mut buf = vec![0; 1 << 16];
+            let got = s.read(&mut buf);
+            prop_assert!(!matches!(got, Ok(n) if n > 0), "{got:?}");
+        }
+    }
+}
