@@ -9,8 +9,39 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::ProgramInfo;
+use dataplane_common::Quadrant;
 use hdrhistogram::Histogram;
-use quadrant::config::Config;
+use quadrant::config::{Config, QuadrantConfig, TcpAcceleration};
+
+/// The embedded configuration moved out of the way of a running `quadrant up`: instance
+/// `instance`, veths `<prefix>-…`, everything it keeps under `state_dir`, quadrant prefixes
+/// `10.<net>.<0..3>.0/24`, TCP acceleration off (measured on its own where it matters). Not yet
+/// validated: the caller adds what its run needs, then validates.
+///
+/// # Errors
+/// If a prefix does not parse (with a `u8` for `net` they all do).
+pub fn isolated_config(
+    instance: &str,
+    prefix: &str,
+    state_dir: &str,
+    net: u8,
+) -> anyhow::Result<Config> {
+    let mut c = Config::embedded();
+    c.instance = instance.into();
+    c.interface_prefix = prefix.into();
+    c.state_dir = state_dir.into();
+    c.cgroup2 = Path::new(state_dir).join("cgroup2");
+    c.audit_log = Path::new(state_dir).join("audit.log");
+    c.identity.ca_dir = Path::new(state_dir).join("ca");
+    c.lanes.tcp_acceleration = TcpAcceleration::Off;
+    for (i, q) in Quadrant::ALL.iter().enumerate() {
+        c.quadrants.insert(
+            q.name().into(),
+            QuadrantConfig::new(format!("10.{net}.{i}.0/24").parse()?),
+        );
+    }
+    Ok(c)
+}
 
 /// A latency histogram from 1 ns to 60 s, three significant digits.
 pub fn histogram() -> anyhow::Result<Histogram<u64>> {

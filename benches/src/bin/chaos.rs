@@ -21,11 +21,7 @@ use std::{
 use anyhow::Context as _;
 use benches::{Agent, per_run, stats};
 use dataplane_common::Quadrant;
-use quadrant::{
-    breakers::monotonic_ns,
-    config::{Config, QuadrantConfig},
-    loader::programs,
-};
+use quadrant::{breakers::monotonic_ns, config::Config, loader::programs};
 use serde::{Deserialize, Serialize};
 
 const STATE_DIR: &str = "/run/quadrant-chaosbench";
@@ -34,20 +30,7 @@ const ROUNDS: usize = 6;
 const REQUESTS: u32 = 4000;
 
 fn bench_config() -> anyhow::Result<Config> {
-    let mut c = Config::embedded();
-    c.instance = "qchaos".into();
-    c.interface_prefix = "qch".into();
-    c.state_dir = STATE_DIR.into();
-    c.cgroup2 = format!("{STATE_DIR}/cgroup2").into();
-    c.audit_log = format!("{STATE_DIR}/audit.log").into();
-    c.identity.ca_dir = format!("{STATE_DIR}/ca").into();
-    c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
-    for (i, q) in Quadrant::ALL.iter().enumerate() {
-        c.quadrants.insert(
-            q.name().into(),
-            QuadrantConfig::new(format!("10.247.{i}.0/24").parse()?),
-        );
-    }
+    let c = benches::isolated_config("qchaos", "qch", STATE_DIR, 247)?;
     c.validate()?;
     Ok(c)
 }

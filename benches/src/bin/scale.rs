@@ -51,7 +51,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use benches::{Agent, histogram, ns, per_run, stats, us};
 use dataplane_common::Quadrant;
-use quadrant::config::{Config, InstanceRef, QuadrantConfig, ServiceConfig};
+use quadrant::config::{Config, InstanceRef, ServiceConfig};
 use serde::{Deserialize, Serialize};
 
 const STATE_DIR: &str = "/run/quadrant-scalebench";
@@ -75,20 +75,7 @@ const LOAD_SECS: f64 = 3.0;
 const P99_SAMPLES: f64 = 2000.0;
 
 fn bench_config() -> anyhow::Result<Config> {
-    let mut c = Config::embedded();
-    c.instance = "qscale".into();
-    c.interface_prefix = "qsc".into();
-    c.state_dir = STATE_DIR.into();
-    c.cgroup2 = format!("{STATE_DIR}/cgroup2").into();
-    c.audit_log = format!("{STATE_DIR}/audit.log").into();
-    c.identity.ca_dir = format!("{STATE_DIR}/ca").into();
-    c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
-    for (i, q) in Quadrant::ALL.iter().enumerate() {
-        c.quadrants.insert(
-            q.name().into(),
-            QuadrantConfig::new(format!("10.245.{i}.0/24").parse()?),
-        );
-    }
+    let mut c = benches::isolated_config("qscale", "qsc", STATE_DIR, 245)?;
     c.quadrants.get_mut("px").context("px")?.instances = INSTANCES;
     c.quadrants.get_mut("px").context("px")?.capacity.cpu = Some(INSTANCE_CPU);
     c.services = vec![

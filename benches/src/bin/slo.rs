@@ -34,7 +34,6 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -42,7 +41,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use benches::{Agent, histogram, ns, per_run, sibling, stats, us};
 use dataplane_common::Quadrant;
-use quadrant::config::{Config, QuadrantConfig};
+use quadrant::config::Config;
 use serde::{Deserialize, Serialize};
 
 const STATE_DIR: &str = "/run/quadrant-slobench";
@@ -295,23 +294,10 @@ fn agent_trips(addr: Ipv4Addr) -> anyhow::Result<Trips> {
 // ---- the orchestrator (host) ----
 
 fn bench_config(enabled: bool) -> anyhow::Result<Config> {
-    let mut c = Config::embedded();
-    c.instance = "qslo".into();
-    c.interface_prefix = "qs".into();
-    c.state_dir = STATE_DIR.into();
-    c.cgroup2 = PathBuf::from(STATE_DIR).join("cgroup2");
-    c.identity.ca_dir = PathBuf::from(STATE_DIR).join("ca");
-    c.audit_log = PathBuf::from(STATE_DIR).join("audit.log");
-    c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
+    let mut c = benches::isolated_config("qslo", "qs", STATE_DIR, 244)?;
     c.breakers.enabled = enabled;
     c.breakers.min_calls = MIN_CALLS;
     c.breakers.base_ejection_ms = 60_000;
-    for (i, q) in Quadrant::ALL.iter().enumerate() {
-        c.quadrants.insert(
-            q.name().into(),
-            QuadrantConfig::new(format!("10.244.{i}.0/24").parse()?),
-        );
-    }
     c.validate()?;
     Ok(c)
 }

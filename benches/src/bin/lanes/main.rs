@@ -23,7 +23,7 @@ use std::{
     io::{BufRead as _, BufReader, Read, Write},
     net::TcpStream,
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Instant,
 };
@@ -34,7 +34,7 @@ use benches::{Agent, sibling};
 use dataplane_common::Quadrant;
 use measure::{PACINGS, Pacing, Row, SIZES, histogram, measure, precise_sleeps};
 use quadrant::{
-    config::{Config, QuadrantConfig, TcpAcceleration},
+    config::{Config, TcpAcceleration},
     lanes::{LaneClient, TransportChoice},
 };
 use serde::{Deserialize, Serialize};
@@ -241,21 +241,7 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
 // ---- the orchestrator ----
 
 fn bench_config() -> anyhow::Result<Config> {
-    let mut c = Config::embedded();
-    c.instance = "qlane".into();
-    c.interface_prefix = "ql".into();
-    c.state_dir = STATE_DIR.into();
-    c.cgroup2 = PathBuf::from(STATE_DIR).join("cgroup2");
-    c.identity.ca_dir = PathBuf::from(STATE_DIR).join("ca");
-    c.audit_log = PathBuf::from(STATE_DIR).join("audit.log");
-    // The plain-TCP rows: the acceleration is measured on its own afterwards.
-    c.lanes.tcp_acceleration = TcpAcceleration::Off;
-    for (i, q) in Quadrant::ALL.iter().enumerate() {
-        c.quadrants.insert(
-            q.name().into(),
-            QuadrantConfig::new(format!("10.243.{i}.0/24").parse()?),
-        );
-    }
+    let c = benches::isolated_config("qlane", "ql", STATE_DIR, 243)?;
     c.validate()?;
     Ok(c)
 }
