@@ -352,8 +352,9 @@ impl Waker {
     }
 
     /// Sleeps until woken (either way), the peer hangs up or `timeout` passes (`None`: no
-    /// limit), then takes every pending wake-up. `doorbell`: the peer wakes this end only
-    /// through the socket ([`crate::ring::FEATURE_DOORBELL`]).
+    /// limit). `doorbell`: the peer wakes this end only through the socket
+    /// ([`crate::ring::FEATURE_DOORBELL`]); with no timeout too, the sleep is one `recv` that
+    /// takes one ring, else a `poll` on both after which every pending wake-up is taken.
     pub fn sleep(
         &mut self,
         timeout: Option<std::time::Duration>,
