@@ -492,3 +492,164 @@ fn run_experiment(inst: &Instance, name: &str, fault_secs: u64) -> Value {
     assert!(out.status.success(), "{name}: {:?}", report["reasons"]);
     report
 }
+
+/// Whether a process in `q` can start another one (`sh` forking `true`).
+fn forks(inst: &Instance, q: Quadrant) -> bool {
+    inst.run_in(q, None, &["/bin/sh", "-c", "/bin/true && echo forked"])
+        .stdout
+        .starts_with(b"forked")
+}
+
+/// Whether a process in `q` can take 48 MiB (Python filling a buffer).
+fn allocates(inst: &Instance, q: Quadrant) -> bool {
+    inst.run_in(
+        q,
+        None,
+        &[
+            "python3",
+            "-c",
+            "b = bytearray(48 << 20); print('allocated')",
+        ],
+    )
+    .stdout
+    .starts_with(b"allocated")
+}
+
+/// The live fault of `action` in `chaos status`, if any.
+fn live(inst: &Instance, action: &str) -> Option<Value> {
+    faults(inst).into_iter().find(|f| f["action"] == action)
+}
+
+/// Arms `action` on DX for `secs` with `extra` arguments; returns when it was armed.
+fn press(inst: &Instance, action: &str, extra: &[&str], secs: u64) -> Instant {
+    let secs = secs.to_string();
+    let mut args = vec!["inject", action, "--to", "dx", "--for", &secs];
+    args.extend(extra);
+    let armed = Instant::now();
+    chaos(inst, &args);
+    armed
+}
+
+/// Resource pressure inside one quadrant: its forks refused, its memory gone, its CPU
+/// throttled — the other quadrants untouched, each pressure ending by itself at its expiry (the
+/// controller exits at once; the guardian ends it) or at `recover --all`, twice without error.
+#[test]
+fn resource_pressure_bites_only_its_quadrant_and_ends_by_itself() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    assert!(forks(&inst, Quadrant::Dx) && allocates(&inst, Quadrant::Dx));
+    pids_pressure(&inst);
+    memory_pressure(&inst);
+    pressure_recovery(&inst);
+}
+
+fn pids_pressure(inst: &Instance) {
+    let armed = press(inst, "pids-pressure", &["--headroom-pids", "4"], 3);
+    thread::sleep(Duration::from_millis(300));
+    assert!(!forks(inst, Quadrant::Dx), "DX's forks refused");
+    assert!(forks(inst, Quadrant::Dg), "DG untouched");
+    let f = live(inst, "pids_pressure").expect("listed");
+    assert!(
+        f["matched"].as_u64() > Some(0),
+        "refused forks counted: {f}"
+    );
+    thread::sleep(Duration::from_millis(3_500).saturating_sub(armed.elapsed()));
+    assert!(live(inst, "pids_pressure").is_none(), "ended at its expiry");
+    assert!(forks(inst, Quadrant::Dx), "DX forks again");
+}
+
+fn memory_pressure(inst: &Instance) {
+    let armed = press(inst, "memory-pressure", &["--headroom-mib", "32"], 4);
+    thread::sleep(Duration::from_millis(500));
+    assert!(!allocates(inst, Quadrant::Dx), "DX has no memory to give");
+    assert!(allocates(inst, Quadrant::Dg), "DG untouched");
+    let f = live(inst, "memory_pressure").expect("listed");
+    assert!(f["matched"].as_u64() > Some(0), "OOM kills counted: {f}");
+    thread::sleep(Duration::from_millis(4_500).saturating_sub(armed.elapsed()));
+    assert!(
+        live(inst, "memory_pressure").is_none(),
+        "ended at its expiry"
+    );
+    assert!(allocates(inst, Quadrant::Dx), "DX's limit restored");
+}
+
+fn pressure_recovery(inst: &Instance) {
+    press(inst, "cpu-pressure", &["--percent", "10"], 60);
+    press(inst, "pids-pressure", &[], 60);
+    thread::sleep(Duration::from_millis(500));
+    let f = live(inst, "cpu_pressure").expect("listed");
+    assert!(
+        f["matched"].as_u64() > Some(0),
+        "throttled periods counted: {f}"
+    );
+    let out = inst.quadrant(&[
+        "chaos",
+        "inject",
+        "cpu-pressure",
+        "--to",
+        "dx",
+        "--for",
+        "5",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("under cpu pressure already"),
+        "one pressure per resource: {out:?}"
+    );
+    let out = chaos(inst, &["recover", "--all"]);
+    assert!(out.contains("ended 2 resource pressure(s)"), "{out}");
+    assert!(forks(inst, Quadrant::Dx), "ended at once");
+    let again = chaos(inst, &["recover", "--all"]);
+    assert!(again.contains("ended 0 resource pressure(s)"), "{again}");
+    assert!(chaos(inst, &["status"]).contains("no faults"));
+
+    let out = inst.quadrant(&[
+        "chaos",
+        "inject",
+        "memory-pressure",
+        "--to",
+        "px",
+        "--for",
+        "5",
+    ]);
+    assert!(!out.status.success(), "production only by name");
+    let out = inst.quadrant(&[
+        "chaos",
+        "inject",
+        "pids-pressure",
+        "--to",
+        "dx",
+        "--headroom-pids",
+        "0",
+        "--for",
+        "5",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("headroom_pids: 0 is outside 1..=4096"),
+        "{out:?}"
+    );
+}
+
+/// `manifests/chaos/memory-dx.yaml` and `pids-dx.yaml`: DX out of memory, then out of
+/// processes; DG, PX and PG keep their steady state; each fault counted its effect.
+#[test]
+fn exhaustion_experiments_pass_with_no_cascade() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    for (name, action) in [
+        ("memory-dx.yaml", "memory_pressure"),
+        ("pids-dx.yaml", "pids_pressure"),
+    ] {
+        let report = run_experiment(&inst, name, 3);
+        assert_eq!(report["cascades"], 0, "{name}");
+        let fault = &report["faults"][0];
+        assert_eq!(fault["action"], action);
+        assert!(fault["matched"].as_u64() > Some(0), "{name}: {fault}");
+        for q in report["quadrants"].as_array().expect("quadrants") {
+            if q["quadrant"] != "dx" {
+                assert!(
+                    q["fault"]["availability"].as_f64() >= Some(0.999),
+                    "{name}: {q}"
+                );
+            }
+        }
+        assert!(chaos(&inst, &["status"]).contains("no faults"), "{name}");
+    }
+}

@@ -983,6 +983,8 @@ fn dg_to_dx_fault(action: Action, delay_ms: u32) -> FaultSpec {
         jitter_ms: 0,
         both_ways: false,
         seconds: 60,
+        headroom_mib: quadrant::chaos::DEFAULT_HEADROOM_MIB,
+        headroom_pids: quadrant::chaos::DEFAULT_HEADROOM_PIDS,
     }
 }
 

@@ -104,13 +104,15 @@ impl Default for SteadyState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MethodFault {
-    /// `drop`, `delay` or `refuse`.
+    /// `drop`, `delay`, `refuse`, `freeze`, `kill`, `cpu_pressure`, `memory_pressure` or
+    /// `pids_pressure`.
     pub action: Action,
     /// Source identity (dx, dg, px, pg, host, world) or any.
     pub from: String,
     /// Destination identity or any.
     pub to: String,
-    /// Share dropped or refused, percent.
+    /// Share dropped or refused, percent; for `cpu_pressure`, the target's CPU during the
+    /// fault, percent of one CPU.
     #[serde(default = "all")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
@@ -123,6 +125,14 @@ pub struct MethodFault {
     /// Also the other way (a partition).
     #[serde(default)]
     pub both_ways: bool,
+    /// Memory left to the target above its use, MiB (`memory_pressure`).
+    #[serde(default = "super::default_headroom_mib")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub headroom_mib: u32,
+    /// Processes left to the target above its count (`pids_pressure`).
+    #[serde(default = "super::default_headroom_pids")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub headroom_pids: u32,
 }
 
 fn all() -> f64 {
@@ -201,6 +211,8 @@ impl Experiment {
                 jitter_ms: m.jitter_ms,
                 both_ways: m.both_ways,
                 seconds: self.windows.fault_secs,
+                headroom_mib: m.headroom_mib,
+                headroom_pids: m.headroom_pids,
             })
             .collect()
     }

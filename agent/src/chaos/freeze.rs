@@ -17,7 +17,7 @@ use super::ChaosError;
 use crate::{breakers::monotonic_ns, config::Config};
 
 /// The cgroups of every instance of `q` (`<q>` and `<q>-<k>`).
-fn cgroups_of(config: &Config, q: Quadrant) -> Vec<PathBuf> {
+pub(super) fn cgroups_of(config: &Config, q: Quadrant) -> Vec<PathBuf> {
     let parent = config.cgroup_parent();
     let Ok(entries) = std::fs::read_dir(&parent) else {
         return Vec::new();

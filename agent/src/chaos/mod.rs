@@ -26,6 +26,7 @@ use crate::{breakers::monotonic_ns, config::Config};
 
 mod experiment;
 pub mod freeze;
+pub mod pressure;
 pub mod run;
 
 pub use experiment::{Experiment, MethodFault, Safeguards, SteadyState, Windows};
@@ -53,6 +54,14 @@ pub enum Action {
     /// Kill every process of the destination quadrant (`cgroup.kill`) once; the agent restarts
     /// its workloads as their plans' restart policies say.
     Kill,
+    /// Cap the destination quadrant's CPU at `percent` of one CPU and spin inside it.
+    CpuPressure,
+    /// Leave the destination quadrant `headroom_mib` of memory above its use and fill it: the
+    /// quadrant runs out of memory (the stressor is the OOM killer's victim) until the expiry.
+    MemoryPressure,
+    /// Leave the destination quadrant `headroom_pids` processes above its count and take them:
+    /// its forks are refused until the expiry.
+    PidsPressure,
 }
 
 /// One fault, as asked for.
@@ -80,16 +89,56 @@ pub struct FaultSpec {
     pub both_ways: bool,
     /// How long it lasts, seconds.
     pub seconds: u64,
+    /// Memory left to the quadrant above its use, MiB (`memory_pressure`).
+    #[serde(default = "default_headroom_mib")]
+    pub headroom_mib: u32,
+    /// Processes left to the quadrant above its count (`pids_pressure`).
+    #[serde(default = "default_headroom_pids")]
+    pub headroom_pids: u32,
 }
 
 fn all() -> f64 {
     100.0
 }
 
-/// A fault in the map, as `quadrant chaos status` shows it.
+/// The default memory headroom of a `memory_pressure`, MiB.
+pub const DEFAULT_HEADROOM_MIB: u32 = 32;
+/// The default process headroom of a `pids_pressure`.
+pub const DEFAULT_HEADROOM_PIDS: u32 = 16;
+/// The most memory headroom, MiB.
+pub const MAX_HEADROOM_MIB: u32 = 4096;
+/// The most process headroom.
+pub const MAX_HEADROOM_PIDS: u32 = 4096;
+
+pub(crate) fn default_headroom_mib() -> u32 {
+    DEFAULT_HEADROOM_MIB
+}
+
+pub(crate) fn default_headroom_pids() -> u32 {
+    DEFAULT_HEADROOM_PIDS
+}
+
+impl Action {
+    /// Its name in files and on the command line.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Drop => "drop",
+            Self::Delay => "delay",
+            Self::Refuse => "refuse",
+            Self::Freeze => "freeze",
+            Self::Kill => "kill",
+            Self::CpuPressure => "cpu_pressure",
+            Self::MemoryPressure => "memory_pressure",
+            Self::PidsPressure => "pids_pressure",
+        }
+    }
+}
+
+/// A fault, as `quadrant chaos status` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FaultStatus {
-    /// What it does: `drop`, `delay` or `refuse`.
+    /// What it does.
     pub action: Action,
     /// Source identity or `any`.
     pub from: String,
@@ -105,7 +154,8 @@ pub struct FaultStatus {
     pub left_ms: u64,
     /// When it ends, `CLOCK_MONOTONIC` ns (the programs' clock).
     pub expires_ns: u64,
-    /// Packets or operations it matched while live.
+    /// Packets or operations it matched while live; for a resource pressure, its effect:
+    /// throttled periods, OOM kills or refused forks in the quadrant.
     pub matched: u64,
     /// Of those, dropped or refused.
     pub dropped: u64,
@@ -193,6 +243,73 @@ impl FaultSpec {
         Ok(())
     }
 
+    /// A pressure names one quadrant, from `any`, with its amount within the limits.
+    fn check_pressure(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
+        let invalid = |m: String| Err(ChaosError::Invalid(m));
+        if self.from != "any" || usize::from(dst) >= Quadrant::ALL.len() {
+            return invalid(format!(
+                "{:?}: from any, to one quadrant (not {} -> {})",
+                self.action, self.from, self.to
+            ));
+        }
+        if !allow_production && is_production(dst) {
+            return invalid(format!(
+                "{} is a production quadrant: name it explicitly with --allow-production",
+                self.to
+            ));
+        }
+        if self.seconds == 0 || self.seconds > MAX_DURATION.as_secs() {
+            return invalid(format!(
+                "seconds: {} is outside 1..={}",
+                self.seconds,
+                MAX_DURATION.as_secs()
+            ));
+        }
+        if self.both_ways || self.delay_ms != 0 || self.jitter_ms != 0 {
+            return invalid(format!("{:?}: takes no delay or both_ways", self.action));
+        }
+        match self.action {
+            Action::CpuPressure if !(self.percent > 0.0 && self.percent <= 100.0) => invalid(
+                format!("percent: {} is outside (0, 100] (of one CPU)", self.percent),
+            ),
+            Action::MemoryPressure if !(1..=MAX_HEADROOM_MIB).contains(&self.headroom_mib) => {
+                invalid(format!(
+                    "headroom_mib: {} is outside 1..={MAX_HEADROOM_MIB}",
+                    self.headroom_mib
+                ))
+            }
+            Action::PidsPressure if !(1..=MAX_HEADROOM_PIDS).contains(&self.headroom_pids) => {
+                invalid(format!(
+                    "headroom_pids: {} is outside 1..={MAX_HEADROOM_PIDS}",
+                    self.headroom_pids
+                ))
+            }
+            Action::MemoryPressure | Action::PidsPressure if self.percent < 100.0 => invalid(
+                format!("{:?}: takes no percent (it has a headroom)", self.action),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The quadrant and resource a pressure names.
+    #[must_use]
+    pub fn pressed(&self) -> Option<(Quadrant, pressure::Resource)> {
+        Some((
+            Quadrant::from_name(&self.to)?,
+            pressure::Resource::of(self.action)?,
+        ))
+    }
+
+    /// How hard a pressure presses.
+    #[must_use]
+    pub fn amount(&self) -> pressure::Amount {
+        pressure::Amount {
+            cpu_percent: self.percent,
+            headroom_mib: self.headroom_mib,
+            headroom_pids: self.headroom_pids,
+        }
+    }
+
     /// The quadrant a kill names.
     #[must_use]
     pub fn killed_quadrant(&self) -> Option<Quadrant> {
@@ -223,6 +340,10 @@ impl FaultSpec {
         let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
         if matches!(self.action, Action::Freeze | Action::Kill) {
             self.check_freeze(allow_production, dst)?;
+            return Ok(Vec::new());
+        }
+        if pressure::Resource::of(self.action).is_some() {
+            self.check_pressure(allow_production, dst)?;
             return Ok(Vec::new());
         }
         let scope = if self.action == Action::Refuse {
@@ -277,7 +398,11 @@ impl FaultSpec {
                 }
                 (0, self.delay_ms * 1000, self.jitter_ms * 1000)
             }
-            Action::Freeze | Action::Kill => return Ok(Vec::new()),
+            Action::Freeze
+            | Action::Kill
+            | Action::CpuPressure
+            | Action::MemoryPressure
+            | Action::PidsPressure => return Ok(Vec::new()),
             Action::Drop | Action::Refuse => {
                 if self.delay_ms != 0 || self.jitter_ms != 0 {
                     return invalid("delay_ms: only a delay fault delays".into());
@@ -513,6 +638,10 @@ pub fn inject(
         freeze::kill(config, q)?;
         return Ok(entries);
     }
+    if let Some((q, r)) = spec.pressed() {
+        pressure::start(config, config_path, q, r, spec.amount(), spec.seconds)?;
+        return Ok(entries);
+    }
     let mut faults = Faults::open(&config.bpffs_dir())?;
     prepare_delay(config, spec)?;
     faults.arm(&entries, now)?;
@@ -588,6 +717,7 @@ pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
                 dropped: 0,
             }),
     );
+    out.extend(pressure::leases(config).into_iter().map(|l| l.status(now)));
     Ok(out)
 }
 
@@ -603,6 +733,13 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
         freeze::set_frozen(config, q, false)?;
         thawed += 1;
     }
+    let mut eased = 0;
+    for l in pressure::leases(config) {
+        if let Some(q) = Quadrant::from_name(&l.quadrant) {
+            pressure::end(config, q, l.resource)?;
+            eased += 1;
+        }
+    }
     let mut qdiscs = 0;
     for dev in veths(config, ANY)? {
         if tc(&["qdisc", "show", "dev", &dev, "root"])?.starts_with("qdisc fq ") {
@@ -611,8 +748,8 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
         }
     }
     Ok(format!(
-        "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s); the \
-         dataplane is disarmed"
+        "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s), \
+         ended {eased} resource pressure(s); the dataplane is disarmed"
     ))
 }
 
@@ -623,16 +760,19 @@ pub fn render(faults: &[FaultStatus]) -> String {
         return "no faults\n".into();
     }
     let mut out = String::from(
-        "ACTION  FROM   TO     PERCENT  DELAY (ms)     LEFT (ms)  MATCHED   DROPPED\n",
+        "ACTION           FROM   TO     PERCENT  DELAY (ms)     LEFT (ms)  MATCHED   DROPPED\n",
     );
     for f in faults {
         let _ = writeln!(
             out,
-            "{:<7} {:<6} {:<6} {:<8} {:<14} {:<10} {:<9} {}",
-            format!("{:?}", f.action).to_lowercase(),
+            "{:<16} {:<6} {:<6} {:<8} {:<14} {:<10} {:<9} {}",
+            f.action.name(),
             f.from,
             f.to,
-            if f.action == Action::Delay {
+            if matches!(
+                f.action,
+                Action::Delay | Action::MemoryPressure | Action::PidsPressure
+            ) {
                 "-".to_owned()
             } else {
                 format!("{:.2}", f.percent)
@@ -668,7 +808,43 @@ mod tests {
             jitter_ms: 0,
             both_ways: false,
             seconds: 10,
+            headroom_mib: DEFAULT_HEADROOM_MIB,
+            headroom_pids: DEFAULT_HEADROOM_PIDS,
         }
+    }
+
+    #[test]
+    fn a_pressure_names_one_quadrant_and_its_limits() {
+        let ok = spec(Action::MemoryPressure, "any", "dx");
+        assert!(
+            ok.entries(false, 0).expect("valid").is_empty(),
+            "no map entry"
+        );
+        assert_eq!(
+            ok.pressed(),
+            Some((Quadrant::Dx, pressure::Resource::Memory))
+        );
+        let err = |s: &FaultSpec, allow| s.entries(allow, 0).unwrap_err().to_string();
+        assert!(err(&spec(Action::CpuPressure, "dx", "dg"), false).contains("from any, to one"));
+        assert!(err(&spec(Action::PidsPressure, "any", "host"), true).contains("to one quadrant"));
+        assert!(err(&spec(Action::CpuPressure, "any", "pg"), false).contains("--allow-production"));
+        assert!(
+            spec(Action::CpuPressure, "any", "pg")
+                .entries(true, 0)
+                .is_ok()
+        );
+        let mut cpu = spec(Action::CpuPressure, "any", "dx");
+        cpu.percent = 0.0;
+        assert!(err(&cpu, false).contains("percent: 0 is outside (0, 100] (of one CPU)"));
+        let mut mem = spec(Action::MemoryPressure, "any", "dx");
+        mem.headroom_mib = MAX_HEADROOM_MIB + 1;
+        assert!(err(&mem, false).contains("headroom_mib: 4097 is outside 1..=4096"));
+        mem.headroom_mib = 16;
+        mem.percent = 50.0;
+        assert!(err(&mem, false).contains("takes no percent"));
+        let mut pids = spec(Action::PidsPressure, "any", "dx");
+        pids.delay_ms = 5;
+        assert!(err(&pids, false).contains("takes no delay"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::{
 use dataplane_common::Quadrant;
 use serde::{Deserialize, Serialize};
 
-use super::{ChaosError, Experiment, FaultStatus, Faults};
+use super::{ChaosError, Experiment, FaultSpec, FaultStatus, Faults};
 use crate::{breakers::monotonic_ns, config::Config};
 
 /// The UDP port of the echoes the experiment starts in the quadrants.
@@ -506,35 +506,19 @@ pub fn run(
         super::prepare_delay(config, &f)?;
     }
     faults.arm(&entries, t1)?;
-    let frozen: Vec<Quadrant> = exp
-        .faults()
-        .iter()
-        .filter_map(super::FaultSpec::frozen_quadrant)
-        .collect();
-    for q in &frozen {
-        super::freeze::freeze(config, config_path, *q, exp.windows.fault_secs)?;
-    }
-    let killed: Vec<Quadrant> = exp
-        .faults()
-        .iter()
-        .filter_map(super::FaultSpec::killed_quadrant)
-        .collect();
-    for q in &killed {
-        super::freeze::kill(config, *q)?;
-    }
+    let process = ProcessFaults::arm(config, config_path, exp)?;
     let fault_end = t1 + exp.windows.fault_secs * 1_000_000_000;
     let aborted = watch_safeguards(exp, &targets, &probes, (t1, fault_end), timeout);
-    let fault_status = faults.status(monotonic_ns());
+    let now = monotonic_ns();
+    let mut fault_status = faults.status(now);
     // Removed now (they would end by themselves at fault_end anyway).
     for (k, _) in &entries {
         faults.remove(k)?;
     }
-    for q in &frozen {
-        super::freeze::set_frozen(config, *q, false)?;
-    }
+    fault_status.extend(process.end(config, now)?);
     // A killed quadrant's echo (this run's stand-in for its service) comes back at the end of
     // the fault window.
-    for q in &killed {
+    for q in &process.killed {
         let i = Quadrant::ALL.iter().position(|a| a == q).unwrap_or(0);
         let _ = echoes.0[i].wait();
         echoes.0[i] = start_echo(config_path, *q)?;
@@ -565,6 +549,69 @@ pub fn run(
     let mut report = judge(exp, &targets, &probes, windows, fault_status, aborted);
     report.effects = effects;
     Ok(report)
+}
+
+/// The faults of an experiment on processes rather than packets: freezes, kills, resource
+/// pressure.
+struct ProcessFaults {
+    frozen: Vec<Quadrant>,
+    killed: Vec<Quadrant>,
+    pressed: Vec<(Quadrant, super::pressure::Resource)>,
+}
+
+impl ProcessFaults {
+    /// Freezes, kills and presses what `exp` names, each for the fault window.
+    fn arm(
+        config: &Config,
+        config_path: Option<&std::path::Path>,
+        exp: &Experiment,
+    ) -> Result<Self, ChaosError> {
+        let faults = exp.faults();
+        let this = Self {
+            frozen: faults
+                .iter()
+                .filter_map(FaultSpec::frozen_quadrant)
+                .collect(),
+            killed: faults
+                .iter()
+                .filter_map(FaultSpec::killed_quadrant)
+                .collect(),
+            pressed: faults.iter().filter_map(FaultSpec::pressed).collect(),
+        };
+        for q in &this.frozen {
+            super::freeze::freeze(config, config_path, *q, exp.windows.fault_secs)?;
+        }
+        for q in &this.killed {
+            super::freeze::kill(config, *q)?;
+        }
+        for f in &faults {
+            if let Some((q, r)) = f.pressed() {
+                super::pressure::start(config, config_path, q, r, f.amount(), f.seconds)?;
+            }
+        }
+        Ok(this)
+    }
+
+    /// Thaws and ends the pressures; returns the pressures' status as they ended (their
+    /// effect).
+    fn end(&self, config: &Config, now: u64) -> Result<Vec<FaultStatus>, ChaosError> {
+        let status = super::pressure::leases(config)
+            .iter()
+            .filter(|l| {
+                self.pressed
+                    .iter()
+                    .any(|(q, r)| l.quadrant == q.name() && l.resource == *r)
+            })
+            .map(|l| l.status(now))
+            .collect();
+        for (q, r) in &self.pressed {
+            super::pressure::end(config, *q, *r)?;
+        }
+        for q in &self.frozen {
+            super::freeze::set_frozen(config, *q, false)?;
+        }
+        Ok(status)
+    }
 }
 
 fn judge(
@@ -638,10 +685,21 @@ fn judge(
         });
     }
     for f in faults.iter().filter(|f| f.matched == 0) {
-        reasons.push(format!(
-            "the fault {:?} {} -> {} never hit traffic (a fault without effect fails the run)",
-            f.action, f.from, f.to
-        ));
+        reasons.push(match super::pressure::Resource::of(f.action) {
+            Some(r) => format!(
+                "the fault {} on {} had no effect: no {} counted (a fault without effect fails \
+                 the run)",
+                f.action.name(),
+                f.to,
+                r.effect()
+            ),
+            None => format!(
+                "the fault {} {} -> {} never hit traffic (a fault without effect fails the run)",
+                f.action.name(),
+                f.from,
+                f.to
+            ),
+        });
     }
     let verdict = if let Some(a) = aborted {
         reasons.insert(0, a);

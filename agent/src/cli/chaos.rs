@@ -14,7 +14,8 @@ pub enum ChaosCommand {
     /// Arm one fault in the dataplane for SECONDS; it ends by itself at its expiry (the programs
     /// check it against the kernel clock), whatever happens to this process or the agent.
     Inject {
-        /// drop (packets into the destination quadrant), delay (them), refuse (connects).
+        /// drop (packets into the destination quadrant), delay (them), refuse (connects),
+        /// freeze or kill (its processes), cpu-, memory- or pids-pressure (inside it).
         #[arg(value_enum)]
         action: Action,
         /// Source: dx, dg, px, pg, host, world or any (for refuse: the calling quadrant).
@@ -23,9 +24,16 @@ pub enum ChaosCommand {
         /// Destination: a quadrant or any (for refuse: any identity).
         #[arg(long)]
         to: String,
-        /// Share of the matched traffic dropped or refused, percent.
+        /// Share of the matched traffic dropped or refused, percent (cpu-pressure: the
+        /// quadrant's CPU, percent of one CPU).
         #[arg(long, default_value_t = 100.0)]
         percent: f64,
+        /// Memory left to the quadrant above its use, MiB (memory-pressure).
+        #[arg(long, default_value_t = chaos::DEFAULT_HEADROOM_MIB)]
+        headroom_mib: u32,
+        /// Processes left to the quadrant above its count (pids-pressure).
+        #[arg(long, default_value_t = chaos::DEFAULT_HEADROOM_PIDS)]
+        headroom_pids: u32,
         /// Added delay, ms (delay).
         #[arg(long, default_value_t = 0)]
         delay_ms: u32,
@@ -81,6 +89,33 @@ pub enum ChaosCommand {
         #[arg(long)]
         at: u64,
     },
+    /// The guardian of a resource pressure: keeps its stressors running, ends it at the
+    /// expiry.
+    #[command(hide = true)]
+    PressureGuard {
+        /// The pressure's lease.
+        #[arg(long)]
+        lease: std::path::PathBuf,
+    },
+    /// A stressor inside a quadrant.
+    #[command(hide = true)]
+    Stress {
+        /// What it presses on.
+        #[arg(value_enum)]
+        resource: chaos::pressure::Resource,
+        /// `cgroup.procs` files it joins first.
+        #[arg(long)]
+        join: Vec<std::path::PathBuf>,
+        /// Memory it holds at most, MiB.
+        #[arg(long, default_value_t = 0)]
+        mib: u64,
+        /// The memory use of the group holding the limit (memory).
+        #[arg(long)]
+        usage: Option<std::path::PathBuf>,
+        /// Its limit (memory).
+        #[arg(long)]
+        limit: Option<std::path::PathBuf>,
+    },
     /// An experiment's effect probe inside a quadrant.
     #[command(hide = true)]
     Probe {
@@ -105,6 +140,8 @@ pub fn run(
             from,
             to,
             percent,
+            headroom_mib,
+            headroom_pids,
             delay_ms,
             jitter_ms,
             both_ways,
@@ -120,6 +157,8 @@ pub fn run(
                 jitter_ms,
                 both_ways,
                 seconds,
+                headroom_mib,
+                headroom_pids,
             };
             let entries = chaos::inject(config, config_path, &spec, allow_production)?;
             match spec.action {
@@ -129,6 +168,10 @@ pub fn run(
                 }
                 Action::Kill => {
                     println!("killed every process of {}", spec.to);
+                    return Ok(());
+                }
+                Action::CpuPressure | Action::MemoryPressure | Action::PidsPressure => {
+                    println!("{} on {} for {seconds} s", spec.action.name(), spec.to);
                     return Ok(());
                 }
                 _ => {}
@@ -153,6 +196,16 @@ pub fn run(
                 .ok_or_else(|| anyhow::anyhow!("unknown quadrant {quadrant:?}"))?;
             chaos::freeze::thaw_at(config, q, at)?;
         }
+        ChaosCommand::PressureGuard { lease } => {
+            chaos::pressure::guard(config, config_path, &lease)?;
+        }
+        ChaosCommand::Stress {
+            resource,
+            join,
+            mib,
+            usage,
+            limit,
+        } => chaos::pressure::stress(resource, &join, mib, usage.as_deref().zip(limit.as_deref()))?,
         ChaosCommand::Probe {
             addr,
             rate,
@@ -192,6 +245,9 @@ fn run_experiment(
                 Action::Delay => format!("{} ms ± {} ms", f.delay_ms, f.jitter_ms),
                 Action::Drop | Action::Refuse => format!("{} %", f.percent),
                 Action::Freeze | Action::Kill => "every process".to_owned(),
+                Action::CpuPressure => format!("{} % of one CPU", f.percent),
+                Action::MemoryPressure => format!("{} MiB above its use", f.headroom_mib),
+                Action::PidsPressure => format!("{} processes above its count", f.headroom_pids),
             };
             println!(
                 "  {:?} {} -> {}{}: {what} for {} s",

@@ -208,10 +208,11 @@ pub fn apply_capacity(
     Ok(procs)
 }
 
-/// The v1 groups a process of quadrant instance `name` joins (those [`apply_capacity`] made).
+/// The v1 groups a process of quadrant instance `name` joins (those [`apply_capacity`] or a
+/// chaos resource pressure made).
 #[must_use]
 pub fn capacity_v1_procs(agent_instance: &str, name: &str) -> Vec<PathBuf> {
-    ["memory", "cpu"]
+    ["memory", "cpu", "pids"]
         .into_iter()
         .map(|c| Path::new(V1_ROOT).join(c).join(agent_instance).join(name))
         .filter(|d| d.is_dir())
