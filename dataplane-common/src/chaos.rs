@@ -11,7 +11,12 @@
 //! the quadrant); a `connect`/`sendmsg` the policy allowed as (caller quadrant, destination
 //! identity) with [`SCOPE_CONNECT`] in the same order. The first live entry applies: it drops
 //! (or refuses) with probability `drop_ppm` / 1,000,000, else delays the packet by `delay_us` ±
-//! `jitter_us` (its departure time, held by an `fq` qdisc on the veth).
+//! `jitter_us` (its departure time, held by an `fq` qdisc on the veth). A fault with
+//! [`FLAG_RESET`] instead turns a TCP segment of an established connection (no SYN, FIN or RST)
+//! into a reset with that probability, once per connection and fault ([`CHAOS_RESETS`]): the
+//! segment is delivered with RST set (checksum fixed), so the receiving socket is reset; the
+//! sender's next segment (its retransmission at the latest) passes and earns the receiver's
+//! kernel's reset, so both ends see the connection reset.
 
 /// Array\[1\]: `u64`, the monotonic time (ns) until which any fault may be live (0: none).
 pub const CHAOS_ARMED: &str = "CHAOS_ARMED";
@@ -20,6 +25,11 @@ pub const CHAOS_ARMED: &str = "CHAOS_ARMED";
 pub const CHAOS_FAULTS: &str = "CHAOS_FAULTS";
 /// Faults at once.
 pub const CHAOS_FAULTS_MAX: u32 = 64;
+/// LRU hash: [`ResetKey`] → `u64`, the expiry of the reset fault that reset that connection
+/// (so the same fault resets it once). Written by tc egress only.
+pub const CHAOS_RESETS: &str = "CHAOS_RESETS";
+/// Connections [`CHAOS_RESETS`] remembers.
+pub const CHAOS_RESETS_MAX: u32 = 8_192;
 /// [`FaultKey::src`] / [`FaultKey::dst`]: any identity.
 pub const ANY: u8 = 0xff;
 /// [`FaultKey::scope`]: packets delivered into a quadrant.
@@ -28,6 +38,9 @@ pub const SCOPE_PACKET: u8 = 0;
 pub const SCOPE_CONNECT: u8 = 1;
 /// [`Fault::drop_ppm`] of a fault that drops (or refuses) everything it matches.
 pub const PPM: u32 = 1_000_000;
+/// [`Fault::flags`]: reset TCP connections instead of dropping (map layout 11; layout 10 had
+/// zero padding here).
+pub const FLAG_RESET: u32 = 1;
 
 /// Which traffic a fault applies to.
 #[repr(C)]
@@ -44,6 +57,20 @@ pub struct FaultKey {
     pub pad: u8,
 }
 
+/// One direction of a TCP connection, as its packets carry it (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResetKey {
+    /// Source address.
+    pub saddr: u32,
+    /// Destination address.
+    pub daddr: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+}
+
 /// What a fault does, until when, and what it did.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +79,7 @@ pub struct Fault {
     pub expires_ns: u64,
     /// Packets or socket operations it matched while live (added to atomically).
     pub matched: u64,
-    /// Of those, the ones it dropped or refused.
+    /// Of those, the ones it dropped, refused or reset.
     pub dropped: u64,
     /// Drop (or refusal) probability in parts per million ([`PPM`]: all).
     pub drop_ppm: u32,
@@ -60,8 +87,8 @@ pub struct Fault {
     pub delay_us: u32,
     /// Uniform jitter around `delay_us`, µs.
     pub jitter_us: u32,
-    /// Explicit padding (zero).
-    pub pad: u32,
+    /// [`FLAG_RESET`] or 0.
+    pub flags: u32,
 }
 
 impl FaultKey {
@@ -115,11 +142,14 @@ mod pod {
     unsafe impl aya::Pod for super::FaultKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Fault {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ResetKey {}
 }
 
 const _: () = {
     assert!(size_of::<FaultKey>() == 4);
     assert!(size_of::<Fault>() == 40);
+    assert!(size_of::<ResetKey>() == 12);
 };
 
 #[cfg(test)]

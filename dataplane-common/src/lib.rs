@@ -34,8 +34,9 @@
 /// connection's first packet and redirects it to that instance's veth, the tc ingress of every
 /// veth gives the answers the VIP back (`LB_FLOWS`); 11: chaos faults (`CHAOS_FAULTS`, each
 /// ending by itself at its expiry): tc egress drops or delays packets delivered into a quadrant,
-/// `connect4`/`sendmsg4` refuse with `ECONNREFUSED`.
-pub const PROGRAM_SET_VERSION: u32 = 11;
+/// `connect4`/`sendmsg4` refuse with `ECONNREFUSED`; 12: a reset fault (`Fault::flags`) makes
+/// tc egress deliver a segment of an established TCP connection with RST set.
+pub const PROGRAM_SET_VERSION: u32 = 12;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with
@@ -48,8 +49,10 @@ pub const PROGRAM_SET_VERSION: u32 = 11;
 /// layout 6 had padding); 8: `CGROUPS` values name the instance and its address, the
 /// `LB_SERVICES`, `LB_BACKENDS`, `LB_ACTIVE` and `LB_SOCKS` maps, and the counters of the
 /// `getpeername4` and `recvmsg4` hooks; 9: `LB_FLOWS`, `LB_EXPIRED` and `LbBackend::ifindex`;
-/// 10: `CHAOS_ARMED` and `CHAOS_FAULTS` (not carried over: a takeover ends every fault).
-pub const MAP_LAYOUT_VERSION: u32 = 10;
+/// 10: `CHAOS_ARMED` and `CHAOS_FAULTS` (not carried over: a takeover ends every fault); 11:
+/// `Fault::flags` where layout 10 had padding (a reset fault; a layout-10 dataplane would read
+/// it as a drop, so the controller arms one only on layout 11 or later) and `CHAOS_RESETS`.
+pub const MAP_LAYOUT_VERSION: u32 = 11;
 
 /// The oldest map layout whose `CONNTRACK` entries are today's [`maps::CtKey`] → [`maps::CtValue`]:
 /// an agent taking over a running dataplane of this layout or newer carries every tracked flow

@@ -75,7 +75,7 @@ pub struct TraceRecord {
 }
 
 /// Every map the dataplane object defines, for pinning and status.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 30] = [
     PREFIXES,
     POLICY_A,
     POLICY_B,
@@ -105,6 +105,7 @@ pub const ALL: [&str; 29] = [
     crate::lb::LB_EXPIRED,
     crate::chaos::CHAOS_ARMED,
     crate::chaos::CHAOS_FAULTS,
+    crate::chaos::CHAOS_RESETS,
 ];
 
 /// Established TCP sockets of the quadrants' workloads ([`SockKey`] → socket), for the `sk_msg`

@@ -1,18 +1,28 @@
-//! Chaos faults (`dataplane_common::chaos`): packets delivered into a quadrant dropped or
-//! delayed, `connect`/`sendmsg` refused — each fault until its expiry on the kernel clock.
+//! Chaos faults (`dataplane_common::chaos`): packets delivered into a quadrant dropped, delayed
+//! or (TCP) turned into resets, `connect`/`sendmsg` refused — each fault until its expiry on
+//! the kernel clock.
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, LruHashMap},
     programs::TcContext,
 };
 use dataplane_common::{
     Reason,
-    chaos::{CHAOS_FAULTS_MAX, Fault, FaultKey, SCOPE_CONNECT, SCOPE_PACKET, delay_ns, drops},
+    chaos::{
+        CHAOS_FAULTS_MAX, CHAOS_RESETS_MAX, FLAG_RESET, Fault, FaultKey, ResetKey, SCOPE_CONNECT,
+        SCOPE_PACKET, delay_ns, drops,
+    },
+    policy::PROTO_TCP,
 };
 
-use crate::{decide::identity_of, lb::atomic_add};
+use crate::{decide::identity_of, lb::atomic_add, parse::Ipv4Flow};
+
+/// TCP flags (byte 13 of the header).
+const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_FIN: u8 = 0x01;
 
 /// \[0\] → the latest expiry of any fault (monotonic ns). Writer: the chaos controller.
 #[map(name = "CHAOS_ARMED")]
@@ -21,6 +31,10 @@ static CHAOS_ARMED: Array<u64> = Array::with_max_entries(1, 0);
 /// [`FaultKey`] → [`Fault`]. Writer: the chaos controller; the programs add to the counters.
 #[map(name = "CHAOS_FAULTS")]
 static CHAOS_FAULTS: HashMap<FaultKey, Fault> = HashMap::with_max_entries(CHAOS_FAULTS_MAX, 0);
+
+/// [`ResetKey`] → the expiry of the reset fault that reset it. Writer: tc egress.
+#[map(name = "CHAOS_RESETS")]
+static CHAOS_RESETS: LruHashMap<ResetKey, u64> = LruHashMap::with_max_entries(CHAOS_RESETS_MAX, 0);
 
 /// The kernel clock while a fault may be live; `None` otherwise — one array lookup when nothing
 /// is armed. The first packet after the last fault ended disarms (compare-and-swap from that
@@ -82,12 +96,20 @@ fn dropped(f: *mut Fault) -> bool {
     false
 }
 
-/// A packet from `saddr` delivered into quadrant `quadrant` (tc egress): `Some(DropChaos)` if a
-/// fault drops it; a fault that delays it sets its departure time (an `fq` qdisc holds it).
+/// A packet `flow` delivered into quadrant `quadrant` (tc egress): `Some(DropChaos)` if a fault
+/// drops it; a fault that delays it sets its departure time (an `fq` qdisc holds it); a reset
+/// fault sets RST on a segment of an established TCP connection it draws.
 #[inline(always)]
-pub fn into_quadrant(ctx: &TcContext, saddr: u32, quadrant: u8) -> Option<Reason> {
+pub fn into_quadrant(ctx: &TcContext, flow: &Ipv4Flow, quadrant: u8) -> Option<Reason> {
     let now = armed()?;
-    let f = find(identity_of(saddr), quadrant, SCOPE_PACKET, now)?;
+    let f = find(identity_of(flow.saddr), quadrant, SCOPE_PACKET, now)?;
+    // SAFETY: `f` points to a live map value.
+    if unsafe { (*f).flags } & FLAG_RESET != 0 {
+        if flow.proto == PROTO_TCP && !flow.opens && !flow.closes {
+            reset_once(ctx, flow, f);
+        }
+        return None;
+    }
     if dropped(f) {
         return Some(Reason::DropChaos);
     }
@@ -104,6 +126,47 @@ pub fn into_quadrant(ctx: &TcContext, saddr: u32, quadrant: u8) -> Option<Reason
         }
     }
     None
+}
+
+/// The first segment of a connection the reset fault `f` draws, and only the first: reset.
+#[inline(always)]
+fn reset_once(ctx: &TcContext, flow: &Ipv4Flow, f: *mut Fault) {
+    let key = ResetKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+    };
+    // SAFETY: `f` points to a live map value.
+    let expires = unsafe { (*f).expires_ns };
+    // SAFETY: a read of a live LRU map value.
+    if unsafe { CHAOS_RESETS.get(key) }.is_some_and(|e| *e == expires) {
+        return;
+    }
+    if dropped(f) && reset(ctx, flow) {
+        let _ = CHAOS_RESETS.insert(key, expires, 0);
+    }
+}
+
+/// Sets RST on the TCP segment at `flow.l4` unless it carries SYN, FIN or RST already, fixing
+/// the checksum (flags are not in the pseudo-header); whether it did. A segment whose header
+/// cannot be read is left as it is.
+#[inline(always)]
+fn reset(ctx: &TcContext, flow: &Ipv4Flow) -> bool {
+    let off = usize::from(flow.l4) + 12;
+    let Ok(old) = ctx.load::<u16>(off) else {
+        return false;
+    };
+    // The 16-bit word as it lies in the packet: data offset, then the flags byte.
+    let mut bytes = old.to_ne_bytes();
+    if bytes[1] & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return false;
+    }
+    bytes[1] |= TCP_RST;
+    let new = u16::from_ne_bytes(bytes);
+    ctx.l4_csum_replace(usize::from(flow.l4) + 16, u64::from(old), u64::from(new), 2)
+        .is_ok()
+        && ctx.store(off, &new, 0).is_ok()
 }
 
 /// A `connect`/`sendmsg` of quadrant `caller` to `daddr` the policy allowed: `Some(RefuseChaos)`

@@ -102,7 +102,7 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject, Option<(u
             let mut allowed = matches!(reason.verdict(), Verdict::Pass);
             let reason = if into
                 && allowed
-                && let Some(fault) = crate::chaos::into_quadrant(ctx, flow.saddr, quadrant)
+                && let Some(fault) = crate::chaos::into_quadrant(ctx, &flow, quadrant)
             {
                 allowed = false;
                 fault

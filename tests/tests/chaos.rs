@@ -653,3 +653,49 @@ fn exhaustion_experiments_pass_with_no_cascade() {
         assert!(chaos(&inst, &["status"]).contains("no faults"), "{name}");
     }
 }
+
+/// A reset fault on DX → DG: a connection talking across it is reset (the sender sees
+/// `ECONNRESET`), once the fault has ended a new connection talks again, and the fault counted
+/// its reset.
+#[test]
+fn a_reset_fault_resets_established_connections() {
+    let mut inst = Instance::up(test_config(None), QPROBE);
+    let target = format!("{}:7102", inst.addr(Quadrant::Dg));
+    let _echo = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7102"]);
+    let (_, talk) = inst.background_in(
+        Quadrant::Dx,
+        None,
+        &[QPROBE, "tcp-talk", &target, "100", "100"],
+        "ready",
+    );
+    let next = || talk.recv_timeout(Duration::from_secs(5)).expect("a line");
+    assert_eq!(next(), "ready");
+    assert_eq!(next(), "ok ping 0", "talking before the fault");
+    let armed = Instant::now();
+    chaos(
+        &inst,
+        &[
+            "inject", "reset", "--from", "dx", "--to", "dg", "--for", "2",
+        ],
+    );
+    let outcome = loop {
+        let line = next();
+        if line.starts_with("err") {
+            break line;
+        }
+        assert!(
+            armed.elapsed() < Duration::from_secs(2),
+            "not reset: {line}"
+        );
+    };
+    assert_eq!(outcome, "err ECONNRESET");
+    let f = live(&inst, "reset").expect("listed");
+    assert!(f["dropped"].as_u64() >= Some(1), "one reset counted: {f}");
+    thread::sleep(Duration::from_millis(2_300).saturating_sub(armed.elapsed()));
+    assert!(
+        faults(&inst).iter().all(|f| f["left_ms"] == 0),
+        "ended at its expiry"
+    );
+    let (_, line) = inst.probe(Quadrant::Dx, &["tcp-connect", &target, "1000"]);
+    assert_eq!(line, "ok hello", "a new connection after the fault");
+}

@@ -1133,6 +1133,77 @@ fn a_chaos_delay_sets_the_departure_time() {
     );
 }
 
+/// The TCP flags (RST, SYN, ACK) of a frame whose checksums `checked` verified.
+fn tcp_flags(frame: &[u8]) -> (bool, bool, bool) {
+    use etherparse::{PacketHeaders, TransportHeader};
+    let _ = checked(frame);
+    match PacketHeaders::from_ethernet_slice(frame)
+        .expect("a frame")
+        .transport
+    {
+        Some(TransportHeader::Tcp(t)) => (t.rst, t.syn, t.ack),
+        other => panic!("not TCP: {other:?}"),
+    }
+}
+
+/// A reset fault sets RST on the first segment of an established connection it matches, with a
+/// valid checksum, and on no other: not on a SYN, not twice on one connection, not on UDP; the
+/// packet still passes as the policy decided, and the fault counts one reset.
+#[test]
+fn a_chaos_reset_sets_rst_once_per_connection_with_a_valid_checksum() {
+    let mut dp = dataplane(&Config::embedded(), true);
+    let now = quadrant::breakers::monotonic_ns();
+    let entries = dg_to_dx_fault(Action::Reset, 0)
+        .entries(false, now)
+        .expect("fault");
+    let key = entries[0].0;
+    arm(&mut dp, &entries, now + 60_000_000_000);
+
+    let syn = tcp(DG, 41300, DX, 53);
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &syn);
+    assert_eq!(
+        (code, out.as_slice()),
+        (TC_ACT_OK, syn.as_slice()),
+        "a SYN passes as it is"
+    );
+
+    let seg = tcp_ack(DG, 41300, DX, 53);
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &seg);
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(tcp_flags(&seg), (false, false, true));
+    assert_eq!(
+        tcp_flags(&out),
+        (true, false, true),
+        "reset, checksum valid"
+    );
+    assert_eq!(out.len(), seg.len(), "only the flag changed");
+
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &seg);
+    assert_eq!(
+        (code, out.as_slice()),
+        (TC_ACT_OK, seg.as_slice()),
+        "once per connection"
+    );
+    let other = tcp_ack(DG, 41301, DX, 53);
+    assert!(
+        tcp_flags(&run_out(&mut dp, Hook::TcEgress, &other).1).0,
+        "another connection"
+    );
+
+    let dgram = udp(DG, 41302, DX, 53);
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &dgram);
+    assert_eq!(
+        (code, out.as_slice()),
+        (TC_ACT_OK, dgram.as_slice()),
+        "UDP untouched"
+    );
+    assert_eq!(
+        fault_counts(&mut dp, key),
+        (5, 2),
+        "five matched, two reset"
+    );
+}
+
 /// Offset of `tstamp` in `struct __sk_buff` (after 36 `u32` fields and the 8-byte `flow_keys`).
 const SKB_TSTAMP: usize = 152;
 

@@ -16,8 +16,8 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use dataplane_common::{
     Identity, Quadrant,
     chaos::{
-        ANY, CHAOS_ARMED, CHAOS_FAULTS, CHAOS_FAULTS_MAX, Fault, FaultKey, PPM, SCOPE_CONNECT,
-        SCOPE_PACKET,
+        ANY, CHAOS_ARMED, CHAOS_FAULTS, CHAOS_FAULTS_MAX, FLAG_RESET, Fault, FaultKey, PPM,
+        SCOPE_CONNECT, SCOPE_PACKET,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,9 @@ pub enum Action {
     Delay,
     /// Refuse `connect`/`sendmsg` with `ECONNREFUSED` (a share with `percent`).
     Refuse,
+    /// Reset TCP connections into the destination quadrant: a segment of an established
+    /// connection is delivered with RST set (a share of the segments with `percent`).
+    Reset,
     /// Freeze every process of the destination quadrant (`cgroup.freeze`), thawed at the
     /// expiry by a guardian process.
     Freeze,
@@ -126,6 +129,7 @@ impl Action {
             Self::Drop => "drop",
             Self::Delay => "delay",
             Self::Refuse => "refuse",
+            Self::Reset => "reset",
             Self::Freeze => "freeze",
             Self::Kill => "kill",
             Self::CpuPressure => "cpu_pressure",
@@ -157,7 +161,7 @@ pub struct FaultStatus {
     /// Packets or operations it matched while live; for a resource pressure, its effect:
     /// throttled periods, OOM kills or refused forks in the quadrant.
     pub matched: u64,
-    /// Of those, dropped or refused.
+    /// Of those, dropped, refused or reset.
     pub dropped: u64,
 }
 
@@ -326,6 +330,47 @@ impl FaultSpec {
             .flatten()
     }
 
+    /// The drop share (ppm), delay and jitter (µs) of a fault in the map; `None` for a fault
+    /// on processes.
+    fn shape(&self) -> Result<Option<(u32, u32, u32)>, ChaosError> {
+        Ok(Some(match self.action {
+            Action::Delay => {
+                if self.delay_ms == 0 && self.jitter_ms == 0 {
+                    return Err(ChaosError::Invalid(
+                        "delay_ms: a delay fault needs a delay or a jitter".into(),
+                    ));
+                }
+                if self.delay_ms > MAX_DELAY_MS || self.jitter_ms > self.delay_ms.max(1) {
+                    return Err(ChaosError::Invalid(format!(
+                        "delay_ms/jitter_ms: {} ± {} ms; the delay is at most {MAX_DELAY_MS} ms \
+                         and the jitter at most the delay",
+                        self.delay_ms, self.jitter_ms
+                    )));
+                }
+                (0, self.delay_ms * 1000, self.jitter_ms * 1000)
+            }
+            Action::Freeze
+            | Action::Kill
+            | Action::CpuPressure
+            | Action::MemoryPressure
+            | Action::PidsPressure => return Ok(None),
+            Action::Drop | Action::Refuse | Action::Reset => {
+                if self.delay_ms != 0 || self.jitter_ms != 0 {
+                    return Err(ChaosError::Invalid(
+                        "delay_ms: only a delay fault delays".into(),
+                    ));
+                }
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "0 < percent <= 100"
+                )]
+                let ppm = (self.percent * f64::from(PPM) / 100.0).round() as u32;
+                (ppm.max(1), 0, 0)
+            }
+        }))
+    }
+
     /// The map entries of this fault (two for `both_ways`), checked against the limits and the
     /// blast-radius rule.
     ///
@@ -384,37 +429,8 @@ impl FaultSpec {
                 MAX_DURATION.as_secs()
             ));
         }
-        let (drop_ppm, delay_us, jitter_us) = match self.action {
-            Action::Delay => {
-                if self.delay_ms == 0 && self.jitter_ms == 0 {
-                    return invalid("delay_ms: a delay fault needs a delay or a jitter".into());
-                }
-                if self.delay_ms > MAX_DELAY_MS || self.jitter_ms > self.delay_ms.max(1) {
-                    return invalid(format!(
-                        "delay_ms/jitter_ms: {} ± {} ms; the delay is at most {MAX_DELAY_MS} ms \
-                         and the jitter at most the delay",
-                        self.delay_ms, self.jitter_ms
-                    ));
-                }
-                (0, self.delay_ms * 1000, self.jitter_ms * 1000)
-            }
-            Action::Freeze
-            | Action::Kill
-            | Action::CpuPressure
-            | Action::MemoryPressure
-            | Action::PidsPressure => return Ok(Vec::new()),
-            Action::Drop | Action::Refuse => {
-                if self.delay_ms != 0 || self.jitter_ms != 0 {
-                    return invalid("delay_ms: only a delay fault delays".into());
-                }
-                #[expect(
-                    clippy::cast_possible_truncation,
-                    clippy::cast_sign_loss,
-                    reason = "0 < percent <= 100"
-                )]
-                let ppm = (self.percent * f64::from(PPM) / 100.0).round() as u32;
-                (ppm.max(1), 0, 0)
-            }
+        let Some((drop_ppm, delay_us, jitter_us)) = self.shape()? else {
+            return Ok(Vec::new());
         };
         let fault = Fault {
             expires_ns: now_ns + self.seconds * 1_000_000_000,
@@ -423,7 +439,11 @@ impl FaultSpec {
             drop_ppm,
             delay_us,
             jitter_us,
-            pad: 0,
+            flags: if self.action == Action::Reset {
+                FLAG_RESET
+            } else {
+                0
+            },
         };
         let key = |src, dst| FaultKey {
             src,
@@ -532,6 +552,7 @@ impl Faults {
             .map(|(k, f)| FaultStatus {
                 action: match (k.scope, f.delay_us, f.jitter_us) {
                     (SCOPE_CONNECT, ..) => Action::Refuse,
+                    _ if f.flags & FLAG_RESET != 0 => Action::Reset,
                     (_, 0, 0) => Action::Drop,
                     _ => Action::Delay,
                 },
@@ -643,9 +664,40 @@ pub fn inject(
         return Ok(entries);
     }
     let mut faults = Faults::open(&config.bpffs_dir())?;
+    require_reset_support(config, &entries)?;
     prepare_delay(config, spec)?;
     faults.arm(&entries, now)?;
     Ok(entries)
+}
+
+/// The map layout that reads [`Fault::flags`]: a reset fault written into an older dataplane
+/// would drop instead.
+const RESET_LAYOUT_SINCE: u32 = 11;
+
+/// A reset fault only on a dataplane whose programs read its flag (map layout 11 on, as the
+/// agent's state records).
+///
+/// # Errors
+/// A reset among `entries` and an older (or unknown) running layout.
+pub fn require_reset_support(
+    config: &Config,
+    entries: &[(FaultKey, Fault)],
+) -> Result<(), ChaosError> {
+    if entries.iter().all(|(_, f)| f.flags & FLAG_RESET == 0) {
+        return Ok(());
+    }
+    let layout = crate::daemon::State::read(config)
+        .ok()
+        .flatten()
+        .map_or(0, |s| s.map_layout);
+    if layout < RESET_LAYOUT_SINCE {
+        return Err(ChaosError::Invalid(format!(
+            "reset: the running dataplane has map layout {layout}; resets need layout \
+             {RESET_LAYOUT_SINCE} or later (take it over with this agent: `quadrant down \
+             --keep-dataplane`, then `quadrant up`)"
+        )));
+    }
+    Ok(())
 }
 
 /// For a delay, the `fq` qdisc on every veth it delays into (it holds each packet until the

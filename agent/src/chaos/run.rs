@@ -502,6 +502,7 @@ pub fn run(
     for f in exp.faults() {
         entries.extend(f.entries(true, t1)?);
     }
+    super::require_reset_support(config, &entries)?;
     for f in exp.faults() {
         super::prepare_delay(config, &f)?;
     }

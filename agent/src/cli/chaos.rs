@@ -14,7 +14,8 @@ pub enum ChaosCommand {
     /// Arm one fault in the dataplane for SECONDS; it ends by itself at its expiry (the programs
     /// check it against the kernel clock), whatever happens to this process or the agent.
     Inject {
-        /// drop (packets into the destination quadrant), delay (them), refuse (connects),
+        /// drop (packets into the destination quadrant), delay (them), reset (its TCP
+        /// connections), refuse (connects),
         /// freeze or kill (its processes), cpu-, memory- or pids-pressure (inside it).
         #[arg(value_enum)]
         action: Action,
@@ -243,7 +244,7 @@ fn run_experiment(
         for f in exp.faults() {
             let what = match f.action {
                 Action::Delay => format!("{} ms ± {} ms", f.delay_ms, f.jitter_ms),
-                Action::Drop | Action::Refuse => format!("{} %", f.percent),
+                Action::Drop | Action::Refuse | Action::Reset => format!("{} %", f.percent),
                 Action::Freeze | Action::Kill => "every process".to_owned(),
                 Action::CpuPressure => format!("{} % of one CPU", f.percent),
                 Action::MemoryPressure => format!("{} MiB above its use", f.headroom_mib),
