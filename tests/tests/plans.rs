@@ -661,6 +661,105 @@ fn workloads_keep_running_across_a_kept_dataplane() {
     assert!(fx.inst.down().status.success());
 }
 
+/// An agent killed with SIGKILL (a crash, no `down`): its programs stay attached and keep
+/// enforcing while it is gone, its workloads keep running, and the agent started next takes
+/// over the dataplane it left — with its tracked flows — and the workloads it had recorded,
+/// the same processes, supervised again.
+#[test]
+fn a_killed_agents_successor_takes_over_its_dataplane_and_workloads() {
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-crash", config.instance));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
+    let mut fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    fx.trust_key("prod", "plan", &["px"]);
+    let steady = fx.add_artifact("steady", "#!/bin/sh\necho up\nexec sleep 300\n");
+    let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &steady), "prod");
+    assert!(ok, "{err}");
+    let api = fx.workloads();
+    let api = api
+        .iter()
+        .find(|w| w["name"] == "px/api")
+        .expect("workload");
+    assert_eq!(api["state"], "running");
+    let pid = api["pid"].as_u64().expect("pid");
+    // The agent records what it supervises within a quarter of a second.
+    let record = fx.inst.config.workloads_record_path();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !fs::read_to_string(&record).is_ok_and(|r| r.contains("px/api")) {
+        assert!(std::time::Instant::now() < deadline, "no workload record");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        fs::metadata(&record).expect("record").mode() & 0o777,
+        0o600,
+        "root only: it holds the workloads' environment"
+    );
+    let dg = fx.inst.addr(Quadrant::Dg);
+    let _echo = fx.inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7310"]);
+    let (_, talk) = fx.inst.background_in(
+        Quadrant::Dx,
+        None,
+        &[QPROBE, "tcp-talk", &format!("{dg}:7310"), "100", "40"],
+        "ready",
+    );
+    let next = || {
+        talk.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a line")
+    };
+    assert_eq!(next(), "ready");
+
+    fx.inst.crash();
+    let px = fx.inst.addr(Quadrant::Px);
+    assert_eq!(
+        fx.inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{px}:7311"), "1000"]
+        ),
+        (false, "err EPERM".into()),
+        "still enforcing without the agent"
+    );
+    assert!(
+        PathBuf::from(format!("/proc/{pid}")).exists(),
+        "the workload runs on"
+    );
+
+    fx.inst.start_agent();
+    assert!(
+        fx.inst
+            .agent_log()
+            .contains("the previous agent was killed"),
+        "{}",
+        fx.inst.agent_log()
+    );
+    let api = fx.workloads();
+    let api = api
+        .iter()
+        .find(|w| w["name"] == "px/api")
+        .expect("workload");
+    assert_eq!(
+        (api["state"].as_str(), api["pid"].as_u64()),
+        (Some("running"), Some(pid)),
+        "the same process, supervised again"
+    );
+    let carried = fx.inst.status().carried.expect("a takeover");
+    assert!(carried.flows >= 1, "{carried:?}");
+    // The connection opened before the crash talked through it.
+    for _ in 0..10 {
+        let line = next();
+        assert!(line.starts_with("ok"), "{line}");
+    }
+    let (ok, _, err) = fx.run(&["stop", "px/api"]);
+    assert!(ok, "{err}");
+    assert!(fx.inst.down().status.success());
+}
+
 /// A submitted workload in a quadrant whose policy names single workloads runs without
 /// `CAP_NET_RAW`: no packet or raw IP socket. In another quadrant the same artifact has them.
 #[test]

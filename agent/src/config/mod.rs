@@ -397,6 +397,14 @@ impl Config {
         self.state_dir.join(format!("{}.state.yaml", self.instance))
     }
 
+    /// Where the running agent records the workloads it supervises (their processes), so that
+    /// the agent started after a crash can take them over.
+    #[must_use]
+    pub fn workloads_record_path(&self) -> PathBuf {
+        self.state_dir
+            .join(format!("{}.workloads.yaml", self.instance))
+    }
+
     /// Compiles this configuration's own rules (the `local` layer alone) into map entries.
     pub fn compile_policy(&self) -> Result<crate::policy::CompiledPolicy, ConfigError> {
         crate::policy::compile::compile_rules(&self.policy)

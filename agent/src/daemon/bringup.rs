@@ -359,7 +359,11 @@ pub fn teardown(config: &Config, unmount_cgroup2: bool) -> Result<Vec<String>, D
         sys::unmount(&config.cgroup2)?;
         let _ = fs::remove_dir(&config.cgroup2);
     }
-    for path in [config.socket_path(), config.state_path()] {
+    for path in [
+        config.socket_path(),
+        config.state_path(),
+        config.workloads_record_path(),
+    ] {
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

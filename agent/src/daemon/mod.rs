@@ -22,7 +22,7 @@ pub mod offline;
 pub mod serve;
 pub mod state;
 
-use std::sync::Arc;
+use std::{fs, os::unix::ffi::OsStrExt as _, path::Path, sync::Arc};
 
 use tracing::{error, info, warn};
 
@@ -76,14 +76,53 @@ pub async fn up(
     result.and(down.map(|_| Stopped::Removed))
 }
 
-/// Takes over a dataplane the previous agent kept running, or removes the leftovers of a
-/// crashed one, then brings the instance up; a failed bring-up is rolled back. Returns the agent
-/// and the workloads handed over with a kept dataplane.
+/// Whether process `pid` is gone (a pid reused by another program counts as gone: the agent
+/// that wrote the state was a `quadrant`).
+fn agent_gone(pid: u32) -> bool {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    !Path::new(std::ffi::OsStr::from_bytes(argv0))
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("quadrant"))
+}
+
+/// The workloads a crashed agent recorded last (none when it recorded none).
+fn recorded_workloads(config: &crate::config::Config) -> Vec<workloads::Handover> {
+    let path = config.workloads_record_path();
+    let handed = fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_yaml::from_str(&t).ok())
+        .unwrap_or_default();
+    let _ = fs::remove_file(&path);
+    handed
+}
+
+/// Takes over a dataplane the previous agent kept running — or left running when it was killed
+/// (a crash: its programs stay attached and enforcing; this agent takes them over with their
+/// flows, breakers and the workloads it recorded) —, or removes the leftovers of one whose
+/// dataplane cannot be taken over, then brings the instance up; a failed bring-up is rolled
+/// back. Returns the agent and the workloads handed over.
 fn start(config: &crate::config::Config) -> Result<(Agent, Vec<workloads::Handover>), DaemonError> {
     let mut kept = None;
     let mut handed = Vec::new();
     if let Some(stale) = State::read(config)? {
-        if stale.dataplane_kept && bringup::same_dataplane(&stale.config, config) {
+        let crashed = !stale.dataplane_kept && agent_gone(stale.pid);
+        let crash_takeover = crashed
+            && bringup::same_dataplane(&stale.config, config)
+            && match KeptDataplane::open(config, stale.map_layout) {
+                Ok(dataplane) => {
+                    warn!(instance = %config.instance, pid = stale.pid, map_layout = stale.map_layout, "the previous agent was killed: taking over the dataplane it left enforcing");
+                    kept = Some((dataplane, stale.mounted_cgroup2));
+                    handed = recorded_workloads(config);
+                    true
+                }
+                Err(e) => {
+                    warn!(instance = %config.instance, error = %e, "the dataplane a killed agent left cannot be taken over");
+                    false
+                }
+            };
+        if !crash_takeover && stale.dataplane_kept && bringup::same_dataplane(&stale.config, config)
+        {
             info!(instance = %config.instance, map_layout = stale.map_layout, "taking over the dataplane the previous agent kept running");
             let dataplane = KeptDataplane::open(config, stale.map_layout).map_err(|e| {
                 DaemonError::KeptDataplaneStays {
@@ -92,7 +131,7 @@ fn start(config: &crate::config::Config) -> Result<(Agent, Vec<workloads::Handov
             })?;
             kept = Some((dataplane, stale.mounted_cgroup2));
             handed = stale.workloads;
-        } else {
+        } else if !crash_takeover {
             if stale.dataplane_kept {
                 warn!(instance = %config.instance, "the kept dataplane was built from another configuration: removing it");
             } else {

@@ -3,7 +3,12 @@
 //! `policy_dir` reload the policy on a blocking thread meanwhile. Then the answer to `down`:
 //! everything removed, or the dataplane kept for the next agent.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
+use std::{
+    fs,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::Path,
+    sync::Arc,
+};
 
 use dataplane_common::Quadrant;
 use tokio::{
@@ -164,6 +169,7 @@ pub(super) async fn serve(
         tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
     }
     tokio::spawn(sample_slos(Arc::clone(&agent), stop_rx.clone()));
+    tokio::spawn(record_workloads(Arc::clone(&agent), stop_rx.clone()));
     tokio::spawn(ping_listeners(Arc::clone(&agent), stop_rx.clone()));
     if !agent.config.services.is_empty() {
         probe_instances(&agent, stop_rx.clone())?;
@@ -233,6 +239,8 @@ pub(super) async fn serve(
         let keep = matches!(pending_down, Some((_, true)));
         let _ = tokio::task::spawn_blocking(move || p.stop(!keep)).await;
     }
+    // Stopped in order: what the record says is handed over (or stopped) now.
+    let _ = fs::remove_file(agent.config.workloads_record_path());
     let handed = if matches!(pending_down, Some((_, true))) {
         agent.supervisor.hand_over().await
     } else {
@@ -240,6 +248,48 @@ pub(super) async fn serve(
         Vec::new()
     };
     finish_down(&agent, pending_down, handed).await
+}
+
+/// How often the supervised workloads are recorded for the agent after a crash.
+const WORKLOADS_RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Records the supervised workloads ([`crate::workloads::Supervisor::snapshot`]) whenever they
+/// change, atomically, in [`crate::config::Config::workloads_record_path`]: an agent killed
+/// without a `down` leaves it for the next one, which takes the workloads over with the
+/// dataplane.
+async fn record_workloads(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let path = agent.config.workloads_record_path();
+    let mut last = None;
+    loop {
+        let snapshot = agent.supervisor.snapshot();
+        if last.as_ref() != Some(&snapshot) {
+            match serde_yaml::to_string(&snapshot) {
+                Ok(text) => {
+                    // Root only from its creation on: it holds the workloads' environment.
+                    let tmp = path.with_extension("yaml.tmp");
+                    let _ = fs::remove_file(&tmp);
+                    let written = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&tmp)
+                        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                        .and_then(|()| fs::rename(&tmp, &path));
+                    match written {
+                        Ok(()) => last = Some(snapshot),
+                        Err(e) => {
+                            warn!(error = %e, path = %path.display(), "cannot record the workloads");
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot record the workloads"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(WORKLOADS_RECORD_INTERVAL) => {}
+            _ = stop.changed() => break,
+        }
+    }
 }
 
 /// After the services stopped: answers a `down` request — removing everything, or keeping the

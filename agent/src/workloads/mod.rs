@@ -257,6 +257,36 @@ impl Supervisor {
         out
     }
 
+    /// What [`Self::hand_over`] would hand over, without letting go: every workload whose
+    /// process runs now. The agent records it so that the agent started after a crash can take
+    /// the workloads over.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<Handover> {
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<Handover> = entries
+            .values()
+            .filter_map(|e| {
+                let status = e
+                    .status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let pid = status.pid.filter(|_| status.state == "running")?;
+                Some(Handover {
+                    spec: e.spec.clone(),
+                    pid,
+                    restarts: status.restarts,
+                    limits: status.limits,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
+        out
+    }
+
     /// Supervises a workload an earlier agent handed over: its process must still run in the
     /// workload's cgroup. When it exits (its status is not known to a process that is not its
     /// parent, so it counts as a failure) the restart policy applies as usual.
