@@ -699,3 +699,34 @@ fn a_reset_fault_resets_established_connections() {
     let (_, line) = inst.probe(Quadrant::Dx, &["tcp-connect", &target, "1000"]);
     assert_eq!(line, "ok hello", "a new connection after the fault");
 }
+
+/// `manifests/chaos/kill-agent.yaml`: the agent killed with `SIGKILL` during traffic; the
+/// dataplane keeps enforcing, every quadrant answers through the kill and the takeover, and the
+/// next agent (the controller starts it) takes the dataplane over.
+#[test]
+fn a_killed_agent_costs_no_quadrant_its_steady_state() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let before = inst.status().pid;
+    let report = run_experiment(&inst, "kill-agent.yaml", 3);
+    assert_eq!(report["cascades"], 0);
+    for q in report["quadrants"].as_array().expect("quadrants") {
+        assert_eq!(q["target"], false);
+        assert!(q["fault"]["availability"].as_f64() >= Some(0.999), "{q}");
+    }
+    assert!(
+        report["agent_back_after_ms"].as_f64() > Some(0.0),
+        "{report}"
+    );
+    let status = inst.status();
+    assert_ne!(status.pid, before, "another agent");
+    assert!(status.carried.is_some(), "it took the dataplane over");
+    let px = inst.addr(Quadrant::Px);
+    assert_eq!(
+        inst.probe(
+            Quadrant::Dx,
+            &["tcp-connect", &format!("{px}:7320"), "1000"]
+        ),
+        (false, "err EPERM".into()),
+        "still enforcing"
+    );
+}

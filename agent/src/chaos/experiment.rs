@@ -17,8 +17,10 @@ pub struct Experiment {
     #[schemars(length(min = 1, max = 200))]
     pub title: String,
     /// The quadrants its faults may touch (the blast radius). One by default; more, or a
-    /// production quadrant, only with `allow_production` / as listed here.
-    #[schemars(length(min = 1, max = 4))]
+    /// production quadrant, only with `allow_production` / as listed here. None for an
+    /// experiment whose faults touch no quadrant's traffic or processes (`kill_agent`): then
+    /// every quadrant must hold its steady state.
+    #[schemars(length(min = 0, max = 4))]
     pub targets: Vec<String>,
     /// Whether px or pg may be targets.
     #[serde(default)]
@@ -104,8 +106,8 @@ impl Default for SteadyState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MethodFault {
-    /// `drop`, `delay`, `refuse`, `freeze`, `kill`, `cpu_pressure`, `memory_pressure` or
-    /// `pids_pressure`.
+    /// `drop`, `delay`, `refuse`, `reset`, `freeze`, `kill`, `cpu_pressure`,
+    /// `memory_pressure`, `pids_pressure` or `kill_agent`.
     pub action: Action,
     /// Source identity (dx, dg, px, pg, host, world) or any.
     pub from: String,
@@ -133,6 +135,10 @@ pub struct MethodFault {
     #[serde(default = "super::default_headroom_pids")]
     #[schemars(range(min = 1, max = 4096))]
     pub headroom_pids: u32,
+    /// Whether the controller starts the next agent after `kill_agent` (false where a service
+    /// manager restarts it).
+    #[serde(default = "super::yes")]
+    pub restart_agent: bool,
 }
 
 fn all() -> f64 {
@@ -213,6 +219,7 @@ impl Experiment {
                 seconds: self.windows.fault_secs,
                 headroom_mib: m.headroom_mib,
                 headroom_pids: m.headroom_pids,
+                restart_agent: m.restart_agent,
             })
             .collect()
     }
@@ -221,6 +228,9 @@ impl Experiment {
     /// touches all four (`any` on one side confines it to the other side's traffic).
     #[must_use]
     pub fn touched(m: &MethodFault) -> Vec<Quadrant> {
+        if m.action == Action::KillAgent {
+            return Vec::new();
+        }
         if m.from == "any" && m.to == "any" {
             return Quadrant::ALL.to_vec();
         }
@@ -254,6 +264,17 @@ impl Experiment {
                     self.targets.join(", ")
                 )));
             }
+        }
+        if !self.allow_production
+            && let Some(i) = self
+                .method
+                .iter()
+                .position(|m| m.action == Action::KillAgent)
+        {
+            return Err(ChaosError::Experiment(format!(
+                "method[{i}]: kill_agent stops the control plane of every quadrant, production \
+                 too; set allow_production: true to name it"
+            )));
         }
         // Production is governed by the targets here (named, with allow_production).
         for (i, f) in self.faults().iter().enumerate() {
@@ -308,6 +329,28 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn killing_the_agent_touches_no_quadrant_but_needs_production_named() {
+        let text =
+            "title: t\ntargets: []\nmethod:\n  - { action: kill_agent, from: any, to: agent }\n";
+        let err = Experiment::parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains("method[0]: kill_agent") && err.contains("allow_production"),
+            "{err}"
+        );
+        let e =
+            Experiment::parse(&text.replace("targets: []", "targets: []\nallow_production: true"))
+                .expect("valid");
+        assert!(e.target_quadrants().expect("targets").is_empty());
+        assert!(e.faults()[0].restart_agent);
+        let err = Experiment::parse(
+            "title: t\ntargets: []\nallow_production: true\nmethod:\n  - { action: kill_agent, from: dx, to: agent }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("from any, to agent"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{breakers::monotonic_ns, config::Config};
 
+pub mod agent;
 mod experiment;
 pub mod freeze;
 pub mod pressure;
@@ -65,6 +66,10 @@ pub enum Action {
     /// Leave the destination quadrant `headroom_pids` processes above its count and take them:
     /// its forks are refused until the expiry.
     PidsPressure,
+    /// Kill the agent with SIGKILL (`to: agent`), as a crash would: the dataplane goes on
+    /// enforcing and the next agent takes it over; the controller starts that agent itself
+    /// unless `restart_agent` is false (where a service manager restarts it).
+    KillAgent,
 }
 
 /// One fault, as asked for.
@@ -98,6 +103,13 @@ pub struct FaultSpec {
     /// Processes left to the quadrant above its count (`pids_pressure`).
     #[serde(default = "default_headroom_pids")]
     pub headroom_pids: u32,
+    /// Whether the controller starts the next agent after `kill_agent`.
+    #[serde(default = "yes")]
+    pub restart_agent: bool,
+}
+
+pub(crate) fn yes() -> bool {
+    true
 }
 
 fn all() -> f64 {
@@ -135,6 +147,7 @@ impl Action {
             Self::CpuPressure => "cpu_pressure",
             Self::MemoryPressure => "memory_pressure",
             Self::PidsPressure => "pids_pressure",
+            Self::KillAgent => "kill_agent",
         }
     }
 }
@@ -295,6 +308,29 @@ impl FaultSpec {
         }
     }
 
+    /// `kill_agent`: from any, to `agent`; it reaches every quadrant's control plane, so it
+    /// needs `allow_production`.
+    fn check_kill_agent(&self, allow_production: bool) -> Result<(), ChaosError> {
+        let invalid = |m: String| Err(ChaosError::Invalid(m));
+        if self.from != "any" || self.to != "agent" {
+            return invalid(format!(
+                "kill_agent: from any, to agent (not {} -> {})",
+                self.from, self.to
+            ));
+        }
+        if !allow_production {
+            return invalid(
+                "kill_agent stops the control plane of every quadrant, production too: name it \
+                 explicitly with --allow-production"
+                    .into(),
+            );
+        }
+        if self.both_ways || self.delay_ms != 0 || self.jitter_ms != 0 || self.percent < 100.0 {
+            return invalid("kill_agent: takes no percent, delay or both_ways".into());
+        }
+        Ok(())
+    }
+
     /// The quadrant and resource a pressure names.
     #[must_use]
     pub fn pressed(&self) -> Option<(Quadrant, pressure::Resource)> {
@@ -353,7 +389,8 @@ impl FaultSpec {
             | Action::Kill
             | Action::CpuPressure
             | Action::MemoryPressure
-            | Action::PidsPressure => return Ok(None),
+            | Action::PidsPressure
+            | Action::KillAgent => return Ok(None),
             Action::Drop | Action::Refuse | Action::Reset => {
                 if self.delay_ms != 0 || self.jitter_ms != 0 {
                     return Err(ChaosError::Invalid(
@@ -382,6 +419,10 @@ impl FaultSpec {
         now_ns: u64,
     ) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
         let invalid = |m: String| Err(ChaosError::Invalid(m));
+        if self.action == Action::KillAgent {
+            self.check_kill_agent(allow_production)?;
+            return Ok(Vec::new());
+        }
         let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
         if matches!(self.action, Action::Freeze | Action::Kill) {
             self.check_freeze(allow_production, dst)?;
@@ -862,6 +903,7 @@ mod tests {
             seconds: 10,
             headroom_mib: DEFAULT_HEADROOM_MIB,
             headroom_pids: DEFAULT_HEADROOM_PIDS,
+            restart_agent: true,
         }
     }
 

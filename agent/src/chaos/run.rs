@@ -22,7 +22,7 @@ use std::{
 use dataplane_common::Quadrant;
 use serde::{Deserialize, Serialize};
 
-use super::{ChaosError, Experiment, FaultSpec, FaultStatus, Faults};
+use super::{Action, ChaosError, Experiment, FaultSpec, FaultStatus, Faults};
 use crate::{breakers::monotonic_ns, config::Config};
 
 /// The UDP port of the echoes the experiment starts in the quadrants.
@@ -100,6 +100,10 @@ pub struct Report {
     pub effects: Vec<EffectReport>,
     /// The faults as the dataplane counted them at the end of the fault window.
     pub faults: Vec<FaultStatus>,
+    /// With `kill_agent`: milliseconds from the kill until the next agent answered on its
+    /// control socket (absent when a service manager restarts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_back_after_ms: Option<f64>,
 }
 
 /// One probe: when it was sent (monotonic ns) and its round trip if answered.
@@ -549,6 +553,7 @@ pub fn run(
         .collect();
     let mut report = judge(exp, &targets, &probes, windows, fault_status, aborted);
     report.effects = effects;
+    report.agent_back_after_ms = process.agent.and_then(|k| k.back_after_ms);
     Ok(report)
 }
 
@@ -558,6 +563,7 @@ struct ProcessFaults {
     frozen: Vec<Quadrant>,
     killed: Vec<Quadrant>,
     pressed: Vec<(Quadrant, super::pressure::Resource)>,
+    agent: Option<super::agent::Killed>,
 }
 
 impl ProcessFaults {
@@ -578,7 +584,9 @@ impl ProcessFaults {
                 .filter_map(FaultSpec::killed_quadrant)
                 .collect(),
             pressed: faults.iter().filter_map(FaultSpec::pressed).collect(),
+            agent: None,
         };
+        let mut this = this;
         for q in &this.frozen {
             super::freeze::freeze(config, config_path, *q, exp.windows.fault_secs)?;
         }
@@ -589,6 +597,13 @@ impl ProcessFaults {
             if let Some((q, r)) = f.pressed() {
                 super::pressure::start(config, config_path, q, r, f.amount(), f.seconds)?;
             }
+        }
+        if let Some(f) = faults.iter().find(|f| f.action == Action::KillAgent) {
+            this.agent = Some(super::agent::kill_agent(
+                config,
+                config_path,
+                f.restart_agent,
+            )?);
         }
         Ok(this)
     }
@@ -604,6 +619,18 @@ impl ProcessFaults {
                     .any(|(q, r)| l.quadrant == q.name() && l.resource == *r)
             })
             .map(|l| l.status(now))
+            .chain(self.agent.map(|_| FaultStatus {
+                action: Action::KillAgent,
+                from: "any".into(),
+                to: "agent".into(),
+                percent: 100.0,
+                delay_ms: 0.0,
+                jitter_ms: 0.0,
+                left_ms: 0,
+                expires_ns: 0,
+                matched: 1,
+                dropped: 1,
+            }))
             .collect();
         for (q, r) in &self.pressed {
             super::pressure::end(config, *q, *r)?;
@@ -718,6 +745,7 @@ fn judge(
         quadrants,
         effects: Vec::new(),
         faults,
+        agent_back_after_ms: None,
     }
 }
 
@@ -774,8 +802,18 @@ pub fn render(r: &Report) -> String {
     for f in &r.faults {
         let _ = writeln!(
             out,
-            "fault {:?} {} -> {}: matched {}, dropped {}",
-            f.action, f.from, f.to, f.matched, f.dropped
+            "fault {} {} -> {}: matched {}, dropped {}",
+            f.action.name(),
+            f.from,
+            f.to,
+            f.matched,
+            f.dropped
+        );
+    }
+    if let Some(ms) = r.agent_back_after_ms {
+        let _ = writeln!(
+            out,
+            "agent: the next one took over and answered {ms:.0} ms after the kill"
         );
     }
     let _ = writeln!(out, "cascades: {}", r.cascades);
@@ -820,7 +858,7 @@ mod tests {
 
     fn hit() -> Vec<FaultStatus> {
         vec![FaultStatus {
-            action: super::super::Action::Drop,
+            action: Action::Drop,
             from: "dx".into(),
             to: "any".into(),
             percent: 100.0,

@@ -16,7 +16,8 @@ pub enum ChaosCommand {
     Inject {
         /// drop (packets into the destination quadrant), delay (them), reset (its TCP
         /// connections), refuse (connects),
-        /// freeze or kill (its processes), cpu-, memory- or pids-pressure (inside it).
+        /// freeze or kill (its processes), cpu-, memory- or pids-pressure (inside it),
+        /// kill-agent (`--to agent`).
         #[arg(value_enum)]
         action: Action,
         /// Source: dx, dg, px, pg, host, world or any (for refuse: the calling quadrant).
@@ -50,6 +51,9 @@ pub enum ChaosCommand {
         /// Let the fault touch production quadrants (px, pg; `any` includes them).
         #[arg(long)]
         allow_production: bool,
+        /// kill-agent: leave the restart to a service manager (systemd's `Restart=`).
+        #[arg(long)]
+        no_restart_agent: bool,
     },
     /// The faults in the dataplane: time left, traffic matched and dropped or refused.
     Status {
@@ -148,6 +152,7 @@ pub fn run(
             both_ways,
             seconds,
             allow_production,
+            no_restart_agent,
         } => {
             let spec = FaultSpec {
                 action,
@@ -160,7 +165,21 @@ pub fn run(
                 seconds,
                 headroom_mib,
                 headroom_pids,
+                restart_agent: !no_restart_agent,
             };
+            if spec.action == Action::KillAgent {
+                spec.entries(allow_production, 0)?;
+                let k = chaos::agent::kill_agent(config, config_path, spec.restart_agent)?;
+                match k.back_after_ms {
+                    Some(ms) => println!(
+                        "killed the agent (pid {}); the next one took over and answered after \
+                         {ms:.0} ms",
+                        k.pid
+                    ),
+                    None => println!("killed the agent (pid {})", k.pid),
+                }
+                return Ok(());
+            }
             let entries = chaos::inject(config, config_path, &spec, allow_production)?;
             match spec.action {
                 Action::Freeze => {
@@ -236,7 +255,11 @@ fn run_experiment(
         println!(
             "{}: valid; targets {}; windows {} s baseline, {} s fault, {} s recovery; faults:",
             exp.title,
-            exp.targets.join(", "),
+            if exp.targets.is_empty() {
+                "none (every quadrant keeps its steady state)".to_owned()
+            } else {
+                exp.targets.join(", ")
+            },
             exp.windows.baseline_secs,
             exp.windows.fault_secs,
             exp.windows.recovery_secs
@@ -249,10 +272,17 @@ fn run_experiment(
                 Action::CpuPressure => format!("{} % of one CPU", f.percent),
                 Action::MemoryPressure => format!("{} MiB above its use", f.headroom_mib),
                 Action::PidsPressure => format!("{} processes above its count", f.headroom_pids),
+                Action::KillAgent => {
+                    if f.restart_agent {
+                        "SIGKILL, the controller starts the next agent".to_owned()
+                    } else {
+                        "SIGKILL, a service manager starts the next agent".to_owned()
+                    }
+                }
             };
             println!(
-                "  {:?} {} -> {}{}: {what} for {} s",
-                f.action,
+                "  {} {} -> {}{}: {what} for {} s",
+                f.action.name(),
                 f.from,
                 f.to,
                 if f.both_ways { " and back" } else { "" },

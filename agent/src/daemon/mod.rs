@@ -76,12 +76,13 @@ pub async fn up(
     result.and(down.map(|_| Stopped::Removed))
 }
 
-/// Whether process `pid` is gone (a pid reused by another program counts as gone: the agent
-/// that wrote the state was a `quadrant`).
-fn agent_gone(pid: u32) -> bool {
+/// Whether process `pid` is a `quadrant` (the agent that wrote a state file; a pid reused by
+/// another program is not).
+#[must_use]
+pub fn is_agent(pid: u32) -> bool {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-    !Path::new(std::ffi::OsStr::from_bytes(argv0))
+    Path::new(std::ffi::OsStr::from_bytes(argv0))
         .file_name()
         .is_some_and(|n| n.to_string_lossy().starts_with("quadrant"))
 }
@@ -106,7 +107,7 @@ fn start(config: &crate::config::Config) -> Result<(Agent, Vec<workloads::Handov
     let mut kept = None;
     let mut handed = Vec::new();
     if let Some(stale) = State::read(config)? {
-        let crashed = !stale.dataplane_kept && agent_gone(stale.pid);
+        let crashed = !stale.dataplane_kept && !is_agent(stale.pid);
         let crash_takeover = crashed
             && bringup::same_dataplane(&stale.config, config)
             && match KeptDataplane::open(config, stale.map_layout) {
