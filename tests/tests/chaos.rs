@@ -730,3 +730,70 @@ fn a_killed_agent_costs_no_quadrant_its_steady_state() {
         "still enforcing"
     );
 }
+
+/// An identity outage of PX: its Workload API refuses with `Unavailable` until the expiry while
+/// PG's answers; `manifests/chaos/identity-px.yaml` passes, its effect probe inside PX fetching
+/// nothing during the fault and every SVID before and after it.
+#[test]
+fn an_identity_outage_takes_only_its_quadrants_workload_api_away() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    assert!(inst.probe(Quadrant::Px, &["svid"]).0, "served before");
+    // A client holding the SVID stream open (it waits 20 s for a rotation).
+    let watcher = Command::new(&inst.bin)
+        .arg("--config")
+        .arg(&inst.config_path)
+        .args(["exec", "px", "--", QPROBE, "svid-rotation", "20000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("svid-rotation");
+    thread::sleep(Duration::from_millis(500));
+    let armed = Instant::now();
+    chaos(
+        &inst,
+        &[
+            "inject",
+            "identity-outage",
+            "--to",
+            "px",
+            "--for",
+            "2",
+            "--allow-production",
+        ],
+    );
+    let ended = watcher.wait_with_output().expect("svid-rotation");
+    let ended = String::from_utf8_lossy(&ended.stdout);
+    assert!(
+        ended.contains("navailable") && armed.elapsed() < Duration::from_secs(10),
+        "the open stream ends with the outage: {ended}"
+    );
+    let (ok, line) = inst.probe(Quadrant::Px, &["svid"]);
+    assert!(!ok && line.contains("unavailable"), "{line}");
+    assert!(inst.probe(Quadrant::Pg, &["svid"]).0, "PG served");
+    thread::sleep(Duration::from_millis(2_200).saturating_sub(armed.elapsed()));
+    assert!(
+        inst.probe(Quadrant::Px, &["svid"]).0,
+        "served again at the expiry"
+    );
+
+    let report = run_experiment(&inst, "identity-px.yaml", 2);
+    let fault = &report["faults"][0];
+    assert_eq!(fault["action"], "identity_outage");
+    assert!(fault["matched"].as_u64() > Some(0), "{fault}");
+    let effect = &report["effects"][0];
+    assert_eq!(
+        (&effect["from"], &effect["to"]),
+        (&"px".into(), &"identity".into())
+    );
+    assert!(
+        effect["baseline"]["availability"].as_f64() >= Some(0.99),
+        "{effect}"
+    );
+    assert!(
+        effect["fault"]["availability"].as_f64() <= Some(0.1),
+        "{effect}"
+    );
+    assert!(
+        effect["recovery"]["availability"].as_f64() >= Some(0.9),
+        "{effect}"
+    );
+}

@@ -27,6 +27,7 @@ use crate::{breakers::monotonic_ns, config::Config};
 pub mod agent;
 mod experiment;
 pub mod freeze;
+pub mod outage;
 pub mod pressure;
 pub mod run;
 
@@ -70,6 +71,9 @@ pub enum Action {
     /// enforcing and the next agent takes it over; the controller starts that agent itself
     /// unless `restart_agent` is false (where a service manager restarts it).
     KillAgent,
+    /// The destination quadrant's Workload API answers `Unavailable` and ends its open streams
+    /// until the expiry (the agent keeps the outage); SVIDs already fetched stay valid.
+    IdentityOutage,
 }
 
 /// One fault, as asked for.
@@ -148,6 +152,7 @@ impl Action {
             Self::MemoryPressure => "memory_pressure",
             Self::PidsPressure => "pids_pressure",
             Self::KillAgent => "kill_agent",
+            Self::IdentityOutage => "identity_outage",
         }
     }
 }
@@ -350,6 +355,14 @@ impl FaultSpec {
         }
     }
 
+    /// The quadrant whose Workload API an `identity_outage` takes away.
+    #[must_use]
+    pub fn identity_outage_of(&self) -> Option<Quadrant> {
+        (self.action == Action::IdentityOutage)
+            .then(|| Quadrant::from_name(&self.to))
+            .flatten()
+    }
+
     /// The quadrant a kill names.
     #[must_use]
     pub fn killed_quadrant(&self) -> Option<Quadrant> {
@@ -390,7 +403,8 @@ impl FaultSpec {
             | Action::CpuPressure
             | Action::MemoryPressure
             | Action::PidsPressure
-            | Action::KillAgent => return Ok(None),
+            | Action::KillAgent
+            | Action::IdentityOutage => return Ok(None),
             Action::Drop | Action::Refuse | Action::Reset => {
                 if self.delay_ms != 0 || self.jitter_ms != 0 {
                     return Err(ChaosError::Invalid(
@@ -424,7 +438,10 @@ impl FaultSpec {
             return Ok(Vec::new());
         }
         let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
-        if matches!(self.action, Action::Freeze | Action::Kill) {
+        if matches!(
+            self.action,
+            Action::Freeze | Action::Kill | Action::IdentityOutage
+        ) {
             self.check_freeze(allow_production, dst)?;
             return Ok(Vec::new());
         }
@@ -704,11 +721,32 @@ pub fn inject(
         pressure::start(config, config_path, q, r, spec.amount(), spec.seconds)?;
         return Ok(entries);
     }
+    if let Some(q) = spec.identity_outage_of() {
+        identity_outage(config, q, spec.seconds * 1000)?;
+        return Ok(entries);
+    }
     let mut faults = Faults::open(&config.bpffs_dir())?;
     require_reset_support(config, &entries)?;
     prepare_delay(config, spec)?;
     faults.arm(&entries, now)?;
     Ok(entries)
+}
+
+/// Asks the agent for an outage of `q`'s Workload API for `millis` (0: end it); returns the
+/// calls refused during the outage it replaced or ended.
+///
+/// # Errors
+/// No agent answering, or its refusal.
+pub fn identity_outage(config: &Config, q: Quadrant, millis: u64) -> Result<u64, ChaosError> {
+    crate::control::Client::new(config.socket_path())
+        .identity_outage(q.name(), millis)
+        .map(|(_, refused)| refused)
+        .map_err(|e| {
+            ChaosError::Sys(format!(
+                "identity_outage: the agent did not take it ({e}); it keeps the outage, so it \
+                 must be running"
+            ))
+        })
 }
 
 /// The map layout that reads [`Fault::flags`]: a reset fault written into an older dataplane

@@ -177,10 +177,26 @@ fn partner(q: Quadrant) -> Quadrant {
     }
 }
 
+/// What an effect probe asks: another quadrant's echo, or its own quadrant's Workload API.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probed {
+    Echo(Quadrant),
+    Identity,
+}
+
+impl Probed {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Echo(q) => q.name(),
+            Self::Identity => "identity",
+        }
+    }
+}
+
 /// An effect probe: the child prober and what it reported.
 struct EffectProbe {
     from: Quadrant,
-    to: Quadrant,
+    to: Probed,
     samples: Samples,
     child: Child,
 }
@@ -188,7 +204,7 @@ struct EffectProbe {
 fn start_effect_probe(
     config: &Config,
     config_path: Option<&std::path::Path>,
-    (from, to): (Quadrant, Quadrant),
+    (from, to): (Quadrant, Probed),
     (rate, timeout_ms): (u32, u32),
 ) -> Result<EffectProbe, ChaosError> {
     let me = std::env::current_exe().map_err(|e| ChaosError::Sys(e.to_string()))?;
@@ -196,17 +212,20 @@ fn start_effect_probe(
     if let Some(p) = config_path {
         c.arg("--config").arg(p);
     }
-    let addr = SocketAddr::from((config.addrs(to).workload, ECHO_PORT)).to_string();
-    let mut child = c
-        .args(["exec", from.name(), "--workload", "chaos-probe", "--"])
+    c.args(["exec", from.name(), "--workload", "chaos-probe", "--"])
         .arg(&me)
-        .args([
-            "chaos",
-            "probe",
-            &addr,
-            &rate.to_string(),
-            &timeout_ms.to_string(),
-        ])
+        .arg("chaos");
+    match to {
+        Probed::Echo(q) => {
+            c.arg("probe")
+                .arg(SocketAddr::from((config.addrs(q).workload, ECHO_PORT)).to_string());
+        }
+        Probed::Identity => {
+            c.arg("identity-probe");
+        }
+    }
+    let mut child = c
+        .args([&rate.to_string(), &timeout_ms.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -416,13 +435,24 @@ fn start_effect_probes(
     let ss = exp.steady_state;
     let mut effects: Vec<EffectProbe> = Vec::new();
     for m in &exp.method {
+        if m.action == Action::IdentityOutage
+            && let Some(q) = Quadrant::from_name(&m.to)
+        {
+            effects.push(start_effect_probe(
+                config,
+                config_path,
+                (q, Probed::Identity),
+                (ss.rate_per_sec.min(20), ss.timeout_ms),
+            )?);
+            continue;
+        }
         let Some(from) = Quadrant::from_name(&m.from) else {
             continue;
         };
         let to = Quadrant::from_name(&m.to).unwrap_or_else(|| partner(from));
-        let mut pairs = vec![(from, to)];
-        if m.both_ways {
-            pairs.push((to, from));
+        let mut pairs = vec![(from, Probed::Echo(to)), (to, Probed::Echo(from))];
+        if !m.both_ways {
+            pairs.pop();
         }
         for pair in pairs {
             if !effects.iter().any(|e| (e.from, e.to) == pair) {
@@ -564,6 +594,7 @@ struct ProcessFaults {
     killed: Vec<Quadrant>,
     pressed: Vec<(Quadrant, super::pressure::Resource)>,
     agent: Option<super::agent::Killed>,
+    identity: Vec<Quadrant>,
 }
 
 impl ProcessFaults {
@@ -585,6 +616,10 @@ impl ProcessFaults {
                 .collect(),
             pressed: faults.iter().filter_map(FaultSpec::pressed).collect(),
             agent: None,
+            identity: faults
+                .iter()
+                .filter_map(FaultSpec::identity_outage_of)
+                .collect(),
         };
         let mut this = this;
         for q in &this.frozen {
@@ -597,6 +632,9 @@ impl ProcessFaults {
             if let Some((q, r)) = f.pressed() {
                 super::pressure::start(config, config_path, q, r, f.amount(), f.seconds)?;
             }
+        }
+        for q in &this.identity {
+            super::identity_outage(config, *q, exp.windows.fault_secs * 1000)?;
         }
         if let Some(f) = faults.iter().find(|f| f.action == Action::KillAgent) {
             this.agent = Some(super::agent::kill_agent(
@@ -634,6 +672,22 @@ impl ProcessFaults {
             .collect();
         for (q, r) in &self.pressed {
             super::pressure::end(config, *q, *r)?;
+        }
+        let mut status: Vec<FaultStatus> = status;
+        for q in &self.identity {
+            let refused = super::identity_outage(config, *q, 0)?;
+            status.push(FaultStatus {
+                action: Action::IdentityOutage,
+                from: "any".into(),
+                to: q.name().into(),
+                percent: 100.0,
+                delay_ms: 0.0,
+                jitter_ms: 0.0,
+                left_ms: 0,
+                expires_ns: 0,
+                matched: refused,
+                dropped: refused,
+            });
         }
         for q in &self.frozen {
             super::freeze::set_frozen(config, *q, false)?;

@@ -17,7 +17,7 @@ pub enum ChaosCommand {
         /// drop (packets into the destination quadrant), delay (them), reset (its TCP
         /// connections), refuse (connects),
         /// freeze or kill (its processes), cpu-, memory- or pids-pressure (inside it),
-        /// kill-agent (`--to agent`).
+        /// kill-agent (`--to agent`), identity-outage (its Workload API).
         #[arg(value_enum)]
         action: Action,
         /// Source: dx, dg, px, pg, host, world or any (for refuse: the calling quadrant).
@@ -121,6 +121,14 @@ pub enum ChaosCommand {
         #[arg(long)]
         limit: Option<std::path::PathBuf>,
     },
+    /// An experiment's effect probe of a quadrant's Workload API (inside the quadrant).
+    #[command(hide = true)]
+    IdentityProbe {
+        /// Fetches per second.
+        rate: u32,
+        /// Per fetch, ms.
+        timeout_ms: u64,
+    },
     /// An experiment's effect probe inside a quadrant.
     #[command(hide = true)]
     Probe {
@@ -167,40 +175,7 @@ pub fn run(
                 headroom_pids,
                 restart_agent: !no_restart_agent,
             };
-            if spec.action == Action::KillAgent {
-                spec.entries(allow_production, 0)?;
-                let k = chaos::agent::kill_agent(config, config_path, spec.restart_agent)?;
-                match k.back_after_ms {
-                    Some(ms) => println!(
-                        "killed the agent (pid {}); the next one took over and answered after \
-                         {ms:.0} ms",
-                        k.pid
-                    ),
-                    None => println!("killed the agent (pid {})", k.pid),
-                }
-                return Ok(());
-            }
-            let entries = chaos::inject(config, config_path, &spec, allow_production)?;
-            match spec.action {
-                Action::Freeze => {
-                    println!("froze {} for {seconds} s", spec.to);
-                    return Ok(());
-                }
-                Action::Kill => {
-                    println!("killed every process of {}", spec.to);
-                    return Ok(());
-                }
-                Action::CpuPressure | Action::MemoryPressure | Action::PidsPressure => {
-                    println!("{} on {} for {seconds} s", spec.action.name(), spec.to);
-                    return Ok(());
-                }
-                _ => {}
-            }
-            println!(
-                "armed {} fault entr{} for {seconds} s",
-                entries.len(),
-                if entries.len() == 1 { "y" } else { "ies" }
-            );
+            inject(config, config_path, &spec, allow_production)?;
         }
         ChaosCommand::Status { output } => {
             let faults = chaos::status(config)?;
@@ -226,6 +201,9 @@ pub fn run(
             usage,
             limit,
         } => chaos::pressure::stress(resource, &join, mib, usage.as_deref().zip(limit.as_deref()))?,
+        ChaosCommand::IdentityProbe { rate, timeout_ms } => {
+            chaos::outage::probe_lines(rate, std::time::Duration::from_millis(timeout_ms))?;
+        }
         ChaosCommand::Probe {
             addr,
             rate,
@@ -236,6 +214,45 @@ pub fn run(
             dry_run,
             output,
         } => run_experiment(config, config_path, &file, dry_run, output)?,
+    }
+    Ok(())
+}
+
+/// `quadrant chaos inject`: arms one fault and says what it did.
+fn inject(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    spec: &FaultSpec,
+    allow_production: bool,
+) -> anyhow::Result<()> {
+    let (seconds, to) = (spec.seconds, &spec.to);
+    if spec.action == Action::KillAgent {
+        spec.entries(allow_production, 0)?;
+        let k = chaos::agent::kill_agent(config, config_path, spec.restart_agent)?;
+        match k.back_after_ms {
+            Some(ms) => println!(
+                "killed the agent (pid {}); the next one took over and answered after {ms:.0} ms",
+                k.pid
+            ),
+            None => println!("killed the agent (pid {})", k.pid),
+        }
+        return Ok(());
+    }
+    let entries = chaos::inject(config, config_path, spec, allow_production)?;
+    match spec.action {
+        Action::Freeze => println!("froze {to} for {seconds} s"),
+        Action::Kill => println!("killed every process of {to}"),
+        Action::IdentityOutage => {
+            println!("the Workload API of {to} is unavailable for {seconds} s");
+        }
+        Action::CpuPressure | Action::MemoryPressure | Action::PidsPressure => {
+            println!("{} on {to} for {seconds} s", spec.action.name());
+        }
+        _ => println!(
+            "armed {} fault entr{} for {seconds} s",
+            entries.len(),
+            if entries.len() == 1 { "y" } else { "ies" }
+        ),
     }
     Ok(())
 }
@@ -272,6 +289,7 @@ fn run_experiment(
                 Action::CpuPressure => format!("{} % of one CPU", f.percent),
                 Action::MemoryPressure => format!("{} MiB above its use", f.headroom_mib),
                 Action::PidsPressure => format!("{} processes above its count", f.headroom_pids),
+                Action::IdentityOutage => "its Workload API unavailable".to_owned(),
                 Action::KillAgent => {
                     if f.restart_agent {
                         "SIGKILL, the controller starts the next agent".to_owned()

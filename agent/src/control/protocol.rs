@@ -103,6 +103,14 @@ pub enum Request {
     /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
     /// client disconnects.
     Events,
+    /// A chaos fault: the Workload API of `quadrant` answers `Unavailable` (and ends its open
+    /// streams) for `millis` ms; 0 ends an outage now.
+    IdentityOutage {
+        /// Quadrant name.
+        quadrant: String,
+        /// How long, ms (at most an hour).
+        millis: u64,
+    },
     /// Admit a workload: its review and its X.509-SVID (PEM chain, leaf first).
     Admit {
         /// `{"review": {"object": {...}}}`.
@@ -164,6 +172,15 @@ pub enum Response {
     Stopped(crate::workloads::Status),
     /// Answer to [`Request::Lanes`].
     Lanes(Box<crate::lanes::broker::LanesReport>),
+    /// Answer to [`Request::IdentityOutage`].
+    IdentityOutage {
+        /// Quadrant name.
+        quadrant: String,
+        /// Milliseconds left of its outage (0: none live).
+        left_ms: u64,
+        /// Calls refused during the outage this request started over or ended.
+        refused: u64,
+    },
     /// Answer to [`Request::Breakers`].
     Breakers(Box<crate::breakers::BreakersReport>),
     /// Answer to [`Request::Scale`].

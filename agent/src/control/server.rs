@@ -122,6 +122,25 @@ pub async fn serve_connection(
     write_response(&mut stream, &response).await
 }
 
+/// `IdentityOutage`: starts (or with 0 ends) an outage of a quadrant's Workload API.
+fn identity_outage(agent: &Agent, quadrant: String, millis: u64) -> Response {
+    match dataplane_common::Quadrant::from_name(&quadrant) {
+        None => error(format!("unknown quadrant {quadrant:?}: dx, dg, px or pg")),
+        Some(_) if millis > crate::chaos::outage::MAX_OUTAGE_MS => error(format!(
+            "millis: {millis} is above {} (an hour)",
+            crate::chaos::outage::MAX_OUTAGE_MS
+        )),
+        Some(q) => {
+            let refused = agent.outages.set(q, millis);
+            Response::IdentityOutage {
+                quadrant,
+                left_ms: agent.outages.left_ms(q).unwrap_or(0),
+                refused,
+            }
+        }
+    }
+}
+
 async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
     let answer = match request {
         Request::Status => blocking(agent, Agent::status)
@@ -181,6 +200,9 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
                     .map_or_else(error, |mode| Response::Trace { mode })
             })
             .await
+        }
+        Request::IdentityOutage { quadrant, millis } => {
+            Ok(identity_outage(agent, quadrant, millis))
         }
         Request::Workloads => Ok(Response::Workloads {
             workloads: agent.supervisor.list(),

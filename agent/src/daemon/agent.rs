@@ -61,6 +61,8 @@ pub struct Agent {
     pub shadows: crate::shadow::Shadows,
     /// The quadrants' added instances and their readiness for the services with a VIP.
     pub instances: crate::scale::Instances,
+    /// Outages of the Workload API a chaos experiment asked for.
+    pub outages: Arc<crate::chaos::outage::Outages>,
 }
 
 /// A lock that a panicked holder did not poison for the others: every holder leaves the value

@@ -272,6 +272,7 @@ pub fn bring_up(
         slo,
         shadows: crate::shadow::Shadows::default(),
         instances,
+        outages: Arc::default(),
     })
 }
 

@@ -379,8 +379,9 @@ fn start_identity_services(agent: &Agent, stop: &watch::Receiver<bool>) -> Resul
     for q in Quadrant::ALL {
         let path = agent.config.workload_socket(q);
         let (service, stop) = (Arc::clone(identity), stop.clone());
+        let outages = Arc::clone(&agent.outages);
         tokio::spawn(async move {
-            if let Err(e) = workload_api::serve(&path, q, service, stop).await {
+            if let Err(e) = workload_api::serve(&path, q, service, outages, stop).await {
                 warn!(quadrant = q.name(), socket = %path.display(), error = %e, "Workload API stopped");
             }
         });

@@ -14,6 +14,7 @@ use tokio_stream::{Stream, StreamExt as _, wrappers::WatchStream};
 use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use super::{IdentityService, attest};
+use crate::chaos::outage::Outages;
 
 /// Generated protobuf types, server and client.
 #[allow(
@@ -47,17 +48,26 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct WorkloadApi {
     quadrant: Quadrant,
     service: Arc<IdentityService>,
+    outages: Arc<Outages>,
 }
 
 impl WorkloadApi {
-    /// The API for `quadrant`.
+    /// The API for `quadrant`, unavailable during the outages `outages` holds for it.
     #[must_use]
-    pub fn new(quadrant: Quadrant, service: Arc<IdentityService>) -> Self {
-        Self { quadrant, service }
+    pub fn new(quadrant: Quadrant, service: Arc<IdentityService>, outages: Arc<Outages>) -> Self {
+        Self {
+            quadrant,
+            service,
+            outages,
+        }
     }
 
-    /// Checks the header and attests the caller; returns its SPIFFE ID.
+    /// Checks the header and attests the caller; returns its SPIFFE ID. During an outage of
+    /// this quadrant's API every call is `Unavailable`.
     fn authorize<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        if let Some(refused) = self.outages.refuse(self.quadrant) {
+            return Err(refused);
+        }
         match request.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
             Some(Ok("true")) => {}
             _ => {
@@ -85,6 +95,41 @@ impl WorkloadApi {
 
     fn bundle_der(&self) -> Vec<u8> {
         self.service.authority().roots().concat()
+    }
+
+    /// `stream`, ended with `Unavailable` when an outage of this quadrant's API begins (the
+    /// client reconnects, and is refused until it ends). A task forwards it until then, or
+    /// until the client goes away.
+    fn until_outage<T: Send + 'static>(
+        &self,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> BoxStream<T> {
+        let (outages, q) = (Arc::clone(&self.outages), self.quadrant);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    item = stream.next() => match item {
+                        Some(item) => {
+                            if tx.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    () = outages.begun(q) => {
+                        let refused = outages.refuse(q).unwrap_or_else(|| {
+                            Status::unavailable("the Workload API was unavailable")
+                        });
+                        let _ = tx.send(Err(refused)).await;
+                        return;
+                    }
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 }
 
@@ -118,7 +163,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 federated_bundles: HashMap::new(),
             })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.until_outage(stream)))
     }
 
     async fn fetch_x509_bundles(
@@ -135,7 +180,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         };
         // The bundle does not change while the agent runs: one message, then the stream stays open.
         let stream = tokio_stream::once(Ok(response)).chain(tokio_stream::pending());
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.until_outage(stream)))
     }
 
     async fn fetch_jwtsvid(
@@ -179,7 +224,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             )]),
         };
         let stream = tokio_stream::once(Ok(response)).chain(tokio_stream::pending());
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.until_outage(stream)))
     }
 
     async fn validate_jwtsvid(
@@ -233,6 +278,7 @@ pub async fn serve(
     socket: &Path,
     quadrant: Quadrant,
     service: Arc<IdentityService>,
+    outages: Arc<Outages>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -245,7 +291,7 @@ pub async fn serve(
         .map(|conn| conn.map(super::authority::AuthorityRepair::new));
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
-            quadrant, service,
+            quadrant, service, outages,
         )))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.changed().await;
