@@ -797,3 +797,60 @@ fn an_identity_outage_takes_only_its_quadrants_workload_api_away() {
         "{effect}"
     );
 }
+
+/// Lanes quadrant `q`'s workloads have open (`quadrant lanes`).
+fn lanes_from(inst: &Instance, q: &str) -> u64 {
+    let out = inst.quadrant(&["lanes", "--output", "json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("lanes json");
+    report["quadrants"]
+        .as_array()
+        .expect("quadrants")
+        .iter()
+        .find(|u| u["quadrant"] == q)
+        .and_then(|u| u["lanes"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Lane exhaustion in DX: a DX workload's open is refused for the limit while DG opens lanes
+/// as before; at the expiry DX's lanes are free; `manifests/chaos/lanes-dx.yaml` passes with
+/// the refusals counted.
+#[test]
+fn lane_exhaustion_refuses_only_its_quadrants_opens_and_ends_by_itself() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let echo = quadrant_tests::harness::sibling_binary(QPROBE, "lane-echo")
+        .display()
+        .to_string();
+    let armed = Instant::now();
+    chaos(
+        &inst,
+        &["inject", "lane-exhaustion", "--to", "dx", "--for", "3"],
+    );
+    assert_eq!(
+        lanes_from(&inst, "dx"),
+        64,
+        "the default max_lanes, all held"
+    );
+    let call = inst.run_in(
+        Quadrant::Dx,
+        None,
+        &[&echo, "call", "dx", "chaos-lane-sink"],
+    );
+    let refused = String::from_utf8_lossy(&call.stderr);
+    assert!(refused.contains("lane limit reached"), "{refused}");
+    // DG's own capacity is untouched: its open is granted (the sink answers no message).
+    let dg = inst.run_in(
+        Quadrant::Dg,
+        None,
+        &[&echo, "call", "dx", "chaos-lane-sink"],
+    );
+    let dg = String::from_utf8_lossy(&dg.stderr);
+    assert!(!dg.contains("lane refused"), "DG opens: {dg}");
+    thread::sleep(Duration::from_millis(3_500).saturating_sub(armed.elapsed()));
+    assert_eq!(lanes_from(&inst, "dx"), 0, "free at the expiry");
+
+    let report = run_experiment(&inst, "lanes-dx.yaml", 2);
+    let fault = &report["faults"][0];
+    assert_eq!(fault["action"], "lane_exhaustion");
+    assert!(fault["matched"].as_u64() > Some(0), "{fault}");
+    assert_eq!(lanes_from(&inst, "dx"), 0, "the hog ended with the run");
+}

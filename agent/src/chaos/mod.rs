@@ -27,6 +27,7 @@ use crate::{breakers::monotonic_ns, config::Config};
 pub mod agent;
 mod experiment;
 pub mod freeze;
+pub mod lanes;
 pub mod outage;
 pub mod pressure;
 pub mod run;
@@ -74,6 +75,9 @@ pub enum Action {
     /// The destination quadrant's Workload API answers `Unavailable` and ends its open streams
     /// until the expiry (the agent keeps the outage); SVIDs already fetched stay valid.
     IdentityOutage,
+    /// Take every lane the destination quadrant may open (`max_lanes`) until the expiry: its
+    /// workloads' lane opens are refused for the limit.
+    LaneExhaustion,
 }
 
 /// One fault, as asked for.
@@ -153,6 +157,7 @@ impl Action {
             Self::PidsPressure => "pids_pressure",
             Self::KillAgent => "kill_agent",
             Self::IdentityOutage => "identity_outage",
+            Self::LaneExhaustion => "lane_exhaustion",
         }
     }
 }
@@ -363,6 +368,14 @@ impl FaultSpec {
             .flatten()
     }
 
+    /// The quadrant whose lanes a `lane_exhaustion` takes.
+    #[must_use]
+    pub fn lanes_exhausted_of(&self) -> Option<Quadrant> {
+        (self.action == Action::LaneExhaustion)
+            .then(|| Quadrant::from_name(&self.to))
+            .flatten()
+    }
+
     /// The quadrant a kill names.
     #[must_use]
     pub fn killed_quadrant(&self) -> Option<Quadrant> {
@@ -404,7 +417,8 @@ impl FaultSpec {
             | Action::MemoryPressure
             | Action::PidsPressure
             | Action::KillAgent
-            | Action::IdentityOutage => return Ok(None),
+            | Action::IdentityOutage
+            | Action::LaneExhaustion => return Ok(None),
             Action::Drop | Action::Refuse | Action::Reset => {
                 if self.delay_ms != 0 || self.jitter_ms != 0 {
                     return Err(ChaosError::Invalid(
@@ -440,7 +454,7 @@ impl FaultSpec {
         let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
         if matches!(
             self.action,
-            Action::Freeze | Action::Kill | Action::IdentityOutage
+            Action::Freeze | Action::Kill | Action::IdentityOutage | Action::LaneExhaustion
         ) {
             self.check_freeze(allow_production, dst)?;
             return Ok(Vec::new());
@@ -725,6 +739,10 @@ pub fn inject(
         identity_outage(config, q, spec.seconds * 1000)?;
         return Ok(entries);
     }
+    if let Some(q) = spec.lanes_exhausted_of() {
+        lanes::start(config_path, q, spec.seconds, true)?;
+        return Ok(entries);
+    }
     let mut faults = Faults::open(&config.bpffs_dir())?;
     require_reset_support(config, &entries)?;
     prepare_delay(config, spec)?;
@@ -871,6 +889,7 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
             eased += 1;
         }
     }
+    let hogs = lanes::kill_all(config);
     let mut qdiscs = 0;
     for dev in veths(config, ANY)? {
         if tc(&["qdisc", "show", "dev", &dev, "root"])?.starts_with("qdisc fq ") {
@@ -880,7 +899,7 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
     }
     Ok(format!(
         "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s), \
-         ended {eased} resource pressure(s); the dataplane is disarmed"
+         ended {eased} resource pressure(s) and {hogs} lane hog(s); the dataplane is disarmed"
     ))
 }
 

@@ -541,7 +541,7 @@ pub fn run(
         super::prepare_delay(config, &f)?;
     }
     faults.arm(&entries, t1)?;
-    let process = ProcessFaults::arm(config, config_path, exp)?;
+    let mut process = ProcessFaults::arm(config, config_path, exp)?;
     let fault_end = t1 + exp.windows.fault_secs * 1_000_000_000;
     let aborted = watch_safeguards(exp, &targets, &probes, (t1, fault_end), timeout);
     let now = monotonic_ns();
@@ -595,6 +595,7 @@ struct ProcessFaults {
     pressed: Vec<(Quadrant, super::pressure::Resource)>,
     agent: Option<super::agent::Killed>,
     identity: Vec<Quadrant>,
+    hogs: Vec<(Quadrant, super::lanes::Hog)>,
 }
 
 impl ProcessFaults {
@@ -620,6 +621,7 @@ impl ProcessFaults {
                 .iter()
                 .filter_map(FaultSpec::identity_outage_of)
                 .collect(),
+            hogs: Vec::new(),
         };
         let mut this = this;
         for q in &this.frozen {
@@ -636,6 +638,10 @@ impl ProcessFaults {
         for q in &this.identity {
             super::identity_outage(config, *q, exp.windows.fault_secs * 1000)?;
         }
+        for q in faults.iter().filter_map(FaultSpec::lanes_exhausted_of) {
+            let hog = super::lanes::start(config_path, q, exp.windows.fault_secs + 5, false)?;
+            this.hogs.push((q, hog));
+        }
         if let Some(f) = faults.iter().find(|f| f.action == Action::KillAgent) {
             this.agent = Some(super::agent::kill_agent(
                 config,
@@ -648,7 +654,7 @@ impl ProcessFaults {
 
     /// Thaws and ends the pressures; returns the pressures' status as they ended (their
     /// effect).
-    fn end(&self, config: &Config, now: u64) -> Result<Vec<FaultStatus>, ChaosError> {
+    fn end(&mut self, config: &Config, now: u64) -> Result<Vec<FaultStatus>, ChaosError> {
         let status = super::pressure::leases(config)
             .iter()
             .filter(|l| {
@@ -674,6 +680,23 @@ impl ProcessFaults {
             super::pressure::end(config, *q, *r)?;
         }
         let mut status: Vec<FaultStatus> = status;
+        for (q, mut hog) in self.hogs.drain(..) {
+            let refused = hog.refused();
+            let _ = hog.child.kill();
+            let _ = hog.child.wait();
+            status.push(FaultStatus {
+                action: Action::LaneExhaustion,
+                from: "any".into(),
+                to: q.name().into(),
+                percent: 100.0,
+                delay_ms: 0.0,
+                jitter_ms: 0.0,
+                left_ms: 0,
+                expires_ns: 0,
+                matched: refused,
+                dropped: refused,
+            });
+        }
         for q in &self.identity {
             let refused = super::identity_outage(config, *q, 0)?;
             status.push(FaultStatus {

@@ -17,7 +17,8 @@ pub enum ChaosCommand {
         /// drop (packets into the destination quadrant), delay (them), reset (its TCP
         /// connections), refuse (connects),
         /// freeze or kill (its processes), cpu-, memory- or pids-pressure (inside it),
-        /// kill-agent (`--to agent`), identity-outage (its Workload API).
+        /// kill-agent (`--to agent`), identity-outage (its Workload API), lane-exhaustion (its
+        /// lanes).
         #[arg(value_enum)]
         action: Action,
         /// Source: dx, dg, px, pg, host, world or any (for refuse: the calling quadrant).
@@ -121,6 +122,20 @@ pub enum ChaosCommand {
         #[arg(long)]
         limit: Option<std::path::PathBuf>,
     },
+    /// A lane hog inside a quadrant (`lane_exhaustion`).
+    #[command(hide = true)]
+    LaneHog {
+        /// Its quadrant.
+        quadrant: String,
+        /// How long it holds the lanes.
+        seconds: u64,
+        /// Dies with the controller.
+        #[arg(long)]
+        tied: bool,
+        /// Outlives the controller until the expiry.
+        #[arg(long)]
+        detached: bool,
+    },
     /// An experiment's effect probe of a quadrant's Workload API (inside the quadrant).
     #[command(hide = true)]
     IdentityProbe {
@@ -201,6 +216,16 @@ pub fn run(
             usage,
             limit,
         } => chaos::pressure::stress(resource, &join, mib, usage.as_deref().zip(limit.as_deref()))?,
+        ChaosCommand::LaneHog {
+            quadrant,
+            seconds,
+            tied,
+            detached: _,
+        } => {
+            let q = dataplane_common::Quadrant::from_name(&quadrant)
+                .ok_or_else(|| anyhow::anyhow!("unknown quadrant {quadrant:?}"))?;
+            chaos::lanes::hog(q, seconds, tied)?;
+        }
         ChaosCommand::IdentityProbe { rate, timeout_ms } => {
             chaos::outage::probe_lines(rate, std::time::Duration::from_millis(timeout_ms))?;
         }
@@ -244,6 +269,9 @@ fn inject(
         Action::Kill => println!("killed every process of {to}"),
         Action::IdentityOutage => {
             println!("the Workload API of {to} is unavailable for {seconds} s");
+        }
+        Action::LaneExhaustion => {
+            println!("every lane {to} may open is taken for {seconds} s");
         }
         Action::CpuPressure | Action::MemoryPressure | Action::PidsPressure => {
             println!("{} on {to} for {seconds} s", spec.action.name());
@@ -290,6 +318,7 @@ fn run_experiment(
                 Action::MemoryPressure => format!("{} MiB above its use", f.headroom_mib),
                 Action::PidsPressure => format!("{} processes above its count", f.headroom_pids),
                 Action::IdentityOutage => "its Workload API unavailable".to_owned(),
+                Action::LaneExhaustion => "every lane it may open taken".to_owned(),
                 Action::KillAgent => {
                     if f.restart_agent {
                         "SIGKILL, the controller starts the next agent".to_owned()
