@@ -784,8 +784,10 @@ fn an_identity_outage_takes_only_its_quadrants_workload_api_away() {
         (&effect["from"], &effect["to"]),
         (&"px".into(), &"identity".into())
     );
+    // The probe's first fetch includes its start (a new process, a debug build, two cores
+    // shared with other tests): one of the baseline's may miss the timeout.
     assert!(
-        effect["baseline"]["availability"].as_f64() >= Some(0.99),
+        effect["baseline"]["availability"].as_f64() >= Some(0.9),
         "{effect}"
     );
     assert!(

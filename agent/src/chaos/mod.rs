@@ -27,6 +27,7 @@ use crate::{breakers::monotonic_ns, config::Config};
 pub mod agent;
 mod experiment;
 pub mod freeze;
+pub mod lane_probe;
 pub mod lanes;
 pub mod outage;
 pub mod pressure;

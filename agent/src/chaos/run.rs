@@ -27,6 +27,9 @@ use crate::{breakers::monotonic_ns, config::Config};
 
 /// The UDP port of the echoes the experiment starts in the quadrants.
 pub const ECHO_PORT: u16 = 7_391;
+/// The most requests per second each lane probe sends (12 of them run: four quadrants, three
+/// transports).
+const LANE_PROBE_RATE: u32 = 20;
 
 /// One window of one quadrant's probes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -62,8 +65,24 @@ pub struct QuadrantReport {
     /// (none: not within the recovery window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered_after_secs: Option<f64>,
+    /// Its lane probes: requests over each lane transport to its own lane service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lanes: Vec<LaneReport>,
     /// What it breached, if anything.
     pub breaches: Vec<String>,
+}
+
+/// One quadrant's lane probe over one transport, per window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct LaneReport {
+    /// `shm`, `uds` or `tcp`.
+    pub transport: String,
+    /// Before the faults.
+    pub baseline: WindowStats,
+    /// With them.
+    pub fault: WindowStats,
+    /// After them.
+    pub recovery: WindowStats,
 }
 
 /// A fault's measured effect: probes from its source quadrant to the echo of its destination
@@ -122,6 +141,7 @@ pub fn echo() -> std::io::Result<()> {
         return Ok(());
     }
     let s = UdpSocket::bind(("0.0.0.0", ECHO_PORT))?;
+    super::lane_probe::offer();
     println!("listening");
     let mut buf = [0u8; 64];
     loop {
@@ -182,6 +202,8 @@ fn partner(q: Quadrant) -> Quadrant {
 enum Probed {
     Echo(Quadrant),
     Identity,
+    /// Its own lane service over a transport.
+    Lanes(&'static str),
 }
 
 impl Probed {
@@ -189,6 +211,7 @@ impl Probed {
         match self {
             Self::Echo(q) => q.name(),
             Self::Identity => "identity",
+            Self::Lanes(t) => t,
         }
     }
 }
@@ -222,6 +245,9 @@ fn start_effect_probe(
         }
         Probed::Identity => {
             c.arg("identity-probe");
+        }
+        Probed::Lanes(t) => {
+            c.args(["lane-probe", from.name(), t]);
         }
     }
     let mut child = c
@@ -527,6 +553,17 @@ pub fn run(
         threads.extend(t);
     }
     let effects = start_effect_probes(config, config_path, exp)?;
+    let mut lane_probes = Vec::new();
+    for q in Quadrant::ALL {
+        for (t, _) in super::lane_probe::TRANSPORTS {
+            lane_probes.push(start_effect_probe(
+                config,
+                config_path,
+                (q, Probed::Lanes(t)),
+                (ss.rate_per_sec.min(LANE_PROBE_RATE), ss.timeout_ms),
+            )?);
+        }
+    }
     let secs = |s: u64| Duration::from_secs(s);
     let t0 = monotonic_ns();
     std::thread::sleep(secs(exp.windows.baseline_secs));
@@ -581,7 +618,26 @@ pub fn run(
             }
         })
         .collect();
-    let mut report = judge(exp, &targets, &probes, windows, fault_status, aborted);
+    let mut lanes: BTreeMap<Quadrant, Vec<LaneReport>> = BTreeMap::new();
+    for mut p in lane_probes {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        let samples = locked(&p.samples);
+        lanes.entry(p.from).or_default().push(LaneReport {
+            transport: p.to.name().to_owned(),
+            baseline: window(&samples, t0, t1),
+            fault: window(&samples, t1, t2),
+            recovery: window(&samples, t2, t3),
+        });
+    }
+    let mut report = judge(
+        exp,
+        &targets,
+        (&probes, lanes),
+        windows,
+        fault_status,
+        aborted,
+    );
     report.effects = effects;
     report.agent_back_after_ms = process.agent.and_then(|k| k.back_after_ms);
     Ok(report)
@@ -719,10 +775,38 @@ impl ProcessFaults {
     }
 }
 
+/// A non-target's breaches of the steady state in the fault window (`what` prefixes each).
+fn out_of_tolerance(
+    ss: &super::SteadyState,
+    what: &str,
+    baseline: &WindowStats,
+    fault: &WindowStats,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if fault.availability < ss.min_availability {
+        out.push(format!(
+            "{what}availability {:.2} % during the fault, below {:.2} %",
+            fault.availability * 100.0,
+            ss.min_availability * 100.0
+        ));
+    }
+    if fault.p99_ms > baseline.p99_ms * ss.max_p99_ratio && fault.p99_ms > ss.max_p99_ms {
+        out.push(format!(
+            "{what}p99 {:.3} ms during the fault: more than {}x its baseline {:.3} ms and over {} \
+             ms",
+            fault.p99_ms, ss.max_p99_ratio, baseline.p99_ms, ss.max_p99_ms
+        ));
+    }
+    out
+}
+
 fn judge(
     exp: &Experiment,
     targets: &[Quadrant],
-    probes: &BTreeMap<Quadrant, Samples>,
+    (probes, mut lanes): (
+        &BTreeMap<Quadrant, Samples>,
+        BTreeMap<Quadrant, Vec<LaneReport>>,
+    ),
     (t0, t1, t2, t3): (u64, u64, u64, u64),
     faults: Vec<FaultStatus>,
     aborted: Option<String>,
@@ -758,19 +842,10 @@ fn judge(
                 )),
             }
         } else {
-            if fault.availability < ss.min_availability {
-                breaches.push(format!(
-                    "availability {:.2} % during the fault, below {:.2} %",
-                    fault.availability * 100.0,
-                    ss.min_availability * 100.0
-                ));
-            }
-            if fault.p99_ms > baseline.p99_ms * ss.max_p99_ratio && fault.p99_ms > ss.max_p99_ms {
-                breaches.push(format!(
-                    "p99 {:.3} ms during the fault: more than {}x its baseline {:.3} ms and over \
-                     {} ms",
-                    fault.p99_ms, ss.max_p99_ratio, baseline.p99_ms, ss.max_p99_ms
-                ));
+            breaches.extend(out_of_tolerance(&ss, "", &baseline, &fault));
+            for l in lanes.get(&q).into_iter().flatten() {
+                let what = format!("lanes over {}: ", l.transport);
+                breaches.extend(out_of_tolerance(&ss, &what, &l.baseline, &l.fault));
             }
             if !breaches.is_empty() {
                 cascades += 1;
@@ -779,6 +854,7 @@ fn judge(
         for b in &breaches {
             reasons.push(format!("{}: {b}", q.name()));
         }
+        let lanes = lanes.remove(&q).unwrap_or_default();
         quadrants.push(QuadrantReport {
             quadrant: q.name().to_owned(),
             target,
@@ -786,6 +862,7 @@ fn judge(
             fault,
             recovery,
             recovered_after_secs,
+            lanes,
             breaches,
         });
     }
@@ -851,6 +928,21 @@ pub fn render(r: &Report) -> String {
                 w.p50_ms,
                 w.p99_ms,
                 w.p999_ms
+            );
+        }
+        for l in &q.lanes {
+            let _ = writeln!(
+                out,
+                "{:<5} lanes over {}: answered {:.1} / {:.1} / {:.1} %, p99 {:.3} / {:.3} / {:.3} ms \
+                 (baseline / fault / recovery)",
+                q.quadrant,
+                l.transport,
+                l.baseline.availability * 100.0,
+                l.fault.availability * 100.0,
+                l.recovery.availability * 100.0,
+                l.baseline.p99_ms,
+                l.fault.p99_ms,
+                l.recovery.p99_ms
             );
         }
         if let Some(s) = q.recovered_after_secs {
@@ -956,7 +1048,14 @@ mod tests {
             |q, t| q == Quadrant::Dx && (3 * S..6 * S).contains(&t),
             |_, _| 200_000,
         );
-        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            (&p, BTreeMap::new()),
+            WINDOWS,
+            hit(),
+            None,
+        );
         assert_eq!(r.verdict, "passed", "{:?}", r.reasons);
         let dx = &r.quadrants[0];
         assert!(dx.fault.availability.abs() < 1e-9);
@@ -971,7 +1070,14 @@ mod tests {
             |q, t| q == Quadrant::Dg && (3 * S..6 * S).contains(&t) && t % (S / 10) == 0,
             |_, _| 200_000,
         );
-        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            (&p, BTreeMap::new()),
+            WINDOWS,
+            hit(),
+            None,
+        );
         assert_eq!(
             (r.verdict.as_str(), r.cascades),
             ("failed", 1),
@@ -994,7 +1100,14 @@ mod tests {
                 }
             },
         );
-        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            (&p, BTreeMap::new()),
+            WINDOWS,
+            hit(),
+            None,
+        );
         assert_eq!(r.cascades, 1, "{:?}", r.reasons);
         assert!(
             r.reasons[0].starts_with("pg: p99 3.000 ms"),
@@ -1006,7 +1119,14 @@ mod tests {
     #[test]
     fn a_target_that_stays_down_or_a_fault_that_hit_nothing_fails() {
         let p = probes(|q, t| q == Quadrant::Dx && t >= 3 * S, |_, _| 200_000);
-        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, hit(), None);
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            (&p, BTreeMap::new()),
+            WINDOWS,
+            hit(),
+            None,
+        );
         assert_eq!(r.verdict, "failed");
         assert!(
             r.reasons[0].contains("not back to steady state"),
@@ -1016,7 +1136,14 @@ mod tests {
         let p = probes(|_, _| false, |_, _| 200_000);
         let mut idle = hit();
         idle[0].matched = 0;
-        let r = judge(&experiment(), &[Quadrant::Dx], &p, WINDOWS, idle, None);
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            (&p, BTreeMap::new()),
+            WINDOWS,
+            idle,
+            None,
+        );
         assert_eq!(r.verdict, "failed");
         assert!(
             r.reasons[0].contains("never hit traffic"),
@@ -1026,11 +1153,54 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            &p,
+            (&p, BTreeMap::new()),
             WINDOWS,
             hit(),
             Some("safeguard: …".into()),
         );
         assert_eq!(r.verdict, "aborted");
+    }
+
+    #[test]
+    fn a_non_target_whose_lanes_fail_during_the_fault_is_a_cascade() {
+        let p = probes(|_, _| false, |_, _| 200_000);
+        let stats = |answered: u64| WindowStats {
+            sent: 100,
+            answered,
+            availability: f64::from(u32::try_from(answered).unwrap_or(0)) / 100.0,
+            p50_ms: 0.1,
+            p99_ms: 0.2,
+            p999_ms: 0.3,
+        };
+        let lane = |t: &str, fault: u64| LaneReport {
+            transport: t.into(),
+            baseline: stats(100),
+            fault: stats(fault),
+            recovery: stats(100),
+        };
+        let lanes = BTreeMap::from([
+            (Quadrant::Dx, vec![lane("shm", 0)]),
+            (Quadrant::Pg, vec![lane("shm", 100), lane("tcp", 97)]),
+        ]);
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            (&p, lanes),
+            WINDOWS,
+            hit(),
+            None,
+        );
+        assert_eq!(
+            (r.verdict.as_str(), r.cascades),
+            ("failed", 1),
+            "{:?}",
+            r.reasons
+        );
+        assert_eq!(
+            r.reasons,
+            ["pg: lanes over tcp: availability 97.00 % during the fault, below 99.90 %"],
+            "the target's lanes may fail"
+        );
+        assert_eq!(r.quadrants[3].lanes.len(), 2);
     }
 }

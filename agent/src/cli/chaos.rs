@@ -122,6 +122,18 @@ pub enum ChaosCommand {
         #[arg(long)]
         limit: Option<std::path::PathBuf>,
     },
+    /// An experiment's steady-state probe over one lane transport (inside a quadrant).
+    #[command(hide = true)]
+    LaneProbe {
+        /// The quadrant (its own `chaos-echo` lane service).
+        quadrant: String,
+        /// shm, uds or tcp.
+        transport: String,
+        /// Requests per second.
+        rate: u32,
+        /// Per request, ms.
+        timeout_ms: u64,
+    },
     /// A lane hog inside a quadrant (`lane_exhaustion`).
     #[command(hide = true)]
     LaneHog {
@@ -216,6 +228,17 @@ pub fn run(
             usage,
             limit,
         } => chaos::pressure::stress(resource, &join, mib, usage.as_deref().zip(limit.as_deref()))?,
+        ChaosCommand::LaneProbe {
+            quadrant,
+            transport,
+            rate,
+            timeout_ms,
+        } => chaos::lane_probe::probe_lines(
+            &quadrant,
+            &transport,
+            rate,
+            std::time::Duration::from_millis(timeout_ms),
+        )?,
         ChaosCommand::LaneHog {
             quadrant,
             seconds,
