@@ -432,7 +432,7 @@ fn a_frozen_quadrant_thaws_at_its_expiry_by_itself() {
     chaos(&inst, &["inject", "freeze", "--to", "dg", "--for", "60"]);
     assert_eq!(rtt(&inst, true, 5, 50)["answered"], 0);
     let out = chaos(&inst, &["recover", "--all"]);
-    assert!(out.contains("thawed 1 quadrant(s)"), "{out}");
+    assert!(out.contains("thawed 1 quadrant(s) or workload(s)"), "{out}");
     assert_eq!(rtt(&inst, true, 10, 200)["answered"], 10, "thawed at once");
 
     let out = inst.quadrant(&["chaos", "inject", "freeze", "--to", "pg", "--for", "5"]);
@@ -855,4 +855,91 @@ fn lane_exhaustion_refuses_only_its_quadrants_opens_and_ends_by_itself() {
     assert_eq!(fault["action"], "lane_exhaustion");
     assert!(fault["matched"].as_u64() > Some(0), "{fault}");
     assert_eq!(lanes_from(&inst, "dx"), 0, "the hog ended with the run");
+}
+
+/// `qprobe udp-rtt` from the host to port `port` of DG: how many of `count` were answered.
+fn answered(inst: &Instance, port: u16, count: u32) -> u64 {
+    let to = format!("{}:{port}", inst.addr(Quadrant::Dg));
+    let out = Command::new(QPROBE)
+        .args(["udp-rtt", &to, &count.to_string(), "100"])
+        .output()
+        .expect("qprobe");
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json: Value =
+        serde_json::from_str(line.trim().strip_prefix("ok ").unwrap_or("{}")).unwrap_or_default();
+    json["answered"].as_u64().unwrap_or(0)
+}
+
+/// A freeze or kill may take one workload of a quadrant instead of all of it: the other
+/// workload of DG keeps answering, the frozen one thaws at the expiry by its guardian, the
+/// killed one is gone; a workload the quadrant does not run is named in the refusal.
+#[test]
+fn a_freeze_or_kill_may_take_one_workload_only() {
+    let mut inst = Instance::up(test_config(None), QPROBE);
+    let mut echoes = Vec::new();
+    for (w, port) in [("frozen", "7401"), ("spared", "7402")] {
+        echoes.push(inst.background_in(
+            Quadrant::Dg,
+            Some(w),
+            &[QPROBE, "udp-echo", &format!("0.0.0.0:{port}")],
+            "listening",
+        ));
+    }
+    assert_eq!((answered(&inst, 7401, 5), answered(&inst, 7402, 5)), (5, 5));
+    let armed = Instant::now();
+    let out = chaos(
+        &inst,
+        &[
+            "inject",
+            "freeze",
+            "--to",
+            "dg",
+            "--workload",
+            "frozen",
+            "--for",
+            "2",
+        ],
+    );
+    assert!(out.contains("froze dg/frozen"), "{out}");
+    assert_eq!(answered(&inst, 7401, 5), 0, "frozen");
+    assert_eq!(answered(&inst, 7402, 5), 5, "the other workload answers");
+    assert!(
+        faults(&inst)
+            .iter()
+            .any(|f| f["action"] == "freeze" && f["to"] == "dg/frozen"),
+        "listed as the workload"
+    );
+    thread::sleep(Duration::from_millis(2_500).saturating_sub(armed.elapsed()));
+    assert_eq!(answered(&inst, 7401, 5), 5, "thawed by its guardian");
+
+    chaos(
+        &inst,
+        &[
+            "inject",
+            "kill",
+            "--to",
+            "dg",
+            "--workload",
+            "spared",
+            "--for",
+            "1",
+        ],
+    );
+    assert_eq!(answered(&inst, 7402, 3), 0, "killed");
+    assert_eq!(answered(&inst, 7401, 5), 5, "the other workload lives");
+    let out = inst.quadrant(&[
+        "chaos",
+        "inject",
+        "kill",
+        "--to",
+        "dg",
+        "--workload",
+        "nobody",
+        "--for",
+        "1",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("dg runs no workload nobody"),
+        "{out:?}"
+    );
 }

@@ -986,6 +986,7 @@ fn dg_to_dx_fault(action: Action, delay_ms: u32) -> FaultSpec {
         headroom_mib: quadrant::chaos::DEFAULT_HEADROOM_MIB,
         headroom_pids: quadrant::chaos::DEFAULT_HEADROOM_PIDS,
         restart_agent: true,
+        workload: None,
     }
 }
 

@@ -139,6 +139,10 @@ pub struct MethodFault {
     /// manager restarts it).
     #[serde(default = "super::yes")]
     pub restart_agent: bool,
+    /// `freeze`/`kill`: only this workload of the target, not every process of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub workload: Option<String>,
 }
 
 fn all() -> f64 {
@@ -220,6 +224,7 @@ impl Experiment {
                 headroom_mib: m.headroom_mib,
                 headroom_pids: m.headroom_pids,
                 restart_agent: m.restart_agent,
+                workload: m.workload.clone(),
             })
             .collect()
     }

@@ -115,6 +115,9 @@ pub struct FaultSpec {
     /// Whether the controller starts the next agent after `kill_agent`.
     #[serde(default = "yes")]
     pub restart_agent: bool,
+    /// `freeze`/`kill`: only this workload of the quadrant (its cgroup), not every process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 pub(crate) fn yes() -> bool {
@@ -268,6 +271,20 @@ impl FaultSpec {
                 self.action
             ));
         }
+        if let Some(w) = &self.workload {
+            if !matches!(self.action, Action::Freeze | Action::Kill) {
+                return invalid(format!(
+                    "workload: only freeze and kill take one, not {}",
+                    self.action.name()
+                ));
+            }
+            if !crate::identity::attest::valid_workload_name(w) {
+                return invalid(format!(
+                    "workload: {w:?} is not a workload name (1-64 characters of a-z, 0-9, '-', \
+                     '_', '.')"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -377,19 +394,26 @@ impl FaultSpec {
             .flatten()
     }
 
-    /// The quadrant a kill names.
+    fn target(&self) -> Option<freeze::Target> {
+        Some(freeze::Target {
+            quadrant: Quadrant::from_name(&self.to)?,
+            workload: self.workload.clone(),
+        })
+    }
+
+    /// What a kill takes: a quadrant, or one of its workloads.
     #[must_use]
-    pub fn killed_quadrant(&self) -> Option<Quadrant> {
+    pub fn killed(&self) -> Option<freeze::Target> {
         (self.action == Action::Kill)
-            .then(|| Quadrant::from_name(&self.to))
+            .then(|| self.target())
             .flatten()
     }
 
-    /// The quadrant a freeze names.
+    /// What a freeze takes: a quadrant, or one of its workloads.
     #[must_use]
-    pub fn frozen_quadrant(&self) -> Option<Quadrant> {
+    pub fn frozen(&self) -> Option<freeze::Target> {
         (self.action == Action::Freeze)
-            .then(|| Quadrant::from_name(&self.to))
+            .then(|| self.target())
             .flatten()
     }
 
@@ -724,12 +748,12 @@ pub fn inject(
 ) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
     let now = monotonic_ns();
     let entries = spec.entries(allow_production, now)?;
-    if let Some(q) = spec.frozen_quadrant() {
-        freeze::freeze(config, config_path, q, spec.seconds)?;
+    if let Some(t) = spec.frozen() {
+        freeze::freeze(config, config_path, &t, spec.seconds)?;
         return Ok(entries);
     }
-    if let Some(q) = spec.killed_quadrant() {
-        freeze::kill(config, q)?;
+    if let Some(t) = spec.killed() {
+        freeze::kill(config, &t)?;
         return Ok(entries);
     }
     if let Some((q, r)) = spec.pressed() {
@@ -854,10 +878,10 @@ pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
     out.extend(
         freeze::frozen(config)
             .into_iter()
-            .map(|(q, until)| FaultStatus {
+            .map(|(t, until)| FaultStatus {
                 action: Action::Freeze,
                 from: "any".into(),
-                to: q.name().into(),
+                to: t.name(),
                 percent: 100.0,
                 delay_ms: 0.0,
                 jitter_ms: 0.0,
@@ -879,8 +903,8 @@ pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
 pub fn recover(config: &Config) -> Result<String, ChaosError> {
     let removed = Faults::open(&config.bpffs_dir())?.recover()?;
     let mut thawed = 0;
-    for (q, _) in freeze::frozen(config) {
-        freeze::set_frozen(config, q, false)?;
+    for (t, _) in freeze::frozen(config) {
+        freeze::set_frozen(config, &t, false)?;
         thawed += 1;
     }
     let mut eased = 0;
@@ -899,7 +923,7 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
         }
     }
     Ok(format!(
-        "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s), \
+        "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s) or workload(s), \
          ended {eased} resource pressure(s) and {hogs} lane hog(s); the dataplane is disarmed"
     ))
 }
@@ -962,6 +986,7 @@ mod tests {
             headroom_mib: DEFAULT_HEADROOM_MIB,
             headroom_pids: DEFAULT_HEADROOM_PIDS,
             restart_agent: true,
+            workload: None,
         }
     }
 

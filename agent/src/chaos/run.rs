@@ -27,6 +27,8 @@ use crate::{breakers::monotonic_ns, config::Config};
 
 /// The UDP port of the echoes the experiment starts in the quadrants.
 pub const ECHO_PORT: u16 = 7_391;
+/// The workload (cgroup) an experiment's echo runs as.
+const ECHO_WORKLOAD: &str = "chaos-echo";
 /// The most requests per second each lane probe sends (12 of them run: four quadrants, three
 /// transports).
 const LANE_PROBE_RATE: u32 = 20;
@@ -319,7 +321,7 @@ fn start_echo(config_path: Option<&std::path::Path>, q: Quadrant) -> Result<Chil
         c.arg("--config").arg(p);
     }
     let mut child = c
-        .args(["exec", q.name(), "--workload", "chaos-echo", "--"])
+        .args(["exec", q.name(), "--workload", ECHO_WORKLOAD, "--"])
         .arg(&me)
         .args(["chaos", "echo"])
         .stdin(Stdio::null())
@@ -553,17 +555,7 @@ pub fn run(
         threads.extend(t);
     }
     let effects = start_effect_probes(config, config_path, exp)?;
-    let mut lane_probes = Vec::new();
-    for q in Quadrant::ALL {
-        for (t, _) in super::lane_probe::TRANSPORTS {
-            lane_probes.push(start_effect_probe(
-                config,
-                config_path,
-                (q, Probed::Lanes(t)),
-                (ss.rate_per_sec.min(LANE_PROBE_RATE), ss.timeout_ms),
-            )?);
-        }
-    }
+    let lane_probes = start_lane_probes(config, config_path, &ss)?;
     let secs = |s: u64| Duration::from_secs(s);
     let t0 = monotonic_ns();
     std::thread::sleep(secs(exp.windows.baseline_secs));
@@ -590,10 +582,16 @@ pub fn run(
     fault_status.extend(process.end(config, now)?);
     // A killed quadrant's echo (this run's stand-in for its service) comes back at the end of
     // the fault window.
-    for q in &process.killed {
-        let i = Quadrant::ALL.iter().position(|a| a == q).unwrap_or(0);
+    for t in &process.killed {
+        if t.workload.as_deref().is_some_and(|w| w != ECHO_WORKLOAD) {
+            continue;
+        }
+        let i = Quadrant::ALL
+            .iter()
+            .position(|a| *a == t.quadrant)
+            .unwrap_or(0);
         let _ = echoes.0[i].wait();
-        echoes.0[i] = start_echo(config_path, *q)?;
+        echoes.0[i] = start_echo(config_path, t.quadrant)?;
     }
     let t2 = monotonic_ns().min(fault_end);
     std::thread::sleep(secs(exp.windows.recovery_secs) + timeout);
@@ -618,18 +616,7 @@ pub fn run(
             }
         })
         .collect();
-    let mut lanes: BTreeMap<Quadrant, Vec<LaneReport>> = BTreeMap::new();
-    for mut p in lane_probes {
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-        let samples = locked(&p.samples);
-        lanes.entry(p.from).or_default().push(LaneReport {
-            transport: p.to.name().to_owned(),
-            baseline: window(&samples, t0, t1),
-            fault: window(&samples, t1, t2),
-            recovery: window(&samples, t2, t3),
-        });
-    }
+    let lanes = lane_reports(lane_probes, windows);
     let mut report = judge(
         exp,
         &targets,
@@ -643,11 +630,51 @@ pub fn run(
     Ok(report)
 }
 
+/// A lane probe per quadrant and transport.
+fn start_lane_probes(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    ss: &super::SteadyState,
+) -> Result<Vec<EffectProbe>, ChaosError> {
+    let mut out = Vec::new();
+    for q in Quadrant::ALL {
+        for (t, _) in super::lane_probe::TRANSPORTS {
+            out.push(start_effect_probe(
+                config,
+                config_path,
+                (q, Probed::Lanes(t)),
+                (ss.rate_per_sec.min(LANE_PROBE_RATE), ss.timeout_ms),
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+/// The lane probes stopped and summed up per quadrant and window.
+fn lane_reports(
+    probes: Vec<EffectProbe>,
+    (t0, t1, t2, t3): (u64, u64, u64, u64),
+) -> BTreeMap<Quadrant, Vec<LaneReport>> {
+    let mut lanes: BTreeMap<Quadrant, Vec<LaneReport>> = BTreeMap::new();
+    for mut p in probes {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        let samples = locked(&p.samples);
+        lanes.entry(p.from).or_default().push(LaneReport {
+            transport: p.to.name().to_owned(),
+            baseline: window(&samples, t0, t1),
+            fault: window(&samples, t1, t2),
+            recovery: window(&samples, t2, t3),
+        });
+    }
+    lanes
+}
+
 /// The faults of an experiment on processes rather than packets: freezes, kills, resource
 /// pressure.
 struct ProcessFaults {
-    frozen: Vec<Quadrant>,
-    killed: Vec<Quadrant>,
+    frozen: Vec<super::freeze::Target>,
+    killed: Vec<super::freeze::Target>,
     pressed: Vec<(Quadrant, super::pressure::Resource)>,
     agent: Option<super::agent::Killed>,
     identity: Vec<Quadrant>,
@@ -663,14 +690,8 @@ impl ProcessFaults {
     ) -> Result<Self, ChaosError> {
         let faults = exp.faults();
         let this = Self {
-            frozen: faults
-                .iter()
-                .filter_map(FaultSpec::frozen_quadrant)
-                .collect(),
-            killed: faults
-                .iter()
-                .filter_map(FaultSpec::killed_quadrant)
-                .collect(),
+            frozen: faults.iter().filter_map(FaultSpec::frozen).collect(),
+            killed: faults.iter().filter_map(FaultSpec::killed).collect(),
             pressed: faults.iter().filter_map(FaultSpec::pressed).collect(),
             agent: None,
             identity: faults
@@ -680,11 +701,11 @@ impl ProcessFaults {
             hogs: Vec::new(),
         };
         let mut this = this;
-        for q in &this.frozen {
-            super::freeze::freeze(config, config_path, *q, exp.windows.fault_secs)?;
+        for t in &this.frozen {
+            super::freeze::freeze(config, config_path, t, exp.windows.fault_secs)?;
         }
-        for q in &this.killed {
-            super::freeze::kill(config, *q)?;
+        for t in &this.killed {
+            super::freeze::kill(config, t)?;
         }
         for f in &faults {
             if let Some((q, r)) = f.pressed() {
@@ -768,8 +789,8 @@ impl ProcessFaults {
                 dropped: refused,
             });
         }
-        for q in &self.frozen {
-            super::freeze::set_frozen(config, *q, false)?;
+        for t in &self.frozen {
+            super::freeze::set_frozen(config, t, false)?;
         }
         Ok(status)
     }

@@ -52,6 +52,9 @@ pub enum ChaosCommand {
         /// Let the fault touch production quadrants (px, pg; `any` includes them).
         #[arg(long)]
         allow_production: bool,
+        /// freeze, kill: only this workload of the quadrant (its cgroup).
+        #[arg(long)]
+        workload: Option<String>,
         /// kill-agent: leave the restart to a service manager (systemd's `Restart=`).
         #[arg(long)]
         no_restart_agent: bool,
@@ -91,6 +94,9 @@ pub enum ChaosCommand {
         /// The frozen quadrant.
         #[arg(long)]
         quadrant: String,
+        /// The frozen workload of it, if only one was.
+        #[arg(long)]
+        workload: Option<String>,
         /// Its expiry, monotonic ns.
         #[arg(long)]
         at: u64,
@@ -187,6 +193,7 @@ pub fn run(
             both_ways,
             seconds,
             allow_production,
+            workload,
             no_restart_agent,
         } => {
             let spec = FaultSpec {
@@ -201,6 +208,7 @@ pub fn run(
                 headroom_mib,
                 headroom_pids,
                 restart_agent: !no_restart_agent,
+                workload,
             };
             inject(config, config_path, &spec, allow_production)?;
         }
@@ -213,10 +221,15 @@ pub fn run(
         }
         ChaosCommand::Recover { all: _ } => println!("{}", chaos::recover(config)?),
         ChaosCommand::Echo => chaos::run::echo()?,
-        ChaosCommand::Thaw { quadrant, at } => {
-            let q = dataplane_common::Quadrant::from_name(&quadrant)
+        ChaosCommand::Thaw {
+            quadrant,
+            workload,
+            at,
+        } => {
+            let quadrant = dataplane_common::Quadrant::from_name(&quadrant)
                 .ok_or_else(|| anyhow::anyhow!("unknown quadrant {quadrant:?}"))?;
-            chaos::freeze::thaw_at(config, q, at)?;
+            let t = chaos::freeze::Target { quadrant, workload };
+            chaos::freeze::thaw_at(config, &t, at)?;
         }
         ChaosCommand::PressureGuard { lease } => {
             chaos::pressure::guard(config, config_path, &lease)?;
@@ -288,8 +301,17 @@ fn inject(
     }
     let entries = chaos::inject(config, config_path, spec, allow_production)?;
     match spec.action {
-        Action::Freeze => println!("froze {to} for {seconds} s"),
-        Action::Kill => println!("killed every process of {to}"),
+        Action::Freeze | Action::Kill => {
+            let what = spec
+                .workload
+                .as_ref()
+                .map_or_else(|| to.clone(), |w| format!("{to}/{w}"));
+            if spec.action == Action::Freeze {
+                println!("froze {what} for {seconds} s");
+            } else {
+                println!("killed every process of {what}");
+            }
+        }
         Action::IdentityOutage => {
             println!("the Workload API of {to} is unavailable for {seconds} s");
         }
@@ -336,7 +358,10 @@ fn run_experiment(
             let what = match f.action {
                 Action::Delay => format!("{} ms ± {} ms", f.delay_ms, f.jitter_ms),
                 Action::Drop | Action::Refuse | Action::Reset => format!("{} %", f.percent),
-                Action::Freeze | Action::Kill => "every process".to_owned(),
+                Action::Freeze | Action::Kill => f.workload.as_ref().map_or_else(
+                    || "every process".to_owned(),
+                    |w| format!("every process of workload {w}"),
+                ),
                 Action::CpuPressure => format!("{} % of one CPU", f.percent),
                 Action::MemoryPressure => format!("{} MiB above its use", f.headroom_mib),
                 Action::PidsPressure => format!("{} processes above its count", f.headroom_pids),
