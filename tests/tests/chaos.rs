@@ -943,3 +943,42 @@ fn a_freeze_or_kill_may_take_one_workload_only() {
         "{out:?}"
     );
 }
+
+/// A policy outage of DG: a new lane involving DG is refused, naming the outage, while lanes
+/// already open go on and the other quadrants decide as before; it ends at its expiry;
+/// `manifests/chaos/policy-dg.yaml` passes, its effect probe's fresh lanes refused during the
+/// fault only.
+#[test]
+fn a_policy_outage_fails_its_quadrants_lane_decisions_closed() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let report = run_experiment(&inst, "policy-dg.yaml", 2);
+    let fault = &report["faults"][0];
+    assert_eq!(fault["action"], "policy_outage");
+    assert!(fault["matched"].as_u64() > Some(0), "{fault}");
+    let effect = &report["effects"][0];
+    assert_eq!(
+        (&effect["from"], &effect["to"]),
+        (&"dg".into(), &"lane-opens".into())
+    );
+    assert!(
+        effect["fault"]["availability"].as_f64() <= Some(0.1),
+        "{effect}"
+    );
+    assert!(
+        effect["recovery"]["availability"].as_f64() >= Some(0.9),
+        "{effect}"
+    );
+    let dg = report["quadrants"]
+        .as_array()
+        .expect("quadrants")
+        .iter()
+        .find(|q| q["quadrant"] == "dg")
+        .expect("dg")
+        .clone();
+    for lane in dg["lanes"].as_array().expect("lanes") {
+        assert!(
+            lane["fault"]["availability"].as_f64() >= Some(0.99),
+            "a lane open before the outage goes on: {lane}"
+        );
+    }
+}

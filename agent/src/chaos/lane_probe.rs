@@ -59,13 +59,18 @@ fn round_trip(lane: &mut Lane, n: u64, deadline: Instant) -> bool {
         && reply == msg
 }
 
-/// `quadrant chaos lane-probe Q TRANSPORT RATE TIMEOUT_MS` (inside quadrant `q`): a request on
-/// a lane of `transport` to `q`'s [`LANE_SERVICE`] every `1/rate` s, printing `SENT_NS RTT_NS`
-/// or `SENT_NS -`, until killed.
+/// `quadrant chaos lane-probe [--fresh] Q TRANSPORT RATE TIMEOUT_MS` (inside quadrant `q`): a
+/// request on a lane of `transport` to `q`'s [`LANE_SERVICE`] every `1/rate` s, printing
+/// `SENT_NS RTT_NS` or `SENT_NS -`, until killed; with `fresh`, on a new lane each time (each
+/// request then includes the broker's decision).
 ///
 /// # Errors
 /// An unknown transport, or standard output gone.
-pub fn probe_lines(q: &str, transport: &str, rate: u32, timeout: Duration) -> std::io::Result<()> {
+pub fn probe_lines(
+    (q, transport, fresh): (&str, &str, bool),
+    rate: u32,
+    timeout: Duration,
+) -> std::io::Result<()> {
     let choice = TRANSPORTS
         .iter()
         .find(|(name, _)| *name == transport)
@@ -100,6 +105,9 @@ pub fn probe_lines(q: &str, transport: &str, rate: u32, timeout: Duration) -> st
             .as_mut()
             .is_some_and(|l| round_trip(l, u64::from(n), deadline))
             && Instant::now() <= deadline;
+        if fresh {
+            lane = None;
+        }
         if ok {
             writeln!(out, "{sent} {}", monotonic_ns() - sent)?;
         } else {

@@ -79,6 +79,9 @@ pub enum Action {
     /// Take every lane the destination quadrant may open (`max_lanes`) until the expiry: its
     /// workloads' lane opens are refused for the limit.
     LaneExhaustion,
+    /// The policy engine unavailable to the destination quadrant until the expiry: every lane
+    /// decision involving it fails closed (the kernel goes on enforcing the last policy).
+    PolicyOutage,
 }
 
 /// One fault, as asked for.
@@ -162,6 +165,7 @@ impl Action {
             Self::KillAgent => "kill_agent",
             Self::IdentityOutage => "identity_outage",
             Self::LaneExhaustion => "lane_exhaustion",
+            Self::PolicyOutage => "policy_outage",
         }
     }
 }
@@ -386,6 +390,14 @@ impl FaultSpec {
             .flatten()
     }
 
+    /// The quadrant whose policy engine a `policy_outage` takes away.
+    #[must_use]
+    pub fn policy_outage_of(&self) -> Option<Quadrant> {
+        (self.action == Action::PolicyOutage)
+            .then(|| Quadrant::from_name(&self.to))
+            .flatten()
+    }
+
     /// The quadrant whose lanes a `lane_exhaustion` takes.
     #[must_use]
     pub fn lanes_exhausted_of(&self) -> Option<Quadrant> {
@@ -443,7 +455,8 @@ impl FaultSpec {
             | Action::PidsPressure
             | Action::KillAgent
             | Action::IdentityOutage
-            | Action::LaneExhaustion => return Ok(None),
+            | Action::LaneExhaustion
+            | Action::PolicyOutage => return Ok(None),
             Action::Drop | Action::Refuse | Action::Reset => {
                 if self.delay_ms != 0 || self.jitter_ms != 0 {
                     return Err(ChaosError::Invalid(
@@ -479,7 +492,11 @@ impl FaultSpec {
         let (src, dst) = (identity("from", &self.from)?, identity("to", &self.to)?);
         if matches!(
             self.action,
-            Action::Freeze | Action::Kill | Action::IdentityOutage | Action::LaneExhaustion
+            Action::Freeze
+                | Action::Kill
+                | Action::IdentityOutage
+                | Action::LaneExhaustion
+                | Action::PolicyOutage
         ) {
             self.check_freeze(allow_production, dst)?;
             return Ok(Vec::new());
@@ -764,6 +781,10 @@ pub fn inject(
         identity_outage(config, q, spec.seconds * 1000)?;
         return Ok(entries);
     }
+    if let Some(q) = spec.policy_outage_of() {
+        policy_outage(config, q, spec.seconds * 1000)?;
+        return Ok(entries);
+    }
     if let Some(q) = spec.lanes_exhausted_of() {
         lanes::start(config_path, q, spec.seconds, true)?;
         return Ok(entries);
@@ -787,6 +808,23 @@ pub fn identity_outage(config: &Config, q: Quadrant, millis: u64) -> Result<u64,
         .map_err(|e| {
             ChaosError::Sys(format!(
                 "identity_outage: the agent did not take it ({e}); it keeps the outage, so it \
+                 must be running"
+            ))
+        })
+}
+
+/// Asks the agent for an outage of the policy engine for `q` for `millis` (0: end it); returns
+/// the lane decisions refused during the outage it replaced or ended.
+///
+/// # Errors
+/// No agent answering, or its refusal.
+pub fn policy_outage(config: &Config, q: Quadrant, millis: u64) -> Result<u64, ChaosError> {
+    crate::control::Client::new(config.socket_path())
+        .policy_outage(q.name(), millis)
+        .map(|(_, refused)| refused)
+        .map_err(|e| {
+            ChaosError::Sys(format!(
+                "policy_outage: the agent did not take it ({e}); it keeps the outage, so it \
                  must be running"
             ))
         })

@@ -15,23 +15,53 @@ use crate::breakers::monotonic_ns;
 /// The longest outage.
 pub const MAX_OUTAGE_MS: u64 = 3_600_000;
 
-/// The outages the agent keeps: per quadrant, the end of its Workload API's outage.
+/// The outages of one of the agent's services the agent keeps: per quadrant, when its outage
+/// ends.
 #[derive(Debug)]
 pub struct Outages {
     until: watch::Sender<[u64; 4]>,
     refused: [AtomicU64; 4],
+    /// What is unavailable ("the Workload API", "the policy engine") and the fault's name.
+    what: (&'static str, &'static str),
 }
 
 impl Default for Outages {
+    /// The Workload API's.
     fn default() -> Self {
-        Self {
-            until: watch::Sender::new([0; 4]),
-            refused: Default::default(),
-        }
+        Self::of("the Workload API", "identity_outage")
     }
 }
 
 impl Outages {
+    /// Outages of `what`, caused by the fault `fault`.
+    #[must_use]
+    pub fn of(what: &'static str, fault: &'static str) -> Self {
+        Self {
+            until: watch::Sender::new([0; 4]),
+            refused: Default::default(),
+            what: (what, fault),
+        }
+    }
+
+    /// The policy engine's: lane decisions that involve the quadrant fail closed.
+    #[must_use]
+    pub fn policy() -> Self {
+        Self::of("the policy engine", "policy_outage")
+    }
+
+    /// The message of a refusal of `q`'s, or `None` outside an outage (counted).
+    #[must_use]
+    pub fn refusal(&self, q: Quadrant) -> Option<String> {
+        let left = self.left_ms(q)?;
+        self.refused[q as usize].fetch_add(1, Ordering::Relaxed);
+        Some(format!(
+            "{} of {} is unavailable for {left} ms more (chaos {})",
+            self.what.0,
+            q.name(),
+            self.what.1
+        ))
+    }
+
     /// Starts an outage of `q`'s Workload API for `millis` (0 ends it now). Returns the calls
     /// refused during the outage it replaced or ended.
     pub fn set(&self, q: Quadrant, millis: u64) -> u64 {
@@ -63,12 +93,7 @@ impl Outages {
     /// The answer to a call of `q` during its outage (counted), or `None` outside one.
     #[must_use]
     pub fn refuse(&self, q: Quadrant) -> Option<tonic::Status> {
-        let left = self.left_ms(q)?;
-        self.refused[q as usize].fetch_add(1, Ordering::Relaxed);
-        Some(tonic::Status::unavailable(format!(
-            "the Workload API of {} is unavailable for {left} ms more (chaos identity_outage)",
-            q.name()
-        )))
+        self.refusal(q).map(tonic::Status::unavailable)
     }
 
     /// Resolves once an outage of `q` is live (at once if one is).
@@ -187,5 +212,13 @@ mod tests {
         o.set(Quadrant::Dx, 1);
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(o.refuse(Quadrant::Dx).is_none(), "ended by itself");
+        let p = Outages::policy();
+        p.set(Quadrant::Dg, 60_000);
+        let m = p.refusal(Quadrant::Dg).expect("refused");
+        assert!(
+            m.starts_with("the policy engine of dg is unavailable")
+                && m.ends_with("(chaos policy_outage)"),
+            "{m}"
+        );
     }
 }

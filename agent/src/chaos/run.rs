@@ -206,6 +206,9 @@ enum Probed {
     Identity,
     /// Its own lane service over a transport.
     Lanes(&'static str),
+    /// Its own lane service, a new Unix-socket lane for each request (every request asks the
+    /// broker for a decision).
+    LaneOpens,
 }
 
 impl Probed {
@@ -214,6 +217,7 @@ impl Probed {
             Self::Echo(q) => q.name(),
             Self::Identity => "identity",
             Self::Lanes(t) => t,
+            Self::LaneOpens => "lane-opens",
         }
     }
 }
@@ -250,6 +254,9 @@ fn start_effect_probe(
         }
         Probed::Lanes(t) => {
             c.args(["lane-probe", from.name(), t]);
+        }
+        Probed::LaneOpens => {
+            c.args(["lane-probe", "--fresh", from.name(), "uds"]);
         }
     }
     let mut child = c
@@ -463,14 +470,19 @@ fn start_effect_probes(
     let ss = exp.steady_state;
     let mut effects: Vec<EffectProbe> = Vec::new();
     for m in &exp.method {
-        if m.action == Action::IdentityOutage
+        let own = match m.action {
+            Action::IdentityOutage => Some(Probed::Identity),
+            Action::PolicyOutage => Some(Probed::LaneOpens),
+            _ => None,
+        };
+        if let Some(probed) = own
             && let Some(q) = Quadrant::from_name(&m.to)
         {
             effects.push(start_effect_probe(
                 config,
                 config_path,
-                (q, Probed::Identity),
-                (ss.rate_per_sec.min(20), ss.timeout_ms),
+                (q, probed),
+                (ss.rate_per_sec.min(LANE_PROBE_RATE), ss.timeout_ms),
             )?);
             continue;
         }
@@ -678,6 +690,7 @@ struct ProcessFaults {
     pressed: Vec<(Quadrant, super::pressure::Resource)>,
     agent: Option<super::agent::Killed>,
     identity: Vec<Quadrant>,
+    policy: Vec<Quadrant>,
     hogs: Vec<(Quadrant, super::lanes::Hog)>,
 }
 
@@ -698,6 +711,10 @@ impl ProcessFaults {
                 .iter()
                 .filter_map(FaultSpec::identity_outage_of)
                 .collect(),
+            policy: faults
+                .iter()
+                .filter_map(FaultSpec::policy_outage_of)
+                .collect(),
             hogs: Vec::new(),
         };
         let mut this = this;
@@ -714,6 +731,9 @@ impl ProcessFaults {
         }
         for q in &this.identity {
             super::identity_outage(config, *q, exp.windows.fault_secs * 1000)?;
+        }
+        for q in &this.policy {
+            super::policy_outage(config, *q, exp.windows.fault_secs * 1000)?;
         }
         for q in faults.iter().filter_map(FaultSpec::lanes_exhausted_of) {
             let hog = super::lanes::start(config_path, q, exp.windows.fault_secs + 5, false)?;
@@ -763,6 +783,21 @@ impl ProcessFaults {
             let _ = hog.child.wait();
             status.push(FaultStatus {
                 action: Action::LaneExhaustion,
+                from: "any".into(),
+                to: q.name().into(),
+                percent: 100.0,
+                delay_ms: 0.0,
+                jitter_ms: 0.0,
+                left_ms: 0,
+                expires_ns: 0,
+                matched: refused,
+                dropped: refused,
+            });
+        }
+        for q in &self.policy {
+            let refused = super::policy_outage(config, *q, 0)?;
+            status.push(FaultStatus {
+                action: Action::PolicyOutage,
                 from: "any".into(),
                 to: q.name().into(),
                 percent: 100.0,

@@ -18,7 +18,7 @@ pub enum ChaosCommand {
         /// connections), refuse (connects),
         /// freeze or kill (its processes), cpu-, memory- or pids-pressure (inside it),
         /// kill-agent (`--to agent`), identity-outage (its Workload API), lane-exhaustion (its
-        /// lanes).
+        /// lanes), policy-outage (its lane decisions).
         #[arg(value_enum)]
         action: Action,
         /// Source: dx, dg, px, pg, host, world or any (for refuse: the calling quadrant).
@@ -131,6 +131,9 @@ pub enum ChaosCommand {
     /// An experiment's steady-state probe over one lane transport (inside a quadrant).
     #[command(hide = true)]
     LaneProbe {
+        /// A new lane for each request.
+        #[arg(long)]
+        fresh: bool,
         /// The quadrant (its own `chaos-echo` lane service).
         quadrant: String,
         /// shm, uds or tcp.
@@ -242,13 +245,13 @@ pub fn run(
             limit,
         } => chaos::pressure::stress(resource, &join, mib, usage.as_deref().zip(limit.as_deref()))?,
         ChaosCommand::LaneProbe {
+            fresh,
             quadrant,
             transport,
             rate,
             timeout_ms,
         } => chaos::lane_probe::probe_lines(
-            &quadrant,
-            &transport,
+            (&quadrant, &transport, fresh),
             rate,
             std::time::Duration::from_millis(timeout_ms),
         )?,
@@ -318,6 +321,9 @@ fn inject(
         Action::LaneExhaustion => {
             println!("every lane {to} may open is taken for {seconds} s");
         }
+        Action::PolicyOutage => {
+            println!("the policy engine is unavailable to {to} for {seconds} s");
+        }
         Action::CpuPressure | Action::MemoryPressure | Action::PidsPressure => {
             println!("{} on {to} for {seconds} s", spec.action.name());
         }
@@ -367,6 +373,7 @@ fn run_experiment(
                 Action::PidsPressure => format!("{} processes above its count", f.headroom_pids),
                 Action::IdentityOutage => "its Workload API unavailable".to_owned(),
                 Action::LaneExhaustion => "every lane it may open taken".to_owned(),
+                Action::PolicyOutage => "its lane decisions fail closed".to_owned(),
                 Action::KillAgent => {
                     if f.restart_agent {
                         "SIGKILL, the controller starts the next agent".to_owned()

@@ -325,6 +325,21 @@ impl Client {
         })
     }
 
+    /// A policy engine outage of `quadrant` for `millis` (0: end it); returns (ms left, lane
+    /// decisions refused during the outage it replaced or ended).
+    pub fn policy_outage(&self, quadrant: &str, millis: u64) -> Result<(u64, u64), ClientError> {
+        let request = Request::PolicyOutage {
+            quadrant: quadrant.to_owned(),
+            millis,
+        };
+        self.expect(&request, "policy outage", |r| match r {
+            Response::IdentityOutage {
+                left_ms, refused, ..
+            } => Ok((left_ms, refused)),
+            other => Err(Box::new(other)),
+        })
+    }
+
     /// `breakers`.
     pub fn breakers(&self) -> Result<crate::breakers::BreakersReport, ClientError> {
         self.expect(&Request::Breakers, "breakers", |r| match r {

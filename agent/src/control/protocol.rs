@@ -111,6 +111,14 @@ pub enum Request {
         /// How long, ms (at most an hour).
         millis: u64,
     },
+    /// A chaos fault: the policy engine unavailable to `quadrant` for `millis` ms — every lane
+    /// decision involving it fails closed; 0 ends an outage now.
+    PolicyOutage {
+        /// Quadrant name.
+        quadrant: String,
+        /// How long, ms (at most an hour).
+        millis: u64,
+    },
     /// Admit a workload: its review and its X.509-SVID (PEM chain, leaf first).
     Admit {
         /// `{"review": {"object": {...}}}`.
@@ -172,7 +180,7 @@ pub enum Response {
     Stopped(crate::workloads::Status),
     /// Answer to [`Request::Lanes`].
     Lanes(Box<crate::lanes::broker::LanesReport>),
-    /// Answer to [`Request::IdentityOutage`].
+    /// Answer to [`Request::IdentityOutage`] and [`Request::PolicyOutage`].
     IdentityOutage {
         /// Quadrant name.
         quadrant: String,

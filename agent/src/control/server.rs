@@ -122,8 +122,8 @@ pub async fn serve_connection(
     write_response(&mut stream, &response).await
 }
 
-/// `IdentityOutage`: starts (or with 0 ends) an outage of a quadrant's Workload API.
-fn identity_outage(agent: &Agent, quadrant: String, millis: u64) -> Response {
+/// `IdentityOutage`, `PolicyOutage`: starts (or with 0 ends) an outage for a quadrant.
+fn outage(outages: &crate::chaos::outage::Outages, quadrant: String, millis: u64) -> Response {
     match dataplane_common::Quadrant::from_name(&quadrant) {
         None => error(format!("unknown quadrant {quadrant:?}: dx, dg, px or pg")),
         Some(_) if millis > crate::chaos::outage::MAX_OUTAGE_MS => error(format!(
@@ -131,10 +131,10 @@ fn identity_outage(agent: &Agent, quadrant: String, millis: u64) -> Response {
             crate::chaos::outage::MAX_OUTAGE_MS
         )),
         Some(q) => {
-            let refused = agent.outages.set(q, millis);
+            let refused = outages.set(q, millis);
             Response::IdentityOutage {
                 quadrant,
-                left_ms: agent.outages.left_ms(q).unwrap_or(0),
+                left_ms: outages.left_ms(q).unwrap_or(0),
                 refused,
             }
         }
@@ -202,7 +202,10 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             .await
         }
         Request::IdentityOutage { quadrant, millis } => {
-            Ok(identity_outage(agent, quadrant, millis))
+            Ok(outage(&agent.outages, quadrant, millis))
+        }
+        Request::PolicyOutage { quadrant, millis } => {
+            Ok(outage(&agent.broker.policy_outages, quadrant, millis))
         }
         Request::Workloads => Ok(Response::Workloads {
             workloads: agent.supervisor.list(),

@@ -204,6 +204,9 @@ pub struct Broker {
     routes: Mutex<route::Routes>,
     /// Woken when a lane opens (the sampler of SLIs and breakers then reads every 20 ms).
     pub lane_opened: tokio::sync::Notify,
+    /// Outages of the policy engine a chaos experiment asked for: every lane decision that
+    /// involves such a quadrant fails closed.
+    pub policy_outages: Arc<crate::chaos::outage::Outages>,
     /// Instances that take no new lanes (`quadrant drain`).
     draining: Mutex<std::collections::BTreeSet<(Quadrant, u8)>>,
     /// The other nodes' agents, whose instances take lanes none here can (`peers`).
@@ -278,6 +281,7 @@ impl Broker {
             trips: Mutex::new(trip::Trips::default()),
             routes: Mutex::new(route::Routes::default()),
             lane_opened: tokio::sync::Notify::new(),
+            policy_outages: Arc::new(crate::chaos::outage::Outages::policy()),
             draining: Mutex::new(std::collections::BTreeSet::new()),
             peers: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::pinned(

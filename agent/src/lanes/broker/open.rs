@@ -257,6 +257,13 @@ impl Broker {
         choice: TransportChoice,
         target: &Target,
     ) -> Result<Transport, Refused> {
+        // The policy engine out (a chaos fault) for either end: the decision fails closed.
+        if let Some(m) = [ask.from_q, ask.to_q]
+            .into_iter()
+            .find_map(|q| self.policy_outages.refusal(q))
+        {
+            return Err(refuse(Refusal::Policy, m));
+        }
         let rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
         decide::choose_transport(
             rules
