@@ -661,6 +661,64 @@ fn workloads_keep_running_across_a_kept_dataplane() {
     assert!(fx.inst.down().status.success());
 }
 
+/// A workload between an exit and its restart when the agent hands over
+/// (`down --keep-dataplane`) is handed over too: the next agent starts it again at once, as the
+/// restart it was waiting for.
+#[test]
+fn a_workload_waiting_to_restart_is_handed_over_too() {
+    let mut config = test_config(None);
+    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-waiting", config.instance));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    config.artifacts_root = dir.join("store");
+    config.trust_store = dir.join("trust");
+    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
+    let mut fx = Fixture {
+        inst: Instance::up(config, QPROBE),
+        dir: dir.clone(),
+    };
+    fx.trust_key("prod", "plan", &["px"]);
+    let flaky = fx.add_artifact("flaky", "#!/bin/sh\necho up\nexit 3\n");
+    let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &flaky), "prod");
+    assert!(ok, "{err}");
+    let api = |fx: &Fixture| -> Option<(String, u64)> {
+        fx.workloads()
+            .iter()
+            .find(|w| w["name"] == "px/api")
+            .map(|w| {
+                (
+                    w["state"].as_str().unwrap_or_default().to_owned(),
+                    w["restarts"].as_u64().unwrap_or_default(),
+                )
+            })
+    };
+    // Backoffs double from 200 ms: after three restarts it waits 1.6 s between exits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (state, restarts) = api(&fx).expect("listed");
+        if state == "exited" && restarts >= 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state} {restarts}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = fx.inst.stop_keeping_dataplane();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("1 workloads keep running") || stdout.contains("px/api"),
+        "{stdout}"
+    );
+    fx.inst.start_agent();
+    let (state, _) = api(&fx).expect("the next agent supervises it");
+    assert!(matches!(state.as_str(), "running" | "exited"), "{state}");
+    assert!(
+        fx.inst.agent_log().contains("waiting to be restarted"),
+        "{}",
+        fx.inst.agent_log()
+    );
+    assert!(fx.inst.down().status.success());
+}
+
 /// An agent killed with SIGKILL (a crash, no `down`): its programs stay attached and keep
 /// enforcing while it is gone, its workloads keep running, and the agent started next takes
 /// over the dataplane it left — with its tracked flows — and the workloads it had recorded,

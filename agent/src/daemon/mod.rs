@@ -194,6 +194,13 @@ async fn adopt_workloads(agent: &Agent, handed: Vec<workloads::Handover>) {
             }
             continue;
         }
+        if h.pid.is_none() {
+            info!(workload = %spec.key, "starting a handed-over workload that was waiting to be restarted");
+            if let Err(e) = agent.supervisor.start(spec).await {
+                error!(error = %e, "cannot restart a handed-over workload");
+            }
+            continue;
+        }
         if let Err(e) = agent.supervisor.adopt(h) {
             warn!(error = %e, "handed-over workload not adopted");
             if spec.restart != plans::RestartPolicy::Never

@@ -96,13 +96,14 @@ pub struct Status {
     pub log: PathBuf,
 }
 
-/// A running workload handed from an agent that stops with `--keep-dataplane` to the next one.
+/// A workload handed from an agent that stops with `--keep-dataplane` (or was killed) to the
+/// next one.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Handover {
     /// What it runs.
     pub spec: Spec,
-    /// Its process.
-    pub pid: u32,
+    /// Its process; none when it was waiting to be restarted (the next agent starts it).
+    pub pid: Option<u32>,
     /// Restarts so far.
     pub restarts: u32,
     /// Where its limits were applied.
@@ -245,10 +246,11 @@ impl Supervisor {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
-            if let (Some(pid), "detached") = (status.pid, status.state.as_str()) {
+            // Detached: running (a pid), or between an exit and its restart (none).
+            if status.state == "detached" {
                 out.push(Handover {
                     spec: e.spec.clone(),
-                    pid,
+                    pid: status.pid,
                     restarts: status.restarts,
                     limits: status.limits,
                 });
@@ -277,7 +279,7 @@ impl Supervisor {
                 let pid = status.pid.filter(|_| status.state == "running")?;
                 Some(Handover {
                     spec: e.spec.clone(),
-                    pid,
+                    pid: Some(pid),
                     restarts: status.restarts,
                     limits: status.limits,
                 })
@@ -291,12 +293,19 @@ impl Supervisor {
     /// workload's cgroup. When it exits (its status is not known to a process that is not its
     /// parent, so it counts as a failure) the restart policy applies as usual.
     pub fn adopt(&self, h: Handover) -> Result<(), WorkloadError> {
+        let Some(pid) = h.pid else {
+            return Err(WorkloadError::Adopt {
+                name: h.spec.key.clone(),
+                pid: 0,
+                reason: "it was waiting to be restarted: it has no process to adopt".into(),
+            });
+        };
         let gone = |what: &str| WorkloadError::Adopt {
             name: h.spec.key.clone(),
-            pid: h.pid,
+            pid,
             reason: what.to_owned(),
         };
-        let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", h.pid))
+        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .map_err(|e| gone(&format!("no such process ({e})")))?;
         // `<quadrant instance>/<workload>`: `px/api`, or `px-2/api` for one placed on instance 2.
         let leaf = Path::new(cgroups::instance_dir(&h.spec)).join(&h.spec.workload);
@@ -308,7 +317,7 @@ impl Supervisor {
             return Err(gone("the process is not in the workload's cgroup"));
         }
         // SAFETY: pidfd_open(2) with a pid and no flags; the result is a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, h.pid, 0) };
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         let fd = i32::try_from(fd)
             .ok()
             .filter(|fd| *fd >= 0)
@@ -327,7 +336,7 @@ impl Supervisor {
             status: Mutex::new(Status {
                 name: h.spec.key.clone(),
                 generation: h.spec.generation,
-                pid: Some(h.pid),
+                pid: Some(pid),
                 state: "running".into(),
                 last_exit: None,
                 restarts: h.restarts,
@@ -337,14 +346,8 @@ impl Supervisor {
             stop: stop_tx,
             done: Mutex::new(None),
         });
-        info!(workload = %h.spec.key, pid = h.pid, "adopted a workload handed over by the previous agent");
-        let task = tokio::spawn(run_adopted(
-            h.spec,
-            h.pid,
-            pidfd,
-            Arc::clone(&entry),
-            stop_rx,
-        ));
+        info!(workload = %h.spec.key, pid, "adopted a workload handed over by the previous agent");
+        let task = tokio::spawn(run_adopted(h.spec, pid, pidfd, Arc::clone(&entry), stop_rx));
         self.insert(entry, task);
         Ok(())
     }

@@ -66,7 +66,9 @@ pub(super) async fn run_adopted(
     tokio::select! {
         () = tokio::time::sleep(RESTART_BACKOFF_MIN) => {}
         _ = stop.changed() => {
-            set(&entry, |s| s.state = "stopped".into());
+            // A handover between the exit and the restart: the next agent restarts it.
+            let state = if *stop.borrow() == Control::Detach { "detached" } else { "stopped" };
+            set(&entry, |s| s.state = state.into());
             return;
         }
     }
@@ -156,6 +158,12 @@ pub(super) async fn run(
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => {
+                if *stop.borrow() == Control::Detach {
+                    // A handover between the exit and the restart: the next agent restarts it
+                    // (its cgroups stay for it).
+                    set(&entry, |s| s.state = "detached".into());
+                    return;
+                }
                 set(&entry, |s| s.state = "stopped".into());
                 break;
             }
