@@ -244,6 +244,23 @@ fn production(inst: &Instance) {
     assert!(chaos(inst, &["status"]).contains("no faults"));
 }
 
+/// An effect probe's report: from and to, at least `baseline` answered before the fault, at
+/// most `fault` during it, at least `recovery` after it.
+fn assert_effect(
+    effect: &Value,
+    (from, to): (&str, &str),
+    (baseline, fault, recovery): (f64, f64, f64),
+) {
+    assert_eq!((&effect["from"], &effect["to"]), (&from.into(), &to.into()));
+    let share = |w: &str| effect[w]["availability"].as_f64().unwrap_or(-1.0);
+    assert!(share("baseline") >= baseline, "before the fault: {effect}");
+    assert!(
+        (0.0..=fault).contains(&share("fault")),
+        "during the fault: {effect}"
+    );
+    assert!(share("recovery") >= recovery, "after the fault: {effect}");
+}
+
 /// A library experiment with short windows, written where the agent's configuration is.
 fn experiment(inst: &Instance, name: &str, fault_secs: u64) -> std::path::PathBuf {
     let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -291,23 +308,7 @@ fn an_experiment_reports_each_quadrant_and_finds_no_cascade() {
             );
         }
     }
-    let effect = &report["effects"][0];
-    assert_eq!(
-        (&effect["from"], &effect["to"]),
-        (&"dx".into(), &"dg".into())
-    );
-    assert!(
-        effect["baseline"]["availability"].as_f64() >= Some(0.99),
-        "{effect}"
-    );
-    assert!(
-        effect["fault"]["availability"].as_f64() <= Some(0.01),
-        "cut: {effect}"
-    );
-    assert!(
-        effect["recovery"]["availability"].as_f64() >= Some(0.95),
-        "{effect}"
-    );
+    assert_effect(&report["effects"][0], ("dx", "dg"), (0.99, 0.01, 0.95));
     let fault = &report["faults"][0];
     assert!(fault["matched"].as_u64() > Some(0), "{fault}");
     // Nothing left behind: no fault, no echo.
@@ -779,25 +780,9 @@ fn an_identity_outage_takes_only_its_quadrants_workload_api_away() {
     let fault = &report["faults"][0];
     assert_eq!(fault["action"], "identity_outage");
     assert!(fault["matched"].as_u64() > Some(0), "{fault}");
-    let effect = &report["effects"][0];
-    assert_eq!(
-        (&effect["from"], &effect["to"]),
-        (&"px".into(), &"identity".into())
-    );
     // The probe's first fetch includes its start (a new process, a debug build, two cores
     // shared with other tests): one of the baseline's may miss the timeout.
-    assert!(
-        effect["baseline"]["availability"].as_f64() >= Some(0.9),
-        "{effect}"
-    );
-    assert!(
-        effect["fault"]["availability"].as_f64() <= Some(0.1),
-        "{effect}"
-    );
-    assert!(
-        effect["recovery"]["availability"].as_f64() >= Some(0.9),
-        "{effect}"
-    );
+    assert_effect(&report["effects"][0], ("px", "identity"), (0.9, 0.1, 0.9));
 }
 
 /// Lanes quadrant `q`'s workloads have open (`quadrant lanes`).
@@ -955,19 +940,7 @@ fn a_policy_outage_fails_its_quadrants_lane_decisions_closed() {
     let fault = &report["faults"][0];
     assert_eq!(fault["action"], "policy_outage");
     assert!(fault["matched"].as_u64() > Some(0), "{fault}");
-    let effect = &report["effects"][0];
-    assert_eq!(
-        (&effect["from"], &effect["to"]),
-        (&"dg".into(), &"lane-opens".into())
-    );
-    assert!(
-        effect["fault"]["availability"].as_f64() <= Some(0.1),
-        "{effect}"
-    );
-    assert!(
-        effect["recovery"]["availability"].as_f64() >= Some(0.9),
-        "{effect}"
-    );
+    assert_effect(&report["effects"][0], ("dg", "lane-opens"), (0.9, 0.1, 0.9));
     let dg = report["quadrants"]
         .as_array()
         .expect("quadrants")

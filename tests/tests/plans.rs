@@ -666,18 +666,7 @@ fn workloads_keep_running_across_a_kept_dataplane() {
 /// restart it was waiting for.
 #[test]
 fn a_workload_waiting_to_restart_is_handed_over_too() {
-    let mut config = test_config(None);
-    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-waiting", config.instance));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("dir");
-    config.artifacts_root = dir.join("store");
-    config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
-    let mut fx = Fixture {
-        inst: Instance::up(config, QPROBE),
-        dir: dir.clone(),
-    };
-    fx.trust_key("prod", "plan", &["px"]);
+    let (mut fx, _) = px_fixture("waiting", "[]", |_| {});
     let flaky = fx.add_artifact("flaky", "#!/bin/sh\necho up\nexit 3\n");
     let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &flaky), "prod");
     assert!(ok, "{err}");
@@ -725,18 +714,7 @@ fn a_workload_waiting_to_restart_is_handed_over_too() {
 /// the same processes, supervised again.
 #[test]
 fn a_killed_agents_successor_takes_over_its_dataplane_and_workloads() {
-    let mut config = test_config(None);
-    let dir = PathBuf::from(TEST_STATE_DIR).join(format!("{}-crash", config.instance));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("dir");
-    config.artifacts_root = dir.join("store");
-    config.trust_store = dir.join("trust");
-    let _ = fs::remove_file(quadrant::daemon::state::generations_path(&config));
-    let mut fx = Fixture {
-        inst: Instance::up(config, QPROBE),
-        dir: dir.clone(),
-    };
-    fx.trust_key("prod", "plan", &["px"]);
+    let (mut fx, _) = px_fixture("crash", "[]", |_| {});
     let steady = fx.add_artifact("steady", "#!/bin/sh\necho up\nexec sleep 300\n");
     let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &steady), "prod");
     assert!(ok, "{err}");

@@ -247,58 +247,17 @@ fn is_production(id: u8) -> bool {
 }
 
 impl FaultSpec {
-    /// A freeze or kill names one quadrant (`to`), from `any`, for its whole processes.
-    fn check_freeze(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
+    /// A fault on one quadrant's processes or services: from `any`, to one quadrant (a
+    /// production one only with `allow_production`), for 1 s to an hour, with no delay and
+    /// not both ways.
+    fn check_one_quadrant(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
         let invalid = |m: String| Err(ChaosError::Invalid(m));
         if self.from != "any" || usize::from(dst) >= Quadrant::ALL.len() {
             return invalid(format!(
-                "{:?}: from any, to one quadrant (not {} -> {})",
-                self.action, self.from, self.to
-            ));
-        }
-        if !allow_production && is_production(dst) {
-            return invalid(format!(
-                "{} is a production quadrant: name it explicitly with --allow-production",
+                "{}: from any, to one quadrant (not {} -> {})",
+                self.action.name(),
+                self.from,
                 self.to
-            ));
-        }
-        if self.seconds == 0 || self.seconds > MAX_DURATION.as_secs() {
-            return invalid(format!(
-                "seconds: {} is outside 1..={}",
-                self.seconds,
-                MAX_DURATION.as_secs()
-            ));
-        }
-        if self.both_ways || self.delay_ms != 0 || self.jitter_ms != 0 || self.percent < 100.0 {
-            return invalid(format!(
-                "{:?}: takes no percent, delay or both_ways",
-                self.action
-            ));
-        }
-        if let Some(w) = &self.workload {
-            if !matches!(self.action, Action::Freeze | Action::Kill) {
-                return invalid(format!(
-                    "workload: only freeze and kill take one, not {}",
-                    self.action.name()
-                ));
-            }
-            if !crate::identity::attest::valid_workload_name(w) {
-                return invalid(format!(
-                    "workload: {w:?} is not a workload name (1-64 characters of a-z, 0-9, '-', \
-                     '_', '.')"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// A pressure names one quadrant, from `any`, with its amount within the limits.
-    fn check_pressure(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
-        let invalid = |m: String| Err(ChaosError::Invalid(m));
-        if self.from != "any" || usize::from(dst) >= Quadrant::ALL.len() {
-            return invalid(format!(
-                "{:?}: from any, to one quadrant (not {} -> {})",
-                self.action, self.from, self.to
             ));
         }
         if !allow_production && is_production(dst) {
@@ -315,8 +274,39 @@ impl FaultSpec {
             ));
         }
         if self.both_ways || self.delay_ms != 0 || self.jitter_ms != 0 {
-            return invalid(format!("{:?}: takes no delay or both_ways", self.action));
+            return invalid(format!(
+                "{}: takes no delay or both_ways",
+                self.action.name()
+            ));
         }
+        Ok(())
+    }
+
+    /// A freeze, kill or outage: one quadrant (a freeze or kill maybe one workload of it), all
+    /// of it.
+    fn check_freeze(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
+        self.check_one_quadrant(allow_production, dst)?;
+        if self.percent < 100.0 {
+            return Err(ChaosError::Invalid(format!(
+                "{}: takes no percent",
+                self.action.name()
+            )));
+        }
+        if let Some(w) = &self.workload
+            && !crate::identity::attest::valid_workload_name(w)
+        {
+            return Err(ChaosError::Invalid(format!(
+                "workload: {w:?} is not a workload name (1-64 characters of a-z, 0-9, '-', '_', \
+                 '.')"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A pressure names one quadrant, from `any`, with its amount within the limits.
+    fn check_pressure(&self, allow_production: bool, dst: u8) -> Result<(), ChaosError> {
+        let invalid = |m: String| Err(ChaosError::Invalid(m));
+        self.check_one_quadrant(allow_production, dst)?;
         match self.action {
             Action::CpuPressure if !(self.percent > 0.0 && self.percent <= 100.0) => invalid(
                 format!("percent: {} is outside (0, 100] (of one CPU)", self.percent),
@@ -485,6 +475,12 @@ impl FaultSpec {
         now_ns: u64,
     ) -> Result<Vec<(FaultKey, Fault)>, ChaosError> {
         let invalid = |m: String| Err(ChaosError::Invalid(m));
+        if self.workload.is_some() && !matches!(self.action, Action::Freeze | Action::Kill) {
+            return invalid(format!(
+                "workload: only freeze and kill take one, not {}",
+                self.action.name()
+            ));
+        }
         if self.action == Action::KillAgent {
             self.check_kill_agent(allow_production)?;
             return Ok(Vec::new());
@@ -1060,6 +1056,12 @@ mod tests {
         let mut pids = spec(Action::PidsPressure, "any", "dx");
         pids.delay_ms = 5;
         assert!(err(&pids, false).contains("takes no delay"));
+        let mut drop = spec(Action::Drop, "dx", "dg");
+        drop.workload = Some("api".into());
+        assert!(err(&drop, false).contains("only freeze and kill take one, not drop"));
+        let mut freeze = spec(Action::Freeze, "any", "dx");
+        freeze.workload = Some("Not A Name".into());
+        assert!(err(&freeze, false).contains("is not a workload name"));
     }
 
     #[test]

@@ -749,10 +749,10 @@ impl ProcessFaults {
         Ok(this)
     }
 
-    /// Thaws and ends the pressures; returns the pressures' status as they ended (their
-    /// effect).
+    /// Thaws and ends what it armed; returns the status of the faults on processes and
+    /// services as they ended (their effect).
     fn end(&mut self, config: &Config, now: u64) -> Result<Vec<FaultStatus>, ChaosError> {
-        let status = super::pressure::leases(config)
+        let mut status: Vec<FaultStatus> = super::pressure::leases(config)
             .iter()
             .filter(|l| {
                 self.pressed
@@ -760,74 +760,48 @@ impl ProcessFaults {
                     .any(|(q, r)| l.quadrant == q.name() && l.resource == *r)
             })
             .map(|l| l.status(now))
-            .chain(self.agent.map(|_| FaultStatus {
-                action: Action::KillAgent,
-                from: "any".into(),
-                to: "agent".into(),
-                percent: 100.0,
-                delay_ms: 0.0,
-                jitter_ms: 0.0,
-                left_ms: 0,
-                expires_ns: 0,
-                matched: 1,
-                dropped: 1,
-            }))
             .collect();
+        if self.agent.is_some() {
+            status.push(ended(Action::KillAgent, "agent", 1));
+        }
         for (q, r) in &self.pressed {
             super::pressure::end(config, *q, *r)?;
         }
-        let mut status: Vec<FaultStatus> = status;
         for (q, mut hog) in self.hogs.drain(..) {
             let refused = hog.refused();
             let _ = hog.child.kill();
             let _ = hog.child.wait();
-            status.push(FaultStatus {
-                action: Action::LaneExhaustion,
-                from: "any".into(),
-                to: q.name().into(),
-                percent: 100.0,
-                delay_ms: 0.0,
-                jitter_ms: 0.0,
-                left_ms: 0,
-                expires_ns: 0,
-                matched: refused,
-                dropped: refused,
-            });
+            status.push(ended(Action::LaneExhaustion, q.name(), refused));
         }
         for q in &self.policy {
             let refused = super::policy_outage(config, *q, 0)?;
-            status.push(FaultStatus {
-                action: Action::PolicyOutage,
-                from: "any".into(),
-                to: q.name().into(),
-                percent: 100.0,
-                delay_ms: 0.0,
-                jitter_ms: 0.0,
-                left_ms: 0,
-                expires_ns: 0,
-                matched: refused,
-                dropped: refused,
-            });
+            status.push(ended(Action::PolicyOutage, q.name(), refused));
         }
         for q in &self.identity {
             let refused = super::identity_outage(config, *q, 0)?;
-            status.push(FaultStatus {
-                action: Action::IdentityOutage,
-                from: "any".into(),
-                to: q.name().into(),
-                percent: 100.0,
-                delay_ms: 0.0,
-                jitter_ms: 0.0,
-                left_ms: 0,
-                expires_ns: 0,
-                matched: refused,
-                dropped: refused,
-            });
+            status.push(ended(Action::IdentityOutage, q.name(), refused));
         }
         for t in &self.frozen {
             super::freeze::set_frozen(config, t, false)?;
         }
         Ok(status)
+    }
+}
+
+/// The status of a fault on processes or services that ended with `effect` (what it refused or
+/// did).
+fn ended(action: Action, to: &str, effect: u64) -> FaultStatus {
+    FaultStatus {
+        action,
+        from: "any".into(),
+        to: to.into(),
+        percent: 100.0,
+        delay_ms: 0.0,
+        jitter_ms: 0.0,
+        left_ms: 0,
+        expires_ns: 0,
+        matched: effect,
+        dropped: effect,
     }
 }
 
