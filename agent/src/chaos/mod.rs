@@ -792,21 +792,33 @@ pub fn inject(
     Ok(entries)
 }
 
+/// An outage the agent keeps (it takes the request on its control socket): `ask` is the client
+/// call, `fault` the fault's name for the error. Returns what was refused during the outage it
+/// replaced or ended.
+fn agent_outage(
+    config: &Config,
+    fault: &str,
+    ask: impl FnOnce(&crate::control::Client) -> Result<(u64, u64), crate::control::ClientError>,
+) -> Result<u64, ChaosError> {
+    ask(&crate::control::Client::new(config.socket_path()))
+        .map(|(_, refused)| refused)
+        .map_err(|e| {
+            ChaosError::Sys(format!(
+                "{fault}: the agent did not take it ({e}); it keeps the outage, so it must be \
+                 running"
+            ))
+        })
+}
+
 /// Asks the agent for an outage of `q`'s Workload API for `millis` (0: end it); returns the
 /// calls refused during the outage it replaced or ended.
 ///
 /// # Errors
 /// No agent answering, or its refusal.
 pub fn identity_outage(config: &Config, q: Quadrant, millis: u64) -> Result<u64, ChaosError> {
-    crate::control::Client::new(config.socket_path())
-        .identity_outage(q.name(), millis)
-        .map(|(_, refused)| refused)
-        .map_err(|e| {
-            ChaosError::Sys(format!(
-                "identity_outage: the agent did not take it ({e}); it keeps the outage, so it \
-                 must be running"
-            ))
-        })
+    agent_outage(config, "identity_outage", |c| {
+        c.identity_outage(q.name(), millis)
+    })
 }
 
 /// Asks the agent for an outage of the policy engine for `q` for `millis` (0: end it); returns
@@ -815,15 +827,9 @@ pub fn identity_outage(config: &Config, q: Quadrant, millis: u64) -> Result<u64,
 /// # Errors
 /// No agent answering, or its refusal.
 pub fn policy_outage(config: &Config, q: Quadrant, millis: u64) -> Result<u64, ChaosError> {
-    crate::control::Client::new(config.socket_path())
-        .policy_outage(q.name(), millis)
-        .map(|(_, refused)| refused)
-        .map_err(|e| {
-            ChaosError::Sys(format!(
-                "policy_outage: the agent did not take it ({e}); it keeps the outage, so it \
-                 must be running"
-            ))
-        })
+    agent_outage(config, "policy_outage", |c| {
+        c.policy_outage(q.name(), millis)
+    })
 }
 
 /// The map layout that reads [`Fault::flags`]: a reset fault written into an older dataplane
