@@ -662,8 +662,8 @@ fn workloads_keep_running_across_a_kept_dataplane() {
 }
 
 /// A workload between an exit and its restart when the agent hands over
-/// (`down --keep-dataplane`) is handed over too: the next agent starts it again at once, as the
-/// restart it was waiting for.
+/// (`down --keep-dataplane`) — or is killed — is handed over too: the next agent starts it again
+/// at once, as the restart it was waiting for.
 #[test]
 fn a_workload_waiting_to_restart_is_handed_over_too() {
     let (mut fx, _) = px_fixture("waiting", "[]", |_| {});
@@ -702,6 +702,43 @@ fn a_workload_waiting_to_restart_is_handed_over_too() {
     assert!(matches!(state.as_str(), "running" | "exited"), "{state}");
     assert!(
         fx.inst.agent_log().contains("waiting to be restarted"),
+        "{}",
+        fx.inst.agent_log()
+    );
+
+    // The same when the agent is killed in the middle of the backoff: its record names the
+    // workload without a process, and the agent after the crash starts it.
+    let record = fx.inst.config.workloads_record_path();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting = fx
+            .workloads()
+            .iter()
+            .any(|w| w["name"] == "px/api" && w["restart_pending"] == true);
+        let recorded = fs::read_to_string(&record)
+            .is_ok_and(|r| r.contains("px/api") && r.contains("pid: null"));
+        if waiting && recorded {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recorded as waiting"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fx.inst.crash();
+    fx.inst.start_agent();
+    assert!(
+        api(&fx).is_some(),
+        "the agent after the crash supervises it"
+    );
+    // The log holds every agent's lines: the second start names it too.
+    assert_eq!(
+        fx.inst
+            .agent_log()
+            .matches("starting a handed-over workload that was waiting to be restarted")
+            .count(),
+        2,
         "{}",
         fx.inst.agent_log()
     );

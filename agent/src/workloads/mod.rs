@@ -90,6 +90,9 @@ pub struct Status {
     pub last_exit: Option<String>,
     /// Restarts so far.
     pub restarts: u32,
+    /// Exited, and waiting out the backoff before the restart its policy asks for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart_pending: bool,
     /// Where limits were applied (`cgroup v2` or `cgroup v1`).
     pub limits: String,
     /// Output file.
@@ -205,6 +208,7 @@ impl Supervisor {
                 state: "starting".into(),
                 last_exit: None,
                 restarts: 0,
+                restart_pending: false,
                 limits,
                 log: spec.log.clone(),
             }),
@@ -276,10 +280,15 @@ impl Supervisor {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone();
-                let pid = status.pid.filter(|_| status.state == "running")?;
+                // Running (its pid), or waiting to be restarted (none: the next agent starts it).
+                let pid = match (status.state.as_str(), status.pid) {
+                    ("running", Some(pid)) => Some(pid),
+                    ("exited", _) if status.restart_pending => None,
+                    _ => return None,
+                };
                 Some(Handover {
                     spec: e.spec.clone(),
-                    pid: Some(pid),
+                    pid,
                     restarts: status.restarts,
                     limits: status.limits,
                 })
@@ -340,6 +349,7 @@ impl Supervisor {
                 state: "running".into(),
                 last_exit: None,
                 restarts: h.restarts,
+                restart_pending: false,
                 limits: h.limits,
                 log: h.spec.log.clone(),
             }),

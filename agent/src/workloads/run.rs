@@ -63,15 +63,20 @@ pub(super) async fn run_adopted(
     if spec.restart == RestartPolicy::Never {
         return;
     }
+    set(&entry, |s| s.restart_pending = true);
     tokio::select! {
         () = tokio::time::sleep(RESTART_BACKOFF_MIN) => {}
         _ = stop.changed() => {
             // A handover between the exit and the restart: the next agent restarts it.
             let state = if *stop.borrow() == Control::Detach { "detached" } else { "stopped" };
-            set(&entry, |s| s.state = state.into());
+            set(&entry, |s| {
+                s.state = state.into();
+                s.restart_pending = false;
+            });
             return;
         }
     }
+    set(&entry, |s| s.restart_pending = false);
     match prepare_cgroups(&spec) {
         Ok((procs, _)) => {
             set(&entry, |s| s.restarts += 1);
@@ -155,9 +160,11 @@ pub(super) async fn run(
         if !again {
             break;
         }
+        set(&entry, |s| s.restart_pending = true);
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => {
+                set(&entry, |s| s.restart_pending = false);
                 if *stop.borrow() == Control::Detach {
                     // A handover between the exit and the restart: the next agent restarts it
                     // (its cgroups stay for it).
@@ -168,6 +175,7 @@ pub(super) async fn run(
                 break;
             }
         }
+        set(&entry, |s| s.restart_pending = false);
         backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
         set(&entry, |s| s.restarts += 1);
     }
