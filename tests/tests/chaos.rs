@@ -817,6 +817,11 @@ fn lane_exhaustion_refuses_only_its_quadrants_opens_and_ends_by_itself() {
         64,
         "the default max_lanes, all held"
     );
+    let listed = live(&inst, "lane_exhaustion").expect("listed");
+    assert!(
+        listed["to"] == "dx" && listed["left_ms"].as_u64() > Some(0),
+        "{listed}"
+    );
     let call = inst.run_in(
         Quadrant::Dx,
         None,
@@ -834,6 +839,7 @@ fn lane_exhaustion_refuses_only_its_quadrants_opens_and_ends_by_itself() {
     assert!(!dg.contains("lane refused"), "DG opens: {dg}");
     thread::sleep(Duration::from_millis(3_500).saturating_sub(armed.elapsed()));
     assert_eq!(lanes_from(&inst, "dx"), 0, "free at the expiry");
+    assert!(live(&inst, "lane_exhaustion").is_none(), "no longer listed");
 
     let report = run_experiment(&inst, "lanes-dx.yaml", 2);
     let fault = &report["faults"][0];

@@ -52,11 +52,12 @@ impl Hog {
 /// The hog cannot start, or stops before the quadrant is full (its reason: the policy lets
 /// `q` open no lanes to itself, the agent is down…).
 pub fn start(
-    config_path: Option<&Path>,
+    (config, config_path): (&Config, Option<&Path>),
     q: Quadrant,
     seconds: u64,
     detach: bool,
 ) -> Result<Hog, ChaosError> {
+    let until = crate::breakers::monotonic_ns() + seconds * 1_000_000_000;
     let me = std::env::current_exe().map_err(|e| ChaosError::Sys(e.to_string()))?;
     let mut c = Command::new(&me);
     if let Some(p) = config_path {
@@ -100,6 +101,8 @@ pub fn start(
             }
         )));
     };
+    // For `chaos status`: when it ends (listed while its group holds a process).
+    let _ = std::fs::write(lease(config, q), until.to_string());
     let refused: std::sync::Arc<std::sync::atomic::AtomicU64> = std::sync::Arc::default();
     {
         let refused = std::sync::Arc::clone(&refused);
@@ -180,20 +183,51 @@ pub fn hog(q: Quadrant, seconds: u64, tied: bool) -> Result<(), ChaosError> {
     Ok(())
 }
 
+fn lease(config: &Config, q: Quadrant) -> std::path::PathBuf {
+    config
+        .state_dir
+        .join(format!("{}-chaos-lanes-{}", config.instance, q.name()))
+}
+
+/// The hog groups of `q` that hold a process.
+fn busy_groups(config: &Config, q: Quadrant) -> Vec<std::path::PathBuf> {
+    super::freeze::cgroups_of(config, q)
+        .into_iter()
+        .map(|d| d.join(HOG_WORKLOAD))
+        .filter(|g| {
+            std::fs::read_to_string(g.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+        })
+        .collect()
+}
+
+/// The quadrants a hog runs in now, with its expiry (monotonic ns; 0: unknown).
+#[must_use]
+pub fn running(config: &Config) -> Vec<(Quadrant, u64)> {
+    Quadrant::ALL
+        .into_iter()
+        .filter(|q| !busy_groups(config, *q).is_empty())
+        .map(|q| {
+            let until = std::fs::read_to_string(lease(config, q))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            (q, until)
+        })
+        .collect()
+}
+
 /// Kills every lane hog of `config`'s quadrants (`recover --all`); returns how many groups held
 /// one.
 #[must_use]
 pub fn kill_all(config: &Config) -> usize {
     let mut n = 0;
     for q in Quadrant::ALL {
-        for dir in super::freeze::cgroups_of(config, q) {
-            let group = dir.join(HOG_WORKLOAD);
-            let busy = std::fs::read_to_string(group.join("cgroup.procs"))
-                .is_ok_and(|p| !p.trim().is_empty());
-            if busy && std::fs::write(group.join("cgroup.kill"), "1").is_ok() {
+        for group in busy_groups(config, q) {
+            if std::fs::write(group.join("cgroup.kill"), "1").is_ok() {
                 n += 1;
             }
         }
+        let _ = std::fs::remove_file(lease(config, q));
     }
     n
 }

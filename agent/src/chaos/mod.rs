@@ -782,7 +782,7 @@ pub fn inject(
         return Ok(entries);
     }
     if let Some(q) = spec.lanes_exhausted_of() {
-        lanes::start(config_path, q, spec.seconds, true)?;
+        lanes::start((config, config_path), q, spec.seconds, true)?;
         return Ok(entries);
     }
     let mut faults = Faults::open(&config.bpffs_dir())?;
@@ -932,6 +932,22 @@ pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
             }),
     );
     out.extend(pressure::leases(config).into_iter().map(|l| l.status(now)));
+    out.extend(
+        lanes::running(config)
+            .into_iter()
+            .map(|(q, until)| FaultStatus {
+                action: Action::LaneExhaustion,
+                from: "any".into(),
+                to: q.name().into(),
+                percent: 100.0,
+                delay_ms: 0.0,
+                jitter_ms: 0.0,
+                left_ms: until.saturating_sub(now) / 1_000_000,
+                expires_ns: until,
+                matched: 0,
+                dropped: 0,
+            }),
+    );
     Ok(out)
 }
 

@@ -736,7 +736,8 @@ impl ProcessFaults {
             super::policy_outage(config, *q, exp.windows.fault_secs * 1000)?;
         }
         for q in faults.iter().filter_map(FaultSpec::lanes_exhausted_of) {
-            let hog = super::lanes::start(config_path, q, exp.windows.fault_secs + 5, false)?;
+            let hog =
+                super::lanes::start((config, config_path), q, exp.windows.fault_secs + 5, false)?;
             this.hogs.push((q, hog));
         }
         if let Some(f) = faults.iter().find(|f| f.action == Action::KillAgent) {
