@@ -1108,6 +1108,7 @@ impl Lane {
         }
         r.latency_count(ring::latency_bucket(ns))
             .fetch_add(1, Ordering::Relaxed);
+        r.latency_sum_ns().fetch_add(ns, Ordering::Relaxed);
         let threshold = r.sli(Sli::ThresholdNs).load(Ordering::Relaxed);
         if threshold == 0 || ns <= threshold {
             r.sli(Sli::WithinThreshold).fetch_add(1, Ordering::Relaxed);

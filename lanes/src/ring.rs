@@ -62,7 +62,7 @@ const PRODUCER_WAITING: usize = 384;
 /// Where the requesting side's SLI block starts in the header page: [`Sli`] fields, then
 /// [`LATENCY_BUCKETS`] round-trip counters (see [`latency_bucket`]).
 const SLI_OFFSET: usize = 3072;
-/// Round-trip histogram buckets of the SLI block.
+/// Round-trip histogram buckets of the SLI block (followed by the sum of the round trips).
 pub const LATENCY_BUCKETS: usize = 64;
 /// Round trips below this many nanoseconds count in bucket 0.
 const LATENCY_FLOOR_NS: u64 = 1024;
@@ -296,6 +296,13 @@ impl Region {
     pub fn latency_count(&self, idx: usize) -> &AtomicU64 {
         assert!(idx < LATENCY_BUCKETS);
         self.u64_at(SLI_OFFSET + (SLI_FIELDS + idx) * 8)
+    }
+
+    /// The sum of the answered round trips of the SLI block, ns (after the histogram; a
+    /// client library older than this field leaves it 0).
+    #[must_use]
+    pub fn latency_sum_ns(&self) -> &AtomicU64 {
+        self.u64_at(SLI_OFFSET + (SLI_FIELDS + LATENCY_BUCKETS) * 8)
     }
 
     fn ctrl(ring: usize, field: usize) -> usize {
