@@ -16,7 +16,7 @@ use crate::lanes::{
     Transport,
     control::Refusal,
     os::Mapping,
-    ring::{LATENCY_BUCKETS, Region, Sli},
+    ring::{LATENCY_BUCKETS, Region, Sli, Stat},
 };
 
 /// How long a closed lane stays mapped for its client side's last counts (a service that
@@ -57,6 +57,14 @@ pub struct SliTotals {
     /// Per transport (in `Transport::ALL` order): answered requests, and those within the
     /// latency threshold.
     pub by_transport: [(u64, u64); 3],
+    /// Per transport: lanes opened (open or closed since).
+    pub lanes: [u64; 3],
+    /// Per transport: answered round trips per histogram bucket (they sum to `latency`).
+    pub transport_latency: [[u64; LATENCY_BUCKETS]; 3],
+    /// Per transport: the sum of the answered round trips, ns.
+    pub transport_latency_sum_ns: [u64; 3],
+    /// Payload bytes client → server and server → client.
+    pub bytes: [u64; 2],
 }
 
 impl Default for SliTotals {
@@ -69,12 +77,21 @@ impl Default for SliTotals {
             connect_refusals: 0,
             latency: [0; LATENCY_BUCKETS],
             by_transport: [(0, 0); 3],
+            lanes: [0; 3],
+            transport_latency: [[0; LATENCY_BUCKETS]; 3],
+            transport_latency_sum_ns: [0; 3],
+            bytes: [0; 2],
         }
     }
 }
 
 impl SliTotals {
     fn add_region(&mut self, r: &Region, transport: Transport) {
+        let t = transport_index(transport);
+        self.lanes[t] += 1;
+        for (side, b) in self.bytes.iter_mut().enumerate() {
+            *b += r.stat(side, Stat::BytesSent).load(Ordering::Relaxed);
+        }
         let get = |f| r.sli(f).load(Ordering::Relaxed);
         let (requests, within, failed) = (
             get(Sli::Requests),
@@ -89,11 +106,19 @@ impl SliTotals {
         self.requests += requests;
         self.within += within;
         self.failed += failed;
-        let t = &mut self.by_transport[transport_index(transport)];
-        t.0 += requests.saturating_sub(failed);
-        t.1 += within;
-        for (i, c) in self.latency.iter_mut().enumerate() {
-            *c += r.latency_count(i).load(Ordering::Relaxed);
+        self.transport_latency_sum_ns[t] += r.latency_sum_ns().load(Ordering::Relaxed);
+        let by = &mut self.by_transport[t];
+        by.0 += requests.saturating_sub(failed);
+        by.1 += within;
+        for (i, (c, ct)) in self
+            .latency
+            .iter_mut()
+            .zip(self.transport_latency[t].iter_mut())
+            .enumerate()
+        {
+            let n = r.latency_count(i).load(Ordering::Relaxed);
+            *c += n;
+            *ct += n;
         }
     }
 }
