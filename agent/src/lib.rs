@@ -39,6 +39,7 @@ pub mod generations;
 pub mod identity;
 pub mod lanes;
 pub mod loader;
+pub mod metrics;
 pub mod peers;
 pub mod plans;
 pub mod policy;

@@ -206,6 +206,8 @@ pub struct Admission {
     /// What templates read as `input.slo`: each quadrant's SLO summary (set by the SLO
     /// sampler; empty until it first runs).
     slo: Mutex<regorus::Value>,
+    /// Decisions and their latency, and policy activations, for `/metrics`.
+    pub metrics: crate::metrics::Live,
 }
 
 impl Admission {
@@ -217,6 +219,7 @@ impl Admission {
             prepared: Mutex::new(prepared),
             audit,
             slo: Mutex::new(regorus::Value::new_object()),
+            metrics: crate::metrics::Live::default(),
         }
     }
 
@@ -343,6 +346,22 @@ impl Admission {
     /// Admits (or not) the workload described by `review` (`{"review": {"object": {...}}}`)
     /// presenting `svid` (DER chain, leaf first), and records the decision.
     pub fn admit(
+        &self,
+        authority: Result<&Authority, &str>,
+        review: &Value,
+        svid: &[Vec<u8>],
+    ) -> Decision {
+        let start = std::time::Instant::now();
+        let decision = self.admit_recorded(authority, review, svid);
+        self.metrics.admission(
+            decision.allowed,
+            !decision.violations.is_empty(),
+            start.elapsed(),
+        );
+        decision
+    }
+
+    fn admit_recorded(
         &self,
         authority: Result<&Authority, &str>,
         review: &Value,

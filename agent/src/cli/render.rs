@@ -15,6 +15,12 @@ pub fn status(s: &StatusReport) -> String {
         s.pin_dir.display()
     );
     let _ = writeln!(out, "policy {}", s.policy);
+    if let Some(m) = s.metrics {
+        let _ = writeln!(
+            out,
+            "metrics on http://{m}/metrics (health: /healthz, /readyz)"
+        );
+    }
     if let Some(c) = &s.carried {
         let _ = writeln!(
             out,

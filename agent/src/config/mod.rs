@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 mod breakers;
 mod instances;
+mod metrics;
 mod peers;
 mod sections;
 mod shadows;
@@ -23,6 +24,7 @@ pub use breakers::BreakersConfig;
 pub use instances::{
     InstanceCapacity, InstanceRef, MAX_INSTANCES, ServiceConfig, UNLIMITED_WEIGHT,
 };
+pub use metrics::MetricsConfig;
 pub use peers::{MAX_PEERS, PeerNode, PeersConfig, node_id};
 pub use shadows::ShadowsConfig;
 
@@ -167,6 +169,9 @@ pub struct Config {
     /// The agents of other nodes whose instances take lanes none here can.
     #[serde(default, skip_serializing_if = "is_default")]
     pub peers: PeersConfig,
+    /// The Prometheus metrics and health endpoint (off unless `listen` is set).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub metrics: MetricsConfig,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

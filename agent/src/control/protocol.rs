@@ -261,6 +261,9 @@ pub struct StatusReport {
     pub quadrants: Vec<QuadrantStatus>,
     /// Non-zero verdict counters.
     pub counters: Vec<Counter>,
+    /// Where the Prometheus metrics are served (`metrics.listen`; absent: not served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// One quadrant in the status report.

@@ -63,6 +63,8 @@ pub struct Agent {
     pub instances: crate::scale::Instances,
     /// Outages of the Workload API a chaos experiment asked for.
     pub outages: Arc<crate::chaos::outage::Outages>,
+    /// Where `/metrics` is served (set once the endpoint listens).
+    pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// A lock that a panicked holder did not poison for the others: every holder leaves the value
@@ -213,6 +215,7 @@ impl Agent {
             carried: self.carried.clone(),
             quadrants,
             counters: dataplane.counters()?,
+            metrics: self.metrics_addr.get().copied(),
         })
     }
 

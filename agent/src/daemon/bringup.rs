@@ -273,6 +273,7 @@ pub fn bring_up(
         shadows: crate::shadow::Shadows::default(),
         instances,
         outages: Arc::default(),
+        metrics_addr: std::sync::OnceLock::new(),
     })
 }
 

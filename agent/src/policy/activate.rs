@@ -26,7 +26,7 @@ use crate::{
 
 /// Generation-store keys of the live policy bundle's revision and (the first 64 bits of) its
 /// digest.
-const BUNDLE_REVISION_KEY: &str = "policy-bundle/revision";
+pub(crate) const BUNDLE_REVISION_KEY: &str = "policy-bundle/revision";
 const BUNDLE_DIGEST_KEY: &str = "policy-bundle/digest";
 
 /// Why a bundle was not made live; the live policy (or deny-all) stays.
@@ -145,6 +145,7 @@ impl PolicyService {
     ) -> Result<Activated, ActivateError> {
         let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let result = self.run(dataplane, &mut between);
+        self.admission.metrics.policy_activation(result.is_ok());
         match &result {
             Ok(a) => {
                 self.live
