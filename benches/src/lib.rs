@@ -34,6 +34,8 @@ pub fn isolated_config(
     c.audit_log = Path::new(state_dir).join("audit.log");
     c.identity.ca_dir = Path::new(state_dir).join("ca");
     c.lanes.tcp_acceleration = TcpAcceleration::Off;
+    // Out of the way of the agent of the embedded defaults (and of one another).
+    c.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     for (i, q) in Quadrant::ALL.iter().enumerate() {
         c.quadrants.insert(
             q.name().into(),

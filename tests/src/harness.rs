@@ -118,6 +118,9 @@ fn config_in_slot(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
     c.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::Off;
     c.identity.ca_dir = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-ca"));
     c.audit_log = PathBuf::from(TEST_STATE_DIR).join(format!("qt{n}-audit.log"));
+    // Metrics on a port of the kernel's choosing (`StatusReport::metrics`): tests run side by
+    // side, and beside an agent of the embedded defaults.
+    c.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     c.validate().expect("test config is valid");
     // A slot starts without the records of the test that held it before (which may have
     // tampered with them on purpose) and without its plan generations.

@@ -24,6 +24,11 @@ use toolchain::{BPF_LINKER_VERSION, Pin};
 /// iperf3 and nftables (datapath benchmark), iproute2 (namespaces, veths).
 const TOOL_PACKAGES: &[&str] = &["bpftool", "iperf3", "nftables", "iproute2"];
 
+/// Where the Debian `prometheus` package is unpacked (not installed: installing it would start
+/// a Prometheus server on the machine): `usr/bin/prometheus` scrapes a test agent and
+/// `usr/bin/promtool` checks the metrics and the shipped rules.
+pub const PROMETHEUS_TOOLS: &str = "target/tools/prometheus";
+
 /// The Python virtual environment of the test clients written in other languages, below the
 /// workspace's `target/`.
 pub const PYTHON_ENV: &str = "target/pyenv";
@@ -60,6 +65,7 @@ pub fn run() -> anyhow::Result<()> {
     ensure_debian_packages(llvm, &mut installed)?;
     ensure_bpf_linker(&host, llvm, &mut installed)?;
     ensure_nextest(&host, &mut installed)?;
+    ensure_prometheus_tools(&root, &mut installed)?;
     // What the build will use: the bpf-linker first on PATH, whoever installed it.
     toolchain::check_llvm(&pin)?;
 
@@ -201,6 +207,56 @@ fn ensure_bpf_linker(host: &str, llvm: u32, installed: &mut Vec<String>) -> anyh
         "cargo install bpf-linker",
     )?;
     installed.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm})"));
+    Ok(())
+}
+
+/// Unpacks Debian's `prometheus` package into [`PROMETHEUS_TOOLS`] unless its `promtool` runs.
+fn ensure_prometheus_tools(root: &Path, installed: &mut Vec<String>) -> anyhow::Result<()> {
+    let dir = root.join(PROMETHEUS_TOOLS);
+    let promtool = dir.join("usr/bin/promtool");
+    let runs = Command::new(&promtool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if runs {
+        return Ok(());
+    }
+    println!("setup: unpacking Debian's prometheus package into {PROMETHEUS_TOOLS}");
+    let download = dir.with_extension("download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)?;
+    let fetch = || {
+        Command::new("apt-get")
+            .args(["download", "-q", "prometheus"])
+            .current_dir(&download)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !fetch() {
+        // A fresh machine's package lists may not know it yet.
+        ensure_root("update the package lists")?;
+        crate::status(
+            Command::new("apt-get").args(["update", "-q"]),
+            "apt-get update",
+        )?;
+        if !fetch() {
+            bail!("apt-get download prometheus failed (see above)");
+        }
+    }
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::status(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir),
+        "dpkg-deb -x",
+    )?;
+    let _ = std::fs::remove_dir_all(&download);
+    installed.push(format!("promtool and prometheus ({PROMETHEUS_TOOLS})"));
     Ok(())
 }
 

@@ -61,13 +61,21 @@ pub async fn up(
             socket,
         });
     }
+    // Before anything is created: a metrics address that is taken stops the start here.
+    let metrics =
+        match config.metrics.listen {
+            Some(addr) => Some(crate::metrics::server::bind(addr).await.map_err(|e| {
+                DaemonError::Refused(format!("cannot serve metrics on {addr}: {e}"))
+            })?),
+            None => None,
+        };
     let c = config.clone();
     let (agent, handed) = tokio::task::spawn_blocking(move || start(&c))
         .await
         .map_err(|e| DaemonError::Refused(format!("bring-up failed: {e}")))??;
     let agent = Arc::new(agent);
     adopt_workloads(&agent, handed).await;
-    let result = serve::serve(Arc::clone(&agent), ready).await;
+    let result = serve::serve(Arc::clone(&agent), metrics, ready).await;
     if matches!(result, Ok(Stopped::DataplaneKept)) {
         return result;
     }

@@ -156,6 +156,7 @@ fn probe_instances(agent: &Arc<Agent>, stop: watch::Receiver<bool>) -> Result<()
 
 pub(super) async fn serve(
     agent: Arc<Agent>,
+    metrics: Option<tokio::net::TcpListener>,
     ready: impl FnOnce(&StatusReport),
 ) -> Result<Stopped, DaemonError> {
     let socket = agent.config.socket_path();
@@ -164,8 +165,9 @@ pub(super) async fn serve(
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
         .map_err(sys::io_err("cannot restrict", &socket))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    // First: a metrics address that is taken stops the start before anything else runs.
-    start_metrics(&agent, &stop_rx).await?;
+    if let Some(listener) = metrics {
+        serve_metrics(&agent, listener, &stop_rx);
+    }
     start_identity_services(&agent, &stop_rx)?;
     if let Some(ring) = locked(&agent.trace).take() {
         tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
@@ -252,17 +254,12 @@ pub(super) async fn serve(
     finish_down(&agent, pending_down, handed).await
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `metrics.listen`, if set.
-async fn start_metrics(
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` (bound to `metrics.listen`).
+fn serve_metrics(
     agent: &Arc<Agent>,
+    listener: tokio::net::TcpListener,
     stop: &watch::Receiver<bool>,
-) -> Result<(), DaemonError> {
-    let Some(addr) = agent.config.metrics.listen else {
-        return Ok(());
-    };
-    let listener = crate::metrics::server::bind(addr)
-        .await
-        .map_err(|e| DaemonError::Refused(format!("cannot serve metrics on {addr}: {e}")))?;
+) {
     if let Ok(local) = listener.local_addr() {
         let _ = agent.metrics_addr.set(local);
         info!(address = %local, "serving metrics");
@@ -272,7 +269,6 @@ async fn start_metrics(
         Arc::clone(agent),
         stop.clone(),
     ));
-    Ok(())
 }
 
 /// How often the supervised workloads are recorded for the agent after a crash.
