@@ -35,8 +35,10 @@
 /// veth gives the answers the VIP back (`LB_FLOWS`); 11: chaos faults (`CHAOS_FAULTS`, each
 /// ending by itself at its expiry): tc egress drops or delays packets delivered into a quadrant,
 /// `connect4`/`sendmsg4` refuse with `ECONNREFUSED`; 12: a reset fault (`Fault::flags`) makes
-/// tc egress deliver a segment of an established TCP connection with RST set.
-pub const PROGRAM_SET_VERSION: u32 = 12;
+/// tc egress deliver a segment of an established TCP connection with RST set; 13: flow events —
+/// every drop, every flow tc starts tracking and every FIN or RST of one go to `TRACE` within each
+/// CPU's budget (`EVENTS_LIMIT`), records name the event and carry the TCP flags or ICMP type.
+pub const PROGRAM_SET_VERSION: u32 = 13;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with

@@ -33,10 +33,62 @@ pub const WL_POLICY_A: &str = "WL_POLICY_A";
 /// Slot 1 of the workload policy (see [`WL_POLICY_A`]).
 pub const WL_POLICY_B: &str = "WL_POLICY_B";
 
-/// Ring buffer: one [`TraceRecord`] per verdict while [`DataplaneConfig::trace`] asks for it.
-/// Written by every decision program, read by the agent. Not pinned: each agent reads the one of
-/// the programs it loaded.
+/// Ring buffer of [`TraceRecord`]s: the flow events — every drop, and every flow a tc program
+/// starts tracking ([`EVENT_FLOW_OPEN`]) or sees a FIN or RST of ([`EVENT_FLOW_CLOSE`]), while
+/// [`EVENTS_LIMIT`] allows them — and every verdict [`DataplaneConfig::trace`] asks for. Written
+/// by every decision program, read by the agent. Not pinned: each agent reads the one of the
+/// programs it loaded.
 pub const TRACE: &str = "TRACE";
+/// Per-CPU array, one [`EventsLimit`]: each CPU's budget of flow events and what it lost. The
+/// agent sets the rate and burst before attaching; the programs keep the rest. Not pinned.
+pub const EVENTS_LIMIT: &str = "EVENTS_LIMIT";
+
+/// One CPU's flow-event budget (a token bucket kept in nanoseconds of credit, as Cilium's
+/// `ratelimit.h` keeps it) and its counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventsLimit {
+    /// Flow events this CPU may write per second (0: no flow events; the trace still writes).
+    pub per_sec: u32,
+    /// How many it may write at once after a quiet spell.
+    pub burst: u32,
+    /// What one event costs, ns of credit: `1e9 / per_sec` (0: no limit), computed by the
+    /// agent so that the programs do not divide.
+    pub cost_ns: u64,
+    /// The most credit there is: `burst` events' worth.
+    pub cap_ns: u64,
+    /// Credit left, ns.
+    pub credit_ns: u64,
+    /// When the credit was last brought up to date (`bpf_ktime_get_coarse_ns`: the tick's
+    /// resolution is plenty for a budget of events per second, and it costs less).
+    pub last_ns: u64,
+    /// Records written.
+    pub written: u64,
+    /// Flow events not written: over the budget.
+    pub lost_rate_limit: u64,
+    /// Records not written: the ring buffer was full (the agent did not keep up).
+    pub lost_ring_full: u64,
+}
+
+impl EventsLimit {
+    /// A budget of `per_sec` events a second, `burst` at once (0 a second: no flow events;
+    /// above a billion: no limit), its counts at zero.
+    #[must_use]
+    pub fn new(per_sec: u32, burst: u32) -> Self {
+        let cost_ns = if per_sec == 0 {
+            0
+        } else {
+            1_000_000_000 / u64::from(per_sec)
+        };
+        Self {
+            per_sec,
+            burst,
+            cost_ns,
+            cap_ns: cost_ns.saturating_mul(u64::from(burst.max(1))),
+            ..Self::default()
+        }
+    }
+}
 /// Size of [`TRACE`] in bytes (a power of two and a multiple of the page size): 8,192 records.
 pub const TRACE_BYTES: u32 = 256 * 1024;
 
@@ -70,9 +122,21 @@ pub struct TraceRecord {
     pub proto: u8,
     /// [`TRACE_PACKET`], [`TRACE_DESTINATION`] or [`TRACE_NOTHING`].
     pub kind: u8,
+    /// [`EVENT_VERDICT`], [`EVENT_FLOW_OPEN`] or [`EVENT_FLOW_CLOSE`] (program set 13; zero
+    /// padding before).
+    pub event: u8,
+    /// A packet's TCP flags byte, or its ICMP type.
+    pub l4_flags: u8,
     /// Explicit padding (zero).
-    pub pad: [u8; 3],
+    pub pad: u8,
 }
+
+/// [`TraceRecord::event`]: a verdict (a drop, or any verdict the trace asks for).
+pub const EVENT_VERDICT: u8 = 0;
+/// [`TraceRecord::event`]: a tc program started tracking this flow (its first allowed packet).
+pub const EVENT_FLOW_OPEN: u8 = 1;
+/// [`TraceRecord::event`]: an allowed TCP segment with FIN or RST.
+pub const EVENT_FLOW_CLOSE: u8 = 2;
 
 /// Every map the dataplane object defines, for pinning and status.
 pub const ALL: [&str; 30] = [
@@ -430,11 +494,14 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above, for TraceRecord.
     unsafe impl aya::Pod for super::TraceRecord {}
+    // SAFETY: as above, for EventsLimit.
+    unsafe impl aya::Pod for super::EventsLimit {}
 }
 
 // No implicit padding: every byte of a key is hashed, and the agent and kernel must agree.
 const _: () = {
     assert!(size_of::<PrefixValue>() == 4);
+    assert!(size_of::<EventsLimit>() == 64);
     assert!(size_of::<TraceRecord>() == 20);
     assert!(size_of::<PolicyKey>() == 4);
     assert!(size_of::<PolicyValue>() == 4 + 4 * MAX_PORT_RANGES);
@@ -448,7 +515,21 @@ const _: () = {
 
 #[cfg(test)]
 mod tests {
-    use super::CtKey;
+    use super::{CtKey, EventsLimit};
+
+    #[test]
+    fn an_events_budget_is_computed_for_the_programs() {
+        let l = EventsLimit::new(1_000, 200);
+        assert_eq!((l.cost_ns, l.cap_ns), (1_000_000, 200_000_000));
+        assert_eq!(EventsLimit::new(0, 0).cost_ns, 0, "off: per_sec 0 says so");
+        let unlimited = EventsLimit::new(u32::MAX, u32::MAX);
+        assert_eq!((unlimited.cost_ns, unlimited.cap_ns), (0, 0));
+        assert_eq!(
+            EventsLimit::new(1, 0).cap_ns,
+            1_000_000_000,
+            "a burst of at least one"
+        );
+    }
 
     #[test]
     fn both_directions_of_a_flow_have_one_key() {

@@ -44,6 +44,8 @@ pub struct Ipv4Flow {
     pub opens: bool,
     /// A TCP segment with FIN or RST: its connection ends.
     pub closes: bool,
+    /// The TCP flags byte, or the ICMP type (0 for other protocols).
+    pub l4_flags: u8,
     /// Offset of the TCP/UDP/ICMP header from the frame's start.
     pub l4: u16,
 }
@@ -158,9 +160,11 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Ipv4Flow, Reason> {
     }
     let mut opens = false;
     let mut closes = false;
+    let mut l4_flags = 0;
     let (sport, dport) = match proto {
         PROTO_TCP => {
             let tcp = bytes_at::<TCP_MIN_HLEN>(start, end, l4)?;
+            l4_flags = tcp[13];
             opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
             closes = tcp[13] & (TCP_FIN | TCP_RST) != 0;
             (raw16(tcp, 0), raw16(tcp, 2))
@@ -171,6 +175,7 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Ipv4Flow, Reason> {
         }
         PROTO_ICMP => {
             let icmp = bytes_at::<ICMP_MIN_HLEN>(start, end, l4)?;
+            l4_flags = icmp[0];
             if icmp[0] == ICMP_ECHO_REQUEST || icmp[0] == ICMP_ECHO_REPLY {
                 // Echo identifier on both sides, so request and reply map to one flow.
                 let id = raw16(icmp, 4);
@@ -189,6 +194,7 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Ipv4Flow, Reason> {
         proto,
         opens,
         closes,
+        l4_flags,
         // At most 14 + 60.
         #[expect(clippy::cast_possible_truncation, reason = "at most 74")]
         l4: l4 as u16,
