@@ -208,6 +208,35 @@ pub struct EventBus {
 /// Events a subscriber may fall behind by before it loses the oldest.
 const BACKLOG: usize = 1024;
 
+/// Whether the event `line` concerns quadrant `q`: one of its strings names `q` (is `q`, starts
+/// with `q/`, or is a SPIFFE ID under `/quadrant/q/`), or none names any quadrant (a policy
+/// reload concerns every quadrant).
+#[must_use]
+pub fn concerns(line: &str, q: dataplane_common::Quadrant) -> bool {
+    fn named(s: &str, q: &str) -> bool {
+        s == q
+            || s.strip_prefix(q).is_some_and(|rest| rest.starts_with('/'))
+            || s.contains(&format!("/quadrant/{q}/"))
+            || s.ends_with(&format!("/quadrant/{q}"))
+    }
+    fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+        return true;
+    };
+    let mut all = Vec::new();
+    strings(&value, &mut all);
+    let names =
+        |quadrant: dataplane_common::Quadrant| all.iter().any(|s| named(s, quadrant.name()));
+    names(q) || !dataplane_common::Quadrant::ALL.into_iter().any(names)
+}
+
 impl Default for EventBus {
     fn default() -> Self {
         Self {
@@ -282,5 +311,28 @@ mod tests {
         });
         let line = rx.try_recv().unwrap();
         assert!(schema_errors(&serde_json::from_str(&line).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn an_event_concerns_the_quadrants_it_names_or_every_one() {
+        use dataplane_common::Quadrant::{Dg, Dx, Pg, Px};
+        let refused = r#"{"event":"lane_refused","seq":1,"at_ms":2,"quadrant":"px","reason":"policy","message":"no"}"#;
+        assert!(concerns(refused, Px));
+        assert!(!concerns(refused, Dx));
+        let started =
+            r#"{"event":"workload_started","seq":1,"at_ms":2,"workload":"dg/api","generation":3}"#;
+        assert!(concerns(started, Dg));
+        assert!(!concerns(started, Pg));
+        let breaker = r#"{"event":"breaker_changed","caller":"spiffe://quadrant.local/quadrant/dx","destination_identity":"spiffe://quadrant.local/quadrant/pg"}"#;
+        assert!(concerns(breaker, Dx) && concerns(breaker, Pg));
+        assert!(!concerns(breaker, Px));
+        // "dxy/…" is not DX's.
+        assert!(!concerns(r#"{"workload":"dxy/a","quadrant":"pg"}"#, Dx));
+        let reload = r#"{"event":"policy_reloaded","seq":1,"at_ms":2,"policy":"enforced: 40 map entries","slot":1}"#;
+        assert!(
+            dataplane_common::Quadrant::ALL
+                .iter()
+                .all(|q| concerns(reload, *q))
+        );
     }
 }

@@ -35,6 +35,7 @@ pub mod control;
 pub mod daemon;
 pub mod deploy;
 pub mod events;
+pub mod flows;
 pub mod generations;
 pub mod identity;
 pub mod lanes;

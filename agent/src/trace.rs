@@ -1,17 +1,16 @@
 //! The verdict trace, agent side: `quadrant trace off|drops|all` sets `CONFIG.trace`; the
-//! programs then write a [`TraceRecord`] per verdict into the `TRACE` ring buffer, which this
-//! module drains and logs, one line per verdict (target `quadrant::trace`), e.g.
+//! programs then write a [`TraceRecord`] per verdict asked for into the `TRACE` ring buffer,
+//! which `crate::flows` drains with the flow events and logs, one line per traced verdict
+//! (target `quadrant::trace`), e.g.
 //! `tc_ingress dx drop deny_policy tcp 10.240.1.2:40512 -> 10.240.3.2:80`.
 
 use std::net::Ipv4Addr;
 
-use aya::maps::{MapData, RingBuf};
 use dataplane_common::{
     Hook, Quadrant, Reason, Verdict,
     maps::{TRACE_ALL, TRACE_DESTINATION, TRACE_DROPS, TRACE_OFF, TRACE_PACKET, TraceRecord},
     policy::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
-use tracing::info;
 
 /// What `quadrant trace` turns on.
 #[derive(
@@ -99,18 +98,6 @@ pub fn render(r: &TraceRecord) -> String {
     }
 }
 
-/// Drains the ring buffer into the log until `stop` fires.
-pub async fn follow(ring: RingBuf<MapData>, stop: tokio::sync::watch::Receiver<bool>) {
-    let what = "the verdict trace ring buffer: no trace";
-    crate::ringbuf::drain(ring, stop, what, |batch: Vec<TraceRecord>| {
-        for record in &batch {
-            info!(target: "quadrant::trace", "{}", render(record));
-        }
-        std::future::ready(())
-    })
-    .await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,7 +113,9 @@ mod tests {
             reason: reason as u8,
             proto,
             kind,
-            pad: [0; 3],
+            event: 0,
+            l4_flags: 0,
+            pad: 0,
         }
     }
 

@@ -1,7 +1,5 @@
 //! `quadrant lanes`, `quadrant slo`, `quadrant breakers` and `quadrant events`.
 
-use std::io::Write as _;
-
 use quadrant::{config::Config, control::Client};
 
 use super::Output;
@@ -109,23 +107,4 @@ pub fn drain(config: &Config, quadrant: &str, index: u8, resume: bool) -> anyhow
         }
     );
     Ok(())
-}
-
-/// `quadrant events [--count N]`.
-pub fn events(config: &Config, count: Option<usize>) -> anyhow::Result<()> {
-    if count == Some(0) {
-        return Ok(());
-    }
-    let mut out = std::io::stdout().lock();
-    let mut seen = 0;
-    let mut failed = None;
-    Client::new(config.socket_path()).events(|line| {
-        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-            failed = Some(e);
-            return false;
-        }
-        seen += 1;
-        count.is_none_or(|c| seen < c)
-    })?;
-    failed.map_or(Ok(()), |e| Err(e.into()))
 }

@@ -6,6 +6,7 @@ mod artifacts;
 mod chaos;
 mod lanes;
 mod lifecycle;
+mod observe;
 mod plans;
 mod policy;
 pub mod render;
@@ -108,10 +109,11 @@ pub enum Command {
     #[command(hide = true)]
     AccelProbe,
     /// Print a published JSON Schema: plan, rollback, request or response (the control API),
-    /// lane-request or lane-message (the lane broker's protocol), or event (`quadrant events`).
+    /// lane-request or lane-message (the lane broker's protocol), event (`quadrant events`),
+    /// flow (`quadrant observe`), chaos-experiment or chaos-report (`quadrant chaos run`).
     Schema {
         /// Which schema.
-        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message", "event", "chaos-experiment", "chaos-report"])]
+        #[arg(value_parser = ["plan", "rollback", "request", "response", "lane-request", "lane-message", "event", "flow", "chaos-experiment", "chaos-report"])]
         name: String,
     },
     /// Ask the running agent to admit a workload: SVID check, constraints, audit record.
@@ -193,6 +195,39 @@ pub enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<usize>,
+        /// Only the events that concern this quadrant (those naming no quadrant concern all).
+        #[arg(long)]
+        quadrant: Option<String>,
+    },
+    /// Flow events: drops, flows opened and closed (and every verdict while `quadrant trace
+    /// all` is on), the newest the agent kept, then with `--follow` as they come. JSON lines
+    /// use Hubble's flow field names (`quadrant schema flow`).
+    Observe {
+        /// Go on with new flows as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many of the kept flows to show first.
+        #[arg(long, default_value_t = 20)]
+        last: u32,
+        /// Only flows the quadrant decided, or that come from or go to it.
+        #[arg(long)]
+        quadrant: Option<String>,
+        /// Only forwarded or dropped flows.
+        #[arg(long, value_enum)]
+        verdict: Option<quadrant::flows::FlowVerdict>,
+        /// Only this verdict reason (`deny_policy`, `allow_policy`, … as `quadrant status`
+        /// counts them).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only packets entering (ingress) or leaving (egress) the deciding quadrant.
+        #[arg(long, value_enum)]
+        direction: Option<quadrant::flows::Direction>,
+        /// Only this kind of event.
+        #[arg(long, value_enum)]
+        event: Option<quadrant::flows::EventKind>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// List the workloads the agent runs.
     Workloads {
@@ -312,7 +347,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lanes { output } => lanes::lanes(&config, output),
         Command::Breakers { output } => lanes::breakers(&config, output),
         Command::Slo { output } => lanes::slo(&config, output),
-        Command::Events { count } => lanes::events(&config, count),
+        Command::Events { count, quadrant } => observe::events(&config, count, quadrant),
+        Command::Observe {
+            follow,
+            last,
+            quadrant,
+            verdict,
+            reason,
+            direction,
+            event,
+            output,
+        } => observe::observe(
+            &config,
+            quadrant::flows::FlowFilter {
+                quadrant,
+                verdict,
+                reason,
+                direction,
+                event,
+            },
+            last,
+            follow,
+            output,
+        ),
         Command::AccelProbe => unreachable!("handled before the configuration is read"),
     }
 }

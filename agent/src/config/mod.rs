@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 mod breakers;
 mod instances;
 mod metrics;
+mod observe;
 mod peers;
 mod sections;
 mod shadows;
@@ -25,6 +26,7 @@ pub use instances::{
     InstanceCapacity, InstanceRef, MAX_INSTANCES, ServiceConfig, UNLIMITED_WEIGHT,
 };
 pub use metrics::MetricsConfig;
+pub use observe::ObserveConfig;
 pub use peers::{MAX_PEERS, PeerNode, PeersConfig, node_id};
 pub use shadows::ShadowsConfig;
 
@@ -172,6 +174,9 @@ pub struct Config {
     /// The Prometheus metrics and health endpoint (off unless `listen` is set).
     #[serde(default, skip_serializing_if = "is_default")]
     pub metrics: MetricsConfig,
+    /// Flow events: the kernel's budget per CPU and how many the agent keeps.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub observe: ObserveConfig,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

@@ -105,11 +105,17 @@ impl Config {
         self.validate_instances()?;
         self.validate_lanes()?;
         self.validate_peers()?;
-        self.breakers.validate()?;
-        self.shadows.validate()?;
-        crate::slo::spec::validate(&self.slos)?;
+        self.validate_sections()?;
         self.compile_policy()?;
         Ok(())
+    }
+
+    /// The sections that check themselves.
+    fn validate_sections(&self) -> Result<(), ConfigError> {
+        self.breakers.validate()?;
+        self.shadows.validate()?;
+        self.observe.validate()?;
+        crate::slo::spec::validate(&self.slos)
     }
 
     fn validate_lanes(&self) -> Result<(), ConfigError> {

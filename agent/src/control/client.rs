@@ -402,7 +402,39 @@ impl Client {
 
     /// `events`: calls `each` with every event line until it returns `false` or the agent
     /// stops.
-    pub fn events(&self, mut each: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+    pub fn events(
+        &self,
+        quadrant: Option<String>,
+        each: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        self.stream(&Request::Events { quadrant }, each)
+    }
+
+    /// `observe`: calls `each` with every flow line until it returns false or the agent ends
+    /// the stream (at once without `follow`, after the kept flows).
+    pub fn observe(
+        &self,
+        filter: crate::flows::FlowFilter,
+        last: u32,
+        follow: bool,
+        each: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        self.stream(
+            &Request::Observe {
+                filter,
+                last,
+                follow,
+            },
+            each,
+        )
+    }
+
+    /// Sends `request` and calls `each` with every line of the answer until it returns false.
+    fn stream(
+        &self,
+        request: &Request,
+        mut each: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
         let io = |source| ClientError::Io {
             path: self.socket.clone(),
             source,
@@ -412,7 +444,7 @@ impl Client {
                 path: self.socket.clone(),
                 source,
             })?;
-        let mut request = serde_json::to_vec(&Request::Events).unwrap_or_default();
+        let mut request = serde_json::to_vec(request).unwrap_or_default();
         request.push(b'\n');
         stream.write_all(&request).map_err(io)?;
         for line in BufReader::new(stream).lines() {

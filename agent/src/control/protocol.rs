@@ -14,6 +14,10 @@ use crate::loader::{AttachedProgram, Counter};
 /// an error naming this limit.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+fn default_observe_last() -> u32 {
+    20
+}
+
 /// A request to the agent.
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
@@ -102,7 +106,26 @@ pub enum Request {
     },
     /// Stream events (`manifests/schemas/event.schema.json`), one JSON line each, until the
     /// client disconnects.
-    Events,
+    Events {
+        /// Only the events that name this quadrant (in a field, a `<q>/<name>` or a SPIFFE ID),
+        /// and those that name none (they concern every quadrant).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quadrant: Option<String>,
+    },
+    /// Flow events (`manifests/schemas/flow.schema.json`), one JSON line each: the last `last`
+    /// the agent kept that `filter` passes, then — with `follow` — every later one until the
+    /// client disconnects.
+    Observe {
+        /// Which flows.
+        #[serde(default)]
+        filter: crate::flows::FlowFilter,
+        /// How many of the kept ones, newest last.
+        #[serde(default = "default_observe_last")]
+        last: u32,
+        /// Go on with new flows as they come.
+        #[serde(default)]
+        follow: bool,
+    },
     /// A chaos fault: the Workload API of `quadrant` answers `Unavailable` (and ends its open
     /// streams) for `millis` ms; 0 ends an outage now.
     IdentityOutage {
@@ -319,6 +342,7 @@ pub fn published_schemas() -> Vec<(&'static str, &'static str, serde_json::Value
             crate::lanes::control::message_schema(),
         ),
         ("event", "event.schema.json", crate::events::schema()),
+        ("flow", "flow.schema.json", crate::flows::schema()),
         (
             "chaos-experiment",
             "chaos-experiment.schema.json",

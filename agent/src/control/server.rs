@@ -107,7 +107,12 @@ pub async fn serve_connection(
         Err(message) => return write_response(&mut stream, &error(message)).await,
     };
     let response = match request {
-        Request::Events => return stream_events(stream, &agent).await,
+        Request::Events { quadrant } => return stream_events(stream, &agent, quadrant).await,
+        Request::Observe {
+            filter,
+            last,
+            follow,
+        } => return stream_flows(stream, &agent, &filter, last, follow).await,
         Request::Down { keep_dataplane } => {
             // The main loop tears down (or keeps the dataplane) and answers on this connection.
             return match down.send((stream, keep_dataplane)).await {
@@ -235,7 +240,9 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             })
             .await
         }
-        Request::Events | Request::Down { .. } => Err(error("handled by the connection")),
+        Request::Events { .. } | Request::Observe { .. } | Request::Down { .. } => {
+            Err(error("handled by the connection"))
+        }
     };
     answer.unwrap_or_else(|e| e)
 }
@@ -253,9 +260,29 @@ fn submitted(result: Result<deploy::Submitted, deploy::DeployError>) -> Response
     }
 }
 
-/// Writes each event as a JSON line until the subscriber goes away or the agent stops.
-async fn stream_events(mut stream: UnixStream, agent: &Agent) -> io::Result<()> {
+/// Writes each event (of `quadrant`, if given) as a JSON line until the subscriber goes away
+/// or the agent stops.
+async fn stream_events(
+    mut stream: UnixStream,
+    agent: &Agent,
+    quadrant: Option<String>,
+) -> io::Result<()> {
     use tokio::sync::broadcast::error::RecvError;
+    let q = match quadrant
+        .as_deref()
+        .map(dataplane_common::Quadrant::from_name)
+    {
+        Some(None) => {
+            let name = quadrant.unwrap_or_default();
+            return write_response(
+                &mut stream,
+                &error(format!("unknown quadrant {name:?}: dx, dg, px or pg")),
+            )
+            .await;
+        }
+        Some(q) => q,
+        None => None,
+    };
     let mut rx = agent.events.subscribe();
     loop {
         let line = match rx.recv().await {
@@ -263,8 +290,49 @@ async fn stream_events(mut stream: UnixStream, agent: &Agent) -> io::Result<()> 
             Err(RecvError::Lagged(missed)) => agent.events.lagged(missed),
             Err(RecvError::Closed) => return Ok(()),
         };
+        if q.is_some_and(|q| !crate::events::concerns(&line, q)) {
+            continue;
+        }
         stream.write_all(line.as_bytes()).await?;
         stream.write_all(b"\n").await?;
+    }
+}
+
+/// Writes the last `last` kept flows `filter` passes, then with `follow` every later one, as
+/// JSON lines; a follower that fell behind is told how many it missed.
+async fn stream_flows(
+    mut stream: UnixStream,
+    agent: &Agent,
+    filter: &crate::flows::FlowFilter,
+    last: u32,
+    follow: bool,
+) -> io::Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    if let Err(e) = filter.validate() {
+        return write_response(&mut stream, &error(e)).await;
+    }
+    let (kept, mut rx) = agent.flows.snapshot(filter, last as usize);
+    let write = |l: &crate::flows::FlowLine| {
+        let mut line = serde_json::to_vec(l).unwrap_or_default();
+        line.push(b'\n');
+        line
+    };
+    for l in &kept {
+        stream.write_all(&write(l)).await?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        match rx.recv().await {
+            Ok(l) if filter.matches(&l.flow) => stream.write_all(&write(&l)).await?,
+            Ok(_) => {}
+            Err(RecvError::Lagged(missed)) => {
+                let note = serde_json::json!({"lost_events": missed});
+                stream.write_all(format!("{note}\n").as_bytes()).await?;
+            }
+            Err(RecvError::Closed) => return Ok(()),
+        }
     }
 }
 

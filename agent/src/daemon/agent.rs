@@ -51,8 +51,11 @@ pub struct Agent {
     pub carried: Option<Carried>,
     /// The lane acceleration.
     pub accel: Accel,
-    /// The verdict trace's ring buffer, until the agent starts reading it.
+    /// The flow events' (and the verdict trace's) ring buffer, until the agent starts reading
+    /// it.
     pub trace: Mutex<Option<RingBuf<MapData>>>,
+    /// The flow events read from it, for `quadrant observe`.
+    pub flows: Arc<crate::flows::FlowLog>,
     /// The circuit breakers' ring buffer of transitions, until the agent starts reading it.
     pub breaker_events: Mutex<Option<RingBuf<MapData>>>,
     /// The SLOs and their windows.
@@ -433,6 +436,7 @@ impl Agent {
     pub fn set_trace(&self, mode: TraceMode) -> Result<TraceMode, LoaderError> {
         let mut dataplane = locked(&self.dataplane);
         dataplane.set_trace(mode.value())?;
+        self.flows.set_trace(dataplane.trace());
         Ok(TraceMode::of(dataplane.trace()))
     }
 

@@ -268,6 +268,7 @@ pub fn bring_up(
         carried,
         accel,
         trace: Mutex::new(trace),
+        flows: Arc::new(crate::flows::FlowLog::new(config)),
         breaker_events: Mutex::new(breaker_events),
         slo,
         shadows: crate::shadow::Shadows::default(),

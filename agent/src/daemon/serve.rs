@@ -170,7 +170,11 @@ pub(super) async fn serve(
     }
     start_identity_services(&agent, &stop_rx)?;
     if let Some(ring) = locked(&agent.trace).take() {
-        tokio::spawn(crate::trace::follow(ring, stop_rx.clone()));
+        tokio::spawn(crate::flows::follow(
+            ring,
+            Arc::clone(&agent.flows),
+            stop_rx.clone(),
+        ));
     }
     tokio::spawn(sample_slos(Arc::clone(&agent), stop_rx.clone()));
     tokio::spawn(record_workloads(Arc::clone(&agent), stop_rx.clone()));

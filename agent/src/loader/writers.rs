@@ -4,12 +4,14 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::maps::{Array, HashMap, LpmTrie, MapError, RingBuf, lpm_trie::Key};
+use aya::maps::{
+    Array, HashMap, LpmTrie, MapError, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key,
+};
 use dataplane_common::{
     Identity, Quadrant,
     maps::{
-        self, CgroupValue, DataplaneConfig, IfaceValue, MAX_PORT_RANGES, PolicyKey, PolicyValue,
-        PrefixValue, WlPolicyKey,
+        self, CgroupValue, DataplaneConfig, EventsLimit, IfaceValue, MAX_PORT_RANGES, PolicyKey,
+        PolicyValue, PrefixValue, WlPolicyKey,
     },
 };
 use ipnet::Ipv4Net;
@@ -38,7 +40,49 @@ impl Dataplane {
             Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         cfg.set(0, live, 0).map_err(map_err(maps::CONFIG))?;
         self.live = Some(live);
-        Ok(())
+        self.set_events_limit(config.observe.events_per_sec, config.observe.events_burst)
+    }
+
+    /// Sets every CPU's flow-event budget (`EVENTS_LIMIT`): `per_sec` events a second, `burst`
+    /// at once (0 per second: no flow events); the counts start from zero.
+    pub fn set_events_limit(&mut self, per_sec: u32, burst: u32) -> Result<(), LoaderError> {
+        let mut map: PerCpuArray<_, EventsLimit> =
+            PerCpuArray::try_from(self.map_mut(maps::EVENTS_LIMIT)?)
+                .map_err(map_err(maps::EVENTS_LIMIT))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| LoaderError::Io {
+            what: "cannot count the possible CPUs in",
+            path: "/sys/devices/system/cpu/possible".into(),
+            source: e,
+        })?;
+        let value = EventsLimit::new(per_sec, burst);
+        let values =
+            PerCpuValues::try_from(vec![value; cpus]).map_err(|source| LoaderError::Io {
+                what: "cannot build one value per possible CPU for",
+                path: maps::EVENTS_LIMIT.into(),
+                source,
+            })?;
+        map.set(0, values, 0).map_err(map_err(maps::EVENTS_LIMIT))
+    }
+
+    /// What every CPU wrote and lost of flow events, summed.
+    pub fn events_counts(&self) -> Result<EventsLimit, LoaderError> {
+        let map = self
+            .ebpf
+            .map(maps::EVENTS_LIMIT)
+            .ok_or(LoaderError::MissingMap {
+                name: maps::EVENTS_LIMIT,
+            })?;
+        let map: PerCpuArray<_, EventsLimit> =
+            PerCpuArray::try_from(map).map_err(map_err(maps::EVENTS_LIMIT))?;
+        let values = map.get(&0, 0).map_err(map_err(maps::EVENTS_LIMIT))?;
+        Ok(values.iter().fold(EventsLimit::default(), |mut sum, v| {
+            sum.per_sec = v.per_sec;
+            sum.burst = v.burst;
+            sum.written += v.written;
+            sum.lost_rate_limit += v.lost_rate_limit;
+            sum.lost_ring_full += v.lost_ring_full;
+            sum
+        }))
     }
 
     /// Adds (or replaces) PREFIXES entries, keeping the others: another node's quadrant

@@ -50,6 +50,10 @@ pub struct Sources {
     pub instances: Vec<crate::scale::InstanceStatus>,
     /// Chaos faults in force.
     pub chaos: Vec<crate::chaos::FaultStatus>,
+    /// Flow events the agent read, by kind.
+    pub flow_events: Vec<(crate::flows::EventKind, u64)>,
+    /// What the kernel's programs wrote and lost of flow events, summed over CPUs.
+    pub flow_limits: dataplane_common::maps::EventsLimit,
 }
 
 impl Sources {
@@ -57,13 +61,21 @@ impl Sources {
     #[must_use]
     pub fn read(agent: &Agent) -> Self {
         let mut unreadable = BTreeMap::new();
-        let (verdicts, policy_digest) = {
+        let (verdicts, policy_digest, flow_limits) = {
             let dataplane = locked(&agent.dataplane);
             let verdicts = dataplane.counters().unwrap_or_else(|e| {
                 unreadable.insert("verdicts", e.to_string());
                 Vec::new()
             });
-            (verdicts, dataplane.policy_digest().map(ToOwned::to_owned))
+            let limits = dataplane.events_counts().unwrap_or_else(|e| {
+                unreadable.insert("flow_events", e.to_string());
+                dataplane_common::maps::EventsLimit::default()
+            });
+            (
+                verdicts,
+                dataplane.policy_digest().map(ToOwned::to_owned),
+                limits,
+            )
         };
         let breakers = agent.breakers_report().map_or_else(
             |e| {
@@ -98,6 +110,8 @@ impl Sources {
             slos: agent.slo_report().slos,
             instances: agent.instances_report().instances,
             chaos,
+            flow_events: agent.flows.read_counts().to_vec(),
+            flow_limits,
         }
     }
 }
@@ -123,6 +137,7 @@ pub fn families(s: &Sources) -> Vec<Family> {
     out.extend(slos(s));
     out.extend(instances(s));
     out.extend(chaos(s));
+    out.extend(flow_events(s));
     out
 }
 
@@ -143,7 +158,7 @@ fn sources_up(s: &Sources) -> Family {
          missing from this scrape; the agent's log says why)",
         Kind::Gauge,
     );
-    for source in ["verdicts", "breakers", "chaos"] {
+    for source in ["verdicts", "breakers", "chaos", "flow_events"] {
         f.int(
             l(&[("source", source)]),
             u64::from(!s.unreadable.contains_key(source)),
@@ -523,6 +538,30 @@ fn instances(s: &Sources) -> Vec<Family> {
         connections.int(labels, i.connections);
     }
     vec![count, ready, draining, connections]
+}
+
+fn flow_events(s: &Sources) -> Vec<Family> {
+    let mut read = Family::new(
+        "quadrant_flow_events",
+        "Flow events the agent read from the kernel programs, by kind (drop, flow_open, \
+         flow_close, verdict)",
+        Kind::Counter,
+    );
+    for (kind, n) in &s.flow_events {
+        read.int(l(&[("event", kind.name())]), *n);
+    }
+    let mut lost = Family::new(
+        "quadrant_flow_events_lost",
+        "Flow events the kernel programs did not write: over a CPU's budget \
+         (observe.events_per_sec, reason rate_limit) or into a full ring buffer (ring_full)",
+        Kind::Counter,
+    );
+    lost.int(
+        l(&[("reason", "rate_limit")]),
+        s.flow_limits.lost_rate_limit,
+    );
+    lost.int(l(&[("reason", "ring_full")]), s.flow_limits.lost_ring_full);
+    vec![read, lost]
 }
 
 fn chaos(s: &Sources) -> Vec<Family> {
