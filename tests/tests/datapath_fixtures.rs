@@ -11,6 +11,7 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use dataplane_common::{
     Hook, Quadrant, Reason, Verdict,
     chaos::{CHAOS_ARMED, CHAOS_FAULTS, Fault, FaultKey},
+    maps::{EVENT_FLOW_CLOSE, EVENT_FLOW_OPEN, EVENT_VERDICT, TRACE_PACKET, TraceRecord},
     reason::UNATTRIBUTED_SLOT,
 };
 use quadrant::{
@@ -1226,4 +1227,96 @@ fn run_with_tstamp(dp: &mut Dataplane, packet: &[u8]) -> (u32, u64) {
         .expect("test_run");
     let tstamp = u64::from_ne_bytes(ctx[SKB_TSTAMP..SKB_TSTAMP + 8].try_into().expect("8 bytes"));
     (result.return_value, tstamp)
+}
+
+/// Every record waiting in the flow-event ring buffer.
+fn flow_records(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<TraceRecord> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<TraceRecord>(), "record size");
+        // SAFETY: the item holds exactly one TraceRecord, written by the programs; any bit
+        // pattern of its integer fields is valid.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<TraceRecord>()) });
+    }
+    out
+}
+
+/// A denied packet is one flow event with its reason; a flow tc starts tracking is a
+/// `flow_open`, its FIN a `flow_close`, an established packet none; beyond a CPU's budget the
+/// events are counted as lost; with flow events off (rate 0) a drop writes nothing.
+#[test]
+fn a_drop_is_one_flow_event_and_the_budget_holds() {
+    let mut dp = dataplane(&Config::embedded(), true);
+    let mut ring = dp.take_trace().expect("the flow event ring");
+    assert_eq!(
+        run(&mut dp, Hook::TcIngress, &tcp(DX, 40000, PX, 80), "denied"),
+        TC_ACT_SHOT
+    );
+    let got = flow_records(&mut ring);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = got[0];
+    assert_eq!(
+        (r.hook, r.slot, r.reason, r.event, r.kind),
+        (
+            Hook::TcIngress as u8,
+            Quadrant::Dx as u8,
+            Reason::DenyPolicy as u8,
+            EVENT_VERDICT,
+            TRACE_PACKET
+        )
+    );
+    assert_eq!(
+        (
+            Ipv4Addr::from(u32::from_be(r.saddr)),
+            u16::from_be(r.sport),
+            Ipv4Addr::from(u32::from_be(r.daddr)),
+            u16::from_be(r.dport)
+        ),
+        (DX, 40000, PX, 80)
+    );
+    assert_eq!(r.l4_flags & 0x02, 0x02, "the SYN flag is carried");
+
+    run(&mut dp, Hook::TcIngress, &tcp(DX, 40001, DG, 80), "opens");
+    run(
+        &mut dp,
+        Hook::TcIngress,
+        &tcp_ack(DX, 40001, DG, 80),
+        "established",
+    );
+    run(
+        &mut dp,
+        Hook::TcIngress,
+        &tcp_fin(DX, 40001, DG, 80),
+        "closes",
+    );
+    let events: Vec<(u8, u8)> = flow_records(&mut ring)
+        .iter()
+        .map(|r| (r.event, r.reason))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (EVENT_FLOW_OPEN, Reason::AllowPolicy as u8),
+            (EVENT_FLOW_CLOSE, Reason::AllowEstablished as u8)
+        ]
+    );
+
+    // One event a second, three at once: of ten drops, three are written (a fourth if the
+    // machine stalled a second between two of them), the rest counted as lost.
+    dp.set_events_limit(1, 3).expect("limit");
+    for port in 0..10 {
+        run(&mut dp, Hook::Xdp, &udp(DX, 41000 + port, PX, 53), "flood");
+    }
+    let written = flow_records(&mut ring).len() as u64;
+    assert!((3..=4).contains(&written), "{written} written");
+    let counts = dp.events_counts().expect("counts");
+    assert_eq!(
+        (counts.lost_rate_limit, counts.lost_ring_full),
+        (10 - written, 0)
+    );
+
+    // Off: a drop is counted, not reported.
+    dp.set_events_limit(0, 0).expect("off");
+    run(&mut dp, Hook::Xdp, &udp(DX, 42000, PX, 53), "off");
+    assert!(flow_records(&mut ring).is_empty());
 }

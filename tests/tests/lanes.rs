@@ -1027,6 +1027,45 @@ fn the_event_stream_reports_lanes_and_reloads_in_its_schema() {
     assert!(events[0]["seq"].as_u64() < events[2]["seq"].as_u64());
 }
 
+/// `quadrant events --quadrant px`: the events that name PX, and those that name no quadrant
+/// (a policy reload); a lane between DX and DG is not PX's.
+#[test]
+fn events_of_one_quadrant() {
+    use std::io::BufRead as _;
+    let mut inst = Instance::up(test_config(None), QPROBE);
+    let _server = start_echo(&mut inst, Quadrant::Dg, false);
+    let mut follower = std::process::Command::new(&inst.bin)
+        .arg("--config")
+        .arg(&inst.config_path)
+        .args(["events", "--quadrant", "px", "--count", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("quadrant events");
+    std::thread::sleep(Duration::from_millis(300));
+    summary(&call(&inst, Quadrant::Dx, "client", Quadrant::Dg, &[]));
+    refusal(&call(&inst, Quadrant::Px, "api", Quadrant::Dg, &[]));
+    assert!(inst.quadrant(&["policy", "reload"]).status.success());
+    let lines: Vec<String> = std::io::BufReader::new(follower.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    assert!(follower.wait().expect("wait").success());
+    let kinds: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let e: Value = serde_json::from_str(l).expect("JSON line");
+            e["event"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(kinds, ["lane_refused", "policy_reloaded"], "{lines:?}");
+    let bad = inst.quadrant(&["events", "--quadrant", "zz", "--count", "1"]);
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("unknown quadrant")
+            || String::from_utf8_lossy(&bad.stderr).contains("unknown quadrant"),
+        "{bad:?}"
+    );
+}
+
 /// TCP handshakes run side by side: connections that never speak TLS (a client stalling its
 /// handshake) hold up no other lane. Accepted one after the other, three stalled connections
 /// would keep the next genuine lane waiting 15 s, past its 5 s set-up timeout.

@@ -1,8 +1,10 @@
-//! Prometheus metrics of a running agent, checked with the Prometheus project's own tools: the
-//! scrape passes `promtool check metrics`, a real `prometheus` scrapes the agent and answers
-//! queries over what it stored, the counters follow the kernel's verdicts and the lanes'
-//! requests, and the shipped rules pass `promtool check rules` and their unit tests. Both tools
-//! come from Debian's `prometheus` package, unpacked by `cargo xtask setup`. Needs root.
+//! Prometheus metrics and flow events of a running agent. Metrics are checked with the
+//! Prometheus project's own tools: the scrape passes `promtool check metrics`, a real
+//! `prometheus` scrapes the agent and answers queries over what it stored, the counters follow
+//! the kernel's verdicts and the lanes' requests, and the shipped rules pass `promtool check
+//! rules` and their unit tests (both tools from Debian's `prometheus` package, unpacked by
+//! `cargo xtask setup`). Flow events: a denied packet is exactly one event with its reason, and
+//! a flood beyond the budget loses events that the metrics count. Needs root.
 #![expect(
     clippy::float_cmp,
     reason = "the samples compared are counts, exact in f64"
@@ -383,4 +385,158 @@ fn a_taken_metrics_address_stops_the_start_with_its_name() {
     );
     assert!(!config.socket_path().exists());
     let _ = std::fs::remove_file(&path);
+}
+
+/// `quadrant observe --output json` with `args`: the flow lines.
+fn observe(inst: &Instance, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["observe", "--output", "json", "--last", "10000"];
+    all.extend(args);
+    let out = inst.quadrant(&all);
+    assert!(
+        out.status.success(),
+        "observe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON flow line"))
+        .collect()
+}
+
+fn to_port(flows: &[Value], port: u16) -> Vec<&Value> {
+    flows
+        .iter()
+        .filter(|f| {
+            ["TCP", "UDP"]
+                .iter()
+                .any(|p| f["flow"]["l4"][p]["destination_port"] == port)
+        })
+        .collect()
+}
+
+/// Sends `n` UDP datagrams from inside quadrant `q`'s namespace (not its cgroup: the packet
+/// programs decide them) to `to:port`.
+fn udp_from_namespace(inst: &Instance, q: Quadrant, to: &str, port: u16, n: u32) {
+    let code = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range({n}):\n    s.sendto(b'x', ('{to}', {port}))\n"
+    );
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &inst.config.netns(q),
+            "python3",
+            "-c",
+            &code,
+        ])
+        .output_bounded();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_denied_packet_is_exactly_one_flow_event_with_its_reason() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let px = inst.addr(Quadrant::Px);
+    // A datagram from DX's namespace to PX: XDP drops it (the policy).
+    udp_from_namespace(&inst, Quadrant::Dx, &px, 7102, 1);
+    // A connect from DX's cgroup to PX: refused at the socket.
+    let (ok, line) = inst.probe(Quadrant::Dx, &["tcp-connect", &format!("{px}:7104"), "500"]);
+    assert!(!ok, "{line}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (udp, tcp) = loop {
+        let drops = observe(&inst, &["--quadrant", "dx", "--verdict", "dropped"]);
+        let (udp, tcp) = (to_port(&drops, 7102).len(), to_port(&drops, 7104).len());
+        if (udp, tcp) == (1, 1) || Instant::now() > deadline {
+            break (
+                to_port(&drops, 7102)
+                    .into_iter()
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                to_port(&drops, 7104)
+                    .into_iter()
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(udp.len(), 1, "{udp:?}");
+    let f = &udp[0]["flow"];
+    assert_eq!(f["verdict"], "DROPPED");
+    assert_eq!(f["drop_reason_desc"], "deny_policy");
+    assert_eq!(f["hook"], "xdp");
+    assert_eq!(f["event"], "drop");
+    assert_eq!(f["traffic_direction"], "EGRESS");
+    assert_eq!(f["IP"]["source"], inst.addr(Quadrant::Dx));
+    assert_eq!(f["IP"]["destination"], px);
+    assert_eq!(f["source"]["labels"][0], "quadrant:dx");
+    assert_eq!(f["destination"]["labels"][0], "quadrant:px");
+    assert_eq!(udp[0]["node_name"], inst.config.instance);
+    assert_eq!(tcp.len(), 1, "{tcp:?}");
+    assert_eq!(tcp[0]["flow"]["hook"], "connect4");
+    assert_eq!(tcp[0]["flow"]["drop_reason_desc"], "deny_policy");
+    // Filters that exclude it: another quadrant, forwarded flows, another reason.
+    for args in [
+        &["--quadrant", "dg"][..],
+        &["--verdict", "forwarded"][..],
+        &["--reason", "deny_spoofed"][..],
+        &["--direction", "ingress"][..],
+    ] {
+        assert!(
+            to_port(&observe(&inst, args), 7102).is_empty(),
+            "{args:?} let the drop through"
+        );
+    }
+    let out = inst.quadrant(&["observe", "--quadrant", "zz"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quadrant \"zz\""));
+}
+
+/// Ten events a second per CPU, five at once: a flood of 500 denied datagrams loses most of its
+/// events, and every one is either read or counted lost.
+#[test]
+fn a_flood_beyond_the_budget_loses_events_and_the_metrics_count_them() {
+    let mut config = test_config(None);
+    config.observe.events_per_sec = 10;
+    config.observe.events_burst = 5;
+    let inst = Instance::up(config, QPROBE);
+    let addr = metrics_addr(&inst);
+    let px = inst.addr(Quadrant::Px);
+    let lost = |text: &str| {
+        sample(
+            text,
+            "quadrant_flow_events_lost_total{reason=\"rate_limit\"}",
+        )
+        .unwrap_or(0.0)
+            + sample(
+                text,
+                "quadrant_flow_events_lost_total{reason=\"ring_full\"}",
+            )
+            .unwrap_or(0.0)
+    };
+    let before = lost(&get(addr, "/metrics", None).1);
+    udp_from_namespace(&inst, Quadrant::Dx, &px, 7105, 500);
+    std::thread::sleep(Duration::from_millis(500));
+    let read = f64::from(
+        u32::try_from(to_port(&observe(&inst, &["--verdict", "dropped"]), 7105).len())
+            .expect("fewer than 2^32"),
+    );
+    let (_, text) = get(addr, "/metrics", None);
+    let lost = lost(&text) - before;
+    assert!(read >= 5.0, "the burst is written: {read} read");
+    assert!(read < 100.0, "the budget held: {read} read");
+    assert!(
+        lost >= 500.0 - read,
+        "{read} read and {lost} lost of 500 drops"
+    );
+    assert!(
+        sample(&text, "quadrant_flow_events_total{event=\"drop\"}").unwrap_or(0.0) >= read,
+        "{text}"
+    );
+    promtool_check(&text);
 }
