@@ -81,6 +81,23 @@ pub fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
     }
 }
 
+/// Writes `bytes` to `path` atomically (a temporary file beside it, renamed over it), root-only
+/// (0600) from the temporary file's creation on.
+pub fn write_private_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| io::Write::write_all(&mut f, bytes))
+        .and_then(|()| fs::rename(&tmp, path))
+}
+
 /// Runs `ip ARGS…` and returns its stdout.
 pub fn ip(args: &[&str]) -> Result<String, SysError> {
     let cmd = format!("ip {}", args.join(" "));

@@ -127,6 +127,8 @@ fn config_in_slot(n: u8, policy: Option<Vec<PolicyRule>>) -> Config {
     let _ = std::fs::remove_file(&c.audit_log);
     let _ = std::fs::remove_file(quadrant::audit::head_path(&c.audit_log));
     let _ = std::fs::remove_file(quadrant::daemon::state::generations_path(&c));
+    let _ = std::fs::remove_file(quadrant::pods::record_path(&c));
+    let _ = std::fs::remove_dir_all(quadrant::pods::pending_dir(&c.socket_path()));
     c
 }
 

@@ -6,5 +6,6 @@
 )]
 
 pub mod bounded;
+pub mod cni;
 pub mod harness;
 pub mod packets;

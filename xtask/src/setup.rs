@@ -21,8 +21,15 @@ use anyhow::{Context as _, bail};
 use toolchain::{BPF_LINKER_VERSION, Pin};
 
 /// Debian packages the tests and benchmarks use besides LLVM: bpftool (pinned-map checks),
-/// iperf3 and nftables (datapath benchmark), iproute2 (namespaces, veths).
-const TOOL_PACKAGES: &[&str] = &["bpftool", "iperf3", "nftables", "iproute2"];
+/// iperf3 and nftables (datapath benchmark), iproute2 (namespaces, veths), the CNI reference
+/// plugins (`/usr/lib/cni`: `ptp` and `host-local` before `quadrant-cni` in the chaining tests).
+const TOOL_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iperf3",
+    "nftables",
+    "iproute2",
+    "containernetworking-plugins",
+];
 
 /// Where the Debian `prometheus` package is unpacked (not installed: installing it would start
 /// a Prometheus server on the machine): `usr/bin/prometheus` scrapes a test agent and

@@ -4,6 +4,7 @@
 
 mod artifacts;
 mod chaos;
+mod cni;
 mod lanes;
 mod lifecycle;
 mod observe;
@@ -278,6 +279,18 @@ pub enum Command {
         #[command(subcommand)]
         command: chaos::ChaosCommand,
     },
+    /// Kubernetes nodes: chain `quadrant-cni` into the node's CNI configuration, or take it
+    /// out again.
+    Cni {
+        #[command(subcommand)]
+        command: cni::CniCommand,
+    },
+    /// The pods `quadrant-cni` attached: their quadrant, veth, addresses and programs.
+    Pods {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 /// Text for people, or JSON for programs.
@@ -311,6 +324,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => lanes::scale(&config, &quadrant, instances),
         Command::Instances { output } => lanes::instances(&config, output),
         Command::Chaos { command } => chaos::run(&config, cli.config.as_deref(), command),
+        Command::Cni { command } => cni::run(&config, command),
+        Command::Pods { output } => cni::pods(&config, output),
         Command::Place {
             plan,
             explain,

@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 mod breakers;
+mod cni;
 mod instances;
 mod metrics;
 mod observe;
@@ -22,6 +23,7 @@ mod shadows;
 mod validate;
 
 pub use breakers::BreakersConfig;
+pub use cni::CniConfig;
 pub use instances::{
     InstanceCapacity, InstanceRef, MAX_INSTANCES, ServiceConfig, UNLIMITED_WEIGHT,
 };
@@ -177,6 +179,9 @@ pub struct Config {
     /// Flow events: the kernel's budget per CPU and how many the agent keeps.
     #[serde(default, skip_serializing_if = "is_default")]
     pub observe: ObserveConfig,
+    /// Kubernetes nodes: chaining `quadrant-cni` into the node's CNI configuration.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cni: CniConfig,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

@@ -115,6 +115,7 @@ impl Config {
         self.breakers.validate()?;
         self.shadows.validate()?;
         self.observe.validate()?;
+        self.cni.validate()?;
         crate::slo::spec::validate(&self.slos)
     }
 

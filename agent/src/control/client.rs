@@ -233,6 +233,61 @@ impl Client {
         })
     }
 
+    /// `pod_add` (CNI ADD).
+    pub fn pod_add(
+        &self,
+        pod: crate::pods::PodSpec,
+    ) -> Result<crate::pods::PodStatus, ClientError> {
+        self.expect(&Request::PodAdd { pod }, "pod_add", |r| match r {
+            Response::Pod(p) => Ok(*p),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `pod_del` (CNI DEL): whether it was attached.
+    pub fn pod_del(&self, container_id: &str, ifname: &str) -> Result<bool, ClientError> {
+        let request = Request::PodDel {
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+        };
+        self.expect(&request, "pod_del", |r| match r {
+            Response::PodDeleted { removed } => Ok(removed),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `pod_check` (CNI CHECK).
+    pub fn pod_check(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<crate::pods::PodStatus, ClientError> {
+        let request = Request::PodCheck {
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+        };
+        self.expect(&request, "pod_check", |r| match r {
+            Response::Pod(p) => Ok(*p),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `pod_gc` (CNI GC): the pods detached.
+    pub fn pod_gc(&self, valid: Vec<crate::pods::Attachment>) -> Result<Vec<String>, ClientError> {
+        self.expect(&Request::PodGc { valid }, "pod_gc", |r| match r {
+            Response::PodsCollected { removed } => Ok(removed),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `pods`.
+    pub fn pods(&self) -> Result<Vec<crate::pods::PodStatus>, ClientError> {
+        self.expect(&Request::Pods, "pods", |r| match r {
+            Response::Pods { pods } => Ok(pods),
+            other => Err(Box::new(other)),
+        })
+    }
+
     /// `submit`; with `shadow`, the new generation starts as a shadow of the live one.
     pub fn submit(&self, envelope: Envelope, shadow: bool) -> Result<Started, ClientError> {
         self.expect(&Request::Submit { envelope, shadow }, "submit", started)

@@ -149,6 +149,33 @@ pub enum Request {
         /// PEM certificates.
         svid_pem: String,
     },
+    /// CNI ADD (`quadrant-cni`): put the quadrant programs on a pod's host-side veth and count
+    /// its addresses as its quadrant's.
+    PodAdd {
+        /// The pod.
+        pod: crate::pods::PodSpec,
+    },
+    /// CNI DEL: take them off again (a pod not attached is no error).
+    PodDel {
+        /// `CNI_CONTAINERID`.
+        container_id: String,
+        /// `CNI_IFNAME`.
+        ifname: String,
+    },
+    /// CNI CHECK: the pod is attached as it was.
+    PodCheck {
+        /// `CNI_CONTAINERID`.
+        container_id: String,
+        /// `CNI_IFNAME`.
+        ifname: String,
+    },
+    /// CNI GC: detach every pod not in `valid`.
+    PodGc {
+        /// `cni.dev/valid-attachments`.
+        valid: Vec<crate::pods::Attachment>,
+    },
+    /// The attached pods.
+    Pods,
 }
 
 /// The agent's answer.
@@ -243,6 +270,23 @@ pub enum Response {
     },
     /// Answer to [`Request::Admit`].
     Admission(crate::admission::Decision),
+    /// Answer to [`Request::PodAdd`] and [`Request::PodCheck`].
+    Pod(Box<crate::pods::PodStatus>),
+    /// Answer to [`Request::PodDel`].
+    PodDeleted {
+        /// It was attached.
+        removed: bool,
+    },
+    /// Answer to [`Request::PodGc`].
+    PodsCollected {
+        /// `<container id>/<ifname>` of each pod detached.
+        removed: Vec<String>,
+    },
+    /// Answer to [`Request::Pods`].
+    Pods {
+        /// Every attached pod.
+        pods: Vec<crate::pods::PodStatus>,
+    },
     /// The new policy is live.
     PolicyReloaded {
         /// Policy state line (as in status).

@@ -206,6 +206,11 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
             })
             .await
         }
+        Request::PodAdd { .. }
+        | Request::PodDel { .. }
+        | Request::PodCheck { .. }
+        | Request::PodGc { .. }
+        | Request::Pods => pods(request, agent).await,
         Request::IdentityOutage { quadrant, millis } => {
             Ok(outage(&agent.outages, quadrant, millis))
         }
@@ -215,25 +220,7 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
         Request::Workloads => Ok(Response::Workloads {
             workloads: agent.supervisor.list(),
         }),
-        Request::Stop { name } => {
-            // A workload that stops takes its shadow generation with it (recorded as rejected).
-            if agent.shadows.generation_of(&name).is_some()
-                && let Err(e) = agent
-                    .shadows
-                    .decide(agent, &name, crate::shadow::Decision::Rejected)
-                    .await
-            {
-                tracing::warn!(error = %e, workload = %name, "its shadow generation did not stop");
-            }
-            let stopped = agent.supervisor.stop(&name).await;
-            if stopped.is_ok() {
-                // Its SLOs and breaker thresholds leave with it (removing can only make the
-                // set valid).
-                let _ = agent.set_workload_slos(&name, Vec::new());
-                let _ = agent.broker.set_plan_breaker(&name, None);
-            }
-            Ok(stopped.map_or_else(error, Response::Stopped))
-        }
+        Request::Stop { name } => Ok(stop(agent, &name).await),
         Request::Admit { review, svid_pem } => {
             blocking(agent, move |a| {
                 Response::Admission(a.admit(&review, &svid_pem))
@@ -247,6 +234,26 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
     answer.unwrap_or_else(|e| e)
 }
 
+/// `stop`: a workload that stops takes its shadow generation with it (recorded as rejected),
+/// and its SLOs and breaker thresholds.
+async fn stop(agent: &Arc<Agent>, name: &str) -> Response {
+    if agent.shadows.generation_of(name).is_some()
+        && let Err(e) = agent
+            .shadows
+            .decide(agent, name, crate::shadow::Decision::Rejected)
+            .await
+    {
+        tracing::warn!(error = %e, workload = %name, "its shadow generation did not stop");
+    }
+    let stopped = agent.supervisor.stop(name).await;
+    if stopped.is_ok() {
+        // Removing can only make the set valid.
+        let _ = agent.set_workload_slos(name, Vec::new());
+        let _ = agent.broker.set_plan_breaker(name, None);
+    }
+    stopped.map_or_else(error, Response::Stopped)
+}
+
 fn submitted(result: Result<deploy::Submitted, deploy::DeployError>) -> Response {
     match result {
         Ok(s) => Response::Submitted {
@@ -258,6 +265,37 @@ fn submitted(result: Result<deploy::Submitted, deploy::DeployError>) -> Response
         },
         Err(e) => error(e),
     }
+}
+
+/// The CNI requests (`quadrant-cni`) and `pods`.
+async fn pods(request: Request, agent: &Arc<Agent>) -> Result<Response, Response> {
+    blocking(agent, move |a| {
+        let (pods, dp, config) = (&a.pods, &a.dataplane, &a.config);
+        let answer = match request {
+            Request::PodAdd { pod } => pods
+                .add(config, dp, pod)
+                .map_or_else(error, |p| Response::Pod(Box::new(p))),
+            Request::PodDel {
+                container_id,
+                ifname,
+            } => pods
+                .del(dp, &container_id, &ifname)
+                .map_or_else(error, |removed| Response::PodDeleted { removed }),
+            Request::PodCheck {
+                container_id,
+                ifname,
+            } => pods
+                .check(&container_id, &ifname)
+                .map_or_else(error, |p| Response::Pod(Box::new(p))),
+            Request::PodGc { valid } => pods
+                .gc(dp, &valid)
+                .map_or_else(error, |removed| Response::PodsCollected { removed }),
+            _ => Response::Pods { pods: pods.list() },
+        };
+        a.flows.set_pods(&pods.list());
+        answer
+    })
+    .await
 }
 
 /// Writes each event (of `quadrant`, if given) as a JSON line until the subscriber goes away

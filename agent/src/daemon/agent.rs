@@ -66,6 +66,8 @@ pub struct Agent {
     pub instances: crate::scale::Instances,
     /// Outages of the Workload API a chaos experiment asked for.
     pub outages: Arc<crate::chaos::outage::Outages>,
+    /// Pods attached by `quadrant-cni`.
+    pub pods: crate::pods::Pods,
     /// Where `/metrics` is served (set once the endpoint listens).
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }

@@ -275,6 +275,7 @@ pub fn bring_up(
         instances,
         outages: Arc::default(),
         metrics_addr: std::sync::OnceLock::new(),
+        pods: crate::pods::Pods::load(config),
     })
 }
 

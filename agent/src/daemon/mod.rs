@@ -69,15 +69,50 @@ pub async fn up(
             })?),
             None => None,
         };
+    // Kubernetes nodes: pods of the runtime's network reach this agent through quadrant-cni.
+    if config.cni.install {
+        let (path, changed) = crate::cni::conflist::install(
+            &config.cni.conf_dir,
+            config.cni.quadrant.as_deref(),
+            &config.socket_path(),
+        )
+        .map_err(|e| DaemonError::Refused(format!("cannot chain quadrant-cni: {e}")))?;
+        if changed {
+            tracing::info!(conflist = %path.display(), "quadrant-cni chained");
+        }
+    }
     let c = config.clone();
     let (agent, handed) = tokio::task::spawn_blocking(move || start(&c))
         .await
         .map_err(|e| DaemonError::Refused(format!("bring-up failed: {e}")))??;
     let agent = Arc::new(agent);
     adopt_workloads(&agent, handed).await;
+    // The pods an earlier agent attached (their veths still there), and the DELs queued while
+    // no agent ran.
+    let a = Arc::clone(&agent);
+    let pods = tokio::task::spawn_blocking(move || {
+        let n = a.pods.restore(&a.config, &a.dataplane);
+        a.flows.set_pods(&a.pods.list());
+        n
+    })
+    .await
+    .unwrap_or_default();
+    if pods > 0 {
+        tracing::info!(pods, "pods attached again");
+    }
     let result = serve::serve(Arc::clone(&agent), metrics, ready).await;
     if matches!(result, Ok(Stopped::DataplaneKept)) {
         return result;
+    }
+    if agent.config.cni.install {
+        match crate::cni::conflist::uninstall(&agent.config.cni.conf_dir) {
+            Ok(files) => {
+                for f in files {
+                    tracing::info!(conflist = %f.display(), "quadrant-cni taken out");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take quadrant-cni out of the conflist"),
+        }
     }
     let mounted = locked(&agent.state).mounted_cgroup2;
     let down = teardown(&agent.config, mounted);

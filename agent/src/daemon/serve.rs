@@ -3,12 +3,7 @@
 //! `policy_dir` reload the policy on a blocking thread meanwhile. Then the answer to `down`:
 //! everything removed, or the dataplane kept for the next agent.
 
-use std::{
-    fs,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    path::Path,
-    sync::Arc,
-};
+use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
 
 use dataplane_common::Quadrant;
 use tokio::{
@@ -291,15 +286,7 @@ async fn record_workloads(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
             match serde_yaml::to_string(&snapshot) {
                 Ok(text) => {
                     // Root only from its creation on: it holds the workloads' environment.
-                    let tmp = path.with_extension("yaml.tmp");
-                    let _ = fs::remove_file(&tmp);
-                    let written = fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&tmp)
-                        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-                        .and_then(|()| fs::rename(&tmp, &path));
+                    let written = sys::write_private_atomically(&path, text.as_bytes());
                     match written {
                         Ok(()) => last = Some(snapshot),
                         Err(e) => {

@@ -282,6 +282,8 @@ impl FlowFilter {
 pub struct FlowLog {
     node: String,
     prefixes: Vec<(Ipv4Net, Identity)>,
+    /// The addresses of the pods attached (CNI chaining), as their quadrants'.
+    pods: std::sync::RwLock<Vec<(Ipv4Addr, Identity)>>,
     capacity: usize,
     kept: Mutex<VecDeque<Arc<FlowLine>>>,
     tx: broadcast::Sender<Arc<FlowLine>>,
@@ -304,6 +306,7 @@ impl FlowLog {
         Self {
             node: config.instance.clone(),
             prefixes,
+            pods: std::sync::RwLock::default(),
             capacity: config.observe.buffer as usize,
             kept: Mutex::new(VecDeque::new()),
             tx: broadcast::channel(FOLLOW_BACKLOG).0,
@@ -323,7 +326,30 @@ impl FlowLog {
         EventKind::ALL.map(|k| (k, self.read[k.index()].load(Ordering::Relaxed)))
     }
 
+    /// Names the attached pods' addresses as their quadrants' (the kernel's `PREFIXES` has
+    /// them as /32 entries).
+    pub fn set_pods(&self, pods: &[crate::pods::PodStatus]) {
+        let addrs = pods
+            .iter()
+            .filter_map(|p| {
+                let q = Quadrant::from_name(&p.spec.quadrant)?;
+                Some(
+                    p.spec
+                        .addresses
+                        .iter()
+                        .map(move |a| (a.addr(), Identity::from(q))),
+                )
+            })
+            .flatten()
+            .collect();
+        *self.pods.write().unwrap_or_else(PoisonError::into_inner) = addrs;
+    }
+
     fn identity(&self, addr: Ipv4Addr) -> Identity {
+        let pods = self.pods.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, id)) = pods.iter().find(|(a, _)| *a == addr) {
+            return *id;
+        }
         self.prefixes
             .iter()
             .find(|(net, _)| net.contains(&addr))

@@ -22,11 +22,13 @@ mod attach;
 mod breakers;
 mod carry_breakers;
 mod lb;
+mod pods;
 pub use lb::expire_flows;
 mod takeover;
 mod writers;
 
 use attach::quadrant_programs;
+pub use pods::pod_link_dir;
 pub use takeover::{Carried, KeptDataplane};
 use writers::empty_policy_slot;
 pub use writers::{lpm_key, prefix_entries};

@@ -50,6 +50,8 @@ pub struct Sources {
     pub instances: Vec<crate::scale::InstanceStatus>,
     /// Chaos faults in force.
     pub chaos: Vec<crate::chaos::FaultStatus>,
+    /// Pods attached by `quadrant-cni`.
+    pub pods: Vec<crate::pods::PodStatus>,
     /// Flow events the agent read, by kind.
     pub flow_events: Vec<(crate::flows::EventKind, u64)>,
     /// What the kernel's programs wrote and lost of flow events, summed over CPUs.
@@ -110,6 +112,7 @@ impl Sources {
             slos: agent.slo_report().slos,
             instances: agent.instances_report().instances,
             chaos,
+            pods: agent.pods.list(),
             flow_events: agent.flows.read_counts().to_vec(),
             flow_limits,
         }
@@ -133,6 +136,7 @@ pub fn families(s: &Sources) -> Vec<Family> {
     out.extend(policy(s));
     out.extend(lanes(s));
     out.push(workloads(s));
+    out.push(pods(s));
     out.extend(breakers(s));
     out.extend(slos(s));
     out.extend(instances(s));
@@ -391,6 +395,23 @@ fn workloads(s: &Sources) -> Family {
                 .count();
             f.int(l(&[("quadrant", q.name()), ("state", state)]), n as u64);
         }
+    }
+    f
+}
+
+fn pods(s: &Sources) -> Family {
+    let mut f = Family::new(
+        "quadrant_pods",
+        "Pods quadrant-cni attached, by quadrant",
+        Kind::Gauge,
+    );
+    for q in &s.quadrants {
+        let n = s
+            .pods
+            .iter()
+            .filter(|p| p.spec.quadrant == q.name())
+            .count();
+        f.int(l(&[("quadrant", q.name())]), n as u64);
     }
     f
 }

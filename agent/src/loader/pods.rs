@@ -1,0 +1,180 @@
+//! Pods of a Kubernetes node (CNI chaining, `quadrant-cni`): the packet programs — XDP, tcx
+//! ingress and egress — on a pod's host-side veth, as on a quadrant's, with the links pinned
+//! under `<pin_dir>/links/pods/<key>/`; the veth registered in `IFACES` and the pod's addresses
+//! in `PREFIXES` as its quadrant's, so that the policy judges the pod as that quadrant.
+
+use std::{fs, path::PathBuf};
+
+use aya::programs::{
+    ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    links::{FdLink, PinnedLink},
+    tc::SchedClassifierLink,
+    xdp::XdpLink,
+};
+use dataplane_common::{Hook, Identity, Quadrant, maps};
+use ipnet::Ipv4Net;
+
+use super::{AttachedProgram, Dataplane, LoaderError, map_err, programs};
+use crate::config::XdpAttachMode;
+
+/// The packet programs of a host-side veth, with their hooks.
+const PACKET_PROGRAMS: [(&str, Hook); 3] = [
+    (programs::XDP, Hook::Xdp),
+    (programs::TC_INGRESS, Hook::TcIngress),
+    (programs::TC_EGRESS, Hook::TcEgress),
+];
+
+/// Where a pod's links are pinned: `<pin_dir>/links/pods/<key>`.
+#[must_use]
+pub fn pod_link_dir(pin_dir: &std::path::Path, key: &str) -> PathBuf {
+    pin_dir.join("links").join("pods").join(key)
+}
+
+impl Dataplane {
+    /// Registers the pod's veth `ifname` (`ifindex`) and `addresses` as quadrant `q`'s and
+    /// puts the packet programs on the veth. A link already pinned for `key` (a pod an earlier
+    /// agent attached) is switched to this object's program atomically; a missing one is
+    /// attached and pinned.
+    pub fn attach_pod(
+        &mut self,
+        key: &str,
+        ifname: &str,
+        ifindex: u32,
+        q: Quadrant,
+        addresses: &[Ipv4Net],
+        xdp_mode: XdpAttachMode,
+    ) -> Result<Vec<AttachedProgram>, LoaderError> {
+        self.register_iface(ifindex, q)?;
+        let host: Vec<(Ipv4Net, Identity)> = addresses
+            .iter()
+            .map(|a| (Ipv4Net::new(a.addr(), 32).unwrap_or(*a), Identity::from(q)))
+            .collect();
+        self.add_prefixes(&host)?;
+        let dir = self
+            .pin_dir
+            .as_ref()
+            .map(|d| pod_link_dir(d, key))
+            .ok_or(LoaderError::NotReady("attaching a pod (no pin directory)"))?;
+        fs::create_dir_all(&dir).map_err(|source| LoaderError::Io {
+            what: "cannot create",
+            path: dir.clone(),
+            source,
+        })?;
+        let mode = if xdp_mode == XdpAttachMode::Native {
+            XdpMode::Driver
+        } else {
+            XdpMode::Skb
+        };
+        let mut out = Vec::new();
+        for (name, hook) in PACKET_PROGRAMS {
+            if hook == Hook::Xdp && xdp_mode == XdpAttachMode::Off {
+                continue;
+            }
+            let path = dir.join(hook.name());
+            let op = |source: ProgramError| LoaderError::ProgramOp {
+                action: "cannot attach",
+                program: name,
+                target: format!(" to pod veth {ifname}"),
+                source: Box::new(source),
+            };
+            let pin_err = |reason: String| LoaderError::Pin {
+                path: path.clone(),
+                reason,
+            };
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::Program { name })?;
+            let switch = path.exists();
+            if hook == Hook::Xdp {
+                let p: &mut Xdp = prog.try_into().map_err(op)?;
+                if switch {
+                    let old = FdLink::from(
+                        PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?,
+                    );
+                    let link = XdpLink::try_from(old).map_err(|e| pin_err(e.to_string()))?;
+                    let id = p.attach_to_link(link).map_err(op)?;
+                    drop(p.take_link(id).map_err(op)?);
+                } else {
+                    let id = p.attach(ifname, mode).map_err(op)?;
+                    let link: FdLink = p
+                        .take_link(id)
+                        .map_err(op)?
+                        .try_into()
+                        .map_err(|_| op(ProgramError::UnexpectedProgramType))?;
+                    link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+                }
+            } else {
+                let p: &mut SchedClassifier = prog.try_into().map_err(op)?;
+                if switch {
+                    let old = FdLink::from(
+                        PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?,
+                    );
+                    let link =
+                        SchedClassifierLink::try_from(old).map_err(|e| pin_err(e.to_string()))?;
+                    let id = p.attach_to_link(link).map_err(op)?;
+                    drop(p.take_link(id).map_err(op)?);
+                } else {
+                    let dir = if hook == Hook::TcIngress {
+                        TcAttachType::Ingress
+                    } else {
+                        TcAttachType::Egress
+                    };
+                    let id = p.attach(ifname, dir).map_err(op)?;
+                    let link: FdLink = p
+                        .take_link(id)
+                        .map_err(op)?
+                        .try_into()
+                        .map_err(|_| op(ProgramError::UnexpectedProgramType))?;
+                    link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+                }
+            }
+            out.push(AttachedProgram {
+                hook: hook.name().to_owned(),
+                program: name.to_owned(),
+                program_id: self.program_id(name)?,
+                target: format!("pod veth {ifname}"),
+                link_pin: path,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Takes the pod's programs off its veth (removing the pins ends the links; a veth already
+    /// gone took them with it) and forgets the veth and the pod's addresses. Nothing there is
+    /// not an error.
+    pub fn detach_pod(
+        &mut self,
+        key: &str,
+        ifindex: u32,
+        addresses: &[Ipv4Net],
+    ) -> Result<(), LoaderError> {
+        if let Some(dir) = self.pin_dir.as_ref().map(|d| pod_link_dir(d, key))
+            && dir.exists()
+        {
+            fs::remove_dir_all(&dir).map_err(|source| LoaderError::Io {
+                what: "cannot unpin the links of",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ifaces: aya::maps::HashMap<_, u32, maps::IfaceValue> =
+            aya::maps::HashMap::try_from(self.map_mut(maps::IFACES)?)
+                .map_err(map_err(maps::IFACES))?;
+        match ifaces.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::IFACES)(e)),
+        }
+        let mut trie: aya::maps::LpmTrie<_, u32, maps::PrefixValue> =
+            aya::maps::LpmTrie::try_from(self.map_mut(maps::PREFIXES)?)
+                .map_err(map_err(maps::PREFIXES))?;
+        for a in addresses {
+            let key = super::lpm_key(Ipv4Net::new(a.addr(), 32).unwrap_or(*a));
+            match trie.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::PREFIXES)(e)),
+            }
+        }
+        Ok(())
+    }
+}
