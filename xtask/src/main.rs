@@ -7,6 +7,7 @@
 //! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
 //! | `verifier` | loads every program and prints the kernel's verified instruction counts |
 //! | `bench datapath`, `bench policy`, `bench lanes`, `bench slo`, `bench scale` | the benchmarks (benches/) |
+//! | `deploy render --out DIR`, `deploy node [--root DIR]` | Kubernetes manifests (deploy/), or the agent installed on this host |
 //! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser, the envelope decoder and the lane frame decoders (fuzz/) |
 //!
 //! Deliberately free of the agent crate: `setup` must run before the eBPF toolchain exists.
@@ -49,6 +50,14 @@ enum Task {
         /// Seconds per target.
         #[arg(default_value_t = 60)]
         seconds: u64,
+    },
+    /// Deploy: `render --out DIR` writes the Kubernetes manifests (Namespace, RBAC, ConfigMap,
+    /// DaemonSet, metrics Service, kustomization); `node [--root DIR]` builds the release
+    /// binaries and installs them, the systemd unit and a configuration on this host.
+    Deploy {
+        /// `render` or `node`, and their arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run a benchmark: `datapath`, `policy`, `lanes`, `slo` or `scale`.
     Bench {
@@ -118,7 +127,36 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             bench(&name)
         }
+        Task::Deploy { args } => deploy(&args),
     }
+}
+
+/// `cargo xtask deploy …`: `node` builds the agent's release binaries first and installs them
+/// from `target/release`; both run `quadrant-deploy` (deploy/).
+fn deploy(args: &[String]) -> anyhow::Result<()> {
+    let mut args = args.to_vec();
+    if args.first().map(String::as_str) == Some("node") {
+        setup::run()?;
+        cargo(&["build", "--release", "--package", "agent", "--bins"])?;
+        args.push("--bin-dir".into());
+        args.push(
+            workspace_root()
+                .join("target/release")
+                .display()
+                .to_string(),
+        );
+    }
+    let mut run = vec![
+        "run",
+        "--quiet",
+        "--package",
+        "deploy",
+        "--bin",
+        "quadrant-deploy",
+        "--",
+    ];
+    run.extend(args.iter().map(String::as_str));
+    cargo(&run)
 }
 
 /// `cargo xtask bench NAME`: builds what the benchmark runs (the agent's binaries, and the test

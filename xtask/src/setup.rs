@@ -40,8 +40,14 @@ pub const PROMETHEUS_TOOLS: &str = "target/tools/prometheus";
 /// workspace's `target/`.
 pub const PYTHON_ENV: &str = "target/pyenv";
 /// What it holds: gRPC C-core (grpcio) with the protobuf compiler plugin for stubs from the
-/// published workload.proto, and py-spiffe, the SPIFFE project's Python client library.
-const PYTHON_REQUIREMENTS: &[&str] = &["grpcio==1.85.3", "grpcio-tools==1.85.1", "spiffe==0.3.2"];
+/// published workload.proto, py-spiffe, the SPIFFE project's Python client library, and
+/// kubernetes-validate, which checks the rendered manifests against the Kubernetes schemas.
+const PYTHON_REQUIREMENTS: &[&str] = &[
+    "grpcio==1.85.3",
+    "grpcio-tools==1.85.1",
+    "spiffe==0.3.2",
+    "kubernetes-validate==1.37.0",
+];
 /// The Workload API definition the Python stubs are generated from.
 const WORKLOAD_PROTO: &str = "agent/proto/workload.proto";
 /// Records what the environment was made from; a different record remakes it.
