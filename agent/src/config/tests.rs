@@ -291,3 +291,22 @@ fn peers_are_checked() {
     let err = with(&format!("  nodes:\n{many}")).unwrap_err().to_string();
     assert!(err.contains("at most 14"), "{err}");
 }
+
+/// The configuration the Kubernetes manifests carry (`manifests/kubernetes/configmap.yaml`,
+/// rendered by `cargo xtask deploy render`) is one the agent takes.
+#[test]
+fn the_kubernetes_config_map_holds_a_valid_configuration() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/kubernetes/configmap.yaml"
+    );
+    let cm: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).expect("configmap")).expect("yaml");
+    let text = cm["data"]["config.yaml"].as_str().expect("config.yaml");
+    let c = Config::from_yaml(text, path).expect("a valid configuration");
+    assert!(c.cni.install);
+    assert_eq!(
+        c.metrics.listen,
+        Some("0.0.0.0:9965".parse().expect("address"))
+    );
+}
