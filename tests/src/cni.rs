@@ -60,6 +60,8 @@ pub struct Attachment {
     pub ifname: String,
     /// The runtime's values of capabilities (e.g. `io.kubernetes.cri.pod-annotations`).
     pub runtime_config: Value,
+    /// `CNI_ARGS` (kubelet's runtimes pass `K8S_POD_NAMESPACE` and `K8S_POD_NAME`).
+    pub args: String,
 }
 
 impl Runtime {
@@ -119,7 +121,8 @@ impl Runtime {
         if let Some(a) = a {
             cmd.env("CNI_CONTAINERID", &a.container_id)
                 .env("CNI_NETNS", &a.netns)
-                .env("CNI_IFNAME", &a.ifname);
+                .env("CNI_IFNAME", &a.ifname)
+                .env("CNI_ARGS", &a.args);
         }
         let mut child = cmd.spawn().expect("plugin");
         child

@@ -103,6 +103,10 @@ impl Pod {
                 json!({}),
                 |q| json!({"io.kubernetes.cri.pod-annotations": {"quadrant.io/quadrant": q}}),
             ),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={}",
+                self.netns
+            ),
         }
     }
 
@@ -174,6 +178,17 @@ fn traffic_obeys_the_matrix_as_dx(inst: &mut Instance, pod: &Pod, ip: &str) {
         from_pod,
         "no drop of the pod's traffic to PX in the flow events"
     );
+    let name = format!("shop/{}", pod.netns);
+    for (filter, expected) in [(name.as_str(), true), ("shop/another", false)] {
+        let out = inst.quadrant(&[
+            "observe", "--output", "json", "--pod", filter, "--last", "1000",
+        ]);
+        let found = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|f| f["flow"]["source"]["pod_name"] == pod.netns.as_str());
+        assert_eq!(found, expected, "observe --pod {filter}");
+    }
 }
 
 #[test]

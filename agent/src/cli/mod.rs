@@ -226,6 +226,9 @@ pub enum Command {
         /// Only this kind of event.
         #[arg(long, value_enum)]
         event: Option<quadrant::flows::EventKind>,
+        /// Only flows from or to this pod (`<namespace>/<name>`, or a name in any namespace).
+        #[arg(long)]
+        pod: Option<String>,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -371,6 +374,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             reason,
             direction,
             event,
+            pod,
             output,
         } => observe::observe(
             &config,
@@ -380,6 +384,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 reason,
                 direction,
                 event,
+                pod,
             },
             last,
             follow,

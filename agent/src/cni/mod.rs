@@ -132,6 +132,25 @@ pub fn pod_addresses(prev: &Value, ifname: &str) -> Vec<Ipv4Net> {
         .collect()
 }
 
+/// `<namespace>/<name>` of the Kubernetes pod, from `CNI_ARGS` (`K=V;K=V`, as kubelet's
+/// runtimes pass `K8S_POD_NAMESPACE` and `K8S_POD_NAME`).
+#[must_use]
+pub fn pod_name(cni_args: &str) -> Option<String> {
+    let get = |key: &str| {
+        cni_args
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    Some(format!(
+        "{}/{}",
+        get("K8S_POD_NAMESPACE")?,
+        get("K8S_POD_NAME")?
+    ))
+}
+
 /// The ifindex of `ifname`'s peer, read inside `netns` (the pod's end of a veth pair names its
 /// host end's ifindex as its link).
 pub fn peer_ifindex(netns: &str, ifname: &str) -> Result<u32, Failure> {

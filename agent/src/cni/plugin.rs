@@ -135,6 +135,7 @@ pub fn run(
                 ifname: required("CNI_IFNAME")?,
             },
             &env("CNI_NETNS").unwrap_or_default(),
+            super::pod_name(&env("CNI_ARGS").unwrap_or_default()),
         ),
         Cmd::Del => {
             let a = Attachment {
@@ -230,6 +231,7 @@ fn add(
     client: &Client,
     a: &Attachment,
     netns: &str,
+    pod: Option<String>,
 ) -> Result<Option<Value>, Error> {
     let (container_id, ifname) = (a.container_id.as_str(), a.ifname.as_str());
     let mut prev = prev_result(conf, raw)?;
@@ -246,6 +248,7 @@ fn add(
             host_ifindex: peer,
             quadrant,
             addresses,
+            pod,
         })
         .map_err(|e| agent_error(plugin, &e, false))?;
     // The previous result unchanged, in the configuration's version.

@@ -38,6 +38,16 @@ fn the_annotation_wins_over_the_default_and_both_must_name_a_quadrant() {
 }
 
 #[test]
+fn the_pod_name_comes_from_cni_args() {
+    assert_eq!(
+        pod_name("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_UID=x"),
+        Some("shop/web-0".into())
+    );
+    assert_eq!(pod_name("K8S_POD_NAME=web-0"), None);
+    assert_eq!(pod_name(""), None);
+}
+
+#[test]
 fn the_pod_addresses_are_those_of_its_interface() {
     let prev = json!({
         "cniVersion": "1.0.0",

@@ -164,6 +164,12 @@ pub struct Endpoint {
     pub identity: u8,
     /// `quadrant:<q>`, `reserved:host` or `reserved:world`.
     pub labels: Vec<String>,
+    /// A Kubernetes pod's namespace (pods attached by `quadrant-cni`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
 }
 
 /// A flow event.
@@ -238,6 +244,9 @@ pub struct FlowFilter {
     /// The kind of event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<EventKind>,
+    /// A pod at either end: `<namespace>/<name>`, or a name in any namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl FlowFilter {
@@ -269,7 +278,17 @@ impl FlowFilter {
                     .flatten()
                     .any(|e| e.labels.contains(&label(q)))
         };
+        let names_pod = |p: &str| {
+            [&f.source, &f.destination].into_iter().flatten().any(|e| {
+                let (Some(ns), Some(name)) = (&e.namespace, &e.pod_name) else {
+                    return false;
+                };
+                p.split_once('/')
+                    .map_or(p == name, |(pn, pname)| pn == ns && pname == name)
+            })
+        };
         self.quadrant.as_deref().is_none_or(names_quadrant)
+            && self.pod.as_deref().is_none_or(names_pod)
             && self.verdict.is_none_or(|v| v == f.verdict)
             && self.reason.as_deref().is_none_or(|r| r == f.reason)
             && self.direction.is_none_or(|d| d == f.traffic_direction)
@@ -282,8 +301,9 @@ impl FlowFilter {
 pub struct FlowLog {
     node: String,
     prefixes: Vec<(Ipv4Net, Identity)>,
-    /// The addresses of the pods attached (CNI chaining), as their quadrants'.
-    pods: std::sync::RwLock<Vec<(Ipv4Addr, Identity)>>,
+    /// The addresses of the pods attached (CNI chaining): their quadrants, and their
+    /// `<namespace>/<name>` if the runtime gave it.
+    pods: std::sync::RwLock<Vec<(Ipv4Addr, Identity, Option<String>)>>,
     capacity: usize,
     kept: Mutex<VecDeque<Arc<FlowLine>>>,
     tx: broadcast::Sender<Arc<FlowLine>>,
@@ -333,11 +353,12 @@ impl FlowLog {
             .iter()
             .filter_map(|p| {
                 let q = Quadrant::from_name(&p.spec.quadrant)?;
+                let name = p.spec.pod.clone();
                 Some(
                     p.spec
                         .addresses
                         .iter()
-                        .map(move |a| (a.addr(), Identity::from(q))),
+                        .map(move |a| (a.addr(), Identity::from(q), name.clone())),
                 )
             })
             .flatten()
@@ -345,19 +366,26 @@ impl FlowLog {
         *self.pods.write().unwrap_or_else(PoisonError::into_inner) = addrs;
     }
 
-    fn identity(&self, addr: Ipv4Addr) -> Identity {
+    /// The identity of `addr`, and the pod it is, if one.
+    fn identity(&self, addr: Ipv4Addr) -> (Identity, Option<String>) {
         let pods = self.pods.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, id)) = pods.iter().find(|(a, _)| *a == addr) {
-            return *id;
+        if let Some((_, id, pod)) = pods.iter().find(|(a, ..)| *a == addr) {
+            return (*id, pod.clone());
         }
-        self.prefixes
+        let id = self
+            .prefixes
             .iter()
             .find(|(net, _)| net.contains(&addr))
-            .map_or(Identity::World, |(_, id)| *id)
+            .map_or(Identity::World, |(_, id)| *id);
+        (id, None)
     }
 
     fn endpoint(&self, addr: Ipv4Addr) -> Endpoint {
-        let id = self.identity(addr);
+        let (id, pod) = self.identity(addr);
+        let (namespace, pod_name) = match pod.as_deref().and_then(|p| p.split_once('/')) {
+            Some((ns, name)) => (Some(ns.to_owned()), Some(name.to_owned())),
+            None => (None, None),
+        };
         let label = match Quadrant::from_id(id as u8) {
             Some(q) => format!("quadrant:{}", q.name()),
             None => format!("reserved:{}", id.name()),
@@ -365,6 +393,8 @@ impl FlowLog {
         Endpoint {
             identity: id as u8,
             labels: vec![label],
+            namespace,
+            pod_name,
         }
     }
 

@@ -204,6 +204,53 @@ fn the_buffer_keeps_the_newest_and_filters_apply() {
 }
 
 #[test]
+fn a_pods_address_names_the_pod_and_the_filter_finds_it() {
+    let l = log();
+    let pod = crate::pods::PodStatus {
+        spec: crate::pods::PodSpec {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/var/run/netns/p".into(),
+            host_ifname: "veth1".into(),
+            host_ifindex: 9,
+            quadrant: "dg".into(),
+            addresses: vec!["10.250.0.7/24".parse().unwrap()],
+            pod: Some("shop/web-0".into()),
+        },
+        programs: Vec::new(),
+    };
+    l.set_pods(&[pod]);
+    let mut r = record(
+        Hook::TcIngress,
+        Reason::DenyPolicy,
+        EVENT_VERDICT,
+        PROTO_TCP,
+        0,
+    );
+    r.saddr = be([10, 250, 0, 7]);
+    l.take(&[r], "t");
+    let (lines, _) = l.snapshot(&FlowFilter::default(), 1);
+    let src = lines[0].flow.source.clone().expect("source");
+    assert_eq!(src.labels, ["quadrant:dg"]);
+    assert_eq!(
+        (src.namespace.as_deref(), src.pod_name.as_deref()),
+        (Some("shop"), Some("web-0"))
+    );
+    for (pod, hits) in [
+        ("shop/web-0", 1),
+        ("web-0", 1),
+        ("other/web-0", 0),
+        ("web-1", 0),
+    ] {
+        let f = FlowFilter {
+            pod: Some(pod.into()),
+            ..FlowFilter::default()
+        };
+        assert_eq!(l.snapshot(&f, 10).0.len(), hits, "{pod}");
+    }
+}
+
+#[test]
 fn followers_get_what_comes_after_their_snapshot() {
     let l = log();
     l.take(

@@ -44,6 +44,10 @@ pub struct PodSpec {
     /// The pod's IPv4 addresses (from the primary plugin's result), with their prefix length.
     #[schemars(with = "Vec<String>")]
     pub addresses: Vec<Ipv4Net>,
+    /// `<namespace>/<name>` of the Kubernetes pod (`K8S_POD_NAMESPACE` and `K8S_POD_NAME` of
+    /// `CNI_ARGS`), when the runtime says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 /// An attached pod.

@@ -11,6 +11,7 @@ fn spec() -> PodSpec {
         host_ifindex: 1,
         quadrant: "dx".into(),
         addresses: vec!["10.250.0.5/24".parse().unwrap()],
+        pod: Some("default/web-0".into()),
     }
 }
 
