@@ -150,7 +150,7 @@ pub fn run(
             let i = required("CNI_IFNAME")?;
             client
                 .pod_check(&c, &i)
-                .map_err(|e| agent_error(&plugin, &e, false))?;
+                .map_err(|e| agent_error(&plugin, &e))?;
             Ok(None)
         }
         Cmd::Status => {
@@ -186,7 +186,7 @@ pub fn run(
             client
                 .pod_gc(valid)
                 .map(|_| None)
-                .map_err(|e| agent_error(&plugin, &e, true))
+                .map_err(|e| agent_error(&plugin, &e))
         }
         other => Err(Error::InvalidEnvValue(format!(
             "unsupported CNI_COMMAND {}",
@@ -207,15 +207,10 @@ fn prev_result(conf: &NetConf, raw: &Value) -> Result<Value, Error> {
     }
 }
 
-fn agent_error(plugin: &PluginConf, e: &ClientError, later: bool) -> Error {
+fn agent_error(plugin: &PluginConf, e: &ClientError) -> Error {
     match e {
-        ClientError::NotRunning { .. } if later => Failure::Later(format!(
-            "the quadrant agent is not running (no answer on {}): {e}",
-            plugin.socket.display()
-        ))
-        .into(),
         ClientError::NotRunning { .. } => Failure::Later(format!(
-            "the quadrant agent is not running (no answer on {})",
+            "the quadrant agent is not running (no answer on {}): {e}",
             plugin.socket.display()
         ))
         .into(),
@@ -250,7 +245,7 @@ fn add(
             addresses,
             pod,
         })
-        .map_err(|e| agent_error(plugin, &e, false))?;
+        .map_err(|e| agent_error(plugin, &e))?;
     // The previous result unchanged, in the configuration's version.
     if let Some(o) = prev.as_object_mut() {
         o.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
@@ -271,6 +266,6 @@ fn del(plugin: &PluginConf, client: &Client, a: &Attachment) -> Result<(), Error
                 .into()
             })
         }
-        Err(e) => Err(agent_error(plugin, &e, false)),
+        Err(e) => Err(agent_error(plugin, &e)),
     }
 }
