@@ -961,3 +961,57 @@ fn a_policy_outage_fails_its_quadrants_lane_decisions_closed() {
         );
     }
 }
+
+/// `recover --all` takes every step whatever one of them finds: a resource pressure whose limit
+/// cannot be written back (a directory stands where its file was) is reported and its lease
+/// kept for the next recover, and the dataplane's faults are removed all the same.
+#[test]
+fn recover_all_goes_on_past_a_limit_it_cannot_restore() {
+    use quadrant::chaos::pressure::{Amount, Lease, Resource};
+    let inst = Instance::up(test_config(None), QPROBE);
+    chaos(
+        &inst,
+        &[
+            "inject", "drop", "--from", "dx", "--to", "dg", "--for", "60",
+        ],
+    );
+    let state = &inst.config.state_dir;
+    let not_a_file = state.join(format!("{}-not-a-limit-file", inst.config.instance));
+    std::fs::create_dir_all(&not_a_file).expect("dir");
+    let lease = Lease {
+        quadrant: "dx".into(),
+        resource: Resource::Pids,
+        amount: Amount {
+            cpu_percent: 0.0,
+            headroom_mib: 0,
+            headroom_pids: 16,
+        },
+        until_ns: u64::MAX,
+        groups: Vec::new(),
+        restore: vec![(not_a_file.clone(), "max".into())],
+        stressors: Vec::new(),
+        effect_at_start: 0,
+        stress_mib: 0,
+    };
+    let lease_path = state.join(format!(
+        "{}-chaos-pressure-dx-pids.json",
+        inst.config.instance
+    ));
+    std::fs::write(&lease_path, serde_json::to_vec(&lease).expect("json")).expect("lease");
+    let out = inst.quadrant(&["chaos", "recover", "--all"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed restore went unreported");
+    assert!(
+        stderr.contains("removed 1 fault(s)") && stderr.contains("restoring dx's pids limits"),
+        "{stderr}"
+    );
+    assert!(lease_path.exists(), "the lease stays for the next recover");
+    let left = faults(&inst);
+    assert!(
+        left.iter().all(|f| f["action"] != "drop"),
+        "the drop fault outlived recover: {left:?}"
+    );
+    std::fs::remove_file(&lease_path).expect("lease");
+    std::fs::remove_dir(&not_a_file).expect("dir");
+    chaos(&inst, &["recover", "--all"]);
+}

@@ -957,31 +957,70 @@ pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
 /// # Errors
 /// The maps or `tc`.
 pub fn recover(config: &Config) -> Result<String, ChaosError> {
-    let removed = Faults::open(&config.bpffs_dir())?.recover()?;
+    // Every step is taken whatever another one found: one fault that cannot be undone leaves
+    // no other in place.
+    let mut failed = Vec::new();
+    let removed = Faults::open(&config.bpffs_dir())
+        .and_then(|mut f| f.recover())
+        .unwrap_or_else(|e| {
+            failed.push(format!("the dataplane's faults: {e}"));
+            0
+        });
     let mut thawed = 0;
     for (t, _) in freeze::frozen(config) {
-        freeze::set_frozen(config, &t, false)?;
-        thawed += 1;
+        match freeze::set_frozen(config, &t, false) {
+            Ok(_) => thawed += 1,
+            Err(e) => failed.push(format!("thawing {}: {e}", t.name())),
+        }
     }
     let mut eased = 0;
     for l in pressure::leases(config) {
         if let Some(q) = Quadrant::from_name(&l.quadrant) {
-            pressure::end(config, q, l.resource)?;
-            eased += 1;
+            match pressure::end(config, q, l.resource) {
+                Ok(_) => eased += 1,
+                Err(e) => failed.push(format!(
+                    "restoring {}'s {} limits (the lease stays for the next recover): {e}",
+                    l.quadrant,
+                    l.resource.controller()
+                )),
+            }
         }
     }
     let hogs = lanes::kill_all(config);
     let mut qdiscs = 0;
-    for dev in veths(config, ANY)? {
-        if tc(&["qdisc", "show", "dev", &dev, "root"])?.starts_with("qdisc fq ") {
-            tc(&["qdisc", "del", "dev", &dev, "root"])?;
-            qdiscs += 1;
+    match veths(config, ANY) {
+        Ok(devs) => {
+            for dev in devs {
+                let fq =
+                    tc(&["qdisc", "show", "dev", &dev, "root"]).map(|s| s.starts_with("qdisc fq "));
+                match fq.and_then(|fq| {
+                    if fq {
+                        tc(&["qdisc", "del", "dev", &dev, "root"]).map(|_| true)
+                    } else {
+                        Ok(false)
+                    }
+                }) {
+                    Ok(true) => qdiscs += 1,
+                    Ok(false) => {}
+                    Err(e) => failed.push(format!("the fq qdisc of {dev}: {e}")),
+                }
+            }
         }
+        Err(e) => failed.push(format!("the quadrants' veths: {e}")),
     }
-    Ok(format!(
-        "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s) or workload(s), \
-         ended {eased} resource pressure(s) and {hogs} lane hog(s); the dataplane is disarmed"
-    ))
+    let done = format!(
+        "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s) or \
+         workload(s), ended {eased} resource pressure(s) and {hogs} lane hog(s)"
+    );
+    if failed.is_empty() {
+        Ok(format!("{done}; the dataplane is disarmed"))
+    } else {
+        Err(ChaosError::Sys(format!(
+            "{done}; {} step(s) failed: {}",
+            failed.len(),
+            failed.join("; ")
+        )))
+    }
 }
 
 /// The text form of `quadrant chaos status`.
