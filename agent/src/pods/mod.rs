@@ -212,16 +212,41 @@ impl Pods {
                 "{MAX_PODS} pods are attached already, the most an agent takes"
             ));
         }
-        let programs = crate::daemon::agent::locked(dataplane)
-            .attach_pod(
-                &k,
-                &spec.host_ifname,
-                spec.host_ifindex,
-                q,
-                &spec.addresses,
-                config.xdp_mode,
-            )
-            .map_err(|e| e.to_string())?;
+        let mut dp = crate::daemon::agent::locked(dataplane);
+        // A repeated ADD for another veth or other addresses: the earlier attachment goes
+        // first (its pinned links would otherwise be switched on the old veth, leaving the new
+        // one without programs).
+        if let Some(old) = pods.get(&k)
+            && (old.spec.host_ifindex != spec.host_ifindex || old.spec.addresses != spec.addresses)
+        {
+            dp.detach_pod(&k, old.spec.host_ifindex, &old.spec.addresses)
+                .map_err(|e| e.to_string())?;
+            pods.remove(&k);
+            self.save(&pods)?;
+        }
+        let attached = dp.attach_pod(
+            &k,
+            &spec.host_ifname,
+            spec.host_ifindex,
+            q,
+            &spec.addresses,
+            config.xdp_mode,
+        );
+        let programs = match attached {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing half-applied: what was registered or pinned goes again.
+                let undone = dp.detach_pod(&k, spec.host_ifindex, &spec.addresses);
+                if pods.remove(&k).is_some() {
+                    self.save(&pods)?;
+                }
+                return Err(match undone {
+                    Ok(()) => e.to_string(),
+                    Err(u) => format!("{e} (and undoing it failed: {u})"),
+                });
+            }
+        };
+        drop(dp);
         let status = PodStatus { spec, programs };
         pods.insert(k, status.clone());
         self.save(&pods)?;
