@@ -381,3 +381,68 @@ fn the_agent_chains_itself_in_and_out() {
     assert_eq!(read(), primary, "only our entry went");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A repeated ADD for the same container and interface but another veth moves the programs to
+/// the new veth (the old pinned links are not switched on the old one, which would leave the
+/// new veth unguarded).
+#[test]
+fn a_repeated_add_on_another_veth_moves_the_programs() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let n = inst.config.instance.clone();
+    let (a, b) = (format!("{n}-va"), format!("{n}-vb"));
+    for v in [&a, &b] {
+        let _ = Command::new("ip").args(["link", "del", v]).output();
+    }
+    let ok = Command::new("ip")
+        .args(["link", "add", &a, "type", "veth", "peer", "name", &b])
+        .status()
+        .expect("ip link add");
+    assert!(ok.success());
+    for v in [&a, &b] {
+        assert!(
+            Command::new("ip")
+                .args(["link", "set", v, "up"])
+                .status()
+                .expect("up")
+                .success()
+        );
+    }
+    let ifindex = |v: &str| -> u32 {
+        std::fs::read_to_string(format!("/sys/class/net/{v}/ifindex"))
+            .expect("ifindex")
+            .trim()
+            .parse()
+            .expect("number")
+    };
+    let spec = |v: &str| quadrant::pods::PodSpec {
+        container_id: format!("c-{n}-moved"),
+        ifname: "eth0".into(),
+        netns: String::new(),
+        host_ifname: v.to_owned(),
+        host_ifindex: ifindex(v),
+        quadrant: "dx".into(),
+        addresses: vec![format!("10.243.{}.9/24", &n[2..]).parse().expect("address")],
+        pod: None,
+    };
+    let client = quadrant::control::Client::new(inst.config.socket_path());
+    client.pod_add(spec(&a)).expect("first ADD");
+    client.pod_add(spec(&b)).expect("ADD again on another veth");
+    let xdp_on = |v: &str| {
+        let out = Command::new("bpftool")
+            .args(["net", "show", "dev", v])
+            .output()
+            .expect("bpftool");
+        String::from_utf8_lossy(&out.stdout).contains("generic id")
+    };
+    assert!(xdp_on(&b), "the new veth has no XDP program");
+    assert!(!xdp_on(&a), "the old veth kept its XDP program");
+    let listed = pods(&inst);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["host_ifname"], b.as_str());
+    assert!(
+        client
+            .pod_del(&format!("c-{n}-moved"), "eth0")
+            .expect("DEL")
+    );
+    let _ = Command::new("ip").args(["link", "del", &a]).output();
+}
