@@ -128,22 +128,30 @@ fn register(control: &Control, service: &str, tcp_port: Option<u16>) -> Result<S
         tcp_port,
         pings: true,
     })?;
-    match control.recv()?.0 {
-        LaneMessage::Listening { spiffe_id, .. } => Ok(spiffe_id),
-        LaneMessage::Error {
-            message,
-            reason,
-            limit,
-            retry_after_ms,
-        } => Err(LaneError::Refused {
-            message,
-            reason,
-            limit,
-            retry_after_ms,
-        }),
-        other => Err(LaneError::Broker(format!(
-            "unexpected broker message {other:?}"
-        ))),
+    loop {
+        return match control.recv()?.0 {
+            LaneMessage::Listening { spiffe_id, .. } => Ok(spiffe_id),
+            // The broker pings a listener as soon as it knows it, which can be before its
+            // answer to the offer has been read here.
+            LaneMessage::Ping { seq } => {
+                control.send(&LaneRequest::Pong { seq })?;
+                continue;
+            }
+            LaneMessage::Error {
+                message,
+                reason,
+                limit,
+                retry_after_ms,
+            } => Err(LaneError::Refused {
+                message,
+                reason,
+                limit,
+                retry_after_ms,
+            }),
+            other => Err(LaneError::Broker(format!(
+                "unexpected broker message {other:?}"
+            ))),
+        };
     }
 }
 
