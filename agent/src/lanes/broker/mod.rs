@@ -558,10 +558,11 @@ impl Broker {
                     pings,
                 } => {
                     let reply = self.listen(conn, &caller, &id, &service, tcp_port);
+                    let _ = conn.send(&reply, &[], true);
+                    // Pinged only once it has its answer: the first ping cannot come first.
                     if pings && matches!(reply, LaneMessage::Listening { .. }) {
                         self.watch_listener(conn.id);
                     }
-                    let _ = conn.send(&reply, &[], true);
                 }
                 LaneRequest::Close { lane } => self.close(conn.id, lane),
                 LaneRequest::Pong { seq } => self.pong(conn.id, seq),
