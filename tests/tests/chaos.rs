@@ -962,6 +962,52 @@ fn a_policy_outage_fails_its_quadrants_lane_decisions_closed() {
     }
 }
 
+/// The outages the agent keeps are faults like the others: `chaos status` lists them with
+/// their refusals and `recover --all` ends them (twice in a row without error).
+#[test]
+fn outages_are_listed_by_status_and_ended_by_recover() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    for (fault, q) in [("identity-outage", "px"), ("policy-outage", "dg")] {
+        chaos(
+            &inst,
+            &[
+                "inject",
+                fault,
+                "--to",
+                q,
+                "--for",
+                "60",
+                "--allow-production",
+            ],
+        );
+    }
+    let (ok, line) = inst.probe(Quadrant::Px, &["svid"]);
+    assert!(!ok && line.contains("unavailable"), "{line}");
+    let listed_faults = faults(&inst);
+    let listed = |action: &str, to: &str| {
+        listed_faults
+            .iter()
+            .find(|f| f["action"] == action && f["to"] == to)
+            .cloned()
+    };
+    let identity = listed("identity_outage", "px").expect("identity outage listed");
+    assert!(identity["left_ms"].as_u64() > Some(50_000), "{identity}");
+    assert!(
+        identity["matched"].as_u64() >= Some(1),
+        "the refused fetch: {identity}"
+    );
+    assert!(listed("policy_outage", "dg").is_some(), "{listed_faults:?}");
+    assert_eq!(listed_faults.len(), 2, "{listed_faults:?}");
+    assert!(chaos(&inst, &["status"]).contains("identity_outage"));
+
+    let out = chaos(&inst, &["recover", "--all"]);
+    assert!(out.contains("and 2 outage(s)"), "{out}");
+    assert!(chaos(&inst, &["status"]).contains("no faults"));
+    assert!(inst.probe(Quadrant::Px, &["svid"]).0, "served again");
+    let again = chaos(&inst, &["recover", "--all"]);
+    assert!(again.contains("and 0 outage(s)"), "{again}");
+}
+
 /// `recover --all` takes every step whatever one of them finds: a resource pressure whose limit
 /// cannot be written back (a directory stands where its file was) is reported and its lease
 /// kept for the next recover, and the dataplane's faults are removed all the same.

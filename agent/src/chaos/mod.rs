@@ -810,6 +810,20 @@ fn agent_outage(
         })
 }
 
+/// The identity and policy outages the agent keeps; none when no agent answers (they end with
+/// it).
+fn agent_outages(config: &Config) -> Vec<FaultStatus> {
+    if !config.socket_path().exists() {
+        return Vec::new();
+    }
+    crate::control::Client::new(config.socket_path())
+        .outages()
+        .unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "no outages from the agent");
+            Vec::new()
+        })
+}
+
 /// Asks the agent for an outage of `q`'s Workload API for `millis` (0: end it); returns the
 /// calls refused during the outage it replaced or ended.
 ///
@@ -932,6 +946,7 @@ pub fn status(config: &Config) -> Result<Vec<FaultStatus>, ChaosError> {
             }),
     );
     out.extend(pressure::leases(config).into_iter().map(|l| l.status(now)));
+    out.extend(agent_outages(config));
     out.extend(
         lanes::running(config)
             .into_iter()
@@ -987,6 +1002,21 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
         }
     }
     let hogs = lanes::kill_all(config);
+    let mut outages = 0;
+    for o in agent_outages(config) {
+        let Some(q) = Quadrant::from_name(&o.to) else {
+            continue;
+        };
+        let ended = if o.action == Action::PolicyOutage {
+            policy_outage(config, q, 0)
+        } else {
+            identity_outage(config, q, 0)
+        };
+        match ended {
+            Ok(_) => outages += 1,
+            Err(e) => failed.push(format!("ending {}'s {}: {e}", o.to, o.action.name())),
+        }
+    }
     let mut qdiscs = 0;
     match veths(config, ANY) {
         Ok(devs) => {
@@ -1010,7 +1040,8 @@ pub fn recover(config: &Config) -> Result<String, ChaosError> {
     }
     let done = format!(
         "removed {removed} fault(s) and {qdiscs} fq qdisc(s), thawed {thawed} quadrant(s) or \
-         workload(s), ended {eased} resource pressure(s) and {hogs} lane hog(s)"
+         workload(s), ended {eased} resource pressure(s), {hogs} lane hog(s) and {outages} \
+         outage(s)"
     );
     if failed.is_empty() {
         Ok(format!("{done}; the dataplane is disarmed"))

@@ -96,6 +96,37 @@ impl Outages {
         self.refusal(q).map(tonic::Status::unavailable)
     }
 
+    /// The live outages, as `quadrant chaos status` shows them: the calls refused so far as
+    /// what they matched and refused.
+    #[must_use]
+    pub fn live(&self) -> Vec<super::FaultStatus> {
+        let action = if self.what.1 == "policy_outage" {
+            super::Action::PolicyOutage
+        } else {
+            super::Action::IdentityOutage
+        };
+        let until = *self.until.borrow();
+        Quadrant::ALL
+            .into_iter()
+            .filter_map(|q| {
+                let left_ms = self.left_ms(q)?;
+                let refused = self.refused(q);
+                Some(super::FaultStatus {
+                    action,
+                    from: "any".into(),
+                    to: q.name().into(),
+                    percent: 100.0,
+                    delay_ms: 0.0,
+                    jitter_ms: 0.0,
+                    left_ms,
+                    expires_ns: until[q as usize],
+                    matched: refused,
+                    dropped: refused,
+                })
+            })
+            .collect()
+    }
+
     /// Resolves once an outage of `q` is live (at once if one is).
     pub async fn begun(&self, q: Quadrant) {
         let mut rx = self.until.subscribe();
@@ -212,13 +243,22 @@ mod tests {
         o.set(Quadrant::Dx, 1);
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(o.refuse(Quadrant::Dx).is_none(), "ended by itself");
+        assert!(o.live().is_empty(), "none live");
         let p = Outages::policy();
         p.set(Quadrant::Dg, 60_000);
+        let live = p.live();
+        assert_eq!(live.len(), 1, "{live:?}");
+        assert_eq!(
+            (live[0].action, live[0].to.as_str()),
+            (crate::chaos::Action::PolicyOutage, "dg")
+        );
+        assert!(live[0].left_ms > 59_000 && live[0].expires_ns > monotonic_ns());
         let m = p.refusal(Quadrant::Dg).expect("refused");
         assert!(
             m.starts_with("the policy engine of dg is unavailable")
                 && m.ends_with("(chaos policy_outage)"),
             "{m}"
         );
+        assert_eq!(p.live()[0].matched, 1, "the refusal counted");
     }
 }

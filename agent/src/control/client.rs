@@ -395,6 +395,14 @@ impl Client {
         })
     }
 
+    /// The live identity and policy outages.
+    pub fn outages(&self) -> Result<Vec<crate::chaos::FaultStatus>, ClientError> {
+        self.expect(&Request::Outages, "outages", |r| match r {
+            Response::Outages { faults } => Ok(faults),
+            other => Err(Box::new(other)),
+        })
+    }
+
     /// `breakers`.
     pub fn breakers(&self) -> Result<crate::breakers::BreakersReport, ClientError> {
         self.expect(&Request::Breakers, "breakers", |r| match r {

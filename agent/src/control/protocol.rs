@@ -142,6 +142,8 @@ pub enum Request {
         /// How long, ms (at most an hour).
         millis: u64,
     },
+    /// The live identity and policy outages (chaos faults the agent keeps).
+    Outages,
     /// Admit a workload: its review and its X.509-SVID (PEM chain, leaf first).
     Admit {
         /// `{"review": {"object": {...}}}`.
@@ -238,6 +240,11 @@ pub enum Response {
         left_ms: u64,
         /// Calls refused during the outage this request started over or ended.
         refused: u64,
+    },
+    /// Answer to [`Request::Outages`].
+    Outages {
+        /// Every live outage, identity then policy.
+        faults: Vec<crate::chaos::FaultStatus>,
     },
     /// Answer to [`Request::Breakers`].
     Breakers(Box<crate::breakers::BreakersReport>),

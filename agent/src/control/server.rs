@@ -217,6 +217,9 @@ async fn dispatch(request: Request, agent: &Arc<Agent>) -> Response {
         Request::PolicyOutage { quadrant, millis } => {
             Ok(outage(&agent.broker.policy_outages, quadrant, millis))
         }
+        Request::Outages => Ok(Response::Outages {
+            faults: [agent.outages.live(), agent.broker.policy_outages.live()].concat(),
+        }),
         Request::Workloads => Ok(Response::Workloads {
             workloads: agent.supervisor.list(),
         }),
