@@ -89,7 +89,7 @@ fn events_of(spec: &SloSpec, t: &SliTotals) -> Events {
     match spec.indicator {
         Indicator::Availability => Events {
             good: answered,
-            total: t.requests + t.open_failures + t.connect_refusals,
+            total: t.requests + t.open_failures + t.breaker_refusals + t.connect_refusals,
         },
         Indicator::Latency => Events {
             good: t.within.min(answered),

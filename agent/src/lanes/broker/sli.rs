@@ -44,9 +44,12 @@ pub struct SliTotals {
     pub within: u64,
     /// Requests not answered (the lane failed or closed first).
     pub failed: u64,
-    /// Opens refused for a reason the service answers for (`no_service`, `busy`, `io`,
-    /// `breaker_open`).
+    /// Opens refused for a reason the service answers for (`no_service`, `busy`, `io`).
     pub open_failures: u64,
+    /// Opens the service's own breaker refused (`breaker_open`): failures its callers see,
+    /// counted against its SLOs, never by the breaker itself — a breaker that counted its own
+    /// refusals would judge its half-open probe by them and never close while callers retry.
+    pub breaker_refusals: u64,
     /// TCP connects to the service's port the kernel's breakers refused (`refused` of the
     /// `BREAKERS` entries for it, every caller quadrant): the kernel's verdicts, counted
     /// against its availability (filled in for the SLOs only, never for the breakers
@@ -74,6 +77,7 @@ impl Default for SliTotals {
             within: 0,
             failed: 0,
             open_failures: 0,
+            breaker_refusals: 0,
             connect_refusals: 0,
             latency: [0; LATENCY_BUCKETS],
             by_transport: [(0, 0); 3],
@@ -239,11 +243,13 @@ impl Broker {
     /// Counts a refused open against `service` in `q` when the reason is the service's.
     pub(super) fn count_open_failure(&self, q: Quadrant, service: &str, reason: Refusal) {
         if counts_against_service(reason) {
-            self.state()
-                .closed_sli
-                .entry((q, service.to_owned()))
-                .or_default()
-                .open_failures += 1;
+            let mut state = self.state();
+            let t = state.closed_sli.entry((q, service.to_owned())).or_default();
+            if reason == Refusal::BreakerOpen {
+                t.breaker_refusals += 1;
+            } else {
+                t.open_failures += 1;
+            }
         }
     }
 

@@ -76,3 +76,47 @@ fn an_open_does_not_wait_for_the_pool_lock() {
     drop(held);
     assert!(b.pool.take(Quadrant::Dx, Transport::Uds).is_some());
 }
+
+/// Callers that keep asking while a service's breaker is open are refused (`breaker_open`):
+/// those refusals count against the service's SLOs, but the breaker does not judge its
+/// half-open probe by them, or it would never close while anyone retries.
+#[test]
+fn a_half_open_breaker_is_not_judged_by_the_opens_it_refused() {
+    use trip::TripState;
+    const MS: u64 = 1_000_000;
+    let b = broker();
+    let key = (Quadrant::Px, "api".to_owned());
+    let min_calls = u64::from(b.config.breakers.min_calls);
+    for _ in 0..min_calls {
+        b.count_open_failure(Quadrant::Px, "api", Refusal::Io);
+    }
+    let t0 = 1_000 * MS;
+    let opened = b.judge_trips(t0, &b.sli_totals());
+    assert!(
+        matches!(opened[..], [ref t] if matches!(t.to, TripState::Open { .. })),
+        "{opened:?}"
+    );
+    let t1 = t0 + u64::from(b.config.breakers.base_ejection_ms) * 2 * MS;
+    let half = b.judge_trips(t1, &b.sli_totals());
+    assert!(
+        matches!(half[..], [ref t] if t.to == TripState::HalfOpen),
+        "{half:?}"
+    );
+    // Meanwhile callers were refused by the breaker, and the probe lane answered every call.
+    for _ in 0..3 * min_calls {
+        b.count_open_failure(Quadrant::Px, "api", Refusal::BreakerOpen);
+    }
+    let mut totals = b.sli_totals();
+    let t = totals.get_mut(&key).expect("api's totals");
+    assert_eq!(
+        (t.open_failures, t.breaker_refusals),
+        (min_calls, 3 * min_calls)
+    );
+    t.requests += min_calls;
+    t.within += min_calls;
+    let closed = b.judge_trips(t1 + 500 * MS, &totals);
+    assert!(
+        matches!(closed[..], [ref t] if t.to == TripState::Closed && t.cause == "probe_succeeded"),
+        "{closed:?}"
+    );
+}
