@@ -263,14 +263,25 @@ fn assert_effect(
 
 /// A library experiment with short windows, written where the agent's configuration is.
 fn experiment(inst: &Instance, name: &str, fault_secs: u64) -> std::path::PathBuf {
+    experiment_with(inst, name, fault_secs, 3)
+}
+
+/// [`experiment`] with `recovery_secs` of recovery.
+fn experiment_with(
+    inst: &Instance,
+    name: &str,
+    fault_secs: u64,
+    recovery_secs: u64,
+) -> std::path::PathBuf {
     let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../manifests/chaos")
         .join(name);
     let mut exp: Value =
         serde_yaml::from_str(&std::fs::read_to_string(&lib).expect("library experiment"))
             .expect("yaml");
-    exp["windows"] =
-        serde_json::json!({"baseline_secs": 2, "fault_secs": fault_secs, "recovery_secs": 3});
+    exp["windows"] = serde_json::json!({
+        "baseline_secs": 2, "fault_secs": fault_secs, "recovery_secs": recovery_secs
+    });
     exp["steady_state"] = serde_json::json!({
         // The latency bound is loose: tests share two cores with other tests' agents; the
         // verdict's latency rules are unit-tested (`chaos::run`).
@@ -464,7 +475,13 @@ fn a_freeze_experiment_passes_with_the_target_back_at_once() {
 #[test]
 fn a_kill_experiment_passes_and_only_the_target_goes_down() {
     let inst = Instance::up(test_config(None), QPROBE);
-    let report = run_experiment(&inst, "kill-dx.yaml", 2);
+    // Recovery long enough for DG's lanes into DX: DX's lane service was gone for the fault
+    // window, so its breaker is open or half-open when the service returns.
+    let report = run_file(
+        &inst,
+        "kill-dx.yaml",
+        &experiment_with(&inst, "kill-dx.yaml", 2, 6),
+    );
     for q in report["quadrants"].as_array().expect("quadrants") {
         let fault = q["fault"]["availability"].as_f64().expect("availability");
         if q["quadrant"] == "dx" {
@@ -474,12 +491,41 @@ fn a_kill_experiment_passes_and_only_the_target_goes_down() {
             assert!(fault >= 0.999, "untouched: {q}");
         }
     }
+    // Lanes across quadrants: DG's lanes into DX fail with DX (its callers' loss, reported,
+    // not judged) and come back with DX's service once its breaker lets them (a breaker that
+    // judged its probe by the opens it refused never closed here); PG's into PX hold.
+    let cross = |from: &str, to: &str| -> Vec<Value> {
+        report["quadrants"]
+            .as_array()
+            .expect("quadrants")
+            .iter()
+            .filter(|q| q["quadrant"] == from)
+            .flat_map(|q| q["lanes"].as_array().cloned().unwrap_or_default())
+            .filter(|l| l["service"] == to)
+            .collect()
+    };
+    let dg_to_dx = cross("dg", "dx");
+    assert_eq!(dg_to_dx.len(), 3, "one per transport: {dg_to_dx:?}");
+    for l in &dg_to_dx {
+        assert!(l["baseline"]["availability"].as_f64() >= Some(0.99), "{l}");
+        assert!(l["fault"]["availability"].as_f64() <= Some(0.5), "{l}");
+        assert!(l["recovery"]["answered"].as_u64() >= Some(10), "back: {l}");
+    }
+    let pg_to_px = cross("pg", "px");
+    assert_eq!(pg_to_px.len(), 3, "{pg_to_px:?}");
+    for l in &pg_to_px {
+        assert!(l["fault"]["availability"].as_f64() >= Some(0.999), "{l}");
+    }
 }
 
 /// Runs a library experiment with short windows (`experiment`) and returns its JSON report,
 /// asserting that it passed.
 fn run_experiment(inst: &Instance, name: &str, fault_secs: u64) -> Value {
-    let file = experiment(inst, name, fault_secs);
+    run_file(inst, name, &experiment(inst, name, fault_secs))
+}
+
+/// Runs the experiment `file` (made from the library's `name`), asserting that it passed.
+fn run_file(inst: &Instance, name: &str, file: &std::path::Path) -> Value {
     let out = inst.quadrant(&[
         "chaos",
         "run",

@@ -29,9 +29,15 @@ use crate::{breakers::monotonic_ns, config::Config};
 pub const ECHO_PORT: u16 = 7_391;
 /// The workload (cgroup) an experiment's echo runs as.
 const ECHO_WORKLOAD: &str = "chaos-echo";
-/// The most requests per second each lane probe sends (12 of them run: four quadrants, three
-/// transports).
+/// The most requests per second each lane probe sends (18 of them run: four quadrants to their
+/// own service and two gateways to their backends, three transports each).
 const LANE_PROBE_RATE: u32 = 20;
+/// The fewest answered requests in a window (baseline and fault) whose p99 is judged.
+const MIN_P99_ANSWERS: u64 = 100;
+/// The lanes probed across quadrants, client then service: each gateway to the quadrant behind
+/// it, as the default lane rules allow.
+const CROSS_LANES: [(Quadrant, Quadrant); 2] =
+    [(Quadrant::Dg, Quadrant::Dx), (Quadrant::Pg, Quadrant::Px)];
 
 /// One window of one quadrant's probes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -67,7 +73,8 @@ pub struct QuadrantReport {
     /// (none: not within the recovery window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered_after_secs: Option<f64>,
-    /// Its lane probes: requests over each lane transport to its own lane service.
+    /// Its lane probes: requests over each lane transport to its own lane service and, for a
+    /// gateway, to the lane service of the quadrant behind it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lanes: Vec<LaneReport>,
     /// What it breached, if anything.
@@ -79,12 +86,27 @@ pub struct QuadrantReport {
 pub struct LaneReport {
     /// `shm`, `uds` or `tcp`.
     pub transport: String,
+    /// The quadrant whose lane service it calls: its own, or (from a gateway) the quadrant
+    /// behind it. A lane to a target is the fault's effect on its callers, reported but not
+    /// judged.
+    pub service: String,
     /// Before the faults.
     pub baseline: WindowStats,
     /// With them.
     pub fault: WindowStats,
     /// After them.
     pub recovery: WindowStats,
+}
+
+impl LaneReport {
+    /// How a breach or the table names it: `lanes over shm: `, `lanes to dx over shm: `.
+    fn what(&self, from: Quadrant) -> String {
+        if self.service == from.name() {
+            format!("lanes over {}: ", self.transport)
+        } else {
+            format!("lanes to {} over {}: ", self.service, self.transport)
+        }
+    }
 }
 
 /// A fault's measured effect: probes from its source quadrant to the echo of its destination
@@ -204,8 +226,8 @@ fn partner(q: Quadrant) -> Quadrant {
 enum Probed {
     Echo(Quadrant),
     Identity,
-    /// Its own lane service over a transport.
-    Lanes(&'static str),
+    /// The lane service of a quadrant (its own, or across) over a transport.
+    Lanes(Quadrant, &'static str),
     /// Its own lane service, a new Unix-socket lane for each request (every request asks the
     /// broker for a decision).
     LaneOpens,
@@ -216,7 +238,7 @@ impl Probed {
         match self {
             Self::Echo(q) => q.name(),
             Self::Identity => "identity",
-            Self::Lanes(t) => t,
+            Self::Lanes(_, t) => t,
             Self::LaneOpens => "lane-opens",
         }
     }
@@ -252,8 +274,8 @@ fn start_effect_probe(
         Probed::Identity => {
             c.arg("identity-probe");
         }
-        Probed::Lanes(t) => {
-            c.args(["lane-probe", from.name(), t]);
+        Probed::Lanes(service, t) => {
+            c.args(["lane-probe", service.name(), t]);
         }
         Probed::LaneOpens => {
             c.args(["lane-probe", "--fresh", from.name(), "uds"]);
@@ -642,19 +664,21 @@ pub fn run(
     Ok(report)
 }
 
-/// A lane probe per quadrant and transport.
+/// A lane probe per transport from every quadrant to its own service and from each gateway to
+/// the quadrant behind it.
 fn start_lane_probes(
     config: &Config,
     config_path: Option<&std::path::Path>,
     ss: &super::SteadyState,
 ) -> Result<Vec<EffectProbe>, ChaosError> {
     let mut out = Vec::new();
-    for q in Quadrant::ALL {
+    let routes = Quadrant::ALL.into_iter().map(|q| (q, q)).chain(CROSS_LANES);
+    for (q, service) in routes {
         for (t, _) in super::lane_probe::TRANSPORTS {
             out.push(start_effect_probe(
                 config,
                 config_path,
-                (q, Probed::Lanes(t)),
+                (q, Probed::Lanes(service, t)),
                 (ss.rate_per_sec.min(LANE_PROBE_RATE), ss.timeout_ms),
             )?);
         }
@@ -672,8 +696,13 @@ fn lane_reports(
         let _ = p.child.kill();
         let _ = p.child.wait();
         let samples = locked(&p.samples);
+        let service = match p.to {
+            Probed::Lanes(service, _) => service,
+            _ => p.from,
+        };
         lanes.entry(p.from).or_default().push(LaneReport {
             transport: p.to.name().to_owned(),
+            service: service.name().to_owned(),
             baseline: window(&samples, t0, t1),
             fault: window(&samples, t1, t2),
             recovery: window(&samples, t2, t3),
@@ -821,7 +850,10 @@ fn out_of_tolerance(
             ss.min_availability * 100.0
         ));
     }
-    if fault.p99_ms > baseline.p99_ms * ss.max_p99_ratio && fault.p99_ms > ss.max_p99_ms {
+    // A p99 of fewer than 100 answers is the slowest of them: one scheduling hiccup, not a
+    // percentile. Such a window is judged by its availability only.
+    let judged = baseline.answered.min(fault.answered) >= MIN_P99_ANSWERS;
+    if judged && fault.p99_ms > baseline.p99_ms * ss.max_p99_ratio && fault.p99_ms > ss.max_p99_ms {
         out.push(format!(
             "{what}p99 {:.3} ms during the fault: more than {}x its baseline {:.3} ms and over {} \
              ms",
@@ -874,9 +906,15 @@ fn judge(
             }
         } else {
             breaches.extend(out_of_tolerance(&ss, "", &baseline, &fault));
-            for l in lanes.get(&q).into_iter().flatten() {
-                let what = format!("lanes over {}: ", l.transport);
-                breaches.extend(out_of_tolerance(&ss, &what, &l.baseline, &l.fault));
+            // A lane to a target's service fails with its target: that is the fault's
+            // effect on the caller, not a cascade into it.
+            for l in lanes
+                .get(&q)
+                .into_iter()
+                .flatten()
+                .filter(|l| !targets.iter().any(|t| t.name() == l.service))
+            {
+                breaches.extend(out_of_tolerance(&ss, &l.what(q), &l.baseline, &l.fault));
             }
             if !breaches.is_empty() {
                 cascades += 1;
@@ -964,10 +1002,10 @@ pub fn render(r: &Report) -> String {
         for l in &q.lanes {
             let _ = writeln!(
                 out,
-                "{:<5} lanes over {}: answered {:.1} / {:.1} / {:.1} %, p99 {:.3} / {:.3} / {:.3} ms \
+                "{:<5} {}answered {:.1} / {:.1} / {:.1} %, p99 {:.3} / {:.3} / {:.3} ms \
                  (baseline / fault / recovery)",
                 q.quadrant,
-                l.transport,
+                Quadrant::from_name(&q.quadrant).map_or_else(String::new, |me| l.what(me)),
                 l.baseline.availability * 100.0,
                 l.fault.availability * 100.0,
                 l.recovery.availability * 100.0,
@@ -1203,15 +1241,39 @@ mod tests {
             p99_ms: 0.2,
             p999_ms: 0.3,
         };
-        let lane = |t: &str, fault: u64| LaneReport {
+        let lane = |t: &str, service: Quadrant, fault: u64| LaneReport {
             transport: t.into(),
+            service: service.name().into(),
             baseline: stats(100),
             fault: stats(fault),
             recovery: stats(100),
         };
         let lanes = BTreeMap::from([
-            (Quadrant::Dx, vec![lane("shm", 0)]),
-            (Quadrant::Pg, vec![lane("shm", 100), lane("tcp", 97)]),
+            (Quadrant::Dx, vec![lane("shm", Quadrant::Dx, 0)]),
+            // DG's lanes into the target fail with it: its callers' loss, not a cascade.
+            (Quadrant::Dg, vec![lane("uds", Quadrant::Dx, 0)]),
+            (
+                Quadrant::Pg,
+                vec![
+                    lane("shm", Quadrant::Pg, 100),
+                    lane("tcp", Quadrant::Pg, 97),
+                    lane("uds", Quadrant::Px, 0),
+                ],
+            ),
+            // 40 answers, the slowest 4 ms: the slowest of 40 is no p99, not judged.
+            (
+                Quadrant::Px,
+                vec![LaneReport {
+                    fault: WindowStats {
+                        sent: 40,
+                        answered: 40,
+                        availability: 1.0,
+                        p99_ms: 4.0,
+                        ..stats(100)
+                    },
+                    ..lane("shm", Quadrant::Px, 100)
+                }],
+            ),
         ]);
         let r = judge(
             &experiment(),
@@ -1229,9 +1291,17 @@ mod tests {
         );
         assert_eq!(
             r.reasons,
-            ["pg: lanes over tcp: availability 97.00 % during the fault, below 99.90 %"],
-            "the target's lanes may fail"
+            [
+                "pg: lanes over tcp: availability 97.00 % during the fault, below 99.90 %",
+                "pg: lanes to px over uds: availability 0.00 % during the fault, below 99.90 %"
+            ],
+            "the target's lanes, and lanes into it, may fail"
         );
-        assert_eq!(r.quadrants[3].lanes.len(), 2);
+        assert_eq!(r.quadrants[3].lanes.len(), 3);
+        assert!(
+            render(&r).contains("dg    lanes to dx over uds: answered 100.0 / 0.0 / 100.0 %"),
+            "{}",
+            render(&r)
+        );
     }
 }
