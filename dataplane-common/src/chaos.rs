@@ -18,6 +18,9 @@
 //! sender's next segment (its retransmission at the latest) passes and earns the receiver's
 //! kernel's reset, so both ends see the connection reset.
 
+/// The programs' read-only global: 1 when faults are checked, 0 when the agent loaded them with
+/// chaos off (the verifier then removes every check).
+pub const CHAOS_ENABLED: &str = "CHAOS_ENABLED";
 /// Array\[1\]: `u64`, the monotonic time (ns) until which any fault may be live (0: none).
 pub const CHAOS_ARMED: &str = "CHAOS_ARMED";
 /// Hash: [`FaultKey`] → [`Fault`]. Written by the chaos controller (the programs add to its

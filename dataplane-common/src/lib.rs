@@ -37,8 +37,10 @@
 /// `connect4`/`sendmsg4` refuse with `ECONNREFUSED`; 12: a reset fault (`Fault::flags`) makes
 /// tc egress deliver a segment of an established TCP connection with RST set; 13: flow events —
 /// every drop, every flow tc starts tracking and every FIN or RST of one go to `TRACE` within each
-/// CPU's budget (`EVENTS_LIMIT`), records name the event and carry the TCP flags or ICMP type.
-pub const PROGRAM_SET_VERSION: u32 = 13;
+/// CPU's budget (`EVENTS_LIMIT`), records name the event and carry the TCP flags or ICMP type;
+/// 14: the read-only global `CHAOS_ENABLED` — 0 when the agent runs with chaos off, so the
+/// verifier removes every fault check.
+pub const PROGRAM_SET_VERSION: u32 = 14;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with

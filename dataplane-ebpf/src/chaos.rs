@@ -24,6 +24,12 @@ const TCP_RST: u8 = 0x04;
 const TCP_SYN: u8 = 0x02;
 const TCP_FIN: u8 = 0x01;
 
+/// 1 unless the agent loaded the programs with chaos off (`chaos.enabled: false`): read-only
+/// data the loader sets, so the verifier knows it and removes every fault check below as dead
+/// code — a dataplane that cannot inject a fault whatever its maps hold.
+#[unsafe(no_mangle)]
+static CHAOS_ENABLED: u8 = 1;
+
 /// \[0\] → the latest expiry of any fault (monotonic ns). Writer: the chaos controller.
 #[map(name = "CHAOS_ARMED")]
 static CHAOS_ARMED: Array<u64> = Array::with_max_entries(1, 0);
@@ -41,6 +47,11 @@ static CHAOS_RESETS: LruHashMap<ResetKey, u64> = LruHashMap::with_max_entries(CH
 /// expiry to 0, so a controller arming at the same instant is never undone).
 #[inline(always)]
 fn armed() -> Option<u64> {
+    // SAFETY: a read of a static; volatile so that the compiler keeps the load the loader's
+    // value decides.
+    if unsafe { core::ptr::read_volatile(&raw const CHAOS_ENABLED) } == 0 {
+        return None;
+    }
     let slot = CHAOS_ARMED.get_ptr_mut(0)?;
     // SAFETY: a pointer to the live array value.
     let until = unsafe { *slot };

@@ -1114,6 +1114,55 @@ fn chaos_faults_drop_only_what_they_name_and_only_while_armed_and_live() {
     );
 }
 
+/// `chaos.enabled: false`: the programs are loaded with `CHAOS_ENABLED` 0, the verifier walks
+/// none of the fault checks, and an armed fault that would drop the packet never sees it.
+#[test]
+fn a_dataplane_loaded_with_chaos_off_takes_no_fault() {
+    use Reason::*;
+    let config = Config::embedded();
+    let policy = PolicyBundle::embedded().compile(&config).expect("policy");
+    let mut dp = Dataplane::load_with(None, false).expect("load dataplane (needs root)");
+    dp.write_config(&config, 2).expect("write config");
+    dp.apply_policy(&KernelPolicy::quadrant_wide(policy))
+        .expect("policy");
+    dp.register_iface(lo_ifindex(), Quadrant::Dx)
+        .expect("register lo as DX");
+    let now = quadrant::breakers::monotonic_ns();
+    let entries = dg_to_dx_fault(Action::Drop, 0)
+        .entries(false, now)
+        .expect("fault");
+    arm(&mut dp, &entries, now + 60_000_000_000);
+    check(
+        &mut dp,
+        Hook::TcEgress,
+        Quadrant::Dx as u32,
+        &case("a drop fault armed", udp(DG, 41001, DX, 53), AllowPolicy),
+    );
+    assert_eq!(
+        fault_counts(&mut dp, entries[0].0),
+        (0, 0),
+        "never looked up"
+    );
+
+    // The same object with chaos on: the checks are there for the verifier to walk.
+    let on = Dataplane::load(None).expect("load dataplane");
+    let count = |dp: &Dataplane, name: &str| {
+        dp.verified_instructions()
+            .expect("infos")
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, c)| c)
+            .expect("verified instruction count")
+    };
+    for name in [programs::TC_EGRESS, programs::CONNECT4, programs::SENDMSG4] {
+        let (off, on) = (count(&dp, name), count(&on, name));
+        assert!(
+            off < on,
+            "{name}: {off} instructions verified with chaos off, {on} with it on"
+        );
+    }
+}
+
 #[test]
 fn a_chaos_delay_sets_the_departure_time() {
     let mut dp = dataplane(&Config::embedded(), true);

@@ -112,10 +112,10 @@ pub fn trace(config: &Config, mode: TraceMode) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `quadrant verifier`.
-pub fn verifier() -> anyhow::Result<()> {
+/// `quadrant verifier`: the programs as `config` loads them (`chaos.enabled`).
+pub fn verifier(config: &Config) -> anyhow::Result<()> {
     daemon::require_root("verifier")?;
-    let dp = quadrant::loader::Dataplane::load(None)?;
+    let dp = quadrant::loader::Dataplane::load_with(None, config.chaos.enabled)?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let hooks = quadrant::loader::programs::ALL
         .iter()

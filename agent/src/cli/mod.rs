@@ -339,7 +339,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             index,
             resume,
         } => lanes::drain(&config, &quadrant, index, resume),
-        Command::Verifier => lifecycle::verifier(),
+        Command::Verifier => lifecycle::verifier(&config),
         Command::Dataplane { command } => lifecycle::dataplane(command),
         Command::Trace { mode } => lifecycle::trace(&config, mode),
         Command::Schema { name } => lifecycle::print_schema(&name),

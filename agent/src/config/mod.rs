@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 mod breakers;
+mod chaos;
 mod cni;
 mod instances;
 mod metrics;
@@ -23,6 +24,7 @@ mod shadows;
 mod validate;
 
 pub use breakers::BreakersConfig;
+pub use chaos::ChaosConfig;
 pub use cni::CniConfig;
 pub use instances::{
     InstanceCapacity, InstanceRef, MAX_INSTANCES, ServiceConfig, UNLIMITED_WEIGHT,
@@ -182,6 +184,9 @@ pub struct Config {
     /// Kubernetes nodes: chaining `quadrant-cni` into the node's CNI configuration.
     #[serde(default, skip_serializing_if = "is_default")]
     pub cni: CniConfig,
+    /// Chaos faults: whether this node's dataplane can take them at all.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub chaos: ChaosConfig,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

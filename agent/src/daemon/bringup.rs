@@ -113,9 +113,9 @@ fn load(
         Vec::new()
     };
     let mut dataplane = if kept.is_some() {
-        Dataplane::load_for_takeover(&config.bpffs_dir())?
+        Dataplane::load_for_takeover(&config.bpffs_dir(), config.chaos.enabled)?
     } else {
-        Dataplane::load(Some(&config.bpffs_dir()))?
+        Dataplane::load_with(Some(&config.bpffs_dir()), config.chaos.enabled)?
     };
     dataplane.write_config(config, QUADRANT_CGROUP_LEVEL)?;
     dataplane.write_breaker_limits(config.breakers.limits())?;

@@ -264,10 +264,22 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads every program into the kernel. With `pin_dir`, pins programs under `progs/` and
-    /// maps under `maps/` there (the directory must not hold an older pin set).
+    /// Loads every program into the kernel with chaos faults checked. With `pin_dir`, pins
+    /// programs under `progs/` and maps under `maps/` there (the directory must not hold an
+    /// older pin set).
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, LoaderError> {
+        Self::load_with(pin_dir, true)
+    }
+
+    /// [`Dataplane::load`]; with `chaos` false, the programs' read-only `CHAOS_ENABLED` is 0 and
+    /// the verifier removes every fault check (`chaos.enabled: false`).
+    pub fn load_with(pin_dir: Option<&Path>, chaos: bool) -> Result<Self, LoaderError> {
         let mut ebpf = EbpfLoader::new()
+            .override_global(
+                dataplane_common::chaos::CHAOS_ENABLED,
+                &u8::from(chaos),
+                true,
+            )
             .load(DATAPLANE_OBJECT)
             .map_err(|e| LoaderError::Load(Box::new(e)))?;
         let names = programs::ALL

@@ -301,8 +301,8 @@ fn per_cpu(values: Vec<u64>) -> Result<PerCpuValues<u64>, LoaderError> {
 impl Dataplane {
     /// Loads the object for a takeover: nothing is pinned until [`Self::finish_takeover`],
     /// the kept pins stay where they are.
-    pub fn load_for_takeover(pin_dir: &Path) -> Result<Self, LoaderError> {
-        let mut dp = Self::load(None)?;
+    pub fn load_for_takeover(pin_dir: &Path, chaos: bool) -> Result<Self, LoaderError> {
+        let mut dp = Self::load_with(None, chaos)?;
         dp.pin_dir = Some(pin_dir.to_owned());
         Ok(dp)
     }
