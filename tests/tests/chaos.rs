@@ -1008,6 +1008,32 @@ fn a_policy_outage_fails_its_quadrants_lane_decisions_closed() {
     }
 }
 
+/// An agent started with `chaos.enabled: false`: `inject` and `run` are refused naming the
+/// setting, nothing is written, traffic flows; `status` and `recover` still answer.
+#[test]
+fn an_agent_with_chaos_off_takes_no_fault() {
+    let mut config = test_config(None);
+    config.chaos.enabled = false;
+    let inst = Instance::up(config, QPROBE);
+    let out = inst.quadrant(&[
+        "chaos", "inject", "drop", "--from", "dx", "--to", "dg", "--for", "60",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("chaos.enabled: false"),
+        "{err}"
+    );
+    let file = experiment(&inst, "partition-dx-dg.yaml", 2);
+    let out = inst.quadrant(&["chaos", "run", file.to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("chaos is off for instance"),
+        "{err}"
+    );
+    assert!(chaos(&inst, &["status"]).contains("no faults"));
+    assert!(chaos(&inst, &["recover", "--all"]).contains("removed 0 fault(s)"));
+}
+
 /// The outages the agent keeps are faults like the others: `chaos status` lists them with
 /// their refusals and `recover --all` ends them (twice in a row without error).
 #[test]

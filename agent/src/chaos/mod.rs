@@ -846,6 +846,30 @@ pub fn policy_outage(config: &Config, q: Quadrant, millis: u64) -> Result<u64, C
     })
 }
 
+/// Refuses to inject when chaos is off: in the configuration the running agent records, or in
+/// this one.
+///
+/// # Errors
+/// Chaos off, naming where.
+pub fn require_enabled(config: &Config) -> Result<(), ChaosError> {
+    let running = crate::daemon::State::read(config)
+        .ok()
+        .flatten()
+        .map(|s| s.config.chaos.enabled);
+    let off = match running {
+        Some(false) => Some("the running agent was started with `chaos.enabled: false`"),
+        _ if !config.chaos.enabled => Some("this configuration has `chaos.enabled: false`"),
+        _ => None,
+    };
+    off.map_or(Ok(()), |why| {
+        Err(ChaosError::Invalid(format!(
+            "chaos is off for instance {}: {why}, so its programs carry no fault checks and no \
+             fault is injected (set `chaos.enabled: true` and restart the agent to allow it)",
+            config.instance
+        )))
+    })
+}
+
 /// The map layout that reads [`Fault::flags`]: a reset fault written into an older dataplane
 /// would drop instead.
 const RESET_LAYOUT_SINCE: u32 = 11;

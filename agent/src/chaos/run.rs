@@ -575,6 +575,7 @@ pub fn run(
     exp: &Experiment,
 ) -> Result<Report, ChaosError> {
     let targets = exp.target_quadrants()?;
+    super::require_enabled(config)?;
     let mut faults = Faults::open(&config.bpffs_dir())?;
     let mut echoes = start_echoes(config_path)?;
     let ss = exp.steady_state;

@@ -290,6 +290,7 @@ fn inject(
     allow_production: bool,
 ) -> anyhow::Result<()> {
     let (seconds, to) = (spec.seconds, &spec.to);
+    chaos::require_enabled(config)?;
     if spec.action == Action::KillAgent {
         spec.entries(allow_production, 0)?;
         let k = chaos::agent::kill_agent(config, config_path, spec.restart_agent)?;
