@@ -326,6 +326,120 @@ fn an_experiment_reports_each_quadrant_and_finds_no_cascade() {
     assert!(chaos(&inst, &["status"]).contains("no faults"));
 }
 
+/// The quadrant `name` of a report.
+fn quadrant_of<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["quadrants"]
+        .as_array()
+        .expect("quadrants")
+        .iter()
+        .find(|q| q["quadrant"] == name)
+        .expect("quadrant in the report")
+}
+
+/// `manifests/chaos/partition-px-pg.yaml`: PX and PG lose each other both ways (both effect
+/// probes at 0 % during the fault, back after), DX and DG keep their steady state; PG's TCP lane
+/// into PX is cut with the packets (reported, not judged: it calls a target).
+#[test]
+fn a_partition_of_production_from_its_gateway_passes() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let report = run_experiment(&inst, "partition-px-pg.yaml", 2);
+    assert_effect(&report["effects"][0], ("px", "pg"), (0.95, 0.01, 0.9));
+    assert_effect(&report["effects"][1], ("pg", "px"), (0.95, 0.01, 0.9));
+    for q in ["dx", "dg"] {
+        let q = quadrant_of(&report, q);
+        assert!(q["fault"]["availability"].as_f64() >= Some(0.999), "{q}");
+    }
+    let tcp_into_px = quadrant_of(&report, "pg")["lanes"]
+        .as_array()
+        .expect("lanes")
+        .iter()
+        .find(|l| l["service"] == "px" && l["transport"] == "tcp")
+        .cloned()
+        .expect("pg's tcp lane into px");
+    assert!(
+        tcp_into_px["fault"]["availability"].as_f64() <= Some(0.1),
+        "{tcp_into_px}"
+    );
+}
+
+/// `manifests/chaos/loss-pg.yaml`: 5 % of the packets into PG dropped — PG answers about 95 %
+/// during the fault (the dataplane's counts agree), the others every request.
+#[test]
+fn loss_into_pg_drops_its_share_and_no_more() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let report = run_experiment(&inst, "loss-pg.yaml", 3);
+    let pg = quadrant_of(&report, "pg");
+    let during = pg["fault"]["availability"].as_f64().expect("availability");
+    assert!((0.85..=0.995).contains(&during), "{pg}");
+    let fault = &report["faults"][0];
+    let (matched, dropped) = (
+        fault["matched"].as_f64().expect("matched"),
+        fault["dropped"].as_f64().expect("dropped"),
+    );
+    assert!(
+        matched >= 200.0 && (0.01..=0.12).contains(&(dropped / matched)),
+        "{fault}"
+    );
+    for q in ["dx", "dg", "px"] {
+        let q = quadrant_of(&report, q);
+        assert!(q["fault"]["availability"].as_f64() >= Some(0.999), "{q}");
+    }
+}
+
+/// `manifests/chaos/dx-and-dg-at-once.yaml`: two quadrants down at once (the simultaneous
+/// failures of the spec's edge cases), PX and PG hold, both targets back at once.
+#[test]
+fn dx_and_dg_failing_at_once_leave_production_whole() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let report = run_experiment(&inst, "dx-and-dg-at-once.yaml", 2);
+    for q in ["dx", "dg"] {
+        let q = quadrant_of(&report, q);
+        assert!(q["fault"]["availability"].as_f64() <= Some(0.05), "{q}");
+        assert!(q["recovered_after_secs"].as_f64() <= Some(1.0), "{q}");
+    }
+    for q in ["px", "pg"] {
+        let q = quadrant_of(&report, q);
+        assert!(q["fault"]["availability"].as_f64() >= Some(0.999), "{q}");
+    }
+    assert_eq!(report["cascades"], 0);
+}
+
+/// A partition of DX and PX under the embedded policy, which keeps development from production
+/// already: the faults find no traffic, and the run fails saying so rather than "passing".
+#[test]
+fn a_partition_the_policy_already_makes_fails_as_without_effect() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let file = inst
+        .config_path
+        .with_file_name(format!("{}-dx-px.yaml", inst.config.instance));
+    std::fs::write(
+        &file,
+        "title: DX <-> PX\ntargets: [dx, px]\nallow_production: true\n\
+         windows: { baseline_secs: 1, fault_secs: 2, recovery_secs: 1 }\n\
+         method:\n  - { action: drop, from: dx, to: px, both_ways: true }\n",
+    )
+    .expect("experiment");
+    let out = inst.quadrant(&[
+        "chaos",
+        "run",
+        file.to_str().expect("utf8"),
+        "--output",
+        "json",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a fault without effect fails the run"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["verdict"], "failed");
+    let reasons = report["reasons"].to_string();
+    assert!(
+        reasons.contains("drop dx -> px never hit traffic")
+            && reasons.contains("drop px -> dx never hit traffic"),
+        "{reasons}"
+    );
+}
+
 /// The controller killed in the middle of the fault: the fault still ends at its expiry, and
 /// the echoes and probes it started die with it.
 #[test]
