@@ -404,6 +404,76 @@ fn dx_and_dg_failing_at_once_leave_production_whole() {
     assert_eq!(report["cascades"], 0);
 }
 
+/// An experiment's rollbacks run in order once the faults have ended — a command inside DX that
+/// leaves a mark, `recover_all` — each reported; one that fails (a command exiting 1) fails the
+/// run, naming it. A rollback without what its action needs is refused before anything runs.
+#[test]
+fn rollbacks_run_after_the_faults_and_a_failed_one_fails_the_run() {
+    let inst = Instance::up(test_config(None), QPROBE);
+    let mark = inst
+        .config_path
+        .with_file_name(format!("{}-rolled-back", inst.config.instance));
+    let _ = std::fs::remove_file(&mark);
+    let file = inst
+        .config_path
+        .with_file_name(format!("{}-rollbacks.yaml", inst.config.instance));
+    let write = |rollbacks: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "title: rollbacks\ntargets: [dx, dg]\n\
+                 windows: {{ baseline_secs: 1, fault_secs: 1, recovery_secs: 1 }}\n\
+                 method:\n  - {{ action: drop, from: dx, to: dg, both_ways: true }}\n\
+                 rollbacks:\n{rollbacks}"
+            ),
+        )
+        .expect("experiment");
+    };
+    write(&format!(
+        "  - {{ action: exec, quadrant: dx, argv: [/bin/sh, -c, 'cat /proc/self/cgroup > {}'] }}\n\
+         \x20 - {{ action: recover_all }}\n",
+        mark.display()
+    ));
+    let report = run_file(&inst, "rollbacks", &file);
+    let rollbacks = report["rollbacks"].as_array().expect("rollbacks");
+    assert_eq!(rollbacks.len(), 2, "{rollbacks:?}");
+    assert!(rollbacks.iter().all(|r| r["ok"] == true), "{rollbacks:?}");
+    let cgroup = std::fs::read_to_string(&mark).expect("the exec rollback ran");
+    assert!(cgroup.contains("/dx"), "inside DX: {cgroup}");
+    assert!(
+        rollbacks[1]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("the dataplane is disarmed")),
+        "{rollbacks:?}"
+    );
+
+    write("  - { action: command, argv: [/bin/sh, -c, 'echo not restored; exit 1'] }\n");
+    let out = inst.quadrant(&[
+        "chaos",
+        "run",
+        file.to_str().expect("utf8"),
+        "--output",
+        "json",
+    ]);
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["verdict"], "failed");
+    let reasons = report["reasons"].to_string();
+    assert!(
+        reasons.contains("rollbacks[0] (command /bin/sh -c echo not restored; exit 1) failed")
+            && reasons.contains("not restored"),
+        "{reasons}"
+    );
+
+    write("  - { action: exec, argv: [/bin/true] }\n");
+    let out = inst.quadrant(&["chaos", "run", "--dry-run", file.to_str().expect("utf8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("rollbacks[0]: quadrant"),
+        "{err}"
+    );
+}
+
 /// A partition of DX and PX under the embedded policy, which keeps development from production
 /// already: the faults find no traffic, and the run fails saying so rather than "passing".
 #[test]

@@ -37,6 +37,11 @@ pub struct Experiment {
     /// Abort conditions, checked every second during the fault window.
     #[serde(default)]
     pub safeguards: Safeguards,
+    /// Actions taken in order once the faults have ended (also after an abort); one that fails
+    /// fails the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub rollbacks: Vec<super::rollback::Rollback>,
 }
 
 /// Baseline, fault and recovery windows, seconds.
@@ -280,6 +285,9 @@ impl Experiment {
                 "method[{i}]: kill_agent stops the control plane of every quadrant, production \
                  too; set allow_production: true to name it"
             )));
+        }
+        for (i, r) in self.rollbacks.iter().enumerate() {
+            r.validate(i)?;
         }
         // Production is governed by the targets here (named, with allow_production).
         for (i, f) in self.faults().iter().enumerate() {

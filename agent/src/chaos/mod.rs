@@ -31,6 +31,7 @@ pub mod lane_probe;
 pub mod lanes;
 pub mod outage;
 pub mod pressure;
+pub mod rollback;
 pub mod run;
 
 pub use experiment::{Experiment, MethodFault, Safeguards, SteadyState, Windows};

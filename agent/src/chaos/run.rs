@@ -147,6 +147,9 @@ pub struct Report {
     /// control socket (absent when a service manager restarts it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_back_after_ms: Option<f64>,
+    /// The experiment's rollbacks, in the order taken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollbacks: Vec<super::rollback::RollbackReport>,
 }
 
 /// One probe: when it was sent (monotonic ns) and its round trip if answered.
@@ -629,6 +632,11 @@ pub fn run(
         echoes.0[i] = start_echo(config_path, t.quadrant)?;
     }
     let t2 = monotonic_ns().min(fault_end);
+    let rollbacks: Vec<_> = exp
+        .rollbacks
+        .iter()
+        .map(|r| r.run(config, config_path))
+        .collect();
     std::thread::sleep(secs(exp.windows.recovery_secs) + timeout);
     let t3 = t2 + exp.windows.recovery_secs * 1_000_000_000;
     stop.store(true, Ordering::Relaxed);
@@ -662,6 +670,16 @@ pub fn run(
     );
     report.effects = effects;
     report.agent_back_after_ms = process.agent.and_then(|k| k.back_after_ms);
+    for (i, r) in rollbacks.iter().enumerate().filter(|(_, r)| !r.ok) {
+        report.reasons.push(format!(
+            "rollbacks[{i}] ({}) failed: {}",
+            r.rollback, r.detail
+        ));
+        if report.verdict == "passed" {
+            "failed".clone_into(&mut report.verdict);
+        }
+    }
+    report.rollbacks = rollbacks;
     Ok(report)
 }
 
@@ -970,6 +988,7 @@ fn judge(
         effects: Vec::new(),
         faults,
         agent_back_after_ms: None,
+        rollbacks: Vec::new(),
     }
 }
 
@@ -1053,6 +1072,20 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(
             out,
             "agent: the next one took over and answered {ms:.0} ms after the kill"
+        );
+    }
+    for b in &r.rollbacks {
+        let _ = writeln!(
+            out,
+            "rollback {}: {} in {:.0} ms{}",
+            b.rollback,
+            if b.ok { "done" } else { "FAILED" },
+            b.millis,
+            if b.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", b.detail.replace('\n', " / "))
+            }
         );
     }
     let _ = writeln!(out, "cascades: {}", r.cascades);

@@ -392,6 +392,12 @@ fn run_experiment(
                 f.seconds
             );
         }
+        for (i, r) in exp.rollbacks.iter().enumerate() {
+            println!(
+                "  then rollbacks[{i}]: {}",
+                serde_json::to_string(r).unwrap_or_default()
+            );
+        }
         return Ok(());
     }
     let report = chaos::run::run(config, config_path, &exp)?;
