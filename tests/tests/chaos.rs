@@ -307,6 +307,15 @@ fn an_experiment_reports_each_quadrant_and_finds_no_cascade() {
     for q in report["quadrants"].as_array().expect("quadrants") {
         let name = q["quadrant"].as_str().expect("name");
         assert!(q["baseline"]["sent"].as_u64() >= Some(150), "{name}: {q}");
+        // Over TCP from the host too: one connection, a request at the lane probes' rate.
+        assert!(
+            q["tcp"]["baseline"]["sent"].as_u64() >= Some(20),
+            "{name}: {q}"
+        );
+        assert!(
+            q["tcp"]["fault"]["availability"].as_f64() >= Some(0.999),
+            "the partition is between DX and DG, not from the host: {name}: {q}"
+        );
         if q["target"] == true {
             assert!(
                 q["recovered_after_secs"].as_f64() <= Some(1.0),
@@ -651,6 +660,11 @@ fn a_freeze_experiment_passes_with_the_target_back_at_once() {
     // still be answered.
     assert!(dg["fault"]["availability"].as_f64() <= Some(0.25), "{dg}");
     assert!(dg["recovered_after_secs"].as_f64() <= Some(1.0), "{dg}");
+    assert!(
+        dg["tcp"]["fault"]["availability"].as_f64() <= Some(0.25)
+            && dg["tcp"]["recovery"]["availability"].as_f64() >= Some(0.5),
+        "a frozen echo answers no TCP either, and does again: {dg}"
+    );
     assert!(chaos(&inst, &["status"]).contains("no faults"));
 }
 

@@ -10,7 +10,8 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::BufRead as _,
-    net::{SocketAddr, UdpSocket},
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex, PoisonError,
@@ -73,6 +74,10 @@ pub struct QuadrantReport {
     /// (none: not within the recovery window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered_after_secs: Option<f64>,
+    /// Requests over one TCP connection from the host to its echo (opened again after a
+    /// failure), at the lane probes' rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<Windows3>,
     /// Its lane probes: requests over each lane transport to its own lane service and, for a
     /// gateway, to the lane service of the quadrant behind it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -80,6 +85,34 @@ pub struct QuadrantReport {
     /// What it breached, if anything.
     pub breaches: Vec<String>,
 }
+
+/// A probe's three windows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Windows3 {
+    /// Before the faults.
+    pub baseline: WindowStats,
+    /// With them.
+    pub fault: WindowStats,
+    /// After them.
+    pub recovery: WindowStats,
+}
+
+impl Windows3 {
+    fn of(samples: &[(u64, Option<u64>)], (t0, t1, t2, t3): (u64, u64, u64, u64)) -> Self {
+        Self {
+            baseline: window(samples, t0, t1),
+            fault: window(samples, t1, t2),
+            recovery: window(samples, t2, t3),
+        }
+    }
+}
+
+/// What the probes saw: the host's UDP samples, each quadrant's lanes and its TCP probe.
+type Observed<'a> = (
+    &'a BTreeMap<Quadrant, Samples>,
+    BTreeMap<Quadrant, Vec<LaneReport>>,
+    BTreeMap<Quadrant, Windows3>,
+);
 
 /// One quadrant's lane probe over one transport, per window.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -168,6 +201,17 @@ pub fn echo() -> std::io::Result<()> {
         return Ok(());
     }
     let s = UdpSocket::bind(("0.0.0.0", ECHO_PORT))?;
+    let tcp = TcpListener::bind(("0.0.0.0", ECHO_PORT))?;
+    std::thread::spawn(move || {
+        for conn in tcp.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let _ = conn.set_nodelay(true);
+                let mut buf = [0u8; 8];
+                while conn.read_exact(&mut buf).is_ok() && conn.write_all(&buf).is_ok() {}
+            });
+        }
+    });
     super::lane_probe::offer();
     println!("listening");
     let mut buf = [0u8; 64];
@@ -184,7 +228,6 @@ pub fn echo() -> std::io::Result<()> {
 /// # Errors
 /// When standard output is gone.
 pub fn probe_lines(to: SocketAddr, rate: u32, timeout: Duration) -> std::io::Result<()> {
-    use std::io::Write as _;
     if !tied_to_parent() {
         return Ok(());
     }
@@ -431,6 +474,56 @@ fn probe(
     Ok((samples, vec![sender, receiver]))
 }
 
+/// A request every `1/rate` s over one TCP connection to `to` (connected again at the next
+/// request after any failure), each awaited up to `timeout`.
+fn tcp_probe(
+    to: SocketAddr,
+    rate: u32,
+    timeout: Duration,
+    stop: &Arc<AtomicBool>,
+) -> (Samples, std::thread::JoinHandle<()>) {
+    let samples: Samples = Arc::default();
+    let thread = {
+        let (samples, stop) = (Arc::clone(&samples), Arc::clone(stop));
+        let period = Duration::from_secs(1) / rate.max(1);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut conn: Option<TcpStream> = None;
+            let limit = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+            for n in 0u32.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep((start + period * n).saturating_duration_since(Instant::now()));
+                let sent = monotonic_ns();
+                let i = {
+                    let mut log = locked(&samples);
+                    log.push((sent, None));
+                    log.len() - 1
+                };
+                if conn.is_none() {
+                    conn = TcpStream::connect_timeout(&to, timeout).ok().filter(|c| {
+                        c.set_nodelay(true).is_ok() && c.set_read_timeout(Some(timeout)).is_ok()
+                    });
+                }
+                let msg = u64::from(n).to_ne_bytes();
+                let mut reply = [0u8; 8];
+                let answered = conn.as_mut().is_some_and(|c| {
+                    c.write_all(&msg).is_ok() && c.read_exact(&mut reply).is_ok() && reply == msg
+                });
+                let rtt = monotonic_ns().saturating_sub(sent);
+                if answered && rtt <= limit {
+                    locked(&samples)[i].1 = Some(rtt);
+                } else {
+                    // A late answer would be read as the next one's: start over.
+                    conn = None;
+                }
+            }
+        })
+    };
+    (samples, thread)
+}
+
 fn window(samples: &[(u64, Option<u64>)], from: u64, to: u64) -> WindowStats {
     let mut rtts: Vec<u64> = Vec::new();
     let mut sent = 0;
@@ -584,14 +677,7 @@ pub fn run(
     let ss = exp.steady_state;
     let timeout = Duration::from_millis(u64::from(ss.timeout_ms));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut probes = BTreeMap::new();
-    let mut threads = Vec::new();
-    for q in Quadrant::ALL {
-        let to = SocketAddr::from((config.addrs(q).workload, ECHO_PORT));
-        let (samples, t) = probe(to, ss.rate_per_sec, timeout, &stop)?;
-        probes.insert(q, samples);
-        threads.extend(t);
-    }
+    let (probes, tcp_probes, threads) = start_host_probes(config, &ss, timeout, &stop)?;
     let effects = start_effect_probes(config, config_path, exp)?;
     let lane_probes = start_lane_probes(config, config_path, &ss)?;
     let secs = |s: u64| Duration::from_secs(s);
@@ -660,10 +746,14 @@ pub fn run(
         })
         .collect();
     let lanes = lane_reports(lane_probes, windows);
+    let tcp = tcp_probes
+        .into_iter()
+        .map(|(q, samples)| (q, Windows3::of(&locked(&samples), windows)))
+        .collect();
     let mut report = judge(
         exp,
         &targets,
-        (&probes, lanes),
+        (&probes, lanes, tcp),
         windows,
         fault_status,
         aborted,
@@ -681,6 +771,37 @@ pub fn run(
     }
     report.rollbacks = rollbacks;
     Ok(report)
+}
+
+/// The UDP and TCP probes from the host to every quadrant's echo: their samples and threads.
+#[expect(
+    clippy::type_complexity,
+    reason = "two maps of samples and the threads filling them"
+)]
+fn start_host_probes(
+    config: &Config,
+    ss: &super::SteadyState,
+    timeout: Duration,
+    stop: &Arc<AtomicBool>,
+) -> Result<
+    (
+        BTreeMap<Quadrant, Samples>,
+        BTreeMap<Quadrant, Samples>,
+        Vec<std::thread::JoinHandle<()>>,
+    ),
+    ChaosError,
+> {
+    let (mut udp, mut tcp, mut threads) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
+    for q in Quadrant::ALL {
+        let to = SocketAddr::from((config.addrs(q).workload, ECHO_PORT));
+        let (samples, t) = probe(to, ss.rate_per_sec, timeout, stop)?;
+        udp.insert(q, samples);
+        threads.extend(t);
+        let (samples, t) = tcp_probe(to, ss.rate_per_sec.min(LANE_PROBE_RATE), timeout, stop);
+        tcp.insert(q, samples);
+        threads.push(t);
+    }
+    Ok((udp, tcp, threads))
 }
 
 /// A lane probe per transport from every quadrant to its own service and from each gateway to
@@ -885,10 +1006,7 @@ fn out_of_tolerance(
 fn judge(
     exp: &Experiment,
     targets: &[Quadrant],
-    (probes, mut lanes): (
-        &BTreeMap<Quadrant, Samples>,
-        BTreeMap<Quadrant, Vec<LaneReport>>,
-    ),
+    (probes, mut lanes, mut tcp): Observed<'_>,
     (t0, t1, t2, t3): (u64, u64, u64, u64),
     faults: Vec<FaultStatus>,
     aborted: Option<String>,
@@ -925,6 +1043,9 @@ fn judge(
             }
         } else {
             breaches.extend(out_of_tolerance(&ss, "", &baseline, &fault));
+            if let Some(t) = tcp.get(&q) {
+                breaches.extend(out_of_tolerance(&ss, "tcp: ", &t.baseline, &t.fault));
+            }
             // A lane to a target's service fails with its target: that is the fault's
             // effect on the caller, not a cascade into it.
             for l in lanes
@@ -950,6 +1071,7 @@ fn judge(
             fault,
             recovery,
             recovered_after_secs,
+            tcp: tcp.remove(&q),
             lanes,
             breaches,
         });
@@ -992,6 +1114,20 @@ fn judge(
     }
 }
 
+/// A probe's three windows in one line of the table.
+fn three(baseline: &WindowStats, fault: &WindowStats, recovery: &WindowStats) -> String {
+    format!(
+        "answered {:.1} / {:.1} / {:.1} %, p99 {:.3} / {:.3} / {:.3} ms (baseline / fault / \
+         recovery)",
+        baseline.availability * 100.0,
+        fault.availability * 100.0,
+        recovery.availability * 100.0,
+        baseline.p99_ms,
+        fault.p99_ms,
+        recovery.p99_ms
+    )
+}
+
 /// The text form of a report.
 #[must_use]
 pub fn render(r: &Report) -> String {
@@ -1019,19 +1155,21 @@ pub fn render(r: &Report) -> String {
                 w.p999_ms
             );
         }
+        if let Some(t) = &q.tcp {
+            let _ = writeln!(
+                out,
+                "{:<5} tcp: {}",
+                q.quadrant,
+                three(&t.baseline, &t.fault, &t.recovery)
+            );
+        }
         for l in &q.lanes {
             let _ = writeln!(
                 out,
-                "{:<5} {}answered {:.1} / {:.1} / {:.1} %, p99 {:.3} / {:.3} / {:.3} ms \
-                 (baseline / fault / recovery)",
+                "{:<5} {}{}",
                 q.quadrant,
                 Quadrant::from_name(&q.quadrant).map_or_else(String::new, |me| l.what(me)),
-                l.baseline.availability * 100.0,
-                l.fault.availability * 100.0,
-                l.recovery.availability * 100.0,
-                l.baseline.p99_ms,
-                l.fault.p99_ms,
-                l.recovery.p99_ms
+                three(&l.baseline, &l.fault, &l.recovery)
             );
         }
         if let Some(s) = q.recovered_after_secs {
@@ -1154,7 +1292,7 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            (&p, BTreeMap::new()),
+            (&p, BTreeMap::new(), BTreeMap::new()),
             WINDOWS,
             hit(),
             None,
@@ -1176,7 +1314,7 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            (&p, BTreeMap::new()),
+            (&p, BTreeMap::new(), BTreeMap::new()),
             WINDOWS,
             hit(),
             None,
@@ -1206,7 +1344,7 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            (&p, BTreeMap::new()),
+            (&p, BTreeMap::new(), BTreeMap::new()),
             WINDOWS,
             hit(),
             None,
@@ -1225,7 +1363,7 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            (&p, BTreeMap::new()),
+            (&p, BTreeMap::new(), BTreeMap::new()),
             WINDOWS,
             hit(),
             None,
@@ -1242,7 +1380,7 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            (&p, BTreeMap::new()),
+            (&p, BTreeMap::new(), BTreeMap::new()),
             WINDOWS,
             idle,
             None,
@@ -1256,12 +1394,50 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            (&p, BTreeMap::new()),
+            (&p, BTreeMap::new(), BTreeMap::new()),
             WINDOWS,
             hit(),
             Some("safeguard: …".into()),
         );
         assert_eq!(r.verdict, "aborted");
+    }
+
+    #[test]
+    fn a_non_target_whose_tcp_probe_fails_is_a_cascade_and_a_targets_is_not() {
+        let p = probes(|_, _| false, |_, _| 200_000);
+        let stats = |answered: u64| WindowStats {
+            sent: 200,
+            answered,
+            availability: f64::from(u32::try_from(answered).unwrap_or(0)) / 200.0,
+            p50_ms: 0.1,
+            p99_ms: 0.2,
+            p999_ms: 0.3,
+        };
+        let down = Windows3 {
+            baseline: stats(200),
+            fault: stats(150),
+            recovery: stats(200),
+        };
+        let tcp = BTreeMap::from([(Quadrant::Dx, down.clone()), (Quadrant::Px, down)]);
+        let r = judge(
+            &experiment(),
+            &[Quadrant::Dx],
+            (&p, BTreeMap::new(), tcp),
+            WINDOWS,
+            hit(),
+            None,
+        );
+        assert_eq!((r.verdict.as_str(), r.cascades), ("failed", 1));
+        assert_eq!(
+            r.reasons,
+            ["px: tcp: availability 75.00 % during the fault, below 99.90 %"]
+        );
+        assert!(r.quadrants[0].tcp.is_some(), "reported for the target too");
+        assert!(
+            render(&r).contains("px    tcp: answered 100.0 / 75.0 / 100.0 %"),
+            "{}",
+            render(&r)
+        );
     }
 
     #[test]
@@ -1312,7 +1488,7 @@ mod tests {
         let r = judge(
             &experiment(),
             &[Quadrant::Dx],
-            (&p, lanes),
+            (&p, lanes, BTreeMap::new()),
             WINDOWS,
             hit(),
             None,
