@@ -682,6 +682,15 @@ impl Faults {
         out
     }
 
+    /// The armed horizon: the latest expiry of any fault written (0: none since the last
+    /// disarm).
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn armed_until(&self) -> Result<u64, ChaosError> {
+        self.armed.get(&0, 0).map_err(Self::map_err(CHAOS_ARMED))
+    }
+
     /// Removes one fault (gone already is fine).
     ///
     /// # Errors

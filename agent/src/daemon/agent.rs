@@ -246,6 +246,7 @@ impl Agent {
     /// Judges the service breakers and feeds the SLO windows from the lanes' counts; with
     /// `summarize`, also tells admission the quadrants' SLO summary (which sums every window).
     pub fn sample_slos(&self, summarize: bool) {
+        self.broker.cut_partitioned_lanes();
         let now = crate::breakers::monotonic_ns();
         let totals = self.broker.sli_totals();
         for t in self.broker.judge_trips(now, &totals) {

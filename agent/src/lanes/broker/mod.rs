@@ -42,6 +42,7 @@ use crate::{
 };
 
 mod breaker;
+mod cuts;
 mod decide;
 mod open;
 mod open_lanes;
@@ -115,6 +116,9 @@ struct OpenLane {
     opened: Instant,
     region: Region,
     memory: Mapping,
+    /// A copy of the client's end of the lane's socket (shared memory, Unix socket): shut down,
+    /// both ends find the peer gone (a chaos partition cuts the lane).
+    sever: Option<OwnedFd>,
 }
 
 impl OpenLane {
@@ -209,6 +213,8 @@ pub struct Broker {
     pub policy_outages: Arc<crate::chaos::outage::Outages>,
     /// Instances that take no new lanes (`quadrant drain`).
     draining: Mutex<std::collections::BTreeSet<(Quadrant, u8)>>,
+    /// Chaos partitions and refusals, read from the dataplane's chaos maps.
+    cuts: Mutex<cuts::Cuts>,
     /// The other nodes' agents, whose instances take lanes none here can (`peers`).
     peers: std::sync::OnceLock<Arc<crate::peers::Peers>>,
 }
@@ -283,6 +289,7 @@ impl Broker {
             lane_opened: tokio::sync::Notify::new(),
             policy_outages: Arc::new(crate::chaos::outage::Outages::policy()),
             draining: Mutex::new(std::collections::BTreeSet::new()),
+            cuts: Mutex::new(cuts::Cuts::new(config.bpffs_dir())),
             peers: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::pinned(
                 config
@@ -291,6 +298,41 @@ impl Broker {
                     .join(dataplane_common::breaker::BREAKERS),
             ),
         }
+    }
+
+    /// Cuts every open lane a chaos partition now separates (a drop fault taking every packet
+    /// between its client's and its service's quadrants, either way); returns how many. Called
+    /// by the sampler, so a partition cuts lanes within its period.
+    pub fn cut_partitioned_lanes(&self) -> usize {
+        let now = crate::breakers::monotonic_ns();
+        let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        if !cuts.any(now) {
+            return 0;
+        }
+        let mut state = self.state();
+        let across: Vec<u64> = state
+            .lanes
+            .iter()
+            .filter(|(_, l)| {
+                l.sever.is_some()
+                    && Quadrant::from_name(&l.info.quadrant)
+                        .is_some_and(|s| cuts.severs(l.client_quadrant, s, now))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut cut = 0;
+        for id in across {
+            if let Some(fd) = state.lanes.take_sever(id) {
+                let _ =
+                    nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                cut += 1;
+            }
+        }
+        drop(state);
+        if cut > 0 {
+            tracing::info!(lanes = cut, "chaos: lanes across a partition cut");
+        }
+        cut
     }
 
     /// Lanes no instance here can take go to these nodes' instances from now on.

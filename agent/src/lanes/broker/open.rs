@@ -98,6 +98,7 @@ impl Broker {
             shm_bytes,
             mut client,
             mut server,
+            client_copy,
         } = built;
         client.grant.request_ids = request_ids;
         server.grant.request_ids = request_ids;
@@ -144,6 +145,7 @@ impl Broker {
                 opened: Instant::now(),
                 region,
                 memory,
+                sever: client_copy,
             },
         );
         drop(state);
@@ -264,6 +266,15 @@ impl Broker {
         {
             return Err(refuse(Refusal::Policy, m));
         }
+        // A chaos partition (or refusal) between the two quadrants: no lane around it.
+        if let Some(m) = self
+            .cuts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .refusal(ask.from_q, ask.to_q, crate::breakers::monotonic_ns())
+        {
+            return Err(refuse(Refusal::Policy, m));
+        }
         let rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
         decide::choose_transport(
             rules
@@ -334,6 +345,7 @@ impl Broker {
             instance: 0,
         };
         let dup = |f: &OwnedFd| f.try_clone().map_err(|e| io_err("descriptor", &e));
+        let client_copy = client_socket_copy(&ends)?;
         let (client, server) = match ends {
             Ends::Shm {
                 efd_client,
@@ -388,6 +400,7 @@ impl Broker {
             shm_bytes: crate::lanes::ring::mapping_len(ring_bytes) as u64,
             client,
             server,
+            client_copy,
         })
     }
 
@@ -515,6 +528,19 @@ struct Built {
     shm_bytes: u64,
     client: End,
     server: End,
+    /// A copy of the client's socket (shared memory, Unix socket), to cut the lane.
+    client_copy: Option<OwnedFd>,
+}
+
+/// A copy of the client's end of the lane's socket, for lanes that have one.
+fn client_socket_copy(ends: &Ends) -> Result<Option<OwnedFd>, Refused> {
+    match ends {
+        Ends::Shm { sock_client, .. } | Ends::Uds { sock_client, .. } => sock_client
+            .try_clone()
+            .map(Some)
+            .map_err(|e| io_err("descriptor", &e)),
+        Ends::Tcp => Ok(None),
+    }
 }
 
 pub(super) fn io_err(what: &str, e: &io::Error) -> Refused {

@@ -78,6 +78,11 @@ impl OpenLanes {
         }
     }
 
+    /// Takes lane `id`'s copy of its client's socket (to shut it down), if it still has one.
+    pub(super) fn take_sever(&mut self, id: u64) -> Option<std::os::fd::OwnedFd> {
+        self.map.get_mut(&id)?.sever.take()
+    }
+
     pub(super) fn remove(&mut self, id: u64) -> Option<OpenLane> {
         let lane = self.map.remove(&id)?;
         if lane.client_conn.is_some() {

@@ -203,6 +203,7 @@ impl Broker {
                 opened: Instant::now(),
                 region: parts.region,
                 memory: parts.memory,
+                sever: None,
             },
         );
         drop(state);
@@ -293,6 +294,7 @@ impl Broker {
                 opened: Instant::now(),
                 region: parts.region,
                 memory: parts.memory,
+                sever: None,
             },
         );
         if let Err(e) = target
