@@ -57,6 +57,10 @@ pub const LB_EXPIRED: &str = "LB_EXPIRED";
 pub const LB_FLOW_REVERSE: u16 = 1;
 /// [`LbFlow::flags`]: the TCP connection's FIN or RST was seen and its count released.
 pub const LB_FLOW_CLOSING: u16 = 2;
+/// [`LbFlow::flags`] of a reverse entry: the flow's opening SYN was redirected to its backend's
+/// veth, where it passes tc egress once more; that pass clears it. A SYN on the same tuple
+/// without it is a direct connection clashing with the live translated one.
+pub const LB_FLOW_REDIRECTING: u16 = 4;
 
 /// Key of [`LB_FLOWS`]: a packet's addresses and ports as they are on the wire (network byte
 /// order).
@@ -85,7 +89,7 @@ pub struct LbFlow {
     pub addr: u32,
     /// Forward: the backend's port; reverse: the VIP's port (network byte order).
     pub port: u16,
-    /// [`LB_FLOW_REVERSE`], [`LB_FLOW_CLOSING`].
+    /// [`LB_FLOW_REVERSE`], [`LB_FLOW_CLOSING`], [`LB_FLOW_REDIRECTING`].
     pub flags: u16,
     /// The backend's slot (its [`LB_ACTIVE`] count).
     pub slot: u32,

@@ -39,8 +39,11 @@
 /// every drop, every flow tc starts tracking and every FIN or RST of one go to `TRACE` within each
 /// CPU's budget (`EVENTS_LIMIT`), records name the event and carry the TCP flags or ICMP type;
 /// 14: the read-only global `CHAOS_ENABLED` — 0 when the agent runs with chaos off, so the
-/// verifier removes every fault check.
-pub const PROGRAM_SET_VERSION: u32 = 14;
+/// verifier removes every fault check; 15: an outside connection to a VIP passes over a backend
+/// whose tuple a live flow holds, and a SYN straight to an instance on the tuple of a live
+/// translated connection is dropped (`drop_tuple_in_use`; the reverse entry's
+/// `LB_FLOW_REDIRECTING` tells the translated SYN's own second pass apart).
+pub const PROGRAM_SET_VERSION: u32 = 15;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with

@@ -67,6 +67,10 @@ reasons! {
     DenySpoofed = 11, "deny_spoofed", Drop;
     /// Sent into a quadrant with a destination outside that quadrant's prefix.
     DenyMisrouted = 12, "deny_misrouted", Drop;
+    /// A connection from outside the quadrants straight to an instance, on the very tuple a
+    /// live connection to a service VIP was translated to: the instance could not tell the two
+    /// apart, so the SYN is dropped rather than the older connection broken.
+    DropTupleInUse = 13, "drop_tuple_in_use", Drop;
     /// A frame or header shorter than its headers claim.
     DropTruncated = 20, "drop_truncated", Drop;
     /// IPv4 header length below 20 bytes, or beyond the packet, or total length inconsistent.

@@ -86,6 +86,18 @@ fn established(key: &CtKey, cfg: &DataplaneConfig) -> Option<bool> {
     }
 }
 
+/// Whether a flow on this tuple (either direction) was seen within the timeout; its entry is
+/// left as it is.
+#[inline(always)]
+pub fn tracked(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> bool {
+    let (key, _) = CtKey::of(saddr, daddr, sport, dport, proto);
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let timeout = u64::from(config().ct_timeout_secs) * NS_PER_SEC;
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { CONNTRACK.get(key) }.is_some_and(|e| now.saturating_sub(e.last_seen_ns) <= timeout)
+}
+
 /// Decides a packet crossing the veth of quadrant `quadrant`. With `track`, a flow the policy
 /// allows is recorded so that both of its directions pass later.
 #[inline(always)]

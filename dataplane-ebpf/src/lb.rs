@@ -87,6 +87,19 @@ fn active(index: u32) -> u32 {
     u32::try_from(n.saturating_sub(expired)).unwrap_or(u32::MAX)
 }
 
+/// The ready backend after slot `slot` of `service` (wrapping), if it is ready.
+#[inline(always)]
+pub(crate) fn next_ready(service: &LbService, slot: u32) -> Option<(u32, LbBackend)> {
+    let n = u32::from(service.backends);
+    let base = service.index.checked_mul(LB_BACKENDS_PER_SERVICE)?;
+    if n < 2 || slot < base {
+        return None;
+    }
+    let next = base + (slot - base + 1) % n;
+    let b = backend(next)?;
+    (b.weight != 0).then_some((next, b))
+}
+
 /// The ready backend with the fewest active connections per unit of capacity, or `None`.
 #[inline(always)]
 pub(crate) fn choose(service: &LbService) -> Option<(u32, LbBackend)> {

@@ -11,6 +11,12 @@
 //! to that instance's veth. The backend's answers, leaving through tc ingress of its veth, get
 //! the VIP back as their source. A TCP flow is counted in `LB_ACTIVE` from its SYN to its first
 //! FIN or RST. The policy decides on the backend's address, as for every packet.
+//!
+//! A translated connection takes the tuple (source, backend) at the backend. A new flow passes
+//! over a backend whose tuple a live flow holds (a direct connection, or another VIP's) for the
+//! next ready backend when that one's is free; a SYN straight to an instance on the tuple of a live
+//! translated connection is dropped (`drop_tuple_in_use`): the instance could not tell the two
+//! apart, and the older connection's answers would leave with the VIP's address.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -20,12 +26,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    lb::{LB_FLOW_CLOSING, LB_FLOW_REVERSE, LB_FLOWS_MAX, LbFlow, LbFlowKey, LbServiceKey},
+    lb::{
+        LB_FLOW_CLOSING, LB_FLOW_REDIRECTING, LB_FLOW_REVERSE, LB_FLOWS_MAX, LbBackend, LbFlow,
+        LbFlowKey, LbServiceKey,
+    },
     policy::{PROTO_TCP, PROTO_UDP},
 };
 
 use crate::{
-    lb::{LB_ACTIVE, LB_SERVICES, atomic_add, choose},
+    lb::{LB_ACTIVE, LB_SERVICES, atomic_add, choose, next_ready},
     parse::Ipv4Flow,
 };
 
@@ -53,6 +62,8 @@ pub enum Into {
     },
     /// To a VIP without a ready backend.
     NoBackend,
+    /// A SYN straight to an instance on the tuple of a live translated connection.
+    TupleInUse,
 }
 
 /// A flow chosen at its first packet, not yet recorded.
@@ -61,17 +72,22 @@ pub struct NewFlow {
     forward: LbFlow,
 }
 
-/// Records a new flow both ways (and counts a TCP one against its backend). A packet the
-/// policy drops records nothing: no count waits for a connection that cannot happen.
+/// Records a new flow both ways (and counts a TCP one against its backend); `redirecting`: its
+/// first packet goes on to the backend's veth (and passes tc egress there once more). A packet
+/// the policy drops records nothing: no count waits for a connection that cannot happen.
 #[inline(always)]
-pub fn commit(new: &NewFlow) {
+pub fn commit(new: &NewFlow, redirecting: bool) {
     let (key, f) = (&new.key, &new.forward);
     // A reused tuple's old flow ends here if it had not ended yet.
     close(key);
     let reverse = LbFlow {
         addr: key.daddr,
         port: key.dport,
-        flags: LB_FLOW_REVERSE,
+        flags: if redirecting {
+            LB_FLOW_REVERSE | LB_FLOW_REDIRECTING
+        } else {
+            LB_FLOW_REVERSE
+        },
         slot: f.slot,
         ifindex: 0,
     };
@@ -124,29 +140,56 @@ fn close(key: &LbFlowKey) {
     }
 }
 
-/// A connection opened straight to an instance's address on the tuple an earlier, translated
-/// connection to a VIP had (the same source port, free again on the host once that connection
-/// closed): the old flow's entries would give this one's answers the VIP as their source, so
-/// they go. A flow not yet closing is left alone: that SYN is the translated one itself,
-/// passing the backend's veth after its redirect (a direct connection on the tuple of a live
-/// translated one, which needs the host to reuse the port at that moment, is not told apart).
+/// A SYN straight to an instance's address on the tuple a translated connection to a VIP has
+/// or had. Closed (the host reuses the source port once it is free): the old flow's entries
+/// would give this connection's answers the VIP as their source, so they go. Live: once, the
+/// translated SYN itself passing the backend's veth after its redirect (the flag its commit
+/// set); otherwise a direct connection clashing with it — `true`.
 #[inline(always)]
-fn forget_reverse(flow: &Ipv4Flow) {
+fn direct_syn_clashes(flow: &Ipv4Flow) -> bool {
     let rkey = key_of(flow.daddr, flow.saddr, flow.dport, flow.sport, flow.proto);
-    // SAFETY: read-only lookup of a plain value.
-    let Some(f) = (unsafe { LB_FLOWS.get(rkey) }).copied() else {
-        return;
+    let Some(r) = LB_FLOWS.get_ptr_mut(rkey) else {
+        return false;
     };
-    if f.flags & LB_FLOW_REVERSE == 0 {
-        return;
+    // SAFETY: a map value pointer, valid for this program run.
+    let r = unsafe { &mut *r };
+    if r.flags & LB_FLOW_REVERSE == 0 {
+        return false;
     }
-    let fkey = key_of(flow.saddr, f.addr, flow.sport, f.port, flow.proto);
+    let fkey = key_of(flow.saddr, r.addr, flow.sport, r.port, flow.proto);
     // SAFETY: read-only lookup of a plain value.
     let live = unsafe { LB_FLOWS.get(fkey) }.is_some_and(|fw| fw.flags & LB_FLOW_CLOSING == 0);
     if !live {
         let _ = LB_FLOWS.remove(rkey);
         let _ = LB_FLOWS.remove(fkey);
+        return false;
     }
+    if r.flags & LB_FLOW_REDIRECTING != 0 {
+        r.flags &= !LB_FLOW_REDIRECTING;
+        return false;
+    }
+    true
+}
+
+/// Whether a live flow other than one of the VIP `(vip, vport)` holds the tuple (`saddr`,
+/// `sport`) → backend `b`: another VIP's translated connection, or a direct one the flow table
+/// tracks.
+#[inline(always)]
+fn tuple_taken(flow: &Ipv4Flow, b: &LbBackend) -> bool {
+    let rkey = key_of(b.addr, flow.saddr, b.port, flow.sport, flow.proto);
+    // SAFETY: read-only lookup of a plain value.
+    if let Some(r) = unsafe { LB_FLOWS.get(rkey) }.copied()
+        && r.flags & LB_FLOW_REVERSE != 0
+    {
+        if r.addr == flow.daddr && r.port == flow.dport {
+            // This VIP's own (a retransmitted SYN, a reused tuple): no clash.
+            return false;
+        }
+        let fkey = key_of(flow.saddr, r.addr, flow.sport, r.port, flow.proto);
+        // SAFETY: read-only lookup of a plain value.
+        return unsafe { LB_FLOWS.get(fkey) }.is_some_and(|fw| fw.flags & LB_FLOW_CLOSING == 0);
+    }
+    crate::decide::tracked(flow.saddr, b.addr, flow.sport, b.port, flow.proto)
 }
 
 /// Rewrites one address (at `addr_off`) and the port at `port_off` of the packet, fixing the
@@ -218,14 +261,22 @@ pub fn into_quadrant(ctx: &TcContext, flow: &mut Ipv4Flow) -> Into {
             };
             // SAFETY: read-only lookup of a plain value.
             let Some(service) = (unsafe { LB_SERVICES.get(skey) }) else {
-                if flow.opens {
-                    forget_reverse(flow);
+                if flow.opens && flow.proto == PROTO_TCP && direct_syn_clashes(flow) {
+                    return Into::TupleInUse;
                 }
                 return Into::Untouched;
             };
-            let Some((slot, b)) = choose(service) else {
+            let Some((mut slot, mut b)) = choose(service) else {
                 return Into::NoBackend;
             };
+            // A backend whose tuple a live flow holds: the next ready one if its tuple is free
+            // (else this one, as before).
+            if tuple_taken(flow, &b)
+                && let Some((next_slot, next)) = next_ready(service, slot)
+                && !tuple_taken(flow, &next)
+            {
+                (slot, b) = (next_slot, next);
+            }
             let f = LbFlow {
                 addr: b.addr,
                 port: b.port,

@@ -87,13 +87,14 @@ fn classify(ctx: &TcContext, dir: Direction) -> (u32, Reason, Subject, Option<(u
             };
             let reason = match translated {
                 Into::NoBackend => Reason::RefuseNoBackend,
+                Into::TupleInUse => Reason::DropTupleInUse,
                 Into::Translated { ifindex: to, new } => {
                     redirect = Some((ifindex, to));
                     let reason = decide_packet(&flow, quadrant, dir, true);
                     if let Some(new) = new
                         && matches!(reason.verdict(), Verdict::Pass)
                     {
-                        lb_flow::commit(&new);
+                        lb_flow::commit(&new, to != 0 && to != ifindex);
                     }
                     reason
                 }

@@ -865,38 +865,12 @@ fn checked(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
 /// checksums, later packets of the connection follow it, PX's answer leaving tc ingress gets
 /// VIP:8080 back (valid checksums); a UDP datagram likewise, and the world's refused by the
 /// policy; a port of the VIP that is no service, and a quadrant's own packets to the VIP, are
-/// left as they are, as are the answers of a later direct connection on a translated tuple.
+/// left as they are, as are the answers of a later direct connection on a translated tuple; a
+/// direct SYN on the tuple of the live translated connection is dropped (`drop_tuple_in_use`).
 #[test]
 fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
-    use dataplane_common::lb::{LbBackend, LbService, LbServiceKey};
-    const VIP: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 100);
-    const PX_GW: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 1);
-    let mut dp = dataplane(&Config::embedded(), false);
-    dp.register_iface(lo_ifindex(), Quadrant::Px)
-        .expect("register lo as PX");
-    let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
-    let service = |index, proto| {
-        (
-            LbServiceKey {
-                vip: ne(VIP),
-                port: 8080u16.to_be(),
-                proto,
-                pad: 0,
-            },
-            LbService {
-                index,
-                backends: 1,
-                maglev: 0,
-                pad: 0,
-            },
-        )
-    };
-    let backend = LbBackend {
-        addr: ne(PX),
-        port: 9000u16.to_be(),
-        weight: 1,
-        ifindex: lo_ifindex(),
-    };
+    let (mut dp, backend) = vip_dataplane();
+    let service = |index, proto| vip_service(index, proto, 8080, 1);
     dp.write_lb(
         &[service(0, 6), service(1, 17)],
         &[(0, backend), (16, backend)],
@@ -949,10 +923,18 @@ fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
         "a quadrant's packet to the VIP is not translated"
     );
 
-    // While the VIP's connection lives, its own SYN passing again (after a redirect, on the
-    // backend's veth) leaves it alone.
+    // While the VIP's connection lives, a SYN straight to PX:9000 on its tuple: PX could not
+    // tell the two apart, and its answers would leave as the VIP's. Dropped, counted.
+    let before = dp
+        .counter(Hook::TcEgress, Quadrant::Px as u32, Reason::DropTupleInUse)
+        .expect("counter");
     let (code, _) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40000, PX, 9000));
-    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(code, TC_ACT_SHOT, "a direct SYN on a live translated tuple");
+    assert_eq!(
+        dp.counter(Hook::TcEgress, Quadrant::Px as u32, Reason::DropTupleInUse)
+            .expect("counter"),
+        before + 1
+    );
     let (_, out) = run_out(&mut dp, Hook::TcIngress, &tcp_ack(PX, 9000, PX_GW, 40000));
     assert_eq!(
         checked(&out).0,
@@ -971,6 +953,103 @@ fn outside_packets_to_a_vip_are_translated_with_valid_checksums() {
         (PX, 9000, PX_GW, 40000),
         "a direct connection on a translated flow's old tuple is not translated back"
     );
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 100);
+const PX_GW: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 1);
+
+/// A dataplane with `lo` as PX's veth, and PX:9000 behind it as a backend.
+fn vip_dataplane() -> (Dataplane, dataplane_common::lb::LbBackend) {
+    let mut dp = dataplane(&Config::embedded(), false);
+    dp.register_iface(lo_ifindex(), Quadrant::Px)
+        .expect("register lo as PX");
+    let backend = dataplane_common::lb::LbBackend {
+        addr: u32::from_ne_bytes(PX.octets()),
+        port: 9000u16.to_be(),
+        weight: 1,
+        ifindex: lo_ifindex(),
+    };
+    (dp, backend)
+}
+
+/// Service `index` at VIP:`port` with `backends` backends.
+fn vip_service(
+    index: u32,
+    proto: u8,
+    port: u16,
+    backends: u16,
+) -> (
+    dataplane_common::lb::LbServiceKey,
+    dataplane_common::lb::LbService,
+) {
+    (
+        dataplane_common::lb::LbServiceKey {
+            vip: u32::from_ne_bytes(VIP.octets()),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        },
+        dataplane_common::lb::LbService {
+            index,
+            backends,
+            maglev: 0,
+            pad: 0,
+        },
+    )
+}
+
+/// Tuples at the backend: the translated SYN redirected to its backend's veth passes tc egress
+/// there once more as itself, not a clash, while a direct SYN on that live tuple is dropped; a
+/// new connection to a VIP passes over a backend whose tuple a direct connection holds for the
+/// next one.
+#[test]
+fn a_translated_tuple_is_told_apart_from_a_direct_connection_on_it() {
+    use dataplane_common::lb::LbBackend;
+    let (mut dp, backend) = vip_dataplane();
+    // Port 8082: its backend behind another veth. The SYN is redirected there and passes tc
+    // egress once more, as the translated SYN — not a clash; a direct one after it is.
+    let elsewhere = LbBackend {
+        ifindex: 4242,
+        ..backend
+    };
+    dp.write_lb(&[vip_service(2, 6, 8082, 1)], &[(32, elsewhere)], &[])
+        .expect("write the service");
+    let (code, out) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40010, VIP, 8082));
+    assert_eq!(
+        code, 7,
+        "redirected (TC_ACT_REDIRECT) to the backend's veth"
+    );
+    assert_eq!(checked(&out), (PX_GW, 40010, PX, 9000));
+    let (code, _) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40010, PX, 9000));
+    assert_eq!(
+        code, TC_ACT_OK,
+        "the translated SYN's own pass on the backend's veth"
+    );
+    let (code, _) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40010, PX, 9000));
+    assert_eq!(code, TC_ACT_SHOT, "then a direct SYN on the live tuple");
+
+    // Port 8083 with two backends, PX:9000 and PX:9001; a direct connection from port 40020 to
+    // PX:9000 is live: a connection from 40020 to the VIP takes PX:9001, whichever the least
+    // loaded pick started from.
+    let (code, _) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40020, PX, 9000));
+    assert_eq!(code, TC_ACT_OK, "the direct connection");
+    let two = vip_service(3, 6, 8083, 2);
+    let second = LbBackend {
+        port: 9001u16.to_be(),
+        ..backend
+    };
+    dp.write_lb(&[two], &[(48, backend), (49, second)], &[])
+        .expect("write the service");
+    for sport in [40020, 40020, 40021] {
+        let (code, out) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, sport, VIP, 8083));
+        assert_eq!(code, TC_ACT_OK);
+        let to = checked(&out);
+        if sport == 40020 {
+            assert_eq!(to, (PX_GW, 40020, PX, 9001), "passed over the taken tuple");
+        } else {
+            assert!(to.3 == 9000 || to.3 == 9001, "{to:?}");
+        }
+    }
 }
 
 /// A fault on packets from DG into DX for a minute.
