@@ -42,8 +42,10 @@
 /// verifier removes every fault check; 15: an outside connection to a VIP passes over a backend
 /// whose tuple a live flow holds, and a SYN straight to an instance on the tuple of a live
 /// translated connection is dropped (`drop_tuple_in_use`; the reverse entry's
-/// `LB_FLOW_REDIRECTING` tells the translated SYN's own second pass apart).
-pub const PROGRAM_SET_VERSION: u32 = 15;
+/// `LB_FLOW_REDIRECTING` tells the translated SYN's own second pass apart); 16: the cgroup
+/// programs find a Kubernetes pod's cgroup the CNI plugin registered at whatever level it sits
+/// (after the quadrants' fixed level, the nearest registered ancestor up to level 6).
+pub const PROGRAM_SET_VERSION: u32 = 16;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with

@@ -27,11 +27,10 @@ use dataplane_common::{
 use crate::{
     breaker,
     decide::{
-        cgroup_level, count, identity_of, is_loopback, is_reply, quadrant_policy_allows,
-        workload_policy_allows,
+        caller_cgroup, cgroup_level, count, identity_of, is_loopback, is_reply,
+        quadrant_policy_allows, workload_policy_allows,
     },
     lb,
-    maps::CGROUPS,
     trace::{self, Subject},
 };
 
@@ -119,10 +118,7 @@ fn run(ctx: &SockAddrContext, hook: Hook, v6: bool) -> i32 {
 
 #[inline(always)]
 fn classify(sa: *mut bpf_sock_addr, v6: bool) -> (u32, Reason, Subject) {
-    // SAFETY: helper without preconditions; the level comes from the agent's configuration.
-    let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level().cast_signed()) };
-    // SAFETY: read-only lookup of a plain value.
-    let Some(&CgroupValue { quadrant, addr, .. }) = (unsafe { CGROUPS.get(cgroup) }) else {
+    let Some(CgroupValue { quadrant, addr, .. }) = caller_cgroup() else {
         return (UNATTRIBUTED_SLOT, Reason::DenyUnknownCgroup, Subject::None);
     };
     // SAFETY: the context fields read here are readable for every sock_addr attach type.

@@ -5,14 +5,16 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use dataplane_common::{
     Hook, Identity, Reason,
     maps::{
-        CtKey, CtValue, DataplaneConfig, PolicyKey, SCOPE_PACKET, SCOPE_QUADRANT, TRACE_OFF,
-        WlPolicyKey,
+        CgroupValue, CtKey, CtValue, DataplaneConfig, PolicyKey, SCOPE_PACKET, SCOPE_QUADRANT,
+        TRACE_OFF, WlPolicyKey,
     },
     reason::stats_index,
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, POLICY_A, POLICY_B, PREFIXES, STATS, WL_POLICY_A, WL_POLICY_B},
+    maps::{
+        CGROUPS, CONFIG, CONNTRACK, POLICY_A, POLICY_B, PREFIXES, STATS, WL_POLICY_A, WL_POLICY_B,
+    },
     parse::Ipv4Flow,
 };
 
@@ -232,6 +234,36 @@ pub fn workload_policy_allows(cgroup_id: u64, dst: u8, proto: u8, dport: u16) ->
 #[inline(always)]
 pub fn cgroup_level() -> u32 {
     config().cgroup_level
+}
+
+/// The deepest level a Kubernetes pod's cgroup is looked for at (`kubepods/pod<uid>` is 2,
+/// `kubepods/burstable/pod<uid>` 3; a container's own cgroup one below).
+const POD_MAX_LEVEL: u32 = 6;
+
+/// The registration of the calling process's cgroup: its quadrant's (the ancestor at the
+/// configured level), else a pod's the CNI plugin registered (its cgroup, at whatever level it
+/// sits: the nearest registered ancestor from the root down); `None` for any other process.
+#[inline(always)]
+pub fn caller_cgroup() -> Option<CgroupValue> {
+    let level = cgroup_level();
+    // SAFETY: helper without preconditions; the level comes from the agent's configuration.
+    let id = unsafe { aya_ebpf::helpers::bpf_get_current_ancestor_cgroup_id(level.cast_signed()) };
+    // SAFETY: read-only lookup of a plain value.
+    if let Some(v) = unsafe { CGROUPS.get(id) } {
+        return Some(*v);
+    }
+    for l in 1..=POD_MAX_LEVEL {
+        // SAFETY: as above; a level below the caller's own gives 0, which is never registered.
+        let id = unsafe { aya_ebpf::helpers::bpf_get_current_ancestor_cgroup_id(l.cast_signed()) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: read-only lookup of a plain value.
+        if let Some(v) = unsafe { CGROUPS.get(id) } {
+            return Some(*v);
+        }
+    }
+    None
 }
 
 /// Whether raw IP and packet sockets are refused in quadrant `quadrant`.

@@ -24,7 +24,7 @@ use dataplane_common::{
     policy::{PROTO_TCP, PROTO_UDP},
 };
 
-use crate::{decide::cgroup_level, maps::CGROUPS};
+use crate::decide::cgroup_level;
 
 /// (VIP, port, protocol) → the service's backend range. Writer: agent.
 #[map(name = "LB_SERVICES")]
@@ -343,10 +343,7 @@ pub fn quadrant_post_bind4(ctx: SockContext) -> i32 {
     if proto != u32::from(PROTO_TCP) && proto != u32::from(PROTO_UDP) {
         return 1;
     }
-    // SAFETY: helper without preconditions; the level comes from the agent's configuration.
-    let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level().cast_signed()) };
-    // SAFETY: read-only lookup of a plain value.
-    let Some(cv) = (unsafe { CGROUPS.get(cgroup) }) else {
+    let Some(cv) = crate::decide::caller_cgroup() else {
         return 1;
     };
     #[expect(

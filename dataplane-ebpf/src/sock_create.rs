@@ -8,14 +8,11 @@
 //! created as usual. This hook does not see `AF_PACKET` sockets (the kernel runs it for inet
 //! sockets only).
 
-use aya_ebpf::{
-    helpers::bpf_get_current_ancestor_cgroup_id, macros::cgroup_sock, programs::SockContext,
-};
+use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
 use dataplane_common::{Hook, Reason, maps::CgroupValue, reason::UNATTRIBUTED_SLOT};
 
 use crate::{
-    decide::{cgroup_level, count, raw_sockets_denied},
-    maps::CGROUPS,
+    decide::{caller_cgroup, count, raw_sockets_denied},
     trace::{self, Subject},
 };
 
@@ -31,10 +28,7 @@ pub fn quadrant_sock_create(ctx: SockContext) -> i32 {
     if unsafe { (*ctx.sock).type_ } != SOCK_RAW {
         return ALLOW;
     }
-    // SAFETY: helper without preconditions; the level comes from the agent's configuration.
-    let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level().cast_signed()) };
-    // SAFETY: read-only lookup of a plain value.
-    let Some(&CgroupValue { quadrant, .. }) = (unsafe { CGROUPS.get(cgroup) }) else {
+    let Some(CgroupValue { quadrant, .. }) = caller_cgroup() else {
         count(
             Hook::SockCreate,
             UNATTRIBUTED_SLOT,

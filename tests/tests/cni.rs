@@ -423,6 +423,7 @@ fn a_repeated_add_on_another_veth_moves_the_programs() {
         quadrant: "dx".into(),
         addresses: vec![format!("10.243.{}.9/24", &n[2..]).parse().expect("address")],
         pod: None,
+        cgroup: None,
     };
     let client = quadrant::control::Client::new(inst.config.socket_path());
     client.pod_add(spec(&a)).expect("first ADD");
@@ -445,4 +446,93 @@ fn a_repeated_add_on_another_veth_moves_the_programs() {
             .expect("DEL")
     );
     let _ = Command::new("ip").args(["link", "del", &a]).output();
+}
+
+/// A pod whose runtime names its cgroup (`runtimeConfig.cgroupPath`, a kubepods hierarchy three
+/// levels deep): the cgroup programs go on it and it is registered as DX's, so from inside the
+/// pod's cgroup a connect to PX is refused at once by `connect4` (`EPERM`) — the same connect
+/// from the pod's namespace outside that cgroup is dropped at the veth and times out — and DG
+/// stays reachable; DEL takes the cgroup programs and the registration away again.
+#[test]
+fn a_pod_with_its_cgroup_is_judged_at_connect() {
+    let mut inst = Instance::up(test_config(None), QPROBE);
+    let mut rt = runtime();
+    let mut list = conflist(&inst, None);
+    list["plugins"][1]["capabilities"]["cgroupPath"] = json!(true);
+    let pod = Pod::new(&inst, "pod-cg");
+    let kubepods = format!("kubepods-{}", inst.config.instance);
+    let pod_cgroup = inst
+        .config
+        .cgroup2
+        .join(&kubepods)
+        .join("burstable")
+        .join("pod1234");
+    std::fs::create_dir_all(&pod_cgroup).expect("the pod's cgroup");
+    let mut a = pod.attachment(Some("dx"));
+    a.runtime_config["cgroupPath"] = json!(format!("/{kubepods}/burstable/pod1234"));
+    rt.add(&list, &a).expect("ADD");
+    let attached = pods(&inst);
+    let p = &attached[0];
+    assert!(p["cgroup_id"].as_u64().is_some(), "{p}");
+    let hooks: Vec<&str> = p["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|h| h["hook"].as_str())
+        .collect();
+    assert!(
+        hooks.contains(&"connect4") && hooks.contains(&"sendmsg4") && hooks.contains(&"xdp"),
+        "{hooks:?}"
+    );
+
+    let _dg = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7311"]);
+    let _px = inst.serve(Quadrant::Px, &["tcp-echo", "0.0.0.0:7312"]);
+    let (dg, px) = (
+        format!("{}:7311", inst.addr(Quadrant::Dg)),
+        format!("{}:7312", inst.addr(Quadrant::Px)),
+    );
+    let qprobe = inst.qprobe.clone();
+    let procs = pod_cgroup.join("cgroup.procs");
+    let from_cgroup = |to: &str| {
+        let script = format!(
+            "echo $$ > {} && exec {qprobe} tcp-connect {to} 500",
+            procs.display()
+        );
+        let out = in_netns(&pod.netns, &["sh", "-c", &script]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(
+        from_cgroup(&dg).starts_with("ok"),
+        "DG from the pod's cgroup"
+    );
+    let refused = from_cgroup(&px);
+    assert!(refused.contains("EPERM"), "refused at connect(): {refused}");
+    let outside = in_netns(&pod.netns, &[&qprobe, "tcp-connect", &px, "500"]);
+    let outside = String::from_utf8_lossy(&outside.stdout).trim().to_owned();
+    assert!(
+        !outside.starts_with("ok") && !outside.contains("EPERM"),
+        "outside the cgroup only the veth judges: {outside}"
+    );
+
+    rt.del(&list, &a).expect("DEL");
+    assert!(pods(&inst).is_empty());
+    let out = Command::new("bpftool")
+        .arg("cgroup")
+        .arg("show")
+        .arg(&pod_cgroup)
+        .output()
+        .expect("bpftool");
+    let left = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !left.contains("quadrant_"),
+        "programs left on the pod's cgroup: {left}"
+    );
+    for dir in [
+        pod_cgroup.clone(),
+        inst.config.cgroup2.join(&kubepods).join("burstable"),
+        inst.config.cgroup2.join(&kubepods),
+    ] {
+        let _ = std::fs::remove_dir(dir);
+    }
+    drop(inst.down());
 }

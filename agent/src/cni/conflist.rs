@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::{ANNOTATIONS_CAPABILITY, PLUGIN_TYPE};
+use super::{ANNOTATIONS_CAPABILITY, CGROUP_CAPABILITY, PLUGIN_TYPE};
 
 /// The configuration file the runtime uses: the first `.conflist`, `.conf` or `.json` file by
 /// name.
@@ -34,13 +34,13 @@ pub fn primary(conf_dir: &Path) -> Result<PathBuf, String> {
 }
 
 /// Our entry: the quadrant of pods without the annotation (if any) and the agent's socket;
-/// the capability that makes runtimes pass pod annotations.
+/// the capabilities that make runtimes pass pod annotations and the pod's cgroup.
 #[must_use]
 pub fn entry(quadrant: Option<&str>, socket: &Path) -> Value {
     let mut e = json!({
         "type": PLUGIN_TYPE,
         "socket": socket.display().to_string(),
-        "capabilities": { ANNOTATIONS_CAPABILITY: true },
+        "capabilities": { ANNOTATIONS_CAPABILITY: true, CGROUP_CAPABILITY: true },
     });
     if let (Some(q), Some(o)) = (quadrant, e.as_object_mut()) {
         o.insert("quadrant".into(), Value::String(q.to_owned()));

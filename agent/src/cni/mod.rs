@@ -23,6 +23,9 @@ use serde_json::Value;
 pub const ANNOTATION: &str = "quadrant.io/quadrant";
 /// The runtime-config key (capability) under which CRI runtimes pass pod annotations.
 pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
+/// The capability through which the runtime passes the pod's cgroup (`runtimeConfig.cgroupPath`,
+/// CNI conventions).
+pub const CGROUP_CAPABILITY: &str = "cgroupPath";
 /// The plugin's `type`.
 pub const PLUGIN_TYPE: &str = "quadrant-cni";
 /// The CNI versions the plugin speaks.

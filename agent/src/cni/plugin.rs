@@ -244,6 +244,11 @@ fn add(
             quadrant,
             addresses,
             pod,
+            cgroup: raw
+                .pointer("/runtimeConfig/cgroupPath")
+                .and_then(Value::as_str)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned),
         })
         .map_err(|e| agent_error(plugin, &e))?;
     // The previous result unchanged, in the configuration's version.

@@ -137,6 +137,7 @@ fn conflists_gain_and_lose_only_our_entry() {
     assert_eq!(plugins[2]["type"], PLUGIN_TYPE);
     assert_eq!(plugins[2]["quadrant"], "dg");
     assert_eq!(plugins[2]["capabilities"][ANNOTATIONS_CAPABILITY], true);
+    assert_eq!(plugins[2]["capabilities"][CGROUP_CAPABILITY], true);
     assert_eq!(
         plugins[0], list["plugins"][0],
         "the others stay as they were"

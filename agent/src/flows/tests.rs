@@ -216,8 +216,10 @@ fn a_pods_address_names_the_pod_and_the_filter_finds_it() {
             quadrant: "dg".into(),
             addresses: vec!["10.250.0.7/24".parse().unwrap()],
             pod: Some("shop/web-0".into()),
+            cgroup: None,
         },
         programs: Vec::new(),
+        cgroup_id: None,
     };
     l.set_pods(&[pod]);
     let mut r = record(

@@ -117,6 +117,9 @@ impl Dataplane {
             XdpMode::Skb
         };
         let wrong_type = || ProgramError::UnexpectedProgramType;
+        if !matches!(hook, Hook::Xdp | Hook::TcIngress | Hook::TcEgress) {
+            return self.attach_to_cgroup(name, hook, &cgroup_dir);
+        }
         let prog = self.ebpf.program_mut(name).ok_or_else(wrong_type)?;
         let link: FdLink = match hook {
             Hook::Xdp => {
@@ -134,6 +137,22 @@ impl Dataplane {
                 let id = p.attach(iface, dir)?;
                 p.take_link(id)?.try_into().map_err(|_| wrong_type())?
             }
+            _ => return Err(wrong_type()),
+        };
+        Ok(link)
+    }
+
+    /// Attaches cgroup program `name` (of `hook`) to the cgroup `cgroup_dir`, returning the
+    /// (not yet pinned) link.
+    pub(super) fn attach_to_cgroup(
+        &mut self,
+        name: &'static str,
+        hook: Hook,
+        cgroup_dir: &Path,
+    ) -> Result<FdLink, ProgramError> {
+        let wrong_type = || ProgramError::UnexpectedProgramType;
+        let prog = self.ebpf.program_mut(name).ok_or_else(wrong_type)?;
+        let link: FdLink = match hook {
             Hook::Connect4
             | Hook::Connect6
             | Hook::Sendmsg4
@@ -158,6 +177,7 @@ impl Dataplane {
                 let id = p.attach(cg.as_fd(), CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into().map_err(|_| wrong_type())?
             }
+            Hook::Xdp | Hook::TcIngress | Hook::TcEgress => return Err(wrong_type()),
         };
         Ok(link)
     }

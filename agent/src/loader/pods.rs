@@ -1,7 +1,11 @@
 //! Pods of a Kubernetes node (CNI chaining, `quadrant-cni`): the packet programs — XDP, tcx
 //! ingress and egress — on a pod's host-side veth, as on a quadrant's, with the links pinned
 //! under `<pin_dir>/links/pods/<key>/`; the veth registered in `IFACES` and the pod's addresses
-//! in `PREFIXES` as its quadrant's, so that the policy judges the pod as that quadrant.
+//! in `PREFIXES` as its quadrant's, so that the policy judges the pod as that quadrant. When the
+//! runtime names the pod's cgroup, the cgroup programs go on it too (links pinned beside the
+//! veth's) and the cgroup is registered in `CGROUPS` as the quadrant's, so its sockets are judged
+//! at `connect()`/`sendmsg()` as a quadrant's processes are (the programs find a pod's cgroup at
+//! whatever level it sits).
 
 use std::{fs, path::PathBuf};
 
@@ -140,15 +144,89 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Takes the pod's programs off its veth (removing the pins ends the links; a veth already
-    /// gone took them with it) and forgets the veth and the pod's addresses. Nothing there is
-    /// not an error.
+    /// Registers the pod cgroup `dir` as quadrant `q`'s (its sockets answer from `addr`) and
+    /// puts the cgroup programs on it, pinned under the pod's link directory; returns its
+    /// cgroup id and the programs. A link an earlier agent pinned is replaced (cgroup links
+    /// cannot be switched in place: for that moment the pod's packets are still judged at its
+    /// veth).
+    pub fn attach_pod_cgroup(
+        &mut self,
+        key: &str,
+        dir: &std::path::Path,
+        q: Quadrant,
+        addr: std::net::Ipv4Addr,
+    ) -> Result<(u64, Vec<AttachedProgram>), LoaderError> {
+        let id = crate::sys::cgroup_id(dir).map_err(|e| LoaderError::Io {
+            what: "cannot read the cgroup of",
+            path: dir.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.register_cgroup(id, q, 0, addr)?;
+        let links = self
+            .pin_dir
+            .as_ref()
+            .map(|d| pod_link_dir(d, key))
+            .ok_or(LoaderError::NotReady("attaching a pod (no pin directory)"))?;
+        fs::create_dir_all(&links).map_err(|source| LoaderError::Io {
+            what: "cannot create",
+            path: links.clone(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for (name, hook) in programs::ALL {
+            if matches!(hook, Hook::Xdp | Hook::TcIngress | Hook::TcEgress) {
+                continue;
+            }
+            let path = links.join(hook.name());
+            if path.exists() {
+                fs::remove_file(&path).map_err(|source| LoaderError::Io {
+                    what: "cannot unpin",
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            let link = self.attach_to_cgroup(name, hook, dir).map_err(|source| {
+                LoaderError::ProgramOp {
+                    action: "cannot attach",
+                    program: name,
+                    target: format!(" to pod cgroup {}", dir.display()),
+                    source: Box::new(source),
+                }
+            })?;
+            link.pin(&path).map_err(|e| LoaderError::Pin {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            out.push(AttachedProgram {
+                hook: hook.name().to_owned(),
+                program: name.to_owned(),
+                program_id: self.program_id(name)?,
+                target: format!("pod cgroup {}", dir.display()),
+                link_pin: path,
+            });
+        }
+        Ok((id, out))
+    }
+
+    /// Takes the pod's programs off its veth and cgroup (removing the pins ends the links; a
+    /// veth or cgroup already gone took them with it) and forgets the veth, the pod's addresses
+    /// and its cgroup (`cgroup_id`). Nothing there is not an error.
     pub fn detach_pod(
         &mut self,
         key: &str,
         ifindex: u32,
         addresses: &[Ipv4Net],
+        cgroup_id: Option<u64>,
     ) -> Result<(), LoaderError> {
+        if let Some(id) = cgroup_id {
+            let mut cgroups: aya::maps::HashMap<_, u64, maps::CgroupValue> =
+                aya::maps::HashMap::try_from(self.map_mut(maps::CGROUPS)?)
+                    .map_err(map_err(maps::CGROUPS))?;
+            match cgroups.remove(&id) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::CGROUPS)(e)),
+            }
+        }
         if let Some(dir) = self.pin_dir.as_ref().map(|d| pod_link_dir(d, key))
             && dir.exists()
         {

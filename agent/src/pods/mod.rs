@@ -48,6 +48,12 @@ pub struct PodSpec {
     /// `CNI_ARGS`), when the runtime says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The pod's cgroup as the runtime names it (`runtimeConfig.cgroupPath`): a path below the
+    /// cgroup2 root (`/kubepods/burstable/pod<uid>`) or a systemd slice
+    /// (`kubepods-burstable-pod<uid>.slice`). With it, the pod's sockets are judged at
+    /// `connect()`/`sendmsg()` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// An attached pod.
@@ -56,8 +62,11 @@ pub struct PodStatus {
     /// What was attached.
     #[serde(flatten)]
     pub spec: PodSpec,
-    /// The programs on its veth.
+    /// The programs on its veth (and its cgroup).
     pub programs: Vec<AttachedProgram>,
+    /// The id of its cgroup in `CGROUPS`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
 }
 
 /// A CNI attachment (`cni.dev/valid-attachments` of GC).
@@ -121,6 +130,47 @@ pub fn key(container_id: &str, ifname: &str) -> Result<String, String> {
     Ok(format!("{container_id}-{ifname}"))
 }
 
+/// The directory of the pod cgroup `path` names, below the cgroup2 hierarchy mounted at `root`:
+/// a path (`/kubepods/burstable/pod<uid>`), or a systemd slice whose dashes nest it
+/// (`kubepods-burstable-pod<uid>.slice` is `kubepods.slice/kubepods-burstable.slice/…`). It
+/// must exist, stay below `root` and not be the root itself.
+pub fn cgroup_dir(root: &Path, path: &str) -> Result<PathBuf, String> {
+    // A systemd slice name is exact: `.slice`, lower case.
+    let slice = path.strip_suffix(".slice").filter(|_| !path.contains('/'));
+    let relative: PathBuf = if let Some(stem) = slice {
+        let parts: Vec<&str> = stem.split('-').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "cgroup {path:?}: a systemd slice name without empty parts"
+            ));
+        }
+        (1..=parts.len())
+            .map(|n| format!("{}.slice", parts[..n].join("-")))
+            .collect()
+    } else {
+        Path::new(path.trim_start_matches('/')).to_owned()
+    };
+    if relative.as_os_str().is_empty()
+        || relative
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!(
+            "cgroup {path:?} must name a cgroup below the cgroup2 root, without '.' or '..'"
+        ));
+    }
+    let dir = root.join(relative);
+    if !dir.join("cgroup.procs").is_file() {
+        return Err(format!(
+            "cgroup {path:?}: no cgroup at {} (is the runtime's cgroupPath below the cgroup2 \
+             hierarchy mounted at {}?)",
+            dir.display(),
+            root.display()
+        ));
+    }
+    Ok(dir)
+}
+
 /// The ifindex of host interface `name`, if it exists.
 fn host_ifindex(name: &str) -> Option<u32> {
     fs::read_to_string(Path::new("/sys/class/net").join(name).join("ifindex"))
@@ -161,8 +211,12 @@ impl Pods {
     }
 
     /// Checks `spec` against this node: a known quadrant, a host veth with that name and
-    /// ifindex, addresses outside every quadrant prefix and host address of the node.
-    fn validate(config: &Config, spec: &PodSpec) -> Result<Quadrant, String> {
+    /// ifindex, addresses outside every quadrant prefix and host address of the node, a cgroup
+    /// (if named) that exists; returns the quadrant and the cgroup's directory and id.
+    fn validate(
+        config: &Config,
+        spec: &PodSpec,
+    ) -> Result<(Quadrant, Option<(PathBuf, u64)>), String> {
         key(&spec.container_id, &spec.ifname)?;
         let q = Quadrant::from_name(&spec.quadrant)
             .ok_or_else(|| format!("unknown quadrant {:?}: dx, dg, px or pg", spec.quadrant))?;
@@ -194,7 +248,15 @@ impl Pods {
                 return Err(format!("pod address {} is a host address", a.addr()));
             }
         }
-        Ok(q)
+        let cgroup = match &spec.cgroup {
+            None => None,
+            Some(path) => {
+                let dir = cgroup_dir(&config.cgroup2, path)?;
+                let id = crate::sys::cgroup_id(&dir).map_err(|e| e.to_string())?;
+                Some((dir, id))
+            }
+        };
+        Ok((q, cgroup))
     }
 
     /// ADD: attaches the pod (again, if it is attached already: a repeated ADD).
@@ -204,7 +266,8 @@ impl Pods {
         dataplane: &Mutex<Dataplane>,
         spec: PodSpec,
     ) -> Result<PodStatus, String> {
-        let q = Self::validate(config, &spec)?;
+        let (q, cgroup) = Self::validate(config, &spec)?;
+        let cgroup_id = cgroup.as_ref().map(|(_, id)| *id);
         let k = key(&spec.container_id, &spec.ifname)?;
         let mut pods = self.locked();
         if !pods.contains_key(&k) && pods.len() >= MAX_PODS {
@@ -217,26 +280,44 @@ impl Pods {
         // first (its pinned links would otherwise be switched on the old veth, leaving the new
         // one without programs).
         if let Some(old) = pods.get(&k)
-            && (old.spec.host_ifindex != spec.host_ifindex || old.spec.addresses != spec.addresses)
+            && (old.spec.host_ifindex != spec.host_ifindex
+                || old.spec.addresses != spec.addresses
+                || old.cgroup_id != cgroup_id)
         {
-            dp.detach_pod(&k, old.spec.host_ifindex, &old.spec.addresses)
-                .map_err(|e| e.to_string())?;
+            dp.detach_pod(
+                &k,
+                old.spec.host_ifindex,
+                &old.spec.addresses,
+                old.cgroup_id,
+            )
+            .map_err(|e| e.to_string())?;
             pods.remove(&k);
             self.save(&pods)?;
         }
-        let attached = dp.attach_pod(
-            &k,
-            &spec.host_ifname,
-            spec.host_ifindex,
-            q,
-            &spec.addresses,
-            config.xdp_mode,
-        );
+        let attached = dp
+            .attach_pod(
+                &k,
+                &spec.host_ifname,
+                spec.host_ifindex,
+                q,
+                &spec.addresses,
+                config.xdp_mode,
+            )
+            .and_then(|mut programs| {
+                if let Some((dir, _)) = &cgroup {
+                    let addr = spec
+                        .addresses
+                        .first()
+                        .map_or(std::net::Ipv4Addr::UNSPECIFIED, Ipv4Net::addr);
+                    programs.extend(dp.attach_pod_cgroup(&k, dir, q, addr)?.1);
+                }
+                Ok(programs)
+            });
         let programs = match attached {
             Ok(p) => p,
             Err(e) => {
                 // Nothing half-applied: what was registered or pinned goes again.
-                let undone = dp.detach_pod(&k, spec.host_ifindex, &spec.addresses);
+                let undone = dp.detach_pod(&k, spec.host_ifindex, &spec.addresses, cgroup_id);
                 if pods.remove(&k).is_some() {
                     self.save(&pods)?;
                 }
@@ -247,7 +328,11 @@ impl Pods {
             }
         };
         drop(dp);
-        let status = PodStatus { spec, programs };
+        let status = PodStatus {
+            spec,
+            programs,
+            cgroup_id,
+        };
         pods.insert(k, status.clone());
         self.save(&pods)?;
         Ok(status)
@@ -267,7 +352,7 @@ impl Pods {
             return Ok(false);
         };
         crate::daemon::agent::locked(dataplane)
-            .detach_pod(&k, p.spec.host_ifindex, &p.spec.addresses)
+            .detach_pod(&k, p.spec.host_ifindex, &p.spec.addresses, p.cgroup_id)
             .map_err(|e| e.to_string())?;
         pods.remove(&k);
         self.save(&pods)?;

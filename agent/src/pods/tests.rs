@@ -12,6 +12,7 @@ fn spec() -> PodSpec {
         quadrant: "dx".into(),
         addresses: vec!["10.250.0.5/24".parse().unwrap()],
         pod: Some("default/web-0".into()),
+        cgroup: None,
     }
 }
 
@@ -35,7 +36,7 @@ fn attachment_keys_take_what_the_cni_spec_allows() {
 #[test]
 fn a_pod_is_checked_against_the_node() {
     let c = Config::embedded();
-    assert_eq!(Pods::validate(&c, &spec()), Ok(Quadrant::Dx));
+    assert_eq!(Pods::validate(&c, &spec()), Ok((Quadrant::Dx, None)));
     let unknown = PodSpec {
         quadrant: "zz".into(),
         ..spec()
@@ -101,4 +102,37 @@ fn a_queued_del_lies_beside_the_control_socket() {
         0o600
     );
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pod_cgroup_is_a_path_or_a_systemd_slice_below_the_root() {
+    let root = std::env::temp_dir().join(format!("quadrant-pod-cgroups-{}", std::process::id()));
+    let slice = root
+        .join("kubepods.slice")
+        .join("kubepods-burstable.slice")
+        .join("kubepods-burstable-pod1.slice");
+    let path = root.join("kubepods").join("besteffort").join("pod2");
+    for dir in [&slice, &path] {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+    }
+    assert_eq!(
+        cgroup_dir(&root, "kubepods-burstable-pod1.slice").unwrap(),
+        slice
+    );
+    assert_eq!(
+        cgroup_dir(&root, "/kubepods/besteffort/pod2").unwrap(),
+        path
+    );
+    assert_eq!(cgroup_dir(&root, "kubepods/besteffort/pod2").unwrap(), path);
+    for (bad, needle) in [
+        ("/kubepods/../../etc", "without '.' or '..'"),
+        ("/", "below the cgroup2 root"),
+        ("kubepods--pod1.slice", "empty parts"),
+        ("/kubepods/guaranteed/pod3", "no cgroup at"),
+    ] {
+        let e = cgroup_dir(&root, bad).unwrap_err();
+        assert!(e.contains(needle), "{bad}: {e}");
+    }
+    fs::remove_dir_all(&root).unwrap();
 }
