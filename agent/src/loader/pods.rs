@@ -54,16 +54,7 @@ impl Dataplane {
             .map(|a| (Ipv4Net::new(a.addr(), 32).unwrap_or(*a), Identity::from(q)))
             .collect();
         self.add_prefixes(&host)?;
-        let dir = self
-            .pin_dir
-            .as_ref()
-            .map(|d| pod_link_dir(d, key))
-            .ok_or(LoaderError::NotReady("attaching a pod (no pin directory)"))?;
-        fs::create_dir_all(&dir).map_err(|source| LoaderError::Io {
-            what: "cannot create",
-            path: dir.clone(),
-            source,
-        })?;
+        let dir = self.pod_links(key)?;
         let mode = if xdp_mode == XdpAttachMode::Native {
             XdpMode::Driver
         } else {
@@ -162,16 +153,7 @@ impl Dataplane {
             source: std::io::Error::other(e.to_string()),
         })?;
         self.register_cgroup(id, q, 0, addr)?;
-        let links = self
-            .pin_dir
-            .as_ref()
-            .map(|d| pod_link_dir(d, key))
-            .ok_or(LoaderError::NotReady("attaching a pod (no pin directory)"))?;
-        fs::create_dir_all(&links).map_err(|source| LoaderError::Io {
-            what: "cannot create",
-            path: links.clone(),
-            source,
-        })?;
+        let links = self.pod_links(key)?;
         let mut out = Vec::new();
         for (name, hook) in programs::ALL {
             if matches!(hook, Hook::Xdp | Hook::TcIngress | Hook::TcEgress) {
@@ -206,6 +188,21 @@ impl Dataplane {
             });
         }
         Ok((id, out))
+    }
+
+    /// The pod's link directory, made if it is not there.
+    fn pod_links(&self, key: &str) -> Result<PathBuf, LoaderError> {
+        let dir = self
+            .pin_dir
+            .as_ref()
+            .map(|d| pod_link_dir(d, key))
+            .ok_or(LoaderError::NotReady("attaching a pod (no pin directory)"))?;
+        fs::create_dir_all(&dir).map_err(|source| LoaderError::Io {
+            what: "cannot create",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir)
     }
 
     /// Takes the pod's programs off its veth and cgroup (removing the pins ends the links; a
