@@ -459,17 +459,7 @@ fn rollbacks_run_after_the_faults_and_a_failed_one_fails_the_run() {
     );
 
     write("  - { action: command, argv: [/bin/sh, -c, 'echo not restored; exit 1'] }\n");
-    let out = inst.quadrant(&[
-        "chaos",
-        "run",
-        file.to_str().expect("utf8"),
-        "--output",
-        "json",
-    ]);
-    assert!(!out.status.success());
-    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
-    assert_eq!(report["verdict"], "failed");
-    let reasons = report["reasons"].to_string();
+    let reasons = failed_run(&inst, &file)["reasons"].to_string();
     assert!(
         reasons.contains("rollbacks[0] (command /bin/sh -c echo not restored; exit 1) failed")
             && reasons.contains("not restored"),
@@ -483,6 +473,22 @@ fn rollbacks_run_after_the_faults_and_a_failed_one_fails_the_run() {
         !out.status.success() && err.contains("rollbacks[0]: quadrant"),
         "{err}"
     );
+}
+
+/// Runs the experiment `file`, asserting that the run failed (exit status and verdict); its
+/// report.
+fn failed_run(inst: &Instance, file: &std::path::Path) -> Value {
+    let out = inst.quadrant(&[
+        "chaos",
+        "run",
+        file.to_str().expect("utf8"),
+        "--output",
+        "json",
+    ]);
+    assert!(!out.status.success(), "the run should fail");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["verdict"], "failed", "{report}");
+    report
 }
 
 /// A partition of DX and PX under the embedded policy, which keeps development from production
@@ -500,20 +506,7 @@ fn a_partition_the_policy_already_makes_fails_as_without_effect() {
          method:\n  - { action: drop, from: dx, to: px, both_ways: true }\n",
     )
     .expect("experiment");
-    let out = inst.quadrant(&[
-        "chaos",
-        "run",
-        file.to_str().expect("utf8"),
-        "--output",
-        "json",
-    ]);
-    assert!(
-        !out.status.success(),
-        "a fault without effect fails the run"
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("report");
-    assert_eq!(report["verdict"], "failed");
-    let reasons = report["reasons"].to_string();
+    let reasons = failed_run(&inst, &file)["reasons"].to_string();
     assert!(
         reasons.contains("drop dx -> px never hit traffic")
             && reasons.contains("drop px -> dx never hit traffic"),
