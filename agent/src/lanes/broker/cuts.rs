@@ -34,6 +34,8 @@ impl Cut {
 pub(super) struct Cuts {
     pins: PathBuf,
     faults: Option<FaultsHandle>,
+    /// When opening the maps last failed (tried again a second later, not on every open).
+    failed_at: Option<std::time::Instant>,
     /// The armed horizon the live list was read at.
     horizon: u64,
     live: Vec<Cut>,
@@ -55,6 +57,7 @@ impl Cuts {
         Self {
             pins,
             faults: None,
+            failed_at: None,
             horizon: 0,
             live: Vec::new(),
         }
@@ -62,8 +65,13 @@ impl Cuts {
 
     /// Reads the armed horizon (one map lookup) and, when it moved, the faults.
     fn refresh(&mut self, now_ns: u64) {
-        if self.faults.is_none() {
+        if self.faults.is_none()
+            && self
+                .failed_at
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
+        {
             self.faults = Faults::open(&self.pins).ok().map(FaultsHandle);
+            self.failed_at = self.faults.is_none().then(std::time::Instant::now);
         }
         let Some(FaultsHandle(faults)) = &self.faults else {
             return;
@@ -146,6 +154,7 @@ mod tests {
         Cuts {
             pins: PathBuf::from("/nonexistent"),
             faults: None,
+            failed_at: None,
             horizon: 0,
             live: live
                 .iter()
