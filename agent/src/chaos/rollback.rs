@@ -117,11 +117,14 @@ impl Rollback {
         let outcome =
             match self.action {
                 RollbackAction::RecoverAll => super::recover(config).map_err(|e| e.to_string()),
-                RollbackAction::Command => {
-                    let mut c = Command::new(&self.argv[0]);
-                    c.args(&self.argv[1..]);
-                    run_for(c, Duration::from_secs(self.timeout_secs))
-                }
+                RollbackAction::Command => match self.argv.split_first() {
+                    Some((program, args)) => {
+                        let mut c = Command::new(program);
+                        c.args(args);
+                        run_for(c, Duration::from_secs(self.timeout_secs))
+                    }
+                    None => Err("argv: a command needs its program".into()),
+                },
                 RollbackAction::Exec => std::env::current_exe()
                     .map_err(|e| e.to_string())
                     .and_then(|me| {
