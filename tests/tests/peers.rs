@@ -166,7 +166,9 @@ fn link_as(
     .expect("client config");
     let sock =
         std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2)).expect("connect");
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
+    // Long enough for the handshake on a machine busy with other tests (a 100 ms read timeout
+    // here ended it with EAGAIN under load); `Frames::next` still keeps its own deadline.
+    sock.set_read_timeout(Some(Duration::from_secs(1)))
         .expect("timeout");
     let conn = rustls::ClientConnection::new(config, tls::sni()).expect("client");
     let mut stream = rustls::StreamOwned::new(conn, sock);
