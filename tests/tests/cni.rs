@@ -134,6 +134,16 @@ fn pods(inst: &Instance) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).expect("pods JSON")
 }
 
+/// The hooks of a pod's programs, as `quadrant pods` lists them.
+fn hooks_of(pod: &Value) -> Vec<&str> {
+    pod["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|h| h["hook"].as_str())
+        .collect()
+}
+
 /// The pod is DX: it reaches DG, not PX; DX reaches it, PX does not; its drops are flow
 /// events with its address as DX's.
 fn traffic_obeys_the_matrix_as_dx(inst: &mut Instance, pod: &Pod, ip: &str) {
@@ -212,12 +222,7 @@ fn a_chained_pod_is_enforced_as_its_quadrant_and_leaves_nothing() {
     let p = &attached[0];
     assert_eq!(p["quadrant"], "dx");
     assert_eq!(p["addresses"][0], format!("{ip}/24"));
-    let hooks: Vec<&str> = p["programs"]
-        .as_array()
-        .expect("programs")
-        .iter()
-        .filter_map(|h| h["hook"].as_str())
-        .collect();
+    let hooks = hooks_of(p);
     assert_eq!(hooks, ["xdp", "tc_ingress", "tc_egress"]);
     let veth = p["host_ifname"].as_str().expect("veth").to_owned();
     // The kernel's view: the XDP program on the veth (the tc programs show in the flow
@@ -474,12 +479,7 @@ fn a_pod_with_its_cgroup_is_judged_at_connect() {
     let attached = pods(&inst);
     let p = &attached[0];
     assert!(p["cgroup_id"].as_u64().is_some(), "{p}");
-    let hooks: Vec<&str> = p["programs"]
-        .as_array()
-        .expect("programs")
-        .iter()
-        .filter_map(|h| h["hook"].as_str())
-        .collect();
+    let hooks = hooks_of(p);
     assert!(
         hooks.contains(&"connect4") && hooks.contains(&"sendmsg4") && hooks.contains(&"xdp"),
         "{hooks:?}"
