@@ -11,6 +11,8 @@
 //! * [`frame`] — the 8-byte header every transport uses; [`control`] — the broker protocol.
 //! * Mirroring: a lane to a service with a shadow generation copies a share of its requests to
 //!   the shadow from a thread of its own and drops the shadow's replies (`mirror`).
+//! * [`workers`] — threads a service keeps to serve its next lane, instead of one started and
+//!   ended per lane.
 //!
 //! The broker itself is the agent's (`quadrant::lanes::broker`).
 
@@ -26,9 +28,11 @@ mod record;
 pub mod ring;
 pub mod svid;
 pub mod tls;
+pub mod workers;
 
 pub use caller::{Answer, CallError, Caller, CallerStats, RetryPolicy};
 pub use client::{LaneClient, LaneListener, SOCKET_ENV};
 pub use control::{Transport, TransportChoice};
 pub use envelope::RequestId;
 pub use lane::{Lane, LaneError};
+pub use workers::Workers;

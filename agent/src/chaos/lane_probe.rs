@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use quadrant_lanes::{Lane, LaneClient, LaneListener, TransportChoice};
+use quadrant_lanes::{Lane, LaneClient, LaneListener, TransportChoice, Workers};
 
 use crate::breakers::monotonic_ns;
 
@@ -37,8 +37,10 @@ pub fn offer() {
         }
     };
     std::thread::spawn(move || {
+        // A thread whose lane ended serves the next one (the probes open lanes all the time).
+        let workers = Workers::new("lane-echo", Duration::from_secs(10));
         while let Ok(mut lane) = listener.accept() {
-            std::thread::spawn(move || {
+            let served = workers.spawn(move || {
                 let mut buf = Vec::new();
                 while lane.recv(&mut buf).unwrap_or(false) {
                     if lane.send(&buf).is_err() {
@@ -46,6 +48,9 @@ pub fn offer() {
                     }
                 }
             });
+            if let Err(e) = served {
+                eprintln!("quadrant chaos echo: cannot serve a lane: {e}");
+            }
         }
     });
 }

@@ -13,6 +13,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use quadrant_lanes::{
     CallError, Caller, Lane, LaneClient, LaneError, LaneListener, RetryPolicy, TransportChoice,
+    Workers,
 };
 
 #[derive(Parser)]
@@ -231,6 +232,8 @@ fn serve(
     let mut listener = LaneListener::listen(None, service, tcp_port)?;
     println!("listening as {}", listener.spiffe_id());
     let _ = std::io::stdout().flush();
+    // Each lane on a thread of its own; a thread whose lane ended takes the next one.
+    let workers = Workers::new("lane-echo", Duration::from_secs(10));
     loop {
         match listener.accept() {
             Ok(lane) => {
@@ -242,7 +245,7 @@ fn serve(
                 );
                 let _ = std::io::stdout().flush();
                 let ledger = ledger.clone();
-                std::thread::spawn(move || echo(lane, misbehave, ledger.as_deref()));
+                workers.spawn(move || echo(lane, misbehave, ledger.as_deref()))?;
             }
             // A refused TCP connection is reported and the service goes on.
             Err(e @ LaneError::Tls(_)) => {
