@@ -1,6 +1,8 @@
-//! quadrant's deployment: `cargo xtask deploy render` (Kubernetes manifests, [`kubernetes`])
-//! and `cargo xtask deploy node` (a host install, [`node`]).
+//! quadrant's deployment: `cargo xtask deploy render` (Kubernetes manifests, [`kubernetes`]),
+//! `cargo xtask deploy image` (the agent's container image, [`image`]) and `cargo xtask deploy
+//! node` (a host install, [`node`]).
 
+pub mod image;
 pub mod kubernetes;
 pub mod node;
 

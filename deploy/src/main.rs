@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use quadrant_deploy::{METRICS_PORT, kubernetes, node, node_config};
+use quadrant_deploy::{METRICS_PORT, image, kubernetes, node, node_config};
 
 #[derive(Debug, Parser)]
 #[command(about = "quadrant deployment")]
@@ -25,6 +25,30 @@ enum Task {
         /// The agent's image (holding /usr/local/bin/quadrant and quadrant-cni).
         #[arg(long, default_value = concat!("quadrant:", env!("CARGO_PKG_VERSION")))]
         image: String,
+    },
+    /// Build the agent's container image (a Debian base with iproute2 and the binaries).
+    Image {
+        /// The image's name and tag (the manifests' default).
+        #[arg(long, default_value = concat!("quadrant:", env!("CARGO_PKG_VERSION")))]
+        tag: String,
+        /// Where the built binaries are.
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// `podman` or `docker` (default: the first found).
+        #[arg(long)]
+        engine: Option<String>,
+        /// The Debian release of the base (default: this host's).
+        #[arg(long)]
+        suite: Option<String>,
+        /// The Debian mirror.
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        /// Where the base is kept between builds.
+        #[arg(long, default_value = "target/image")]
+        work_dir: PathBuf,
+        /// Also write the image to this archive (`ctr -n k8s.io images import FILE` on a node).
+        #[arg(long)]
+        save: Option<PathBuf>,
     },
     /// Install the binaries, the systemd unit and the configuration on this host.
     Node {
@@ -54,6 +78,32 @@ fn main() -> anyhow::Result<()> {
             for (name, text) in files {
                 std::fs::write(out.join(&name), text)?;
                 println!("{}", out.join(name).display());
+            }
+        }
+        Task::Image {
+            tag,
+            bin_dir,
+            engine,
+            suite,
+            mirror,
+            work_dir,
+            save,
+        } => {
+            let built = image::build(&image::Options {
+                tag,
+                bin_dir,
+                engine,
+                suite,
+                mirror,
+                work_dir,
+                save: save.clone(),
+            })?;
+            println!(
+                "{} {} ({}, Debian {} base)",
+                built.tag, built.id, built.engine, built.suite
+            );
+            if let Some(to) = save {
+                println!("saved to {}", to.display());
             }
         }
         Task::Node { root, bin_dir } => {

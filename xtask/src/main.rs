@@ -7,7 +7,7 @@
 //! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
 //! | `verifier` | loads every program and prints the kernel's verified instruction counts |
 //! | `bench datapath`, `bench policy`, `bench lanes`, `bench slo`, `bench scale` | the benchmarks (benches/) |
-//! | `deploy render --out DIR`, `deploy node [--root DIR]` | Kubernetes manifests (deploy/), or the agent installed on this host |
+//! | `deploy render --out DIR`, `deploy image`, `deploy node [--root DIR]` | Kubernetes manifests (deploy/), the agent's container image, or the agent installed on this host |
 //! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser, the envelope decoder and the lane frame decoders (fuzz/) |
 //!
 //! Deliberately free of the agent crate: `setup` must run before the eBPF toolchain exists.
@@ -131,13 +131,17 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `cargo xtask deploy …`: `node` builds the agent's release binaries first and installs them
-/// from `target/release`; both run `quadrant-deploy` (deploy/).
+/// `cargo xtask deploy …`: `node` and `image` build the agent's release binaries first and take
+/// them from `target/release`; all run `quadrant-deploy` (deploy/).
 fn deploy(args: &[String]) -> anyhow::Result<()> {
     let mut args = args.to_vec();
-    if args.first().map(String::as_str) == Some("node") {
+    if matches!(args.first().map(String::as_str), Some("node" | "image")) {
         setup::run()?;
         cargo(&["build", "--release", "--package", "agent", "--bins"])?;
+        if args[0] == "image" && !args.iter().any(|a| a.starts_with("--work-dir")) {
+            args.push("--work-dir".into());
+            args.push(workspace_root().join("target/image").display().to_string());
+        }
         args.push("--bin-dir".into());
         args.push(
             workspace_root()

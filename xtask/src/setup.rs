@@ -22,13 +22,19 @@ use toolchain::{BPF_LINKER_VERSION, Pin};
 
 /// Debian packages the tests and benchmarks use besides LLVM: bpftool (pinned-map checks),
 /// iperf3 and nftables (datapath benchmark), iproute2 (namespaces, veths), the CNI reference
-/// plugins (`/usr/lib/cni`: `ptp` and `host-local` before `quadrant-cni` in the chaining tests).
+/// plugins (`/usr/lib/cni`: `ptp` and `host-local` before `quadrant-cni` in the chaining tests),
+/// and what builds and runs the agent's container image: debootstrap (its Debian base), podman
+/// (the import, and the DaemonSet's containers in the image test) and runc (podman's runtime
+/// there: crun refuses a host with both cgroup hierarchies mounted).
 const TOOL_PACKAGES: &[&str] = &[
     "bpftool",
     "iperf3",
     "nftables",
     "iproute2",
     "containernetworking-plugins",
+    "debootstrap",
+    "podman",
+    "runc",
 ];
 
 /// Where the Debian `prometheus` package is unpacked (not installed: installing it would start
