@@ -191,6 +191,45 @@ impl Instance {
         inst
     }
 
+    /// An agent something else runs (a container), seen through `config` (this host's view of
+    /// its paths): writes the configuration file and waits until `check` holds — it returns
+    /// what went wrong otherwise (the agent's log, say) — and the control socket answers.
+    /// Dropping it runs `quadrant down`, which ends that agent.
+    ///
+    /// # Panics
+    /// If the socket does not answer within the timeout.
+    #[must_use]
+    pub fn attach(config: Config, qprobe: &str, check: impl Fn() -> Result<(), String>) -> Self {
+        let bin = sibling_binary(qprobe, "quadrant");
+        std::fs::create_dir_all(TEST_STATE_DIR).expect("state dir");
+        let config_path = PathBuf::from(TEST_STATE_DIR).join(format!("{}.yaml", config.instance));
+        std::fs::write(&config_path, serde_yaml::to_string(&config).expect("yaml"))
+            .expect("write config");
+        let inst = Self {
+            config,
+            config_path,
+            bin,
+            qprobe: qprobe.to_owned(),
+            agent: None,
+            agent_stdout: Arc::default(),
+            agent_stderr: Arc::default(),
+            background: Vec::new(),
+            netns: None,
+        };
+        let start = Instant::now();
+        while !inst.quadrant(&["status"]).status.success() {
+            if let Err(why) = check() {
+                panic!("the agent is not running: {why}");
+            }
+            assert!(
+                start.elapsed() < UP_TIMEOUT,
+                "agent did not answer within {UP_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        inst
+    }
+
     /// Starts `quadrant up` on this instance's configuration (without cleaning up first, so it
     /// takes over a kept dataplane) and waits until the control socket answers.
     ///
