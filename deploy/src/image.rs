@@ -92,9 +92,11 @@ pub fn build(o: &Options) -> anyhow::Result<Built> {
     fs::create_dir_all(&o.work_dir)
         .with_context(|| format!("cannot create {}", o.work_dir.display()))?;
     let base = base_tarball(&o.work_dir, &suite, &o.mirror)?;
-    let tarball = o.work_dir.join("image.tar");
+    // Named after the tag and this process: builds of other tags may run at the same time.
+    let scratch = format!("{}-{}", file_name_of(&o.tag), std::process::id());
+    let tarball = o.work_dir.join(format!("{scratch}.tar"));
     fs::copy(&base, &tarball).with_context(|| format!("cannot copy {}", base.display()))?;
-    append_binaries(&tarball, &o.bin_dir, &o.work_dir)?;
+    append_binaries(&tarball, &o.bin_dir, &o.work_dir.join(&scratch))?;
     let version = env!("CARGO_PKG_VERSION");
     run(
         Command::new(&engine)
@@ -137,6 +139,19 @@ pub fn build(o: &Options) -> anyhow::Result<Built> {
         id: id.trim().to_owned(),
         suite,
     })
+}
+
+/// `tag` with every character but letters, digits, `.` and `-` made `_`.
+fn file_name_of(tag: &str) -> String {
+    tag.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn engine_is_podman(engine: &str) -> bool {
@@ -192,7 +207,7 @@ fn base_tarball(work: &Path, suite: &str, mirror: &str) -> anyhow::Result<PathBu
             "debootstrap not found: `cargo xtask setup` installs it (Debian package debootstrap)"
         );
     }
-    let root = work.join(format!("base-{suite}"));
+    let root = work.join(format!("base-{suite}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&root);
     eprintln!(
         "image: making the {suite} base with debootstrap (once; kept in {})",
@@ -217,7 +232,7 @@ fn base_tarball(work: &Path, suite: &str, mirror: &str) -> anyhow::Result<PathBu
             fs::create_dir_all(&path)?;
         }
     }
-    let partial = work.join(format!(".{suite}.partial"));
+    let partial = work.join(format!(".{suite}.{}.partial", std::process::id()));
     run(
         Command::new("tar")
             .args(["--numeric-owner", "--create", "--file"])
@@ -232,10 +247,10 @@ fn base_tarball(work: &Path, suite: &str, mirror: &str) -> anyhow::Result<PathBu
     Ok(tarball)
 }
 
-/// Adds the binaries to the tarball under [`BIN_DIR_IN_IMAGE`], owned by root, mode 0755.
-fn append_binaries(tarball: &Path, bin_dir: &Path, work: &Path) -> anyhow::Result<()> {
-    let stage = work.join("stage");
-    let _ = fs::remove_dir_all(&stage);
+/// Adds the binaries to the tarball under [`BIN_DIR_IN_IMAGE`], owned by root, mode 0755,
+/// staged in `stage`.
+fn append_binaries(tarball: &Path, bin_dir: &Path, stage: &Path) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(stage);
     let into = stage.join(BIN_DIR_IN_IMAGE);
     fs::create_dir_all(&into)?;
     let mut tar = Command::new("tar");
@@ -248,14 +263,14 @@ fn append_binaries(tarball: &Path, bin_dir: &Path, work: &Path) -> anyhow::Resul
     ])
     .arg(tarball)
     .arg("--directory")
-    .arg(&stage);
+    .arg(stage);
     for name in BINARIES {
         fs::copy(bin_dir.join(name), into.join(name))
             .with_context(|| format!("cannot copy {name}"))?;
         tar.arg(format!("./{BIN_DIR_IN_IMAGE}/{name}"));
     }
     run(&mut tar, "tar (the binaries)")?;
-    fs::remove_dir_all(&stage)?;
+    fs::remove_dir_all(stage)?;
     Ok(())
 }
 
@@ -292,5 +307,14 @@ mod tests {
         );
         assert_eq!(suite_of("ID=alpine\nVERSION_CODENAME=\n"), None);
         assert_eq!(suite_of("ID=fedora\n"), None);
+    }
+
+    #[test]
+    fn scratch_files_are_named_after_the_tag() {
+        assert_eq!(
+            file_name_of("localhost/quadrant-test:qt3"),
+            "localhost_quadrant-test_qt3"
+        );
+        assert_eq!(file_name_of("quadrant:0.1.0"), "quadrant_0.1.0");
     }
 }
