@@ -1,6 +1,7 @@
 //! Prometheus metrics and flow events of a running agent. Metrics are checked with the
 //! Prometheus project's own tools: the scrape passes `promtool check metrics`, a real
-//! `prometheus` scrapes the agent and answers queries over what it stored, the counters follow
+//! `prometheus` scrapes the agent and answers queries over what it stored (the shipped Grafana
+//! dashboard's among them), the counters follow
 //! the kernel's verdicts and the lanes' requests, and the shipped rules pass `promtool check
 //! rules` and their unit tests (both tools from Debian's `prometheus` package, unpacked by
 //! `cargo xtask setup`). Flow events: a denied packet is exactly one event with its reason, and
@@ -304,6 +305,7 @@ fn prometheus_scrapes_a_running_agent() {
     }
     // The rules loaded beside the scrape: the recording rule exists and no alert fires.
     let rules = query("ALERTS{alertstate=\"firing\"}");
+    let dashboard = dashboard_failures(&query, web, addr);
     let _ = server.kill();
     let _ = server.wait();
     let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
@@ -318,7 +320,93 @@ fn prometheus_scrapes_a_running_agent() {
         Some(0),
         "alerts fire on a healthy agent: {firing}"
     );
+    assert!(
+        dashboard.is_empty(),
+        "dashboard queries:\n{}",
+        dashboard.join("\n")
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Evaluates the shipped Grafana dashboard against a Prometheus (`web`) scraping the agent at
+/// `agent`, its variables set as Grafana sets them with this node chosen: the node variable's
+/// query must list the node; every panel query must evaluate, and return series whenever every
+/// metric it reads is in the agent's scrape. Returns what failed.
+fn dashboard_failures(
+    query: &dyn Fn(&str) -> Option<Value>,
+    web: SocketAddr,
+    agent: SocketAddr,
+) -> Vec<String> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/grafana/quadrant-dashboard.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut failed = Vec::new();
+    // The node variable: `label_values(quadrant_build_info, instance)`.
+    let (code, body) = get(
+        web,
+        &format!(
+            "/api/v1/label/instance/values?{}",
+            urlencode_pair("match[]", "quadrant_build_info")
+        ),
+        None,
+    );
+    if code != 200 || !body.contains(&format!("\"{agent}\"")) {
+        failed.push(format!(
+            "the node variable does not list {agent}: {code} {body}"
+        ));
+    }
+    // A multi-value variable is a regex of the chosen values, escaped; the rate interval is
+    // Grafana's four scrape intervals (1 s here), rounded up.
+    let node = agent.to_string().replace('.', "\\\\.");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .map(|e| {
+            e.replace("$instance", &node)
+                .replace("$__rate_interval", "5s")
+        })
+        .collect();
+    assert!(exprs.len() > 10, "the dashboard's queries were not found");
+    let exported = |text: &str, name: &str| {
+        text.lines()
+            .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for expr in exprs {
+        loop {
+            let (_, scrape) = get(agent, "/metrics", None);
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("quadrant_"))
+                .collect();
+            let expected = names.iter().all(|n| exported(&scrape, n));
+            let answer = query(&expr);
+            let series = answer
+                .as_ref()
+                .filter(|a| a["status"] == "success")
+                .and_then(|a| a["data"]["result"].as_array().map(Vec::len));
+            match series {
+                Some(n) if n > 0 || !expected => break,
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
+                _ => {
+                    failed.push(format!(
+                        "{expr}: {} (metrics exported now: {expected})",
+                        answer.map_or_else(|| "no answer".to_owned(), |a| a.to_string())
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    failed
+}
+
+fn urlencode_pair(key: &str, value: &str) -> String {
+    format!("{}={}", urlencode(key), urlencode(value))
 }
 
 fn urlencode(s: &str) -> String {
