@@ -169,12 +169,21 @@ impl Instance {
     /// If the agent exits or does not answer within the timeout.
     #[must_use]
     pub fn up_in(config: Config, qprobe: &str, netns: Option<&str>) -> Self {
+        let mut inst = Self::written(config, qprobe, netns);
+        // Leftovers of an earlier aborted run of the same instance.
+        let _ = inst.quadrant(&["down"]);
+        inst.start_agent();
+        inst
+    }
+
+    /// The instance with its configuration file written, no agent started.
+    fn written(config: Config, qprobe: &str, netns: Option<&str>) -> Self {
         let bin = sibling_binary(qprobe, "quadrant");
         std::fs::create_dir_all(TEST_STATE_DIR).expect("state dir");
         let config_path = PathBuf::from(TEST_STATE_DIR).join(format!("{}.yaml", config.instance));
         std::fs::write(&config_path, serde_yaml::to_string(&config).expect("yaml"))
             .expect("write config");
-        let mut inst = Self {
+        Self {
             config,
             config_path,
             bin,
@@ -184,11 +193,7 @@ impl Instance {
             agent_stderr: Arc::default(),
             background: Vec::new(),
             netns: netns.map(str::to_owned),
-        };
-        // Leftovers of an earlier aborted run of the same instance.
-        let _ = inst.quadrant(&["down"]);
-        inst.start_agent();
-        inst
+        }
     }
 
     /// An agent something else runs (a container), seen through `config` (this host's view of
@@ -200,22 +205,7 @@ impl Instance {
     /// If the socket does not answer within the timeout.
     #[must_use]
     pub fn attach(config: Config, qprobe: &str, check: impl Fn() -> Result<(), String>) -> Self {
-        let bin = sibling_binary(qprobe, "quadrant");
-        std::fs::create_dir_all(TEST_STATE_DIR).expect("state dir");
-        let config_path = PathBuf::from(TEST_STATE_DIR).join(format!("{}.yaml", config.instance));
-        std::fs::write(&config_path, serde_yaml::to_string(&config).expect("yaml"))
-            .expect("write config");
-        let inst = Self {
-            config,
-            config_path,
-            bin,
-            qprobe: qprobe.to_owned(),
-            agent: None,
-            agent_stdout: Arc::default(),
-            agent_stderr: Arc::default(),
-            background: Vec::new(),
-            netns: None,
-        };
+        let inst = Self::written(config, qprobe, None);
         let start = Instant::now();
         while !inst.quadrant(&["status"]).status.success() {
             if let Err(why) = check() {
