@@ -95,29 +95,12 @@ pub fn build(o: &Options) -> anyhow::Result<Built> {
     // Named after the tag and this process: builds of other tags may run at the same time.
     let scratch = format!("{}-{}", file_name_of(&o.tag), std::process::id());
     let tarball = o.work_dir.join(format!("{scratch}.tar"));
-    fs::copy(&base, &tarball).with_context(|| format!("cannot copy {}", base.display()))?;
-    append_binaries(&tarball, &o.bin_dir, &o.work_dir.join(&scratch))?;
-    let version = env!("CARGO_PKG_VERSION");
-    run(
-        Command::new(&engine)
-            .arg("import")
-            .args([
-                "--change",
-                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--change",
-                "ENTRYPOINT [\"/usr/local/bin/quadrant\"]",
-                "--change",
-                "CMD [\"up\"]",
-                "--change",
-                &format!("LABEL org.opencontainers.image.version={version}"),
-                "--change",
-                "LABEL org.opencontainers.image.title=quadrant",
-            ])
-            .arg(&tarball)
-            .arg(&o.tag),
-        &format!("{engine} import"),
-    )?;
+    let stage = o.work_dir.join(&scratch);
+    let imported = import(&engine, &o.tag, (&base, &tarball), (&o.bin_dir, &stage));
+    // The scratch files go whether the import worked or not (the tarball is the base's size).
     let _ = fs::remove_file(&tarball);
+    let _ = fs::remove_dir_all(&stage);
+    imported?;
     let id = output(
         Command::new(&engine).args(["image", "inspect", "--format", "{{.Id}}", &o.tag]),
         &format!("{engine} image inspect"),
@@ -139,6 +122,38 @@ pub fn build(o: &Options) -> anyhow::Result<Built> {
         id: id.trim().to_owned(),
         suite,
     })
+}
+
+/// Copies the base to `tarball`, adds the binaries of `bin_dir` (staged in `stage`) and imports
+/// it as `tag`.
+fn import(
+    engine: &str,
+    tag: &str,
+    (base, tarball): (&Path, &Path),
+    (bin_dir, stage): (&Path, &Path),
+) -> anyhow::Result<()> {
+    fs::copy(base, tarball).with_context(|| format!("cannot copy {}", base.display()))?;
+    append_binaries(tarball, bin_dir, stage)?;
+    let version = env!("CARGO_PKG_VERSION");
+    run(
+        Command::new(engine)
+            .arg("import")
+            .args([
+                "--change",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--change",
+                "ENTRYPOINT [\"/usr/local/bin/quadrant\"]",
+                "--change",
+                "CMD [\"up\"]",
+                "--change",
+                &format!("LABEL org.opencontainers.image.version={version}"),
+                "--change",
+                "LABEL org.opencontainers.image.title=quadrant",
+            ])
+            .arg(tarball)
+            .arg(tag),
+        &format!("{engine} import"),
+    )
 }
 
 /// `tag` with every character but letters, digits, `.` and `-` made `_`.
@@ -224,7 +239,10 @@ fn base_tarball(work: &Path, suite: &str, mirror: &str) -> anyhow::Result<PathBu
             .arg(mirror)
             .stdout(Stdio::null()),
         "debootstrap",
-    )?;
+    )
+    .inspect_err(|_| {
+        let _ = fs::remove_dir_all(&root);
+    })?;
     for dir in TRIMMED {
         let path = root.join(dir);
         if path.is_dir() {
@@ -241,7 +259,11 @@ fn base_tarball(work: &Path, suite: &str, mirror: &str) -> anyhow::Result<PathBu
             .arg(&root)
             .arg("."),
         "tar (the base)",
-    )?;
+    )
+    .inspect_err(|_| {
+        let _ = fs::remove_file(&partial);
+        let _ = fs::remove_dir_all(&root);
+    })?;
     fs::rename(&partial, &tarball)?;
     fs::remove_dir_all(&root).with_context(|| format!("cannot remove {}", root.display()))?;
     Ok(tarball)

@@ -196,18 +196,12 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
     std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").expect("containers.conf");
     // The node's /run/quadrant is a shared mount, so what the agent mounts there (its cgroup2)
     // reaches the host; so are bpffs and /run/netns (`ip netns` makes it one).
-    for argv in [
-        ["mount", "--bind", "DIR", "DIR"],
-        ["mount", "--make-shared", "DIR", ""],
-    ] {
-        let d = run_dir.display().to_string();
-        let args: Vec<&str> = argv
-            .iter()
-            .filter(|a| !a.is_empty())
-            .map(|a| if *a == "DIR" { d.as_str() } else { a })
-            .collect();
-        ok(&sh(&args), "the shared run directory");
-    }
+    let d = run_dir.display().to_string();
+    ok(&sh(&["mount", "--bind", &d, &d]), "the run directory bound");
+    ok(
+        &sh(&["mount", "--make-shared", &d]),
+        "the run directory shared",
+    );
     let probe_ns = format!("{n}-imgprobe");
     ok(&sh(&["ip", "netns", "add", &probe_ns]), "ip netns add");
     ok(&sh(&["ip", "netns", "del", &probe_ns]), "ip netns del");
