@@ -10,10 +10,10 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet},
         core::v1::{
-            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-            HTTPGetAction, HostPathVolumeSource, Namespace, PodSpec, PodTemplateSpec, Probe,
-            SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume,
-            VolumeMount,
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+            EnvVarSource, HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector,
+            PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Service,
+            ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
         },
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject},
     },
@@ -35,6 +35,8 @@ pub struct Options {
     pub config: String,
     /// The port of the agent's metrics and health endpoints.
     pub metrics_port: u16,
+    /// With the nodes as each other's peers: the Secret holding the upstream CA.
+    pub upstream_secret: Option<String>,
 }
 
 /// The application name every object carries.
@@ -125,21 +127,20 @@ fn service_account(ns: &str) -> ServiceAccount {
     }
 }
 
-/// What the agent reads from the API: nodes (the other nodes' quadrant prefixes) and endpoint
-/// slices (PX instances on other nodes).
+/// What the agent does with the API (`peers.kubernetes`): reads and watches the nodes (the
+/// other agents' addresses) and patches its own Node object's annotations (its address and
+/// prefixes). Nothing else.
 fn cluster_role() -> ClusterRole {
-    let read = |group: &str, resource: &str| PolicyRule {
-        api_groups: Some(vec![group.to_owned()]),
-        resources: Some(vec![resource.to_owned()]),
-        verbs: ["get", "list", "watch"].map(str::to_owned).to_vec(),
-        ..PolicyRule::default()
-    };
     ClusterRole {
         metadata: meta(APP, None),
-        rules: Some(vec![
-            read("", "nodes"),
-            read("discovery.k8s.io", "endpointslices"),
-        ]),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["nodes".to_owned()]),
+            verbs: ["get", "list", "watch", "patch"]
+                .map(str::to_owned)
+                .to_vec(),
+            ..PolicyRule::default()
+        }]),
         ..ClusterRole::default()
     }
 }
@@ -201,8 +202,9 @@ const CAPABILITIES: [&str; 7] = [
     "KILL",
 ];
 
-/// The host paths and the configuration, as volumes; the agent's mounts of them.
-fn volumes() -> (Vec<Volume>, Vec<VolumeMount>) {
+/// The host paths, the configuration and (with peers) the upstream CA's Secret, as volumes;
+/// the agent's mounts of them.
+fn volumes(upstream_secret: Option<&str>) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes: Vec<Volume> = HOST_PATHS
         .iter()
         .map(|(name, host, _, _)| Volume {
@@ -238,6 +240,23 @@ fn volumes() -> (Vec<Volume>, Vec<VolumeMount>) {
         read_only: Some(true),
         ..VolumeMount::default()
     });
+    if let Some(secret) = upstream_secret {
+        volumes.push(Volume {
+            name: "upstream".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_owned()),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "upstream".into(),
+            mount_path: crate::UPSTREAM_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     (volumes, mounts)
 }
 
@@ -268,12 +287,33 @@ fn agent_container(o: &Options, mounts: Vec<VolumeMount>) -> Container {
             .map(str::to_owned)
             .to_vec(),
         ),
-        ports: Some(vec![ContainerPort {
-            name: Some("metrics".into()),
-            container_port: i32::from(o.metrics_port),
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
+        // Its node's name: the name it has among its peers and the Node object it annotates.
+        env: Some(vec![EnvVar {
+            name: "NODE_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "spec.nodeName".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
         }]),
+        ports: Some(
+            std::iter::once(("metrics", o.metrics_port))
+                .chain(
+                    o.upstream_secret
+                        .is_some()
+                        .then_some(("peers", crate::PEER_PORT)),
+                )
+                .map(|(name, port)| ContainerPort {
+                    name: Some(name.into()),
+                    container_port: i32::from(port),
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                })
+                .collect(),
+        ),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
         security_context: Some(SecurityContext {
@@ -320,7 +360,7 @@ fn install_cni_container(o: &Options) -> Container {
 
 fn daemon_set(o: &Options) -> DaemonSet {
     let selector = BTreeMap::from([("app.kubernetes.io/name".to_owned(), APP.to_owned())]);
-    let (volumes, mounts) = volumes();
+    let (volumes, mounts) = volumes(o.upstream_secret.as_deref());
     let agent = agent_container(o, mounts);
     let install_cni = install_cni_container(o);
     DaemonSet {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use quadrant_deploy::{METRICS_PORT, image, kubernetes, node, node_config};
+use quadrant_deploy::{ClusterPeers, METRICS_PORT, cluster_config, image, kubernetes, node};
 
 #[derive(Debug, Parser)]
 #[command(about = "quadrant deployment")]
@@ -25,6 +25,15 @@ enum Task {
         /// The agent's image (holding /usr/local/bin/quadrant and quadrant-cni).
         #[arg(long, default_value = concat!("quadrant:", env!("CARGO_PKG_VERSION")))]
         image: String,
+        /// Make the nodes each other's peers (lanes between nodes), found through the API; the
+        /// upstream CA every node's CA chains to comes from this Secret (`kubectl -n NS create
+        /// secret tls NAME --cert ROOT.pem --key ROOT.key`).
+        #[arg(long, value_name = "SECRET")]
+        peers_upstream_secret: Option<String>,
+        /// A node's block of quadrant prefixes (four equal quarters: dx, dg, px, pg), as
+        /// NODE=CIDR; repeat it for every node (with --peers-upstream-secret).
+        #[arg(long, value_name = "NODE=CIDR", requires = "peers_upstream_secret")]
+        node_prefix: Vec<String>,
     },
     /// Build the agent's container image (a Debian base with iproute2 and the binaries).
     Image {
@@ -67,12 +76,31 @@ fn main() -> anyhow::Result<()> {
             out,
             namespace,
             image,
+            peers_upstream_secret,
+            node_prefix,
         } => {
+            let peers = match &peers_upstream_secret {
+                Some(secret) => Some(ClusterPeers {
+                    upstream_secret: secret.clone(),
+                    node_prefixes: node_prefix
+                        .iter()
+                        .map(|p| {
+                            p.split_once('=')
+                                .map(|(n, c)| (n.to_owned(), c.to_owned()))
+                                .ok_or_else(|| {
+                                    anyhow::anyhow!("--node-prefix {p:?}: expected NODE=CIDR")
+                                })
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                }),
+                None => None,
+            };
             let files = kubernetes::render(&kubernetes::Options {
                 namespace,
                 image,
-                config: node_config(true)?,
+                config: cluster_config(peers.as_ref())?,
                 metrics_port: METRICS_PORT,
+                upstream_secret: peers_upstream_secret,
             })?;
             std::fs::create_dir_all(&out)?;
             for (name, text) in files {

@@ -4,20 +4,35 @@
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command};
 
-use quadrant_deploy::{METRICS_PORT, kubernetes, node, node_config};
+use quadrant_deploy::{ClusterPeers, METRICS_PORT, cluster_config, kubernetes, node};
 
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 fn rendered() -> Vec<kubernetes::File> {
+    render(None)
+}
+
+/// With `peers`: the nodes as each other's peers (`--peers-upstream-secret`, `--node-prefix`).
+fn render(peers: Option<&ClusterPeers>) -> Vec<kubernetes::File> {
     kubernetes::render(&kubernetes::Options {
         namespace: "quadrant-system".into(),
         image: concat!("quadrant:", env!("CARGO_PKG_VERSION")).into(),
-        config: node_config(true).expect("config"),
+        config: cluster_config(peers).expect("config"),
         metrics_port: METRICS_PORT,
+        upstream_secret: peers.map(|p| p.upstream_secret.clone()),
     })
     .expect("render")
+}
+
+fn with_peers() -> ClusterPeers {
+    ClusterPeers {
+        upstream_secret: "quadrant-upstream".into(),
+        node_prefixes: [("worker-1", "10.241.0.0/22"), ("worker-2", "10.241.4.0/22")]
+            .map(|(n, c)| (n.to_owned(), c.to_owned()))
+            .into(),
+    }
 }
 
 #[test]
@@ -44,8 +59,12 @@ fn the_manifests_pass_the_kubernetes_schemas() {
     let dir = std::env::temp_dir().join(format!("quadrant-manifests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let mut checked = 0;
-    for (name, text) in rendered() {
-        if name == "kustomization.yaml" {
+    for (name, text) in rendered().into_iter().chain(
+        render(Some(&with_peers()))
+            .into_iter()
+            .map(|(n, t)| (format!("peers-{n}"), t)),
+    ) {
+        if name.ends_with("kustomization.yaml") {
             continue;
         }
         let path = dir.join(&name);
@@ -63,7 +82,7 @@ fn the_manifests_pass_the_kubernetes_schemas() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 7);
+    assert_eq!(checked, 14);
     // A manifest with a field Kubernetes does not know fails: the check can fail.
     let bad = dir.join("bad.yaml");
     std::fs::write(
@@ -120,6 +139,75 @@ fn the_daemon_set_runs_on_every_node_with_what_the_agent_needs() {
         agent_config["metrics"]["listen"],
         format!("0.0.0.0:{METRICS_PORT}")
     );
+}
+
+/// Rendered with peers: the Secret of the upstream CA mounted where the configuration looks
+/// for it, the peers' port, the node's name from the downward API, the API rights the agent
+/// uses (and no others).
+#[test]
+fn the_nodes_can_be_rendered_as_each_others_peers() {
+    let files = render(Some(&with_peers()));
+    let file = |name: &str| -> serde_json::Value {
+        serde_yaml::from_str(&files.iter().find(|(n, _)| n == name).expect(name).1).expect("yaml")
+    };
+    let ds = file("daemonset.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = &pod["containers"][0];
+    assert_eq!(agent["env"][0]["name"], "NODE_NAME");
+    assert_eq!(
+        agent["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    assert_eq!(
+        agent["ports"][1]["containerPort"],
+        quadrant_deploy::PEER_PORT
+    );
+    let upstream = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "upstream")
+        .expect("the upstream volume");
+    assert_eq!(upstream["secret"]["secretName"], "quadrant-upstream");
+    let cm = file("configmap.yaml");
+    let config: serde_json::Value =
+        serde_yaml::from_str(cm["data"]["config.yaml"].as_str().expect("config")).expect("yaml");
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["name"] == "upstream")
+        .expect("mounted");
+    let dir = mount["mountPath"].as_str().expect("path");
+    assert_eq!(
+        config["identity"]["upstream"]["cert"],
+        format!("{dir}/tls.crt")
+    );
+    assert_eq!(
+        config["identity"]["upstream"]["key"],
+        format!("{dir}/tls.key")
+    );
+    assert_eq!(
+        config["peers"]["listen"],
+        format!("0.0.0.0:{}", quadrant_deploy::PEER_PORT)
+    );
+    assert_eq!(
+        config["peers"]["kubernetes"]["node_prefixes"]["worker-2"],
+        "10.241.4.0/22"
+    );
+    let role = file("clusterrole.yaml");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{ "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"] }])
+    );
+    // Without peers, no Secret is needed.
+    let plain = rendered();
+    let ds = &plain
+        .iter()
+        .find(|(n, _)| n == "daemonset.yaml")
+        .expect("ds")
+        .1;
+    assert!(!ds.contains("upstream"), "{ds}");
 }
 
 #[test]

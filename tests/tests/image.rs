@@ -97,9 +97,27 @@ fn host_side(path: &str, base: &Path, run_dir: &Path) -> PathBuf {
     }
 }
 
-/// `podman run` arguments for container `c` of pod spec `spec`, its volumes at `volumes`.
-fn run_args(spec: &Value, c: &Value, volumes: &BTreeMap<String, PathBuf>) -> Vec<String> {
+/// `podman run` arguments for container `c` of pod spec `spec`, its volumes at `volumes`, on
+/// the node named `node` (the downward API's `spec.nodeName`).
+fn run_args(
+    spec: &Value,
+    c: &Value,
+    volumes: &BTreeMap<String, PathBuf>,
+    node: &str,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
+    for e in c["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().expect("a variable name");
+        let value = match (
+            e["value"].as_str(),
+            e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Some(v), _) => v.to_owned(),
+            (None, Some("spec.nodeName")) => node.to_owned(),
+            _ => panic!("variable {name} comes from something this test does not provide: {e}"),
+        };
+        a.push(format!("--env={name}={value}"));
+    }
     if spec["hostNetwork"] == true {
         a.extend(["--network".into(), "host".into()]);
     }
@@ -253,6 +271,7 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
         image: image.clone(),
         config: serde_yaml::to_string(&inside).expect("yaml"),
         metrics_port: quadrant_deploy::METRICS_PORT,
+        upstream_secret: None,
     })
     .expect("render");
     let file = |name: &str| -> Value {
@@ -284,7 +303,7 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
     let init = &spec["initContainers"][0];
     let out = podman(&conf)
         .args(["run", "--rm", "--name", &names[0]])
-        .args(run_args(spec, init, &volumes))
+        .args(run_args(spec, init, &volumes, &inside.instance))
         .output_bounded();
     ok(&out, "the init container");
     let cni = base.join("cni-bin/quadrant-cni");
@@ -311,7 +330,7 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
     let out = output_within(
         podman(&conf)
             .args(["run", "--detach", "--name", &names[1], &tools])
-            .args(run_args(spec, agent, &volumes)),
+            .args(run_args(spec, agent, &volumes, &inside.instance)),
         Duration::from_mins(1),
         &[],
     );
