@@ -8,4 +8,5 @@
 pub mod bounded;
 pub mod cni;
 pub mod harness;
+pub mod kubeapi;
 pub mod packets;

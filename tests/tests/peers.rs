@@ -12,8 +12,11 @@ use std::{
 };
 
 use dataplane_common::Quadrant;
-use quadrant::config::{Config, PeerNode, PeersConfig, UpstreamConfig};
-use quadrant_tests::harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config};
+use quadrant::config::{Config, KubernetesPeers, PeerNode, PeersConfig, UpstreamConfig};
+use quadrant_tests::{
+    harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config},
+    kubeapi::KubeApi,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256,
@@ -22,6 +25,10 @@ use serde_json::Value;
 
 const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
 const PEER_PORT: u16 = 7470;
+/// The peer port of the nodes the Kubernetes API lists (node A listens on every address).
+const KUBE_PEER_PORT: u16 = 7471;
+const TOKEN: &str = "quadrant-test-token";
+const ADDRESS: &str = "quadrant.io/peer-address";
 
 fn run(argv: &[&str]) {
     let out = Command::new(argv[0])
@@ -247,6 +254,34 @@ fn json_line(out: &std::process::Output, what: &str) -> Value {
         .unwrap_or_else(|e| panic!("{what}: {stdout:?}: {e}"))
 }
 
+/// One configuration for both nodes, as a DaemonSet's ConfigMap is (the quadrant prefixes node
+/// A's): each node takes its own block from `node_prefixes` by its name.
+fn share_one_configuration(a_config: &mut Config, b_config: &mut Config) {
+    let blocks: std::collections::BTreeMap<String, ipnet::Ipv4Net> = [&*a_config, &*b_config]
+        .iter()
+        .map(|c| {
+            let dx = c.quadrants["dx"].prefix;
+            let block = ipnet::Ipv4Net::new(dx.network(), 22).expect("block");
+            assert_eq!(
+                block.trunc().network(),
+                dx.network(),
+                "test prefixes in /22s"
+            );
+            (c.instance.clone(), block)
+        })
+        .collect();
+    let own_b = b_config.quadrants.clone();
+    b_config.quadrants = a_config.quadrants.clone();
+    for c in [a_config, &mut *b_config] {
+        if let Some(k) = c.peers.kubernetes.as_mut() {
+            k.node_prefixes = blocks.clone();
+        }
+        let text = serde_yaml::to_string(&*c).expect("yaml");
+        *c = Config::from_yaml(&text, "the shared configuration").expect("config");
+    }
+    assert_eq!(b_config.quadrants, own_b, "node B took its block");
+}
+
 /// Two nodes, their link and the service both can run.
 struct Nodes {
     a: Instance,
@@ -257,16 +292,27 @@ struct Nodes {
     ledgers: PathBuf,
     /// The servers' output: a server whose stdout closes dies at its next line.
     outputs: Vec<std::sync::mpsc::Receiver<String>>,
+    /// With the nodes from the Kubernetes API: its server (dropped after the agents, which take
+    /// their annotations off at `down`) and the nodes' addresses.
+    api: Option<KubeApi>,
+    ips: [std::net::Ipv4Addr; 2],
     // Dropped last: the agents go before their namespace and link.
     _link: Link,
 }
 
 impl Nodes {
-    /// Node B in a namespace of its own, node A here; each lists the other as its peer.
-    fn up() -> Self {
+    /// Node B in a namespace of its own, node A here; each lists the other as its peer, or
+    /// (`kubernetes`) both follow a Kubernetes API server that lists both nodes.
+    fn up(kubernetes: bool) -> Self {
         let mut a_config = test_config(None);
         let mut b_config = test_config(None);
         let (link, [ip_a, ip_b]) = Link::new(&a_config, &b_config);
+        let api = kubernetes.then(|| {
+            let api = KubeApi::start((ip_a, 0).into(), TOKEN);
+            api.add_node(&a_config.instance, &ip_a.to_string());
+            api.add_node(&b_config.instance, &ip_b.to_string());
+            api
+        });
         let up = upstream(
             &PathBuf::from(TEST_STATE_DIR).join(format!("{}-upstream", a_config.instance)),
         );
@@ -278,14 +324,43 @@ impl Nodes {
             // A CA left by another test of the slot chains to no upstream.
             let _ = std::fs::remove_dir_all(&c.identity.ca_dir);
             c.identity.upstream = Some(up.clone());
-            c.peers = PeersConfig {
-                listen: Some(std::net::SocketAddrV4::new(me, PEER_PORT)),
-                nodes: vec![PeerNode {
-                    name,
-                    address: std::net::SocketAddrV4::new(ip_other, PEER_PORT),
-                }],
-                routes: true,
+            c.peers = match &api {
+                None => PeersConfig {
+                    listen: Some(std::net::SocketAddrV4::new(me, PEER_PORT)),
+                    nodes: vec![PeerNode {
+                        name,
+                        address: std::net::SocketAddrV4::new(ip_other, PEER_PORT),
+                    }],
+                    routes: true,
+                    kubernetes: None,
+                },
+                Some(api) => {
+                    let kubeconfig = PathBuf::from(TEST_STATE_DIR)
+                        .join(format!("{}-kubeconfig.yaml", c.instance));
+                    api.kubeconfig(&kubeconfig, TOKEN);
+                    PeersConfig {
+                        // A on every address: it publishes its node's InternalIP.
+                        listen: Some(std::net::SocketAddrV4::new(
+                            if me == ip_a {
+                                std::net::Ipv4Addr::UNSPECIFIED
+                            } else {
+                                me
+                            },
+                            KUBE_PEER_PORT,
+                        )),
+                        nodes: Vec::new(),
+                        routes: true,
+                        kubernetes: Some(KubernetesPeers {
+                            node_name: Some(c.instance.clone()),
+                            kubeconfig: Some(kubeconfig),
+                            node_prefixes: std::collections::BTreeMap::new(),
+                        }),
+                    }
+                }
             };
+        }
+        if api.is_some() {
+            share_one_configuration(&mut a_config, &mut b_config);
         }
         let b = Instance::up_in(b_config, QPROBE, Some(&link.netns));
         let a = Instance::up(a_config, QPROBE);
@@ -298,10 +373,19 @@ impl Nodes {
             a,
             b,
             up,
-            acceptor_b: std::net::SocketAddr::new(ip_b.into(), PEER_PORT),
+            acceptor_b: std::net::SocketAddr::new(
+                ip_b.into(),
+                if api.is_some() {
+                    KUBE_PEER_PORT
+                } else {
+                    PEER_PORT
+                },
+            ),
             echo: echo.to_str().expect("utf8").to_owned(),
             ledgers,
             outputs: Vec::new(),
+            api,
+            ips: [ip_a, ip_b],
             _link: link,
         }
     }
@@ -371,7 +455,7 @@ impl Nodes {
         );
         assert!(
             intruder.starts_with("refused:")
-                && intruder.contains("is not a node of this agent's peers.nodes"),
+                && intruder.contains("is not one of this agent's peer nodes"),
             "{intruder}"
         );
         let workload = link_as(
@@ -521,11 +605,160 @@ impl Nodes {
 
 #[test]
 fn lanes_go_to_another_nodes_instance_and_fail_over_to_it() {
-    let mut nodes = Nodes::up();
+    let mut nodes = Nodes::up(false);
     nodes.linked();
     nodes.only_listed_nodes_link();
     nodes.serve("b");
     nodes.kernels_know_the_other_nodes_quadrants();
     nodes.lanes_go_to_b();
     nodes.failover_to_b();
+}
+
+/// Waits up to 10 s for `check` on `inst`'s peer nodes.
+fn until_peers(inst: &Instance, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let p = peers(inst);
+        if check(&p) {
+            return p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}: {what}: {p:?}\n{}",
+            inst.config.instance,
+            inst.agent_log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The peer nodes come from the Kubernetes API: each agent publishes its address and prefixes
+/// on its Node object (node A, listening on every address, its `InternalIP`), both link, lanes
+/// cross; a node whose object is deleted is let go at once (no link, no route to its
+/// quadrants, its own link refused) and linked again when its kubelet registers it anew (its
+/// agent writes the annotations again); a full `down` takes the annotations off.
+#[test]
+fn peer_nodes_come_from_the_kubernetes_api() {
+    let mut nodes = Nodes::up(true);
+    nodes.linked();
+    let (a_name, b_name) = (
+        nodes.a.config.instance.clone(),
+        nodes.b.config.instance.clone(),
+    );
+    let [ip_a, ip_b] = nodes.ips;
+    {
+        let api = nodes.api.as_ref().expect("api");
+        let (on_a, on_b) = (api.annotations(&a_name), api.annotations(&b_name));
+        assert_eq!(
+            on_a[ADDRESS],
+            format!("{ip_a}:{KUBE_PEER_PORT}"),
+            "{on_a:?}"
+        );
+        assert_eq!(
+            on_b[ADDRESS],
+            format!("{ip_b}:{KUBE_PEER_PORT}"),
+            "{on_b:?}"
+        );
+        let px = format!("px={}", nodes.b.config.quadrants["px"].prefix);
+        assert!(
+            on_b["quadrant.io/quadrant-prefixes"].contains(&px),
+            "{on_b:?}"
+        );
+        let requests = api.requests();
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with("GET /api/v1/nodes?") && r.contains("watch=true")),
+            "the agents watch the nodes: {requests:?}"
+        );
+    }
+    let p = peers(&nodes.a);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0]["name"], b_name.as_str());
+    assert_eq!(p[0]["source"], "kubernetes");
+    nodes.only_listed_nodes_link();
+    nodes.serve("b");
+    nodes.lanes_go_to_b();
+
+    let b_px = nodes.b.config.quadrants["px"].prefix.to_string();
+    let route = || {
+        let out = Command::new("ip")
+            .args(["route", "show", &b_px])
+            .output()
+            .expect("ip route");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(route().contains(&ip_b.to_string()), "{}", route());
+    nodes.api.as_ref().expect("api").delete_node(&b_name);
+    until_peers(&nodes.a, "node B let go", <[Value]>::is_empty);
+    assert_eq!(route(), "", "no route to a former peer's quadrants");
+    let refused = until_peers(&nodes.b, "B's link refused by A", |p| {
+        p.first().is_some_and(|p| {
+            p["linked"] == false
+                && p["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("is not one of this agent's peer nodes"))
+        })
+    });
+    eprintln!("node B after its object was deleted: {refused:?}");
+
+    nodes
+        .api
+        .as_ref()
+        .expect("api")
+        .add_node(&b_name, &ip_b.to_string());
+    until_peers(&nodes.a, "node B back", |p| {
+        p.first().is_some_and(|p| p["linked"] == true)
+    });
+    assert!(route().contains(&ip_b.to_string()), "{}", route());
+    let again = nodes.a.run_in(
+        Quadrant::Pg,
+        Some("caller"),
+        &[&nodes.echo, "call", "px", "echo", "--count", "5"],
+    );
+    assert_eq!(
+        json_line(&again, "call after B's return")["transport"],
+        "tcp"
+    );
+
+    let out = nodes.b.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = nodes.api.as_ref().expect("api").annotations(&b_name);
+    assert!(
+        !after.contains_key(ADDRESS),
+        "a full down withdraws: {after:?}"
+    );
+    until_peers(&nodes.a, "B gone after its down", <[Value]>::is_empty);
+}
+
+/// `cargo xtask deploy render --peers-upstream-secret S --node-prefix N=CIDR…` writes a
+/// configuration the agent takes, every listed node getting its own block.
+#[test]
+fn the_rendered_peers_configuration_gives_each_node_its_block() {
+    let peers = quadrant_deploy::ClusterPeers {
+        upstream_secret: "quadrant-upstream".into(),
+        node_prefixes: [("worker-1", "10.241.0.0/22"), ("worker-2", "10.241.4.0/22")]
+            .map(|(n, c)| (n.to_owned(), c.to_owned()))
+            .into(),
+    };
+    let text = quadrant_deploy::cluster_config(Some(&peers)).expect("render");
+    for (node, px) in [
+        ("worker-1", "10.241.2.0/24"),
+        ("worker-2", "10.241.6.0/24"),
+        ("worker-3", "10.240.2.0/24"),
+    ] {
+        // The DaemonSet names the node in NODE_NAME; here it is written into the file.
+        let mut v: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+        v["peers"]["kubernetes"]["node_name"] = node.into();
+        let c = Config::from_yaml(&serde_yaml::to_string(&v).expect("yaml"), "rendered")
+            .unwrap_or_else(|e| panic!("{node}: {e}"));
+        assert_eq!(c.quadrants["px"].prefix.to_string(), px, "{node}");
+        let k = c.peers.kubernetes.expect("kubernetes");
+        assert_eq!(k.kubeconfig, None, "in-cluster");
+        assert!(c.identity.upstream.is_some());
+    }
 }

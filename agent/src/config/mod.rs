@@ -31,7 +31,7 @@ pub use instances::{
 };
 pub use metrics::MetricsConfig;
 pub use observe::ObserveConfig;
-pub use peers::{MAX_PEERS, PeerNode, PeersConfig, node_id};
+pub use peers::{KubernetesPeers, MAX_PEERS, PeerNode, PeersConfig, check_name, node_id};
 pub use shadows::ShadowsConfig;
 
 pub use sections::*;
@@ -325,10 +325,11 @@ impl Config {
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut config: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             origin: origin.to_owned(),
             source,
         })?;
+        config.apply_node_prefixes()?;
         config.validate()?;
         Ok(config)
     }

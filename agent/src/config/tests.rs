@@ -269,7 +269,16 @@ fn peers_are_checked() {
         ),
         (
             "  nodes:\n    - { name: \"n 2\", address: 10.0.0.2:7470 }\n",
-            "1-32 characters",
+            "1-253 characters",
+        ),
+        (
+            "  nodes:\n    - { name: \"-n2\", address: 10.0.0.2:7470 }\n",
+            "begin and end with a letter or digit",
+        ),
+        ("  kubernetes: {}\n", "peers.kubernetes: needs peers.listen"),
+        (
+            "  listen: 10.0.0.1:7470\n  kubernetes: { node_name: \"a..b\" }\n",
+            "peers.kubernetes.node_name",
         ),
         (
             "  listen: 10.0.0.1:0\n",
@@ -290,6 +299,62 @@ fn peers_are_checked() {
     }
     let err = with(&format!("  nodes:\n{many}")).unwrap_err().to_string();
     assert!(err.contains("at most 14"), "{err}");
+}
+
+#[test]
+fn kubernetes_peers_are_checked() {
+    let quadrants = "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n";
+    let with =
+        |peers: &str| Config::from_yaml(&format!("instance: n1\n{quadrants}peers:\n{peers}"), "t");
+    let k = with(
+        "  listen: 10.0.0.1:7470\n  kubernetes: { node_name: ip-10-0-0-1.eu-west-1.compute.internal, kubeconfig: /etc/kube.yaml }\n",
+    )
+    .unwrap();
+    let k = k.peers.kubernetes.expect("kubernetes");
+    assert_eq!(
+        k.node().as_deref(),
+        Ok("ip-10-0-0-1.eu-west-1.compute.internal")
+    );
+    // One configuration for every node: a listed node takes its block's quarters.
+    let shared = |node: &str| {
+        with(&format!(
+            "  listen: 0.0.0.0:7470\n  kubernetes:\n    node_name: {node}\n    node_prefixes:\n      w-1: 10.241.0.0/22\n      w-2: 10.241.4.0/22\n"
+        ))
+    };
+    let w2 = shared("w-2").unwrap();
+    let got: Vec<String> = ["dx", "dg", "px", "pg"]
+        .iter()
+        .map(|q| w2.quadrants[*q].prefix.to_string())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "10.241.4.0/24",
+            "10.241.5.0/24",
+            "10.241.6.0/24",
+            "10.241.7.0/24"
+        ]
+    );
+    let w9 = shared("w-9").unwrap();
+    assert_eq!(
+        w9.quadrants["px"].prefix.to_string(),
+        "10.2.0.0/24",
+        "a node not listed keeps quadrants.*.prefix"
+    );
+    for (blocks, want) in [
+        (
+            "      w-1: 10.241.0.0/22\n      w-2: 10.241.2.0/23\n",
+            "node_prefixes.w-2: 10.241.2.0/23 overlaps w-1's 10.241.0.0/22",
+        ),
+        ("      w-1: 10.241.0.0/29\n", "at most /28"),
+    ] {
+        let err = with(&format!(
+            "  listen: 0.0.0.0:7470\n  kubernetes:\n    node_name: w-1\n    node_prefixes:\n{blocks}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(want), "{blocks}: {err}");
+    }
 }
 
 /// The configuration the Kubernetes manifests carry (`manifests/kubernetes/configmap.yaml`,

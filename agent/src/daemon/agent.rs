@@ -158,7 +158,10 @@ impl Agent {
         let mut report = self
             .instances
             .report(&self.config, &locked(&self.dataplane));
-        report.peers = self.broker.peers().map(|p| p.status()).unwrap_or_default();
+        if let Some(p) = self.broker.peers() {
+            report.peers = p.status();
+            report.kubernetes_error = p.kubernetes_error();
+        }
         report
     }
 

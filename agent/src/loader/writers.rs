@@ -104,6 +104,20 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Removes these PREFIXES entries (a former peer node's prefixes), keeping the others; one
+    /// already gone is no error.
+    pub fn remove_prefixes(&mut self, nets: &[Ipv4Net]) -> Result<(), LoaderError> {
+        let mut trie: LpmTrie<_, u32, PrefixValue> =
+            LpmTrie::try_from(self.map_mut(maps::PREFIXES)?).map_err(map_err(maps::PREFIXES))?;
+        for net in nets {
+            match trie.remove(&lpm_key(*net)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::PREFIXES)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces the PREFIXES entries.
     pub fn write_prefixes(&mut self, entries: &[(Ipv4Net, Identity)]) -> Result<(), LoaderError> {
         let mut trie: LpmTrie<_, u32, PrefixValue> =

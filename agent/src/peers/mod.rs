@@ -2,9 +2,12 @@
 //! service that no instance on this node can take goes to an instance on another node, over
 //! TCP + mTLS between the workloads.
 //!
-//! Each agent proves itself with a node SVID (`spiffe://<trust domain>/node/<instance>`) from its
-//! CA; nodes trust each other when their CAs chain to one upstream CA (`identity.upstream`), as
-//! SPIRE servers sharing an `UpstreamAuthority` do, and accept only the nodes of their own list.
+//! The peers are the nodes of `peers.nodes` and, with `peers.kubernetes`, the cluster's nodes
+//! whose agents published themselves on their Node objects (`kubernetes.rs`). Each agent proves
+//! itself with a node SVID (`spiffe://<trust domain>/node/<name>`, its `instance` or its
+//! Kubernetes node name) from its CA; nodes trust each other when their CAs chain to one
+//! upstream CA (`identity.upstream`), as SPIRE servers sharing an `UpstreamAuthority` do, and
+//! accept only the nodes that are their peers.
 //! On linking, both sides tell their quadrants' prefixes: each writes the other's into
 //! `PREFIXES` with the quadrant identities, so the kernel programs on both nodes judge the
 //! traffic between a caller here and an instance there by the same quadrant policy as local
@@ -14,17 +17,18 @@
 //! it with its own policy and breakers, picks one of its instances, hands the service its end and
 //! answers where to connect with which one-time token. This agent gives the opener its end with
 //! an SVID from its own CA (both verify each other against the upstream root). Instances of the
-//! `p`-th node of `peers.nodes` appear in lane grants as `16·(p + 1) + k`, so a retrying caller
-//! can pass over one of them like a local one.
+//! node in link slot `p` appear in lane grants as `16·(p + 1) + k`, so a retrying caller can pass
+//! over one of them like a local one; a node keeps its slot while it is a peer.
 
+mod kubernetes;
 mod serve;
 pub mod wire;
 
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
     sync::{
-        Arc, Mutex, PoisonError, Weak,
+        Arc, Mutex, PoisonError, RwLock, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
@@ -38,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, PeerNode, node_id},
+    config::{Config, MAX_PEERS, PeerNode, node_id},
     daemon::agent::Agent,
     identity::IdentityService,
     lanes::tls,
@@ -58,6 +62,8 @@ type Link = (StreamOwned<ClientConnection, TcpStream>, Frames);
 
 struct Node {
     cfg: PeerNode,
+    /// Listed by the Kubernetes API (else by `peers.nodes`).
+    discovered: bool,
     link: Mutex<Option<Link>>,
     status: Mutex<PeerStatus>,
     lanes: AtomicU64,
@@ -66,10 +72,13 @@ struct Node {
 /// One peer node as `quadrant instances` shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct PeerStatus {
-    /// Its `instance`.
+    /// Its name (its node SVID's).
     pub name: String,
     /// Where its agent accepts peers.
     pub address: String,
+    /// Where this agent learned of it: `peers.nodes` or `kubernetes`.
+    #[serde(default)]
+    pub source: String,
     /// This agent's link to it is up.
     pub linked: bool,
     /// Why the link is down, when it is.
@@ -87,19 +96,31 @@ pub struct Peers {
     config: Config,
     identity: Arc<IdentityService>,
     agent: Weak<Agent>,
-    nodes: Vec<Node>,
+    /// This agent's name among its peers (its node SVID's): `instance`, or its Kubernetes node.
+    me: String,
+    /// The link slots: a node keeps its slot, its number `p` in lane grants, while it is a peer.
+    slots: Vec<RwLock<Option<Arc<Node>>>>,
+    /// Nodes the API lists beyond the slots: accepted, listed, not linked to.
+    waiting: Mutex<Vec<PeerNode>>,
+    /// Serialises changes of the set of peers.
+    changing: Mutex<()>,
     /// Prefixes written into `PREFIXES`, by node.
     learned: Mutex<BTreeMap<String, BTreeMap<String, Ipv4Net>>>,
     /// Routes added for the peers' prefixes.
     routes: Mutex<Vec<Ipv4Net>>,
     stop: AtomicBool,
+    /// At the stop: take this node's entry off the Kubernetes API too (a full `down`).
+    withdraw: AtomicBool,
+    /// Why the Kubernetes API cannot be followed, while it cannot.
+    kubernetes_error: Mutex<Option<String>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Peers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peers")
-            .field("nodes", &self.nodes.len())
+            .field("me", &self.me)
+            .field("nodes", &self.all().len())
             .finish_non_exhaustive()
     }
 }
@@ -109,10 +130,12 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Peers {
-    /// Starts the acceptor (with `peers.listen`) and one link per node; `None` without peers.
+    /// Starts the acceptor (with `peers.listen`), one link per listed node and, with
+    /// `peers.kubernetes`, the watch of the cluster's nodes; `None` without peers.
     ///
     /// # Errors
-    /// Without the identity service, or when `peers.listen` cannot be bound.
+    /// Without the identity service, when `peers.listen` cannot be bound, or without this
+    /// node's Kubernetes name.
     pub fn start(agent: &Arc<Agent>) -> Result<Option<Arc<Self>>, String> {
         let config = &agent.config;
         if config.peers.nodes.is_empty() && config.peers.listen.is_none() {
@@ -121,29 +144,23 @@ impl Peers {
         let identity = agent.identity.as_ref().map_err(|e| {
             format!("peers need the identity service (node SVIDs), which is unavailable: {e}")
         })?;
+        let me = match &config.peers.kubernetes {
+            Some(k) => k.node()?,
+            None => config.instance.clone(),
+        };
         let peers = Arc::new(Self {
             config: config.clone(),
             identity: Arc::clone(identity),
             agent: Arc::downgrade(agent),
-            nodes: config
-                .peers
-                .nodes
-                .iter()
-                .map(|n| Node {
-                    cfg: n.clone(),
-                    link: Mutex::new(None),
-                    status: Mutex::new(PeerStatus {
-                        name: n.name.clone(),
-                        address: n.address.to_string(),
-                        error: Some("not linked yet".into()),
-                        ..PeerStatus::default()
-                    }),
-                    lanes: AtomicU64::new(0),
-                })
-                .collect(),
+            me,
+            slots: (0..MAX_PEERS).map(|_| RwLock::new(None)).collect(),
+            waiting: Mutex::default(),
+            changing: Mutex::default(),
             learned: Mutex::default(),
             routes: Mutex::default(),
             stop: AtomicBool::new(false),
+            withdraw: AtomicBool::new(false),
+            kubernetes_error: Mutex::default(),
             threads: Mutex::default(),
         });
         if let Some(addr) = config.peers.listen {
@@ -158,25 +175,34 @@ impl Peers {
                 .map_err(|e| format!("cannot start the peer acceptor: {e}"))?;
             locked(&peers.threads).push(handle);
         }
-        for index in 0..peers.nodes.len() {
+        {
+            let _changing = locked(&peers.changing);
+            for n in &config.peers.nodes {
+                peers.add(n.clone(), false)?;
+            }
+        }
+        if let Some(k) = &config.peers.kubernetes {
             let p = Arc::clone(&peers);
+            let k = k.clone();
             let handle = std::thread::Builder::new()
-                .name(format!("peer-{index}"))
-                .spawn(move || p.link_loop(index))
-                .map_err(|e| format!("cannot start a peer link: {e}"))?;
+                .name("peer-kubernetes".into())
+                .spawn(move || kubernetes::follow(&p, &k))
+                .map_err(|e| format!("cannot start the Kubernetes watch: {e}"))?;
             locked(&peers.threads).push(handle);
         }
         Ok(Some(peers))
     }
 
-    /// Ends the links and the acceptor; with `remove_routes`, deletes the routes it added.
-    pub fn stop(&self, remove_routes: bool) {
+    /// Ends the links, the acceptor and the Kubernetes watch; with `full` (a full `down`),
+    /// deletes the routes it added and takes this node's entry off its Node object.
+    pub fn stop(&self, full: bool) {
+        self.withdraw.store(full, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
         let threads = std::mem::take(&mut *locked(&self.threads));
         for t in threads {
             let _ = t.join();
         }
-        if remove_routes {
+        if full {
             for net in locked(&self.routes).drain(..) {
                 let _ = crate::sys::ip(&["route", "del", &net.to_string()]);
             }
@@ -195,28 +221,167 @@ impl Peers {
         }
     }
 
+    /// The node in slot `p`.
+    fn node(&self, p: usize) -> Option<Arc<Node>> {
+        self.slots
+            .get(p)?
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The linked-to nodes with their slots, in the order lanes go to them: those of
+    /// `peers.nodes` in its order, then those of the Kubernetes API by name.
+    fn all(&self) -> Vec<(usize, Arc<Node>)> {
+        let mut all: Vec<(usize, Arc<Node>)> = (0..self.slots.len())
+            .filter_map(|p| self.node(p).map(|n| (p, n)))
+            .collect();
+        all.sort_by(|(pa, a), (pb, b)| {
+            (a.discovered, a.discovered.then_some(&a.cfg.name), pa).cmp(&(
+                b.discovered,
+                b.discovered.then_some(&b.cfg.name),
+                pb,
+            ))
+        });
+        all
+    }
+
     /// Every peer node and its link, for `quadrant instances`.
     #[must_use]
     pub fn status(&self) -> Vec<PeerStatus> {
-        self.nodes
-            .iter()
-            .map(|n| {
+        let mut all: Vec<PeerStatus> = self
+            .all()
+            .into_iter()
+            .map(|(_, n)| {
                 let mut s = locked(&n.status).clone();
                 s.lanes_opened = n.lanes.load(Ordering::Relaxed);
                 s
             })
+            .collect();
+        all.extend(locked(&self.waiting).iter().map(|n| PeerStatus {
+            name: n.name.clone(),
+            address: n.address.to_string(),
+            source: "kubernetes".into(),
+            error: Some(format!(
+                "not linked to: this agent links to at most {MAX_PEERS} peer nodes; it accepts \
+                 this one's link"
+            )),
+            ..PeerStatus::default()
+        }));
+        all
+    }
+
+    /// Why the Kubernetes API cannot be followed, while it cannot.
+    #[must_use]
+    pub fn kubernetes_error(&self) -> Option<String> {
+        locked(&self.kubernetes_error).clone()
+    }
+
+    /// The linked-to nodes' slots and names, in the order lanes go to them.
+    pub(crate) fn order(&self) -> Vec<(usize, String)> {
+        self.all()
+            .into_iter()
+            .map(|(p, n)| (p, n.cfg.name.clone()))
             .collect()
     }
 
-    /// The peer nodes, in the order lanes go to them.
-    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
-        self.nodes.iter().map(|n| n.cfg.name.as_str())
+    /// Where node `name` accepts peers, if it is one of this agent's peer nodes.
+    pub(crate) fn address_of(&self, name: &str) -> Option<SocketAddrV4> {
+        self.all()
+            .into_iter()
+            .map(|(_, n)| n.cfg.clone())
+            .chain(locked(&self.waiting).iter().cloned())
+            .find(|n| n.name == name)
+            .map(|n| n.address)
+    }
+
+    /// The names of every peer node, for messages.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.status().into_iter().map(|s| s.name).collect()
     }
 
     /// Whether any link is up.
     #[must_use]
     pub fn any_linked(&self) -> bool {
-        self.nodes.iter().any(|n| locked(&n.link).is_some())
+        self.all().iter().any(|(_, n)| locked(&n.link).is_some())
+    }
+
+    /// Gives `node` a free slot and a thread keeping its link (the caller holds `changing`).
+    fn add(self: &Arc<Self>, node: PeerNode, discovered: bool) -> Result<(), String> {
+        let Some(p) = (0..self.slots.len()).find(|p| self.node(*p).is_none()) else {
+            return Err(format!(
+                "no link slot for node {}: at most {MAX_PEERS} peer nodes",
+                node.name
+            ));
+        };
+        let n = Arc::new(Node {
+            status: Mutex::new(PeerStatus {
+                name: node.name.clone(),
+                address: node.address.to_string(),
+                source: if discovered {
+                    "kubernetes"
+                } else {
+                    "peers.nodes"
+                }
+                .into(),
+                error: Some("not linked yet".into()),
+                ..PeerStatus::default()
+            }),
+            cfg: node,
+            discovered,
+            link: Mutex::new(None),
+            lanes: AtomicU64::new(0),
+        });
+        *self.slots[p]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&n));
+        let me = Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name(format!("peer-{p}"))
+            .spawn(move || me.link_loop(p, &n))
+            .map_err(|e| format!("cannot start a peer link: {e}"))?;
+        let mut threads = locked(&self.threads);
+        threads.retain(|t| !t.is_finished());
+        threads.push(handle);
+        Ok(())
+    }
+
+    /// Makes the nodes the Kubernetes API lists (this one left out) the discovered peers: a
+    /// node gone, or at a new address, loses its link and its prefixes; a new one gets a slot
+    /// while there is one, else waits for one.
+    pub(crate) fn set_discovered(self: &Arc<Self>, mut wanted: Vec<PeerNode>) {
+        let _changing = locked(&self.changing);
+        wanted.retain(|w| w.name != self.me);
+        wanted.sort_by(|a, b| a.name.cmp(&b.name));
+        for (p, n) in self.all() {
+            if n.discovered && !wanted.contains(&n.cfg) {
+                *self.slots[p]
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+                info!(
+                    node = n.cfg.name,
+                    "peer node left the Kubernetes API's list"
+                );
+                self.forget(&n.cfg.name);
+            }
+        }
+        let present: Vec<PeerNode> = self.all().into_iter().map(|(_, n)| n.cfg.clone()).collect();
+        let mut waiting = Vec::new();
+        for w in wanted {
+            if present.iter().any(|n| n.name == w.name) {
+                continue;
+            }
+            if !waiting.is_empty() {
+                waiting.push(w);
+                continue;
+            }
+            info!(node = w.name, address = %w.address, "peer node from the Kubernetes API");
+            if let Err(e) = self.add(w.clone(), true) {
+                warn!(error = %e, "peer node not linked to");
+                waiting.push(w);
+            }
+        }
+        *locked(&self.waiting) = waiting;
     }
 
     /// This node's quadrant prefixes, as it tells them.
@@ -233,7 +398,7 @@ impl Peers {
 
     /// This node's SVID, decoded for rustls.
     fn node_svid(&self) -> Result<tls::Svid, String> {
-        let id = node_id(self.trust_domain(), &self.config.instance);
+        let id = node_id(self.trust_domain(), &self.me);
         let svid = self
             .identity
             .x509_for(&id)
@@ -248,13 +413,15 @@ impl Peers {
         ))
     }
 
-    /// Sends `request` to node `index` and waits for its answer (at most `timeout`); a broken
-    /// link is dropped (its keeper links again).
+    /// Sends `request` to the node in slot `p` and waits for its answer (at most `timeout`); a
+    /// broken link is dropped (its keeper links again).
     ///
     /// # Errors
     /// When the node is not linked, or the exchange fails or times out.
-    pub fn ask(&self, index: usize, request: &Request, timeout: Duration) -> Result<Reply, String> {
-        let node = &self.nodes[index];
+    pub fn ask(&self, p: usize, request: &Request, timeout: Duration) -> Result<Reply, String> {
+        let node = self
+            .node(p)
+            .ok_or_else(|| format!("peer slot {p} holds no node any more"))?;
         let mut link = locked(&node.link);
         let (stream, frames) = link
             .as_mut()
@@ -274,15 +441,18 @@ impl Peers {
         })
     }
 
-    /// Counts a lane opened to node `index`.
-    pub(crate) fn count_lane(&self, index: usize) {
-        self.nodes[index].lanes.fetch_add(1, Ordering::Relaxed);
+    /// Counts a lane opened to the node in slot `p`.
+    pub(crate) fn count_lane(&self, p: usize) {
+        if let Some(n) = self.node(p) {
+            n.lanes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// Keeps the link to node `index` up: links, then says hello every [`KEEPALIVE`].
-    fn link_loop(&self, index: usize) {
-        let node = &self.nodes[index];
-        while !self.stopping() {
+    /// Keeps the link to `node` in slot `p` up while it holds the slot: links, then says hello
+    /// every [`KEEPALIVE`].
+    fn link_loop(&self, p: usize, node: &Arc<Node>) {
+        let holds = || self.node(p).is_some_and(|n| Arc::ptr_eq(&n, node));
+        while !self.stopping() && holds() {
             if locked(&node.link).is_none() {
                 match self.link(node) {
                     Ok(()) => info!(node = node.cfg.name, "linked to peer node"),
@@ -297,10 +467,10 @@ impl Peers {
                 }
             } else {
                 let hello = Request::Hello {
-                    node: self.config.instance.clone(),
+                    node: self.me.clone(),
                     prefixes: self.own_prefixes(),
                 };
-                if let Err(e) = self.ask(index, &hello, CONNECT_TIMEOUT) {
+                if let Err(e) = self.ask(p, &hello, CONNECT_TIMEOUT) {
                     warn!(node = node.cfg.name, error = %e, "peer link lost");
                 }
             }
@@ -326,7 +496,7 @@ impl Peers {
             .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
         let mut frames = Frames::default();
         let hello = Request::Hello {
-            node: self.config.instance.clone(),
+            node: self.me.clone(),
             prefixes: self.own_prefixes(),
         };
         wire::write(&mut stream, &hello).map_err(|e| format!("handshake with {addr}: {e}"))?;
@@ -403,9 +573,9 @@ impl Peers {
             .add_prefixes(&entries)
             .map_err(|e| format!("cannot write node {name}'s prefixes: {e}"))?;
         if self.config.peers.routes
-            && let Some(node) = self.nodes.iter().find(|n| n.cfg.name == name)
+            && let Some(address) = self.address_of(name)
         {
-            let via = node.cfg.address.ip().to_string();
+            let via = address.ip().to_string();
             let mut routes = locked(&self.routes);
             for (net, _) in &entries {
                 crate::sys::ip(&["route", "replace", &net.to_string(), "via", &via])
@@ -420,8 +590,49 @@ impl Peers {
             ?prefixes,
             "peer node's quadrant prefixes written"
         );
-        learned.insert(name.to_owned(), prefixes.clone());
+        if let Some(old) = learned.insert(name.to_owned(), prefixes.clone()) {
+            let stale: Vec<Ipv4Net> = old
+                .values()
+                .filter(|n| !prefixes.values().any(|p| p == *n))
+                .map(Ipv4Net::trunc)
+                .collect();
+            drop(learned);
+            self.unlearn(name, &stale);
+        }
         Ok(())
+    }
+
+    /// Takes node `name`'s prefixes out of `PREFIXES` and its routes away (it is no longer a
+    /// peer).
+    fn forget(&self, name: &str) {
+        let Some(old) = locked(&self.learned).remove(name) else {
+            return;
+        };
+        let nets: Vec<Ipv4Net> = old.values().map(Ipv4Net::trunc).collect();
+        self.unlearn(name, &nets);
+    }
+
+    fn unlearn(&self, name: &str, nets: &[Ipv4Net]) {
+        if nets.is_empty() {
+            return;
+        }
+        if let Some(agent) = self.agent.upgrade()
+            && let Err(e) = agent
+                .dataplane
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove_prefixes(nets)
+        {
+            warn!(node = name, error = %e, "cannot remove a former peer's prefixes");
+        }
+        let mut routes = locked(&self.routes);
+        for net in nets {
+            if let Some(i) = routes.iter().position(|r| r == net) {
+                routes.remove(i);
+                let _ = crate::sys::ip(&["route", "del", &net.to_string()]);
+            }
+        }
+        info!(node = name, ?nets, "former peer node's prefixes removed");
     }
 }
 

@@ -1,5 +1,5 @@
 //! The accepting side of peer links: the TLS handshake with the node's SVID, the check that the
-//! client is a node of `peers.nodes`, and the answers to its hellos and lane opens.
+//! client is one of its peer nodes (`peers.nodes` or the Kubernetes API's), and the answers to its hellos and lane opens.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -47,9 +47,7 @@ impl Peers {
     /// Which configured node a verified client SPIFFE ID is.
     fn node_of(&self, id: &str) -> Option<String> {
         let td = self.trust_domain();
-        self.names()
-            .find(|n| node_id(td, n) == id)
-            .map(str::to_owned)
+        self.names().into_iter().find(|n| node_id(td, n) == id)
     }
 
     fn serve(&self, sock: TcpStream) -> Result<(), String> {
@@ -70,9 +68,14 @@ impl Peers {
             .and_then(tls::spiffe_id_of)
             .ok_or("the client presented no SVID")?;
         let Some(name) = self.node_of(&id) else {
+            let names = self.names();
             let message = format!(
-                "{id} is not a node of this agent's peers.nodes ({})",
-                self.names().collect::<Vec<_>>().join(", ")
+                "{id} is not one of this agent's peer nodes ({})",
+                if names.is_empty() {
+                    "it has none".to_owned()
+                } else {
+                    names.join(", ")
+                }
             );
             let _ = wire::write(
                 &mut stream,
@@ -88,6 +91,10 @@ impl Peers {
         let mut frames = Frames::default();
         loop {
             if self.stopping() {
+                return Ok(());
+            }
+            if self.address_of(&name).is_none() {
+                info!(node = name, "link of a node that is no longer a peer ended");
                 return Ok(());
             }
             let request = match frames.next::<_, Request>(&mut stream, None) {

@@ -123,6 +123,9 @@ pub struct InstancesReport {
     /// The peer nodes (`peers`), whose instances take lanes none here can.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<crate::peers::PeerStatus>,
+    /// With `peers.kubernetes`: why the Kubernetes API cannot be followed, while it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_error: Option<String>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -496,6 +499,7 @@ impl Instances {
         InstancesReport {
             instances,
             peers: Vec::new(),
+            kubernetes_error: None,
         }
     }
 }
@@ -575,6 +579,9 @@ pub fn render(report: &InstancesReport) -> String {
                 services.join(" ")
             },
         );
+    }
+    if let Some(e) = &report.kubernetes_error {
+        let _ = writeln!(out, "\nKubernetes API: {e}");
     }
     if !report.peers.is_empty() {
         out.push_str("\nPEER NODE         ADDRESS                LINK  LANES  PREFIXES\n");

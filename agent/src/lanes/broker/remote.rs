@@ -93,7 +93,7 @@ impl Broker {
         }
         let avoided = wanted.avoid_instance.and_then(split_instance);
         let mut passed = Vec::new();
-        for (p, name) in peers.names().enumerate() {
+        for (p, name) in peers.order() {
             let request = Request::Open(RemoteOpen {
                 from_quadrant: from_q.name().to_owned(),
                 from_id: from_id.to_owned(),
@@ -105,7 +105,7 @@ impl Broker {
             });
             match peers.ask(p, &request, OPEN_TIMEOUT) {
                 Ok(Reply::Granted(grant)) => {
-                    self.hand_remote(conn, (from_q, from_id), wanted, (p, name), grant)?;
+                    self.hand_remote(conn, (from_q, from_id), wanted, (p, &name), grant)?;
                     peers.count_lane(p);
                     return Ok(());
                 }

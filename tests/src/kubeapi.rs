@@ -1,0 +1,427 @@
+//! A Kubernetes API server for the one resource the agent follows — `/api/v1/nodes`: get,
+//! list, watch (newline-delimited watch events from a resource version, synthetic `ADDED`s for
+//! a watch without one, ended after `timeoutSeconds`), JSON merge patch, bearer-token
+//! authentication and `Status` errors, as the API server answers them. No API server can be
+//! installed on the test machines (none is packaged for Debian, on `PyPI` or npm), so the agent's
+//! client (kube-rs) is run against this one; what it cannot show is listed in
+//! `ARCHITECTURE.md`.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Frame, Incoming},
+};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    nodes: BTreeMap<String, Value>,
+    /// Every change: (resource version, type, object).
+    events: Vec<(u64, &'static str, Value)>,
+    /// `METHOD path?query` of every request.
+    requests: Vec<String>,
+}
+
+struct State {
+    inner: Mutex<Inner>,
+    changed: tokio::sync::watch::Sender<u64>,
+    token: String,
+}
+
+impl State {
+    fn locked(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores `object` (its resource version set) and records the event.
+    fn put(&self, kind: &'static str, mut object: Value) -> Value {
+        let mut i = self.locked();
+        i.rv += 1;
+        let rv = i.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if kind == "DELETED" {
+            i.nodes.remove(&name);
+        } else {
+            i.nodes.insert(name, object.clone());
+        }
+        i.events.push((rv, kind, object.clone()));
+        drop(i);
+        self.changed.send_replace(rv);
+        object
+    }
+}
+
+/// The server, on a thread of its own until dropped.
+pub struct KubeApi {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KubeApi {
+    /// Listens on `listen` (port 0: any), accepting requests that carry `token`.
+    ///
+    /// # Panics
+    /// When it cannot listen.
+    #[must_use]
+    pub fn start(listen: SocketAddr, token: &str) -> Self {
+        let listener = std::net::TcpListener::bind(listen).expect("bind the API server");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(State {
+            inner: Mutex::default(),
+            changed: tokio::sync::watch::channel(0).0,
+            token: token.to_owned(),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let s = Arc::clone(&state);
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(serve(listener, s, stopped));
+        });
+        Self {
+            addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Writes a kubeconfig for this server and `token` to `path`.
+    ///
+    /// # Panics
+    /// When it cannot be written.
+    pub fn kubeconfig(&self, path: &Path, token: &str) {
+        let kc = json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{ "name": "test", "cluster": { "server": format!("http://{}", self.addr) } }],
+            "users": [{ "name": "agent", "user": { "token": token } }],
+            "contexts": [{ "name": "test", "context": { "cluster": "test", "user": "agent" } }],
+            "current-context": "test",
+        });
+        std::fs::write(path, serde_yaml::to_string(&kc).expect("yaml")).expect("kubeconfig");
+    }
+
+    /// Registers node `name` with an `InternalIP`, as a kubelet does.
+    pub fn add_node(&self, name: &str, internal_ip: &str) {
+        self.state.put(
+            "ADDED",
+            json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": { "name": name, "uid": format!("uid-{name}"), "labels": { "kubernetes.io/hostname": name } },
+                "status": { "addresses": [
+                    { "type": "InternalIP", "address": internal_ip },
+                    { "type": "Hostname", "address": name },
+                ] },
+            }),
+        );
+    }
+
+    /// Deletes node `name`'s object, as `kubectl delete node` does.
+    pub fn delete_node(&self, name: &str) {
+        let object = self.state.locked().nodes.get(name).cloned();
+        if let Some(o) = object {
+            self.state.put("DELETED", o);
+        }
+    }
+
+    /// Node `name`'s annotations.
+    #[must_use]
+    pub fn annotations(&self, name: &str) -> BTreeMap<String, String> {
+        self.state
+            .locked()
+            .nodes
+            .get(name)
+            .and_then(|n| n["metadata"]["annotations"].as_object().cloned())
+            .map(|a| {
+                a.into_iter()
+                    .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every request so far, as `METHOD path?query`.
+    #[must_use]
+    pub fn requests(&self) -> Vec<String> {
+        self.state.locked().requests.clone()
+    }
+}
+
+impl std::fmt::Debug for KubeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeApi")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<State>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut stopped => return,
+        };
+        let Ok((sock, _)) = accepted else { continue };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(sock), service)
+                .await;
+        });
+    }
+}
+
+fn full(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .expect("response")
+}
+
+/// A `Status` error as the API server sends it.
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    full(
+        code,
+        &json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code.as_u16(),
+        }),
+    )
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    state.locked().requests.push(format!(
+        "{} {}",
+        req.method(),
+        req.uri()
+            .path_and_query()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    ));
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {}", state.token));
+    if !authorized {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    }
+    let path = req.uri().path().to_owned();
+    let q = query(&req);
+    match (req.method().clone(), path.strip_prefix("/api/v1/nodes")) {
+        (Method::GET, Some("")) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            watch(state, &q)
+        }
+        (Method::GET, Some("")) => {
+            let i = state.locked();
+            let items: Vec<Value> = i
+                .nodes
+                .values()
+                .map(|n| {
+                    // List items carry no kind or apiVersion.
+                    let mut n = n.clone();
+                    if let Some(o) = n.as_object_mut() {
+                        o.remove("kind");
+                        o.remove("apiVersion");
+                    }
+                    n
+                })
+                .collect();
+            full(
+                StatusCode::OK,
+                &json!({
+                    "kind": "NodeList", "apiVersion": "v1",
+                    "metadata": { "resourceVersion": i.rv.to_string() },
+                    "items": items,
+                }),
+            )
+        }
+        (method, Some(rest)) if rest.starts_with('/') && !rest[1..].contains('/') => {
+            let name = &rest[1..];
+            let Some(node) = state.locked().nodes.get(name).cloned() else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("nodes \"{name}\" not found"),
+                );
+            };
+            match method {
+                Method::GET => full(StatusCode::OK, &node),
+                Method::PATCH => {
+                    let merge = req
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|c| c == "application/merge-patch+json");
+                    if !merge {
+                        return status(
+                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                            "UnsupportedMediaType",
+                            "this server takes application/merge-patch+json",
+                        );
+                    }
+                    let Ok(body) = req.into_body().collect().await else {
+                        return status(StatusCode::BAD_REQUEST, "BadRequest", "body");
+                    };
+                    let Ok(merge_doc) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                        return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+                    };
+                    let mut patched = node;
+                    merge_patch(&mut patched, &merge_doc);
+                    full(StatusCode::OK, &state.put("MODIFIED", patched))
+                }
+                _ => status(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                    "not served",
+                ),
+            }
+        }
+        _ => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
+    }
+}
+
+/// RFC 7386: objects merge, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(p) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("object");
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// A watch: the events after `resourceVersion` (every object as `ADDED` without one), then
+/// each change until `timeoutSeconds` (default 30 minutes) or the client goes.
+fn watch(state: &Arc<State>, q: &BTreeMap<String, String>) -> Response<Body> {
+    let from: Option<u64> = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0);
+    let timeout = Duration::from_secs(
+        q.get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1800),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let state = Arc::clone(state);
+    let mut changed = state.changed.subscribe();
+    tokio::spawn(async move {
+        let line = |kind: &str, object: &Value| {
+            Ok(Frame::data(Bytes::from(format!(
+                "{}\n",
+                json!({ "type": kind, "object": object })
+            ))))
+        };
+        let mut seen = if let Some(rv) = from {
+            rv
+        } else {
+            let (rv, nodes): (u64, Vec<Value>) = {
+                let i = state.locked();
+                (i.rv, i.nodes.values().cloned().collect())
+            };
+            for n in &nodes {
+                if tx.send(line("ADDED", n)).await.is_err() {
+                    return;
+                }
+            }
+            rv
+        };
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            let news: Vec<(u64, &'static str, Value)> = state
+                .locked()
+                .events
+                .iter()
+                .filter(|(rv, _, _)| *rv > seen)
+                .cloned()
+                .collect();
+            for (rv, kind, object) in news {
+                if tx.send(line(kind, &object)).await.is_err() {
+                    return;
+                }
+                seen = rv;
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                () = tokio::time::sleep_until(end) => return,
+                () = tx.closed() => return,
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("response")
+}
