@@ -599,3 +599,30 @@ impl Drop for Instance {
         }
     }
 }
+
+/// An upstream root CA (PEM files in `dir`) that agents' CAs chain to (`identity.upstream`).
+///
+/// # Panics
+/// When it cannot be made or written.
+#[must_use]
+pub fn upstream_ca(dir: &Path) -> quadrant::config::UpstreamConfig {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
+        PKCS_ECDSA_P256_SHA256,
+    };
+    std::fs::create_dir_all(dir).expect("upstream dir");
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.distinguished_name
+        .push(DnType::CommonName, "quadrant test upstream");
+    let cert = p.self_signed(&key).expect("self-signed");
+    let (cert_path, key_path) = (dir.join("root.pem"), dir.join("root.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write");
+    quadrant::config::UpstreamConfig {
+        cert: cert_path,
+        key: key_path,
+    }
+}

@@ -72,18 +72,60 @@ impl State {
 pub struct KubeApi {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// With TLS: the PEM certificate of the CA that signed its certificate (a service account's
+    /// `ca.crt`).
+    pub ca_pem: Option<String>,
     state: Arc<State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl KubeApi {
-    /// Listens on `listen` (port 0: any), accepting requests that carry `token`.
+    /// Listens on `listen` (port 0: any), accepting requests that carry `token`, over HTTP.
     ///
     /// # Panics
     /// When it cannot listen.
     #[must_use]
     pub fn start(listen: SocketAddr, token: &str) -> Self {
+        Self::start_with(listen, token, None)
+    }
+
+    /// As [`KubeApi::start`], over TLS with a certificate for the listening address and
+    /// `kubernetes.default.svc`, from a CA of its own ([`KubeApi::ca_pem`]), as an API server
+    /// reached in-cluster is.
+    ///
+    /// # Panics
+    /// When it cannot listen or make its certificates.
+    #[must_use]
+    pub fn start_tls(listen: SocketAddr, token: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        let key = KeyPair::generate().expect("key");
+        let mut leaf =
+            CertificateParams::new(vec!["kubernetes.default.svc".to_owned()]).expect("params");
+        leaf.subject_alt_names.push(SanType::IpAddress(listen.ip()));
+        let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+        let cert = leaf.signed_by(&key, &issuer).expect("certificate");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone(), ca_cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+        let mut api = Self::start_with(listen, token, Some(Arc::new(config)));
+        api.ca_pem = Some(ca_cert.pem());
+        api
+    }
+
+    fn start_with(listen: SocketAddr, token: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = std::net::TcpListener::bind(listen).expect("bind the API server");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
@@ -100,10 +142,11 @@ impl KubeApi {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(serve(listener, s, stopped));
+            rt.block_on(serve(listener, s, tls, stopped));
         });
         Self {
             addr,
+            ca_pem: None,
             state,
             stop: Some(stop),
             thread: Some(thread),
@@ -195,8 +238,10 @@ impl Drop for KubeApi {
 async fn serve(
     listener: std::net::TcpListener,
     state: Arc<State>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
     loop {
         let accepted = tokio::select! {
@@ -205,14 +250,23 @@ async fn serve(
         };
         let Ok((sock, _)) = accepted else { continue };
         let state = Arc::clone(&state);
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(sock), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match acceptor {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(sock), service).await;
+                }
+                Some(a) => {
+                    if let Ok(tls) = a.accept(sock).await {
+                        let _ = http.serve_connection(TokioIo::new(tls), service).await;
+                    }
+                }
+            }
         });
     }
 }

@@ -5,7 +5,10 @@
 //! configuration from the rendered ConfigMap. The host paths of the node are mapped to
 //! directories of this test (bpffs and `/run/netns` stay the host's), so the agent's mounts
 //! must reach the host through the propagation the manifest asks for — quadrants, their
-//! cgroups and pins — or the checks from the host fail.
+//! cgroups and pins — or the checks from the host fail. As the kubelet does, the agent gets
+//! its service account (token, CA, `KUBERNETES_SERVICE_HOST`/`PORT`) for an API server over TLS
+//! (the test's, `quadrant_tests::kubeapi`) and its node's name from the downward API; rendered
+//! with peers, it reaches the API in-cluster and publishes itself on its Node object.
 //!
 //! Needs root, podman, runc and debootstrap (`cargo xtask setup` installs them).
 
@@ -19,14 +22,19 @@ use std::{
 };
 
 use dataplane_common::Quadrant;
+use quadrant::config::{KubernetesPeers, PeersConfig, UpstreamConfig};
 use quadrant_tests::{
     bounded::{Bounded as _, output_within},
-    harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config},
+    harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config, upstream_ca},
+    kubeapi::KubeApi,
 };
 use serde_json::Value;
 
 const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
 const TCP_PORT: &str = "7000";
+const TOKEN: &str = "service-account-token";
+const ADDRESS: &str = "quadrant.io/peer-address";
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// podman with this machine's settings: `runc` (crun refuses a host with both cgroup
 /// hierarchies mounted, as this one has) and no default limits (podman raises the open-files
@@ -250,6 +258,30 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
     inside.audit_log = "/var/lib/quadrant/audit.log".into();
     inside.trust_store = "/etc/quadrant/trust".into();
     inside.cni.conf_dir = "/etc/cni/net.d".into();
+    // The nodes as peers (found through the API); the upstream CA from its Secret.
+    let api = KubeApi::start_tls((std::net::Ipv4Addr::LOCALHOST, 0).into(), TOKEN);
+    api.add_node(&n, "127.0.0.1");
+    let slot: u16 = n.trim_start_matches("qt").parse().expect("slot");
+    let peers_at = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7500 + slot);
+    let upstream = upstream_ca(&base.join("upstream"));
+    for (c, up) in [
+        (&mut host, upstream.clone()),
+        (
+            &mut inside,
+            UpstreamConfig {
+                cert: format!("{}/tls.crt", quadrant_deploy::UPSTREAM_DIR).into(),
+                key: format!("{}/tls.key", quadrant_deploy::UPSTREAM_DIR).into(),
+            },
+        ),
+    ] {
+        c.identity.upstream = Some(up);
+        c.peers = PeersConfig {
+            listen: Some(peers_at),
+            nodes: Vec::new(),
+            routes: false,
+            kubernetes: Some(KubernetesPeers::default()),
+        };
+    }
 
     // The image, from this build's binaries.
     let bin = sibling_binary(QPROBE, "quadrant");
@@ -271,7 +303,7 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
         image: image.clone(),
         config: serde_yaml::to_string(&inside).expect("yaml"),
         metrics_port: quadrant_deploy::METRICS_PORT,
-        upstream_secret: None,
+        upstream_secret: Some("quadrant-upstream".into()),
     })
     .expect("render");
     let file = |name: &str| -> Value {
@@ -286,6 +318,14 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
         let name = v["name"].as_str().expect("name").to_owned();
         let dir = if let Some(p) = v["hostPath"]["path"].as_str() {
             host_side(p, &base, &run_dir)
+        } else if let Some(secret) = v["secret"]["secretName"].as_str() {
+            // A Secret of type kubernetes.io/tls, as `kubectl create secret tls` makes it.
+            assert_eq!(secret, "quadrant-upstream");
+            let dir = base.join(format!("secret-{name}"));
+            std::fs::create_dir_all(&dir).expect("secret dir");
+            std::fs::copy(&upstream.cert, dir.join("tls.crt")).expect("tls.crt");
+            std::fs::copy(&upstream.key, dir.join("tls.key")).expect("tls.key");
+            dir
         } else {
             assert_eq!(v["configMap"]["name"], config_map["metadata"]["name"]);
             let dir = base.join(format!("configmap-{name}"));
@@ -327,9 +367,21 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
         "--volume={}:/opt/quadrant-test:ro",
         Path::new(QPROBE).parent().expect("dir").display()
     );
+    // What the kubelet gives every container of a pod with a service account.
+    let account = base.join("serviceaccount");
+    std::fs::create_dir_all(&account).expect("service account dir");
+    std::fs::write(account.join("token"), TOKEN).expect("token");
+    std::fs::write(account.join("ca.crt"), api.ca_pem.as_deref().expect("TLS")).expect("ca");
+    std::fs::write(account.join("namespace"), "quadrant-system").expect("namespace");
+    let kubelet = [
+        format!("--volume={}:{SERVICE_ACCOUNT}:ro", account.display()),
+        format!("--env=KUBERNETES_SERVICE_HOST={}", api.addr.ip()),
+        format!("--env=KUBERNETES_SERVICE_PORT={}", api.addr.port()),
+    ];
     let out = output_within(
         podman(&conf)
             .args(["run", "--detach", "--name", &names[1], &tools])
+            .args(&kubelet)
             .args(run_args(spec, agent, &volumes, &inside.instance)),
         Duration::from_mins(1),
         &[],
@@ -354,6 +406,35 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
         }
     };
     let mut agent_of_pod = Instance::attach(host, QPROBE, running);
+
+    // In-cluster, with its service account: the agent published itself on its Node object.
+    let start = std::time::Instant::now();
+    loop {
+        let on_node = api.annotations(&n);
+        if on_node.get(ADDRESS) == Some(&peers_at.to_string()) {
+            let prefixes = &on_node["quadrant.io/quadrant-prefixes"];
+            let px = format!("px={}", inside.quadrants["px"].prefix);
+            assert!(prefixes.contains(&px), "{on_node:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the agent did not publish itself on node {n}: {on_node:?}\nrequests: {:?}\n{}",
+            api.requests(),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let instances = agent_of_pod.quadrant(&["instances", "--output", "json"]);
+    let instances: Value = serde_json::from_slice(&instances.stdout).expect("instances json");
+    assert_eq!(instances["kubernetes_error"], Value::Null, "{instances}");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/nodes?") && r.contains("watch=true")),
+        "{:?}",
+        api.requests()
+    );
 
     // Seen from the host: the four quadrants, their readiness, the dataplane's verdicts.
     let status = agent_of_pod.status();
@@ -453,6 +534,11 @@ fn the_daemonsets_pod_runs_the_agent_from_its_image() {
         &[],
     );
     assert_eq!(ok(&waited, "podman wait").trim(), "0", "{}", logs());
+    let on_node = api.annotations(&n);
+    assert!(
+        !on_node.contains_key(ADDRESS),
+        "down withdraws: {on_node:?}"
+    );
     assert_eq!(read(), primary, "only our entry went");
     let netns = String::from_utf8_lossy(&sh(&["ip", "netns", "list"]).stdout).into_owned();
     assert!(

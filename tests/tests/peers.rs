@@ -5,7 +5,7 @@
 //! over to B without losing a request. Needs root.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -14,12 +14,8 @@ use std::{
 use dataplane_common::Quadrant;
 use quadrant::config::{Config, KubernetesPeers, PeerNode, PeersConfig, UpstreamConfig};
 use quadrant_tests::{
-    harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config},
+    harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config, upstream_ca as upstream},
     kubeapi::KubeApi,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256,
 };
 use serde_json::Value;
 
@@ -40,25 +36,6 @@ fn run(argv: &[&str]) {
         "{argv:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// An upstream root CA (PEM files) both agents' CAs chain to.
-fn upstream(dir: &Path) -> UpstreamConfig {
-    std::fs::create_dir_all(dir).expect("upstream dir");
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.distinguished_name
-        .push(DnType::CommonName, "quadrant test upstream");
-    let cert = p.self_signed(&key).expect("self-signed");
-    let (cert_path, key_path) = (dir.join("root.pem"), dir.join("root.key"));
-    std::fs::write(&cert_path, cert.pem()).expect("write");
-    std::fs::write(&key_path, key.serialize_pem()).expect("write");
-    UpstreamConfig {
-        cert: cert_path,
-        key: key_path,
-    }
 }
 
 fn slot_of(config: &Config) -> u8 {
