@@ -591,6 +591,17 @@ fn lanes_go_to_another_nodes_instance_and_fail_over_to_it() {
     nodes.failover_to_b();
 }
 
+/// `inst`'s metrics, as Prometheus scrapes them.
+fn scrape(inst: &Instance) -> String {
+    use std::io::{Read as _, Write as _};
+    let addr = inst.status().metrics.expect("metrics served");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    text
+}
+
 /// Waits up to 10 s for `check` on `inst`'s peer nodes.
 fn until_peers(inst: &Instance, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let start = Instant::now();
@@ -653,6 +664,13 @@ fn peer_nodes_come_from_the_kubernetes_api() {
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0]["name"], b_name.as_str());
     assert_eq!(p[0]["source"], "kubernetes");
+    let scrape = scrape(&nodes.a);
+    for line in [
+        "quadrant_peer_nodes{source=\"kubernetes\",state=\"linked\"} 1",
+        "quadrant_kubernetes_api_up 1",
+    ] {
+        assert!(scrape.lines().any(|l| l == line), "{line}:\n{scrape}");
+    }
     nodes.only_listed_nodes_link();
     nodes.serve("b");
     nodes.lanes_go_to_b();

@@ -56,6 +56,10 @@ pub struct Sources {
     pub flow_events: Vec<(crate::flows::EventKind, u64)>,
     /// What the kernel's programs wrote and lost of flow events, summed over CPUs.
     pub flow_limits: dataplane_common::maps::EventsLimit,
+    /// The peer nodes (`None`: no `peers` section).
+    pub peers: Option<Vec<crate::peers::PeerStatus>>,
+    /// With `peers.kubernetes`: whether the Kubernetes API is followed.
+    pub kubernetes_up: Option<bool>,
 }
 
 impl Sources {
@@ -115,6 +119,14 @@ impl Sources {
             pods: agent.pods.list(),
             flow_events: agent.flows.read_counts().to_vec(),
             flow_limits,
+            peers: agent.broker.peers().map(|p| p.status()),
+            kubernetes_up: agent
+                .config
+                .peers
+                .kubernetes
+                .as_ref()
+                .and(agent.broker.peers())
+                .map(|p| p.kubernetes_error().is_none()),
         }
     }
 }
@@ -140,6 +152,7 @@ pub fn families(s: &Sources) -> Vec<Family> {
     out.extend(breakers(s));
     out.extend(slos(s));
     out.extend(instances(s));
+    out.extend(peers(s));
     out.extend(chaos(s));
     out.extend(flow_events(s));
     out
@@ -516,6 +529,37 @@ fn slos(s: &Sources) -> Vec<Family> {
         }
     }
     vec![objective, sli, budget, burn, firing]
+}
+
+/// Peer nodes by source and link state; the Kubernetes API's state.
+fn peers(s: &Sources) -> Vec<Family> {
+    let mut nodes = Family::new(
+        "quadrant_peer_nodes",
+        "Peer nodes by where they come from (`peers.nodes` or `kubernetes`) and link state \
+         (`linked`, `down`, or `waiting` for a link slot)",
+        Kind::Gauge,
+    );
+    if let Some(peers) = &s.peers {
+        for source in ["peers.nodes", "kubernetes"] {
+            for state in ["linked", "down", "waiting"] {
+                let n = peers
+                    .iter()
+                    .filter(|p| p.source == source && p.state() == state)
+                    .count();
+                nodes.int(l(&[("source", source), ("state", state)]), n as u64);
+            }
+        }
+    }
+    let mut api = Family::new(
+        "quadrant_kubernetes_api_up",
+        "1 while the agent follows the cluster's nodes in the Kubernetes API (peers.kubernetes), \
+         0 while it cannot (`quadrant instances` says why)",
+        Kind::Gauge,
+    );
+    if let Some(up) = s.kubernetes_up {
+        api.int(Vec::new(), u64::from(up));
+    }
+    vec![nodes, api]
 }
 
 fn instances(s: &Sources) -> Vec<Family> {

@@ -318,3 +318,48 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 fn is_ident(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b':'
 }
+
+#[test]
+fn peer_nodes_are_counted_by_source_and_state() {
+    let peer = |source: &str, linked: bool, waiting: bool| crate::peers::PeerStatus {
+        name: format!("n-{source}-{linked}-{waiting}"),
+        source: source.to_owned(),
+        linked,
+        waiting,
+        ..crate::peers::PeerStatus::default()
+    };
+    let s = Sources {
+        peers: Some(vec![
+            peer("kubernetes", true, false),
+            peer("kubernetes", true, false),
+            peer("kubernetes", false, true),
+            peer("peers.nodes", false, false),
+        ]),
+        kubernetes_up: Some(false),
+        ..all_quadrants()
+    };
+    let text = scrape(&s, &Live::default());
+    for (labels, want) in [
+        ("source=\"kubernetes\",state=\"linked\"", 2.0),
+        ("source=\"kubernetes\",state=\"waiting\"", 1.0),
+        ("source=\"kubernetes\",state=\"down\"", 0.0),
+        ("source=\"peers.nodes\",state=\"down\"", 1.0),
+        ("source=\"peers.nodes\",state=\"linked\"", 0.0),
+    ] {
+        assert_eq!(
+            value(&text, &format!("quadrant_peer_nodes{{{labels}}}")),
+            Some(want),
+            "{labels}\n{text}"
+        );
+    }
+    assert_eq!(
+        value(&text, "quadrant_kubernetes_api_up"),
+        Some(0.0),
+        "{text}"
+    );
+    // Without a peers section: described, no samples.
+    let none = scrape(&all_quadrants(), &Live::default());
+    assert!(none.contains("# TYPE quadrant_peer_nodes gauge"), "{none}");
+    assert!(!none.contains("quadrant_peer_nodes{"), "{none}");
+    assert!(!none.contains("\nquadrant_kubernetes_api_up "), "{none}");
+}

@@ -89,6 +89,23 @@ pub struct PeerStatus {
     pub prefixes: BTreeMap<String, Ipv4Net>,
     /// Lanes opened to its instances from here.
     pub lanes_opened: u64,
+    /// Listed by the Kubernetes API beyond the link slots: accepted, not linked to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting: bool,
+}
+
+impl PeerStatus {
+    /// `linked`, `down`, or `waiting` for a link slot.
+    #[must_use]
+    pub fn state(&self) -> &'static str {
+        if self.waiting {
+            "waiting"
+        } else if self.linked {
+            "linked"
+        } else {
+            "down"
+        }
+    }
 }
 
 /// The links to the other nodes and the acceptor of theirs.
@@ -262,6 +279,7 @@ impl Peers {
             name: n.name.clone(),
             address: n.address.to_string(),
             source: "kubernetes".into(),
+            waiting: true,
             error: Some(format!(
                 "not linked to: this agent links to at most {MAX_PEERS} peer nodes; it accepts \
                  this one's link"
