@@ -193,6 +193,19 @@ impl KubeApi {
         }
     }
 
+    /// Sets annotations on node `name`, as `kubectl annotate` does.
+    pub fn annotate(&self, name: &str, annotations: &[(&str, &str)]) {
+        let object = self.state.locked().nodes.get(name).cloned();
+        if let Some(mut o) = object {
+            let patch = json!({ "metadata": { "annotations": annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .collect::<serde_json::Map<_, _>>() } });
+            merge_patch(&mut o, &patch);
+            self.state.put("MODIFIED", o);
+        }
+    }
+
     /// Node `name`'s annotations.
     #[must_use]
     pub fn annotations(&self, name: &str) -> BTreeMap<String, String> {

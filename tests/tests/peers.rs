@@ -620,6 +620,59 @@ fn until_peers(inst: &Instance, what: &str, check: impl Fn(&[Value]) -> bool) ->
     }
 }
 
+/// A node the API lists whose agent does not answer (nothing listens at its address, on node
+/// B): listed by A, not linked, and its announced prefixes in A's kernel at once — DX to its PX
+/// is refused at `connect()` as DX → PX, PG to its PX let through as PG → PX (its routes lead
+/// into B's namespace, where nothing answers).
+/// Deleted, it is forgotten.
+fn a_node_without_its_agent_is_known_by_its_announced_prefixes(nodes: &Nodes) {
+    let api = nodes.api.as_ref().expect("api");
+    let s = slot_of(&nodes.a.config);
+    let c = format!("{}-c", nodes.a.config.instance);
+    let third = |q: u8| format!("10.252.{}.0/24", 4 * s + q);
+    let announced = format!(
+        "dg={},dx={},pg={},px={}",
+        third(1),
+        third(0),
+        third(3),
+        third(2)
+    );
+    // Whatever happens, nothing to C's block leaves the machine (its own routes are longer).
+    let block = format!("10.252.{}.0/22", 4 * s);
+    run(&["ip", "route", "replace", "blackhole", &block]);
+    api.add_node(&c, &nodes.ips[1].to_string());
+    api.annotate(
+        &c,
+        &[
+            (ADDRESS, &format!("{}:{}", nodes.ips[1], KUBE_PEER_PORT + 8)),
+            ("quadrant.io/quadrant-prefixes", &announced),
+        ],
+    );
+    let listed = until_peers(&nodes.a, "C listed with its prefixes", |p| {
+        p.iter()
+            .any(|p| p["name"] == c.as_str() && p["prefixes"]["px"] == third(2).as_str())
+    });
+    let c_status = listed.iter().find(|p| p["name"] == c.as_str()).expect("C");
+    assert_eq!(c_status["linked"], false, "{c_status}");
+    let c_px = format!("10.252.{}.2:7001", 4 * s + 2);
+    let (ok, line) = nodes.a.probe(Quadrant::Dx, &["tcp-connect", &c_px, "300"]);
+    assert!(!ok && line == "err EPERM", "DX -> C's PX: {line}");
+    // PG may reach PX (not the world): the connection is let through to C's route, where
+    // nothing answers.
+    let (_, line) = nodes.a.probe(Quadrant::Pg, &["tcp-connect", &c_px, "300"]);
+    assert_ne!(line, "err EPERM", "PG -> C's PX is PG -> PX");
+    api.delete_node(&c);
+    until_peers(&nodes.a, "C forgotten", |p| {
+        !p.iter().any(|p| p["name"] == c.as_str())
+    });
+    let out = Command::new("ip")
+        .args(["route", "show", &third(2)])
+        .output()
+        .expect("ip route");
+    assert!(out.stdout.is_empty(), "C's route removed");
+    run(&["ip", "route", "del", "blackhole", &block]);
+}
+
 /// The peer nodes come from the Kubernetes API: each agent publishes its address and prefixes
 /// on its Node object (node A, listening on every address, its `InternalIP`), both link, lanes
 /// cross; a node whose object is deleted is let go at once (no link, no route to its
@@ -674,6 +727,8 @@ fn peer_nodes_come_from_the_kubernetes_api() {
     nodes.only_listed_nodes_link();
     nodes.serve("b");
     nodes.lanes_go_to_b();
+
+    a_node_without_its_agent_is_known_by_its_announced_prefixes(&nodes);
 
     let b_px = nodes.b.config.quadrants["px"].prefix.to_string();
     let route = || {

@@ -3,13 +3,14 @@
 //!
 //! Each agent writes two annotations on its own Node object — where it accepts peers
 //! ([`ADDRESS`]: `peers.listen`, with the node's `InternalIP` when it listens on every address)
-//! and its quadrants' prefixes ([`PREFIXES`], for operators; the link's hello is what the kernel
-//! programs get) — and watches the Node objects (list, then watch, relisting after an error
-//! with kube-runtime's backoff). Every other node that carries an address is a peer: linked to,
-//! accepted, its prefixes learned over the link; a node whose object goes, or whose annotation
-//! does, stops being one (link ended, prefixes and routes removed). The node's name is its
-//! node SVID's name, so links are still authenticated by mTLS under the one upstream CA and not
-//! by what the API says. A full `down` takes the annotations off again.
+//! and its quadrants' prefixes ([`PREFIXES`]) — and watches the Node objects (list, then watch,
+//! relisting after an error with kube-runtime's backoff). Every other node that carries an
+//! address is a peer: its announced prefixes go into `PREFIXES` (and routes) at once, so the
+//! kernel programs judge its quadrants' traffic even while its agent is away; it is linked to
+//! and accepted, and its link must tell the same prefixes. A node whose object goes, or whose
+//! annotation does, stops being one (link ended, prefixes and routes removed). The node's name
+//! is its node SVID's name, so links are authenticated by mTLS under the one upstream CA, not by
+//! what the API says. A full `down` takes the annotations off again.
 
 use std::{
     collections::BTreeMap,
@@ -29,8 +30,9 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
-use super::{POLL, Peers, locked};
+use super::{Discovered, POLL, Peers, locked};
 use crate::config::{KubernetesPeers, PeerNode, check_name};
+use ipnet::Ipv4Net;
 
 /// The annotation naming where a node's agent accepts peers (`ip:port`).
 pub const ADDRESS: &str = "quadrant.io/peer-address";
@@ -116,8 +118,8 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
     let own = own_annotations(peers);
     let mut published: Option<BTreeMap<String, String>> = None;
     let mut next_publish = Instant::now();
-    let mut listed: BTreeMap<String, PeerNode> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, PeerNode>> = None;
+    let mut listed: BTreeMap<String, Discovered> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, Discovered>> = None;
     let stream = watcher(api.clone(), watcher::Config::default()).default_backoff();
     tokio::pin!(stream);
     let mut tick = tokio::time::interval(POLL);
@@ -141,7 +143,7 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
                             published = None;
                         }
                         if let (Some(r), Some(p)) = (relisting.as_mut(), peer_of(&n)) {
-                            r.insert(p.name.clone(), p);
+                            r.insert(p.node.name.clone(), p);
                         }
                     }
                     watcher::Event::InitDone => {
@@ -278,32 +280,63 @@ fn internal_ip(node: &NodeObject) -> Option<Ipv4Addr> {
         .find_map(|a| a.address.parse().ok())
 }
 
-/// The peer a Node object names: its name and the address its agent published; `None` for a
-/// node without our agent (or with an annotation that is not an `ip:port`, logged).
-fn peer_of(node: &NodeObject) -> Option<PeerNode> {
+/// The peer a Node object names: its name, the address its agent published and the prefixes it
+/// announces; `None` for a node without our agent (or with an address annotation that is not
+/// an `ip:port`, logged). Prefixes that cannot be read are left out (logged): the link tells
+/// them then.
+fn peer_of(node: &NodeObject) -> Option<Discovered> {
     let name = node.metadata.name.as_deref()?;
-    let address = node.metadata.annotations.as_ref()?.get(ADDRESS)?;
+    let annotations = node.metadata.annotations.as_ref()?;
+    let address = annotations.get(ADDRESS)?;
     let parsed = address
         .parse::<SocketAddrV4>()
         .ok()
         .filter(|a| a.port() != 0 && !a.ip().is_unspecified());
-    match (parsed, check_name(name)) {
-        (Some(address), Ok(())) => Some(PeerNode {
+    let node = match (parsed, check_name(name)) {
+        (Some(address), Ok(())) => PeerNode {
             name: name.to_owned(),
             address,
-        }),
+        },
         (None, _) => {
             warn!(
                 node = name,
                 address, "node's {ADDRESS} is not an IPv4 address and port; not a peer"
             );
-            None
+            return None;
         }
         (_, Err(e)) => {
             warn!(node = name, error = %e, "node's name cannot be a peer's");
-            None
+            return None;
+        }
+    };
+    let prefixes = annotations
+        .get(PREFIXES)
+        .and_then(|text| match prefixes_of(text) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(node = name, error = %e, "node's {PREFIXES} cannot be read");
+                None
+            }
+        });
+    Some(Discovered { node, prefixes })
+}
+
+/// `dx=10.240.0.0/24,dg=…` as a map; every quadrant named once.
+fn prefixes_of(text: &str) -> Result<BTreeMap<String, Ipv4Net>, String> {
+    let mut out = BTreeMap::new();
+    for part in text.split(',') {
+        let (q, net) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not quadrant=prefix"))?;
+        if dataplane_common::Quadrant::from_name(q).is_none() {
+            return Err(format!("{q:?} is not a quadrant"));
+        }
+        let net: Ipv4Net = net.parse().map_err(|e| format!("{net:?} for {q}: {e}"))?;
+        if out.insert(q.to_owned(), net).is_some() {
+            return Err(format!("{q} is named twice"));
         }
     }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -324,8 +357,32 @@ mod tests {
     }
 
     #[test]
+    fn announced_prefixes_are_read_or_left_out() {
+        let ok = prefixes_of("dx=10.1.0.0/24,px=10.1.2.0/24").expect("prefixes");
+        assert_eq!(ok["px"].to_string(), "10.1.2.0/24");
+        for (bad, why) in [
+            ("dx=10.1.0.0/24,qa=10.9.0.0/24", "not a quadrant"),
+            ("dx=10.1.0.0/24,dx=10.2.0.0/24", "named twice"),
+            ("dx", "not quadrant=prefix"),
+            ("dx=10.1.0.0", "for dx"),
+        ] {
+            let err = prefixes_of(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let n = node(
+            "w-1",
+            &[(ADDRESS, "10.0.0.7:7470"), (PREFIXES, "dx=nonsense")],
+            &[],
+        );
+        let d = peer_of(&n).expect("still a peer");
+        assert_eq!(d.prefixes, None, "the link tells them then");
+    }
+
+    #[test]
     fn a_node_is_a_peer_only_with_a_usable_address() {
-        let p = peer_of(&node("w-1", &[(ADDRESS, "10.0.0.7:7470")], &[])).expect("peer");
+        let p = peer_of(&node("w-1", &[(ADDRESS, "10.0.0.7:7470")], &[]))
+            .expect("peer")
+            .node;
         assert_eq!(
             (p.name.as_str(), p.address.to_string().as_str()),
             ("w-1", "10.0.0.7:7470")

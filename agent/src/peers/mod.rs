@@ -64,6 +64,9 @@ struct Node {
     cfg: PeerNode,
     /// Listed by the Kubernetes API (else by `peers.nodes`).
     discovered: bool,
+    /// The prefixes its Node object announces (a discovered node's); its link must tell the
+    /// same.
+    announced: Option<BTreeMap<String, Ipv4Net>>,
     link: Mutex<Option<Link>>,
     status: Mutex<PeerStatus>,
     lanes: AtomicU64,
@@ -108,6 +111,14 @@ impl PeerStatus {
     }
 }
 
+/// A node the Kubernetes API lists: where its agent accepts peers and the prefixes its Node
+/// object announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Discovered {
+    pub node: PeerNode,
+    pub prefixes: Option<BTreeMap<String, Ipv4Net>>,
+}
+
 /// The links to the other nodes and the acceptor of theirs.
 pub struct Peers {
     config: Config,
@@ -118,7 +129,7 @@ pub struct Peers {
     /// The link slots: a node keeps its slot, its number `p` in lane grants, while it is a peer.
     slots: Vec<RwLock<Option<Arc<Node>>>>,
     /// Nodes the API lists beyond the slots: accepted, listed, not linked to.
-    waiting: Mutex<Vec<PeerNode>>,
+    waiting: Mutex<Vec<Discovered>>,
     /// Serialises changes of the set of peers.
     changing: Mutex<()>,
     /// Prefixes written into `PREFIXES`, by node.
@@ -195,7 +206,13 @@ impl Peers {
         {
             let _changing = locked(&peers.changing);
             for n in &config.peers.nodes {
-                peers.add(n.clone(), false)?;
+                peers.add(
+                    &Discovered {
+                        node: n.clone(),
+                        prefixes: None,
+                    },
+                    false,
+                )?;
             }
         }
         if let Some(k) = &config.peers.kubernetes {
@@ -275,9 +292,10 @@ impl Peers {
                 s
             })
             .collect();
-        all.extend(locked(&self.waiting).iter().map(|n| PeerStatus {
-            name: n.name.clone(),
-            address: n.address.to_string(),
+        all.extend(locked(&self.waiting).iter().map(|d| PeerStatus {
+            name: d.node.name.clone(),
+            address: d.node.address.to_string(),
+            prefixes: d.prefixes.clone().unwrap_or_default(),
             source: "kubernetes".into(),
             waiting: true,
             error: Some(format!(
@@ -308,7 +326,7 @@ impl Peers {
         self.all()
             .into_iter()
             .map(|(_, n)| n.cfg.clone())
-            .chain(locked(&self.waiting).iter().cloned())
+            .chain(locked(&self.waiting).iter().map(|d| d.node.clone()))
             .find(|n| n.name == name)
             .map(|n| n.address)
     }
@@ -324,29 +342,39 @@ impl Peers {
         self.all().iter().any(|(_, n)| locked(&n.link).is_some())
     }
 
-    /// Gives `node` a free slot and a thread keeping its link (the caller holds `changing`).
-    fn add(self: &Arc<Self>, node: PeerNode, discovered: bool) -> Result<(), String> {
+    /// Gives `node` a free slot and a thread keeping its link (the caller holds `changing`);
+    /// the prefixes its Node object announces are learned at once, before any link.
+    fn add(self: &Arc<Self>, d: &Discovered, discovered: bool) -> Result<(), String> {
+        let node = &d.node;
         let Some(p) = (0..self.slots.len()).find(|p| self.node(*p).is_none()) else {
             return Err(format!(
                 "no link slot for node {}: at most {MAX_PEERS} peer nodes",
                 node.name
             ));
         };
+        let mut status = PeerStatus {
+            name: node.name.clone(),
+            address: node.address.to_string(),
+            source: if discovered {
+                "kubernetes"
+            } else {
+                "peers.nodes"
+            }
+            .into(),
+            error: Some("not linked yet".into()),
+            ..PeerStatus::default()
+        };
+        if let Some(announced) = &d.prefixes {
+            match self.learn_for(&node.name, node.address, announced) {
+                Ok(()) => status.prefixes.clone_from(announced),
+                Err(e) => status.error = Some(format!("its Node object's prefixes: {e}")),
+            }
+        }
         let n = Arc::new(Node {
-            status: Mutex::new(PeerStatus {
-                name: node.name.clone(),
-                address: node.address.to_string(),
-                source: if discovered {
-                    "kubernetes"
-                } else {
-                    "peers.nodes"
-                }
-                .into(),
-                error: Some("not linked yet".into()),
-                ..PeerStatus::default()
-            }),
-            cfg: node,
+            status: Mutex::new(status),
+            cfg: node.clone(),
             discovered,
+            announced: d.prefixes.clone(),
             link: Mutex::new(None),
             lanes: AtomicU64::new(0),
         });
@@ -365,20 +393,21 @@ impl Peers {
     }
 
     /// Makes the nodes the Kubernetes API lists (this one left out) the discovered peers: a
-    /// node gone, or at a new address, loses its link and its prefixes; a new one gets a slot
-    /// while there is one, else waits for one.
-    pub(crate) fn set_discovered(self: &Arc<Self>, mut wanted: Vec<PeerNode>) {
+    /// node gone, or at a new address or with new prefixes, loses its link and its prefixes; a
+    /// new one gets a slot while there is one, else waits for one.
+    pub(crate) fn set_discovered(self: &Arc<Self>, mut wanted: Vec<Discovered>) {
         let _changing = locked(&self.changing);
-        wanted.retain(|w| w.name != self.me);
-        wanted.sort_by(|a, b| a.name.cmp(&b.name));
+        wanted.retain(|w| w.node.name != self.me);
+        wanted.sort_by(|a, b| a.node.name.cmp(&b.node.name));
         for (p, n) in self.all() {
-            if n.discovered && !wanted.contains(&n.cfg) {
+            let same = |w: &Discovered| w.node == n.cfg && w.prefixes == n.announced;
+            if n.discovered && !wanted.iter().any(same) {
                 *self.slots[p]
                     .write()
                     .unwrap_or_else(PoisonError::into_inner) = None;
                 info!(
                     node = n.cfg.name,
-                    "peer node left the Kubernetes API's list"
+                    "peer node left the Kubernetes API's list, or changed"
                 );
                 self.forget(&n.cfg.name);
             }
@@ -386,20 +415,47 @@ impl Peers {
         let present: Vec<PeerNode> = self.all().into_iter().map(|(_, n)| n.cfg.clone()).collect();
         let mut waiting = Vec::new();
         for w in wanted {
-            if present.iter().any(|n| n.name == w.name) {
+            if present.iter().any(|n| n.name == w.node.name) {
                 continue;
             }
             if !waiting.is_empty() {
                 waiting.push(w);
                 continue;
             }
-            info!(node = w.name, address = %w.address, "peer node from the Kubernetes API");
-            if let Err(e) = self.add(w.clone(), true) {
+            info!(node = w.node.name, address = %w.node.address, "peer node from the Kubernetes API");
+            if let Err(e) = self.add(&w, true) {
                 warn!(error = %e, "peer node not linked to");
                 waiting.push(w);
             }
         }
         *locked(&self.waiting) = waiting;
+    }
+
+    /// Learns the prefixes node `name`'s link tells, which must be those its Node object
+    /// announces when it has one.
+    ///
+    /// # Errors
+    /// For a difference, or as [`Peers::learn`].
+    pub(crate) fn learn_told(
+        &self,
+        name: &str,
+        told: &BTreeMap<String, Ipv4Net>,
+    ) -> Result<(), String> {
+        let announced = self
+            .all()
+            .into_iter()
+            .find(|(_, n)| n.cfg.name == name)
+            .and_then(|(_, n)| n.announced.clone())
+            .or_else(|| {
+                locked(&self.waiting)
+                    .iter()
+                    .find(|d| d.node.name == name)
+                    .and_then(|d| d.prefixes.clone())
+            });
+        if let Some(a) = announced {
+            check_told(name, &a, told)?;
+        }
+        self.learn(name, told)
     }
 
     /// This node's quadrant prefixes, as it tells them.
@@ -541,7 +597,7 @@ impl Peers {
             }
             Reply::Granted(_) => return Err(format!("{addr} answered a hello with a grant")),
         };
-        self.learn(&node.cfg.name, &prefixes)?;
+        self.learn_told(&node.cfg.name, &prefixes)?;
         *locked(&node.link) = Some((stream, frames));
         let mut s = locked(&node.status);
         s.linked = true;
@@ -558,6 +614,19 @@ impl Peers {
     pub(crate) fn learn(
         &self,
         name: &str,
+        prefixes: &BTreeMap<String, Ipv4Net>,
+    ) -> Result<(), String> {
+        let address = self
+            .address_of(name)
+            .ok_or_else(|| format!("node {name} is not a peer"))?;
+        self.learn_for(name, address, prefixes)
+    }
+
+    /// [`Peers::learn`] for node `name` at `address`.
+    fn learn_for(
+        &self,
+        name: &str,
+        address: SocketAddrV4,
         prefixes: &BTreeMap<String, Ipv4Net>,
     ) -> Result<(), String> {
         let mut learned = locked(&self.learned);
@@ -590,17 +659,37 @@ impl Peers {
             .unwrap_or_else(PoisonError::into_inner)
             .add_prefixes(&entries)
             .map_err(|e| format!("cannot write node {name}'s prefixes: {e}"))?;
-        if self.config.peers.routes
-            && let Some(address) = self.address_of(name)
-        {
+        if self.config.peers.routes {
             let via = address.ip().to_string();
-            let mut routes = locked(&self.routes);
-            for (net, _) in &entries {
-                crate::sys::ip(&["route", "replace", &net.to_string(), "via", &via])
-                    .map_err(|e| format!("cannot route node {name}'s prefix {net}: {e}"))?;
-                if !routes.contains(net) {
-                    routes.push(*net);
+            let mut failed = None;
+            {
+                let mut routes = locked(&self.routes);
+                for (net, _) in &entries {
+                    if let Err(e) =
+                        crate::sys::ip(&["route", "replace", &net.to_string(), "via", &via])
+                    {
+                        failed = Some(format!("cannot route node {name}'s prefix {net}: {e}"));
+                        break;
+                    }
+                    if !routes.contains(net) {
+                        routes.push(*net);
+                    }
                 }
+            }
+            if let Some(e) = failed {
+                // Nothing half-applied: what this call added goes again.
+                let before: Vec<Ipv4Net> = learned
+                    .get(name)
+                    .map(|m| m.values().map(Ipv4Net::trunc).collect())
+                    .unwrap_or_default();
+                let added: Vec<Ipv4Net> = entries
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .filter(|n| !before.contains(n))
+                    .collect();
+                drop(learned);
+                self.unlearn(name, &added);
+                return Err(e);
             }
         }
         info!(
@@ -652,6 +741,29 @@ impl Peers {
         }
         info!(node = name, ?nets, "former peer node's prefixes removed");
     }
+}
+
+/// Whether the prefixes node `name`'s link tells are those its Node object announces.
+fn check_told(
+    name: &str,
+    announced: &BTreeMap<String, Ipv4Net>,
+    told: &BTreeMap<String, Ipv4Net>,
+) -> Result<(), String> {
+    if announced == told {
+        return Ok(());
+    }
+    let show = |m: &BTreeMap<String, Ipv4Net>| {
+        m.iter()
+            .map(|(q, n)| format!("{q}={n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    Err(format!(
+        "node {name}'s link tells prefixes {}, its Node object announces {}; the node's \
+         agent publishes them again at its start",
+        show(told),
+        show(announced)
+    ))
 }
 
 /// The `PREFIXES` entries of node `name`'s quadrant prefixes, unless one names an unknown
@@ -710,6 +822,18 @@ mod tests {
             .iter()
             .map(|(q, n)| ((*q).to_owned(), n.parse().expect("net")))
             .collect()
+    }
+
+    #[test]
+    fn a_link_must_tell_the_prefixes_the_node_object_announces() {
+        let announced = nets(&[("px", "10.250.2.0/24"), ("pg", "10.250.3.0/24")]);
+        assert_eq!(check_told("b", &announced, &announced.clone()), Ok(()));
+        let err = check_told("b", &announced, &nets(&[("px", "10.250.2.0/24")]))
+            .expect_err("one missing");
+        assert!(
+            err.contains("tells prefixes px=10.250.2.0/24, its Node object announces pg=10.250.3.0/24,px=10.250.2.0/24"),
+            "{err}"
+        );
     }
 
     #[test]

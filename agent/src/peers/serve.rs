@@ -125,7 +125,7 @@ impl Peers {
                         format!("the link's SVID is node {name}'s, its hello says {node}"),
                     );
                 }
-                match self.learn(name, &prefixes) {
+                match self.learn_told(name, &prefixes) {
                     Ok(()) => Reply::Hello {
                         node: self.config.instance.clone(),
                         prefixes: self.own_prefixes(),
