@@ -13,7 +13,10 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::bounded::output_within;
+use crate::{
+    bounded::output_within,
+    harness::{Instance, sibling_binary},
+};
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
@@ -220,4 +223,134 @@ pub fn in_netns(netns: &str, argv: &[&str]) -> std::process::Output {
         crate::bounded::COMMAND_TIMEOUT,
         &[],
     )
+}
+
+// Pods of the test: namespaces attached through a conflist of `ptp`, `host-local` and
+// `quadrant-cni`.
+
+/// A runtime with the reference plugins and this build's `quadrant-cni` (found beside
+/// `qprobe`).
+///
+/// # Panics
+/// When the reference plugins are not installed.
+#[must_use]
+pub fn pods_runtime(qprobe: &str) -> Runtime {
+    let ours = sibling_binary(qprobe, "quadrant-cni");
+    assert!(
+        std::path::Path::new(REFERENCE_PLUGINS).join("ptp").exists(),
+        "the reference plugins are missing: `cargo xtask setup` installs containernetworking-plugins"
+    );
+    Runtime::new(vec![
+        PathBuf::from(REFERENCE_PLUGINS),
+        ours.parent().expect("target dir").to_path_buf(),
+    ])
+}
+
+/// The slot's pod subnet: 10.243.<slot>.0/24 (the slot's number from its instance name).
+#[must_use]
+pub fn subnet(inst: &Instance) -> String {
+    let n: u8 = inst
+        .config
+        .instance
+        .trim_start_matches("qt")
+        .parse()
+        .expect("slot");
+    format!("10.243.{n}.0/24")
+}
+
+/// The conflist of the slot's pods; host-local starts without the addresses an earlier test
+/// of the slot took.
+#[must_use]
+pub fn conflist(inst: &Instance, default_quadrant: Option<&str>) -> Value {
+    let _ = std::fs::remove_dir_all(ipam_dir(inst));
+    let mut ours = json!({
+        "type": "quadrant-cni",
+        "socket": inst.config.socket_path(),
+        "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+    });
+    if let Some(q) = default_quadrant {
+        ours["quadrant"] = json!(q);
+    }
+    json!({
+        "cniVersion": "1.0.0",
+        "name": format!("{}-pods", inst.config.instance),
+        "plugins": [
+            {
+                "type": "ptp",
+                "ipam": {
+                    "type": "host-local",
+                    "subnet": subnet(inst),
+                    "dataDir": ipam_dir(inst),
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
+            ours,
+        ],
+    })
+}
+
+#[must_use]
+pub fn ipam_dir(inst: &Instance) -> String {
+    format!("/run/quadrant-test/{}-ipam", inst.config.instance)
+}
+
+/// A pod: a network namespace of the test, named after the instance.
+#[derive(Debug)]
+pub struct Pod {
+    /// Its namespace's name.
+    pub netns: String,
+}
+
+impl Pod {
+    /// Namespace `<instance>-<name>`, made anew.
+    ///
+    /// # Panics
+    /// When it cannot be made.
+    #[must_use]
+    pub fn new(inst: &Instance, name: &str) -> Self {
+        let netns = format!("{}-{name}", inst.config.instance);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &netns])
+            .status()
+            .expect("ip netns add");
+        assert!(ok.success());
+        Self { netns }
+    }
+
+    /// Its attachment, with `quadrant` as its annotation.
+    #[must_use]
+    pub fn attachment(&self, quadrant: Option<&str>) -> Attachment {
+        Attachment {
+            container_id: format!("c-{}", self.netns),
+            netns: format!("/var/run/netns/{}", self.netns),
+            ifname: "eth0".into(),
+            runtime_config: quadrant.map_or(
+                json!({}),
+                |q| json!({"io.kubernetes.cri.pod-annotations": {"quadrant.io/quadrant": q}}),
+            ),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={}",
+                self.netns
+            ),
+        }
+    }
+
+    /// Whether a TCP connection from the pod to `to` is answered within 500 ms.
+    #[must_use]
+    pub fn connect(&self, qprobe: &str, to: &str) -> bool {
+        let out = in_netns(&self.netns, &[qprobe, "tcp-connect", to, "500"]);
+        String::from_utf8_lossy(&out.stdout).starts_with("ok")
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
 }

@@ -14,6 +14,7 @@ use std::{
 use dataplane_common::Quadrant;
 use quadrant::config::{Config, KubernetesPeers, PeerNode, PeersConfig, UpstreamConfig};
 use quadrant_tests::{
+    cni::{Pod, conflist, pods_runtime, subnet},
     harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config, upstream_ca as upstream},
     kubeapi::KubeApi,
 };
@@ -159,6 +160,7 @@ fn link_as(
     let hello = Request::Hello {
         node: id.rsplit('/').next().unwrap_or_default().to_owned(),
         prefixes: std::collections::BTreeMap::new(),
+        pods: Vec::new(),
     };
     if let Err(e) = wire::write(&mut stream, &hello) {
         return format!("no link: {e}");
@@ -274,7 +276,7 @@ struct Nodes {
     api: Option<KubeApi>,
     ips: [std::net::Ipv4Addr; 2],
     // Dropped last: the agents go before their namespace and link.
-    _link: Link,
+    link: Link,
 }
 
 impl Nodes {
@@ -363,7 +365,7 @@ impl Nodes {
             outputs: Vec::new(),
             api,
             ips: [ip_a, ip_b],
-            _link: link,
+            link,
         }
     }
 
@@ -640,6 +642,13 @@ fn a_node_without_its_agent_is_known_by_its_announced_prefixes(nodes: &Nodes) {
     // Whatever happens, nothing to C's block leaves the machine (its own routes are longer).
     let block = format!("10.252.{}.0/22", 4 * s);
     run(&["ip", "route", "replace", "blackhole", &block]);
+    let _blackhole = Undo(vec![vec![
+        "ip".into(),
+        "route".into(),
+        "del".into(),
+        "blackhole".into(),
+        block.clone(),
+    ]]);
     api.add_node(&c, &nodes.ips[1].to_string());
     api.annotate(
         &c,
@@ -670,7 +679,6 @@ fn a_node_without_its_agent_is_known_by_its_announced_prefixes(nodes: &Nodes) {
         .output()
         .expect("ip route");
     assert!(out.stdout.is_empty(), "C's route removed");
-    run(&["ip", "route", "del", "blackhole", &block]);
 }
 
 /// The peer nodes come from the Kubernetes API: each agent publishes its address and prefixes
@@ -810,5 +818,117 @@ fn the_rendered_peers_configuration_gives_each_node_its_block() {
         let k = c.peers.kubernetes.expect("kubernetes");
         assert_eq!(k.kubeconfig, None, "in-cluster");
         assert!(c.identity.upstream.is_some());
+    }
+}
+
+/// Pods across nodes: a pod `quadrant-cni` attached on node A as PX is told to node B over the
+/// link and judged there as PX — B's PX reaches it, B's DG is refused at `connect()` (a gateway
+/// may reach the world, not production), and the pod reaches B's PX, which admits nothing from
+/// outside the nodes. Its DEL takes it off B again.
+#[test]
+fn a_pod_on_one_node_is_its_quadrant_on_the_other() {
+    let mut nodes = Nodes::up(false);
+    nodes.linked();
+    let mut rt = pods_runtime(QPROBE);
+    let list = conflist(&nodes.a, None);
+    let pod = Pod::new(&nodes.a, "web");
+    let attachment = pod.attachment(Some("px"));
+    let result = rt.add(&list, &attachment).expect("ADD");
+    let ip = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .expect("the pod's address")
+        .to_owned();
+    // The pod network is routed to node A, as a cluster's network routes it; what no pod takes
+    // any more goes nowhere.
+    let pods_net = subnet(&nodes.a);
+    let ip_a = nodes.ips[0].to_string();
+    run(&["ip", "route", "replace", "blackhole", &pods_net]);
+    let _routes = Undo(vec![vec![
+        "ip".into(),
+        "route".into(),
+        "del".into(),
+        "blackhole".into(),
+        pods_net.clone(),
+    ]]);
+    run(&[
+        "ip",
+        "-n",
+        &nodes.link.netns,
+        "route",
+        "replace",
+        &pods_net,
+        "via",
+        &ip_a,
+    ]);
+    let told = until_peers(&nodes.b, "A's pod told to B", |p| {
+        p.first().is_some_and(|p| p["pods"] == 1)
+    });
+    eprintln!("node A as node B sees it: {told:?}");
+
+    let mut server = Killed(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pod.netns,
+                QPROBE,
+                "tcp-echo",
+                "0.0.0.0:7302",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the pod's server"),
+    );
+    let mut line = String::new();
+    let _ = std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().expect("stdout")),
+        &mut line,
+    );
+    assert!(line.starts_with("listening"), "{line}");
+    let to_pod = format!("{ip}:7302");
+    let (ok, line) = nodes
+        .b
+        .probe(Quadrant::Px, &["tcp-connect", &to_pod, "1000"]);
+    assert!(ok, "B's PX -> A's PX pod: {line}");
+    let (ok, line) = nodes
+        .b
+        .probe(Quadrant::Dg, &["tcp-connect", &to_pod, "300"]);
+    assert!(!ok && line == "err EPERM", "B's DG -> A's PX pod: {line}");
+    let (_, output) = nodes.b.background_in(
+        Quadrant::Px,
+        None,
+        &[QPROBE, "tcp-echo", "0.0.0.0:7001"],
+        "listening",
+    );
+    nodes.outputs.push(output);
+    let b_px = format!("{}:7001", nodes.b.addr(Quadrant::Px));
+    assert!(pod.connect(QPROBE, &b_px), "A's PX pod -> B's PX");
+    drop(server);
+
+    rt.del(&list, &attachment).expect("DEL");
+    until_peers(&nodes.b, "the pod gone from B", |p| {
+        p.first().is_some_and(|p| p["pods"] == 0)
+    });
+}
+
+/// Commands run when dropped (a failed test leaves no route behind).
+struct Undo(Vec<Vec<String>>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        for argv in &self.0 {
+            let _ = Command::new(&argv[0]).args(&argv[1..]).output();
+        }
+    }
+}
+
+/// A child killed and reaped when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -21,6 +21,7 @@
 //! over one of them like a local one; a node keeps its slot while it is a peer.
 
 mod kubernetes;
+mod pods;
 mod serve;
 pub mod wire;
 
@@ -47,6 +48,7 @@ use crate::{
     identity::IdentityService,
     lanes::tls,
 };
+pub use pods::MAX_PEER_PODS;
 use wire::{Frames, Reply, Request};
 
 /// How often a link is checked with a hello, and how long a lost one waits before the next try.
@@ -95,6 +97,12 @@ pub struct PeerStatus {
     /// Listed by the Kubernetes API beyond the link slots: accepted, not linked to.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting: bool,
+    /// Its pods judged here as their quadrants.
+    #[serde(default)]
+    pub pods: usize,
+    /// Its pods that are not, and why (at most 16 shown).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods_refused: Vec<String>,
 }
 
 impl PeerStatus {
@@ -134,6 +142,8 @@ pub struct Peers {
     changing: Mutex<()>,
     /// Prefixes written into `PREFIXES`, by node.
     learned: Mutex<BTreeMap<String, BTreeMap<String, Ipv4Net>>>,
+    /// Pods of the peers, by node: what each told, and what went into `PREFIXES`.
+    pods: Mutex<BTreeMap<String, pods::PeerPods>>,
     /// Routes added for the peers' prefixes.
     routes: Mutex<Vec<Ipv4Net>>,
     stop: AtomicBool,
@@ -185,6 +195,7 @@ impl Peers {
             waiting: Mutex::default(),
             changing: Mutex::default(),
             learned: Mutex::default(),
+            pods: Mutex::default(),
             routes: Mutex::default(),
             stop: AtomicBool::new(false),
             withdraw: AtomicBool::new(false),
@@ -289,6 +300,10 @@ impl Peers {
             .map(|(_, n)| {
                 let mut s = locked(&n.status).clone();
                 s.lanes_opened = n.lanes.load(Ordering::Relaxed);
+                if let Some(p) = locked(&self.pods).get(&n.cfg.name) {
+                    s.pods = p.written.len();
+                    s.pods_refused = p.refused.iter().take(16).cloned().collect();
+                }
                 s
             })
             .collect();
@@ -543,9 +558,18 @@ impl Peers {
                 let hello = Request::Hello {
                     node: self.me.clone(),
                     prefixes: self.own_prefixes(),
+                    pods: self.own_pods(),
                 };
-                if let Err(e) = self.ask(p, &hello, CONNECT_TIMEOUT) {
-                    warn!(node = node.cfg.name, error = %e, "peer link lost");
+                match self.ask(p, &hello, CONNECT_TIMEOUT) {
+                    Ok(Reply::Hello { prefixes, pods, .. }) => {
+                        if let Err(e) = self.learn_told(&node.cfg.name, &prefixes) {
+                            warn!(node = node.cfg.name, error = %e, "peer's prefixes not taken");
+                            locked(&node.status).error = Some(e);
+                        }
+                        self.learn_pods(&node.cfg.name, &pods);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(node = node.cfg.name, error = %e, "peer link lost"),
                 }
             }
             self.pause(KEEPALIVE);
@@ -572,17 +596,19 @@ impl Peers {
         let hello = Request::Hello {
             node: self.me.clone(),
             prefixes: self.own_prefixes(),
+            pods: self.own_pods(),
         };
         wire::write(&mut stream, &hello).map_err(|e| format!("handshake with {addr}: {e}"))?;
         let reply = frames
             .next::<_, Reply>(&mut stream, Some(Instant::now() + CONNECT_TIMEOUT))
             .map_err(|e| format!("handshake with {addr}: {e}"))?
             .ok_or_else(|| format!("{addr} did not answer within {CONNECT_TIMEOUT:?}"))?;
-        let prefixes = match reply {
+        let (prefixes, pods) = match reply {
             Reply::Hello {
                 node: name,
                 prefixes,
-            } if name == node.cfg.name => prefixes,
+                pods,
+            } if name == node.cfg.name => (prefixes, pods),
             Reply::Hello { node: name, .. } => {
                 return Err(format!(
                     "{addr} says it is node {name:?}, not {:?}",
@@ -598,6 +624,7 @@ impl Peers {
             Reply::Granted(_) => return Err(format!("{addr} answered a hello with a grant")),
         };
         self.learn_told(&node.cfg.name, &prefixes)?;
+        self.learn_pods(&node.cfg.name, &pods);
         *locked(&node.link) = Some((stream, frames));
         let mut s = locked(&node.status);
         s.linked = true;
@@ -712,6 +739,8 @@ impl Peers {
     /// Takes node `name`'s prefixes out of `PREFIXES` and its routes away (it is no longer a
     /// peer).
     fn forget(&self, name: &str) {
+        self.learn_pods(name, &[]);
+        locked(&self.pods).remove(name);
         let Some(old) = locked(&self.learned).remove(name) else {
             return;
         };

@@ -118,7 +118,11 @@ impl Peers {
             retry_after_ms: None,
         };
         match request {
-            Request::Hello { node, prefixes } => {
+            Request::Hello {
+                node,
+                prefixes,
+                pods,
+            } => {
                 if node != name {
                     return refused(
                         Refusal::Invalid,
@@ -126,10 +130,14 @@ impl Peers {
                     );
                 }
                 match self.learn_told(name, &prefixes) {
-                    Ok(()) => Reply::Hello {
-                        node: self.config.instance.clone(),
-                        prefixes: self.own_prefixes(),
-                    },
+                    Ok(()) => {
+                        self.learn_pods(name, &pods);
+                        Reply::Hello {
+                            node: self.me.clone(),
+                            prefixes: self.own_prefixes(),
+                            pods: self.own_pods(),
+                        }
+                    }
                     Err(e) => refused(Refusal::Invalid, e),
                 }
             }

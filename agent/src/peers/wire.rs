@@ -20,15 +20,28 @@ pub const MAX_FRAME: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// Who it is and its quadrants' prefixes; repeated as the link's keep-alive.
+    /// Who it is, its quadrants' prefixes and its pods; repeated as the link's keep-alive.
     Hello {
-        /// Its `instance`.
+        /// Its name (its node SVID's).
         node: String,
         /// Each quadrant's prefix on that node.
         prefixes: BTreeMap<String, Ipv4Net>,
+        /// The pods `quadrant-cni` attached on that node, each as its quadrant.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pods: Vec<PodAddress>,
     },
     /// A lane for a workload on the asking node to a service of this one.
     Open(RemoteOpen),
+}
+
+/// A pod of the telling node: one of its addresses and its quadrant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct PodAddress {
+    /// The pod's address.
+    pub address: std::net::Ipv4Addr,
+    /// `dx`, `dg`, `px` or `pg`.
+    pub quadrant: String,
 }
 
 /// A lane a workload on another node asks for.
@@ -58,12 +71,15 @@ pub struct RemoteOpen {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Reply {
-    /// Its own name and prefixes.
+    /// Its own name, prefixes and pods.
     Hello {
-        /// Its `instance`.
+        /// Its name (its node SVID's).
         node: String,
         /// Each quadrant's prefix on that node.
         prefixes: BTreeMap<String, Ipv4Net>,
+        /// The pods `quadrant-cni` attached on that node, each as its quadrant.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pods: Vec<PodAddress>,
     },
     /// The lane exists: its service has its end and waits for the opener's TCP connection.
     Granted(RemoteGrant),
@@ -208,6 +224,10 @@ mod tests {
         let hello = Request::Hello {
             node: "n1".into(),
             prefixes: BTreeMap::from([("px".into(), "10.1.2.0/24".parse().expect("net"))]),
+            pods: vec![PodAddress {
+                address: "10.243.0.5".parse().expect("ip"),
+                quadrant: "px".into(),
+            }],
         };
         let mut data = Vec::new();
         write(&mut data, &hello).expect("write");
@@ -252,6 +272,7 @@ mod tests {
         let big = Request::Hello {
             node: "x".repeat(MAX_FRAME),
             prefixes: BTreeMap::new(),
+            pods: Vec::new(),
         };
         assert!(write(&mut Vec::new(), &big).is_err());
     }
