@@ -236,6 +236,24 @@ fn bad_input_gets_the_spec_error_codes() {
         "{e:?}"
     );
     rt.del(&list, &pod.attachment(Some("zz"))).expect("DEL");
+    // A dual-stack network: the pod's IPv6 address could carry nothing (the programs judge
+    // IPv4 only), so the pod is refused with 7, naming it, and nothing is attached.
+    let mut dual = list.clone();
+    let n = &inst.config.instance[2..];
+    dual["plugins"][0]["ipam"]["ranges"] = json!([
+        [{"subnet": subnet(&inst)}],
+        [{"subnet": format!("fd00:243:{n}::/64")}],
+    ]);
+    if let Some(ipam) = dual["plugins"][0]["ipam"].as_object_mut() {
+        ipam.remove("subnet");
+    }
+    let e = rt
+        .add(&dual, &pod.attachment(Some("dx")))
+        .expect_err("dual stack");
+    assert_eq!((e.plugin.as_str(), e.code()), ("quadrant-cni", 7), "{e:?}");
+    assert!(e.text().contains("IPv6 address fd00:243:"), "{e:?}");
+    assert!(pods(&inst).is_empty(), "nothing attached");
+    rt.del(&dual, &pod.attachment(Some("dx"))).expect("DEL");
     // Alone, without a primary plugin: no prevResult, 7.
     let alone = json!({"cniVersion": "1.0.0", "name": "alone", "plugins": [list["plugins"][1]]});
     let e = rt

@@ -114,10 +114,30 @@ pub fn quadrant_of(runtime_config: Option<&Value>, conf: &PluginConf) -> Result<
     Ok(name)
 }
 
-/// The IPv4 addresses the previous result gives interface `ifname` inside `netns` (an `ips`
-/// entry without an interface index counts as the pod's too).
-#[must_use]
-pub fn pod_addresses(prev: &Value, ifname: &str) -> Vec<Ipv4Net> {
+/// The IPv4 addresses the previous result gives interface `ifname` inside `netns`.
+///
+/// # Errors
+/// When it also gives the pod an IPv6 address: quadrant judges IPv4 only and its programs drop
+/// IPv6 on the pod's veth, so a dual-stack or IPv6 pod is refused rather than left with an
+/// address that cannot carry anything.
+pub fn pod_ipv4_addresses(prev: &Value, ifname: &str) -> Result<Vec<Ipv4Net>, Failure> {
+    let v6: Vec<String> = pod_ips(prev, ifname)
+        .into_iter()
+        .filter(|a| a.parse::<ipnet::Ipv6Net>().is_ok())
+        .collect();
+    if !v6.is_empty() {
+        return Err(Failure::Config(format!(
+            "the previous result gives the pod IPv6 address {}; quadrant judges IPv4 only and \
+             its programs drop IPv6 on the pod's veth: give this network IPv4 ranges only",
+            v6.join(", ")
+        )));
+    }
+    Ok(pod_addresses(prev, ifname))
+}
+
+/// The `ips` addresses of the previous result that are interface `ifname`'s (an entry without
+/// an interface index counts as the pod's too), as written.
+fn pod_ips(prev: &Value, ifname: &str) -> Vec<String> {
     let interfaces = prev["interfaces"].as_array().cloned().unwrap_or_default();
     let pod_index = interfaces
         .iter()
@@ -131,7 +151,17 @@ pub fn pod_addresses(prev: &Value, ifname: &str) -> Vec<Ipv4Net> {
             (None, _) => true,
             (Some(_), None) => false,
         })
-        .filter_map(|ip| ip["address"].as_str()?.parse::<Ipv4Net>().ok())
+        .filter_map(|ip| ip["address"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The IPv4 addresses the previous result gives interface `ifname` inside `netns` (an `ips`
+/// entry without an interface index counts as the pod's too).
+#[must_use]
+pub fn pod_addresses(prev: &Value, ifname: &str) -> Vec<Ipv4Net> {
+    pod_ips(prev, ifname)
+        .iter()
+        .filter_map(|a| a.parse::<Ipv4Net>().ok())
         .collect()
 }
 

@@ -231,7 +231,7 @@ fn add(
     let (container_id, ifname) = (a.container_id.as_str(), a.ifname.as_str());
     let mut prev = prev_result(conf, raw)?;
     let quadrant = super::quadrant_of(raw.get("runtimeConfig"), plugin)?;
-    let addresses = super::pod_addresses(&prev, ifname);
+    let addresses = super::pod_ipv4_addresses(&prev, ifname)?;
     let peer = super::peer_ifindex(netns, ifname)?;
     let host_ifname = super::host_ifname(peer)?;
     client

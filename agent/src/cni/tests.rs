@@ -65,6 +65,17 @@ fn the_pod_addresses_are_those_of_its_interface() {
         pod_addresses(&prev, "eth0"),
         vec!["10.250.0.5/24".parse::<Ipv4Net>().unwrap()]
     );
+    // The pod's IPv6 address refuses the pod; the host side's IPv6 would not.
+    let Err(Failure::Config(why)) = pod_ipv4_addresses(&prev, "eth0") else {
+        panic!("a dual-stack pod is refused");
+    };
+    assert!(why.contains("IPv6 address fd00::5/64"), "{why}");
+    let mut v4_only = prev.clone();
+    v4_only["ips"][2]["interface"] = json!(0);
+    assert_eq!(
+        pod_ipv4_addresses(&v4_only, "eth0").ok(),
+        Some(vec!["10.250.0.5/24".parse::<Ipv4Net>().unwrap()])
+    );
 }
 
 fn env(vars: &[(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
