@@ -85,11 +85,17 @@ fn main() -> anyhow::Result<()> {
                     node_prefixes: node_prefix
                         .iter()
                         .map(|p| {
-                            p.split_once('=')
-                                .map(|(n, c)| (n.to_owned(), c.to_owned()))
-                                .ok_or_else(|| {
-                                    anyhow::anyhow!("--node-prefix {p:?}: expected NODE=CIDR")
-                                })
+                            let (n, c) = p.split_once('=').ok_or_else(|| {
+                                anyhow::anyhow!("--node-prefix {p:?}: expected NODE=CIDR")
+                            })?;
+                            let block: ipnet::Ipv4Net = c.parse().map_err(|e| {
+                                anyhow::anyhow!("--node-prefix {p:?}: {c:?} is no IPv4 CIDR: {e}")
+                            })?;
+                            anyhow::ensure!(
+                                block.prefix_len() <= 28,
+                                "--node-prefix {p:?}: at most /28, so each quadrant has a /30"
+                            );
+                            Ok((n.to_owned(), block.trunc().to_string()))
                         })
                         .collect::<anyhow::Result<_>>()?,
                 }),
