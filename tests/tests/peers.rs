@@ -681,6 +681,41 @@ fn a_node_without_its_agent_is_known_by_its_announced_prefixes(nodes: &Nodes) {
     assert!(out.stdout.is_empty(), "C's route removed");
 }
 
+/// More nodes than link slots (14): B and 13 more take the slots, the 14th by name waits (listed,
+/// counted as waiting); when a node with a slot goes, the waiting one takes its slot.
+fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
+    let api = nodes.api.as_ref().expect("api");
+    let name = |i: usize| format!("{}-x{i:02}", nodes.a.config.instance);
+    // Their agents' port is closed: they never link.
+    let address = format!("{}:{}", nodes.ips[1], KUBE_PEER_PORT + 9);
+    for i in 0..14 {
+        api.add_node(&name(i), &nodes.ips[1].to_string());
+        api.annotate(&name(i), &[(ADDRESS, &address)]);
+    }
+    let last = name(13);
+    let p = until_peers(&nodes.a, "15 peers, one waiting", |p| {
+        p.len() == 15
+            && p.iter()
+                .any(|p| p["name"] == last.as_str() && p["waiting"] == true)
+    });
+    let waiting: Vec<&Value> = p.iter().filter(|p| p["waiting"] == true).collect();
+    assert_eq!(waiting.len(), 1, "{p:?}");
+    assert!(
+        scrape(&nodes.a)
+            .lines()
+            .any(|l| l == "quadrant_peer_nodes{source=\"kubernetes\",state=\"waiting\"} 1"),
+        "the waiting node counted"
+    );
+    api.delete_node(&name(0));
+    until_peers(&nodes.a, "the waiting node took the freed slot", |p| {
+        p.len() == 14 && p.iter().all(|p| p["waiting"] != true)
+    });
+    for i in 1..14 {
+        api.delete_node(&name(i));
+    }
+    until_peers(&nodes.a, "back to B alone", |p| p.len() == 1);
+}
+
 /// The peer nodes come from the Kubernetes API: each agent publishes its address and prefixes
 /// on its Node object (node A, listening on every address, its `InternalIP`), both link, lanes
 /// cross; a node whose object is deleted is let go at once (no link, no route to its
@@ -737,6 +772,7 @@ fn peer_nodes_come_from_the_kubernetes_api() {
     nodes.lanes_go_to_b();
 
     a_node_without_its_agent_is_known_by_its_announced_prefixes(&nodes);
+    more_nodes_than_link_slots_wait_for_one(&nodes);
 
     let b_px = nodes.b.config.quadrants["px"].prefix.to_string();
     let route = || {
