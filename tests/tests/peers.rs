@@ -725,55 +725,100 @@ fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
 fn peer_nodes_come_from_the_kubernetes_api() {
     let mut nodes = Nodes::up(true);
     nodes.linked();
-    let (a_name, b_name) = (
-        nodes.a.config.instance.clone(),
-        nodes.b.config.instance.clone(),
+    published_and_watched(&nodes);
+    nodes.only_listed_nodes_link();
+    nodes.serve("b");
+    nodes.lanes_go_to_b();
+    a_node_without_its_agent_is_known_by_its_announced_prefixes(&nodes);
+    more_nodes_than_link_slots_wait_for_one(&nodes);
+    a_deleted_node_is_let_go_until_it_registers_again(&nodes);
+
+    let b_name = nodes.b.config.instance.clone();
+    let out = nodes.b.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let [ip_a, ip_b] = nodes.ips;
-    {
-        let api = nodes.api.as_ref().expect("api");
-        let (on_a, on_b) = (api.annotations(&a_name), api.annotations(&b_name));
-        assert_eq!(
-            on_a[ADDRESS],
-            format!("{ip_a}:{KUBE_PEER_PORT}"),
-            "{on_a:?}"
-        );
-        assert_eq!(
-            on_b[ADDRESS],
-            format!("{ip_b}:{KUBE_PEER_PORT}"),
-            "{on_b:?}"
-        );
-        let px = format!("px={}", nodes.b.config.quadrants["px"].prefix);
+    let after = nodes.api.as_ref().expect("api").annotations(&b_name);
+    assert!(
+        !after.contains_key(ADDRESS),
+        "a full down withdraws: {after:?}"
+    );
+    until_peers(&nodes.a, "B gone after its down", <[Value]>::is_empty);
+
+    // The API server goes away: A keeps serving and says so (status and metric).
+    drop(nodes.api.take());
+    let start = Instant::now();
+    loop {
+        let out = nodes.a.quadrant(&["instances", "--output", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("instances json");
+        if let Some(e) = v["kubernetes_error"].as_str() {
+            eprintln!("A without its API server: {e}");
+            break;
+        }
         assert!(
-            on_b["quadrant.io/quadrant-prefixes"].contains(&px),
-            "{on_b:?}"
+            start.elapsed() < Duration::from_secs(15),
+            "A never reported the API server's loss: {v}"
         );
-        let requests = api.requests();
-        assert!(
-            requests
-                .iter()
-                .any(|r| r.starts_with("GET /api/v1/nodes?") && r.contains("watch=true")),
-            "the agents watch the nodes: {requests:?}"
-        );
+        thread::sleep(Duration::from_millis(200));
     }
+    assert!(
+        scrape(&nodes.a)
+            .lines()
+            .any(|l| l == "quadrant_kubernetes_api_up 0"),
+        "the loss as a metric"
+    );
+}
+
+/// Each agent's address (A's from its `InternalIP`) and prefixes on its Node object, the nodes
+/// watched, B a linked peer from the API, counted.
+fn published_and_watched(nodes: &Nodes) {
+    let (a_name, b_name) = (&nodes.a.config.instance, &nodes.b.config.instance);
+    let [ip_a, ip_b] = nodes.ips;
+    let api = nodes.api.as_ref().expect("api");
+    let (on_a, on_b) = (api.annotations(a_name), api.annotations(b_name));
+    assert_eq!(
+        on_a[ADDRESS],
+        format!("{ip_a}:{KUBE_PEER_PORT}"),
+        "{on_a:?}"
+    );
+    assert_eq!(
+        on_b[ADDRESS],
+        format!("{ip_b}:{KUBE_PEER_PORT}"),
+        "{on_b:?}"
+    );
+    let px = format!("px={}", nodes.b.config.quadrants["px"].prefix);
+    assert!(
+        on_b["quadrant.io/quadrant-prefixes"].contains(&px),
+        "{on_b:?}"
+    );
+    let requests = api.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/nodes?") && r.contains("watch=true")),
+        "the agents watch the nodes: {requests:?}"
+    );
     let p = peers(&nodes.a);
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0]["name"], b_name.as_str());
     assert_eq!(p[0]["source"], "kubernetes");
-    let scrape = scrape(&nodes.a);
+    let metrics = scrape(&nodes.a);
     for line in [
         "quadrant_peer_nodes{source=\"kubernetes\",state=\"linked\"} 1",
         "quadrant_kubernetes_api_up 1",
     ] {
-        assert!(scrape.lines().any(|l| l == line), "{line}:\n{scrape}");
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
     }
-    nodes.only_listed_nodes_link();
-    nodes.serve("b");
-    nodes.lanes_go_to_b();
+}
 
-    a_node_without_its_agent_is_known_by_its_announced_prefixes(&nodes);
-    more_nodes_than_link_slots_wait_for_one(&nodes);
-
+/// B's Node object deleted: A lets B go at once (no peer, no route to B's quadrants) and refuses
+/// B's link; B registered anew: its agent writes its annotations again, A links and a lane
+/// crosses again.
+fn a_deleted_node_is_let_go_until_it_registers_again(nodes: &Nodes) {
+    let b_name = nodes.b.config.instance.clone();
+    let ip_b = nodes.ips[1];
     let b_px = nodes.b.config.quadrants["px"].prefix.to_string();
     let route = || {
         let out = Command::new("ip")
@@ -814,19 +859,6 @@ fn peer_nodes_come_from_the_kubernetes_api() {
         json_line(&again, "call after B's return")["transport"],
         "tcp"
     );
-
-    let out = nodes.b.down();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let after = nodes.api.as_ref().expect("api").annotations(&b_name);
-    assert!(
-        !after.contains_key(ADDRESS),
-        "a full down withdraws: {after:?}"
-    );
-    until_peers(&nodes.a, "B gone after its down", <[Value]>::is_empty);
 }
 
 /// `cargo xtask deploy render --peers-upstream-secret S --node-prefix N=CIDR…` writes a
