@@ -40,6 +40,9 @@ pub const ADDRESS: &str = "quadrant.io/peer-address";
 pub const PREFIXES: &str = "quadrant.io/quadrant-prefixes";
 /// How long a failed connection to the API or a failed annotation waits before the next try.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long publishing (or withdrawing) may wait for the API server: the watch stays
+/// responsive, and a stopping agent is not held up by a server that does not answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The field manager named in this agent's patches.
 const MANAGER: &str = "quadrant-agent";
 
@@ -176,7 +179,7 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
                     break;
                 }
                 if published.is_none() && Instant::now() >= next_publish {
-                    match publish(&api, peers, &own).await {
+                    match publish_within(&api, peers, &own).await {
                         Ok(a) => {
                             info!(node = peers.me, annotations = ?a, "published this agent on its Node object");
                             published = Some(a);
@@ -191,16 +194,42 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
         }
     }
     if peers.withdraw.load(Ordering::Relaxed) && published.is_some() {
-        let patch = json!({ "metadata": { "annotations": { ADDRESS: null, PREFIXES: null } } });
-        match api
-            .patch(&peers.me, &patch_params(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => info!(node = peers.me, "took this agent off its Node object"),
-            Err(e) => {
-                warn!(node = peers.me, error = %e, "cannot take this agent off its Node object");
-            }
+        withdraw(&api, peers).await;
+    }
+}
+
+/// [`publish`], giving up after [`CALL_TIMEOUT`].
+async fn publish_within(
+    api: &Api<NodeObject>,
+    peers: &Peers,
+    own: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    tokio::time::timeout(CALL_TIMEOUT, publish(api, peers, own))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the API server did not answer within {CALL_TIMEOUT:?}"
+            ))
+        })
+}
+
+/// Takes this agent's annotations off its Node object (a full `down`).
+async fn withdraw(api: &Api<NodeObject>, peers: &Peers) {
+    let patch = json!({ "metadata": { "annotations": { ADDRESS: null, PREFIXES: null } } });
+    let done = tokio::time::timeout(
+        CALL_TIMEOUT,
+        api.patch(&peers.me, &patch_params(), &Patch::Merge(&patch)),
+    )
+    .await;
+    match done {
+        Ok(Ok(_)) => info!(node = peers.me, "took this agent off its Node object"),
+        Ok(Err(e)) => {
+            warn!(node = peers.me, error = %e, "cannot take this agent off its Node object");
         }
+        Err(_) => warn!(
+            node = peers.me,
+            "cannot take this agent off its Node object: no answer within {CALL_TIMEOUT:?}"
+        ),
     }
 }
 
