@@ -584,17 +584,21 @@ pub fn render(report: &InstancesReport) -> String {
         let _ = writeln!(out, "\nKubernetes API: {e}");
     }
     if !report.peers.is_empty() {
-        out.push_str("\nPEER NODE         ADDRESS                LINK  LANES  PREFIXES\n");
+        out.push_str(
+            "\nPEER NODE         SOURCE       ADDRESS                LINK     LANES  PODS  PREFIXES\n",
+        );
         for p in &report.peers {
             let prefixes: Vec<String> =
                 p.prefixes.iter().map(|(q, n)| format!("{q}={n}")).collect();
             let _ = writeln!(
                 out,
-                "{:<17} {:<22} {:<5} {:<6} {}{}",
+                "{:<17} {:<12} {:<22} {:<8} {:<6} {:<5} {}{}{}",
                 p.name,
+                p.source,
                 p.address,
-                if p.linked { "up" } else { "down" },
+                p.state(),
                 p.lanes_opened,
+                p.pods,
                 if prefixes.is_empty() {
                     "-".to_owned()
                 } else {
@@ -604,6 +608,11 @@ pub fn render(report: &InstancesReport) -> String {
                     .as_ref()
                     .map(|e| format!("  ({e})"))
                     .unwrap_or_default(),
+                if p.pods_refused.is_empty() {
+                    String::new()
+                } else {
+                    format!("  (pods not judged: {})", p.pods_refused.join(", "))
+                },
             );
         }
     }
