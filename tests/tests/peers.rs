@@ -748,6 +748,7 @@ fn peer_nodes_come_from_the_kubernetes_api() {
     until_peers(&nodes.a, "B gone after its down", <[Value]>::is_empty);
 
     // The API server goes away: A keeps serving and says so (status and metric).
+    let api_addr = nodes.api.as_ref().expect("api").addr;
     drop(nodes.api.take());
     let start = Instant::now();
     loop {
@@ -769,6 +770,22 @@ fn peer_nodes_come_from_the_kubernetes_api() {
             .any(|l| l == "quadrant_kubernetes_api_up 0"),
         "the loss as a metric"
     );
+    // A server that takes connections and never answers does not hold up A's stop: taking its
+    // annotations off gives up after 5 s.
+    let _silent = std::net::TcpListener::bind(api_addr).expect("a silent server");
+    let start = Instant::now();
+    let out = nodes.a.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "down took {:?} with a silent API server",
+        start.elapsed()
+    );
+    eprintln!("down with a silent API server: {:?}", start.elapsed());
 }
 
 /// Each agent's address (A's from its `InternalIP`) and prefixes on its Node object, the nodes
