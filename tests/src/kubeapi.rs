@@ -1,6 +1,7 @@
 //! A Kubernetes API server for the one resource the agent follows — `/api/v1/nodes`: get,
 //! list, watch (newline-delimited watch events from a resource version, synthetic `ADDED`s for
-//! a watch without one, ended after `timeoutSeconds`), JSON merge patch, bearer-token
+//! a watch without one, ended after `timeoutSeconds`), whole objects or their metadata alone
+//! (`PartialObjectMetadata`, as the `Accept` header asks), JSON merge patch, bearer-token
 //! authentication and `Status` errors, as the API server answers them. No API server can be
 //! installed on the test machines (none is packaged for Debian, on `PyPI` or npm), so the agent's
 //! client (kube-rs) is run against this one; what it cannot show is listed in
@@ -315,11 +316,17 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 
 async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     state.locked().requests.push(format!(
-        "{} {}",
+        "{} {}{}",
         req.method(),
         req.uri()
             .path_and_query()
             .map(ToString::to_string)
+            .unwrap_or_default(),
+        req.headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.contains("as="))
+            .map(|v| format!(" [{v}]"))
             .unwrap_or_default()
     ));
     let authorized = req
@@ -332,73 +339,21 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
     let path = req.uri().path().to_owned();
     let q = query(&req);
+    // `Accept: application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`: the
+    // objects' metadata alone, as the API server answers a metadata-only client.
+    let metadata_only = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
     match (req.method().clone(), path.strip_prefix("/api/v1/nodes")) {
         (Method::GET, Some("")) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch(state, &q)
+            watch(state, &q, metadata_only)
         }
-        (Method::GET, Some("")) => {
-            let i = state.locked();
-            let items: Vec<Value> = i
-                .nodes
-                .values()
-                .map(|n| {
-                    // List items carry no kind or apiVersion.
-                    let mut n = n.clone();
-                    if let Some(o) = n.as_object_mut() {
-                        o.remove("kind");
-                        o.remove("apiVersion");
-                    }
-                    n
-                })
-                .collect();
-            full(
-                StatusCode::OK,
-                &json!({
-                    "kind": "NodeList", "apiVersion": "v1",
-                    "metadata": { "resourceVersion": i.rv.to_string() },
-                    "items": items,
-                }),
-            )
-        }
+        (Method::GET, Some("")) => list(state, metadata_only),
         (method, Some(rest)) if rest.starts_with('/') && !rest[1..].contains('/') => {
-            let name = &rest[1..];
-            let Some(node) = state.locked().nodes.get(name).cloned() else {
-                return status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("nodes \"{name}\" not found"),
-                );
-            };
-            match method {
-                Method::GET => full(StatusCode::OK, &node),
-                Method::PATCH => {
-                    let merge = req
-                        .headers()
-                        .get("content-type")
-                        .is_some_and(|c| c == "application/merge-patch+json");
-                    if !merge {
-                        return status(
-                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                            "UnsupportedMediaType",
-                            "this server takes application/merge-patch+json",
-                        );
-                    }
-                    let Ok(body) = req.into_body().collect().await else {
-                        return status(StatusCode::BAD_REQUEST, "BadRequest", "body");
-                    };
-                    let Ok(merge_doc) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
-                        return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
-                    };
-                    let mut patched = node;
-                    merge_patch(&mut patched, &merge_doc);
-                    full(StatusCode::OK, &state.put("MODIFIED", patched))
-                }
-                _ => status(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "MethodNotAllowed",
-                    "not served",
-                ),
-            }
+            let name = rest[1..].to_owned();
+            object(state, &method, &name, req).await
         }
         _ => status(
             StatusCode::NOT_FOUND,
@@ -406,6 +361,95 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             "the server could not find the requested resource",
         ),
     }
+}
+
+/// The nodes, whole or as their metadata.
+fn list(state: &Arc<State>, metadata_only: bool) -> Response<Body> {
+    let i = state.locked();
+    let items: Vec<Value> = i
+        .nodes
+        .values()
+        .map(|n| {
+            if metadata_only {
+                return partial(n);
+            }
+            // List items carry no kind or apiVersion.
+            let mut n = n.clone();
+            if let Some(o) = n.as_object_mut() {
+                o.remove("kind");
+                o.remove("apiVersion");
+            }
+            n
+        })
+        .collect();
+    let (kind, api_version) = if metadata_only {
+        ("PartialObjectMetadataList", "meta.k8s.io/v1")
+    } else {
+        ("NodeList", "v1")
+    };
+    full(
+        StatusCode::OK,
+        &json!({
+            "kind": kind, "apiVersion": api_version,
+            "metadata": { "resourceVersion": i.rv.to_string() },
+            "items": items,
+        }),
+    )
+}
+
+/// GET or merge-PATCH node `name`.
+async fn object(
+    state: &Arc<State>,
+    method: &Method,
+    name: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(node) = state.locked().nodes.get(name).cloned() else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("nodes \"{name}\" not found"),
+        );
+    };
+    match *method {
+        Method::GET => full(StatusCode::OK, &node),
+        Method::PATCH => {
+            let merge = req
+                .headers()
+                .get("content-type")
+                .is_some_and(|c| c == "application/merge-patch+json");
+            if !merge {
+                return status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    "this server takes application/merge-patch+json",
+                );
+            }
+            let Ok(body) = req.into_body().collect().await else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "body");
+            };
+            let Ok(merge_doc) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+            };
+            let mut patched = node;
+            merge_patch(&mut patched, &merge_doc);
+            full(StatusCode::OK, &state.put("MODIFIED", patched))
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not served",
+        ),
+    }
+}
+
+/// An object as `PartialObjectMetadata`: its metadata alone.
+fn partial(object: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": object["metadata"],
+    })
 }
 
 /// RFC 7386: objects merge, `null` removes, anything else replaces.
@@ -429,7 +473,7 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// A watch: the events after `resourceVersion` (every object as `ADDED` without one), then
 /// each change until `timeoutSeconds` (default 30 minutes) or the client goes.
-fn watch(state: &Arc<State>, q: &BTreeMap<String, String>) -> Response<Body> {
+fn watch(state: &Arc<State>, q: &BTreeMap<String, String>, metadata_only: bool) -> Response<Body> {
     let from: Option<u64> = q
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
@@ -444,6 +488,11 @@ fn watch(state: &Arc<State>, q: &BTreeMap<String, String>) -> Response<Body> {
     let mut changed = state.changed.subscribe();
     tokio::spawn(async move {
         let line = |kind: &str, object: &Value| {
+            let object = if metadata_only {
+                partial(object)
+            } else {
+                object.clone()
+            };
             Ok(Frame::data(Bytes::from(format!(
                 "{}\n",
                 json!({ "type": kind, "object": object })

@@ -811,11 +811,19 @@ fn published_and_watched(nodes: &Nodes) {
         "{on_b:?}"
     );
     let requests = api.requests();
+    let watches: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/nodes?") && r.contains("watch=true"))
+        .collect();
     assert!(
-        requests
-            .iter()
-            .any(|r| r.starts_with("GET /api/v1/nodes?") && r.contains("watch=true")),
+        !watches.is_empty(),
         "the agents watch the nodes: {requests:?}"
+    );
+    assert!(
+        watches
+            .iter()
+            .all(|r| r.contains("[application/json;as=PartialObjectMetadata;")),
+        "the nodes' metadata alone: {watches:?}"
     );
     let p = peers(&nodes.a);
     assert_eq!(p.len(), 1, "{p:?}");

@@ -24,6 +24,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
+    core::PartialObjectMeta,
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
@@ -33,6 +34,9 @@ use tracing::{info, warn};
 use super::{Discovered, POLL, Peers, locked};
 use crate::config::{KubernetesPeers, PeerNode, check_name};
 use ipnet::Ipv4Net;
+
+/// A Node object's metadata, as the watch gets it.
+type Meta = PartialObjectMeta<NodeObject>;
 
 /// The annotation naming where a node's agent accepts peers (`ip:port`).
 pub const ADDRESS: &str = "quadrant.io/peer-address";
@@ -117,13 +121,16 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
             return;
         }
     };
-    let api: Api<NodeObject> = Api::all(client);
+    let api: Api<NodeObject> = Api::all(client.clone());
+    let metadata: Api<Meta> = Api::all(client);
     let own = own_annotations(peers);
     let mut published: Option<BTreeMap<String, String>> = None;
     let mut next_publish = Instant::now();
     let mut listed: BTreeMap<String, Discovered> = BTreeMap::new();
     let mut relisting: Option<BTreeMap<String, Discovered>> = None;
-    let stream = watcher(api.clone(), watcher::Config::default()).default_backoff();
+    // Names and annotations are all a peer needs: the metadata alone, not every node's status
+    // (its images list runs to tens of KiB), on every node of the cluster.
+    let stream = watcher(metadata, watcher::Config::default()).default_backoff();
     tokio::pin!(stream);
     let mut tick = tokio::time::interval(POLL);
     loop {
@@ -252,11 +259,7 @@ fn own_annotations(peers: &Peers) -> BTreeMap<String, String> {
 }
 
 /// Whether `node` is this agent's own Node object without the annotations it published.
-fn own_changed(
-    peers: &Peers,
-    node: &NodeObject,
-    published: Option<&BTreeMap<String, String>>,
-) -> bool {
+fn own_changed(peers: &Peers, node: &Meta, published: Option<&BTreeMap<String, String>>) -> bool {
     let Some(published) = published else {
         return false;
     };
@@ -313,7 +316,7 @@ fn internal_ip(node: &NodeObject) -> Option<Ipv4Addr> {
 /// announces; `None` for a node without our agent (or with an address annotation that is not
 /// an `ip:port`, logged). Prefixes that cannot be read are left out (logged): the link tells
 /// them then.
-fn peer_of(node: &NodeObject) -> Option<Discovered> {
+fn peer_of(node: &Meta) -> Option<Discovered> {
     let name = node.metadata.name.as_deref()?;
     let annotations = node.metadata.annotations.as_ref()?;
     let address = annotations.get(ADDRESS)?;
@@ -372,6 +375,15 @@ fn prefixes_of(text: &str) -> Result<BTreeMap<String, Ipv4Net>, String> {
 mod tests {
     use super::*;
 
+    fn meta(name: &str, annotations: &[(&str, &str)]) -> Meta {
+        let n = node(name, annotations, &[]);
+        PartialObjectMeta {
+            types: None,
+            metadata: n.metadata,
+            _phantom: std::marker::PhantomData,
+        }
+    }
+
     fn node(name: &str, annotations: &[(&str, &str)], ips: &[(&str, &str)]) -> NodeObject {
         serde_json::from_value(json!({
             "apiVersion": "v1",
@@ -398,10 +410,9 @@ mod tests {
             let err = prefixes_of(bad).expect_err(bad);
             assert!(err.contains(why), "{bad}: {err}");
         }
-        let n = node(
+        let n = meta(
             "w-1",
             &[(ADDRESS, "10.0.0.7:7470"), (PREFIXES, "dx=nonsense")],
-            &[],
         );
         let d = peer_of(&n).expect("still a peer");
         assert_eq!(d.prefixes, None, "the link tells them then");
@@ -409,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_node_is_a_peer_only_with_a_usable_address() {
-        let p = peer_of(&node("w-1", &[(ADDRESS, "10.0.0.7:7470")], &[]))
+        let p = peer_of(&meta("w-1", &[(ADDRESS, "10.0.0.7:7470")]))
             .expect("peer")
             .node;
         assert_eq!(
@@ -423,9 +434,9 @@ mod tests {
             "[fd00::1]:7470",
             "w-2:7470",
         ] {
-            assert_eq!(peer_of(&node("w-1", &[(ADDRESS, bad)], &[])), None, "{bad}");
+            assert_eq!(peer_of(&meta("w-1", &[(ADDRESS, bad)])), None, "{bad}");
         }
-        assert_eq!(peer_of(&node("w-1", &[("other", "x")], &[])), None);
+        assert_eq!(peer_of(&meta("w-1", &[("other", "x")])), None);
     }
 
     #[test]
