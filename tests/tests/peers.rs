@@ -446,10 +446,9 @@ impl Nodes {
         assert!(workload.starts_with("no link:"), "{workload}");
     }
 
-    /// Node B's kernel knows A's prefixes as A's quadrants: A's PG reaches B's PX on the
-    /// service's port; the host of A (an outside address to B) does not.
-    fn kernels_know_the_other_nodes_quadrants(&mut self) {
-        // A plain TCP echo (the lane service's port speaks TLS and may reset a plain client).
+    /// A plain TCP echo in B's PX (the lane service's port speaks TLS and may reset a plain
+    /// client); its address.
+    fn echo_in_b_px(&mut self) -> String {
         let (_, output) = self.b.background_in(
             Quadrant::Px,
             None,
@@ -457,7 +456,13 @@ impl Nodes {
             "listening",
         );
         self.outputs.push(output);
-        let b_px = format!("{}:7001", self.b.addr(Quadrant::Px));
+        format!("{}:7001", self.b.addr(Quadrant::Px))
+    }
+
+    /// Node B's kernel knows A's prefixes as A's quadrants: A's PG reaches B's PX on the
+    /// service's port; the host of A (an outside address to B) does not.
+    fn kernels_know_the_other_nodes_quadrants(&mut self) {
+        let b_px = self.echo_in_b_px();
         let (reached, why) = self.a.probe(Quadrant::Pg, &["tcp-connect", &b_px, "1000"]);
         assert!(reached, "A's PG to B's PX: {why}");
         let denied = self.b.counter("tc_egress", Quadrant::Px, "deny_policy");
@@ -988,14 +993,7 @@ fn a_pod_on_one_node_is_its_quadrant_on_the_other() {
         .b
         .probe(Quadrant::Dg, &["tcp-connect", &to_pod, "300"]);
     assert!(!ok && line == "err EPERM", "B's DG -> A's PX pod: {line}");
-    let (_, output) = nodes.b.background_in(
-        Quadrant::Px,
-        None,
-        &[QPROBE, "tcp-echo", "0.0.0.0:7001"],
-        "listening",
-    );
-    nodes.outputs.push(output);
-    let b_px = format!("{}:7001", nodes.b.addr(Quadrant::Px));
+    let b_px = nodes.echo_in_b_px();
     assert!(pod.connect(QPROBE, &b_px), "A's PX pod -> B's PX");
     drop(server);
 

@@ -473,6 +473,22 @@ impl Peers {
         self.learn(name, told)
     }
 
+    /// This node's quadrant prefixes and host addresses, each with what holds it: what no peer's
+    /// prefix or pod may be.
+    fn own_nets(&self) -> Vec<(String, Ipv4Net)> {
+        self.own_prefixes()
+            .into_iter()
+            .map(|(q, n)| (format!("{q} on this node"), n))
+            .chain(
+                self.config
+                    .host
+                    .addresses
+                    .iter()
+                    .map(|n| ("a host address".to_owned(), n.trunc())),
+            )
+            .collect()
+    }
+
     /// This node's quadrant prefixes, as it tells them.
     fn own_prefixes(&self) -> BTreeMap<String, Ipv4Net> {
         Quadrant::ALL
@@ -660,18 +676,7 @@ impl Peers {
         if learned.get(name) == Some(prefixes) {
             return Ok(());
         }
-        let mut taken: Vec<(String, Ipv4Net)> = self
-            .own_prefixes()
-            .into_iter()
-            .map(|(q, n)| (format!("{q} on this node"), n))
-            .chain(
-                self.config
-                    .host
-                    .addresses
-                    .iter()
-                    .map(|n| ("a host address".to_owned(), n.trunc())),
-            )
-            .collect();
+        let mut taken = self.own_nets();
         for (other, nets) in learned.iter().filter(|(n, _)| n.as_str() != name) {
             taken.extend(
                 nets.iter()

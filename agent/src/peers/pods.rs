@@ -90,18 +90,7 @@ impl Peers {
         local: &[Ipv4Addr],
         all: &BTreeMap<String, PeerPods>,
     ) -> impl Fn(&Ipv4Addr) -> Option<String> {
-        let mut taken: Vec<(String, Ipv4Net)> = self
-            .own_prefixes()
-            .into_iter()
-            .map(|(q, n)| (format!("{q} on this node"), n))
-            .chain(
-                self.config
-                    .host
-                    .addresses
-                    .iter()
-                    .map(|n| ("a host address".to_owned(), n.trunc())),
-            )
-            .collect();
+        let mut taken = self.own_nets();
         for (other, nets) in locked(&self.learned)
             .iter()
             .filter(|(n, _)| n.as_str() != name)
