@@ -668,13 +668,7 @@ fn a_node_without_its_agent_is_known_by_its_announced_prefixes(nodes: &Nodes) {
     });
     let c_status = listed.iter().find(|p| p["name"] == c.as_str()).expect("C");
     assert_eq!(c_status["linked"], false, "{c_status}");
-    let c_px = format!("10.252.{}.2:7001", 4 * s + 2);
-    let (ok, line) = nodes.a.probe(Quadrant::Dx, &["tcp-connect", &c_px, "300"]);
-    assert!(!ok && line == "err EPERM", "DX -> C's PX: {line}");
-    // PG may reach PX (not the world): the connection is let through to C's route, where
-    // nothing answers.
-    let (_, line) = nodes.a.probe(Quadrant::Pg, &["tcp-connect", &c_px, "300"]);
-    assert_ne!(line, "err EPERM", "PG -> C's PX is PG -> PX");
+    judged_as_px(&nodes.a, &format!("10.252.{}.2:7001", 4 * s + 2), "C's PX");
     api.delete_node(&c);
     until_peers(&nodes.a, "C forgotten", |p| {
         !p.iter().any(|p| p["name"] == c.as_str())
@@ -686,16 +680,55 @@ fn a_node_without_its_agent_is_known_by_its_announced_prefixes(nodes: &Nodes) {
     assert!(out.stdout.is_empty(), "C's route removed");
 }
 
+/// `to` is PX to `a`'s kernel: DX gets `EPERM` at `connect()`; PG, which may reach PX but not
+/// the world, is let through (to a route where nothing answers).
+fn judged_as_px(a: &Instance, to: &str, what: &str) {
+    let (ok, line) = a.probe(Quadrant::Dx, &["tcp-connect", to, "300"]);
+    assert!(!ok && line == "err EPERM", "DX -> {what}: {line}");
+    let (_, line) = a.probe(Quadrant::Pg, &["tcp-connect", to, "300"]);
+    assert_ne!(line, "err EPERM", "PG -> {what} is PG -> PX");
+}
+
 /// More nodes than link slots (14): B and 13 more take the slots, the 14th by name waits (listed,
-/// counted as waiting); when a node with a slot goes, the waiting one takes its slot.
+/// counted as waiting, its announced prefixes enforced); when a node with a slot goes, the
+/// waiting one takes its slot; deleted, it is forgotten.
 fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
     let api = nodes.api.as_ref().expect("api");
     let name = |i: usize| format!("{}-x{i:02}", nodes.a.config.instance);
     // Their agents' port is closed: they never link.
     let address = format!("{}:{}", nodes.ips[1], KUBE_PEER_PORT + 9);
+    // The last one announces prefixes: waiting, its quadrants are judged all the same.
+    let s = slot_of(&nodes.a.config);
+    let block = format!("10.253.{}.0/22", 4 * s);
+    run(&["ip", "route", "replace", "blackhole", &block]);
+    let _blackhole = Undo(vec![vec![
+        "ip".into(),
+        "route".into(),
+        "del".into(),
+        "blackhole".into(),
+        block.clone(),
+    ]]);
+    let third = |q: u8| format!("10.253.{}.0/24", 4 * s + q);
+    let announced = format!(
+        "dg={},dx={},pg={},px={}",
+        third(1),
+        third(0),
+        third(3),
+        third(2)
+    );
     for i in 0..14 {
         api.add_node(&name(i), &nodes.ips[1].to_string());
-        api.annotate(&name(i), &[(ADDRESS, &address)]);
+        if i < 13 {
+            api.annotate(&name(i), &[(ADDRESS, &address)]);
+        } else {
+            api.annotate(
+                &name(i),
+                &[
+                    (ADDRESS, &address),
+                    ("quadrant.io/quadrant-prefixes", &announced),
+                ],
+            );
+        }
     }
     let last = name(13);
     let p = until_peers(&nodes.a, "15 peers, one waiting", |p| {
@@ -705,6 +738,12 @@ fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
     });
     let waiting: Vec<&Value> = p.iter().filter(|p| p["waiting"] == true).collect();
     assert_eq!(waiting.len(), 1, "{p:?}");
+    assert_eq!(waiting[0]["prefixes"]["px"], third(2).as_str(), "{p:?}");
+    judged_as_px(
+        &nodes.a,
+        &format!("10.253.{}.2:7001", 4 * s + 2),
+        "the waiting node's PX",
+    );
     assert!(
         scrape(&nodes.a)
             .lines()
@@ -719,6 +758,11 @@ fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
         api.delete_node(&name(i));
     }
     until_peers(&nodes.a, "back to B alone", |p| p.len() == 1);
+    let out = Command::new("ip")
+        .args(["route", "show", &third(2)])
+        .output()
+        .expect("ip route");
+    assert!(out.stdout.is_empty(), "the last one's route removed");
 }
 
 /// The peer nodes come from the Kubernetes API: each agent publishes its address and prefixes

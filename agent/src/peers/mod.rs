@@ -307,17 +307,24 @@ impl Peers {
                 s
             })
             .collect();
-        all.extend(locked(&self.waiting).iter().map(|d| PeerStatus {
-            name: d.node.name.clone(),
-            address: d.node.address.to_string(),
-            prefixes: d.prefixes.clone().unwrap_or_default(),
-            source: "kubernetes".into(),
-            waiting: true,
-            error: Some(format!(
-                "not linked to: this agent links to at most {MAX_PEERS} peer nodes; it accepts \
+        let pods = locked(&self.pods);
+        all.extend(locked(&self.waiting).iter().map(|d| {
+            PeerStatus {
+                name: d.node.name.clone(),
+                address: d.node.address.to_string(),
+                prefixes: locked(&self.learned)
+                    .get(&d.node.name)
+                    .cloned()
+                    .unwrap_or_default(),
+                source: "kubernetes".into(),
+                waiting: true,
+                pods: pods.get(&d.node.name).map_or(0, |p| p.written.len()),
+                error: Some(format!(
+                    "not linked to: this agent links to at most {MAX_PEERS} peer nodes; it accepts \
                  this one's link"
-            )),
-            ..PeerStatus::default()
+                )),
+                ..PeerStatus::default()
+            }
         }));
         all
     }
@@ -409,7 +416,8 @@ impl Peers {
 
     /// Makes the nodes the Kubernetes API lists (this one left out) the discovered peers: a
     /// node gone, or at a new address or with new prefixes, loses its link and its prefixes; a
-    /// new one gets a slot while there is one, else waits for one.
+    /// new one gets a slot while there is one, else waits for one (its announced prefixes
+    /// enforced all the same).
     pub(crate) fn set_discovered(self: &Arc<Self>, mut wanted: Vec<Discovered>) {
         let _changing = locked(&self.changing);
         wanted.retain(|w| w.node.name != self.me);
@@ -441,6 +449,26 @@ impl Peers {
             if let Err(e) = self.add(&w, true) {
                 warn!(error = %e, "peer node not linked to");
                 waiting.push(w);
+            }
+        }
+        // A waiting node gone (or changed) is forgotten; a waiting node's announced prefixes
+        // are enforced as well, linked to or not.
+        let was_waiting = std::mem::take(&mut *locked(&self.waiting));
+        let slotted: Vec<String> = self
+            .all()
+            .into_iter()
+            .map(|(_, n)| n.cfg.name.clone())
+            .collect();
+        for old in was_waiting {
+            if !waiting.contains(&old) && !slotted.contains(&old.node.name) {
+                self.forget(&old.node.name);
+            }
+        }
+        for w in &waiting {
+            if let Some(announced) = &w.prefixes
+                && let Err(e) = self.learn_for(&w.node.name, w.node.address, announced)
+            {
+                warn!(node = w.node.name, error = %e, "waiting peer node's prefixes not taken");
             }
         }
         *locked(&self.waiting) = waiting;
