@@ -627,6 +627,84 @@ fn until_peers(inst: &Instance, what: &str, check: impl Fn(&[Value]) -> bool) ->
     }
 }
 
+/// A /22 of quadrant prefixes a node without an agent announces (`10.<second>.<4·slot>.0/22`),
+/// blackholed on this host while the test runs: whatever happens, nothing to it leaves the
+/// machine (the routes the agent adds for it are longer).
+struct AnnouncedBlock {
+    base: u8,
+    second: u8,
+    _blackhole: Undo,
+}
+
+impl AnnouncedBlock {
+    fn new(config: &Config, second: u8) -> Self {
+        let base = 4 * slot_of(config);
+        let block = format!("10.{second}.{base}.0/22");
+        Self {
+            base,
+            second,
+            _blackhole: blackhole(&block),
+        }
+    }
+
+    /// Quadrant `q`'s prefix (dx, dg, px, pg in order).
+    fn prefix(&self, q: u8) -> String {
+        format!("10.{}.{}.0/24", self.second, self.base + q)
+    }
+
+    /// The `quadrant.io/quadrant-prefixes` annotation.
+    fn annotation(&self) -> String {
+        format!(
+            "dg={},dx={},pg={},px={}",
+            self.prefix(1),
+            self.prefix(0),
+            self.prefix(3),
+            self.prefix(2)
+        )
+    }
+
+    /// A workload address in its PX, port 7001.
+    fn px_workload(&self) -> String {
+        format!("10.{}.{}.2:7001", self.second, self.base + 2)
+    }
+
+    /// No route to its PX any more (the agent lists a node as gone before it has taken its
+    /// prefixes and routes away, so this waits up to 5 s).
+    fn assert_px_unrouted(&self, what: &str) {
+        until_unrouted(&self.prefix(2), what);
+    }
+}
+
+/// Waits up to 5 s for the host to have no route to `net` (node `what`'s).
+fn until_unrouted(net: &str, what: &str) {
+    let start = Instant::now();
+    loop {
+        let out = Command::new("ip")
+            .args(["route", "show", net])
+            .output()
+            .expect("ip route");
+        if out.stdout.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{what}'s route to {net} stays: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A blackhole route for `net`, deleted when dropped.
+fn blackhole(net: &str) -> Undo {
+    run(&["ip", "route", "replace", "blackhole", net]);
+    Undo(vec![
+        ["ip", "route", "del", "blackhole", net]
+            .map(str::to_owned)
+            .to_vec(),
+    ])
+}
+
 /// A node the API lists whose agent does not answer (nothing listens at its address, on node
 /// B): listed by A, not linked, and its announced prefixes in A's kernel at once — DX to its PX
 /// is refused at `connect()` as DX → PX, PG to its PX let through as PG → PX (its routes lead
@@ -634,50 +712,28 @@ fn until_peers(inst: &Instance, what: &str, check: impl Fn(&[Value]) -> bool) ->
 /// Deleted, it is forgotten.
 fn a_node_without_its_agent_is_known_by_its_announced_prefixes(nodes: &Nodes) {
     let api = nodes.api.as_ref().expect("api");
-    let s = slot_of(&nodes.a.config);
     let c = format!("{}-c", nodes.a.config.instance);
-    let third = |q: u8| format!("10.252.{}.0/24", 4 * s + q);
-    let announced = format!(
-        "dg={},dx={},pg={},px={}",
-        third(1),
-        third(0),
-        third(3),
-        third(2)
-    );
-    // Whatever happens, nothing to C's block leaves the machine (its own routes are longer).
-    let block = format!("10.252.{}.0/22", 4 * s);
-    run(&["ip", "route", "replace", "blackhole", &block]);
-    let _blackhole = Undo(vec![vec![
-        "ip".into(),
-        "route".into(),
-        "del".into(),
-        "blackhole".into(),
-        block.clone(),
-    ]]);
+    let block = AnnouncedBlock::new(&nodes.a.config, 252);
     api.add_node(&c, &nodes.ips[1].to_string());
     api.annotate(
         &c,
         &[
             (ADDRESS, &format!("{}:{}", nodes.ips[1], KUBE_PEER_PORT + 8)),
-            ("quadrant.io/quadrant-prefixes", &announced),
+            ("quadrant.io/quadrant-prefixes", &block.annotation()),
         ],
     );
     let listed = until_peers(&nodes.a, "C listed with its prefixes", |p| {
         p.iter()
-            .any(|p| p["name"] == c.as_str() && p["prefixes"]["px"] == third(2).as_str())
+            .any(|p| p["name"] == c.as_str() && p["prefixes"]["px"] == block.prefix(2).as_str())
     });
     let c_status = listed.iter().find(|p| p["name"] == c.as_str()).expect("C");
     assert_eq!(c_status["linked"], false, "{c_status}");
-    judged_as_px(&nodes.a, &format!("10.252.{}.2:7001", 4 * s + 2), "C's PX");
+    judged_as_px(&nodes.a, &block.px_workload(), "C's PX");
     api.delete_node(&c);
     until_peers(&nodes.a, "C forgotten", |p| {
         !p.iter().any(|p| p["name"] == c.as_str())
     });
-    let out = Command::new("ip")
-        .args(["route", "show", &third(2)])
-        .output()
-        .expect("ip route");
-    assert!(out.stdout.is_empty(), "C's route removed");
+    block.assert_px_unrouted("C");
 }
 
 /// `to` is PX to `a`'s kernel: DX gets `EPERM` at `connect()`; PG, which may reach PX but not
@@ -698,24 +754,8 @@ fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
     // Their agents' port is closed: they never link.
     let address = format!("{}:{}", nodes.ips[1], KUBE_PEER_PORT + 9);
     // The last one announces prefixes: waiting, its quadrants are judged all the same.
-    let s = slot_of(&nodes.a.config);
-    let block = format!("10.253.{}.0/22", 4 * s);
-    run(&["ip", "route", "replace", "blackhole", &block]);
-    let _blackhole = Undo(vec![vec![
-        "ip".into(),
-        "route".into(),
-        "del".into(),
-        "blackhole".into(),
-        block.clone(),
-    ]]);
-    let third = |q: u8| format!("10.253.{}.0/24", 4 * s + q);
-    let announced = format!(
-        "dg={},dx={},pg={},px={}",
-        third(1),
-        third(0),
-        third(3),
-        third(2)
-    );
+    let block = AnnouncedBlock::new(&nodes.a.config, 253);
+    let announced = block.annotation();
     for i in 0..14 {
         api.add_node(&name(i), &nodes.ips[1].to_string());
         if i < 13 {
@@ -738,12 +778,12 @@ fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
     });
     let waiting: Vec<&Value> = p.iter().filter(|p| p["waiting"] == true).collect();
     assert_eq!(waiting.len(), 1, "{p:?}");
-    assert_eq!(waiting[0]["prefixes"]["px"], third(2).as_str(), "{p:?}");
-    judged_as_px(
-        &nodes.a,
-        &format!("10.253.{}.2:7001", 4 * s + 2),
-        "the waiting node's PX",
+    assert_eq!(
+        waiting[0]["prefixes"]["px"],
+        block.prefix(2).as_str(),
+        "{p:?}"
     );
+    judged_as_px(&nodes.a, &block.px_workload(), "the waiting node's PX");
     assert!(
         scrape(&nodes.a)
             .lines()
@@ -758,11 +798,7 @@ fn more_nodes_than_link_slots_wait_for_one(nodes: &Nodes) {
         api.delete_node(&name(i));
     }
     until_peers(&nodes.a, "back to B alone", |p| p.len() == 1);
-    let out = Command::new("ip")
-        .args(["route", "show", &third(2)])
-        .output()
-        .expect("ip route");
-    assert!(out.stdout.is_empty(), "the last one's route removed");
+    block.assert_px_unrouted("the last one");
 }
 
 /// The peer nodes come from the Kubernetes API: each agent publishes its address and prefixes
@@ -904,7 +940,7 @@ fn a_deleted_node_is_let_go_until_it_registers_again(nodes: &Nodes) {
     assert!(route().contains(&ip_b.to_string()), "{}", route());
     nodes.api.as_ref().expect("api").delete_node(&b_name);
     until_peers(&nodes.a, "node B let go", <[Value]>::is_empty);
-    assert_eq!(route(), "", "no route to a former peer's quadrants");
+    until_unrouted(&b_px, "former peer B");
     let refused = until_peers(&nodes.b, "B's link refused by A", |p| {
         p.first().is_some_and(|p| {
             p["linked"] == false
@@ -985,14 +1021,7 @@ fn a_pod_on_one_node_is_its_quadrant_on_the_other() {
     // any more goes nowhere.
     let pods_net = subnet(&nodes.a);
     let ip_a = nodes.ips[0].to_string();
-    run(&["ip", "route", "replace", "blackhole", &pods_net]);
-    let _routes = Undo(vec![vec![
-        "ip".into(),
-        "route".into(),
-        "del".into(),
-        "blackhole".into(),
-        pods_net.clone(),
-    ]]);
+    let _routes = blackhole(&pods_net);
     run(&[
         "ip",
         "-n",
