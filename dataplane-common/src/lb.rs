@@ -170,7 +170,8 @@ pub struct LbBackend {
     pub port: u16,
     /// Capacity weight; 0: not ready (draining, failed its probe, gone): receives nothing new.
     pub weight: u16,
-    /// The instance's host-side veth (where packets translated in tc go).
+    /// The instance's host-side veth (where packets translated in tc go); 0: an instance of a
+    /// peer node, reached through the routes to its prefixes, which tc never chooses.
     pub ifindex: u32,
 }
 

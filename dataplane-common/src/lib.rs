@@ -44,8 +44,10 @@
 /// translated connection is dropped (`drop_tuple_in_use`; the reverse entry's
 /// `LB_FLOW_REDIRECTING` tells the translated SYN's own second pass apart); 16: the cgroup
 /// programs find a Kubernetes pod's cgroup the CNI plugin registered at whatever level it sits
-/// (after the quadrants' fixed level, the nearest registered ancestor up to level 6).
-pub const PROGRAM_SET_VERSION: u32 = 16;
+/// (after the quadrants' fixed level, the nearest registered ancestor up to level 6); 17: tc
+/// translates connections from the host and the world to this node's instances only (a backend
+/// without a veth is a peer node's instance, which the quadrants' sockets reach at `connect()`).
+pub const PROGRAM_SET_VERSION: u32 = 17;
 
 /// Version of the map layout (names, key and value layouts). Same forward-only rule.
 /// 1: the isolation maps; 2: with `LANE_SOCKS`, `LANE_SOCK_MODE` and `LANE_ACCEL`; 3: with

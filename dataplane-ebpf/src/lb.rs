@@ -87,7 +87,8 @@ fn active(index: u32) -> u32 {
     u32::try_from(n.saturating_sub(expired)).unwrap_or(u32::MAX)
 }
 
-/// The ready backend after slot `slot` of `service` (wrapping), if it is ready.
+/// The ready backend after slot `slot` of `service` (wrapping), if it is ready and on this node
+/// (tc, its only caller, can hand a packet only to a local veth).
 #[inline(always)]
 pub(crate) fn next_ready(service: &LbService, slot: u32) -> Option<(u32, LbBackend)> {
     let n = u32::from(service.backends);
@@ -97,12 +98,12 @@ pub(crate) fn next_ready(service: &LbService, slot: u32) -> Option<(u32, LbBacke
     }
     let next = base + (slot - base + 1) % n;
     let b = backend(next)?;
-    (b.weight != 0).then_some((next, b))
+    (b.weight != 0 && b.ifindex != 0).then_some((next, b))
 }
 
 /// The ready backend with the fewest active connections per unit of capacity, or `None`.
 #[inline(always)]
-pub(crate) fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
+pub(crate) fn choose(service: &LbService, local_only: bool) -> Option<(u32, LbBackend)> {
     let n = u32::from(service.backends);
     if n == 0 || n > LB_BACKENDS_PER_SERVICE {
         return None;
@@ -120,7 +121,8 @@ pub(crate) fn choose(service: &LbService) -> Option<(u32, LbBackend)> {
         }
         let slot = base + (start + i) % n;
         let Some(b) = backend(slot) else { continue };
-        if b.weight == 0 {
+        // A backend without a veth is an instance of a peer node.
+        if b.weight == 0 || (local_only && b.ifindex == 0) {
             continue;
         }
         let a = active(slot);
@@ -216,7 +218,7 @@ pub fn translate(sa: *mut bpf_sock_addr, connect: bool) -> Translated {
     }
     let Some((slot, b)) = chosen
         .or_else(|| by_affinity(service))
-        .or_else(|| choose(service))
+        .or_else(|| choose(service, false))
     else {
         return Translated::NoBackend;
     };

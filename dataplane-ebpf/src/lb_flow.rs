@@ -266,7 +266,8 @@ pub fn into_quadrant(ctx: &TcContext, flow: &mut Ipv4Flow) -> Into {
                 }
                 return Into::Untouched;
             };
-            let Some((mut slot, mut b)) = choose(service) else {
+            // Only this node's instances: a packet can be handed only to a local veth.
+            let Some((mut slot, mut b)) = choose(service, true) else {
                 return Into::NoBackend;
             };
             // A backend whose tuple a live flow holds: the next ready one if its tuple is free

@@ -1052,6 +1052,39 @@ fn a_translated_tuple_is_told_apart_from_a_direct_connection_on_it() {
     }
 }
 
+/// A peer node's instance (a backend without a veth) is for the quadrants' sockets alone: tc,
+/// which can only hand a packet to a local veth, translates the host's connections to this
+/// node's instance whichever slot the pick starts from, and refuses them when only peers'
+/// instances are ready.
+#[test]
+fn outside_connections_to_a_vip_go_to_this_nodes_instances_only() {
+    use dataplane_common::lb::LbBackend;
+    let (mut dp, backend) = vip_dataplane();
+    let remote = LbBackend {
+        addr: u32::from_ne_bytes(Ipv4Addr::new(10, 250, 2, 2).octets()),
+        port: 9000u16.to_be(),
+        weight: 1000,
+        ifindex: 0,
+    };
+    // Slot 64 this node's PX (weight 1), 65 and 66 a peer's: least loaded alone would pick one
+    // of the peer's far more often than not.
+    dp.write_lb(
+        &[vip_service(4, 6, 8084, 3)],
+        &[(64, backend), (65, remote), (66, remote)],
+        &[],
+    )
+    .expect("write the service");
+    for sport in 40100..40120 {
+        let (code, out) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, sport, VIP, 8084));
+        assert_eq!(code, TC_ACT_OK, "port {sport}");
+        assert_eq!(checked(&out), (PX_GW, sport, PX, 9000), "port {sport}");
+    }
+    dp.write_lb(&[vip_service(5, 6, 8085, 1)], &[(80, remote)], &[])
+        .expect("write the service");
+    let (code, _) = run_out(&mut dp, Hook::TcEgress, &tcp(PX_GW, 40200, VIP, 8085));
+    assert_eq!(code, TC_ACT_SHOT, "no instance of this node: refused");
+}
+
 /// A fault on packets from DG into DX for a minute.
 fn dg_to_dx_fault(action: Action, delay_ms: u32) -> FaultSpec {
     FaultSpec {
