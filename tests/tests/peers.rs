@@ -12,7 +12,9 @@ use std::{
 };
 
 use dataplane_common::Quadrant;
-use quadrant::config::{Config, KubernetesPeers, PeerNode, PeersConfig, UpstreamConfig};
+use quadrant::config::{
+    Config, KubernetesPeers, PeerNode, PeersConfig, ServiceConfig, UpstreamConfig,
+};
 use quadrant_tests::{
     cni::{Pod, conflist, pods_runtime, subnet},
     harness::{Instance, TEST_STATE_DIR, sibling_binary, test_config, upstream_ca as upstream},
@@ -283,8 +285,16 @@ impl Nodes {
     /// Node B in a namespace of its own, node A here; each lists the other as its peer, or
     /// (`kubernetes`) both follow a Kubernetes API server that lists both nodes.
     fn up(kubernetes: bool) -> Self {
+        Self::up_with(kubernetes, |_, _| {})
+    }
+
+    /// [`Nodes::up`], each node's configuration changed by `edit` (given A's too) first.
+    fn up_with(kubernetes: bool, edit: impl Fn(&mut Config, &Config)) -> Self {
         let mut a_config = test_config(None);
         let mut b_config = test_config(None);
+        let a_as_given = a_config.clone();
+        edit(&mut a_config, &a_as_given);
+        edit(&mut b_config, &a_as_given);
         let (link, [ip_a, ip_b]) = Link::new(&a_config, &b_config);
         let api = kubernetes.then(|| {
             let api = KubeApi::start((ip_a, 0).into(), TOKEN);
@@ -1095,4 +1105,235 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `quadrant instances --output json`'s instances of the peer nodes behind its VIPs, as
+/// (address, balanced).
+fn remote(inst: &Instance) -> Vec<(String, bool)> {
+    let out = inst.quadrant(&["instances", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("instances json");
+    v["remote"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|i| {
+                    (
+                        i["address"].as_str().unwrap_or_default().to_owned(),
+                        i["balanced"] == true,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn until_remote(inst: &Instance, what: &str, check: impl Fn(&[(String, bool)]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = remote(inst);
+        if check(&now) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {now:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until no connection through a VIP is open from `inst`'s quadrants (counts are
+/// released as the sockets close).
+fn until_idle(inst: &Instance) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = inst.quadrant(&["instances", "--output", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("instances json");
+        let open: u64 = ["instances", "remote"]
+            .iter()
+            .filter_map(|k| v[k].as_array())
+            .flatten()
+            .map(|i| i["connections"].as_u64().unwrap_or(0))
+            .sum();
+        if open == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "connections still open: {v}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ok peer=P a=N b=M` of `qprobe tcp-spread` as (P, {a: N, b: M}).
+fn spread(ok: bool, line: &str) -> (String, std::collections::BTreeMap<String, u32>) {
+    assert!(ok, "{line}");
+    let mut parts = line.split_whitespace().skip(1);
+    let peer = parts
+        .next()
+        .and_then(|p| p.strip_prefix("peer="))
+        .unwrap_or_default()
+        .to_owned();
+    let counts = parts
+        .filter_map(|p| p.split_once('='))
+        .map(|(a, n)| (a.to_owned(), n.parse().unwrap_or(0)))
+        .collect();
+    (peer, counts)
+}
+
+/// Service `api` on both nodes of [`Nodes`]: its VIP at A's PX prefix's .100 (one shared
+/// configuration), port 7402, balanced cluster-wide.
+struct Vip {
+    nodes: Nodes,
+    target: String,
+    listen: String,
+    a_px: String,
+    b_px: String,
+}
+
+impl Vip {
+    const PORT: u16 = 7402;
+
+    fn up() -> Self {
+        let nodes = Nodes::up_with(false, |c, a| {
+            c.services = vec![ServiceConfig {
+                name: "api".into(),
+                quadrant: "px".into(),
+                port: Self::PORT,
+                vip: std::net::Ipv4Addr::from(
+                    u32::from(a.addrs(Quadrant::Px).prefix.network()) + 100,
+                ),
+                protocol: "tcp".into(),
+                affinity: "none".into(),
+                internal_traffic_policy: "cluster".into(),
+            }];
+        });
+        nodes.linked();
+        Self {
+            target: format!("{}:{}", nodes.a.config.services[0].vip, Self::PORT),
+            listen: format!("0.0.0.0:{}", Self::PORT),
+            a_px: nodes.a.addr(Quadrant::Px),
+            b_px: nodes.b.addr(Quadrant::Px),
+            nodes,
+        }
+    }
+
+    /// `tcp-spread` of `n` held connections from A's PG: the peer they saw, the answers.
+    fn spread_from_a(&self, n: &str) -> (String, std::collections::BTreeMap<String, u32>) {
+        let (ok, line) = self
+            .nodes
+            .a
+            .probe(Quadrant::Pg, &["tcp-spread", &self.target, n]);
+        spread(ok, &line)
+    }
+
+    /// The whoami server in PX of node B (`b`) or A; its pid.
+    fn serve(&mut self, b: bool) -> u32 {
+        let inst = if b {
+            &mut self.nodes.b
+        } else {
+            &mut self.nodes.a
+        };
+        inst.serve_on_instance(Quadrant::Px, 0, &["tcp-whoami", &self.listen])
+    }
+
+    /// Only B's instance is ready: A's quadrants reach it through the VIP (which they see as
+    /// their peer), the policy still decides, and A's host — balanced in tc over A's instances
+    /// — is refused. Returns B's server's pid.
+    fn only_b_serves(&mut self) -> u32 {
+        let (ok, line) = self
+            .nodes
+            .a
+            .probe(Quadrant::Pg, &["tcp-connect", &self.target, "500"]);
+        assert!(
+            !ok && line == "err ECONNREFUSED",
+            "no instance ready on either node: {line}"
+        );
+        let server = self.serve(true);
+        until_remote(&self.nodes.a, "B's instance in A's VIP", |r| {
+            r == [(self.b_px.clone(), true)]
+        });
+        let (peer, counts) = self.spread_from_a("4");
+        assert_eq!(peer, self.target, "getpeername gives the VIP back");
+        assert_eq!(counts, [(self.b_px.clone(), 4)].into(), "only B's is ready");
+        assert_eq!(peers(&self.nodes.a)[0]["instances"], 1);
+        let (ok, line) = self
+            .nodes
+            .a
+            .probe(Quadrant::Dx, &["tcp-connect", &self.target, "500"]);
+        assert!(
+            !ok && line == "err EPERM",
+            "development may not reach production on another node either: {line}"
+        );
+        let refused = || {
+            self.nodes
+                .a
+                .counter("tc_egress", Quadrant::Px, "refuse_no_backend")
+        };
+        let before = refused();
+        let from_host = Command::new(QPROBE)
+            .args(["tcp-connect", &self.target, "300"])
+            .output()
+            .expect("qprobe");
+        assert!(
+            !from_host.status.success(),
+            "the host's connections go to A's instances, none of which is ready: {}",
+            String::from_utf8_lossy(&from_host.stdout)
+        );
+        assert!(
+            refused() > before,
+            "refused in tc, not sent to B's instance"
+        );
+        server
+    }
+
+    /// Both nodes' instances ready: A's quadrants are spread over both by least connections,
+    /// A's host over A's alone.
+    fn both_serve(&mut self) {
+        until_idle(&self.nodes.a);
+        self.serve(false);
+        until_remote(&self.nodes.b, "A's instance in B's VIP", |r| {
+            r == [(self.a_px.clone(), true)]
+        });
+        let (_, counts) = self.spread_from_a("8");
+        assert_eq!(
+            counts,
+            [(self.a_px.clone(), 4), (self.b_px.clone(), 4)].into(),
+            "least connections over both nodes"
+        );
+        let from_host = Command::new(QPROBE)
+            .args(["tcp-spread", &self.target, "4"])
+            .output()
+            .expect("qprobe");
+        let (_, counts) = spread(
+            from_host.status.success(),
+            String::from_utf8_lossy(&from_host.stdout).trim(),
+        );
+        assert_eq!(counts, [(self.a_px.clone(), 4)].into(), "tc: A's only");
+    }
+}
+
+/// A VIP balanced cluster-wide: A's quadrants' connections reach B's PX instance while only
+/// that one is ready, are spread over both nodes' instances once A's is ready too; A's host is
+/// balanced in tc over A's instances alone; B's instance leaves A's VIP once B no longer has it
+/// ready, and when B's agent is gone (its instance still answering).
+#[test]
+fn a_vip_balances_over_the_instances_of_every_node() {
+    let mut vip = Vip::up();
+    let b_server = vip.only_b_serves();
+    vip.both_serve();
+    let only_a: std::collections::BTreeMap<String, u32> = [(vip.a_px.clone(), 4)].into();
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(b_server).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    until_remote(&vip.nodes.a, "B's instance out of A's VIP", <[_]>::is_empty);
+    assert_eq!(vip.spread_from_a("4").1, only_a, "B's gone from A's VIP");
+
+    // Back on B; then B's agent dies (its instance still answers): A's VIP lets it go with the
+    // link.
+    until_idle(&vip.nodes.a);
+    vip.serve(true);
+    until_remote(&vip.nodes.a, "B's instance back in A's VIP", |r| {
+        r == [(vip.b_px.clone(), true)]
+    });
+    vip.nodes.b.crash();
+    until_remote(&vip.nodes.a, "B's gone with its link", <[_]>::is_empty);
+    assert_eq!(vip.spread_from_a("4").1, only_a, "only A's instance");
 }

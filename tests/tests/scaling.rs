@@ -109,6 +109,7 @@ fn config_behind_a_vip(
         vip,
         protocol: protocol.into(),
         affinity: affinity.into(),
+        internal_traffic_policy: "cluster".into(),
     }];
     let addrs = (0..quadrant::config::MAX_INSTANCES)
         .map(|k| {

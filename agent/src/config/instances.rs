@@ -118,6 +118,24 @@ pub struct ServiceConfig {
     /// so that an instance coming or going moves few callers of the others).
     #[serde(default = "default_affinity", skip_serializing_if = "is_no_affinity")]
     pub affinity: String,
+    /// Which instances the quadrants' sockets on this node are balanced over, as Kubernetes'
+    /// `internalTrafficPolicy`: `cluster` (default: this node's and, with `peers`, the ready
+    /// instances its linked peer nodes tell for a service of the same name) or `local` (this
+    /// node's only). Connections from the host and the world are balanced in tc over this
+    /// node's instances either way.
+    #[serde(
+        default = "default_traffic_policy",
+        skip_serializing_if = "is_cluster_traffic"
+    )]
+    pub internal_traffic_policy: String,
+}
+
+fn default_traffic_policy() -> String {
+    "cluster".to_owned()
+}
+
+fn is_cluster_traffic(p: &str) -> bool {
+    p == "cluster"
 }
 
 fn default_affinity() -> String {
@@ -137,6 +155,12 @@ impl ServiceConfig {
     #[must_use]
     pub fn quadrant(&self) -> Quadrant {
         Quadrant::from_name(&self.quadrant).unwrap_or(Quadrant::Px)
+    }
+
+    /// Whether instances on the peer nodes serve it too (`internal_traffic_policy: cluster`).
+    #[must_use]
+    pub fn cluster_wide(&self) -> bool {
+        self.internal_traffic_policy == "cluster"
     }
 
     /// The IP protocol number.
@@ -185,6 +209,15 @@ impl ServiceConfig {
             return Err(invalid(
                 field("affinity"),
                 format!("{:?}: expected none or workload", self.affinity),
+            ));
+        }
+        if self.internal_traffic_policy != "cluster" && self.internal_traffic_policy != "local" {
+            return Err(invalid(
+                field("internal_traffic_policy"),
+                format!(
+                    "{:?}: expected cluster or local",
+                    self.internal_traffic_policy
+                ),
             ));
         }
         if self.port == 0 {

@@ -165,6 +165,7 @@ fn instances_and_services_are_checked_and_named() {
     );
     assert_eq!(c.capacity(Quadrant::Dx).weight(), UNLIMITED_WEIGHT);
     assert_eq!(c.services[0].proto(), PROTO_TCP);
+    assert!(c.services[0].cluster_wide(), "cluster-wide by default");
 }
 
 #[test]
@@ -212,6 +213,12 @@ fn bad_instances_and_services_are_refused_naming_the_field() {
             "{ prefix: 10.2.0.0/24 }",
             "services:\n  - { name: api, quadrant: qa, port: 8080, vip: 10.9.0.1 }\n",
             "services[0].quadrant",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.9.0.1, \
+             internal_traffic_policy: node }\n",
+            "services[0].internal_traffic_policy: \"node\": expected cluster or local",
         ),
         (
             "{ prefix: 10.2.0.0/24 }",

@@ -48,6 +48,9 @@ pub struct Sources {
     pub slos: Vec<crate::slo::SloStatus>,
     /// Quadrant instances.
     pub instances: Vec<crate::scale::InstanceStatus>,
+    /// Each service with a VIP: its ready instances on this node and on the peer nodes that
+    /// its VIP balances over.
+    pub service_backends: Vec<ServiceBackends>,
     /// Chaos faults in force.
     pub chaos: Vec<crate::chaos::FaultStatus>,
     /// Pods attached by `quadrant-cni`.
@@ -62,11 +65,47 @@ pub struct Sources {
     pub kubernetes_up: Option<bool>,
 }
 
+/// One service's ready instances, as its VIP balances over them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceBackends {
+    /// The service's name.
+    pub service: String,
+    /// Ready (and not draining) instances of this node.
+    pub node: u64,
+    /// Instances of peer nodes it balances over.
+    pub peers: u64,
+}
+
+impl ServiceBackends {
+    /// Every configured service's, from `quadrant instances`.
+    #[must_use]
+    pub fn of(config: &crate::config::Config, report: &crate::scale::InstancesReport) -> Vec<Self> {
+        config
+            .services
+            .iter()
+            .map(|svc| Self {
+                service: svc.name.clone(),
+                node: report
+                    .instances
+                    .iter()
+                    .filter(|i| !i.draining && i.services.get(&svc.name) == Some(&true))
+                    .count() as u64,
+                peers: report
+                    .remote
+                    .iter()
+                    .filter(|r| r.service == svc.name && r.balanced)
+                    .count() as u64,
+            })
+            .collect()
+    }
+}
+
 impl Sources {
     /// Reads them from `agent` (kernel maps and files: call from a blocking task).
     #[must_use]
     pub fn read(agent: &Agent) -> Self {
         let mut unreadable = BTreeMap::new();
+        let report = agent.instances_report();
         let (verdicts, policy_digest, flow_limits) = {
             let dataplane = locked(&agent.dataplane);
             let verdicts = dataplane.counters().unwrap_or_else(|e| {
@@ -114,7 +153,8 @@ impl Sources {
             breakers: breakers.0,
             service_breakers: breakers.1,
             slos: agent.slo_report().slos,
-            instances: agent.instances_report().instances,
+            instances: report.instances.clone(),
+            service_backends: ServiceBackends::of(&agent.config, &report),
             chaos,
             pods: agent.pods.list(),
             flow_events: agent.flows.read_counts().to_vec(),
@@ -602,7 +642,18 @@ fn instances(s: &Sources) -> Vec<Family> {
         draining.int(labels.clone(), u64::from(i.draining));
         connections.int(labels, i.connections);
     }
-    vec![count, ready, draining, connections]
+    let mut backends = Family::new(
+        "quadrant_service_backends",
+        "Ready instances a service's VIP balances over: this node's (`location=\"node\"`) and \
+         the peer nodes' (`location=\"peers\"`, services balanced cluster-wide)",
+        Kind::Gauge,
+    );
+    for b in &s.service_backends {
+        for (location, n) in [("node", b.node), ("peers", b.peers)] {
+            backends.int(l(&[("service", &b.service), ("location", location)]), n);
+        }
+    }
+    vec![count, ready, draining, connections, backends]
 }
 
 fn flow_events(s: &Sources) -> Vec<Family> {

@@ -320,6 +320,29 @@ fn is_ident(b: u8) -> bool {
 }
 
 #[test]
+fn a_services_backends_are_counted_on_this_node_and_on_peers() {
+    let s = Sources {
+        service_backends: vec![super::collect::ServiceBackends {
+            service: "api".into(),
+            node: 1,
+            peers: 3,
+        }],
+        ..all_quadrants()
+    };
+    let text = scrape(&s, &Live::default());
+    for (location, want) in [("node", 1.0), ("peers", 3.0)] {
+        assert_eq!(
+            value(
+                &text,
+                &format!("quadrant_service_backends{{service=\"api\",location=\"{location}\"}}")
+            ),
+            Some(want),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn peer_nodes_are_counted_by_source_and_state() {
     let peer = |source: &str, linked: bool, waiting: bool| crate::peers::PeerStatus {
         name: format!("n-{source}-{linked}-{waiting}"),

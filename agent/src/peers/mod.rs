@@ -20,6 +20,7 @@
 //! node in link slot `p` appear in lane grants as `16·(p + 1) + k`, so a retrying caller can pass
 //! over one of them like a local one; a node keeps its slot while it is a peer.
 
+mod backends;
 mod kubernetes;
 mod pods;
 mod serve;
@@ -48,6 +49,7 @@ use crate::{
     identity::IdentityService,
     lanes::tls,
 };
+pub use backends::MAX_PEER_BACKENDS;
 pub use pods::MAX_PEER_PODS;
 use wire::{Frames, Reply, Request};
 
@@ -103,6 +105,12 @@ pub struct PeerStatus {
     /// Its pods that are not, and why (at most 16 shown).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pods_refused: Vec<String>,
+    /// Its instances this node's VIPs balance to (services balanced cluster-wide).
+    #[serde(default)]
+    pub instances: usize,
+    /// Instances it told that they do not, and why (at most 16 shown).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances_refused: Vec<String>,
 }
 
 impl PeerStatus {
@@ -144,6 +152,8 @@ pub struct Peers {
     learned: Mutex<BTreeMap<String, BTreeMap<String, Ipv4Net>>>,
     /// Pods of the peers, by node: what each told, and what went into `PREFIXES`.
     pods: Mutex<BTreeMap<String, pods::PeerPods>>,
+    /// Instances of the peers in this node's VIPs, by node: how many, and those refused.
+    backends: Mutex<BTreeMap<String, (usize, Vec<String>)>>,
     /// Routes added for the peers' prefixes.
     routes: Mutex<Vec<Ipv4Net>>,
     stop: AtomicBool,
@@ -196,6 +206,7 @@ impl Peers {
             changing: Mutex::default(),
             learned: Mutex::default(),
             pods: Mutex::default(),
+            backends: Mutex::default(),
             routes: Mutex::default(),
             stop: AtomicBool::new(false),
             withdraw: AtomicBool::new(false),
@@ -303,6 +314,10 @@ impl Peers {
                 if let Some(p) = locked(&self.pods).get(&n.cfg.name) {
                     s.pods = p.written.len();
                     s.pods_refused = p.refused.iter().take(16).cloned().collect();
+                }
+                if let Some((count, refused)) = locked(&self.backends).get(&n.cfg.name) {
+                    s.instances = *count;
+                    s.instances_refused = refused.iter().take(16).cloned().collect();
                 }
                 s
             })
@@ -587,6 +602,8 @@ impl Peers {
         let holds = || self.node(p).is_some_and(|n| Arc::ptr_eq(&n, node));
         while !self.stopping() && holds() {
             if locked(&node.link).is_none() {
+                // Its instances leave this node's VIPs with the link.
+                self.learn_backends(&node.cfg.name, &[]);
                 match self.link(node) {
                     Ok(()) => info!(node = node.cfg.name, "linked to peer node"),
                     Err(e) => {
@@ -605,12 +622,18 @@ impl Peers {
                     pods: self.own_pods(),
                 };
                 match self.ask(p, &hello, CONNECT_TIMEOUT) {
-                    Ok(Reply::Hello { prefixes, pods, .. }) => {
+                    Ok(Reply::Hello {
+                        prefixes,
+                        pods,
+                        backends,
+                        ..
+                    }) => {
                         if let Err(e) = self.learn_told(&node.cfg.name, &prefixes) {
                             warn!(node = node.cfg.name, error = %e, "peer's prefixes not taken");
                             locked(&node.status).error = Some(e);
                         }
                         self.learn_pods(&node.cfg.name, &pods);
+                        self.learn_backends(&node.cfg.name, &backends);
                     }
                     Ok(_) => {}
                     Err(e) => warn!(node = node.cfg.name, error = %e, "peer link lost"),
@@ -619,6 +642,7 @@ impl Peers {
             self.pause(KEEPALIVE);
         }
         *locked(&node.link) = None;
+        self.learn_backends(&node.cfg.name, &[]);
     }
 
     /// Connects to `node`, completes the handshake and the hellos, and learns its prefixes.
@@ -647,12 +671,13 @@ impl Peers {
             .next::<_, Reply>(&mut stream, Some(Instant::now() + CONNECT_TIMEOUT))
             .map_err(|e| format!("handshake with {addr}: {e}"))?
             .ok_or_else(|| format!("{addr} did not answer within {CONNECT_TIMEOUT:?}"))?;
-        let (prefixes, pods) = match reply {
+        let (prefixes, pods, backends) = match reply {
             Reply::Hello {
                 node: name,
                 prefixes,
                 pods,
-            } if name == node.cfg.name => (prefixes, pods),
+                backends,
+            } if name == node.cfg.name => (prefixes, pods, backends),
             Reply::Hello { node: name, .. } => {
                 return Err(format!(
                     "{addr} says it is node {name:?}, not {:?}",
@@ -669,6 +694,7 @@ impl Peers {
         };
         self.learn_told(&node.cfg.name, &prefixes)?;
         self.learn_pods(&node.cfg.name, &pods);
+        self.learn_backends(&node.cfg.name, &backends);
         *locked(&node.link) = Some((stream, frames));
         let mut s = locked(&node.status);
         s.linked = true;
@@ -772,6 +798,8 @@ impl Peers {
     /// Takes node `name`'s prefixes out of `PREFIXES` and its routes away (it is no longer a
     /// peer).
     fn forget(&self, name: &str) {
+        self.learn_backends(name, &[]);
+        locked(&self.backends).remove(name);
         self.learn_pods(name, &[]);
         locked(&self.pods).remove(name);
         let Some(old) = locked(&self.learned).remove(name) else {

@@ -136,6 +136,7 @@ impl Peers {
                             node: self.me.clone(),
                             prefixes: self.own_prefixes(),
                             pods: self.own_pods(),
+                            backends: self.own_backends(),
                         }
                     }
                     Err(e) => refused(Refusal::Invalid, e),

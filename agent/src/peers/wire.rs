@@ -44,6 +44,20 @@ pub struct PodAddress {
     pub quadrant: String,
 }
 
+/// An instance of the telling node ready for one of its services with a VIP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBackend {
+    /// The service's name.
+    pub service: String,
+    /// The instance's address.
+    pub address: std::net::Ipv4Addr,
+    /// The service's port on it.
+    pub port: u16,
+    /// Its capacity weight.
+    pub weight: u16,
+}
+
 /// A lane a workload on another node asks for.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -71,7 +85,7 @@ pub struct RemoteOpen {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Reply {
-    /// Its own name, prefixes and pods.
+    /// Its own name, prefixes, pods and ready instances.
     Hello {
         /// Its name (its node SVID's).
         node: String,
@@ -80,6 +94,10 @@ pub enum Reply {
         /// The pods `quadrant-cni` attached on that node, each as its quadrant.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pods: Vec<PodAddress>,
+        /// Its instances ready for each service with a VIP (the asking node balances its own
+        /// VIP of a service of that name over them too).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        backends: Vec<ServiceBackend>,
     },
     /// The lane exists: its service has its end and waits for the opener's TCP connection.
     Granted(RemoteGrant),

@@ -6,6 +6,13 @@
 //! quadrant's identity, so the policy is unchanged. The agent alone writes the load-balancing
 //! maps: a backend's weight is its capacity while the instance is ready (its last probe of the
 //! service's port succeeded) and not draining, else 0.
+//!
+//! A service balanced cluster-wide (`internal_traffic_policy: cluster`, the default) also
+//! has the ready instances that linked peer nodes tell for a service of the same name
+//! ([`Instances::set_remote`]): they take the slots after this node's instances, with no veth
+//! (`LbBackend::ifindex` 0), so the quadrants' sockets reach them at `connect()` through the
+//! routes to the peers' prefixes, and tc — which can only hand a packet to a local veth —
+//! passes them over for connections from the host and the world.
 
 mod maglev;
 pub mod place;
@@ -77,6 +84,42 @@ pub struct Instances {
     health: Mutex<BTreeMap<(usize, InstanceRef), Health>>,
     /// Per service with affinity: the live Maglev table (0 or 1) and who it was built from.
     maglev: Mutex<BTreeMap<usize, (u8, Vec<maglev::Member>)>>,
+    /// The ready instances each peer node tells, by node.
+    remote: Mutex<BTreeMap<String, Vec<RemoteBackend>>>,
+    /// Where [`Instances::write_lb`] last put each of them (for `quadrant instances`).
+    remote_slots: Mutex<Vec<(RemoteBackend, Option<u32>)>>,
+}
+
+/// A ready instance of a peer node serving service `service` (index in the configuration) at
+/// `addr` on the service's port, with its capacity weight.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteBackend {
+    /// The service (index in `services`).
+    pub service: usize,
+    /// The peer node.
+    pub node: String,
+    /// The instance's address (inside the node's prefix of the service's quadrant).
+    pub addr: std::net::Ipv4Addr,
+    /// Its capacity weight (above 0).
+    pub weight: u16,
+}
+
+/// An instance of a peer node as `quadrant instances` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct RemoteInstanceStatus {
+    /// The service it serves here.
+    pub service: String,
+    /// The peer node it runs on.
+    pub node: String,
+    /// Its address.
+    pub address: String,
+    /// Its weight in load balancing, as its node tells it.
+    pub weight: u16,
+    /// Connections from this node's quadrants to it through the VIP that are open now.
+    pub connections: u64,
+    /// It has a backend slot (a service balances over at most 16 instances; this node's come
+    /// first).
+    pub balanced: bool,
 }
 
 #[derive(Debug)]
@@ -123,6 +166,9 @@ pub struct InstancesReport {
     /// The peer nodes (`peers`), whose instances take lanes none here can.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<crate::peers::PeerStatus>,
+    /// The peer nodes' instances behind this node's VIPs (services balanced cluster-wide).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<RemoteInstanceStatus>,
     /// With `peers.kubernetes`: why the Kubernetes API cannot be followed, while it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_error: Option<String>,
@@ -345,12 +391,52 @@ impl Instances {
         Ok(())
     }
 
+    /// Makes `backends` the ready instances node `node` tells (empty: none, or it is gone);
+    /// returns whether they changed (the caller then writes the maps).
+    pub fn set_remote(&self, node: &str, mut backends: Vec<RemoteBackend>) -> bool {
+        backends.sort();
+        let mut remote = locked(&self.remote);
+        if remote
+            .get(node)
+            .map_or(backends.is_empty(), |b| *b == backends)
+        {
+            return false;
+        }
+        if backends.is_empty() {
+            remote.remove(node);
+        } else {
+            remote.insert(node.to_owned(), backends);
+        }
+        true
+    }
+
+    /// This node's instances ready for each service, with their weights: what it tells its
+    /// peers.
+    #[must_use]
+    pub fn ready_here(&self, config: &Config) -> Vec<(usize, InstanceRef, u16)> {
+        let mut out = Vec::new();
+        for (n, s) in config.services.iter().enumerate() {
+            let q = s.quadrant();
+            let weight = config.capacity(q).weight();
+            for k in 0..self.count(q) {
+                let i = InstanceRef::new(q, k);
+                if self.ready(n, i) && !self.draining(i) {
+                    out.push((n, i, weight));
+                }
+            }
+        }
+        out
+    }
+
     /// Writes `LB_SERVICES` and `LB_BACKENDS` for every configured service: one slot per
-    /// instance index, weighted by capacity while ready and not draining.
+    /// instance index, weighted by capacity while ready and not draining; then, for a service
+    /// balanced cluster-wide, one per instance the peer nodes tell, while slots remain.
     pub fn write_lb(&self, config: &Config, dp: &mut Dataplane) -> Result<(), LoaderError> {
         let mut services = Vec::new();
         let mut backends = Vec::new();
         let mut ports = Vec::new();
+        let remote: Vec<RemoteBackend> = locked(&self.remote).values().flatten().cloned().collect();
+        let mut placed = Vec::new();
         for (n, s) in config.services.iter().enumerate() {
             let q = s.quadrant();
             let count = self.count(q);
@@ -365,15 +451,38 @@ impl Instances {
             ));
             let weight = config.capacity(q).weight();
             let mut members = Vec::new();
+            let others: Vec<&RemoteBackend> = remote
+                .iter()
+                .filter(|r| r.service == n && s.cluster_wide())
+                .collect();
+            let mut used = count;
             for k in 0..u8::try_from(LB_BACKENDS_PER_SERVICE).unwrap_or(MAX_INSTANCES) {
+                let slot = index * LB_BACKENDS_PER_SERVICE + u32::from(k);
+                if k >= count {
+                    // A peer node's instance, or an empty slot.
+                    let r = others.get(usize::from(k - count));
+                    if let Some(r) = r {
+                        members.push(maglev::Member {
+                            slot: k,
+                            name: format!("{}/{}", r.node, r.addr),
+                            weight: r.weight,
+                        });
+                        placed.push(((*r).clone(), Some(slot)));
+                        used = k + 1;
+                    }
+                    backends.push((
+                        slot,
+                        LbBackend {
+                            addr: r.map_or(0, |r| u32::from_ne_bytes(r.addr.octets())),
+                            port: s.port.to_be(),
+                            weight: r.map_or(0, |r| r.weight),
+                            ifindex: 0,
+                        },
+                    ));
+                    continue;
+                }
                 let i = InstanceRef::new(q, k);
-                let live = k < count && self.ready(n, i) && !self.draining(i);
-                // Where tc sends the packets of outside connections it gave this backend.
-                let ifindex = if k < count {
-                    crate::sys::ifindex(&config.instance_iface(i)).unwrap_or(0)
-                } else {
-                    0
-                };
+                let live = self.ready(n, i) && !self.draining(i);
                 if live {
                     members.push(maglev::Member {
                         slot: k,
@@ -382,15 +491,19 @@ impl Instances {
                     });
                 }
                 backends.push((
-                    index * LB_BACKENDS_PER_SERVICE + u32::from(k),
+                    slot,
                     LbBackend {
                         addr: u32::from_ne_bytes(config.instance_addr(i).octets()),
                         port: s.port.to_be(),
                         weight: if live { weight } else { 0 },
-                        ifindex,
+                        // Where tc sends the packets of outside connections it gave this
+                        // backend.
+                        ifindex: crate::sys::ifindex(&config.instance_iface(i)).unwrap_or(0),
                     },
                 ));
             }
+            let room = usize::from(u8::try_from(LB_BACKENDS_PER_SERVICE).unwrap_or(0) - count);
+            placed.extend(others.iter().skip(room).map(|r| ((*r).clone(), None)));
             let maglev = if s.affinity == "workload" {
                 self.maglev_table(dp, n, members)?
             } else {
@@ -405,13 +518,15 @@ impl Instances {
                 },
                 LbService {
                     index,
-                    backends: u16::from(count),
+                    backends: u16::from(used),
                     maglev,
                     pad: 0,
                 },
             ));
         }
-        dp.write_lb(&services, &backends, &ports)
+        dp.write_lb(&services, &backends, &ports)?;
+        *locked(&self.remote_slots) = placed;
+        Ok(())
     }
 
     /// The live Maglev table of service `n` for `members` (as `LbService::maglev`): the one in
@@ -496,9 +611,27 @@ impl Instances {
                 }
             })
             .collect();
+        let remote = locked(&self.remote_slots)
+            .iter()
+            .map(|(r, slot)| RemoteInstanceStatus {
+                service: config
+                    .services
+                    .get(r.service)
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default(),
+                node: r.node.clone(),
+                address: r.addr.to_string(),
+                weight: r.weight,
+                connections: slot
+                    .and_then(|s| active.get(s as usize).copied())
+                    .unwrap_or(0),
+                balanced: slot.is_some(),
+            })
+            .collect();
         InstancesReport {
             instances,
             peers: Vec::new(),
+            remote,
             kubernetes_error: None,
         }
     }
@@ -579,6 +712,25 @@ pub fn render(report: &InstancesReport) -> String {
                 services.join(" ")
             },
         );
+    }
+    if !report.remote.is_empty() {
+        out.push_str("\nPEER INSTANCE  SERVICE          NODE              WEIGHT  CONNS  STATE\n");
+        for r in &report.remote {
+            let _ = writeln!(
+                out,
+                "{:<14} {:<16} {:<17} {:<7} {:<6} {}",
+                r.address,
+                r.service,
+                r.node,
+                r.weight,
+                r.connections,
+                if r.balanced {
+                    "balanced"
+                } else {
+                    "no slot left"
+                },
+            );
+        }
     }
     if let Some(e) = &report.kubernetes_error {
         let _ = writeln!(out, "\nKubernetes API: {e}");

@@ -86,6 +86,7 @@ fn bench_config() -> anyhow::Result<Config> {
             vip: "10.245.2.100".parse()?,
             protocol: "tcp".into(),
             affinity: "none".into(),
+            internal_traffic_policy: "cluster".into(),
         },
         ServiceConfig {
             name: "work".into(),
@@ -94,6 +95,7 @@ fn bench_config() -> anyhow::Result<Config> {
             vip: "10.245.2.101".parse()?,
             protocol: "tcp".into(),
             affinity: "none".into(),
+            internal_traffic_policy: "cluster".into(),
         },
     ];
     c.validate()?;

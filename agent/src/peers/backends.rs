@@ -1,0 +1,249 @@
+//! Services balanced across nodes: every hello a node answers tells the instances it has ready
+//! for each of its services with a VIP (name, address, port, weight); the asking node adds them
+//! to its own VIP of the service of that name when that one is balanced cluster-wide
+//! (`internal_traffic_policy: cluster`), as kube-proxy and Cilium balance a Service over the
+//! endpoints of every node. Only what a node's own link hears counts, and it goes as soon as
+//! the link does: a node that stops answering takes its instances out of the others' VIPs.
+//!
+//! A node may only offer addresses inside its own prefix of the service's quadrant (the one its
+//! link told and this node's kernel judges as that quadrant): a node cannot turn another's VIP
+//! towards an address of this node, of another node or of the world.
+
+use std::{collections::BTreeMap, sync::PoisonError};
+
+use ipnet::Ipv4Net;
+use tracing::{info, warn};
+
+use super::{Peers, locked, wire::ServiceBackend};
+use crate::{config::Config, scale::RemoteBackend};
+
+/// Instances a peer may tell at most (16 per service fill a service's slots).
+pub const MAX_PEER_BACKENDS: usize = 256;
+
+/// What node `name` tells (`told`) that this node takes, given the prefixes its link told
+/// (`prefixes`), and what it does not, with why. Services balanced only locally here, and
+/// instances of weight 0, are passed over without a word.
+pub(super) fn check(
+    config: &Config,
+    name: &str,
+    prefixes: &BTreeMap<String, Ipv4Net>,
+    told: &[ServiceBackend],
+) -> (Vec<RemoteBackend>, Vec<String>) {
+    let mut taken: Vec<RemoteBackend> = Vec::new();
+    let mut refused = Vec::new();
+    if told.len() > MAX_PEER_BACKENDS {
+        refused.push(format!(
+            "{} instances told; at most {MAX_PEER_BACKENDS} are taken",
+            told.len()
+        ));
+    }
+    for b in told.iter().take(MAX_PEER_BACKENDS) {
+        let what = format!("{} for {}", b.address, b.service);
+        let Some((n, s)) = config
+            .services
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == b.service)
+        else {
+            refused.push(format!("{what} (no service of that name here)"));
+            continue;
+        };
+        if !s.cluster_wide() || b.weight == 0 {
+            continue;
+        }
+        if b.port != s.port {
+            refused.push(format!(
+                "{what} (port {}; the service's port here is {})",
+                b.port, s.port
+            ));
+            continue;
+        }
+        let q = s.quadrant().name();
+        match prefixes.get(q) {
+            Some(net) if net.contains(&b.address) => {}
+            Some(net) => {
+                refused.push(format!("{what} (outside node {name}'s {q} prefix {net})"));
+                continue;
+            }
+            None => {
+                refused.push(format!("{what} (node {name} told no {q} prefix)"));
+                continue;
+            }
+        }
+        if taken.iter().any(|t| t.service == n && t.addr == b.address) {
+            continue;
+        }
+        taken.push(RemoteBackend {
+            service: n,
+            node: name.to_owned(),
+            addr: b.address,
+            weight: b.weight,
+        });
+    }
+    (taken, refused)
+}
+
+impl Peers {
+    /// This node's instances ready for its services, as it tells them (at most
+    /// [`MAX_PEER_BACKENDS`]).
+    pub(super) fn own_backends(&self) -> Vec<ServiceBackend> {
+        let Some(agent) = self.agent.upgrade() else {
+            return Vec::new();
+        };
+        let mut out: Vec<ServiceBackend> = agent
+            .instances
+            .ready_here(&self.config)
+            .into_iter()
+            .filter_map(|(n, i, weight)| {
+                let s = self.config.services.get(n)?;
+                Some(ServiceBackend {
+                    service: s.name.clone(),
+                    address: self.config.instance_addr(i),
+                    port: s.port,
+                    weight,
+                })
+            })
+            .collect();
+        out.truncate(MAX_PEER_BACKENDS);
+        out
+    }
+
+    /// Makes the instances node `name` tells (none: its link is down, or it is gone) part of
+    /// this node's VIPs, and writes the load-balancing maps when they change.
+    pub(crate) fn learn_backends(&self, name: &str, told: &[ServiceBackend]) {
+        let Some(agent) = self.agent.upgrade() else {
+            return;
+        };
+        let prefixes = locked(&self.learned).get(name).cloned().unwrap_or_default();
+        let (taken, refused) = check(&self.config, name, &prefixes, told);
+        let count = taken.len();
+        {
+            let mut all = locked(&self.backends);
+            let before = if count == 0 && refused.is_empty() {
+                all.remove(name)
+            } else {
+                all.insert(name.to_owned(), (count, refused.clone()))
+            };
+            if !refused.is_empty() && before.is_none_or(|(_, r)| r != refused) {
+                warn!(
+                    node = name,
+                    ?refused,
+                    "peer node's instances not balanced to"
+                );
+            }
+        }
+        if !agent.instances.set_remote(name, taken) {
+            return;
+        }
+        let mut dp = agent
+            .dataplane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match agent.instances.write_lb(&self.config, &mut dp) {
+            Ok(()) => info!(
+                node = name,
+                instances = count,
+                "peer node's instances in the services' VIPs"
+            ),
+            Err(e) => warn!(
+                node = name,
+                error = %e,
+                "cannot write a peer node's instances into the load-balancing maps"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_yaml(
+            "quadrants:\n  dx: { prefix: 10.1.0.0/24 }\n  dg: { prefix: 10.1.1.0/24 }\n  \
+             px: { prefix: 10.2.0.0/24 }\n  pg: { prefix: 10.3.0.0/24 }\n\
+             services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.2.0.100 }\n  \
+             - { name: near, quadrant: px, port: 9090, vip: 10.2.0.101, \
+             internal_traffic_policy: local }\n",
+            "t",
+        )
+        .expect("config")
+    }
+
+    fn told(service: &str, address: &str, port: u16, weight: u16) -> ServiceBackend {
+        ServiceBackend {
+            service: service.into(),
+            address: address.parse().expect("ip"),
+            port,
+            weight,
+        }
+    }
+
+    #[test]
+    fn a_peer_offers_only_its_own_quadrants_addresses() {
+        let prefixes: BTreeMap<String, Ipv4Net> = [
+            ("px".to_owned(), "10.250.2.0/24".parse().expect("net")),
+            ("dx".to_owned(), "10.250.0.0/24".parse().expect("net")),
+        ]
+        .into();
+        let (taken, refused) = check(
+            &config(),
+            "b",
+            &prefixes,
+            &[
+                told("api", "10.250.2.2", 8080, 1000),
+                told("api", "10.250.2.2", 8080, 1000),
+                // This node's PX, the peer's DX, the world: never a backend of this node's VIP.
+                told("api", "10.2.0.2", 8080, 1000),
+                told("api", "10.250.0.2", 8080, 1000),
+                told("api", "192.0.2.1", 8080, 1000),
+                told("api", "10.250.2.3", 8081, 1000),
+                told("api", "10.250.2.4", 8080, 0),
+                told("near", "10.250.2.2", 9090, 1000),
+                told("web", "10.250.2.2", 80, 1000),
+            ],
+        );
+        assert_eq!(
+            taken,
+            [RemoteBackend {
+                service: 0,
+                node: "b".into(),
+                addr: "10.250.2.2".parse().expect("ip"),
+                weight: 1000,
+            }]
+        );
+        assert_eq!(
+            refused,
+            [
+                "10.2.0.2 for api (outside node b's px prefix 10.250.2.0/24)",
+                "10.250.0.2 for api (outside node b's px prefix 10.250.2.0/24)",
+                "192.0.2.1 for api (outside node b's px prefix 10.250.2.0/24)",
+                "10.250.2.3 for api (port 8081; the service's port here is 8080)",
+                "10.250.2.2 for web (no service of that name here)",
+            ]
+        );
+        let (taken, refused) = check(
+            &config(),
+            "b",
+            &BTreeMap::new(),
+            &[told("api", "10.250.2.2", 8080, 1000)],
+        );
+        assert!(taken.is_empty());
+        assert_eq!(refused, ["10.250.2.2 for api (node b told no px prefix)"]);
+    }
+
+    #[test]
+    fn told_instances_are_read_within_the_limit() {
+        let prefixes: BTreeMap<String, Ipv4Net> =
+            [("px".to_owned(), "10.250.0.0/16".parse().expect("net"))].into();
+        let many: Vec<ServiceBackend> = (0..=MAX_PEER_BACKENDS)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(0x0afa_0000 + u32::try_from(i).expect("i"));
+                told("api", &a.to_string(), 8080, 1)
+            })
+            .collect();
+        let (taken, refused) = check(&config(), "b", &prefixes, &many);
+        assert_eq!(taken.len(), MAX_PEER_BACKENDS);
+        assert_eq!(refused, ["257 instances told; at most 256 are taken"]);
+    }
+}
