@@ -1,5 +1,6 @@
-//! A Kubernetes API server for the one resource the agent follows — `/api/v1/nodes`: get,
-//! list, watch (newline-delimited watch events from a resource version, synthetic `ADDED`s for
+//! A Kubernetes API server for the resources the agent follows — `/api/v1/nodes` (get, merge
+//! patch) and `/apis/discovery.k8s.io/v1/namespaces/NS/endpointslices`: list (with a
+//! `labelSelector` of one `key=value`), watch (newline-delimited watch events from a resource version, synthetic `ADDED`s for
 //! a watch without one, ended after `timeoutSeconds`), whole objects or their metadata alone
 //! (`PartialObjectMetadata`, as the `Accept` header asks), JSON merge patch, bearer-token
 //! authentication and `Status` errors, as the API server answers them. No API server can be
@@ -26,12 +27,21 @@ use serde_json::{Value, json};
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// The nodes' collection.
+const NODES: &str = "nodes";
+
+/// The collection of `namespace`'s endpoint slices.
+fn slices_of(namespace: &str) -> String {
+    format!("endpointslices/{namespace}")
+}
+
 #[derive(Default)]
 struct Inner {
     rv: u64,
-    nodes: BTreeMap<String, Value>,
-    /// Every change: (resource version, type, object).
-    events: Vec<(u64, &'static str, Value)>,
+    /// Objects by (collection, name).
+    objects: BTreeMap<(String, String), Value>,
+    /// Every change: (resource version, type, collection, object).
+    events: Vec<(u64, &'static str, String, Value)>,
     /// `METHOD path?query` of every request.
     requests: Vec<String>,
 }
@@ -47,8 +57,8 @@ impl State {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Stores `object` (its resource version set) and records the event.
-    fn put(&self, kind: &'static str, mut object: Value) -> Value {
+    /// Stores `object` of `collection` (its resource version set) and records the event.
+    fn put(&self, collection: &str, kind: &'static str, mut object: Value) -> Value {
         let mut i = self.locked();
         i.rv += 1;
         let rv = i.rv;
@@ -57,12 +67,14 @@ impl State {
             .as_str()
             .unwrap_or_default()
             .to_owned();
+        let key = (collection.to_owned(), name);
         if kind == "DELETED" {
-            i.nodes.remove(&name);
+            i.objects.remove(&key);
         } else {
-            i.nodes.insert(name, object.clone());
+            i.objects.insert(key, object.clone());
         }
-        i.events.push((rv, kind, object.clone()));
+        i.events
+            .push((rv, kind, collection.to_owned(), object.clone()));
         drop(i);
         self.changed.send_replace(rv);
         object
@@ -173,6 +185,7 @@ impl KubeApi {
     /// Registers node `name` with an `InternalIP`, as a kubelet does.
     pub fn add_node(&self, name: &str, internal_ip: &str) {
         self.state.put(
+            NODES,
             "ADDED",
             json!({
                 "apiVersion": "v1",
@@ -188,32 +201,77 @@ impl KubeApi {
 
     /// Deletes node `name`'s object, as `kubectl delete node` does.
     pub fn delete_node(&self, name: &str) {
-        let object = self.state.locked().nodes.get(name).cloned();
+        let object = self.node(name);
         if let Some(o) = object {
-            self.state.put("DELETED", o);
+            self.state.put(NODES, "DELETED", o);
         }
+    }
+
+    fn node(&self, name: &str) -> Option<Value> {
+        self.state
+            .locked()
+            .objects
+            .get(&(NODES.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Creates or replaces `EndpointSlice` `name` in `namespace` for Service `service`, with
+    /// `ports` and `endpoints` as the API has them (`[{"port": 80}]`, `[{"addresses": […],
+    /// "conditions": {"ready": true}}]`), as the endpoint-slice controller writes it.
+    pub fn put_endpoint_slice(
+        &self,
+        namespace: &str,
+        name: &str,
+        service: &str,
+        ports: &Value,
+        endpoints: &Value,
+    ) {
+        let collection = slices_of(namespace);
+        let kind = if self
+            .state
+            .locked()
+            .objects
+            .contains_key(&(collection.clone(), name.to_owned()))
+        {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.state.put(
+            &collection,
+            kind,
+            json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": name, "namespace": namespace, "uid": format!("uid-{namespace}-{name}"),
+                    "labels": { "kubernetes.io/service-name": service },
+                },
+                "addressType": "IPv4",
+                "ports": ports,
+                "endpoints": endpoints,
+            }),
+        );
     }
 
     /// Sets annotations on node `name`, as `kubectl annotate` does.
     pub fn annotate(&self, name: &str, annotations: &[(&str, &str)]) {
-        let object = self.state.locked().nodes.get(name).cloned();
+        let object = self.node(name);
         if let Some(mut o) = object {
             let patch = json!({ "metadata": { "annotations": annotations
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), json!(v)))
                 .collect::<serde_json::Map<_, _>>() } });
             merge_patch(&mut o, &patch);
-            self.state.put("MODIFIED", o);
+            self.state.put(NODES, "MODIFIED", o);
         }
     }
 
     /// Node `name`'s annotations.
     #[must_use]
     pub fn annotations(&self, name: &str) -> BTreeMap<String, String> {
-        self.state
-            .locked()
-            .nodes
-            .get(name)
+        self.node(name)
+            .as_ref()
             .and_then(|n| n["metadata"]["annotations"].as_object().cloned())
             .map(|a| {
                 a.into_iter()
@@ -310,8 +368,72 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .map(|(k, v)| (k.to_owned(), percent_decoded(v)))
         .collect()
+}
+
+/// `%XX` escapes of a query value decoded.
+fn percent_decoded(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(x)) => {
+                out.push(x);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What a request reads: a collection, maybe one object of it.
+struct Target {
+    collection: String,
+    name: Option<String>,
+    list_kind: &'static str,
+    api_version: &'static str,
+}
+
+fn target(path: &str) -> Option<Target> {
+    if let Some(rest) = path.strip_prefix("/api/v1/nodes") {
+        let name = match rest {
+            "" => None,
+            r if r.starts_with('/') && !r[1..].contains('/') => Some(r[1..].to_owned()),
+            _ => return None,
+        };
+        return Some(Target {
+            collection: NODES.to_owned(),
+            name,
+            list_kind: "NodeList",
+            api_version: "v1",
+        });
+    }
+    let rest = path.strip_prefix("/apis/discovery.k8s.io/v1/namespaces/")?;
+    let (namespace, rest) = rest.split_once('/')?;
+    (rest == "endpointslices").then(|| Target {
+        collection: slices_of(namespace),
+        name: None,
+        list_kind: "EndpointSliceList",
+        api_version: "discovery.k8s.io/v1",
+    })
+}
+
+/// Whether `object` carries the label `labelSelector` asks for (`key=value`; none: all).
+fn selected(object: &Value, q: &BTreeMap<String, String>) -> bool {
+    let Some((k, v)) = q.get("labelSelector").and_then(|s| s.split_once('=')) else {
+        return true;
+    };
+    object["metadata"]["labels"][k].as_str() == Some(v)
 }
 
 async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
@@ -346,13 +468,15 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         .get("accept")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
-    match (req.method().clone(), path.strip_prefix("/api/v1/nodes")) {
-        (Method::GET, Some("")) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch(state, &q, metadata_only)
+    match (req.method().clone(), target(&path)) {
+        (Method::GET, Some(t))
+            if t.name.is_none() && q.get("watch").is_some_and(|w| w == "true" || w == "1") =>
+        {
+            watch(state, &q, t.collection, metadata_only)
         }
-        (Method::GET, Some("")) => list(state, metadata_only),
-        (method, Some(rest)) if rest.starts_with('/') && !rest[1..].contains('/') => {
-            let name = rest[1..].to_owned();
+        (Method::GET, Some(t)) if t.name.is_none() => list(state, &t, &q, metadata_only),
+        (method, Some(t)) if t.collection == NODES => {
+            let name = t.name.unwrap_or_default();
             object(state, &method, &name, req).await
         }
         _ => status(
@@ -363,13 +487,19 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// The nodes, whole or as their metadata.
-fn list(state: &Arc<State>, metadata_only: bool) -> Response<Body> {
+/// A collection's objects the selector picks, whole or as their metadata.
+fn list(
+    state: &Arc<State>,
+    t: &Target,
+    q: &BTreeMap<String, String>,
+    metadata_only: bool,
+) -> Response<Body> {
     let i = state.locked();
     let items: Vec<Value> = i
-        .nodes
-        .values()
-        .map(|n| {
+        .objects
+        .iter()
+        .filter(|((c, _), o)| *c == t.collection && selected(o, q))
+        .map(|(_, n)| {
             if metadata_only {
                 return partial(n);
             }
@@ -385,7 +515,7 @@ fn list(state: &Arc<State>, metadata_only: bool) -> Response<Body> {
     let (kind, api_version) = if metadata_only {
         ("PartialObjectMetadataList", "meta.k8s.io/v1")
     } else {
-        ("NodeList", "v1")
+        (t.list_kind, t.api_version)
     };
     full(
         StatusCode::OK,
@@ -404,7 +534,12 @@ async fn object(
     name: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let Some(node) = state.locked().nodes.get(name).cloned() else {
+    let node = state
+        .locked()
+        .objects
+        .get(&(NODES.to_owned(), name.to_owned()))
+        .cloned();
+    let Some(node) = node else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -433,7 +568,7 @@ async fn object(
             };
             let mut patched = node;
             merge_patch(&mut patched, &merge_doc);
-            full(StatusCode::OK, &state.put("MODIFIED", patched))
+            full(StatusCode::OK, &state.put(NODES, "MODIFIED", patched))
         }
         _ => status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -473,7 +608,12 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// A watch: the events after `resourceVersion` (every object as `ADDED` without one), then
 /// each change until `timeoutSeconds` (default 30 minutes) or the client goes.
-fn watch(state: &Arc<State>, q: &BTreeMap<String, String>, metadata_only: bool) -> Response<Body> {
+fn watch(
+    state: &Arc<State>,
+    q: &BTreeMap<String, String>,
+    collection: String,
+    metadata_only: bool,
+) -> Response<Body> {
     let from: Option<u64> = q
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
@@ -486,6 +626,7 @@ fn watch(state: &Arc<State>, q: &BTreeMap<String, String>, metadata_only: bool) 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
     let state = Arc::clone(state);
     let mut changed = state.changed.subscribe();
+    let q = q.clone();
     tokio::spawn(async move {
         let line = |kind: &str, object: &Value| {
             let object = if metadata_only {
@@ -503,7 +644,14 @@ fn watch(state: &Arc<State>, q: &BTreeMap<String, String>, metadata_only: bool) 
         } else {
             let (rv, nodes): (u64, Vec<Value>) = {
                 let i = state.locked();
-                (i.rv, i.nodes.values().cloned().collect())
+                (
+                    i.rv,
+                    i.objects
+                        .iter()
+                        .filter(|((c, _), o)| *c == collection && selected(o, &q))
+                        .map(|(_, o)| o.clone())
+                        .collect(),
+                )
             };
             for n in &nodes {
                 if tx.send(line("ADDED", n)).await.is_err() {
@@ -514,18 +662,21 @@ fn watch(state: &Arc<State>, q: &BTreeMap<String, String>, metadata_only: bool) 
         };
         let end = tokio::time::Instant::now() + timeout;
         loop {
-            let news: Vec<(u64, &'static str, Value)> = state
+            let news: Vec<(u64, &'static str, String, Value)> = state
                 .locked()
                 .events
                 .iter()
-                .filter(|(rv, _, _)| *rv > seen)
+                .filter(|(rv, _, _, _)| *rv > seen)
                 .cloned()
                 .collect();
-            for (rv, kind, object) in news {
+            for (rv, kind, c, object) in news {
+                seen = rv;
+                if c != collection || !selected(&object, &q) {
+                    continue;
+                }
                 if tx.send(line(kind, &object)).await.is_err() {
                     return;
                 }
-                seen = rv;
             }
             tokio::select! {
                 r = changed.changed() => if r.is_err() { return },
