@@ -129,18 +129,27 @@ fn service_account(ns: &str) -> ServiceAccount {
 
 /// What the agent does with the API (`peers.kubernetes`): reads and watches the nodes (the
 /// other agents' addresses) and patches its own Node object's annotations (its address and
-/// prefixes). Nothing else.
+/// prefixes); lists and watches the `EndpointSlice`s of the Services that services with a VIP
+/// name (`services[].kubernetes_service`). Nothing else.
 fn cluster_role() -> ClusterRole {
     ClusterRole {
         metadata: meta(APP, None),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["nodes".to_owned()]),
-            verbs: ["get", "list", "watch", "patch"]
-                .map(str::to_owned)
-                .to_vec(),
-            ..PolicyRule::default()
-        }]),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["nodes".to_owned()]),
+                verbs: ["get", "list", "watch", "patch"]
+                    .map(str::to_owned)
+                    .to_vec(),
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: Some(vec!["discovery.k8s.io".to_owned()]),
+                resources: Some(vec!["endpointslices".to_owned()]),
+                verbs: ["list", "watch"].map(str::to_owned).to_vec(),
+                ..PolicyRule::default()
+            },
+        ]),
         ..ClusterRole::default()
     }
 }

@@ -198,7 +198,10 @@ fn the_nodes_can_be_rendered_as_each_others_peers() {
     let role = file("clusterrole.yaml");
     assert_eq!(
         role["rules"],
-        serde_json::json!([{ "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"] }])
+        serde_json::json!([
+            { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"] },
+            { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"] },
+        ])
     );
     // Without peers, no Secret is needed.
     let plain = rendered();

@@ -1201,6 +1201,7 @@ impl Vip {
                 protocol: "tcp".into(),
                 affinity: "none".into(),
                 internal_traffic_policy: "cluster".into(),
+                kubernetes_service: None,
             }];
         });
         nodes.linked();
@@ -1252,6 +1253,14 @@ impl Vip {
         assert_eq!(peer, self.target, "getpeername gives the VIP back");
         assert_eq!(counts, [(self.b_px.clone(), 4)].into(), "only B's is ready");
         assert_eq!(peers(&self.nodes.a)[0]["instances"], 1);
+        let text =
+            String::from_utf8_lossy(&self.nodes.a.quadrant(&["instances"]).stdout).into_owned();
+        let row = format!("{}:{}", self.b_px, Self::PORT);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&row) && l.contains(" peers ") && l.ends_with("balanced")),
+            "{text}"
+        );
         let (ok, line) = self
             .nodes
             .a
@@ -1336,4 +1345,168 @@ fn a_vip_balances_over_the_instances_of_every_node() {
     vip.nodes.b.crash();
     until_remote(&vip.nodes.a, "B's gone with its link", <[_]>::is_empty);
     assert_eq!(vip.spread_from_a("4").1, only_a, "only A's instance");
+}
+
+/// `quadrant instances --output json`'s Kubernetes endpoints not balanced to.
+fn endpoints_refused(inst: &Instance) -> Vec<String> {
+    let out = inst.quadrant(&["instances", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("instances json");
+    v["endpoints_refused"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A service naming a Kubernetes Service (`kubernetes_service: shop/api`) on both nodes, which
+/// follow the API: the `EndpointSlice`'s ready endpoint — a PX pod attached on A, serving on the
+/// slice's port 8080 — is behind the VIP (port 7403) on both nodes, each judging the pod as PX
+/// (A attached it, B was told); endpoints the kernel does not judge as PX (A's DX, the world)
+/// are refused and listed; an endpoint no longer ready leaves the VIP.
+#[test]
+fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
+    const PORT: u16 = 7403;
+    let nodes = Nodes::up_with(true, |c, a| {
+        c.services = vec![ServiceConfig {
+            name: "api".into(),
+            quadrant: "px".into(),
+            port: PORT,
+            vip: std::net::Ipv4Addr::from(u32::from(a.addrs(Quadrant::Px).prefix.network()) + 100),
+            protocol: "tcp".into(),
+            affinity: "none".into(),
+            internal_traffic_policy: "cluster".into(),
+            kubernetes_service: Some("shop/api".into()),
+        }];
+    });
+    nodes.linked();
+    let target = format!("{}:{PORT}", nodes.a.config.services[0].vip);
+    let pod = ServingPod::on_a(&nodes, 8080);
+    let ip = pod.ip.clone();
+
+    let api = nodes.api.as_ref().expect("api");
+    let a_dx = nodes.a.addr(Quadrant::Dx);
+    let endpoint = |a: &str, ready: bool| serde_json::json!({ "addresses": [a], "conditions": { "ready": ready } });
+    api.put_endpoint_slice(
+        "shop",
+        "api-1",
+        "api",
+        &serde_json::json!([{ "port": 8080, "protocol": "TCP" }]),
+        &serde_json::json!([
+            endpoint(&ip, true),
+            endpoint(&a_dx, true),
+            endpoint("192.0.2.10", true)
+        ]),
+    );
+    for inst in [&nodes.a, &nodes.b] {
+        until_remote(inst, "the pod behind the VIP", |r| {
+            r == [(ip.clone(), true)]
+        });
+        let (ok, line) = inst.probe(Quadrant::Pg, &["tcp-spread", &target, "2"]);
+        let (peer, counts) = spread(ok, &line);
+        assert_eq!(peer, target, "getpeername gives the VIP back");
+        assert_eq!(counts, [(ip.clone(), 2)].into(), "the pod answered");
+    }
+    let refused = endpoints_refused(&nodes.a);
+    assert_eq!(
+        refused,
+        [
+            format!("api: {a_dx}:8080 (dx here, not px)"),
+            "api: 192.0.2.10:8080 (world here, not px)".to_owned(),
+        ],
+        "{refused:?}"
+    );
+    let (ok, line) = nodes
+        .a
+        .probe(Quadrant::Dx, &["tcp-connect", &target, "500"]);
+    assert!(
+        !ok && line == "err EPERM",
+        "the policy still decides: {line}"
+    );
+
+    api.put_endpoint_slice(
+        "shop",
+        "api-1",
+        "api",
+        &serde_json::json!([{ "port": 8080, "protocol": "TCP" }]),
+        &serde_json::json!([endpoint(&ip, false)]),
+    );
+    until_remote(&nodes.a, "the pod no longer ready", <[_]>::is_empty);
+    let (ok, line) = nodes
+        .a
+        .probe(Quadrant::Pg, &["tcp-connect", &target, "500"]);
+    assert!(
+        !ok && line == "err ECONNREFUSED",
+        "no endpoint left: {line}"
+    );
+    pod.remove();
+}
+
+/// A PX pod on node A (the reference plugins and `quadrant-cni`), its network routed to A from
+/// B's namespace, running `tcp-whoami` on a port.
+struct ServingPod {
+    ip: String,
+    rt: quadrant_tests::cni::Runtime,
+    list: Value,
+    attachment: quadrant_tests::cni::Attachment,
+    _server: Killed,
+    _routes: Undo,
+    _pod: Pod,
+}
+
+impl ServingPod {
+    fn on_a(nodes: &Nodes, port: u16) -> Self {
+        let mut rt = pods_runtime(QPROBE);
+        let list = conflist(&nodes.a, None);
+        let pod = Pod::new(&nodes.a, "web");
+        let attachment = pod.attachment(Some("px"));
+        let result = rt.add(&list, &attachment).expect("ADD");
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .expect("the pod's address")
+            .to_owned();
+        let pods_net = subnet(&nodes.a);
+        let routes = blackhole(&pods_net);
+        run(&[
+            "ip",
+            "-n",
+            &nodes.link.netns,
+            "route",
+            "replace",
+            &pods_net,
+            "via",
+            &nodes.ips[0].to_string(),
+        ]);
+        let mut server = Killed(
+            Command::new("ip")
+                .args(["netns", "exec", &pod.netns, QPROBE, "tcp-whoami"])
+                .arg(format!("0.0.0.0:{port}"))
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("the pod's server"),
+        );
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(server.0.stdout.take().expect("stdout")),
+            &mut line,
+        );
+        assert!(line.starts_with("listening"), "{line}");
+        Self {
+            ip,
+            rt,
+            list,
+            attachment,
+            _server: server,
+            _routes: routes,
+            _pod: pod,
+        }
+    }
+
+    /// DEL, as the runtime calls it when the pod goes.
+    fn remove(mut self) {
+        self.rt.del(&self.list, &self.attachment).expect("DEL");
+    }
 }

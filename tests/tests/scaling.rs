@@ -110,6 +110,7 @@ fn config_behind_a_vip(
         protocol: protocol.into(),
         affinity: affinity.into(),
         internal_traffic_policy: "cluster".into(),
+        kubernetes_service: None,
     }];
     let addrs = (0..quadrant::config::MAX_INSTANCES)
         .map(|k| {

@@ -128,6 +128,14 @@ pub struct ServiceConfig {
         skip_serializing_if = "is_cluster_traffic"
     )]
     pub internal_traffic_policy: String,
+    /// `namespace/name` of a Kubernetes Service (with `peers.kubernetes`): the ready endpoints
+    /// of its `EndpointSlice`s join the VIP's instances — each only while this node's kernel
+    /// judges its address as the service's quadrant (a pod `quadrant-cni` attached here or a
+    /// peer told, an instance's address). The slice's port of the service's protocol is the
+    /// endpoint's (the one named as this service when it has several). With the Service's
+    /// `ClusterIP` as `vip`, the quadrants' connections to it are translated at the socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_service: Option<String>,
 }
 
 fn default_traffic_policy() -> String {
@@ -155,6 +163,12 @@ impl ServiceConfig {
     #[must_use]
     pub fn quadrant(&self) -> Quadrant {
         Quadrant::from_name(&self.quadrant).unwrap_or(Quadrant::Px)
+    }
+
+    /// `kubernetes_service` as (namespace, name).
+    #[must_use]
+    pub fn kubernetes_service(&self) -> Option<(&str, &str)> {
+        self.kubernetes_service.as_deref()?.split_once('/')
     }
 
     /// Whether instances on the peer nodes serve it too (`internal_traffic_policy: cluster`).
@@ -219,6 +233,28 @@ impl ServiceConfig {
                     self.internal_traffic_policy
                 ),
             ));
+        }
+        if let Some(k) = &self.kubernetes_service {
+            let label = |p: &str| {
+                !p.is_empty()
+                    && p.len() <= 63
+                    && p.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !p.starts_with('-')
+                    && !p.ends_with('-')
+            };
+            if !k
+                .split_once('/')
+                .is_some_and(|(ns, n)| label(ns) && label(n))
+            {
+                return Err(invalid(
+                    field("kubernetes_service"),
+                    format!(
+                        "{k:?}: expected namespace/name, each 1-63 characters of a-z, 0-9 and \
+                         '-' (a Kubernetes Service)"
+                    ),
+                ));
+            }
         }
         if self.port == 0 {
             return Err(invalid(field("port"), "must be 1-65535"));
@@ -357,6 +393,13 @@ impl Config {
         for (n, s) in self.services.iter().enumerate() {
             let field = |f: &str| format!("services[{n}].{f}");
             s.validate_fields(n)?;
+            if s.kubernetes_service.is_some() && self.peers.kubernetes.is_none() {
+                return Err(invalid(
+                    field("kubernetes_service"),
+                    "needs peers.kubernetes (the agent reads EndpointSlices from the \
+                     Kubernetes API it follows there)",
+                ));
+            }
             if self.services[..n].iter().any(|o| o.name == s.name) {
                 return Err(invalid(
                     field("name"),

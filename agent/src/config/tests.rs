@@ -222,6 +222,18 @@ fn bad_instances_and_services_are_refused_naming_the_field() {
         ),
         (
             "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.9.0.1, \
+             kubernetes_service: shop/api }\n",
+            "services[0].kubernetes_service: needs peers.kubernetes",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
+            "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.9.0.1, \
+             kubernetes_service: Shop/api }\n",
+            "services[0].kubernetes_service: \"Shop/api\": expected namespace/name",
+        ),
+        (
+            "{ prefix: 10.2.0.0/24 }",
             "services:\n  - { name: api, quadrant: px, port: 8080, vip: 10.9.0.1, protocol: sctp }\n",
             "services[0].protocol",
         ),

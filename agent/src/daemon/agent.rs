@@ -161,6 +161,7 @@ impl Agent {
         if let Some(p) = self.broker.peers() {
             report.peers = p.status();
             report.kubernetes_error = p.kubernetes_error();
+            report.endpoints_refused = p.endpoints_refused();
         }
         report
     }

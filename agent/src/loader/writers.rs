@@ -104,6 +104,24 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The identity this node's kernel gives `addr` (the longest `PREFIXES` entry holding it;
+    /// none: the world).
+    pub fn identity_of(&self, addr: Ipv4Addr) -> Result<Identity, LoaderError> {
+        let map = self
+            .ebpf
+            .map(maps::PREFIXES)
+            .ok_or(LoaderError::MissingMap {
+                name: maps::PREFIXES,
+            })?;
+        let trie: LpmTrie<_, u32, PrefixValue> =
+            LpmTrie::try_from(map).map_err(map_err(maps::PREFIXES))?;
+        match trie.get(&lpm_key(Ipv4Net::from(addr)), 0) {
+            Ok(v) => Ok(Identity::from_id(v.identity).unwrap_or(Identity::World)),
+            Err(MapError::KeyNotFound) => Ok(Identity::World),
+            Err(e) => Err(map_err(maps::PREFIXES)(e)),
+        }
+    }
+
     /// Removes these PREFIXES entries (a former peer node's prefixes), keeping the others; one
     /// already gone is no error.
     pub fn remove_prefixes(&mut self, nets: &[Ipv4Net]) -> Result<(), LoaderError> {

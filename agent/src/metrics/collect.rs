@@ -74,6 +74,8 @@ pub struct ServiceBackends {
     pub node: u64,
     /// Instances of peer nodes it balances over.
     pub peers: u64,
+    /// Endpoints of its Kubernetes Service it balances over.
+    pub kubernetes: u64,
 }
 
 impl ServiceBackends {
@@ -83,18 +85,24 @@ impl ServiceBackends {
         config
             .services
             .iter()
-            .map(|svc| Self {
-                service: svc.name.clone(),
-                node: report
-                    .instances
-                    .iter()
-                    .filter(|i| !i.draining && i.services.get(&svc.name) == Some(&true))
-                    .count() as u64,
-                peers: report
-                    .remote
-                    .iter()
-                    .filter(|r| r.service == svc.name && r.balanced)
-                    .count() as u64,
+            .map(|svc| {
+                let remote = |source: &str| {
+                    report
+                        .remote
+                        .iter()
+                        .filter(|r| r.service == svc.name && r.source == source && r.balanced)
+                        .count() as u64
+                };
+                Self {
+                    service: svc.name.clone(),
+                    node: report
+                        .instances
+                        .iter()
+                        .filter(|i| !i.draining && i.services.get(&svc.name) == Some(&true))
+                        .count() as u64,
+                    peers: remote("peers"),
+                    kubernetes: remote("kubernetes"),
+                }
             })
             .collect()
     }
@@ -644,13 +652,18 @@ fn instances(s: &Sources) -> Vec<Family> {
     }
     let mut backends = Family::new(
         "quadrant_service_backends",
-        "Ready instances a service's VIP balances over: this node's (`location=\"node\"`) and \
-         the peer nodes' (`location=\"peers\"`, services balanced cluster-wide)",
+        "Ready instances a service's VIP balances over: this node's (`source=\"node\"`), the \
+         peer nodes' (`source=\"peers\"`, services balanced cluster-wide) and its Kubernetes \
+         Service's endpoints (`source=\"kubernetes\"`)",
         Kind::Gauge,
     );
     for b in &s.service_backends {
-        for (location, n) in [("node", b.node), ("peers", b.peers)] {
-            backends.int(l(&[("service", &b.service), ("location", location)]), n);
+        for (source, n) in [
+            ("node", b.node),
+            ("peers", b.peers),
+            ("kubernetes", b.kubernetes),
+        ] {
+            backends.int(l(&[("service", &b.service), ("source", source)]), n);
         }
     }
     vec![count, ready, draining, connections, backends]

@@ -326,15 +326,16 @@ fn a_services_backends_are_counted_on_this_node_and_on_peers() {
             service: "api".into(),
             node: 1,
             peers: 3,
+            kubernetes: 2,
         }],
         ..all_quadrants()
     };
     let text = scrape(&s, &Live::default());
-    for (location, want) in [("node", 1.0), ("peers", 3.0)] {
+    for (source, want) in [("node", 1.0), ("peers", 3.0), ("kubernetes", 2.0)] {
         assert_eq!(
             value(
                 &text,
-                &format!("quadrant_service_backends{{service=\"api\",location=\"{location}\"}}")
+                &format!("quadrant_service_backends{{service=\"api\",source=\"{source}\"}}")
             ),
             Some(want),
             "{text}"

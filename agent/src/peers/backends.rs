@@ -5,12 +5,18 @@
 //! endpoints of every node. Only what a node's own link hears counts, and it goes as soon as
 //! the link does: a node that stops answering takes its instances out of the others' VIPs.
 //!
+//! A Service's endpoints from the Kubernetes API (`services[].kubernetes_service`) join its VIP
+//! too ([`Peers::set_endpoints`]), each only while this node's kernel judges its address as the
+//! service's quadrant: an `EndpointSlice` is an object anyone allowed to write one can fill, so it
+//! cannot point a PX VIP at a development pod or at the world.
+//!
 //! A node may only offer addresses inside its own prefix of the service's quadrant (the one its
 //! link told and this node's kernel judges as that quadrant): a node cannot turn another's VIP
 //! towards an address of this node, of another node or of the world.
 
-use std::{collections::BTreeMap, sync::PoisonError};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::PoisonError};
 
+use dataplane_common::Identity;
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
@@ -74,16 +80,122 @@ pub(super) fn check(
             continue;
         }
         taken.push(RemoteBackend {
+            source: "peers",
             service: n,
             node: name.to_owned(),
             addr: b.address,
+            port: b.port,
             weight: b.weight,
         });
     }
     (taken, refused)
 }
 
+/// A ready endpoint of a Kubernetes Service (from its `EndpointSlice`s).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Endpoint {
+    /// Its address.
+    pub addr: Ipv4Addr,
+    /// The port it serves the service on.
+    pub port: u16,
+    /// The node it runs on, when the slice says.
+    pub node: Option<String>,
+}
+
 impl Peers {
+    /// Makes `endpoints` — service `n`'s ready Kubernetes endpoints — part of its VIP, each
+    /// whose address this node's kernel judges as the service's quadrant (an instance of this
+    /// node is one already); the others are listed with why (`quadrant instances`).
+    pub(crate) fn set_endpoints(&self, n: usize, endpoints: &[Endpoint]) {
+        let (Some(agent), Some(s)) = (self.agent.upgrade(), self.config.services.get(n)) else {
+            return;
+        };
+        let q = s.quadrant();
+        let weight = self.config.capacity(q).weight();
+        let mut taken = Vec::new();
+        let mut refused = Vec::new();
+        {
+            let dp = agent
+                .dataplane
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for e in endpoints.iter().take(MAX_PEER_BACKENDS) {
+                if self
+                    .config
+                    .instance_of_addr(e.addr)
+                    .is_some_and(|i| i.quadrant == q)
+                {
+                    continue;
+                }
+                match dp.identity_of(e.addr) {
+                    Ok(id) if id == Identity::from(q) => taken.push(RemoteBackend {
+                        source: "kubernetes",
+                        service: n,
+                        node: e.node.clone().unwrap_or_else(|| "kubernetes".to_owned()),
+                        addr: e.addr,
+                        port: e.port,
+                        weight,
+                    }),
+                    Ok(id) => refused.push(format!(
+                        "{}:{} ({} here, not {})",
+                        e.addr,
+                        e.port,
+                        id.name(),
+                        q.name()
+                    )),
+                    Err(err) => refused.push(format!("{}:{} ({err})", e.addr, e.port)),
+                }
+            }
+        }
+        if endpoints.len() > MAX_PEER_BACKENDS {
+            refused.push(format!(
+                "{} endpoints; at most {MAX_PEER_BACKENDS} are taken",
+                endpoints.len()
+            ));
+        }
+        {
+            let mut all = locked(&self.endpoints_refused);
+            let before = all.insert(s.name.clone(), refused.clone());
+            if !refused.is_empty() && before.as_ref() != Some(&refused) {
+                warn!(
+                    service = s.name,
+                    ?refused,
+                    "Kubernetes endpoints not balanced to"
+                );
+            }
+        }
+        let count = taken.len();
+        let key = format!("kubernetes:{}", s.name);
+        if !agent.instances.set_remote(&key, taken) {
+            return;
+        }
+        let mut dp = agent
+            .dataplane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match agent.instances.write_lb(&self.config, &mut dp) {
+            Ok(()) => info!(
+                service = s.name,
+                endpoints = count,
+                "Kubernetes endpoints in the service's VIP"
+            ),
+            Err(e) => warn!(
+                service = s.name,
+                error = %e,
+                "cannot write Kubernetes endpoints into the load-balancing maps"
+            ),
+        }
+    }
+
+    /// The Kubernetes endpoints not balanced to, and why, as `service: address (why)`.
+    #[must_use]
+    pub fn endpoints_refused(&self) -> Vec<String> {
+        locked(&self.endpoints_refused)
+            .iter()
+            .flat_map(|(s, r)| r.iter().map(move |r| format!("{s}: {r}")))
+            .collect()
+    }
+
     /// This node's instances ready for its services, as it tells them (at most
     /// [`MAX_PEER_BACKENDS`]).
     pub(super) fn own_backends(&self) -> Vec<ServiceBackend> {
@@ -206,9 +318,11 @@ mod tests {
         assert_eq!(
             taken,
             [RemoteBackend {
+                source: "peers",
                 service: 0,
                 node: "b".into(),
                 addr: "10.250.2.2".parse().expect("ip"),
+                port: 8080,
                 weight: 1000,
             }]
         );
@@ -238,7 +352,7 @@ mod tests {
             [("px".to_owned(), "10.250.0.0/16".parse().expect("net"))].into();
         let many: Vec<ServiceBackend> = (0..=MAX_PEER_BACKENDS)
             .map(|i| {
-                let a = std::net::Ipv4Addr::from(0x0afa_0000 + u32::try_from(i).expect("i"));
+                let a = Ipv4Addr::from(0x0afa_0000 + u32::try_from(i).expect("i"));
                 told("api", &a.to_string(), 8080, 1)
             })
             .collect();

@@ -47,6 +47,8 @@ const RETRY: Duration = Duration::from_secs(2);
 /// How long publishing (or withdrawing) may wait for the API server: the watch stays
 /// responsive, and a stopping agent is not held up by a server that does not answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the endpoints are judged again without a change of their slices.
+const ENDPOINTS_RECHECK: Duration = Duration::from_secs(1);
 /// The field manager named in this agent's patches.
 const MANAGER: &str = "quadrant-agent";
 
@@ -122,12 +124,14 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
         }
     };
     let api: Api<NodeObject> = Api::all(client.clone());
+    let mut slice_events = super::endpoints::watches(&client, &peers.config);
+    let mut slices = super::endpoints::Slices::default();
+    let mut next_endpoints = Instant::now();
     let metadata: Api<Meta> = Api::all(client);
     let own = own_annotations(peers);
     let mut published: Option<BTreeMap<String, String>> = None;
     let mut next_publish = Instant::now();
-    let mut listed: BTreeMap<String, Discovered> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, Discovered>> = None;
+    let mut nodes = Nodes::default();
     // Names and annotations are all a peer needs: the metadata alone, not every node's status
     // (its images list runs to tens of KiB), on every node of the cluster.
     let stream = watcher(metadata, watcher::Config::default()).default_backoff();
@@ -145,45 +149,34 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
                     }
                 };
                 *locked(&peers.kubernetes_error) = None;
-                let before = listed.clone();
+                nodes.apply(peers, event, &mut published);
+            }
+            Some((n, event)) = slice_events.next(), if !slice_events.is_empty() => {
                 match event {
-                    watcher::Event::Init => relisting = Some(BTreeMap::new()),
-                    watcher::Event::InitApply(n) => {
-                        if own_changed(peers, &n, published.as_ref()) {
-                            published = None;
-                        }
-                        if let (Some(r), Some(p)) = (relisting.as_mut(), peer_of(&n)) {
-                            r.insert(p.node.name.clone(), p);
+                    Ok(e) => {
+                        if slices.apply(n, e) {
+                            set_endpoints(peers, &slices, n);
                         }
                     }
-                    watcher::Event::InitDone => {
-                        if let Some(r) = relisting.take() {
-                            listed = r;
-                        }
-                    }
-                    watcher::Event::Apply(n) => {
-                        if own_changed(peers, &n, published.as_ref()) {
-                            published = None;
-                        }
-                        let name = n.metadata.name.clone().unwrap_or_default();
-                        match peer_of(&n) {
-                            Some(p) => listed.insert(name, p),
-                            None => listed.remove(&name),
-                        };
-                    }
-                    watcher::Event::Delete(n) => {
-                        if let Some(name) = &n.metadata.name {
-                            listed.remove(name);
-                        }
-                    }
-                }
-                if listed != before {
-                    peers.set_discovered(listed.values().cloned().collect());
+                    Err(e) => failed(
+                        peers,
+                        format!(
+                            "watching the EndpointSlices of {}: {e}",
+                            peers.config.services[n].kubernetes_service.as_deref().unwrap_or("")
+                        ),
+                    ),
                 }
             }
             _ = tick.tick() => {
                 if peers.stopping() {
                     break;
+                }
+                // Pods and peers' prefixes change what the kernel judges an endpoint to be.
+                if Instant::now() >= next_endpoints {
+                    next_endpoints = Instant::now() + ENDPOINTS_RECHECK;
+                    for n in slice_events.keys().copied().collect::<Vec<_>>() {
+                        set_endpoints(peers, &slices, n);
+                    }
                 }
                 if published.is_none() && Instant::now() >= next_publish {
                     match publish_within(&api, peers, &own).await {
@@ -202,6 +195,67 @@ async fn run(peers: &Arc<Peers>, k: &KubernetesPeers) {
     }
     if peers.withdraw.load(Ordering::Relaxed) && published.is_some() {
         withdraw(&api, peers).await;
+    }
+}
+
+/// The nodes the watch lists, kept from its events.
+#[derive(Default)]
+struct Nodes {
+    listed: BTreeMap<String, Discovered>,
+    relisting: Option<BTreeMap<String, Discovered>>,
+}
+
+impl Nodes {
+    /// Takes one event; makes the listed nodes the peers when they change, and forgets what
+    /// was `published` when this node's own object lost it.
+    fn apply(
+        &mut self,
+        peers: &Arc<Peers>,
+        event: watcher::Event<Meta>,
+        published: &mut Option<BTreeMap<String, String>>,
+    ) {
+        let before = self.listed.clone();
+        match event {
+            watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
+            watcher::Event::InitApply(n) => {
+                if own_changed(peers, &n, published.as_ref()) {
+                    *published = None;
+                }
+                if let (Some(r), Some(p)) = (self.relisting.as_mut(), peer_of(&n)) {
+                    r.insert(p.node.name.clone(), p);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(r) = self.relisting.take() {
+                    self.listed = r;
+                }
+            }
+            watcher::Event::Apply(n) => {
+                if own_changed(peers, &n, published.as_ref()) {
+                    *published = None;
+                }
+                let name = n.metadata.name.clone().unwrap_or_default();
+                match peer_of(&n) {
+                    Some(p) => self.listed.insert(name, p),
+                    None => self.listed.remove(&name),
+                };
+            }
+            watcher::Event::Delete(n) => {
+                if let Some(name) = &n.metadata.name {
+                    self.listed.remove(name);
+                }
+            }
+        }
+        if self.listed != before {
+            peers.set_discovered(self.listed.values().cloned().collect());
+        }
+    }
+}
+
+/// Service `n`'s endpoints, as its slices have them now, into its VIP.
+fn set_endpoints(peers: &Peers, slices: &super::endpoints::Slices, n: usize) {
+    if let Some(s) = peers.config.services.get(n) {
+        peers.set_endpoints(n, &slices.endpoints(n, s));
     }
 }
 

@@ -21,6 +21,7 @@
 //! over one of them like a local one; a node keeps its slot while it is a peer.
 
 mod backends;
+mod endpoints;
 mod kubernetes;
 mod pods;
 mod serve;
@@ -154,6 +155,8 @@ pub struct Peers {
     pods: Mutex<BTreeMap<String, pods::PeerPods>>,
     /// Instances of the peers in this node's VIPs, by node: how many, and those refused.
     backends: Mutex<BTreeMap<String, (usize, Vec<String>)>>,
+    /// Kubernetes endpoints not balanced to, by service.
+    endpoints_refused: Mutex<BTreeMap<String, Vec<String>>>,
     /// Routes added for the peers' prefixes.
     routes: Mutex<Vec<Ipv4Net>>,
     stop: AtomicBool,
@@ -207,6 +210,7 @@ impl Peers {
             learned: Mutex::default(),
             pods: Mutex::default(),
             backends: Mutex::default(),
+            endpoints_refused: Mutex::default(),
             routes: Mutex::default(),
             stop: AtomicBool::new(false),
             withdraw: AtomicBool::new(false),

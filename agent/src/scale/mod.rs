@@ -90,16 +90,21 @@ pub struct Instances {
     remote_slots: Mutex<Vec<(RemoteBackend, Option<u32>)>>,
 }
 
-/// A ready instance of a peer node serving service `service` (index in the configuration) at
-/// `addr` on the service's port, with its capacity weight.
+/// A ready instance of a peer node (or a Kubernetes endpoint) serving service `service` (index
+/// in the configuration) at `addr`:`port`, with its capacity weight.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RemoteBackend {
     /// The service (index in `services`).
     pub service: usize,
-    /// The peer node.
+    /// The peer node (for a Kubernetes endpoint, its `nodeName`, or `kubernetes`).
     pub node: String,
+    /// Where it was learned: `peers` (a peer node told it) or `kubernetes` (an
+    /// `EndpointSlice`).
+    pub source: &'static str,
     /// The instance's address (inside the node's prefix of the service's quadrant).
     pub addr: std::net::Ipv4Addr,
+    /// The port it serves the service on.
+    pub port: u16,
     /// Its capacity weight (above 0).
     pub weight: u16,
 }
@@ -109,10 +114,14 @@ pub struct RemoteBackend {
 pub struct RemoteInstanceStatus {
     /// The service it serves here.
     pub service: String,
-    /// The peer node it runs on.
+    /// The peer node it runs on (for a Kubernetes endpoint, its `nodeName`, or `kubernetes`).
     pub node: String,
+    /// Where it was learned: `peers` (its node told it) or `kubernetes` (an `EndpointSlice`).
+    pub source: String,
     /// Its address.
     pub address: String,
+    /// The port it serves the service on.
+    pub port: u16,
     /// Its weight in load balancing, as its node tells it.
     pub weight: u16,
     /// Connections from this node's quadrants to it through the VIP that are open now.
@@ -169,6 +178,9 @@ pub struct InstancesReport {
     /// The peer nodes' instances behind this node's VIPs (services balanced cluster-wide).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote: Vec<RemoteInstanceStatus>,
+    /// Kubernetes endpoints (`services[].kubernetes_service`) not balanced to, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints_refused: Vec<String>,
     /// With `peers.kubernetes`: why the Kubernetes API cannot be followed, while it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_error: Option<String>,
@@ -474,7 +486,7 @@ impl Instances {
                         slot,
                         LbBackend {
                             addr: r.map_or(0, |r| u32::from_ne_bytes(r.addr.octets())),
-                            port: s.port.to_be(),
+                            port: r.map_or(s.port, |r| r.port).to_be(),
                             weight: r.map_or(0, |r| r.weight),
                             ifindex: 0,
                         },
@@ -620,7 +632,9 @@ impl Instances {
                     .map(|s| s.name.clone())
                     .unwrap_or_default(),
                 node: r.node.clone(),
+                source: r.source.to_owned(),
                 address: r.addr.to_string(),
+                port: r.port,
                 weight: r.weight,
                 connections: slot
                     .and_then(|s| active.get(s as usize).copied())
@@ -632,6 +646,7 @@ impl Instances {
             instances,
             peers: Vec::new(),
             remote,
+            endpoints_refused: Vec::new(),
             kubernetes_error: None,
         }
     }
@@ -714,13 +729,17 @@ pub fn render(report: &InstancesReport) -> String {
         );
     }
     if !report.remote.is_empty() {
-        out.push_str("\nPEER INSTANCE  SERVICE          NODE              WEIGHT  CONNS  STATE\n");
+        out.push_str(
+            "\nVIP BACKEND            SERVICE          SOURCE      NODE              WEIGHT  CONNS  \
+             STATE\n",
+        );
         for r in &report.remote {
             let _ = writeln!(
                 out,
-                "{:<14} {:<16} {:<17} {:<7} {:<6} {}",
-                r.address,
+                "{:<22} {:<16} {:<11} {:<17} {:<7} {:<6} {}",
+                format!("{}:{}", r.address, r.port),
                 r.service,
+                r.source,
                 r.node,
                 r.weight,
                 r.connections,
@@ -734,6 +753,9 @@ pub fn render(report: &InstancesReport) -> String {
     }
     if let Some(e) = &report.kubernetes_error {
         let _ = writeln!(out, "\nKubernetes API: {e}");
+    }
+    for r in &report.endpoints_refused {
+        let _ = writeln!(out, "Kubernetes endpoint not balanced to: {r}");
     }
     if !report.peers.is_empty() {
         out.push_str(

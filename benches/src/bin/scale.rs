@@ -87,6 +87,7 @@ fn bench_config() -> anyhow::Result<Config> {
             protocol: "tcp".into(),
             affinity: "none".into(),
             internal_traffic_policy: "cluster".into(),
+            kubernetes_service: None,
         },
         ServiceConfig {
             name: "work".into(),
@@ -96,6 +97,7 @@ fn bench_config() -> anyhow::Result<Config> {
             protocol: "tcp".into(),
             affinity: "none".into(),
             internal_traffic_policy: "cluster".into(),
+            kubernetes_service: None,
         },
     ];
     c.validate()?;
