@@ -1,6 +1,10 @@
 //! The link between two nodes' agents: TLS 1.3 with both node SVIDs, and on it length-prefixed
 //! JSON messages (a 4-byte big-endian length, at most [`MAX_FRAME`] bytes). The linking agent
 //! asks, the accepting one answers each request in order.
+//!
+//! Fields are added with defaults, and a reader passes over the fields it does not know, so the
+//! agents of two neighbouring versions keep their links while a rolling upgrade runs (a
+//! DaemonSet replaces one node's agent at a time).
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +22,7 @@ pub const MAX_FRAME: usize = 64 * 1024;
 
 /// What the linking agent asks.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Request {
     /// Who it is, its quadrants' prefixes and its pods; repeated as the link's keep-alive.
     Hello {
@@ -36,7 +40,6 @@ pub enum Request {
 
 /// A pod of the telling node: one of its addresses and its quadrant.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(deny_unknown_fields)]
 pub struct PodAddress {
     /// The pod's address.
     pub address: std::net::Ipv4Addr,
@@ -46,7 +49,6 @@ pub struct PodAddress {
 
 /// An instance of the telling node ready for one of its services with a VIP.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(deny_unknown_fields)]
 pub struct ServiceBackend {
     /// The service's name.
     pub service: String,
@@ -60,7 +62,6 @@ pub struct ServiceBackend {
 
 /// A lane a workload on another node asks for.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct RemoteOpen {
     /// The opener's quadrant.
     pub from_quadrant: String,
@@ -83,7 +84,7 @@ pub struct RemoteOpen {
 
 /// What the accepting agent answers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
     /// Its own name, prefixes, pods and ready instances.
     Hello {
@@ -115,7 +116,6 @@ pub enum Reply {
 
 /// A lane the accepting node built for a remote opener.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct RemoteGrant {
     /// The lane's id on the service's node.
     pub lane: u64,
@@ -215,6 +215,26 @@ impl Frames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_versions_fields_are_passed_over() {
+        let reply: Reply = serde_json::from_str(
+            r#"{"kind":"hello","node":"b","prefixes":{"px":"10.250.2.0/24"},
+                "pods":[{"address":"10.243.0.5","quadrant":"px","labels":{}}],
+                "backends":[{"service":"api","address":"10.250.2.2","port":80,"weight":1,"zone":"a"}],
+                "later":1}"#,
+        )
+        .expect("a hello of a later version");
+        let Reply::Hello { pods, backends, .. } = reply else {
+            panic!("not a hello")
+        };
+        assert_eq!((pods.len(), backends.len()), (1, 1));
+        let earlier: Reply =
+            serde_json::from_str(r#"{"kind":"hello","node":"b","prefixes":{}}"#).expect("earlier");
+        assert!(
+            matches!(earlier, Reply::Hello { pods, backends, .. } if pods.is_empty() && backends.is_empty())
+        );
+    }
 
     /// A reader that hands out its bytes in pieces and times out between them.
     struct Trickle {
