@@ -165,16 +165,14 @@ impl Peers {
             }
         }
         let count = taken.len();
-        let key = format!("kubernetes:{}", s.name);
-        if !agent.instances.set_remote(&key, taken) {
-            return;
-        }
-        let mut dp = agent
-            .dataplane
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match agent.instances.write_lb(&self.config, &mut dp) {
-            Ok(()) => info!(
+        match into_vips(
+            &agent,
+            &self.config,
+            &format!("kubernetes:{}", s.name),
+            taken,
+        ) {
+            Ok(false) => {}
+            Ok(true) => info!(
                 service = s.name,
                 endpoints = count,
                 "Kubernetes endpoints in the service's VIP"
@@ -182,7 +180,8 @@ impl Peers {
             Err(e) => warn!(
                 service = s.name,
                 error = %e,
-                "cannot write Kubernetes endpoints into the load-balancing maps"
+                "cannot write Kubernetes endpoints into the load-balancing maps; the VIP keeps \
+                 the ones before"
             ),
         }
     }
@@ -244,15 +243,9 @@ impl Peers {
                 );
             }
         }
-        if !agent.instances.set_remote(name, taken) {
-            return;
-        }
-        let mut dp = agent
-            .dataplane
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match agent.instances.write_lb(&self.config, &mut dp) {
-            Ok(()) => info!(
+        match into_vips(&agent, &self.config, name, taken) {
+            Ok(false) => {}
+            Ok(true) => info!(
                 node = name,
                 instances = count,
                 "peer node's instances in the services' VIPs"
@@ -260,10 +253,35 @@ impl Peers {
             Err(e) => warn!(
                 node = name,
                 error = %e,
-                "cannot write a peer node's instances into the load-balancing maps"
+                "cannot write a peer node's instances into the load-balancing maps; the VIPs \
+                 keep the ones before"
             ),
         }
     }
+}
+
+/// Makes `taken` the backends learned under `key` and writes the load-balancing maps; whether
+/// they changed. Nothing is half-applied: when the maps cannot be written, the backends before
+/// are put back (and written again).
+fn into_vips(
+    agent: &crate::daemon::agent::Agent,
+    config: &Config,
+    key: &str,
+    taken: Vec<RemoteBackend>,
+) -> Result<bool, crate::loader::LoaderError> {
+    let Some(before) = agent.instances.set_remote(key, taken) else {
+        return Ok(false);
+    };
+    let mut dp = agent
+        .dataplane
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Err(e) = agent.instances.write_lb(config, &mut dp) {
+        agent.instances.set_remote(key, before);
+        let _ = agent.instances.write_lb(config, &mut dp);
+        return Err(e);
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

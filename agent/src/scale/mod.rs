@@ -404,22 +404,25 @@ impl Instances {
     }
 
     /// Makes `backends` the ready instances node `node` tells (empty: none, or it is gone);
-    /// returns whether they changed (the caller then writes the maps).
-    pub fn set_remote(&self, node: &str, mut backends: Vec<RemoteBackend>) -> bool {
+    /// when they changed, returns the ones before (the caller then writes the maps, and puts
+    /// those back if it cannot).
+    pub fn set_remote(
+        &self,
+        node: &str,
+        mut backends: Vec<RemoteBackend>,
+    ) -> Option<Vec<RemoteBackend>> {
         backends.sort();
         let mut remote = locked(&self.remote);
-        if remote
-            .get(node)
-            .map_or(backends.is_empty(), |b| *b == backends)
-        {
-            return false;
+        let before = remote.get(node).cloned().unwrap_or_default();
+        if before == backends {
+            return None;
         }
         if backends.is_empty() {
             remote.remove(node);
         } else {
             remote.insert(node.to_owned(), backends);
         }
-        true
+        Some(before)
     }
 
     /// This node's instances ready for each service, with their weights: what it tells its
