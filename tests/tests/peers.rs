@@ -1017,57 +1017,12 @@ fn the_rendered_peers_configuration_gives_each_node_its_block() {
 fn a_pod_on_one_node_is_its_quadrant_on_the_other() {
     let mut nodes = Nodes::up(false);
     nodes.linked();
-    let mut rt = pods_runtime(QPROBE);
-    let list = conflist(&nodes.a, None);
-    let pod = Pod::new(&nodes.a, "web");
-    let attachment = pod.attachment(Some("px"));
-    let result = rt.add(&list, &attachment).expect("ADD");
-    let ip = result["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .expect("the pod's address")
-        .to_owned();
-    // The pod network is routed to node A, as a cluster's network routes it; what no pod takes
-    // any more goes nowhere.
-    let pods_net = subnet(&nodes.a);
-    let ip_a = nodes.ips[0].to_string();
-    let _routes = blackhole(&pods_net);
-    run(&[
-        "ip",
-        "-n",
-        &nodes.link.netns,
-        "route",
-        "replace",
-        &pods_net,
-        "via",
-        &ip_a,
-    ]);
+    let pod = ServingPod::on_a(&nodes, 7302);
     let told = until_peers(&nodes.b, "A's pod told to B", |p| {
         p.first().is_some_and(|p| p["pods"] == 1)
     });
     eprintln!("node A as node B sees it: {told:?}");
-
-    let mut server = Killed(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pod.netns,
-                QPROBE,
-                "tcp-echo",
-                "0.0.0.0:7302",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the pod's server"),
-    );
-    let mut line = String::new();
-    let _ = std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.take().expect("stdout")),
-        &mut line,
-    );
-    assert!(line.starts_with("listening"), "{line}");
-    let to_pod = format!("{ip}:7302");
+    let to_pod = format!("{}:7302", pod.ip);
     let (ok, line) = nodes
         .b
         .probe(Quadrant::Px, &["tcp-connect", &to_pod, "1000"]);
@@ -1077,10 +1032,8 @@ fn a_pod_on_one_node_is_its_quadrant_on_the_other() {
         .probe(Quadrant::Dg, &["tcp-connect", &to_pod, "300"]);
     assert!(!ok && line == "err EPERM", "B's DG -> A's PX pod: {line}");
     let b_px = nodes.echo_in_b_px();
-    assert!(pod.connect(QPROBE, &b_px), "A's PX pod -> B's PX");
-    drop(server);
-
-    rt.del(&list, &attachment).expect("DEL");
+    assert!(pod.pod.connect(QPROBE, &b_px), "A's PX pod -> B's PX");
+    pod.remove();
     until_peers(&nodes.b, "the pod gone from B", |p| {
         p.first().is_some_and(|p| p["pods"] == 0)
     });
@@ -1445,7 +1398,8 @@ fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
 }
 
 /// A PX pod on node A (the reference plugins and `quadrant-cni`), its network routed to A from
-/// B's namespace, running `tcp-whoami` on a port.
+/// B's namespace (as a cluster's network routes it; what no pod takes any more goes nowhere),
+/// running `tcp-whoami` on a port.
 struct ServingPod {
     ip: String,
     rt: quadrant_tests::cni::Runtime,
@@ -1453,7 +1407,7 @@ struct ServingPod {
     attachment: quadrant_tests::cni::Attachment,
     _server: Killed,
     _routes: Undo,
-    _pod: Pod,
+    pod: Pod,
 }
 
 impl ServingPod {
@@ -1501,7 +1455,7 @@ impl ServingPod {
             attachment,
             _server: server,
             _routes: routes,
-            _pod: pod,
+            pod,
         }
     }
 
