@@ -1317,7 +1317,8 @@ fn endpoints_refused(inst: &Instance) -> Vec<String> {
 /// A service naming a Kubernetes Service (`kubernetes_service: shop/api`) on both nodes, which
 /// follow the API: the `EndpointSlice`'s ready endpoint — a PX pod attached on A, serving on the
 /// slice's port 8080 — is behind the VIP (port 7403) on both nodes, each judging the pod as PX
-/// (A attached it, B was told); endpoints the kernel does not judge as PX (A's DX, the world)
+/// (A attached it, B was told), and A's host reaches it through tc (its veth is A's); endpoints
+/// the kernel does not judge as PX (A's DX, the world)
 /// are refused and listed; an endpoint no longer ready leaves the VIP.
 #[test]
 fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
@@ -1362,6 +1363,17 @@ fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
         assert_eq!(peer, target, "getpeername gives the VIP back");
         assert_eq!(counts, [(ip.clone(), 2)].into(), "the pod answered");
     }
+    // A's host, balanced in tc over A's own backends: the pod is one (its veth is A's).
+    let from_host = Command::new(QPROBE)
+        .args(["tcp-spread", &target, "2"])
+        .output()
+        .expect("qprobe");
+    let (peer, counts) = spread(
+        from_host.status.success(),
+        String::from_utf8_lossy(&from_host.stdout).trim(),
+    );
+    assert_eq!(peer, target, "the host's socket sees the VIP");
+    assert_eq!(counts, [(ip.clone(), 2)].into(), "the host reached the pod");
     let refused = endpoints_refused(&nodes.a);
     assert_eq!(
         refused,

@@ -122,7 +122,7 @@ pub struct ServiceConfig {
     /// `internalTrafficPolicy`: `cluster` (default: this node's and, with `peers`, the ready
     /// instances its linked peer nodes tell for a service of the same name) or `local` (this
     /// node's only). Connections from the host and the world are balanced in tc over this
-    /// node's instances either way.
+    /// node's instances (and its pods behind `kubernetes_service`) either way.
     #[serde(
         default = "default_traffic_policy",
         skip_serializing_if = "is_cluster_traffic"

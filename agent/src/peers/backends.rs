@@ -85,6 +85,7 @@ pub(super) fn check(
             node: name.to_owned(),
             addr: b.address,
             port: b.port,
+            ifindex: 0,
             weight: b.weight,
         });
     }
@@ -112,6 +113,7 @@ impl Peers {
         };
         let q = s.quadrant();
         let weight = self.config.capacity(q).weight();
+        let pods = agent.pods.list();
         let mut taken = Vec::new();
         let mut refused = Vec::new();
         {
@@ -134,6 +136,7 @@ impl Peers {
                         node: e.node.clone().unwrap_or_else(|| "kubernetes".to_owned()),
                         addr: e.addr,
                         port: e.port,
+                        ifindex: local_veth(&pods, e.addr),
                         weight,
                     }),
                     Ok(id) => refused.push(format!(
@@ -260,6 +263,26 @@ impl Peers {
     }
 }
 
+/// The host-side veth of this node's pod at `addr` (0: none here), its reverse-path filter off:
+/// the answers of the host's and the world's connections leave it with the VIP as their source
+/// (as for an instance's veth, `quadrants::create_instance`).
+fn local_veth(pods: &[crate::pods::PodStatus], addr: Ipv4Addr) -> u32 {
+    let Some(p) = pods
+        .iter()
+        .find(|p| p.spec.addresses.iter().any(|a| a.addr() == addr))
+    else {
+        return 0;
+    };
+    let key = format!("net.ipv4.conf.{}.rp_filter", p.spec.host_ifname);
+    let path = std::path::PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() != "0")
+        && let Err(e) = crate::sys::write_sysctl(&key, "0")
+    {
+        warn!(error = %e, "a pod endpoint's answers to outside connections may be filtered");
+    }
+    p.spec.host_ifindex
+}
+
 /// Makes `taken` the backends learned under `key` and writes the load-balancing maps; whether
 /// they changed. Nothing is half-applied: when the maps cannot be written, the backends before
 /// are put back (and written again).
@@ -341,6 +364,7 @@ mod tests {
                 node: "b".into(),
                 addr: "10.250.2.2".parse().expect("ip"),
                 port: 8080,
+                ifindex: 0,
                 weight: 1000,
             }]
         );

@@ -105,6 +105,9 @@ pub struct RemoteBackend {
     pub addr: std::net::Ipv4Addr,
     /// The port it serves the service on.
     pub port: u16,
+    /// The host-side veth of a pod of this node (tc may then hand the host's and the world's
+    /// connections to it); 0: on another node.
+    pub ifindex: u32,
     /// Its capacity weight (above 0).
     pub weight: u16,
 }
@@ -491,7 +494,7 @@ impl Instances {
                             addr: r.map_or(0, |r| u32::from_ne_bytes(r.addr.octets())),
                             port: r.map_or(s.port, |r| r.port).to_be(),
                             weight: r.map_or(0, |r| r.weight),
-                            ifindex: 0,
+                            ifindex: r.map_or(0, |r| r.ifindex),
                         },
                     ));
                     continue;
