@@ -670,7 +670,7 @@ fn a_workload_waiting_to_restart_is_handed_over_too() {
     let flaky = fx.add_artifact("flaky", "#!/bin/sh\necho up\nexit 3\n");
     let (ok, _, err) = fx.sign_and_submit(&plan_doc(1, &flaky), "prod");
     assert!(ok, "{err}");
-    let api = |fx: &Fixture| -> Option<(String, u64)> {
+    let api = |fx: &Fixture| -> Option<(String, u64, bool)> {
         fx.workloads()
             .iter()
             .find(|w| w["name"] == "px/api")
@@ -678,14 +678,18 @@ fn a_workload_waiting_to_restart_is_handed_over_too() {
                 (
                     w["state"].as_str().unwrap_or_default().to_owned(),
                     w["restarts"].as_u64().unwrap_or_default(),
+                    w["restart_pending"] == true,
                 )
             })
     };
-    // Backoffs double from 200 ms: after three restarts it waits 1.6 s between exits.
+    // Backoffs double from 200 ms: after three restarts it waits 1.6 s between exits. The
+    // count goes up at the end of a wait, just before the next start, so the wait itself is
+    // told by `restart_pending` (seen without it, "exited" with three restarts is the moment
+    // before the third restart's start).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let (state, restarts) = api(&fx).expect("listed");
-        if state == "exited" && restarts >= 3 {
+        let (state, restarts, pending) = api(&fx).expect("listed");
+        if state == "exited" && restarts >= 3 && pending {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{state} {restarts}");
@@ -698,7 +702,7 @@ fn a_workload_waiting_to_restart_is_handed_over_too() {
         "{stdout}"
     );
     fx.inst.start_agent();
-    let (state, _) = api(&fx).expect("the next agent supervises it");
+    let (state, _, _) = api(&fx).expect("the next agent supervises it");
     assert!(matches!(state.as_str(), "running" | "exited"), "{state}");
     assert!(
         fx.inst.agent_log().contains("waiting to be restarted"),
