@@ -520,7 +520,11 @@ impl Instances {
                     },
                 ));
             }
-            let room = usize::from(u8::try_from(LB_BACKENDS_PER_SERVICE).unwrap_or(0) - count);
+            let room = usize::from(
+                u8::try_from(LB_BACKENDS_PER_SERVICE)
+                    .unwrap_or(0)
+                    .saturating_sub(count),
+            );
             placed.extend(others.iter().skip(room).map(|r| ((*r).clone(), None)));
             let maglev = if s.affinity == "workload" {
                 self.maglev_table(dp, n, members)?
