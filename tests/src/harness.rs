@@ -626,3 +626,20 @@ pub fn upstream_ca(dir: &Path) -> quadrant::config::UpstreamConfig {
         key: key_path,
     }
 }
+
+/// `qprobe tcp-spread`'s (or `udp-spread`'s) `ok peer=VIP:PORT a=N b=M` (or `from=`) → (peer,
+/// address → count).
+#[must_use]
+pub fn spread(line: &str) -> (String, std::collections::BTreeMap<String, u32>) {
+    let mut parts = line.split_whitespace().skip(1);
+    let peer = parts
+        .next()
+        .and_then(|p| p.strip_prefix("peer=").or_else(|| p.strip_prefix("from=")))
+        .unwrap_or_default()
+        .to_owned();
+    let counts = parts
+        .filter_map(|p| p.split_once('='))
+        .map(|(a, n)| (a.to_owned(), n.parse().unwrap_or(0)))
+        .collect();
+    (peer, counts)
+}

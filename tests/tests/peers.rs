@@ -621,15 +621,25 @@ fn scrape(inst: &Instance) -> String {
 
 /// Waits up to 10 s for `check` on `inst`'s peer nodes.
 fn until_peers(inst: &Instance, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    until(inst, what, || peers(inst), |p| check(p))
+}
+
+/// Reads `read` every 100 ms until `check` holds (its last reading), for up to 10 s.
+fn until<T: std::fmt::Debug>(
+    inst: &Instance,
+    what: &str,
+    read: impl Fn() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
     let start = Instant::now();
     loop {
-        let p = peers(inst);
-        if check(&p) {
-            return p;
+        let now = read();
+        if check(&now) {
+            return now;
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "{}: {what}: {p:?}\n{}",
+            "{}: {what}: {now:?}\n{}",
             inst.config.instance,
             inst.agent_log()
         );
@@ -1081,52 +1091,29 @@ fn remote(inst: &Instance) -> Vec<(String, bool)> {
 }
 
 fn until_remote(inst: &Instance, what: &str, check: impl Fn(&[(String, bool)]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = remote(inst);
-        if check(&now) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {now:?}");
-        thread::sleep(Duration::from_millis(100));
-    }
+    until(inst, what, || remote(inst), |r| check(r));
 }
 
 /// Waits until no connection through a VIP is open from `inst`'s quadrants (counts are
 /// released as the sockets close).
 fn until_idle(inst: &Instance) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let open = || -> u64 {
         let out = inst.quadrant(&["instances", "--output", "json"]);
         let v: Value = serde_json::from_slice(&out.stdout).expect("instances json");
-        let open: u64 = ["instances", "remote"]
+        ["instances", "remote"]
             .iter()
             .filter_map(|k| v[k].as_array())
             .flatten()
             .map(|i| i["connections"].as_u64().unwrap_or(0))
-            .sum();
-        if open == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "connections still open: {v}");
-        thread::sleep(Duration::from_millis(50));
-    }
+            .sum()
+    };
+    until(inst, "no connection open through a VIP", open, |n| *n == 0);
 }
 
-/// `ok peer=P a=N b=M` of `qprobe tcp-spread` as (P, {a: N, b: M}).
+/// `qprobe tcp-spread`'s answers, which must be `ok`.
 fn spread(ok: bool, line: &str) -> (String, std::collections::BTreeMap<String, u32>) {
     assert!(ok, "{line}");
-    let mut parts = line.split_whitespace().skip(1);
-    let peer = parts
-        .next()
-        .and_then(|p| p.strip_prefix("peer="))
-        .unwrap_or_default()
-        .to_owned();
-    let counts = parts
-        .filter_map(|p| p.split_once('='))
-        .map(|(a, n)| (a.to_owned(), n.parse().unwrap_or(0)))
-        .collect();
-    (peer, counts)
+    quadrant_tests::harness::spread(line)
 }
 
 /// Service `api` on both nodes of [`Nodes`]: its VIP at A's PX prefix's .100 (one shared

@@ -12,7 +12,7 @@ use std::{
 
 use dataplane_common::Quadrant;
 use quadrant::config::ServiceConfig;
-use quadrant_tests::harness::{Instance, test_config};
+use quadrant_tests::harness::{Instance, spread, test_config};
 use serde_json::Value;
 
 const QPROBE: &str = env!("CARGO_BIN_EXE_qprobe");
@@ -67,21 +67,6 @@ fn kernel_weight(inst: &Instance, k: u32) -> u16 {
     let slots: aya::maps::Array<_, LbBackend> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
     slots.get(&k, 0).expect("slot").weight
-}
-
-/// `ok peer=VIP:PORT a=N b=M` (or `from=`) → (peer, address → count).
-fn spread(line: &str) -> (String, BTreeMap<String, u32>) {
-    let mut parts = line.split_whitespace().skip(1);
-    let peer = parts
-        .next()
-        .and_then(|p| p.strip_prefix("peer=").or_else(|| p.strip_prefix("from=")))
-        .unwrap_or_default()
-        .to_owned();
-    let counts = parts
-        .filter_map(|p| p.split_once('='))
-        .map(|(a, n)| (a.to_owned(), n.parse().unwrap_or(0)))
-        .collect();
-    (peer, counts)
 }
 
 /// An agent whose PX runs `n` instances behind service `api` (`protocol`, port 8080,
