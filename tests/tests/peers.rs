@@ -1311,7 +1311,7 @@ fn endpoints_refused(inst: &Instance) -> Vec<String> {
 fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
     const PORT: u16 = 7403;
     let nodes = Nodes::up_with(true, |c, a| {
-        c.services = vec![ServiceConfig {
+        let api = ServiceConfig {
             name: "api".into(),
             quadrant: "px".into(),
             port: PORT,
@@ -1320,10 +1320,20 @@ fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
             affinity: "none".into(),
             internal_traffic_policy: "cluster".into(),
             kubernetes_service: Some("shop/api".into()),
-        }];
+        };
+        // The same Service's endpoints, balanced locally: each node's own pods only.
+        let near = ServiceConfig {
+            name: "near".into(),
+            port: PORT + 1,
+            vip: std::net::Ipv4Addr::from(u32::from(api.vip) + 1),
+            internal_traffic_policy: "local".into(),
+            ..api.clone()
+        };
+        c.services = vec![api, near];
     });
     nodes.linked();
     let target = format!("{}:{PORT}", nodes.a.config.services[0].vip);
+    let near = format!("{}:{}", nodes.a.config.services[1].vip, PORT + 1);
     let pod = ServingPod::on_a(&nodes, 8080);
     let ip = pod.ip.clone();
 
@@ -1341,9 +1351,9 @@ fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
             endpoint("192.0.2.10", true)
         ]),
     );
-    for inst in [&nodes.a, &nodes.b] {
-        until_remote(inst, "the pod behind the VIP", |r| {
-            r == [(ip.clone(), true)]
+    for (inst, behind) in [(&nodes.a, 2), (&nodes.b, 1)] {
+        until_remote(inst, "the pod behind the VIPs", |r| {
+            r.len() == behind && r.iter().all(|e| *e == (ip.clone(), true))
         });
         let (ok, line) = inst.probe(Quadrant::Pg, &["tcp-spread", &target, "2"]);
         let (peer, counts) = spread(ok, &line);
@@ -1361,13 +1371,23 @@ fn a_kubernetes_services_endpoints_are_behind_its_vip_on_every_node() {
     );
     assert_eq!(peer, target, "the host's socket sees the VIP");
     assert_eq!(counts, [(ip.clone(), 2)].into(), "the host reached the pod");
+    // Balanced locally: A's pod for A's quadrants, nothing for B's.
+    let (ok, line) = nodes.a.probe(Quadrant::Pg, &["tcp-spread", &near, "2"]);
+    assert_eq!(spread(ok, &line).1, [(ip.clone(), 2)].into(), "A's own pod");
+    let (ok, line) = nodes.b.probe(Quadrant::Pg, &["tcp-connect", &near, "500"]);
+    assert!(
+        !ok && line == "err ECONNREFUSED",
+        "no pod of B's behind the local service: {line}"
+    );
     let refused = endpoints_refused(&nodes.a);
     assert_eq!(
         refused,
-        [
-            format!("api: {a_dx}:8080 (dx here, not px)"),
-            "api: 192.0.2.10:8080 (world here, not px)".to_owned(),
-        ],
+        ["api", "near"]
+            .map(|s| [
+                format!("{s}: {a_dx}:8080 (dx here, not px)"),
+                format!("{s}: 192.0.2.10:8080 (world here, not px)"),
+            ])
+            .concat(),
         "{refused:?}"
     );
     let (ok, line) = nodes

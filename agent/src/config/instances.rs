@@ -121,7 +121,7 @@ pub struct ServiceConfig {
     /// Which instances the quadrants' sockets on this node are balanced over, as Kubernetes'
     /// `internalTrafficPolicy`: `cluster` (default: this node's and, with `peers`, the ready
     /// instances its linked peer nodes tell for a service of the same name) or `local` (this
-    /// node's only). Connections from the host and the world are balanced in tc over this
+    /// node's instances, and its pods among the endpoints of `kubernetes_service`). Connections from the host and the world are balanced in tc over this
     /// node's instances (and its pods behind `kubernetes_service`) either way.
     #[serde(
         default = "default_traffic_policy",

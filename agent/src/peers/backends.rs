@@ -136,7 +136,7 @@ impl Peers {
                         node: e.node.clone().unwrap_or_else(|| "kubernetes".to_owned()),
                         addr: e.addr,
                         port: e.port,
-                        ifindex: local_veth(&pods, e.addr),
+                        ifindex: 0,
                         weight,
                     }),
                     Ok(id) => refused.push(format!(
@@ -149,6 +149,11 @@ impl Peers {
                     Err(err) => refused.push(format!("{}:{} ({err})", e.addr, e.port)),
                 }
             }
+        }
+        // The pods of this node keep their veths (outside the dataplane's lock: a sysctl may
+        // be written).
+        for b in &mut taken {
+            b.ifindex = local_veth(&pods, b.addr);
         }
         if endpoints.len() > MAX_PEER_BACKENDS {
             refused.push(format!(

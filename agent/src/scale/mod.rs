@@ -469,9 +469,11 @@ impl Instances {
             ));
             let weight = config.capacity(q).weight();
             let mut members = Vec::new();
+            // Balanced locally, a service keeps the backends with a veth here (its Kubernetes
+            // Service's pods on this node), as Kubernetes' `internalTrafficPolicy: Local`.
             let others: Vec<&RemoteBackend> = remote
                 .iter()
-                .filter(|r| r.service == n && s.cluster_wide())
+                .filter(|r| r.service == n && (s.cluster_wide() || r.ifindex != 0))
                 .collect();
             let mut used = count;
             for k in 0..u8::try_from(LB_BACKENDS_PER_SERVICE).unwrap_or(MAX_INSTANCES) {
