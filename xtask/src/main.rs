@@ -6,7 +6,7 @@
 //! | `run` | setup, build, `quadrant up` with the embedded defaults |
 //! | `test` | setup, fmt check, clippy, every test tier (unit, `BPF_PROG_TEST_RUN` fixtures, namespaces) |
 //! | `verifier` | loads every program and prints the kernel's verified instruction counts |
-//! | `bench datapath`, `bench policy`, `bench lanes`, `bench slo`, `bench scale` | the benchmarks (benches/) |
+//! | `bench datapath`, `bench policy`, `bench lanes`, `bench slo`, `bench scale [capacity]`, `bench chaos` | the benchmarks (benches/) |
 //! | `deploy render --out DIR`, `deploy image`, `deploy node [--root DIR]` | Kubernetes manifests (deploy/), the agent's container image, or the agent installed on this host |
 //! | `fuzz [SECONDS]` | cargo-fuzz on the plan parser, the envelope decoder and the lane frame decoders (fuzz/) |
 //!
@@ -59,10 +59,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `datapath`, `policy`, `lanes`, `slo` or `scale`.
+    /// Run a benchmark: `datapath`, `policy`, `lanes`, `slo`, `scale` or `chaos`; arguments
+    /// after the name go to the benchmark (`scale capacity`: the capacity search alone).
     Bench {
         /// Which benchmark.
         name: String,
+        /// The benchmark's own arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -123,9 +127,9 @@ fn main() -> anyhow::Result<()> {
                 "verifier",
             ])
         }
-        Task::Bench { name } => {
+        Task::Bench { name, args } => {
             setup::run()?;
-            bench(&name)
+            bench(&name, &args)
         }
         Task::Deploy { args } => deploy(&args),
     }
@@ -163,9 +167,9 @@ fn deploy(args: &[String]) -> anyhow::Result<()> {
     cargo(&run)
 }
 
-/// `cargo xtask bench NAME`: builds what the benchmark runs (the agent's binaries, and the test
-/// helpers for `datapath`), then runs it (release).
-fn bench(name: &str) -> anyhow::Result<()> {
+/// `cargo xtask bench NAME [ARGS…]`: builds what the benchmark runs (the agent's binaries, and
+/// the test helpers for `datapath`), then runs it (release) with ARGS.
+fn bench(name: &str, args: &[String]) -> anyhow::Result<()> {
     let with_test_helpers = match name {
         "datapath" => true,
         "policy" | "lanes" | "slo" | "scale" | "chaos" => false,
@@ -188,7 +192,7 @@ fn bench(name: &str) -> anyhow::Result<()> {
     }
     build.push("--bins");
     cargo(&build)?;
-    cargo(&[
+    let mut run = vec![
         "run",
         "--release",
         "--quiet",
@@ -196,7 +200,10 @@ fn bench(name: &str) -> anyhow::Result<()> {
         "benches",
         "--bin",
         name,
-    ])
+        "--",
+    ];
+    run.extend(args.iter().map(String::as_str));
+    cargo(&run)
 }
 
 /// `cargo xtask test`: setup, formatting, lints, the verifier report and every test tier.
