@@ -219,6 +219,10 @@ fn lane_load(rate: f64, secs: f64, lanes: usize) -> anyhow::Result<Load> {
     let opened = (0..lanes)
         .map(|_| client.open("px", "work", quadrant::lanes::TransportChoice::Auto))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut lanes_on = BTreeMap::new();
+    for lane in &opened {
+        *lanes_on.entry(lane.instance()).or_default() += 1;
+    }
     let (total, start) = schedule(rate, secs);
     let threads: Vec<_> = opened
         .into_iter()
@@ -261,6 +265,7 @@ fn lane_load(rate: f64, secs: f64, lanes: usize) -> anyhow::Result<Load> {
         received,
         p50_ns: all.value_at_quantile(0.50),
         p99_ns: all.value_at_quantile(0.99),
+        lanes_on,
     })
 }
 
@@ -271,6 +276,9 @@ struct Load {
     received: u64,
     p50_ns: u64,
     p99_ns: u64,
+    /// Over lanes: how many of the lanes each instance took, by instance index.
+    #[serde(default)]
+    lanes_on: BTreeMap<u8, u32>,
 }
 
 /// An open-loop generator: request `i` is due at `start + i / rate` whatever the answers do,
@@ -337,6 +345,7 @@ fn load(at: SocketAddr, rate: f64, secs: f64, conns: usize) -> anyhow::Result<Lo
         received,
         p50_ns: all.value_at_quantile(0.5),
         p99_ns: all.value_at_quantile(0.99),
+        lanes_on: BTreeMap::new(),
     })
 }
 
@@ -560,8 +569,13 @@ fn highest_rate(
     let ok = |l: &Load| l.received == l.sent && l.p99_ns <= 2 * unloaded_p99;
     let judge = |rate: f64| -> anyhow::Result<bool> {
         let l = run(rate, secs_for(rate))?;
+        let on = if l.lanes_on.is_empty() {
+            String::new()
+        } else {
+            format!(", lanes on the instances {:?}", l.lanes_on)
+        };
         eprintln!(
-            "  {rate:.0}/s: p50 {:.0} µs p99 {:.0} µs, {} of {} answered",
+            "  {rate:.0}/s: p50 {:.0} µs p99 {:.0} µs, {} of {} answered{on}",
             us(l.p50_ns),
             us(l.p99_ns),
             l.received,
