@@ -22,10 +22,10 @@
 //! service whose server spends 200 µs of CPU on each 8-byte request; an open-loop generator in
 //! PG sends at a fixed rate over 16 connections through the VIP and measures each request from
 //! when it was due. X(N) is the highest rate whose p99 stays within twice the unloaded p99 (the
-//! median of three 7-s runs at 100/s) with every request answered (bisection; each rate judged from at
-//! least 2,000 requests — 3 s, longer below 667/s; a failed rate is run twice more and holds if
-//! both pass; the bound found must then pass twice in a row, else it is lowered by 5 % and
-//! retested), with N of the four instances taking
+//! median of three 7-s runs at 100/s) with every request answered (bisection; each rate judged
+//! from at least 2,000 requests — 3 s, longer below 667/s; a failed rate is run twice more and
+//! holds if both pass; the bound found must then pass twice in a row, else it is lowered by 5 %
+//! and retested), with N of the four instances taking
 //! connections (the others drained); S(N) = X(N) / (N · X(1)). The generator's own reach is
 //! checked at 1.5 × X(4) against a server without work on PG's loopback. The same search runs
 //! over lanes: 16 lanes from PG to lane service `work` (the same 200 µs a request) that every
@@ -82,6 +82,7 @@ fn instance_cpu(k: u8) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     (1 + usize::from(k)) % cpus
 }
+
 /// Requests a p99 is judged from at least (the run lasts longer at low rates): the p99 of 300
 /// requests is their third-slowest, which the VM's noise moves more than the load does.
 const P99_SAMPLES: f64 = 2000.0;
@@ -143,13 +144,22 @@ fn serve(at: SocketAddr) -> anyhow::Result<()> {
 /// Spends `us` microseconds of this thread's CPU time (not of the clock: a thread that waits
 /// for its CPU meanwhile still does all of its work).
 fn spend_cpu(us: u64) {
-    let now = || {
+    let cpu = || {
         nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-            .map_or(Duration::ZERO, Duration::from)
+            .ok()
+            .map(Duration::from)
     };
-    let until = now() + Duration::from_micros(us);
-    while now() < until {
-        std::hint::spin_loop();
+    let work = Duration::from_micros(us);
+    if let Some(start) = cpu() {
+        while cpu().is_some_and(|t| t < start + work) {
+            std::hint::spin_loop();
+        }
+    } else {
+        // No thread clock: the clock's time instead.
+        let until = Instant::now() + work;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
     }
 }
 
