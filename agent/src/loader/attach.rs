@@ -218,12 +218,7 @@ impl Dataplane {
     /// Attaches `sk_msg` to `LANE_SOCKS`.
     pub fn attach_sk_msg(&mut self) -> Result<SkMsgLinkId, LoaderError> {
         let fd = {
-            let map = self
-                .ebpf
-                .map(maps::LANE_SOCKS)
-                .ok_or(LoaderError::MissingMap {
-                    name: maps::LANE_SOCKS,
-                })?;
+            let map = self.map_ref(maps::LANE_SOCKS)?;
             let hash: aya::maps::SockHash<_, maps::SockKey> =
                 aya::maps::SockHash::try_from(map).map_err(map_err(maps::LANE_SOCKS))?;
             hash.fd()
@@ -295,12 +290,7 @@ impl Dataplane {
         (client, server): (u16, u16),
         remove: bool,
     ) -> Result<bool, LoaderError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::LANE_SOCKS)
-            .ok_or(LoaderError::MissingMap {
-                name: maps::LANE_SOCKS,
-            })?;
+        let map = self.map_mut(maps::LANE_SOCKS)?;
         let mut hash: aya::maps::SockHash<_, maps::SockKey> =
             aya::maps::SockHash::try_from(map).map_err(map_err(maps::LANE_SOCKS))?;
         let lo = u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets());
@@ -330,12 +320,7 @@ impl Dataplane {
     /// messages passed on, messages refused (a revoked flow).
     pub fn lane_accel_counters(&self) -> Result<[u64; 4], LoaderError> {
         const _: () = assert!(maps::lane_accel::COUNT == 4, "one figure per counter slot");
-        let map = self
-            .ebpf
-            .map(maps::LANE_ACCEL)
-            .ok_or(LoaderError::MissingMap {
-                name: maps::LANE_ACCEL,
-            })?;
+        let map = self.map_ref(maps::LANE_ACCEL)?;
         let arr: PerCpuArray<_, u64> =
             PerCpuArray::try_from(map).map_err(map_err(maps::LANE_ACCEL))?;
         let mut out = [0u64; 4];

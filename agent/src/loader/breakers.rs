@@ -18,12 +18,7 @@ impl Dataplane {
 
     /// Every breaker entry, in key order.
     pub fn breakers(&self) -> Result<Vec<(BreakerKey, Breaker)>, LoaderError> {
-        let map = self
-            .ebpf
-            .map(breaker::BREAKERS)
-            .ok_or(LoaderError::MissingMap {
-                name: breaker::BREAKERS,
-            })?;
+        let map = self.map_ref(breaker::BREAKERS)?;
         let hash: HashMap<_, BreakerKey, Breaker> =
             HashMap::try_from(map).map_err(map_err(breaker::BREAKERS))?;
         // An entry removed while iterating is left out, not an error of the listing.

@@ -71,10 +71,7 @@ impl Dataplane {
 
     /// The weight of every backend slot as the kernel has it now.
     pub fn lb_weights(&self) -> Result<Vec<u16>, LoaderError> {
-        let map = self
-            .ebpf
-            .map(LB_BACKENDS)
-            .ok_or(LoaderError::MissingMap { name: LB_BACKENDS })?;
+        let map = self.map_ref(LB_BACKENDS)?;
         let slots: Array<_, LbBackend> = Array::try_from(map).map_err(map_err(LB_BACKENDS))?;
         (0..LB_BACKENDS_MAX)
             .map(|i| {
@@ -98,10 +95,7 @@ impl Dataplane {
     }
 
     fn u64_array(&self, name: &'static str) -> Result<Vec<u64>, LoaderError> {
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(LoaderError::MissingMap { name })?;
+        let map = self.map_ref(name)?;
         let counts: Array<_, u64> = Array::try_from(map).map_err(map_err(name))?;
         (0..LB_BACKENDS_MAX)
             .map(|i| counts.get(&i, 0).map_err(map_err(name)))

@@ -331,10 +331,7 @@ impl Dataplane {
             })?;
         }
         for name in maps::ALL {
-            let map = self
-                .ebpf
-                .map(name)
-                .ok_or(LoaderError::MissingMap { name })?;
+            let map = self.map_ref(name)?;
             let path = maps_dir.join(name);
             map.pin(&path).map_err(|e| LoaderError::Pin {
                 path,
@@ -398,6 +395,10 @@ impl Dataplane {
             .collect()
     }
 
+    fn map_ref(&self, name: &'static str) -> Result<&aya::maps::Map, LoaderError> {
+        self.ebpf.map(name).ok_or(LoaderError::MissingMap { name })
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, LoaderError> {
         self.ebpf
             .map_mut(name)
@@ -406,10 +407,7 @@ impl Dataplane {
 
     /// Every non-zero counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<Counter>, LoaderError> {
-        let map = self
-            .ebpf
-            .map(maps::STATS)
-            .ok_or(LoaderError::MissingMap { name: maps::STATS })?;
+        let map = self.map_ref(maps::STATS)?;
         let stats: PerCpuArray<_, u64> =
             PerCpuArray::try_from(map).map_err(map_err(maps::STATS))?;
         let mut out = Vec::new();
@@ -443,10 +441,7 @@ impl Dataplane {
 
     /// The counter of one (hook, quadrant slot, reason), summed over CPUs.
     pub fn counter(&self, hook: Hook, slot: u32, reason: Reason) -> Result<u64, LoaderError> {
-        let map = self
-            .ebpf
-            .map(maps::STATS)
-            .ok_or(LoaderError::MissingMap { name: maps::STATS })?;
+        let map = self.map_ref(maps::STATS)?;
         let stats: PerCpuArray<_, u64> =
             PerCpuArray::try_from(map).map_err(map_err(maps::STATS))?;
         let values = stats

@@ -66,12 +66,7 @@ impl Dataplane {
 
     /// What every CPU wrote and lost of flow events, summed.
     pub fn events_counts(&self) -> Result<EventsLimit, LoaderError> {
-        let map = self
-            .ebpf
-            .map(maps::EVENTS_LIMIT)
-            .ok_or(LoaderError::MissingMap {
-                name: maps::EVENTS_LIMIT,
-            })?;
+        let map = self.map_ref(maps::EVENTS_LIMIT)?;
         let map: PerCpuArray<_, EventsLimit> =
             PerCpuArray::try_from(map).map_err(map_err(maps::EVENTS_LIMIT))?;
         let values = map.get(&0, 0).map_err(map_err(maps::EVENTS_LIMIT))?;
@@ -107,12 +102,7 @@ impl Dataplane {
     /// The identity this node's kernel gives `addr` (the longest `PREFIXES` entry holding it;
     /// none: the world).
     pub fn identity_of(&self, addr: Ipv4Addr) -> Result<Identity, LoaderError> {
-        let map = self
-            .ebpf
-            .map(maps::PREFIXES)
-            .ok_or(LoaderError::MissingMap {
-                name: maps::PREFIXES,
-            })?;
+        let map = self.map_ref(maps::PREFIXES)?;
         let trie: LpmTrie<_, u32, PrefixValue> =
             LpmTrie::try_from(map).map_err(map_err(maps::PREFIXES))?;
         match trie.get(&lpm_key(Ipv4Net::from(addr)), 0) {
@@ -312,10 +302,7 @@ impl Dataplane {
         } else {
             maps::POLICY_B
         };
-        let m = self
-            .ebpf
-            .map(name)
-            .ok_or(LoaderError::MissingMap { name })?;
+        let m = self.map_ref(name)?;
         let map: Array<_, PolicyValue> = Array::try_from(m).map_err(map_err(name))?;
         Ok(map
             .iter()
