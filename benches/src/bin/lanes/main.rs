@@ -25,7 +25,7 @@ use std::{
     os::unix::net::UnixStream,
     path::Path,
     process::{Child, Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -44,15 +44,32 @@ const LANE_TCP_PORT: u16 = 7300;
 const BARE_TCP_PORT: u16 = 7301;
 const LOOPBACK_PORT: u16 = 7302;
 const OPENS: usize = 2000;
+/// Lane opens timed one at a time, [`OPEN_GAP`] apart.
+const PACED_OPENS: usize = 1000;
+/// The pause between paced opens: long enough for every thread of the open to sleep.
+const OPEN_GAP: Duration = Duration::from_millis(5);
 
 /// What the measuring workload reports.
 #[derive(Debug, Serialize, Deserialize)]
 struct Results {
     rows: Vec<Row>,
     open: Row,
+    /// Lane opens [`OPEN_GAP`] apart.
+    paced_open: Row,
     /// A refused open (no such service): the broker round trip with schema validation and the
     /// decision, without building a lane.
     refused: Row,
+}
+
+impl Results {
+    fn new(rows: Vec<Row>, opens: Opens) -> Self {
+        Self {
+            rows,
+            open: opens.open,
+            paced_open: opens.paced,
+            refused: opens.refused,
+        }
+    }
 }
 
 // ---- the measuring workload (runs in DX) ----
@@ -76,26 +93,33 @@ fn stop(mut c: Child) {
     let _ = c.wait();
 }
 
-/// Times `op`; what it returns (the lane) is dropped, closing it, after the clock stops.
-fn time_opens<T>(name: &str, mut op: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Row> {
+/// Times `count` calls of `op` after a tenth as many unrecorded, `gap` apart (none: back to
+/// back); what it returns (the lane) is dropped, closing it, after the clock stops.
+fn time_opens<T>(
+    name: &str,
+    (count, gap): (usize, Duration),
+    mut op: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<Row> {
     let mut h = histogram()?;
     let start = Instant::now();
-    for i in 0..OPENS + OPENS / 10 {
+    for i in 0..count + count / 10 {
         let t = Instant::now();
         let done = op()?;
         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         drop(done);
-        if i >= OPENS / 10 {
+        if i >= count / 10 {
             h.record(ns)?;
         }
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
     }
-    let r = measure::row(
-        name,
-        false,
-        (Pacing::BackToBack, 0),
-        (&h, &h),
-        start.elapsed(),
-    );
+    let pacing = if gap.is_zero() {
+        Pacing::BackToBack
+    } else {
+        Pacing::Gap(u64::try_from(gap.as_micros()).unwrap_or(u64::MAX))
+    };
+    let r = measure::row(name, false, (pacing, 0), (&h, &h), start.elapsed());
     eprintln!(
         "  {name}: p50 {} us, p99 {} us, p99.9 {} us",
         r.p50_us, r.p99_us, r.p999_us
@@ -103,20 +127,38 @@ fn time_opens<T>(name: &str, mut op: impl FnMut() -> anyhow::Result<T>) -> anyho
     Ok(r)
 }
 
+/// The control plane's rows.
+struct Opens {
+    /// Opens back to back.
+    open: Row,
+    /// Opens [`OPEN_GAP`] apart: the broker's and the service's threads asleep when one comes.
+    paced: Row,
+    /// Refused opens back to back.
+    refused: Row,
+}
+
 /// Control plane: an open (attestation happened at connect; schema, policy, limits, memory,
-/// descriptors, the service told, the opener answered and mapping its end), then its close; and
-/// a refused open.
-fn control_plane(client: &mut LaneClient) -> anyhow::Result<(Row, Row)> {
-    let open = time_opens("lane open (uds)", || {
+/// descriptors, the service told, the opener answered and mapping its end), then its close —
+/// back to back and [`OPEN_GAP`] apart; and a refused open.
+fn control_plane(client: &mut LaneClient) -> anyhow::Result<Opens> {
+    let back_to_back = (OPENS, Duration::ZERO);
+    let open = time_opens("lane open (uds)", back_to_back, || {
         Ok(client.open("dg", "echo", TransportChoice::Uds)?)
     })?;
-    let refused = time_opens("refused open", || {
+    let paced = time_opens("lane open (uds), paced", (PACED_OPENS, OPEN_GAP), || {
+        Ok(client.open("dg", "echo", TransportChoice::Uds)?)
+    })?;
+    let refused = time_opens("refused open", back_to_back, || {
         match client.open("dg", "nope", TransportChoice::Uds) {
             Err(quadrant::lanes::LaneError::Refused { .. }) => Ok(()),
             other => bail!("expected a refusal, got {other:?}"),
         }
     })?;
-    Ok((open, refused))
+    Ok(Opens {
+        open,
+        paced,
+        refused,
+    })
 }
 
 /// A lane's rows: every pacing and size, on one lane, in `pacings`.
@@ -166,12 +208,8 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
     let mut rows = Vec::new();
     let mut client = LaneClient::connect(None)?;
     if mode == "control" {
-        let (open, refused) = control_plane(&mut client)?;
-        return Ok(Results {
-            rows,
-            open,
-            refused,
-        });
+        let opens = control_plane(&mut client)?;
+        return Ok(Results::new(rows, opens));
     }
     let pacings: &[Pacing] = if mode == "tcp" {
         &[Pacing::BackToBack]
@@ -197,13 +235,9 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
     let dg = TcpStream::connect(format!("{dg_addr}:{BARE_TCP_PORT}"))?;
     dg.set_nodelay(true)?;
     bare_rows("bare tcp dx->dg", dg, pacings, &mut rows)?;
-    let (open, refused) = control_plane(&mut client)?;
+    let opens = control_plane(&mut client)?;
     if mode == "tcp" {
-        return Ok(Results {
-            rows,
-            open,
-            refused,
-        });
+        return Ok(Results::new(rows, opens));
     }
 
     let uds_path = Path::new(STATE_DIR).join("bare.sock");
@@ -231,11 +265,7 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
         stop(server);
         result?;
     }
-    Ok(Results {
-        rows,
-        open,
-        refused,
-    })
+    Ok(Results::new(rows, opens))
 }
 
 // ---- the orchestrator ----
@@ -360,6 +390,16 @@ fn print_table(results: &Results) {
         o.p50_us, o.p99_us, o.p999_us, o.samples
     );
 
+    let o = &results.paced_open;
+    println!(
+        "control plane: lane open {} ms apart (the broker and the service asleep when it comes) p50 {} us, p99 {} us, p99.9 {} us over {} opens",
+        OPEN_GAP.as_millis(),
+        o.p50_us,
+        o.p99_us,
+        o.p999_us,
+        o.samples
+    );
+
     let r = &results.refused;
     println!(
         "control plane: refused open (schema, decision, answer; no lane built) p50 {} us, p99 {} us, p99.9 {} us",
@@ -379,6 +419,13 @@ fn print_targets(results: &Results) {
         uds64,
         o.p99_us / uds64,
         verdict(o.p99_us <= 4.0 * uds64)
+    );
+    let paced = results.paced_open.p99_us;
+    println!(
+        "P1 control-plane p99 with opens {} ms apart {paced:.1} us: <= 300 us (spec) {}; <= 100 us (issue 14) {}",
+        OPEN_GAP.as_millis(),
+        verdict(paced <= 300.0),
+        verdict(paced <= 100.0)
     );
     let k64 = 64 * 1024;
     let (shm, uds, ice) = (
