@@ -15,7 +15,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -67,7 +67,13 @@ const INCOMING_PATIENCE: Duration = Duration::from_millis(200);
 struct Conn {
     id: u64,
     fd: OwnedFd,
+    /// The request being handled came after [`QUIET`] without one on this connection.
+    after_quiet: AtomicBool,
 }
+
+/// A pause between an opener's requests after which its next open is taken for an occasional
+/// one rather than one of a burst (see [`Broker::open`]).
+const QUIET: Duration = Duration::from_millis(1);
 
 impl Conn {
     /// Sends `msg`; with `wait` false, waits at most [`INCOMING_PATIENCE`] for room in the
@@ -491,6 +497,7 @@ impl Broker {
                     let conn = Arc::new(Conn {
                         id: self.next_conn.fetch_add(1, Ordering::Relaxed),
                         fd,
+                        after_quiet: AtomicBool::new(false),
                     });
                     let me = Arc::clone(&self);
                     if let Err(e) = std::thread::Builder::new()
@@ -549,6 +556,7 @@ impl Broker {
             &caller.workload,
         );
         let mut buf = vec![0; MAX_CONTROL_MESSAGE];
+        let mut handled = Instant::now();
         loop {
             let n = match os::recv_with_fds(conn.fd.as_raw_fd(), &mut buf) {
                 Ok(Some((n, _fds))) => n,
@@ -558,6 +566,8 @@ impl Broker {
                     break;
                 }
             };
+            conn.after_quiet
+                .store(handled.elapsed() >= QUIET, Ordering::Relaxed);
             let request = match parse_request(&buf[..n]) {
                 Ok(r) => r,
                 Err(e) => {
@@ -609,6 +619,7 @@ impl Broker {
                 LaneRequest::Close { lane } => self.close(conn.id, lane),
                 LaneRequest::Pong { seq } => self.pong(conn.id, seq),
             }
+            handled = Instant::now();
         }
         self.disconnect(conn.id);
     }
@@ -677,6 +688,7 @@ impl Broker {
                 true,
             );
         }
+        self.pool.refill();
     }
 
     fn listen(

@@ -430,7 +430,8 @@ impl Broker {
     /// Hands the service its end, then the opener; `false` if the opener could not take its
     /// end (the lane is closed again). A service that does not take its lanes within
     /// [`INCOMING_PATIENCE`] makes the opener's request fail ("busy") rather than queue without
-    /// bound; once the opener has its end, the other exists.
+    /// bound; once the opener has its end, the other exists. After an open that came after a
+    /// quiet spell this thread then lets the opener run first.
     fn hand_over(
         &self,
         conn: &Arc<Conn>,
@@ -470,6 +471,15 @@ impl Broker {
             warn!(lane = lane_id, error = %e, "cannot hand the lane to its opener");
             self.close(conn.id, lane_id);
             return Ok(false);
+        }
+        // An open after a quiet spell: the opener polls for its answer, often on this CPU
+        // (its request woke this thread beside it), and would otherwise wait for what follows
+        // here — the announcements, waking the pool's filler, the service's accept queued
+        // behind this thread — so it goes first. Not within a burst: there the opener is back
+        // at once, and its next request would wait behind everything a yield lets run first
+        // (measured both ways in BENCHMARKS.md, "Lane opens 5 ms apart").
+        if conn.after_quiet.load(Ordering::Relaxed) {
+            std::thread::yield_now();
         }
         Ok(true)
     }

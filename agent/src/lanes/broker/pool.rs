@@ -135,25 +135,36 @@ pub fn room_for_one(
 #[derive(Debug, Default)]
 pub(super) struct Pool {
     parts: Mutex<BTreeMap<(Quadrant, Transport), Vec<Parts>>>,
-    /// Signalled when a prepared lane was taken, a lane closed, or the broker stops.
+    /// Signalled after an open asked for a prepared lane, when a lane closed, or the broker
+    /// stops.
     changed: Condvar,
     stopped: AtomicBool,
+    /// An open asked for a prepared lane since the filler was last woken for one.
+    wanted: AtomicBool,
 }
 
 impl Pool {
     /// A prepared `transport` lane for `q`, if there is one; from now on the pool keeps some.
     /// `None` also when the filler holds the pool's lock: it runs at idle priority and may be
-    /// preempted holding it, and an open must not wait for idle work.
+    /// preempted holding it, and an open must not wait for idle work. The filler is woken by
+    /// [`Pool::refill`], which the open calls once its opener has the answer.
     pub(super) fn take(&self, q: Quadrant, transport: Transport) -> Option<Parts> {
+        self.wanted.store(true, Ordering::Release);
         let mut parts = match self.parts.try_lock() {
             Ok(p) => p,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        let taken = parts.entry((q, transport)).or_default().pop();
-        drop(parts);
-        self.changed.notify_one();
-        taken
+        parts.entry((q, transport)).or_default().pop()
+    }
+
+    /// Wakes the filler if an open asked the pool for a lane since the last call. Waking a
+    /// thread costs its waker the wake-up (on a virtual machine an interrupt to another CPU
+    /// leaves the guest), so an open does it after its answer, not on the way to it.
+    pub(super) fn refill(&self) {
+        if self.wanted.swap(false, Ordering::AcqRel) {
+            self.changed.notify_one();
+        }
     }
 
     /// What `q` holds prepared: lanes and bytes, and of `transport`.
