@@ -72,7 +72,7 @@ struct Conn {
 }
 
 /// A pause between an opener's requests after which its next open is taken for an occasional
-/// one rather than one of a burst (see [`Broker::open`]).
+/// one rather than one of a burst (see `hand_over` in `open.rs`).
 const QUIET: Duration = Duration::from_millis(1);
 
 impl Conn {
