@@ -20,7 +20,7 @@ mod baselines;
 mod measure;
 
 use std::{
-    io::{BufRead as _, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpStream,
     os::unix::net::UnixStream,
     path::Path,
@@ -48,6 +48,8 @@ const OPENS: usize = 2000;
 const PACED_OPENS: usize = 1000;
 /// The pause between paced opens: long enough for every thread of the open to sleep.
 const OPEN_GAP: Duration = Duration::from_millis(5);
+/// How long a server may take to start listening.
+const READY_PATIENCE: Duration = Duration::from_secs(30);
 
 /// What the measuring workload reports.
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,18 +76,38 @@ impl Results {
 
 // ---- the measuring workload (runs in DX) ----
 
-fn spawn_ready(cmd: &mut Command) -> anyhow::Result<Child> {
-    let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn()?;
-    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    if !line.starts_with("listening") {
-        let _ = child.kill();
-        bail!("server did not start: {line:?}");
+/// Starts a server and waits until it prints its first line, "listening …". What it prints
+/// goes to `<STATE_DIR>/<name>.out` (kept for a run that fails): a file wakes no one, where a
+/// pipe read by a thread of this process woke that thread for every line `lane-echo` prints
+/// per lane — a fourth party on the two CPUs in the middle of the lane-open measurement.
+fn spawn_ready(cmd: &mut Command, name: &str) -> anyhow::Result<Child> {
+    let path = Path::new(STATE_DIR).join(format!("{name}.out"));
+    let mut child = cmd
+        .stdout(std::fs::File::create(&path)?)
+        .stdin(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + READY_PATIENCE;
+    loop {
+        let out = std::fs::read_to_string(&path)?;
+        if let Some((line, _)) = out.split_once('\n') {
+            if line.starts_with("listening") {
+                return Ok(child);
+            }
+            stop(child);
+            bail!("{name} did not start: {line:?}");
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited before it was listening ({status})");
+        }
+        if Instant::now() > deadline {
+            stop(child);
+            bail!(
+                "{name} was not listening within {} s",
+                READY_PATIENCE.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
-    // Keep reading what it prints (one line per lane), so it never writes into a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    Ok(child)
 }
 
 fn stop(mut c: Child) {
@@ -241,18 +263,20 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
     }
 
     let uds_path = Path::new(STATE_DIR).join("bare.sock");
-    let server = spawn_ready(Command::new(&me).args([
-        "bare-server",
-        "uds",
-        &uds_path.display().to_string(),
-    ]))?;
+    let server = spawn_ready(
+        Command::new(&me).args(["bare-server", "uds", &uds_path.display().to_string()]),
+        "bare-uds",
+    )?;
     let uds = UnixStream::connect(&uds_path)?;
     let result = bare_rows("bare uds echo", uds, pacings, &mut rows);
     stop(server);
     result?;
 
     let loopback = format!("127.0.0.1:{LOOPBACK_PORT}");
-    let server = spawn_ready(Command::new(&me).args(["bare-server", "tcp", &loopback]))?;
+    let server = spawn_ready(
+        Command::new(&me).args(["bare-server", "tcp", &loopback]),
+        "bare-loopback",
+    )?;
     let s = TcpStream::connect(&loopback)?;
     s.set_nodelay(true)?;
     let result = bare_rows("bare tcp loopback", s, pacings, &mut rows);
@@ -260,7 +284,10 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
     result?;
 
     for (wait, arg) in [(IceWait::Poll, "poll"), (IceWait::Event, "event")] {
-        let server = spawn_ready(Command::new(&me).args(["ice-server", arg]))?;
+        let server = spawn_ready(
+            Command::new(&me).args(["ice-server", arg]),
+            &format!("ice-{arg}"),
+        )?;
         let result = ice_client(wait, &mut rows);
         stop(server);
         result?;
@@ -301,16 +328,18 @@ fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
     let echo_s = echo.display().to_string();
     let me_s = me.display().to_string();
     let bare_at = format!("0.0.0.0:{BARE_TCP_PORT}");
-    agent.servers.push(spawn_ready(&mut agent.exec(
-        "dg",
-        "echo",
-        &[&echo_s, "serve", "echo", "--tcp-port", &port],
-    ))?);
-    agent.servers.push(spawn_ready(&mut agent.exec(
-        "dg",
-        "bare",
-        &[&me_s, "bare-server", "tcp", &bare_at],
-    ))?);
+    agent.servers.push(spawn_ready(
+        &mut agent.exec(
+            "dg",
+            "echo",
+            &[&echo_s, "serve", "echo", "--tcp-port", &port],
+        ),
+        "lane-echo",
+    )?);
+    agent.servers.push(spawn_ready(
+        &mut agent.exec("dg", "bare", &[&me_s, "bare-server", "tcp", &bare_at]),
+        "bare-dg",
+    )?);
     let dg_addr = config.addrs(Quadrant::Dg).workload.to_string();
     let out = agent
         .exec("dx", "bench", &[&me_s, "measure", &dg_addr, mode])
