@@ -95,6 +95,14 @@ fn spin_budget() -> Duration {
     })
 }
 
+/// How long a sleeping end waits on its bell, a futex word in the lane's header, before it
+/// sleeps on the lane's socket pair instead. A futex wakes a sleeper sooner than a byte on a
+/// socket (BENCHMARKS.md, "Shared-memory ends sleep on a futex first"); the socket also wakes
+/// it when the peer's process ends, which the bell does only through the broker
+/// ([`os::ring_gone`]) or once this time has passed. Gaps up to this long between messages are
+/// bridged by the bell; an idle lane pays one timer wake-up and then sleeps on the socket.
+const BELL_SLEEP: Duration = Duration::from_millis(20);
+
 /// How long an end polls for a peer that sleeps in the lane (one it has just woken, say) before
 /// it sleeps too.
 const ASLEEP_BUDGET: Duration = Duration::from_micros(2);
@@ -111,9 +119,66 @@ struct Shm {
 }
 
 impl Shm {
+    /// Whether both ends sleep on their bells first ([`ring::FEATURE_BELL`]).
+    fn bells(&self) -> bool {
+        let knows = |side: usize| {
+            self.region.features(side).load(Ordering::Relaxed) & ring::FEATURE_BELL != 0
+        };
+        knows(self.side) && knows(1 - self.side)
+    }
+
+    /// Wakes the peer, which said (by its waiting flag) that it sleeps or is about to: on its
+    /// bell while it sleeps there, else by the doorbell or its eventfd. The bell is bumped
+    /// first either way, so a peer between reading it and sleeping on it does not sleep.
     fn wake_peer(&self) -> io::Result<()> {
-        let peer = self.region.features(1 - self.side).load(Ordering::Relaxed);
-        self.waker.wake(peer & ring::FEATURE_DOORBELL != 0)
+        let peer = 1 - self.side;
+        let features = self.region.features(peer).load(Ordering::Relaxed);
+        if self.bells() {
+            let bell = self.region.bell(peer);
+            bell.fetch_add(1, Ordering::SeqCst);
+            if self.region.sleeping(peer).load(Ordering::SeqCst) == ring::SLEEPS_ON_BELL {
+                os::futex_wake(bell);
+                return Ok(());
+            }
+            // On the socket, or on the socket and its eventfd: it chose before it knew this
+            // end (or it is awake again, and takes a spurious wake-up).
+        }
+        self.waker.wake(features & ring::FEATURE_DOORBELL != 0)
+    }
+
+    /// Sleeps on this end's bell, which held `seen` before the end said it waits, for at most
+    /// [`BELL_SLEEP`] (or the time `left`); then, if nothing rang it, on the socket pair, where
+    /// the peer's hang-up also wakes it.
+    fn sleep_on_bell(&mut self, seen: u32, left: Option<Duration>) -> io::Result<()> {
+        let bell = self.region.bell(self.side);
+        let first = left.map_or(BELL_SLEEP, |l| l.min(BELL_SLEEP));
+        let start = Instant::now();
+        if !os::futex_wait(bell, seen, first)? {
+            return Ok(());
+        }
+        let left = match left {
+            Some(l) => match l.checked_sub(start.elapsed()) {
+                Some(rest) if !rest.is_zero() => Some(rest),
+                _ => return Ok(()),
+            },
+            None => None,
+        };
+        self.region
+            .sleeping(self.side)
+            .store(ring::SLEEPS_ON_SOCKET, Ordering::SeqCst);
+        // A peer that bumped the bell before it saw the socket named would not ring there.
+        if bell.load(Ordering::SeqCst) != seen {
+            return Ok(());
+        }
+        self.waker.sleep(left, self.doorbells())
+    }
+
+    /// Whether both ends wake each other through the socket pair ([`ring::FEATURE_DOORBELL`]).
+    fn doorbells(&self) -> bool {
+        let knows = |side: usize| {
+            self.region.features(side).load(Ordering::Relaxed) & ring::FEATURE_DOORBELL != 0
+        };
+        knows(self.side) && knows(1 - self.side)
     }
 
     /// Says (in the lane's header) that this end runs on the current CPU; returns what it wrote.
@@ -158,7 +223,7 @@ impl Shm {
         prepare: impl FnOnce(&Self) -> bool,
         done: impl FnOnce(&Self),
     ) -> Result<(), LaneError> {
-        if self.waker.peer_gone() {
+        if self.waker.peer_gone() || self.region.gone(1 - self.side).load(Ordering::SeqCst) != 0 {
             return Err(LaneError::PeerGone);
         }
         let left = match deadline {
@@ -172,19 +237,29 @@ impl Shm {
             std::hint::spin_loop();
             return Ok(());
         }
+        // The bell's value before this end says it waits: a ring after that ends the sleep.
+        let bell = self.bells().then(|| {
+            let seen = self.region.bell(self.side).load(Ordering::SeqCst);
+            self.region
+                .sleeping(self.side)
+                .store(ring::SLEEPS_ON_BELL, Ordering::SeqCst);
+            seen
+        });
         if prepare(self) {
             self.region
                 .running_cpu(self.side)
                 .store(0, Ordering::Relaxed);
             // Woken only by the doorbell when both ends know it (an end that does not wakes
             // its peer through the eventfd; one that does, so when the peer advertises it).
-            let knows = |side: usize| {
-                self.region.features(side).load(Ordering::Relaxed) & ring::FEATURE_DOORBELL != 0
+            let slept = match bell {
+                Some(seen) => self.sleep_on_bell(seen, left),
+                None => self.waker.sleep(left, self.doorbells()),
             };
-            let doorbell = knows(self.side) && knows(1 - self.side);
-            let slept = self.waker.sleep(left, doorbell);
             *own = self.awake();
             slept?;
+        }
+        if bell.is_some() {
+            self.region.sleeping(self.side).store(0, Ordering::SeqCst);
         }
         done(self);
         Ok(())
@@ -583,9 +658,10 @@ impl Lane {
                     Side::Client => (0, 1),
                     Side::Server => (1, 0),
                 };
-                // Before any traffic: this end sleeps on the socket pair and takes long padding.
+                // Before any traffic: this end sleeps on its bell, then on the socket pair, and
+                // takes long padding.
                 region.features(side as usize).store(
-                    ring::FEATURE_DOORBELL | ring::FEATURE_LONG_PAD,
+                    ring::FEATURE_DOORBELL | ring::FEATURE_LONG_PAD | ring::FEATURE_BELL,
                     Ordering::Relaxed,
                 );
                 Io::Shm(Box::new(Shm {
@@ -1394,6 +1470,58 @@ mod tests {
             "the client was not woken through its eventfd"
         );
         service.join().unwrap();
+    }
+
+    /// An end that went to sleep before its peer had taken its end (so without the bell: the
+    /// peer's feature word was still 0) is woken when the peer, bells and all, sends.
+    #[test]
+    fn an_end_asleep_before_its_peer_took_its_end_is_woken() {
+        let (mut client, mut server) = shm_pair(4096, 4);
+        let features = client
+            .region
+            .features(Side::Client as usize)
+            .swap(0, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            // A deadline far beyond the test's wait: its ending the sleep must not pass for a
+            // wake-up.
+            let got = server.recv_until(&mut buf, Instant::now() + Duration::from_mins(2));
+            let _ = tx.send(got.map(|_| buf));
+        });
+        // The service sleeps on its socket and eventfd by now, having chosen before the client
+        // said what it understands.
+        thread::sleep(Duration::from_millis(100));
+        client
+            .region
+            .features(Side::Client as usize)
+            .store(features, Ordering::Relaxed);
+        client.send(b"first").unwrap();
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the sleeping service was not woken");
+        assert_eq!(got.unwrap(), b"first");
+    }
+
+    /// An end asleep on its bell, whose peer's process has ended (the peer's socket still open
+    /// here, as in the moment before the kernel closes it), learns it when the broker marks
+    /// the peer gone and rings the bell — not at the end of its bell sleep, nor never.
+    #[test]
+    fn an_end_asleep_on_its_bell_learns_that_its_peer_is_gone() {
+        let (client, mut server) = shm_pair(4096, 4);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            tx.send(server.recv(&mut buf)).unwrap();
+        });
+        thread::sleep(Duration::from_millis(5));
+        os::ring_gone(&client.region, Side::Client as usize);
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(got, Ok(Err(LaneError::PeerGone))),
+            "the service did not learn that its client is gone: {got:?}"
+        );
+        drop(client);
     }
 
     /// Answers written in place come back in order and intact, also when the answer ring is

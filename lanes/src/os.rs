@@ -138,6 +138,66 @@ pub fn notify(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Sleeps while the futex word `word` — in memory shared with other processes, so not a
+/// private futex — holds `val`, at most `timeout`. `Ok(true)` if the time ran out; `Ok(false)`
+/// if it was woken, interrupted, or the word held another value already.
+pub fn futex_wait(
+    word: &std::sync::atomic::AtomicU32,
+    val: u32,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: the word is a live, aligned u32; the timespec outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            val,
+            &raw const ts,
+            0usize,
+            0u32,
+        )
+    };
+    if r == 0 {
+        return Ok(false);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ETIMEDOUT) => Ok(true),
+        Some(libc::EAGAIN | libc::EINTR) => Ok(false),
+        _ => Err(last_os_error("sleeping on the lane's bell")),
+    }
+}
+
+/// Wakes every process sleeping on the futex word `word` (shared memory).
+pub fn futex_wake(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: the word is a live, aligned u32; FUTEX_WAKE only reads its address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            0usize,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+/// Marks side `side` of a lane gone and rings its peer's bell, so that a peer asleep on it
+/// wakes and finds out (the broker, when the side's process ends or the lane is cut).
+pub fn ring_gone(region: &crate::ring::Region, side: usize) {
+    use std::sync::atomic::Ordering;
+    region.gone(side).store(1, Ordering::SeqCst);
+    let bell = region.bell(1 - side);
+    bell.fetch_add(1, Ordering::SeqCst);
+    futex_wake(bell);
+}
+
 /// Waits up to `timeout` for `sock` to accept a message; false on timeout.
 pub fn wait_writable(sock: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
@@ -299,7 +359,9 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, V
 /// it does for a Unix-socket lane; an eventfd or `io_uring` completion wakes it as an ordinary
 /// one, which may preempt the waker or rouse an idle CPU. (An `io_uring` sleeper — eventfd read
 /// and hang-up poll in one `io_uring_enter` — was measured against this `poll`: no faster at
-/// any pacing, so the lane does without it.)
+/// any pacing, so the lane does without it.) Ends that both ring bells ([`futex_wait`],
+/// [`crate::ring::FEATURE_BELL`]) sleep on the bell first and come here only after it: in
+/// alternating runs a futex woke the sleeping end sooner than this socket did.
 #[derive(Debug)]
 pub struct Waker {
     sock: OwnedFd,

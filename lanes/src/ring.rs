@@ -39,9 +39,25 @@ const RUNNING_CPU: usize = 8 * 8;
 /// [`FEATURE_LONG_PAD`]); 0 for an end built before the features existed.
 const FEATURES: usize = 9 * 8;
 
+/// Within a side's statistics block: the side's bell, a futex word its peer bumps (and wakes)
+/// to wake it ([`FEATURE_BELL`]).
+const BELL: usize = 10 * 8;
+/// Within a side's statistics block: where the side sleeps ([`SLEEPS_ON_BELL`],
+/// [`SLEEPS_ON_SOCKET`]; 0 while it does not).
+const SLEEPING: usize = 10 * 8 + 4;
+/// Within a side's statistics block: set (by the broker) once the side is gone — its process
+/// ended, or the lane was cut — so that a peer woken on its bell finds out without a syscall.
+const GONE: usize = 11 * 8;
+
 /// This end sleeps on the lane's socket pair too: ring it there (a synchronous wake-up) rather
 /// than through its eventfd.
 pub const FEATURE_DOORBELL: u64 = 1;
+/// This end sleeps on its bell first ([`Region::bell`]): ring it there while it does.
+pub const FEATURE_BELL: u64 = 4;
+/// [`Region::sleeping`]: the side waits on its bell.
+pub const SLEEPS_ON_BELL: u32 = 1;
+/// [`Region::sleeping`]: the side waits on the lane's socket pair.
+pub const SLEEPS_ON_SOCKET: u32 = 2;
 /// This end, as consumer, takes padding up to the end of the ring from anywhere: its producer
 /// may restart an empty ring at offset 0 ([`HOT_WINDOW`]).
 pub const FEATURE_LONG_PAD: u64 = 2;
@@ -280,6 +296,39 @@ impl Region {
     pub fn features(&self, side: usize) -> &AtomicU64 {
         assert!(side < 2);
         self.u64_at(STATS_OFFSET + side * STATS_STRIDE + FEATURES)
+    }
+
+    /// Side `side`'s bell: a futex word the peer bumps, then wakes, to wake the side while it
+    /// sleeps on it ([`FEATURE_BELL`]).
+    ///
+    /// # Panics
+    /// If `side` is not 0 or 1.
+    #[must_use]
+    pub fn bell(&self, side: usize) -> &AtomicU32 {
+        assert!(side < 2);
+        self.u32_at(STATS_OFFSET + side * STATS_STRIDE + BELL)
+    }
+
+    /// Where side `side` sleeps ([`SLEEPS_ON_BELL`], [`SLEEPS_ON_SOCKET`]; 0: it does not),
+    /// written by that side only.
+    ///
+    /// # Panics
+    /// If `side` is not 0 or 1.
+    #[must_use]
+    pub fn sleeping(&self, side: usize) -> &AtomicU32 {
+        assert!(side < 2);
+        self.u32_at(STATS_OFFSET + side * STATS_STRIDE + SLEEPING)
+    }
+
+    /// Non-zero once side `side` is gone (its process ended, or the lane was cut), written by
+    /// the broker only.
+    ///
+    /// # Panics
+    /// If `side` is not 0 or 1.
+    #[must_use]
+    pub fn gone(&self, side: usize) -> &AtomicU64 {
+        assert!(side < 2);
+        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + GONE)
     }
 
     /// A field of the client side's SLI block.
