@@ -331,6 +331,11 @@ impl Broker {
             if let Some(fd) = state.lanes.take_sever(id) {
                 let _ =
                     nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                // An end asleep on its bell rather than on the socket learns it here.
+                if let Some(l) = state.lanes.get(&id) {
+                    os::ring_gone(&l.region, 0);
+                    os::ring_gone(&l.region, 1);
+                }
                 cut += 1;
             }
         }
@@ -830,6 +835,17 @@ impl Broker {
             .filter(|(_, l)| l.has_conn(conn_id))
             .map(|(id, _)| *id)
             .collect();
+        // The connection goes when its process ends (its lanes hold it open until then): the
+        // lanes' other ends, which may sleep on their bells rather than on the lanes' sockets,
+        // are told at once.
+        for (id, l) in state.lanes.iter().filter(|(_, l)| l.has_conn(conn_id)) {
+            for (side, end) in [&l.client_conn, &l.server_conn].into_iter().enumerate() {
+                if end.as_ref().is_some_and(|c| c.id == conn_id) {
+                    tracing::debug!(lane = id, side, "lane end gone with its connection");
+                    os::ring_gone(&l.region, side);
+                }
+            }
+        }
         for lane in gone {
             state.retire(lane, conn_id);
         }
