@@ -252,6 +252,10 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
             &mut rows,
         )?;
     }
+    if mode == "shm-uds" {
+        let opens = control_plane(&mut client)?;
+        return Ok(Results::new(rows, opens));
+    }
     let tcp = ("tcp+mtls lane dx->dg", TransportChoice::Tcp);
     lane_rows(&mut client, tcp, pacings, &mut rows)?;
     let dg = TcpStream::connect(format!("{dg_addr}:{BARE_TCP_PORT}"))?;
@@ -351,12 +355,16 @@ fn session(config: &Config, mode: &str) -> anyhow::Result<Results> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn orchestrate(only_control: bool) -> anyhow::Result<()> {
+/// `mode`: `all` (the whole benchmark), `control` (lane opens only) or `shm-uds` (the
+/// shared-memory and Unix-socket lanes' rows and their comparison, then lane opens).
+fn orchestrate(mode: &str) -> anyhow::Result<()> {
     quadrant::daemon::require_root("bench lanes")?;
     let mut config = bench_config()?;
-    eprintln!("measuring (client in DX, services in DG; this takes about eight minutes)");
-    let mut results = session(&config, if only_control { "control" } else { "all" })?;
-    if !only_control {
+    eprintln!(
+        "measuring (client in DX, services in DG; the whole benchmark takes about eight minutes)"
+    );
+    let mut results = session(&config, mode)?;
+    if mode == "all" {
         eprintln!("again with lanes.tcp_acceleration: sk_msg");
         config.lanes.tcp_acceleration = TcpAcceleration::SkMsg;
         let accel = session(&config, "tcp")?;
@@ -367,7 +375,11 @@ fn orchestrate(only_control: bool) -> anyhow::Result<()> {
     }
 
     print_table(&results);
-    if only_control {
+    if mode == "control" {
+        return Ok(());
+    }
+    if mode == "shm-uds" {
+        print_pacing_targets(&results.rows);
         return Ok(());
     }
     print_targets(&results);
@@ -588,8 +600,8 @@ fn print_acceleration(rows: &[Row]) {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        None => orchestrate(false),
-        Some("control") => orchestrate(true),
+        None => orchestrate("all"),
+        Some(mode @ ("control" | "shm-uds")) => orchestrate(mode),
         Some("measure") => {
             let mode = args.get(3).map_or("all", String::as_str);
             let results = measure_all(args.get(2).context("measure DG_ADDR MODE")?, mode)?;
