@@ -15,6 +15,9 @@
 //! Client and server are separate processes, not pinned, on this 2-core machine. A
 //! shared-memory lane end polls for at most `QUADRANT_LANE_SPIN_US` (default 50 µs) while its
 //! peer runs on another CPU, then sleeps.
+//!
+//! `lanes control` measures lane opens alone; `lanes shm-uds` the shared-memory and Unix-socket
+//! lanes' rows and their comparison, then lane opens (about a minute: for A/B runs).
 
 mod baselines;
 mod measure;
