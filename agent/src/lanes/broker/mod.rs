@@ -562,13 +562,15 @@ impl Broker {
         );
         let mut buf = vec![0; MAX_CONTROL_MESSAGE];
         let mut handled = Instant::now();
-        loop {
+        // Whether the connection reached its end of stream: its process has ended (its lanes
+        // hold it open until then). A failed read says nothing about the process.
+        let ended = loop {
             let n = match os::recv_with_fds(conn.fd.as_raw_fd(), &mut buf) {
                 Ok(Some((n, _fds))) => n,
-                Ok(None) => break,
+                Ok(None) => break true,
                 Err(e) => {
                     debug!(error = %e, "lane connection read failed");
-                    break;
+                    break false;
                 }
             };
             conn.after_quiet
@@ -625,8 +627,8 @@ impl Broker {
                 LaneRequest::Pong { seq } => self.pong(conn.id, seq),
             }
             handled = Instant::now();
-        }
-        self.disconnect(conn.id);
+        };
+        self.disconnect(conn.id, ended);
     }
 
     /// An `open` request: the plan's declared lanes, then the policy, the limits and the lane;
@@ -824,7 +826,8 @@ impl Broker {
         }
     }
 
-    fn disconnect(&self, conn_id: u64) {
+    /// Forgets a control connection and retires its lanes; `ended` says its process has ended.
+    fn disconnect(&self, conn_id: u64, ended: bool) {
         let mut state = self.state();
         state.forget_offers(conn_id);
         state.pings.remove(&conn_id);
@@ -835,10 +838,14 @@ impl Broker {
             .filter(|(_, l)| l.has_conn(conn_id))
             .map(|(id, _)| *id)
             .collect();
-        // The connection goes when its process ends (its lanes hold it open until then): the
-        // lanes' other ends, which may sleep on their bells rather than on the lanes' sockets,
-        // are told at once.
-        for (id, l) in state.lanes.iter().filter(|(_, l)| l.has_conn(conn_id)) {
+        // When the process has ended, the lanes' other ends, which may sleep on their bells
+        // rather than on the lanes' sockets, are told at once. A living process's lanes keep
+        // working: their ends still hold the sockets that tell of a hang-up.
+        for (id, l) in state
+            .lanes
+            .iter()
+            .filter(|(_, l)| ended && l.has_conn(conn_id))
+        {
             for (side, end) in [&l.client_conn, &l.server_conn].into_iter().enumerate() {
                 if end.as_ref().is_some_and(|c| c.id == conn_id) {
                     tracing::debug!(lane = id, side, "lane end gone with its connection");
