@@ -98,12 +98,30 @@ pub struct Windows3 {
 }
 
 impl Windows3 {
-    fn of(samples: &[(u64, Option<u64>)], (t0, t1, t2, t3): (u64, u64, u64, u64)) -> Self {
+    fn of(samples: &[(u64, Option<u64>)], spans: &Spans) -> Self {
+        let (baseline, fault, recovery) = spans.windows(samples);
         Self {
-            baseline: window(samples, t0, t1),
-            fault: window(samples, t1, t2),
-            recovery: window(samples, t2, t3),
+            baseline,
+            fault,
+            recovery,
         }
+    }
+}
+
+/// A run's three windows on the monotonic clock, ns, each `[from, to)`. The milliseconds in
+/// which the faults are being armed or removed belong to none: a request sent then meets a fault
+/// that is only half there.
+#[derive(Debug, Clone, Copy)]
+struct Spans {
+    baseline: (u64, u64),
+    fault: (u64, u64),
+    recovery: (u64, u64),
+}
+
+impl Spans {
+    fn windows(&self, samples: &[(u64, Option<u64>)]) -> (WindowStats, WindowStats, WindowStats) {
+        let w = |(from, to): (u64, u64)| window(samples, from, to);
+        (w(self.baseline), w(self.fault), w(self.recovery))
     }
 }
 
@@ -695,9 +713,11 @@ pub fn run(
     }
     faults.arm(&entries, t1)?;
     let mut process = ProcessFaults::arm(config, config_path, exp)?;
+    let armed = monotonic_ns();
     let fault_end = t1 + exp.windows.fault_secs * 1_000_000_000;
     let aborted = watch_safeguards(exp, &targets, &probes, (t1, fault_end), timeout);
     let now = monotonic_ns();
+    let disarmed = now.min(fault_end);
     let mut fault_status = faults.status(now);
     // Removed now (they would end by themselves at fault_end anyway).
     for (k, _) in &entries {
@@ -729,32 +749,22 @@ pub fn run(
     for t in threads {
         let _ = t.join();
     }
-    let windows = (t0, t1, t2, t3);
-    let effects = effects
-        .into_iter()
-        .map(|mut e| {
-            let _ = e.child.kill();
-            let _ = e.child.wait();
-            let samples = locked(&e.samples);
-            EffectReport {
-                from: e.from.name().to_owned(),
-                to: e.to.name().to_owned(),
-                baseline: window(&samples, t0, t1),
-                fault: window(&samples, t1, t2),
-                recovery: window(&samples, t2, t3),
-            }
-        })
-        .collect();
-    let lanes = lane_reports(lane_probes, windows);
+    let spans = Spans {
+        baseline: (t0, t1),
+        fault: (armed.min(disarmed), disarmed),
+        recovery: (t2, t3),
+    };
+    let effects = effect_reports(effects, &spans);
+    let lanes = lane_reports(lane_probes, &spans);
     let tcp = tcp_probes
         .into_iter()
-        .map(|(q, samples)| (q, Windows3::of(&locked(&samples), windows)))
+        .map(|(q, samples)| (q, Windows3::of(&locked(&samples), &spans)))
         .collect();
     let mut report = judge(
         exp,
         &targets,
         (&probes, lanes, tcp),
-        windows,
+        &spans,
         fault_status,
         aborted,
     );
@@ -826,16 +836,32 @@ fn start_lane_probes(
     Ok(out)
 }
 
+/// The effect probes stopped and summed up per window.
+fn effect_reports(probes: Vec<EffectProbe>, spans: &Spans) -> Vec<EffectReport> {
+    probes
+        .into_iter()
+        .map(|mut e| {
+            let _ = e.child.kill();
+            let _ = e.child.wait();
+            let (baseline, fault, recovery) = spans.windows(&locked(&e.samples));
+            EffectReport {
+                from: e.from.name().to_owned(),
+                to: e.to.name().to_owned(),
+                baseline,
+                fault,
+                recovery,
+            }
+        })
+        .collect()
+}
+
 /// The lane probes stopped and summed up per quadrant and window.
-fn lane_reports(
-    probes: Vec<EffectProbe>,
-    (t0, t1, t2, t3): (u64, u64, u64, u64),
-) -> BTreeMap<Quadrant, Vec<LaneReport>> {
+fn lane_reports(probes: Vec<EffectProbe>, spans: &Spans) -> BTreeMap<Quadrant, Vec<LaneReport>> {
     let mut lanes: BTreeMap<Quadrant, Vec<LaneReport>> = BTreeMap::new();
     for mut p in probes {
         let _ = p.child.kill();
         let _ = p.child.wait();
-        let samples = locked(&p.samples);
+        let (baseline, fault, recovery) = spans.windows(&locked(&p.samples));
         let service = match p.to {
             Probed::Lanes(service, _) => service,
             _ => p.from,
@@ -843,9 +869,9 @@ fn lane_reports(
         lanes.entry(p.from).or_default().push(LaneReport {
             transport: p.to.name().to_owned(),
             service: service.name().to_owned(),
-            baseline: window(&samples, t0, t1),
-            fault: window(&samples, t1, t2),
-            recovery: window(&samples, t2, t3),
+            baseline,
+            fault,
+            recovery,
         });
     }
     lanes
@@ -1007,7 +1033,7 @@ fn judge(
     exp: &Experiment,
     targets: &[Quadrant],
     (probes, mut lanes, mut tcp): Observed<'_>,
-    (t0, t1, t2, t3): (u64, u64, u64, u64),
+    spans: &Spans,
     faults: Vec<FaultStatus>,
     aborted: Option<String>,
 ) -> Report {
@@ -1018,15 +1044,11 @@ fn judge(
     for q in Quadrant::ALL {
         let samples = locked(&probes[&q]);
         let target = targets.contains(&q);
-        let (baseline, fault, recovery) = (
-            window(&samples, t0, t1),
-            window(&samples, t1, t2),
-            window(&samples, t2, t3),
-        );
+        let (baseline, fault, recovery) = spans.windows(&samples);
         let mut breaches = Vec::new();
         let mut recovered_after_secs = None;
         if target {
-            recovered_after_secs = recovered(&samples, t2, t3);
+            recovered_after_secs = recovered(&samples, spans.recovery.0, spans.recovery.1);
             match recovered_after_secs {
                 Some(s)
                     if s <= f64::from(
@@ -1281,7 +1303,31 @@ mod tests {
         }]
     }
 
-    const WINDOWS: (u64, u64, u64, u64) = (0, 3 * S, 6 * S, 9 * S);
+    const WINDOWS: &Spans = &Spans {
+        baseline: (0, 3 * S),
+        fault: (3 * S, 6 * S),
+        recovery: (6 * S, 9 * S),
+    };
+
+    #[test]
+    fn a_request_sent_while_the_faults_are_armed_counts_in_no_window() {
+        // Armed 40 ms into the fault window, removed 30 ms before its end.
+        let spans = Spans {
+            baseline: (0, 3 * S),
+            fault: (3 * S + 40_000_000, 6 * S - 30_000_000),
+            recovery: (6 * S, 9 * S),
+        };
+        let samples = [
+            (S, Some(1_000)),
+            (3 * S + 10_000_000, Some(1_000)),
+            (3 * S + 50_000_000, None),
+            (6 * S - 10_000_000, Some(1_000)),
+            (7 * S, Some(1_000)),
+        ];
+        let (baseline, fault, recovery) = spans.windows(&samples);
+        assert_eq!((baseline.sent, fault.sent, recovery.sent), (1, 1, 1));
+        assert!(fault.availability < f64::EPSILON, "{fault:?}");
+    }
 
     #[test]
     fn a_target_down_during_the_fault_and_back_after_it_passes() {
