@@ -265,14 +265,25 @@ impl Region {
         }
     }
 
+    /// The 64-bit word at `offset` in side `side`'s statistics block.
+    fn side_u64(&self, side: usize, offset: usize) -> &AtomicU64 {
+        assert!(side < 2);
+        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + offset)
+    }
+
+    /// The 32-bit word at `offset` in side `side`'s statistics block.
+    fn side_u32(&self, side: usize, offset: usize) -> &AtomicU32 {
+        assert!(side < 2);
+        self.u32_at(STATS_OFFSET + side * STATS_STRIDE + offset)
+    }
+
     /// One statistics slot of `side` (0 client, 1 server).
     ///
     /// # Panics
     /// If `side` is not 0 or 1.
     #[must_use]
     pub fn stat(&self, side: usize, stat: Stat) -> &AtomicU64 {
-        assert!(side < 2);
-        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + stat as usize * 8)
+        self.side_u64(side, stat as usize * 8)
     }
 
     /// Side `side`'s word saying which CPU it runs the lane on (the CPU number + 1), or 0 while
@@ -283,8 +294,7 @@ impl Region {
     /// If `side` is not 0 or 1.
     #[must_use]
     pub fn running_cpu(&self, side: usize) -> &AtomicU64 {
-        assert!(side < 2);
-        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + RUNNING_CPU)
+        self.side_u64(side, RUNNING_CPU)
     }
 
     /// Side `side`'s feature word ([`FEATURE_DOORBELL`], [`FEATURE_LONG_PAD`]), written by that
@@ -294,8 +304,7 @@ impl Region {
     /// If `side` is not 0 or 1.
     #[must_use]
     pub fn features(&self, side: usize) -> &AtomicU64 {
-        assert!(side < 2);
-        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + FEATURES)
+        self.side_u64(side, FEATURES)
     }
 
     /// Side `side`'s bell: a futex word the peer bumps, then wakes, to wake the side while it
@@ -305,8 +314,7 @@ impl Region {
     /// If `side` is not 0 or 1.
     #[must_use]
     pub fn bell(&self, side: usize) -> &AtomicU32 {
-        assert!(side < 2);
-        self.u32_at(STATS_OFFSET + side * STATS_STRIDE + BELL)
+        self.side_u32(side, BELL)
     }
 
     /// Where side `side` sleeps ([`SLEEPS_ON_BELL`], [`SLEEPS_ON_SOCKET`]; 0: it does not),
@@ -316,8 +324,7 @@ impl Region {
     /// If `side` is not 0 or 1.
     #[must_use]
     pub fn sleeping(&self, side: usize) -> &AtomicU32 {
-        assert!(side < 2);
-        self.u32_at(STATS_OFFSET + side * STATS_STRIDE + SLEEPING)
+        self.side_u32(side, SLEEPING)
     }
 
     /// Non-zero once side `side` is gone (its process ended, or the lane was cut), written by
@@ -327,8 +334,7 @@ impl Region {
     /// If `side` is not 0 or 1.
     #[must_use]
     pub fn gone(&self, side: usize) -> &AtomicU64 {
-        assert!(side < 2);
-        self.u64_at(STATS_OFFSET + side * STATS_STRIDE + GONE)
+        self.side_u64(side, GONE)
     }
 
     /// A field of the client side's SLI block.
