@@ -25,7 +25,7 @@ const USAGE: &str = "usage: qprobe tcp-connect ADDR:PORT [TIMEOUT_MS]
        qprobe tcp-spread ADDR:PORT COUNT
        qprobe udp-whoami ADDR:PORT NAME
        qprobe udp-spread ADDR:PORT COUNT
-       qprobe tcp-talk ADDR:PORT INTERVAL_MS COUNT
+       qprobe tcp-talk ADDR:PORT INTERVAL_MS COUNT [READ_TIMEOUT_MS]
        qprobe udp-echo ADDR:PORT
        qprobe udp-push ADDR:PORT
        qprobe raw-udp SRC DST:PORT PAYLOAD
@@ -101,6 +101,7 @@ fn run(args: &[String]) -> anyhow::Result<bool> {
             arg(args, 1, "ADDR:PORT")?.parse()?,
             timeout(args, 2)?,
             arg(args, 3, "COUNT")?.parse().context("COUNT")?,
+            timeout(args, 4)?,
         ),
         "udp-push" => udp_push(arg(args, 1, "ADDR:PORT")?.parse()?).map(|()| true),
         "udp-rtt" => Ok(report(udp_rtt(
@@ -199,10 +200,15 @@ fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
 
 /// One connection, `count` round trips `interval` apart, each reported on its own line (`ok
 /// ping N` or `err ERRNO`); the first failure ends it. `ready` once connected.
-fn tcp_talk(addr: SocketAddr, interval: Duration, count: u32) -> anyhow::Result<bool> {
+fn tcp_talk(
+    addr: SocketAddr,
+    interval: Duration,
+    count: u32,
+    read_timeout: Duration,
+) -> anyhow::Result<bool> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
         .with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.set_read_timeout(Some(read_timeout))?;
     println!("ready");
     std::io::stdout().flush()?;
     let mut reader = BufReader::new(s.try_clone()?);
@@ -247,7 +253,21 @@ fn tcp_echo(addr: SocketAddr) -> anyhow::Result<()> {
         let Ok(mut conn) = conn else { continue };
         thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            while let Ok(n) = conn.read(&mut buf) {
+            loop {
+                // A socket in a socket map (lane acceleration) returns EAGAIN from a blocking
+                // read when its thread is woken without data, as a freeze of its quadrant does.
+                let n = match conn.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(_) => break,
+                };
                 if n == 0 || conn.write_all(&buf[..n]).is_err() {
                     break;
                 }
