@@ -645,15 +645,31 @@ fn tcp_lanes_run_over_the_sk_msg_redirect_when_acceleration_is_on() {
 }
 
 /// Starts a TCP echo in DG and, in DX, `qprobe tcp-talk` to it (`count` round trips
-/// `interval_ms` apart, one connection); returns the echo's address and tcp-talk's lines after
-/// its `ready`.
+/// `interval_ms` apart, one connection, each answer awaited 1 s); returns the echo's address and
+/// tcp-talk's lines after its `ready`.
 fn talk_to_dg(inst: &mut Instance, interval_ms: &str, count: &str) -> (String, Receiver<String>) {
+    talk_to_dg_waiting(inst, (interval_ms, count), "1000")
+}
+
+/// [`talk_to_dg`], each answer awaited `read_timeout_ms`.
+fn talk_to_dg_waiting(
+    inst: &mut Instance,
+    (interval_ms, count): (&str, &str),
+    read_timeout_ms: &str,
+) -> (String, Receiver<String>) {
     let target = format!("{}:7101", inst.addr(Quadrant::Dg));
     let _echo = inst.serve(Quadrant::Dg, &["tcp-echo", "0.0.0.0:7101"]);
     let (_, talk) = inst.background_in(
         Quadrant::Dx,
         None,
-        &[QPROBE, "tcp-talk", &target, interval_ms, count],
+        &[
+            QPROBE,
+            "tcp-talk",
+            &target,
+            interval_ms,
+            count,
+            read_timeout_ms,
+        ],
         "ready",
     );
     let ready = talk.recv_timeout(Duration::from_secs(5));
@@ -974,6 +990,47 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
     // On the stack, tc drops the segments: the read times out.
     let outcome = after_revocation(&talk);
     assert!(outcome.starts_with("err"), "{outcome}");
+}
+
+/// A message the kept `sk_msg` handed to a peer that has not read it yet when an upgraded agent
+/// takes over still reaches it: the kernel drops what a socket's queue holds when the socket
+/// leaves the socket map, so the new agent first turns the kept sockets to the stack and takes
+/// them out only a moment later. The echo's quadrant is frozen across the hand-over, with a
+/// request waiting in its socket's queue, and thawed as soon as the new agent answers.
+#[test]
+fn a_redirected_message_not_yet_read_survives_an_agent_upgrade() {
+    let mut config = test_config(None);
+    config.lanes.tcp_acceleration = quadrant::config::TcpAcceleration::SkMsg;
+    let mut inst = Instance::up(config, QPROBE);
+    let (_, talk) = talk_to_dg_waiting(&mut inst, ("20", "1000"), "20000");
+    let next = || {
+        talk.recv_timeout(Duration::from_secs(30))
+            .expect("no line from tcp-talk")
+    };
+    for n in 0..5 {
+        assert_eq!(next(), format!("ok ping {n}"));
+    }
+    let freeze = inst.config.cgroup_dir(Quadrant::Dg).join("cgroup.freeze");
+    std::fs::write(&freeze, "1").expect("freeze DG");
+    // tcp-talk's next request is handed to the frozen echo's socket and waits there.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(inst.stop_keeping_dataplane().status.success());
+    inst.start_agent();
+    std::fs::write(&freeze, "0").expect("thaw DG");
+    let mut n = 5;
+    let first = next();
+    // Answered before the freeze took hold, the last requests come first.
+    while first != format!("ok ping {n}") && n < 20 {
+        n += 1;
+    }
+    assert_eq!(
+        first,
+        format!("ok ping {n}"),
+        "the request under way was lost"
+    );
+    for n in n + 1..n + 20 {
+        assert_eq!(next(), format!("ok ping {n}"));
+    }
 }
 
 #[test]

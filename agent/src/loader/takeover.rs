@@ -62,6 +62,8 @@ pub struct KeptDataplane {
     /// The kept `LANE_SOCKS` (lane acceleration), if the layout has one; emptied by
     /// [`Dataplane::finish_takeover`].
     lane_socks: Option<SockHash<MapData, SockKey>>,
+    /// The kept `LANE_SOCK_MODE`: how each kept socket sends (the kept `sk_msg` reads it).
+    lane_modes: Option<HashMap<MapData, SockKey, u32>>,
     /// The counters as first copied, to add only what the old programs counted afterwards.
     stats_copied: Vec<Vec<u64>>,
     flows: u64,
@@ -185,7 +187,21 @@ impl KeptDataplane {
         } else {
             None
         };
+        let lane_modes = if dir.join("maps").join(maps::LANE_SOCK_MODE).exists() {
+            let data = open_map(
+                &dir,
+                maps::LANE_SOCK_MODE,
+                MapType::LruHash,
+                size_of::<SockKey>(),
+                size_of::<u32>(),
+                layout,
+            )?;
+            Some(HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(maps::LANE_SOCK_MODE))?)
+        } else {
+            None
+        };
         Ok(Self {
+            lane_modes,
             breakers: super::carry_breakers::KeptBreakers::open(&dir, layout),
             dir,
             layout,
@@ -203,6 +219,45 @@ impl KeptDataplane {
     pub const fn layout(&self) -> u32 {
         self.layout
     }
+}
+
+/// How long the kept sockets stay in the kept `LANE_SOCKS` once their messages take the stack
+/// ([`send_kept_sockets_by_the_stack`]): what the kept `sk_msg` handed to a peer's queue before
+/// is read by then. The kernel drops what a socket's queue still holds when the socket leaves
+/// the map: taken out at once, a message under way was lost (a round trip through an agent
+/// upgrade that never came back, seen under load).
+const KEPT_SOCKETS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Turns every kept socket's sending mode to the stack in the kept `LANE_SOCK_MODE`, keeping
+/// which end opened its connection: the kept `sk_msg` passes their next messages to the TCP
+/// stack, where this agent's programs decide, instead of a peer's queue (a peer reads what its
+/// queue holds before what the stack brings, so the order holds). Returns how many it turned.
+fn send_kept_sockets_by_the_stack(
+    socks: &SockHash<MapData, SockKey>,
+    modes: &mut HashMap<MapData, SockKey, u32>,
+) -> Result<u64, LoaderError> {
+    use dataplane_common::maps::lane_accel::{MODE_MASK, MODE_STACK};
+    let keys = socks
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(maps::LANE_SOCKS))?;
+    let mut turned = 0;
+    for key in keys {
+        let state = match modes.get(&key, 0) {
+            Ok(v) => v,
+            // Evicted or never recorded: the kept sk_msg sends it by the stack already.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(maps::LANE_SOCK_MODE)(e)),
+        };
+        if state & MODE_MASK == MODE_STACK {
+            continue;
+        }
+        modes
+            .insert(key, (state & !MODE_MASK) | MODE_STACK, 0)
+            .map_err(map_err(maps::LANE_SOCK_MODE))?;
+        turned += 1;
+    }
+    Ok(turned)
 }
 
 /// Empties the kept `LANE_SOCKS`. Its sockets keep running the kept `sk_msg` program, with the
@@ -428,15 +483,33 @@ impl Dataplane {
                 }
             }
         }
-        let released = match kept.lane_socks.as_mut() {
-            Some(socks) => release_kept_sockets(socks)?,
-            None => 0,
-        };
-        if released > 0 {
-            tracing::info!(
-                sockets = released,
-                "connections on the kept sk_msg redirect go back to the TCP stack, under this agent's programs"
-            );
+        if let (Some(socks), Some(modes)) = (kept.lane_socks.as_ref(), kept.lane_modes.as_mut()) {
+            let turned = send_kept_sockets_by_the_stack(socks, modes)?;
+            if turned > 0 {
+                tracing::info!(
+                    sockets = turned,
+                    "connections on the kept sk_msg redirect send by the TCP stack now, under this agent's programs"
+                );
+            }
+        }
+        if let Some(mut socks) = kept.lane_socks.take() {
+            // Its own handle keeps the kept map (and its sk_msg) until then; unpinned below.
+            let release = move || {
+                std::thread::sleep(KEPT_SOCKETS_GRACE);
+                match release_kept_sockets(&mut socks) {
+                    Ok(n) => tracing::info!(sockets = n, "the kept sk_msg's sockets released"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot release the kept sk_msg's sockets")
+                    }
+                }
+            };
+            // Without the thread the kept map goes once unpinned, its sockets with it at once.
+            if let Err(e) = std::thread::Builder::new()
+                .name("kept-sockets".into())
+                .spawn(release)
+            {
+                tracing::warn!(error = %e, "the kept sk_msg's sockets are released without a grace");
+            }
         }
         for sub in ["maps", "progs"] {
             let path = kept.dir.join(sub);
