@@ -499,7 +499,7 @@ impl Dataplane {
                 match release_kept_sockets(&mut socks) {
                     Ok(n) => tracing::info!(sockets = n, "the kept sk_msg's sockets released"),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot release the kept sk_msg's sockets")
+                        tracing::warn!(error = %e, "cannot release the kept sk_msg's sockets");
                     }
                 }
             };
