@@ -698,6 +698,7 @@ pub fn run(
     let (probes, tcp_probes, threads) = start_host_probes(config, &ss, timeout, &stop)?;
     let effects = start_effect_probes(config, config_path, exp)?;
     let lane_probes = start_lane_probes(config, config_path, &ss)?;
+    wait_for_probes([&probes, &tcp_probes], [&effects, &lane_probes]);
     let secs = |s: u64| Duration::from_secs(s);
     let t0 = monotonic_ns();
     std::thread::sleep(secs(exp.windows.baseline_secs));
@@ -812,6 +813,25 @@ fn start_host_probes(
         threads.push(t);
     }
     Ok((udp, tcp, threads))
+}
+
+/// How long the baseline waits for every probe's first result.
+const PROBES_READY: Duration = Duration::from_secs(10);
+
+/// Waits, at most [`PROBES_READY`], until every probe has a first result. The probes start
+/// together, most as processes of their own (`quadrant exec`, then the probe), and their
+/// start-up is this run's own load on the machine, not the steady state: the baseline window
+/// opens once they all run.
+fn wait_for_probes(host: [&BTreeMap<Quadrant, Samples>; 2], spawned: [&[EffectProbe]; 2]) {
+    let probes: Vec<&Samples> = host
+        .into_iter()
+        .flat_map(BTreeMap::values)
+        .chain(spawned.into_iter().flatten().map(|p| &p.samples))
+        .collect();
+    let deadline = Instant::now() + PROBES_READY;
+    while Instant::now() < deadline && probes.iter().any(|s| locked(s).is_empty()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A lane probe per transport from every quadrant to its own service and from each gateway to
