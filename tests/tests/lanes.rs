@@ -996,7 +996,8 @@ fn accelerated_connections_carry_on_across_an_agent_upgrade() {
 /// takes over still reaches it: the kernel drops what a socket's queue holds when the socket
 /// leaves the socket map, so the new agent first turns the kept sockets to the stack and takes
 /// them out only a moment later. The echo's quadrant is frozen across the hand-over, with a
-/// request waiting in its socket's queue, and thawed as soon as the new agent answers.
+/// request waiting in its socket's queue, and thawed as soon as the new agent answers; then
+/// frozen again past the moment the kept sockets leave the map, with a request sent before it.
 #[test]
 fn a_redirected_message_not_yet_read_survives_an_agent_upgrade() {
     let mut config = test_config(None);
@@ -1031,6 +1032,23 @@ fn a_redirected_message_not_yet_read_survives_an_agent_upgrade() {
     for n in n + 1..n + 20 {
         assert_eq!(next(), format!("ok ping {n}"));
     }
+    // Sent while the kept sockets are still in the kept map, a request takes the stack: frozen
+    // again, the echo does not read it before they leave the map, and it is not lost then.
+    let n = n + 20;
+    std::fs::write(&freeze, "1").expect("freeze DG");
+    std::thread::sleep(Duration::from_secs(6));
+    std::fs::write(&freeze, "0").expect("thaw DG");
+    let mut m = n;
+    let first = next();
+    while first != format!("ok ping {m}") && m < n + 10 {
+        m += 1;
+    }
+    assert_eq!(
+        first,
+        format!("ok ping {m}"),
+        "the request sent in the grace was lost"
+    );
+    assert_eq!(next(), format!("ok ping {}", m + 1));
 }
 
 #[test]
