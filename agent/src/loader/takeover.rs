@@ -483,13 +483,18 @@ impl Dataplane {
                 }
             }
         }
+        // Not a reason to stop the takeover half-way: the sockets are released in any case.
         if let (Some(socks), Some(modes)) = (kept.lane_socks.as_ref(), kept.lane_modes.as_mut()) {
-            let turned = send_kept_sockets_by_the_stack(socks, modes)?;
-            if turned > 0 {
-                tracing::info!(
+            match send_kept_sockets_by_the_stack(socks, modes) {
+                Ok(0) => {}
+                Ok(turned) => tracing::info!(
                     sockets = turned,
                     "connections on the kept sk_msg redirect send by the TCP stack now, under this agent's programs"
-                );
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the kept sk_msg's sockets go on redirecting until they are released"
+                ),
             }
         }
         if let Some(mut socks) = kept.lane_socks.take() {
