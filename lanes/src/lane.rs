@@ -99,9 +99,13 @@ fn spin_budget() -> Duration {
 /// sleeps on the lane's socket pair instead. A futex wakes a sleeper sooner than a byte on a
 /// socket (BENCHMARKS.md, "Shared-memory ends sleep on a futex first"); the socket also wakes
 /// it when the peer's process ends, which the bell does only through the broker
-/// ([`os::ring_gone`]) or once this time has passed. Gaps up to this long between messages are
-/// bridged by the bell; an idle lane pays one timer wake-up and then sleeps on the socket.
-const BELL_SLEEP: Duration = Duration::from_millis(20);
+/// ([`os::ring_gone`]) or once this time has passed. A peer that closes (or drops) its end
+/// rings the bell itself. Gaps up to this long between messages are bridged by the bell (traffic
+/// paced just past a shorter limit paid a timer wake-up and the socket's slower wake-up on
+/// every message: BENCHMARKS.md, "Paced traffic stays on the bell"); an idle lane pays one
+/// timer wake-up and then sleeps on the socket, and a peer that dies while no broker knows the
+/// lane (an agent restarting) is noticed within this time.
+const BELL_SLEEP: Duration = Duration::from_secs(1);
 
 /// How long an end polls for a peer that sleeps in the lane (one it has just woken, say) before
 /// it sleeps too.
@@ -171,6 +175,15 @@ impl Shm {
             return Ok(());
         }
         self.waker.sleep(left, self.doorbells())
+    }
+
+    /// Whether the peer has closed the lane (it marks that before it queues its `Close`): a
+    /// producer waiting for room the peer will never make gives up.
+    fn peer_closed(&self) -> bool {
+        self.region
+            .stat(1 - self.side, Stat::Closed)
+            .load(Ordering::SeqCst)
+            != 0
     }
 
     /// Whether both ends wake each other through the socket pair ([`ring::FEATURE_DOORBELL`]).
@@ -245,6 +258,12 @@ impl Shm {
                 .store(ring::SLEEPS_ON_BELL, Ordering::SeqCst);
             seen
         });
+        // Marked gone (and the bell bumped) between the check above and reading the bell: this
+        // end would sleep through that bump, so it looks again before it sleeps.
+        if bell.is_some() && self.region.gone(1 - self.side).load(Ordering::SeqCst) != 0 {
+            self.region.sleeping(self.side).store(0, Ordering::SeqCst);
+            return Err(LaneError::PeerGone);
+        }
         if prepare(self) {
             self.region
                 .running_cpu(self.side)
@@ -265,6 +284,25 @@ impl Shm {
         Ok(())
     }
 
+    /// Waits once for something to read; `true` when the peer is gone, after which the ring
+    /// is looked at once more: what the peer wrote before it went is still read.
+    fn wait_to_read(
+        &mut self,
+        waiting: (Instant, Option<Instant>),
+        own: &mut u64,
+    ) -> Result<bool, LaneError> {
+        match self.wait(
+            waiting,
+            own,
+            |s| s.rx.prepare_wait(),
+            |s| s.rx.done_waiting(),
+        ) {
+            Ok(()) => Ok(false),
+            Err(LaneError::PeerGone) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     fn send(
         &mut self,
         kind: Kind,
@@ -280,13 +318,16 @@ impl Shm {
                     }
                     return Ok(());
                 }
+                Sent::Full if self.peer_closed() => return Err(LaneError::PeerGone),
                 Sent::Full => {}
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
+            // The peer's mark is read after this end says it waits for room, and the closing
+            // peer reads that after it marks: one of the two sees the other.
             self.wait(
                 (start, None),
                 &mut own,
-                |s| s.tx.prepare_wait(),
+                |s| s.tx.prepare_wait() && !s.peer_closed(),
                 |s| s.tx.done_waiting(),
             )?;
             waiting = Some((start, own));
@@ -298,7 +339,7 @@ impl Shm {
         read: &mut dyn FnMut(&[u8]) -> R,
         deadline: Option<Instant>,
     ) -> Result<Option<R>, LaneError> {
-        let mut waiting: Option<(Instant, u64)> = None;
+        let (mut waiting, mut last_look): (Option<(Instant, u64)>, bool) = (None, false);
         loop {
             match self.rx.try_recv_with(&mut *read)? {
                 Received::Data { value, wake } => {
@@ -308,15 +349,11 @@ impl Shm {
                     return Ok(Some(value));
                 }
                 Received::Closed => return Ok(None),
+                Received::Empty if last_look => return Err(LaneError::PeerGone),
                 Received::Empty => {}
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
-            self.wait(
-                (start, deadline),
-                &mut own,
-                |s| s.rx.prepare_wait(),
-                |s| s.rx.done_waiting(),
-            )?;
+            last_look = self.wait_to_read((start, deadline), &mut own)?;
             waiting = Some((start, own));
         }
     }
@@ -345,7 +382,7 @@ impl Shm {
             TooLarge(usize),
             Broken(RingError),
         }
-        let mut waiting: Option<(Instant, u64)> = None;
+        let (mut waiting, mut last_look): (Option<(Instant, u64)>, bool) = (None, false);
         loop {
             let Self { tx, rx, .. } = &mut *self;
             let received = rx.try_recv_with(|request| {
@@ -388,15 +425,11 @@ impl Shm {
                     };
                 }
                 Received::Closed => return Ok(None),
+                Received::Empty if last_look => return Err(LaneError::PeerGone),
                 Received::Empty => {}
             }
             let (start, mut own) = *waiting.get_or_insert_with(|| (Instant::now(), self.awake()));
-            self.wait(
-                (start, None),
-                &mut own,
-                |s| s.rx.prepare_wait(),
-                |s| s.rx.done_waiting(),
-            )?;
+            last_look = self.wait_to_read((start, None), &mut own)?;
             waiting = Some((start, own));
         }
     }
@@ -1204,13 +1237,21 @@ impl Lane {
         self.closed = true;
         self.region
             .stat(self.side as usize, Stat::Closed)
-            .store(1, Ordering::Relaxed);
+            .store(1, Ordering::SeqCst);
         let result = match &mut self.io {
-            // Never waits: with a full ring the peer learns of the close from the hang-up of
-            // the lane's socket instead.
+            // Never waits. A peer asleep on its bell may sleep there long after this end's
+            // socket hangs up, so it is rung: to read the `Close`, to give up waiting for room
+            // in the ring this end no longer reads, or — the ring full, no `Close` queued — to
+            // find this side gone once it has read what the ring holds.
             Io::Shm(s) => match s.tx.try_send_with(Kind::Close, 0, |_| {}) {
-                Ok(Sent::Done { wake: true }) => s.wake_peer().map_err(LaneError::from),
-                Ok(_) => Ok(()),
+                Ok(Sent::Done { wake }) if wake || s.rx.producer_waiting() => {
+                    s.wake_peer().map_err(LaneError::from)
+                }
+                Ok(Sent::Done { .. }) => Ok(()),
+                Ok(Sent::Full) => {
+                    os::ring_gone(&s.region, s.side);
+                    Ok(())
+                }
                 Err(e) => Err(e.into()),
             },
             Io::Uds(f) => f.send(Kind::Close, &[]).or(Ok(())),
@@ -1599,6 +1640,89 @@ mod tests {
             "the producer was not woken for room"
         );
         reader.join().unwrap();
+    }
+
+    /// A producer asleep for room in a ring its peer will never read again — the peer closed
+    /// its end but its process (and so the lane's socket) lives on — learns it from the peer's
+    /// close, not from a hang-up that does not come.
+    #[test]
+    fn a_producer_waiting_for_room_learns_that_its_peer_closed() {
+        let (mut client, mut server) = shm_pair(4096, 2);
+        client.send(b"one").unwrap();
+        client.send(b"two").unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let got = client.send(b"three");
+            let _ = tx.send(got);
+            client
+        });
+        // The producer sleeps by now (on its bell, past it on the socket: either way).
+        thread::sleep(Duration::from_millis(50));
+        server.shutdown().unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(got, Ok(Err(LaneError::PeerGone))),
+            "the waiting producer did not learn of the close: {got:?}"
+        );
+        drop(server);
+    }
+
+    /// A peer that closes its end with the ring full (no room for its `Close`) is found gone
+    /// once what it sent before has been read — all of it, in order — while its process, and
+    /// the lane's socket, live on.
+    #[test]
+    fn what_a_peer_sent_before_closing_on_a_full_ring_is_read_and_then_it_is_gone() {
+        let (mut client, mut server) = shm_pair(4096, 2);
+        client.send(b"one").unwrap();
+        client.send(b"two").unwrap();
+        client.shutdown().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut got = Vec::new();
+            let end = loop {
+                match server.recv(&mut buf) {
+                    Ok(true) => got.push(buf.clone()),
+                    other => break other,
+                }
+            };
+            let _ = tx.send((got, end));
+        });
+        let (got, end) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the service did not learn that its client is gone");
+        assert_eq!(got, [b"one".to_vec(), b"two".to_vec()]);
+        assert!(matches!(end, Err(LaneError::PeerGone)), "{end:?}");
+        drop(client);
+    }
+
+    /// An end idle for longer than it sleeps on its bell then sleeps on the lane's socket,
+    /// where its peer's next message — and then its close — still wake it.
+    #[test]
+    fn an_end_asleep_past_its_bell_is_woken_on_the_socket() {
+        let (mut client, mut server) = shm_pair(4096, 4);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let first = server.recv(&mut buf).map(|_| buf.clone());
+            let _ = tx.send(first.map(Some));
+            let _ = tx.send(server.recv(&mut buf).map(|more| more.then(|| buf.clone())));
+        });
+        let past = BELL_SLEEP + Duration::from_millis(200);
+        thread::sleep(past);
+        client.send(b"late").unwrap();
+        let first = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(&first, Ok(Ok(Some(m))) if m == b"late"),
+            "the message after a long gap was not delivered: {first:?}"
+        );
+        thread::sleep(past);
+        client.close().unwrap();
+        let end = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(end, Ok(Ok(None))),
+            "the close was not delivered: {end:?}"
+        );
     }
 
     /// On a lane with request ids each request reaches the service under the id and attempt

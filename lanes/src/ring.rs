@@ -711,6 +711,15 @@ impl Consumer {
             != 0
     }
 
+    /// Whether this ring's producer waits for room (read after the caller's own marks).
+    #[must_use]
+    pub fn producer_waiting(&self) -> bool {
+        self.region
+            .u32_at(Region::ctrl(self.ring, PRODUCER_WAITING))
+            .load(Ordering::SeqCst)
+            != 0
+    }
+
     /// Announces that the consumer is about to sleep; returns `false` if data arrived meanwhile
     /// (then it must not sleep).
     #[must_use]
