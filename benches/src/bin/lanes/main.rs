@@ -1,6 +1,7 @@
 //! RTT lane benchmark (`cargo xtask bench lanes`): round trips at 64 B, 4 KiB, 64 KiB and 1 MiB
 //! on every lane transport, back to back and paced (gaps of 100 µs, 1 ms and 10 ms after each
-//! answer, and Poisson arrivals at 1,000/s, latency counted from the intended send time),
+//! answer — and 50 ms for the shared-memory and Unix-socket lanes —, and Poisson arrivals at
+//! 1,000/s, latency counted from the intended send time),
 //! against baselines measured the same way in the same run, plus the control-plane latency of
 //! opening a lane.
 //!
@@ -35,7 +36,7 @@ use anyhow::{Context as _, bail};
 use baselines::{IceWait, bare_round_trip, bare_server, ice_client, ice_server};
 use benches::{Agent, sibling};
 use dataplane_common::Quadrant;
-use measure::{PACINGS, Pacing, Row, SIZES, histogram, measure, precise_sleeps};
+use measure::{LANE_PACINGS, PACINGS, Pacing, Row, SIZES, histogram, measure, precise_sleeps};
 use quadrant::{
     config::{Config, TcpAcceleration},
     lanes::{LaneClient, TransportChoice},
@@ -245,13 +246,13 @@ fn measure_all(dg_addr: &str, mode: &str) -> anyhow::Result<Results> {
         lane_rows(
             &mut client,
             ("shm lane", TransportChoice::Shm),
-            pacings,
+            &LANE_PACINGS,
             &mut rows,
         )?;
         lane_rows(
             &mut client,
             ("uds lane", TransportChoice::Uds),
-            pacings,
+            &LANE_PACINGS,
             &mut rows,
         )?;
     }
@@ -505,7 +506,7 @@ fn print_targets(results: &Results) {
 /// (busy-polling back to back, its events when paced) at 64 KiB and 1 MiB.
 fn print_pacing_targets(rows: &[Row]) {
     let (mut met, mut cases) = (0, 0);
-    for pacing in PACINGS {
+    for pacing in LANE_PACINGS {
         for size in SIZES {
             let (Some(shm), Some(uds)) = (
                 at(rows, "shm lane", pacing, size),

@@ -35,6 +35,18 @@ pub const PACINGS: [Pacing; 5] = [
     Pacing::Poisson(1_000),
 ];
 
+/// The shared-memory and Unix-socket lanes' pacings: every one above, and gaps of 50 ms —
+/// longer than a shared-memory end once slept on its bell before it fell back to the lane's
+/// socket (a cliff that paced traffic just past it paid on every message).
+pub const LANE_PACINGS: [Pacing; 6] = [
+    Pacing::BackToBack,
+    Pacing::Gap(100),
+    Pacing::Gap(1_000),
+    Pacing::Gap(10_000),
+    Pacing::Gap(50_000),
+    Pacing::Poisson(1_000),
+];
+
 impl Pacing {
     /// The name in the report.
     pub fn name(self) -> String {
